@@ -1,0 +1,40 @@
+"""trio helpers shared by the engine, the CLI and the mount."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import trio
+
+from mirenfs.errors import MirenfsError
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
+
+
+def meaningful_error(error: BaseException) -> BaseException:
+    """The one error a person should see from a (possibly nested) exception group.
+
+    A MirenfsError beats any other error, which beats the cancellations that
+    sibling tasks raise once the first one failed.
+    """
+    leaves = _leaves(error)
+    for kind in (MirenfsError, Exception):
+        for leaf in leaves:
+            if isinstance(leaf, kind):
+                return leaf
+    return leaves[0]
+
+
+@contextlib.asynccontextmanager
+async def task_group() -> AsyncIterator[trio.Nursery]:
+    """A nursery whose failure surfaces as its most meaningful single error."""
+    try:
+        async with trio.open_nursery() as nursery:
+            yield nursery
+    except BaseExceptionGroup as group:
+        raise meaningful_error(group) from None

@@ -1,0 +1,288 @@
+"""The `.mirn` header: byte-exact with Miren's Go writer (SPEC §2).
+
+The header is ``MIRN`` + u32 BE version + u32 BE length + JSON metadata.
+The JSON must match Go's ``encoding/json`` output byte for byte, so it is
+built here by hand (key order, escaping, RFC 3339 nanosecond timestamps)
+rather than left to :mod:`json`'s defaults.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+import struct
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from mirenfs.errors import FormatError
+
+MAGIC = b"MIRN"
+FORMAT_VERSION = 1
+MAX_METADATA_LEN = 1 << 20
+PREFIX_LEN = 12  # magic + version + metadata length
+_PREFIX = struct.Struct(">4sII")
+_CHECKSUM_RE = re.compile(r"[0-9a-fA-F]{64}")
+_EPOCH = _dt.datetime(1970, 1, 1)
+_NS = 1_000_000_000
+
+
+@dataclass(frozen=True, order=True)
+class Timestamp:
+    """An instant with nanosecond precision and the UTC offset it was written with.
+
+    :class:`datetime.datetime` stops at microseconds, but Go's RFC 3339 output
+    carries nanoseconds and a header must round-trip exactly.
+    """
+
+    unix_ns: int
+    utc_offset_s: int = 0
+
+    @classmethod
+    def from_datetime(cls, value: _dt.datetime) -> Timestamp:
+        """Convert an aware datetime (naive ones are taken as UTC)."""
+        offset = value.utcoffset() or _dt.timedelta(0)
+        naive_utc = value.replace(tzinfo=None) - offset
+        delta = naive_utc - _EPOCH
+        unix_ns = (delta.days * 86400 + delta.seconds) * _NS + delta.microseconds * 1000
+        return cls(unix_ns, int(offset.total_seconds()))
+
+    def to_datetime(self) -> _dt.datetime:
+        """The instant as an aware datetime (nanoseconds truncated to microseconds)."""
+        tz = _dt.timezone(_dt.timedelta(seconds=self.utc_offset_s))
+        seconds, ns = divmod(self.unix_ns, _NS)
+        local = _EPOCH + _dt.timedelta(seconds=seconds + self.utc_offset_s, microseconds=ns // 1000)
+        return local.replace(tzinfo=tz)
+
+    def rfc3339(self) -> str:
+        """Go's ``time.RFC3339Nano``: trailing fraction zeros trimmed, ``Z`` for UTC."""
+        seconds, ns = divmod(self.unix_ns, _NS)
+        local = _EPOCH + _dt.timedelta(seconds=seconds + self.utc_offset_s)
+        text = local.strftime("%Y-%m-%dT%H:%M:%S")
+        if local.year < 1000:  # strftime does not pad years on every platform
+            text = f"{local.year:04d}" + text[text.index("-") :]
+        if ns:
+            text += "." + f"{ns:09d}".rstrip("0")
+        if self.utc_offset_s == 0:
+            return text + "Z"
+        sign = "-" if self.utc_offset_s < 0 else "+"
+        hours, minutes = divmod(abs(self.utc_offset_s) // 60, 60)
+        return f"{text}{sign}{hours:02d}:{minutes:02d}"
+
+    @classmethod
+    def parse(cls, text: str) -> Timestamp:
+        """Parse any RFC 3339 timestamp; raise :class:`FormatError` otherwise."""
+        match = _RFC3339_RE.fullmatch(text)
+        if not match:
+            raise FormatError(f"timestamp {text!r} is not an RFC 3339 time")
+        year, month, day, hour, minute, second = (int(match.group(i)) for i in range(1, 7))
+        fraction, zone = match.group(7) or "", match.group(8)
+        try:
+            local = _dt.datetime(year, month, day, hour, minute, min(second, 59))
+        except ValueError as exc:
+            raise FormatError(f"timestamp {text!r} is not a valid date or time: {exc}") from None
+        ns = int((fraction + "000000000")[:9]) if fraction else 0
+        if zone in ("Z", "z"):
+            offset = 0
+        else:
+            sign = -1 if zone[0] == "-" else 1
+            offset = sign * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
+        delta = local - _EPOCH
+        seconds = delta.days * 86400 + delta.seconds + (second - local.second) - offset
+        return cls(seconds * _NS + ns, offset)
+
+    @classmethod
+    def from_unix_ns(cls, unix_ns: int) -> Timestamp:
+        """A UTC timestamp, as mirenfs writes for an image's mtime."""
+        return cls(unix_ns, 0)
+
+
+_RFC3339_RE = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?([Zz]|[+-]\d{2}:\d{2})"
+)
+
+
+@dataclass(frozen=True)
+class Meta:
+    """A snapshot's metadata, as in Miren's Go ``Meta`` struct."""
+
+    name: str
+    size_bytes: int
+    filesystem: str
+    timestamp: Timestamp
+    checksum: str
+    version: int = FORMAT_VERSION
+
+    def to_json(self) -> bytes:
+        """The metadata exactly as Go's ``encoding/json`` writes it."""
+        return (
+            '{"name":%s,"size_bytes":%d,"filesystem":%s,"timestamp":%s,"checksum":%s,"version":%d}'
+            % (
+                go_json_string(self.name),
+                self.size_bytes,
+                go_json_string(self.filesystem),
+                go_json_string(self.timestamp.rfc3339()),
+                go_json_string(self.checksum),
+                self.version,
+            )
+        ).encode("utf-8")
+
+    def header(self) -> bytes:
+        """The complete header: magic, version, length and metadata."""
+        body = self.to_json()
+        return _PREFIX.pack(MAGIC, FORMAT_VERSION, len(body)) + body
+
+    def header_len(self) -> int:
+        return PREFIX_LEN + len(self.to_json())
+
+
+_GO_ESCAPES = {
+    "<": "\\u003c",
+    ">": "\\u003e",
+    "&": "\\u0026",
+    "\u2028": "\\u2028",
+    "\u2029": "\\u2029",
+    "\b": "\\u0008",
+    "\f": "\\u000c",
+}
+_GO_ESCAPE_RE = re.compile("[<>&\u2028\u2029\b\f\ud800-\udfff]")
+
+
+def go_json_string(value: str) -> str:
+    """Quote a string the way Go's ``encoding/json`` does (HTML-safe escaping)."""
+    quoted = json.dumps(value, ensure_ascii=False)
+    return _GO_ESCAPE_RE.sub(lambda m: _GO_ESCAPES.get(m.group(), "\ufffd"), quoted)
+
+
+def write_header(dst: BinaryIO, meta: Meta) -> int:
+    """Write the header of ``meta`` to ``dst``; return the number of bytes written."""
+    header = meta.header()
+    dst.write(header)
+    return len(header)
+
+
+def read_header(src: BinaryIO, *, validate: bool = True) -> Meta:
+    """Read a header from a blocking file-like object, validated unless told not to."""
+    parser = HeaderParser(validate=validate)
+    while parser.meta is None:
+        need = parser.bytes_needed()
+        piece = src.read(need)
+        if not piece:
+            raise FormatError("the snapshot header is truncated: the file ends before the metadata")
+        leftover = parser.feed(piece)
+        assert not leftover  # we never read past what the parser asked for
+    return parser.meta
+
+def decode_header(data: bytes, *, validate: bool = True) -> tuple[Meta, int]:
+    """Parse a header at the start of ``data``; return it and its length in bytes."""
+    parser = HeaderParser(validate=validate)
+    rest = parser.feed(data)
+    if parser.meta is None:
+        raise FormatError("the snapshot header is truncated: the data ends before the metadata")
+    return parser.meta, len(data) - len(rest)
+
+
+class HeaderParser:
+    """Parses a header from pieces of any size, as FUSE writes or pipes deliver them.
+
+    Each problem is reported as soon as the bytes that show it arrive: a bad
+    magic after its first wrong byte, an oversized length after 12 bytes.
+    """
+
+    def __init__(self, *, validate: bool = True) -> None:
+        self._validate = validate
+        self._buffer = bytearray()
+        self._body_len: int | None = None
+        self.meta: Meta | None = None
+
+    def bytes_needed(self) -> int:
+        """How many more bytes complete the header (0 once it is parsed)."""
+        if self.meta is not None:
+            return 0
+        total = PREFIX_LEN if self._body_len is None else PREFIX_LEN + self._body_len
+        return total - len(self._buffer)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> memoryview:
+        """Consume header bytes; return what follows the header (the zstd data)."""
+        view = memoryview(data)
+        if self.meta is not None:
+            return view
+        take = self.bytes_needed()
+        self._buffer += view[:take]
+        rest = view[take:]
+        self._check_prefix()
+        if self._body_len is not None and len(self._buffer) == PREFIX_LEN + self._body_len:
+            meta = parse_metadata(bytes(self._buffer[PREFIX_LEN:]))
+            self.meta = validate_meta(meta) if self._validate else meta
+            self._buffer = bytearray()
+            return rest
+        if self.meta is None and len(rest):
+            # The prefix just completed: the rest belongs to the metadata.
+            return self.feed(rest)
+        return rest
+
+    def _check_prefix(self) -> None:
+        got = bytes(self._buffer[:4])
+        if got != MAGIC[: len(got)]:
+            raise FormatError(f"not a .mirn snapshot: bad magic {got!r}, expected {MAGIC!r}")
+        if self._body_len is None and len(self._buffer) >= PREFIX_LEN:
+            _, version, body_len = _PREFIX.unpack(self._buffer[:PREFIX_LEN])
+            if version != FORMAT_VERSION:
+                raise FormatError(
+                    f"unsupported snapshot format version {version}; this mirenfs reads version {FORMAT_VERSION}"
+                )
+            if body_len > MAX_METADATA_LEN:
+                raise FormatError(
+                    f"snapshot metadata claims {body_len} bytes, more than the 1 MiB limit: not a valid snapshot"
+                )
+            self._body_len = body_len
+
+
+def validate_meta(meta: Meta) -> Meta:
+    """Refuse metadata no restore can use (SPEC §2 reader rules); return it unchanged."""
+    if meta.size_bytes < 0:
+        raise FormatError(f"snapshot metadata has a negative size_bytes ({meta.size_bytes})")
+    if not _CHECKSUM_RE.fullmatch(meta.checksum):
+        raise FormatError(f"snapshot checksum {meta.checksum!r} is not 64 hex digits")
+    if meta.version != FORMAT_VERSION:
+        raise FormatError(f"unsupported snapshot metadata version {meta.version}")
+    return meta
+
+
+def parse_metadata(body: bytes) -> Meta:
+    """Decode the JSON metadata with Go's typing rules; unknown keys are ignored.
+
+    This checks structure only; :func:`validate_meta` applies the reader's
+    refusals, so that Go's zero-value header still decodes to its values.
+    """
+    try:
+        fields = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise FormatError(f"snapshot metadata is not valid JSON: {exc}") from None
+    if not isinstance(fields, dict):
+        raise FormatError("snapshot metadata is not a JSON object")
+
+    def field(key: str, kind: type, default: object) -> object:
+        value = fields.get(key, default)
+        if value is None:
+            return default  # Go leaves the zero value for null
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise FormatError(f"snapshot metadata field {key!r} must be a JSON {kind.__name__}")
+        return value
+
+    name = str(field("name", str, ""))
+    size_bytes = int(field("size_bytes", int, 0))  # type: ignore[call-overload]
+    filesystem = str(field("filesystem", str, ""))
+    timestamp_text = str(field("timestamp", str, "0001-01-01T00:00:00Z"))
+    checksum = str(field("checksum", str, ""))
+    version = int(field("version", int, FORMAT_VERSION))  # type: ignore[call-overload]
+    if not -(1 << 63) <= size_bytes < 1 << 63:
+        raise FormatError(f"snapshot metadata size_bytes {size_bytes} does not fit in 64 bits")
+    return Meta(
+        name=name,
+        size_bytes=size_bytes,
+        filesystem=filesystem,
+        timestamp=Timestamp.parse(timestamp_text),
+        checksum=checksum,
+        version=version,
+    )

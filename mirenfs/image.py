@@ -1,0 +1,291 @@
+"""Raw image I/O: reading chunks without touching holes, writing sparsely,
+and the staging file that makes a restore all-or-nothing (SPEC §3).
+
+Blocking system calls live here and are called from worker threads.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import fcntl
+import os
+import stat
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol
+
+from mirenfs.errors import ImageChangedError, TargetError
+
+BLOCK = 4096
+STAGING_SUFFIX = ".restore.tmp"
+_SCAN_STEP = 64 * 1024  # zero-check granularity before falling back to 4 KiB blocks
+_ZEROS = bytes(16 << 20)
+
+
+def zeros(length: int) -> bytes | memoryview:
+    """A zero buffer of ``length`` bytes without allocating when it is small enough."""
+    if length <= len(_ZEROS):
+        return memoryview(_ZEROS)[:length]
+    return bytes(length)
+
+
+def is_zero(data: bytes | bytearray | memoryview) -> bool:
+    """memcmp-speed check that ``data`` is all zero bytes."""
+    return data == zeros(len(data))
+
+
+def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """The (start, end) ranges of ``fd`` that hold data, found with SEEK_DATA/SEEK_HOLE.
+
+    Filesystems without hole reporting return the whole file as one extent.
+    """
+    extents: list[tuple[int, int]] = []
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                break  # only a hole remains
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                return [(0, size)] if size else []
+            raise
+        if start >= size:
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        extents.append((start, end))
+        offset = end
+    return extents
+
+
+class ChunkSource(Protocol):
+    """Where a snapshot's raw bytes come from, one fixed-size chunk at a time."""
+
+    size: int
+    chunk_size: int
+
+    def read_chunk(self, index: int) -> bytearray | None:
+        """The chunk's bytes, or None when it is all zeros (a hole is never read)."""
+        ...
+
+
+def chunk_count(size: int, chunk_size: int) -> int:
+    return -(-size // chunk_size)
+
+
+def chunk_length(size: int, chunk_size: int, index: int) -> int:
+    return min(chunk_size, size - index * chunk_size)
+
+
+class FdImageSource:
+    """Chunks of an image file, reading only the ranges that hold data."""
+
+    def __init__(self, fd: int, size: int, chunk_size: int) -> None:
+        self.fd = fd
+        self.size = size
+        self.chunk_size = chunk_size
+        self._extents = data_extents(fd, size)
+        self._starts = [start for start, _ in self._extents]
+
+    def read_chunk(self, index: int) -> bytearray | None:
+        begin = index * self.chunk_size
+        length = chunk_length(self.size, self.chunk_size, index)
+        end = begin + length
+        i = max(bisect.bisect_right(self._starts, begin) - 1, 0)
+        buffer: bytearray | None = None
+        for start, stop in self._extents[i:]:
+            if start >= end:
+                break
+            lo, hi = max(start, begin), min(stop, end)
+            if lo >= hi:
+                continue
+            if buffer is None:
+                buffer = bytearray(length)
+            _pread_exact(self.fd, memoryview(buffer)[lo - begin : hi - begin], lo)
+        if buffer is None or is_zero(buffer):
+            return None
+        return buffer
+
+
+def _pread_exact(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise ImageChangedError("the image became shorter while it was being read")
+        done += got
+
+
+class FileObjectSource:
+    """Chunks of any seekable binary file object (the Python API's ``src``)."""
+
+    def __init__(self, fileobj: BinaryIO, size: int, chunk_size: int) -> None:
+        self._file = fileobj
+        self._origin = fileobj.tell()
+        self.size = size
+        self.chunk_size = chunk_size
+
+    def read_chunk(self, index: int) -> bytearray | None:
+        length = chunk_length(self.size, self.chunk_size, index)
+        self._file.seek(self._origin + index * self.chunk_size)
+        buffer = bytearray(length)
+        view = memoryview(buffer)
+        done = 0
+        while done < length:
+            got = self._file.readinto(view[done:])  # type: ignore[attr-defined]
+            if not got:
+                raise ImageChangedError(
+                    f"the source ended after {index * self.chunk_size + done} bytes, before size_bytes={self.size}"
+                )
+            done += got
+        return None if is_zero(buffer) else buffer
+
+
+class SparseWriter:
+    """Writes a sequential stream into a zero-filled file, skipping zero 4 KiB blocks.
+
+    Skipping is only correct because the target is a fresh sparse file: what
+    is not written reads back as zeros.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.offset = 0
+        self.bytes_written = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        base = self.offset
+        self.offset += len(view)
+        if is_zero(view):
+            return
+        run_start: int | None = None
+        position = 0
+        while position < len(view):
+            step = _SCAN_STEP - (base + position) % _SCAN_STEP
+            piece = view[position : position + step]
+            if is_zero(piece):
+                if run_start is not None:
+                    self._flush(view, run_start, position, base)
+                    run_start = None
+            elif len(piece) <= BLOCK:
+                run_start = position if run_start is None else run_start
+            else:
+                run_start = self._blocks(view, position, position + len(piece), base, run_start)
+            position += len(piece)
+        if run_start is not None:
+            self._flush(view, run_start, len(view), base)
+
+    def _blocks(self, view: memoryview, lo: int, hi: int, base: int, run_start: int | None) -> int | None:
+        position = lo
+        while position < hi:
+            step = min(BLOCK - (base + position) % BLOCK, hi - position)
+            if is_zero(view[position : position + step]):
+                if run_start is not None:
+                    self._flush(view, run_start, position, base)
+                    run_start = None
+            elif run_start is None:
+                run_start = position
+            position += step
+        return run_start
+
+    def _flush(self, view: memoryview, lo: int, hi: int, base: int) -> None:
+        written = 0
+        while lo + written < hi:
+            written += os.pwrite(self.fd, view[lo + written : hi], base + lo + written)
+        self.bytes_written += written
+
+
+@dataclass
+class StagingImage:
+    """``<image>.restore.tmp``: the sparse file a restore writes before it replaces the image.
+
+    It is created exclusively and held under an ``flock`` for the restore's
+    life, so a second restore of the same image is told it is busy, and a
+    leftover from a crash (no lock holder) can be recognised and removed.
+    """
+
+    image_path: str
+    path: str
+    fd: int
+
+    @classmethod
+    def create(cls, image_path: str, size: int) -> StagingImage:
+        path = image_path + STAGING_SUFFIX
+        for _attempt in range(3):
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                remove_stale_staging(path)
+                continue
+            except OSError as exc:
+                raise TargetError(f"cannot create {path}: {exc.strerror}", exc.errno or errno.EIO) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.ftruncate(fd, size)
+            except OSError as exc:
+                os.close(fd)
+                _unlink_quietly(path)
+                raise TargetError(f"cannot prepare {path}: {exc.strerror}", exc.errno or errno.EIO) from None
+            return cls(image_path, path, fd)
+        raise TargetError(f"{path} keeps reappearing: another restore of {image_path} is running", errno.EBUSY)
+
+    def install(self, mtime_ns: int | None = None) -> None:
+        """fsync, rename over the image, fsync the directory: old image or new, never a mix."""
+        try:
+            existing = os.stat(self.image_path)
+        except FileNotFoundError:
+            existing = None
+        if existing is not None:
+            os.fchmod(self.fd, stat.S_IMODE(existing.st_mode))
+            if os.geteuid() == 0:
+                os.fchown(self.fd, existing.st_uid, existing.st_gid)
+        else:
+            os.fchmod(self.fd, 0o644)
+        if mtime_ns is not None:
+            os.utime(self.fd, ns=(mtime_ns, mtime_ns))
+        os.fsync(self.fd)
+        os.rename(self.path, self.image_path)
+        fsync_directory(os.path.dirname(os.path.abspath(self.image_path)))
+        os.close(self.fd)
+        self.fd = -1
+
+    def discard(self) -> None:
+        """Remove the staging file; safe to call more than once."""
+        if self.fd >= 0:
+            _unlink_quietly(self.path)
+            os.close(self.fd)
+            self.fd = -1
+
+
+def remove_stale_staging(path: str) -> bool:
+    """Remove a staging file nobody holds; raise EBUSY if a live restore holds it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            image = path[: -len(STAGING_SUFFIX)]
+            raise TargetError(f"a restore of {image} is already in progress", errno.EBUSY) from None
+        _unlink_quietly(path)
+        return True
+    finally:
+        os.close(fd)
+
+
+def fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

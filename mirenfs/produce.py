@@ -1,0 +1,367 @@
+"""Producing snapshots (SPEC §2.1): one pass builds an index, and with the index
+any byte range of the snapshot is produced by compressing only the chunks it touches.
+
+The pass runs three lanes on trio worker threads: reading, hashing (one
+ordered SHA-256 stream) and compression (one frame per chunk, as many at once
+as there are cores). zstandard and hashlib release the GIL, so all cores work.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import itertools
+import json
+import os
+from array import array
+from bisect import bisect_right
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from mirenfs.aio import task_group
+from mirenfs.errors import ImageChangedError
+from mirenfs.format import Meta, Timestamp
+from mirenfs.image import ChunkSource, chunk_count, chunk_length, zeros
+from mirenfs.zstdframes import (
+    MAX_FRAME_CONTENT,
+    compress_frame,
+    frame_checksum,
+    seek_table,
+    seek_table_len,
+    zero_frame,
+    zstd_library_version,
+)
+
+DEFAULT_CHUNK_SIZE = 4 << 20
+DEFAULT_LEVEL = 3
+PLACEHOLDER_CHECKSUM = "0" * 64
+_INDEX_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Compression settings; with the image contents they fix a snapshot's bytes."""
+
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    level: int = DEFAULT_LEVEL
+    workers: int = field(default_factory=lambda: os.cpu_count() or 2, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.chunk_size <= 0 or self.chunk_size % 4096 or self.chunk_size > MAX_FRAME_CONTENT:
+            raise ValueError("chunk size must be a multiple of 4 KiB, at most 1 GiB")
+
+    def key(self) -> str:
+        """Identifies the settings in cache keys, including the zstd library version,
+        since another zstd release may compress the same chunk differently."""
+        return f"zstd{zstd_library_version()}-l{self.level}-c{self.chunk_size}"
+
+
+@dataclass
+class SnapshotIndex:
+    """What one pass over an image learns: everything but the frames themselves."""
+
+    size_bytes: int
+    chunk_size: int
+    settings_key: str
+    checksum: str
+    frame_sizes: array  # compressed size of each chunk's frame
+    frame_checksums: array  # XXH64 low 32 bits of each chunk, as in the seek table
+    zero_chunks: bytearray  # 1 where the chunk is all zeros (served as the precomputed frame)
+
+    @property
+    def frame_count(self) -> int:
+        return len(self.frame_sizes)
+
+    def to_bytes(self) -> bytes:
+        """A self-describing, checked encoding for the persistent cache."""
+
+        def pack(values: array | bytearray) -> str:
+            return base64.b64encode(bytes(values)).decode("ascii")
+
+        body = {
+            "format": _INDEX_FORMAT,
+            "size_bytes": self.size_bytes,
+            "chunk_size": self.chunk_size,
+            "settings": self.settings_key,
+            "checksum": self.checksum,
+            "frame_sizes": pack(self.frame_sizes),
+            "frame_checksums": pack(self.frame_checksums),
+            "zero_chunks": pack(self.zero_chunks),
+        }
+        text = json.dumps(body, sort_keys=True).encode()
+        return hashlib.sha256(text).hexdigest().encode() + b"\n" + text
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SnapshotIndex:
+        """Decode a cache entry; raise ValueError for anything corrupt, so it is rebuilt."""
+        digest, _, text = data.partition(b"\n")
+        if hashlib.sha256(text).hexdigest().encode() != digest:
+            raise ValueError("index checksum mismatch")
+        body = json.loads(text)
+        if body.get("format") != _INDEX_FORMAT:
+            raise ValueError("unknown index format")
+        sizes, checksums = array("I"), array("I")
+        sizes.frombytes(base64.b64decode(body["frame_sizes"]))
+        checksums.frombytes(base64.b64decode(body["frame_checksums"]))
+        index = cls(
+            size_bytes=int(body["size_bytes"]),
+            chunk_size=int(body["chunk_size"]),
+            settings_key=str(body["settings"]),
+            checksum=str(body["checksum"]),
+            frame_sizes=sizes,
+            frame_checksums=checksums,
+            zero_chunks=bytearray(base64.b64decode(body["zero_chunks"])),
+        )
+        count = chunk_count(index.size_bytes, index.chunk_size)
+        if not (len(sizes) == len(checksums) == len(index.zero_chunks) == count):
+            raise ValueError("index arrays do not match the image size")
+        return index
+
+
+class SnapshotLayout:
+    """Where each byte of a snapshot comes from: header, frame k, or the seek table."""
+
+    def __init__(self, meta: Meta, index: SnapshotIndex) -> None:
+        self.meta = meta
+        self.index = index
+        self.header = meta.header()
+        self.frame_offsets = list(itertools.accumulate(index.frame_sizes, initial=len(self.header)))
+        self.data_end = self.frame_offsets[-1]
+        size, chunk = index.size_bytes, index.chunk_size
+        self.seek_table = seek_table(
+            [
+                (index.frame_sizes[k], chunk_length(size, chunk, k), index.frame_checksums[k])
+                for k in range(index.frame_count)
+            ]
+        )
+        self.total_size = self.data_end + len(self.seek_table)
+
+    def frame_at(self, offset: int) -> int:
+        """The frame holding snapshot byte ``offset`` (which must be in the data region)."""
+        return bisect_right(self.frame_offsets, offset) - 1
+
+
+def snapshot_meta(name: str, filesystem: str, size: int, mtime_ns: int, checksum: str) -> Meta:
+    """The metadata mirenfs writes: timestamp = image mtime, so bytes are reproducible."""
+    return Meta(
+        name=name,
+        size_bytes=size,
+        filesystem=filesystem,
+        timestamp=Timestamp.from_unix_ns(mtime_ns),
+        checksum=checksum,
+    )
+
+
+def snapshot_size(meta: Meta, index: SnapshotIndex) -> int:
+    return meta.header_len() + sum(index.frame_sizes) + seek_table_len(index.frame_count)
+
+
+FrameSink = Callable[[int, bytes], None]
+Progress = Callable[[int], None]
+
+
+async def build_index(
+    source: ChunkSource,
+    settings: Settings,
+    *,
+    frame_sink: FrameSink | None = None,
+    progress: Progress | None = None,
+) -> SnapshotIndex:
+    """One pass over ``source``: SHA-256 of every byte, every frame's size and checksum.
+
+    ``frame_sink(k, frame)`` receives each frame in order on a worker thread,
+    so a caller can keep the frames (write a backup file) instead of
+    compressing everything a second time.
+    """
+    size, chunk = source.size, source.chunk_size
+    count = chunk_count(size, chunk)
+    sha = hashlib.sha256()
+    sizes, checksums, zero_flags = array("I", bytes(4 * count)), array("I", bytes(4 * count)), bytearray(count)
+    window = 2 * settings.workers + 2  # chunks in flight: bounds memory to ~window × chunk size
+    compress_limit = trio.CapacityLimiter(settings.workers)
+    hash_send, hash_recv = trio.open_memory_channel[tuple[int, bytearray | None]](window)
+    frame_send, frame_recv = trio.open_memory_channel[tuple[int, _Slot]](window)
+
+    async def read_lane(nursery: trio.Nursery) -> None:
+        async with hash_send, frame_send:
+            for k in range(count):
+                data = await trio.to_thread.run_sync(source.read_chunk, k)
+                slot = _Slot()
+                if data is None:
+                    slot.set(zero_frame(chunk_length(size, chunk, k), settings.level))
+                    zero_flags[k] = 1
+                else:
+                    nursery.start_soon(_compress_into, slot, data, settings.level, compress_limit)
+                await hash_send.send((k, data))
+                await frame_send.send((k, slot))
+
+    async def hash_lane() -> None:
+        async with hash_recv:
+            async for k, data in hash_recv:
+                payload = data if data is not None else zeros(chunk_length(size, chunk, k))
+                await trio.to_thread.run_sync(sha.update, payload)
+
+    async def frame_lane() -> None:
+        done = 0
+        async with frame_recv:
+            async for k, slot in frame_recv:
+                frame = await slot.get()
+                sizes[k], checksums[k] = len(frame), frame_checksum(frame)
+                if frame_sink is not None:
+                    await trio.to_thread.run_sync(frame_sink, k, frame)
+                done += chunk_length(size, chunk, k)
+                if progress is not None:
+                    progress(done)
+
+    async with task_group() as nursery:
+        nursery.start_soon(read_lane, nursery)
+        nursery.start_soon(hash_lane)
+        nursery.start_soon(frame_lane)
+    return SnapshotIndex(size, chunk, settings.key(), sha.hexdigest(), sizes, checksums, zero_flags)
+
+
+class _Slot:
+    """A frame that will be ready later (a tiny future for trio tasks)."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+        self._frame = b""
+        self._error: Exception | None = None
+
+    def set(self, frame: bytes) -> None:
+        self._frame = frame
+        self._event.set()
+
+    def fail(self, error: Exception) -> None:
+        self._error = error
+        self._event.set()
+
+    async def get(self) -> bytes:
+        await self._event.wait()
+        if self._error is not None:
+            raise self._error
+        return self._frame
+
+
+async def _compress_into(slot: _Slot, data: bytearray, level: int, limiter: trio.CapacityLimiter) -> None:
+    slot.set(await trio.to_thread.run_sync(compress_frame, data, level, limiter=limiter))
+
+
+class SnapshotProducer:
+    """Produces any byte range of a snapshot from its index, compressing only what it touches.
+
+    Each recompressed frame is checked against the index (size and content
+    checksum): if the image changed since the index pass, the reader gets
+    :class:`ImageChangedError` rather than bytes from two versions.
+    """
+
+    def __init__(
+        self,
+        source: ChunkSource,
+        settings: Settings,
+        meta: Meta,
+        index: SnapshotIndex,
+        *,
+        cached_frames: int = 16,
+    ) -> None:
+        if index.settings_key != settings.key() or index.chunk_size != source.chunk_size:
+            raise ValueError("the index was built with other compression settings")
+        self.source = source
+        self.settings = settings
+        self.layout = SnapshotLayout(meta, index)
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._cache_limit = cached_frames
+        self._in_flight: dict[int, _Slot] = {}
+        self._limiter = trio.CapacityLimiter(settings.workers)
+
+    @property
+    def size(self) -> int:
+        return self.layout.total_size
+
+    async def frame(self, k: int) -> bytes:
+        """Frame ``k``, from the cache, from a request already running, or compressed now."""
+        index = self.layout.index
+        if index.zero_chunks[k]:
+            return zero_frame(chunk_length(index.size_bytes, index.chunk_size, k), self.settings.level)
+        cached = self._cache.get(k)
+        if cached is not None:
+            self._cache.move_to_end(k)
+            return cached
+        slot = self._in_flight.get(k)
+        if slot is not None:
+            return await slot.get()
+        slot = self._in_flight[k] = _Slot()
+        try:
+            frame = await trio.to_thread.run_sync(self._make_frame, k, limiter=self._limiter)
+        except Exception as exc:
+            slot.fail(exc)
+            raise
+        except BaseException:
+            slot.fail(ImageChangedError(f"producing chunk {k} was cancelled"))
+            raise
+        finally:
+            self._in_flight.pop(k, None)
+        self._cache[k] = frame
+        while len(self._cache) > self._cache_limit:
+            self._cache.popitem(last=False)
+        slot.set(frame)
+        return frame
+
+    def _make_frame(self, k: int) -> bytes:
+        index = self.layout.index
+        data = self.source.read_chunk(k)
+        if data is None:
+            frame = zero_frame(chunk_length(index.size_bytes, index.chunk_size, k), self.settings.level)
+        else:
+            frame = compress_frame(data, self.settings.level)
+        if len(frame) != index.frame_sizes[k] or frame_checksum(frame) != index.frame_checksums[k]:
+            raise ImageChangedError(
+                f"the image changed since its snapshot index was built (chunk {k} differs)"
+            )
+        return frame
+
+    async def read(self, offset: int, size: int) -> bytes:
+        """Bytes ``[offset, offset + size)`` of the snapshot, clipped at its end."""
+        layout = self.layout
+        end = min(offset + size, layout.total_size)
+        if offset >= end:
+            return b""
+        parts: list[bytes | memoryview] = []
+        position = offset
+        if position < len(layout.header):
+            parts.append(memoryview(layout.header)[position : min(end, len(layout.header))])
+            position = min(end, len(layout.header))
+        while position < min(end, layout.data_end):
+            k = layout.frame_at(position)
+            frame = await self.frame(k)
+            start = position - layout.frame_offsets[k]
+            stop = min(end, layout.frame_offsets[k + 1]) - layout.frame_offsets[k]
+            parts.append(memoryview(frame)[start:stop])
+            position += stop - start
+        if position < end:
+            base = position - layout.data_end
+            parts.append(memoryview(layout.seek_table)[base : end - layout.data_end])
+        return b"".join(parts)
+
+    async def copy_to(self, write: Callable[[bytes], Awaitable[object]], *, read_ahead: int | None = None) -> None:
+        """Send the whole snapshot to ``write`` in order, compressing frames ahead in parallel."""
+        layout = self.layout
+        ahead = read_ahead if read_ahead is not None else self.settings.workers + 1
+        count = layout.index.frame_count
+        await write(layout.header)
+        async with task_group() as nursery:
+            for k in range(count):
+                for j in range(k + 1, min(k + 1 + ahead, count)):
+                    if j not in self._in_flight and j not in self._cache:
+                        nursery.start_soon(self._prefetch, j)
+                await write(await self.frame(k))
+        await write(layout.seek_table)
+
+    async def _prefetch(self, k: int) -> None:
+        try:
+            await self.frame(k)
+        except ImageChangedError:
+            pass  # the reader asks for this frame itself and gets the error then
