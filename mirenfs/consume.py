@@ -20,7 +20,7 @@ import zstandard
 
 from mirenfs.aio import task_group
 from mirenfs.errors import FormatError, MirenfsError, TargetError
-from mirenfs.format import HeaderParser, Meta
+from mirenfs.format import HeaderParser, Meta, validate_meta
 from mirenfs.image import SparseWriter, StagingImage
 from mirenfs.zstdframes import FrameScanner
 
@@ -46,9 +46,11 @@ class RestoreStream:
     After any error the stream stays failed and every later call raises it.
     """
 
-    def __init__(self, open_target: OpenTarget) -> None:
+    def __init__(self, open_target: OpenTarget, *, header_read: Meta | None = None) -> None:
         self._open_target = open_target
         self._header = HeaderParser()
+        if header_read is not None:  # the caller already consumed the header (Go's RestoreImage)
+            self._header.meta = validate_meta(header_read)
         self._scanner = FrameScanner()
         self._sha = hashlib.sha256()
         self._hash_queue: queue.Queue[bytes | None] = queue.Queue(_QUEUE_PIECES)
@@ -68,7 +70,7 @@ class RestoreStream:
         try:
             self.bytes_in += len(data)
             rest = memoryview(data)
-            if self._header.meta is None:
+            if self._writer is None:
                 rest = self._header.feed(rest)
                 if self._header.meta is None:
                     return
@@ -87,6 +89,8 @@ class RestoreStream:
         self._check_failed()
         try:
             meta = self._header.meta
+            if meta is not None and self._writer is None:
+                self._writer = await self._open_target(meta)  # a header with no data at all
             if meta is None:
                 raise FormatError(
                     f"the snapshot header is truncated: the stream ended after {self.bytes_in} bytes"
@@ -164,6 +168,7 @@ async def restore_to_path(
     *,
     overwrite: bool,
     on_header: Callable[[Meta], None] | None = None,
+    header_read: Meta | None = None,
 ) -> Meta:
     """Restore a snapshot stream into ``image_path`` through its staging file (SPEC §3).
 
@@ -181,7 +186,7 @@ async def restore_to_path(
         staging = await trio.to_thread.run_sync(StagingImage.create, image_path, meta.size_bytes)
         return SparseWriter(staging.fd)
 
-    stream = RestoreStream(open_target)
+    stream = RestoreStream(open_target, header_read=header_read)
     try:
         async for chunk in chunks:
             await stream.feed(chunk)

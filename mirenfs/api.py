@@ -1,0 +1,101 @@
+"""The Python API, mirroring Miren's Go package (``Backup``, ``RestoreImage``, …).
+
+These are blocking functions; each runs the shared trio engine to completion,
+so they must not be called from inside a running trio loop.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from functools import partial
+import os
+import stat
+import time
+from typing import BinaryIO
+
+import trio
+
+from mirenfs.consume import ImageWriter, RestoreStream, restore_to_path
+from mirenfs.engine import read_pieces, stream_snapshot, write_snapshot
+from mirenfs.errors import MirenfsError
+from mirenfs.format import Meta, Timestamp
+from mirenfs.image import ChunkSource, FdImageSource, FileObjectSource
+from mirenfs.produce import Settings
+
+
+def backup(
+    dst: BinaryIO,
+    src: BinaryIO,
+    name: str,
+    size_bytes: int,
+    filesystem: str,
+    *,
+    timestamp: Timestamp | _dt.datetime | None = None,
+    settings: Settings | None = None,
+) -> str:
+    """Write a snapshot of the first ``size_bytes`` bytes of ``src`` to ``dst``; return the checksum.
+
+    ``src`` must be seekable. A real file is read with hole detection. The
+    timestamp defaults to the source file's mtime (or now for other objects).
+    A seekable ``dst`` is written in one pass; any other in two.
+    """
+    settings = settings or Settings()
+    source, mtime_ns = _backup_source(src, size_bytes, settings)
+    if isinstance(timestamp, _dt.datetime):
+        timestamp = Timestamp.from_datetime(timestamp)
+    if timestamp is not None:
+        mtime_ns = timestamp.unix_ns
+    kwargs = {"name": name, "filesystem": filesystem, "mtime_ns": mtime_ns}
+
+    async def run() -> Meta:
+        if _seekable(dst):
+            return await write_snapshot(dst, source, settings, **kwargs)  # type: ignore[arg-type]
+
+        async def write(data: bytes) -> None:
+            await trio.to_thread.run_sync(dst.write, data)
+
+        return await stream_snapshot(write, source, settings, **kwargs)  # type: ignore[arg-type]
+
+    return trio.run(run).checksum
+
+
+def restore_image(dst: str | os.PathLike[str] | BinaryIO, src: BinaryIO, meta: Meta) -> None:
+    """Restore the image from ``src``, positioned after the header (as :func:`read_header` leaves it).
+
+    A path is restored atomically through ``<path>.restore.tmp`` and replaced
+    only when size and checksum verified; a file object just receives the bytes.
+    """
+    if isinstance(dst, (str, os.PathLike)):
+        trio.run(partial(restore_to_path, os.fspath(dst), read_pieces(src), overwrite=True, header_read=meta))
+        return
+
+    async def open_target(_meta: Meta) -> ImageWriter:
+        return dst
+
+    async def run_object() -> None:
+        stream = RestoreStream(open_target, header_read=meta)
+        async for piece in read_pieces(src):
+            await stream.feed(piece)
+        await stream.finish()
+
+    trio.run(run_object)
+
+
+def _seekable(fileobj: BinaryIO) -> bool:
+    try:
+        return bool(fileobj.seekable())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _backup_source(src: BinaryIO, size_bytes: int, settings: Settings) -> tuple[ChunkSource, int]:
+    if not _seekable(src):
+        raise MirenfsError("backup needs a seekable source: the checksum in the header covers every byte")
+    try:
+        fd = src.fileno()
+        info = os.fstat(fd)
+    except (AttributeError, OSError, ValueError):
+        return FileObjectSource(src, size_bytes, settings.chunk_size), time.time_ns()
+    if stat.S_ISREG(info.st_mode) and src.tell() == 0 and info.st_size == size_bytes:
+        return FdImageSource(fd, size_bytes, settings.chunk_size), info.st_mtime_ns
+    return FileObjectSource(src, size_bytes, settings.chunk_size), info.st_mtime_ns

@@ -1,0 +1,218 @@
+"""The ``mirenfs`` command line (SPEC §4).
+
+Every command runs the same trio engine the mount uses. Failures print one
+line, ``mirenfs: error: …``, and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import trio
+
+from mirenfs.aio import meaningful_error
+from mirenfs.engine import backup_image, restore_file, verify_file
+from mirenfs.errors import FormatError, MirenfsError
+from mirenfs.format import Meta, read_header
+from mirenfs.fstype import detect_filesystem
+from mirenfs.produce import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, Settings
+from mirenfs.progress import ProgressBar
+from mirenfs.zstdframes import parse_seek_table
+
+log = logging.getLogger("mirenfs")
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mirenfs",
+        description="Back up and restore Miren disk images as .mirn snapshots.",
+    )
+    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    backup = commands.add_parser("backup", help="write a snapshot of an image")
+    backup.add_argument("--image", required=True, metavar="PATH", help="the raw image file to back up")
+    backup.add_argument("--name", help="disk name in the header (default: the image's file name)")
+    backup.add_argument("--filesystem", help="filesystem in the header (default: detected from the image)")
+    backup.add_argument("-o", "--output", required=True, metavar="FILE", help="snapshot file, or - for stdout")
+    _add_compression_options(backup)
+    backup.set_defaults(handler=cmd_backup)
+
+    restore = commands.add_parser("restore", help="restore an image from a snapshot")
+    restore.add_argument("file", metavar="FILE", help="snapshot file, or - for stdin")
+    restore.add_argument("--image", required=True, metavar="PATH", help="the image file to write")
+    restore.add_argument("--force", action="store_true", help="replace an existing image")
+    restore.set_defaults(handler=cmd_restore)
+
+    inspect = commands.add_parser("inspect", help="print a snapshot's header")
+    inspect.add_argument("file", metavar="FILE")
+    inspect.add_argument("--json", action="store_true", help="print the header as JSON")
+    inspect.set_defaults(handler=cmd_inspect)
+
+    verify = commands.add_parser("verify", help="decompress a snapshot and check its size and checksum")
+    verify.add_argument("file", metavar="FILE", help="snapshot file, or - for stdin")
+    verify.set_defaults(handler=cmd_verify)
+    return parser
+
+
+def _add_compression_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_SIZE, help=argparse.SUPPRESS)
+    parser.add_argument("--level", type=int, default=DEFAULT_LEVEL, help=argparse.SUPPRESS)
+
+
+def parse_size(text: str) -> int:
+    """Sizes as operators write them: 4096, 512M, 10G, 1T (binary units)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
+    number, unit = cleaned, ""
+    if cleaned and cleaned[-1] in units:
+        number, unit = cleaned[:-1], cleaned[-1]
+    try:
+        value = int(number) * units[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 4096, 512M or 10G") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be positive")
+    return value
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    try:
+        return Settings(chunk_size=args.chunk_size, level=args.level)
+    except ValueError as exc:
+        raise MirenfsError(str(exc)) from None
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    name = args.name or os.path.splitext(os.path.basename(args.image))[0]
+    filesystem = args.filesystem or detect_filesystem(args.image)
+    if filesystem is None:
+        log.warning("could not tell the filesystem of %s; writing 'unknown' (use --filesystem)", args.image)
+        filesystem = "unknown"
+    size = _file_size(args.image)
+    bar = ProgressBar(size, f"backup {name}", enabled=None if args.output != "-" else sys.stderr.isatty())
+    try:
+        meta = trio.run(
+            partial(
+                backup_image,
+                args.image,
+                args.output,
+                name=name,
+                filesystem=filesystem,
+                settings=settings_from(args),
+                progress=bar,
+            )
+        )
+    finally:
+        bar.close()
+    log.info("backed up %s to %s (checksum %s)", args.image, args.output, meta.checksum)
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    bar: ProgressBar | None = None
+
+    def on_header(meta: Meta) -> None:
+        nonlocal bar
+        bar = ProgressBar(meta.size_bytes, f"restore {meta.name}")
+
+    try:
+        meta = trio.run(partial(restore_file, args.file, args.image, overwrite=args.force, on_header=on_header))
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"restored {args.image} from {args.file}: {meta.size_bytes} bytes, checksum {meta.checksum}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    try:
+        with open(args.file, "rb") as snapshot:
+            meta = read_header(snapshot)
+            header_len = snapshot.tell()
+            total = os.fstat(snapshot.fileno()).st_size
+            frames = _seek_table_frames(snapshot, total - header_len)
+    except OSError as exc:
+        raise MirenfsError(f"cannot read {args.file}: {exc.strerror}") from None
+    fields = {
+        "name": meta.name,
+        "size_bytes": meta.size_bytes,
+        "filesystem": meta.filesystem,
+        "timestamp": meta.timestamp.rfc3339(),
+        "checksum": meta.checksum,
+        "version": meta.version,
+        "header_bytes": header_len,
+        "data_bytes": total - header_len,
+        "seekable_frames": frames,
+    }
+    if args.json:
+        print(json.dumps(fields, ensure_ascii=False))
+    else:
+        for key, value in fields.items():
+            print(f"{key}: {value if value is not None else '-'}")
+    return 0
+
+
+def _seek_table_frames(snapshot: object, data_len: int) -> int | None:
+    """The frame count of a seekable-format seek table, or None for other layouts (Go's)."""
+    read_tail = getattr(snapshot, "read")
+    seek = getattr(snapshot, "seek")
+    tail_len = min(data_len, 1 << 20)
+    seek(-tail_len, os.SEEK_END)
+    try:
+        return len(parse_seek_table(read_tail(tail_len)))
+    except FormatError:
+        return None
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    size = _file_size(args.file) if args.file != "-" else 0
+    bar = ProgressBar(size, "verify", enabled=bool(size) and sys.stderr.isatty())
+    meta = trio.run(verify_file, args.file)
+    bar.close()
+    print(f"{args.file}: OK ({meta.name}, {meta.size_bytes} bytes, checksum {meta.checksum})")
+    return 0
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError as exc:
+        raise MirenfsError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="mirenfs: %(levelname)s: %(message)s")
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("mirenfs: interrupted", file=sys.stderr)
+        return 130
+    except BaseException as exc:  # one line for people, whatever went wrong
+        error = meaningful_error(exc)
+        if isinstance(error, (SystemExit, KeyboardInterrupt)):
+            raise
+        if isinstance(error, MirenfsError):
+            message = str(error)
+        elif isinstance(error, OSError):
+            message = f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
+        else:
+            log.debug("unexpected error", exc_info=error)
+            message = f"unexpected {type(error).__name__}: {error}"
+        print(f"mirenfs: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

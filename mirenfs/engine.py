@@ -1,0 +1,228 @@
+"""Whole operations on files and streams, shared by the CLI, the Python API and the mount.
+
+Backup to a seekable file is one pass: frames are written as the index pass
+makes them, then the seek table, then the header (whose checksum is known
+only at the end but whose length is known from the start). Backup to a pipe
+needs the checksum first, so it builds the index and then streams the
+snapshot from it, compressing a second time rather than spooling to disk.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import trio
+
+from mirenfs.consume import ImageWriter, RestoreStream, restore_to_path
+from mirenfs.errors import MirenfsError, TargetError
+from mirenfs.format import Meta
+from mirenfs.image import ChunkSource, FdImageSource
+from mirenfs.produce import (
+    PLACEHOLDER_CHECKSUM,
+    Progress,
+    Settings,
+    SnapshotIndex,
+    SnapshotProducer,
+    build_index,
+    snapshot_meta,
+)
+
+READ_PIECE = 4 << 20
+
+
+@dataclass
+class OpenImage:
+    """An image opened for a backup, with the identity its snapshot depends on."""
+
+    path: str
+    fd: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def open(cls, path: str) -> OpenImage:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise MirenfsError(f"cannot open image {path}: {exc.strerror}") from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise MirenfsError(f"image {path} is not a regular file")
+        return cls(path, fd, info.st_size, info.st_mtime_ns)
+
+    def source(self, settings: Settings) -> FdImageSource:
+        return FdImageSource(self.fd, self.size, settings.chunk_size)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+async def write_snapshot(
+    out: BinaryIO,
+    source: ChunkSource,
+    settings: Settings,
+    *,
+    name: str,
+    filesystem: str,
+    mtime_ns: int,
+    progress: Progress | None = None,
+) -> Meta:
+    """Write a snapshot to a seekable file object in one pass; return its metadata."""
+    base = out.tell()
+    placeholder = snapshot_meta(name, filesystem, source.size, mtime_ns, PLACEHOLDER_CHECKSUM)
+    out.seek(base + placeholder.header_len())
+
+    def sink(_k: int, frame: bytes) -> None:
+        out.write(frame)
+
+    index = await build_index(source, settings, frame_sink=sink, progress=progress)
+    meta = snapshot_meta(name, filesystem, source.size, mtime_ns, index.checksum)
+    producer = SnapshotProducer(source, settings, meta, index)
+
+    def finish() -> None:
+        out.write(producer.layout.seek_table)
+        end = out.tell()
+        out.seek(base)
+        out.write(producer.layout.header)
+        out.seek(end)
+        out.flush()
+
+    await trio.to_thread.run_sync(finish)
+    return meta
+
+
+async def stream_snapshot(
+    write: Callable[[bytes], Awaitable[object]],
+    source: ChunkSource,
+    settings: Settings,
+    *,
+    name: str,
+    filesystem: str,
+    mtime_ns: int,
+    progress: Progress | None = None,
+    index: SnapshotIndex | None = None,
+) -> Meta:
+    """Send a snapshot to a non-seekable writer: index pass first (unless given), then the stream."""
+    if index is None:
+        index = await build_index(source, settings, progress=progress)
+    meta = snapshot_meta(name, filesystem, source.size, mtime_ns, index.checksum)
+    await SnapshotProducer(source, settings, meta, index).copy_to(write)
+    return meta
+
+
+async def backup_image(
+    image_path: str,
+    output: str,
+    *,
+    name: str,
+    filesystem: str,
+    settings: Settings,
+    progress: Progress | None = None,
+) -> Meta:
+    """``mirenfs backup --image``: to a file (atomically, via a temporary name) or to ``-``."""
+    image = await trio.to_thread.run_sync(OpenImage.open, image_path)
+    try:
+        source = image.source(settings)
+        kwargs = {"name": name, "filesystem": filesystem, "mtime_ns": image.mtime_ns, "progress": progress}
+        if output == "-" or _is_special(output):
+            target = sys.stdout.buffer if output == "-" else open(output, "wb")  # noqa: SIM115
+            try:
+
+                async def write(data: bytes) -> None:
+                    await trio.to_thread.run_sync(target.write, data)
+
+                meta = await stream_snapshot(write, source, settings, **kwargs)  # type: ignore[arg-type]
+                await trio.to_thread.run_sync(target.flush)
+                return meta
+            finally:
+                if target is not sys.stdout.buffer:
+                    target.close()
+        return await _backup_to_regular_file(output, source, settings, kwargs)
+    finally:
+        image.close()
+
+
+async def _backup_to_regular_file(
+    output: str, source: ChunkSource, settings: Settings, kwargs: dict[str, object]
+) -> Meta:
+    directory = os.path.dirname(os.path.abspath(output))
+    try:
+        fd, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(output)}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise TargetError(f"cannot write {output}: {exc.strerror}", exc.errno or 5) from None
+    try:
+        with os.fdopen(fd, "wb") as out:
+            meta = await write_snapshot(out, source, settings, **kwargs)  # type: ignore[arg-type]
+            await trio.to_thread.run_sync(os.fsync, out.fileno())
+        os.chmod(temporary, 0o644)
+        os.rename(temporary, output)
+        return meta
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _is_special(path: str) -> bool:
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+async def read_pieces(fileobj: BinaryIO, piece: int = READ_PIECE) -> AsyncIterator[bytes]:
+    """Read a file or pipe in pieces on a worker thread."""
+    while data := await trio.to_thread.run_sync(fileobj.read, piece):
+        yield data
+
+
+async def restore_file(
+    snapshot: str,
+    image_path: str,
+    *,
+    overwrite: bool,
+    on_header: Callable[[Meta], None] | None = None,
+) -> Meta:
+    """``mirenfs restore FILE --image PATH``; ``FILE`` may be ``-`` for standard input."""
+    with _open_input(snapshot) as source:
+        return await restore_to_path(image_path, read_pieces(source), overwrite=overwrite, on_header=on_header)
+
+
+class _NullWriter:
+    """Counts nothing and keeps nothing: verification only needs the hash and the size."""
+
+    def write(self, data: bytes) -> None:
+        return None
+
+
+async def verify_file(snapshot: str, on_header: Callable[[Meta], None] | None = None) -> Meta:
+    """``mirenfs verify``: decompress everything, check size and checksum, write nothing."""
+
+    async def open_target(meta: Meta) -> ImageWriter:
+        if on_header is not None:
+            on_header(meta)
+        return _NullWriter()
+
+    stream = RestoreStream(open_target)
+    with _open_input(snapshot) as source:
+        async for piece in read_pieces(source):
+            await stream.feed(piece)
+    return await stream.finish()
+
+
+def _open_input(path: str) -> BinaryIO:
+    if path == "-":
+        return os.fdopen(os.dup(sys.stdin.fileno()), "rb")
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise MirenfsError(f"cannot open snapshot {path}: {exc.strerror}") from None
