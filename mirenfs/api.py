@@ -7,10 +7,10 @@ so they must not be called from inside a running trio loop.
 from __future__ import annotations
 
 import datetime as _dt
-from functools import partial
 import os
 import stat
 import time
+from functools import partial
 from typing import BinaryIO
 
 import trio

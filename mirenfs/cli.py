@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import BinaryIO
 
 import trio
 
@@ -42,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("--image", required=True, metavar="PATH", help="the raw image file to back up")
     backup.add_argument("--name", help="disk name in the header (default: the image's file name)")
     backup.add_argument("--filesystem", help="filesystem in the header (default: detected from the image)")
-    backup.add_argument("-o", "--output", required=True, metavar="FILE", help="snapshot file, or - for stdout")
+    backup.add_argument(
+        "-o", "--output", required=True, metavar="FILE", help="snapshot file, or - for stdout"
+    )
     _add_compression_options(backup)
     backup.set_defaults(handler=cmd_backup)
 
@@ -92,12 +95,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
+    size = _file_size(args.image, "image")
     name = args.name or os.path.splitext(os.path.basename(args.image))[0]
     filesystem = args.filesystem or detect_filesystem(args.image)
     if filesystem is None:
         log.warning("could not tell the filesystem of %s; writing 'unknown' (use --filesystem)", args.image)
         filesystem = "unknown"
-    size = _file_size(args.image)
     bar = ProgressBar(size, f"backup {name}", enabled=None if args.output != "-" else sys.stderr.isatty())
     try:
         meta = trio.run(
@@ -125,7 +128,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
         bar = ProgressBar(meta.size_bytes, f"restore {meta.name}")
 
     try:
-        meta = trio.run(partial(restore_file, args.file, args.image, overwrite=args.force, on_header=on_header))
+        meta = trio.run(
+            partial(restore_file, args.file, args.image, overwrite=args.force, on_header=on_header)
+        )
     finally:
         if bar is not None:
             bar.close()
@@ -161,20 +166,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _seek_table_frames(snapshot: object, data_len: int) -> int | None:
+def _seek_table_frames(snapshot: BinaryIO, data_len: int) -> int | None:
     """The frame count of a seekable-format seek table, or None for other layouts (Go's)."""
-    read_tail = getattr(snapshot, "read")
-    seek = getattr(snapshot, "seek")
     tail_len = min(data_len, 1 << 20)
-    seek(-tail_len, os.SEEK_END)
+    snapshot.seek(-tail_len, os.SEEK_END)
     try:
-        return len(parse_seek_table(read_tail(tail_len)))
+        return len(parse_seek_table(snapshot.read(tail_len)))
     except FormatError:
         return None
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    size = _file_size(args.file) if args.file != "-" else 0
+    size = _file_size(args.file, "snapshot") if args.file != "-" else 0
     bar = ProgressBar(size, "verify", enabled=bool(size) and sys.stderr.isatty())
     meta = trio.run(verify_file, args.file)
     bar.close()
@@ -182,11 +185,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _file_size(path: str) -> int:
+def _file_size(path: str, what: str) -> int:
     try:
         return os.stat(path).st_size
     except OSError as exc:
-        raise MirenfsError(f"cannot read {path}: {exc.strerror}") from None
+        raise MirenfsError(f"cannot open {what} {path}: {exc.strerror}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

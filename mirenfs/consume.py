@@ -13,7 +13,7 @@ import hashlib
 import os
 import queue
 from collections.abc import AsyncIterable, Awaitable, Callable
-from typing import Protocol
+from typing import IO, Protocol, cast
 
 import trio
 import zstandard
@@ -76,7 +76,7 @@ class RestoreStream:
                     return
                 self._writer = await self._open_target(self._header.meta)
                 self._decompressor = zstandard.ZstdDecompressor().stream_writer(
-                    _Sink(self), write_size=_PIECE, closefd=False
+                    cast(IO[bytes], _Sink(self)), write_size=_PIECE, closefd=False
                 )
             if len(rest):
                 await self._decompress(bytes(rest))

@@ -9,6 +9,7 @@ snapshot from it, compressing a second time rather than spooling to disk.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import sys
@@ -165,10 +166,8 @@ async def _backup_to_regular_file(
         os.rename(temporary, output)
         return meta
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
-        except FileNotFoundError:
-            pass
         raise
 
 
@@ -194,7 +193,9 @@ async def restore_file(
 ) -> Meta:
     """``mirenfs restore FILE --image PATH``; ``FILE`` may be ``-`` for standard input."""
     with _open_input(snapshot) as source:
-        return await restore_to_path(image_path, read_pieces(source), overwrite=overwrite, on_header=on_header)
+        return await restore_to_path(
+            image_path, read_pieces(source), overwrite=overwrite, on_header=on_header
+        )
 
 
 class _NullWriter:

@@ -115,17 +115,15 @@ class Meta:
 
     def to_json(self) -> bytes:
         """The metadata exactly as Go's ``encoding/json`` writes it."""
-        return (
-            '{"name":%s,"size_bytes":%d,"filesystem":%s,"timestamp":%s,"checksum":%s,"version":%d}'
-            % (
-                go_json_string(self.name),
-                self.size_bytes,
-                go_json_string(self.filesystem),
-                go_json_string(self.timestamp.rfc3339()),
-                go_json_string(self.checksum),
-                self.version,
-            )
-        ).encode("utf-8")
+        fields = (
+            f'"name":{go_json_string(self.name)}',
+            f'"size_bytes":{self.size_bytes}',
+            f'"filesystem":{go_json_string(self.filesystem)}',
+            f'"timestamp":{go_json_string(self.timestamp.rfc3339())}',
+            f'"checksum":{go_json_string(self.checksum)}',
+            f'"version":{self.version}',
+        )
+        return ("{" + ",".join(fields) + "}").encode("utf-8")
 
     def header(self) -> bytes:
         """The complete header: magic, version, length and metadata."""
@@ -136,22 +134,30 @@ class Meta:
         return PREFIX_LEN + len(self.to_json())
 
 
-_GO_ESCAPES = {
-    "<": "\\u003c",
-    ">": "\\u003e",
-    "&": "\\u0026",
-    "\u2028": "\\u2028",
-    "\u2029": "\\u2029",
-    "\b": "\\u0008",
-    "\f": "\\u000c",
-}
-_GO_ESCAPE_RE = re.compile("[<>&\u2028\u2029\b\f\ud800-\udfff]")
+_SHORT_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_HEX_ESCAPED = frozenset("<>&\u2028\u2029")
 
 
 def go_json_string(value: str) -> str:
-    """Quote a string the way Go's ``encoding/json`` does (HTML-safe escaping)."""
-    quoted = json.dumps(value, ensure_ascii=False)
-    return _GO_ESCAPE_RE.sub(lambda m: _GO_ESCAPES.get(m.group(), "\ufffd"), quoted)
+    """Quote a string the way Go's ``encoding/json`` does (HTML-safe escaping).
+
+    Control characters other than \\n, \\r, \\t become ``\\u00XX``; ``<``, ``>``,
+    ``&``, U+2028 and U+2029 are escaped; a lone surrogate (invalid UTF-8 to Go)
+    becomes U+FFFD; everything else is written as raw UTF-8.
+    """
+    out = ['"']
+    for char in value:
+        short = _SHORT_ESCAPES.get(char)
+        if short is not None:
+            out.append(short)
+        elif char < " " or char in _HEX_ESCAPED:
+            out.append(f"\\u{ord(char):04x}")
+        elif "\ud800" <= char <= "\udfff":
+            out.append("\ufffd")
+        else:
+            out.append(char)
+    out.append('"')
+    return "".join(out)
 
 
 def write_header(dst: BinaryIO, meta: Meta) -> int:
@@ -172,6 +178,7 @@ def read_header(src: BinaryIO, *, validate: bool = True) -> Meta:
         leftover = parser.feed(piece)
         assert not leftover  # we never read past what the parser asked for
     return parser.meta
+
 
 def decode_header(data: bytes, *, validate: bool = True) -> tuple[Meta, int]:
     """Parse a header at the start of ``data``; return it and its length in bytes."""
@@ -229,11 +236,13 @@ class HeaderParser:
             _, version, body_len = _PREFIX.unpack(self._buffer[:PREFIX_LEN])
             if version != FORMAT_VERSION:
                 raise FormatError(
-                    f"unsupported snapshot format version {version}; this mirenfs reads version {FORMAT_VERSION}"
+                    f"unsupported snapshot format version {version}; "
+                    f"this mirenfs reads version {FORMAT_VERSION}"
                 )
             if body_len > MAX_METADATA_LEN:
                 raise FormatError(
-                    f"snapshot metadata claims {body_len} bytes, more than the 1 MiB limit: not a valid snapshot"
+                    f"snapshot metadata claims {body_len} bytes, "
+                    "more than the 1 MiB limit: not a valid snapshot"
                 )
             self._body_len = body_len
 

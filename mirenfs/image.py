@@ -7,6 +7,7 @@ Blocking system calls live here and are called from worker threads.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import fcntl
 import os
@@ -135,7 +136,8 @@ class FileObjectSource:
             got = self._file.readinto(view[done:])  # type: ignore[attr-defined]
             if not got:
                 raise ImageChangedError(
-                    f"the source ended after {index * self.chunk_size + done} bytes, before size_bytes={self.size}"
+                    f"the source ended after {index * self.chunk_size + done} bytes, "
+                    f"before size_bytes={self.size}"
                 )
             done += got
         return None if is_zero(buffer) else buffer
@@ -228,7 +230,9 @@ class StagingImage:
                 _unlink_quietly(path)
                 raise TargetError(f"cannot prepare {path}: {exc.strerror}", exc.errno or errno.EIO) from None
             return cls(image_path, path, fd)
-        raise TargetError(f"{path} keeps reappearing: another restore of {image_path} is running", errno.EBUSY)
+        raise TargetError(
+            f"{path} keeps reappearing: another restore of {image_path} is running", errno.EBUSY
+        )
 
     def install(self, mtime_ns: int | None = None) -> None:
         """fsync, rename over the image, fsync the directory: old image or new, never a mix."""
@@ -285,7 +289,5 @@ def fsync_directory(path: str) -> None:
 
 
 def _unlink_quietly(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -9,6 +9,7 @@ as there are cores). zstandard and hashlib release the GIL, so all cores work.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import itertools
 import json
@@ -67,8 +68,8 @@ class SnapshotIndex:
     chunk_size: int
     settings_key: str
     checksum: str
-    frame_sizes: array  # compressed size of each chunk's frame
-    frame_checksums: array  # XXH64 low 32 bits of each chunk, as in the seek table
+    frame_sizes: array[int]  # compressed size of each chunk's frame
+    frame_checksums: array[int]  # XXH64 low 32 bits of each chunk, as in the seek table
     zero_chunks: bytearray  # 1 where the chunk is all zeros (served as the precomputed frame)
 
     @property
@@ -78,7 +79,7 @@ class SnapshotIndex:
     def to_bytes(self) -> bytes:
         """A self-describing, checked encoding for the persistent cache."""
 
-        def pack(values: array | bytearray) -> str:
+        def pack(values: array[int] | bytearray) -> str:
             return base64.b64encode(bytes(values)).decode("ascii")
 
         body = {
@@ -179,8 +180,12 @@ async def build_index(
     size, chunk = source.size, source.chunk_size
     count = chunk_count(size, chunk)
     sha = hashlib.sha256()
-    sizes, checksums, zero_flags = array("I", bytes(4 * count)), array("I", bytes(4 * count)), bytearray(count)
-    window = 2 * settings.workers + 2  # chunks in flight: bounds memory to ~window × chunk size
+    sizes, checksums, zero_flags = (
+        array("I", bytes(4 * count)),
+        array("I", bytes(4 * count)),
+        bytearray(count),
+    )
+    window = 2 * settings.workers + 2  # chunks in flight: bounds memory to ~window x chunk size
     compress_limit = trio.CapacityLimiter(settings.workers)
     hash_send, hash_recv = trio.open_memory_channel[tuple[int, bytearray | None]](window)
     frame_send, frame_recv = trio.open_memory_channel[tuple[int, _Slot]](window)
@@ -346,7 +351,9 @@ class SnapshotProducer:
             parts.append(memoryview(layout.seek_table)[base : end - layout.data_end])
         return b"".join(parts)
 
-    async def copy_to(self, write: Callable[[bytes], Awaitable[object]], *, read_ahead: int | None = None) -> None:
+    async def copy_to(
+        self, write: Callable[[bytes], Awaitable[object]], *, read_ahead: int | None = None
+    ) -> None:
         """Send the whole snapshot to ``write`` in order, compressing frames ahead in parallel."""
         layout = self.layout
         ahead = read_ahead if read_ahead is not None else self.settings.workers + 1
@@ -361,7 +368,6 @@ class SnapshotProducer:
         await write(layout.seek_table)
 
     async def _prefetch(self, k: int) -> None:
-        try:
+        # On failure the reader asks for this frame itself and gets the error then.
+        with contextlib.suppress(ImageChangedError):
             await self.frame(k)
-        except ImageChangedError:
-            pass  # the reader asks for this frame itself and gets the error then

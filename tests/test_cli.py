@@ -1,0 +1,95 @@
+"""The image forms of the CLI, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from conftest import GO_VECTORS, run_mirenfs, sha256_file, staging_files, write_image
+
+
+def test_backup_inspect_verify_restore(tmp_path: Path) -> None:
+    image = tmp_path / "web.img"
+    content = write_image(image, [("text", 3 << 20), ("hole", 6 << 20), ("data", 100_001)])
+    snap = tmp_path / "web.mirn"
+
+    result = run_mirenfs("backup", "--image", str(image), "--filesystem", "xfs", "-o", str(snap))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == b""  # no progress bar when stderr is not a terminal
+
+    inspected = run_mirenfs("inspect", "--json", str(snap))
+    fields = json.loads(inspected.stdout)
+    assert fields["name"] == "web" and fields["filesystem"] == "xfs"
+    assert fields["size_bytes"] == len(content)
+    assert fields["checksum"] == sha256_file(image)
+    assert fields["seekable_frames"] == 3  # 9.1 MiB in 4 MiB chunks
+
+    verified = run_mirenfs("verify", str(snap))
+    assert verified.returncode == 0 and b"OK" in verified.stdout
+
+    restored = tmp_path / "restored.img"
+    result = run_mirenfs("restore", str(snap), "--image", str(restored))
+    assert result.returncode == 0, result.stderr
+    assert restored.read_bytes() == content
+    assert restored.stat().st_blocks * 512 < 4 << 20  # the hole stayed a hole
+
+
+def test_stdout_backup_equals_file_backup(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    write_image(image, [("data", 5 << 20), ("hole", 4 << 20), ("text", 12345)])
+    snap = tmp_path / "disk.mirn"
+    assert run_mirenfs("backup", "--image", str(image), "-o", str(snap)).returncode == 0
+    piped = run_mirenfs("backup", "--image", str(image), "-o", "-")
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout == snap.read_bytes()
+
+    restored = tmp_path / "from-stdin.img"
+    result = run_mirenfs("restore", "-", "--image", str(restored), input=piped.stdout)
+    assert result.returncode == 0, result.stderr
+    assert sha256_file(restored) == sha256_file(image)
+
+
+def test_filesystem_is_detected_from_the_image(tmp_path: Path) -> None:
+    image = tmp_path / "ext.img"
+    result = run_mirenfs("restore", str(GO_VECTORS[0].path), "--image", str(image))
+    assert result.returncode == 0, result.stderr
+    snap = tmp_path / "ext.mirn"
+    assert run_mirenfs("backup", "--image", str(image), "--name", "pg", "-o", str(snap)).returncode == 0
+    fields = json.loads(run_mirenfs("inspect", "--json", str(snap)).stdout)
+    assert (fields["name"], fields["filesystem"]) == ("pg", "ext4")
+
+
+def test_restore_refuses_an_existing_image_without_force(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    write_image(image, [("text", 50_000)])
+    before = sha256_file(image)
+    result = run_mirenfs("restore", str(GO_VECTORS[2].path), "--image", str(image))
+    assert result.returncode == 1
+    assert b"already exists; pass --force" in result.stderr
+    assert sha256_file(image) == before and staging_files(tmp_path) == []
+
+    result = run_mirenfs("restore", str(GO_VECTORS[2].path), "--image", str(image), "--force")
+    assert result.returncode == 0, result.stderr
+    assert sha256_file(image) == GO_VECTORS[2].sha256
+
+
+def test_failed_backup_leaves_no_partial_output(tmp_path: Path) -> None:
+    result = run_mirenfs("backup", "--image", str(tmp_path / "missing.img"), "-o", str(tmp_path / "x.mirn"))
+    assert result.returncode == 1
+    assert b"cannot open image" in result.stderr and b"missing.img" in result.stderr
+    assert os.listdir(tmp_path) == []
+
+    image = tmp_path / "disk.img"
+    write_image(image, [("text", 1000)])
+    result = run_mirenfs("backup", "--image", str(image), "-o", str(tmp_path / "no-such-dir" / "x.mirn"))
+    assert result.returncode == 1
+    assert b"cannot write" in result.stderr
+    assert sorted(os.listdir(tmp_path)) == ["disk.img"]
+
+
+def test_verify_reports_go_vectors_ok() -> None:
+    for vector in GO_VECTORS:
+        result = run_mirenfs("verify", str(vector.path))
+        assert result.returncode == 0, (vector.file, result.stderr)
+        assert vector.sha256.encode() in result.stdout

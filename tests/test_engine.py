@@ -1,0 +1,288 @@
+"""The streaming engine: Go vectors restore, round trips are exact, ranges match the stream."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import subprocess
+import tempfile
+import tracemalloc
+from pathlib import Path
+
+import pytest
+import trio
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mirenfs import Meta, Timestamp, backup, read_header, restore_image
+from mirenfs.consume import RestoreStream
+from mirenfs.engine import OpenImage, backup_image, restore_file
+from mirenfs.errors import FormatError
+from mirenfs.format import decode_header
+from mirenfs.image import FdImageSource
+from mirenfs.produce import Settings, SnapshotProducer, build_index, snapshot_meta
+from mirenfs.zstdframes import parse_seek_table
+
+from conftest import GO_VECTORS, GoVector, sha256_file, staging_files, write_image
+
+SMALL = Settings(chunk_size=64 * 1024)  # small chunks so small images have many frames
+
+
+@pytest.mark.parametrize("vector", GO_VECTORS, ids=lambda v: v.file)
+def test_go_vector_restores_to_listed_checksum(vector: GoVector, tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    meta = trio.run(lambda: restore_file(str(vector.path), str(image), overwrite=False))
+    assert (meta.name, meta.size_bytes, meta.filesystem) == (
+        vector.name,
+        vector.size_bytes,
+        vector.filesystem,
+    )
+    assert image.stat().st_size == vector.size_bytes
+    assert sha256_file(image) == vector.sha256
+    assert staging_files(tmp_path) == []
+    assert image.stat().st_mtime_ns == meta.timestamp.unix_ns  # so a backup reproduces the timestamp
+
+
+def test_restored_sparse_vector_is_sparse(tmp_path: Path) -> None:
+    image = tmp_path / "sparse.img"
+    trio.run(lambda: restore_file(str(GO_VECTORS[1].path), str(image), overwrite=False))
+    assert image.stat().st_size == 67110872
+    assert image.stat().st_blocks * 512 < 1_000_000
+
+
+def test_restored_ext4_vector_passes_e2fsck(tmp_path: Path, need_tool) -> None:
+    image = tmp_path / "ext4.img"
+    trio.run(lambda: restore_file(str(GO_VECTORS[0].path), str(image), overwrite=False))
+    result = subprocess.run([need_tool("e2fsck"), "-fn", str(image)], capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+SEGMENT = st.tuples(
+    st.sampled_from(["hole", "zero", "data", "text"]),
+    st.one_of(st.integers(1, 5000), st.sampled_from([4096, 65536, 65535, 65537, 131072, 200_000])),
+)
+
+
+def _snapshot(image: Path, out: Path, name: str = "disk") -> Meta:
+    return trio.run(lambda: backup_image(str(image), str(out), name=name, filesystem="ext4", settings=SMALL))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(segments=st.lists(SEGMENT, max_size=8), seed=st.integers(0, 2**32))
+def test_round_trip_is_exact(tmp_path: Path, segments: list[tuple[str, int]], seed: int) -> None:
+    ranges = random.Random(seed)
+    work = Path(tempfile.mkdtemp(dir=tmp_path))
+    image, snap, restored = work / "img", work / "snap.mirn", work / "restored"
+    content = write_image(image, segments, seed=len(segments))
+    meta = _snapshot(image, snap)
+    data = snap.read_bytes()
+
+    # The header is right and zstd itself decompresses the data section.
+    header_meta, header_len = decode_header(data)
+    assert header_meta == meta and meta.size_bytes == len(content)
+    assert meta.checksum == hashlib.sha256(content).hexdigest()
+    unzstd = subprocess.run(["zstd", "-d", "-c"], input=data[header_len:], capture_output=True, timeout=60)
+    assert unzstd.returncode == 0, unzstd.stderr
+    assert unzstd.stdout == content
+
+    # The seek table describes every frame.
+    if content:
+        entries = parse_seek_table(data[header_len:])
+        assert sum(d for _, d, _ in entries) == len(content)
+        assert len(entries) == -(-len(content) // SMALL.chunk_size)
+
+    # Restore reproduces the image; a second backup gives the same bytes.
+    trio.run(lambda: restore_file(str(snap), str(restored), overwrite=False))
+    assert restored.read_bytes() == content
+    again = work / "again.mirn"
+    _snapshot(image, again)
+    assert again.read_bytes() == data
+
+    # Any byte range produced from the index equals the same slice of the stream.
+    async def check_ranges() -> None:
+        handle = OpenImage.open(str(image))
+        try:
+            source = FdImageSource(handle.fd, handle.size, SMALL.chunk_size)
+            index = await build_index(source, SMALL)
+            producer = SnapshotProducer(source, SMALL, meta, index)
+            assert producer.size == len(data)
+            for _ in range(12):
+                offset = ranges.randrange(0, len(data) + 100)
+                size = ranges.choice([1, 7, 4096, 65536, 200_000, len(data)])
+                assert await producer.read(offset, size) == data[offset : offset + size]
+        finally:
+            handle.close()
+
+    trio.run(check_ranges)
+
+
+def test_holes_are_never_read(tmp_path: Path) -> None:
+    """A chunk inside a hole must come from the precomputed frame, without a read."""
+    image = tmp_path / "img"
+    write_image(image, [("data", 5000), ("hole", 10 * 65536), ("data", 100)])
+    handle = OpenImage.open(str(image))
+    reads: list[int] = []
+    source = FdImageSource(handle.fd, handle.size, SMALL.chunk_size)
+    original = os.preadv
+
+    def counting_preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        reads.append(offset)
+        return original(fd, buffers, offset)
+
+    try:
+        os.preadv = counting_preadv  # type: ignore[assignment]
+        index = trio.run(build_index, source, SMALL)
+    finally:
+        os.preadv = original  # type: ignore[assignment]
+        handle.close()
+    assert all(offset < 65536 or offset >= 10 * 65536 for offset in reads), reads
+    assert sum(index.zero_chunks) >= 9
+
+
+def test_index_survives_encoding_and_rejects_corruption(tmp_path: Path) -> None:
+    image = tmp_path / "img"
+    write_image(image, [("data", 300_000), ("hole", 300_000)])
+    handle = OpenImage.open(str(image))
+    try:
+        index = trio.run(build_index, handle.source(SMALL), SMALL)
+    finally:
+        handle.close()
+    encoded = index.to_bytes()
+    assert type(index).from_bytes(encoded) == index
+    corrupt = bytearray(encoded)
+    corrupt[-10] ^= 1
+    with pytest.raises(ValueError):
+        type(index).from_bytes(bytes(corrupt))
+
+
+def test_changed_image_gives_an_error_not_mixed_bytes(tmp_path: Path) -> None:
+    from mirenfs.errors import ImageChangedError
+
+    image = tmp_path / "img"
+    write_image(image, [("data", 200_000)])
+
+    async def run() -> None:
+        handle = OpenImage.open(str(image))
+        try:
+            source = handle.source(SMALL)
+            index = await build_index(source, SMALL)
+            meta = snapshot_meta("d", "ext4", handle.size, handle.mtime_ns, index.checksum)
+            producer = SnapshotProducer(source, SMALL, meta, index)
+            with open(image, "r+b") as f:
+                f.seek(70_000)
+                f.write(b"changed!")
+            await producer.read(0, 100)  # the header and first frame are unaffected
+            with pytest.raises(ImageChangedError):
+                await producer.read(0, producer.size)
+        finally:
+            handle.close()
+
+    trio.run(run)
+
+
+def _zero_frame_bomb(size: int) -> bytes:
+    """A Go-style single frame without content size holding ``size`` zero bytes."""
+    compressor = zstandard.ZstdCompressor(level=1)
+    sink = io.BytesIO()
+    with compressor.stream_writer(sink, closefd=False) as writer:
+        block = bytes(8 << 20)
+        for _ in range(size // len(block)):
+            writer.write(block)
+    return sink.getvalue()
+
+
+def test_memory_stays_bounded_for_a_huge_zero_frame() -> None:
+    size = 1 << 30
+    data = _zero_frame_bomb(size)
+    assert len(data) < 200_000  # 1 GiB compresses to almost nothing
+    meta = Meta("z", size, "ext4", Timestamp(0), hashlib.sha256(bytes(size)).hexdigest())
+
+    class Discard:
+        written = 0
+
+        def write(self, data: bytes) -> None:
+            Discard.written += len(data)
+
+    async def run() -> None:
+        async def open_target(_meta: Meta) -> Discard:
+            return Discard()
+
+        stream = RestoreStream(open_target)
+        await stream.feed(meta.header() + data)  # all at once: the worst case for buffering
+        await stream.finish()
+
+    tracemalloc.start()
+    try:
+        trio.run(run)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert Discard.written == size
+    assert peak < 64 << 20, f"peak {peak >> 20} MiB"
+
+
+def test_longer_stream_is_refused_the_moment_it_appears() -> None:
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    frame = zstandard.ZstdCompressor().compress(payload)
+    meta = Meta("d", len(payload) - 1, "ext4", Timestamp(0), hashlib.sha256(payload).hexdigest())
+
+    async def run() -> None:
+        async def open_target(_meta: Meta) -> io.BytesIO:
+            return io.BytesIO()
+
+        stream = RestoreStream(open_target)
+        with pytest.raises(FormatError, match="longer than"):
+            await stream.feed(meta.header() + frame)  # refused in feed, before finish
+        with pytest.raises(FormatError, match="longer than"):
+            await stream.finish()  # and it stays failed
+
+    trio.run(run)
+
+
+def test_go_style_api_round_trip(tmp_path: Path) -> None:
+    image = tmp_path / "img"
+    content = write_image(image, [("text", 70_000), ("hole", 100_000), ("data", 3)])
+    out = io.BytesIO()
+    with open(image, "rb") as src:
+        checksum = backup(out, src, "api-disk", len(content), "xfs")
+    assert checksum == hashlib.sha256(content).hexdigest()
+
+    out.seek(0)
+    meta = read_header(out)
+    assert (meta.name, meta.filesystem, meta.checksum) == ("api-disk", "xfs", checksum)
+    assert meta.timestamp.unix_ns == image.stat().st_mtime_ns
+    restore_image(tmp_path / "restored", out, meta)
+    assert (tmp_path / "restored").read_bytes() == content
+
+    # A non-seekable destination and an in-memory source take the two-pass path.
+    class Pipe(io.RawIOBase):
+        def __init__(self) -> None:
+            self.data = bytearray()
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, b) -> int:  # type: ignore[no-untyped-def,override]
+            self.data += b
+            return len(b)
+
+    pipe = Pipe()
+    assert (
+        backup(
+            pipe,
+            io.BytesIO(content),
+            "api-disk",
+            len(content),
+            "xfs",  # type: ignore[arg-type]
+            timestamp=meta.timestamp,
+        )
+        == checksum
+    )
+    assert bytes(pipe.data) == out.getvalue()
+
+    target = io.BytesIO()
+    restore_image(target, io.BytesIO(bytes(pipe.data)[len(meta.header()) :]), meta)
+    assert target.getvalue() == content
