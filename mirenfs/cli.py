@@ -39,20 +39,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    backup = commands.add_parser("backup", help="write a snapshot of an image")
-    backup.add_argument("--image", required=True, metavar="PATH", help="the raw image file to back up")
-    backup.add_argument("--name", help="disk name in the header (default: the image's file name)")
-    backup.add_argument("--filesystem", help="filesystem in the header (default: detected from the image)")
+    from mirenfs import cli_store  # imported here: it builds on this module's helpers
+
+    backup = commands.add_parser("backup", help="write a snapshot of a disk, or of an image file")
+    backup.add_argument("disk", nargs="?", metavar="NAME", help="the disk to back up (from the disk store)")
+    backup.add_argument("--image", metavar="PATH", help="back up this raw image file instead of a disk")
+    backup.add_argument("--name", help="with --image: disk name in the header (default: the file's name)")
+    backup.add_argument("--filesystem", help="with --image: filesystem in the header (default: detected)")
     backup.add_argument(
         "-o", "--output", required=True, metavar="FILE", help="snapshot file, or - for stdout"
     )
     _add_compression_options(backup)
+    cli_store.add_data_path_option(backup)
     backup.set_defaults(handler=cmd_backup)
 
-    restore = commands.add_parser("restore", help="restore an image from a snapshot")
+    restore = commands.add_parser("restore", help="restore a disk, or an image file, from a snapshot")
     restore.add_argument("file", metavar="FILE", help="snapshot file, or - for stdin")
-    restore.add_argument("--image", required=True, metavar="PATH", help="the image file to write")
+    restore.add_argument("--name", metavar="NAME", help="the disk to restore (default: the header's name)")
+    restore.add_argument("--image", metavar="PATH", help="write this image file instead of a disk")
     restore.add_argument("--force", action="store_true", help="replace an existing image")
+    cli_store.add_data_path_option(restore)
     restore.set_defaults(handler=cmd_restore)
 
     inspect = commands.add_parser("inspect", help="print a snapshot's header")
@@ -63,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="decompress a snapshot and check its size and checksum")
     verify.add_argument("file", metavar="FILE", help="snapshot file, or - for stdin")
     verify.set_defaults(handler=cmd_verify)
+
+    cli_store.register(commands)
     return parser
 
 
@@ -95,6 +103,17 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
+    if (args.disk is None) == (args.image is None):
+        raise MirenfsError(
+            "backup needs exactly one source: a disk NAME (mirenfs backup NAME -o FILE) "
+            "or an image file (mirenfs backup --image PATH -o FILE)"
+        )
+    if args.disk is not None:
+        from mirenfs import cli_store
+
+        return cli_store.cmd_backup_disk(args)
+    if args.data_path is not None:
+        raise MirenfsError("--data-path applies to disk backups; --image PATH names the image directly")
     size = _file_size(args.image, "image")
     name = args.name or os.path.splitext(os.path.basename(args.image))[0]
     filesystem = args.filesystem or detect_filesystem(args.image)
@@ -121,6 +140,14 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    if args.image is None:
+        from mirenfs import cli_store
+
+        return cli_store.cmd_restore_disk(args)
+    if args.name is not None or args.data_path is not None:
+        raise MirenfsError(
+            "--name and --data-path pick a disk of the store; with --image PATH the image is named directly"
+        )
     bar: ProgressBar | None = None
 
     def on_header(meta: Meta) -> None:

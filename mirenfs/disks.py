@@ -344,7 +344,8 @@ def prepare_backup(resolver: DiskResolver, name: str, *, data_path: str) -> Back
     else:
         if devices:
             warnings.append(
-                f"the image of disk {name} backs /dev/{devices[0]}, so this backup is not a point-in-time copy"
+                f"the image of disk {name} backs /dev/{devices[0]}, "
+                "so this backup is not a point-in-time copy"
             )
     return BackupTarget(disk, image_path, "; ".join(warnings) or None)
 
@@ -422,8 +423,11 @@ class RestoreTarget:
             raise RuntimeError(f"the restore of disk {self.name} was already opened")
         self.size_bytes, self.filesystem = size_bytes, filesystem
         if self.existing is not None:
-            self.image_path = self._recheck_existing()
-            return self.image_path
+            image_path = self._recheck_existing()
+            if not self.resolver.find_volume_by_disk_id(self.existing.id).image_path:
+                self._make_parent_dirs(os.path.dirname(image_path))  # a managed volume's directory
+            self.image_path = image_path
+            return image_path
         if self.creator is None:  # prepare_restore refuses this; kept for a target built by hand
             raise DiskNotFoundError(self.name)
         self._created = self.creator.create_disk_for_restore(
@@ -464,11 +468,14 @@ class RestoreTarget:
             missing.append(probe)
             probe = os.path.dirname(probe)
         for path in reversed(missing):
-            os.mkdir(path, 0o700 if path == directory else 0o755)
+            try:
+                os.mkdir(path, 0o700 if path == directory else 0o755)
+            except FileExistsError:
+                continue  # another restore made it: not ours to remove
             self._created_dirs.append(path)
 
     def finalize(self) -> None:
-        """The image is installed: a created disk becomes ``provisioned``; an existing one's record is updated."""
+        """The image is installed: a created disk becomes ``provisioned``; an existing one is updated."""
         if self.image_path is None:
             raise RuntimeError(f"the restore of disk {self.name} was never opened")
         if self._finished:
@@ -478,33 +485,40 @@ class RestoreTarget:
         elif self.existing is not None and self.creator is not None:
             assert self.size_bytes is not None and self.filesystem is not None
             if (self.existing.size_bytes, self.existing.filesystem) != (self.size_bytes, self.filesystem):
-                self.creator.update_disk(self.existing.id, size_bytes=self.size_bytes, filesystem=self.filesystem)
+                self.creator.update_disk(
+                    self.existing.id, size_bytes=self.size_bytes, filesystem=self.filesystem
+                )
         self._finished = True
 
     def cleanup(self) -> None:
         """After a failure: remove a disk this restore created, with its files. Safe to call twice.
 
-        Does nothing for an existing disk (the restore engine already left its
-        image untouched) or after :meth:`finalize`. Problems are logged, not
-        raised: the caller is already handling the failure that matters.
+        For an existing disk only the directories :meth:`open` made are
+        removed (the restore engine already left its image untouched); after
+        :meth:`finalize` nothing happens. Problems are logged, not raised: the
+        caller is already handling the failure that matters.
         """
         if self._finished:
             return
         self._finished = True
         created, self._created = self._created, None
+        volume_dir: str | None = None
+        if created is not None and not created.volume.image_path:  # only managed files are ours to delete
+            with contextlib.suppress(MirenfsError):
+                image_path = image_path_for(self.data_path, created.volume)
+                volume_dir = os.path.dirname(image_path)
+                for leftover in (image_path + STAGING_SUFFIX, image_path):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(leftover)
+        for directory in reversed(self._created_dirs):
+            if directory == volume_dir:
+                shutil.rmtree(directory, ignore_errors=True)  # the new volume's own directory
+            else:
+                with contextlib.suppress(OSError):
+                    os.rmdir(directory)  # only if nothing else moved in
+        self._created_dirs.clear()
         if created is None:
             return
-        try:
-            image_path = image_path_for(self.data_path, created.volume)
-        except MirenfsError:
-            image_path = None
-        if image_path is not None and not created.volume.image_path:  # only managed files are ours
-            for leftover in (image_path + STAGING_SUFFIX, image_path):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(leftover)
-        for directory in reversed(self._created_dirs):
-            shutil.rmtree(directory, ignore_errors=True)
-        self._created_dirs.clear()
         try:
             created.cleanup()
         except Exception as exc:
@@ -538,7 +552,9 @@ def prepare_restore(
         disk = None
     if disk is None:
         if creator is None:
-            raise DiskNotFoundError(name, f"there is no disk named {name}, and this restore may not create one")
+            raise DiskNotFoundError(
+                name, f"there is no disk named {name}, and this restore may not create one"
+            )
         return RestoreTarget(resolver, name, data_path, overwrite, creator, None)
     _check_restorable(resolver, disk, data_path=data_path, overwrite=overwrite)
     return RestoreTarget(resolver, name, data_path, overwrite, creator, disk)

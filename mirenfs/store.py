@@ -1,0 +1,582 @@
+"""The embedded default disk store: SQLite at ``<data-path>/mirenfs.db`` (SPEC §3).
+
+It holds disks, volumes and leases with Miren's statuses and implements
+:class:`~mirenfs.disks.DiskResolver` and :class:`~mirenfs.disks.DiskCreator`.
+The CLI changes it while the mount reads it, so the database runs in WAL mode
+with a busy timeout, every write is one ``BEGIN IMMEDIATE`` transaction, and
+each call opens its own connection (sqlite3 connections must not cross
+threads, and the mount calls in from trio worker threads).
+
+The database is created on the first write; until then every read sees an
+empty store, so ``disk list`` on a fresh data path leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mirenfs import image as _image
+from mirenfs.disks import (
+    Disk,
+    DiskNotFoundError,
+    DiskState,
+    Lease,
+    LeaseState,
+    Volume,
+    VolumeNotFoundError,
+    VolumeState,
+    image_path_for,
+    validate_disk_name,
+    volumes_dir,
+)
+from mirenfs.errors import MirenfsError, TargetError
+
+log = logging.getLogger("mirenfs")
+
+DB_FILE_NAME = "mirenfs.db"
+BUSY_TIMEOUT_S = 30.0
+
+
+class StoreError(MirenfsError):
+    """The store could not be read or written: reported as it is, never taken for "no such disk"."""
+
+    errno = errno.EIO
+
+
+class DiskExistsError(MirenfsError):
+    errno = errno.EEXIST
+
+
+class LeaseNotFoundError(MirenfsError):
+    errno = errno.ENOENT
+
+
+class DiskBusyError(MirenfsError):
+    """The disk is held (a bound lease) or being deleted, so the change is refused."""
+
+    errno = errno.EBUSY
+
+
+# --- schema, versioned with PRAGMA user_version: step i brings version i to i + 1 ---
+
+
+def _statuses(enum_type: type[DiskState] | type[VolumeState] | type[LeaseState]) -> str:
+    return ", ".join(f"'{member.value}'" for member in enum_type)
+
+
+_MIGRATIONS: Sequence[Sequence[str]] = (
+    (
+        f"""CREATE TABLE disks (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            status TEXT NOT NULL CHECK (status IN ({_statuses(DiskState)})),
+            filesystem TEXT NOT NULL,
+            size_bytes INTEGER NOT NULL CHECK (size_bytes >= 0),
+            created_ns INTEGER NOT NULL,
+            updated_ns INTEGER NOT NULL
+        )""",
+        f"""CREATE TABLE volumes (
+            id TEXT PRIMARY KEY,
+            disk_id TEXT NOT NULL UNIQUE REFERENCES disks (id) ON DELETE CASCADE,
+            image_path TEXT UNIQUE,
+            status TEXT NOT NULL CHECK (status IN ({_statuses(VolumeState)}))
+        )""",
+        f"""CREATE TABLE leases (
+            id TEXT PRIMARY KEY,
+            disk_id TEXT NOT NULL REFERENCES disks (id) ON DELETE CASCADE,
+            status TEXT NOT NULL CHECK (status IN ({_statuses(LeaseState)})),
+            created_ns INTEGER NOT NULL,
+            updated_ns INTEGER NOT NULL
+        )""",
+        "CREATE INDEX leases_by_disk ON leases (disk_id)",
+    ),
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(8)}"
+
+
+@dataclass(frozen=True)
+class DiskRecord:
+    """One disk with everything the mount's root listing and ``disk list`` show."""
+
+    disk: Disk
+    volume: Volume | None
+    image_path: str | None
+    leases: tuple[Lease, ...]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "id": self.disk.id,
+            "name": self.disk.name,
+            "status": self.disk.status.value,
+            "filesystem": self.disk.filesystem,
+            "size_bytes": self.disk.size_bytes,
+            "volume_id": self.volume.id if self.volume else None,
+            "volume_status": self.volume.status.value if self.volume else None,
+            "image_path": self.image_path,
+            "managed_image": bool(self.volume and not self.volume.image_path),
+            "leases": [{"id": lease.id, "status": lease.status.value} for lease in self.leases],
+        }
+
+
+class _CreatedDisk:
+    """The store's half of a restore into a new name: finalize or remove the records."""
+
+    def __init__(self, store: Store, disk: Disk, volume: Volume) -> None:
+        self._store = store
+        self._disk = disk
+        self._volume = volume
+
+    @property
+    def disk(self) -> Disk:
+        return self._disk
+
+    @property
+    def volume(self) -> Volume:
+        return self._volume
+
+    def finalize(self) -> None:
+        if not self._store.mark_provisioned(self._disk.id):
+            raise StoreError(f"disk {self._disk.name} vanished from the store while it was being restored")
+
+    def cleanup(self) -> None:
+        self._store.delete_disk_records(self._disk.id)
+
+
+class Store:
+    """The SQLite disk store of one data path; safe to use from many threads and processes."""
+
+    def __init__(self, data_path: str, *, busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
+        self.data_path = os.path.abspath(data_path)
+        self.path = os.path.join(self.data_path, DB_FILE_NAME)
+        self._busy_timeout_ms = int(busy_timeout_s * 1000)
+        self._ready_lock = threading.Lock()
+        self._ready = False
+
+    # --- connections ---
+
+    def _connect(self) -> sqlite3.Connection:
+        if not os.path.exists(self.path):
+            self._ready = False  # (re)created by this connection: it needs the schema again
+        try:
+            db = sqlite3.connect(
+                self.path, timeout=self._busy_timeout_ms / 1000, isolation_level=None, check_same_thread=True
+            )
+        except sqlite3.Error as exc:
+            raise self._error("open", exc) from None
+        try:
+            db.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+            db.execute("PRAGMA foreign_keys = ON")
+            db.execute("PRAGMA synchronous = FULL")
+            self._ensure_schema(db)
+        except sqlite3.Error as exc:
+            db.close()
+            raise self._error("open", exc) from None
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _ensure_schema(self, db: sqlite3.Connection) -> None:
+        """WAL mode and the newest schema, once per Store (other processes may race: both are safe)."""
+        with self._ready_lock:
+            if self._ready:
+                return
+            if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                db.execute("PRAGMA journal_mode = WAL")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version < SCHEMA_VERSION:
+                self._migrate(db)
+            elif version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"the disk store {self.path} has schema version {version}, newer than this mirenfs "
+                    f"understands ({SCHEMA_VERSION}); upgrade mirenfs"
+                )
+            self._ready = True
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        db.execute("BEGIN IMMEDIATE")  # one migrator at a time; the loser sees the new version
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            for step in range(version, SCHEMA_VERSION):
+                for statement in _MIGRATIONS[step]:
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {step + 1}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        if version < SCHEMA_VERSION:
+            log.info("disk store %s: schema version %d -> %d", self.path, version, SCHEMA_VERSION)
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection | None]:
+        """A connection for reading, or None while no database exists (an empty store)."""
+        if not os.path.exists(self.path):
+            yield None
+            return
+        db = self._connect()
+        try:
+            db.execute("BEGIN")  # one consistent snapshot across the queries of one call
+            yield db
+        except sqlite3.Error as exc:
+            raise self._error("read", exc) from None
+        finally:
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            db.close()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken at once (IMMEDIATE) so it never dead-ends on a lock upgrade."""
+        try:
+            os.makedirs(self.data_path, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the data path {self.data_path}: {exc.strerror}") from None
+        db = self._connect()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            yield db
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise self._error("write", exc) from None
+        finally:
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            db.close()
+
+    def _error(self, action: str, exc: sqlite3.Error) -> StoreError:
+        return StoreError(f"cannot {action} the disk store {self.path}: {exc}; check the file and try again")
+
+    # --- DiskResolver ---
+
+    def find_disk_by_name(self, name: str) -> Disk:
+        with self._read() as db:
+            row = None if db is None else db.execute(_DISK_SELECT + " WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise DiskNotFoundError(name)
+        return _disk(row)
+
+    def find_volume_by_disk_id(self, disk_id: str) -> Volume:
+        with self._read() as db:
+            row = (
+                None
+                if db is None
+                else db.execute(_VOLUME_SELECT + " WHERE disk_id = ?", (disk_id,)).fetchone()
+            )
+        if row is None:
+            raise VolumeNotFoundError(
+                f"disk {disk_id} has no volume in {self.path}; remove and re-add the disk"
+            )
+        return _volume(row)
+
+    def find_leases_by_disk_id(self, disk_id: str) -> list[Lease]:
+        with self._read() as db:
+            if db is None:
+                return []
+            rows = db.execute(
+                _LEASE_SELECT + " WHERE disk_id = ? ORDER BY created_ns, id", (disk_id,)
+            ).fetchall()
+        return [_lease(row) for row in rows]
+
+    # --- DiskCreator ---
+
+    def create_disk_for_restore(self, name: str, *, size_bytes: int, filesystem: str) -> _CreatedDisk:
+        disk, volume = self._insert_disk(
+            name,
+            size_bytes=size_bytes,
+            filesystem=filesystem,
+            status=DiskState.PROVISIONING,
+            volume_status=VolumeState.PROVISIONING,
+            image_path=None,
+        )
+        return _CreatedDisk(self, disk, volume)
+
+    def update_disk(self, disk_id: str, *, size_bytes: int, filesystem: str) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE disks SET size_bytes = ?, filesystem = ?, updated_ns = ? WHERE id = ?",
+                (size_bytes, filesystem, time.time_ns(), disk_id),
+            )
+
+    # --- management (the `mirenfs disk` and `mirenfs lease` commands) ---
+
+    def add_disk(
+        self,
+        name: str,
+        *,
+        size_bytes: int,
+        filesystem: str,
+        status: DiskState = DiskState.PROVISIONED,
+        image_path: str | None = None,
+    ) -> DiskRecord:
+        """A disk and its volume: a managed image under the data path, or the given (absolute) one."""
+        if image_path is not None:
+            image_path = os.path.abspath(image_path)
+        provisioning = status == DiskState.PROVISIONING
+        disk, volume = self._insert_disk(
+            name,
+            size_bytes=size_bytes,
+            filesystem=filesystem,
+            status=status,
+            volume_status=VolumeState.PROVISIONING if provisioning else VolumeState.PROVISIONED,
+            image_path=image_path,
+        )
+        return DiskRecord(disk, volume, image_path_for(self.data_path, volume), ())
+
+    def _insert_disk(
+        self,
+        name: str,
+        *,
+        size_bytes: int,
+        filesystem: str,
+        status: DiskState,
+        volume_status: VolumeState,
+        image_path: str | None,
+    ) -> tuple[Disk, Volume]:
+        validate_disk_name(name)
+        disk = Disk(_new_id("disk"), name, DiskState(status), filesystem, size_bytes)
+        volume = Volume(_new_id("vol"), disk.id, image_path, volume_status)
+        now = time.time_ns()
+        with self._write() as db:  # IMMEDIATE: no other writer between these checks and the inserts
+            if db.execute("SELECT 1 FROM disks WHERE name = ?", (name,)).fetchone():
+                raise DiskExistsError(f"a disk named {name} already exists; pick another name")
+            if image_path is not None:
+                owner = db.execute(
+                    "SELECT d.name FROM volumes v JOIN disks d ON d.id = v.disk_id WHERE v.image_path = ?",
+                    (image_path,),
+                ).fetchone()
+                if owner:
+                    raise DiskExistsError(
+                        f"the image {image_path} already belongs to disk {owner[0]}; "
+                        "one image cannot back two disks"
+                    )
+            db.execute(
+                "INSERT INTO disks (id, name, status, filesystem, size_bytes, created_ns, updated_ns) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (disk.id, name, disk.status.value, filesystem, size_bytes, now, now),
+            )
+            db.execute(
+                "INSERT INTO volumes (id, disk_id, image_path, status) VALUES (?, ?, ?, ?)",
+                (volume.id, disk.id, image_path, volume.status.value),
+            )
+        return disk, volume
+
+    def set_disk_status(self, name: str, status: DiskState | str) -> tuple[DiskState, DiskState]:
+        """Change a disk's status; return (old, new)."""
+        new = _parse_status(status)
+        with self._write() as db:
+            row = db.execute("SELECT status FROM disks WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise DiskNotFoundError(name)
+            db.execute(
+                "UPDATE disks SET status = ?, updated_ns = ? WHERE name = ?",
+                (new.value, time.time_ns(), name),
+            )
+        return DiskState(row[0]), new
+
+    def mark_provisioned(self, disk_id: str) -> bool:
+        """The disk's image is in place: disk and volume become ``provisioned``; False if it is gone."""
+        with self._write() as db:
+            found = db.execute(
+                "UPDATE disks SET status = ?, updated_ns = ? WHERE id = ?",
+                (DiskState.PROVISIONED.value, time.time_ns(), disk_id),
+            ).rowcount
+            db.execute(
+                "UPDATE volumes SET status = ? WHERE disk_id = ?", (VolumeState.PROVISIONED.value, disk_id)
+            )
+        return bool(found)
+
+    def delete_disk_records(self, disk_id: str) -> bool:
+        """Remove a disk with its volume and leases; True if it was there."""
+        with self._write() as db:
+            return bool(db.execute("DELETE FROM disks WHERE id = ?", (disk_id,)).rowcount)
+
+    def acquire_lease(self, name: str) -> Lease:
+        """A ``bound`` lease on the disk: one at a time, as a Miren disk is attached to one user."""
+        with self._write() as db:
+            row = db.execute("SELECT id, status FROM disks WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise DiskNotFoundError(name)
+            disk_id, status = row
+            if status == DiskState.DELETING:
+                raise DiskBusyError(f"disk {name} is being deleted; it cannot be leased")
+            held = db.execute(
+                "SELECT id FROM leases WHERE disk_id = ? AND status = ?", (disk_id, LeaseState.BOUND.value)
+            ).fetchone()
+            if held:
+                raise DiskBusyError(
+                    f"disk {name} is already leased (lease {held[0]} is bound); release it first"
+                )
+            lease = Lease(_new_id("lease"), disk_id, LeaseState.BOUND)
+            now = time.time_ns()
+            db.execute(
+                "INSERT INTO leases (id, disk_id, status, created_ns, updated_ns) VALUES (?, ?, ?, ?, ?)",
+                (lease.id, disk_id, lease.status.value, now, now),
+            )
+        return lease
+
+    def release_lease(self, lease_id: str) -> tuple[Lease, str, bool]:
+        """Mark a lease ``released``; return it, its disk's name, and whether it was held until now."""
+        with self._write() as db:
+            row = db.execute(
+                "SELECT l.id, l.disk_id, l.status, d.name FROM leases l JOIN disks d ON d.id = l.disk_id "
+                "WHERE l.id = ?",
+                (lease_id,),
+            ).fetchone()
+            if row is None:
+                raise LeaseNotFoundError(f"there is no lease {lease_id}; see `mirenfs disk list`")
+            changed = row[2] != LeaseState.RELEASED
+            db.execute(
+                "UPDATE leases SET status = ?, updated_ns = ? WHERE id = ?",
+                (LeaseState.RELEASED.value, time.time_ns(), lease_id),
+            )
+        return Lease(row[0], row[1], LeaseState.RELEASED), row[3], changed
+
+    def get_disk(self, name: str) -> DiskRecord:
+        """One disk with its volume, image path and leases."""
+        with self._read() as db:
+            records = [] if db is None else self._records(db, " WHERE d.name = ?", (name,))
+        if not records:
+            raise DiskNotFoundError(name)
+        return records[0]
+
+    def list_disks(self) -> list[DiskRecord]:
+        """Every disk with its volume, image path and leases, by name: two queries in one snapshot."""
+        with self._read() as db:
+            return [] if db is None else self._records(db, "", ())
+
+    def _records(self, db: sqlite3.Connection, where: str, params: tuple[str, ...]) -> list[DiskRecord]:
+        rows = db.execute(
+            "SELECT d.id, d.name, d.status, d.filesystem, d.size_bytes, "
+            "v.id, v.disk_id, v.image_path, v.status "
+            f"FROM disks d LEFT JOIN volumes v ON v.disk_id = d.id{where} ORDER BY d.name",
+            params,
+        ).fetchall()
+        lease_sql = "SELECT l.id, l.disk_id, l.status FROM leases l"
+        if where:
+            lease_sql += " JOIN disks d ON d.id = l.disk_id" + where
+        leases: dict[str, list[Lease]] = {}
+        for lease_row in db.execute(lease_sql + " ORDER BY l.created_ns, l.id", params):
+            lease = _lease(lease_row)
+            leases.setdefault(lease.disk_id, []).append(lease)
+        records = []
+        for row in rows:
+            disk = _disk(row[:5])
+            volume = _volume(row[5:]) if row[5] is not None else None
+            image_path: str | None = None
+            if volume is not None:
+                try:
+                    image_path = image_path_for(self.data_path, volume)
+                except MirenfsError as exc:
+                    log.warning("disk %s: %s", disk.name, exc)
+            records.append(DiskRecord(disk, volume, image_path, tuple(leases.get(disk.id, ()))))
+        return records
+
+    def explicit_image_paths(self) -> list[str]:
+        """Images registered at their own paths (``disk add``), for staging clean-up."""
+        with self._read() as db:
+            if db is None:
+                return []
+            return [
+                row[0] for row in db.execute("SELECT image_path FROM volumes WHERE image_path IS NOT NULL")
+            ]
+
+
+_DISK_SELECT = "SELECT id, name, status, filesystem, size_bytes FROM disks"
+_VOLUME_SELECT = "SELECT id, disk_id, image_path, status FROM volumes"
+_LEASE_SELECT = "SELECT id, disk_id, status FROM leases"
+
+
+def _disk(row: Sequence[Any]) -> Disk:
+    disk_id, name, status, filesystem, size_bytes = row
+    return Disk(str(disk_id), str(name), DiskState(status), str(filesystem), int(size_bytes))
+
+
+def _volume(row: Sequence[Any]) -> Volume:
+    volume_id, disk_id, image_path, status = row
+    return Volume(
+        str(volume_id), str(disk_id), None if image_path is None else str(image_path), VolumeState(status)
+    )
+
+
+def _lease(row: Sequence[Any]) -> Lease:
+    lease_id, disk_id, status = row
+    return Lease(str(lease_id), str(disk_id), LeaseState(status))
+
+
+def _parse_status(status: DiskState | str) -> DiskState:
+    try:
+        return DiskState(status)
+    except ValueError:
+        choices = ", ".join(member.value for member in DiskState)
+        raise MirenfsError(f"{status!r} is not a disk status; use one of {choices}") from None
+
+
+def remove_stale_staging(data_path: str, *, on_busy: Callable[[str], None] | None = None) -> list[str]:
+    """Remove ``*.restore.tmp`` files a crashed restore left behind; return their paths.
+
+    Looks in every managed volume directory and next to every image
+    registered at its own path. A staging file a live restore holds (its
+    ``flock``) is kept and reported to ``on_busy``.
+    """
+    candidates: list[str] = []
+    with (
+        contextlib.suppress(FileNotFoundError, NotADirectoryError),
+        os.scandir(volumes_dir(os.path.abspath(data_path))) as volumes,
+    ):
+        for volume in volumes:
+            if not volume.is_dir(follow_symlinks=False):
+                continue
+            with contextlib.suppress(OSError), os.scandir(volume.path) as files:
+                candidates.extend(
+                    entry.path
+                    for entry in files
+                    if entry.name.endswith(_image.STAGING_SUFFIX) and entry.is_file(follow_symlinks=False)
+                )
+    try:
+        explicit = Store(data_path).explicit_image_paths()
+    except StoreError as exc:
+        log.warning("cannot look for staging files next to registered images: %s", exc)
+        explicit = []
+    candidates.extend(path + _image.STAGING_SUFFIX for path in explicit)
+    removed = []
+    for path in sorted(set(candidates)):
+        try:
+            if _image.remove_stale_staging(path):
+                removed.append(path)  # the caller logs what was removed
+        except TargetError as exc:
+            if on_busy is not None:
+                on_busy(path)
+            log.info("kept %s: %s", path, exc)
+        except OSError as exc:
+            log.warning("cannot remove %s, left over from an interrupted restore: %s", path, exc.strerror)
+    return removed
+
+
+__all__ = [
+    "DB_FILE_NAME",
+    "SCHEMA_VERSION",
+    "DiskBusyError",
+    "DiskExistsError",
+    "DiskRecord",
+    "LeaseNotFoundError",
+    "Store",
+    "StoreError",
+    "remove_stale_staging",
+]

@@ -1,0 +1,491 @@
+"""The store-based CLI end to end: `mirenfs disk …`, `lease …`, `backup NAME` and
+`restore FILE [--name NAME] [--force]`, checked through the CLI and the bytes of
+the images. Every refusal checks its message and that nothing changed."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from store_fixtures import (
+    BAD_NAMES,
+    GO_EXT4,
+    GO_EXT4_SHA,
+    GO_EXT4_SIZE,
+    GO_ODD,
+    GO_ODD_SHA,
+    GO_ODD_SIZE,
+    churn_store,
+    disks,
+    file_sha256,
+    loop_device,
+    ok,
+    run_cli,
+    staging_files,
+    store_state,
+)
+
+from mirenfs import disks as disks_module
+from mirenfs.cli_store import DATA_PATH_ENV, DEFAULT_DATA_PATH, resolve_data_path
+from mirenfs.format import read_header
+from mirenfs.fstype import detect_filesystem
+from mirenfs.store import Store, remove_stale_staging
+
+
+@pytest.fixture
+def data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delenv(DATA_PATH_ENV, raising=False)
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def ext4_disk(data: Path) -> Path:
+    """Disk ``disk-ext4`` restored from Go's vector (a new disk); returns its image path."""
+    result = ok("restore", GO_EXT4, "--data-path", data)
+    assert "restored disk disk-ext4 (new disk)" in result.out
+    return Path(disks(data)["disk-ext4"]["image_path"])
+
+
+def refused(expected_code_text: str, *args: str | Path) -> str:
+    result = run_cli(*args)
+    assert result.code == 1, f"expected a refusal, got {result.code}: {result.out}{result.err}"
+    assert result.err.startswith("mirenfs: error: ") and result.err.count("\n") == 1, result.err
+    assert expected_code_text in result.err, result.err
+    return result.err
+
+
+# --- backup by name, restore into a new name, --force ---
+
+
+def test_restore_into_a_new_disk_takes_name_size_and_filesystem_from_the_header(
+    data: Path, ext4_disk: Path
+) -> None:
+    assert file_sha256(ext4_disk) == GO_EXT4_SHA
+    entry = disks(data)["disk-ext4"]
+    assert (entry["status"], entry["filesystem"], entry["size_bytes"]) == (
+        "provisioned",
+        "ext4",
+        GO_EXT4_SIZE,
+    )
+    assert entry["volume_status"] == "provisioned" and entry["leases"] == []
+    assert ext4_disk == data / "disk-data" / "volumes" / entry["volume_id"] / "disk.img"
+    assert staging_files(data) == []
+
+
+def test_backup_by_name_gives_the_engine_bytes_and_restores_under_a_new_name(
+    data: Path, ext4_disk: Path, tmp_path: Path
+) -> None:
+    by_name = tmp_path / "by-name.mirn"
+    ok("backup", "disk-ext4", "-o", by_name, "--data-path", data)
+    by_image = tmp_path / "by-image.mirn"
+    ok("backup", "--image", ext4_disk, "--name", "disk-ext4", "--filesystem", "ext4", "-o", by_image)
+    assert by_name.read_bytes() == by_image.read_bytes()
+    with open(by_name, "rb") as snapshot:
+        meta = read_header(snapshot)
+    assert (meta.name, meta.filesystem, meta.size_bytes, meta.checksum) == (
+        "disk-ext4",
+        "ext4",
+        GO_EXT4_SIZE,
+        GO_EXT4_SHA,
+    )
+
+    result = ok("restore", by_name, "--name", "copy", "--data-path", data)
+    assert "restored disk copy (new disk)" in result.out
+    copy = disks(data)["copy"]
+    assert file_sha256(copy["image_path"]) == GO_EXT4_SHA
+    assert copy["image_path"] != str(ext4_disk)
+    assert file_sha256(ext4_disk) == GO_EXT4_SHA
+
+
+def test_force_replaces_an_existing_disk_and_updates_its_record(data: Path, ext4_disk: Path) -> None:
+    volume_id = disks(data)["disk-ext4"]["volume_id"]
+    result = ok("restore", GO_ODD, "--name", "disk-ext4", "--force", "--data-path", data)
+    assert "restored disk disk-ext4 (image replaced)" in result.out
+    entry = disks(data)["disk-ext4"]
+    assert file_sha256(ext4_disk) == GO_ODD_SHA
+    assert (entry["size_bytes"], entry["filesystem"], entry["volume_id"]) == (GO_ODD_SIZE, "xfs", volume_id)
+    assert sorted(disks(data)) == ["disk-ext4"]
+    assert staging_files(data) == []
+
+
+def test_restore_from_stdin_with_the_console_script(data: Path, tmp_path: Path) -> None:
+    script = Path(sys.executable).parent / "mirenfs"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "mirenfs.cli"]
+    done = subprocess.run(
+        [*command, "restore", "-", "--name", "piped"],
+        input=GO_ODD.read_bytes(),
+        capture_output=True,
+        timeout=60,
+        env={**os.environ, DATA_PATH_ENV: str(data)},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert file_sha256(disks(data)["piped"]["image_path"]) == GO_ODD_SHA
+
+
+# --- refusals: each checks its message and that nothing changed ---
+
+
+def test_existing_image_without_force_is_refused(data: Path, ext4_disk: Path) -> None:
+    before = store_state(data)
+    error = refused(
+        "disk disk-ext4 already has an image", "restore", GO_ODD, "--name", "disk-ext4", "--data-path", data
+    )
+    assert "--force" in error
+    refused("already has an image", "restore", GO_EXT4, "--data-path", data)  # the header's name
+    assert store_state(data) == before
+    assert file_sha256(ext4_disk) == GO_EXT4_SHA
+
+
+def test_deleting_disk_refuses_backup_and_restore(data: Path, ext4_disk: Path, tmp_path: Path) -> None:
+    ok("disk", "set-status", "disk-ext4", "deleting", "--data-path", data)
+    before = store_state(data)
+    output = tmp_path / "out.mirn"
+    refused("disk disk-ext4 is being deleted", "backup", "disk-ext4", "-o", output, "--data-path", data)
+    assert not output.exists() and list(tmp_path.glob(".out.mirn*")) == []
+    refused(
+        "disk disk-ext4 is being deleted",
+        "restore",
+        GO_ODD,
+        "--name",
+        "disk-ext4",
+        "--force",
+        "--data-path",
+        data,
+    )
+    assert store_state(data) == before
+    assert staging_files(data) == []
+
+
+def test_bound_lease_refuses_restore_until_released(data: Path, ext4_disk: Path) -> None:
+    lease_id = ok("lease", "acquire", "disk-ext4", "--data-path", data).out.strip()
+    assert disks(data)["disk-ext4"]["leases"] == [{"id": lease_id, "status": "bound"}]
+    before = store_state(data)
+    error = refused(
+        "disk disk-ext4 is in use", "restore", GO_ODD, "--name", "disk-ext4", "--force", "--data-path", data
+    )
+    assert f"lease {lease_id} is bound" in error and "lease release" in error
+    assert store_state(data) == before
+
+    assert "released lease" in ok("lease", "release", lease_id, "--data-path", data).out
+    assert disks(data)["disk-ext4"]["leases"] == [{"id": lease_id, "status": "released"}]
+    ok("restore", GO_ODD, "--name", "disk-ext4", "--force", "--data-path", data)
+    assert file_sha256(ext4_disk) == GO_ODD_SHA
+
+
+def test_loop_attached_image_refuses_restore_and_backup_warns(
+    data: Path, ext4_disk: Path, tmp_path: Path
+) -> None:
+    before = store_state(data)
+    with loop_device(ext4_disk) as device:
+        error = refused(
+            "disk disk-ext4 is in use",
+            "restore",
+            GO_ODD,
+            "--name",
+            "disk-ext4",
+            "--force",
+            "--data-path",
+            data,
+        )
+        assert f"backs {device}" in error and "losetup -d" in error
+        assert store_state(data) == before
+        assert staging_files(data) == []
+
+        output = tmp_path / "live.mirn"
+        result = ok("backup", "disk-ext4", "-o", output, "--data-path", data)
+        assert "mirenfs: warning:" in result.err and device in result.err
+        assert ok("verify", output).code == 0
+    assert file_sha256(ext4_disk) == GO_EXT4_SHA
+
+
+def test_unknown_liveness_fails_restore_closed_and_backup_warns(
+    data: Path, ext4_disk: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(disks_module, "SYS_BLOCK", str(tmp_path / "no-sys-block"))
+    before = store_state(data)
+    refused(
+        "cannot tell whether the image of disk disk-ext4 is in use",
+        "restore",
+        GO_ODD,
+        "--name",
+        "disk-ext4",
+        "--force",
+        "--data-path",
+        data,
+    )
+    assert store_state(data) == before
+    result = ok("backup", "disk-ext4", "-o", tmp_path / "unsure.mirn", "--data-path", data)
+    assert "cannot tell whether disk disk-ext4 is in use" in result.err
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_bad_names_are_refused_everywhere(data: Path, ext4_disk: Path, tmp_path: Path, name: str) -> None:
+    before = store_state(data)
+    message = "is not a valid disk name"
+    refused(message, "restore", GO_ODD, "--name", name, "--force", "--data-path", data)
+    refused(message, "backup", name, "-o", tmp_path / "bad.mirn", "--data-path", data)
+    refused(message, "disk", "create", name, "--size", "4M", "--data-path", data)
+    refused(message, "lease", "acquire", name, "--data-path", data)
+    assert store_state(data) == before
+    assert not (tmp_path / "bad.mirn").exists()
+
+
+def test_a_bad_name_in_the_header_is_refused(data: Path, ext4_disk: Path, tmp_path: Path) -> None:
+    sneaky = tmp_path / "sneaky.mirn"
+    ok("backup", "--image", ext4_disk, "--name", "../escape", "--filesystem", "ext4", "-o", sneaky)
+    before = store_state(data)
+    refused("'../escape' is not a valid disk name", "restore", sneaky, "--data-path", data)
+    assert store_state(data) == before
+    assert not (data / "disk-data" / "escape").exists()
+
+
+def test_a_store_that_cannot_be_read_creates_nothing(data: Path) -> None:
+    data.mkdir()
+    (data / "mirenfs.db").write_bytes(b"not a database at all" * 200)
+    before = store_state(data)
+    refused("cannot open the disk store", "restore", GO_EXT4, "--data-path", data)
+    refused("cannot open the disk store", "restore", GO_EXT4, "--name", "other", "--data-path", data)
+    assert store_state(data) == before
+    assert sorted(path.name for path in data.iterdir()) == ["mirenfs.db"]
+
+
+def test_a_failed_restore_into_a_new_name_leaves_no_disk(data: Path, ext4_disk: Path, tmp_path: Path) -> None:
+    whole = GO_EXT4.read_bytes()
+    truncated = tmp_path / "truncated.mirn"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    corrupt = tmp_path / "corrupt.mirn"
+    damaged = bytearray(whole)
+    damaged[len(whole) // 2] ^= 0xFF
+    corrupt.write_bytes(bytes(damaged))
+    before = store_state(data)
+    for snapshot in (truncated, corrupt):
+        result = run_cli("restore", snapshot, "--name", "fresh", "--data-path", data)
+        assert result.code == 1 and result.err.startswith("mirenfs: error: "), result.err
+        assert store_state(data) == before
+        assert "fresh" not in disks(data)
+        assert staging_files(data) == []
+
+
+def test_a_failed_restore_over_an_existing_disk_leaves_it_as_it_was(
+    data: Path, ext4_disk: Path, tmp_path: Path
+) -> None:
+    whole = GO_ODD.read_bytes()
+    truncated = tmp_path / "truncated.mirn"
+    truncated.write_bytes(whole[: len(whole) - 100])
+    before = store_state(data)
+    result = run_cli("restore", truncated, "--name", "disk-ext4", "--force", "--data-path", data)
+    assert result.code == 1
+    assert store_state(data) == before
+    assert file_sha256(ext4_disk) == GO_EXT4_SHA
+
+
+def test_staging_leftovers_of_a_crash_are_removed(data: Path, ext4_disk: Path) -> None:
+    leftover = Path(f"{ext4_disk}.restore.tmp")
+    leftover.write_bytes(b"a restore that crashed")
+    assert remove_stale_staging(str(data)) == [str(leftover)]
+    assert staging_files(data) == []
+    assert file_sha256(ext4_disk) == GO_EXT4_SHA
+
+
+# --- disk create / add / remove / set-status, leases ---
+
+
+def test_disk_create_makes_a_sparse_formatted_image(data: Path, need_tool: object) -> None:
+    result = ok("disk", "create", "pg", "--size", "4M", "--data-path", data)
+    entry = disks(data)["pg"]
+    image = Path(entry["image_path"])
+    assert f"created disk pg: ext4, {4 << 20} bytes" in result.out
+    assert (entry["status"], entry["filesystem"], entry["size_bytes"]) == ("provisioned", "ext4", 4 << 20)
+    assert image.stat().st_size == 4 << 20
+    assert image.stat().st_blocks * 512 < 4 << 20, "the image is sparse"
+    assert detect_filesystem(str(image)) == "ext4"
+
+    before = store_state(data)
+    refused("a disk named pg already exists", "disk", "create", "pg", "--size", "4M", "--data-path", data)
+    assert store_state(data) == before
+
+
+def test_disk_create_without_mkfs_says_the_image_has_no_filesystem(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    empty_path = tmp_path / "no-tools"
+    empty_path.mkdir()
+    monkeypatch.setenv("PATH", str(empty_path))
+    result = ok("disk", "create", "raw", "--size", "1M", "--filesystem", "btrfs", "--data-path", data)
+    assert "mkfs.btrfs is not installed" in result.err and "has no filesystem" in result.err
+    image = Path(disks(data)["raw"]["image_path"])
+    assert image.read_bytes() == bytes(1 << 20)
+
+
+def test_a_failing_mkfs_leaves_nothing_behind(data: Path) -> None:
+    if shutil.which("mkfs.xfs") is None:
+        pytest.skip("mkfs.xfs is not installed")
+    error = refused(
+        "mkfs.xfs failed on the image of disk tiny",
+        "disk",
+        "create",
+        "tiny",
+        "--size",
+        "1M",
+        "--filesystem",
+        "xfs",
+        "--data-path",
+        data,
+    )
+    assert "nothing was created" in error
+    assert disks(data) == {}
+    assert list((data / "disk-data" / "volumes").iterdir()) == []
+
+
+def test_disk_add_registers_an_image_that_remove_keeps(data: Path, ext4_disk: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "srv" / "pg.img"
+    outside.parent.mkdir()
+    shutil.copyfile(ext4_disk, outside)
+    ok("disk", "add", "pg", "--image", outside, "--data-path", data)
+    entry = disks(data)["pg"]
+    assert (entry["image_path"], entry["filesystem"], entry["size_bytes"]) == (
+        str(outside),
+        "ext4",
+        GO_EXT4_SIZE,
+    )
+    assert entry["managed_image"] is False
+
+    backup = tmp_path / "pg.mirn"
+    ok("backup", "pg", "-o", backup, "--data-path", data)
+    with open(backup, "rb") as snapshot:
+        assert read_header(snapshot).checksum == GO_EXT4_SHA
+
+    result = ok("disk", "remove", "pg", "--data-path", data)
+    assert "is kept" in result.out
+    assert "pg" not in disks(data)
+    assert file_sha256(outside) == GO_EXT4_SHA
+
+    refused(
+        "cannot tell the filesystem", "disk", "add", "blank", "--image", _blank(tmp_path), "--data-path", data
+    )
+    refused("No such file", "disk", "add", "ghost", "--image", tmp_path / "ghost.img", "--data-path", data)
+
+
+def _blank(tmp_path: Path) -> Path:
+    blank = tmp_path / "blank.img"
+    blank.write_bytes(bytes(8192))
+    return blank
+
+
+def test_disk_remove_deletes_a_managed_image_unless_the_disk_is_held(data: Path, ext4_disk: Path) -> None:
+    lease_id = ok("lease", "acquire", "disk-ext4", "--data-path", data).out.strip()
+    before = store_state(data)
+    refused("disk disk-ext4 is in use", "disk", "remove", "disk-ext4", "--data-path", data)
+    ok("lease", "release", lease_id, "--data-path", data)
+    ok("disk", "set-status", "disk-ext4", "attached", "--data-path", data)
+    refused("disk disk-ext4 is attached", "disk", "remove", "disk-ext4", "--data-path", data)
+    assert store_state(data)["files"] == before["files"]
+
+    ok("disk", "set-status", "disk-ext4", "detached", "--data-path", data)
+    with loop_device(ext4_disk):
+        refused("backs /dev/loop", "disk", "remove", "disk-ext4", "--data-path", data)
+    assert ext4_disk.exists()
+
+    result = ok("disk", "remove", "disk-ext4", "--data-path", data)
+    assert "removed disk disk-ext4 and its image" in result.out
+    assert disks(data) == {}
+    assert not ext4_disk.parent.exists()
+
+
+def test_status_changes_and_leases_through_the_cli(data: Path, ext4_disk: Path) -> None:
+    for status in ("attached", "detached", "error", "provisioned"):
+        result = ok("disk", "set-status", "disk-ext4", status, "--data-path", data)
+        assert result.out.strip().endswith(f"-> {status}")
+        assert disks(data)["disk-ext4"]["status"] == status
+    assert run_cli("disk", "set-status", "disk-ext4", "busy", "--data-path", data).code == 2
+    refused("there is no disk named nope", "disk", "set-status", "nope", "attached", "--data-path", data)
+
+    first = ok("lease", "acquire", "disk-ext4", "--data-path", data).out.strip()
+    refused(f"lease {first} is bound", "lease", "acquire", "disk-ext4", "--data-path", data)
+    ok("lease", "release", first, "--data-path", data)
+    assert "already released" in ok("lease", "release", first, "--data-path", data).out
+    refused("there is no lease nope", "lease", "release", "nope", "--data-path", data)
+
+    table = ok("disk", "list", "--data-path", data).out.splitlines()
+    assert table[0].split() == ["NAME", "STATUS", "FILESYSTEM", "SIZE", "LEASES", "IMAGE"]
+    assert table[1].split()[:4] == ["disk-ext4", "provisioned", "ext4", "16.0M"]
+
+
+def test_backup_and_restore_argument_rules(data: Path, ext4_disk: Path, tmp_path: Path) -> None:
+    output = tmp_path / "x.mirn"
+    refused(
+        "exactly one source", "backup", "disk-ext4", "--image", ext4_disk, "-o", output, "--data-path", data
+    )
+    refused("exactly one source", "backup", "-o", output)
+    refused(
+        "only apply to --image backups",
+        "backup",
+        "disk-ext4",
+        "--name",
+        "x",
+        "-o",
+        output,
+        "--data-path",
+        data,
+    )
+    refused("pick a disk of the store", "restore", GO_ODD, "--image", tmp_path / "i.img", "--name", "x")
+    refused("there is no disk named nope", "backup", "nope", "-o", output, "--data-path", data)
+    assert not output.exists()
+
+
+def test_data_path_flag_beats_environment_beats_default(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert resolve_data_path(None) == DEFAULT_DATA_PATH
+    monkeypatch.setenv(DATA_PATH_ENV, str(tmp_path / "from-env"))
+    assert resolve_data_path(None) == str(tmp_path / "from-env")
+    assert resolve_data_path(str(data)) == str(data)
+
+    ok("restore", GO_ODD, "--name", "env-disk")
+    assert "env-disk" in disks(tmp_path / "from-env")
+    ok("restore", GO_ODD, "--name", "flag-disk", "--data-path", data)
+    assert sorted(disks(data)) == ["flag-disk"]
+    assert sorted(Store(str(tmp_path / "from-env")).find_disk_by_name(n).name for n in ["env-disk"]) == [
+        "env-disk"
+    ]
+
+
+# --- two processes changing and reading the store at once ---
+
+
+def test_two_processes_change_and_read_the_store_concurrently(data: Path) -> None:
+    store = Store(str(data))
+    store.add_disk("alpha", size_bytes=1, filesystem="ext4")
+    store.add_disk("beta", size_bytes=1, filesystem="ext4")
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(2)
+    results = context.Queue()
+    rounds = 120
+    workers = [
+        context.Process(target=churn_store, args=(str(data), disk, rounds, barrier, results))
+        for disk in ("alpha", "beta")
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        reports = [results.get(timeout=120) for _ in workers]
+        for worker in workers:
+            worker.join(timeout=60)
+            assert worker.exitcode == 0
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=10)
+    listed = disks(data)
+    for disk, problems, last_status, acquired in reports:
+        assert problems == [], problems[:3]
+        assert listed[disk]["status"] == last_status
+        assert len(listed[disk]["leases"]) == acquired == (rounds + 4) // 5
+        assert {lease["status"] for lease in listed[disk]["leases"]} == {"released"}

@@ -1,0 +1,275 @@
+"""The embedded SQLite store: schema and migrations, the resolver and creator it
+implements, leases, use from many threads, and stale staging clean-up."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from mirenfs import store as store_module
+from mirenfs.disks import (
+    DiskNotFoundError,
+    DiskState,
+    LeaseState,
+    VolumeState,
+    image_path_for,
+    prepare_restore,
+)
+from mirenfs.store import (
+    SCHEMA_VERSION,
+    DiskBusyError,
+    DiskExistsError,
+    LeaseNotFoundError,
+    Store,
+    StoreError,
+    remove_stale_staging,
+)
+
+
+@pytest.fixture
+def data_path(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def store(data_path: Path) -> Store:
+    return Store(str(data_path))
+
+
+def test_reads_of_a_missing_store_create_nothing(store: Store, data_path: Path) -> None:
+    assert store.list_disks() == []
+    assert store.find_leases_by_disk_id("disk-x") == []
+    with pytest.raises(DiskNotFoundError):
+        store.find_disk_by_name("pg")
+    assert not data_path.exists()
+
+
+def test_first_write_creates_a_wal_database_at_the_newest_schema(store: Store, data_path: Path) -> None:
+    store.add_disk("pg", size_bytes=4096, filesystem="ext4")
+    db = sqlite3.connect(data_path / "mirenfs.db")
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    finally:
+        db.close()
+    assert {"disks", "volumes", "leases"} <= tables
+
+
+def test_an_old_schema_is_migrated_and_a_newer_one_refused(data_path: Path) -> None:
+    data_path.mkdir()
+    db = sqlite3.connect(data_path / "mirenfs.db")
+    db.execute("PRAGMA user_version = 0")
+    db.close()
+    store = Store(str(data_path))
+    store.add_disk("pg", size_bytes=1, filesystem="ext4")
+    assert Store(str(data_path)).find_disk_by_name("pg").size_bytes == 1  # a second open does not re-migrate
+
+    db = sqlite3.connect(data_path / "mirenfs.db")
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(StoreError, match="newer than this mirenfs understands"):
+        Store(str(data_path)).find_disk_by_name("pg")
+
+
+def test_migrations_run_in_order_from_the_recorded_version(
+    data_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    Store(str(data_path)).add_disk("pg", size_bytes=1, filesystem="ext4")
+    extra = ("ALTER TABLE disks ADD COLUMN note TEXT", "UPDATE disks SET note = 'migrated'")
+    monkeypatch.setattr(store_module, "_MIGRATIONS", (*store_module._MIGRATIONS, extra))
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    assert Store(str(data_path)).find_disk_by_name("pg").name == "pg"
+    db = sqlite3.connect(data_path / "mirenfs.db")
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+        assert db.execute("SELECT note FROM disks").fetchall() == [("migrated",)]
+    finally:
+        db.close()
+
+
+def test_a_corrupt_store_is_a_store_error_not_a_missing_disk(store: Store, data_path: Path) -> None:
+    data_path.mkdir()
+    (data_path / "mirenfs.db").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError, match="cannot open the disk store") as failed:
+        store.find_disk_by_name("pg")
+    assert failed.value.errno == errno.EIO
+    with pytest.raises(StoreError):
+        prepare_restore(store, "pg", data_path=str(data_path), overwrite=True, creator=store)
+    assert sorted(p.name for p in data_path.iterdir()) == ["mirenfs.db"]
+
+
+def test_disks_volumes_and_image_paths(store: Store, data_path: Path, tmp_path: Path) -> None:
+    managed = store.add_disk("pg", size_bytes=4096, filesystem="ext4")
+    assert managed.volume is not None and managed.image_path is not None
+    assert managed.image_path == image_path_for(str(data_path), managed.volume)
+    assert managed.image_path.startswith(str(data_path / "disk-data" / "volumes"))
+    registered = store.add_disk("ext", size_bytes=10, filesystem="xfs", image_path=str(tmp_path / "ext.img"))
+    assert registered.image_path == str(tmp_path / "ext.img")
+
+    disk = store.find_disk_by_name("pg")
+    assert (disk.name, disk.status, disk.filesystem, disk.size_bytes) == (
+        "pg",
+        DiskState.PROVISIONED,
+        "ext4",
+        4096,
+    )
+    assert store.find_volume_by_disk_id(disk.id).status == VolumeState.PROVISIONED
+    assert [record.disk.name for record in store.list_disks()] == ["ext", "pg"]
+
+    with pytest.raises(DiskExistsError, match="a disk named pg already exists") as taken:
+        store.add_disk("pg", size_bytes=1, filesystem="ext4")
+    assert taken.value.errno == errno.EEXIST
+    with pytest.raises(DiskExistsError, match="already belongs to disk ext"):
+        store.add_disk("ext2", size_bytes=1, filesystem="xfs", image_path=str(tmp_path / "ext.img"))
+
+
+def test_status_changes_and_record_removal(store: Store) -> None:
+    record = store.add_disk("pg", size_bytes=1, filesystem="ext4")
+    assert store.set_disk_status("pg", "attached") == (DiskState.PROVISIONED, DiskState.ATTACHED)
+    assert store.find_disk_by_name("pg").status == DiskState.ATTACHED
+    with pytest.raises(Exception, match="'busy' is not a disk status"):
+        store.set_disk_status("pg", "busy")
+    with pytest.raises(DiskNotFoundError):
+        store.set_disk_status("nope", "attached")
+    store.acquire_lease("pg")
+    assert store.delete_disk_records(record.disk.id)
+    assert not store.delete_disk_records(record.disk.id)
+    assert store.list_disks() == []
+    assert store.find_leases_by_disk_id(record.disk.id) == [], "leases go with their disk"
+
+
+def test_leases_bind_one_at_a_time_and_release(store: Store) -> None:
+    store.add_disk("pg", size_bytes=1, filesystem="ext4")
+    lease = store.acquire_lease("pg")
+    assert lease.status == LeaseState.BOUND
+    with pytest.raises(DiskBusyError, match=f"lease {lease.id} is bound"):
+        store.acquire_lease("pg")
+    assert store.release_lease(lease.id)[1:] == ("pg", True)
+    assert store.release_lease(lease.id)[1:] == ("pg", False)
+    again = store.acquire_lease("pg")
+    disk_id = store.find_disk_by_name("pg").id
+    assert [(item.id, item.status) for item in store.find_leases_by_disk_id(disk_id)] == [
+        (lease.id, LeaseState.RELEASED),
+        (again.id, LeaseState.BOUND),
+    ]
+    with pytest.raises(LeaseNotFoundError, match="there is no lease lease-nope"):
+        store.release_lease("lease-nope")
+    store.set_disk_status("pg", "deleting")
+    store.release_lease(again.id)
+    with pytest.raises(DiskBusyError, match="being deleted"):
+        store.acquire_lease("pg")
+
+
+def test_created_disk_is_provisioning_until_finalized(store: Store) -> None:
+    created = store.create_disk_for_restore("new", size_bytes=512, filesystem="btrfs")
+    assert store.find_disk_by_name("new").status == DiskState.PROVISIONING
+    assert store.find_volume_by_disk_id(created.disk.id).status == VolumeState.PROVISIONING
+    created.finalize()
+    assert store.find_disk_by_name("new").status == DiskState.PROVISIONED
+    assert store.find_volume_by_disk_id(created.disk.id).status == VolumeState.PROVISIONED
+    store.update_disk(created.disk.id, size_bytes=1024, filesystem="xfs")
+    assert store.find_disk_by_name("new").size_bytes == 1024
+
+    doomed = store.create_disk_for_restore("doomed", size_bytes=512, filesystem="ext4")
+    doomed.cleanup()
+    with pytest.raises(DiskNotFoundError):
+        store.find_disk_by_name("doomed")
+
+
+def test_a_restore_into_a_new_name_is_provisioning_until_finalized(store: Store, data_path: Path) -> None:
+    target = prepare_restore(store, "fresh", data_path=str(data_path), overwrite=False, creator=store)
+    assert store.list_disks() == [], "nothing is created before the header arrives"
+    image_path = Path(target.open(4096, "ext4"))
+    assert store.find_disk_by_name("fresh").status == DiskState.PROVISIONING
+    image_path.write_bytes(bytes(4096))
+    target.finalize()
+    assert store.find_disk_by_name("fresh").status == DiskState.PROVISIONED
+
+    failed = prepare_restore(store, "failed", data_path=str(data_path), overwrite=False, creator=store)
+    failed_image = Path(failed.open(4096, "xfs"))
+    failed.cleanup()
+    assert [record.disk.name for record in store.list_disks()] == ["fresh"]
+    assert not failed_image.parent.exists()
+    assert image_path.exists()
+
+
+def test_restore_into_an_existing_disk_without_a_volume_directory(store: Store, data_path: Path) -> None:
+    record = store.add_disk("hollow", size_bytes=4096, filesystem="ext4")
+    assert record.image_path is not None
+    failed = prepare_restore(store, "hollow", data_path=str(data_path), overwrite=False, creator=store)
+    assert failed.open(4096, "ext4") == record.image_path
+    assert Path(record.image_path).parent.is_dir(), "the managed volume directory is made for the restore"
+    failed.cleanup()
+    assert not (data_path / "disk-data").exists(), "and removed again when the restore fails"
+    assert store.find_disk_by_name("hollow").id == record.disk.id, "an existing disk is never removed"
+
+
+def test_a_store_file_removed_while_in_use_is_recreated(store: Store, data_path: Path) -> None:
+    store.add_disk("pg", size_bytes=1, filesystem="ext4")
+    for leftover in data_path.glob("mirenfs.db*"):
+        leftover.unlink()
+    assert store.list_disks() == []
+    store.add_disk("again", size_bytes=1, filesystem="ext4")
+    assert [record.disk.name for record in store.list_disks()] == ["again"]
+
+
+def test_one_store_from_many_threads(store: Store) -> None:
+    for name in ("a", "b", "c", "d"):
+        store.add_disk(name, size_bytes=1, filesystem="ext4")
+
+    def churn(name: str) -> str:
+        for round_number in range(40):
+            status = ("attached", "detached")[round_number % 2]
+            store.set_disk_status(name, status)
+            assert {record.disk.name for record in store.list_disks()} == {"a", "b", "c", "d"}
+        return status
+
+    with ThreadPoolExecutor(4) as pool:
+        finals = list(pool.map(churn, ["a", "b", "c", "d"]))
+    assert {record.disk.name: record.disk.status.value for record in store.list_disks()} == dict(
+        zip("abcd", finals, strict=True)
+    )
+
+
+def test_stale_staging_files_are_removed_at_start(store: Store, data_path: Path, tmp_path: Path) -> None:
+    managed = store.add_disk("pg", size_bytes=1, filesystem="ext4")
+    assert managed.image_path is not None
+    image = Path(managed.image_path)
+    image.parent.mkdir(parents=True)
+    image.write_bytes(b"image")
+    leftover = Path(f"{image}.restore.tmp")
+    leftover.write_bytes(b"half a restore")
+    unrelated = image.parent / "notes.txt"
+    unrelated.write_bytes(b"keep")
+
+    registered = tmp_path / "elsewhere" / "ext.img"
+    registered.parent.mkdir()
+    registered.write_bytes(b"ext")
+    store.add_disk("ext", size_bytes=3, filesystem="ext4", image_path=str(registered))
+    registered_leftover = Path(f"{registered}.restore.tmp")
+    registered_leftover.write_bytes(b"half")
+
+    held = data_path / "disk-data" / "volumes" / "vol-live" / "disk.img.restore.tmp"
+    held.parent.mkdir()
+    held.write_bytes(b"a restore still running")
+    busy: list[str] = []
+    fd = os.open(held, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        removed = remove_stale_staging(str(data_path), on_busy=busy.append)
+    finally:
+        os.close(fd)
+
+    assert sorted(removed) == sorted([str(leftover), str(registered_leftover)])
+    assert not leftover.exists() and not registered_leftover.exists()
+    assert held.exists() and busy == [str(held)]
+    assert image.read_bytes() == b"image" and unrelated.read_bytes() == b"keep"
+    assert registered.read_bytes() == b"ext"
+    assert remove_stale_staging(str(tmp_path / "no-such-data-path")) == []
