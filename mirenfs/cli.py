@@ -36,10 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mirenfs",
         description="Back up and restore Miren disk images as .mirn snapshots.",
     )
-    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="default: info for mount (one line per event), warning otherwise",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from mirenfs import cli_store  # imported here: it builds on this module's helpers
+    from mirenfs import cli_mount, cli_store  # imported here: they build on this module's helpers
 
     backup = commands.add_parser("backup", help="write a snapshot of a disk, or of an image file")
     backup.add_argument("disk", nargs="?", metavar="NAME", help="the disk to back up (from the disk store)")
@@ -71,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(handler=cmd_verify)
 
     cli_store.register(commands)
+    cli_mount.register(commands)
     return parser
 
 
@@ -222,6 +227,8 @@ def _file_size(path: str, what: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.log_level is None:
+        args.log_level = "info" if args.command == "mount" else "warning"
     logging.basicConfig(level=args.log_level.upper(), format="mirenfs: %(levelname)s: %(message)s")
     handler: Handler = args.handler
     try:

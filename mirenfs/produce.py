@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import json
 import os
+import tempfile
 from array import array
 from bisect import bisect_right
 from collections import OrderedDict
@@ -145,6 +146,48 @@ class SnapshotLayout:
         return bisect_right(self.frame_offsets, offset) - 1
 
 
+class FrameSpill:
+    """The frames an index pass produced, kept in an unlinked file so that the read
+    which triggered the pass does not compress everything a second time.
+
+    It holds a prefix of the frames: writing stops once ``limit`` bytes are used.
+    """
+
+    def __init__(self, directory: str, limit: int) -> None:
+        self.limit = limit
+        self.frames = 0
+        self.bytes = 0
+        self._full = False
+        try:
+            self.fd = os.open(directory, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
+        except OSError:  # no O_TMPFILE on this filesystem: an unlinked named file is the same
+            fd, path = tempfile.mkstemp(dir=directory, prefix=".spill-")
+            os.unlink(path)
+            self.fd = fd
+
+    def append(self, k: int, frame: bytes) -> None:
+        """Frame sink for :func:`build_index`: keeps frames in order until the limit."""
+        if self._full or k != self.frames or self.bytes + len(frame) > self.limit:
+            self._full = True
+            return
+        written = 0
+        while written < len(frame):
+            written += os.pwrite(self.fd, memoryview(frame)[written:], self.bytes + written)
+        self.bytes += len(frame)
+        self.frames += 1
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) != length:
+            raise ImageChangedError("the spilled frames of this snapshot are incomplete")
+        return data
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 def snapshot_meta(name: str, filesystem: str, size: int, mtime_ns: int, checksum: str) -> Meta:
     """The metadata mirenfs writes: timestamp = image mtime, so bytes are reproducible."""
     return Meta(
@@ -271,9 +314,11 @@ class SnapshotProducer:
         index: SnapshotIndex,
         *,
         cached_frames: int = 16,
+        spill: FrameSpill | None = None,
     ) -> None:
         if index.settings_key != settings.key() or index.chunk_size != source.chunk_size:
             raise ValueError("the index was built with other compression settings")
+        self.spill = spill
         self.source = source
         self.settings = settings
         self.layout = SnapshotLayout(meta, index)
@@ -317,6 +362,9 @@ class SnapshotProducer:
 
     def _make_frame(self, k: int) -> bytes:
         index = self.layout.index
+        if self.spill is not None and k < self.spill.frames:
+            start = self.layout.frame_offsets[k] - len(self.layout.header)
+            return self.spill.read(start, index.frame_sizes[k])
         data = self.source.read_chunk(k)
         if data is None:
             frame = zero_frame(chunk_length(index.size_bytes, index.chunk_size, k), self.settings.level)
@@ -362,12 +410,16 @@ class SnapshotProducer:
         async with task_group() as nursery:
             for k in range(count):
                 for j in range(k + 1, min(k + 1 + ahead, count)):
-                    if j not in self._in_flight and j not in self._cache:
-                        nursery.start_soon(self._prefetch, j)
+                    if not self.has_frame(j):
+                        nursery.start_soon(self.prefetch, j)
                 await write(await self.frame(k))
         await write(layout.seek_table)
 
-    async def _prefetch(self, k: int) -> None:
+    def has_frame(self, k: int) -> bool:
+        """Whether frame ``k`` is cached or being produced (so a prefetch would be wasted)."""
+        return k in self._cache or k in self._in_flight
+
+    async def prefetch(self, k: int) -> None:
         # On failure the reader asks for this frame itself and gets the error then.
         with contextlib.suppress(ImageChangedError):
             await self.frame(k)

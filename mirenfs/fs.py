@@ -1,0 +1,431 @@
+"""The FUSE operations (SPEC §5): thin handlers that ask the catalog and the
+snapshot service, and turn every failure into an errno.
+
+pyfuse3 ends its main loop on any exception that is not a FUSEError, which
+leaves a dead mount; :func:`fuse_errors` therefore wraps every handler.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, ParamSpec, Protocol, TypeVar
+
+import pyfuse3
+import trio
+
+from mirenfs.disks import DiskState
+from mirenfs.errors import ImageChangedError, MirenfsError
+from mirenfs.snapshots import DiskVersion, SnapshotService, sidecar_size, sidecar_text
+
+log = logging.getLogger("mirenfs.fs")
+
+ROOT_INODE = pyfuse3.ROOT_INODE
+RESTORE_INODE = ROOT_INODE + 1
+RESTORE_DIR = "restore"
+SNAPSHOT_SUFFIX = ".mirn"
+SIDECAR_SUFFIX = ".mirn.sha256"
+CATALOG_TTL_S = 0.5  # how long one store listing serves lookups (bulk `ls -l`, tar, rsync)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def fuse_errors(handler: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Map every exception to an errno so that no handler can kill the mount."""
+
+    @functools.wraps(handler)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except ImageChangedError as exc:
+            log.warning("%s: %s", handler.__name__, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except MirenfsError as exc:
+            log.warning("%s: %s", handler.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except FileNotFoundError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        except OSError as exc:
+            log.warning("%s: %s", handler.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("unexpected error in %s; answering EIO", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """A disk the mount shows: not deleting, and its image exists."""
+
+    name: str
+    image_path: str
+    filesystem: str
+    status: str
+
+
+class DiskCatalog(Protocol):
+    """Where the mount learns which disks exist (the store, or Miren)."""
+
+    def visible_disks(self) -> dict[str, CatalogEntry]: ...
+
+
+class StoreCatalog:
+    """The embedded store as a catalog: disks not in ``deleting`` whose image exists."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def visible_disks(self) -> dict[str, CatalogEntry]:
+        visible = {}
+        for record in self.store.list_disks():
+            disk = record.disk
+            if disk.status == DiskState.DELETING or not record.image_path:
+                continue
+            if os.path.isfile(record.image_path):
+                visible[disk.name] = CatalogEntry(
+                    disk.name, record.image_path, disk.filesystem, disk.status.value
+                )
+        return visible
+
+
+@dataclass
+class Node:
+    """A file in the root: a disk's snapshot or its sidecar."""
+
+    inode: int
+    name: str
+    kind: str  # "snapshot" or "sidecar"
+
+    @property
+    def file_name(self) -> str:
+        return self.name + (SNAPSHOT_SUFFIX if self.kind == "snapshot" else SIDECAR_SUFFIX)
+
+
+@dataclass
+class OpenSnapshot:
+    """An open ``NAME.mirn``: bound to the version it was opened on."""
+
+    version: DiskVersion
+    next_offset: int = 0
+
+
+class MirenOperations(pyfuse3.Operations):
+    """The mount's root: ``NAME.mirn`` and ``NAME.mirn.sha256`` per disk, plus ``restore/``."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, catalog: DiskCatalog, service: SnapshotService, *, shared: bool) -> None:
+        super().__init__()
+        self.catalog = catalog
+        self.service = service
+        self.shared = shared
+        self.uid, self.gid = os.getuid(), os.getgid()
+        self.mounted_ns = time.time_ns()
+        self.nursery: trio.Nursery | None = None
+        self._nodes: dict[int, Node] = {}
+        self._inodes: dict[tuple[str, str], int] = {}
+        self._next_inode = RESTORE_INODE + 1
+        self._handles: dict[int, OpenSnapshot | bytes] = {}
+        self._next_handle = 1
+        self._catalog: dict[str, CatalogEntry] = {}
+        self._catalog_at = -1.0
+        self._catalog_lock = trio.Lock()
+        service.on_new_version = self._image_changed
+
+    # ---- catalog and inodes -------------------------------------------------
+
+    async def disks(self, *, fresh: bool = False) -> dict[str, CatalogEntry]:
+        async with self._catalog_lock:
+            now = time.monotonic()
+            if fresh or now - self._catalog_at > CATALOG_TTL_S:
+                listing = await trio.to_thread.run_sync(self.catalog.visible_disks)
+                for gone in set(self._catalog) - set(listing):
+                    self.service.forget(gone)
+                self._catalog, self._catalog_at = listing, now
+            return self._catalog
+
+    def _node_for(self, name: str, kind: str) -> Node:
+        inode = self._inodes.get((name, kind))
+        if inode is None:
+            inode = self._inodes[(name, kind)] = self._next_inode
+            self._next_inode += 1
+            self._nodes[inode] = Node(inode, name, kind)
+        return self._nodes[inode]
+
+    async def _entry(self, inode: int) -> tuple[Node, CatalogEntry]:
+        node = self._nodes.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        entry = (await self.disks()).get(node.name)
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node, entry
+
+    def _image_changed(self, name: str) -> None:
+        """A new version replaced the old: drop the kernel's cached pages and attributes."""
+        inode = self._inodes.get((name, "snapshot"))
+        if inode is not None and self.nursery is not None:
+            self.nursery.start_soon(self._invalidate, inode)
+
+    async def _invalidate(self, inode: int) -> None:
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, False)
+        except OSError as exc:  # the kernel may have forgotten the inode already
+            log.debug("invalidate inode %d: %s", inode, exc)
+
+    # ---- attributes ---------------------------------------------------------
+
+    def _attributes(self, inode: int, mode: int, size: int, mtime_ns: int) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = inode
+        attrs.st_mode = mode
+        attrs.st_nlink = 2 if stat.S_ISDIR(mode) else 1
+        attrs.st_uid, attrs.st_gid = self.uid, self.gid
+        attrs.st_size = size
+        attrs.st_blksize = 128 * 1024
+        attrs.st_blocks = -(-size // 512)
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = mtime_ns
+        # Exact and fresh: every stat asks us, so a changed image shows at once.
+        attrs.attr_timeout = 0
+        attrs.entry_timeout = 0
+        return attrs
+
+    def _file_mode(self) -> int:
+        return stat.S_IFREG | (0o400 if self.shared else 0o444)
+
+    def _directory_attributes(self, inode: int) -> pyfuse3.EntryAttributes:
+        mode = 0o755 if inode == ROOT_INODE else self._restore_dir_mode()
+        return self._attributes(inode, stat.S_IFDIR | mode, 0, self.mounted_ns)
+
+    def _restore_dir_mode(self) -> int:
+        return 0o755
+
+    async def _node_attributes(self, node: Node, entry: CatalogEntry) -> pyfuse3.EntryAttributes:
+        if node.kind == "sidecar":
+            identity_mtime = (await trio.to_thread.run_sync(os.stat, entry.image_path)).st_mtime_ns
+            return self._attributes(node.inode, self._file_mode(), sidecar_size(node.name), identity_mtime)
+        version = await self.service.version(entry.name, entry.image_path, entry.filesystem)
+        return self._attributes(node.inode, self._file_mode(), version.size, version.identity.mtime_ns)
+
+    @fuse_errors
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if inode in (ROOT_INODE, RESTORE_INODE):
+            return self._directory_attributes(inode)
+        node, entry = await self._entry(inode)
+        return await self._node_attributes(node, entry)
+
+    @fuse_errors
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        if parent_inode != ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        text = os.fsdecode(name)
+        if text == RESTORE_DIR:
+            return self._directory_attributes(RESTORE_INODE)
+        parsed = _parse_file_name(text)
+        if parsed is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        disk, kind = parsed
+        entry = (await self.disks()).get(disk)
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return await self._node_attributes(self._node_for(disk, kind), entry)
+
+    # ---- directories --------------------------------------------------------
+
+    @fuse_errors
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if inode not in (ROOT_INODE, RESTORE_INODE):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries: list[tuple[str, pyfuse3.EntryAttributes]] = []
+        if fh == ROOT_INODE:
+            entries.append((RESTORE_DIR, self._directory_attributes(RESTORE_INODE)))
+            for name in sorted(await self.disks(fresh=start_id == 0)):
+                for kind in ("snapshot", "sidecar"):
+                    node = self._node_for(name, kind)
+                    # Attributes here are placeholders the kernel does not keep
+                    # (timeout 0): the exact size needs the index, which a plain
+                    # `ls` must not trigger; `stat` asks getattr.
+                    entries.append((node.file_name, self._attributes(node.inode, self._file_mode(), 0, 0)))
+        else:
+            entries.extend(await self.restore_entries())
+        for position, (name, attrs) in enumerate(entries[start_id:], start=start_id + 1):
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, position):
+                break
+
+    async def restore_entries(self) -> Sequence[tuple[str, pyfuse3.EntryAttributes]]:
+        return []
+
+    # ---- reading ------------------------------------------------------------
+
+    @fuse_errors
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        node, entry = await self._entry(inode)
+        version = await self.service.version(entry.name, entry.image_path, entry.filesystem)
+        handle: OpenSnapshot | bytes
+        if node.kind == "sidecar":
+            handle = sidecar_text(node.name, await self.service.sidecar(version))
+        else:
+            self.service.acquire(version)
+            handle = OpenSnapshot(version)
+        fh = self._next_handle
+        self._next_handle += 1
+        self._handles[fh] = handle
+        # The page cache stays valid across opens until the image changes
+        # (then _image_changed invalidates it).
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._handles[fh]
+        if isinstance(handle, bytes):
+            return handle[off : off + size]
+        version = handle.version
+        if version.superseded:
+            # The kernel now sizes this file by the new version: old bytes at
+            # old offsets could mix with new ones, so the old handle fails.
+            raise pyfuse3.FUSEError(errno.EIO)
+        data = await version.producer.read(off, size)
+        if off == handle.next_offset and self.nursery is not None:
+            self._read_ahead(version, off + len(data))
+        handle.next_offset = off + len(data)
+        return data
+
+    def _read_ahead(self, version: DiskVersion, position: int) -> None:
+        """Sequential reader: compress the next frames before they are asked for."""
+        producer = version.producer
+        layout = producer.layout
+        if producer.spill is not None and producer.spill.frames == layout.index.frame_count:
+            return  # every frame is already on disk
+        if not len(layout.header) <= position < layout.data_end:
+            return
+        first = layout.frame_at(position)
+        for k in range(first, min(first + self.service.settings.workers + 1, layout.index.frame_count)):
+            if not producer.has_frame(k):
+                assert self.nursery is not None
+                self.nursery.start_soon(producer.prefetch, k)
+
+    @fuse_errors
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if isinstance(handle, OpenSnapshot):
+            self.service.release(handle.version)
+
+    @fuse_errors
+    async def flush(self, fh: int) -> None:
+        return None
+
+    # ---- extended attributes ------------------------------------------------
+
+    async def _xattrs(self, inode: int) -> dict[bytes, bytes]:
+        if inode == ROOT_INODE:
+            return {b"user.mirenfs.index_passes": str(self.service.index_passes).encode()}
+        if inode == RESTORE_INODE:
+            return {}
+        node, entry = await self._entry(inode)
+        if node.kind != "snapshot":
+            return {}
+        meta = (await self.service.version(entry.name, entry.image_path, entry.filesystem)).meta
+        return {
+            b"user.mirn.name": meta.name.encode(),
+            b"user.mirn.size_bytes": str(meta.size_bytes).encode(),
+            b"user.mirn.filesystem": meta.filesystem.encode(),
+            b"user.mirn.timestamp": meta.timestamp.rfc3339().encode(),
+            b"user.mirn.checksum": meta.checksum.encode(),
+        }
+
+    @fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        value = (await self._xattrs(inode)).get(name)
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    @fuse_errors
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        return list(await self._xattrs(inode))
+
+    @fuse_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @fuse_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    # ---- everything a snapshot refuses -------------------------------------
+
+    @fuse_errors
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        if fields.update_size:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @fuse_errors
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @fuse_errors
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        raise pyfuse3.FUSEError(errno.EROFS if parent_inode == ROOT_INODE else errno.EPERM)
+
+    @fuse_errors
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @fuse_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = 4096
+        data.f_namemax = 255
+        return data
+
+
+def _parse_file_name(name: str) -> tuple[str, str] | None:
+    if name.endswith(SIDECAR_SUFFIX):
+        return name[: -len(SIDECAR_SUFFIX)], "sidecar"
+    if name.endswith(SNAPSHOT_SUFFIX):
+        return name[: -len(SNAPSHOT_SUFFIX)], "snapshot"
+    return None

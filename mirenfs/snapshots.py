@@ -1,0 +1,331 @@
+"""The snapshots a mount serves, one *version* per image identity (SPEC §5).
+
+A version is built once — its index comes from the persistent cache or from
+one index pass, however many requests ask at the same time — and never
+changes: when the image changes, the next request builds a new version and
+the old one serves only the handles already open on it. Nothing here knows
+about FUSE; the filesystem layer calls it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from mirenfs.errors import MirenfsError
+from mirenfs.format import Meta
+from mirenfs.image import FdImageSource
+from mirenfs.produce import (
+    FrameSpill,
+    Settings,
+    SnapshotIndex,
+    SnapshotProducer,
+    build_index,
+    snapshot_meta,
+)
+
+log = logging.getLogger("mirenfs.snapshots")
+
+
+@dataclass(frozen=True)
+class ImageIdentity:
+    """What must stay the same for a cached index to describe the image."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def from_stat(cls, info: os.stat_result) -> ImageIdentity:
+        return cls(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+    @classmethod
+    def of(cls, path: str) -> ImageIdentity:
+        return cls.from_stat(os.stat(path))
+
+    def cache_key(self, settings: Settings) -> str:
+        return f"{self.dev}:{self.ino}:{self.size}:{self.mtime_ns}:{self.ctime_ns}:{settings.key()}"
+
+
+class IndexCache:
+    """Persisted indexes, one file per image path, each holding the identity it describes.
+
+    A file whose key does not match is stale and one that does not decode is
+    corrupt: both are rebuilt, never trusted.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+
+    def path_for(self, image_path: str) -> str:
+        digest = hashlib.sha256(os.path.abspath(image_path).encode()).hexdigest()[:32]
+        return os.path.join(self.directory, f"{digest}.idx")
+
+    def load(self, image_path: str, key: str) -> tuple[SnapshotIndex, str | None] | None:
+        path = self.path_for(image_path)
+        try:
+            with open(path, "rb") as f:
+                stored_key = f.readline().decode().rstrip("\n")
+                sidecar = f.readline().decode().rstrip("\n")
+                body = f.read()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            log.warning("index cache %s is unreadable (%s); rebuilding it", path, exc)
+            return None
+        if stored_key != key:
+            return None
+        try:
+            index = SnapshotIndex.from_bytes(body)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("index cache %s for %s is corrupt (%s); rebuilding it", path, image_path, exc)
+            return None
+        if sidecar != "-" and len(sidecar) != 64:
+            log.warning("index cache %s has a bad sidecar line; rebuilding it", path)
+            return None
+        return index, (None if sidecar == "-" else sidecar)
+
+    def save(self, image_path: str, key: str, index: SnapshotIndex, sidecar: str | None) -> None:
+        path = self.path_for(image_path)
+        temporary = f"{path}.{os.getpid()}.tmp"
+        with open(temporary, "wb") as f:
+            f.write(f"{key}\n{sidecar or '-'}\n".encode())
+            f.write(index.to_bytes())
+        os.replace(temporary, path)
+
+
+@dataclass(eq=False)
+class DiskVersion:
+    """One immutable snapshot of one disk: what ``NAME.mirn`` shows until the image changes."""
+
+    name: str
+    filesystem: str
+    image_path: str
+    identity: ImageIdentity
+    producer: SnapshotProducer
+    cache_key: str
+    fd: int
+    sidecar: str | None = None
+    handles: int = 0
+    superseded: bool = False
+    _sidecar_lock: trio.Lock = field(default_factory=trio.Lock)
+
+    @property
+    def meta(self) -> Meta:
+        return self.producer.layout.meta
+
+    @property
+    def size(self) -> int:
+        return self.producer.size
+
+    @property
+    def spill_bytes(self) -> int:
+        return self.producer.spill.bytes if self.producer.spill is not None else 0
+
+    def close(self) -> None:
+        if self.producer.spill is not None:
+            self.producer.spill.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass
+class IndexProgress:
+    """An index pass in progress, for ``mirenfs status``."""
+
+    done: int
+    total: int
+
+
+def sidecar_text(name: str, digest: str) -> bytes:
+    """``NAME.mirn.sha256``: the ``sha256sum`` line for the snapshot file."""
+    return f"{digest}  {name}.mirn\n".encode()
+
+
+def sidecar_size(name: str) -> int:
+    return len(sidecar_text(name, "0" * 64))
+
+
+class SnapshotService:
+    """Builds and hands out disk versions; one index pass at a time, since each uses every core."""
+
+    def __init__(
+        self,
+        cache: IndexCache,
+        settings: Settings,
+        *,
+        spill_directory: str,
+        spill_limit: int,
+        on_new_version: Callable[[str], None] | None = None,
+    ) -> None:
+        self.cache = cache
+        self.settings = settings
+        self.spill_directory = spill_directory
+        self.spill_limit = spill_limit
+        self.on_new_version = on_new_version
+        self.index_passes = 0
+        self.progress: dict[str, IndexProgress] = {}
+        self._current: dict[str, DiskVersion] = {}
+        self._building: dict[tuple[str, ImageIdentity, str], trio.Event] = {}
+        self._build_errors: dict[tuple[str, ImageIdentity, str], Exception] = {}
+        self._pass_limit = trio.CapacityLimiter(1)
+        os.makedirs(spill_directory, mode=0o700, exist_ok=True)
+
+    def current(self, name: str) -> DiskVersion | None:
+        return self._current.get(name)
+
+    async def version(self, name: str, image_path: str, filesystem: str) -> DiskVersion:
+        """The version matching the image as it is now, building it if needed."""
+        identity = await trio.to_thread.run_sync(ImageIdentity.of, image_path)
+        while True:
+            existing = self._current.get(name)
+            if existing is not None and existing.identity == identity and existing.filesystem == filesystem:
+                return existing
+            key = (name, identity, filesystem)
+            building = self._building.get(key)
+            if building is None:
+                break
+            await building.wait()  # another request runs this pass: share its result
+            error = self._build_errors.get(key)
+            if error is not None:
+                raise error
+        done = self._building[key] = trio.Event()
+        try:
+            version = await self._build(name, image_path, filesystem)
+        except Exception as exc:
+            self._build_errors[key] = exc
+            raise
+        finally:
+            done.set()
+            del self._building[key]
+        self._build_errors.pop(key, None)
+        self._install(version)
+        return version
+
+    def _install(self, version: DiskVersion) -> None:
+        old = self._current.get(version.name)
+        self._current[version.name] = version
+        if old is not None:
+            old.superseded = True
+            self._close_if_unused(old)
+            if self.on_new_version is not None:
+                self.on_new_version(version.name)
+
+    def forget(self, name: str) -> None:
+        """The disk left the catalog: drop its version once no handle uses it."""
+        old = self._current.pop(name, None)
+        if old is not None:
+            old.superseded = True
+            self._close_if_unused(old)
+
+    def acquire(self, version: DiskVersion) -> None:
+        version.handles += 1
+
+    def release(self, version: DiskVersion) -> None:
+        version.handles -= 1
+        self._close_if_unused(version)
+
+    def _close_if_unused(self, version: DiskVersion) -> None:
+        if version.superseded and version.handles == 0:
+            version.close()
+
+    def close(self) -> None:
+        for version in self._current.values():
+            version.close()
+        self._current.clear()
+
+    def spill_in_use(self) -> int:
+        return sum(v.spill_bytes for v in self._current.values() if v.fd >= 0)
+
+    async def _build(self, name: str, image_path: str, filesystem: str) -> DiskVersion:
+        fd, identity, source = await trio.to_thread.run_sync(self._open_image, image_path)
+        try:
+            key = identity.cache_key(self.settings)
+            cached = await trio.to_thread.run_sync(self.cache.load, image_path, key)
+            spill: FrameSpill | None = None
+            if cached is not None:
+                index, sidecar = cached
+            else:
+                index, spill = await self._index_pass(name, source)
+                sidecar = None
+                after = await trio.to_thread.run_sync(os.fstat, fd)
+                if ImageIdentity.from_stat(after) == identity:
+                    await trio.to_thread.run_sync(self.cache.save, image_path, key, index, None)
+                else:
+                    log.warning("disk %s changed during its index pass; not caching that index", name)
+            meta = snapshot_meta(name, filesystem, identity.size, identity.mtime_ns, index.checksum)
+            producer = SnapshotProducer(source, self.settings, meta, index, spill=spill)
+        except BaseException:
+            os.close(fd)
+            raise
+        return DiskVersion(name, filesystem, image_path, identity, producer, key, fd, sidecar)
+
+    def _open_image(self, image_path: str) -> tuple[int, ImageIdentity, FdImageSource]:
+        try:
+            fd = os.open(image_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise MirenfsError(f"cannot open image {image_path}: {exc.strerror}") from None
+        try:
+            identity = ImageIdentity.from_stat(os.fstat(fd))
+            return fd, identity, FdImageSource(fd, identity.size, self.settings.chunk_size)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    async def _index_pass(self, name: str, source: FdImageSource) -> tuple[SnapshotIndex, FrameSpill | None]:
+        async with self._pass_limit:
+            limit = self.spill_limit - self.spill_in_use()
+            spill = FrameSpill(self.spill_directory, limit) if limit > 0 else None
+            progress = self.progress[name] = IndexProgress(0, source.size)
+            self.index_passes += 1
+            log.info("index pass for disk %s started (%d bytes)", name, source.size)
+
+            def advance(done: int) -> None:
+                progress.done = done
+
+            try:
+                index = await build_index(
+                    source,
+                    self.settings,
+                    frame_sink=spill.append if spill is not None else None,
+                    progress=advance,
+                )
+            except BaseException:
+                if spill is not None:
+                    spill.close()
+                raise
+            finally:
+                self.progress.pop(name, None)
+            log.info("index pass for disk %s done (checksum %s)", name, index.checksum)
+            return index, spill
+
+    async def sidecar(self, version: DiskVersion) -> str:
+        """SHA-256 of the whole snapshot file, computed once per version and cached."""
+        async with version._sidecar_lock:
+            if version.sidecar is None:
+                digest = hashlib.sha256()
+
+                async def update(data: bytes) -> None:
+                    await trio.to_thread.run_sync(digest.update, data)
+
+                await version.producer.copy_to(update)
+                version.sidecar = digest.hexdigest()
+                with contextlib.suppress(OSError):
+                    await trio.to_thread.run_sync(
+                        self.cache.save,
+                        version.image_path,
+                        version.cache_key,
+                        version.producer.layout.index,
+                        version.sidecar,
+                    )
+            return version.sidecar
