@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import logging
 import os
 import stat
@@ -101,11 +102,17 @@ class StoreCatalog:
 
 @dataclass
 class Node:
-    """A file in the root: a disk's snapshot or its sidecar."""
+    """A file in the root: one version of a disk's snapshot, or of its sidecar.
+
+    Each version has inodes of its own, so the kernel keeps a separate page
+    cache and size for it: a handle opened before the image changed goes on
+    reading the old snapshot's bytes, never a mix of old and new.
+    """
 
     inode: int
     name: str
     kind: str  # "snapshot" or "sidecar"
+    version: DiskVersion
 
     @property
     def file_name(self) -> str:
@@ -135,14 +142,15 @@ class MirenOperations(pyfuse3.Operations):
         self.mounted_ns = time.time_ns()
         self.nursery: trio.Nursery | None = None
         self._nodes: dict[int, Node] = {}
-        self._inodes: dict[tuple[str, str], int] = {}
+        self._inodes: dict[tuple[str, DiskVersion], int] = {}
+        self._listing: dict[int, str] = {}  # stable inodes for readdir entries, by file name
+        self._listing_inodes: dict[str, int] = {}
         self._next_inode = RESTORE_INODE + 1
         self._handles: dict[int, OpenSnapshot | bytes] = {}
         self._next_handle = 1
         self._catalog: dict[str, CatalogEntry] = {}
         self._catalog_at = -1.0
         self._catalog_lock = trio.Lock()
-        service.on_new_version = self._image_changed
 
     # ---- catalog and inodes -------------------------------------------------
 
@@ -156,34 +164,57 @@ class MirenOperations(pyfuse3.Operations):
                 self._catalog, self._catalog_at = listing, now
             return self._catalog
 
-    def _node_for(self, name: str, kind: str) -> Node:
-        inode = self._inodes.get((name, kind))
+    def _node_for(self, version: DiskVersion, kind: str) -> Node:
+        inode = self._inodes.get((kind, version))
         if inode is None:
-            inode = self._inodes[(name, kind)] = self._next_inode
-            self._next_inode += 1
-            self._nodes[inode] = Node(inode, name, kind)
+            inode = self._inodes[(kind, version)] = self._allocate_inode()
+            self._nodes[inode] = Node(inode, version.name, kind, version)
         return self._nodes[inode]
 
-    async def _entry(self, inode: int) -> tuple[Node, CatalogEntry]:
+    def _allocate_inode(self) -> int:
+        self._next_inode += 1
+        return self._next_inode - 1
+
+    def _listing_inode(self, file_name: str) -> int:
+        inode = self._listing_inodes.get(file_name)
+        if inode is None:
+            inode = self._listing_inodes[file_name] = self._allocate_inode()
+            self._listing[inode] = file_name
+        return inode
+
+    async def _current_node(self, file_name: str) -> Node:
+        """The node of the disk's current version, building the version if needed."""
+        parsed = _parse_file_name(file_name)
+        entry = (await self.disks()).get(parsed[0]) if parsed is not None else None
+        if parsed is None or entry is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        version = await self.service.version(entry.name, entry.image_path, entry.filesystem)
+        return self._node_for(version, parsed[1])
+
+    async def _node(self, inode: int) -> Node:
         node = self._nodes.get(inode)
-        if node is None:
+        if node is not None:
+            return node
+        file_name = self._listing.get(inode)
+        if file_name is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        entry = (await self.disks()).get(node.name)
-        if entry is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return node, entry
+        # A readdir entry used without a lookup (the kernel revalidates names,
+        # so this is rare): it stands for the current version.
+        return await self._current_node(file_name)
 
-    def _image_changed(self, name: str) -> None:
-        """A new version replaced the old: drop the kernel's cached pages and attributes."""
-        inode = self._inodes.get((name, "snapshot"))
-        if inode is not None and self.nursery is not None:
-            self.nursery.start_soon(self._invalidate, inode)
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        """The kernel dropped these inodes: forget the ones of versions no longer current.
 
-    async def _invalidate(self, inode: int) -> None:
+        forget cannot answer an error, and an exception would end the session.
+        """
         try:
-            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, False)
-        except OSError as exc:  # the kernel may have forgotten the inode already
-            log.debug("invalidate inode %d: %s", inode, exc)
+            for inode, _lookups in inode_list:
+                node = self._nodes.get(inode)
+                if node is not None and self.service.current(node.name) is not node.version:
+                    del self._nodes[inode]
+                    self._inodes.pop((node.kind, node.version), None)
+        except Exception:
+            log.exception("unexpected error in forget")
 
     # ---- attributes ---------------------------------------------------------
 
@@ -212,19 +243,19 @@ class MirenOperations(pyfuse3.Operations):
     def _restore_dir_mode(self) -> int:
         return 0o755
 
-    async def _node_attributes(self, node: Node, entry: CatalogEntry) -> pyfuse3.EntryAttributes:
-        if node.kind == "sidecar":
-            identity_mtime = (await trio.to_thread.run_sync(os.stat, entry.image_path)).st_mtime_ns
-            return self._attributes(node.inode, self._file_mode(), sidecar_size(node.name), identity_mtime)
-        version = await self.service.version(entry.name, entry.image_path, entry.filesystem)
-        return self._attributes(node.inode, self._file_mode(), version.size, version.identity.mtime_ns)
+    def _node_attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        version = node.version
+        size = version.size if node.kind == "snapshot" else sidecar_size(node.name)
+        return self._attributes(node.inode, self._file_mode(), size, version.identity.mtime_ns)
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        """An inode's attributes never change: a changed image is a new inode at the next lookup."""
         if inode in (ROOT_INODE, RESTORE_INODE):
             return self._directory_attributes(inode)
-        node, entry = await self._entry(inode)
-        return await self._node_attributes(node, entry)
+        attrs = self._node_attributes(await self._node(inode))
+        attrs.st_ino = inode
+        return attrs
 
     @fuse_errors
     async def lookup(
@@ -235,14 +266,7 @@ class MirenOperations(pyfuse3.Operations):
         text = os.fsdecode(name)
         if text == RESTORE_DIR:
             return self._directory_attributes(RESTORE_INODE)
-        parsed = _parse_file_name(text)
-        if parsed is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        disk, kind = parsed
-        entry = (await self.disks()).get(disk)
-        if entry is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return await self._node_attributes(self._node_for(disk, kind), entry)
+        return self._node_attributes(await self._current_node(text))
 
     # ---- directories --------------------------------------------------------
 
@@ -258,12 +282,12 @@ class MirenOperations(pyfuse3.Operations):
         if fh == ROOT_INODE:
             entries.append((RESTORE_DIR, self._directory_attributes(RESTORE_INODE)))
             for name in sorted(await self.disks(fresh=start_id == 0)):
-                for kind in ("snapshot", "sidecar"):
-                    node = self._node_for(name, kind)
-                    # Attributes here are placeholders the kernel does not keep
-                    # (timeout 0): the exact size needs the index, which a plain
-                    # `ls` must not trigger; `stat` asks getattr.
-                    entries.append((node.file_name, self._attributes(node.inode, self._file_mode(), 0, 0)))
+                for suffix in (SNAPSHOT_SUFFIX, SIDECAR_SUFFIX):
+                    # Placeholder attributes the kernel does not keep (timeout 0):
+                    # the exact size needs the index, which a plain `ls` must not
+                    # trigger; a `stat` looks the name up and gets the real inode.
+                    inode = self._listing_inode(name + suffix)
+                    entries.append((name + suffix, self._attributes(inode, self._file_mode(), 0, 0)))
         else:
             entries.extend(await self.restore_entries())
         for position, (name, attrs) in enumerate(entries[start_id:], start=start_id + 1):
@@ -279,8 +303,10 @@ class MirenOperations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
-        node, entry = await self._entry(inode)
-        version = await self.service.version(entry.name, entry.image_path, entry.filesystem)
+        node = await self._node(inode)
+        version = node.version
+        if version.fd < 0:
+            raise pyfuse3.FUSEError(errno.ESTALE)  # a version nobody uses any more
         handle: OpenSnapshot | bytes
         if node.kind == "sidecar":
             handle = sidecar_text(node.name, await self.service.sidecar(version))
@@ -290,9 +316,9 @@ class MirenOperations(pyfuse3.Operations):
         fh = self._next_handle
         self._next_handle += 1
         self._handles[fh] = handle
-        # The page cache stays valid across opens until the image changes
-        # (then _image_changed invalidates it).
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        # The page cache stays valid across opens: a version inode's bytes never
+        # change. A listing inode stands for whichever version is current.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=inode in self._nodes)
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -300,10 +326,6 @@ class MirenOperations(pyfuse3.Operations):
         if isinstance(handle, bytes):
             return handle[off : off + size]
         version = handle.version
-        if version.superseded:
-            # The kernel now sizes this file by the new version: old bytes at
-            # old offsets could mix with new ones, so the old handle fails.
-            raise pyfuse3.FUSEError(errno.EIO)
         data = await version.producer.read(off, size)
         if off == handle.next_offset and self.nursery is not None:
             self._read_ahead(version, off + len(data))
@@ -334,17 +356,38 @@ class MirenOperations(pyfuse3.Operations):
     async def flush(self, fh: int) -> None:
         return None
 
+    def status(self) -> dict[str, Any]:
+        """What ``mirenfs status`` shows: per disk, index state and progress; restores."""
+        disks: dict[str, dict[str, Any]] = {}
+        for name in sorted(self._catalog):
+            progress = self.service.progress.get(name)
+            version = self.service.current(name)
+            if progress is not None:
+                disks[name] = {"index": "building", "done": progress.done, "total": progress.total}
+            elif version is not None:
+                disks[name] = {
+                    "index": "ready",
+                    "snapshot_bytes": version.size,
+                    "checksum": version.meta.checksum,
+                }
+            else:
+                disks[name] = {"index": "not built"}
+        return {"pid": os.getpid(), "index_passes": self.service.index_passes, "disks": disks, "restores": []}
+
     # ---- extended attributes ------------------------------------------------
 
     async def _xattrs(self, inode: int) -> dict[bytes, bytes]:
         if inode == ROOT_INODE:
-            return {b"user.mirenfs.index_passes": str(self.service.index_passes).encode()}
+            return {
+                b"user.mirenfs.index_passes": str(self.service.index_passes).encode(),
+                b"user.mirenfs.status": json.dumps(self.status()).encode(),
+            }
         if inode == RESTORE_INODE:
             return {}
-        node, entry = await self._entry(inode)
+        node = await self._node(inode)
         if node.kind != "snapshot":
             return {}
-        meta = (await self.service.version(entry.name, entry.image_path, entry.filesystem)).meta
+        meta = node.version.meta
         return {
             b"user.mirn.name": meta.name.encode(),
             b"user.mirn.size_bytes": str(meta.size_bytes).encode(),

@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -166,13 +165,11 @@ class SnapshotService:
         *,
         spill_directory: str,
         spill_limit: int,
-        on_new_version: Callable[[str], None] | None = None,
     ) -> None:
         self.cache = cache
         self.settings = settings
         self.spill_directory = spill_directory
         self.spill_limit = spill_limit
-        self.on_new_version = on_new_version
         self.index_passes = 0
         self.progress: dict[str, IndexProgress] = {}
         self._current: dict[str, DiskVersion] = {}
@@ -218,8 +215,6 @@ class SnapshotService:
         if old is not None:
             old.superseded = True
             self._close_if_unused(old)
-            if self.on_new_version is not None:
-                self.on_new_version(version.name)
 
     def forget(self, name: str) -> None:
         """The disk left the catalog: drop its version once no handle uses it."""

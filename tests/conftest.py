@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -128,3 +129,102 @@ def need_tool():
         return found
 
     return check
+
+
+def wait_for(condition, timeout: float = 20.0, what: str = "condition", interval: float = 0.02):  # type: ignore[no-untyped-def]
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def abort_fuse_connection(mountpoint: str) -> None:
+    """Last resort for a hung mount: abort its FUSE connection through fusectl.
+
+    The connection is found by the device number in /proc/self/mountinfo,
+    because a stat of a hung mount would hang too.
+    """
+    connections = Path("/sys/fs/fuse/connections")
+    if not os.path.ismount(connections):
+        subprocess.run(["mount", "-t", "fusectl", "none", str(connections)], capture_output=True, timeout=10)
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == mountpoint:
+            abort = connections / fields[2].split(":")[1] / "abort"
+            with contextlib.suppress(OSError):
+                abort.write_text("1")
+    subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True, timeout=10)
+
+
+class Mount:
+    """A `mirenfs mount --foreground` process; always unmounted and reaped by `stop()`."""
+
+    def __init__(self, mountpoint: Path, data_path: Path, *extra: str) -> None:
+        self.mountpoint = mountpoint
+        self.data_path = data_path
+        self.extra = extra
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = data_path.parent / f"{mountpoint.name}-mount.log"
+
+    def start(self) -> Mount:
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - kept open by the child
+        self.process = subprocess.Popen(
+            [*mirenfs_command(), "mount", str(self.mountpoint), "--foreground",
+             "--data-path", str(self.data_path), *self.extra],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+        )
+        log.close()
+
+        def mounted() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"mount exited with {self.process.returncode}: {self.log()}")
+            return os.path.ismount(self.mountpoint)
+
+        wait_for(mounted, what=f"{self.mountpoint} to be mounted")
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> int | None:
+        """Unmount and wait for the daemon; abort a hung connection if it comes to that."""
+        if self.process is None:
+            return None
+        process, self.process = self.process, None
+        if os.path.ismount(self.mountpoint):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True, timeout=20)
+        try:
+            return process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            abort_fuse_connection(str(self.mountpoint))
+            process.kill()
+            process.wait(timeout=20)
+            raise AssertionError(f"the mount process did not exit after unmount: {self.log()}") from None
+        finally:
+            if os.path.ismount(self.mountpoint):
+                abort_fuse_connection(str(self.mountpoint))
+
+
+@pytest.fixture
+def mounts():  # type: ignore[no-untyped-def]
+    """Start mounts with `mounts(mountpoint, data_path, *args)`; all are stopped after the test."""
+    started: list[Mount] = []
+
+    def start(mountpoint: Path, data_path: Path, *extra: str) -> Mount:
+        mount = Mount(mountpoint, data_path, *extra)
+        started.append(mount)
+        return mount.start()
+
+    yield start
+    for mount in started:
+        mount.stop()

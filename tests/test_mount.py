@@ -1,0 +1,272 @@
+"""Part 1 of the mount, through the kernel: NAME.mirn read with cat, tar, rsync, dd and pread."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from mirenfs.format import decode_header
+
+from conftest import run_mirenfs, wait_for, write_image
+
+
+def add_disk(data: Path, name: str, image: Path) -> None:
+    result = run_mirenfs("disk", "add", name, "--image", str(image), "--filesystem", "ext4",
+                         "--data-path", str(data))
+    assert result.returncode == 0, result.stderr
+
+
+def cli_backup(data: Path, name: str, out: Path) -> bytes:
+    result = run_mirenfs("backup", name, "-o", str(out), "--data-path", str(data))
+    assert result.returncode == 0, result.stderr
+    return out.read_bytes()
+
+
+def index_passes(mountpoint: Path) -> int:
+    return int(os.getxattr(mountpoint, "user.mirenfs.index_passes"))
+
+
+@pytest.fixture
+def disks(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    """A data path with two disks spanning several 4 MiB chunks, holes included."""
+    data = tmp_path / "data"
+    data.mkdir()
+    contents = {
+        "web": write_image(tmp_path / "web.img", [("text", 6 << 20), ("hole", 9 << 20), ("data", 1 << 20),
+                                                   ("text", 12345)], seed=1),
+        "pg": write_image(tmp_path / "pg.img", [("data", 3 << 20), ("zero", 5 << 20), ("text", 700_001)], seed=2),
+    }
+    for name in contents:
+        add_disk(data, name, tmp_path / f"{name}.img")
+    return data, contents
+
+
+def test_snapshot_is_what_backup_writes_and_it_verifies(tmp_path: Path, disks, mounts) -> None:
+    data, contents = disks
+    mnt = tmp_path / "mnt"
+    mount = mounts(mnt, data)
+
+    listing = subprocess.run(["ls", "-l", str(mnt)], capture_output=True, text=True, timeout=60, check=True)
+    sizes = {line.split()[-1]: int(line.split()[4]) for line in listing.stdout.splitlines()[1:]}
+    first = (mnt / "web.mirn").read_bytes()
+    assert sizes["web.mirn"] == len(first) == os.stat(mnt / "web.mirn").st_size
+    assert (mnt / "web.mirn").read_bytes() == first
+    assert first == cli_backup(data, "web", tmp_path / "cli.mirn")
+    assert os.stat(mnt / "web.mirn").st_mtime_ns == os.stat(tmp_path / "web.img").st_mtime_ns
+
+    copy = tmp_path / "copy.mirn"
+    copy.write_bytes(first)
+    assert run_mirenfs("verify", str(copy)).returncode == 0
+    _, header_len = decode_header(first)
+    unzstd = subprocess.run(["zstd", "-d", "-c"], input=first[header_len:], capture_output=True, timeout=60)
+    assert unzstd.returncode == 0 and unzstd.stdout == contents["web"]
+
+    mount.stop()
+    mount.start()
+    os.stat(mnt / "web.mirn")
+    assert index_passes(mnt) == 0  # the persisted index answered: the image was not read
+    assert (mnt / "web.mirn").read_bytes() == first
+
+
+def test_hundreds_of_random_preads_match_the_whole(tmp_path: Path, disks, mounts) -> None:
+    data, _ = disks
+    mnt = tmp_path / "mnt"
+    mounts(mnt, data)
+    whole = cli_backup(data, "web", tmp_path / "web.mirn")
+    rng = random.Random(42)
+    fd = os.open(mnt / "web.mirn", os.O_RDONLY)
+    try:
+        for _ in range(300):
+            size = rng.choice([1, 2, 511, 4096, 65536, 131072, 1 << 20, 3 << 20, rng.randrange(1, 5 << 20)])
+            offset = rng.randrange(0, len(whole) + (1 << 20))
+            assert os.pread(fd, size, offset) == whole[offset : offset + size], (offset, size)
+    finally:
+        os.close(fd)
+
+
+def test_tar_rsync_sha256sum_and_xattrs(tmp_path: Path, disks, mounts, need_tool) -> None:
+    data, contents = disks
+    mnt = tmp_path / "mnt"
+    mounts(mnt, data)
+
+    archive = tmp_path / "disks.tar"
+    tar = subprocess.run([need_tool("tar"), "-cf", str(archive), "-C", str(mnt), "."],
+                         capture_output=True, text=True, timeout=120)
+    assert tar.returncode == 0, tar.stderr
+    assert "changed as we read it" not in tar.stderr
+    extracted = tmp_path / "extracted"
+    extracted.mkdir()
+    subprocess.run(["tar", "-xf", str(archive), "-C", str(extracted)], check=True, timeout=60)
+    for name in contents:
+        assert run_mirenfs("verify", str(extracted / f"{name}.mirn")).returncode == 0
+    check = subprocess.run([need_tool("sha256sum"), "-c", "web.mirn.sha256", "pg.mirn.sha256"],
+                           cwd=extracted, capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert check.stdout.count(": OK") == 2
+
+    backups = tmp_path / "backups"
+    for round_ in (1, 2):
+        rsync = subprocess.run([need_tool("rsync"), "-a", "--stats", f"{mnt}/", f"{backups}/"],
+                               capture_output=True, text=True, timeout=120)
+        assert rsync.returncode == 0, rsync.stderr
+        transferred = next(line for line in rsync.stdout.splitlines() if "regular files transferred" in line)
+        assert transferred.split(":")[1].strip() == ("4" if round_ == 1 else "0"), rsync.stdout
+    assert (backups / "pg.mirn").read_bytes() == (mnt / "pg.mirn").read_bytes()
+
+    getfattr = subprocess.run([need_tool("getfattr"), "-d", "--absolute-names", str(mnt / "pg.mirn")],
+                              capture_output=True, text=True, timeout=30, check=True)
+    values = dict(line.split("=", 1) for line in getfattr.stdout.splitlines() if "=" in line)
+    header, _ = decode_header((mnt / "pg.mirn").read_bytes())
+    assert values == {
+        "user.mirn.name": '"pg"',
+        "user.mirn.size_bytes": f'"{len(contents["pg"])}"',
+        "user.mirn.filesystem": '"ext4"',
+        "user.mirn.timestamp": f'"{header.timestamp.rfc3339()}"',
+        "user.mirn.checksum": f'"{header.checksum}"',
+    }
+
+
+def test_dd_reads_at_odd_block_sizes(tmp_path: Path, disks, mounts) -> None:
+    data, _ = disks
+    mnt = tmp_path / "mnt"
+    mounts(mnt, data)
+    whole = cli_backup(data, "pg", tmp_path / "pg.mirn")
+    dd = subprocess.run(["dd", f"if={mnt / 'pg.mirn'}", "bs=12345", "skip=7", "count=99", "status=none"],
+                        capture_output=True, timeout=60)
+    assert dd.returncode == 0 and dd.stdout == whole[7 * 12345 : 106 * 12345]
+
+
+def test_corrupt_index_cache_is_rebuilt(tmp_path: Path, disks, mounts) -> None:
+    data, _ = disks
+    mnt = tmp_path / "mnt"
+    mount = mounts(mnt, data)
+    expected = (mnt / "web.mirn").read_bytes()
+    mount.stop()
+    caches = list((data / "mirenfs" / "index").glob("*.idx"))
+    assert len(caches) == 1  # only the disk that was read has an index
+    raw = bytearray(caches[0].read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    caches[0].write_bytes(bytes(raw))
+    mount.start()
+    assert (mnt / "web.mirn").read_bytes() == expected
+    assert index_passes(mnt) == 1
+
+
+def test_first_stats_at_once_run_one_index_pass(tmp_path: Path, disks, mounts) -> None:
+    data, _ = disks
+    mnt = tmp_path / "mnt"
+    mounts(mnt, data)
+    sizes: list[int] = []
+    threads = [threading.Thread(target=lambda: sizes.append(os.stat(mnt / "web.mirn").st_size))
+               for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(sizes) == 8 and len(set(sizes)) == 1
+    assert index_passes(mnt) == 1
+
+
+def test_concurrent_readers_of_different_disks(tmp_path: Path, disks, mounts) -> None:
+    data, contents = disks
+    mnt = tmp_path / "mnt"
+    mounts(mnt, data)
+    expected = {name: cli_backup(data, name, tmp_path / f"{name}.cli") for name in contents}
+    results: dict[str, bytes] = {}
+
+    def read(name: str) -> None:
+        results[name] = subprocess.run(["cat", str(mnt / f"{name}.mirn")], capture_output=True,
+                                       timeout=120, check=True).stdout
+
+    threads = [threading.Thread(target=read, args=(name,)) for name in contents for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert results == expected
+
+
+def test_changed_image_shows_a_new_snapshot(tmp_path: Path, disks, mounts) -> None:
+    data, contents = disks
+    mnt = tmp_path / "mnt"
+    mounts(mnt, data)
+    snapshot = mnt / "pg.mirn"
+    old = snapshot.read_bytes()
+    old_checksum = os.getxattr(snapshot, "user.mirn.checksum")
+    reader = open(snapshot, "rb")  # noqa: SIM115 - an old handle kept across the change
+    try:
+        head = reader.read(100)
+        with open(tmp_path / "pg.img", "r+b") as image:
+            image.seek(4 << 20)
+            image.write(b"new data in the middle of the zero run")
+        os.utime(tmp_path / "pg.img", ns=(1, 1_800_000_000_000_000_000))
+        new_checksum = wait_for(lambda: (c := os.getxattr(snapshot, "user.mirn.checksum")) != old_checksum and c,
+                                what="the new checksum")
+        assert os.stat(snapshot).st_mtime_ns == 1_800_000_000_000_000_000
+        new = snapshot.read_bytes()
+        assert new != old and new_checksum.decode() in new.decode("latin-1")
+        copy = tmp_path / "new.mirn"
+        copy.write_bytes(new)
+        assert run_mirenfs("verify", str(copy)).returncode == 0
+        try:  # the old handle: consistent old bytes, or EIO, never a mix
+            rest = reader.read()
+            assert head + rest == old
+        except OSError as exc:
+            assert exc.errno == errno.EIO
+    finally:
+        reader.close()
+
+
+def test_disks_appear_and_disappear_without_remount(tmp_path: Path, disks, mounts) -> None:
+    data, _ = disks
+    mnt = tmp_path / "mnt"
+    mounts(mnt, data)
+    write_image(tmp_path / "new.img", [("text", 100_000)])
+    add_disk(data, "new", tmp_path / "new.img")
+    wait_for(lambda: "new.mirn" in os.listdir(mnt), what="the new disk to appear")
+    assert run_mirenfs("disk", "set-status", "new", "deleting", "--data-path", str(data)).returncode == 0
+    wait_for(lambda: "new.mirn" not in os.listdir(mnt), what="the deleting disk to disappear")
+    assert not (mnt / "new.mirn").exists()
+    assert run_mirenfs("disk", "set-status", "new", "provisioned", "--data-path", str(data)).returncode == 0
+    wait_for(lambda: (mnt / "new.mirn").exists(), what="the disk to come back")
+    assert run_mirenfs("disk", "remove", "new", "--data-path", str(data)).returncode == 0
+    wait_for(lambda: "new.mirn.sha256" not in os.listdir(mnt), what="the removed disk to disappear")
+
+
+def test_snapshots_cannot_be_changed(tmp_path: Path, disks, mounts) -> None:
+    data, _ = disks
+    mnt = tmp_path / "mnt"
+    mounts(mnt, data)
+    snapshot = mnt / "web.mirn"
+    before = snapshot.read_bytes()
+    for action, expected in [
+        (lambda: open(snapshot, "r+b"), errno.EROFS),
+        (lambda: open(snapshot, "ab"), errno.EROFS),
+        (lambda: os.truncate(snapshot, 0), errno.EROFS),
+        (lambda: os.unlink(snapshot), errno.EPERM),
+        (lambda: os.rename(snapshot, mnt / "other.mirn"), errno.EPERM),
+        (lambda: os.chmod(snapshot, 0o666), errno.EPERM),
+        (lambda: open(mnt / "new-file", "wb"), errno.EROFS),
+    ]:
+        with pytest.raises(OSError) as caught:
+            action()
+        assert caught.value.errno == expected
+    assert snapshot.read_bytes() == before
+    assert os.stat(snapshot).st_mode & 0o777 == 0o444
+
+
+def test_unmount_leaves_no_process_behind(tmp_path: Path, disks, mounts) -> None:
+    data, _ = disks
+    mnt = tmp_path / "mnt"
+    mount = mounts(mnt, data)
+    (mnt / "web.mirn").read_bytes()
+    pid = mount.process.pid
+    assert mount.stop() == 0
+    assert not os.path.ismount(mnt)
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
