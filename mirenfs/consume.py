@@ -160,6 +160,41 @@ class _Sink:
 
 
 ChunkIterable = AsyncIterable[bytes]
+ChooseImage = Callable[[Meta], Awaitable[str]]
+
+
+class StagedRestore:
+    """A restore pushed piece by piece into ``<image>.restore.tmp`` and installed at the end.
+
+    ``choose_image`` learns the header and answers the image path (a disk
+    restore creates its disk there). The image is replaced only by
+    :meth:`finish` after everything verified; :meth:`discard` removes the
+    staging file and is safe to call at any point, any number of times.
+    """
+
+    def __init__(self, choose_image: ChooseImage, *, header_read: Meta | None = None) -> None:
+        self._choose_image = choose_image
+        self._staging: StagingImage | None = None
+        self.stream = RestoreStream(self._open_target, header_read=header_read)
+
+    async def _open_target(self, meta: Meta) -> ImageWriter:
+        image_path = await self._choose_image(meta)
+        self._staging = await trio.to_thread.run_sync(StagingImage.create, image_path, meta.size_bytes)
+        return SparseWriter(self._staging.fd)
+
+    async def feed(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.feed(data)
+
+    async def finish(self) -> Meta:
+        """Verify the whole stream, then fsync, rename over the image and fsync the directory."""
+        meta = await self.stream.finish()
+        assert self._staging is not None
+        await trio.to_thread.run_sync(self._staging.install, meta.timestamp.unix_ns)
+        return meta
+
+    async def discard(self) -> None:
+        if self._staging is not None:
+            await trio.to_thread.run_sync(self._staging.discard)
 
 
 async def restore_to_path(
@@ -177,23 +212,16 @@ async def restore_to_path(
     """
     if not overwrite and os.path.exists(image_path):
         raise TargetError(f"{image_path} already exists; pass --force to replace it")
-    staging: StagingImage | None = None
 
-    async def open_target(meta: Meta) -> ImageWriter:
-        nonlocal staging
+    async def choose_image(meta: Meta) -> str:
         if on_header is not None:
             on_header(meta)
-        staging = await trio.to_thread.run_sync(StagingImage.create, image_path, meta.size_bytes)
-        return SparseWriter(staging.fd)
+        return image_path
 
-    stream = RestoreStream(open_target, header_read=header_read)
+    restore = StagedRestore(choose_image, header_read=header_read)
     try:
         async for chunk in chunks:
-            await stream.feed(chunk)
-        meta = await stream.finish()
-        assert staging is not None
-        await trio.to_thread.run_sync(staging.install, meta.timestamp.unix_ns)
-        return meta
+            await restore.feed(chunk)
+        return await restore.finish()
     finally:
-        if staging is not None:
-            await trio.to_thread.run_sync(staging.discard)
+        await restore.discard()

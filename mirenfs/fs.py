@@ -23,6 +23,7 @@ import trio
 
 from mirenfs.disks import DiskState
 from mirenfs.errors import ImageChangedError, MirenfsError
+from mirenfs.restoredir import RestoreDirectory, RestoreEntry
 from mirenfs.snapshots import DiskVersion, SnapshotService, sidecar_size, sidecar_text
 
 log = logging.getLogger("mirenfs.fs")
@@ -133,7 +134,14 @@ class MirenOperations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, catalog: DiskCatalog, service: SnapshotService, *, shared: bool) -> None:
+    def __init__(
+        self,
+        catalog: DiskCatalog,
+        service: SnapshotService,
+        *,
+        shared: bool,
+        restores: Callable[[Callable[[], int]], RestoreDirectory],
+    ) -> None:
         super().__init__()
         self.catalog = catalog
         self.service = service
@@ -146,11 +154,12 @@ class MirenOperations(pyfuse3.Operations):
         self._listing: dict[int, str] = {}  # stable inodes for readdir entries, by file name
         self._listing_inodes: dict[str, int] = {}
         self._next_inode = RESTORE_INODE + 1
-        self._handles: dict[int, OpenSnapshot | bytes] = {}
+        self._handles: dict[int, OpenSnapshot | RestoreEntry | bytes] = {}
         self._next_handle = 1
         self._catalog: dict[str, CatalogEntry] = {}
         self._catalog_at = -1.0
         self._catalog_lock = trio.Lock()
+        self.restores = restores(self._allocate_inode)
 
     # ---- catalog and inodes -------------------------------------------------
 
@@ -241,7 +250,18 @@ class MirenOperations(pyfuse3.Operations):
         return self._attributes(inode, stat.S_IFDIR | mode, 0, self.mounted_ns)
 
     def _restore_dir_mode(self) -> int:
-        return 0o755
+        return 0o755  # writable by the mount's owner only
+
+    def _restore_attributes(self, entry: RestoreEntry) -> pyfuse3.EntryAttributes:
+        attrs = self._attributes(entry.inode, stat.S_IFREG | entry.mode, entry.size, entry.mtime_ns)
+        attrs.st_uid, attrs.st_gid = entry.uid, entry.gid
+        return attrs
+
+    def _restore_entry(self, name: bytes) -> RestoreEntry:
+        entry = self.restores.entries.get(os.fsdecode(name))
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return entry
 
     def _node_attributes(self, node: Node) -> pyfuse3.EntryAttributes:
         version = node.version
@@ -253,6 +273,9 @@ class MirenOperations(pyfuse3.Operations):
         """An inode's attributes never change: a changed image is a new inode at the next lookup."""
         if inode in (ROOT_INODE, RESTORE_INODE):
             return self._directory_attributes(inode)
+        restore = self.restores.by_inode.get(inode)
+        if restore is not None:
+            return self._restore_attributes(restore)
         attrs = self._node_attributes(await self._node(inode))
         attrs.st_ino = inode
         return attrs
@@ -261,6 +284,8 @@ class MirenOperations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        if parent_inode == RESTORE_INODE:
+            return self._restore_attributes(self._restore_entry(name))
         if parent_inode != ROOT_INODE:
             raise pyfuse3.FUSEError(errno.ENOENT)
         text = os.fsdecode(name)
@@ -289,18 +314,21 @@ class MirenOperations(pyfuse3.Operations):
                     inode = self._listing_inode(name + suffix)
                     entries.append((name + suffix, self._attributes(inode, self._file_mode(), 0, 0)))
         else:
-            entries.extend(await self.restore_entries())
+            entries.extend((e.name, self._restore_attributes(e)) for e in self.restores.entries.values())
         for position, (name, attrs) in enumerate(entries[start_id:], start=start_id + 1):
             if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, position):
                 break
-
-    async def restore_entries(self) -> Sequence[tuple[str, pyfuse3.EntryAttributes]]:
-        return []
 
     # ---- reading ------------------------------------------------------------
 
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        restore = self.restores.by_inode.get(inode)
+        if restore is not None:
+            if not flags & (os.O_WRONLY | os.O_RDWR):
+                raise pyfuse3.FUSEError(errno.EACCES)  # restore/ takes snapshots; it gives none back
+            entry = await self.restores.begin(restore.name, restore.mode, ctx.uid, ctx.gid)
+            return pyfuse3.FileInfo(fh=self._new_handle(entry), direct_io=True)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
         node = await self._node(inode)
@@ -313,16 +341,22 @@ class MirenOperations(pyfuse3.Operations):
         else:
             self.service.acquire(version)
             handle = OpenSnapshot(version)
-        fh = self._next_handle
-        self._next_handle += 1
-        self._handles[fh] = handle
+        fh = self._new_handle(handle)
         # The page cache stays valid across opens: a version inode's bytes never
         # change. A listing inode stands for whichever version is current.
         return pyfuse3.FileInfo(fh=fh, keep_cache=inode in self._nodes)
 
+    def _new_handle(self, handle: OpenSnapshot | RestoreEntry | bytes) -> int:
+        fh = self._next_handle
+        self._next_handle += 1
+        self._handles[fh] = handle
+        return fh
+
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._handles[fh]
+        if isinstance(handle, RestoreEntry):
+            raise pyfuse3.FUSEError(errno.EACCES)
         if isinstance(handle, bytes):
             return handle[off : off + size]
         version = handle.version
@@ -351,10 +385,23 @@ class MirenOperations(pyfuse3.Operations):
         handle = self._handles.pop(fh, None)
         if isinstance(handle, OpenSnapshot):
             self.service.release(handle.version)
+        elif isinstance(handle, RestoreEntry) and handle.session is not None:
+            await self.restores.abort(handle, "the file was closed before any snapshot data was written")
 
     @fuse_errors
     async def flush(self, fh: int) -> None:
-        return None
+        """The close of a file in restore/: verify and install now, so its error reaches close(2)."""
+        handle = self._handles.get(fh)
+        if isinstance(handle, RestoreEntry):
+            await self.restores.finish(handle)
+
+    @fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self._handles.get(fh)
+        if not isinstance(handle, RestoreEntry):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        await self.restores.write(handle, off, buf)
+        return len(buf)
 
     def status(self) -> dict[str, Any]:
         """What ``mirenfs status`` shows: per disk, index state and progress; restores."""
@@ -372,7 +419,12 @@ class MirenOperations(pyfuse3.Operations):
                 }
             else:
                 disks[name] = {"index": "not built"}
-        return {"pid": os.getpid(), "index_passes": self.service.index_passes, "disks": disks, "restores": []}
+        return {
+            "pid": os.getpid(),
+            "index_passes": self.service.index_passes,
+            "disks": disks,
+            "restores": self.restores.status(),
+        }
 
     # ---- extended attributes ------------------------------------------------
 
@@ -384,6 +436,9 @@ class MirenOperations(pyfuse3.Operations):
             }
         if inode == RESTORE_INODE:
             return {}
+        restore = self.restores.by_inode.get(inode)
+        if restore is not None:
+            return {b"user.mirenfs.state": restore.state.encode()}
         node = await self._node(inode)
         if node.kind != "snapshot":
             return {}
@@ -426,13 +481,29 @@ class MirenOperations(pyfuse3.Operations):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        if fields.update_size:
-            raise pyfuse3.FUSEError(errno.EROFS)
-        raise pyfuse3.FUSEError(errno.EPERM)
+        restore = self.restores.by_inode.get(inode)
+        if restore is None:
+            raise pyfuse3.FUSEError(errno.EROFS if fields.update_size else errno.EPERM)
+        # tar and rsync set times, mode and owner after writing: keep them.
+        if fields.update_size and attr.st_size != restore.size:
+            reason = f"restore/ files cannot be resized (to {attr.st_size} bytes): write snapshots in order"
+            await self.restores.abort(restore, reason)
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if fields.update_mode:
+            restore.mode = attr.st_mode & 0o7777
+        if fields.update_uid:
+            restore.uid = attr.st_uid
+        if fields.update_gid:
+            restore.gid = attr.st_gid
+        if fields.update_mtime:
+            restore.mtime_ns = attr.st_mtime_ns
+        return self._restore_attributes(restore)
 
     @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        raise pyfuse3.FUSEError(errno.EPERM)
+        if parent_inode != RESTORE_INODE:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        await self.restores.remove(os.fsdecode(name))
 
     @fuse_errors
     async def rename(
@@ -444,13 +515,23 @@ class MirenOperations(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> None:
-        raise pyfuse3.FUSEError(errno.EPERM)
+        if parent_inode_old != RESTORE_INODE or parent_inode_new != RESTORE_INODE:
+            raise pyfuse3.FUSEError(
+                errno.EPERM if RESTORE_INODE not in (parent_inode_old, parent_inode_new) else errno.EXDEV
+            )
+        self._restore_entry(name_old)
+        await self.restores.rename(os.fsdecode(name_old), os.fsdecode(name_new))
 
     @fuse_errors
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        raise pyfuse3.FUSEError(errno.EROFS if parent_inode == ROOT_INODE else errno.EPERM)
+        """A new file in restore/ starts a restore; the §3 refusals answer here."""
+        if parent_inode != RESTORE_INODE:
+            raise pyfuse3.FUSEError(errno.EROFS if parent_inode == ROOT_INODE else errno.EPERM)
+        entry = await self.restores.begin(os.fsdecode(name), mode, ctx.uid, ctx.gid)
+        info = pyfuse3.FileInfo(fh=self._new_handle(entry), direct_io=True)
+        return info, self._restore_attributes(entry)
 
     @fuse_errors
     async def mkdir(

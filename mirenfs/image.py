@@ -31,8 +31,15 @@ def zeros(length: int) -> bytes | memoryview:
 
 
 def is_zero(data: bytes | bytearray | memoryview) -> bool:
-    """memcmp-speed check that ``data`` is all zero bytes."""
-    return data == zeros(len(data))
+    """Whether ``data`` is all zero bytes, at memcmp speed for any buffer.
+
+    ``bytes.startswith`` compares with memcmp whatever the buffer type; a
+    ``==`` against a memoryview compares item by item, ~80 times slower.
+    """
+    if len(data) <= len(_ZEROS):
+        return _ZEROS.startswith(data)
+    view = memoryview(data)
+    return all(_ZEROS.startswith(view[i : i + len(_ZEROS)]) for i in range(0, len(view), len(_ZEROS)))
 
 
 def data_extents(fd: int, size: int) -> list[tuple[int, int]]:

@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
+from mirenfs import notify
 from mirenfs.fs import MirenOperations, StoreCatalog
 from mirenfs.produce import Settings
+from mirenfs.restoredir import RestoreDirectory
 from mirenfs.snapshots import IndexCache, SnapshotService
 from mirenfs.store import Store, remove_stale_staging
 
@@ -58,7 +60,13 @@ def build_operations(config: MountConfig) -> MirenOperations:
         spill_directory=os.path.join(config.state_directory, "spill"),
         spill_limit=config.spill_limit,
     )
-    return MirenOperations(StoreCatalog(store), service, shared=config.shared)
+
+    def restores(allocate_inode: Callable[[], int]) -> RestoreDirectory:
+        return RestoreDirectory(
+            store, config.data_path, allow_overwrite=config.allow_overwrite, allocate_inode=allocate_inode
+        )
+
+    return MirenOperations(StoreCatalog(store), service, shared=config.shared, restores=restores)
 
 
 async def serve(config: MountConfig, *, ready: Callable[[], None] | None = None) -> None:
@@ -76,9 +84,13 @@ async def serve(config: MountConfig, *, ready: Callable[[], None] | None = None)
             log.info("mounted %s (data path %s)", config.mountpoint, config.data_path)
             if ready is not None:
                 ready()
+            notify.ready(f"serving {config.mountpoint}")
     finally:
+        notify.stopping(f"unmounting {config.mountpoint}")
         log.info("unmounting %s", config.mountpoint)
         pyfuse3.close(unmount=True)
+        with trio.CancelScope(shield=True):
+            await operations.restores.close()  # an unfinished restore is undone, not left half-done
         operations.service.close()
 
 

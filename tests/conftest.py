@@ -70,6 +70,28 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def sha256_sparse(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file whose holes are hashed as zeros without being read (huge sparse images)."""
+    digest = hashlib.sha256()
+    zeros = bytes(1 << 20)
+    with open(path, "rb") as f:
+        size, offset = os.fstat(f.fileno()).st_size, 0
+        while offset < size:
+            try:
+                data_start = os.lseek(f.fileno(), offset, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole remains
+                data_start = size
+            for start in range(offset, data_start, len(zeros)):
+                digest.update(zeros[: min(len(zeros), data_start - start)])
+            if data_start >= size:
+                break
+            data_end = os.lseek(f.fileno(), data_start, os.SEEK_HOLE)
+            f.seek(data_start)
+            digest.update(f.read(data_end - data_start))
+            offset = data_end
+    return digest.hexdigest()
+
+
 def mirenfs_command() -> list[str]:
     """The installed console script when there is one, else the module."""
     script = Path(sys.executable).parent / "mirenfs"
@@ -177,9 +199,18 @@ class Mount:
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - kept open by the child
         self.process = subprocess.Popen(
-            [*mirenfs_command(), "mount", str(self.mountpoint), "--foreground",
-             "--data-path", str(self.data_path), *self.extra],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            [
+                *mirenfs_command(),
+                "mount",
+                str(self.mountpoint),
+                "--foreground",
+                "--data-path",
+                str(self.data_path),
+                *self.extra,
+            ],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
         )
         log.close()
 

@@ -17,8 +17,9 @@ from conftest import run_mirenfs, wait_for, write_image
 
 
 def add_disk(data: Path, name: str, image: Path) -> None:
-    result = run_mirenfs("disk", "add", name, "--image", str(image), "--filesystem", "ext4",
-                         "--data-path", str(data))
+    result = run_mirenfs(
+        "disk", "add", name, "--image", str(image), "--filesystem", "ext4", "--data-path", str(data)
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -38,9 +39,14 @@ def disks(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
     data = tmp_path / "data"
     data.mkdir()
     contents = {
-        "web": write_image(tmp_path / "web.img", [("text", 6 << 20), ("hole", 9 << 20), ("data", 1 << 20),
-                                                   ("text", 12345)], seed=1),
-        "pg": write_image(tmp_path / "pg.img", [("data", 3 << 20), ("zero", 5 << 20), ("text", 700_001)], seed=2),
+        "web": write_image(
+            tmp_path / "web.img",
+            [("text", 6 << 20), ("hole", 9 << 20), ("data", 1 << 20), ("text", 12345)],
+            seed=1,
+        ),
+        "pg": write_image(
+            tmp_path / "pg.img", [("data", 3 << 20), ("zero", 5 << 20), ("text", 700_001)], seed=2
+        ),
     }
     for name in contents:
         add_disk(data, name, tmp_path / f"{name}.img")
@@ -96,8 +102,12 @@ def test_tar_rsync_sha256sum_and_xattrs(tmp_path: Path, disks, mounts, need_tool
     mounts(mnt, data)
 
     archive = tmp_path / "disks.tar"
-    tar = subprocess.run([need_tool("tar"), "-cf", str(archive), "-C", str(mnt), "."],
-                         capture_output=True, text=True, timeout=120)
+    tar = subprocess.run(
+        [need_tool("tar"), "-cf", str(archive), "-C", str(mnt), "."],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert tar.returncode == 0, tar.stderr
     assert "changed as we read it" not in tar.stderr
     extracted = tmp_path / "extracted"
@@ -105,22 +115,36 @@ def test_tar_rsync_sha256sum_and_xattrs(tmp_path: Path, disks, mounts, need_tool
     subprocess.run(["tar", "-xf", str(archive), "-C", str(extracted)], check=True, timeout=60)
     for name in contents:
         assert run_mirenfs("verify", str(extracted / f"{name}.mirn")).returncode == 0
-    check = subprocess.run([need_tool("sha256sum"), "-c", "web.mirn.sha256", "pg.mirn.sha256"],
-                           cwd=extracted, capture_output=True, text=True, timeout=60)
+    check = subprocess.run(
+        [need_tool("sha256sum"), "-c", "web.mirn.sha256", "pg.mirn.sha256"],
+        cwd=extracted,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     assert check.stdout.count(": OK") == 2
 
     backups = tmp_path / "backups"
     for round_ in (1, 2):
-        rsync = subprocess.run([need_tool("rsync"), "-a", "--stats", f"{mnt}/", f"{backups}/"],
-                               capture_output=True, text=True, timeout=120)
+        rsync = subprocess.run(
+            [need_tool("rsync"), "-a", "--stats", f"{mnt}/", f"{backups}/"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert rsync.returncode == 0, rsync.stderr
         transferred = next(line for line in rsync.stdout.splitlines() if "regular files transferred" in line)
         assert transferred.split(":")[1].strip() == ("4" if round_ == 1 else "0"), rsync.stdout
     assert (backups / "pg.mirn").read_bytes() == (mnt / "pg.mirn").read_bytes()
 
-    getfattr = subprocess.run([need_tool("getfattr"), "-d", "--absolute-names", str(mnt / "pg.mirn")],
-                              capture_output=True, text=True, timeout=30, check=True)
+    getfattr = subprocess.run(
+        [need_tool("getfattr"), "-d", "--absolute-names", str(mnt / "pg.mirn")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
     values = dict(line.split("=", 1) for line in getfattr.stdout.splitlines() if "=" in line)
     header, _ = decode_header((mnt / "pg.mirn").read_bytes())
     assert values == {
@@ -137,8 +161,11 @@ def test_dd_reads_at_odd_block_sizes(tmp_path: Path, disks, mounts) -> None:
     mnt = tmp_path / "mnt"
     mounts(mnt, data)
     whole = cli_backup(data, "pg", tmp_path / "pg.mirn")
-    dd = subprocess.run(["dd", f"if={mnt / 'pg.mirn'}", "bs=12345", "skip=7", "count=99", "status=none"],
-                        capture_output=True, timeout=60)
+    dd = subprocess.run(
+        ["dd", f"if={mnt / 'pg.mirn'}", "bs=12345", "skip=7", "count=99", "status=none"],
+        capture_output=True,
+        timeout=60,
+    )
     assert dd.returncode == 0 and dd.stdout == whole[7 * 12345 : 106 * 12345]
 
 
@@ -163,8 +190,9 @@ def test_first_stats_at_once_run_one_index_pass(tmp_path: Path, disks, mounts) -
     mnt = tmp_path / "mnt"
     mounts(mnt, data)
     sizes: list[int] = []
-    threads = [threading.Thread(target=lambda: sizes.append(os.stat(mnt / "web.mirn").st_size))
-               for _ in range(8)]
+    threads = [
+        threading.Thread(target=lambda: sizes.append(os.stat(mnt / "web.mirn").st_size)) for _ in range(8)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -181,8 +209,9 @@ def test_concurrent_readers_of_different_disks(tmp_path: Path, disks, mounts) ->
     results: dict[str, bytes] = {}
 
     def read(name: str) -> None:
-        results[name] = subprocess.run(["cat", str(mnt / f"{name}.mirn")], capture_output=True,
-                                       timeout=120, check=True).stdout
+        results[name] = subprocess.run(
+            ["cat", str(mnt / f"{name}.mirn")], capture_output=True, timeout=120, check=True
+        ).stdout
 
     threads = [threading.Thread(target=read, args=(name,)) for name in contents for _ in range(2)]
     for thread in threads:
@@ -193,7 +222,7 @@ def test_concurrent_readers_of_different_disks(tmp_path: Path, disks, mounts) ->
 
 
 def test_changed_image_shows_a_new_snapshot(tmp_path: Path, disks, mounts) -> None:
-    data, contents = disks
+    data, _ = disks
     mnt = tmp_path / "mnt"
     mounts(mnt, data)
     snapshot = mnt / "pg.mirn"
@@ -206,8 +235,12 @@ def test_changed_image_shows_a_new_snapshot(tmp_path: Path, disks, mounts) -> No
             image.seek(4 << 20)
             image.write(b"new data in the middle of the zero run")
         os.utime(tmp_path / "pg.img", ns=(1, 1_800_000_000_000_000_000))
-        new_checksum = wait_for(lambda: (c := os.getxattr(snapshot, "user.mirn.checksum")) != old_checksum and c,
-                                what="the new checksum")
+
+        def changed_checksum() -> bytes | None:
+            checksum = os.getxattr(snapshot, "user.mirn.checksum")
+            return checksum if checksum != old_checksum else None
+
+        new_checksum = wait_for(changed_checksum, what="the new checksum")
         assert os.stat(snapshot).st_mtime_ns == 1_800_000_000_000_000_000
         new = snapshot.read_bytes()
         assert new != old and new_checksum.decode() in new.decode("latin-1")
@@ -246,13 +279,13 @@ def test_snapshots_cannot_be_changed(tmp_path: Path, disks, mounts) -> None:
     snapshot = mnt / "web.mirn"
     before = snapshot.read_bytes()
     for action, expected in [
-        (lambda: open(snapshot, "r+b"), errno.EROFS),
-        (lambda: open(snapshot, "ab"), errno.EROFS),
+        (lambda: os.open(snapshot, os.O_RDWR), errno.EROFS),
+        (lambda: os.open(snapshot, os.O_WRONLY | os.O_APPEND), errno.EROFS),
         (lambda: os.truncate(snapshot, 0), errno.EROFS),
         (lambda: os.unlink(snapshot), errno.EPERM),
         (lambda: os.rename(snapshot, mnt / "other.mirn"), errno.EPERM),
         (lambda: os.chmod(snapshot, 0o666), errno.EPERM),
-        (lambda: open(mnt / "new-file", "wb"), errno.EROFS),
+        (lambda: os.open(mnt / "new-file", os.O_WRONLY | os.O_CREAT, 0o644), errno.EROFS),
     ]:
         with pytest.raises(OSError) as caught:
             action()

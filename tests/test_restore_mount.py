@@ -1,0 +1,331 @@
+"""Part 2 of the mount: restoring by writing into restore/ with cp, rsync, tar and dd."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_bad_input import CASES, bad_inputs
+
+from mirenfs.format import Meta
+
+from conftest import (
+    GO_VECTORS,
+    GoVector,
+    run_mirenfs,
+    sha256_file,
+    sha256_sparse,
+    staging_files,
+    wait_for,
+    write_image,
+)
+
+TOOLS = ["cp", "rsync", "tar"]
+
+
+def disk_record(data: Path, name: str) -> dict | None:
+    import json
+
+    listing = run_mirenfs("disk", "list", "--json", "--data-path", str(data))
+    assert listing.returncode == 0, listing.stderr
+    return next((d for d in json.loads(listing.stdout) if d["name"] == name), None)
+
+
+def state(mnt: Path, file_name: str) -> str:
+    return os.getxattr(mnt / "restore" / file_name, "user.mirenfs.state").decode()
+
+
+def copy_in(
+    tool: str, source: Path, mnt: Path, file_name: str, tmp: Path
+) -> subprocess.CompletedProcess[str]:
+    """Put ``source`` into restore/ as ``file_name`` the way each tool does it."""
+    destination = mnt / "restore" / file_name
+    if tool == "cp":
+        command = ["cp", str(source), str(destination)]
+    elif tool == "rsync":
+        command = ["rsync", str(source), str(destination)]  # default: .NAME.mirn.XXXXXX, then rename
+    else:
+        staged = tmp / "tar-src"
+        staged.mkdir(exist_ok=True)
+        (staged / file_name).write_bytes(source.read_bytes())
+        archive = tmp / f"{file_name}.tar"
+        subprocess.run(["tar", "-cf", str(archive), "-C", str(staged), file_name], check=True, timeout=60)
+        command = ["tar", "-xf", str(archive), "-C", str(mnt / "restore")]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+@pytest.mark.parametrize("vector", GO_VECTORS, ids=lambda v: v.file)
+def test_go_vectors_restore_through_the_mount(
+    tool: str, vector: GoVector, tmp_path: Path, mounts, need_tool
+) -> None:
+    need_tool(tool)
+    data, mnt = tmp_path / "data", tmp_path / "mnt"
+    data.mkdir()
+    mounts(mnt, data)
+    result = copy_in(tool, vector.path, mnt, "restored.mirn", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert state(mnt, "restored.mirn") == "installed"
+
+    record = disk_record(data, "restored")
+    assert record is not None and record["status"] == "provisioned"
+    assert (record["size_bytes"], record["filesystem"]) == (vector.size_bytes, vector.filesystem)
+    image = Path(record["image_path"])
+    assert sha256_file(image) == vector.sha256
+    assert image.stat().st_blocks * 512 <= max(vector.size_bytes // 10, 1 << 20)  # written sparsely
+    if vector.file == "go-ext4.mirn":  # the one vector that is a real filesystem (vectors README)
+        fsck = subprocess.run([need_tool("e2fsck"), "-fn", str(image)], capture_output=True, timeout=60)
+        assert fsck.returncode == 0, fsck.stdout
+    snapshot = mnt / "restored.mirn"
+    wait_for(snapshot.exists, what="the restored disk's snapshot")
+    assert os.getxattr(snapshot, "user.mirn.checksum").decode() == vector.sha256
+    assert staging_files(data) == []
+
+
+@pytest.fixture
+def existing(tmp_path: Path) -> tuple[Path, Path, str]:
+    """A data path with disk `pg` whose image must survive every failed restore."""
+    data = tmp_path / "data"
+    data.mkdir()
+    image = tmp_path / "pg.img"
+    write_image(image, [("text", 300_000), ("hole", 200_000)], seed=5)
+    result = run_mirenfs(
+        "disk", "add", "pg", "--image", str(image), "--filesystem", "ext4", "--data-path", str(data)
+    )
+    assert result.returncode == 0, result.stderr
+    return data, image, sha256_file(image)
+
+
+@pytest.fixture(scope="module")
+def good_snapshot(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, Meta, int]:
+    from mirenfs.format import decode_header
+
+    work = tmp_path_factory.mktemp("good")
+    write_image(work / "src.img", [("text", 200_000), ("data", 150_000), ("hole", 300_000)])
+    result = run_mirenfs("backup", "--image", str(work / "src.img"), "-o", str(work / "g.mirn"))
+    assert result.returncode == 0, result.stderr
+    data = (work / "g.mirn").read_bytes()
+    meta, header_len = decode_header(data)
+    return data, meta, header_len
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_snapshot_fails_cp_and_loses_nothing(
+    case: str, good_snapshot, existing, tmp_path: Path, mounts
+) -> None:
+    data, image, before = existing
+    mnt = tmp_path / "mnt"
+    mounts(mnt, data, "--allow-overwrite")
+    snapshot, _reason = bad_inputs(*good_snapshot)[case]
+    bad = tmp_path / "bad.mirn"
+    bad.write_bytes(snapshot)
+
+    # Over an existing disk: the image stays byte-identical.
+    result = subprocess.run(
+        ["cp", str(bad), str(mnt / "restore" / "pg.mirn")], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0
+    assert "Input/output error" in result.stderr or "Invalid argument" in result.stderr, result.stderr
+    assert state(mnt, "pg.mirn").startswith("failed: ")
+    assert sha256_file(image) == before
+    assert staging_files(tmp_path) == []
+
+    # Into a new name: no disk is left behind.
+    result = subprocess.run(
+        ["cp", str(bad), str(mnt / "restore" / "fresh.mirn")], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0
+    assert state(mnt, "fresh.mirn").startswith("failed: ")
+    assert disk_record(data, "fresh") is None
+    assert not (data / "disk-data" / "volumes").exists() or not any(
+        p.name == "disk.img" for p in (data / "disk-data" / "volumes").rglob("*")
+    )
+    assert staging_files(tmp_path) == []
+
+
+def test_refusals_reach_cp_with_their_errno(existing, tmp_path: Path, mounts, need_tool) -> None:
+    data, image, before = existing
+    mnt = tmp_path / "mnt"
+    mounts(mnt, data)
+    vector = GO_VECTORS[2].path
+
+    def cp(name: str) -> str:
+        result = subprocess.run(
+            ["cp", str(vector), str(mnt / "restore" / name)], capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode != 0, name
+        return result.stderr
+
+    assert "File exists" in cp("pg.mirn")  # existing image, mount without --allow-overwrite
+    assert "Invalid argument" in cp("sp ace.mirn")
+    assert "Invalid argument" in cp("notes.txt")
+    assert "Invalid argument" in cp(".hidden.mirn")
+
+    run_mirenfs("disk", "set-status", "pg", "deleting", "--data-path", str(data))
+    assert "Device or resource busy" in cp("pg.mirn")
+    run_mirenfs("disk", "set-status", "pg", "provisioned", "--data-path", str(data))
+
+    lease = run_mirenfs("lease", "acquire", "pg", "--data-path", str(data))
+    assert lease.returncode == 0, lease.stderr
+    assert "Device or resource busy" in cp("pg.mirn")
+    run_mirenfs("lease", "release", lease.stdout.decode().split()[0], "--data-path", str(data))
+
+    loop = subprocess.run(
+        [need_tool("losetup"), "-f", "--show", str(image)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.strip()
+    try:
+        assert "Device or resource busy" in cp("pg.mirn")
+    finally:
+        subprocess.run(["losetup", "-d", loop], timeout=30, check=True)
+    assert sha256_file(image) == before
+    assert disk_record(data, "sp ace") is None and staging_files(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("conversion", "reason"),
+    [([], "restore/ files cannot be resized"), (["conv=notrunc"], "writes to restore/ must arrive in order")],
+    ids=["dd-truncates-first", "dd-notrunc"],
+)
+def test_out_of_order_writes_are_refused(
+    conversion: list[str], reason: str, existing, tmp_path: Path, mounts
+) -> None:
+    data, _image, _before = existing
+    mnt = tmp_path / "mnt"
+    mounts(mnt, data)
+    dd = subprocess.run(
+        [
+            "dd",
+            f"if={GO_VECTORS[0].path}",
+            f"of={mnt / 'restore' / 'seeky.mirn'}",
+            "bs=4096",
+            "seek=3",
+            "status=none",
+            *conversion,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert dd.returncode != 0 and "Invalid argument" in dd.stderr
+    assert state(mnt, "seeky.mirn").startswith(f"failed: {reason}")
+    assert disk_record(data, "seeky") is None and staging_files(data) == []
+
+
+WRITER = """
+import os, signal, sys
+source, target, half = sys.argv[1], sys.argv[2], int(sys.argv[3])
+data = open(source, "rb").read()
+fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+os.write(fd, data[:half])
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_writer_killed_halfway_aborts_its_restore(existing, tmp_path: Path, mounts) -> None:
+    data, image, before = existing
+    mnt = tmp_path / "mnt"
+    mounts(mnt, data, "--allow-overwrite")
+    vector = GO_VECTORS[0].path
+    half = vector.stat().st_size // 2
+    for name in ("pg.mirn", "brand-new.mirn"):
+        writer = subprocess.run(
+            [sys.executable, "-c", WRITER, str(vector), str(mnt / "restore" / name), str(half)], timeout=60
+        )
+        assert writer.returncode == -signal.SIGKILL
+        assert wait_for(lambda n=name: state(mnt, n) != "receiving" and state(mnt, n)).startswith("failed: ")
+    assert sha256_file(image) == before
+    assert disk_record(data, "brand-new") is None
+    assert staging_files(tmp_path) == []
+
+
+def test_restores_of_two_disks_at_once_and_busy_same_disk(tmp_path: Path, mounts) -> None:
+    data, mnt = tmp_path / "data", tmp_path / "mnt"
+    data.mkdir()
+    mounts(mnt, data)
+    first = os.open(mnt / "restore" / "one.mirn", os.O_WRONLY | os.O_CREAT, 0o644)
+    second = os.open(mnt / "restore" / "two.mirn", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        with pytest.raises(OSError) as busy:
+            os.open(mnt / "restore" / ".one.mirn.Ab12Cd", os.O_WRONLY | os.O_CREAT, 0o644)
+        assert busy.value.errno == 16  # EBUSY: disk one is already being restored
+        ext4, odd = GO_VECTORS[0].path.read_bytes(), GO_VECTORS[2].path.read_bytes()
+        for i in range(0, max(len(ext4), len(odd)), 65536):  # interleaved, each in order
+            if i < len(ext4):
+                os.write(first, ext4[i : i + 65536])
+            if i < len(odd):
+                os.write(second, odd[i : i + 65536])
+    finally:
+        os.close(first)
+        os.close(second)
+    assert state(mnt, "one.mirn") == state(mnt, "two.mirn") == "installed"
+    assert sha256_file(disk_record(data, "one")["image_path"]) == GO_VECTORS[0].sha256
+    assert sha256_file(disk_record(data, "two")["image_path"]) == GO_VECTORS[2].sha256
+
+
+def test_reading_a_disk_during_its_restore_gives_the_old_snapshot(existing, tmp_path: Path, mounts) -> None:
+    data, image, _before = existing
+    mnt = tmp_path / "mnt"
+    mounts(mnt, data, "--allow-overwrite")
+    old = (mnt / "pg.mirn").read_bytes()
+    vector = GO_VECTORS[0].path.read_bytes()
+    fd = os.open(mnt / "restore" / "pg.mirn", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, vector[: len(vector) // 2])
+        assert (mnt / "pg.mirn").read_bytes() == old
+        os.write(fd, vector[len(vector) // 2 :])
+    finally:
+        os.close(fd)
+    assert state(mnt, "pg.mirn") == "installed"
+    assert os.getxattr(mnt / "pg.mirn", "user.mirn.checksum").decode() == GO_VECTORS[0].sha256
+    assert sha256_file(image) == GO_VECTORS[0].sha256
+
+
+def test_entries_keep_their_state_until_deleted(tmp_path: Path, mounts) -> None:
+    data, mnt = tmp_path / "data", tmp_path / "mnt"
+    data.mkdir()
+    mounts(mnt, data)
+    subprocess.run(
+        ["cp", str(GO_VECTORS[3].path), str(mnt / "restore" / "empty.mirn")], check=True, timeout=60
+    )
+    assert os.listdir(mnt / "restore") == ["empty.mirn"]
+    assert state(mnt, "empty.mirn") == "installed"
+    os.unlink(mnt / "restore" / "empty.mirn")
+    assert os.listdir(mnt / "restore") == []
+    assert (mnt / "empty.mirn").exists()  # deleting the entry does not touch the disk
+
+
+def test_sixteen_gib_mostly_zero_snapshot_in_bounded_memory(tmp_path: Path, mounts) -> None:
+    image = tmp_path / "big.img"
+    with open(image, "wb") as f:
+        for offset in (0, 5 << 30, (16 << 30) - 4096):
+            f.seek(offset)
+            f.write(os.urandom(4096))
+        f.truncate(16 << 30)
+    snapshot = tmp_path / "big.mirn"
+    result = run_mirenfs("backup", "--image", str(image), "-o", str(snapshot), timeout=300)
+    assert result.returncode == 0, result.stderr
+    expected = sha256_sparse(image)
+    image.unlink()
+
+    data, mnt = tmp_path / "data", tmp_path / "mnt"
+    data.mkdir()
+    mount = mounts(mnt, data)
+    copy = subprocess.run(
+        ["cp", str(snapshot), str(mnt / "restore" / "big.mirn")], capture_output=True, text=True, timeout=300
+    )
+    assert copy.returncode == 0, copy.stderr
+    status = Path(f"/proc/{mount.process.pid}/status").read_text()
+    peak_kib = int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1])
+    assert peak_kib < 200 * 1024, f"daemon peak RSS {peak_kib} KiB"
+    restored = Path(disk_record(data, "big")["image_path"])
+    assert restored.stat().st_size == 16 << 30
+    assert restored.stat().st_blocks * 512 < 1 << 20
+    assert os.getxattr(mnt / "big.mirn", "user.mirn.checksum").decode() == expected
