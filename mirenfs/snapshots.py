@@ -156,7 +156,7 @@ def sidecar_size(name: str) -> int:
 
 
 class SnapshotService:
-    """Builds and hands out disk versions; one index pass at a time, since each uses every core."""
+    """Builds and hands out disk versions; at most two index passes run at once."""
 
     def __init__(
         self,
@@ -175,7 +175,9 @@ class SnapshotService:
         self._current: dict[str, DiskVersion] = {}
         self._building: dict[tuple[str, ImageIdentity, str], trio.Event] = {}
         self._build_errors: dict[tuple[str, ImageIdentity, str], Exception] = {}
-        self._pass_limit = trio.CapacityLimiter(1)
+        # Two passes at a time: each keeps every core busy, and a second slot
+        # keeps a huge disk's first pass from holding up every other new disk.
+        self._pass_limit = trio.CapacityLimiter(2)
         os.makedirs(spill_directory, mode=0o700, exist_ok=True)
 
     def current(self, name: str) -> DiskVersion | None:

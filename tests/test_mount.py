@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import subprocess
@@ -303,3 +304,33 @@ def test_unmount_leaves_no_process_behind(tmp_path: Path, disks, mounts) -> None
     assert mount.stop() == 0
     assert not os.path.ismount(mnt)
     assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_other_disks_stay_readable_during_an_index_pass(tmp_path: Path, disks, mounts) -> None:
+    """The index pass runs on worker threads: the event loop keeps answering other disks."""
+    data, _ = disks
+    big = tmp_path / "big.img"
+    with open(big, "wb") as f:  # ~400 MB of compressible, non-repeating text: a pass of a second or more
+        block = bytearray(random.Random(9).choices(b"abcdefgh ", k=1 << 20))
+        for i in range(400):
+            block[:8] = i.to_bytes(8, "little")
+            f.write(block)
+    add_disk(data, "big", big)
+    mnt = tmp_path / "mnt"
+    mounts(mnt, data)
+    expected = (mnt / "pg.mirn").read_bytes()  # indexed before the big pass starts
+
+    def building() -> bool:
+        status = json.loads(os.getxattr(mnt, "user.mirenfs.status"))
+        return status["disks"].get("big", {}).get("index") == "building"
+
+    stat_big = threading.Thread(target=os.stat, args=(mnt / "big.mirn",))
+    stat_big.start()
+    try:
+        wait_for(building, what="the big disk's index pass to start")
+        assert (mnt / "pg.mirn").read_bytes() == expected
+        assert building(), "the big pass ended before the other disk was read: make it bigger"
+        assert os.stat(mnt / "web.mirn").st_size > 0  # a new disk's first pass need not wait for it
+    finally:
+        stat_big.join(timeout=120)
+    assert index_passes(mnt) == 3
