@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, BinaryIO
@@ -24,7 +23,6 @@ from typing import Any, BinaryIO
 import trio
 
 from mirenfs.cli import parse_size, settings_from
-from mirenfs.consume import restore_to_path
 from mirenfs.disks import (
     DiskLeasedError,
     DiskState,
@@ -37,12 +35,13 @@ from mirenfs.disks import (
     prepare_restore,
     validate_disk_name,
 )
-from mirenfs.engine import backup_image, read_pieces
+from mirenfs.engine import backup_image, open_input, read_pieces
 from mirenfs.errors import MirenfsError
 from mirenfs.format import read_header
 from mirenfs.fstype import detect_filesystem
 from mirenfs.image import STAGING_SUFFIX, remove_stale_staging
 from mirenfs.progress import ProgressBar
+from mirenfs.restoring import DiskRestore
 from mirenfs.store import DiskBusyError, DiskRecord, Store
 
 DEFAULT_DATA_PATH = "/var/lib/miren"
@@ -406,30 +405,16 @@ def cmd_restore_disk(args: argparse.Namespace) -> int:
         return prepare_restore(store, name, data_path=data_path, overwrite=args.force, creator=store)
 
     target = prepare(args.name) if args.name is not None else None
-    with _open_snapshot(args.file) as source:
+    with open_input(args.file) as source:
         meta = read_header(source)
         if target is None:
             target = prepare(meta.name)
+        total = _remaining_bytes(source)
+        bar = ProgressBar(total, f"restore {target.name}", enabled=None if total else False)
         try:
-            image_path = target.open(meta.size_bytes, meta.filesystem)
-            total = _remaining_bytes(source)
-            bar = ProgressBar(total, f"restore {target.name}", enabled=None if total else False)
-            try:
-                trio.run(
-                    partial(
-                        restore_to_path,
-                        image_path,
-                        _counted(read_pieces(source), bar),
-                        overwrite=True,  # prepare_restore already applied the consent rule
-                        header_read=meta,
-                    )
-                )
-            finally:
-                bar.close()
-            target.finalize()
-        except BaseException:
-            target.cleanup()
-            raise
+            trio.run(_restore_from, DiskRestore(target, header_read=meta), source, bar)
+        finally:
+            bar.close()
     how = "new disk" if target.creates_disk else "image replaced"
     print(
         f"restored disk {target.name} ({how}) from {args.file}: {meta.size_bytes} bytes, "
@@ -438,13 +423,17 @@ def cmd_restore_disk(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_snapshot(path: str) -> BinaryIO:
-    if path == "-":
-        return os.fdopen(os.dup(sys.stdin.fileno()), "rb")
+async def _restore_from(restore: DiskRestore, source: BinaryIO, progress: ProgressBar) -> None:
+    """The same disk restore the mount's restore/ runs, fed from a file or a pipe."""
     try:
-        return open(path, "rb")
-    except OSError as exc:
-        raise MirenfsError(f"cannot open snapshot {path}: {exc.strerror}") from None
+        async for piece in read_pieces(source):
+            await restore.append(piece)
+            progress(restore.next_offset)
+        await restore.finish()
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await restore.abort()
+        raise
 
 
 def _remaining_bytes(source: BinaryIO) -> int:
@@ -453,11 +442,3 @@ def _remaining_bytes(source: BinaryIO) -> int:
         return max(os.fstat(source.fileno()).st_size - source.tell(), 0)
     except (OSError, ValueError):
         return 0
-
-
-async def _counted(pieces: AsyncIterator[bytes], progress: ProgressBar) -> AsyncIterator[bytes]:
-    done = 0
-    async for piece in pieces:
-        done += len(piece)
-        progress(done)
-        yield piece

@@ -192,7 +192,7 @@ async def restore_file(
     on_header: Callable[[Meta], None] | None = None,
 ) -> Meta:
     """``mirenfs restore FILE --image PATH``; ``FILE`` may be ``-`` for standard input."""
-    with _open_input(snapshot) as source:
+    with open_input(snapshot) as source:
         return await restore_to_path(
             image_path, read_pieces(source), overwrite=overwrite, on_header=on_header
         )
@@ -214,13 +214,14 @@ async def verify_file(snapshot: str, on_header: Callable[[Meta], None] | None = 
         return _NullWriter()
 
     stream = RestoreStream(open_target)
-    with _open_input(snapshot) as source:
+    with open_input(snapshot) as source:
         async for piece in read_pieces(source):
             await stream.feed(piece)
     return await stream.finish()
 
 
-def _open_input(path: str) -> BinaryIO:
+def open_input(path: str) -> BinaryIO:
+    """A snapshot to read: a file, or ``-`` for standard input."""
     if path == "-":
         return os.fdopen(os.dup(sys.stdin.fileno()), "rb")
     try:

@@ -18,15 +18,13 @@ from dataclasses import dataclass, field
 
 import trio
 
-from mirenfs.consume import StagedRestore
 from mirenfs.disks import RestoreTarget, prepare_restore, validate_disk_name
 from mirenfs.errors import MirenfsError
-from mirenfs.format import Meta
+from mirenfs.restoring import DiskRestore
 from mirenfs.store import Store
 
 log = logging.getLogger("mirenfs.restore")
 
-FEED_BATCH = 1 << 20  # FUSE writes are gathered to this size before a worker thread takes them
 SNAPSHOT_SUFFIX = ".mirn"
 SIDECAR_SUFFIX = ".mirn.sha256"
 _RSYNC_TEMPORARY = re.compile(r"\.(.+\.mirn(?:\.sha256)?)\.[A-Za-z0-9]{6}")
@@ -76,44 +74,6 @@ class RestoreEntry:
 
     def status(self) -> dict[str, object]:
         return {"name": f"restore/{self.name}", "disk": self.disk, "state": self.state, "bytes": self.size}
-
-
-class DiskRestore:
-    """One disk restore fed by writes in order: staging, verification, install, store."""
-
-    def __init__(self, target: RestoreTarget) -> None:
-        self.target = target
-        self.next_offset = 0
-        self._pending = bytearray()
-        self._restore = StagedRestore(self._choose_image)
-
-    async def _choose_image(self, meta: Meta) -> str:
-        return await trio.to_thread.run_sync(self.target.open, meta.size_bytes, meta.filesystem)
-
-    async def write(self, offset: int, data: bytes) -> None:
-        if offset != self.next_offset:
-            raise RestoreRefused(
-                f"writes to restore/ must arrive in order: got offset {offset}, expected {self.next_offset}",
-                errno.EINVAL,
-            )
-        self.next_offset += len(data)
-        self._pending += data
-        if len(self._pending) >= FEED_BATCH:
-            await self._feed_pending()
-
-    async def _feed_pending(self) -> None:
-        batch, self._pending = bytes(self._pending), bytearray()
-        await self._restore.feed(batch)
-
-    async def finish(self) -> Meta:
-        await self._feed_pending()
-        meta = await self._restore.finish()
-        await trio.to_thread.run_sync(self.target.finalize)
-        return meta
-
-    async def abort(self) -> None:
-        await self._restore.discard()
-        await trio.to_thread.run_sync(self.target.cleanup)
 
 
 class RestoreDirectory:

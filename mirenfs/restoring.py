@@ -1,0 +1,65 @@
+"""One restore of a store disk, fed in order — by FUSE writes in the mount, by a
+file or a pipe in the CLI — so both take the same path through staging,
+verification, install and the store's finalize or cleanup (SPEC §3).
+"""
+
+from __future__ import annotations
+
+import errno
+
+import trio
+
+from mirenfs.consume import StagedRestore
+from mirenfs.disks import RestoreTarget
+from mirenfs.errors import MirenfsError
+from mirenfs.format import Meta
+
+FEED_BATCH = 1 << 20  # small writes are gathered to this size before a worker thread takes them
+
+
+class OutOfOrderWrite(MirenfsError):
+    """A snapshot must be written from its first byte to its last, in order."""
+
+    errno = errno.EINVAL
+
+
+class DiskRestore:
+    """A restore into the disk ``target`` chose (an existing one, or one it creates on the header)."""
+
+    def __init__(self, target: RestoreTarget, *, header_read: Meta | None = None) -> None:
+        self.target = target
+        self.next_offset = 0
+        self._pending = bytearray()
+        self._restore = StagedRestore(self._choose_image, header_read=header_read)
+
+    async def _choose_image(self, meta: Meta) -> str:
+        return await trio.to_thread.run_sync(self.target.open, meta.size_bytes, meta.filesystem)
+
+    async def write(self, offset: int, data: bytes) -> None:
+        if offset != self.next_offset:
+            raise OutOfOrderWrite(
+                f"writes to restore/ must arrive in order: got offset {offset}, expected {self.next_offset}"
+            )
+        self.next_offset += len(data)
+        self._pending += data
+        if len(self._pending) >= FEED_BATCH:
+            await self._feed_pending()
+
+    async def append(self, data: bytes) -> None:
+        await self.write(self.next_offset, data)
+
+    async def _feed_pending(self) -> None:
+        batch, self._pending = bytes(self._pending), bytearray()
+        await self._restore.feed(batch)
+
+    async def finish(self) -> Meta:
+        """Verify, install the image, and record it in the store."""
+        await self._feed_pending()
+        meta = await self._restore.finish()
+        await trio.to_thread.run_sync(self.target.finalize)
+        return meta
+
+    async def abort(self) -> None:
+        """Remove the staging file and whatever the target created; safe to repeat."""
+        await self._restore.discard()
+        await trio.to_thread.run_sync(self.target.cleanup)
