@@ -1,25 +1,62 @@
 """mirenfs: Miren disk snapshots (`.mirn`) as files, for backup and restore with ordinary tools.
 
-The top level mirrors Miren's Go package: the format (:class:`Meta`,
-:func:`write_header`, :func:`read_header`) and the operations
-(:func:`backup`, :func:`restore_image`).
+The top level mirrors Miren's Go package in Python style: the format
+(:class:`Meta`, :func:`write_header`, :func:`read_header`), the operations
+(:func:`backup`, :func:`restore_image`), and the disk rules
+(:func:`prepare_backup`, :func:`prepare_restore` over a :class:`DiskResolver`).
+The status constants are the members of :class:`DiskState`,
+:class:`VolumeState` and :class:`LeaseState` (``DiskState.DELETING == "deleting"``).
 """
 
 from mirenfs.api import backup, restore_image
+from mirenfs.disks import (
+    BackupTarget,
+    CreatedDisk,
+    Disk,
+    DiskCreator,
+    DiskNotFoundError,
+    DiskResolver,
+    DiskState,
+    Lease,
+    LeaseState,
+    RestoreTarget,
+    Volume,
+    VolumeState,
+    prepare_backup,
+    prepare_restore,
+    validate_disk_name,
+)
 from mirenfs.errors import FormatError, ImageChangedError, MirenfsError, TargetError
 from mirenfs.format import FORMAT_VERSION, MAGIC, Meta, Timestamp, read_header, write_header
+from mirenfs.store import Store
 
 __all__ = [
     "FORMAT_VERSION",
     "MAGIC",
+    "BackupTarget",
+    "CreatedDisk",
+    "Disk",
+    "DiskCreator",
+    "DiskNotFoundError",
+    "DiskResolver",
+    "DiskState",
     "FormatError",
     "ImageChangedError",
+    "Lease",
+    "LeaseState",
     "Meta",
     "MirenfsError",
+    "RestoreTarget",
+    "Store",
     "TargetError",
     "Timestamp",
+    "Volume",
+    "VolumeState",
     "backup",
+    "prepare_backup",
+    "prepare_restore",
     "read_header",
     "restore_image",
+    "validate_disk_name",
     "write_header",
 ]
