@@ -13,3 +13,6 @@ test: setup lint
 
 bench: setup
 	.venv/bin/python bench/benchmark.py
+
+demo: setup
+	.venv/bin/mirenfs demo

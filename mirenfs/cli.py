@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from mirenfs import cli_mount, cli_store  # imported here: they build on this module's helpers
+    from mirenfs import cli_mount, cli_ops, cli_store  # imported here: they build on this module's helpers
 
     backup = commands.add_parser("backup", help="write a snapshot of a disk, or of an image file")
     backup.add_argument("disk", nargs="?", metavar="NAME", help="the disk to back up (from the disk store)")
@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_store.register(commands)
     cli_mount.register(commands)
+    cli_ops.register(commands)
     return parser
 
 
@@ -228,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.log_level is None:
-        args.log_level = "info" if args.command == "mount" else "warning"
+        args.log_level = "info" if args.command in ("mount", "demo") else "warning"
     logging.basicConfig(level=args.log_level.upper(), format="mirenfs: %(levelname)s: %(message)s")
     handler: Handler = args.handler
     try:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
+import stat
 import sys
 from functools import partial
 from typing import Any
@@ -16,6 +18,7 @@ from mirenfs.aio import meaningful_error
 from mirenfs.cli_store import add_data_path_option, resolve_data_path
 from mirenfs.errors import MirenfsError
 from mirenfs.mount import MountConfig, serve
+from mirenfs.mount_helper import fuse_options
 
 log = logging.getLogger("mirenfs")
 
@@ -40,16 +43,25 @@ def register(commands: Any) -> None:
 
 def config_from(args: argparse.Namespace) -> MountConfig:
     mountpoint = os.path.abspath(args.mountpoint)
-    if not os.path.isdir(mountpoint):
+    try:
+        info: os.stat_result | None = os.stat(mountpoint)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise MirenfsError(
+                f"a dead mount is left at {mountpoint} (its daemon was killed); "
+                f"run: fusermount3 -u {mountpoint}"
+            ) from None
+        info = None
+    if info is None or not stat.S_ISDIR(info.st_mode):
         raise MirenfsError(f"mount point {mountpoint} is not a directory; create it first")
     data_path = resolve_data_path(args.data_path)
     try:
         os.makedirs(data_path, exist_ok=True)
     except OSError as exc:
         raise MirenfsError(f"cannot use data path {data_path}: {exc.strerror}") from None
-    options = [opt.strip() for group in args.options for opt in group.split(",") if opt.strip()]
+    options = fuse_options(args.options)  # the same filter the mount.mirenfs helper applies
     allow_overwrite = args.allow_overwrite or "allow_overwrite" in options
-    options = [opt for opt in options if opt not in ("allow_overwrite", "defaults", "rw", "auto", "nofail")]
+    options = [opt for opt in options if opt != "allow_overwrite"]
     return MountConfig(mountpoint, data_path, allow_overwrite=allow_overwrite, fuse_options=options)
 
 

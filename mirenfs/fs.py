@@ -430,6 +430,7 @@ class MirenOperations(pyfuse3.Operations):
 
     async def _xattrs(self, inode: int) -> dict[bytes, bytes]:
         if inode == ROOT_INODE:
+            await self.disks()  # status reports the disks as the store has them now
             return {
                 b"user.mirenfs.index_passes": str(self.service.index_passes).encode(),
                 b"user.mirenfs.status": json.dumps(self.status()).encode(),

@@ -43,7 +43,9 @@ class MountConfig:
         return os.path.join(self.data_path, "mirenfs")
 
     def kernel_options(self) -> set[str]:
-        options = {"fsname=mirenfs", "subtype=mirenfs", *self.fuse_options}
+        # The data path as the source, as in fstab, so `mount -a` sees the line is mounted.
+        plain = self.data_path and not any(c in self.data_path for c in ", \t\n")
+        options = {f"fsname={self.data_path if plain else 'mirenfs'}", "subtype=mirenfs", *self.fuse_options}
         if self.shared:
             options.add("default_permissions")  # with other users, the kernel checks modes
         return options
