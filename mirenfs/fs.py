@@ -23,7 +23,7 @@ import trio
 
 from mirenfs.disks import DiskState
 from mirenfs.errors import ImageChangedError, MirenfsError
-from mirenfs.restoredir import RestoreDirectory, RestoreEntry
+from mirenfs.restoredir import SIDECAR_SUFFIX, SNAPSHOT_SUFFIX, RestoreDirectory, RestoreEntry
 from mirenfs.snapshots import DiskVersion, SnapshotService, sidecar_size, sidecar_text
 
 log = logging.getLogger("mirenfs.fs")
@@ -31,8 +31,6 @@ log = logging.getLogger("mirenfs.fs")
 ROOT_INODE = pyfuse3.ROOT_INODE
 RESTORE_INODE = ROOT_INODE + 1
 RESTORE_DIR = "restore"
-SNAPSHOT_SUFFIX = ".mirn"
-SIDECAR_SUFFIX = ".mirn.sha256"
 CATALOG_TTL_S = 0.5  # how long one store listing serves lookups (bulk `ls -l`, tar, rsync)
 
 P = ParamSpec("P")
@@ -114,10 +112,6 @@ class Node:
     name: str
     kind: str  # "snapshot" or "sidecar"
     version: DiskVersion
-
-    @property
-    def file_name(self) -> str:
-        return self.name + (SNAPSHOT_SUFFIX if self.kind == "snapshot" else SIDECAR_SUFFIX)
 
 
 @dataclass
