@@ -87,7 +87,8 @@ def test_make_test_in_a_fresh_clone(clone: Path) -> None:
     command = quick_start_commands()[1].split()
     # As written; only the nested pytest is narrowed to a few tests, so the
     # suite does not run itself again (setup, ruff and mypy run in full).
-    environment = {**os.environ, "PYTEST_ADDOPTS": "-k test_readme_names_the_two_commands or test_constants"}
+    narrowed = "-k 'test_readme_names_the_two_commands or test_constants'"
+    environment = {**os.environ, "PYTEST_ADDOPTS": narrowed}
     result = subprocess.run(command, cwd=clone, capture_output=True, text=True, timeout=900, env=environment)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert re.search(r"\b2 passed\b", result.stdout), result.stdout[-2000:]
