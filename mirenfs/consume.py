@@ -112,6 +112,12 @@ class RestoreStream:
             self._failure = exc
             raise
 
+    @property
+    def complete(self) -> bool:
+        """Whether the bytes so far form a whole snapshot: all of ``size_bytes`` out, no frame cut."""
+        meta = self._header.meta
+        return meta is not None and self.bytes_out == meta.size_bytes and self._scanner.at_boundary
+
     def _check_failed(self) -> None:
         if self._failure is not None:
             raise self._failure
@@ -172,8 +178,15 @@ class StagedRestore:
     staging file and is safe to call at any point, any number of times.
     """
 
-    def __init__(self, choose_image: ChooseImage, *, header_read: Meta | None = None) -> None:
+    def __init__(
+        self,
+        choose_image: ChooseImage,
+        *,
+        header_read: Meta | None = None,
+        before_install: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self._choose_image = choose_image
+        self._before_install = before_install
         self._staging: StagingImage | None = None
         self.stream = RestoreStream(self._open_target, header_read=header_read)
 
@@ -189,6 +202,8 @@ class StagedRestore:
         """Verify the whole stream, then fsync, rename over the image and fsync the directory."""
         meta = await self.stream.finish()
         assert self._staging is not None
+        if self._before_install is not None:
+            await self._before_install()  # the last moment a refusal can still keep the old image
         await trio.to_thread.run_sync(self._staging.install, meta.timestamp.unix_ns)
         return meta
 

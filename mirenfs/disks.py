@@ -423,7 +423,7 @@ class RestoreTarget:
             raise RuntimeError(f"the restore of disk {self.name} was already opened")
         self.size_bytes, self.filesystem = size_bytes, filesystem
         if self.existing is not None:
-            image_path = self._recheck_existing()
+            self.existing, image_path = self._recheck(self.existing)
             if not self.resolver.find_volume_by_disk_id(self.existing.id).image_path:
                 self._make_parent_dirs(os.path.dirname(image_path))  # a managed volume's directory
             self.image_path = image_path
@@ -447,19 +447,25 @@ class RestoreTarget:
         self.image_path = image_path
         return image_path
 
-    def _recheck_existing(self) -> str:
-        """The disk may have changed since prepare_restore (a lease bound meanwhile): check again."""
-        assert self.existing is not None
+    def _recheck(self, expected: Disk) -> tuple[Disk, str]:
+        """The disk may have changed since it was checked (a lease bound meanwhile): check again."""
         try:
             disk = self.resolver.find_disk_by_name(self.name)
         except DiskNotFoundError:
-            raise DiskChangedError(
-                f"disk {self.name} was removed while its restore was starting; try again"
-            ) from None
-        if disk.id != self.existing.id:
-            raise DiskChangedError(f"disk {self.name} was replaced while its restore was starting; try again")
-        self.existing = disk
-        return _check_restorable(self.resolver, disk, data_path=self.data_path, overwrite=self.overwrite)
+            raise DiskChangedError(f"disk {self.name} was removed while it was being restored") from None
+        if disk.id != expected.id:
+            raise DiskChangedError(f"disk {self.name} was replaced while it was being restored")
+        image_path = _check_restorable(
+            self.resolver, disk, data_path=self.data_path, overwrite=self.overwrite
+        )
+        return disk, image_path
+
+    def check_still_restorable(self) -> None:
+        """Right before the image is replaced, apply the refusals again: a lease bound or a
+        loop device attached while the stream arrived stops the restore, not the application."""
+        disk = self.disk
+        if disk is not None:
+            self._recheck(disk)
 
     def _make_parent_dirs(self, directory: str) -> None:
         missing = []

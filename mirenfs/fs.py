@@ -379,15 +379,15 @@ class MirenOperations(pyfuse3.Operations):
         handle = self._handles.pop(fh, None)
         if isinstance(handle, OpenSnapshot):
             self.service.release(handle.version)
-        elif isinstance(handle, RestoreEntry) and handle.session is not None:
-            await self.restores.abort(handle, "the file was closed before any snapshot data was written")
+        elif isinstance(handle, RestoreEntry):
+            await self.restores.release(handle)
 
     @fuse_errors
     async def flush(self, fh: int) -> None:
-        """The close of a file in restore/: verify and install now, so its error reaches close(2)."""
+        """A close of a file in restore/: install now if the snapshot is whole, so errors reach close(2)."""
         handle = self._handles.get(fh)
         if isinstance(handle, RestoreEntry):
-            await self.restores.finish(handle)
+            await self.restores.flush(handle)
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:

@@ -8,6 +8,7 @@ deleted, so an operator can see what became of a copy.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -133,15 +134,40 @@ class RestoreDirectory:
         entry.size = entry.session.next_offset
         entry.mtime_ns = time.time_ns()
 
-    async def finish(self, entry: RestoreEntry) -> None:
-        """The writer closed the file: verify and install, or fail and undo.
+    async def flush(self, entry: RestoreEntry) -> None:
+        """A close of the file: install if the snapshot is whole, else tell that close it is not.
 
-        A close before any byte was written is a duplicate descriptor going
-        away (dd opens its output, dup2s it to stdout and closes the
-        original), not the end of the stream: that restore goes on.
+        FUSE cannot tell the writer's last close from another one: a process
+        that forks while writing (its child's close-on-exec), or dd, which
+        dup2s its output and closes the original. So an incomplete stream
+        answers EIO to the close in hand — a short ``cp`` exits non-zero —
+        and stays open for more writes; the release after the last close ends it.
         """
         session = entry.session
         if session is None or session.next_offset == 0:
+            return
+        try:
+            await session.feed_pending()
+        except BaseException as exc:
+            await self._fail(entry, exc)
+            raise
+        if not session.complete:
+            raise RestoreRefused(
+                f"restore/{entry.name} was closed after {entry.size} bytes, before the snapshot was whole",
+                errno.EIO,
+            )
+        await self.finish(entry)
+
+    async def release(self, entry: RestoreEntry) -> None:
+        """The last close: what arrived is all there is, so the restore ends now, either way."""
+        if entry.session is not None:
+            with contextlib.suppress(MirenfsError):
+                await self.finish(entry)  # an incomplete stream fails here with its precise reason
+
+    async def finish(self, entry: RestoreEntry) -> None:
+        """Verify and install, or fail and undo."""
+        session = entry.session
+        if session is None:
             return
         try:
             meta = await session.finish()

@@ -30,10 +30,15 @@ class DiskRestore:
         self.target = target
         self.next_offset = 0
         self._pending = bytearray()
-        self._restore = StagedRestore(self._choose_image, header_read=header_read)
+        self._restore = StagedRestore(
+            self._choose_image, header_read=header_read, before_install=self._check_still_restorable
+        )
 
     async def _choose_image(self, meta: Meta) -> str:
         return await trio.to_thread.run_sync(self.target.open, meta.size_bytes, meta.filesystem)
+
+    async def _check_still_restorable(self) -> None:
+        await trio.to_thread.run_sync(self.target.check_still_restorable)
 
     async def write(self, offset: int, data: bytes) -> None:
         if offset != self.next_offset:
@@ -43,18 +48,24 @@ class DiskRestore:
         self.next_offset += len(data)
         self._pending += data
         if len(self._pending) >= FEED_BATCH:
-            await self._feed_pending()
+            await self.feed_pending()
 
     async def append(self, data: bytes) -> None:
         await self.write(self.next_offset, data)
 
-    async def _feed_pending(self) -> None:
+    async def feed_pending(self) -> None:
+        """Hand over the writes gathered so far (a close may be the end of the stream)."""
         batch, self._pending = bytes(self._pending), bytearray()
         await self._restore.feed(batch)
 
+    @property
+    def complete(self) -> bool:
+        """Whether what was fed forms a whole snapshot (call :meth:`feed_pending` first)."""
+        return not self._pending and self._restore.stream.complete
+
     async def finish(self) -> Meta:
         """Verify, install the image, and record it in the store."""
-        await self._feed_pending()
+        await self.feed_pending()
         meta = await self._restore.finish()
         await trio.to_thread.run_sync(self.target.finalize)
         return meta

@@ -329,3 +329,43 @@ def test_sixteen_gib_mostly_zero_snapshot_in_bounded_memory(tmp_path: Path, moun
     assert restored.stat().st_size == 16 << 30
     assert restored.stat().st_blocks * 512 < 1 << 20
     assert os.getxattr(mnt / "big.mirn", "user.mirn.checksum").decode() == expected
+
+
+def test_a_lease_bound_during_the_restore_stops_it_before_install(existing, tmp_path: Path, mounts) -> None:
+    data, image, before = existing
+    mnt = tmp_path / "mnt"
+    mounts(mnt, data, "--allow-overwrite")
+    vector = GO_VECTORS[0].path.read_bytes()
+    fd = os.open(mnt / "restore" / "pg.mirn", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, vector[: len(vector) // 2])
+        lease = run_mirenfs("lease", "acquire", "pg", "--data-path", str(data))
+        assert lease.returncode == 0, lease.stderr
+        os.write(fd, vector[len(vector) // 2 :])
+    finally:
+        with pytest.raises(OSError) as closing:
+            os.close(fd)
+    assert closing.value.errno == 16  # EBUSY, from the close that would have installed the image
+    assert state(mnt, "pg.mirn").startswith("failed: disk pg is in use (lease")
+    assert sha256_file(image) == before
+    assert staging_files(tmp_path) == []
+
+
+def test_a_writer_that_forks_mid_stream_still_restores(tmp_path: Path, mounts) -> None:
+    """A child's close of the inherited descriptor is not the end of the stream."""
+    data, mnt = tmp_path / "data", tmp_path / "mnt"
+    data.mkdir()
+    mounts(mnt, data)
+    vector = GO_VECTORS[0].path.read_bytes()
+    fd = os.open(mnt / "restore" / "forked.mirn", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, vector[:1000])
+        os.set_inheritable(fd, True)
+        subprocess.run(["true"], close_fds=False, check=True, timeout=30)  # the child closes it at exit
+        subprocess.run([sys.executable, "-c", "pass"], check=True, timeout=30)  # closed on exec
+        assert state(mnt, "forked.mirn") == "receiving"
+        os.write(fd, vector[1000:])
+    finally:
+        os.close(fd)
+    assert state(mnt, "forked.mirn") == "installed"
+    assert sha256_file(disk_record(data, "forked")["image_path"]) == GO_VECTORS[0].sha256
