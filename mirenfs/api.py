@@ -6,6 +6,7 @@ so they must not be called from inside a running trio loop.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import os
 import stat
@@ -16,10 +17,10 @@ from typing import BinaryIO
 import trio
 
 from mirenfs.consume import ImageWriter, RestoreStream, restore_to_path
-from mirenfs.engine import read_pieces, stream_snapshot, write_snapshot
+from mirenfs.engine import OpenImage, SnapshotOf, read_pieces, reading_rules, stream_snapshot, write_snapshot
 from mirenfs.errors import MirenfsError
 from mirenfs.format import Meta, Timestamp
-from mirenfs.image import ChunkSource, FdImageSource, FileObjectSource
+from mirenfs.image import ChunkSource, FdImageSource, FileObjectSource, ImageIdentity
 from mirenfs.produce import Settings
 
 
@@ -40,21 +41,20 @@ def backup(
     A seekable ``dst`` is written in one pass; any other in two.
     """
     settings = settings or Settings()
-    source, mtime_ns = _backup_source(src, size_bytes, settings)
+    source, of = _backup_source(src, size_bytes, settings, name, filesystem)
     if isinstance(timestamp, _dt.datetime):
         timestamp = Timestamp.from_datetime(timestamp)
     if timestamp is not None:
-        mtime_ns = timestamp.unix_ns
-    kwargs = {"name": name, "filesystem": filesystem, "mtime_ns": mtime_ns}
+        of = dataclasses.replace(of, mtime_ns=timestamp.unix_ns)
 
     async def run() -> Meta:
         if _seekable(dst):
-            return await write_snapshot(dst, source, settings, **kwargs)  # type: ignore[arg-type]
+            return await write_snapshot(dst, source, settings, of)
 
         async def write(data: bytes) -> None:
             await trio.to_thread.run_sync(dst.write, data)
 
-        return await stream_snapshot(write, source, settings, **kwargs)  # type: ignore[arg-type]
+        return await stream_snapshot(write, source, settings, of)
 
     return trio.run(run).checksum
 
@@ -88,14 +88,24 @@ def _seekable(fileobj: BinaryIO) -> bool:
         return False
 
 
-def _backup_source(src: BinaryIO, size_bytes: int, settings: Settings) -> tuple[ChunkSource, int]:
+def _backup_source(
+    src: BinaryIO, size_bytes: int, settings: Settings, name: str, filesystem: str
+) -> tuple[ChunkSource, SnapshotOf]:
+    """A real file is read like the CLI reads an image (holes skipped, two reads when it is
+    not live); any other seekable object is read once, chunk by chunk."""
     if not _seekable(src):
         raise MirenfsError("backup needs a seekable source: the checksum in the header covers every byte")
     try:
         fd = src.fileno()
         info = os.fstat(fd)
     except (AttributeError, OSError, ValueError):
-        return FileObjectSource(src, size_bytes, settings.chunk_size), time.time_ns()
+        return FileObjectSource(src, size_bytes, settings.chunk_size), SnapshotOf(
+            name, filesystem, time.time_ns(), single_read=True
+        )
     if stat.S_ISREG(info.st_mode) and src.tell() == 0 and info.st_size == size_bytes:
-        return FdImageSource(fd, size_bytes, settings.chunk_size), info.st_mtime_ns
-    return FileObjectSource(src, size_bytes, settings.chunk_size), info.st_mtime_ns
+        image = OpenImage(os.readlink(f"/proc/self/fd/{fd}"), fd, ImageIdentity.from_stat(info))
+        single_read, check_source = reading_rules(image)
+        of = SnapshotOf(name, filesystem, info.st_mtime_ns, single_read, check_source)
+        return FdImageSource(fd, size_bytes, settings.chunk_size), of
+    of = SnapshotOf(name, filesystem, info.st_mtime_ns, single_read=True)
+    return FileObjectSource(src, size_bytes, settings.chunk_size), of

@@ -254,6 +254,19 @@ def image_is_live(image_path: str, *, sys_block: str | None = None) -> bool:
     return bool(loop_devices_backing(image_path, sys_block=sys_block))
 
 
+def may_change_while_read(image_path: str) -> bool:
+    """Whether an index pass must read each byte once (``build_index(single_read=...)``).
+
+    A live image is expected to change under the pass: reading once keeps
+    hash and frames in agreement (a torn but valid snapshot). When liveness
+    cannot be told, the answer is yes too.
+    """
+    try:
+        return image_is_live(image_path)
+    except LiveCheckError:
+        return True
+
+
 # --- resolver and creator ---
 
 

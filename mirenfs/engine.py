@@ -16,16 +16,19 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import BinaryIO
 
 import trio
 
 from mirenfs.consume import ImageWriter, RestoreStream, restore_to_path
+from mirenfs.disks import may_change_while_read
 from mirenfs.errors import MirenfsError, TargetError
 from mirenfs.format import Meta
-from mirenfs.image import ChunkSource, FdImageSource
+from mirenfs.image import ChunkSource, FdImageSource, ImageIdentity, ensure_unchanged
 from mirenfs.produce import (
     PLACEHOLDER_CHECKSUM,
+    FrameSink,
     Progress,
     Settings,
     SnapshotIndex,
@@ -43,8 +46,15 @@ class OpenImage:
 
     path: str
     fd: int
-    size: int
-    mtime_ns: int
+    identity: ImageIdentity
+
+    @property
+    def size(self) -> int:
+        return self.identity.size
+
+    @property
+    def mtime_ns(self) -> int:
+        return self.identity.mtime_ns
 
     @classmethod
     def open(cls, path: str) -> OpenImage:
@@ -56,7 +66,7 @@ class OpenImage:
         if not stat.S_ISREG(info.st_mode):
             os.close(fd)
             raise MirenfsError(f"image {path} is not a regular file")
-        return cls(path, fd, info.st_size, info.st_mtime_ns)
+        return cls(path, fd, ImageIdentity.from_stat(info))
 
     def source(self, settings: Settings) -> FdImageSource:
         return FdImageSource(self.fd, self.size, settings.chunk_size)
@@ -65,26 +75,62 @@ class OpenImage:
         os.close(self.fd)
 
 
+@dataclass(frozen=True)
+class SnapshotOf:
+    """What a snapshot is of, besides the bytes: header fields and how to read the source.
+
+    ``single_read`` and ``check_source`` come from :func:`reading_rules`: a
+    pass that reads the data twice must prove the source did not change.
+    """
+
+    name: str
+    filesystem: str
+    mtime_ns: int
+    single_read: bool = False
+    check_source: Callable[[], None] | None = None
+
+
+def reading_rules(image: OpenImage) -> tuple[bool, Callable[[], None] | None]:
+    """A live image is read once; any other is read twice and checked unchanged afterwards."""
+    if may_change_while_read(image.path):
+        return True, None
+    return False, partial(ensure_unchanged, image.fd, image.identity, image.path)
+
+
+async def _index(
+    source: ChunkSource,
+    settings: Settings,
+    of: SnapshotOf,
+    *,
+    frame_sink: FrameSink | None = None,
+    progress: Progress | None = None,
+) -> SnapshotIndex:
+    index = await build_index(
+        source, settings, frame_sink=frame_sink, progress=progress, single_read=of.single_read
+    )
+    if of.check_source is not None:
+        await trio.to_thread.run_sync(of.check_source)
+    return index
+
+
 async def write_snapshot(
     out: BinaryIO,
     source: ChunkSource,
     settings: Settings,
+    of: SnapshotOf,
     *,
-    name: str,
-    filesystem: str,
-    mtime_ns: int,
     progress: Progress | None = None,
 ) -> Meta:
     """Write a snapshot to a seekable file object in one pass; return its metadata."""
     base = out.tell()
-    placeholder = snapshot_meta(name, filesystem, source.size, mtime_ns, PLACEHOLDER_CHECKSUM)
+    placeholder = snapshot_meta(of.name, of.filesystem, source.size, of.mtime_ns, PLACEHOLDER_CHECKSUM)
     out.seek(base + placeholder.header_len())
 
     def sink(_k: int, frame: bytes) -> None:
         out.write(frame)
 
-    index = await build_index(source, settings, frame_sink=sink, progress=progress)
-    meta = snapshot_meta(name, filesystem, source.size, mtime_ns, index.checksum)
+    index = await _index(source, settings, of, frame_sink=sink, progress=progress)
+    meta = snapshot_meta(of.name, of.filesystem, source.size, of.mtime_ns, index.checksum)
     producer = SnapshotProducer(source, settings, meta, index)
 
     def finish() -> None:
@@ -103,17 +149,13 @@ async def stream_snapshot(
     write: Callable[[bytes], Awaitable[object]],
     source: ChunkSource,
     settings: Settings,
+    of: SnapshotOf,
     *,
-    name: str,
-    filesystem: str,
-    mtime_ns: int,
     progress: Progress | None = None,
-    index: SnapshotIndex | None = None,
 ) -> Meta:
-    """Send a snapshot to a non-seekable writer: index pass first (unless given), then the stream."""
-    if index is None:
-        index = await build_index(source, settings, progress=progress)
-    meta = snapshot_meta(name, filesystem, source.size, mtime_ns, index.checksum)
+    """Send a snapshot to a non-seekable writer: the index pass first, then the stream from it."""
+    index = await _index(source, settings, of, progress=progress)
+    meta = snapshot_meta(of.name, of.filesystem, source.size, of.mtime_ns, index.checksum)
     await SnapshotProducer(source, settings, meta, index).copy_to(write)
     return meta
 
@@ -131,7 +173,8 @@ async def backup_image(
     image = await trio.to_thread.run_sync(OpenImage.open, image_path)
     try:
         source = image.source(settings)
-        kwargs = {"name": name, "filesystem": filesystem, "mtime_ns": image.mtime_ns, "progress": progress}
+        single_read, check_source = await trio.to_thread.run_sync(reading_rules, image)
+        of = SnapshotOf(name, filesystem, image.mtime_ns, single_read, check_source)
         if output == "-" or _is_special(output):
             target = sys.stdout.buffer if output == "-" else open(output, "wb")  # noqa: SIM115
             try:
@@ -139,19 +182,19 @@ async def backup_image(
                 async def write(data: bytes) -> None:
                     await trio.to_thread.run_sync(target.write, data)
 
-                meta = await stream_snapshot(write, source, settings, **kwargs)  # type: ignore[arg-type]
+                meta = await stream_snapshot(write, source, settings, of, progress=progress)
                 await trio.to_thread.run_sync(target.flush)
                 return meta
             finally:
                 if target is not sys.stdout.buffer:
                     target.close()
-        return await _backup_to_regular_file(output, source, settings, kwargs)
+        return await _backup_to_regular_file(output, source, settings, of, progress)
     finally:
         image.close()
 
 
 async def _backup_to_regular_file(
-    output: str, source: ChunkSource, settings: Settings, kwargs: dict[str, object]
+    output: str, source: ChunkSource, settings: Settings, of: SnapshotOf, progress: Progress | None
 ) -> Meta:
     directory = os.path.dirname(os.path.abspath(output))
     try:
@@ -160,7 +203,7 @@ async def _backup_to_regular_file(
         raise TargetError(f"cannot write {output}: {exc.strerror}", exc.errno or 5) from None
     try:
         with os.fdopen(fd, "wb") as out:
-            meta = await write_snapshot(out, source, settings, **kwargs)  # type: ignore[arg-type]
+            meta = await write_snapshot(out, source, settings, of, progress=progress)
             await trio.to_thread.run_sync(os.fsync, out.fileno())
         os.chmod(temporary, 0o644)
         os.rename(temporary, output)

@@ -10,8 +10,11 @@ import bisect
 import contextlib
 import errno
 import fcntl
+import itertools
 import os
 import stat
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
@@ -21,6 +24,11 @@ BLOCK = 4096
 STAGING_SUFFIX = ".restore.tmp"
 _SCAN_STEP = 64 * 1024  # zero-check granularity before falling back to 4 KiB blocks
 _ZEROS = bytes(16 << 20)
+HASH_PIECE = 1 << 20  # the hash lane's read size: stays in L2 between read and hash
+
+
+class Hasher(Protocol):
+    def update(self, data: bytes | bytearray | memoryview, /) -> None: ...
 
 
 def zeros(length: int) -> bytes | memoryview:
@@ -66,6 +74,37 @@ def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
     return extents
 
 
+@dataclass(frozen=True)
+class ImageIdentity:
+    """What must stay the same for a cached index to describe the image."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def from_stat(cls, info: os.stat_result) -> ImageIdentity:
+        return cls(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+    @classmethod
+    def of(cls, path: str) -> ImageIdentity:
+        return cls.from_stat(os.stat(path))
+
+    def cache_key(self, settings_key: str) -> str:
+        return f"{self.dev}:{self.ino}:{self.size}:{self.mtime_ns}:{self.ctime_ns}:{settings_key}"
+
+
+def ensure_unchanged(fd: int, before: ImageIdentity, path: str) -> None:
+    """Refuse a snapshot whose two reads may have seen two versions of the image."""
+    if ImageIdentity.from_stat(os.fstat(fd)) != before:
+        raise ImageChangedError(
+            f"image {path} changed while it was being read, so its snapshot would not verify; "
+            "run the backup again (or detach the disk first)"
+        )
+
+
 class ChunkSource(Protocol):
     """Where a snapshot's raw bytes come from, one fixed-size chunk at a time."""
 
@@ -74,6 +113,15 @@ class ChunkSource(Protocol):
 
     def read_chunk(self, index: int) -> bytearray | None:
         """The chunk's bytes, or None when it is all zeros (a hole is never read)."""
+        ...
+
+    def hash_into(self, sha: Hasher, wait: Callable[[int], None]) -> None:
+        """Feed every byte to ``sha`` in order, calling ``wait(offset)`` before reading
+        at ``offset``; safe to run on one thread while others call :meth:`read_chunk`."""
+        ...
+
+    def data_before(self, offset: int) -> int:
+        """How many bytes before ``offset`` must be read (are not holes)."""
         ...
 
 
@@ -94,6 +142,15 @@ class FdImageSource:
         self.chunk_size = chunk_size
         self._extents = data_extents(fd, size)
         self._starts = [start for start, _ in self._extents]
+        lengths = (stop - start for start, stop in self._extents)
+        self._data_sums = list(itertools.accumulate(lengths, initial=0))
+
+    def data_before(self, offset: int) -> int:
+        i = bisect.bisect_right(self._starts, offset) - 1
+        if i < 0:
+            return 0
+        start, stop = self._extents[i]
+        return self._data_sums[i] + min(offset, stop) - start
 
     def read_chunk(self, index: int) -> bytearray | None:
         begin = index * self.chunk_size
@@ -114,6 +171,30 @@ class FdImageSource:
             return None
         return buffer
 
+    def hash_into(self, sha: Hasher, wait: Callable[[int], None]) -> None:
+        """Data extents are read into one reused buffer; holes come from the zero
+        buffer and are never read (the floor's way, and no page faults per chunk)."""
+        buffer = memoryview(bytearray(HASH_PIECE))
+        offset = 0
+        for start, stop in self._extents:
+            _hash_zeros(sha, start - offset)
+            position = start
+            while position < stop:
+                wait(position)
+                length = min(len(buffer), stop - position)
+                _pread_exact(self.fd, buffer[:length], position)
+                sha.update(buffer[:length])
+                position += length
+            offset = stop
+        _hash_zeros(sha, self.size - offset)
+
+
+def _hash_zeros(sha: Hasher, length: int) -> None:
+    while length > 0:
+        step = min(length, HASH_PIECE)
+        sha.update(zeros(step))
+        length -= step
+
 
 def _pread_exact(fd: int, view: memoryview, offset: int) -> None:
     done = 0
@@ -128,12 +209,29 @@ class FileObjectSource:
     """Chunks of any seekable binary file object (the Python API's ``src``)."""
 
     def __init__(self, fileobj: BinaryIO, size: int, chunk_size: int) -> None:
+        self._lock = threading.Lock()  # seek + read must not interleave between threads
         self._file = fileobj
         self._origin = fileobj.tell()
         self.size = size
         self.chunk_size = chunk_size
 
     def read_chunk(self, index: int) -> bytearray | None:
+        with self._lock:
+            buffer = self._read(index)
+        return None if is_zero(buffer) else buffer
+
+    def data_before(self, offset: int) -> int:
+        return offset
+
+    def hash_into(self, sha: Hasher, wait: Callable[[int], None]) -> None:
+        """A file object has no holes to skip: every chunk is read and hashed."""
+        for k in range(chunk_count(self.size, self.chunk_size)):
+            wait(k * self.chunk_size)
+            with self._lock:
+                buffer = self._read(k)
+            sha.update(buffer)
+
+    def _read(self, index: int) -> bytearray:
         length = chunk_length(self.size, self.chunk_size, index)
         self._file.seek(self._origin + index * self.chunk_size)
         buffer = bytearray(length)
@@ -147,7 +245,7 @@ class FileObjectSource:
                     f"before size_bytes={self.size}"
                 )
             done += got
-        return None if is_zero(buffer) else buffer
+        return buffer
 
 
 class SparseWriter:

@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import tempfile
+import threading
 from array import array
 from bisect import bisect_right
 from collections import OrderedDict
@@ -39,6 +40,7 @@ from mirenfs.zstdframes import (
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_LEVEL = 3
+HASH_LEAD = 1 << 30  # bytes the hash lane may read ahead of the frames (see _Lead)
 PLACEHOLDER_CHECKSUM = "0" * 64
 _INDEX_FORMAT = 1
 
@@ -213,12 +215,20 @@ async def build_index(
     *,
     frame_sink: FrameSink | None = None,
     progress: Progress | None = None,
+    single_read: bool = False,
 ) -> SnapshotIndex:
     """One pass over ``source``: SHA-256 of every byte, every frame's size and checksum.
 
     ``frame_sink(k, frame)`` receives each frame in order on a worker thread,
     so a caller can keep the frames (write a backup file) instead of
     compressing everything a second time.
+
+    By default the hash lane reads the data itself, so that it can hash the
+    holes while compression is still busy with the data: two reads (the second
+    from the page cache), and the caller must check that the image did not
+    change during the pass (see :func:`ensure_unchanged`). With
+    ``single_read`` (a live image, expected to change) the hash lane takes the
+    bytes the compression lane read, so hash and frames always agree.
     """
     size, chunk = source.size, source.chunk_size
     count = chunk_count(size, chunk)
@@ -229,55 +239,143 @@ async def build_index(
         bytearray(count),
     )
     window = 2 * settings.workers + 2  # chunks in flight: bounds memory to ~window x chunk size
-    compress_limit = trio.CapacityLimiter(settings.workers)
-    hash_send, hash_recv = trio.open_memory_channel[tuple[int, bytearray | None]](window)
+    # The hash lane is the one serial lane: it gets a core to itself while it runs (fair
+    # sharing with compression threads would stretch it and leave a core idle at the end,
+    # hashing alone); compression gets every core once hashing is done.
+    compress_limit = trio.CapacityLimiter(max(1, settings.workers - 1))
     frame_send, frame_recv = trio.open_memory_channel[tuple[int, _Slot]](window)
+    lead = _Lead(HASH_LEAD, source.data_before)
 
-    async def read_lane(nursery: trio.Nursery) -> None:
-        async with hash_send, frame_send:
-            for k in range(count):
-                data = await trio.to_thread.run_sync(source.read_chunk, k)
-                slot = _Slot()
-                if data is None:
-                    slot.set(zero_frame(chunk_length(size, chunk, k), settings.level))
-                    zero_flags[k] = 1
-                else:
-                    nursery.start_soon(_compress_into, slot, data, settings.level, compress_limit)
-                await hash_send.send((k, data))
-                await frame_send.send((k, slot))
+    shared_send, shared_recv = trio.open_memory_channel[_Slot](window)
 
     async def hash_lane() -> None:
-        async with hash_recv:
-            async for k, data in hash_recv:
-                payload = data if data is not None else zeros(chunk_length(size, chunk, k))
-                await trio.to_thread.run_sync(sha.update, payload)
+        if single_read:
+            async with shared_recv:
+                async for slot in shared_recv:
+                    await slot.get()
+                    await trio.to_thread.run_sync(sha.update, slot.take_data())
+        else:
+            # One worker thread for the whole ordered stream: no per-chunk hand-off, and
+            # not held back by compression. It reads data a second time (from the page
+            # cache: it runs at most HASH_LEAD bytes ahead of the frames).
+            with contextlib.suppress(_Stopped):  # another lane failed: its error is the one to report
+                await trio.to_thread.run_sync(source.hash_into, sha, lead.wait)
+        compress_limit.total_tokens = settings.workers
+
+    async def compress_lane(nursery: trio.Nursery) -> None:
+        async with frame_send, shared_send:
+            for k in range(count):
+                slot = _Slot(keep_data=single_read)
+                nursery.start_soon(_read_compress_into, slot, source, k, settings.level, compress_limit)
+                await frame_send.send((k, slot))
+                if single_read:
+                    await shared_send.send(slot)
 
     async def frame_lane() -> None:
         done = 0
-        async with frame_recv:
-            async for k, slot in frame_recv:
-                frame = await slot.get()
-                sizes[k], checksums[k] = len(frame), frame_checksum(frame)
-                if frame_sink is not None:
-                    await trio.to_thread.run_sync(frame_sink, k, frame)
-                done += chunk_length(size, chunk, k)
-                if progress is not None:
-                    progress(done)
+        try:
+            async with frame_recv:
+                async for k, slot in frame_recv:
+                    frame = await slot.get()
+                    zero_flags[k] = slot.zero
+                    sizes[k], checksums[k] = len(frame), frame_checksum(frame)
+                    if frame_sink is not None:
+                        await trio.to_thread.run_sync(frame_sink, k, frame)
+                    done += chunk_length(size, chunk, k)
+                    lead.advance(done)
+                    if progress is not None:
+                        progress(done)
+        except BaseException:  # failed or cancelled: the hash thread must not wait for frames
+            lead.stop()
+            raise
 
     async with task_group() as nursery:
-        nursery.start_soon(read_lane, nursery)
         nursery.start_soon(hash_lane)
+        nursery.start_soon(compress_lane, nursery)
         nursery.start_soon(frame_lane)
     return SnapshotIndex(size, chunk, settings.key(), sha.hexdigest(), sizes, checksums, zero_flags)
+
+
+class _Lead:
+    """How far the hash thread may read ahead of the frames written so far.
+
+    Reading the data a second time is free while it is in the page cache; the
+    bound keeps it there on images larger than memory. It counts data bytes
+    only: holes are never read, so the hash thread runs through them freely.
+    """
+
+    def __init__(self, limit: int, data_before: Callable[[int], int]) -> None:
+        self._limit = limit
+        self._data_before = data_before
+        self._done = 0
+        self._stopped = False
+        self._cond = threading.Condition()
+
+    def advance(self, done: int) -> None:
+        with self._cond:
+            self._done = done
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    def wait(self, offset: int) -> None:
+        """Block until ``offset`` is within the limit of the frames done; raise once stopped."""
+        with self._cond:
+            ahead = self._data_before(offset)
+            while not self._stopped and ahead - self._data_before(self._done) > self._limit:
+                self._cond.wait()
+            if self._stopped:
+                raise _Stopped
+
+
+class _Stopped(Exception):
+    """The index pass ended (another lane failed) while the hash thread was waiting."""
+
+
+async def _read_compress_into(
+    slot: _Slot, source: ChunkSource, k: int, level: int, limiter: trio.CapacityLimiter
+) -> None:
+    """Read and compress chunk ``k`` in one hand-off to a worker thread."""
+
+    def work() -> tuple[bytes, bool]:
+        data = source.read_chunk(k)
+        if data is None:
+            length = chunk_length(source.size, source.chunk_size, k)
+            slot.keep(zeros(length))
+            return zero_frame(length, level), True
+        slot.keep(data)
+        return compress_frame(data, level), False
+
+    try:
+        frame, slot.zero = await trio.to_thread.run_sync(work, limiter=limiter)
+    except Exception as exc:
+        slot.fail(exc)
+        raise
+    slot.set(frame)
 
 
 class _Slot:
     """A frame that will be ready later (a tiny future for trio tasks)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, keep_data: bool = False) -> None:
         self._event = trio.Event()
         self._frame = b""
         self._error: Exception | None = None
+        self._keep_data = keep_data
+        self._data: bytes | bytearray | memoryview = b""
+        self.zero = False
+
+    def keep(self, data: bytes | bytearray | memoryview) -> None:
+        """Hold the chunk's bytes for the single-read hash lane (worker thread)."""
+        if self._keep_data:
+            self._data = data
+
+    def take_data(self) -> bytes | bytearray | memoryview:
+        data, self._data = self._data, b""
+        return data
 
     def set(self, frame: bytes) -> None:
         self._frame = frame
@@ -292,10 +390,6 @@ class _Slot:
         if self._error is not None:
             raise self._error
         return self._frame
-
-
-async def _compress_into(slot: _Slot, data: bytearray, level: int, limiter: trio.CapacityLimiter) -> None:
-    slot.set(await trio.to_thread.run_sync(compress_frame, data, level, limiter=limiter))
 
 
 class SnapshotProducer:

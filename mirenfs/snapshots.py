@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 
 import trio
 
+from mirenfs.disks import may_change_while_read
 from mirenfs.errors import MirenfsError
 from mirenfs.format import Meta
-from mirenfs.image import FdImageSource
+from mirenfs.image import FdImageSource, ImageIdentity, ensure_unchanged
 from mirenfs.produce import (
     FrameSpill,
     Settings,
@@ -30,28 +31,6 @@ from mirenfs.produce import (
 )
 
 log = logging.getLogger("mirenfs.snapshots")
-
-
-@dataclass(frozen=True)
-class ImageIdentity:
-    """What must stay the same for a cached index to describe the image."""
-
-    dev: int
-    ino: int
-    size: int
-    mtime_ns: int
-    ctime_ns: int
-
-    @classmethod
-    def from_stat(cls, info: os.stat_result) -> ImageIdentity:
-        return cls(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
-
-    @classmethod
-    def of(cls, path: str) -> ImageIdentity:
-        return cls.from_stat(os.stat(path))
-
-    def cache_key(self, settings: Settings) -> str:
-        return f"{self.dev}:{self.ino}:{self.size}:{self.mtime_ns}:{self.ctime_ns}:{settings.key()}"
 
 
 class IndexCache:
@@ -247,19 +226,29 @@ class SnapshotService:
     async def _build(self, name: str, image_path: str, filesystem: str) -> DiskVersion:
         fd, identity, source = await trio.to_thread.run_sync(self._open_image, image_path)
         try:
-            key = identity.cache_key(self.settings)
+            key = identity.cache_key(self.settings.key())
             cached = await trio.to_thread.run_sync(self.cache.load, image_path, key)
             spill: FrameSpill | None = None
             if cached is not None:
                 index, sidecar = cached
             else:
-                index, spill = await self._index_pass(name, source)
+                single_read = await trio.to_thread.run_sync(may_change_while_read, image_path)
+                if single_read:
+                    log.warning(
+                        "disk %s is live (a loop device backs it): its snapshot is not a point-in-time copy",
+                        name,
+                    )
+                index, spill = await self._index_pass(name, source, single_read=single_read)
                 sidecar = None
                 after = await trio.to_thread.run_sync(os.fstat, fd)
                 if ImageIdentity.from_stat(after) == identity:
                     await trio.to_thread.run_sync(self.cache.save, image_path, key, index, None)
-                else:
+                elif single_read:
                     log.warning("disk %s changed during its index pass; not caching that index", name)
+                else:
+                    if spill is not None:
+                        spill.close()
+                    ensure_unchanged(fd, identity, image_path)  # raises: the two reads may disagree
             meta = snapshot_meta(name, filesystem, identity.size, identity.mtime_ns, index.checksum)
             producer = SnapshotProducer(source, self.settings, meta, index, spill=spill)
         except BaseException:
@@ -279,7 +268,9 @@ class SnapshotService:
             os.close(fd)
             raise
 
-    async def _index_pass(self, name: str, source: FdImageSource) -> tuple[SnapshotIndex, FrameSpill | None]:
+    async def _index_pass(
+        self, name: str, source: FdImageSource, *, single_read: bool
+    ) -> tuple[SnapshotIndex, FrameSpill | None]:
         async with self._pass_limit:
             limit = self.spill_limit - self.spill_in_use()
             spill = FrameSpill(self.spill_directory, limit) if limit > 0 else None
@@ -296,6 +287,7 @@ class SnapshotService:
                     self.settings,
                     frame_sink=spill.append if spill is not None else None,
                     progress=advance,
+                    single_read=single_read,
                 )
             except BaseException:
                 if spill is not None:

@@ -286,3 +286,64 @@ def test_go_style_api_round_trip(tmp_path: Path) -> None:
     target = io.BytesIO()
     restore_image(target, io.BytesIO(bytes(pipe.data)[len(meta.header()) :]), meta)
     assert target.getvalue() == content
+
+
+def test_single_read_and_two_read_passes_agree(tmp_path: Path) -> None:
+    image = tmp_path / "img"
+    write_image(image, [("text", 300_000), ("hole", 1 << 20), ("data", 70_000), ("zero", 200_000)])
+    handle = OpenImage.open(str(image))
+    try:
+        indexes = [
+            trio.run(lambda r=r: build_index(handle.source(SMALL), SMALL, single_read=r)) for r in (0, 1)
+        ]
+    finally:
+        handle.close()
+    assert indexes[0] == indexes[1]
+    assert indexes[0].checksum == hashlib.sha256(image.read_bytes()).hexdigest()
+
+
+def test_an_image_changed_during_a_two_read_backup_is_refused(tmp_path: Path) -> None:
+    from mirenfs.engine import SnapshotOf, reading_rules, write_snapshot
+    from mirenfs.errors import ImageChangedError
+
+    image = tmp_path / "img"
+    write_image(image, [("text", 200_000)])
+    handle = OpenImage.open(str(image))
+    try:
+        single_read, check = reading_rules(handle)
+        assert not single_read and check is not None  # not live: the fast two-read pass
+        with open(image, "r+b") as f:  # the image changes while it is being read
+            f.write(b"changed")
+        of = SnapshotOf("d", "ext4", handle.mtime_ns, single_read, check)
+        with pytest.raises(ImageChangedError, match="changed while it was being read"):
+            trio.run(lambda: write_snapshot(io.BytesIO(), handle.source(SMALL), SMALL, of))
+    finally:
+        handle.close()
+
+
+def test_a_live_image_is_read_once_and_its_snapshot_verifies(tmp_path: Path, need_tool) -> None:
+    from mirenfs.engine import reading_rules
+
+    image = tmp_path / "live.img"
+    write_image(image, [("text", 3 << 20), ("hole", 2 << 20)])
+    loop = subprocess.run(
+        [need_tool("losetup"), "-f", "--show", str(image)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.strip()
+    try:
+        handle = OpenImage.open(str(image))
+        try:
+            assert reading_rules(handle) == (True, None)
+        finally:
+            handle.close()
+        snapshot = tmp_path / "live.mirn"
+        meta = trio.run(
+            lambda: backup_image(str(image), str(snapshot), name="live", filesystem="ext4", settings=SMALL)
+        )
+        assert meta.checksum == hashlib.sha256(image.read_bytes()).hexdigest()
+    finally:
+        subprocess.run(["losetup", "-d", loop], timeout=30, check=True)
+    assert sorted(os.listdir(tmp_path)) == ["live.img", "live.mirn"]
