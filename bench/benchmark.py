@@ -84,6 +84,7 @@ class Figure:
     floor: str | None = None
     target: float | None = None
     note: str = ""
+    limit: float | None = None  # an absolute target in seconds (stat after remount, read p99)
 
     @property
     def seconds(self) -> float:
@@ -645,6 +646,198 @@ def measure_verify(ctx: Context) -> None:
     ctx.check("mirenfs verify passes on the backup", True, "every run exited 0")
 
 
+class BenchMount:
+    """`mirenfs mount --foreground` on a data path holding the sample as a disk."""
+
+    def __init__(self, ctx: Context, data: Path, mountpoint: Path) -> None:
+        self.ctx, self.data, self.mountpoint = ctx, data, mountpoint
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log_file = open(self.data.parent / f"{self.mountpoint.name}.log", "ab")  # noqa: SIM115
+        command = self.ctx.mirenfs_cmd(
+            "mount", str(self.mountpoint), "--foreground", "--data-path", str(self.data)
+        )
+        self.process = subprocess.Popen(command, stdout=log_file, stderr=log_file, env=CHILD_ENV)
+        log_file.close()
+        deadline = time.monotonic() + 60
+        while not os.path.ismount(self.mountpoint):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise CommandFailed(f"mount of {self.mountpoint} failed; see {log_file.name}")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True, timeout=60)
+        self.process.wait(timeout=60)
+        self.process = None
+
+    def restart(self, *, forget_index: bool) -> None:
+        self.stop()
+        if forget_index:
+            shutil.rmtree(self.data / "mirenfs" / "index", ignore_errors=True)
+        os.sync()
+        self.start()
+
+    def peak_rss_kib(self) -> int:
+        assert self.process is not None
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1])
+
+
+def add_disk(ctx: Context, data: Path, name: str, image: Path) -> None:
+    run_command(
+        ctx.mirenfs_cmd(
+            "disk", "add", name, "--image", str(image), "--filesystem", "ext4", "--data-path", str(data)
+        )
+    )
+
+
+def fresh_dir(ctx: Context, name: str) -> Path:
+    path = ctx.temp_path(name)
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def measure_mount(ctx: Context) -> None:
+    """NAME.mirn through the kernel: cold and warm reads, stat after remount, random reads."""
+    data, mountpoint = fresh_dir(ctx, "mount-data"), fresh_dir(ctx, "mnt")
+    name = ctx.image.stem  # as `backup --image` names it, so the bytes equal the CLI backup's
+    add_disk(ctx, data, name, ctx.image)
+    mount = BenchMount(ctx, data, mountpoint)
+    snapshot = mountpoint / f"{name}.mirn"
+    cat = ctx.command(["cat", str(snapshot)])
+    try:
+        mount.start()
+        log("mount: cold cat NAME.mirn (no index: the pass runs inside the read)")
+        ctx.add(
+            Figure(
+                "mount: cold cat NAME.mirn (index pass + read)",
+                ctx.time_runs(cat, before=lambda: mount.restart(forget_index=True)),
+                floor="sha256",
+                target=1.25,
+            )
+        )
+        expected = file_sha256(ctx.ensure_snapshot())
+        ctx.check("mount bytes = mirenfs backup bytes", file_sha256(snapshot) == expected, expected[:16])
+        log("mount: warm re-read (index and page cache in place)")
+        ctx.add(Figure("mount: warm re-read", ctx.time_runs(cat), floor="sha256", target=0.5))
+
+        log("mount: stat after a remount (the persisted index answers)")
+        ctx.add(
+            Figure(
+                "mount: stat after remount",
+                ctx.time_runs(
+                    lambda: Sample(_timed(os.stat, snapshot)),
+                    before=lambda: mount.restart(forget_index=False),
+                ),
+                floor="sha256",
+                limit=1.0,
+            )
+        )
+        passes = os.getxattr(mountpoint, "user.mirenfs.index_passes").decode()
+        ctx.check("stat after remount ran no index pass", passes == "0", f"index passes {passes}")
+
+        log("mount: random 128 KiB reads after a remount (frames compressed on demand)")
+
+        def random_reads() -> Sample:
+            size = snapshot.stat().st_size
+            rng = __import__("random").Random(len(ctx.figures))
+            fd = os.open(snapshot, os.O_RDONLY)
+            try:
+                latencies = sorted(
+                    _timed(os.pread, fd, 128 << 10, rng.randrange(0, size)) for _ in range(200)
+                )
+            finally:
+                os.close(fd)
+            return Sample(latencies[int(len(latencies) * 0.99) - 1])
+
+        ctx.add(
+            Figure(
+                "mount: random 128 KiB read, p99",
+                ctx.time_runs(random_reads, before=lambda: mount.restart(forget_index=False)),
+                floor="sha256",
+                limit=0.05,
+            )
+        )
+
+        snapshot_file = ctx.ensure_snapshot()
+        log("mount: cp of the snapshot into restore/ (a new disk each run)")
+        counter = iter(range(1000))
+        current: list[str] = []
+
+        def before_restore() -> None:
+            for old in current:
+                run_command(ctx.mirenfs_cmd("disk", "remove", old, "--data-path", str(data)))
+            current[:] = [f"restored-{next(counter)}"]
+            os.sync()
+
+        ctx.add(
+            Figure(
+                "mount: cp snapshot into restore/",
+                ctx.time_runs(
+                    lambda: run_command(
+                        ["cp", str(snapshot_file), str(mountpoint / "restore" / f"{current[0]}.mirn")]
+                    ),
+                    before=before_restore,
+                ),
+                floor="restore" if "restore" in ctx.floors else "sha256",
+                target=RESTORE_TARGET,
+            )
+        )
+        listing = subprocess.run(
+            ctx.mirenfs_cmd("disk", "list", "--json", "--data-path", str(data)),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        image = next(d["image_path"] for d in json.loads(listing.stdout) if d["name"] == current[0])
+        ctx.check("image restored through the mount = original", fair_sha256(Path(image)) == ctx.image_sha256)
+    finally:
+        mount.stop()
+
+
+def measure_mount_rss(ctx: Context) -> None:
+    """The daemon's peak RSS while a 16 GiB sparse image is indexed and read."""
+    data, mountpoint = fresh_dir(ctx, "rss-data"), fresh_dir(ctx, "rss-mnt")
+    image = ctx.temp_path("sparse-16G.img")
+    with open(image, "wb") as f:
+        for offset in (0, 5 * GIB, 11 * GIB):
+            f.seek(offset)
+            f.write(os.urandom(1 << 20))
+        f.truncate(16 * GIB)
+    add_disk(ctx, data, "sparse", image)
+    mount = BenchMount(ctx, data, mountpoint)
+    try:
+        mount.start()
+        log("mount: cat of a 16 GiB sparse image's snapshot (index pass + read), daemon RSS")
+        sample = run_command(["cat", str(mountpoint / "sparse.mirn")])
+        peak = mount.peak_rss_kib()
+        ctx.add(
+            Figure(
+                "mount: 16 GiB sparse cat (daemon RSS)",
+                [Sample(sample.seconds, None, peak)],
+                floor="sha256",
+                note="info",
+            )
+        )
+        ctx.check(
+            "daemon peak RSS under 200 MB while reading a 16 GiB sparse image",
+            peak * 1024 < 200 * MB,
+            f"{peak * 1024 / MB:.0f} MB",
+        )
+    finally:
+        mount.stop()
+
+
+def _timed(function: Callable[..., object], *args: object) -> float:
+    start = time.perf_counter()
+    function(*args)
+    return time.perf_counter() - start
+
+
 @dataclass(frozen=True)
 class Measurement:
     name: str
@@ -661,6 +854,8 @@ MEASUREMENTS: list[Measurement] = [
     Measurement("backup-cold", measure_backup_cold),
     Measurement("restore", measure_restore),
     Measurement("verify", measure_verify),
+    Measurement("mount", measure_mount),
+    Measurement("mount-rss", measure_mount_rss),
 ]
 
 
@@ -670,6 +865,8 @@ MEASUREMENTS: list[Measurement] = [
 def verdict(ctx: Context, figure: Figure) -> tuple[float | None, str]:
     floor = ctx.floors.get(figure.floor or "")
     ratio = figure.seconds / floor if floor else None
+    if figure.limit is not None:
+        return ratio, f"{'PASS' if figure.seconds <= figure.limit else 'MISS'} (<= {figure.limit:g} s)"
     if figure.target is None or ratio is None:
         return ratio, figure.note
     return ratio, "PASS" if ratio <= figure.target else "MISS"

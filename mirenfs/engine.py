@@ -38,6 +38,7 @@ from mirenfs.produce import (
 )
 
 READ_PIECE = 4 << 20
+WRITEBACK_STEP = 32 << 20  # a backup file's pages are handed to writeback in steps of this size
 
 
 @dataclass
@@ -126,8 +127,18 @@ async def write_snapshot(
     placeholder = snapshot_meta(of.name, of.filesystem, source.size, of.mtime_ns, PLACEHOLDER_CHECKSUM)
     out.seek(base + placeholder.header_len())
 
+    fd = _file_descriptor(out)
+    written_back = base
+
     def sink(_k: int, frame: bytes) -> None:
+        nonlocal written_back
         out.write(frame)
+        position = out.tell()
+        if fd is not None and position - written_back >= WRITEBACK_STEP:
+            # Start writing back now, asynchronously, so the closing fsync finds little left.
+            out.flush()
+            os.posix_fadvise(fd, written_back, position - written_back, os.POSIX_FADV_DONTNEED)
+            written_back = position
 
     index = await _index(source, settings, of, frame_sink=sink, progress=progress)
     meta = snapshot_meta(of.name, of.filesystem, source.size, of.mtime_ns, index.checksum)
@@ -212,6 +223,14 @@ async def _backup_to_regular_file(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
+
+
+def _file_descriptor(fileobj: BinaryIO) -> int | None:
+    """The descriptor of a real file, or None for in-memory objects (the API accepts those)."""
+    try:
+        return fileobj.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def _is_special(path: str) -> bool:
