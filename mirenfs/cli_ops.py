@@ -149,10 +149,7 @@ def read_status(entry: MountEntry) -> dict[str, Any]:
     """Ask the mount for its status (the root's ``user.mirenfs.status``)."""
     where = entry.mountpoint
     try:
-        # Listing the root refreshes the mount's view of the store, so disks
-        # added since the last listing show; it never starts an index pass.
-        os.listdir(where)
-        raw = os.getxattr(where, STATUS_XATTR)
+        raw = os.getxattr(where, STATUS_XATTR)  # the mount refreshes its view of the store first
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
             raise MirenfsError(

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +91,23 @@ def sha256_sparse(path: str | os.PathLike[str]) -> str:
             digest.update(f.read(data_end - data_start))
             offset = data_end
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def loop_device(image: Path) -> Iterator[str]:
+    """Attach ``image`` to a free loop device for the block; always detached afterwards."""
+    losetup = shutil.which("losetup")
+    assert losetup is not None, "losetup is not installed; .ci/run installs util-linux"
+    attached = subprocess.run(
+        [losetup, "-f", "--show", str(image)], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert attached.returncode == 0, f"losetup -f --show {image} failed: {attached.stderr}"
+    device = attached.stdout.strip()
+    try:
+        yield device
+    finally:
+        detached = subprocess.run([losetup, "-d", device], capture_output=True, text=True, timeout=30)
+        assert detached.returncode == 0, f"losetup -d {device} failed: {detached.stderr}"
 
 
 def mirenfs_command() -> list[str]:

@@ -8,15 +8,10 @@ import contextlib
 import hashlib
 import io
 import json
-import shutil
 import sqlite3
-import subprocess
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from mirenfs.cli import main
 
@@ -93,24 +88,6 @@ def store_state(data_path: Path) -> dict[str, Any]:
 
 def staging_files(data_path: Path) -> list[Path]:
     return sorted(data_path.rglob("*.restore.tmp"))
-
-
-@contextlib.contextmanager
-def loop_device(image: Path) -> Iterator[str]:
-    """Attach ``image`` to a free loop device for the block; always detached afterwards."""
-    losetup = shutil.which("losetup")
-    if losetup is None:
-        pytest.skip("losetup is not installed")
-    attached = subprocess.run(
-        [losetup, "-f", "--show", str(image)], capture_output=True, text=True, timeout=30, check=False
-    )
-    assert attached.returncode == 0, f"losetup -f --show {image} failed: {attached.stderr}"
-    device = attached.stdout.strip()
-    try:
-        yield device
-    finally:
-        detached = subprocess.run([losetup, "-d", device], capture_output=True, text=True, timeout=30)
-        assert detached.returncode == 0, f"losetup -d {device} failed: {detached.stderr}"
 
 
 STATUS_CYCLE = ("detached", "attached", "error", "provisioned")

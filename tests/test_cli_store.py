@@ -23,7 +23,6 @@ from store_fixtures import (
     churn_store,
     disks,
     file_sha256,
-    loop_device,
     ok,
     run_cli,
     staging_files,
@@ -35,6 +34,8 @@ from mirenfs.cli_store import DATA_PATH_ENV, DEFAULT_DATA_PATH, resolve_data_pat
 from mirenfs.format import read_header
 from mirenfs.fstype import detect_filesystem
 from mirenfs.store import Store, remove_stale_staging
+
+from conftest import loop_device
 
 
 @pytest.fixture

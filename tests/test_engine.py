@@ -26,7 +26,7 @@ from mirenfs.image import FdImageSource
 from mirenfs.produce import Settings, SnapshotProducer, build_index, snapshot_meta
 from mirenfs.zstdframes import parse_seek_table
 
-from conftest import GO_VECTORS, GoVector, sha256_file, staging_files, write_image
+from conftest import GO_VECTORS, GoVector, loop_device, sha256_file, staging_files, write_image
 
 SMALL = Settings(chunk_size=64 * 1024)  # small chunks so small images have many frames
 
@@ -321,19 +321,12 @@ def test_an_image_changed_during_a_two_read_backup_is_refused(tmp_path: Path) ->
         handle.close()
 
 
-def test_a_live_image_is_read_once_and_its_snapshot_verifies(tmp_path: Path, need_tool) -> None:
+def test_a_live_image_is_read_once_and_its_snapshot_verifies(tmp_path: Path) -> None:
     from mirenfs.engine import reading_rules
 
     image = tmp_path / "live.img"
     write_image(image, [("text", 3 << 20), ("hole", 2 << 20)])
-    loop = subprocess.run(
-        [need_tool("losetup"), "-f", "--show", str(image)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout.strip()
-    try:
+    with loop_device(image):
         handle = OpenImage.open(str(image))
         try:
             assert reading_rules(handle) == (True, None)
@@ -344,6 +337,4 @@ def test_a_live_image_is_read_once_and_its_snapshot_verifies(tmp_path: Path, nee
             lambda: backup_image(str(image), str(snapshot), name="live", filesystem="ext4", settings=SMALL)
         )
         assert meta.checksum == hashlib.sha256(image.read_bytes()).hexdigest()
-    finally:
-        subprocess.run(["losetup", "-d", loop], timeout=30, check=True)
     assert sorted(os.listdir(tmp_path)) == ["live.img", "live.mirn"]

@@ -16,6 +16,7 @@ from mirenfs.format import Meta
 from conftest import (
     GO_VECTORS,
     GoVector,
+    loop_device,
     run_mirenfs,
     sha256_file,
     sha256_sparse,
@@ -174,17 +175,8 @@ def test_refusals_reach_cp_with_their_errno(existing, tmp_path: Path, mounts, ne
     assert "Device or resource busy" in cp("pg.mirn")
     run_mirenfs("lease", "release", lease.stdout.decode().split()[0], "--data-path", str(data))
 
-    loop = subprocess.run(
-        [need_tool("losetup"), "-f", "--show", str(image)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout.strip()
-    try:
+    with loop_device(image):
         assert "Device or resource busy" in cp("pg.mirn")
-    finally:
-        subprocess.run(["losetup", "-d", loop], timeout=30, check=True)
     assert sha256_file(image) == before
     assert disk_record(data, "sp ace") is None and staging_files(tmp_path) == []
 
