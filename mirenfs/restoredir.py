@@ -1,6 +1,7 @@
 """The mount's ``restore/`` directory (SPEC §5), without FUSE: which disk a file
 name restores, the §3 refusals at create time, and one streaming restore per
-entry, fed by writes in order, finished by the close that flushes it.
+entry, fed by writes in order, installed by the close that completes it (or
+ended by the last close).
 
 Each entry stays listed with its outcome (``user.mirenfs.state``) until it is
 deleted, so an operator can see what became of a copy.
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 import trio
 
 from mirenfs.disks import RestoreTarget, prepare_restore, validate_disk_name
-from mirenfs.errors import MirenfsError
+from mirenfs.errors import MirenfsError, TargetError
 from mirenfs.restoring import DiskRestore
 from mirenfs.store import Store
 
@@ -31,12 +32,8 @@ SIDECAR_SUFFIX = ".mirn.sha256"
 _RSYNC_TEMPORARY = re.compile(r"\.(.+\.mirn(?:\.sha256)?)\.[A-Za-z0-9]{6}")
 
 
-class RestoreRefused(MirenfsError):
-    """A file in restore/ that cannot become a restore (its errno says why)."""
-
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.errno = code
+class RestoreRefused(TargetError):
+    """A file in restore/ that cannot become, or go on as, a restore (its errno says why)."""
 
 
 def disk_for_file_name(file_name: str) -> tuple[str, bool]:

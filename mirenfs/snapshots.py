@@ -134,6 +134,14 @@ def sidecar_size(name: str) -> int:
     return len(sidecar_text(name, "0" * 64))
 
 
+@dataclass
+class _Build:
+    """A version being built: later requests for it wait here and share its outcome."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    error: Exception | None = None
+
+
 class SnapshotService:
     """Builds and hands out disk versions; at most two index passes run at once."""
 
@@ -152,8 +160,7 @@ class SnapshotService:
         self.index_passes = 0
         self.progress: dict[str, IndexProgress] = {}
         self._current: dict[str, DiskVersion] = {}
-        self._building: dict[tuple[str, ImageIdentity, str], trio.Event] = {}
-        self._build_errors: dict[tuple[str, ImageIdentity, str], Exception] = {}
+        self._building: dict[tuple[str, ImageIdentity, str], _Build] = {}
         # Two passes at a time: each keeps every core busy, and a second slot
         # keeps a huge disk's first pass from holding up every other new disk.
         self._pass_limit = trio.CapacityLimiter(2)
@@ -173,20 +180,18 @@ class SnapshotService:
             building = self._building.get(key)
             if building is None:
                 break
-            await building.wait()  # another request runs this pass: share its result
-            error = self._build_errors.get(key)
-            if error is not None:
-                raise error
-        done = self._building[key] = trio.Event()
+            await building.done.wait()  # another request runs this pass: share its result
+            if building.error is not None:
+                raise building.error
+        building = self._building[key] = _Build()
         try:
             version = await self._build(name, image_path, filesystem)
         except Exception as exc:
-            self._build_errors[key] = exc
+            building.error = exc
             raise
         finally:
-            done.set()
+            building.done.set()
             del self._building[key]
-        self._build_errors.pop(key, None)
         self._install(version)
         return version
 
