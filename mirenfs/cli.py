@@ -17,12 +17,13 @@ from typing import BinaryIO
 
 import trio
 
+from mirenfs import cli_mount, cli_ops, cli_store
 from mirenfs.aio import meaningful_error
+from mirenfs.cli_args import add_compression_options, settings_from
 from mirenfs.engine import backup_image, restore_file, verify_file
 from mirenfs.errors import FormatError, MirenfsError
 from mirenfs.format import Meta, read_header
 from mirenfs.fstype import detect_filesystem
-from mirenfs.produce import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, Settings
 from mirenfs.progress import ProgressBar
 from mirenfs.zstdframes import parse_seek_table
 
@@ -43,8 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from mirenfs import cli_mount, cli_ops, cli_store  # imported here: they build on this module's helpers
-
     backup = commands.add_parser("backup", help="write a snapshot of a disk, or of an image file")
     backup.add_argument("disk", nargs="?", metavar="NAME", help="the disk to back up (from the disk store)")
     backup.add_argument("--image", metavar="PATH", help="back up this raw image file instead of a disk")
@@ -53,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument(
         "-o", "--output", required=True, metavar="FILE", help="snapshot file, or - for stdout"
     )
-    _add_compression_options(backup)
+    add_compression_options(backup)
     cli_store.add_data_path_option(backup)
     backup.set_defaults(handler=cmd_backup)
 
@@ -80,34 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_compression_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_SIZE, help=argparse.SUPPRESS)
-    parser.add_argument("--level", type=int, default=DEFAULT_LEVEL, help=argparse.SUPPRESS)
-
-
-def parse_size(text: str) -> int:
-    """Sizes as operators write them: 4096, 512M, 10G, 1T (binary units)."""
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
-    number, unit = cleaned, ""
-    if cleaned and cleaned[-1] in units:
-        number, unit = cleaned[:-1], cleaned[-1]
-    try:
-        value = int(number) * units[unit]
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 4096, 512M or 10G") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"size {text!r} must be positive")
-    return value
-
-
-def settings_from(args: argparse.Namespace) -> Settings:
-    try:
-        return Settings(chunk_size=args.chunk_size, level=args.level)
-    except ValueError as exc:
-        raise MirenfsError(str(exc)) from None
-
-
 def cmd_backup(args: argparse.Namespace) -> int:
     if (args.disk is None) == (args.image is None):
         raise MirenfsError(
@@ -115,8 +86,6 @@ def cmd_backup(args: argparse.Namespace) -> int:
             "or an image file (mirenfs backup --image PATH -o FILE)"
         )
     if args.disk is not None:
-        from mirenfs import cli_store
-
         return cli_store.cmd_backup_disk(args)
     if args.data_path is not None:
         raise MirenfsError("--data-path applies to disk backups; --image PATH names the image directly")
@@ -147,8 +116,6 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     if args.image is None:
-        from mirenfs import cli_store
-
         return cli_store.cmd_restore_disk(args)
     if args.name is not None or args.data_path is not None:
         raise MirenfsError(

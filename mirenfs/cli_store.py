@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 
 import trio
 
-from mirenfs.cli import parse_size, settings_from
+from mirenfs.cli_args import parse_size, settings_from
 from mirenfs.disks import (
     DiskLeasedError,
     DiskState,
