@@ -9,26 +9,22 @@ The status constants are the members of :class:`DiskState`,
 """
 
 from mirenfs.api import backup, restore_image
-from mirenfs.disks import (
-    BackupTarget,
+from mirenfs.disks.model import (
     CreatedDisk,
     Disk,
     DiskCreator,
-    DiskNotFoundError,
     DiskResolver,
     DiskState,
     Lease,
     LeaseState,
-    RestoreTarget,
     Volume,
     VolumeState,
-    prepare_backup,
-    prepare_restore,
     validate_disk_name,
 )
-from mirenfs.errors import FormatError, ImageChangedError, MirenfsError, TargetError
-from mirenfs.format import FORMAT_VERSION, MAGIC, Meta, Timestamp, read_header, write_header
-from mirenfs.store import Store
+from mirenfs.disks.rules import BackupTarget, RestoreTarget, prepare_backup, prepare_restore
+from mirenfs.disks.store import Store
+from mirenfs.errors import DiskNotFoundError, FormatError, ImageChangedError, MirenfsError, TargetError
+from mirenfs.format.header import FORMAT_VERSION, MAGIC, Meta, Timestamp, read_header, write_header
 
 __all__ = [
     "FORMAT_VERSION",

@@ -16,12 +16,20 @@ from typing import BinaryIO
 
 import trio
 
-from mirenfs.consume import ImageWriter, RestoreStream, restore_to_path
-from mirenfs.engine import OpenImage, SnapshotOf, read_pieces, reading_rules, stream_snapshot, write_snapshot
+from mirenfs.disks.live import may_change_while_read
+from mirenfs.engine.consume import ImageWriter, RestoreStream, restore_to_path
+from mirenfs.engine.files import (
+    OpenImage,
+    SnapshotOf,
+    read_pieces,
+    reading_rules,
+    stream_snapshot,
+    write_snapshot,
+)
+from mirenfs.engine.image import ChunkSource, FdImageSource, FileObjectSource, ImageIdentity
+from mirenfs.engine.produce import Settings
 from mirenfs.errors import MirenfsError
-from mirenfs.format import Meta, Timestamp
-from mirenfs.image import ChunkSource, FdImageSource, FileObjectSource, ImageIdentity
-from mirenfs.produce import Settings
+from mirenfs.format.header import Meta, Timestamp
 
 
 def backup(
@@ -104,7 +112,7 @@ def _backup_source(
         )
     if stat.S_ISREG(info.st_mode) and src.tell() == 0 and info.st_size == size_bytes:
         image = OpenImage(os.readlink(f"/proc/self/fd/{fd}"), fd, ImageIdentity.from_stat(info))
-        single_read, check_source = reading_rules(image)
+        single_read, check_source = reading_rules(image, live=may_change_while_read(image.path))
         of = SnapshotOf(name, filesystem, info.st_mtime_ns, single_read, check_source)
         return FdImageSource(fd, size_bytes, settings.chunk_size), of
     of = SnapshotOf(name, filesystem, info.st_mtime_ns, single_read=True)

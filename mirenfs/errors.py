@@ -1,14 +1,50 @@
-"""Error types: each carries one sentence for a person and the errno for FUSE."""
+"""Every error mirenfs reports, in one table: the class, its errno, and what a copying tool shows.
+
+Each error carries one sentence for a person (naming the disk or file and
+what to do) and the errno the FUSE boundary answers with. The CLI turns any
+of them into ``mirenfs: error: <sentence>`` and exit status 1; the mount's
+``fuse_errors`` turns them into their errno and one log line. This module
+imports nothing of mirenfs: every layer may raise these.
+
+=======================  ======  ==============================================
+class                    errno   what ``cp`` prints (the log says the sentence)
+=======================  ======  ==============================================
+MirenfsError             EIO     Input/output error
+FormatError              EINVAL  Invalid argument
+ImageChangedError        EIO     Input/output error
+TargetError              (set)   the errno it was given (EPERM by default)
+RestoreRefused           (set)   the errno it was given (EINVAL, EBUSY, EIO)
+OutOfOrderWrite          EINVAL  Invalid argument
+DiskNotFoundError        ENOENT  No such file or directory
+VolumeNotFoundError      ENOENT  No such file or directory
+InvalidDiskNameError     EINVAL  Invalid argument
+InvalidVolumeError       EINVAL  Invalid argument
+DiskDeletingError        EBUSY   Device or resource busy
+DiskLeasedError          EBUSY   Device or resource busy
+ImageLiveError           EBUSY   Device or resource busy
+DiskChangedError         EBUSY   Device or resource busy
+DiskBusyError            EBUSY   Device or resource busy
+LiveCheckError           EIO     Input/output error
+ImageExistsError         EEXIST  File exists
+ImageMissingError        ENOENT  No such file or directory
+DiskExistsError          EEXIST  File exists
+LeaseNotFoundError       ENOENT  No such file or directory
+StoreError               EIO     Input/output error
+=======================  ======  ==============================================
+"""
 
 from __future__ import annotations
 
-from errno import EINVAL, EIO, EPERM
+from errno import EBUSY, EEXIST, EINVAL, EIO, ENOENT, EPERM
 
 
 class MirenfsError(Exception):
     """Base of every error mirenfs reports to people; ``errno`` is used at the FUSE boundary."""
 
     errno: int = EIO
+
+
+# --- the snapshot bytes and the engine ---
 
 
 class FormatError(MirenfsError):
@@ -31,3 +67,103 @@ class TargetError(MirenfsError):
     def __init__(self, message: str, code: int = EPERM) -> None:
         super().__init__(message)
         self.errno = code
+
+
+class RestoreRefused(TargetError):
+    """A file in restore/ that cannot become, or go on as, a restore (its errno says why)."""
+
+
+class OutOfOrderWrite(MirenfsError):
+    """A snapshot must be written from its first byte to its last, in order."""
+
+    errno = EINVAL
+
+
+# --- disks and their rules (SPEC §3) ---
+
+
+class DiskNotFoundError(MirenfsError):
+    """There is no disk of that name. The only lookup failure that may lead to creating a disk."""
+
+    errno = ENOENT
+
+    def __init__(self, name: str, message: str | None = None) -> None:
+        super().__init__(message or f"there is no disk named {name}; see `mirenfs disk list`")
+        self.name = name
+
+
+class VolumeNotFoundError(MirenfsError):
+    """A disk without a volume: nobody can tell where its image is."""
+
+    errno = ENOENT
+
+
+class InvalidDiskNameError(MirenfsError):
+    errno = EINVAL
+
+
+class InvalidVolumeError(MirenfsError):
+    """A volume id or image path that would not stay a plain file where it belongs."""
+
+    errno = EINVAL
+
+
+class DiskDeletingError(MirenfsError):
+    errno = EBUSY
+
+
+class DiskLeasedError(MirenfsError):
+    """The disk has a bound lease: an application holds it."""
+
+    errno = EBUSY
+
+
+class ImageLiveError(MirenfsError):
+    """A loop device is backed by the disk's image: the kernel may be writing it."""
+
+    errno = EBUSY
+
+
+class LiveCheckError(MirenfsError):
+    """Whether an image is live could not be told; restore fails closed on it."""
+
+    errno = EIO
+
+
+class ImageExistsError(MirenfsError):
+    """Restoring would replace an existing image, and nobody consented."""
+
+    errno = EEXIST
+
+
+class ImageMissingError(MirenfsError):
+    errno = ENOENT
+
+
+class DiskChangedError(MirenfsError):
+    """The disk changed between the refusal checks and the start of the restore."""
+
+    errno = EBUSY
+
+
+# --- the disk store ---
+
+
+class StoreError(MirenfsError):
+    """The store could not be read or written: reported as it is, never taken for "no such disk"."""
+
+    errno = EIO
+
+
+class DiskExistsError(MirenfsError):
+    errno = EEXIST
+
+
+class LeaseNotFoundError(MirenfsError):
+    errno = ENOENT
+
+
+class DiskBusyError(MirenfsError):
+    """The disk is held (a bound lease) or being deleted, so the change is refused."""
+
+    errno = EBUSY

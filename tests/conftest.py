@@ -113,7 +113,7 @@ def loop_device(image: Path) -> Iterator[str]:
 def mirenfs_command() -> list[str]:
     """The installed console script when there is one, else the module."""
     script = Path(sys.executable).parent / "mirenfs"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "mirenfs.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "mirenfs"]
 
 
 def run_mirenfs(

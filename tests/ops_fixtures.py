@@ -79,7 +79,7 @@ class Mount:
 
 def mounts_at(path: str | os.PathLike[str]) -> list[Mount]:
     """The mounts at ``path`` from /proc/self/mountinfo (never touches the mount itself), topmost last."""
-    from mirenfs.cli_ops import mounts
+    from mirenfs.cli.mountinfo import mounts
 
     target = os.path.realpath(path)
     return [
@@ -506,8 +506,8 @@ def sandbox_exec(argv: list[str]) -> None:
 
 def make_disk(data: Path, name: str, size: int = 16 << 20, filesystem: str = "ext4") -> str:
     """A disk of the store at ``data`` with a formatted image; returns the image path."""
-    from mirenfs.cli_store import create_disk
-    from mirenfs.store import Store
+    from mirenfs.disks.manage import create_disk
+    from mirenfs.disks.store import Store
 
     return create_disk(Store(str(data)), name, size_bytes=size, filesystem=filesystem).image_path
 

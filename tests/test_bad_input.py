@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mirenfs.format import Meta, decode_header
+from mirenfs.format.header import Meta, decode_header
 
 from conftest import run_mirenfs, sha256_file, staging_files, write_image
 

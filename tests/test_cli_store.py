@@ -29,11 +29,12 @@ from store_fixtures import (
     store_state,
 )
 
-from mirenfs import disks as disks_module
-from mirenfs.cli_store import DATA_PATH_ENV, DEFAULT_DATA_PATH, resolve_data_path
-from mirenfs.format import read_header
-from mirenfs.fstype import detect_filesystem
-from mirenfs.store import Store, remove_stale_staging
+from mirenfs.cli.common import DATA_PATH_ENV, DEFAULT_DATA_PATH, resolve_data_path
+from mirenfs.disks import live as disks_module
+from mirenfs.disks.manage import sweep_stale_staging as remove_stale_staging
+from mirenfs.disks.store import Store
+from mirenfs.engine.fstype import detect_filesystem
+from mirenfs.format.header import read_header
 
 from conftest import loop_device
 
@@ -116,7 +117,7 @@ def test_force_replaces_an_existing_disk_and_updates_its_record(data: Path, ext4
 
 def test_restore_from_stdin_with_the_console_script(data: Path, tmp_path: Path) -> None:
     script = Path(sys.executable).parent / "mirenfs"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "mirenfs.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "mirenfs"]
     done = subprocess.run(
         [*command, "restore", "-", "--name", "piped"],
         input=GO_ODD.read_bytes(),

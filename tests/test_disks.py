@@ -11,29 +11,30 @@ from pathlib import Path
 import pytest
 from store_fixtures import BAD_NAMES
 
-from mirenfs import disks
-from mirenfs.disks import (
+from mirenfs.disks import live as disks
+from mirenfs.disks.live import image_is_live
+from mirenfs.disks.model import (
     Disk,
+    DiskState,
+    Lease,
+    LeaseState,
+    Volume,
+    image_path_for,
+    validate_disk_name,
+)
+from mirenfs.disks.rules import prepare_backup, prepare_restore
+from mirenfs.errors import (
     DiskDeletingError,
     DiskLeasedError,
     DiskNotFoundError,
-    DiskState,
     ImageExistsError,
     ImageLiveError,
     ImageMissingError,
     InvalidDiskNameError,
     InvalidVolumeError,
-    Lease,
-    LeaseState,
     LiveCheckError,
-    Volume,
-    image_is_live,
-    image_path_for,
-    prepare_backup,
-    prepare_restore,
-    validate_disk_name,
+    MirenfsError,
 )
-from mirenfs.errors import MirenfsError
 
 
 class StoreDown(Exception):

@@ -18,13 +18,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mirenfs import Meta, Timestamp, backup, read_header, restore_image
-from mirenfs.consume import RestoreStream
-from mirenfs.engine import OpenImage, backup_image, restore_file
-from mirenfs.errors import FormatError
-from mirenfs.format import decode_header
-from mirenfs.image import FdImageSource
-from mirenfs.produce import Settings, SnapshotProducer, build_index, snapshot_meta
-from mirenfs.zstdframes import parse_seek_table
+from mirenfs.disks.live import may_change_while_read
+from mirenfs.engine.consume import RestoreStream
+from mirenfs.engine.files import (
+    OpenImage,
+    SnapshotOf,
+    backup_image,
+    reading_rules,
+    restore_file,
+    write_snapshot,
+)
+from mirenfs.engine.image import FdImageSource
+from mirenfs.engine.produce import Settings, SnapshotProducer, build_index, snapshot_meta
+from mirenfs.errors import FormatError, ImageChangedError
+from mirenfs.format.frames import parse_seek_table
+from mirenfs.format.header import decode_header
 
 from conftest import GO_VECTORS, GoVector, loop_device, sha256_file, staging_files, write_image
 
@@ -159,7 +167,6 @@ def test_index_survives_encoding_and_rejects_corruption(tmp_path: Path) -> None:
 
 
 def test_changed_image_gives_an_error_not_mixed_bytes(tmp_path: Path) -> None:
-    from mirenfs.errors import ImageChangedError
 
     image = tmp_path / "img"
     write_image(image, [("data", 200_000)])
@@ -303,14 +310,11 @@ def test_single_read_and_two_read_passes_agree(tmp_path: Path) -> None:
 
 
 def test_an_image_changed_during_a_two_read_backup_is_refused(tmp_path: Path) -> None:
-    from mirenfs.engine import SnapshotOf, reading_rules, write_snapshot
-    from mirenfs.errors import ImageChangedError
-
     image = tmp_path / "img"
     write_image(image, [("text", 200_000)])
     handle = OpenImage.open(str(image))
     try:
-        single_read, check = reading_rules(handle)
+        single_read, check = reading_rules(handle, live=may_change_while_read(str(image)))
         assert not single_read and check is not None  # not live: the fast two-read pass
         with open(image, "r+b") as f:  # the image changes while it is being read
             f.write(b"changed")
@@ -322,19 +326,24 @@ def test_an_image_changed_during_a_two_read_backup_is_refused(tmp_path: Path) ->
 
 
 def test_a_live_image_is_read_once_and_its_snapshot_verifies(tmp_path: Path) -> None:
-    from mirenfs.engine import reading_rules
-
     image = tmp_path / "live.img"
     write_image(image, [("text", 3 << 20), ("hole", 2 << 20)])
     with loop_device(image):
         handle = OpenImage.open(str(image))
         try:
-            assert reading_rules(handle) == (True, None)
+            assert reading_rules(handle, live=may_change_while_read(str(image))) == (True, None)
         finally:
             handle.close()
         snapshot = tmp_path / "live.mirn"
         meta = trio.run(
-            lambda: backup_image(str(image), str(snapshot), name="live", filesystem="ext4", settings=SMALL)
+            lambda: backup_image(
+                str(image),
+                str(snapshot),
+                name="live",
+                filesystem="ext4",
+                settings=SMALL,
+                live=may_change_while_read(str(image)),
+            )
         )
         assert meta.checksum == hashlib.sha256(image.read_bytes()).hexdigest()
     assert sorted(os.listdir(tmp_path)) == ["live.img", "live.mirn"]

@@ -10,7 +10,7 @@ import pytest
 
 from mirenfs import FORMAT_VERSION, MAGIC, Meta, Timestamp, read_header, write_header
 from mirenfs.errors import FormatError
-from mirenfs.format import HeaderParser, decode_header, go_json_string
+from mirenfs.format.header import HeaderParser, decode_header, go_json_string
 
 from conftest import VECTORS_DIR
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mirenfs.format import decode_header
+from mirenfs.format.header import decode_header
 
 from conftest import run_mirenfs, wait_for, write_image
 

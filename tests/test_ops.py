@@ -46,9 +46,9 @@ from ops_fixtures import (
 )
 from store_fixtures import run_cli
 
-from mirenfs import notify
-from mirenfs.mount_helper import fuse_options
-from mirenfs.store import Store
+from mirenfs.disks.store import Store
+from mirenfs.mount import notify
+from mirenfs.mount.config import fuse_options
 
 TIMEOUT = 60  # for any one subprocess
 

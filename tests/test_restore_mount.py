@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from test_bad_input import CASES, bad_inputs
 
-from mirenfs.format import Meta
+from mirenfs.format.header import Meta
 
 from conftest import (
     GO_VECTORS,
@@ -103,7 +103,7 @@ def existing(tmp_path: Path) -> tuple[Path, Path, str]:
 
 @pytest.fixture(scope="module")
 def good_snapshot(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, Meta, int]:
-    from mirenfs.format import decode_header
+    from mirenfs.format.header import decode_header
 
     work = tmp_path_factory.mktemp("good")
     write_image(work / "src.img", [("text", 200_000), ("data", 150_000), ("hole", 300_000)])

@@ -12,23 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from mirenfs import store as store_module
-from mirenfs.disks import (
-    DiskNotFoundError,
-    DiskState,
-    LeaseState,
-    VolumeState,
-    image_path_for,
-    prepare_restore,
-)
-from mirenfs.store import (
-    SCHEMA_VERSION,
+from mirenfs.disks import store as store_module
+from mirenfs.disks.manage import sweep_stale_staging as remove_stale_staging
+from mirenfs.disks.model import DiskState, LeaseState, VolumeState, image_path_for
+from mirenfs.disks.rules import prepare_restore
+from mirenfs.disks.store import SCHEMA_VERSION, Store
+from mirenfs.errors import (
     DiskBusyError,
     DiskExistsError,
+    DiskNotFoundError,
     LeaseNotFoundError,
-    Store,
     StoreError,
-    remove_stale_staging,
 )
 
 

@@ -20,20 +20,17 @@ from dataclasses import dataclass, field
 
 import trio
 
-from mirenfs.disks import RestoreTarget, prepare_restore, validate_disk_name
-from mirenfs.errors import MirenfsError, TargetError
-from mirenfs.restoring import DiskRestore
-from mirenfs.store import Store
+from mirenfs.disks.model import validate_disk_name
+from mirenfs.disks.restore import DiskRestore
+from mirenfs.disks.rules import RestoreTarget, prepare_restore
+from mirenfs.disks.store import Store
+from mirenfs.errors import MirenfsError, RestoreRefused
 
 log = logging.getLogger("mirenfs.restore")
 
 SNAPSHOT_SUFFIX = ".mirn"
 SIDECAR_SUFFIX = ".mirn.sha256"
 _RSYNC_TEMPORARY = re.compile(r"\.(.+\.mirn(?:\.sha256)?)\.[A-Za-z0-9]{6}")
-
-
-class RestoreRefused(TargetError):
-    """A file in restore/ that cannot become, or go on as, a restore (its errno says why)."""
 
 
 def disk_for_file_name(file_name: str) -> tuple[str, bool]:

@@ -19,33 +19,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+
+from mirenfs.cli import main as mirenfs_main
+from mirenfs.cli.mountinfo import mirenfs_mounts
+from mirenfs.mount.config import fuse_options
 
 EXIT_USAGE = 1
 EXIT_FAILURE = 32
 
-# Meaningful to mount(8), fstab or systemd only; FUSE would refuse them as unknown.
-DROPPED_OPTIONS = frozenset(
-    {"defaults", "rw", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser", "owner", "group"}
-)
-DROPPED_PREFIXES = ("x-", "X-", "comment=")
-
 
 class MountRefused(Exception):
     """A mount the helper will not make: one clear sentence for mount(8) to show."""
-
-
-def fuse_options(groups: Iterable[str]) -> list[str]:
-    """The ``-o`` options to hand to ``mirenfs mount``, in order, without mount(8)'s own."""
-    kept: list[str] = []
-    for group in groups:
-        for option in group.split(","):
-            option = option.strip()
-            if not option or option in DROPPED_OPTIONS or option.startswith(DROPPED_PREFIXES):
-                continue
-            if option not in kept:
-                kept.append(option)
-    return kept
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,8 +56,6 @@ def mount_arguments(args: argparse.Namespace) -> list[str]:
         # A typo in fstab must not quietly start an empty disk store.
         raise MountRefused(f"data path {source} is not a directory (SOURCE must be Miren's data path)")
     directory = os.path.abspath(args.directory)
-    from mirenfs.cli_ops import mirenfs_mounts
-
     if any(entry.mountpoint == os.path.realpath(directory) for entry in mirenfs_mounts()):
         # mount -a cannot tell a mirenfs mount is the fstab line's (its source
         # is not the data path) and would stack a second mount on the first.
@@ -100,8 +83,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     # This process is never the one a service manager waits for.
     os.environ.pop("NOTIFY_SOCKET", None)
-    from mirenfs.cli import main as mirenfs_main  # here: --help and -f stay fast
-
     try:
         code = mirenfs_main(command)
     except SystemExit as exc:  # argparse: a bad option value

@@ -21,12 +21,9 @@ from typing import BinaryIO
 
 import trio
 
-from mirenfs.consume import ImageWriter, RestoreStream, restore_to_path
-from mirenfs.disks import may_change_while_read
-from mirenfs.errors import MirenfsError, TargetError
-from mirenfs.format import Meta
-from mirenfs.image import ChunkSource, FdImageSource, ImageIdentity, ensure_unchanged
-from mirenfs.produce import (
+from mirenfs.engine.consume import ImageWriter, RestoreStream, restore_to_path
+from mirenfs.engine.image import ChunkSource, FdImageSource, ImageIdentity, ensure_unchanged
+from mirenfs.engine.produce import (
     PLACEHOLDER_CHECKSUM,
     FrameSink,
     Progress,
@@ -36,6 +33,8 @@ from mirenfs.produce import (
     build_index,
     snapshot_meta,
 )
+from mirenfs.errors import MirenfsError, TargetError
+from mirenfs.format.header import Meta
 
 READ_PIECE = 4 << 20
 WRITEBACK_STEP = 32 << 20  # a backup file's pages are handed to writeback in steps of this size
@@ -91,9 +90,13 @@ class SnapshotOf:
     check_source: Callable[[], None] | None = None
 
 
-def reading_rules(image: OpenImage) -> tuple[bool, Callable[[], None] | None]:
-    """A live image is read once; any other is read twice and checked unchanged afterwards."""
-    if may_change_while_read(image.path):
+def reading_rules(image: OpenImage, *, live: bool) -> tuple[bool, Callable[[], None] | None]:
+    """A live image is read once; any other is read twice and checked unchanged afterwards.
+
+    Whether the image is live (a loop device backs it) is a disk rule the
+    caller knows; the engine only decides how to read.
+    """
+    if live:
         return True, None
     return False, partial(ensure_unchanged, image.fd, image.identity, image.path)
 
@@ -178,13 +181,17 @@ async def backup_image(
     name: str,
     filesystem: str,
     settings: Settings,
+    live: bool = False,
     progress: Progress | None = None,
 ) -> Meta:
-    """``mirenfs backup --image``: to a file (atomically, via a temporary name) or to ``-``."""
+    """``mirenfs backup --image``: to a file (atomically, via a temporary name) or to ``-``.
+
+    ``live``: the image may change while it is read (see :func:`reading_rules`).
+    """
     image = await trio.to_thread.run_sync(OpenImage.open, image_path)
     try:
         source = image.source(settings)
-        single_read, check_source = await trio.to_thread.run_sync(reading_rules, image)
+        single_read, check_source = reading_rules(image, live=live)
         of = SnapshotOf(name, filesystem, image.mtime_ns, single_read, check_source)
         if output == "-" or _is_special(output):
             target = sys.stdout.buffer if output == "-" else open(output, "wb")  # noqa: SIM115

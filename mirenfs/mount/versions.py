@@ -17,11 +17,9 @@ from dataclasses import dataclass, field
 
 import trio
 
-from mirenfs.disks import may_change_while_read
-from mirenfs.errors import MirenfsError
-from mirenfs.format import Meta
-from mirenfs.image import FdImageSource, ImageIdentity, ensure_unchanged
-from mirenfs.produce import (
+from mirenfs.disks.live import may_change_while_read
+from mirenfs.engine.image import FdImageSource, ImageIdentity, ensure_unchanged
+from mirenfs.engine.produce import (
     FrameSpill,
     Settings,
     SnapshotIndex,
@@ -29,6 +27,8 @@ from mirenfs.produce import (
     build_index,
     snapshot_meta,
 )
+from mirenfs.errors import MirenfsError
+from mirenfs.format.header import Meta
 
 log = logging.getLogger("mirenfs.snapshots")
 

@@ -24,11 +24,10 @@ from dataclasses import dataclass, field
 
 import trio
 
-from mirenfs.aio import task_group
+from mirenfs.engine.aio import task_group
+from mirenfs.engine.image import ChunkSource, chunk_count, chunk_length, zeros
 from mirenfs.errors import ImageChangedError
-from mirenfs.format import Meta, Timestamp
-from mirenfs.image import ChunkSource, chunk_count, chunk_length, zeros
-from mirenfs.zstdframes import (
+from mirenfs.format.frames import (
     MAX_FRAME_CONTENT,
     compress_frame,
     frame_checksum,
@@ -37,6 +36,7 @@ from mirenfs.zstdframes import (
     zero_frame,
     zstd_library_version,
 )
+from mirenfs.format.header import Meta, Timestamp
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_LEVEL = 3
@@ -499,21 +499,47 @@ class SnapshotProducer:
         """Send the whole snapshot to ``write`` in order, compressing frames ahead in parallel."""
         layout = self.layout
         ahead = read_ahead if read_ahead is not None else self.settings.workers + 1
-        count = layout.index.frame_count
         await write(layout.header)
         async with task_group() as nursery:
-            for k in range(count):
-                for j in range(k + 1, min(k + 1 + ahead, count)):
-                    if not self.has_frame(j):
-                        nursery.start_soon(self.prefetch, j)
+            for k in range(layout.index.frame_count):
+                self.prefetch_after(k, ahead, nursery)
                 await write(await self.frame(k))
         await write(layout.seek_table)
 
+    def prefetch_after(self, k: int, ahead: int, nursery: trio.Nursery) -> None:
+        """Start producing the ``ahead`` frames after frame ``k`` that are not at hand yet."""
+        for j in range(k + 1, min(k + 1 + ahead, self.layout.index.frame_count)):
+            if not self.has_frame(j):
+                nursery.start_soon(self.prefetch, j)
+
     def has_frame(self, k: int) -> bool:
-        """Whether frame ``k`` is cached or being produced (so a prefetch would be wasted)."""
-        return k in self._cache or k in self._in_flight
+        """Whether frame ``k`` is at hand (cached, spilled, or being produced): a prefetch would be wasted."""
+        spilled = self.spill is not None and k < self.spill.frames
+        return spilled or k in self._cache or k in self._in_flight
 
     async def prefetch(self, k: int) -> None:
         # On failure the reader asks for this frame itself and gets the error then.
         with contextlib.suppress(ImageChangedError):
             await self.frame(k)
+
+
+class SequentialReader:
+    """One open handle's reads: a read that continues the previous one starts compressing the
+    next frames before they are asked for (the kernel reads ``cat``/``cp`` in 128 KiB pieces,
+    far smaller than a frame), on the nursery this reader was given."""
+
+    def __init__(self, producer: SnapshotProducer, nursery: trio.Nursery) -> None:
+        self.producer = producer
+        self._nursery = nursery
+        self._next_offset = 0
+
+    async def read(self, offset: int, size: int) -> bytes:
+        data = await self.producer.read(offset, size)
+        end = offset + len(data)
+        layout = self.producer.layout
+        if offset == self._next_offset and len(layout.header) <= end < layout.data_end:
+            # From the frame holding ``end`` on: the next request starts there.
+            ahead = self.producer.settings.workers + 1
+            self.producer.prefetch_after(layout.frame_at(end) - 1, ahead, self._nursery)
+        self._next_offset = end
+        return data

@@ -18,11 +18,11 @@ from typing import IO, Protocol, cast
 import trio
 import zstandard
 
-from mirenfs.aio import task_group
+from mirenfs.engine.aio import task_group
+from mirenfs.engine.image import SparseWriter, StagingImage
 from mirenfs.errors import FormatError, MirenfsError, TargetError
-from mirenfs.format import HeaderParser, Meta, validate_meta
-from mirenfs.image import SparseWriter, StagingImage
-from mirenfs.zstdframes import FrameScanner
+from mirenfs.format.frames import FrameScanner
+from mirenfs.format.header import HeaderParser, Meta, validate_meta
 
 _PIECE = 1 << 20  # decompressed bytes per hand-over to the hashing thread
 _QUEUE_PIECES = 16  # at most this many pieces wait for the hasher

@@ -15,23 +15,32 @@ import os
 import stat
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
-from typing import Any, ParamSpec, Protocol, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
 
-from mirenfs.disks import DiskState
-from mirenfs.errors import ImageChangedError, MirenfsError
-from mirenfs.restoredir import SIDECAR_SUFFIX, SNAPSHOT_SUFFIX, RestoreDirectory, RestoreEntry
-from mirenfs.snapshots import DiskVersion, SnapshotService, sidecar_size, sidecar_text
+from mirenfs.engine.produce import SequentialReader
+from mirenfs.errors import MirenfsError
+from mirenfs.mount.catalog import CatalogEntry, CatalogView, DiskCatalog
+from mirenfs.mount.inodes import (
+    RESTORE_INODE,
+    ROOT_INODE,
+    SIDECAR,
+    SNAPSHOT,
+    HandleTable,
+    InodeTable,
+    Node,
+    OpenSnapshot,
+)
+from mirenfs.mount.restoredir import SIDECAR_SUFFIX, SNAPSHOT_SUFFIX, RestoreDirectory, RestoreEntry
+from mirenfs.mount.status import INDEX_PASSES_XATTR, SNAPSHOT_XATTRS, STATE_XATTR, STATUS_XATTR, mount_status
+from mirenfs.mount.versions import SnapshotService, sidecar_size, sidecar_text
 
-log = logging.getLogger("mirenfs.fs")
+log = logging.getLogger(__name__)
 
-ROOT_INODE = pyfuse3.ROOT_INODE
-RESTORE_INODE = ROOT_INODE + 1
 RESTORE_DIR = "restore"
-CATALOG_TTL_S = 0.5  # how long one store listing serves lookups (bulk `ls -l`, tar, rsync)
+assert ROOT_INODE == pyfuse3.ROOT_INODE
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -46,9 +55,6 @@ def fuse_errors(handler: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Cor
             return await handler(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
-        except ImageChangedError as exc:
-            log.warning("%s: %s", handler.__name__, exc)
-            raise pyfuse3.FUSEError(errno.EIO) from None
         except MirenfsError as exc:
             log.warning("%s: %s", handler.__name__, exc)
             raise pyfuse3.FUSEError(exc.errno) from None
@@ -64,64 +70,6 @@ def fuse_errors(handler: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Cor
     return wrapper
 
 
-@dataclass(frozen=True)
-class CatalogEntry:
-    """A disk the mount shows: not deleting, and its image exists."""
-
-    name: str
-    image_path: str
-    filesystem: str
-    status: str
-
-
-class DiskCatalog(Protocol):
-    """Where the mount learns which disks exist (the store, or Miren)."""
-
-    def visible_disks(self) -> dict[str, CatalogEntry]: ...
-
-
-class StoreCatalog:
-    """The embedded store as a catalog: disks not in ``deleting`` whose image exists."""
-
-    def __init__(self, store: Any) -> None:
-        self.store = store
-
-    def visible_disks(self) -> dict[str, CatalogEntry]:
-        visible = {}
-        for record in self.store.list_disks():
-            disk = record.disk
-            if disk.status == DiskState.DELETING or not record.image_path:
-                continue
-            if os.path.isfile(record.image_path):
-                visible[disk.name] = CatalogEntry(
-                    disk.name, record.image_path, disk.filesystem, disk.status.value
-                )
-        return visible
-
-
-@dataclass
-class Node:
-    """A file in the root: one version of a disk's snapshot, or of its sidecar.
-
-    Each version has inodes of its own, so the kernel keeps a separate page
-    cache and size for it: a handle opened before the image changed goes on
-    reading the old snapshot's bytes, never a mix of old and new.
-    """
-
-    inode: int
-    name: str
-    kind: str  # "snapshot" or "sidecar"
-    version: DiskVersion
-
-
-@dataclass
-class OpenSnapshot:
-    """An open ``NAME.mirn``: bound to the version it was opened on."""
-
-    version: DiskVersion
-    next_offset: int = 0
-
-
 class MirenOperations(pyfuse3.Operations):
     """The mount's root: ``NAME.mirn`` and ``NAME.mirn.sha256`` per disk, plus ``restore/``."""
 
@@ -135,70 +83,37 @@ class MirenOperations(pyfuse3.Operations):
         *,
         shared: bool,
         restores: Callable[[Callable[[], int]], RestoreDirectory],
+        nursery: trio.Nursery,
     ) -> None:
         super().__init__()
-        self.catalog = catalog
         self.service = service
         self.shared = shared
         self.uid, self.gid = os.getuid(), os.getgid()
         self.mounted_ns = time.time_ns()
-        self.nursery: trio.Nursery | None = None
-        self._nodes: dict[int, Node] = {}
-        self._inodes: dict[tuple[str, DiskVersion], int] = {}
-        self._listing: dict[int, str] = {}  # stable inodes for readdir entries, by file name
-        self._listing_inodes: dict[str, int] = {}
-        self._next_inode = RESTORE_INODE + 1
-        self._handles: dict[int, OpenSnapshot | RestoreEntry | bytes] = {}
-        self._next_handle = 1
-        self._catalog: dict[str, CatalogEntry] = {}
-        self._catalog_at = -1.0
-        self._catalog_lock = trio.Lock()
-        self.restores = restores(self._allocate_inode)
+        self._nursery = nursery  # where sequential readers compress ahead
+        self.catalog = CatalogView(catalog, on_gone=service.forget)
+        self.inodes = InodeTable()
+        self.handles: HandleTable[OpenSnapshot | RestoreEntry | bytes] = HandleTable()
+        self.restores = restores(self.inodes.allocate)
 
-    # ---- catalog and inodes -------------------------------------------------
-
-    async def disks(self, *, fresh: bool = False) -> dict[str, CatalogEntry]:
-        async with self._catalog_lock:
-            now = time.monotonic()
-            if fresh or now - self._catalog_at > CATALOG_TTL_S:
-                listing = await trio.to_thread.run_sync(self.catalog.visible_disks)
-                for gone in set(self._catalog) - set(listing):
-                    self.service.forget(gone)
-                self._catalog, self._catalog_at = listing, now
-            return self._catalog
-
-    def _node_for(self, version: DiskVersion, kind: str) -> Node:
-        inode = self._inodes.get((kind, version))
-        if inode is None:
-            inode = self._inodes[(kind, version)] = self._allocate_inode()
-            self._nodes[inode] = Node(inode, version.name, kind, version)
-        return self._nodes[inode]
-
-    def _allocate_inode(self) -> int:
-        self._next_inode += 1
-        return self._next_inode - 1
-
-    def _listing_inode(self, file_name: str) -> int:
-        inode = self._listing_inodes.get(file_name)
-        if inode is None:
-            inode = self._listing_inodes[file_name] = self._allocate_inode()
-            self._listing[inode] = file_name
-        return inode
+    # ---- which node an inode or a name is -----------------------------------
 
     async def _current_node(self, file_name: str) -> Node:
         """The node of the disk's current version, building the version if needed."""
         parsed = _parse_file_name(file_name)
-        entry = (await self.disks()).get(parsed[0]) if parsed is not None else None
+        entry: CatalogEntry | None = None
+        if parsed is not None:
+            entry = (await self.catalog.disks()).get(parsed[0])
         if parsed is None or entry is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         version = await self.service.version(entry.name, entry.image_path, entry.filesystem)
-        return self._node_for(version, parsed[1])
+        return self.inodes.node_for(version, parsed[1])
 
     async def _node(self, inode: int) -> Node:
-        node = self._nodes.get(inode)
+        node = self.inodes.nodes.get(inode)
         if node is not None:
             return node
-        file_name = self._listing.get(inode)
+        file_name = self.inodes.listed_name(inode)
         if file_name is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         # A readdir entry used without a lookup (the kernel revalidates names,
@@ -212,10 +127,7 @@ class MirenOperations(pyfuse3.Operations):
         """
         try:
             for inode, _lookups in inode_list:
-                node = self._nodes.get(inode)
-                if node is not None and self.service.current(node.name) is not node.version:
-                    del self._nodes[inode]
-                    self._inodes.pop((node.kind, node.version), None)
+                self.inodes.forget(inode, lambda node: self.service.current(node.name) is node.version)
         except Exception:
             log.exception("unexpected error in forget")
 
@@ -259,7 +171,7 @@ class MirenOperations(pyfuse3.Operations):
 
     def _node_attributes(self, node: Node) -> pyfuse3.EntryAttributes:
         version = node.version
-        size = version.size if node.kind == "snapshot" else sidecar_size(node.name)
+        size = version.size if node.kind == SNAPSHOT else sidecar_size(node.name)
         return self._attributes(node.inode, self._file_mode(), size, version.identity.mtime_ns)
 
     @fuse_errors
@@ -300,12 +212,12 @@ class MirenOperations(pyfuse3.Operations):
         entries: list[tuple[str, pyfuse3.EntryAttributes]] = []
         if fh == ROOT_INODE:
             entries.append((RESTORE_DIR, self._directory_attributes(RESTORE_INODE)))
-            for name in sorted(await self.disks(fresh=start_id == 0)):
+            for name in sorted(await self.catalog.disks(fresh=start_id == 0)):
                 for suffix in (SNAPSHOT_SUFFIX, SIDECAR_SUFFIX):
                     # Placeholder attributes the kernel does not keep (timeout 0):
                     # the exact size needs the index, which a plain `ls` must not
                     # trigger; a `stat` looks the name up and gets the real inode.
-                    inode = self._listing_inode(name + suffix)
+                    inode = self.inodes.listing_inode(name + suffix)
                     entries.append((name + suffix, self._attributes(inode, self._file_mode(), 0, 0)))
         else:
             entries.extend((e.name, self._restore_attributes(e)) for e in self.restores.entries.values())
@@ -322,7 +234,7 @@ class MirenOperations(pyfuse3.Operations):
             if not flags & (os.O_WRONLY | os.O_RDWR):
                 raise pyfuse3.FUSEError(errno.EACCES)  # restore/ takes snapshots; it gives none back
             entry = await self.restores.begin(restore.name, restore.mode, ctx.uid, ctx.gid)
-            return pyfuse3.FileInfo(fh=self._new_handle(entry), direct_io=True)
+            return pyfuse3.FileInfo(fh=self.handles.add(entry), direct_io=True)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
         node = await self._node(inode)
@@ -330,53 +242,30 @@ class MirenOperations(pyfuse3.Operations):
         if version.fd < 0:
             raise pyfuse3.FUSEError(errno.ESTALE)  # a version nobody uses any more
         handle: OpenSnapshot | bytes
-        if node.kind == "sidecar":
+        if node.kind == SIDECAR:
             handle = sidecar_text(node.name, await self.service.sidecar(version))
         else:
             self.service.acquire(version)
-            handle = OpenSnapshot(version)
-        fh = self._new_handle(handle)
+            handle = OpenSnapshot(version, SequentialReader(version.producer, self._nursery))
+        fh = self.handles.add(handle)
         # The page cache stays valid across opens: a version inode's bytes never
         # change. A listing inode stands for whichever version is current.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=inode in self._nodes)
-
-    def _new_handle(self, handle: OpenSnapshot | RestoreEntry | bytes) -> int:
-        fh = self._next_handle
-        self._next_handle += 1
-        self._handles[fh] = handle
-        return fh
+        return pyfuse3.FileInfo(fh=fh, keep_cache=inode in self.inodes.nodes)
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        handle = self._handles[fh]
-        if isinstance(handle, RestoreEntry):
-            raise pyfuse3.FUSEError(errno.EACCES)
+        handle = self.handles.get(fh)
         if isinstance(handle, bytes):
             return handle[off : off + size]
-        version = handle.version
-        data = await version.producer.read(off, size)
-        if off == handle.next_offset and self.nursery is not None:
-            self._read_ahead(version, off + len(data))
-        handle.next_offset = off + len(data)
-        return data
-
-    def _read_ahead(self, version: DiskVersion, position: int) -> None:
-        """Sequential reader: compress the next frames before they are asked for."""
-        producer = version.producer
-        layout = producer.layout
-        if producer.spill is not None and producer.spill.frames == layout.index.frame_count:
-            return  # every frame is already on disk
-        if not len(layout.header) <= position < layout.data_end:
-            return
-        first = layout.frame_at(position)
-        for k in range(first, min(first + self.service.settings.workers + 1, layout.index.frame_count)):
-            if not producer.has_frame(k):
-                assert self.nursery is not None
-                self.nursery.start_soon(producer.prefetch, k)
+        if isinstance(handle, OpenSnapshot):
+            return await handle.reader.read(off, size)
+        if handle is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        raise pyfuse3.FUSEError(errno.EACCES)  # restore/ takes snapshots; it gives none back
 
     @fuse_errors
     async def release(self, fh: int) -> None:
-        handle = self._handles.pop(fh, None)
+        handle = self.handles.pop(fh)
         if isinstance(handle, OpenSnapshot):
             self.service.release(handle.version)
         elif isinstance(handle, RestoreEntry):
@@ -385,66 +274,39 @@ class MirenOperations(pyfuse3.Operations):
     @fuse_errors
     async def flush(self, fh: int) -> None:
         """A close of a file in restore/: install now if the snapshot is whole, so errors reach close(2)."""
-        handle = self._handles.get(fh)
+        handle = self.handles.get(fh)
         if isinstance(handle, RestoreEntry):
             await self.restores.flush(handle)
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        handle = self._handles.get(fh)
+        handle = self.handles.get(fh)
         if not isinstance(handle, RestoreEntry):
             raise pyfuse3.FUSEError(errno.EROFS)
         await self.restores.write(handle, off, buf)
         return len(buf)
 
-    def status(self) -> dict[str, Any]:
-        """What ``mirenfs status`` shows: per disk, index state and progress; restores."""
-        disks: dict[str, dict[str, Any]] = {}
-        for name in sorted(self._catalog):
-            progress = self.service.progress.get(name)
-            version = self.service.current(name)
-            if progress is not None:
-                disks[name] = {"index": "building", "done": progress.done, "total": progress.total}
-            elif version is not None:
-                disks[name] = {
-                    "index": "ready",
-                    "snapshot_bytes": version.size,
-                    "checksum": version.meta.checksum,
-                }
-            else:
-                disks[name] = {"index": "not built"}
-        return {
-            "pid": os.getpid(),
-            "index_passes": self.service.index_passes,
-            "disks": disks,
-            "restores": self.restores.status(),
-        }
-
     # ---- extended attributes ------------------------------------------------
 
     async def _xattrs(self, inode: int) -> dict[bytes, bytes]:
         if inode == ROOT_INODE:
-            await self.disks()  # status reports the disks as the store has them now
+            disks = await self.catalog.disks()  # status reports the disks as the store has them now
+            status = mount_status(disks, self.service, self.restores.status())
             return {
-                b"user.mirenfs.index_passes": str(self.service.index_passes).encode(),
-                b"user.mirenfs.status": json.dumps(self.status()).encode(),
+                INDEX_PASSES_XATTR.encode(): str(self.service.index_passes).encode(),
+                STATUS_XATTR.encode(): json.dumps(status).encode(),
             }
         if inode == RESTORE_INODE:
             return {}
         restore = self.restores.by_inode.get(inode)
         if restore is not None:
-            return {b"user.mirenfs.state": restore.state.encode()}
+            return {STATE_XATTR.encode(): restore.state.encode()}
         node = await self._node(inode)
-        if node.kind != "snapshot":
+        if node.kind != SNAPSHOT:
             return {}
         meta = node.version.meta
-        return {
-            b"user.mirn.name": meta.name.encode(),
-            b"user.mirn.size_bytes": str(meta.size_bytes).encode(),
-            b"user.mirn.filesystem": meta.filesystem.encode(),
-            b"user.mirn.timestamp": meta.timestamp.rfc3339().encode(),
-            b"user.mirn.checksum": meta.checksum.encode(),
-        }
+        values = (meta.name, str(meta.size_bytes), meta.filesystem, meta.timestamp.rfc3339(), meta.checksum)
+        return {name.encode(): value.encode() for name, value in zip(SNAPSHOT_XATTRS, values, strict=True)}
 
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
@@ -525,7 +387,7 @@ class MirenOperations(pyfuse3.Operations):
         if parent_inode != RESTORE_INODE:
             raise pyfuse3.FUSEError(errno.EROFS if parent_inode == ROOT_INODE else errno.EPERM)
         entry = await self.restores.begin(os.fsdecode(name), mode, ctx.uid, ctx.gid)
-        info = pyfuse3.FileInfo(fh=self._new_handle(entry), direct_io=True)
+        info = pyfuse3.FileInfo(fh=self.handles.add(entry), direct_io=True)
         return info, self._restore_attributes(entry)
 
     @fuse_errors
@@ -544,7 +406,7 @@ class MirenOperations(pyfuse3.Operations):
 
 def _parse_file_name(name: str) -> tuple[str, str] | None:
     if name.endswith(SIDECAR_SUFFIX):
-        return name[: -len(SIDECAR_SUFFIX)], "sidecar"
+        return name[: -len(SIDECAR_SUFFIX)], SIDECAR
     if name.endswith(SNAPSHOT_SUFFIX):
-        return name[: -len(SNAPSHOT_SUFFIX)], "snapshot"
+        return name[: -len(SNAPSHOT_SUFFIX)], SNAPSHOT
     return None

@@ -14,57 +14,40 @@ empty store, so ``disk list`` on a fresh data path leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mirenfs import image as _image
-from mirenfs.disks import (
+from mirenfs.disks.model import (
     Disk,
-    DiskNotFoundError,
     DiskState,
     Lease,
     LeaseState,
     Volume,
-    VolumeNotFoundError,
     VolumeState,
     image_path_for,
     validate_disk_name,
-    volumes_dir,
 )
-from mirenfs.errors import MirenfsError, TargetError
+from mirenfs.errors import (
+    DiskBusyError,
+    DiskExistsError,
+    DiskNotFoundError,
+    LeaseNotFoundError,
+    MirenfsError,
+    StoreError,
+    VolumeNotFoundError,
+)
 
 log = logging.getLogger("mirenfs")
 
 DB_FILE_NAME = "mirenfs.db"
 BUSY_TIMEOUT_S = 30.0
-
-
-class StoreError(MirenfsError):
-    """The store could not be read or written: reported as it is, never taken for "no such disk"."""
-
-    errno = errno.EIO
-
-
-class DiskExistsError(MirenfsError):
-    errno = errno.EEXIST
-
-
-class LeaseNotFoundError(MirenfsError):
-    errno = errno.ENOENT
-
-
-class DiskBusyError(MirenfsError):
-    """The disk is held (a bound lease) or being deleted, so the change is refused."""
-
-    errno = errno.EBUSY
 
 
 # --- schema, versioned with PRAGMA user_version: step i brings version i to i + 1 ---
@@ -528,55 +511,9 @@ def _parse_status(status: DiskState | str) -> DiskState:
         raise MirenfsError(f"{status!r} is not a disk status; use one of {choices}") from None
 
 
-def remove_stale_staging(data_path: str, *, on_busy: Callable[[str], None] | None = None) -> list[str]:
-    """Remove ``*.restore.tmp`` files a crashed restore left behind; return their paths.
-
-    Looks in every managed volume directory and next to every image
-    registered at its own path. A staging file a live restore holds (its
-    ``flock``) is kept and reported to ``on_busy``.
-    """
-    candidates: list[str] = []
-    with (
-        contextlib.suppress(FileNotFoundError, NotADirectoryError),
-        os.scandir(volumes_dir(os.path.abspath(data_path))) as volumes,
-    ):
-        for volume in volumes:
-            if not volume.is_dir(follow_symlinks=False):
-                continue
-            with contextlib.suppress(OSError), os.scandir(volume.path) as files:
-                candidates.extend(
-                    entry.path
-                    for entry in files
-                    if entry.name.endswith(_image.STAGING_SUFFIX) and entry.is_file(follow_symlinks=False)
-                )
-    try:
-        explicit = Store(data_path).explicit_image_paths()
-    except StoreError as exc:
-        log.warning("cannot look for staging files next to registered images: %s", exc)
-        explicit = []
-    candidates.extend(path + _image.STAGING_SUFFIX for path in explicit)
-    removed = []
-    for path in sorted(set(candidates)):
-        try:
-            if _image.remove_stale_staging(path):
-                removed.append(path)  # the caller logs what was removed
-        except TargetError as exc:
-            if on_busy is not None:
-                on_busy(path)
-            log.info("kept %s: %s", path, exc)
-        except OSError as exc:
-            log.warning("cannot remove %s, left over from an interrupted restore: %s", path, exc.strerror)
-    return removed
-
-
 __all__ = [
     "DB_FILE_NAME",
     "SCHEMA_VERSION",
-    "DiskBusyError",
-    "DiskExistsError",
     "DiskRecord",
-    "LeaseNotFoundError",
     "Store",
-    "StoreError",
-    "remove_stale_staging",
 ]

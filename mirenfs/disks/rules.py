@@ -1,6 +1,6 @@
-"""Disks, volumes and leases, and the rules of backup and restore (SPEC §3).
+"""The rules of backup and restore (SPEC §3): every refusal, in one copy.
 
-The names follow Miren's Go package in Python style. Who decides which disks
+Who decides which disks
 exist is left to a :class:`DiskResolver` (and, for restores into a new name,
 a :class:`DiskCreator`): the embedded SQLite store implements both, and Miren
 itself can stand behind the same interfaces.
@@ -16,300 +16,36 @@ run them in worker threads from trio.
 from __future__ import annotations
 
 import contextlib
-import enum
-import errno
 import logging
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
-from typing import Protocol
 
-from mirenfs.errors import MirenfsError
-from mirenfs.image import STAGING_SUFFIX
-
-log = logging.getLogger("mirenfs")
-
-SYS_BLOCK = "/sys/block"  # where loop devices tell their backing files; tests point it elsewhere
-IMAGE_FILE_NAME = "disk.img"
-NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}"
-_NAME_RE = re.compile(NAME_PATTERN)
-# A volume id becomes one path component under the data path: the same alphabet, no leading dot.
-_VOLUME_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_DELETED_SUFFIX = " (deleted)"
-
-
-class DiskState(enum.StrEnum):
-    """A disk's status, as Miren records it."""
-
-    PROVISIONING = "provisioning"
-    PROVISIONED = "provisioned"
-    ATTACHED = "attached"
-    DETACHED = "detached"
-    DELETING = "deleting"
-    ERROR = "error"
-
-
-class VolumeState(enum.StrEnum):
-    """A volume's status: ``provisioning`` until its image is in place."""
-
-    PROVISIONING = "provisioning"
-    PROVISIONED = "provisioned"
-
-
-class LeaseState(enum.StrEnum):
-    """A lease's status; only ``bound`` means someone uses the disk right now."""
-
-    PENDING = "pending"
-    BOUND = "bound"
-    FAILED = "failed"
-    RELEASED = "released"
-
-
-@dataclass(frozen=True)
-class Disk:
-    id: str
-    name: str
-    status: DiskState
-    filesystem: str
-    size_bytes: int
-
-
-@dataclass(frozen=True)
-class Volume:
-    """The storage of a disk; ``image_path`` None means the managed path under the data path."""
-
-    id: str
-    disk_id: str
-    image_path: str | None = None
-    status: VolumeState = VolumeState.PROVISIONED
-
-
-@dataclass(frozen=True)
-class Lease:
-    id: str
-    disk_id: str
-    status: LeaseState
-
-
-# --- errors: one sentence naming the disk and what to do, and the errno the mount returns ---
-
-
-class DiskNotFoundError(MirenfsError):
-    """There is no disk of that name. The only lookup failure that may lead to creating a disk."""
-
-    errno = errno.ENOENT
-
-    def __init__(self, name: str, message: str | None = None) -> None:
-        super().__init__(message or f"there is no disk named {name}; see `mirenfs disk list`")
-        self.name = name
-
-
-class VolumeNotFoundError(MirenfsError):
-    """A disk without a volume: nobody can tell where its image is."""
-
-    errno = errno.ENOENT
-
-
-class InvalidDiskNameError(MirenfsError):
-    errno = errno.EINVAL
-
-
-class InvalidVolumeError(MirenfsError):
-    """A volume id or image path that would not stay a plain file where it belongs."""
-
-    errno = errno.EINVAL
-
-
-class DiskDeletingError(MirenfsError):
-    errno = errno.EBUSY
-
-
-class DiskLeasedError(MirenfsError):
-    """The disk has a bound lease: an application holds it."""
-
-    errno = errno.EBUSY
-
-
-class ImageLiveError(MirenfsError):
-    """A loop device is backed by the disk's image: the kernel may be writing it."""
-
-    errno = errno.EBUSY
-
-
-class LiveCheckError(MirenfsError):
-    """Whether an image is live could not be told; restore fails closed on it."""
-
-    errno = errno.EIO
-
-
-class ImageExistsError(MirenfsError):
-    """Restoring would replace an existing image, and nobody consented."""
-
-    errno = errno.EEXIST
-
-
-class ImageMissingError(MirenfsError):
-    errno = errno.ENOENT
-
-
-class DiskChangedError(MirenfsError):
-    """The disk changed between the refusal checks and the start of the restore."""
-
-    errno = errno.EBUSY
-
-
-# --- names and paths ---
-
-
-def validate_disk_name(name: str) -> str:
-    """Return ``name`` if it is a valid disk name; a name is never turned into a path otherwise."""
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise InvalidDiskNameError(
-            f"{name!r} is not a valid disk name: use 1-63 letters, digits, '-', '_' or '.', "
-            "starting with a letter or digit"
-        )
-    return name
-
-
-def validate_volume_id(volume_id: str) -> str:
-    if not isinstance(volume_id, str) or not _VOLUME_ID_RE.fullmatch(volume_id):
-        raise InvalidVolumeError(
-            f"volume id {volume_id!r} is not usable as a directory name; fix the volume in the disk store"
-        )
-    return volume_id
-
-
-def volumes_dir(data_path: str) -> str:
-    return os.path.join(data_path, "disk-data", "volumes")
-
-
-def image_path_for(data_path: str, volume: Volume) -> str:
-    """``<data-path>/disk-data/volumes/<volume-id>/disk.img``, unless the volume names its own image."""
-    if volume.image_path:
-        if not os.path.isabs(volume.image_path):
-            raise InvalidVolumeError(
-                f"volume {volume.id} names the relative image path {volume.image_path!r}; "
-                "register the image with an absolute path"
-            )
-        return os.path.normpath(volume.image_path)
-    return os.path.join(volumes_dir(data_path), validate_volume_id(volume.id), IMAGE_FILE_NAME)
-
-
-# --- live images ---
-
-
-def loop_devices_backing(image_path: str, *, sys_block: str | None = None) -> list[str]:
-    """The loop devices (``loop3``, …) whose backing file is ``image_path``.
-
-    Compared by device and inode where the backing file can be stat'ed (so a
-    different spelling of the path still matches) and by path otherwise (a
-    deleted backing file). Raises :class:`LiveCheckError` when it cannot tell.
-    """
-    sys_block = SYS_BLOCK if sys_block is None else sys_block
-    try:
-        image_stat: os.stat_result | None = os.stat(image_path)
-    except FileNotFoundError:
-        image_stat = None
-    except OSError as exc:
-        raise LiveCheckError(f"cannot stat {image_path}: {exc.strerror}") from None
-    wanted = os.path.realpath(image_path)
-    try:
-        entries = sorted(name for name in os.listdir(sys_block) if name.startswith("loop"))
-    except OSError as exc:
-        raise LiveCheckError(f"cannot list loop devices in {sys_block}: {exc.strerror}") from None
-    found = []
-    for device in entries:
-        try:
-            with open(os.path.join(sys_block, device, "loop", "backing_file"), encoding="utf-8") as text:
-                backing = text.read().rstrip("\n")
-        except FileNotFoundError:
-            continue  # a loop device with nothing attached (or detached meanwhile)
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
-            raise LiveCheckError(f"cannot read the backing file of {device}: {reason}") from None
-        if _same_file(backing, wanted, image_stat):
-            found.append(device)
-    return found
-
-
-def _same_file(backing: str, wanted: str, image_stat: os.stat_result | None) -> bool:
-    candidates = [backing]
-    if backing.endswith(_DELETED_SUFFIX):
-        candidates.append(backing.removesuffix(_DELETED_SUFFIX))
-    for candidate in candidates:
-        if os.path.realpath(candidate) == wanted:
-            return True
-    if image_stat is None:
-        return False
-    try:
-        backing_stat = os.stat(backing)
-    except OSError:
-        return False
-    return (backing_stat.st_dev, backing_stat.st_ino) == (image_stat.st_dev, image_stat.st_ino)
-
-
-def image_is_live(image_path: str, *, sys_block: str | None = None) -> bool:
-    """True when a loop device is backed by the image; raises :class:`LiveCheckError` if unsure."""
-    return bool(loop_devices_backing(image_path, sys_block=sys_block))
-
-
-def may_change_while_read(image_path: str) -> bool:
-    """Whether an index pass must read each byte once (``build_index(single_read=...)``).
-
-    A live image is expected to change under the pass: reading once keeps
-    hash and frames in agreement (a torn but valid snapshot). When liveness
-    cannot be told, the answer is yes too.
-    """
-    try:
-        return image_is_live(image_path)
-    except LiveCheckError:
-        return True
-
-
-# --- resolver and creator ---
-
-
-class DiskResolver(Protocol):
-    """Where disks, volumes and leases come from (the store, or Miren)."""
-
-    def find_disk_by_name(self, name: str) -> Disk:
-        """The disk; raises :class:`DiskNotFoundError` only when there is no such disk."""
-        ...
-
-    def find_volume_by_disk_id(self, disk_id: str) -> Volume: ...
-
-    def find_leases_by_disk_id(self, disk_id: str) -> list[Lease]: ...
-
-
-class CreatedDisk(Protocol):
-    """A disk and volume a creator made for a restore, not yet usable."""
-
-    @property
-    def disk(self) -> Disk: ...
-
-    @property
-    def volume(self) -> Volume: ...
-
-    def finalize(self) -> None:
-        """The image is in place: the disk becomes ``provisioned``."""
-        ...
-
-    def cleanup(self) -> None:
-        """The restore failed: remove the disk and volume records again."""
-        ...
-
-
-class DiskCreator(Protocol):
-    """Creates disks for restores into a new name, and records what a restore changed."""
-
-    def create_disk_for_restore(self, name: str, *, size_bytes: int, filesystem: str) -> CreatedDisk:
-        """A new disk (status ``provisioning``) and its volume; raises if the name is taken."""
-        ...
-
-    def update_disk(self, disk_id: str, *, size_bytes: int, filesystem: str) -> None:
-        """Record the size and filesystem a restore gave an existing disk."""
-        ...
+from mirenfs.disks.live import loop_devices_backing
+from mirenfs.disks.model import (
+    CreatedDisk,
+    Disk,
+    DiskCreator,
+    DiskResolver,
+    DiskState,
+    LeaseState,
+    image_path_for,
+    validate_disk_name,
+)
+from mirenfs.engine.image import STAGING_SUFFIX
+from mirenfs.errors import (
+    DiskChangedError,
+    DiskDeletingError,
+    DiskLeasedError,
+    DiskNotFoundError,
+    ImageExistsError,
+    ImageLiveError,
+    ImageMissingError,
+    LiveCheckError,
+    MirenfsError,
+)
+
+log = logging.getLogger(__name__)
 
 
 # --- backup ---
@@ -366,6 +102,32 @@ def prepare_backup(resolver: DiskResolver, name: str, *, data_path: str) -> Back
 # --- restore ---
 
 
+def refuse_if_in_use(resolver: DiskResolver, disk: Disk, image_path: str | None, *, action: str) -> None:
+    """The refusals shared by every change to a disk's image: a bound lease, or a loop device
+    backing the image (fails closed when that cannot be told). ``action`` completes
+    "before …" in the message, e.g. ``restoring``."""
+    name = disk.name
+    bound = [lease for lease in resolver.find_leases_by_disk_id(disk.id) if lease.status == LeaseState.BOUND]
+    if bound:
+        raise DiskLeasedError(
+            f"disk {name} is in use (lease {bound[0].id} is bound); stop its application or release "
+            f"the lease (`mirenfs lease release {bound[0].id}`) before {action}"
+        )
+    if image_path is None:
+        return
+    try:
+        devices = loop_devices_backing(image_path)
+    except LiveCheckError as exc:
+        raise LiveCheckError(
+            f"cannot tell whether the image of disk {name} is in use ({exc}), so {action} is refused"
+        ) from None
+    if devices:
+        raise ImageLiveError(
+            f"disk {name} is in use: its image {image_path} backs /dev/{devices[0]}; detach it "
+            f"(`losetup -d /dev/{devices[0]}`) before {action}"
+        )
+
+
 def _check_restorable(resolver: DiskResolver, disk: Disk, *, data_path: str, overwrite: bool) -> str:
     """Apply the refusals of §3 to an existing disk; return its image path."""
     name = disk.name
@@ -373,24 +135,8 @@ def _check_restorable(resolver: DiskResolver, disk: Disk, *, data_path: str, ove
         raise DiskDeletingError(
             f"disk {name} is being deleted; wait for that to finish or restore under another name"
         )
-    bound = [lease for lease in resolver.find_leases_by_disk_id(disk.id) if lease.status == LeaseState.BOUND]
-    if bound:
-        raise DiskLeasedError(
-            f"disk {name} is in use (lease {bound[0].id} is bound); stop its application or release "
-            f"the lease (`mirenfs lease release {bound[0].id}`) before restoring"
-        )
     image_path = image_path_for(data_path, resolver.find_volume_by_disk_id(disk.id))
-    try:
-        devices = loop_devices_backing(image_path)
-    except LiveCheckError as exc:
-        raise LiveCheckError(
-            f"cannot tell whether the image of disk {name} is in use ({exc}), so the restore is refused"
-        ) from None
-    if devices:
-        raise ImageLiveError(
-            f"disk {name} is in use: its image {image_path} backs /dev/{devices[0]}; detach it "
-            f"(`losetup -d /dev/{devices[0]}`) before restoring"
-        )
+    refuse_if_in_use(resolver, disk, image_path, action="restoring")
     if not overwrite and os.path.lexists(image_path):
         raise ImageExistsError(
             f"disk {name} already has an image at {image_path}; restore with --force "

@@ -1,7 +1,5 @@
-"""The ``mirenfs`` command line (SPEC §4).
-
-Every command runs the same trio engine the mount uses. Failures print one
-line, ``mirenfs: error: …``, and exit 1.
+"""``backup``, ``restore``, ``inspect`` and ``verify``: snapshots of disks (by name, from the
+store) and of plain image files (``--image``), through the same engine the mount uses.
 """
 
 from __future__ import annotations
@@ -11,39 +9,34 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
 from functools import partial
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import trio
 
-from mirenfs import cli_mount, cli_ops, cli_store
-from mirenfs.aio import meaningful_error
-from mirenfs.cli_args import add_compression_options, settings_from
-from mirenfs.engine import backup_image, restore_file, verify_file
+from mirenfs.cli.common import (
+    ProgressBar,
+    add_compression_options,
+    add_data_path_option,
+    file_size,
+    resolve_data_path,
+    settings_from,
+)
+from mirenfs.disks.live import may_change_while_read
+from mirenfs.disks.restore import DiskRestore
+from mirenfs.disks.rules import RestoreTarget, prepare_backup, prepare_restore
+from mirenfs.disks.store import Store
+from mirenfs.engine.files import backup_image, open_input, read_pieces, restore_file, verify_file
+from mirenfs.engine.fstype import detect_filesystem
 from mirenfs.errors import FormatError, MirenfsError
-from mirenfs.format import Meta, read_header
-from mirenfs.fstype import detect_filesystem
-from mirenfs.progress import ProgressBar
-from mirenfs.zstdframes import parse_seek_table
+from mirenfs.format.frames import parse_seek_table
+from mirenfs.format.header import Meta, read_header
 
-log = logging.getLogger("mirenfs")
-
-Handler = Callable[[argparse.Namespace], int]
+log = logging.getLogger(__name__)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mirenfs",
-        description="Back up and restore Miren disk images as .mirn snapshots.",
-    )
-    parser.add_argument(
-        "--log-level",
-        choices=["debug", "info", "warning", "error"],
-        help="default: info for mount (one line per event), warning otherwise",
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def register(commands: Any) -> None:
+    """Add ``backup``, ``restore``, ``inspect`` and ``verify`` (an argparse subparsers object)."""
     backup = commands.add_parser("backup", help="write a snapshot of a disk, or of an image file")
     backup.add_argument("disk", nargs="?", metavar="NAME", help="the disk to back up (from the disk store)")
     backup.add_argument("--image", metavar="PATH", help="back up this raw image file instead of a disk")
@@ -53,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", required=True, metavar="FILE", help="snapshot file, or - for stdout"
     )
     add_compression_options(backup)
-    cli_store.add_data_path_option(backup)
+    add_data_path_option(backup)
     backup.set_defaults(handler=cmd_backup)
 
     restore = commands.add_parser("restore", help="restore a disk, or an image file, from a snapshot")
@@ -61,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--name", metavar="NAME", help="the disk to restore (default: the header's name)")
     restore.add_argument("--image", metavar="PATH", help="write this image file instead of a disk")
     restore.add_argument("--force", action="store_true", help="replace an existing image")
-    cli_store.add_data_path_option(restore)
+    add_data_path_option(restore)
     restore.set_defaults(handler=cmd_restore)
 
     inspect = commands.add_parser("inspect", help="print a snapshot's header")
@@ -73,11 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("file", metavar="FILE", help="snapshot file, or - for stdin")
     verify.set_defaults(handler=cmd_verify)
 
-    cli_store.register(commands)
-    cli_mount.register(commands)
-    cli_ops.register(commands)
-    return parser
-
 
 def cmd_backup(args: argparse.Namespace) -> int:
     if (args.disk is None) == (args.image is None):
@@ -86,10 +74,10 @@ def cmd_backup(args: argparse.Namespace) -> int:
             "or an image file (mirenfs backup --image PATH -o FILE)"
         )
     if args.disk is not None:
-        return cli_store.cmd_backup_disk(args)
+        return _backup_disk(args)
     if args.data_path is not None:
         raise MirenfsError("--data-path applies to disk backups; --image PATH names the image directly")
-    size = _file_size(args.image, "image")
+    size = file_size(args.image, "image")
     name = args.name or os.path.splitext(os.path.basename(args.image))[0]
     filesystem = args.filesystem or detect_filesystem(args.image)
     if filesystem is None:
@@ -105,6 +93,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
                 name=name,
                 filesystem=filesystem,
                 settings=settings_from(args),
+                live=may_change_while_read(args.image),
                 progress=bar,
             )
         )
@@ -116,7 +105,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     if args.image is None:
-        return cli_store.cmd_restore_disk(args)
+        return _restore_disk(args)
     if args.name is not None or args.data_path is not None:
         raise MirenfsError(
             "--name and --data-path pick a disk of the store; with --image PATH the image is named directly"
@@ -177,7 +166,7 @@ def _seek_table_frames(snapshot: BinaryIO, data_len: int) -> int | None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    size = _file_size(args.file, "snapshot") if args.file != "-" else 0
+    size = file_size(args.file, "snapshot") if args.file != "-" else 0
     bar = ProgressBar(size, "verify", enabled=bool(size) and sys.stderr.isatty())
     meta = trio.run(verify_file, args.file)
     bar.close()
@@ -185,39 +174,86 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _file_size(path: str, what: str) -> int:
+def _backup_disk(args: argparse.Namespace) -> int:
+    """``mirenfs backup NAME -o FILE``: the same bytes the mount serves as ``NAME.mirn``."""
+    if args.name is not None or args.filesystem is not None:
+        raise MirenfsError(
+            f"--name and --filesystem only apply to --image backups; disk {args.disk} is backed up "
+            "under its own name and filesystem"
+        )
+    data_path = resolve_data_path(args.data_path)
+    target = prepare_backup(Store(data_path), args.disk, data_path=data_path)
+    if target.warning:
+        print(f"mirenfs: warning: {target.warning}", file=sys.stderr)
+    size = os.stat(target.image_path).st_size
+    bar = ProgressBar(
+        size, f"backup {target.name}", enabled=None if args.output != "-" else sys.stderr.isatty()
+    )
     try:
-        return os.stat(path).st_size
-    except OSError as exc:
-        raise MirenfsError(f"cannot open {what} {path}: {exc.strerror}") from None
+        trio.run(
+            partial(
+                backup_image,
+                target.image_path,
+                args.output,
+                name=target.name,
+                filesystem=target.filesystem,
+                settings=settings_from(args),
+                live=may_change_while_read(target.image_path),
+                progress=bar,
+            )
+        )
+    finally:
+        bar.close()
+    return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.log_level is None:
-        args.log_level = "info" if args.command in ("mount", "demo") else "warning"
-    logging.basicConfig(level=args.log_level.upper(), format="mirenfs: %(levelname)s: %(message)s")
-    handler: Handler = args.handler
+def _restore_disk(args: argparse.Namespace) -> int:
+    """``mirenfs restore FILE [--name NAME] [--force]``: restore into a disk of the store.
+
+    With ``--name`` every refusal happens before a byte is read; without it
+    the disk is the one the header names, so the header is read first.
+    """
+    data_path = resolve_data_path(args.data_path)
+    store = Store(data_path)
+
+    def prepare(name: str) -> RestoreTarget:
+        return prepare_restore(store, name, data_path=data_path, overwrite=args.force, creator=store)
+
+    target = prepare(args.name) if args.name is not None else None
+    with open_input(args.file) as source:
+        meta = read_header(source)
+        if target is None:
+            target = prepare(meta.name)
+        total = _remaining_bytes(source)
+        bar = ProgressBar(total, f"restore {target.name}", enabled=None if total else False)
+        try:
+            trio.run(_restore_from, DiskRestore(target, header_read=meta), source, bar)
+        finally:
+            bar.close()
+    how = "new disk" if target.creates_disk else "image replaced"
+    print(
+        f"restored disk {target.name} ({how}) from {args.file}: {meta.size_bytes} bytes, "
+        f"checksum {meta.checksum}"
+    )
+    return 0
+
+
+async def _restore_from(restore: DiskRestore, source: BinaryIO, progress: ProgressBar) -> None:
+    """The same disk restore the mount's restore/ runs, fed from a file or a pipe."""
     try:
-        return handler(args)
-    except KeyboardInterrupt:
-        print("mirenfs: interrupted", file=sys.stderr)
-        return 130
-    except BaseException as exc:  # one line for people, whatever went wrong
-        error = meaningful_error(exc)
-        if isinstance(error, (SystemExit, KeyboardInterrupt)):
-            raise
-        if isinstance(error, MirenfsError):
-            message = str(error)
-        elif isinstance(error, OSError):
-            message = f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
-        else:
-            log.debug("unexpected error", exc_info=error)
-            message = f"unexpected {type(error).__name__}: {error}"
-        print(f"mirenfs: error: {message}", file=sys.stderr)
-        return 1
+        async for piece in read_pieces(source):
+            await restore.append(piece)
+            progress(restore.next_offset)
+        await restore.finish()
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await restore.abort()
+        raise
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _remaining_bytes(source: BinaryIO) -> int:
+    """Bytes left in a regular file (for the progress bar); 0 for a pipe."""
+    try:
+        return max(os.fstat(source.fileno()).st_size - source.tell(), 0)
+    except (OSError, ValueError):
+        return 0

@@ -5,22 +5,14 @@ verification, install and the store's finalize or cleanup (SPEC §3).
 
 from __future__ import annotations
 
-import errno
-
 import trio
 
-from mirenfs.consume import StagedRestore
-from mirenfs.disks import RestoreTarget
-from mirenfs.errors import MirenfsError
-from mirenfs.format import Meta
+from mirenfs.disks.rules import RestoreTarget
+from mirenfs.engine.consume import StagedRestore
+from mirenfs.errors import OutOfOrderWrite
+from mirenfs.format.header import Meta
 
 FEED_BATCH = 1 << 20  # small writes are gathered to this size before a worker thread takes them
-
-
-class OutOfOrderWrite(MirenfsError):
-    """A snapshot must be written from its first byte to its last, in order."""
-
-    errno = errno.EINVAL
 
 
 class DiskRestore:

@@ -323,7 +323,7 @@ class StagingImage:
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             except FileExistsError:
-                remove_stale_staging(path)
+                remove_staging_if_unheld(path)
                 continue
             except OSError as exc:
                 raise TargetError(f"cannot create {path}: {exc.strerror}", exc.errno or errno.EIO) from None
@@ -367,7 +367,7 @@ class StagingImage:
             self.fd = -1
 
 
-def remove_stale_staging(path: str) -> bool:
+def remove_staging_if_unheld(path: str) -> bool:
     """Remove a staging file nobody holds; raise EBUSY if a live restore holds it."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

@@ -1,0 +1,7 @@
+"""``python -m mirenfs``: the ``mirenfs`` command."""
+
+import sys
+
+from mirenfs.cli import main
+
+sys.exit(main())

@@ -1,0 +1,170 @@
+"""``disk …`` and ``lease …``: the disks, volumes and leases of the embedded store (SPEC §4).
+
+Parsers beside handlers; creating and removing images is ``disks.manage``'s job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from mirenfs.cli.common import add_data_path_option, human_size, parse_size, resolve_data_path
+from mirenfs.disks.manage import FILESYSTEMS, create_disk, remove_disk
+from mirenfs.disks.model import DiskState, LeaseState, validate_disk_name
+from mirenfs.disks.store import Store
+from mirenfs.engine.fstype import detect_filesystem
+from mirenfs.errors import MirenfsError
+
+
+def register(commands: Any) -> None:
+    """Add ``disk …`` and ``lease …`` to the top-level subcommands (an argparse subparsers object)."""
+    disk = commands.add_parser("disk", help="manage the disks of the embedded store")
+    disk_commands = disk.add_subparsers(dest="disk_command", required=True, metavar="COMMAND")
+
+    create = disk_commands.add_parser("create", help="create a disk with a new sparse image")
+    create.add_argument("name", metavar="NAME")
+    create.add_argument("--size", required=True, type=parse_size, help="image size: 4096, 512M, 10G, …")
+    create.add_argument("--filesystem", choices=FILESYSTEMS, default="ext4", help="default: ext4")
+    create.set_defaults(handler=cmd_disk_create)
+
+    add = disk_commands.add_parser("add", help="register an existing image as a disk (it stays where it is)")
+    add.add_argument("name", metavar="NAME")
+    add.add_argument("--image", required=True, metavar="PATH", help="the raw image file")
+    add.add_argument("--filesystem", choices=FILESYSTEMS, help="default: detected from the image")
+    add.set_defaults(handler=cmd_disk_add)
+
+    listing = disk_commands.add_parser("list", help="list disks with their status, image and leases")
+    listing.add_argument("--json", action="store_true", help="print a JSON array")
+    listing.set_defaults(handler=cmd_disk_list)
+
+    set_status = disk_commands.add_parser("set-status", help="change a disk's status")
+    set_status.add_argument("name", metavar="NAME")
+    set_status.add_argument("status", metavar="STATUS", choices=[state.value for state in DiskState])
+    set_status.set_defaults(handler=cmd_disk_set_status)
+
+    remove = disk_commands.add_parser(
+        "remove", help="remove a disk (and its image, if disk create or a restore made it)"
+    )
+    remove.add_argument("name", metavar="NAME")
+    remove.set_defaults(handler=cmd_disk_remove)
+
+    lease = commands.add_parser("lease", help="hold or release a disk (restore refuses a leased disk)")
+    lease_commands = lease.add_subparsers(dest="lease_command", required=True, metavar="COMMAND")
+    acquire = lease_commands.add_parser("acquire", help="bind a lease on a disk; prints the lease id")
+    acquire.add_argument("name", metavar="NAME")
+    acquire.set_defaults(handler=cmd_lease_acquire)
+    release = lease_commands.add_parser("release", help="release a lease")
+    release.add_argument("lease_id", metavar="LEASE_ID")
+    release.set_defaults(handler=cmd_lease_release)
+
+    for parser in (create, add, listing, set_status, remove, acquire, release):
+        add_data_path_option(parser)
+
+
+def _store(args: argparse.Namespace) -> Store:
+    return Store(resolve_data_path(args.data_path))
+
+
+def cmd_disk_create(args: argparse.Namespace) -> int:
+    created = create_disk(_store(args), args.name, size_bytes=args.size, filesystem=args.filesystem)
+    if created.formatted:
+        print(f"created disk {args.name}: {args.filesystem}, {args.size} bytes, image {created.image_path}")
+    else:
+        print(f"created disk {args.name}: {args.size} bytes, image {created.image_path}")
+        print(
+            f"mirenfs: warning: mkfs.{args.filesystem} is not installed, so the image of disk {args.name} "
+            f"has no filesystem yet; install {created.mkfs_missing} and run mkfs.{args.filesystem} "
+            f"{created.image_path}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_disk_add(args: argparse.Namespace) -> int:
+    name = validate_disk_name(args.name)
+    image_path = os.path.abspath(args.image)
+    try:
+        info = os.stat(image_path)
+    except OSError as exc:
+        raise MirenfsError(f"cannot register {image_path} as disk {name}: {exc.strerror}") from None
+    if not os.path.isfile(image_path):
+        raise MirenfsError(f"cannot register {image_path} as disk {name}: it is not a regular file")
+    filesystem = args.filesystem or detect_filesystem(image_path)
+    if filesystem is None:
+        raise MirenfsError(
+            f"cannot tell the filesystem of {image_path}; pass --filesystem {'|'.join(FILESYSTEMS)}"
+        )
+    _store(args).add_disk(name, size_bytes=info.st_size, filesystem=filesystem, image_path=image_path)
+    print(f"added disk {name}: {filesystem}, {info.st_size} bytes, image {image_path} (kept on disk remove)")
+    return 0
+
+
+def cmd_disk_list(args: argparse.Namespace) -> int:
+    records = _store(args).list_disks()
+    if args.json:
+        entries = []
+        for record in records:
+            entry = record.to_json()
+            entry["image_exists"] = bool(record.image_path and os.path.isfile(record.image_path))
+            entries.append(entry)
+        print(json.dumps(entries, indent=2))
+        return 0
+    table = [("NAME", "STATUS", "FILESYSTEM", "SIZE", "LEASES", "IMAGE")]
+    for record in records:
+        bound = [lease.id for lease in record.leases if lease.status == LeaseState.BOUND]
+        image = record.image_path or "-"
+        if record.image_path and not os.path.isfile(record.image_path):
+            image += " (missing)"
+        table.append(
+            (
+                record.disk.name,
+                record.disk.status.value,
+                record.disk.filesystem,
+                human_size(record.disk.size_bytes),
+                ",".join(bound) or "-",
+                image,
+            )
+        )
+    widths = [max(len(row[column]) for row in table) for column in range(len(table[0]) - 1)]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
+    return 0
+
+
+def cmd_disk_set_status(args: argparse.Namespace) -> int:
+    name = validate_disk_name(args.name)
+    old, new = _store(args).set_disk_status(name, args.status)
+    print(f"disk {name}: {old.value} -> {new.value}")
+    return 0
+
+
+def cmd_disk_remove(args: argparse.Namespace) -> int:
+    removed = remove_disk(_store(args), args.name)
+    if removed.image_removed:
+        print(f"removed disk {args.name} and its image {removed.record.image_path}")
+    elif removed.record.image_path:
+        print(f"removed disk {args.name}; its registered image {removed.record.image_path} is kept")
+    else:
+        print(f"removed disk {args.name}")
+    return 0
+
+
+# --- leases ---
+
+
+def cmd_lease_acquire(args: argparse.Namespace) -> int:
+    lease = _store(args).acquire_lease(validate_disk_name(args.name))
+    print(lease.id)
+    return 0
+
+
+def cmd_lease_release(args: argparse.Namespace) -> int:
+    lease, disk_name, changed = _store(args).release_lease(args.lease_id)
+    if changed:
+        print(f"released lease {lease.id} of disk {disk_name}")
+    else:
+        print(f"lease {lease.id} of disk {disk_name} was already released")
+    return 0

@@ -1,0 +1,269 @@
+"""``mirenfs mount`` (in the foreground for systemd and tests, or as a daemon that returns once
+live) and ``mirenfs status`` (what a running mount is doing).
+
+``status`` asks the mount itself: the root of a mirenfs mount answers the
+extended attribute ``user.mirenfs.status`` with JSON (per disk the index
+state and progress, and the restores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import json
+import logging
+import os
+import stat
+import sys
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import trio
+
+from mirenfs.cli.common import add_data_path_option, human_size, resolve_data_path
+from mirenfs.cli.mountinfo import MountEntry, mirenfs_mounts, mount_at
+from mirenfs.engine.aio import meaningful_error
+from mirenfs.errors import MirenfsError
+from mirenfs.mount.config import MountConfig, fuse_options
+from mirenfs.mount.status import STATUS_XATTR
+
+log = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s mirenfs[%(process)d]: %(levelname)s: %(message)s"
+
+
+def register(commands: Any) -> None:
+    mount = commands.add_parser("mount", help="mount the disks as NAME.mirn snapshot files")
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    add_data_path_option(mount)
+    mount.add_argument(
+        "--foreground", "-f", action="store_true", help="stay in the foreground (logs on stderr)"
+    )
+    mount.add_argument(
+        "--allow-overwrite", action="store_true", help="let restore/ replace the image of an existing disk"
+    )
+    mount.add_argument(
+        "-o", dest="options", action="append", default=[], metavar="OPT,…", help="FUSE mount options"
+    )
+    mount.set_defaults(handler=cmd_mount)
+
+    status = commands.add_parser(
+        "status", help="show what a mount is doing: index state and progress per disk, restores"
+    )
+    status.add_argument(
+        "mountpoint", nargs="?", metavar="MOUNTPOINT", help="default: every mirenfs mount of this host"
+    )
+    status.add_argument(
+        "--json",
+        action="store_true",
+        help="print the mount's status JSON (without MOUNTPOINT: an object keyed by mount point)",
+    )
+    status.set_defaults(handler=cmd_status)
+
+
+def config_from(args: argparse.Namespace) -> MountConfig:
+    mountpoint = os.path.abspath(args.mountpoint)
+    try:
+        info: os.stat_result | None = os.stat(mountpoint)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise MirenfsError(
+                f"a dead mount is left at {mountpoint} (its daemon was killed); "
+                f"run: fusermount3 -u {mountpoint}"
+            ) from None
+        info = None
+    if info is None or not stat.S_ISDIR(info.st_mode):
+        raise MirenfsError(f"mount point {mountpoint} is not a directory; create it first")
+    data_path = resolve_data_path(args.data_path)
+    try:
+        os.makedirs(data_path, exist_ok=True)
+    except OSError as exc:
+        raise MirenfsError(f"cannot use data path {data_path}: {exc.strerror}") from None
+    options = fuse_options(args.options)  # the same filter the mount.mirenfs helper applies
+    allow_overwrite = args.allow_overwrite or "allow_overwrite" in options
+    options = [opt for opt in options if opt != "allow_overwrite"]
+    return MountConfig(mountpoint, data_path, allow_overwrite=allow_overwrite, fuse_options=options)
+
+
+def serve_mount(config: MountConfig, *, ready: Callable[[], None] | None = None) -> None:
+    """Serve the mount until it is unmounted or signalled.
+
+    The one place the CLI loads the FUSE layer, and lazily: every other
+    command (``disk``, ``status``, ``backup``, …) must run without pyfuse3.
+    """
+    from mirenfs.mount.session import serve  # lazy on purpose: see the docstring
+
+    trio.run(partial(serve, config, ready=ready))
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    config = config_from(args)
+    if args.foreground:
+        serve_mount(config)
+        return 0
+    return _daemonize(config, args.log_level)
+
+
+def _daemonize(config: MountConfig, log_level: str) -> int:
+    """Fork a daemon and return once it reports the mount live, or with its error."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as report:
+            message = report.read().decode(errors="replace")
+        if message == "ready":
+            return 0
+        os.waitpid(pid, 0)
+        print(f"mirenfs: error: {message or 'the mount process died before it was ready'}", file=sys.stderr)
+        return 1
+    os.close(read_end)
+    code = 1
+    try:
+        os.setsid()
+        _detach_stdio(config, log_level)
+
+        def ready() -> None:
+            os.write(write_end, b"ready")
+            os.close(write_end)
+
+        serve_mount(config, ready=ready)
+        code = 0
+    except BaseException as exc:
+        error = meaningful_error(exc)
+        log.error("mount failed: %s", error)
+        with contextlib.suppress(OSError):
+            os.write(write_end, str(error).encode())
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+def _detach_stdio(config: MountConfig, log_level: str) -> None:
+    log_path = os.path.join(config.state_directory, "mount.log")
+    os.makedirs(config.state_directory, mode=0o700, exist_ok=True)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.FileHandler(log_path)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.addHandler(handler)
+    root.setLevel(log_level.upper())
+
+
+# ---- status -------------------------------------------------------------------
+
+
+def read_status(entry: MountEntry) -> dict[str, Any]:
+    """Ask the mount for its status (the root's ``user.mirenfs.status``)."""
+    where = entry.mountpoint
+    try:
+        raw = os.getxattr(where, STATUS_XATTR)  # the mount refreshes its view of the store first
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise MirenfsError(
+                f"the mirenfs mount at {where} does not answer (its process is gone); "
+                f"unmount it with `fusermount3 -u {where}`"
+            ) from None
+        if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP):
+            raise MirenfsError(
+                f"the mirenfs mount at {where} reports no status (is it an older mirenfs?)"
+            ) from None
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise MirenfsError(
+                f"cannot read the status of {where}: the mount is private to its owner; run as that user"
+            ) from None
+        raise MirenfsError(f"cannot read the status of {where}: {exc.strerror}") from None
+    try:
+        status = json.loads(raw)
+    except ValueError:
+        status = None
+    if not isinstance(status, dict):
+        raise MirenfsError(f"the mirenfs mount at {where} answered a status that is not a JSON object")
+    return status
+
+
+def describe_index(state: dict[str, Any]) -> str:
+    """One disk's index, as a person reads it."""
+    index = state.get("index", "unknown")
+    if index == "building":
+        done, total = int(state.get("done", 0)), int(state.get("total", 0))
+        percent = 100.0 * done / total if total else 100.0
+        return f"building {percent:.0f}% ({human_size(done)} of {human_size(total)})"
+    if index == "ready":
+        detail = []
+        if "snapshot_bytes" in state:
+            detail.append(f"snapshot {human_size(int(state['snapshot_bytes']))}")
+        if state.get("checksum"):
+            detail.append(f"image sha256 {str(state['checksum'])[:16]}…")
+        return "ready" + (f" ({', '.join(detail)})" if detail else "")
+    if index == "not built":
+        return "not built (the first stat or read of the snapshot builds it)"
+    return str(index)
+
+
+def format_status(entry: MountEntry, status: dict[str, Any]) -> str:
+    header = [f"{entry.mountpoint}: mirenfs"]
+    if entry.source.startswith("/"):
+        header.append(f"data path {entry.source}")
+    if "pid" in status:
+        header.append(f"pid {status['pid']}")
+    if "index_passes" in status:
+        header.append(f"{status['index_passes']} index passes since mounted")
+    lines = [", ".join(header)]
+    disks = status.get("disks") or {}
+    if disks:
+        width = max(len("DISK"), *(len(name) for name in disks))
+        lines.append(f"  {'DISK'.ljust(width)}  INDEX")
+        for name, state in sorted(disks.items()):
+            lines.append(f"  {name.ljust(width)}  {describe_index(state if isinstance(state, dict) else {})}")
+    else:
+        lines.append("  no disks")
+    restores = status.get("restores") or []
+    if restores:
+        lines.append("  restores:")
+        for item in restores:
+            if not isinstance(item, dict):
+                continue
+            parts = [str(item.get("name", "?"))]
+            if item.get("disk"):
+                parts.append(f"disk {item['disk']}")
+            parts.append(str(item.get("state", "?")))
+            if "bytes" in item:
+                parts.append(f"{human_size(int(item['bytes']))} received")
+            lines.append("    " + "  ".join(parts))
+    else:
+        lines.append("  no restores")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    if args.mountpoint is not None:
+        entry = mount_at(args.mountpoint)
+        status = read_status(entry)
+        print(json.dumps(status, indent=2) if args.json else format_status(entry, status))
+        return 0
+    found = mirenfs_mounts()
+    if not found:
+        raise MirenfsError("no mirenfs mount found on this host (start one with `mirenfs mount MOUNTPOINT`)")
+    results: dict[str, dict[str, Any]] = {}
+    failures = 0
+    for entry in found:
+        try:
+            status = read_status(entry)
+        except MirenfsError as exc:
+            print(f"mirenfs: error: {exc}", file=sys.stderr)
+            failures += 1
+            continue
+        results[entry.mountpoint] = status
+        if not args.json:
+            print(format_status(entry, status))
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 1 if failures else 0

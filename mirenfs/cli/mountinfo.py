@@ -1,0 +1,91 @@
+"""The mounts this host has, from ``/proc/self/mountinfo``: which are mirenfs, and where.
+
+Used by ``status`` (find the mounts to ask) and by ``mount`` and
+``mount.mirenfs`` (refuse to stack a second mount on a mirenfs mount).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from mirenfs.errors import MirenfsError
+
+FSTYPE = "fuse.mirenfs"
+MOUNTINFO = "/proc/self/mountinfo"
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of /proc/self/mountinfo."""
+
+    mountpoint: str
+    source: str
+    fstype: str
+    options: str
+    major: int
+    minor: int
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes (``\\040``)."""
+    if "\\" not in field:
+        return field
+    out, i = [], 0
+    while i < len(field):
+        octal = field[i + 1 : i + 4]
+        if field[i] == "\\" and len(octal) == 3 and all(c in "01234567" for c in octal):
+            out.append(chr(int(octal, 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mounts(path: str = MOUNTINFO) -> list[MountEntry]:
+    """Every mount this process sees, in mount order."""
+    entries = []
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            try:
+                separator = fields.index("-", 6)
+                major, minor = (int(n) for n in fields[2].split(":"))
+                entries.append(
+                    MountEntry(
+                        mountpoint=_unescape(fields[4]),
+                        source=_unescape(fields[separator + 2]),
+                        fstype=fields[separator + 1],
+                        options=f"{fields[5]},{fields[separator + 3]}",
+                        major=major,
+                        minor=minor,
+                    )
+                )
+            except (ValueError, IndexError):
+                continue  # a line this parser does not understand is not a mirenfs mount
+    return entries
+
+
+def mirenfs_mounts() -> list[MountEntry]:
+    """The mirenfs mounts, the topmost last when several share a mount point."""
+    return [entry for entry in mounts() if entry.fstype == FSTYPE]
+
+
+def mount_at(path: str) -> MountEntry:
+    """The mirenfs mount whose mount point is ``path``, or a clear error naming what is there."""
+    target = os.path.realpath(path)  # never raises for a dead mount: non-strict
+    everything = mounts()
+    covering = [entry for entry in everything if entry.mountpoint == target]
+    if covering and covering[-1].fstype == FSTYPE:
+        return covering[-1]
+    if not os.path.exists(target) and not covering:
+        raise MirenfsError(f"{path} does not exist")
+    if covering:
+        raise MirenfsError(
+            f"{path} is not a mirenfs mount (a {covering[-1].fstype} filesystem is mounted there)"
+        )
+    inside = [entry for entry in mirenfs_mounts() if target.startswith(entry.mountpoint.rstrip("/") + "/")]
+    if inside:
+        raise MirenfsError(f"{path} is inside the mirenfs mount {inside[-1].mountpoint}; give that instead")
+    raise MirenfsError(f"{path} is not a mirenfs mount")

@@ -1,0 +1,8 @@
+"""Miren's disk rules and the catalogue of disks: blocking code, no trio, no FUSE.
+
+``model`` (types and names), ``live`` (is an image in use), ``rules``
+(prepare_backup, prepare_restore: the refusals), ``store`` (the embedded
+SQLite catalogue), ``manage`` (creating and removing images, sweeping
+staging files), ``restore`` (one disk restore fed in order, shared by the
+CLI and the mount).
+"""

@@ -1,0 +1,194 @@
+"""Creating and removing disk images, and sweeping what a crashed restore left behind.
+
+Images of ``disk create`` (and of restores into a new name) are *managed*:
+they live at ``<data-path>/disk-data/volumes/<volume-id>/disk.img`` and
+removing the disk deletes them with their volume directory. An image
+registered with ``disk add`` stays where it is: removing the disk only
+forgets it. Everything here blocks (mkfs runs for seconds): call it from a
+worker thread in trio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mirenfs.disks.model import DiskState, validate_disk_name, volumes_dir
+from mirenfs.disks.rules import refuse_if_in_use
+from mirenfs.disks.store import DiskRecord, Store
+from mirenfs.engine.image import STAGING_SUFFIX, remove_staging_if_unheld
+from mirenfs.errors import DiskBusyError, MirenfsError, StoreError, TargetError
+
+log = logging.getLogger(__name__)
+
+FILESYSTEMS = ("ext4", "xfs", "btrfs")
+# mkfs per filesystem: the command, the option that fills it from a directory, the package to install.
+_MKFS = {
+    "ext4": (["mkfs.ext4", "-q", "-F"], "-d", "e2fsprogs"),
+    "xfs": (["mkfs.xfs", "-q", "-f"], None, "xfsprogs"),
+    "btrfs": (["mkfs.btrfs", "-q", "-f"], "--rootdir", "btrfs-progs"),
+}
+MKFS_TIMEOUT_S = 600
+
+
+def mkfs_program(filesystem: str) -> str | None:
+    """The mkfs for ``filesystem`` if it is installed."""
+    return shutil.which(_MKFS[filesystem][0][0])
+
+
+@dataclass(frozen=True)
+class CreatedImage:
+    record: DiskRecord
+    image_path: str
+    formatted: bool
+    mkfs_missing: str | None  # the package to install when mkfs was not found
+
+
+def create_disk(
+    store: Store, name: str, *, size_bytes: int, filesystem: str, content: str | None = None
+) -> CreatedImage:
+    """A new disk with a managed sparse image, formatted when the right mkfs is installed
+    (and filled from the directory ``content`` when given: the demo's disks).
+
+    The disk is ``provisioning`` until its image is ready; on any failure the
+    records, the image and its volume directory are removed again.
+    """
+    validate_disk_name(name)
+    record = store.add_disk(name, size_bytes=size_bytes, filesystem=filesystem, status=DiskState.PROVISIONING)
+    assert record.image_path is not None
+    image_path = record.image_path
+    volume_dir = os.path.dirname(image_path)
+    try:
+        os.makedirs(os.path.dirname(volume_dir), mode=0o755, exist_ok=True)
+        os.mkdir(volume_dir, 0o700)
+        fd = os.open(image_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, size_bytes)
+        finally:
+            os.close(fd)
+        formatted, missing = make_filesystem(name, image_path, filesystem, content=content)
+        store.mark_provisioned(record.disk.id)
+    except BaseException:
+        shutil.rmtree(volume_dir, ignore_errors=True)
+        store.delete_disk_records(record.disk.id)
+        raise
+    return CreatedImage(store.get_disk(name), image_path, formatted, missing)
+
+
+def make_filesystem(
+    name: str, image_path: str, filesystem: str, *, content: str | None = None
+) -> tuple[bool, str | None]:
+    """Run mkfs on the image; ``(False, package)`` when that mkfs is not installed."""
+    command, fill_option, package = _MKFS[filesystem]
+    program = mkfs_program(filesystem)
+    if program is None:
+        return False, package
+    arguments = [program, *command[1:]]
+    if content is not None:
+        if fill_option is None:
+            raise MirenfsError(f"{command[0]} cannot fill a new filesystem from a directory")
+        arguments += [fill_option, content]
+    try:
+        done = subprocess.run(
+            [*arguments, image_path], capture_output=True, text=True, timeout=MKFS_TIMEOUT_S, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise MirenfsError(f"could not run {command[0]} on the image of disk {name}: {exc}") from None
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        detail = lines[-1] if lines else f"exit status {done.returncode}"
+        raise MirenfsError(
+            f"{command[0]} failed on the image of disk {name} ({detail}); nothing was created, "
+            "try a larger --size or another --filesystem"
+        )
+    return True, None
+
+
+@dataclass(frozen=True)
+class RemovedDisk:
+    record: DiskRecord
+    image_removed: bool
+
+
+def remove_disk(store: Store, name: str) -> RemovedDisk:
+    """Remove a disk: refused while it is attached, leased or its image is live.
+
+    The disk goes to ``deleting`` first (the mount stops showing it), then a
+    managed image is deleted with its volume directory, then the records.
+    If deleting the files fails the disk stays in ``deleting``, and running
+    the command again finishes the job.
+    """
+    validate_disk_name(name)
+    record = store.get_disk(name)
+    if record.disk.status == DiskState.ATTACHED:
+        raise DiskBusyError(
+            f"disk {name} is attached; detach it (`mirenfs disk set-status {name} detached`) "
+            "before removing it"
+        )
+    managed = record.volume is not None and not record.volume.image_path
+    image_path = record.image_path if managed else None
+    refuse_if_in_use(store, record.disk, image_path, action="removing the disk")
+    if image_path is not None:
+        remove_staging_if_unheld(image_path + STAGING_SUFFIX)  # EBUSY while a restore writes it
+    store.set_disk_status(name, DiskState.DELETING)
+    if image_path is not None and record.volume is not None:
+        volume_dir = os.path.dirname(image_path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(image_path)
+        try:
+            shutil.rmtree(volume_dir)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise MirenfsError(
+                f"disk {name} is marked deleting but its volume directory {volume_dir} could not be removed "
+                f"({exc.strerror}); fix that and run `mirenfs disk remove {name}` again"
+            ) from None
+    store.delete_disk_records(record.disk.id)
+    return RemovedDisk(record, image_path is not None)
+
+
+def sweep_stale_staging(data_path: str, *, on_busy: Callable[[str], None] | None = None) -> list[str]:
+    """Remove ``*.restore.tmp`` files a crashed restore left behind; return their paths.
+
+    Looks in every managed volume directory and next to every image
+    registered at its own path. A staging file a live restore holds (its
+    ``flock``) is kept and reported to ``on_busy``.
+    """
+    candidates: list[str] = []
+    with (
+        contextlib.suppress(FileNotFoundError, NotADirectoryError),
+        os.scandir(volumes_dir(os.path.abspath(data_path))) as volumes,
+    ):
+        for volume in volumes:
+            if not volume.is_dir(follow_symlinks=False):
+                continue
+            with contextlib.suppress(OSError), os.scandir(volume.path) as files:
+                candidates.extend(
+                    entry.path
+                    for entry in files
+                    if entry.name.endswith(STAGING_SUFFIX) and entry.is_file(follow_symlinks=False)
+                )
+    try:
+        explicit = Store(data_path).explicit_image_paths()
+    except StoreError as exc:
+        log.warning("cannot look for staging files next to registered images: %s", exc)
+        explicit = []
+    candidates.extend(path + STAGING_SUFFIX for path in explicit)
+    removed = []
+    for path in sorted(set(candidates)):
+        try:
+            if remove_staging_if_unheld(path):
+                removed.append(path)  # the caller logs what was removed
+        except TargetError as exc:
+            if on_busy is not None:
+                on_busy(path)
+            log.info("kept %s: %s", path, exc)
+        except OSError as exc:
+            log.warning("cannot remove %s, left over from an interrupted restore: %s", path, exc.strerror)
+    return removed

@@ -1,0 +1,85 @@
+"""Which disks the mount shows: those not in ``deleting`` whose image exists (SPEC §5).
+
+A bulk ``ls -l``, ``tar`` or ``rsync`` looks up every name; one listing of
+the store serves them all for a short while instead of a query per lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+from mirenfs.disks.model import DiskState
+from mirenfs.disks.store import Store
+
+CATALOG_TTL_S = 0.5  # how long one store listing serves lookups
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """A disk the mount shows."""
+
+    name: str
+    image_path: str
+    filesystem: str
+    status: str
+
+
+class DiskCatalog(Protocol):
+    """Where the mount learns which disks exist (the store, or Miren)."""
+
+    def visible_disks(self) -> dict[str, CatalogEntry]: ...
+
+
+class StoreCatalog:
+    """The embedded store as a catalog. Blocking: call from a worker thread."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def visible_disks(self) -> dict[str, CatalogEntry]:
+        visible = {}
+        for record in self.store.list_disks():
+            disk = record.disk
+            if disk.status == DiskState.DELETING or not record.image_path:
+                continue
+            if os.path.isfile(record.image_path):
+                visible[disk.name] = CatalogEntry(
+                    disk.name, record.image_path, disk.filesystem, disk.status.value
+                )
+        return visible
+
+
+class CatalogView:
+    """The catalog as the mount sees it: one listing reused for ``CATALOG_TTL_S`` seconds.
+
+    ``on_gone`` hears of each disk that left the catalog, so its snapshot
+    version can be let go.
+    """
+
+    def __init__(self, catalog: DiskCatalog, on_gone: Callable[[str], None]) -> None:
+        self.catalog = catalog
+        self._on_gone = on_gone
+        self._listing: dict[str, CatalogEntry] = {}
+        self._listed_at = -1.0
+        self._lock = trio.Lock()
+
+    @property
+    def last_listing(self) -> dict[str, CatalogEntry]:
+        """The most recent listing, without asking the catalog again."""
+        return self._listing
+
+    async def disks(self, *, fresh: bool = False) -> dict[str, CatalogEntry]:
+        async with self._lock:
+            now = time.monotonic()
+            if fresh or now - self._listed_at > CATALOG_TTL_S:
+                listing = await trio.to_thread.run_sync(self.catalog.visible_disks)
+                for gone in set(self._listing) - set(listing):
+                    self._on_gone(gone)
+                self._listing, self._listed_at = listing, now
+            return self._listing

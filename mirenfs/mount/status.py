@@ -1,0 +1,49 @@
+"""The status contract between a mount and ``mirenfs status``: xattr names and the JSON shape.
+
+No pyfuse3: the CLI imports the names from here to ask a running mount.
+The JSON is ``{"pid", "index_passes", "disks": {NAME: {"index": "building",
+"done", "total"} | {"index": "ready", "snapshot_bytes", "checksum"} |
+{"index": "not built"}}, "restores": [{"name", "disk", "state", "bytes"}]}``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+from mirenfs.mount.versions import SnapshotService
+
+STATUS_XATTR = "user.mirenfs.status"  # on the mount's root: the JSON above
+INDEX_PASSES_XATTR = "user.mirenfs.index_passes"  # on the mount's root: a count
+STATE_XATTR = "user.mirenfs.state"  # on an entry of restore/: receiving, installed, failed: REASON
+SNAPSHOT_XATTRS = (  # on NAME.mirn: the header's fields
+    "user.mirn.name",
+    "user.mirn.size_bytes",
+    "user.mirn.filesystem",
+    "user.mirn.timestamp",
+    "user.mirn.checksum",
+)
+
+
+def mount_status(
+    disk_names: Iterable[str], service: SnapshotService, restores: list[dict[str, object]]
+) -> dict[str, Any]:
+    """What ``mirenfs status`` shows: per disk, index state and progress; the restores."""
+    disks: dict[str, dict[str, Any]] = {}
+    for name in sorted(disk_names):
+        progress = service.progress.get(name)
+        version = service.current(name)
+        if progress is not None:
+            disks[name] = {"index": "building", "done": progress.done, "total": progress.total}
+        elif version is not None:
+            checksum = version.meta.checksum
+            disks[name] = {"index": "ready", "snapshot_bytes": version.size, "checksum": checksum}
+        else:
+            disks[name] = {"index": "not built"}
+    return {
+        "pid": os.getpid(),
+        "index_passes": service.index_passes,
+        "disks": disks,
+        "restores": restores,
+    }
