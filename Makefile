@@ -12,7 +12,7 @@ test: setup lint
 	.venv/bin/pytest -q
 
 bench: setup
-	.venv/bin/python bench/benchmark.py
+	.venv/bin/python -m bench
 
 demo: setup
 	.venv/bin/mirenfs demo

@@ -19,14 +19,13 @@ import trio
 from mirenfs.disks.live import may_change_while_read
 from mirenfs.engine.consume import ImageWriter, RestoreStream, restore_to_path
 from mirenfs.engine.files import (
-    OpenImage,
     SnapshotOf,
     read_pieces,
     reading_rules,
     stream_snapshot,
     write_snapshot,
 )
-from mirenfs.engine.image import ChunkSource, FdImageSource, FileObjectSource, ImageIdentity
+from mirenfs.engine.image import ChunkSource, FdImageSource, FileObjectSource, ImageIdentity, OpenImage
 from mirenfs.engine.produce import Settings
 from mirenfs.errors import MirenfsError
 from mirenfs.format.header import Meta, Timestamp

@@ -22,7 +22,7 @@ from typing import BinaryIO
 import trio
 
 from mirenfs.engine.consume import ImageWriter, RestoreStream, restore_to_path
-from mirenfs.engine.image import ChunkSource, FdImageSource, ImageIdentity, ensure_unchanged
+from mirenfs.engine.image import ChunkSource, OpenImage, ensure_unchanged
 from mirenfs.engine.produce import (
     PLACEHOLDER_CHECKSUM,
     FrameSink,
@@ -38,41 +38,6 @@ from mirenfs.format.header import Meta
 
 READ_PIECE = 4 << 20
 WRITEBACK_STEP = 32 << 20  # a backup file's pages are handed to writeback in steps of this size
-
-
-@dataclass
-class OpenImage:
-    """An image opened for a backup, with the identity its snapshot depends on."""
-
-    path: str
-    fd: int
-    identity: ImageIdentity
-
-    @property
-    def size(self) -> int:
-        return self.identity.size
-
-    @property
-    def mtime_ns(self) -> int:
-        return self.identity.mtime_ns
-
-    @classmethod
-    def open(cls, path: str) -> OpenImage:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise MirenfsError(f"cannot open image {path}: {exc.strerror}") from None
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            os.close(fd)
-            raise MirenfsError(f"image {path} is not a regular file")
-        return cls(path, fd, ImageIdentity.from_stat(info))
-
-    def source(self, settings: Settings) -> FdImageSource:
-        return FdImageSource(self.fd, self.size, settings.chunk_size)
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 @dataclass(frozen=True)

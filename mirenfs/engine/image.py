@@ -18,13 +18,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
-from mirenfs.errors import ImageChangedError, TargetError
+from mirenfs.errors import ImageChangedError, MirenfsError, TargetError
 
 BLOCK = 4096
 STAGING_SUFFIX = ".restore.tmp"
 _SCAN_STEP = 64 * 1024  # zero-check granularity before falling back to 4 KiB blocks
 _ZEROS = bytes(16 << 20)
 HASH_PIECE = 1 << 20  # the hash lane's read size: stays in L2 between read and hash
+
+
+class ChunkSizing(Protocol):
+    """What cutting an image needs of the compression settings (``produce.Settings``)."""
+
+    @property
+    def chunk_size(self) -> int: ...
 
 
 class Hasher(Protocol):
@@ -203,6 +210,41 @@ def _pread_exact(fd: int, view: memoryview, offset: int) -> None:
         if got == 0:
             raise ImageChangedError("the image became shorter while it was being read")
         done += got
+
+
+@dataclass
+class OpenImage:
+    """An image opened for a backup, with the identity its snapshot depends on."""
+
+    path: str
+    fd: int
+    identity: ImageIdentity
+
+    @property
+    def size(self) -> int:
+        return self.identity.size
+
+    @property
+    def mtime_ns(self) -> int:
+        return self.identity.mtime_ns
+
+    @classmethod
+    def open(cls, path: str) -> OpenImage:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise MirenfsError(f"cannot open image {path}: {exc.strerror}") from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise MirenfsError(f"image {path} is not a regular file")
+        return cls(path, fd, ImageIdentity.from_stat(info))
+
+    def source(self, settings: ChunkSizing) -> FdImageSource:
+        return FdImageSource(self.fd, self.size, settings.chunk_size)
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 class FileObjectSource:

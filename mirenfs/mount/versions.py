@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import trio
 
 from mirenfs.disks.live import may_change_while_read
-from mirenfs.engine.image import FdImageSource, ImageIdentity, ensure_unchanged
+from mirenfs.engine.image import FdImageSource, ImageIdentity, OpenImage, ensure_unchanged
 from mirenfs.engine.produce import (
     FrameSpill,
     Settings,
@@ -27,7 +27,6 @@ from mirenfs.engine.produce import (
     build_index,
     snapshot_meta,
 )
-from mirenfs.errors import MirenfsError
 from mirenfs.format.header import Meta
 
 log = logging.getLogger("mirenfs.snapshots")
@@ -229,7 +228,8 @@ class SnapshotService:
         return sum(v.spill_bytes for v in self._current.values() if v.fd >= 0)
 
     async def _build(self, name: str, image_path: str, filesystem: str) -> DiskVersion:
-        fd, identity, source = await trio.to_thread.run_sync(self._open_image, image_path)
+        image = await trio.to_thread.run_sync(OpenImage.open, image_path)
+        fd, identity, source = image.fd, image.identity, image.source(self.settings)
         try:
             key = identity.cache_key(self.settings.key())
             cached = await trio.to_thread.run_sync(self.cache.load, image_path, key)
@@ -260,18 +260,6 @@ class SnapshotService:
             os.close(fd)
             raise
         return DiskVersion(name, filesystem, image_path, identity, producer, key, fd, sidecar)
-
-    def _open_image(self, image_path: str) -> tuple[int, ImageIdentity, FdImageSource]:
-        try:
-            fd = os.open(image_path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise MirenfsError(f"cannot open image {image_path}: {exc.strerror}") from None
-        try:
-            identity = ImageIdentity.from_stat(os.fstat(fd))
-            return fd, identity, FdImageSource(fd, identity.size, self.settings.chunk_size)
-        except BaseException:
-            os.close(fd)
-            raise
 
     async def _index_pass(
         self, name: str, source: FdImageSource, *, single_read: bool

@@ -1,0 +1,43 @@
+"""mirenfs benchmark (SPEC §7): run on demand, not part of the test suite.
+
+    .venv/bin/python -m bench [--workdir DIR] [--size 4G] [--runs 3]
+        [--only sha256sum,startup,backup,backup-cold,restore,verify,mount,mount-rss] [--keep]
+        [--json FILE] [--retries 3] [--quiet-wait 30] [--mirenfs COMMAND]
+
+(``make bench`` runs it with the defaults.) Timing lives here and only here: the
+tests check behaviour and never time anything.
+
+It builds the §7 sample once (a sparse ext4 image filled by
+``mkfs.ext4 -d /usr/lib/x86_64-linux-gnu``, reused while it stays valid) and
+measures every figure in the same run, so the ratios compare like with like
+on whatever the machine is doing today. Each figure is the median wall-clock
+time of ``--runs`` runs after one warm-up run (page cache warm).
+
+The floor is SHA-256 over every image byte, done the way mirenfs must do it:
+data extents found with SEEK_DATA/SEEK_HOLE are read and hashed, holes are
+hashed from a static zero buffer and never read. Backup is measured against
+that floor, restore against the slower of it and ``zstd -d`` of the same data,
+and the mount figures (cold and warm reads, stat after remount, random-read
+p99, ``cp`` into restore/, the daemon's RSS) against the floor or an absolute limit.
+
+The machine is shared (2 cores): a run during which other processes used
+over 5% of the CPU is redone, and the table's "noise" column says how busy
+the machine was in the worst run kept.
+
+The modules:
+
+- ``context``: the measuring machinery (Context, Sample, Figure, Check, the
+  quiet-machine guard, running a timed command);
+- ``sample``: the §7 sample image and the fair SHA-256 floor;
+- ``mount``: a ``mirenfs mount`` daemon for the mount figures;
+- ``figures``: one ``measure_*`` function per figure, and the list of them;
+- ``report``: verdicts, the table, the JSON file;
+- ``cli``: arguments and ``main``.
+
+Adding a figure: write ``def measure_x(ctx: Context) -> None`` in ``figures``
+that calls ``ctx.add(Figure(...))`` / ``ctx.check(...)``, and list it in
+``MEASUREMENTS`` (a figure on the mounted sample: ``measure_mount_x(ctx, mounted)``,
+listed in ``MOUNT_FIGURES``). The floors are always measured first; one printer shows all.
+
+Exit status: 0 all good, 1 a correctness check failed, 2 a target was missed.
+"""

@@ -1,0 +1,121 @@
+"""A ``mirenfs mount`` daemon for the mount figures.
+
+``running_mount`` keeps a ``BenchMount`` (``mirenfs mount --foreground``) up for
+a block of figures and always unmounts it; ``mounted_sample`` does so for the
+sample added as a disk, which the mount figures in ``bench.figures`` share.
+While the daemon runs, ``Context.daemon_pid`` names it, so its CPU counts as
+the figure's own work, not as noise.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.context import CHILD_ENV, CommandFailed, Context, run_command
+
+
+class BenchMount:
+    """`mirenfs mount --foreground` on a data path holding the sample as a disk."""
+
+    def __init__(self, ctx: Context, data: Path, mountpoint: Path) -> None:
+        self.ctx, self.data, self.mountpoint = ctx, data, mountpoint
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log_file = open(self.data.parent / f"{self.mountpoint.name}.log", "ab")  # noqa: SIM115
+        command = self.ctx.mirenfs_cmd(
+            "mount", str(self.mountpoint), "--foreground", "--data-path", str(self.data)
+        )
+        self.process = subprocess.Popen(command, stdout=log_file, stderr=log_file, env=CHILD_ENV)
+        self.ctx.daemon_pid = self.process.pid
+        log_file.close()
+        deadline = time.monotonic() + 60
+        while not os.path.ismount(self.mountpoint):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise CommandFailed(f"mount of {self.mountpoint} failed; see {log_file.name}")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True, timeout=60)
+        self.process.wait(timeout=60)
+        self.process = None
+        self.ctx.daemon_pid = None
+
+    def restart(self, *, forget_index: bool) -> None:
+        self.stop()
+        if forget_index:
+            shutil.rmtree(self.data / "mirenfs" / "index", ignore_errors=True)
+        os.sync()
+        self.start()
+
+    def peak_rss_kib(self) -> int:
+        assert self.process is not None
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1])
+
+
+@dataclass
+class MountedSample:
+    """The sample as disk ``name`` of a running mount: what the mount figures share."""
+
+    mount: BenchMount
+    name: str
+
+    @property
+    def data(self) -> Path:
+        return self.mount.data
+
+    @property
+    def mountpoint(self) -> Path:
+        return self.mount.mountpoint
+
+    @property
+    def snapshot(self) -> Path:
+        """The disk's snapshot file in the mount."""
+        return self.mountpoint / f"{self.name}.mirn"
+
+
+def add_disk(ctx: Context, data: Path, name: str, image: Path) -> None:
+    run_command(
+        ctx.mirenfs_cmd(
+            "disk", "add", name, "--image", str(image), "--filesystem", "ext4", "--data-path", str(data)
+        )
+    )
+
+
+def fresh_dir(ctx: Context, name: str) -> Path:
+    """An empty scratch directory in the work dir."""
+    path = ctx.temp_path(name)
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+@contextmanager
+def running_mount(ctx: Context, data: Path, mountpoint: Path) -> Iterator[BenchMount]:
+    """A started mount of ``data`` on ``mountpoint``, stopped on the way out."""
+    mount = BenchMount(ctx, data, mountpoint)
+    try:
+        mount.start()
+        yield mount
+    finally:
+        mount.stop()
+
+
+@contextmanager
+def mounted_sample(ctx: Context) -> Iterator[MountedSample]:
+    """The sample added as a disk to a fresh data path, mounted."""
+    data, mountpoint = fresh_dir(ctx, "mount-data"), fresh_dir(ctx, "mnt")
+    name = ctx.image.stem  # as `backup --image` names it, so the bytes equal the CLI backup's
+    add_disk(ctx, data, name, ctx.image)
+    with running_mount(ctx, data, mountpoint) as mount:
+        yield MountedSample(mount, name)
