@@ -30,6 +30,7 @@ ImageMissingError        ENOENT  No such file or directory
 DiskExistsError          EEXIST  File exists
 LeaseNotFoundError       ENOENT  No such file or directory
 StoreError               EIO     Input/output error
+MountError               EIO     (the mount command's own failure: no errno is seen)
 =======================  ======  ==============================================
 """
 
@@ -39,9 +40,14 @@ from errno import EBUSY, EEXIST, EINVAL, EIO, ENOENT, EPERM
 
 
 class MirenfsError(Exception):
-    """Base of every error mirenfs reports to people; ``errno`` is used at the FUSE boundary."""
+    """Base of every error mirenfs reports to people; ``errno`` is used at the FUSE boundary.
+
+    ``reported`` is set once the error was logged where it happened (a failed
+    restore logs its own line), so the boundary does not log it again.
+    """
 
     errno: int = EIO
+    reported: bool = False
 
 
 # --- the snapshot bytes and the engine ---
@@ -167,3 +173,12 @@ class DiskBusyError(MirenfsError):
     """The disk is held (a bound lease) or being deleted, so the change is refused."""
 
     errno = EBUSY
+
+
+# --- the mount itself ---
+
+
+class MountError(MirenfsError):
+    """The mount could not start (FUSE refused it); the sentence says what to do."""
+
+    errno = EIO

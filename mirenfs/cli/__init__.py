@@ -10,7 +10,12 @@ prints errors.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.metadata
+import io
 import logging
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -21,6 +26,7 @@ from mirenfs.errors import MirenfsError
 log = logging.getLogger(__name__)
 
 Handler = Callable[[argparse.Namespace], int]
+LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,36 +34,73 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mirenfs",
         description="Back up and restore Miren disk images as .mirn snapshots.",
     )
-    parser.add_argument(
-        "--log-level",
-        choices=["debug", "info", "warning", "error"],
-        help="default: info for mount (one line per event), warning otherwise",
-    )
+    parser.add_argument("--version", action="version", version=f"mirenfs {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     snapshot_cmds.register(commands)
     disk_cmds.register(commands)
     mount_cmds.register(commands)
     demo.register(commands)
+    _add_log_level(parser)
     return parser
 
 
+def _add_log_level(parser: argparse.ArgumentParser) -> None:
+    """``--log-level`` before the command or after it (``mirenfs mount … --log-level debug``)."""
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=argparse.SUPPRESS,
+        help="default: info for mount and demo (one line per event), warning otherwise",
+    )
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in set(action.choices.values()):
+                _add_log_level(subparser)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("mirenfs")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _quiet_broken_pipe() -> int:
+    """A reader that went away (``mirenfs … | head``) ends the command quietly, as with SIGPIPE."""
+    with contextlib.suppress(OSError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # names may hold anything: never fail to print one
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.log_level is None:
+    if getattr(args, "log_level", None) is None:
         args.log_level = "info" if args.command in ("mount", "demo") else "warning"
     logging.basicConfig(level=args.log_level.upper(), format="mirenfs: %(levelname)s: %(message)s")
     handler: Handler = args.handler
     try:
-        return handler(args)
+        code = handler(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
     except KeyboardInterrupt:
         print("mirenfs: interrupted", file=sys.stderr)
         return 130
     except BaseException as exc:  # one line for people, whatever went wrong
         error = meaningful_error(exc)
-        if isinstance(error, (SystemExit, KeyboardInterrupt)):
+        if isinstance(error, SystemExit):
             raise
+        if isinstance(error, KeyboardInterrupt):
+            print("mirenfs: interrupted", file=sys.stderr)
+            return 130
+        if isinstance(error, BrokenPipeError):
+            return _quiet_broken_pipe()
         if isinstance(error, MirenfsError):
             message = str(error)
         elif isinstance(error, OSError):

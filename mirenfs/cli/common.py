@@ -17,10 +17,38 @@ DEFAULT_DATA_PATH = "/var/lib/miren"
 DATA_PATH_ENV = "MIRENFS_DATA_PATH"
 
 
-def resolve_data_path(arg: str | None) -> str:
-    """``--data-path`` if given, else ``$MIRENFS_DATA_PATH``, else ``/var/lib/miren``; made absolute."""
+def resolve_data_path(arg: str | None, *, create: bool = False) -> str:
+    """``--data-path`` if given, else ``$MIRENFS_DATA_PATH``, else ``/var/lib/miren``; made absolute.
+
+    A data path that does not exist is refused: a typo must not quietly start
+    an empty disk store. Only the commands that add a disk (``create=True``)
+    make a new one, and say so.
+    """
     chosen = arg or os.environ.get(DATA_PATH_ENV) or DEFAULT_DATA_PATH
-    return os.path.abspath(chosen)
+    path = os.path.abspath(chosen)
+    if os.path.isdir(path):
+        return path
+    if os.path.lexists(path):
+        raise MirenfsError(f"the data path {path} is not a directory")
+    if not create:
+        raise MirenfsError(
+            f"the data path {path} does not exist (from {_data_path_source(arg)}); check it, or start a new "
+            f"one with `mirenfs disk create NAME --size SIZE --data-path {path}`"
+        )
+    try:
+        os.makedirs(path, mode=0o755)
+    except OSError as exc:
+        raise MirenfsError(f"cannot create the data path {path}: {exc.strerror}") from None
+    print(f"mirenfs: created the data path {path}", file=sys.stderr)
+    return path
+
+
+def _data_path_source(arg: str | None) -> str:
+    if arg:
+        return "--data-path"
+    if os.environ.get(DATA_PATH_ENV):
+        return f"${DATA_PATH_ENV}"
+    return "the default"
 
 
 def add_data_path_option(parser: argparse.ArgumentParser) -> None:

@@ -64,12 +64,14 @@ def register(commands: Any) -> None:
         add_data_path_option(parser)
 
 
-def _store(args: argparse.Namespace) -> Store:
-    return Store(resolve_data_path(args.data_path))
+def _store(args: argparse.Namespace, *, create: bool = False) -> Store:
+    return Store(resolve_data_path(args.data_path, create=create))
 
 
 def cmd_disk_create(args: argparse.Namespace) -> int:
-    created = create_disk(_store(args), args.name, size_bytes=args.size, filesystem=args.filesystem)
+    created = create_disk(
+        _store(args, create=True), args.name, size_bytes=args.size, filesystem=args.filesystem
+    )
     if created.formatted:
         print(f"created disk {args.name}: {args.filesystem}, {args.size} bytes, image {created.image_path}")
     else:
@@ -97,7 +99,9 @@ def cmd_disk_add(args: argparse.Namespace) -> int:
         raise MirenfsError(
             f"cannot tell the filesystem of {image_path}; pass --filesystem {'|'.join(FILESYSTEMS)}"
         )
-    _store(args).add_disk(name, size_bytes=info.st_size, filesystem=filesystem, image_path=image_path)
+    _store(args, create=True).add_disk(
+        name, size_bytes=info.st_size, filesystem=filesystem, image_path=image_path
+    )
     print(f"added disk {name}: {filesystem}, {info.st_size} bytes, image {image_path} (kept on disk remove)")
     return 0
 

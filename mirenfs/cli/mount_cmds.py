@@ -23,8 +23,9 @@ from typing import Any
 import trio
 
 from mirenfs.cli.common import add_data_path_option, human_size, resolve_data_path
-from mirenfs.cli.mountinfo import MountEntry, mirenfs_mounts, mount_at
+from mirenfs.cli.mountinfo import MountEntry, mirenfs_mounts, mount_at, refuse_if_mirenfs_mount
 from mirenfs.engine.aio import meaningful_error
+from mirenfs.engine.image import make_private_directory
 from mirenfs.errors import MirenfsError
 from mirenfs.mount.config import MountConfig, fuse_options
 from mirenfs.mount.status import STATUS_XATTR
@@ -76,11 +77,8 @@ def config_from(args: argparse.Namespace) -> MountConfig:
         info = None
     if info is None or not stat.S_ISDIR(info.st_mode):
         raise MirenfsError(f"mount point {mountpoint} is not a directory; create it first")
+    refuse_if_mirenfs_mount(mountpoint)
     data_path = resolve_data_path(args.data_path)
-    try:
-        os.makedirs(data_path, exist_ok=True)
-    except OSError as exc:
-        raise MirenfsError(f"cannot use data path {data_path}: {exc.strerror}") from None
     options = fuse_options(args.options)  # the same filter the mount.mirenfs helper applies
     allow_overwrite = args.allow_overwrite or "allow_overwrite" in options
     options = [opt for opt in options if opt != "allow_overwrite"]
@@ -143,7 +141,8 @@ def _daemonize(config: MountConfig, log_level: str) -> int:
 
 def _detach_stdio(config: MountConfig, log_level: str) -> None:
     log_path = os.path.join(config.state_directory, "mount.log")
-    os.makedirs(config.state_directory, mode=0o700, exist_ok=True)
+    make_private_directory(config.state_directory)
+    os.close(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)

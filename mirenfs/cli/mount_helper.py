@@ -22,7 +22,8 @@ import sys
 from collections.abc import Sequence
 
 from mirenfs.cli import main as mirenfs_main
-from mirenfs.cli.mountinfo import mirenfs_mounts
+from mirenfs.cli.mountinfo import refuse_if_mirenfs_mount
+from mirenfs.errors import MirenfsError
 from mirenfs.mount.config import fuse_options
 
 EXIT_USAGE = 1
@@ -56,10 +57,10 @@ def mount_arguments(args: argparse.Namespace) -> list[str]:
         # A typo in fstab must not quietly start an empty disk store.
         raise MountRefused(f"data path {source} is not a directory (SOURCE must be Miren's data path)")
     directory = os.path.abspath(args.directory)
-    if any(entry.mountpoint == os.path.realpath(directory) for entry in mirenfs_mounts()):
-        # mount -a cannot tell a mirenfs mount is the fstab line's (its source
-        # is not the data path) and would stack a second mount on the first.
-        raise MountRefused(f"{directory} is already a mirenfs mount; unmount it first (umount {directory})")
+    try:
+        refuse_if_mirenfs_mount(directory)
+    except MirenfsError as exc:
+        raise MountRefused(str(exc)) from None
     command = ["mount", directory, "--data-path", source]
     options = fuse_options(args.options)
     if options:

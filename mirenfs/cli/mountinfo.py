@@ -89,3 +89,10 @@ def mount_at(path: str) -> MountEntry:
     if inside:
         raise MirenfsError(f"{path} is inside the mirenfs mount {inside[-1].mountpoint}; give that instead")
     raise MirenfsError(f"{path} is not a mirenfs mount")
+
+
+def refuse_if_mirenfs_mount(directory: str) -> None:
+    """A second mount on a mirenfs mount would hide the first (and ``mount -a`` cannot tell the
+    fstab line is mounted, since the source it shows is not always the data path): refuse it."""
+    if any(entry.mountpoint == os.path.realpath(directory) for entry in mirenfs_mounts()):
+        raise MirenfsError(f"{directory} is already a mirenfs mount; unmount it first (umount {directory})")

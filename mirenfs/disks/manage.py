@@ -19,10 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mirenfs.disks.model import DiskState, validate_disk_name, volumes_dir
-from mirenfs.disks.rules import refuse_if_in_use
+from mirenfs.disks.rules import managed_path_problem, refuse_if_in_use
 from mirenfs.disks.store import DiskRecord, Store
 from mirenfs.engine.image import STAGING_SUFFIX, remove_staging_if_unheld
-from mirenfs.errors import DiskBusyError, MirenfsError, StoreError, TargetError
+from mirenfs.errors import DiskBusyError, InvalidVolumeError, MirenfsError, StoreError, TargetError
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,9 @@ def remove_disk(store: Store, name: str) -> RemovedDisk:
         )
     managed = record.volume is not None and not record.volume.image_path
     image_path = record.image_path if managed else None
+    problem = managed_path_problem(store.data_path, image_path) if image_path is not None else None
+    if problem is not None:
+        raise InvalidVolumeError(f"disk {name} is not removed: {problem}")
     refuse_if_in_use(store, record.disk, image_path, action="removing the disk")
     if image_path is not None:
         remove_staging_if_unheld(image_path + STAGING_SUFFIX)  # EBUSY while a restore writes it
@@ -147,7 +150,7 @@ def remove_disk(store: Store, name: str) -> RemovedDisk:
         except OSError as exc:
             raise MirenfsError(
                 f"disk {name} is marked deleting but its volume directory {volume_dir} could not be removed "
-                f"({exc.strerror}); fix that and run `mirenfs disk remove {name}` again"
+                f"({exc.strerror or exc}); fix that and run `mirenfs disk remove {name}` again"
             ) from None
     store.delete_disk_records(record.disk.id)
     return RemovedDisk(record, image_path is not None)
@@ -191,4 +194,32 @@ def sweep_stale_staging(data_path: str, *, on_busy: Callable[[str], None] | None
             log.info("kept %s: %s", path, exc)
         except OSError as exc:
             log.warning("cannot remove %s, left over from an interrupted restore: %s", path, exc.strerror)
+    return removed
+
+
+def sweep_interrupted_creations(store: Store) -> list[str]:
+    """Remove the disks that a killed restore left ``provisioning``; return their names.
+
+    Such a disk has a managed volume, no image, and no live restore holding
+    its staging file. (``disk create`` makes the image right after the
+    records, so a disk it is still formatting is not taken for one.)
+    """
+    removed = []
+    for record in store.list_disks():
+        volume, image_path = record.volume, record.image_path
+        if record.disk.status != DiskState.PROVISIONING or volume is None or volume.image_path:
+            continue
+        if (
+            image_path is None
+            or os.path.lexists(image_path)
+            or managed_path_problem(store.data_path, image_path)
+        ):
+            continue
+        try:
+            remove_staging_if_unheld(image_path + STAGING_SUFFIX)
+        except TargetError:
+            continue  # a restore is at work on it right now
+        shutil.rmtree(os.path.dirname(image_path), ignore_errors=True)
+        store.delete_disk_records(record.disk.id)
+        removed.append(record.disk.name)
     return removed

@@ -153,5 +153,5 @@ class DiskCreator(Protocol):
         ...
 
     def update_disk(self, disk_id: str, *, size_bytes: int, filesystem: str) -> None:
-        """Record the size and filesystem a restore gave an existing disk."""
+        """Record the size and filesystem a restore gave an existing disk (``provisioning`` ends too)."""
         ...

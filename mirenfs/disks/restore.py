@@ -21,6 +21,7 @@ class DiskRestore:
     def __init__(self, target: RestoreTarget, *, header_read: Meta | None = None) -> None:
         self.target = target
         self.next_offset = 0
+        self.failure: str | None = None  # why it failed, once it has (the mount's handles ask)
         self._pending = bytearray()
         self._restore = StagedRestore(
             self._choose_image, header_read=header_read, before_install=self._check_still_restorable

@@ -29,8 +29,10 @@ from mirenfs.disks.model import (
     DiskResolver,
     DiskState,
     LeaseState,
+    Volume,
     image_path_for,
     validate_disk_name,
+    volumes_dir,
 )
 from mirenfs.engine.image import STAGING_SUFFIX
 from mirenfs.errors import (
@@ -41,6 +43,7 @@ from mirenfs.errors import (
     ImageExistsError,
     ImageLiveError,
     ImageMissingError,
+    InvalidVolumeError,
     LiveCheckError,
     MirenfsError,
 )
@@ -78,7 +81,7 @@ def prepare_backup(resolver: DiskResolver, name: str, *, data_path: str) -> Back
     disk = resolver.find_disk_by_name(name)
     if disk.status == DiskState.DELETING:
         raise DiskDeletingError(f"disk {name} is being deleted and cannot be backed up")
-    image_path = image_path_for(data_path, resolver.find_volume_by_disk_id(disk.id))
+    image_path = image_path_of(resolver, disk, data_path)
     if not os.path.isfile(image_path):
         raise ImageMissingError(
             f"disk {name} has no image at {image_path}; restore it from a snapshot or fix its volume"
@@ -100,6 +103,32 @@ def prepare_backup(resolver: DiskResolver, name: str, *, data_path: str) -> Back
 
 
 # --- restore ---
+
+
+def managed_path_problem(data_path: str, image_path: str) -> str | None:
+    """Why a managed image path must not be used, or None: a symbolic link among the volume
+    directory or the image would send restore writes, or a removal, outside the data path."""
+    volume_dir = os.path.dirname(image_path)
+    expected = os.path.join(os.path.realpath(volumes_dir(data_path)), os.path.basename(volume_dir))
+    if os.path.realpath(volume_dir) != expected or os.path.islink(image_path):
+        return (
+            f"{image_path} leads outside the data path through a symbolic link; mirenfs does not write or "
+            "remove there: replace the link with a plain directory or file"
+        )
+    return None
+
+
+def checked_image_path(data_path: str, volume: Volume, name: str) -> str:
+    """The image path of disk ``name``'s volume, refused when a managed one leads outside the data path."""
+    image_path = image_path_for(data_path, volume)
+    problem = None if volume.image_path else managed_path_problem(data_path, image_path)
+    if problem is not None:
+        raise InvalidVolumeError(f"disk {name}: {problem}")
+    return image_path
+
+
+def image_path_of(resolver: DiskResolver, disk: Disk, data_path: str) -> str:
+    return checked_image_path(data_path, resolver.find_volume_by_disk_id(disk.id), disk.name)
 
 
 def refuse_if_in_use(resolver: DiskResolver, disk: Disk, image_path: str | None, *, action: str) -> None:
@@ -135,7 +164,7 @@ def _check_restorable(resolver: DiskResolver, disk: Disk, *, data_path: str, ove
         raise DiskDeletingError(
             f"disk {name} is being deleted; wait for that to finish or restore under another name"
         )
-    image_path = image_path_for(data_path, resolver.find_volume_by_disk_id(disk.id))
+    image_path = image_path_of(resolver, disk, data_path)
     refuse_if_in_use(resolver, disk, image_path, action="restoring")
     if not overwrite and os.path.lexists(image_path):
         raise ImageExistsError(
@@ -194,6 +223,11 @@ class RestoreTarget:
         )
         try:
             image_path = image_path_for(self.data_path, self._created.volume)
+            problem = (
+                None if self._created.volume.image_path else managed_path_problem(self.data_path, image_path)
+            )
+            if problem is not None:
+                raise InvalidVolumeError(f"disk {self.name}: {problem}")
             self._make_parent_dirs(os.path.dirname(image_path))
             if not self.overwrite and os.path.lexists(image_path):
                 raise ImageExistsError(
@@ -249,7 +283,21 @@ class RestoreTarget:
             self._created.finalize()
         elif self.existing is not None and self.creator is not None:
             assert self.size_bytes is not None and self.filesystem is not None
-            if (self.existing.size_bytes, self.existing.filesystem) != (self.size_bytes, self.filesystem):
+            changed = (self.existing.size_bytes, self.existing.filesystem) != (
+                self.size_bytes,
+                self.filesystem,
+            )
+            # A disk left `provisioning` by an interrupted restore gets its image now: provisioned.
+            if changed or self.existing.status == DiskState.PROVISIONING:
+                if changed:
+                    log.info(
+                        "disk %s now holds a %s image of %d bytes (was %s, %d bytes); the store says so too",
+                        self.name,
+                        self.filesystem,
+                        self.size_bytes,
+                        self.existing.filesystem,
+                        self.existing.size_bytes,
+                    )
                 self.creator.update_disk(
                     self.existing.id, size_bytes=self.size_bytes, filesystem=self.filesystem
                 )

@@ -18,6 +18,7 @@ import logging
 import os
 import secrets
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -155,6 +156,13 @@ class Store:
         if not os.path.exists(self.path):
             self._ready = False  # (re)created by this connection: it needs the schema again
         try:
+            # Private from the first byte: SQLite gives its -wal and -shm files the database's mode.
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
+            if stat.S_IMODE(os.stat(self.path).st_mode) & 0o077:
+                os.chmod(self.path, 0o600)
+        except OSError as exc:
+            raise StoreError(f"cannot open the disk store {self.path}: {exc.strerror}") from None
+        try:
             db = sqlite3.connect(
                 self.path, timeout=self._busy_timeout_ms / 1000, isolation_level=None, check_same_thread=True
             )
@@ -243,6 +251,29 @@ class Store:
                     db.execute("ROLLBACK")
             db.close()
 
+    def check(self) -> None:
+        """Refuse, with the reason, a store the mount could not work with: a data path that is not
+        writable (restores and indexes live there) or a database that is damaged."""
+        try:
+            read_only = bool(os.statvfs(self.data_path).f_flag & os.ST_RDONLY)
+        except OSError as exc:
+            raise StoreError(f"cannot use the data path {self.data_path}: {exc.strerror}") from None
+        if read_only or not os.access(self.data_path, os.W_OK):
+            why = "is on a read-only filesystem" if read_only else "is not writable by this user"
+            raise StoreError(
+                f"the data path {self.data_path} {why}; restores and snapshot indexes are kept there, "
+                "so mount it read-write (or run as its owner)"
+            )
+        with self._read() as db:
+            if db is None:
+                return
+            verdict = str(db.execute("PRAGMA quick_check").fetchone()[0])
+            if verdict != "ok":
+                raise StoreError(
+                    f"the disk store {self.path} is damaged ({verdict}); restore it from a backup, "
+                    "or move it away to start an empty store"
+                )
+
     def _error(self, action: str, exc: sqlite3.Error) -> StoreError:
         return StoreError(f"cannot {action} the disk store {self.path}: {exc}; check the file and try again")
 
@@ -291,10 +322,23 @@ class Store:
         return _CreatedDisk(self, disk, volume)
 
     def update_disk(self, disk_id: str, *, size_bytes: int, filesystem: str) -> None:
+        """A restore installed a new image: record its size and filesystem; a disk still
+        ``provisioning`` (its first restore was interrupted) is ``provisioned`` now."""
         with self._write() as db:
             db.execute(
-                "UPDATE disks SET size_bytes = ?, filesystem = ?, updated_ns = ? WHERE id = ?",
-                (size_bytes, filesystem, time.time_ns(), disk_id),
+                "UPDATE disks SET size_bytes = ?, filesystem = ?, updated_ns = ?, "
+                "status = CASE status WHEN ? THEN ? ELSE status END WHERE id = ?",
+                (
+                    size_bytes,
+                    filesystem,
+                    time.time_ns(),
+                    DiskState.PROVISIONING.value,
+                    DiskState.PROVISIONED.value,
+                    disk_id,
+                ),
+            )
+            db.execute(
+                "UPDATE volumes SET status = ? WHERE disk_id = ?", (VolumeState.PROVISIONED.value, disk_id)
             )
 
     # --- management (the `mirenfs disk` and `mirenfs lease` commands) ---

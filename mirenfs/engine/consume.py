@@ -12,14 +12,16 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
+import weakref
 from collections.abc import AsyncIterable, Awaitable, Callable
+from functools import partial
 from typing import IO, Protocol, cast
 
 import trio
 import zstandard
 
 from mirenfs.engine.aio import task_group
-from mirenfs.engine.image import SparseWriter, StagingImage
+from mirenfs.engine.image import SparseWriter, StagingImage, new_file_mode
 from mirenfs.errors import FormatError, MirenfsError, TargetError
 from mirenfs.format.frames import FrameScanner
 from mirenfs.format.header import HeaderParser, Meta, validate_meta
@@ -111,6 +113,8 @@ class RestoreStream:
         except MirenfsError as exc:
             self._failure = exc
             raise
+        finally:
+            self._decompressor = None  # its context may hold a large window: free it now
 
     @property
     def complete(self) -> bool:
@@ -155,13 +159,22 @@ class RestoreStream:
 
 
 class _Sink:
-    """The file-like object zstandard's stream writer pushes output into."""
+    """The file-like object zstandard's stream writer pushes output into.
+
+    It holds its stream weakly: the stream holds the writer, which holds this
+    sink, and the garbage collector cannot see the reference inside
+    zstandard's C object, so a strong one here would keep every stream and
+    its decompression context (up to 128 MiB for a large window) alive forever.
+    """
 
     def __init__(self, stream: RestoreStream) -> None:
-        self._stream = stream
+        self._stream = weakref.ref(stream)
 
     def write(self, data: bytes) -> int:
-        self._stream._take_output(data)
+        stream = self._stream()
+        if stream is None:
+            raise FormatError("the restore this data belongs to has ended")
+        stream._take_output(data)
         return len(data)
 
 
@@ -184,9 +197,11 @@ class StagedRestore:
         *,
         header_read: Meta | None = None,
         before_install: Callable[[], Awaitable[None]] | None = None,
+        new_mode: int = 0o600,
     ) -> None:
         self._choose_image = choose_image
         self._before_install = before_install
+        self._new_mode = new_mode  # for an image that did not exist before
         self._staging: StagingImage | None = None
         self.stream = RestoreStream(self._open_target, header_read=header_read)
 
@@ -204,7 +219,9 @@ class StagedRestore:
         assert self._staging is not None
         if self._before_install is not None:
             await self._before_install()  # the last moment a refusal can still keep the old image
-        await trio.to_thread.run_sync(self._staging.install, meta.timestamp.unix_ns)
+        await trio.to_thread.run_sync(
+            partial(self._staging.install, meta.timestamp.unix_ns, new_mode=self._new_mode)
+        )
         return meta
 
     async def discard(self) -> None:
@@ -233,7 +250,8 @@ async def restore_to_path(
             on_header(meta)
         return image_path
 
-    restore = StagedRestore(choose_image, header_read=header_read)
+    # A new image file the caller named gets the mode `cp` would give it.
+    restore = StagedRestore(choose_image, header_read=header_read, new_mode=new_file_mode())
     try:
         async for chunk in chunks:
             await restore.feed(chunk)

@@ -22,7 +22,7 @@ from typing import BinaryIO
 import trio
 
 from mirenfs.engine.consume import ImageWriter, RestoreStream, restore_to_path
-from mirenfs.engine.image import ChunkSource, OpenImage, ensure_unchanged
+from mirenfs.engine.image import ChunkSource, OpenImage, ensure_unchanged, new_file_mode
 from mirenfs.engine.produce import (
     PLACEHOLDER_CHECKSUM,
     FrameSink,
@@ -188,7 +188,7 @@ async def _backup_to_regular_file(
         with os.fdopen(fd, "wb") as out:
             meta = await write_snapshot(out, source, settings, of, progress=progress)
             await trio.to_thread.run_sync(os.fsync, out.fileno())
-        os.chmod(temporary, 0o644)
+        os.chmod(temporary, new_file_mode())  # as `cp` would create it: the umask decides
         os.rename(temporary, output)
         return meta
     except BaseException:

@@ -184,7 +184,7 @@ class FdImageSource:
         buffer = memoryview(bytearray(HASH_PIECE))
         offset = 0
         for start, stop in self._extents:
-            _hash_zeros(sha, start - offset)
+            _hash_zeros(sha, offset, start, wait)
             position = start
             while position < stop:
                 wait(position)
@@ -193,14 +193,18 @@ class FdImageSource:
                 sha.update(buffer[:length])
                 position += length
             offset = stop
-        _hash_zeros(sha, self.size - offset)
+        _hash_zeros(sha, offset, self.size, wait)
 
 
-def _hash_zeros(sha: Hasher, length: int) -> None:
-    while length > 0:
-        step = min(length, HASH_PIECE)
+def _hash_zeros(sha: Hasher, start: int, stop: int, wait: Callable[[int], None]) -> None:
+    """Hash the hole ``[start, stop)`` as zeros, asking ``wait`` at each piece so that a
+    stopped pass ends within one piece even in a hole of many GiB."""
+    position = start
+    while position < stop:
+        wait(position)
+        step = min(stop - position, HASH_PIECE)
         sha.update(zeros(step))
-        length -= step
+        position += step
 
 
 def _pread_exact(fd: int, view: memoryview, offset: int) -> None:
@@ -381,8 +385,11 @@ class StagingImage:
             f"{path} keeps reappearing: another restore of {image_path} is running", errno.EBUSY
         )
 
-    def install(self, mtime_ns: int | None = None) -> None:
-        """fsync, rename over the image, fsync the directory: old image or new, never a mix."""
+    def install(self, mtime_ns: int | None = None, *, new_mode: int = 0o600) -> None:
+        """fsync, rename over the image, fsync the directory: old image or new, never a mix.
+
+        The image keeps the replaced image's mode and owner; a new one gets ``new_mode``.
+        """
         try:
             existing = os.stat(self.image_path)
         except FileNotFoundError:
@@ -392,7 +399,7 @@ class StagingImage:
             if os.geteuid() == 0:
                 os.fchown(self.fd, existing.st_uid, existing.st_gid)
         else:
-            os.fchmod(self.fd, 0o644)
+            os.fchmod(self.fd, new_mode)
         if mtime_ns is not None:
             os.utime(self.fd, ns=(mtime_ns, mtime_ns))
         os.fsync(self.fd)
@@ -410,12 +417,26 @@ class StagingImage:
 
 
 def remove_staging_if_unheld(path: str) -> bool:
-    """Remove a staging file nobody holds; raise EBUSY if a live restore holds it."""
+    """Remove a staging file nobody holds; raise EBUSY if a live restore holds it.
+
+    Only a regular file this user owns is touched: it is opened without
+    following a symlink and without blocking (a FIFO planted there would
+    hang the open), and anything else is refused with a reason, never removed.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return False
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise TargetError(_not_ours(path, "a symbolic link"), errno.EEXIST) from None
+        raise TargetError(f"cannot open {path}: {exc.strerror}", exc.errno or errno.EIO) from None
     try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise TargetError(_not_ours(path, "not a regular file"), errno.EEXIST)
+        if info.st_uid != os.geteuid():
+            raise TargetError(_not_ours(path, f"owned by uid {info.st_uid}"), errno.EEXIST)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -425,6 +446,32 @@ def remove_staging_if_unheld(path: str) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def _not_ours(path: str, what: str) -> str:
+    return (
+        f"{path} is in the way of the restore: it is {what}, not a staging file mirenfs made; "
+        "remove it by hand if it is not needed"
+    )
+
+
+def current_umask() -> int:
+    """The process umask (read by setting it, so read it before starting threads that create files)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The mode ``cp`` would give a new file: 0666 less the umask."""
+    return 0o666 & ~current_umask()
+
+
+def make_private_directory(path: str) -> None:
+    """Create ``path`` (and parents) with mode 0700, and make an existing one 0700: it holds disk data."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if stat.S_IMODE(os.stat(path).st_mode) != 0o700:
+        os.chmod(path, 0o700)
 
 
 def fsync_directory(path: str) -> None:

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -37,6 +38,8 @@ from mirenfs.format.frames import (
     zstd_library_version,
 )
 from mirenfs.format.header import Meta, Timestamp
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_LEVEL = 3
@@ -173,8 +176,18 @@ class FrameSpill:
             self._full = True
             return
         written = 0
-        while written < len(frame):
-            written += os.pwrite(self.fd, memoryview(frame)[written:], self.bytes + written)
+        try:
+            while written < len(frame):
+                written += os.pwrite(self.fd, memoryview(frame)[written:], self.bytes + written)
+        except OSError as exc:
+            # A full state directory (ENOSPC) only ends the spilling: it is an optimisation.
+            self._full = True
+            log.warning(
+                "cannot keep more frames of an index pass in the spill file (%s); "
+                "reads will compress them again",
+                exc.strerror,
+            )
+            return
         self.bytes += len(frame)
         self.frames += 1
 
@@ -518,9 +531,13 @@ class SnapshotProducer:
         return spilled or k in self._cache or k in self._in_flight
 
     async def prefetch(self, k: int) -> None:
-        # On failure the reader asks for this frame itself and gets the error then.
-        with contextlib.suppress(ImageChangedError):
+        """Produce frame ``k`` ahead of its reader. Any failure is the reader's to see when it asks
+        for the frame itself (the version may even have been closed meanwhile): it must never
+        reach the nursery this runs in, which is the mount's."""
+        try:
             await self.frame(k)
+        except Exception as exc:
+            log.debug("read-ahead of frame %d failed: %s", k, exc)
 
 
 class SequentialReader:

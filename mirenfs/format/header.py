@@ -8,6 +8,7 @@ rather than left to :mod:`json`'s defaults.
 
 from __future__ import annotations
 
+import codecs
 import datetime as _dt
 import json
 import re
@@ -57,10 +58,10 @@ class Timestamp:
     def rfc3339(self) -> str:
         """Go's ``time.RFC3339Nano``: trailing fraction zeros trimmed, ``Z`` for UTC."""
         seconds, ns = divmod(self.unix_ns, _NS)
-        local = _EPOCH + _dt.timedelta(seconds=seconds + self.utc_offset_s)
-        text = local.strftime("%Y-%m-%dT%H:%M:%S")
-        if local.year < 1000:  # strftime does not pad years on every platform
-            text = f"{local.year:04d}" + text[text.index("-") :]
+        days, second_of_day = divmod(seconds + self.utc_offset_s, 86400)
+        year, month, day = _civil_from_days(days)
+        hour, rest = divmod(second_of_day, 3600)
+        text = f"{year:04d}-{month:02d}-{day:02d}T{hour:02d}:{rest // 60:02d}:{rest % 60:02d}"
         if ns:
             text += "." + f"{ns:09d}".rstrip("0")
         if self.utc_offset_s == 0:
@@ -71,24 +72,31 @@ class Timestamp:
 
     @classmethod
     def parse(cls, text: str) -> Timestamp:
-        """Parse any RFC 3339 timestamp; raise :class:`FormatError` otherwise."""
+        """Parse an RFC 3339 timestamp exactly as Go's ``time.Time`` JSON decoding does.
+
+        Go accepts years 0000-9999, refuses a second of 60, an hour offset of
+        24 or more and a minute offset of 60 or more, and impossible dates; so
+        does this. Lowercase ``t`` and ``z``, which RFC 3339 allows, are accepted.
+        Raise :class:`FormatError` otherwise.
+        """
         match = _RFC3339_RE.fullmatch(text)
         if not match:
             raise FormatError(f"timestamp {text!r} is not an RFC 3339 time")
         year, month, day, hour, minute, second = (int(match.group(i)) for i in range(1, 7))
         fraction, zone = match.group(7) or "", match.group(8)
-        try:
-            local = _dt.datetime(year, month, day, hour, minute, min(second, 59))
-        except ValueError as exc:
-            raise FormatError(f"timestamp {text!r} is not a valid date or time: {exc}") from None
+        if not (1 <= month <= 12 and 1 <= day <= _days_in_month(year, month)):
+            raise FormatError(f"timestamp {text!r} is not a valid date")
+        if hour > 23 or minute > 59 or second > 59:
+            raise FormatError(f"timestamp {text!r} is not a valid time of day")
         ns = int((fraction + "000000000")[:9]) if fraction else 0
-        if zone in ("Z", "z"):
-            offset = 0
-        else:
-            sign = -1 if zone[0] == "-" else 1
-            offset = sign * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
-        delta = local - _EPOCH
-        seconds = delta.days * 86400 + delta.seconds + (second - local.second) - offset
+        offset = 0
+        if zone not in ("Z", "z"):
+            zone_hours, zone_minutes = int(zone[1:3]), int(zone[4:6])
+            if zone_hours > 23 or zone_minutes > 59:
+                raise FormatError(f"timestamp {text!r} has an impossible UTC offset")
+            offset = (-1 if zone[0] == "-" else 1) * (zone_hours * 3600 + zone_minutes * 60)
+        days = _days_from_civil(year, month, day)
+        seconds = days * 86400 + hour * 3600 + minute * 60 + second - offset
         return cls(seconds * _NS + ns, offset)
 
     @classmethod
@@ -100,6 +108,40 @@ class Timestamp:
 _RFC3339_RE = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?([Zz]|[+-]\d{2}:\d{2})"
 )
+
+
+def _is_leap(year: int) -> bool:
+    return year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+
+
+def _days_in_month(year: int, month: int) -> int:
+    if month == 2:
+        return 29 if _is_leap(year) else 28
+    return 30 if month in (4, 6, 9, 11) else 31
+
+
+def _days_from_civil(year: int, month: int, day: int) -> int:
+    """Days since 1970-01-01 in the proleptic Gregorian calendar, year 0 included
+    (``datetime`` stops at year 1; Go's times go back to year 0)."""
+    year -= month <= 2
+    era = year // 400
+    year_of_era = year - era * 400
+    day_of_year = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
+    day_of_era = year_of_era * 365 + year_of_era // 4 - year_of_era // 100 + day_of_year
+    return era * 146097 + day_of_era - 719468
+
+
+def _civil_from_days(days: int) -> tuple[int, int, int]:
+    """The inverse of :func:`_days_from_civil`."""
+    days += 719468
+    era = days // 146097
+    day_of_era = days - era * 146097
+    year_of_era = (day_of_era - day_of_era // 1460 + day_of_era // 36524 - day_of_era // 146096) // 365
+    day_of_year = day_of_era - (365 * year_of_era + year_of_era // 4 - year_of_era // 100)
+    month_index = (5 * day_of_year + 2) // 153
+    day = day_of_year - (153 * month_index + 2) // 5 + 1
+    month = month_index + (3 if month_index < 10 else -9)
+    return year_of_era + era * 400 + (month <= 2), month, day
 
 
 @dataclass(frozen=True)
@@ -258,6 +300,22 @@ def validate_meta(meta: Meta) -> Meta:
     return meta
 
 
+def _each_byte_replaced(error: UnicodeError) -> tuple[str, int]:
+    """Like Go's UTF-8 decoding: one U+FFFD for every byte that is not part of a valid character."""
+    assert isinstance(error, UnicodeDecodeError)
+    return "\ufffd" * (error.end - error.start), error.end
+
+
+_GO_UTF8 = "mirenfs-go-utf8"
+codecs.register_error(_GO_UTF8, _each_byte_replaced)
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def _without_surrogates(text: str) -> str:
+    """A JSON ``\\ud800`` escape alone is a lone surrogate; Go decodes it as U+FFFD."""
+    return _SURROGATE_RE.sub("\ufffd", text)
+
+
 def parse_metadata(body: bytes) -> Meta:
     """Decode the JSON metadata with Go's typing rules; unknown keys are ignored.
 
@@ -265,9 +323,12 @@ def parse_metadata(body: bytes) -> Meta:
     refusals, so that Go's zero-value header still decodes to its values.
     """
     try:
-        fields = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        # Go reads invalid UTF-8 (and lone UTF-16 surrogates) as U+FFFD instead of failing.
+        fields = json.loads(body.decode("utf-8", errors=_GO_UTF8))
+    except ValueError as exc:
         raise FormatError(f"snapshot metadata is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise FormatError("snapshot metadata is not valid JSON: it is nested too deeply") from None
     if not isinstance(fields, dict):
         raise FormatError("snapshot metadata is not a JSON object")
 
@@ -279,11 +340,11 @@ def parse_metadata(body: bytes) -> Meta:
             raise FormatError(f"snapshot metadata field {key!r} must be a JSON {kind.__name__}")
         return value
 
-    name = str(field("name", str, ""))
+    name = _without_surrogates(str(field("name", str, "")))
     size_bytes = int(field("size_bytes", int, 0))  # type: ignore[call-overload]
-    filesystem = str(field("filesystem", str, ""))
+    filesystem = _without_surrogates(str(field("filesystem", str, "")))
     timestamp_text = str(field("timestamp", str, "0001-01-01T00:00:00Z"))
-    checksum = str(field("checksum", str, ""))
+    checksum = _without_surrogates(str(field("checksum", str, "")))
     version = int(field("version", int, FORMAT_VERSION))  # type: ignore[call-overload]
     if not -(1 << 63) <= size_bytes < 1 << 63:
         raise FormatError(f"snapshot metadata size_bytes {size_bytes} does not fit in 64 bits")

@@ -33,13 +33,23 @@ from mirenfs.mount.inodes import (
     Node,
     OpenSnapshot,
 )
-from mirenfs.mount.restoredir import SIDECAR_SUFFIX, SNAPSHOT_SUFFIX, RestoreDirectory, RestoreEntry
+from mirenfs.mount.restoredir import (
+    NESTED_DIRECTORY,
+    SIDECAR_SUFFIX,
+    SNAPSHOT_SUFFIX,
+    IgnoredNode,
+    RestoreDirectory,
+    RestoreEntry,
+    RestoreWriter,
+)
 from mirenfs.mount.status import INDEX_PASSES_XATTR, SNAPSHOT_XATTRS, STATE_XATTR, STATUS_XATTR, mount_status
 from mirenfs.mount.versions import SnapshotService, sidecar_size, sidecar_text
 
 log = logging.getLogger(__name__)
 
 RESTORE_DIR = "restore"
+RENAME_NOREPLACE = 1  # renameat2(2) flags, as FUSE passes them on
+RENAME_EXCHANGE = 2
 assert ROOT_INODE == pyfuse3.ROOT_INODE
 
 P = ParamSpec("P")
@@ -56,7 +66,8 @@ def fuse_errors(handler: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Cor
         except pyfuse3.FUSEError:
             raise
         except MirenfsError as exc:
-            log.warning("%s: %s", handler.__name__, exc)
+            if not exc.reported:
+                log.warning("%s", exc)
             raise pyfuse3.FUSEError(exc.errno) from None
         except FileNotFoundError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
@@ -93,7 +104,8 @@ class MirenOperations(pyfuse3.Operations):
         self._nursery = nursery  # where sequential readers compress ahead
         self.catalog = CatalogView(catalog, on_gone=service.forget)
         self.inodes = InodeTable()
-        self.handles: HandleTable[OpenSnapshot | RestoreEntry | bytes] = HandleTable()
+        # bytes: a sidecar's or a restore/ entry's text; None: a file under restore/restore (ignored)
+        self.handles: HandleTable[OpenSnapshot | RestoreWriter | bytes | None] = HandleTable()
         self.restores = restores(self.inodes.allocate)
 
     # ---- which node an inode or a name is -----------------------------------
@@ -163,11 +175,19 @@ class MirenOperations(pyfuse3.Operations):
         attrs.st_uid, attrs.st_gid = entry.uid, entry.gid
         return attrs
 
+    def _ignored_attributes(self, node: IgnoredNode) -> pyfuse3.EntryAttributes:
+        kind = stat.S_IFDIR if node.is_directory else stat.S_IFREG
+        return self._attributes(node.inode, kind | node.mode, 0, node.mtime_ns)
+
     def _restore_entry(self, name: bytes) -> RestoreEntry:
         entry = self.restores.entries.get(os.fsdecode(name))
         if entry is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return entry
+
+    def _in_restore_tree(self, inode: int) -> bool:
+        """restore/ itself, or restore/restore and what is under it (ignored)."""
+        return inode == RESTORE_INODE or inode in self.restores.ignored
 
     def _node_attributes(self, node: Node) -> pyfuse3.EntryAttributes:
         version = node.version
@@ -182,6 +202,9 @@ class MirenOperations(pyfuse3.Operations):
         restore = self.restores.by_inode.get(inode)
         if restore is not None:
             return self._restore_attributes(restore)
+        ignored = self.restores.ignored.get(inode)
+        if ignored is not None:
+            return self._ignored_attributes(ignored)
         attrs = self._node_attributes(await self._node(inode))
         attrs.st_ino = inode
         return attrs
@@ -190,7 +213,12 @@ class MirenOperations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        if parent_inode == RESTORE_INODE:
+        if self._in_restore_tree(parent_inode):
+            ignored = self.restores.ignored_child(parent_inode, os.fsdecode(name))
+            if ignored is not None:
+                return self._ignored_attributes(ignored)
+            if parent_inode != RESTORE_INODE:
+                raise pyfuse3.FUSEError(errno.ENOENT)
             return self._restore_attributes(self._restore_entry(name))
         if parent_inode != ROOT_INODE:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -203,7 +231,8 @@ class MirenOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        if inode not in (ROOT_INODE, RESTORE_INODE):
+        ignored = self.restores.ignored.get(inode)
+        if inode not in (ROOT_INODE, RESTORE_INODE) and (ignored is None or not ignored.is_directory):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
@@ -220,7 +249,10 @@ class MirenOperations(pyfuse3.Operations):
                     inode = self.inodes.listing_inode(name + suffix)
                     entries.append((name + suffix, self._attributes(inode, self._file_mode(), 0, 0)))
         else:
-            entries.extend((e.name, self._restore_attributes(e)) for e in self.restores.entries.values())
+            if fh == RESTORE_INODE:
+                entries.extend((e.name, self._restore_attributes(e)) for e in self.restores.entries.values())
+            ignored = self.restores.ignored_children(fh)
+            entries.extend((node.name, self._ignored_attributes(node)) for node in ignored)
         for position, (name, attrs) in enumerate(entries[start_id:], start=start_id + 1):
             if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, position):
                 break
@@ -229,13 +261,16 @@ class MirenOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        writing = bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND))
         restore = self.restores.by_inode.get(inode)
         if restore is not None:
-            if not flags & (os.O_WRONLY | os.O_RDWR):
-                raise pyfuse3.FUSEError(errno.EACCES)  # restore/ takes snapshots; it gives none back
-            entry = await self.restores.begin(restore.name, restore.mode, ctx.uid, ctx.gid)
-            return pyfuse3.FileInfo(fh=self.handles.add(entry), direct_io=True)
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            if not writing:  # reading an entry gives its outcome, one line
+                return pyfuse3.FileInfo(fh=self.handles.add(restore.report()))
+            writer = await self.restores.begin(restore.name, restore.mode, ctx.uid, ctx.gid)
+            return pyfuse3.FileInfo(fh=self.handles.add(writer), direct_io=True)
+        if inode in self.restores.ignored:
+            return pyfuse3.FileInfo(fh=self.handles.add(None if writing else b""), direct_io=True)
+        if writing:
             raise pyfuse3.FUSEError(errno.EROFS)
         node = await self._node(inode)
         version = node.version
@@ -259,29 +294,29 @@ class MirenOperations(pyfuse3.Operations):
             return handle[off : off + size]
         if isinstance(handle, OpenSnapshot):
             return await handle.reader.read(off, size)
-        if handle is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
-        raise pyfuse3.FUSEError(errno.EACCES)  # restore/ takes snapshots; it gives none back
+        raise pyfuse3.FUSEError(errno.EBADF)  # opened for writing
 
     @fuse_errors
     async def release(self, fh: int) -> None:
         handle = self.handles.pop(fh)
         if isinstance(handle, OpenSnapshot):
             self.service.release(handle.version)
-        elif isinstance(handle, RestoreEntry):
+        elif isinstance(handle, RestoreWriter):
             await self.restores.release(handle)
 
     @fuse_errors
     async def flush(self, fh: int) -> None:
         """A close of a file in restore/: install now if the snapshot is whole, so errors reach close(2)."""
         handle = self.handles.get(fh)
-        if isinstance(handle, RestoreEntry):
+        if isinstance(handle, RestoreWriter):
             await self.restores.flush(handle)
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self.handles.get(fh)
-        if not isinstance(handle, RestoreEntry):
+        if handle is None:
+            return len(buf)  # a file under restore/restore: accepted and ignored
+        if not isinstance(handle, RestoreWriter):
             raise pyfuse3.FUSEError(errno.EROFS)
         await self.restores.write(handle, off, buf)
         return len(buf)
@@ -338,11 +373,18 @@ class MirenOperations(pyfuse3.Operations):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
+        if self._in_restore_tree(inode):
+            # tar sets the times of `.` and of what it extracts under restore/restore: ignored.
+            self.restores.check_writer(ctx.uid, "restore/")
+            if inode == RESTORE_INODE:
+                return self._directory_attributes(inode)
+            return self._ignored_attributes(self.restores.ignored[inode])
         restore = self.restores.by_inode.get(inode)
         if restore is None:
             raise pyfuse3.FUSEError(errno.EROFS if fields.update_size else errno.EPERM)
+        self.restores.check_writer(ctx.uid, f"restore/{restore.name}")
         # tar and rsync set times, mode and owner after writing: keep them.
-        if fields.update_size and attr.st_size != restore.size:
+        if fields.update_size and attr.st_size not in (restore.size, restore.received):
             reason = f"restore/ files cannot be resized (to {attr.st_size} bytes): write snapshots in order"
             await self.restores.abort(restore, reason)
             raise pyfuse3.FUSEError(errno.EINVAL)
@@ -358,9 +400,20 @@ class MirenOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        if parent_inode != RESTORE_INODE:
+        if not self._in_restore_tree(parent_inode):
             raise pyfuse3.FUSEError(errno.EPERM)
+        self.restores.check_writer(ctx.uid, "restore/")
+        if parent_inode != RESTORE_INODE:
+            self.restores.forget_ignored(parent_inode, os.fsdecode(name))
+            return
         await self.restores.remove(os.fsdecode(name))
+
+    @fuse_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if not self._in_restore_tree(parent_inode):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        self.restores.check_writer(ctx.uid, "restore/")
+        self.restores.forget_ignored(parent_inode, os.fsdecode(name))
 
     @fuse_errors
     async def rename(
@@ -376,7 +429,12 @@ class MirenOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(
                 errno.EPERM if RESTORE_INODE not in (parent_inode_old, parent_inode_new) else errno.EXDEV
             )
+        self.restores.check_writer(ctx.uid, "restore/")
         self._restore_entry(name_old)
+        if flags & RENAME_EXCHANGE:
+            raise pyfuse3.FUSEError(errno.EINVAL)  # an entry is a restore in progress, not a file to swap
+        if flags & RENAME_NOREPLACE and os.fsdecode(name_new) in self.restores.entries:
+            raise pyfuse3.FUSEError(errno.EEXIST)
         await self.restores.rename(os.fsdecode(name_old), os.fsdecode(name_new))
 
     @fuse_errors
@@ -384,17 +442,29 @@ class MirenOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         """A new file in restore/ starts a restore; the §3 refusals answer here."""
-        if parent_inode != RESTORE_INODE:
+        if not self._in_restore_tree(parent_inode):
             raise pyfuse3.FUSEError(errno.EROFS if parent_inode == ROOT_INODE else errno.EPERM)
-        entry = await self.restores.begin(os.fsdecode(name), mode, ctx.uid, ctx.gid)
-        info = pyfuse3.FileInfo(fh=self.handles.add(entry), direct_io=True)
-        return info, self._restore_attributes(entry)
+        if parent_inode != RESTORE_INODE:  # under restore/restore: accepted, its bytes go nowhere
+            self.restores.check_writer(ctx.uid, "restore/")
+            node = self.restores.ignore(parent_inode, os.fsdecode(name), is_directory=False, mode=mode)
+            return pyfuse3.FileInfo(fh=self.handles.add(None), direct_io=True), self._ignored_attributes(node)
+        writer = await self.restores.begin(os.fsdecode(name), mode, ctx.uid, ctx.gid)
+        info = pyfuse3.FileInfo(fh=self.handles.add(writer), direct_io=True)
+        return info, self._restore_attributes(writer.entry)
 
     @fuse_errors
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        raise pyfuse3.FUSEError(errno.EPERM)
+        """Directories are refused, but for a whole-mount archive's own ``restore/``: accepted, ignored."""
+        text = os.fsdecode(name)
+        nested = parent_inode != RESTORE_INODE or text == NESTED_DIRECTORY
+        if not self._in_restore_tree(parent_inode) or not nested:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        self.restores.check_writer(ctx.uid, "restore/")
+        return self._ignored_attributes(
+            self.restores.ignore(parent_inode, text, is_directory=True, mode=mode)
+        )
 
     @fuse_errors
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:

@@ -1,10 +1,17 @@
-"""The mount's ``restore/`` directory (SPEC §5), without FUSE: which disk a file
-name restores, the §3 refusals at create time, and one streaming restore per
-entry, fed by writes in order, installed by the close that completes it (or
-ended by the last close).
+"""The mount's ``restore/`` directory (SPEC §5), without FUSE: which disk a file name restores,
+who may restore, the §3 refusals at create time, and one streaming restore per entry, fed by
+writes in order, installed by the close that completes it (or ended by the last close).
 
-Each entry stays listed with its outcome (``user.mirenfs.state``) until it is
-deleted, so an operator can see what became of a copy.
+Requests on one entry are serialized: a close (FLUSH) of a descriptor shared
+by a forked child never runs while a write of the same restore is in progress.
+Each open handle is bound to the restore it started, so a stale descriptor
+of an earlier attempt can never feed, install or fail a newer restore.
+
+Each entry stays listed with its outcome until it is deleted: reading it
+gives one line (``installed: …`` or ``failed: …``), which is also its
+``user.mirenfs.state``. So whole-mount ``tar``, ``rsync`` and ``restic``
+archive small text files there, and extracting such an archive back into
+``restore/`` ignores them (the ``restore`` directory and everything below it).
 """
 
 from __future__ import annotations
@@ -26,34 +33,47 @@ from mirenfs.disks.rules import RestoreTarget, prepare_restore
 from mirenfs.disks.store import Store
 from mirenfs.errors import MirenfsError, RestoreRefused
 
-log = logging.getLogger("mirenfs.restore")
+log = logging.getLogger(__name__)
 
 SNAPSHOT_SUFFIX = ".mirn"
 SIDECAR_SUFFIX = ".mirn.sha256"
-_RSYNC_TEMPORARY = re.compile(r"\.(.+\.mirn(?:\.sha256)?)\.[A-Za-z0-9]{6}")
+NESTED_DIRECTORY = "restore"  # ./restore of a whole-mount archive: accepted, everything in it ignored
+# Miren's own backup files: NAME-YYYYMMDD-HHMMSS.miren.zst (and NAME.miren.zst).
+_MIREN_BACKUP = re.compile(r"(?P<name>.+?)(?:-\d{8}-\d{6})?\.miren\.zst")
+# rsync's temporary file for NAME: .NAME.XXXXXX
+_RSYNC_TEMPORARY = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9]{6}")
+_SIDECAR_LIMIT = 4096  # a sidecar is one sha256sum line
+REFUSAL_REPEAT_S = 5.0
 
 
 def disk_for_file_name(file_name: str) -> tuple[str, bool]:
-    """The disk a file in restore/ restores, and whether it is a sidecar.
+    """The disk a file in restore/ restores, and whether it is a sidecar (which restores nothing).
 
-    ``NAME.mirn`` and rsync's temporary ``.NAME.mirn.XXXXXX`` restore disk
-    NAME; ``NAME.mirn.sha256`` sidecars (as in a tar of the mount) are kept
-    but restore nothing.
+    ``NAME.mirn``, Miren's ``NAME-YYYYMMDD-HHMMSS.miren.zst`` and
+    ``NAME.miren.zst``, and rsync's temporary ``.FILE.XXXXXX`` of any of
+    them restore disk NAME; ``NAME.mirn.sha256`` sidecars (as in a tar of
+    the mount) are accepted but restore nothing.
     """
     match = _RSYNC_TEMPORARY.fullmatch(file_name)
-    base = match.group(1) if match else file_name
-    if base.endswith(SIDECAR_SUFFIX):
-        return validate_disk_name(base[: -len(SIDECAR_SUFFIX)]), True
-    if not base.endswith(SNAPSHOT_SUFFIX):
-        raise RestoreRefused(
-            f"restore/{file_name}: only NAME.mirn snapshot files can be restored", errno.EINVAL
-        )
-    return validate_disk_name(base[: -len(SNAPSHOT_SUFFIX)]), False
+    candidates = [match.group("name"), file_name] if match else [file_name]
+    for base in candidates:
+        if base.endswith(SIDECAR_SUFFIX):
+            return validate_disk_name(base[: -len(SIDECAR_SUFFIX)]), True
+        if base.endswith(SNAPSHOT_SUFFIX):
+            return validate_disk_name(base[: -len(SNAPSHOT_SUFFIX)]), False
+        miren = _MIREN_BACKUP.fullmatch(base)
+        if miren:
+            return validate_disk_name(miren.group("name")), False
+    raise RestoreRefused(
+        f"restore/{file_name}: only snapshot files (NAME.mirn, or Miren's NAME-DATE-TIME.miren.zst) "
+        "can be restored",
+        errno.EINVAL,
+    )
 
 
 @dataclass(eq=False)
 class RestoreEntry:
-    """A file in restore/: its attributes, and the restore it feeds while receiving."""
+    """A file in restore/: its attributes, its outcome, and the restore it feeds while receiving."""
 
     inode: int
     name: str
@@ -63,26 +83,92 @@ class RestoreEntry:
     uid: int
     gid: int
     state: str = "receiving"
-    size: int = 0
+    detail: str = ""  # what reading the entry adds to its state (size and checksum once installed)
+    received: int = 0
     mtime_ns: int = field(default_factory=time.time_ns)
     session: DiskRestore | None = None
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+    def report(self) -> bytes:
+        """What reading the entry gives: its state and detail, one line."""
+        return f"{self.state}{self.detail}\n".encode(errors="backslashreplace")
+
+    @property
+    def size(self) -> int:
+        return len(self.report())
 
     def status(self) -> dict[str, object]:
-        return {"name": f"restore/{self.name}", "disk": self.disk, "state": self.state, "bytes": self.size}
+        return {
+            "name": f"restore/{self.name}",
+            "disk": self.disk,
+            "state": self.state,
+            "bytes": self.received,
+        }
+
+
+@dataclass(eq=False)
+class RestoreWriter:
+    """An open handle on an entry, bound to the restore that open started (None for a sidecar)."""
+
+    entry: RestoreEntry
+    session: DiskRestore | None
+
+    @property
+    def current(self) -> bool:
+        """Whether this handle's restore is still the entry's (a stale one must not touch it)."""
+        return self.session is not None and self.entry.session is self.session
+
+
+@dataclass(eq=False)
+class IgnoredNode:
+    """Something extracted under ``restore/restore`` (a whole-mount archive's own restore/): kept
+    only so the extracting tool can finish; its bytes go nowhere."""
+
+    inode: int
+    parent: int
+    name: str
+    is_directory: bool
+    mode: int
+    mtime_ns: int = field(default_factory=time.time_ns)
 
 
 class RestoreDirectory:
     """The entries of restore/ and the restores they run."""
 
     def __init__(
-        self, store: Store, data_path: str, *, allow_overwrite: bool, allocate_inode: Callable[[], int]
+        self,
+        store: Store,
+        data_path: str,
+        *,
+        allow_overwrite: bool,
+        allocate_inode: Callable[[], int],
+        owner_uid: int = -1,
+        on_installed: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.data_path = data_path
         self.allow_overwrite = allow_overwrite
         self._allocate_inode = allocate_inode
+        self.owner_uid = os.getuid() if owner_uid < 0 else owner_uid
+        self._on_installed = on_installed
         self.entries: dict[str, RestoreEntry] = {}
         self.by_inode: dict[int, RestoreEntry] = {}
+        self.ignored: dict[int, IgnoredNode] = {}
+        self._last_refusal: tuple[str, float] | None = None
+        self._starting: set[str] = set()  # disks whose restore is being prepared
+
+    # ---- who may restore ----------------------------------------------------
+
+    def check_writer(self, uid: int, what: str) -> None:
+        """Only the mount's owner and root may restore, whatever mode an entry shows (-o allow_other)."""
+        if uid not in (0, self.owner_uid):
+            raise RestoreRefused(
+                f"{what}: uid {uid} may not restore disks through this mount (only uid {self.owner_uid} "
+                "and root may)",
+                errno.EACCES,
+            )
+
+    # ---- entries --------------------------------------------------------------
 
     def receiving(self, disk: str) -> RestoreEntry | None:
         for entry in self.entries.values():
@@ -90,106 +176,184 @@ class RestoreDirectory:
                 return entry
         return None
 
-    async def begin(self, file_name: str, mode: int, uid: int, gid: int) -> RestoreEntry:
+    async def begin(self, file_name: str, mode: int, uid: int, gid: int) -> RestoreWriter:
         """Create the entry, or restart an existing one in place (same inode: it is being
         opened for writing), applying every refusal before a byte is written."""
-        disk, sidecar = disk_for_file_name(file_name)
-        session: DiskRestore | None = None
-        if not sidecar:
-            if self.receiving(disk) is not None:
+        try:
+            self.check_writer(uid, f"restore/{file_name}")
+            disk, sidecar = disk_for_file_name(file_name)
+            if not sidecar and (self.receiving(disk) is not None or disk in self._starting):
                 raise RestoreRefused(f"disk {disk} is already being restored through restore/", errno.EBUSY)
-            target = await trio.to_thread.run_sync(self._prepare, disk)
-            session = DiskRestore(target)
+        except MirenfsError as refusal:
+            self._log_refusal(refusal)
+            raise
+        if sidecar:
+            return await self._start(file_name, disk, True, None, mode, uid, gid)
+        self._starting.add(disk)  # claimed before the first await: two opens cannot both pass
+        try:
+            try:
+                target = await trio.to_thread.run_sync(self._prepare, disk)
+            except MirenfsError as refusal:
+                self._log_refusal(refusal)
+                raise
+            return await self._start(file_name, disk, False, DiskRestore(target), mode, uid, gid)
+        finally:
+            self._starting.discard(disk)
+
+    async def _start(
+        self,
+        file_name: str,
+        disk: str,
+        sidecar: bool,
+        session: DiskRestore | None,
+        mode: int,
+        uid: int,
+        gid: int,
+    ) -> RestoreWriter:
         entry = self.entries.get(file_name)
         if entry is None:
             entry = RestoreEntry(self._allocate_inode(), file_name, disk, sidecar, mode & 0o7777, uid, gid)
             self.entries[file_name] = entry
             self.by_inode[entry.inode] = entry
-        entry.session, entry.size, entry.mtime_ns = session, 0, time.time_ns()
-        entry.state = "receiving" if session is not None else "ignored: a sidecar restores nothing"
-        return entry
+        async with entry.lock:
+            entry.session, entry.received, entry.mtime_ns, entry.detail = session, 0, time.time_ns(), ""
+            entry.uid, entry.gid = uid, gid
+            entry.state = "receiving" if session is not None else "ignored: a sidecar restores nothing"
+        return RestoreWriter(entry, session)
+
+    def _log_refusal(self, refusal: MirenfsError) -> None:
+        """One line per refusal: rsync retries a refused temporary file under new names (it takes
+        EEXIST for a name clash), and those repeats within a few seconds are not logged again."""
+        now = time.monotonic()
+        message = str(refusal)
+        last = self._last_refusal
+        if last is None or last[0] != message or now - last[1] > REFUSAL_REPEAT_S:
+            log.warning("%s", message)
+        self._last_refusal = (message, now)
+        refusal.reported = True
 
     def _prepare(self, disk: str) -> RestoreTarget:
         return prepare_restore(
             self.store, disk, data_path=self.data_path, overwrite=self.allow_overwrite, creator=self.store
         )
 
-    async def write(self, entry: RestoreEntry, offset: int, data: bytes) -> None:
-        if entry.session is None:
-            if entry.sidecar and offset == entry.size and entry.size + len(data) <= 4096:
-                entry.size += len(data)
-                return
-            raise RestoreRefused(f"restore/{entry.name} is not receiving ({entry.state})", errno.EIO)
-        try:
-            await entry.session.write(offset, data)
-        except BaseException as exc:
-            await self._fail(entry, exc)
-            raise
-        entry.size = entry.session.next_offset
-        entry.mtime_ns = time.time_ns()
+    async def write(self, writer: RestoreWriter, offset: int, data: bytes) -> None:
+        entry = writer.entry
+        async with entry.lock:
+            if writer.session is None:
+                if (
+                    entry.sidecar
+                    and offset == entry.received
+                    and entry.received + len(data) <= _SIDECAR_LIMIT
+                ):
+                    entry.received += len(data)
+                    return
+                raise RestoreRefused(f"restore/{entry.name} is not receiving ({entry.state})", errno.EIO)
+            if not writer.current:
+                raise RestoreRefused(
+                    f"restore/{entry.name}: this descriptor belongs to a restore that ended ({entry.state})",
+                    errno.EIO,
+                )
+            try:
+                await writer.session.write(offset, data)
+            except BaseException as exc:
+                raise await self._fail(entry, exc) from None
+            entry.received = writer.session.next_offset
+            entry.mtime_ns = time.time_ns()
 
-    async def flush(self, entry: RestoreEntry) -> None:
+    async def flush(self, writer: RestoreWriter) -> None:
         """A close of the file: install if the snapshot is whole, else tell that close it is not.
 
         FUSE cannot tell the writer's last close from another one: a process
         that forks while writing (its child's close-on-exec), or dd, which
         dup2s its output and closes the original. So an incomplete stream
-        answers EIO to the close in hand — a short ``cp`` exits non-zero —
-        and stays open for more writes; the release after the last close ends it.
+        (an empty one too) answers EIO to the close in hand — a short or
+        empty ``cp`` exits non-zero — and stays open for more writes; the
+        release after the last close ends it.
         """
-        session = entry.session
-        if session is None or session.next_offset == 0:
-            return
-        try:
-            await session.feed_pending()
-        except BaseException as exc:
-            await self._fail(entry, exc)
-            raise
-        if not session.complete:
-            raise RestoreRefused(
-                f"restore/{entry.name} was closed after {entry.size} bytes, before the snapshot was whole",
-                errno.EIO,
-            )
-        await self.finish(entry)
+        entry = writer.entry
+        async with entry.lock:
+            if not writer.current:
+                if writer.session is not None and writer.session.failure is not None:
+                    # this descriptor's restore failed (maybe through another descriptor): say so
+                    raise RestoreRefused(f"restore/{entry.name} failed: {writer.session.failure}", errno.EIO)
+                return
+            session = writer.session
+            assert session is not None
+            try:
+                await session.feed_pending()
+            except BaseException as exc:
+                raise await self._fail(entry, exc) from None
+            if not session.complete:
+                what = "empty" if session.next_offset == 0 else f"closed after {session.next_offset} bytes"
+                raise RestoreRefused(
+                    f"restore/{entry.name} was {what}, before the snapshot was whole", errno.EIO
+                )
+            await self._finish(entry)
 
-    async def release(self, entry: RestoreEntry) -> None:
+    async def release(self, writer: RestoreWriter) -> None:
         """The last close: what arrived is all there is, so the restore ends now, either way."""
-        if entry.session is not None:
-            with contextlib.suppress(MirenfsError):
-                await self.finish(entry)  # an incomplete stream fails here with its precise reason
+        async with writer.entry.lock:
+            if writer.current:
+                with contextlib.suppress(MirenfsError):
+                    await self._finish(
+                        writer.entry
+                    )  # an incomplete stream fails here with its precise reason
 
-    async def finish(self, entry: RestoreEntry) -> None:
-        """Verify and install, or fail and undo."""
+    async def _finish(self, entry: RestoreEntry) -> None:
+        """Verify and install, or fail and undo (the caller holds the entry's lock)."""
         session = entry.session
         if session is None:
             return
         try:
             meta = await session.finish()
         except BaseException as exc:
-            await self._fail(entry, exc)
-            raise
+            raise await self._fail(entry, exc) from None
         entry.session = None
-        entry.state = "installed"
+        created = session.target.creates_disk
+        how = "a new disk, created from the snapshot's header" if created else "its image replaced"
+        entry.state = f"installed: created disk {entry.disk}" if created else "installed"
+        entry.detail = f" ({meta.size_bytes} bytes, checksum {meta.checksum})"
         log.info(
-            "restore of disk %s from restore/%s installed: %d bytes, checksum %s",
+            "restore of disk %s from restore/%s by uid %d installed (%s): %d bytes, checksum %s",
             entry.disk,
             entry.name,
+            entry.uid,
+            how,
             meta.size_bytes,
             meta.checksum,
         )
+        if self._on_installed is not None:
+            self._on_installed(entry.disk)
 
     async def abort(self, entry: RestoreEntry, reason: str) -> None:
-        if entry.session is not None:
-            await self._fail(entry, MirenfsError(reason))
+        async with entry.lock:
+            if entry.session is not None:
+                await self._fail(entry, MirenfsError(reason))
 
-    async def _fail(self, entry: RestoreEntry, error: BaseException) -> None:
+    async def _fail(self, entry: RestoreEntry, error: BaseException) -> BaseException:
+        """End the restore as failed, undo it, log one line; return the error to raise, marked as
+        reported so the FUSE boundary does not log it a second time."""
         session, entry.session = entry.session, None
         reason = str(error) or type(error).__name__
         entry.state = f"failed: {reason}"
         if session is not None:
+            session.failure = reason
             with trio.CancelScope(shield=True):  # undo even when the request was interrupted
                 await session.abort()
-        log.warning("restore of disk %s from restore/%s failed: %s", entry.disk, entry.name, reason)
+        log.warning(
+            "restore of disk %s from restore/%s by uid %d failed: %s",
+            entry.disk,
+            entry.name,
+            entry.uid,
+            reason,
+        )
+        if not isinstance(error, Exception):
+            return error  # a cancellation goes on as it is
+        code = error.errno if isinstance(error, (MirenfsError, OSError)) and error.errno else errno.EIO
+        reported = error if isinstance(error, MirenfsError) else RestoreRefused(reason, code)
+        reported.reported = True
+        return reported
 
     async def remove(self, file_name: str, *, reason: str = "deleted while receiving") -> None:
         entry = self.entries.pop(file_name, None)
@@ -202,12 +366,48 @@ class RestoreDirectory:
         entry = self.entries.get(old)
         if entry is None:
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), old)
-        disk_for_file_name(new)  # the new name must be a valid one too
+        disk, _sidecar = disk_for_file_name(new)  # the new name must be a valid one too
+        if disk != entry.disk:
+            raise RestoreRefused(
+                f"restore/{old} restores disk {entry.disk}; it cannot be renamed to {new}, a name of "
+                f"disk {disk} (copy the snapshot to restore/{new} instead)",
+                errno.EINVAL,
+            )
         if new in self.entries and self.entries[new] is not entry:
             await self.remove(new, reason="replaced by a rename")
         del self.entries[old]
         entry.name = new
         self.entries[new] = entry
+
+    # ---- restore/restore: a whole-mount archive's own restore/, ignored --------
+
+    def ignore(self, parent: int, name: str, *, is_directory: bool, mode: int) -> IgnoredNode:
+        """Accept ``name`` under ``parent`` (the restore/restore directory or below it) and ignore it."""
+        existing = self.ignored_child(parent, name)
+        if existing is not None and existing.is_directory == is_directory:
+            return existing
+        if existing is not None:
+            del self.ignored[existing.inode]
+        node = IgnoredNode(self._allocate_inode(), parent, name, is_directory, mode & 0o7777)
+        self.ignored[node.inode] = node
+        return node
+
+    def ignored_child(self, parent: int, name: str) -> IgnoredNode | None:
+        for node in self.ignored.values():
+            if node.parent == parent and node.name == name:
+                return node
+        return None
+
+    def ignored_children(self, parent: int) -> list[IgnoredNode]:
+        return [node for node in self.ignored.values() if node.parent == parent]
+
+    def forget_ignored(self, parent: int, name: str) -> None:
+        node = self.ignored_child(parent, name)
+        if node is None:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+        if self.ignored_children(node.inode):
+            raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), name)
+        del self.ignored[node.inode]
 
     def status(self) -> list[dict[str, object]]:
         return [entry.status() for entry in self.entries.values()]

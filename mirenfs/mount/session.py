@@ -10,8 +10,10 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from mirenfs.disks.manage import sweep_stale_staging
+from mirenfs.disks.manage import sweep_interrupted_creations, sweep_stale_staging
 from mirenfs.disks.store import Store
+from mirenfs.engine.image import make_private_directory
+from mirenfs.errors import MountError
 from mirenfs.mount import notify
 from mirenfs.mount.catalog import StoreCatalog
 from mirenfs.mount.config import MountConfig
@@ -21,14 +23,20 @@ from mirenfs.mount.versions import IndexCache, SnapshotService
 
 log = logging.getLogger(__name__)
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
 READ_AHEAD_KB = 1024  # the most one FUSE read request carries (256 pages)
 
 
 def build_operations(config: MountConfig, nursery: trio.Nursery) -> MirenOperations:
     """The operations of one mount, their background work running in ``nursery``."""
     store = Store(config.data_path)
+    store.check()  # before the mount reports ready: refuse now rather than answer EIO later
+    make_private_directory(config.state_directory)  # indexes and spilled frames describe disk contents
     for path in sweep_stale_staging(config.data_path):
         log.info("removed %s, left over from an interrupted restore", path)
+    for name in sweep_interrupted_creations(store):
+        log.warning("removed disk %s: a restore that was creating it was interrupted", name)
     cache = IndexCache(os.path.join(config.state_directory, "index"))
     service = SnapshotService(
         cache,
@@ -39,7 +47,11 @@ def build_operations(config: MountConfig, nursery: trio.Nursery) -> MirenOperati
 
     def restores(allocate_inode: Callable[[], int]) -> RestoreDirectory:
         return RestoreDirectory(
-            store, config.data_path, allow_overwrite=config.allow_overwrite, allocate_inode=allocate_inode
+            store,
+            config.data_path,
+            allow_overwrite=config.allow_overwrite,
+            allocate_inode=allocate_inode,
+            on_installed=service.forget,  # the replaced image and its old snapshot are let go at once
         )
 
     return MirenOperations(
@@ -48,14 +60,29 @@ def build_operations(config: MountConfig, nursery: trio.Nursery) -> MirenOperati
 
 
 async def serve(config: MountConfig, *, ready: Callable[[], None] | None = None) -> None:
-    """Mount, call ``ready`` once the mount answers, serve until unmounted or signalled."""
+    """Mount, call ``ready`` once the mount answers, serve until unmounted or signalled.
+
+    A signal ends the session at once: requests in progress (an index pass, a
+    restore) are cancelled rather than awaited, and a restore that was
+    receiving is undone. Signals that arrive while stopping are only logged.
+    """
+    async with trio.open_nursery() as signals:
+        stop = trio.CancelScope()
+        signals.start_soon(_stop_on_signals, stop)  # lives until the clean-up is over
+        try:
+            with stop:
+                await _serve_session(config, ready)
+        finally:
+            signals.cancel_scope.cancel()
+
+
+async def _serve_session(config: MountConfig, ready: Callable[[], None] | None) -> None:
     async with trio.open_nursery() as nursery:
         operations = build_operations(config, nursery)
-        pyfuse3.init(operations, config.mountpoint, config.kernel_options())
+        _init_session(operations, config)
         try:
-            nursery.start_soon(_stop_on_signal)
             nursery.start_soon(_announce_ready, config, ready)
-            await pyfuse3.main()  # until unmounted, or terminated by a signal
+            await pyfuse3.main()  # until unmounted, or cancelled by a signal
         finally:
             nursery.cancel_scope.cancel()  # read-ahead and the announcement end with the session
             notify.stopping(f"unmounting {config.mountpoint}")
@@ -64,6 +91,25 @@ async def serve(config: MountConfig, *, ready: Callable[[], None] | None = None)
             with trio.CancelScope(shield=True):
                 await operations.restores.close()  # an unfinished restore is undone, not left half-done
             operations.service.close()
+
+
+def _init_session(operations: MirenOperations, config: MountConfig) -> None:
+    """Start the FUSE session, turning libfuse's terse failures into what to do."""
+    try:
+        pyfuse3.init(operations, config.mountpoint, config.kernel_options())
+    except RuntimeError as exc:
+        operations.service.close()
+        if "fuse_session_new" in str(exc):
+            given = ",".join(config.fuse_options) or "(none)"
+            raise MountError(
+                f"FUSE refused the mount options {given}; check the -o options (fuse names the "
+                "unknown ones on stderr in the foreground)"
+            ) from None
+        raise MountError(
+            f"cannot mount at {config.mountpoint} ({exc}): mounting needs root, or /dev/fuse access "
+            "and fusermount3 (Debian's fuse3 package); with -o allow_other, also user_allow_other "
+            "in /etc/fuse.conf"
+        ) from None
 
 
 async def _announce_ready(config: MountConfig, ready: Callable[[], None] | None) -> None:
@@ -76,12 +122,17 @@ async def _announce_ready(config: MountConfig, ready: Callable[[], None] | None)
     notify.ready(f"serving {config.mountpoint}")
 
 
-async def _stop_on_signal() -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("received %s; unmounting", signal.Signals(signum).name)
-            pyfuse3.terminate()
-            return
+async def _stop_on_signals(stop: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(*STOP_SIGNALS) as received:
+        async for signum in received:
+            name = signal.Signals(signum).name
+            if stop.cancel_called:
+                log.info("received %s; already unmounting", name)
+                continue
+            log.info("received %s; unmounting", name)
+            # Cancel, not pyfuse3.terminate(): requests in progress (an index pass takes long)
+            # are not waited for, and a signal before the session exists is safe too.
+            stop.cancel()
 
 
 def _raise_read_ahead(device: int) -> None:

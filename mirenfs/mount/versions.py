@@ -41,6 +41,7 @@ class IndexCache:
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
+        self._save_failed = False
         os.makedirs(directory, mode=0o700, exist_ok=True)
 
     def path_for(self, image_path: str) -> str:
@@ -72,12 +73,29 @@ class IndexCache:
         return index, (None if sidecar == "-" else sidecar)
 
     def save(self, image_path: str, key: str, index: SnapshotIndex, sidecar: str | None) -> None:
+        """Persist an index; a failure (a full or read-only state directory) is logged once and
+        otherwise ignored: the cache only saves a later index pass."""
         path = self.path_for(image_path)
         temporary = f"{path}.{os.getpid()}.tmp"
-        with open(temporary, "wb") as f:
-            f.write(f"{key}\n{sidecar or '-'}\n".encode())
-            f.write(index.to_bytes())
-        os.replace(temporary, path)
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(f"{key}\n{sidecar or '-'}\n".encode())
+                f.write(index.to_bytes())
+            os.replace(temporary, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            if not self._save_failed:
+                log.warning(
+                    "cannot save snapshot indexes in %s (%s); snapshots are still served, but each "
+                    "remount indexes them again",
+                    self.directory,
+                    exc.strerror,
+                )
+            self._save_failed = True
+            return
+        self._save_failed = False
 
 
 @dataclass(eq=False)
@@ -266,7 +284,7 @@ class SnapshotService:
     ) -> tuple[SnapshotIndex, FrameSpill | None]:
         async with self._pass_limit:
             limit = self.spill_limit - self.spill_in_use()
-            spill = FrameSpill(self.spill_directory, limit) if limit > 0 else None
+            spill = self._new_spill(limit) if limit > 0 else None
             progress = self.progress[name] = IndexProgress(0, source.size)
             self.index_passes += 1
             log.info("index pass for disk %s started (%d bytes)", name, source.size)
@@ -291,6 +309,13 @@ class SnapshotService:
             log.info("index pass for disk %s done (checksum %s)", name, index.checksum)
             return index, spill
 
+    def _new_spill(self, limit: int) -> FrameSpill | None:
+        try:
+            return FrameSpill(self.spill_directory, limit)
+        except OSError as exc:  # a full state directory: serve without keeping the pass's frames
+            log.warning("cannot keep index frames in %s (%s)", self.spill_directory, exc.strerror)
+            return None
+
     async def sidecar(self, version: DiskVersion) -> str:
         """SHA-256 of the whole snapshot file, computed once per version and cached."""
         async with version._sidecar_lock:
@@ -302,12 +327,11 @@ class SnapshotService:
 
                 await version.producer.copy_to(update)
                 version.sidecar = digest.hexdigest()
-                with contextlib.suppress(OSError):
-                    await trio.to_thread.run_sync(
-                        self.cache.save,
-                        version.image_path,
-                        version.cache_key,
-                        version.producer.layout.index,
-                        version.sidecar,
-                    )
+                await trio.to_thread.run_sync(
+                    self.cache.save,
+                    version.image_path,
+                    version.cache_key,
+                    version.producer.layout.index,
+                    version.sidecar,
+                )
             return version.sidecar
