@@ -42,6 +42,7 @@ class Sample:
     cpu_seconds: float | None = None
     max_rss_kib: int | None = None
     foreign_cpu: float = 0.0
+    daemon_cpu: float | None = None  # CPU seconds of the mount daemon, in a mount figure
 
 
 @dataclass
@@ -62,6 +63,11 @@ class Figure:
     @property
     def cpu_seconds(self) -> float | None:
         values = [s.cpu_seconds for s in self.samples if s.cpu_seconds is not None]
+        return statistics.median(values) if values else None
+
+    @property
+    def daemon_cpu(self) -> float | None:
+        values = [s.daemon_cpu for s in self.samples if s.daemon_cpu is not None]
         return statistics.median(values) if values else None
 
     @property
@@ -107,6 +113,7 @@ class Context:
     facts: dict[str, str] = field(default_factory=dict)  # printed above the table
     image_sha256: str = ""
     snapshot: Path | None = None
+    one_frame: Path | None = None  # the sample as Go's writer makes it: one zstd frame (see bench.snapshots)
     scratch: list[Path] = field(default_factory=list)  # removed at the end unless --keep
 
     def add(self, figure: Figure) -> Figure:
@@ -160,8 +167,11 @@ class Context:
         result = run()
         elapsed = time.perf_counter() - start
         own = time.process_time() - own  # this process: the timed code, or bookkeeping around a command
-        own += process_cpu_seconds(self.daemon_pid) - daemon
+        daemon = process_cpu_seconds(self.daemon_pid) - daemon
+        own += daemon
         sample = result if result is not None else Sample(elapsed, own)
+        if self.daemon_pid is not None:
+            sample.daemon_cpu = daemon
         child = sample.cpu_seconds if result is not None and sample.cpu_seconds is not None else 0.0
         sample.foreign_cpu = max(0.0, machine_cpu_seconds() - machine - own - child)
         return sample

@@ -2,24 +2,22 @@
 
 Each function times its figure with ``Context.time_runs``, adds it with
 ``Context.add`` and records its correctness checks with ``Context.check``; floors
-go to ``Context.floors`` for the later figures' ratios. The mount figures run in
-order on one mount of the sample (``bench.mount.mounted_sample``), each leaving
-the mount as the next expects, so ``--only mount`` selects them together.
+go to ``Context.floors`` for the later figures' ratios. The mount figures
+(``bench.mount_figures``) run in order on one mount of the sample
+(``bench.mount.mounted_sample``), each leaving the mount as the next expects, so
+``--only mount`` selects them together.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import random
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.context import (
-    GIB,
     MB,
     CommandFailed,
     Context,
@@ -28,36 +26,18 @@ from bench.context import (
     evict_from_page_cache,
     log,
     run_command,
-    timed,
 )
-from bench.mount import MountedSample, add_disk, fresh_dir, mounted_sample, running_mount
-from bench.sample import disk_usage, fair_sha256
+from bench.mount import mounted_sample
+from bench.mount_figures import MOUNT_FIGURES, measure_mount_rss
+from bench.sample import disk_usage, fair_sha256, file_sha256
+from bench.snapshots import ensure_one_frame, snapshot_data_offset
 
 BACKUP_TARGET = 1.2
-RESTORE_TARGET = 1.25
+CLI_RESTORE_TARGET = 1.1
 VERIFY_CHECK = "mirenfs verify passes on the backup"
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def snapshot_data_offset(path: Path) -> int:
-    """Where the zstd data starts: 12 + the big-endian metadata length at offset 8."""
-    with open(path, "rb") as snapshot:
-        head = snapshot.read(12)
-    if len(head) < 12 or head[:4] != b"MIRN":
-        raise RuntimeError(f"{path} is not a .mirn snapshot")
-    return 12 + int.from_bytes(head[8:12], "big")
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as data:
-        return hashlib.file_digest(data, "sha256").hexdigest()
-
-
-def restore_floor(ctx: Context) -> str:
-    """The floor of a figure that restores: restore's when measured, else SHA-256."""
-    return "restore" if "restore" in ctx.floors else "sha256"
 
 
 def verify_once(ctx: Context, snapshot: Path) -> Sample | None:
@@ -86,6 +66,7 @@ def measure_floor(ctx: Context) -> None:
         )
     )
     ctx.floors["sha256"] = figure.seconds
+    ctx.floors["sha256 cpu"] = figure.cpu_seconds or figure.seconds  # what the daemon's CPU is held to
     ctx.image_sha256 = digests[0]
     ctx.check("fair SHA-256 is stable across runs", len(set(digests)) == 1, digests[0])
 
@@ -187,16 +168,14 @@ def measure_backup_cold(ctx: Context) -> None:
     fair_sha256(ctx.image)
 
 
-def measure_restore(ctx: Context) -> None:
-    """mirenfs restore, against the slower of SHA-256 and zstd -d of the same data.
-
-    Each run writes ~700 MB and fsyncs it. On this VM the kernel throttles such a
-    write burst after the disk was idle a while (pwrite drops from ~5.5 GB/s to
-    ~0.4 GB/s after ~400 MB), so restore figures vary more than the others.
-    """
-    snapshot = ctx.ensure_snapshot()
+def ensure_restore_floor(ctx: Context) -> str:
+    """The restore floor, measured once: the slower of SHA-256 and ``zstd -d`` of the
+    one-frame snapshot's data (Go's layout, the case the restore targets are set for)."""
+    if "restore" in ctx.floors:
+        return "restore"
+    snapshot = ensure_one_frame(ctx)
     offset = snapshot_data_offset(snapshot)
-    log(f"restore floor: zstd -d -c of the snapshot's zstd data (from byte {offset}) > /dev/null")
+    log(f"restore floor: zstd -d -c of the one-frame snapshot's data (from byte {offset}) > /dev/null")
     fd = os.open(snapshot, os.O_RDONLY | os.O_CLOEXEC)
 
     def rewind() -> None:
@@ -207,7 +186,7 @@ def measure_restore(ctx: Context) -> None:
         decompress = ctx.command(["zstd", "-q", "-d", "-c"], stdin=fd)
         figure = ctx.add(
             Figure(
-                "zstd -d -c snapshot-data >/dev/null",
+                "zstd -d -c one-frame data >/dev/null",
                 ctx.time_runs(decompress, before=rewind),
                 floor="sha256",
                 note="floor part",
@@ -217,8 +196,17 @@ def measure_restore(ctx: Context) -> None:
         os.close(fd)
     ctx.floors["zstd -d"] = figure.seconds
     ctx.floors["restore"] = max(ctx.floors["sha256"], figure.seconds)
+    return "restore"
 
-    log("mirenfs restore FILE --image OUT --force")
+
+def measure_restore(ctx: Context) -> None:
+    """mirenfs restore of the one-frame and of mirenfs's own snapshot, against the restore floor.
+
+    Each run writes ~700 MB and fsyncs it. On this VM the kernel throttles such a
+    write burst after the disk was idle a while (pwrite drops from ~5.5 GB/s to
+    ~0.4 GB/s after ~400 MB), so restore figures vary more than the others.
+    """
+    floor = ensure_restore_floor(ctx)
     restored = ctx.temp_path("restored.img")
 
     def reset() -> None:
@@ -226,198 +214,59 @@ def measure_restore(ctx: Context) -> None:
         restored.unlink(missing_ok=True)
         os.sync()
 
-    command = ctx.mirenfs_cmd("restore", str(snapshot), "--image", str(restored), "--force")
-    ctx.add(
-        Figure(
-            "mirenfs restore FILE --image OUT",
-            ctx.time_runs(ctx.command(command), before=reset),
-            floor="restore",
-            target=RESTORE_TARGET,
+    for label, snapshot, target in (
+        ("one-frame", ensure_one_frame(ctx), CLI_RESTORE_TARGET),
+        ("mirenfs's", ctx.ensure_snapshot(), None),
+    ):
+        log(f"mirenfs restore {label} snapshot --image OUT --force")
+        command = ctx.mirenfs_cmd("restore", str(snapshot), "--image", str(restored), "--force")
+        ctx.add(
+            Figure(
+                f"mirenfs restore FILE --image OUT ({label})",
+                ctx.time_runs(ctx.command(command), before=reset),
+                floor=floor,
+                target=target,
+                note="info" if target is None else "",
+            )
         )
-    )
+        check_restored_image(ctx, restored, f"CLI restore of the {label} snapshot")
+
+
+def check_restored_image(ctx: Context, restored: Path, what: str) -> None:
+    """The restored image has the original's bytes and is sparse."""
     digest = fair_sha256(restored)
-    ctx.check("restored image SHA-256 = original", digest == ctx.image_sha256, digest)
+    ctx.check(f"{what}: image SHA-256 = original", digest == ctx.image_sha256, digest)
     allocated, apparent = disk_usage(restored)
     original_allocated, _ = disk_usage(ctx.image)
     ctx.check(
-        "restored image is sparse (du no larger than the original's)",
+        f"{what}: image is sparse (du no larger than the original's)",
         allocated <= original_allocated and apparent == ctx.image.stat().st_size,
         f"du {allocated / MB:.0f} MB, original {original_allocated / MB:.0f} MB",
     )
 
 
 def measure_verify(ctx: Context) -> None:
-    """mirenfs verify is restore without the writing: it splits restore's cost."""
-    snapshot = ctx.ensure_snapshot()
-    log("info: mirenfs verify FILE (decompress + hash, no writes)")
+    """mirenfs verify of the one-frame snapshot: restore without the writing."""
+    floor = ensure_restore_floor(ctx)
+    snapshot = ensure_one_frame(ctx)
+    log("mirenfs verify FILE (one-frame; decompress + hash, no writes)")
     ctx.add(
         Figure(
-            "mirenfs verify FILE (restore minus writes)",
+            "mirenfs verify FILE (one-frame)",
             ctx.time_runs(ctx.command(ctx.mirenfs_cmd("verify", str(snapshot)))),
-            floor=restore_floor(ctx),
-            note="info",
+            floor=floor,
+            target=CLI_RESTORE_TARGET,
         )
     )
     ctx.check(VERIFY_CHECK, True, "every run exited 0")
 
 
-# ---------------------------------------------------------------- the mount
-
-
-def measure_mount_cold_cat(ctx: Context, mounted: MountedSample) -> None:
-    """cat NAME.mirn with no index: the index pass runs inside the read."""
-    log("mount: cold cat NAME.mirn (no index: the pass runs inside the read)")
-    ctx.add(
-        Figure(
-            "mount: cold cat NAME.mirn (index pass + read)",
-            ctx.time_runs(
-                ctx.command(["cat", str(mounted.snapshot)]),
-                before=lambda: mounted.mount.restart(forget_index=True),
-            ),
-            floor="sha256",
-            target=1.25,
-        )
-    )
-    expected = file_sha256(ctx.ensure_snapshot())
-    ctx.check("mount bytes = mirenfs backup bytes", file_sha256(mounted.snapshot) == expected, expected[:16])
-
-
-def measure_mount_warm_read(ctx: Context, mounted: MountedSample) -> None:
-    """cat NAME.mirn again, with the index and the page cache in place."""
-    log("mount: warm re-read (index and page cache in place)")
-    ctx.add(
-        Figure(
-            "mount: warm re-read",
-            ctx.time_runs(ctx.command(["cat", str(mounted.snapshot)])),
-            floor="sha256",
-            target=0.5,
-        )
-    )
-
-
-def measure_mount_stat(ctx: Context, mounted: MountedSample) -> None:
-    """stat NAME.mirn after a remount: the persisted index answers, no pass runs."""
-    log("mount: stat after a remount (the persisted index answers)")
-    ctx.add(
-        Figure(
-            "mount: stat after remount",
-            ctx.time_runs(
-                lambda: Sample(timed(os.stat, mounted.snapshot)),
-                before=lambda: mounted.mount.restart(forget_index=False),
-            ),
-            floor="sha256",
-            limit=1.0,
-        )
-    )
-    passes = os.getxattr(mounted.mountpoint, "user.mirenfs.index_passes").decode()
-    ctx.check("stat after remount ran no index pass", passes == "0", f"index passes {passes}")
-
-
-def measure_mount_random_read(ctx: Context, mounted: MountedSample) -> None:
-    """p99 of 200 random 128 KiB reads after a remount (frames compressed on demand)."""
-    log("mount: random 128 KiB reads after a remount (frames compressed on demand)")
-    snapshot = mounted.snapshot
-
-    def random_reads() -> Sample:
-        size = snapshot.stat().st_size
-        rng = random.Random(len(ctx.figures))
-        fd = os.open(snapshot, os.O_RDONLY)
-        try:
-            latencies = sorted(timed(os.pread, fd, 128 << 10, rng.randrange(0, size)) for _ in range(200))
-        finally:
-            os.close(fd)
-        return Sample(latencies[int(len(latencies) * 0.99) - 1])
-
-    ctx.add(
-        Figure(
-            "mount: random 128 KiB read, p99",
-            ctx.time_runs(random_reads, before=lambda: mounted.mount.restart(forget_index=False)),
-            floor="sha256",
-            limit=0.05,
-        )
-    )
-
-
-def measure_mount_cp_restore(ctx: Context, mounted: MountedSample) -> None:
-    """cp of the snapshot into restore/: a new disk each run, checked against the original."""
-    snapshot_file = ctx.ensure_snapshot()
-    data = mounted.data
-    log("mount: cp of the snapshot into restore/ (a new disk each run)")
-    counter = iter(range(1000))
-    current: list[str] = []
-
-    def before_restore() -> None:
-        for old in current:
-            run_command(ctx.mirenfs_cmd("disk", "remove", old, "--data-path", str(data)))
-        current[:] = [f"restored-{next(counter)}"]
-        os.sync()
-
-    ctx.add(
-        Figure(
-            "mount: cp snapshot into restore/",
-            ctx.time_runs(
-                lambda: run_command(
-                    ["cp", str(snapshot_file), str(mounted.mountpoint / "restore" / f"{current[0]}.mirn")]
-                ),
-                before=before_restore,
-            ),
-            floor=restore_floor(ctx),
-            target=RESTORE_TARGET,
-        )
-    )
-    listing = subprocess.run(
-        ctx.mirenfs_cmd("disk", "list", "--json", "--data-path", str(data)),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    image = next(d["image_path"] for d in json.loads(listing.stdout) if d["name"] == current[0])
-    ctx.check("image restored through the mount = original", fair_sha256(Path(image)) == ctx.image_sha256)
-
-
-MOUNT_FIGURES: list[Callable[[Context, MountedSample], None]] = [
-    measure_mount_cold_cat,
-    measure_mount_warm_read,
-    measure_mount_stat,
-    measure_mount_random_read,
-    measure_mount_cp_restore,
-]
-
-
 def measure_mount(ctx: Context) -> None:
-    """NAME.mirn through the kernel: every figure of ``MOUNT_FIGURES``, in order, on one mount."""
+    """The mount: every figure of ``MOUNT_FIGURES``, in order, on one mount of the sample."""
+    ensure_restore_floor(ctx)
     with mounted_sample(ctx) as mounted:
         for measure in MOUNT_FIGURES:
             measure(ctx, mounted)
-
-
-def measure_mount_rss(ctx: Context) -> None:
-    """The daemon's peak RSS while a 16 GiB sparse image is indexed and read."""
-    data, mountpoint = fresh_dir(ctx, "rss-data"), fresh_dir(ctx, "rss-mnt")
-    image = ctx.temp_path("sparse-16G.img")
-    with open(image, "wb") as f:
-        for offset in (0, 5 * GIB, 11 * GIB):
-            f.seek(offset)
-            f.write(os.urandom(1 << 20))
-        f.truncate(16 * GIB)
-    add_disk(ctx, data, "sparse", image)
-    with running_mount(ctx, data, mountpoint) as mount:
-        log("mount: cat of a 16 GiB sparse image's snapshot (index pass + read), daemon RSS")
-        sample = run_command(["cat", str(mountpoint / "sparse.mirn")])
-        peak = mount.peak_rss_kib()
-        ctx.add(
-            Figure(
-                "mount: 16 GiB sparse cat (daemon RSS)",
-                [Sample(sample.seconds, None, peak)],
-                floor="sha256",
-                note="info",
-            )
-        )
-        ctx.check(
-            "daemon peak RSS under 200 MB while reading a 16 GiB sparse image",
-            peak * 1024 < 200 * MB,
-            f"{peak * 1024 / MB:.0f} MB",
-        )
 
 
 # ---------------------------------------------------------------- the list

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.context import CHILD_ENV, CommandFailed, Context, run_command
+from bench.context import CHILD_ENV, CommandFailed, Context, process_cpu_seconds, run_command
 
 
 class BenchMount:
@@ -51,11 +51,18 @@ class BenchMount:
         self.ctx.daemon_pid = None
 
     def restart(self, *, forget_index: bool) -> None:
+        """Remount; ``forget_index`` also drops what a remount keeps (indexes and stored frames),
+        so that the next read of a snapshot is truly cold."""
         self.stop()
         if forget_index:
-            shutil.rmtree(self.data / "mirenfs" / "index", ignore_errors=True)
+            for kept in ("index", "frames"):
+                shutil.rmtree(self.data / "mirenfs" / kept, ignore_errors=True)
         os.sync()
         self.start()
+
+    def cpu_seconds(self) -> float:
+        """The daemon's CPU seconds so far (all its threads)."""
+        return process_cpu_seconds(self.process.pid if self.process is not None else None)
 
     def peak_rss_kib(self) -> int:
         assert self.process is not None
@@ -77,6 +84,10 @@ class MountedSample:
     @property
     def mountpoint(self) -> Path:
         return self.mount.mountpoint
+
+    @property
+    def restore_dir(self) -> Path:
+        return self.mountpoint / "restore"
 
     @property
     def snapshot(self) -> Path:

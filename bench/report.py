@@ -51,10 +51,11 @@ def print_table(ctx: Context) -> None:
         "target",
         "result",
         "CPU s",
+        "daemon CPU s",
         "RSS",
         "noise",
     )
-    aligns = "<><>>><>>>"
+    aligns = "<><>>><>>>>"
     rows = []
     zstd = ctx.floors.get("zstd")
     noisy = False
@@ -73,6 +74,7 @@ def print_table(ctx: Context) -> None:
                 f"<= {figure.target:.2f}" if figure.target is not None else "-",
                 result,
                 f"{cpu:.2f}" if cpu is not None else "-",
+                f"{figure.daemon_cpu:.2f}" if figure.daemon_cpu is not None else "-",
                 f"{rss:.0f}M" if rss is not None else "-",
                 f"{noise:.0%}",
             )
@@ -90,6 +92,7 @@ def print_table(ctx: Context) -> None:
         print(line(row))
     print(
         "\n  CPU s: median CPU seconds of the measured process (all threads); RSS: its peak;"
+        "\n  daemon CPU s: median CPU seconds of the mount daemon meanwhile (mount figures);"
         "\n  noise: CPU other processes used during the worst run, as a share of the machine."
     )
     if noisy:

@@ -74,6 +74,12 @@ def fair_sha256(path: Path) -> str:
         os.close(fd)
 
 
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes as they read (a snapshot, to compare two of them)."""
+    with open(path, "rb") as data:
+        return hashlib.file_digest(data, "sha256").hexdigest()
+
+
 def disk_usage(path: Path) -> tuple[int, int]:
     """(allocated, apparent) bytes as ``du`` reports them."""
     allocated = subprocess.run(["du", "-B1", str(path)], capture_output=True, text=True, check=True)

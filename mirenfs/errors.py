@@ -24,6 +24,7 @@ DiskLeasedError          EBUSY   Device or resource busy
 ImageLiveError           EBUSY   Device or resource busy
 DiskChangedError         EBUSY   Device or resource busy
 DiskBusyError            EBUSY   Device or resource busy
+PointInTimeError         EBUSY   Device or resource busy
 LiveCheckError           EIO     Input/output error
 ImageExistsError         EEXIST  File exists
 ImageMissingError        ENOENT  No such file or directory
@@ -128,6 +129,18 @@ class ImageLiveError(MirenfsError):
     """A loop device is backed by the disk's image: the kernel may be writing it."""
 
     errno = EBUSY
+
+
+class PointInTimeError(MirenfsError):
+    """A disk in use whose point-in-time copy could not be taken (no reflink, over the freeze
+    budget, no space), and reading the moving image was not allowed: that version is refused.
+    ``why`` is the reason alone, for a message that goes on differently (a live read)."""
+
+    errno = EBUSY
+
+    def __init__(self, message: str, why: str | None = None) -> None:
+        super().__init__(message)
+        self.why = why or message
 
 
 class LiveCheckError(MirenfsError):

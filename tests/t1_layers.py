@@ -174,7 +174,7 @@ def test_the_layer_test_sees_an_upward_import(tmp_path: Path) -> None:
         ["status"],
         ["inspect", "VECTOR"],
         ["verify", "VECTOR"],
-        ["backup", "--image", "IMAGE", "-o", "OUT"],
+        ["backup", "--image", "IMAGE", "--filesystem", "ext4", "-o", "OUT"],
         ["restore", "VECTOR", "--image", "RESTORED"],
     ],
 )

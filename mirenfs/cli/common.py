@@ -18,14 +18,13 @@ DATA_PATH_ENV = "MIRENFS_DATA_PATH"
 
 
 def resolve_data_path(arg: str | None, *, create: bool = False) -> str:
-    """``--data-path`` if given, else ``$MIRENFS_DATA_PATH``, else ``/var/lib/miren``; made absolute.
+    """The data path (see :func:`data_path_from`), which must exist.
 
     A data path that does not exist is refused: a typo must not quietly start
     an empty disk store. Only the commands that add a disk (``create=True``)
     make a new one, and say so.
     """
-    chosen = arg or os.environ.get(DATA_PATH_ENV) or DEFAULT_DATA_PATH
-    path = os.path.abspath(chosen)
+    path = data_path_from(arg)
     if os.path.isdir(path):
         return path
     if os.path.lexists(path):
@@ -41,6 +40,11 @@ def resolve_data_path(arg: str | None, *, create: bool = False) -> str:
         raise MirenfsError(f"cannot create the data path {path}: {exc.strerror}") from None
     print(f"mirenfs: created the data path {path}", file=sys.stderr)
     return path
+
+
+def data_path_from(arg: str | None) -> str:
+    """``--data-path`` if given, else ``$MIRENFS_DATA_PATH``, else ``/var/lib/miren``; made absolute."""
+    return os.path.abspath(arg or os.environ.get(DATA_PATH_ENV) or DEFAULT_DATA_PATH)
 
 
 def _data_path_source(arg: str | None) -> str:
@@ -106,30 +110,56 @@ def file_size(path: str, what: str) -> int:
 
 
 class ProgressBar:
-    """A one-line progress bar on stderr, shown only when stderr is a terminal.
+    """A one-line progress bar on stderr, drawn only when stderr is a terminal.
 
-    Call with the bytes done so far; redraws at most ten times a second.
+    Call it with the bytes done so far; it redraws at most ten times a second
+    and shows the same units everywhere: percent, MiB/s and the time left.
+    A ``total`` of 0 means unknown (a pipe): then it shows bytes and rate only.
     """
 
     def __init__(self, total: int, label: str, *, enabled: bool | None = None) -> None:
-        self.total = max(total, 1)
+        self.total = total
         self.label = label
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self._started = time.monotonic()
         self._drawn = 0.0
+        self._done = 0
+        self._done_at = self._started
 
     def __call__(self, done: int) -> None:
-        now = time.monotonic()
-        if not self.enabled or (now - self._drawn < 0.1 and done < self.total):
+        self._done = done
+        now = self._done_at = time.monotonic()
+        if not self.enabled or now - self._drawn < 0.1:
             return
         self._drawn = now
-        fraction = min(done / self.total, 1.0)
-        rate = done / max(now - self._started, 1e-6) / 1e6
-        bar = "#" * int(fraction * 30)
-        sys.stderr.write(f"\r{self.label} [{bar:<30}] {fraction:6.1%} {rate:8.1f} MB/s")
+        self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        elapsed = max(now - self._started, 1e-6)
+        rate = self._done / elapsed
+        parts = [self.label]
+        if self.total > 0:
+            fraction = min(self._done / self.total, 1.0)
+            left = (self.total - self._done) / rate if rate > 0 else float("inf")
+            parts += [f"[{'#' * int(fraction * 30):<30}]", f"{fraction:6.1%}"]
+            parts.append(f"{rate / (1 << 20):8.1f} MiB/s")
+            parts.append(f"ETA {_clock(left)}" if self._done < self.total else f"in {_clock(elapsed)}")
+        else:
+            parts += [f"{human_size(self._done):>8}", f"{rate / (1 << 20):8.1f} MiB/s", _clock(elapsed)]
+        sys.stderr.write("\r" + "  ".join(parts) + "\x1b[K")
         sys.stderr.flush()
 
     def close(self) -> None:
+        """Draw the final state and end the line."""
         if self.enabled:
+            self._draw(self._done_at)  # the rate of the work itself, not of what came after it
             sys.stderr.write("\n")
             sys.stderr.flush()
+
+
+def _clock(seconds: float) -> str:
+    if seconds == float("inf") or seconds > 99 * 3600:
+        return "--:--"
+    minutes, secs = divmod(int(seconds + 0.5), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

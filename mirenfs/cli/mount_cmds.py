@@ -27,7 +27,7 @@ from mirenfs.cli.mountinfo import MountEntry, mirenfs_mounts, mount_at, refuse_i
 from mirenfs.engine.aio import meaningful_error
 from mirenfs.engine.image import make_private_directory
 from mirenfs.errors import MirenfsError
-from mirenfs.mount.config import MountConfig, fuse_options
+from mirenfs.mount.config import MountConfig, copy_policy, fuse_options
 from mirenfs.mount.status import STATUS_XATTR
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,12 @@ def register(commands: Any) -> None:
     )
     mount.add_argument(
         "--allow-overwrite", action="store_true", help="let restore/ replace the image of an existing disk"
+    )
+    mount.add_argument(
+        "--index-at-mount",
+        action="store_true",
+        help="start every disk's index pass in the background at mount time (see mirenfs status), "
+        "instead of at the first stat or read of its snapshot",
     )
     mount.add_argument(
         "-o", dest="options", action="append", default=[], metavar="OPT,…", help="FUSE mount options"
@@ -80,9 +86,19 @@ def config_from(args: argparse.Namespace) -> MountConfig:
     refuse_if_mirenfs_mount(mountpoint)
     data_path = resolve_data_path(args.data_path)
     options = fuse_options(args.options)  # the same filter the mount.mirenfs helper applies
+    # mirenfs's own switches may come as -o options too (fstab): take them out before FUSE sees them
     allow_overwrite = args.allow_overwrite or "allow_overwrite" in options
-    options = [opt for opt in options if opt != "allow_overwrite"]
-    return MountConfig(mountpoint, data_path, allow_overwrite=allow_overwrite, fuse_options=options)
+    index_at_mount = args.index_at_mount or "index_at_mount" in options
+    options = [opt for opt in options if opt not in ("allow_overwrite", "index_at_mount")]
+    policy, options = copy_policy(options)  # freeze_budget=SECONDS, live_reads: mirenfs's, not FUSE's
+    return MountConfig(
+        mountpoint,
+        data_path,
+        allow_overwrite=allow_overwrite,
+        fuse_options=options,
+        copy_policy=policy,
+        index_at_mount=index_at_mount,
+    )
 
 
 def serve_mount(config: MountConfig, *, ready: Callable[[], None] | None = None) -> None:
@@ -197,11 +213,16 @@ def describe_index(state: dict[str, Any]) -> str:
         return f"building {percent:.0f}% ({human_size(done)} of {human_size(total)})"
     if index == "ready":
         detail = []
+        if state.get("consistency"):  # how the snapshot was taken: offline, frozen, …
+            frozen = f" {state['frozen_ms']} ms" if state.get("frozen_ms") is not None else ""
+            detail.append(f"{state['consistency']}{frozen}")
         if "snapshot_bytes" in state:
             detail.append(f"snapshot {human_size(int(state['snapshot_bytes']))}")
         if state.get("checksum"):
             detail.append(f"image sha256 {str(state['checksum'])[:16]}…")
         return "ready" + (f" ({', '.join(detail)})" if detail else "")
+    if index == "refused":
+        return f"refused: {state.get('reason', '?')}"
     if index == "not built":
         return "not built (the first stat or read of the snapshot builds it)"
     return str(index)

@@ -7,64 +7,21 @@ Used by ``status`` (find the mounts to ask) and by ``mount`` and
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
+from mirenfs.disks.live import MountLine, parse_mountinfo
 from mirenfs.errors import MirenfsError
 
 FSTYPE = "fuse.mirenfs"
 MOUNTINFO = "/proc/self/mountinfo"
 
 
-@dataclass(frozen=True)
-class MountEntry:
-    """One line of /proc/self/mountinfo."""
-
-    mountpoint: str
-    source: str
-    fstype: str
-    options: str
-    major: int
-    minor: int
-
-
-def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as octal escapes (``\\040``)."""
-    if "\\" not in field:
-        return field
-    out, i = [], 0
-    while i < len(field):
-        octal = field[i + 1 : i + 4]
-        if field[i] == "\\" and len(octal) == 3 and all(c in "01234567" for c in octal):
-            out.append(chr(int(octal, 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
+MountEntry = MountLine  # one mount, as the CLI looks at it
 
 
 def mounts(path: str = MOUNTINFO) -> list[MountEntry]:
     """Every mount this process sees, in mount order."""
-    entries = []
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split()
-            try:
-                separator = fields.index("-", 6)
-                major, minor = (int(n) for n in fields[2].split(":"))
-                entries.append(
-                    MountEntry(
-                        mountpoint=_unescape(fields[4]),
-                        source=_unescape(fields[separator + 2]),
-                        fstype=fields[separator + 1],
-                        options=f"{fields[5]},{fields[separator + 3]}",
-                        major=major,
-                        minor=minor,
-                    )
-                )
-            except (ValueError, IndexError):
-                continue  # a line this parser does not understand is not a mirenfs mount
-    return entries
+        return parse_mountinfo(f.read())
 
 
 def mirenfs_mounts() -> list[MountEntry]:

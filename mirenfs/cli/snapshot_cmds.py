@@ -23,14 +23,19 @@ from mirenfs.cli.common import (
     settings_from,
 )
 from mirenfs.disks.live import may_change_while_read
+from mirenfs.disks.manage import FILESYSTEMS
+from mirenfs.disks.model import DiskState
+from mirenfs.disks.pointintime import DEFAULT_FREEZE_BUDGET_S, Consistency, CopyPolicy, take_point_in_time
 from mirenfs.disks.restore import DiskRestore
 from mirenfs.disks.rules import RestoreTarget, prepare_backup, prepare_restore
 from mirenfs.disks.store import Store
 from mirenfs.engine.files import backup_image, open_input, read_pieces, restore_file, verify_file
 from mirenfs.engine.fstype import detect_filesystem
+from mirenfs.engine.produce import Settings
 from mirenfs.errors import FormatError, MirenfsError
 from mirenfs.format.frames import parse_seek_table
 from mirenfs.format.header import Meta, read_header
+from mirenfs.mount.config import clone_directory_of
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +49,19 @@ def register(commands: Any) -> None:
     backup.add_argument("--filesystem", help="with --image: filesystem in the header (default: detected)")
     backup.add_argument(
         "-o", "--output", required=True, metavar="FILE", help="snapshot file, or - for stdout"
+    )
+    backup.add_argument(
+        "--freeze-budget",
+        type=float,
+        default=DEFAULT_FREEZE_BUDGET_S,
+        metavar="SECONDS",
+        help="a disk in use: longest its filesystem may stay frozen for a copy (0: never freeze; "
+        f"default {DEFAULT_FREEZE_BUDGET_S:g})",
+    )
+    backup.add_argument(
+        "--live",
+        action="store_true",
+        help="a disk in use that cannot be copied at one instant: read its moving image instead of refusing",
     )
     add_compression_options(backup)
     add_data_path_option(backup)
@@ -81,26 +99,52 @@ def cmd_backup(args: argparse.Namespace) -> int:
     name = args.name or os.path.splitext(os.path.basename(args.image))[0]
     filesystem = args.filesystem or detect_filesystem(args.image)
     if filesystem is None:
-        log.warning("could not tell the filesystem of %s; writing 'unknown' (use --filesystem)", args.image)
-        filesystem = "unknown"
-    bar = ProgressBar(size, f"backup {name}", enabled=None if args.output != "-" else sys.stderr.isatty())
+        # A header saying "unknown" could not be registered (disk add) or created from later.
+        raise MirenfsError(
+            f"cannot tell the filesystem of {args.image} (no ext4, xfs or btrfs superblock); "
+            f"pass --filesystem {'|'.join(FILESYSTEMS)}"
+        )
+    meta = backup_with_progress(
+        args.image,
+        args.output,
+        size,
+        name=name,
+        filesystem=filesystem,
+        settings=settings_from(args),
+        live=may_change_while_read(args.image),
+    )
+    log.info("backed up %s to %s (checksum %s)", args.image, args.output, meta.checksum)
+    return 0
+
+
+def backup_with_progress(
+    image_path: str, output: str, size: int, *, name: str, filesystem: str, settings: Settings, live: bool
+) -> Meta:
+    """Run a backup with its progress bars: one pass to a file; to ``-`` the index pass, then
+    the writing, each its own phase."""
+    bars = [ProgressBar(size, f"backup {name}" if output != "-" else f"backup {name}: index pass")]
+
+    def writing(total: int) -> ProgressBar:
+        bars[0].close()
+        bars.append(ProgressBar(total, f"backup {name}: writing"))
+        return bars[-1]
+
     try:
-        meta = trio.run(
+        return trio.run(
             partial(
                 backup_image,
-                args.image,
-                args.output,
+                image_path,
+                output,
                 name=name,
                 filesystem=filesystem,
-                settings=settings_from(args),
-                live=may_change_while_read(args.image),
-                progress=bar,
+                settings=settings,
+                live=live,
+                progress=bars[0],
+                stream_progress=writing,
             )
         )
     finally:
-        bar.close()
-    log.info("backed up %s to %s (checksum %s)", args.image, args.output, meta.checksum)
-    return 0
+        bars[-1].close()
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -110,19 +154,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
         raise MirenfsError(
             "--name and --data-path pick a disk of the store; with --image PATH the image is named directly"
         )
-    bar: ProgressBar | None = None
-
-    def on_header(meta: Meta) -> None:
-        nonlocal bar
-        bar = ProgressBar(meta.size_bytes, f"restore {meta.name}")
-
+    size = file_size(args.file, "snapshot") if args.file != "-" else 0
+    bar = ProgressBar(size, f"restore {os.path.basename(args.image)}")
     try:
-        meta = trio.run(
-            partial(restore_file, args.file, args.image, overwrite=args.force, on_header=on_header)
-        )
+        meta = trio.run(partial(restore_file, args.file, args.image, overwrite=args.force, progress=bar))
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     print(f"restored {args.image} from {args.file}: {meta.size_bytes} bytes, checksum {meta.checksum}")
     return 0
 
@@ -167,9 +204,11 @@ def _seek_table_frames(snapshot: BinaryIO, data_len: int) -> int | None:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     size = file_size(args.file, "snapshot") if args.file != "-" else 0
-    bar = ProgressBar(size, "verify", enabled=bool(size) and sys.stderr.isatty())
-    meta = trio.run(verify_file, args.file)
-    bar.close()
+    bar = ProgressBar(size, f"verify {os.path.basename(args.file)}")
+    try:
+        meta = trio.run(partial(verify_file, args.file, progress=bar))
+    finally:
+        bar.close()
     print(f"{args.file}: OK ({meta.name}, {meta.size_bytes} bytes, checksum {meta.checksum})")
     return 0
 
@@ -181,29 +220,37 @@ def _backup_disk(args: argparse.Namespace) -> int:
             f"--name and --filesystem only apply to --image backups; disk {args.disk} is backed up "
             "under its own name and filesystem"
         )
+    if not 0 <= args.freeze_budget <= 600:
+        raise MirenfsError("--freeze-budget is a number of seconds from 0 (never freeze) to 600")
     data_path = resolve_data_path(args.data_path)
     target = prepare_backup(Store(data_path), args.disk, data_path=data_path)
-    if target.warning:
-        print(f"mirenfs: warning: {target.warning}", file=sys.stderr)
-    size = os.stat(target.image_path).st_size
-    bar = ProgressBar(
-        size, f"backup {target.name}", enabled=None if args.output != "-" else sys.stderr.isatty()
+    # The mount's path: the image of a disk not in use, else a point-in-time copy (or, with --live,
+    # the moving image). Its own sentence replaces prepare_backup's "not a point-in-time copy" warning.
+    taken = take_point_in_time(
+        target.name,
+        target.image_path,
+        attached=target.disk.status == DiskState.ATTACHED,
+        clone_directory=clone_directory_of(data_path),
+        policy=CopyPolicy(freeze_budget_s=args.freeze_budget, live_reads=args.live),
     )
     try:
-        trio.run(
-            partial(
-                backup_image,
-                target.image_path,
-                args.output,
-                name=target.name,
-                filesystem=target.filesystem,
-                settings=settings_from(args),
-                live=may_change_while_read(target.image_path),
-                progress=bar,
-            )
+        if taken.warning:
+            print(f"mirenfs: warning: {taken.warning}", file=sys.stderr)
+        if taken.consistency is not Consistency.OFFLINE:
+            print(f"mirenfs: disk {target.name}: snapshot taken {taken.describe()}", file=sys.stderr)
+        # A copy is an anonymous file: reached through this process's descriptor of it.
+        source = f"/proc/self/fd/{taken.image.fd}" if taken.is_copy else target.image_path
+        backup_with_progress(
+            source,
+            args.output,
+            taken.identity.size,
+            name=target.name,
+            filesystem=target.filesystem,
+            settings=settings_from(args),
+            live=taken.consistency is Consistency.LIVE,
         )
     finally:
-        bar.close()
+        taken.close()
     return 0
 
 
@@ -225,7 +272,7 @@ def _restore_disk(args: argparse.Namespace) -> int:
         if target is None:
             target = prepare(meta.name)
         total = _remaining_bytes(source)
-        bar = ProgressBar(total, f"restore {target.name}", enabled=None if total else False)
+        bar = ProgressBar(total, f"restore {target.name}")
         try:
             trio.run(_restore_from, DiskRestore(target, header_read=meta), source, bar)
         finally:

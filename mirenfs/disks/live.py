@@ -1,17 +1,24 @@
-"""Is an image in use: loop devices backed by it (``/sys/block/loop*/loop/backing_file``).
+"""Is an image in use: loop devices backed by it (``/sys/block/loop*/loop/backing_file``),
+and the filesystems mounted from those devices in any mount namespace (``/proc/*/mountinfo``).
 
-Blocking reads of ``/sys``; run from worker threads in trio. When it cannot
-tell, it says so (:class:`LiveCheckError`) rather than guessing "not live":
-restore fails closed on that.
+Blocking reads of ``/sys`` and ``/proc``; run from worker threads in trio. When
+it cannot tell whether an image is live, it says so (:class:`LiveCheckError`)
+rather than guessing "not live": restore fails closed on that. It only looks:
+it never freezes, mounts or changes anything (``pointintime`` does the freezing).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 from mirenfs.errors import LiveCheckError
 
 SYS_BLOCK = "/sys/block"  # where loop devices tell their backing files; tests point it elsewhere
+PROC = "/proc"
 _DELETED_SUFFIX = " (deleted)"
 
 
@@ -81,3 +88,190 @@ def may_change_while_read(image_path: str) -> bool:
         return image_is_live(image_path)
     except LiveCheckError:
         return True
+
+
+# --- the filesystems mounted from an image's loop devices ---
+
+
+@dataclass(frozen=True)
+class MountedFilesystem:
+    """A filesystem mounted from a loop device, and the path by which this process reaches it.
+
+    ``path`` goes through ``/proc/PID/root`` of a process in the mount's
+    namespace, so a mount inside a container is reached too. It is only a
+    way in: :func:`open_mount` checks that it still leads to mount ``mount_id``.
+    """
+
+    device: str  # "loop3", or a partition "loop3p1"
+    fstype: str
+    mount_id: int  # unique across mount namespaces
+    pid: int  # a process that sees the mount
+    mountpoint: str  # where that process sees it
+    path: str
+
+    def describe(self) -> str:
+        where = (
+            f"{self.mountpoint}"
+            if self.pid == os.getpid()
+            else f"{self.mountpoint} (as pid {self.pid} sees it)"
+        )
+        return f"the {self.fstype} filesystem on /dev/{self.device}, mounted at {where}"
+
+
+@dataclass(frozen=True)
+class MountLine:
+    """One line of a ``/proc/PID/mountinfo``."""
+
+    mount_id: int
+    device: tuple[int, int]
+    mountpoint: str
+    fstype: str
+    source: str
+    options: str  # the mount's options, then the filesystem's, comma-separated
+
+    @property
+    def major(self) -> int:
+        return self.device[0]
+
+    @property
+    def minor(self) -> int:
+        return self.device[1]
+
+
+def block_devices(loops: list[str], *, sys_block: str | None = None) -> dict[tuple[int, int], str]:
+    """(major, minor) of each loop device and of its partitions, to its name (``loop3p1``)."""
+    sys_block = SYS_BLOCK if sys_block is None else sys_block
+    found: dict[tuple[int, int], str] = {}
+    for loop in loops:
+        base = os.path.join(sys_block, loop)
+        names = [loop]
+        with contextlib.suppress(OSError):
+            names += sorted(entry for entry in os.listdir(base) if entry.startswith(loop + "p"))
+        for name in names:
+            path = os.path.join(base, "dev") if name == loop else os.path.join(base, name, "dev")
+            try:
+                with open(path, encoding="ascii") as text:
+                    major, minor = (int(n) for n in text.read().strip().split(":"))
+            except (OSError, ValueError):
+                continue  # detached meanwhile, or not a block device as the kernel shows it
+            found[(major, minor)] = name
+    return found
+
+
+def filesystems_on(
+    loops: list[str], *, sys_block: str | None = None, proc: str = PROC
+) -> list[MountedFilesystem]:
+    """The filesystems mounted from ``loops`` (or their partitions), one reachable mount each.
+
+    Every mount namespace on the host is looked at once (through the first
+    process found in it, this process's own first); a device mounted in
+    several places, or namespaces, shares one filesystem and is listed once.
+    """
+    devices = block_devices(loops, sys_block=sys_block)
+    if not devices:
+        return []
+    sources = {f"/dev/{name}": name for name in devices.values()}
+    found: dict[str, MountedFilesystem] = {}
+    for pid, lines in _mount_tables(proc):
+        for line in lines:
+            device = devices.get(line.device) or sources.get(line.source)
+            if device is None or device in found:
+                continue
+            path = os.path.join(proc, str(pid), "root") + line.mountpoint
+            candidate = MountedFilesystem(device, line.fstype, line.mount_id, pid, line.mountpoint, path)
+            with contextlib.suppress(OSError):
+                os.close(open_mount(candidate))  # only a mount this process can reach counts
+                found[device] = candidate
+    return [found[name] for name in sorted(found)]
+
+
+def open_mount(filesystem: MountedFilesystem) -> int:
+    """A read-only descriptor on the root of ``filesystem``'s mount (for FIFREEZE/FITHAW).
+
+    The path is opened without side effects first (``O_PATH``), must be a
+    directory or regular file, and must lead to mount ``mount_id`` (another
+    mount stacked on top, or a symbolic link elsewhere, is refused): raises
+    ``OSError`` otherwise.
+    """
+    handle = os.open(filesystem.path, os.O_PATH | os.O_CLOEXEC)
+    try:
+        kind = os.fstat(handle).st_mode
+        if not (stat.S_ISDIR(kind) or stat.S_ISREG(kind)):
+            raise OSError(f"{filesystem.path} is neither a directory nor a file")
+        fd = os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    finally:
+        os.close(handle)
+    if _mount_id_of(fd) != filesystem.mount_id:
+        os.close(fd)
+        raise OSError(f"{filesystem.path} no longer leads to mount {filesystem.mount_id}")
+    return fd
+
+
+def _mount_id_of(fd: int) -> int | None:
+    with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as info:
+        for line in info:
+            if line.startswith("mnt_id:"):
+                return int(line.split()[1])
+    return None
+
+
+def _mount_tables(proc: str) -> Iterator[tuple[int, list[MountLine]]]:
+    """(pid, mounts) for one process of each mount namespace, this process's namespace first."""
+    seen: set[str] = set()
+    own = os.getpid()
+    try:
+        pids = sorted((int(entry) for entry in os.listdir(proc) if entry.isdigit()), key=lambda p: p != own)
+    except OSError as exc:
+        raise LiveCheckError(f"cannot list the processes in {proc}: {exc.strerror}") from None
+    for pid in pids:
+        try:
+            namespace = os.readlink(os.path.join(proc, str(pid), "ns", "mnt"))
+            if namespace in seen:
+                continue
+            with open(
+                os.path.join(proc, str(pid), "mountinfo"), encoding="utf-8", errors="surrogateescape"
+            ) as f:
+                text = f.read()
+        except OSError:
+            continue  # the process ended, or is a kernel thread without a mount table
+        seen.add(namespace)
+        yield pid, parse_mountinfo(text)
+
+
+def parse_mountinfo(text: str) -> list[MountLine]:
+    """The mounts of one mountinfo file, in mount order; lines it cannot read are skipped."""
+    lines = []
+    for line in text.splitlines():
+        fields = line.split()
+        try:
+            separator = fields.index("-", 6)
+            major, minor = (int(n) for n in fields[2].split(":"))
+            lines.append(
+                MountLine(
+                    int(fields[0]),
+                    (major, minor),
+                    _unescape(fields[4]),
+                    fields[separator + 1],
+                    _unescape(fields[separator + 2]),
+                    f"{fields[5]},{fields[separator + 3]}",
+                )
+            )
+        except (ValueError, IndexError):
+            continue  # a line this parser does not understand holds no loop device of ours
+    return lines
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes (``\\040``)."""
+    if "\\" not in field:
+        return field
+    out, i = [], 0
+    while i < len(field):
+        octal = field[i + 1 : i + 4]
+        if field[i] == "\\" and len(octal) == 3 and all(c in "01234567" for c in octal):
+            out.append(chr(int(octal, 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)

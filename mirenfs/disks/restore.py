@@ -12,7 +12,7 @@ from mirenfs.engine.consume import StagedRestore
 from mirenfs.errors import OutOfOrderWrite
 from mirenfs.format.header import Meta
 
-FEED_BATCH = 1 << 20  # small writes are gathered to this size before a worker thread takes them
+FEED_BATCH = 1 << 20  # small writes (tar's 10 KiB records) are gathered to this size for the pipeline
 
 
 class DiskRestore:
@@ -41,15 +41,22 @@ class DiskRestore:
         self.next_offset += len(data)
         self._pending += data
         if len(self._pending) >= FEED_BATCH:
-            await self.feed_pending()
+            await self._hand_over()
 
     async def append(self, data: bytes) -> None:
         await self.write(self.next_offset, data)
 
+    async def _hand_over(self) -> None:
+        """Give the gathered writes to the pipeline: at once, unless its input queue is full."""
+        if self._pending:
+            batch, self._pending = bytes(self._pending), bytearray()
+            await self._restore.feed(batch)
+
     async def feed_pending(self) -> None:
-        """Hand over the writes gathered so far (a close may be the end of the stream)."""
-        batch, self._pending = bytes(self._pending), bytearray()
-        await self._restore.feed(batch)
+        """Hand over the writes gathered so far and wait until they are decompressed, so that
+        :attr:`complete` is exact (a close may be the end of the stream)."""
+        await self._hand_over()
+        await self._restore.stream.settle()
 
     @property
     def complete(self) -> bool:
@@ -58,7 +65,7 @@ class DiskRestore:
 
     async def finish(self) -> Meta:
         """Verify, install the image, and record it in the store."""
-        await self.feed_pending()
+        await self._hand_over()
         meta = await self._restore.finish()
         await trio.to_thread.run_sync(self.target.finalize)
         return meta

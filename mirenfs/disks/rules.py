@@ -75,7 +75,8 @@ def prepare_backup(resolver: DiskResolver, name: str, *, data_path: str) -> Back
     """Find the disk's image; refuse a ``deleting`` disk or a missing image.
 
     An ``attached`` disk or a live image is backed up anyway, with a warning:
-    such a read is not a point-in-time copy.
+    reading ``image_path`` itself is not a point-in-time copy (the CLI and
+    the mount read one taken by ``disks.pointintime`` instead).
     """
     validate_disk_name(name)
     disk = resolver.find_disk_by_name(name)

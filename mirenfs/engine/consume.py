@@ -1,43 +1,214 @@
 """Consuming snapshots as a stream: the header, then any valid zstd data,
 decompressed, hashed and written sparsely as it arrives, in bounded memory.
 
-Each :meth:`RestoreStream.feed` runs two trio worker threads side by side:
-one scans frame structure, decompresses and writes; the other hashes the
-decompressed bytes in order. A bounded queue between them caps memory even
-for a frame that inflates 30 000-fold (a 4 MiB hole is a 151-byte frame).
+Once the header is known, a pipeline of three long-lived threads runs for the
+life of the restore: decompression (with the frame scanner, which refuses a
+stream cut inside a frame), hashing (one ordered SHA-256 stream, the slowest
+stage and the one every other keeps fed), and writing (zero check, ``pwrite``
+and writeback). :meth:`RestoreStream.feed` hands the compressed bytes to the
+first stage and returns at once unless its bounded queue is full (that is the
+back-pressure a FUSE write feels). Decompressed pieces travel in a fixed pool
+of buffers, so memory stays bounded even for a frame that inflates 30 000-fold
+(a 4 MiB hole is a 151-byte frame).
+
+Never: let an error of any stage go unreported (it fails the next feed, the
+settle or the finish); write more than ``size_bytes``; let a stage reference
+the :class:`RestoreStream` (its finalizer stops an abandoned pipeline, and
+zstandard's C objects hide references from the garbage collector).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-import queue
 import weakref
 from collections.abc import AsyncIterable, Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import IO, Protocol, cast
 
 import trio
 import zstandard
 
-from mirenfs.engine.aio import task_group
 from mirenfs.engine.image import SparseWriter, StagingImage, new_file_mode
+from mirenfs.engine.pipeline import BufferPool, Handoff, LoopWaker, Piece, Stages, Stopped
 from mirenfs.errors import FormatError, MirenfsError, TargetError
 from mirenfs.format.frames import FrameScanner
 from mirenfs.format.header import HeaderParser, Meta, validate_meta
 
-_PIECE = 1 << 20  # decompressed bytes per hand-over to the hashing thread
-_QUEUE_PIECES = 16  # at most this many pieces wait for the hasher
-_END = None
+PIECE = 1 << 20  # decompressed bytes per piece: hashed while still in the caches
+POOL_PIECES = 16  # decompressed pieces in flight between the stages
+INPUT_LIMIT = 8 << 20  # compressed bytes waiting for the decompressor before a feed waits
+_READ_SIZE = 1 << 20  # compressed bytes the decompressor takes at a time
+_UNBOUNDED = 1 << 62  # the pool bounds the pieces between stages, not the hand-off
 
 
 class ImageWriter(Protocol):
-    """Receives the restored image in order (a :class:`SparseWriter` or a file)."""
+    """Receives the restored image in order (a :class:`SparseWriter` or a file).
+
+    As for any Python file, ``write`` must not keep the buffer it is given:
+    it is reused once ``write`` returns.
+    """
 
     def write(self, data: bytes) -> object: ...
 
 
 OpenTarget = Callable[[Meta], Awaitable[ImageWriter]]
+
+
+@dataclass(eq=False)
+class _Settle:
+    """A marker in the input: tell the event loop once everything before it is decompressed."""
+
+    event: trio.Event
+
+
+_InputItem = bytes | _Settle
+
+
+class _CompressedInput:
+    """What the zstd reader pulls from: the input pieces, each shown to the frame scanner first.
+
+    At a settle marker that falls between frames it reports end of input, so
+    the reader flushes everything (zstd may hold decoded bytes back until it
+    sees more input); the decompression stage then starts a new reader, which
+    is sound because frames are independent.
+    """
+
+    def __init__(self, handoff: Handoff[_InputItem], scanner: FrameScanner, waker: LoopWaker) -> None:
+        self._handoff = handoff
+        self._scanner = scanner
+        self._waker = waker
+        self._rest = memoryview(b"")
+        self.ended = False
+        self.settling: _Settle | None = None
+
+    def read(self, size: int) -> bytes | memoryview:
+        while not self._rest:
+            item = self._handoff.get()
+            if item is None:
+                self.ended = True
+                return b""
+            if isinstance(item, _Settle):
+                if self._scanner.at_boundary:
+                    self.settling = item
+                    return b""
+                self._waker.set(item.event)  # inside a frame: nothing more can come out now
+                continue
+            self._scanner.feed(item)
+            self._rest = memoryview(item)
+        piece, self._rest = self._rest[:size], self._rest[size:]
+        return piece
+
+
+class _Pipeline:
+    """The three stages of one restore and what they share. Owned by one :class:`RestoreStream`."""
+
+    def __init__(self, size_bytes: int, writer: ImageWriter) -> None:
+        self.size_bytes = size_bytes
+        self.scanner = FrameScanner()
+        self.sha = hashlib.sha256()
+        self.bytes_out = 0
+        self._writer = writer
+        self._waker = LoopWaker()
+        self.input: Handoff[_InputItem] = Handoff(INPUT_LIMIT, self._waker)
+        self._pool = BufferPool(POOL_PIECES, PIECE)
+        self._to_hash: Handoff[Piece] = Handoff(_UNBOUNDED)
+        self._to_write: Handoff[Piece] = Handoff(_UNBOUNDED)
+        self._settles: list[trio.Event] = []
+        stop = partial(
+            _stop_all, (self.input, self._to_hash, self._to_write), self._pool, self._settles, self._waker
+        )
+        self.stages = Stages(stop, self._waker)  # ``stop`` holds the queues, not this pipeline: no cycle
+        self.stages.start(
+            {
+                "restore-decompress": self._decompress_loop,
+                "restore-hash": self._hash_loop,
+                "restore-write": self._write_loop,
+            }
+        )
+
+    # ---- the event loop's side --------------------------------------------------
+
+    async def put(self, item: _InputItem, size: int) -> None:
+        """Queue input for the decompressor, waiting (cancellably) while its queue is full."""
+        while (room := self.input.offer(item, size)) is not None:
+            await room.wait()
+
+    async def settle(self) -> None:
+        """Wait until everything put so far is decompressed (or the pipeline stopped)."""
+        event = trio.Event()
+        self._settles.append(event)
+        await self.put(_Settle(event), 0)
+        await event.wait()
+
+    def drop_buffers(self) -> None:
+        """Free the pool's memory now that the stages ended, whoever still holds this pipeline."""
+        self._pool.drop()
+
+    # ---- the stages ---------------------------------------------------------------
+
+    def _decompress_loop(self) -> None:
+        source = _CompressedInput(self.input, self.scanner, self._waker)
+        decompressor = zstandard.ZstdDecompressor()
+        try:
+            while not source.ended:
+                reader = decompressor.stream_reader(
+                    cast(IO[bytes], source), read_size=_READ_SIZE, read_across_frames=True, closefd=False
+                )
+                while self._decompress_piece(reader):
+                    pass
+                if source.settling is not None:
+                    self._waker.set(source.settling.event)
+                    source.settling = None
+        except zstandard.ZstdError as exc:
+            raise FormatError(f"the snapshot data is corrupt: {exc}") from None
+        finally:
+            for handoff in (self._to_hash, self._to_write):
+                handoff.close()
+
+    def _decompress_piece(self, reader: zstandard.ZstdDecompressionReader) -> bool:
+        buffer = self._pool.acquire()
+        length = reader.readinto(buffer)
+        if not length:
+            self._pool.give_back(buffer)
+            return False
+        if self.bytes_out + length > self.size_bytes:
+            self._pool.give_back(buffer)
+            raise FormatError(
+                f"the snapshot data is longer than its header's size_bytes ({self.size_bytes}): refused"
+            )
+        self.bytes_out += length
+        piece = Piece(self._pool, buffer, length, readers=2)
+        self._to_hash.put(piece, length)
+        self._to_write.put(piece, length)
+        return True
+
+    def _hash_loop(self) -> None:
+        while (piece := self._to_hash.get()) is not None:
+            self.sha.update(piece.view)
+            piece.done()
+
+    def _write_loop(self) -> None:
+        write = cast(Callable[[memoryview], object], self._writer.write)  # files take any buffer
+        while (piece := self._to_write.get()) is not None:
+            write(piece.view)
+            piece.done()
+
+
+def _stop_all(
+    handoffs: tuple[Handoff[_InputItem], Handoff[Piece], Handoff[Piece]],
+    pool: BufferPool,
+    settles: list[trio.Event],
+    waker: LoopWaker,
+) -> None:
+    """Wake every stage and every waiter of a pipeline that stops."""
+    for handoff in handoffs:
+        handoff.stop()
+    pool.stop()
+    for event in settles:
+        waker.set(event)
 
 
 class RestoreStream:
@@ -46,6 +217,8 @@ class RestoreStream:
     ``open_target`` is awaited once the header is known (its size and name
     may decide where the image goes) and returns the writer for the image.
     After any error the stream stays failed and every later call raises it.
+    An error found by a stage after :meth:`feed` returned is raised by the
+    next :meth:`feed`, :meth:`settle` or :meth:`finish`.
     """
 
     def __init__(self, open_target: OpenTarget, *, header_read: Meta | None = None) -> None:
@@ -53,129 +226,126 @@ class RestoreStream:
         self._header = HeaderParser()
         if header_read is not None:  # the caller already consumed the header (Go's RestoreImage)
             self._header.meta = validate_meta(header_read)
-        self._scanner = FrameScanner()
-        self._sha = hashlib.sha256()
-        self._hash_queue: queue.Queue[bytes | None] = queue.Queue(_QUEUE_PIECES)
-        self._writer: ImageWriter | None = None
-        self._decompressor: zstandard.ZstdDecompressionWriter | None = None
-        self._failure: MirenfsError | None = None
+        self._pipeline: _Pipeline | None = None
+        self._opened = False
+        self._failure: BaseException | None = None
         self.bytes_in = 0
-        self.bytes_out = 0
 
     @property
     def meta(self) -> Meta | None:
         return self._header.meta
 
+    @property
+    def bytes_out(self) -> int:
+        return self._pipeline.bytes_out if self._pipeline is not None else 0
+
     async def feed(self, data: bytes | bytearray | memoryview) -> None:
-        """Consume the next piece of the snapshot; raise as soon as it shows a problem."""
+        """Hand over the next piece of the snapshot; raise as soon as a problem is known."""
         self._check_failed()
         try:
             self.bytes_in += len(data)
             rest = memoryview(data)
-            if self._writer is None:
+            if not self._opened:
                 rest = self._header.feed(rest)
                 if self._header.meta is None:
                     return
-                self._writer = await self._open_target(self._header.meta)
-                self._decompressor = zstandard.ZstdDecompressor().stream_writer(
-                    cast(IO[bytes], _Sink(self)), write_size=_PIECE, closefd=False
-                )
+                await self._open()
             if len(rest):
-                await self._decompress(bytes(rest))
+                await self._put(bytes(rest))  # a copy: the caller may reuse its buffer
         except MirenfsError as exc:
             self._failure = exc
             raise
+
+    async def settle(self) -> None:
+        """Wait until everything fed so far is decompressed, so :attr:`complete` is exact."""
+        self._check_failed()
+        if self._pipeline is not None:
+            with contextlib.suppress(Stopped):  # the failure, if any, is raised next
+                await self._pipeline.settle()
+            self._check_failed()
 
     async def finish(self) -> Meta:
         """Check that the stream is complete, exactly ``size_bytes`` long, and matches its checksum."""
         self._check_failed()
         try:
             meta = self._header.meta
-            if meta is not None and self._writer is None:
-                self._writer = await self._open_target(meta)  # a header with no data at all
             if meta is None:
                 raise FormatError(
                     f"the snapshot header is truncated: the stream ended after {self.bytes_in} bytes"
                 )
-            if not self._scanner.at_boundary:
-                raise FormatError("the snapshot data is truncated: the stream ended inside a zstd frame")
-            if self.bytes_out != meta.size_bytes:
-                raise FormatError(
-                    f"the snapshot data is short: it decompresses to {self.bytes_out} bytes, "
-                    f"the header says {meta.size_bytes}"
-                )
-            actual = self._sha.hexdigest()
-            if actual != meta.checksum.lower():
-                raise FormatError(
-                    f"checksum mismatch: the data hashes to {actual}, the header says {meta.checksum}"
-                )
+            pipeline = await self._open()  # a header with no data at all opens the target too
+            pipeline.input.close()
+            await pipeline.stages.done.wait()
+            self._check_failed()
+            _check_whole(meta, pipeline)
             return meta
         except MirenfsError as exc:
             self._failure = exc
             raise
         finally:
-            self._decompressor = None  # its context may hold a large window: free it now
+            await self.close()
+
+    async def close(self) -> None:
+        """Stop the stages and wait for their threads (quick once stopped); safe to repeat.
+
+        Nothing is written to the image after this returns.
+        """
+        pipeline = self._pipeline
+        if pipeline is not None:
+            pipeline.stages.stop()
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(pipeline.stages.join)
+            pipeline.drop_buffers()
 
     @property
     def complete(self) -> bool:
-        """Whether the bytes so far form a whole snapshot: all of ``size_bytes`` out, no frame cut."""
+        """Whether the bytes so far form a whole snapshot: all of ``size_bytes`` out, no frame cut.
+
+        Exact after :meth:`settle` (the stages may still be working on the last pieces)."""
         meta = self._header.meta
-        return meta is not None and self.bytes_out == meta.size_bytes and self._scanner.at_boundary
+        pipeline = self._pipeline
+        if meta is None or pipeline is None:
+            return meta is not None and meta.size_bytes == 0
+        return pipeline.bytes_out == meta.size_bytes and pipeline.scanner.at_boundary
+
+    async def _open(self) -> _Pipeline:
+        """Open the target and start the stages, once."""
+        if self._pipeline is None:
+            meta = self._header.meta
+            assert meta is not None
+            self._opened = True
+            writer = await self._open_target(meta)
+            pipeline = self._pipeline = _Pipeline(meta.size_bytes, writer)
+            weakref.finalize(self, pipeline.stages.stop)  # an abandoned stream stops its threads
+        return self._pipeline
+
+    async def _put(self, data: bytes) -> None:
+        assert self._pipeline is not None
+        try:
+            await self._pipeline.put(data, len(data))
+        except Stopped:
+            self._check_failed()
+            raise FormatError("the restore was stopped") from None
 
     def _check_failed(self) -> None:
+        if self._failure is None and self._pipeline is not None:
+            self._failure = self._pipeline.stages.failure
         if self._failure is not None:
             raise self._failure
 
-    async def _decompress(self, data: bytes) -> None:
-        async with task_group() as nursery:
-            nursery.start_soon(trio.to_thread.run_sync, self._hash_until_end)
-            await trio.to_thread.run_sync(self._decompress_sync, data)
 
-    def _decompress_sync(self, data: bytes) -> None:
-        assert self._decompressor is not None
-        try:
-            self._scanner.feed(data)
-            self._decompressor.write(data)
-        except zstandard.ZstdError as exc:
-            raise FormatError(f"the snapshot data is corrupt: {exc}") from None
-        finally:
-            self._hash_queue.put(_END)  # from this thread: the hasher is draining, so it cannot deadlock
-
-    def _hash_until_end(self) -> None:
-        while (piece := self._hash_queue.get()) is not _END:
-            self._sha.update(piece)
-
-    def _take_output(self, piece: bytes) -> None:
-        """Called by the decompressor with each decompressed piece (worker thread)."""
-        meta = self._header.meta
-        assert meta is not None and self._writer is not None
-        if self.bytes_out + len(piece) > meta.size_bytes:
-            raise FormatError(
-                f"the snapshot data is longer than its header's size_bytes ({meta.size_bytes}): refused"
-            )
-        self.bytes_out += len(piece)
-        self._hash_queue.put(piece)
-        self._writer.write(piece)
-
-
-class _Sink:
-    """The file-like object zstandard's stream writer pushes output into.
-
-    It holds its stream weakly: the stream holds the writer, which holds this
-    sink, and the garbage collector cannot see the reference inside
-    zstandard's C object, so a strong one here would keep every stream and
-    its decompression context (up to 128 MiB for a large window) alive forever.
-    """
-
-    def __init__(self, stream: RestoreStream) -> None:
-        self._stream = weakref.ref(stream)
-
-    def write(self, data: bytes) -> int:
-        stream = self._stream()
-        if stream is None:
-            raise FormatError("the restore this data belongs to has ended")
-        stream._take_output(data)
-        return len(data)
+def _check_whole(meta: Meta, pipeline: _Pipeline) -> None:
+    """The end of a stream: no frame cut, exactly ``size_bytes`` out, the checksum matches."""
+    if not pipeline.scanner.at_boundary:
+        raise FormatError("the snapshot data is truncated: the stream ended inside a zstd frame")
+    if pipeline.bytes_out != meta.size_bytes:
+        raise FormatError(
+            f"the snapshot data is short: it decompresses to {pipeline.bytes_out} bytes, "
+            f"the header says {meta.size_bytes}"
+        )
+    actual = pipeline.sha.hexdigest()
+    if actual != meta.checksum.lower():
+        raise FormatError(f"checksum mismatch: the data hashes to {actual}, the header says {meta.checksum}")
 
 
 ChunkIterable = AsyncIterable[bytes]
@@ -208,7 +378,7 @@ class StagedRestore:
     async def _open_target(self, meta: Meta) -> ImageWriter:
         image_path = await self._choose_image(meta)
         self._staging = await trio.to_thread.run_sync(StagingImage.create, image_path, meta.size_bytes)
-        return SparseWriter(self._staging.fd)
+        return SparseWriter(self._staging.fd, writeback=True)
 
     async def feed(self, data: bytes | bytearray | memoryview) -> None:
         await self.stream.feed(data)
@@ -225,6 +395,8 @@ class StagedRestore:
         return meta
 
     async def discard(self) -> None:
+        """Stop the stages first: no write may reach the descriptor once it is closed."""
+        await self.stream.close()
         if self._staging is not None:
             await trio.to_thread.run_sync(self._staging.discard)
 

@@ -37,6 +37,7 @@ from mirenfs.errors import MirenfsError, TargetError
 from mirenfs.format.header import Meta
 
 READ_PIECE = 4 << 20
+StreamProgress = Callable[[int], Progress]  # given the snapshot's size, what hears the bytes written
 WRITEBACK_STEP = 32 << 20  # a backup file's pages are handed to writeback in steps of this size
 
 
@@ -131,11 +132,28 @@ async def stream_snapshot(
     of: SnapshotOf,
     *,
     progress: Progress | None = None,
+    stream_progress: StreamProgress | None = None,
 ) -> Meta:
-    """Send a snapshot to a non-seekable writer: the index pass first, then the stream from it."""
+    """Send a snapshot to a non-seekable writer: the index pass first, then the stream from it.
+
+    Two passes, so two phases: ``progress`` hears the image bytes of the index
+    pass; ``stream_progress(total)`` is called once the snapshot's size is known
+    and returns what hears the snapshot bytes written.
+    """
     index = await _index(source, settings, of, progress=progress)
     meta = snapshot_meta(of.name, of.filesystem, source.size, of.mtime_ns, index.checksum)
-    await SnapshotProducer(source, settings, meta, index).copy_to(write)
+    producer = SnapshotProducer(source, settings, meta, index)
+    if stream_progress is not None:
+        written, report = 0, stream_progress(producer.size)
+        target = write
+
+        async def write(data: bytes) -> None:
+            nonlocal written
+            await target(data)
+            written += len(data)
+            report(written)
+
+    await producer.copy_to(write)
     return meta
 
 
@@ -148,6 +166,7 @@ async def backup_image(
     settings: Settings,
     live: bool = False,
     progress: Progress | None = None,
+    stream_progress: StreamProgress | None = None,
 ) -> Meta:
     """``mirenfs backup --image``: to a file (atomically, via a temporary name) or to ``-``.
 
@@ -165,7 +184,9 @@ async def backup_image(
                 async def write(data: bytes) -> None:
                     await trio.to_thread.run_sync(target.write, data)
 
-                meta = await stream_snapshot(write, source, settings, of, progress=progress)
+                meta = await stream_snapshot(
+                    write, source, settings, of, progress=progress, stream_progress=stream_progress
+                )
                 await trio.to_thread.run_sync(target.flush)
                 return meta
             finally:
@@ -212,9 +233,15 @@ def _is_special(path: str) -> bool:
         return False
 
 
-async def read_pieces(fileobj: BinaryIO, piece: int = READ_PIECE) -> AsyncIterator[bytes]:
-    """Read a file or pipe in pieces on a worker thread."""
+async def read_pieces(
+    fileobj: BinaryIO, piece: int = READ_PIECE, *, progress: Progress | None = None
+) -> AsyncIterator[bytes]:
+    """Read a file or pipe in pieces on a worker thread; ``progress`` hears the bytes read so far."""
+    done = 0
     while data := await trio.to_thread.run_sync(fileobj.read, piece):
+        done += len(data)
+        if progress is not None:
+            progress(done)
         yield data
 
 
@@ -224,11 +251,13 @@ async def restore_file(
     *,
     overwrite: bool,
     on_header: Callable[[Meta], None] | None = None,
+    progress: Progress | None = None,
 ) -> Meta:
-    """``mirenfs restore FILE --image PATH``; ``FILE`` may be ``-`` for standard input."""
+    """``mirenfs restore FILE --image PATH``; ``FILE`` may be ``-`` for standard input.
+    ``progress`` hears the snapshot bytes read so far."""
     with open_input(snapshot) as source:
         return await restore_to_path(
-            image_path, read_pieces(source), overwrite=overwrite, on_header=on_header
+            image_path, read_pieces(source, progress=progress), overwrite=overwrite, on_header=on_header
         )
 
 
@@ -239,8 +268,14 @@ class _NullWriter:
         return None
 
 
-async def verify_file(snapshot: str, on_header: Callable[[Meta], None] | None = None) -> Meta:
-    """``mirenfs verify``: decompress everything, check size and checksum, write nothing."""
+async def verify_file(
+    snapshot: str,
+    on_header: Callable[[Meta], None] | None = None,
+    *,
+    progress: Progress | None = None,
+) -> Meta:
+    """``mirenfs verify``: decompress everything, check size and checksum, write nothing.
+    ``progress`` hears the snapshot bytes read so far."""
 
     async def open_target(meta: Meta) -> ImageWriter:
         if on_header is not None:
@@ -249,7 +284,7 @@ async def verify_file(snapshot: str, on_header: Callable[[Meta], None] | None = 
 
     stream = RestoreStream(open_target)
     with open_input(snapshot) as source:
-        async for piece in read_pieces(source):
+        async for piece in read_pieces(source, progress=progress):
             await stream.feed(piece)
     return await stream.finish()
 

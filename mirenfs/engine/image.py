@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import ctypes
 import errno
 import fcntl
 import itertools
@@ -25,6 +26,12 @@ STAGING_SUFFIX = ".restore.tmp"
 _SCAN_STEP = 64 * 1024  # zero-check granularity before falling back to 4 KiB blocks
 _ZEROS = bytes(16 << 20)
 HASH_PIECE = 1 << 20  # the hash lane's read size: stays in L2 between read and hash
+# Zeros in a writable buffer, for engine.sha256 and memcmp (ctypes wants writable buffers).
+_ZERO_PIECE = memoryview(bytearray(4 << 20))
+_ZERO_ADDRESS = ctypes.addressof(ctypes.c_char.from_buffer(_ZERO_PIECE))
+_UNLOCKED_COMPARE = 64 << 10  # from this size on, a zero check lets go of the GIL
+WRITEBACK_STEP = 16 << 20  # a restore hands its staging file to writeback in steps of this size
+SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writeback of dirty pages, do not wait
 
 
 class ChunkSizing(Protocol):
@@ -36,6 +43,8 @@ class ChunkSizing(Protocol):
 
 class Hasher(Protocol):
     def update(self, data: bytes | bytearray | memoryview, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
 
 
 def zeros(length: int) -> bytes | memoryview:
@@ -50,11 +59,32 @@ def is_zero(data: bytes | bytearray | memoryview) -> bool:
 
     ``bytes.startswith`` compares with memcmp whatever the buffer type; a
     ``==`` against a memoryview compares item by item, ~80 times slower.
+    A large writable buffer is compared by libc's memcmp through ctypes,
+    which lets other threads (the restore's hash stage) take the GIL meanwhile.
     """
-    if len(data) <= len(_ZEROS):
+    length = len(data)
+    if length >= _UNLOCKED_COMPARE and _memcmp is not None and length <= len(_ZERO_PIECE):
+        view = memoryview(data)
+        if not view.readonly and view.contiguous:
+            buffer = (ctypes.c_char * length).from_buffer(view)
+            return _memcmp(buffer, _ZERO_ADDRESS, length) == 0
+    if length <= len(_ZEROS):
         return _ZEROS.startswith(data)
     view = memoryview(data)
     return all(_ZEROS.startswith(view[i : i + len(_ZEROS)]) for i in range(0, len(view), len(_ZEROS)))
+
+
+def _load_memcmp() -> Callable[[object, int, int], int] | None:
+    try:
+        function = ctypes.CDLL(None).memcmp
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    function.restype = ctypes.c_int
+    return function
+
+
+_memcmp = _load_memcmp()
 
 
 def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
@@ -122,9 +152,17 @@ class ChunkSource(Protocol):
         """The chunk's bytes, or None when it is all zeros (a hole is never read)."""
         ...
 
-    def hash_into(self, sha: Hasher, wait: Callable[[int], None]) -> None:
-        """Feed every byte to ``sha`` in order, calling ``wait(offset)`` before reading
-        at ``offset``; safe to run on one thread while others call :meth:`read_chunk`."""
+    def hash_into(
+        self,
+        sha: Hasher,
+        wait: Callable[[int], None],
+        *,
+        first_chunk: int = 0,
+        at_chunk: Callable[[int], None] | None = None,
+    ) -> None:
+        """Feed every byte from chunk ``first_chunk`` on to ``sha`` in order, calling
+        ``at_chunk(k)`` as it reaches the start of chunk ``k`` and ``wait(offset)`` before
+        reading at ``offset``; safe to run on one thread while others call :meth:`read_chunk`."""
         ...
 
     def data_before(self, offset: int) -> int:
@@ -178,22 +216,42 @@ class FdImageSource:
             return None
         return buffer
 
-    def hash_into(self, sha: Hasher, wait: Callable[[int], None]) -> None:
+    def hash_into(
+        self,
+        sha: Hasher,
+        wait: Callable[[int], None],
+        *,
+        first_chunk: int = 0,
+        at_chunk: Callable[[int], None] | None = None,
+    ) -> None:
         """Data extents are read into one reused buffer; holes come from the zero
         buffer and are never read (the floor's way, and no page faults per chunk)."""
         buffer = memoryview(bytearray(HASH_PIECE))
-        offset = 0
-        for start, stop in self._extents:
-            _hash_zeros(sha, offset, start, wait)
-            position = start
-            while position < stop:
-                wait(position)
-                length = min(len(buffer), stop - position)
-                _pread_exact(self.fd, buffer[:length], position)
+        for k in range(first_chunk, chunk_count(self.size, self.chunk_size)):
+            if at_chunk is not None:
+                at_chunk(k)
+            begin = k * self.chunk_size
+            self._hash_range(sha, wait, buffer, begin, min(self.size, begin + self.chunk_size))
+
+    def _hash_range(
+        self, sha: Hasher, wait: Callable[[int], None], buffer: memoryview, begin: int, end: int
+    ) -> None:
+        position = begin
+        for start, stop in self._extents[max(bisect.bisect_right(self._starts, begin) - 1, 0) :]:
+            if start >= end:
+                break
+            lo, hi = max(start, begin), min(stop, end)
+            if lo >= hi:
+                continue
+            _hash_zeros(sha, position, lo, wait)
+            while lo < hi:
+                wait(lo)
+                length = min(len(buffer), hi - lo)
+                _pread_exact(self.fd, buffer[:length], lo)
                 sha.update(buffer[:length])
-                position += length
-            offset = stop
-        _hash_zeros(sha, offset, self.size, wait)
+                lo += length
+            position = hi
+        _hash_zeros(sha, position, end, wait)
 
 
 def _hash_zeros(sha: Hasher, start: int, stop: int, wait: Callable[[int], None]) -> None:
@@ -203,7 +261,7 @@ def _hash_zeros(sha: Hasher, start: int, stop: int, wait: Callable[[int], None])
     while position < stop:
         wait(position)
         step = min(stop - position, HASH_PIECE)
-        sha.update(zeros(step))
+        sha.update(_ZERO_PIECE[:step])
         position += step
 
 
@@ -269,9 +327,18 @@ class FileObjectSource:
     def data_before(self, offset: int) -> int:
         return offset
 
-    def hash_into(self, sha: Hasher, wait: Callable[[int], None]) -> None:
+    def hash_into(
+        self,
+        sha: Hasher,
+        wait: Callable[[int], None],
+        *,
+        first_chunk: int = 0,
+        at_chunk: Callable[[int], None] | None = None,
+    ) -> None:
         """A file object has no holes to skip: every chunk is read and hashed."""
-        for k in range(chunk_count(self.size, self.chunk_size)):
+        for k in range(first_chunk, chunk_count(self.size, self.chunk_size)):
+            if at_chunk is not None:
+                at_chunk(k)
             wait(k * self.chunk_size)
             with self._lock:
                 buffer = self._read(k)
@@ -294,24 +361,54 @@ class FileObjectSource:
         return buffer
 
 
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's sync_file_range (Python has no binding), or None where there is none."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing these dirty pages out now, without waiting for it, so
+    that the closing fsync finds little left. Only an optimisation: failures are ignored."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
+
+
 class SparseWriter:
     """Writes a sequential stream into a zero-filled file, skipping zero 4 KiB blocks.
 
     Skipping is only correct because the target is a fresh sparse file: what
-    is not written reads back as zeros.
+    is not written reads back as zeros. With ``writeback``, every
+    ``WRITEBACK_STEP`` bytes are handed to the kernel's writeback as they are
+    written.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, *, writeback: bool = False) -> None:
         self.fd = fd
         self.offset = 0
         self.bytes_written = 0
+        self._written_back: int | None = 0 if writeback else None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         base = self.offset
         self.offset += len(view)
-        if is_zero(view):
-            return
+        if not is_zero(view):
+            self._write_blocks(view, base)
+        if self._written_back is not None and self.offset - self._written_back >= WRITEBACK_STEP:
+            start_writeback(self.fd, self._written_back, self.offset - self._written_back)
+            self._written_back = self.offset
+
+    def _write_blocks(self, view: memoryview, base: int) -> None:
+        """Write the non-zero 4 KiB blocks of ``view``, in runs, checking 64 KiB at a time first."""
         run_start: int | None = None
         position = 0
         while position < len(view):

@@ -22,11 +22,16 @@ from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Generic, TypeVar
 
 import trio
 
+from mirenfs.engine import sha256
 from mirenfs.engine.aio import task_group
-from mirenfs.engine.image import ChunkSource, chunk_count, chunk_length, zeros
+from mirenfs.engine.framestore import FrameStore, fingerprint
+from mirenfs.engine.image import ChunkSource, Hasher, chunk_count, chunk_length, zeros
+from mirenfs.engine.pipeline import fast_gil_handoff
 from mirenfs.errors import ImageChangedError
 from mirenfs.format.frames import (
     MAX_FRAME_CONTENT,
@@ -45,7 +50,9 @@ DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_LEVEL = 3
 HASH_LEAD = 1 << 30  # bytes the hash lane may read ahead of the frames (see _Lead)
 PLACEHOLDER_CHECKSUM = "0" * 64
-_INDEX_FORMAT = 1
+_INDEX_FORMAT = 2  # 2: chunk fingerprints for the frame store
+FINGERPRINT = 32  # bytes of a chunk fingerprint (SHA-256)
+MIDSTATE = sha256.MIDSTATE
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,10 @@ class Settings:
         return f"zstd{zstd_library_version()}-l{self.level}-c{self.chunk_size}"
 
 
+class StaleIndexError(ValueError):
+    """A sound index in another format (another mirenfs version wrote it): rebuilt, not an error."""
+
+
 @dataclass
 class SnapshotIndex:
     """What one pass over an image learns: everything but the frames themselves."""
@@ -77,6 +88,38 @@ class SnapshotIndex:
     frame_sizes: array[int]  # compressed size of each chunk's frame
     frame_checksums: array[int]  # XXH64 low 32 bits of each chunk, as in the seek table
     zero_chunks: bytearray  # 1 where the chunk is all zeros (served as the precomputed frame)
+    # SHA-256 of each data chunk, 32 bytes each (zeros for a zero chunk), where a frame store
+    # was used; empty otherwise. With them a remount finds every frame without reading the image.
+    fingerprints: bytes = b""
+    # The SHA-256 state before each chunk (engine.sha256), 40 bytes each, where recorded: a later
+    # pass whose first chunks have the same fingerprints resumes hashing after them.
+    midstates: bytes = b""
+    compressed: int = field(default=0, compare=False)  # chunks the pass compressed (not persisted)
+    hashed_from: int = field(default=0, compare=False)  # the first chunk the pass hashed (not persisted)
+
+    def fingerprint(self, k: int) -> bytes | None:
+        """Chunk ``k``'s fingerprint, if the pass recorded them."""
+        if not self.fingerprints or self.zero_chunks[k]:
+            return None
+        return self.fingerprints[k * FINGERPRINT : (k + 1) * FINGERPRINT]
+
+    def same_chunk(self, k: int, zero: int, chunk_fingerprint: bytes | bytearray) -> bool:
+        """Whether chunk ``k`` held exactly these bytes (by zero flag and fingerprint)."""
+        return self.zero_chunks[k] == zero and self.fingerprints[k * FINGERPRINT : (k + 1) * FINGERPRINT] == (
+            chunk_fingerprint
+        )
+
+    def midstate(self, k: int) -> bytes:
+        return self.midstates[k * MIDSTATE : (k + 1) * MIDSTATE]
+
+    def can_resume(self, size: int, chunk_size: int, settings_key: str) -> bool:
+        """Whether a pass over an image of this shape may take up hashing where this one was."""
+        count = chunk_count(size, chunk_size)
+        return (
+            (self.size_bytes, self.chunk_size, self.settings_key) == (size, chunk_size, settings_key)
+            and len(self.fingerprints) == FINGERPRINT * count
+            and len(self.midstates) == MIDSTATE * count
+        )
 
     @property
     def frame_count(self) -> int:
@@ -97,6 +140,8 @@ class SnapshotIndex:
             "frame_sizes": pack(self.frame_sizes),
             "frame_checksums": pack(self.frame_checksums),
             "zero_chunks": pack(self.zero_chunks),
+            "fingerprints": base64.b64encode(self.fingerprints).decode("ascii"),
+            "midstates": base64.b64encode(self.midstates).decode("ascii"),
         }
         text = json.dumps(body, sort_keys=True).encode()
         return hashlib.sha256(text).hexdigest().encode() + b"\n" + text
@@ -109,7 +154,7 @@ class SnapshotIndex:
             raise ValueError("index checksum mismatch")
         body = json.loads(text)
         if body.get("format") != _INDEX_FORMAT:
-            raise ValueError("unknown index format")
+            raise StaleIndexError(f"index format {body.get('format')}, this mirenfs writes {_INDEX_FORMAT}")
         sizes, checksums = array("I"), array("I")
         sizes.frombytes(base64.b64decode(body["frame_sizes"]))
         checksums.frombytes(base64.b64decode(body["frame_checksums"]))
@@ -121,10 +166,16 @@ class SnapshotIndex:
             frame_sizes=sizes,
             frame_checksums=checksums,
             zero_chunks=bytearray(base64.b64decode(body["zero_chunks"])),
+            fingerprints=base64.b64decode(body["fingerprints"]),
+            midstates=base64.b64decode(body["midstates"]),
         )
         count = chunk_count(index.size_bytes, index.chunk_size)
         if not (len(sizes) == len(checksums) == len(index.zero_chunks) == count):
             raise ValueError("index arrays do not match the image size")
+        if len(index.fingerprints) not in (0, FINGERPRINT * count):
+            raise ValueError("index fingerprints do not match the image size")
+        if len(index.midstates) not in (0, MIDSTATE * count):
+            raise ValueError("index hash states do not match the image size")
         return index
 
 
@@ -229,6 +280,8 @@ async def build_index(
     frame_sink: FrameSink | None = None,
     progress: Progress | None = None,
     single_read: bool = False,
+    store: FrameStore | None = None,
+    basis: SnapshotIndex | None = None,
 ) -> SnapshotIndex:
     """One pass over ``source``: SHA-256 of every byte, every frame's size and checksum.
 
@@ -242,71 +295,204 @@ async def build_index(
     change during the pass (see :func:`ensure_unchanged`). With
     ``single_read`` (a live image, expected to change) the hash lane takes the
     bytes the compression lane read, so hash and frames always agree.
+
+    With a ``store``, each data chunk's fingerprint is computed alongside and
+    recorded in the index, and only chunks whose frame the store does not hold
+    are compressed (and then stored). The hash state before each chunk is
+    recorded too, and with a ``basis`` (the index of an earlier version of
+    the image) hashing resumes after the chunks that did not change.
     """
-    size, chunk = source.size, source.chunk_size
-    count = chunk_count(size, chunk)
-    sha = hashlib.sha256()
-    sizes, checksums, zero_flags = (
-        array("I", bytes(4 * count)),
-        array("I", bytes(4 * count)),
-        bytearray(count),
+    index_pass = _IndexPass(
+        source, settings, store, single_read=single_read, need_frames=frame_sink is not None
     )
-    window = 2 * settings.workers + 2  # chunks in flight: bounds memory to ~window x chunk size
-    # The hash lane is the one serial lane: it gets a core to itself while it runs (fair
-    # sharing with compression threads would stretch it and leave a core idle at the end,
-    # hashing alone); compression gets every core once hashing is done.
-    compress_limit = trio.CapacityLimiter(max(1, settings.workers - 1))
-    frame_send, frame_recv = trio.open_memory_channel[tuple[int, _Slot]](window)
-    lead = _Lead(HASH_LEAD, source.data_before)
+    index_pass.use_basis(basis)
+    return await index_pass.run(frame_sink, progress)
 
-    shared_send, shared_recv = trio.open_memory_channel[_Slot](window)
 
-    async def hash_lane() -> None:
-        if single_read:
+class _IndexPass:
+    """The lanes of one :func:`build_index` pass and what they fill in."""
+
+    def __init__(
+        self,
+        source: ChunkSource,
+        settings: Settings,
+        store: FrameStore | None,
+        *,
+        single_read: bool,
+        need_frames: bool,
+    ) -> None:
+        self.source, self.settings, self.single_read = source, settings, single_read
+        self.count = count = chunk_count(source.size, source.chunk_size)
+        self.sizes, self.checksums = array("I", bytes(4 * count)), array("I", bytes(4 * count))
+        self.zero_flags = bytearray(count)
+        self.fingerprints = bytearray(FINGERPRINT * count if store is not None else 0)
+        # Hash states are kept where a later pass may use them: with a store (the mount), two reads.
+        self.resumable = store is not None and not single_read and sha256.AVAILABLE
+        self.midstates = bytearray(MIDSTATE * count if self.resumable else 0)
+        self.basis: SnapshotIndex | None = None
+        self.checksum = ""
+        self.compressed = 0
+        self.hashed_from = 0
+        self.window = 2 * settings.workers + 2  # chunks in flight: bounds memory to ~window x chunk size
+        # The hash lane is the one serial lane: it gets a core to itself while it runs (fair
+        # sharing with compression threads would stretch it and leave a core idle at the end,
+        # hashing alone); compression gets every core once hashing is done.
+        self.compress_limit = trio.CapacityLimiter(max(1, settings.workers - 1))
+        self.lead = _Lead(HASH_LEAD, source.data_before)
+        self.taken_in = _Count()  # chunks the frame lane has recorded, for a hash lane that resumes
+        self.work = _ChunkWork(source, settings.level, store, keep_data=single_read, need_frames=need_frames)
+
+    def use_basis(self, basis: SnapshotIndex | None) -> None:
+        """Resume hashing after the chunks ``basis`` shows unchanged (while it looks, every core
+        fingerprints)."""
+        source = self.source
+        if (
+            self.resumable
+            and basis is not None
+            and basis.can_resume(source.size, source.chunk_size, self.settings.key())
+        ):
+            self.basis = basis
+            self.compress_limit.total_tokens = self.settings.workers
+
+    async def run(self, frame_sink: FrameSink | None, progress: Progress | None) -> SnapshotIndex:
+        frame_send, frame_recv = trio.open_memory_channel[tuple[int, _Slot[_Chunk]]](self.window)
+        shared_send, shared_recv = trio.open_memory_channel[_Slot[_Chunk]](self.window)
+        with fast_gil_handoff():  # the hash lane waits for the GIL after each piece
+            async with task_group() as nursery:
+                nursery.start_soon(self._hash_lane, shared_recv)
+                nursery.start_soon(self._compress_lane, nursery, frame_send, shared_send)
+                nursery.start_soon(self._frame_lane, frame_recv, frame_sink, progress)
+        source, settings = self.source, self.settings
+        return SnapshotIndex(
+            source.size,
+            source.chunk_size,
+            settings.key(),
+            self.checksum,
+            self.sizes,
+            self.checksums,
+            self.zero_flags,
+            fingerprints=bytes(self.fingerprints),
+            midstates=bytes(self.midstates),
+            compressed=self.compressed,
+            hashed_from=self.hashed_from,
+        )
+
+    async def _hash_lane(self, shared_recv: trio.MemoryReceiveChannel[_Slot[_Chunk]]) -> None:
+        if self.single_read:
+            sha = hashlib.sha256()
             async with shared_recv:
                 async for slot in shared_recv:
-                    await slot.get()
-                    await trio.to_thread.run_sync(sha.update, slot.take_data())
+                    result = await slot.get()
+                    await trio.to_thread.run_sync(sha.update, result.take_data())
+            self.checksum = sha.hexdigest()
         else:
-            # One worker thread for the whole ordered stream: no per-chunk hand-off, and
-            # not held back by compression. It reads data a second time (from the page
-            # cache: it runs at most HASH_LEAD bytes ahead of the frames).
-            with contextlib.suppress(_Stopped):  # another lane failed: its error is the one to report
-                await trio.to_thread.run_sync(source.hash_into, sha, lead.wait)
-        compress_limit.total_tokens = settings.workers
+            await self._hash_from_the_image()
+        self.compress_limit.total_tokens = self.settings.workers
 
-    async def compress_lane(nursery: trio.Nursery) -> None:
+    async def _hash_from_the_image(self) -> None:
+        """One worker thread for the whole ordered stream: no per-chunk hand-off, and not held
+        back by compression. It reads data a second time (from the page cache: it runs at most
+        HASH_LEAD bytes ahead of the frames)."""
+        first = self.hashed_from = await self._unchanged_chunks()
+        basis = self.basis
+        if basis is not None and first == self.count:
+            self.checksum, self.midstates[:] = basis.checksum, basis.midstates  # the same bytes
+            return
+        self.compress_limit.total_tokens = max(1, self.settings.workers - 1)
+        if basis is not None and first:
+            self.midstates[: first * MIDSTATE] = basis.midstates[: first * MIDSTATE]
+        sha = self._hasher_at(first)
+        at_chunk = partial(self._keep_midstate, sha) if self.resumable else None
+        hash_into = partial(self.source.hash_into, sha, self.lead.wait, first_chunk=first, at_chunk=at_chunk)
+        with contextlib.suppress(_Stopped):  # another lane failed: its error is the one to report
+            await trio.to_thread.run_sync(hash_into)
+        self.checksum = sha.hexdigest()
+
+    def _hasher_at(self, first: int) -> Hasher:
+        """A hasher in the state before chunk ``first``: resumable where states are kept."""
+        if not self.resumable:
+            return hashlib.sha256()
+        if first == 0 or self.basis is None:
+            return sha256.ResumableSha256()
+        return sha256.ResumableSha256(self.basis.midstate(first))
+
+    async def _unchanged_chunks(self) -> int:
+        """How many chunks from the start hold what they held in the basis (0 without one)."""
+        basis, k = self.basis, 0
+        if basis is None:
+            return 0
+        while k < self.count:
+            await self.taken_in.reach(k + 1)
+            fingerprint_k = self.fingerprints[k * FINGERPRINT : (k + 1) * FINGERPRINT]
+            if not basis.same_chunk(k, self.zero_flags[k], fingerprint_k):
+                break
+            k += 1
+        return k
+
+    def _keep_midstate(self, sha: Hasher, k: int) -> None:
+        """Hash thread: the state before chunk ``k``."""
+        assert isinstance(sha, sha256.ResumableSha256)
+        self.midstates[k * MIDSTATE : (k + 1) * MIDSTATE] = sha.midstate()
+
+    async def _compress_lane(
+        self,
+        nursery: trio.Nursery,
+        frame_send: trio.MemorySendChannel[tuple[int, _Slot[_Chunk]]],
+        shared_send: trio.MemorySendChannel[_Slot[_Chunk]],
+    ) -> None:
         async with frame_send, shared_send:
-            for k in range(count):
-                slot = _Slot(keep_data=single_read)
-                nursery.start_soon(_read_compress_into, slot, source, k, settings.level, compress_limit)
+            for k in range(self.count):
+                slot = _Slot[_Chunk]()
+                nursery.start_soon(slot.fill, partial(self.work.run, k), self.compress_limit)
                 await frame_send.send((k, slot))
-                if single_read:
+                if self.single_read:
                     await shared_send.send(slot)
 
-    async def frame_lane() -> None:
+    async def _frame_lane(
+        self,
+        frame_recv: trio.MemoryReceiveChannel[tuple[int, _Slot[_Chunk]]],
+        frame_sink: FrameSink | None,
+        progress: Progress | None,
+    ) -> None:
         done = 0
         try:
             async with frame_recv:
                 async for k, slot in frame_recv:
-                    frame = await slot.get()
-                    zero_flags[k] = slot.zero
-                    sizes[k], checksums[k] = len(frame), frame_checksum(frame)
+                    result = await slot.get()
+                    self._record(k, result)
                     if frame_sink is not None:
-                        await trio.to_thread.run_sync(frame_sink, k, frame)
-                    done += chunk_length(size, chunk, k)
-                    lead.advance(done)
+                        assert result.frame is not None
+                        await trio.to_thread.run_sync(frame_sink, k, result.frame)
+                    done += chunk_length(self.source.size, self.source.chunk_size, k)
+                    self.lead.advance(done)
                     if progress is not None:
                         progress(done)
         except BaseException:  # failed or cancelled: the hash thread must not wait for frames
-            lead.stop()
+            self.lead.stop()
             raise
 
-    async with task_group() as nursery:
-        nursery.start_soon(hash_lane)
-        nursery.start_soon(compress_lane, nursery)
-        nursery.start_soon(frame_lane)
-    return SnapshotIndex(size, chunk, settings.key(), sha.hexdigest(), sizes, checksums, zero_flags)
+    def _record(self, k: int, result: _Chunk) -> None:
+        self.zero_flags[k], self.sizes[k], self.checksums[k] = result.zero, result.size, result.checksum
+        self.fingerprints[k * FINGERPRINT : (k + 1) * FINGERPRINT] = result.fingerprint
+        self.compressed += result.compressed
+        self.taken_in.advance()
+
+
+class _Count:
+    """A counter trio tasks can wait on."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._changed = trio.Event()
+
+    def advance(self) -> None:
+        self.value += 1
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def reach(self, value: int) -> None:
+        while self.value < value:
+            await self._changed.wait()
 
 
 class _Lead:
@@ -348,61 +534,129 @@ class _Stopped(Exception):
     """The index pass ended (another lane failed) while the hash thread was waiting."""
 
 
-async def _read_compress_into(
-    slot: _Slot, source: ChunkSource, k: int, level: int, limiter: trio.CapacityLimiter
-) -> None:
-    """Read and compress chunk ``k`` in one hand-off to a worker thread."""
-
-    def work() -> tuple[bytes, bool]:
-        data = source.read_chunk(k)
-        if data is None:
-            length = chunk_length(source.size, source.chunk_size, k)
-            slot.keep(zeros(length))
-            return zero_frame(length, level), True
-        slot.keep(data)
-        return compress_frame(data, level), False
-
-    try:
-        frame, slot.zero = await trio.to_thread.run_sync(work, limiter=limiter)
-    except Exception as exc:
-        slot.fail(exc)
-        raise
-    slot.set(frame)
+def frame_of(
+    data: bytes | bytearray | memoryview, level: int, store: FrameStore | None
+) -> tuple[bytes, bytes, bool]:
+    """The chunk's frame, fingerprint, and whether it had to be compressed: from the store when
+    it holds that chunk, else compressed (and stored, under the fingerprint of exactly these bytes)."""
+    if store is None:
+        return compress_frame(data, level), b"", True
+    chunk_fingerprint = fingerprint(data)
+    frame = store.get(chunk_fingerprint)
+    if frame is not None:
+        return frame, chunk_fingerprint, False
+    frame = compress_frame(data, level)
+    store.put(chunk_fingerprint, frame)
+    return frame, chunk_fingerprint, True
 
 
-class _Slot:
-    """A frame that will be ready later (a tiny future for trio tasks)."""
+@dataclass
+class _Chunk:
+    """What an index pass learns of one chunk (the frame itself only when a sink needs it)."""
 
-    def __init__(self, *, keep_data: bool = False) -> None:
-        self._event = trio.Event()
-        self._frame = b""
-        self._error: Exception | None = None
-        self._keep_data = keep_data
-        self._data: bytes | bytearray | memoryview = b""
-        self.zero = False
-
-    def keep(self, data: bytes | bytearray | memoryview) -> None:
-        """Hold the chunk's bytes for the single-read hash lane (worker thread)."""
-        if self._keep_data:
-            self._data = data
+    size: int
+    checksum: int
+    zero: bool
+    fingerprint: bytes
+    compressed: bool
+    frame: bytes | None
+    data: bytes | bytearray | memoryview = b""  # for the single-read hash lane
 
     def take_data(self) -> bytes | bytearray | memoryview:
-        data, self._data = self._data, b""
+        data, self.data = self.data, b""
         return data
 
-    def set(self, frame: bytes) -> None:
-        self._frame = frame
+
+class _ChunkWork:
+    """Reading one chunk and finding or making its frame: one hand-off to a worker thread."""
+
+    def __init__(
+        self, source: ChunkSource, level: int, store: FrameStore | None, *, keep_data: bool, need_frames: bool
+    ) -> None:
+        self.source = source
+        self.level = level
+        self.store = store
+        self.keep_data = keep_data
+        self.need_frames = need_frames
+        self._no_fingerprint = bytes(FINGERPRINT if store is not None else 0)
+
+    def run(self, k: int) -> _Chunk:
+        data = self.source.read_chunk(k)
+        if data is None:
+            length = chunk_length(self.source.size, self.source.chunk_size, k)
+            return self._made(zero_frame(length, self.level), zero=True, data=zeros(length))
+        if self.store is None:
+            return self._made(compress_frame(data, self.level), compressed=True, data=data)
+        chunk_fingerprint = fingerprint(data)
+        found = self._stored(chunk_fingerprint, data)
+        if found is not None:
+            return found
+        frame = compress_frame(data, self.level)
+        self.store.put(chunk_fingerprint, frame)
+        return self._made(frame, compressed=True, data=data, chunk_fingerprint=chunk_fingerprint)
+
+    def _stored(self, chunk_fingerprint: bytes, data: bytes | bytearray) -> _Chunk | None:
+        """The chunk as the store knows it: the whole frame for a sink, else its length and checksum."""
+        assert self.store is not None
+        if self.need_frames:
+            frame = self.store.get(chunk_fingerprint)
+            if frame is None:
+                return None
+            return self._made(frame, data=data, chunk_fingerprint=chunk_fingerprint)
+        described = self.store.describe(chunk_fingerprint)
+        if described is None:
+            return None
+        kept = data if self.keep_data else b""
+        return _Chunk(*described, False, chunk_fingerprint, False, None, kept)
+
+    def _made(
+        self,
+        frame: bytes,
+        *,
+        data: bytes | bytearray | memoryview,
+        zero: bool = False,
+        compressed: bool = False,
+        chunk_fingerprint: bytes | None = None,
+    ) -> _Chunk:
+        kept = data if self.keep_data else b""
+        named = self._no_fingerprint if chunk_fingerprint is None else chunk_fingerprint
+        return _Chunk(len(frame), frame_checksum(frame), zero, named, compressed, frame, kept)
+
+
+T = TypeVar("T")
+
+
+class _Slot(Generic[T]):
+    """A value that will be ready later (a tiny future for trio tasks)."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+        self._value: T | None = None
+        self._error: Exception | None = None
+
+    async def fill(self, work: Callable[[], T], limiter: trio.CapacityLimiter) -> None:
+        """Run ``work`` on a worker thread and keep its result (or its error) for :meth:`get`."""
+        try:
+            value = await trio.to_thread.run_sync(work, limiter=limiter)
+        except Exception as exc:
+            self.fail(exc)
+            raise
+        self.set(value)
+
+    def set(self, value: T) -> None:
+        self._value = value
         self._event.set()
 
     def fail(self, error: Exception) -> None:
         self._error = error
         self._event.set()
 
-    async def get(self) -> bytes:
+    async def get(self) -> T:
         await self._event.wait()
         if self._error is not None:
             raise self._error
-        return self._frame
+        assert self._value is not None
+        return self._value
 
 
 class SnapshotProducer:
@@ -422,16 +676,18 @@ class SnapshotProducer:
         *,
         cached_frames: int = 16,
         spill: FrameSpill | None = None,
+        store: FrameStore | None = None,
     ) -> None:
         if index.settings_key != settings.key() or index.chunk_size != source.chunk_size:
             raise ValueError("the index was built with other compression settings")
         self.spill = spill
+        self.store = store
         self.source = source
         self.settings = settings
         self.layout = SnapshotLayout(meta, index)
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cache_limit = cached_frames
-        self._in_flight: dict[int, _Slot] = {}
+        self._in_flight: dict[int, _Slot[bytes]] = {}
         self._limiter = trio.CapacityLimiter(settings.workers)
 
     @property
@@ -450,7 +706,7 @@ class SnapshotProducer:
         slot = self._in_flight.get(k)
         if slot is not None:
             return await slot.get()
-        slot = self._in_flight[k] = _Slot()
+        slot = self._in_flight[k] = _Slot[bytes]()
         try:
             frame = await trio.to_thread.run_sync(self._make_frame, k, limiter=self._limiter)
         except Exception as exc:
@@ -468,20 +724,37 @@ class SnapshotProducer:
         return frame
 
     def _make_frame(self, k: int) -> bytes:
-        index = self.layout.index
-        if self.spill is not None and k < self.spill.frames:
-            start = self.layout.frame_offsets[k] - len(self.layout.header)
-            return self.spill.read(start, index.frame_sizes[k])
+        """Frame ``k`` from the spill, from the store, or compressed from the image, in that
+        order; whichever it is, it must be the frame the index describes."""
+        kept = self._kept_frame(k)
+        if kept is not None and self._matches_index(k, kept):
+            return kept
         data = self.source.read_chunk(k)
+        index = self.layout.index
         if data is None:
             frame = zero_frame(chunk_length(index.size_bytes, index.chunk_size, k), self.settings.level)
         else:
-            frame = compress_frame(data, self.settings.level)
-        if len(frame) != index.frame_sizes[k] or frame_checksum(frame) != index.frame_checksums[k]:
+            frame, _, _ = frame_of(data, self.settings.level, self.store)
+        if not self._matches_index(k, frame):
             raise ImageChangedError(
                 f"the image changed since its snapshot index was built (chunk {k} differs)"
             )
         return frame
+
+    def _kept_frame(self, k: int) -> bytes | None:
+        """Frame ``k`` if the index pass spilled it or the store holds it (verified there)."""
+        index = self.layout.index
+        if self.spill is not None and k < self.spill.frames:
+            start = self.layout.frame_offsets[k] - len(self.layout.header)
+            return self.spill.read(start, index.frame_sizes[k])
+        chunk_fingerprint = index.fingerprint(k)
+        if self.store is not None and chunk_fingerprint is not None:
+            return self.store.get(chunk_fingerprint)
+        return None
+
+    def _matches_index(self, k: int, frame: bytes) -> bool:
+        index = self.layout.index
+        return len(frame) == index.frame_sizes[k] and frame_checksum(frame) == index.frame_checksums[k]
 
     async def read(self, offset: int, size: int) -> bytes:
         """Bytes ``[offset, offset + size)`` of the snapshot, clipped at its end."""

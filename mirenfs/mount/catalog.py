@@ -29,6 +29,11 @@ class CatalogEntry:
     filesystem: str
     status: str
 
+    @property
+    def attached(self) -> bool:
+        """The store says an application uses the disk: its snapshot comes from a point-in-time copy."""
+        return self.status == DiskState.ATTACHED.value
+
 
 class DiskCatalog(Protocol):
     """Where the mount learns which disks exist (the store, or Miren)."""

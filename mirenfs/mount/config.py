@@ -1,4 +1,5 @@
-"""What a mount is asked to be: mount point, data path, consent to overwrite, FUSE options.
+"""What a mount is asked to be: mount point, data path, consent to overwrite, how disks in use
+are copied (freeze budget, live reads), FUSE options.
 
 No pyfuse3 here: the CLI builds a :class:`MountConfig` (and filters options
 the same way ``mount.mirenfs`` does) without loading FUSE.
@@ -10,9 +11,16 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from mirenfs.disks.pointintime import DEFAULT_FREEZE_BUDGET_S, CopyPolicy
 from mirenfs.engine.produce import Settings
+from mirenfs.errors import MirenfsError
 
 DEFAULT_SPILL_LIMIT = 4 << 30
+DEFAULT_FRAME_STORE_LIMIT = 8 << 30
+FRAME_STORE_OPTION = "frame_store_size"  # -o frame_store_size=SIZE: the frame store's bound (0: none)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+FREEZE_BUDGET_OPTION = "freeze_budget"  # -o freeze_budget=SECONDS: longest freeze for a copy (0: never)
+LIVE_READS_OPTION = "live_reads"  # -o live_reads: read a disk in use from its moving image if no copy
 
 # Meaningful to mount(8), fstab or systemd only; FUSE would refuse them as unknown.
 DROPPED_OPTIONS = frozenset(
@@ -34,14 +42,73 @@ def fuse_options(groups: Iterable[str]) -> list[str]:
     return kept
 
 
+def clone_directory_of(data_path: str) -> str:
+    """Point-in-time copies of disks in use: under the data path, beside the images, for reflinks.
+    The mount and ``mirenfs backup NAME`` use the same one."""
+    return os.path.join(data_path, "mirenfs", "clones")
+
+
+def copy_policy(options: list[str]) -> tuple[CopyPolicy, list[str]]:
+    """Take mirenfs's own ``freeze_budget=SECONDS`` and ``live_reads`` out of the ``-o`` options
+    (FUSE would refuse them); return the policy they set and the options left for FUSE."""
+    budget, live_reads, rest = DEFAULT_FREEZE_BUDGET_S, False, []
+    for option in options:
+        key, _, value = option.partition("=")
+        if key == LIVE_READS_OPTION and not value:
+            live_reads = True
+        elif key == FREEZE_BUDGET_OPTION:
+            try:
+                budget = float(value)
+            except ValueError:
+                budget = -1.0
+            if not 0 <= budget <= 600:
+                raise MirenfsError(
+                    f"-o {option}: the freeze budget is a number of seconds from 0 (never freeze) to 600, "
+                    f"e.g. {FREEZE_BUDGET_OPTION}={DEFAULT_FREEZE_BUDGET_S:g}"
+                )
+        else:
+            rest.append(option)
+    return CopyPolicy(freeze_budget_s=budget, live_reads=live_reads), rest
+
+
+def frame_store_limit(options: list[str]) -> tuple[int | None, list[str]]:
+    """Take mirenfs's own ``frame_store_size=SIZE`` out of the ``-o`` options (FUSE would refuse
+    it); return the size it sets (None when absent) and the options left for FUSE."""
+    limit: int | None = None
+    rest = []
+    for option in options:
+        key, _, value = option.partition("=")
+        if key != FRAME_STORE_OPTION:
+            rest.append(option)
+            continue
+        cleaned = value.strip().upper().removesuffix("IB").removesuffix("B")
+        unit = cleaned[-1:] if cleaned[-1:] in _SIZE_UNITS else ""
+        number = cleaned[: len(cleaned) - len(unit)]
+        if not number.isdigit():
+            raise MirenfsError(
+                f"-o {option}: the frame store size is a size such as 8G, 500M or 0 (no store)"
+            )
+        limit = int(number) * _SIZE_UNITS[unit]
+    return limit, rest
+
+
 @dataclass
 class MountConfig:
     mountpoint: str
     data_path: str
     allow_overwrite: bool = False
+    index_at_mount: bool = False  # start every disk's index pass in the background once mounted
     fuse_options: list[str] = field(default_factory=list)
     settings: Settings = field(default_factory=Settings)
     spill_limit: int = DEFAULT_SPILL_LIMIT
+    copy_policy: CopyPolicy = field(default_factory=CopyPolicy)
+    frame_store_limit: int = DEFAULT_FRAME_STORE_LIMIT  # bytes; 0: no frame store
+
+    def __post_init__(self) -> None:
+        # -o frame_store_size=SIZE is mirenfs's, not FUSE's, whoever built this config.
+        limit, self.fuse_options = frame_store_limit(self.fuse_options)
+        if limit is not None:
+            self.frame_store_limit = limit
 
     @property
     def shared(self) -> bool:
@@ -51,6 +118,15 @@ class MountConfig:
     def state_directory(self) -> str:
         """mirenfs's own files under the data path: index cache and spilled frames."""
         return os.path.join(self.data_path, "mirenfs")
+
+    @property
+    def clone_directory(self) -> str:
+        return clone_directory_of(self.data_path)
+
+    @property
+    def frame_store_directory(self) -> str:
+        """Compressed frames by chunk fingerprint, kept across mounts (bounded by ``frame_store_limit``)."""
+        return os.path.join(self.state_directory, "frames")
 
     def kernel_options(self) -> set[str]:
         # The data path as the source, as in fstab, so `mount -a` sees the line is mounted.

@@ -42,7 +42,14 @@ from mirenfs.mount.restoredir import (
     RestoreEntry,
     RestoreWriter,
 )
-from mirenfs.mount.status import INDEX_PASSES_XATTR, SNAPSHOT_XATTRS, STATE_XATTR, STATUS_XATTR, mount_status
+from mirenfs.mount.status import (
+    CONSISTENCY_XATTR,
+    INDEX_PASSES_XATTR,
+    SNAPSHOT_XATTRS,
+    STATE_XATTR,
+    STATUS_XATTR,
+    mount_status,
+)
 from mirenfs.mount.versions import SnapshotService, sidecar_size, sidecar_text
 
 log = logging.getLogger(__name__)
@@ -118,7 +125,9 @@ class MirenOperations(pyfuse3.Operations):
             entry = (await self.catalog.disks()).get(parsed[0])
         if parsed is None or entry is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        version = await self.service.version(entry.name, entry.image_path, entry.filesystem)
+        version = await self.service.version(
+            entry.name, entry.image_path, entry.filesystem, attached=entry.attached
+        )
         return self.inodes.node_for(version, parsed[1])
 
     async def _node(self, inode: int) -> Node:
@@ -341,7 +350,9 @@ class MirenOperations(pyfuse3.Operations):
             return {}
         meta = node.version.meta
         values = (meta.name, str(meta.size_bytes), meta.filesystem, meta.timestamp.rfc3339(), meta.checksum)
-        return {name.encode(): value.encode() for name, value in zip(SNAPSHOT_XATTRS, values, strict=True)}
+        xattrs = {name.encode(): value.encode() for name, value in zip(SNAPSHOT_XATTRS, values, strict=True)}
+        xattrs[CONSISTENCY_XATTR.encode()] = str(node.version.consistency).encode()  # how it was taken
+        return xattrs
 
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:

@@ -32,12 +32,14 @@ from mirenfs.disks.restore import DiskRestore
 from mirenfs.disks.rules import RestoreTarget, prepare_restore
 from mirenfs.disks.store import Store
 from mirenfs.errors import MirenfsError, RestoreRefused
+from mirenfs.mount.openfiles import held_open
 
 log = logging.getLogger(__name__)
 
 SNAPSHOT_SUFFIX = ".mirn"
 SIDECAR_SUFFIX = ".mirn.sha256"
-NESTED_DIRECTORY = "restore"  # ./restore of a whole-mount archive: accepted, everything in it ignored
+RESTORE_DIRECTORY = "restore"  # its name in the mount's root
+NESTED_DIRECTORY = RESTORE_DIRECTORY  # ./restore of a whole-mount archive: accepted, everything in it ignored
 # Miren's own backup files: NAME-YYYYMMDD-HHMMSS.miren.zst (and NAME.miren.zst).
 _MIREN_BACKUP = re.compile(r"(?P<name>.+?)(?:-\d{8}-\d{6})?\.miren\.zst")
 # rsync's temporary file for NAME: .NAME.XXXXXX
@@ -144,6 +146,7 @@ class RestoreDirectory:
         allocate_inode: Callable[[], int],
         owner_uid: int = -1,
         on_installed: Callable[[str], None] | None = None,
+        mountpoint: str | None = None,
     ) -> None:
         self.store = store
         self.data_path = data_path
@@ -151,6 +154,7 @@ class RestoreDirectory:
         self._allocate_inode = allocate_inode
         self.owner_uid = os.getuid() if owner_uid < 0 else owner_uid
         self._on_installed = on_installed
+        self.mountpoint = mountpoint  # where writers' descriptors point (see :meth:`flush`)
         self.entries: dict[str, RestoreEntry] = {}
         self.by_inode: dict[int, RestoreEntry] = {}
         self.ignored: dict[int, IgnoredNode] = {}
@@ -266,9 +270,13 @@ class RestoreDirectory:
 
         FUSE cannot tell the writer's last close from another one: a process
         that forks while writing (its child's close-on-exec), or dd, which
-        dup2s its output and closes the original. So an incomplete stream
-        (an empty one too) answers EIO to the close in hand — a short or
-        empty ``cp`` exits non-zero — and stays open for more writes; the
+        dup2s its output and closes the original. So when the stream is
+        incomplete (or empty), the mount looks whether any process still
+        holds the file open: if one does, the close in hand gets EIO and the
+        restore stays open for more writes; if none does, this was the last
+        close and the restore ends now, so that a short ``cp`` finds the disk
+        exactly as it was when its close returns. Without a mount point to
+        look at, an incomplete close always keeps the restore open; the
         release after the last close ends it.
         """
         entry = writer.entry
@@ -284,12 +292,23 @@ class RestoreDirectory:
                 await session.feed_pending()
             except BaseException as exc:
                 raise await self._fail(entry, exc) from None
-            if not session.complete:
+            if not session.complete and await self._held_elsewhere(entry):
                 what = "empty" if session.next_offset == 0 else f"closed after {session.next_offset} bytes"
-                raise RestoreRefused(
-                    f"restore/{entry.name} was {what}, before the snapshot was whole", errno.EIO
+                refusal = RestoreRefused(
+                    f"restore/{entry.name} was {what} by one of its writers; the restore goes on "
+                    "while another process holds it open",
+                    errno.EIO,
                 )
-            await self._finish(entry)
+                log.debug("%s", refusal)  # not a failure yet: the outcome gets its own line
+                refusal.reported = True
+                raise refusal
+            await self._finish(entry)  # whole: install; the last close of a partial one: fail it now
+
+    async def _held_elsewhere(self, entry: RestoreEntry) -> bool:
+        if self.mountpoint is None:
+            return True
+        path = os.path.join(self.mountpoint, RESTORE_DIRECTORY, entry.name)
+        return await trio.to_thread.run_sync(held_open, path)
 
     async def release(self, writer: RestoreWriter) -> None:
         """The last close: what arrived is all there is, so the restore ends now, either way."""

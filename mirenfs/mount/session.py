@@ -11,11 +11,13 @@ import pyfuse3
 import trio
 
 from mirenfs.disks.manage import sweep_interrupted_creations, sweep_stale_staging
+from mirenfs.disks.pointintime import sweep_leftovers
 from mirenfs.disks.store import Store
+from mirenfs.engine.framestore import FrameStore
 from mirenfs.engine.image import make_private_directory
-from mirenfs.errors import MountError
+from mirenfs.errors import MirenfsError, MountError
 from mirenfs.mount import notify
-from mirenfs.mount.catalog import StoreCatalog
+from mirenfs.mount.catalog import CatalogEntry, StoreCatalog
 from mirenfs.mount.config import MountConfig
 from mirenfs.mount.operations import MirenOperations
 from mirenfs.mount.restoredir import RestoreDirectory
@@ -37,12 +39,20 @@ def build_operations(config: MountConfig, nursery: trio.Nursery) -> MirenOperati
         log.info("removed %s, left over from an interrupted restore", path)
     for name in sweep_interrupted_creations(store):
         log.warning("removed disk %s: a restore that was creating it was interrupted", name)
+    leftovers = sweep_leftovers(config.clone_directory)  # copies and freezes a killed run left
+    for path in leftovers.removed:
+        log.info("removed %s, a point-in-time copy left over from an earlier run", path)
+    for filesystem in leftovers.thawed:
+        log.warning("thawed %s, left frozen by a mirenfs process that was killed", filesystem)
     cache = IndexCache(os.path.join(config.state_directory, "index"))
     service = SnapshotService(
         cache,
         config.settings,
         spill_directory=os.path.join(config.state_directory, "spill"),
         spill_limit=config.spill_limit,
+        clone_directory=config.clone_directory,
+        copy_policy=config.copy_policy,
+        frame_store=frame_store_of(config),
     )
 
     def restores(allocate_inode: Callable[[], int]) -> RestoreDirectory:
@@ -52,11 +62,19 @@ def build_operations(config: MountConfig, nursery: trio.Nursery) -> MirenOperati
             allow_overwrite=config.allow_overwrite,
             allocate_inode=allocate_inode,
             on_installed=service.forget,  # the replaced image and its old snapshot are let go at once
+            mountpoint=config.mountpoint,
         )
 
     return MirenOperations(
         StoreCatalog(store), service, shared=config.shared, restores=restores, nursery=nursery
     )
+
+
+def frame_store_of(config: MountConfig) -> FrameStore | None:
+    """The mount's frame store (-o frame_store_size=0: none); it reads its directory on first use."""
+    if config.frame_store_limit <= 0:
+        return None
+    return FrameStore(config.frame_store_directory, config.frame_store_limit, config.settings.key())
 
 
 async def serve(config: MountConfig, *, ready: Callable[[], None] | None = None) -> None:
@@ -82,6 +100,8 @@ async def _serve_session(config: MountConfig, ready: Callable[[], None] | None) 
         _init_session(operations, config)
         try:
             nursery.start_soon(_announce_ready, config, ready)
+            if config.index_at_mount:
+                nursery.start_soon(_index_every_disk, operations)
             await pyfuse3.main()  # until unmounted, or cancelled by a signal
         finally:
             nursery.cancel_scope.cancel()  # read-ahead and the announcement end with the session
@@ -110,6 +130,26 @@ def _init_session(operations: MirenOperations, config: MountConfig) -> None:
             "and fusermount3 (Debian's fuse3 package); with -o allow_other, also user_allow_other "
             "in /etc/fuse.conf"
         ) from None
+
+
+async def _index_every_disk(operations: MirenOperations) -> None:
+    """``--index-at-mount``: the passes a first ``stat`` would wait for, started now (two at a
+    time, as always); ``mirenfs status`` shows their progress."""
+    disks = await operations.catalog.disks(fresh=True)
+    log.info("starting the index passes of %d disks in the background", len(disks))
+    async with trio.open_nursery() as passes:
+        for entry in disks.values():
+            passes.start_soon(_index_one, operations.service, entry)
+
+
+async def _index_one(service: SnapshotService, entry: CatalogEntry) -> None:
+    try:
+        await service.version(entry.name, entry.image_path, entry.filesystem, attached=entry.attached)
+    except MirenfsError as exc:
+        if not exc.reported:  # a refused point-in-time copy has said why already
+            log.warning("the index pass of disk %s, started at mount, failed: %s", entry.name, exc)
+    except Exception as exc:  # the first stat of that snapshot will say it again, to whoever asks
+        log.warning("the index pass of disk %s, started at mount, failed: %s", entry.name, exc)
 
 
 async def _announce_ready(config: MountConfig, ready: Callable[[], None] | None) -> None:

@@ -2,8 +2,11 @@
 
 No pyfuse3: the CLI imports the names from here to ask a running mount.
 The JSON is ``{"pid", "index_passes", "disks": {NAME: {"index": "building",
-"done", "total"} | {"index": "ready", "snapshot_bytes", "checksum"} |
-{"index": "not built"}}, "restores": [{"name", "disk", "state", "bytes"}]}``.
+"done", "total"} | {"index": "ready", "snapshot_bytes", "checksum",
+"consistency"[, "frozen_ms"]} | {"index": "refused", "reason"} | {"index": "not
+built"}}, "restores": [{"name", "disk", "state", "bytes"}]}``. ``consistency``
+is how the snapshot was taken (``offline``, ``frozen``, ``crash-consistent``,
+``live``), as the xattr ``user.mirenfs.consistency`` on ``NAME.mirn`` says.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from mirenfs.mount.versions import SnapshotService
 STATUS_XATTR = "user.mirenfs.status"  # on the mount's root: the JSON above
 INDEX_PASSES_XATTR = "user.mirenfs.index_passes"  # on the mount's root: a count
 STATE_XATTR = "user.mirenfs.state"  # on an entry of restore/: receiving, installed, failed: REASON
+CONSISTENCY_XATTR = "user.mirenfs.consistency"  # on NAME.mirn: offline, frozen, crash-consistent, live
 SNAPSHOT_XATTRS = (  # on NAME.mirn: the header's fields
     "user.mirn.name",
     "user.mirn.size_bytes",
@@ -38,7 +42,16 @@ def mount_status(
             disks[name] = {"index": "building", "done": progress.done, "total": progress.total}
         elif version is not None:
             checksum = version.meta.checksum
-            disks[name] = {"index": "ready", "snapshot_bytes": version.size, "checksum": checksum}
+            disks[name] = {
+                "index": "ready",
+                "snapshot_bytes": version.size,
+                "checksum": checksum,
+                "consistency": str(version.consistency),
+            }
+            if version.frozen_s is not None:
+                disks[name]["frozen_ms"] = round(version.frozen_s * 1000, 1)
+        elif name in service.refused:
+            disks[name] = {"index": "refused", "reason": str(service.refused[name][1])}
         else:
             disks[name] = {"index": "not built"}
     return {

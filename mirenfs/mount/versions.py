@@ -13,23 +13,40 @@ import contextlib
 import hashlib
 import logging
 import os
+import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 
-from mirenfs.disks.live import may_change_while_read
-from mirenfs.engine.image import FdImageSource, ImageIdentity, OpenImage, ensure_unchanged
+from mirenfs.disks.live import image_is_live
+from mirenfs.disks.pointintime import Consistency, CopyPolicy, PointInTime, take_point_in_time
+from mirenfs.engine.framestore import FrameStore
+from mirenfs.engine.image import FdImageSource, ImageIdentity, ensure_unchanged
 from mirenfs.engine.produce import (
     FrameSpill,
     Settings,
     SnapshotIndex,
     SnapshotProducer,
+    StaleIndexError,
     build_index,
     snapshot_meta,
 )
+from mirenfs.errors import LiveCheckError, PointInTimeError
 from mirenfs.format.header import Meta
 
 log = logging.getLogger("mirenfs.snapshots")
+
+POINT_IN_TIME_REUSE_S = 60.0  # a copy of a disk in use stands for it this long (see version())
+REFUSAL_MEMORY_S = 5.0  # a refused copy is not tried again for this long (one log line, one calibration)
+
+
+def _image_in_use(image_path: str) -> bool:
+    """A loop device backs the image; when that cannot be told, assume it does."""
+    try:
+        return image_is_live(image_path)
+    except LiveCheckError:
+        return True
 
 
 class IndexCache:
@@ -64,6 +81,11 @@ class IndexCache:
             return None
         try:
             index = SnapshotIndex.from_bytes(body)
+        except StaleIndexError as exc:
+            log.info(
+                "index cache %s for %s is from another version (%s); rebuilding it", path, image_path, exc
+            )
+            return None
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("index cache %s for %s is corrupt (%s); rebuilding it", path, image_path, exc)
             return None
@@ -100,7 +122,13 @@ class IndexCache:
 
 @dataclass(eq=False)
 class DiskVersion:
-    """One immutable snapshot of one disk: what ``NAME.mirn`` shows until the image changes."""
+    """One immutable snapshot of one disk: what ``NAME.mirn`` shows until the image changes.
+
+    ``fd`` reads the image itself, or, for a disk in use, its point-in-time
+    copy (``consistency`` says which): an anonymous file whose space returns
+    when :meth:`close` closes it, once the version is superseded and unused.
+    ``identity`` is the image's as of the snapshot's instant.
+    """
 
     name: str
     filesystem: str
@@ -113,6 +141,10 @@ class DiskVersion:
     handles: int = 0
     superseded: bool = False
     _sidecar_lock: trio.Lock = field(default_factory=trio.Lock)
+    consistency: Consistency = Consistency.OFFLINE
+    is_copy: bool = False  # fd is a point-in-time copy, not the image
+    frozen_s: float | None = None  # how long the disk's filesystem stayed frozen for the copy
+    taken_at: float = field(default_factory=time.monotonic)
 
     @property
     def meta(self) -> Meta:
@@ -169,11 +201,20 @@ class SnapshotService:
         *,
         spill_directory: str,
         spill_limit: int,
+        clone_directory: str | None = None,
+        copy_policy: CopyPolicy | None = None,
+        frame_store: FrameStore | None = None,
     ) -> None:
         self.cache = cache
         self.settings = settings
+        # Frames by chunk fingerprint, kept across mounts; with it, a pass needs no spill file.
+        self.frame_store = frame_store
         self.spill_directory = spill_directory
         self.spill_limit = spill_limit
+        # Point-in-time copies of disks in use live here (same filesystem as the images, for reflinks).
+        self.clone_directory = clone_directory or os.path.join(os.path.dirname(spill_directory), "clones")
+        self.copy_policy = copy_policy or CopyPolicy()
+        self.refused: dict[str, tuple[float, PointInTimeError]] = {}  # name: (when, why), for a while
         self.index_passes = 0
         self.progress: dict[str, IndexProgress] = {}
         self._current: dict[str, DiskVersion] = {}
@@ -186,12 +227,24 @@ class SnapshotService:
     def current(self, name: str) -> DiskVersion | None:
         return self._current.get(name)
 
-    async def version(self, name: str, image_path: str, filesystem: str) -> DiskVersion:
-        """The version matching the image as it is now, building it if needed."""
+    async def version(
+        self, name: str, image_path: str, filesystem: str, *, attached: bool = False
+    ) -> DiskVersion:
+        """The version matching the image as it is now, building it if needed.
+
+        A disk in use changes all the time (a freeze alone writes to it): its
+        point-in-time version stays current for ``POINT_IN_TIME_REUSE_S`` while
+        the disk stays in use, instead of a freeze and an index pass per lookup.
+        ``attached``: the store says the disk is in use, whatever the loop devices say.
+        """
         identity = await trio.to_thread.run_sync(ImageIdentity.of, image_path)
         while True:
             existing = self._current.get(name)
-            if existing is not None and existing.identity == identity and existing.filesystem == filesystem:
+            if (
+                existing is not None
+                and existing.filesystem == filesystem
+                and (existing.identity == identity or await self._copy_still_current(existing, attached))
+            ):
                 return existing
             key = (name, identity, filesystem)
             building = self._building.get(key)
@@ -200,9 +253,14 @@ class SnapshotService:
             await building.done.wait()  # another request runs this pass: share its result
             if building.error is not None:
                 raise building.error
+        refused = self.refused.get(name)
+        if refused is not None and time.monotonic() - refused[0] < REFUSAL_MEMORY_S:
+            again = PointInTimeError(str(refused[1]), refused[1].why)
+            again.reported = True  # logged once: no second freeze attempt or log line for a while
+            raise again
         building = self._building[key] = _Build()
         try:
-            version = await self._build(name, image_path, filesystem)
+            version = await self._build(name, image_path, filesystem, attached=attached)
         except Exception as exc:
             building.error = exc
             raise
@@ -212,7 +270,14 @@ class SnapshotService:
         self._install(version)
         return version
 
+    async def _copy_still_current(self, version: DiskVersion, attached: bool) -> bool:
+        """Whether a point-in-time version of a disk still in use may stand for it now."""
+        if not version.is_copy or time.monotonic() - version.taken_at > POINT_IN_TIME_REUSE_S:
+            return False
+        return attached or await trio.to_thread.run_sync(_image_in_use, version.image_path)
+
     def _install(self, version: DiskVersion) -> None:
+        self.refused.pop(version.name, None)
         old = self._current.get(version.name)
         self._current[version.name] = version
         if old is not None:
@@ -245,26 +310,51 @@ class SnapshotService:
     def spill_in_use(self) -> int:
         return sum(v.spill_bytes for v in self._current.values() if v.fd >= 0)
 
-    async def _build(self, name: str, image_path: str, filesystem: str) -> DiskVersion:
-        image = await trio.to_thread.run_sync(OpenImage.open, image_path)
-        fd, identity, source = image.fd, image.identity, image.source(self.settings)
+    async def _take(self, name: str, image_path: str, *, attached: bool) -> PointInTime:
+        """The image, or a point-in-time copy of a disk in use; a refusal is logged once and remembered."""
         try:
-            key = identity.cache_key(self.settings.key())
-            cached = await trio.to_thread.run_sync(self.cache.load, image_path, key)
+            taken = await trio.to_thread.run_sync(
+                partial(
+                    take_point_in_time,
+                    name,
+                    image_path,
+                    attached=attached,
+                    clone_directory=self.clone_directory,
+                    policy=self.copy_policy,
+                )
+            )
+        except PointInTimeError as exc:
+            log.warning("%s", exc)
+            exc.reported = True
+            self.refused[name] = (time.monotonic(), exc)
+            raise
+        if taken.warning:
+            log.warning("%s", taken.warning)
+        if taken.consistency is not Consistency.OFFLINE:
+            log.info("snapshot of disk %s taken %s", name, taken.describe())
+        return taken
+
+    async def _build(self, name: str, image_path: str, filesystem: str, *, attached: bool) -> DiskVersion:
+        taken = await self._take(name, image_path, attached=attached)
+        image = taken.image
+        fd, identity, source = image.fd, taken.identity, image.source(self.settings)
+        try:
+            # A copy is gone after a restart: its index is never worth loading (the suffix never matches).
+            key = identity.cache_key(self.settings.key()) + (":point-in-time" if taken.is_copy else "")
+            cached = None
+            if not taken.is_copy:
+                cached = await trio.to_thread.run_sync(self.cache.load, image_path, key)
             spill: FrameSpill | None = None
             if cached is not None:
                 index, sidecar = cached
             else:
-                single_read = await trio.to_thread.run_sync(may_change_while_read, image_path)
-                if single_read:
-                    log.warning(
-                        "disk %s is live (a loop device backs it): its snapshot is not a point-in-time copy",
-                        name,
-                    )
+                single_read = taken.consistency is Consistency.LIVE
                 index, spill = await self._index_pass(name, source, single_read=single_read)
                 sidecar = None
                 after = await trio.to_thread.run_sync(os.fstat, fd)
-                if ImageIdentity.from_stat(after) == identity:
+                if taken.is_copy:
+                    pass  # nobody writes a copy: nothing to check, nothing worth caching
+                elif ImageIdentity.from_stat(after) == identity:
                     await trio.to_thread.run_sync(self.cache.save, image_path, key, index, None)
                 elif single_read:
                     log.warning("disk %s changed during its index pass; not caching that index", name)
@@ -273,18 +363,33 @@ class SnapshotService:
                         spill.close()
                     ensure_unchanged(fd, identity, image_path)  # raises: the two reads may disagree
             meta = snapshot_meta(name, filesystem, identity.size, identity.mtime_ns, index.checksum)
-            producer = SnapshotProducer(source, self.settings, meta, index, spill=spill)
+            producer = SnapshotProducer(
+                source, self.settings, meta, index, spill=spill, store=self.frame_store
+            )
         except BaseException:
             os.close(fd)
             raise
-        return DiskVersion(name, filesystem, image_path, identity, producer, key, fd, sidecar)
+        return DiskVersion(
+            name,
+            filesystem,
+            image_path,
+            identity,
+            producer,
+            key,
+            fd,
+            sidecar,
+            consistency=taken.consistency,
+            is_copy=taken.is_copy,
+            frozen_s=taken.frozen_s,
+        )
 
     async def _index_pass(
         self, name: str, source: FdImageSource, *, single_read: bool
     ) -> tuple[SnapshotIndex, FrameSpill | None]:
         async with self._pass_limit:
             limit = self.spill_limit - self.spill_in_use()
-            spill = self._new_spill(limit) if limit > 0 else None
+            # With a frame store the pass's frames are kept there, for this read and later ones.
+            spill = self._new_spill(limit) if limit > 0 and self.frame_store is None else None
             progress = self.progress[name] = IndexProgress(0, source.size)
             self.index_passes += 1
             log.info("index pass for disk %s started (%d bytes)", name, source.size)
@@ -299,6 +404,8 @@ class SnapshotService:
                     frame_sink=spill.append if spill is not None else None,
                     progress=advance,
                     single_read=single_read,
+                    store=self.frame_store,
+                    basis=self._basis(name),
                 )
             except BaseException:
                 if spill is not None:
@@ -306,8 +413,28 @@ class SnapshotService:
                 raise
             finally:
                 self.progress.pop(name, None)
-            log.info("index pass for disk %s done (checksum %s)", name, index.checksum)
+            self._log_pass(name, index)
             return index, spill
+
+    def _basis(self, name: str) -> SnapshotIndex | None:
+        """The index of the disk's version before this one: hashing resumes after the chunks
+        that still hold the same bytes (build_index checks that, chunk by chunk)."""
+        current = self._current.get(name)
+        return current.producer.layout.index if current is not None else None
+
+    def _log_pass(self, name: str, index: SnapshotIndex) -> None:
+        data_chunks = index.frame_count - sum(index.zero_chunks)
+        log.info(
+            "index pass for disk %s done (checksum %s; %d of %d data chunks compressed%s; "
+            "hashed from chunk %d of %d)",
+            name,
+            index.checksum,
+            index.compressed,
+            data_chunks,
+            ", the others from the frame store" if self.frame_store is not None else "",
+            index.hashed_from,
+            index.frame_count,
+        )
 
     def _new_spill(self, limit: int) -> FrameSpill | None:
         try:
@@ -327,6 +454,8 @@ class SnapshotService:
 
                 await version.producer.copy_to(update)
                 version.sidecar = digest.hexdigest()
+                if version.is_copy:
+                    return version.sidecar  # a copy's index is never cached (see _build)
                 await trio.to_thread.run_sync(
                     self.cache.save,
                     version.image_path,

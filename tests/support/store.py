@@ -1,67 +1,33 @@
-"""Helpers for the disk store tests: running the CLI in-process, recording everything
-a refusal must leave unchanged, loop devices that are always detached, and the
-worker of the two-process store test (importable by a spawned process)."""
+"""The disk store as tests see it: disks made and listed through the public CLI and library,
+everything a refusal must leave unchanged, and the worker of the two-process store test.
+
+``churn_store`` is imported by a spawned process: this module must stay
+importable on its own (no fixtures, no test modules).
+"""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import io
 import json
 import sqlite3
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mirenfs.cli import main
+from mirenfs.disks.manage import create_disk
+from mirenfs.disks.store import Store
 
-VECTORS = Path(__file__).parent / "vectors"
-GO_EXT4 = VECTORS / "go-ext4.mirn"
-GO_EXT4_SHA = "f7fd4f76f15bb25b86bdda3f0e95569bfc2ee7776c12cd046b6d641eca34bdf6"
-GO_EXT4_SIZE = 16777216
-GO_ODD = VECTORS / "go-odd.mirn"
-GO_ODD_SHA = "e74c5dbb36aa7650aac738ad78e49637c0f1baf13afb6465014b06d35bdfd6b5"
-GO_ODD_SIZE = 1000003
-
-BAD_NAMES = ["../x", "a/b", ".hidden", "", "x" * 64, "sp ace"]
+from support.data import sha256_file
+from support.runners import ok, run_cli
 
 
-@dataclass(frozen=True)
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-def run_cli(*args: str | Path) -> Result:
-    """``mirenfs ARGS`` in this process, capturing stdout and stderr; argparse exits become codes."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main([str(arg) for arg in args])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return Result(code, out.getvalue(), err.getvalue())
-
-
-def ok(*args: str | Path) -> Result:
-    result = run_cli(*args)
-    assert result.code == 0, f"mirenfs {' '.join(map(str, args))} failed: {result.err}"
-    return result
+def make_disk(data: Path, name: str, size: int = 16 << 20, filesystem: str = "ext4") -> str:
+    """A disk of the store at ``data`` with a formatted image; returns the image path."""
+    return create_disk(Store(str(data)), name, size_bytes=size, filesystem=filesystem).image_path
 
 
 def disks(data_path: Path) -> dict[str, dict[str, Any]]:
     """``disk list --json`` by disk name."""
     listed = json.loads(ok("disk", "list", "--json", "--data-path", data_path).out)
     return {entry["name"]: entry for entry in listed}
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def store_state(data_path: Path) -> dict[str, Any]:
@@ -74,20 +40,16 @@ def store_state(data_path: Path) -> dict[str, Any]:
             for table in ("disks", "volumes", "leases"):
                 rows[table] = sorted(db.execute(f"SELECT * FROM {table}").fetchall())
         except sqlite3.DatabaseError:  # not a database (a test broke it on purpose): its bytes, then
-            rows = {"raw": [(file_sha256(database),)]}
+            rows = {"raw": [(sha256_file(database),)]}
         finally:
             db.close()
     files = {
-        str(path.relative_to(data_path)): file_sha256(path)
+        str(path.relative_to(data_path)): sha256_file(path)
         for path in sorted(data_path.rglob("*"))
         if path.is_file() and not path.name.startswith("mirenfs.db")
     }
     directories = sorted(str(path.relative_to(data_path)) for path in data_path.rglob("*") if path.is_dir())
     return {"rows": rows, "files": files, "directories": directories}
-
-
-def staging_files(data_path: Path) -> list[Path]:
-    return sorted(data_path.rglob("*.restore.tmp"))
 
 
 STATUS_CYCLE = ("detached", "attached", "error", "provisioned")

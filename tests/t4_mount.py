@@ -14,7 +14,9 @@ import pytest
 
 from mirenfs.format.header import decode_header
 
-from conftest import run_mirenfs, wait_for, write_image
+from support.data import write_image
+from support.mounts import wait_for
+from support.runners import run_mirenfs
 
 
 def add_disk(data: Path, name: str, image: Path) -> None:
@@ -154,6 +156,7 @@ def test_tar_rsync_sha256sum_and_xattrs(tmp_path: Path, disks, mounts, need_tool
         "user.mirn.filesystem": '"ext4"',
         "user.mirn.timestamp": f'"{header.timestamp.rfc3339()}"',
         "user.mirn.checksum": f'"{header.checksum}"',
+        "user.mirenfs.consistency": '"offline"',
     }
 
 
@@ -173,7 +176,7 @@ def test_dd_reads_at_odd_block_sizes(tmp_path: Path, disks, mounts) -> None:
 def test_corrupt_index_cache_is_rebuilt(tmp_path: Path, disks, mounts) -> None:
     data, _ = disks
     mnt = tmp_path / "mnt"
-    mount = mounts(mnt, data)
+    mount = mounts(mnt, data, expect_log=[r"index cache .*\.idx for .*web\.img is corrupt .*; rebuilding it"])
     expected = (mnt / "web.mirn").read_bytes()
     mount.stop()
     caches = list((data / "mirenfs" / "index").glob("*.idx"))
@@ -225,7 +228,8 @@ def test_concurrent_readers_of_different_disks(tmp_path: Path, disks, mounts) ->
 def test_changed_image_shows_a_new_snapshot(tmp_path: Path, disks, mounts) -> None:
     data, _ = disks
     mnt = tmp_path / "mnt"
-    mounts(mnt, data)
+    # The old handle may get EIO (below), which the daemon logs.
+    mounts(mnt, data, expect_log=[r"the image changed since its snapshot index was built"])
     snapshot = mnt / "pg.mirn"
     old = snapshot.read_bytes()
     old_checksum = os.getxattr(snapshot, "user.mirn.checksum")

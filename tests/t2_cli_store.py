@@ -5,61 +5,22 @@ the images. Every refusal checks its message and that nothing changed."""
 from __future__ import annotations
 
 import multiprocessing
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from store_fixtures import (
-    BAD_NAMES,
-    GO_EXT4,
-    GO_EXT4_SHA,
-    GO_EXT4_SIZE,
-    GO_ODD,
-    GO_ODD_SHA,
-    GO_ODD_SIZE,
-    churn_store,
-    disks,
-    file_sha256,
-    ok,
-    run_cli,
-    staging_files,
-    store_state,
-)
 
-from mirenfs.cli.common import DATA_PATH_ENV, DEFAULT_DATA_PATH, resolve_data_path
+from mirenfs.cli.common import DATA_PATH_ENV, DEFAULT_DATA_PATH, data_path_from
 from mirenfs.disks import live as disks_module
 from mirenfs.disks.manage import sweep_stale_staging as remove_stale_staging
 from mirenfs.disks.store import Store
 from mirenfs.engine.fstype import detect_filesystem
 from mirenfs.format.header import read_header
 
-from conftest import loop_device
-
-
-@pytest.fixture
-def data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.delenv(DATA_PATH_ENV, raising=False)
-    return tmp_path / "data"
-
-
-@pytest.fixture
-def ext4_disk(data: Path) -> Path:
-    """Disk ``disk-ext4`` restored from Go's vector (a new disk); returns its image path."""
-    result = ok("restore", GO_EXT4, "--data-path", data)
-    assert "restored disk disk-ext4 (new disk)" in result.out
-    return Path(disks(data)["disk-ext4"]["image_path"])
-
-
-def refused(expected_code_text: str, *args: str | Path) -> str:
-    result = run_cli(*args)
-    assert result.code == 1, f"expected a refusal, got {result.code}: {result.out}{result.err}"
-    assert result.err.startswith("mirenfs: error: ") and result.err.count("\n") == 1, result.err
-    assert expected_code_text in result.err, result.err
-    return result.err
-
+from support.data import BAD_NAMES, sha256_file, staging_files
+from support.runners import ok, refused, run_cli, run_mirenfs
+from support.store import churn_store, disks, store_state
+from support.vectors import GO_EXT4, GO_ODD
 
 # --- backup by name, restore into a new name, --force ---
 
@@ -67,12 +28,12 @@ def refused(expected_code_text: str, *args: str | Path) -> str:
 def test_restore_into_a_new_disk_takes_name_size_and_filesystem_from_the_header(
     data: Path, ext4_disk: Path
 ) -> None:
-    assert file_sha256(ext4_disk) == GO_EXT4_SHA
+    assert sha256_file(ext4_disk) == GO_EXT4.sha256
     entry = disks(data)["disk-ext4"]
     assert (entry["status"], entry["filesystem"], entry["size_bytes"]) == (
         "provisioned",
         "ext4",
-        GO_EXT4_SIZE,
+        GO_EXT4.size_bytes,
     )
     assert entry["volume_status"] == "provisioned" and entry["leases"] == []
     assert ext4_disk == data / "disk-data" / "volumes" / entry["volume_id"] / "disk.img"
@@ -92,42 +53,45 @@ def test_backup_by_name_gives_the_engine_bytes_and_restores_under_a_new_name(
     assert (meta.name, meta.filesystem, meta.size_bytes, meta.checksum) == (
         "disk-ext4",
         "ext4",
-        GO_EXT4_SIZE,
-        GO_EXT4_SHA,
+        GO_EXT4.size_bytes,
+        GO_EXT4.sha256,
     )
 
     result = ok("restore", by_name, "--name", "copy", "--data-path", data)
     assert "restored disk copy (new disk)" in result.out
     copy = disks(data)["copy"]
-    assert file_sha256(copy["image_path"]) == GO_EXT4_SHA
+    assert sha256_file(copy["image_path"]) == GO_EXT4.sha256
     assert copy["image_path"] != str(ext4_disk)
-    assert file_sha256(ext4_disk) == GO_EXT4_SHA
+    assert sha256_file(ext4_disk) == GO_EXT4.sha256
 
 
 def test_force_replaces_an_existing_disk_and_updates_its_record(data: Path, ext4_disk: Path) -> None:
     volume_id = disks(data)["disk-ext4"]["volume_id"]
-    result = ok("restore", GO_ODD, "--name", "disk-ext4", "--force", "--data-path", data)
+    result = ok("restore", GO_ODD.path, "--name", "disk-ext4", "--force", "--data-path", data)
     assert "restored disk disk-ext4 (image replaced)" in result.out
     entry = disks(data)["disk-ext4"]
-    assert file_sha256(ext4_disk) == GO_ODD_SHA
-    assert (entry["size_bytes"], entry["filesystem"], entry["volume_id"]) == (GO_ODD_SIZE, "xfs", volume_id)
+    assert sha256_file(ext4_disk) == GO_ODD.sha256
+    assert (entry["size_bytes"], entry["filesystem"], entry["volume_id"]) == (
+        GO_ODD.size_bytes,
+        "xfs",
+        volume_id,
+    )
     assert sorted(disks(data)) == ["disk-ext4"]
     assert staging_files(data) == []
 
 
 def test_restore_from_stdin_with_the_console_script(data: Path, tmp_path: Path) -> None:
-    script = Path(sys.executable).parent / "mirenfs"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "mirenfs"]
-    done = subprocess.run(
-        [*command, "restore", "-", "--name", "piped"],
-        input=GO_ODD.read_bytes(),
-        capture_output=True,
+    done = run_mirenfs(
+        "restore",
+        "-",
+        "--name",
+        "piped",
+        input=GO_ODD.path.read_bytes(),
         timeout=60,
-        env={**os.environ, DATA_PATH_ENV: str(data)},
-        check=False,
+        env={DATA_PATH_ENV: str(data)},
     )
     assert done.returncode == 0, done.stderr
-    assert file_sha256(disks(data)["piped"]["image_path"]) == GO_ODD_SHA
+    assert sha256_file(disks(data)["piped"]["image_path"]) == GO_ODD.sha256
 
 
 # --- refusals: each checks its message and that nothing changed ---
@@ -136,12 +100,18 @@ def test_restore_from_stdin_with_the_console_script(data: Path, tmp_path: Path) 
 def test_existing_image_without_force_is_refused(data: Path, ext4_disk: Path) -> None:
     before = store_state(data)
     error = refused(
-        "disk disk-ext4 already has an image", "restore", GO_ODD, "--name", "disk-ext4", "--data-path", data
+        "disk disk-ext4 already has an image",
+        "restore",
+        GO_ODD.path,
+        "--name",
+        "disk-ext4",
+        "--data-path",
+        data,
     )
     assert "--force" in error
-    refused("already has an image", "restore", GO_EXT4, "--data-path", data)  # the header's name
+    refused("already has an image", "restore", GO_EXT4.path, "--data-path", data)  # the header's name
     assert store_state(data) == before
-    assert file_sha256(ext4_disk) == GO_EXT4_SHA
+    assert sha256_file(ext4_disk) == GO_EXT4.sha256
 
 
 def test_deleting_disk_refuses_backup_and_restore(data: Path, ext4_disk: Path, tmp_path: Path) -> None:
@@ -153,7 +123,7 @@ def test_deleting_disk_refuses_backup_and_restore(data: Path, ext4_disk: Path, t
     refused(
         "disk disk-ext4 is being deleted",
         "restore",
-        GO_ODD,
+        GO_ODD.path,
         "--name",
         "disk-ext4",
         "--force",
@@ -169,41 +139,22 @@ def test_bound_lease_refuses_restore_until_released(data: Path, ext4_disk: Path)
     assert disks(data)["disk-ext4"]["leases"] == [{"id": lease_id, "status": "bound"}]
     before = store_state(data)
     error = refused(
-        "disk disk-ext4 is in use", "restore", GO_ODD, "--name", "disk-ext4", "--force", "--data-path", data
+        "disk disk-ext4 is in use",
+        "restore",
+        GO_ODD.path,
+        "--name",
+        "disk-ext4",
+        "--force",
+        "--data-path",
+        data,
     )
     assert f"lease {lease_id} is bound" in error and "lease release" in error
     assert store_state(data) == before
 
     assert "released lease" in ok("lease", "release", lease_id, "--data-path", data).out
     assert disks(data)["disk-ext4"]["leases"] == [{"id": lease_id, "status": "released"}]
-    ok("restore", GO_ODD, "--name", "disk-ext4", "--force", "--data-path", data)
-    assert file_sha256(ext4_disk) == GO_ODD_SHA
-
-
-def test_loop_attached_image_refuses_restore_and_backup_warns(
-    data: Path, ext4_disk: Path, tmp_path: Path
-) -> None:
-    before = store_state(data)
-    with loop_device(ext4_disk) as device:
-        error = refused(
-            "disk disk-ext4 is in use",
-            "restore",
-            GO_ODD,
-            "--name",
-            "disk-ext4",
-            "--force",
-            "--data-path",
-            data,
-        )
-        assert f"backs {device}" in error and "losetup -d" in error
-        assert store_state(data) == before
-        assert staging_files(data) == []
-
-        output = tmp_path / "live.mirn"
-        result = ok("backup", "disk-ext4", "-o", output, "--data-path", data)
-        assert "mirenfs: warning:" in result.err and device in result.err
-        assert ok("verify", output).code == 0
-    assert file_sha256(ext4_disk) == GO_EXT4_SHA
+    ok("restore", GO_ODD.path, "--name", "disk-ext4", "--force", "--data-path", data)
+    assert sha256_file(ext4_disk) == GO_ODD.sha256
 
 
 def test_unknown_liveness_fails_restore_closed_and_backup_warns(
@@ -214,7 +165,7 @@ def test_unknown_liveness_fails_restore_closed_and_backup_warns(
     refused(
         "cannot tell whether the image of disk disk-ext4 is in use",
         "restore",
-        GO_ODD,
+        GO_ODD.path,
         "--name",
         "disk-ext4",
         "--force",
@@ -230,7 +181,7 @@ def test_unknown_liveness_fails_restore_closed_and_backup_warns(
 def test_bad_names_are_refused_everywhere(data: Path, ext4_disk: Path, tmp_path: Path, name: str) -> None:
     before = store_state(data)
     message = "is not a valid disk name"
-    refused(message, "restore", GO_ODD, "--name", name, "--force", "--data-path", data)
+    refused(message, "restore", GO_ODD.path, "--name", name, "--force", "--data-path", data)
     refused(message, "backup", name, "-o", tmp_path / "bad.mirn", "--data-path", data)
     refused(message, "disk", "create", name, "--size", "4M", "--data-path", data)
     refused(message, "lease", "acquire", name, "--data-path", data)
@@ -248,17 +199,16 @@ def test_a_bad_name_in_the_header_is_refused(data: Path, ext4_disk: Path, tmp_pa
 
 
 def test_a_store_that_cannot_be_read_creates_nothing(data: Path) -> None:
-    data.mkdir()
     (data / "mirenfs.db").write_bytes(b"not a database at all" * 200)
     before = store_state(data)
-    refused("cannot open the disk store", "restore", GO_EXT4, "--data-path", data)
-    refused("cannot open the disk store", "restore", GO_EXT4, "--name", "other", "--data-path", data)
+    refused("cannot open the disk store", "restore", GO_EXT4.path, "--data-path", data)
+    refused("cannot open the disk store", "restore", GO_EXT4.path, "--name", "other", "--data-path", data)
     assert store_state(data) == before
     assert sorted(path.name for path in data.iterdir()) == ["mirenfs.db"]
 
 
 def test_a_failed_restore_into_a_new_name_leaves_no_disk(data: Path, ext4_disk: Path, tmp_path: Path) -> None:
-    whole = GO_EXT4.read_bytes()
+    whole = GO_EXT4.path.read_bytes()
     truncated = tmp_path / "truncated.mirn"
     truncated.write_bytes(whole[: len(whole) // 2])
     corrupt = tmp_path / "corrupt.mirn"
@@ -277,14 +227,14 @@ def test_a_failed_restore_into_a_new_name_leaves_no_disk(data: Path, ext4_disk: 
 def test_a_failed_restore_over_an_existing_disk_leaves_it_as_it_was(
     data: Path, ext4_disk: Path, tmp_path: Path
 ) -> None:
-    whole = GO_ODD.read_bytes()
+    whole = GO_ODD.path.read_bytes()
     truncated = tmp_path / "truncated.mirn"
     truncated.write_bytes(whole[: len(whole) - 100])
     before = store_state(data)
     result = run_cli("restore", truncated, "--name", "disk-ext4", "--force", "--data-path", data)
     assert result.code == 1
     assert store_state(data) == before
-    assert file_sha256(ext4_disk) == GO_EXT4_SHA
+    assert sha256_file(ext4_disk) == GO_EXT4.sha256
 
 
 def test_staging_leftovers_of_a_crash_are_removed(data: Path, ext4_disk: Path) -> None:
@@ -292,7 +242,7 @@ def test_staging_leftovers_of_a_crash_are_removed(data: Path, ext4_disk: Path) -
     leftover.write_bytes(b"a restore that crashed")
     assert remove_stale_staging(str(data)) == [str(leftover)]
     assert staging_files(data) == []
-    assert file_sha256(ext4_disk) == GO_EXT4_SHA
+    assert sha256_file(ext4_disk) == GO_EXT4.sha256
 
 
 # --- disk create / add / remove / set-status, leases ---
@@ -354,19 +304,19 @@ def test_disk_add_registers_an_image_that_remove_keeps(data: Path, ext4_disk: Pa
     assert (entry["image_path"], entry["filesystem"], entry["size_bytes"]) == (
         str(outside),
         "ext4",
-        GO_EXT4_SIZE,
+        GO_EXT4.size_bytes,
     )
     assert entry["managed_image"] is False
 
     backup = tmp_path / "pg.mirn"
     ok("backup", "pg", "-o", backup, "--data-path", data)
     with open(backup, "rb") as snapshot:
-        assert read_header(snapshot).checksum == GO_EXT4_SHA
+        assert read_header(snapshot).checksum == GO_EXT4.sha256
 
     result = ok("disk", "remove", "pg", "--data-path", data)
     assert "is kept" in result.out
     assert "pg" not in disks(data)
-    assert file_sha256(outside) == GO_EXT4_SHA
+    assert sha256_file(outside) == GO_EXT4.sha256
 
     refused(
         "cannot tell the filesystem", "disk", "add", "blank", "--image", _blank(tmp_path), "--data-path", data
@@ -378,26 +328,6 @@ def _blank(tmp_path: Path) -> Path:
     blank = tmp_path / "blank.img"
     blank.write_bytes(bytes(8192))
     return blank
-
-
-def test_disk_remove_deletes_a_managed_image_unless_the_disk_is_held(data: Path, ext4_disk: Path) -> None:
-    lease_id = ok("lease", "acquire", "disk-ext4", "--data-path", data).out.strip()
-    before = store_state(data)
-    refused("disk disk-ext4 is in use", "disk", "remove", "disk-ext4", "--data-path", data)
-    ok("lease", "release", lease_id, "--data-path", data)
-    ok("disk", "set-status", "disk-ext4", "attached", "--data-path", data)
-    refused("disk disk-ext4 is attached", "disk", "remove", "disk-ext4", "--data-path", data)
-    assert store_state(data)["files"] == before["files"]
-
-    ok("disk", "set-status", "disk-ext4", "detached", "--data-path", data)
-    with loop_device(ext4_disk):
-        refused("backs /dev/loop", "disk", "remove", "disk-ext4", "--data-path", data)
-    assert ext4_disk.exists()
-
-    result = ok("disk", "remove", "disk-ext4", "--data-path", data)
-    assert "removed disk disk-ext4 and its image" in result.out
-    assert disks(data) == {}
-    assert not ext4_disk.parent.exists()
 
 
 def test_status_changes_and_leases_through_the_cli(data: Path, ext4_disk: Path) -> None:
@@ -436,7 +366,7 @@ def test_backup_and_restore_argument_rules(data: Path, ext4_disk: Path, tmp_path
         "--data-path",
         data,
     )
-    refused("pick a disk of the store", "restore", GO_ODD, "--image", tmp_path / "i.img", "--name", "x")
+    refused("pick a disk of the store", "restore", GO_ODD.path, "--image", tmp_path / "i.img", "--name", "x")
     refused("there is no disk named nope", "backup", "nope", "-o", output, "--data-path", data)
     assert not output.exists()
 
@@ -444,14 +374,15 @@ def test_backup_and_restore_argument_rules(data: Path, ext4_disk: Path, tmp_path
 def test_data_path_flag_beats_environment_beats_default(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert resolve_data_path(None) == DEFAULT_DATA_PATH
+    assert data_path_from(None) == DEFAULT_DATA_PATH
     monkeypatch.setenv(DATA_PATH_ENV, str(tmp_path / "from-env"))
-    assert resolve_data_path(None) == str(tmp_path / "from-env")
-    assert resolve_data_path(str(data)) == str(data)
+    assert data_path_from(None) == str(tmp_path / "from-env")
+    assert data_path_from(str(data)) == str(data)
+    (tmp_path / "from-env").mkdir()  # a data path must exist: see the test below
 
-    ok("restore", GO_ODD, "--name", "env-disk")
+    ok("restore", GO_ODD.path, "--name", "env-disk")
     assert "env-disk" in disks(tmp_path / "from-env")
-    ok("restore", GO_ODD, "--name", "flag-disk", "--data-path", data)
+    ok("restore", GO_ODD.path, "--name", "flag-disk", "--data-path", data)
     assert sorted(disks(data)) == ["flag-disk"]
     assert sorted(Store(str(tmp_path / "from-env")).find_disk_by_name(n).name for n in ["env-disk"]) == [
         "env-disk"

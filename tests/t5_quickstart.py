@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_for
-
-REPO = Path(__file__).resolve().parents[1]
+from support.mounts import force_unmount, wait_for
+from support.runners import REPO
 
 
 def quick_start_commands() -> list[str]:
@@ -59,6 +58,7 @@ def test_make_demo_in_a_fresh_clone(clone: Path) -> None:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
+    mountpoint: Path | None = None
     try:
 
         def mounted() -> str | None:
@@ -81,6 +81,8 @@ def test_make_demo_in_a_fresh_clone(clone: Path) -> None:
         if make.poll() is None:
             os.killpg(make.pid, signal.SIGKILL)
             make.wait(timeout=30)
+        if mountpoint is not None:
+            force_unmount(mountpoint)  # a killed demo leaves its mount behind
 
 
 def test_make_test_in_a_fresh_clone(clone: Path) -> None:

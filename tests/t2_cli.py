@@ -1,4 +1,5 @@
-"""The image forms of the CLI, as a user runs them."""
+"""The CLI on plain files, as a user runs it: the image forms of backup, inspect, verify and
+restore, and the operator commands that refuse before anything is mounted."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import json
 import os
 from pathlib import Path
 
-from conftest import GO_VECTORS, run_mirenfs, sha256_file, staging_files, write_image
+from support.data import sha256_file, staging_files, write_image
+from support.runners import MIRENFS, run, run_cli, run_mirenfs
+from support.vectors import GO_VECTORS
 
 
 def test_backup_inspect_verify_restore(tmp_path: Path) -> None:
@@ -39,8 +42,10 @@ def test_stdout_backup_equals_file_backup(tmp_path: Path) -> None:
     image = tmp_path / "disk.img"
     write_image(image, [("data", 5 << 20), ("hole", 4 << 20), ("text", 12345)])
     snap = tmp_path / "disk.mirn"
-    assert run_mirenfs("backup", "--image", str(image), "-o", str(snap)).returncode == 0
-    piped = run_mirenfs("backup", "--image", str(image), "-o", "-")
+    assert (
+        run_mirenfs("backup", "--image", str(image), "--filesystem", "ext4", "-o", str(snap)).returncode == 0
+    )
+    piped = run_mirenfs("backup", "--image", str(image), "--filesystem", "ext4", "-o", "-")
     assert piped.returncode == 0, piped.stderr
     assert piped.stdout == snap.read_bytes()
 
@@ -82,7 +87,10 @@ def test_failed_backup_leaves_no_partial_output(tmp_path: Path) -> None:
 
     image = tmp_path / "disk.img"
     write_image(image, [("text", 1000)])
-    result = run_mirenfs("backup", "--image", str(image), "-o", str(tmp_path / "no-such-dir" / "x.mirn"))
+    missing_directory = tmp_path / "no-such-dir" / "x.mirn"
+    result = run_mirenfs(
+        "backup", "--image", str(image), "--filesystem", "ext4", "-o", str(missing_directory)
+    )
     assert result.returncode == 1
     assert b"cannot write" in result.stderr
     assert sorted(os.listdir(tmp_path)) == ["disk.img"]
@@ -93,3 +101,23 @@ def test_verify_reports_go_vectors_ok() -> None:
         result = run_mirenfs("verify", str(vector.path))
         assert result.returncode == 0, (vector.file, result.stderr)
         assert vector.sha256.encode() in result.stdout
+
+
+# --- demo and status: refused before anything is mounted ---
+
+
+def test_demo_refuses_a_directory_in_use(tmp_path: Path) -> None:
+    (tmp_path / "something").write_text("x")
+    result = run_cli("demo", tmp_path)
+    assert result.code == 1 and "not an empty directory" in result.err
+    assert os.listdir(tmp_path) == ["something"]
+
+
+def test_status_of_what_is_not_a_mirenfs_mount(tmp_path: Path) -> None:
+    result = run(MIRENFS, "status", tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"mirenfs: error: {tmp_path} is not a mirenfs mount"
+    result = run(MIRENFS, "status", "/proc")
+    assert result.returncode == 1 and "a proc filesystem is mounted there" in result.stderr
+    result = run(MIRENFS, "status", tmp_path / "missing")
+    assert result.returncode == 1 and "does not exist" in result.stderr

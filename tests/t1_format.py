@@ -12,7 +12,7 @@ from mirenfs import FORMAT_VERSION, MAGIC, Meta, Timestamp, read_header, write_h
 from mirenfs.errors import FormatError
 from mirenfs.format.header import HeaderParser, decode_header, go_json_string
 
-from conftest import VECTORS_DIR
+from support.vectors import VECTORS_DIR
 
 CASES = [json.loads(line) for line in (VECTORS_DIR / "headers.jsonl").read_text().splitlines()]
 CHECKSUM = "ab" * 32

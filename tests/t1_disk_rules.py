@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from store_fixtures import BAD_NAMES
 
 from mirenfs.disks import live as disks
 from mirenfs.disks.live import image_is_live
@@ -35,6 +34,8 @@ from mirenfs.errors import (
     LiveCheckError,
     MirenfsError,
 )
+
+from support.data import BAD_NAMES
 
 
 class StoreDown(Exception):

@@ -1,169 +1,42 @@
-"""Helpers for the operations tests (tests/test_ops.py).
+"""systemd as the tests need it, without systemd running as PID 1 on these machines.
 
-- Mounts and processes that are always taken down, even when a test fails or
-  a mount hangs (fusermount3, then an abort through the fuse control
-  filesystem and a lazy unmount; SIGTERM, then SIGKILL).
 - ``systemd/mirenfs.service`` read and expanded the way systemd does
-  (Environment=, EnvironmentFile=, ``$VAR``/``${VAR}``/``$$``), and run in a
-  sandbox built from the unit's own hardening settings: the capability
+  (Environment=, EnvironmentFile=, ``$VAR``/``${VAR}``/``$$``).
+- A datagram socket like systemd's $NOTIFY_SOCKET that records each message's
+  sender and whether the mount answered when it came.
+- A sandbox built from the unit's own hardening settings: the capability
   bounding set and no_new_privs (setpriv), the syscall filter, the address
-  families and RestrictNamespaces (seccomp through libseccomp), and the device
-  policy (a cgroup-v1 devices group). systemd does not run as PID 1 on these
-  machines, so this is how the unit's ExecStart is shown to work as written.
+  families and RestrictNamespaces (seccomp, in :mod:`support.sandbox_exec`),
+  and the device policy (a cgroup-v1 devices group). This is how the unit's
+  ExecStart is shown to work as written.
 
-Run as a script (``python ops_fixtures.py --sandbox CONFIG -- COMMAND…``) it
-is the sandbox's last step: join the cgroup, load the seccomp filter, exec.
+:meth:`Sandbox.cleanup` removes the cgroup it made; register it for teardown
+before :meth:`Sandbox.setup`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
-import errno
 import json
 import os
 import re
 import shlex
-import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-T = TypeVar("T")
+from support.mounts import is_mounted, wait_for
+from support.runners import MIRENFS, REPO
 
-REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "mirenfs.service"
 ENV_EXAMPLE = REPO / "systemd" / "mirenfs.env"
-VENV_BIN = Path(sys.executable).parent
-MIRENFS = VENV_BIN / "mirenfs"
-HELPER = VENV_BIN / "mount.mirenfs"
 SHIPPED_MIRENFS = "/usr/local/bin/mirenfs"
 SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-FUSECTL = Path("/sys/fs/fuse/connections")
 DEVICES_CGROUP = Path("/sys/fs/cgroup/devices")
-POLL_S = 0.01
-
-
-# ---- waiting ----------------------------------------------------------------
-
-
-def wait_until(predicate: Callable[[], T], what: str, timeout: float = 30) -> T:
-    """Poll ``predicate`` until it returns something true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(POLL_S)
-
-
-# ---- mounts -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Mount:
-    mountpoint: str
-    source: str
-    fstype: str
-    options: set[str]
-    minor: int
-
-
-def mounts_at(path: str | os.PathLike[str]) -> list[Mount]:
-    """The mounts at ``path`` from /proc/self/mountinfo (never touches the mount itself), topmost last."""
-    from mirenfs.cli.mountinfo import mounts
-
-    target = os.path.realpath(path)
-    return [
-        Mount(entry.mountpoint, entry.source, entry.fstype, set(entry.options.split(",")), entry.minor)
-        for entry in mounts()
-        if entry.mountpoint == target
-    ]
-
-
-def is_mounted(path: str | os.PathLike[str]) -> bool:
-    return any(m.fstype.startswith("fuse") for m in mounts_at(path))
-
-
-def _abort_connection(minor: int) -> None:
-    """Make a hung FUSE connection fail every request, so it can be unmounted."""
-    if not any(FUSECTL.iterdir()):
-        subprocess.run(["mount", "-t", "fusectl", "none", str(FUSECTL)], capture_output=True, timeout=10)
-    with contextlib.suppress(OSError):
-        (FUSECTL / str(minor) / "abort").write_text("1")
-
-
-def force_unmount(path: str | os.PathLike[str]) -> None:
-    """Remove every FUSE mount at ``path``, however stuck."""
-    for _ in range(8):  # stacked mounts come off one by one
-        fuse = [m for m in mounts_at(path) if m.fstype.startswith("fuse")]
-        if not fuse:
-            return
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            subprocess.run(["fusermount3", "-u", str(path)], capture_output=True, timeout=10)
-        if len([m for m in mounts_at(path) if m.fstype.startswith("fuse")]) == len(fuse):
-            _abort_connection(fuse[-1].minor)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=10)
-
-
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie has finished)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def stop_process(process: subprocess.Popen[Any]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=15)
-
-
-@dataclass
-class Teardown:
-    """Everything a test started, undone in reverse order whatever happened."""
-
-    mountpoints: list[Path] = field(default_factory=list)
-    processes: list[subprocess.Popen[Any]] = field(default_factory=list)
-    pids: list[int] = field(default_factory=list)
-    callbacks: list[Callable[[], None]] = field(default_factory=list)
-
-    def mount(self, path: Path) -> Path:
-        self.mountpoints.append(path)
-        return path
-
-    def process(self, process: subprocess.Popen[Any]) -> subprocess.Popen[Any]:
-        self.processes.append(process)
-        return process
-
-    def run(self) -> None:
-        for path in reversed(self.mountpoints):
-            force_unmount(path)
-        for process in reversed(self.processes):
-            stop_process(process)
-        for pid in self.pids:  # daemons that are not our children
-            deadline = time.monotonic() + 10
-            while pid_alive(pid) and time.monotonic() < deadline:
-                time.sleep(POLL_S)
-            if pid_alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        for callback in reversed(self.callbacks):
-            callback()
+SANDBOX_EXEC = Path(__file__).resolve().with_name("sandbox_exec.py")
 
 
 # ---- the notify socket --------------------------------------------------------
@@ -401,8 +274,10 @@ class Sandbox:
     def cleanup(self) -> None:
         cgroup = self.cgroup
         if cgroup is not None and cgroup.exists():
-            wait_until(
-                lambda: not (cgroup / "cgroup.procs").read_text().strip(), "the sandbox cgroup to empty"
+            wait_for(
+                lambda: not (cgroup / "cgroup.procs").read_text().strip(),
+                "the sandbox cgroup to empty",
+                timeout=30,
             )
             cgroup.rmdir()
 
@@ -419,115 +294,9 @@ class Sandbox:
             bounding,
             "--",
             sys.executable,
-            __file__,
+            str(SANDBOX_EXEC),
             "--sandbox",
             str(self.config),
             "--",
             *argv,
         ]
-
-
-# ---- inside the sandbox (run as a script) -----------------------------------------
-
-SCMP_ACT_KILL_PROCESS = 0x80000000
-SCMP_ACT_ALLOW = 0x7FFF0000
-SCMP_CMP_NE, SCMP_CMP_EQ = 1, 4
-
-
-def scmp_act_errno(code: int) -> int:
-    return 0x00050000 | (code & 0xFFFF)
-
-
-class ScmpArgCmp(ctypes.Structure):
-    _fields_ = [
-        ("arg", ctypes.c_uint),
-        ("op", ctypes.c_int),
-        ("datum_a", ctypes.c_uint64),
-        ("datum_b", ctypes.c_uint64),
-    ]
-
-
-def load_seccomp(syscalls: list[str]) -> None:
-    """The unit's SystemCallFilter=, RestrictAddressFamilies=AF_UNIX and RestrictNamespaces=yes.
-
-    A call outside the filter kills the process (SIGSYS) instead of failing
-    with EPERM as in the unit, so that no violation can go unnoticed.
-    """
-    lib = ctypes.CDLL(ctypes.util.find_library("seccomp") or "libseccomp.so.2", use_errno=True)
-    lib.seccomp_init.restype = ctypes.c_void_p
-    lib.seccomp_init.argtypes = [ctypes.c_uint32]
-    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
-    lib.seccomp_rule_add_array.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_uint32,
-        ctypes.c_int,
-        ctypes.c_uint,
-        ctypes.POINTER(ScmpArgCmp),
-    ]
-    lib.seccomp_load.argtypes = [ctypes.c_void_p]
-    ctx = lib.seccomp_init(SCMP_ACT_KILL_PROCESS)
-    assert ctx, "seccomp_init failed"
-
-    def rule(action: int, name: str, *conditions: tuple[int, int, int]) -> None:
-        number = lib.seccomp_syscall_resolve_name(name.encode())
-        if number < 0:
-            return  # not a call of this architecture
-        array = (ScmpArgCmp * max(len(conditions), 1))(*(ScmpArgCmp(a, op, d, 0) for a, op, d in conditions))
-        result = lib.seccomp_rule_add_array(ctx, action, number, len(conditions), array)
-        if result < 0 and result != -errno.EOPNOTSUPP:
-            raise OSError(-result, f"seccomp_rule_add {name}")
-
-    special = {"socket", "clone3", "unshare", "setns"}
-    for name in syscalls:
-        if name not in special:
-            rule(SCMP_ACT_ALLOW, name)
-    rule(SCMP_ACT_ALLOW, "socket", (0, SCMP_CMP_EQ, socket.AF_UNIX))
-    rule(scmp_act_errno(errno.EAFNOSUPPORT), "socket", (0, SCMP_CMP_NE, socket.AF_UNIX))
-    rule(scmp_act_errno(errno.ENOSYS), "clone3")  # what systemd does: glibc falls back to clone
-    rule(scmp_act_errno(errno.EPERM), "unshare")
-    rule(scmp_act_errno(errno.EPERM), "setns")
-    if lib.seccomp_load(ctx) < 0:
-        raise OSError(ctypes.get_errno(), "seccomp_load failed")
-
-
-def sandbox_exec(argv: list[str]) -> None:
-    config_path, separator, *command = argv
-    assert separator == "--" and command
-    config = json.loads(Path(config_path).read_text())
-    if config["cgroup"]:
-        Path(config["cgroup"], "cgroup.procs").write_text(str(os.getpid()))
-    os.environ["SYSTEMD_EXEC_PID"] = str(os.getpid())  # as systemd sets it; exec keeps the pid
-    load_seccomp(config["syscalls"])
-    os.execvp(command[0], command)
-
-
-# ---- test data --------------------------------------------------------------------
-
-
-def make_disk(data: Path, name: str, size: int = 16 << 20, filesystem: str = "ext4") -> str:
-    """A disk of the store at ``data`` with a formatted image; returns the image path."""
-    from mirenfs.disks.manage import create_disk
-    from mirenfs.disks.store import Store
-
-    return create_disk(Store(str(data)), name, size_bytes=size, filesystem=filesystem).image_path
-
-
-def write_slow_image(path: Path, size: int) -> None:
-    """Data that compresses (slowly: 17 symbols at random) and never repeats within a chunk.
-
-    One 4 MiB block is made and written with a different first line each
-    time: zstd's work per chunk is the same as for fully random text.
-    """
-    table = bytes(b"abcdefghijklmnop "[i % 17] for i in range(256))
-    block = bytearray(os.urandom(4 << 20).translate(table))
-    with open(path, "wb") as f:
-        for n in range(size // len(block)):
-            block[:16] = b"%016d" % n
-            f.write(block)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "--sandbox":
-        sandbox_exec(sys.argv[2:])
-    else:
-        sys.exit("usage: ops_fixtures.py --sandbox CONFIG -- COMMAND...")

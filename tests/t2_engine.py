@@ -34,7 +34,8 @@ from mirenfs.errors import FormatError, ImageChangedError
 from mirenfs.format.frames import parse_seek_table
 from mirenfs.format.header import decode_header
 
-from conftest import GO_VECTORS, GoVector, loop_device, sha256_file, staging_files, write_image
+from support.data import sha256_file, staging_files, write_image
+from support.vectors import GO_VECTORS, GoVector
 
 SMALL = Settings(chunk_size=64 * 1024)  # small chunks so small images have many frames
 
@@ -323,27 +324,3 @@ def test_an_image_changed_during_a_two_read_backup_is_refused(tmp_path: Path) ->
             trio.run(lambda: write_snapshot(io.BytesIO(), handle.source(SMALL), SMALL, of))
     finally:
         handle.close()
-
-
-def test_a_live_image_is_read_once_and_its_snapshot_verifies(tmp_path: Path) -> None:
-    image = tmp_path / "live.img"
-    write_image(image, [("text", 3 << 20), ("hole", 2 << 20)])
-    with loop_device(image):
-        handle = OpenImage.open(str(image))
-        try:
-            assert reading_rules(handle, live=may_change_while_read(str(image))) == (True, None)
-        finally:
-            handle.close()
-        snapshot = tmp_path / "live.mirn"
-        meta = trio.run(
-            lambda: backup_image(
-                str(image),
-                str(snapshot),
-                name="live",
-                filesystem="ext4",
-                settings=SMALL,
-                live=may_change_while_read(str(image)),
-            )
-        )
-        assert meta.checksum == hashlib.sha256(image.read_bytes()).hexdigest()
-    assert sorted(os.listdir(tmp_path)) == ["live.img", "live.mirn"]

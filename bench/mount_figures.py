@@ -1,0 +1,317 @@
+"""The mount figures: ``NAME.mirn`` and ``restore/`` through the kernel, on one mount of the sample.
+
+They run in the order of ``MOUNT_FIGURES``, each leaving the mount as the next
+expects: a cold read (no index, no stored frames), a warm re-read, a stat and a
+whole read after a remount (the persisted index and the frame store answer),
+random reads, the incremental case (1% of a copy of the sample changed with
+``dd conv=notrunc``, then ``cat`` and the daemon's CPU seconds), and restores
+through ``cp`` and ``tar -xf``. Every figure records the daemon's CPU seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+from bench.context import GIB, MB, CommandFailed, Context, Figure, Sample, log, run_command, timed
+from bench.mount import MountedSample, add_disk, fresh_dir, running_mount
+from bench.sample import fair_sha256, file_sha256
+from bench.snapshots import TAR_MEMBER, change_one_percent, ensure_one_frame, ensure_tar_archive, sparse_copy
+
+COLD_READ_TARGET = 1.25
+RE_READ_TARGET = 0.5
+INCREMENTAL_TARGET = 1.15
+INCREMENTAL_CPU_TARGET = 1.3  # the daemon's CPU against SHA-256's alone
+CP_RESTORE_TARGET = 1.15
+TAR_RESTORE_TARGET = 1.25
+CHANGING_DISK = "changing"
+
+
+def index_passes(mounted: MountedSample) -> str:
+    return os.getxattr(mounted.mountpoint, "user.mirenfs.index_passes").decode()
+
+
+def measure_mount_cold_cat(ctx: Context, mounted: MountedSample) -> None:
+    """cat NAME.mirn with no index and no stored frames: the index pass runs inside the read."""
+    log("mount: cold cat NAME.mirn (no index, no stored frames: the pass runs inside the read)")
+    ctx.add(
+        Figure(
+            "mount: cold cat NAME.mirn (index pass + read)",
+            ctx.time_runs(
+                ctx.command(["cat", str(mounted.snapshot)]),
+                before=lambda: mounted.mount.restart(forget_index=True),
+            ),
+            floor="sha256",
+            target=COLD_READ_TARGET,
+        )
+    )
+    expected = file_sha256(ctx.ensure_snapshot())
+    ctx.check("mount bytes = mirenfs backup bytes", file_sha256(mounted.snapshot) == expected, expected[:16])
+
+
+def measure_mount_warm_read(ctx: Context, mounted: MountedSample) -> None:
+    """cat NAME.mirn again, with the index and the page cache in place."""
+    log("mount: warm re-read (index and page cache in place)")
+    ctx.add(
+        Figure(
+            "mount: warm re-read",
+            ctx.time_runs(ctx.command(["cat", str(mounted.snapshot)])),
+            floor="sha256",
+            target=RE_READ_TARGET,
+        )
+    )
+
+
+def measure_mount_stat(ctx: Context, mounted: MountedSample) -> None:
+    """stat NAME.mirn after a remount: the persisted index answers, no pass runs."""
+    log("mount: stat after a remount (the persisted index answers)")
+    ctx.add(
+        Figure(
+            "mount: stat after remount",
+            ctx.time_runs(
+                lambda: Sample(timed(os.stat, mounted.snapshot)),
+                before=lambda: mounted.mount.restart(forget_index=False),
+            ),
+            floor="sha256",
+            limit=1.0,
+        )
+    )
+    passes = index_passes(mounted)
+    ctx.check("stat after remount ran no index pass", passes == "0", f"index passes {passes}")
+
+
+def measure_mount_remount_cat(ctx: Context, mounted: MountedSample) -> None:
+    """cat NAME.mirn of the unchanged disk after a remount: the frame store serves every frame."""
+    log("mount: cat after a remount (persisted index, frames from the store)")
+    ctx.add(
+        Figure(
+            "mount: cat after remount (unchanged disk)",
+            ctx.time_runs(
+                ctx.command(["cat", str(mounted.snapshot)]),
+                before=lambda: mounted.mount.restart(forget_index=False),
+            ),
+            floor="sha256",
+            target=RE_READ_TARGET,
+        )
+    )
+    passes = index_passes(mounted)
+    ctx.check("cat after remount ran no index pass", passes == "0", f"index passes {passes}")
+    expected = file_sha256(ctx.ensure_snapshot())
+    ctx.check("bytes after remount = mirenfs backup bytes", file_sha256(mounted.snapshot) == expected)
+
+
+def measure_mount_random_read(ctx: Context, mounted: MountedSample) -> None:
+    """p99 of 200 random 128 KiB reads after a remount (frames from the store or compressed on demand)."""
+    log("mount: random 128 KiB reads after a remount")
+    snapshot = mounted.snapshot
+
+    def random_reads() -> Sample:
+        size = snapshot.stat().st_size
+        rng = random.Random(len(ctx.figures))
+        fd = os.open(snapshot, os.O_RDONLY)
+        try:
+            latencies = sorted(timed(os.pread, fd, 128 << 10, rng.randrange(0, size)) for _ in range(200))
+        finally:
+            os.close(fd)
+        return Sample(latencies[int(len(latencies) * 0.99) - 1])
+
+    ctx.add(
+        Figure(
+            "mount: random 128 KiB read, p99",
+            ctx.time_runs(random_reads, before=lambda: mounted.mount.restart(forget_index=False)),
+            floor="sha256",
+            limit=0.05,
+        )
+    )
+
+
+def measure_mount_incremental(ctx: Context, mounted: MountedSample) -> None:
+    """cat of a disk after 1% of it changed (``dd conv=notrunc``): only the changed chunks
+    compress. Timed against SHA-256, and the daemon's CPU against SHA-256's."""
+    image = sparse_copy(ctx, "changing.img")
+    add_disk(ctx, mounted.data, CHANGING_DISK, image)
+    snapshot = mounted.mountpoint / f"{CHANGING_DISK}.mirn"
+    run_command(["cat", str(snapshot)])  # its first snapshot: what the next ones build on
+    rng = random.Random(1)
+    log("mount: cat after 1% of the disk changed (dd conv=notrunc), with the daemon's CPU")
+    figure = ctx.add(
+        Figure(
+            "mount: cat after a 1% change",
+            ctx.time_runs(ctx.command(["cat", str(snapshot)]), before=lambda: change_one_percent(image, rng)),
+            floor="sha256",
+            target=INCREMENTAL_TARGET,
+        )
+    )
+    daemon = [Sample(s.daemon_cpu) for s in figure.samples if s.daemon_cpu is not None]
+    ctx.add(
+        Figure(
+            "mount: 1% change, daemon CPU seconds",
+            daemon,
+            floor="sha256 cpu",
+            target=INCREMENTAL_CPU_TARGET,
+        )
+    )
+    check_snapshot_of(ctx, snapshot, image, "snapshot after a 1% change")
+
+
+def check_snapshot_of(ctx: Context, snapshot: Path, image: Path, what: str) -> None:
+    """The snapshot read through the mount carries the image's checksum and verifies."""
+    copy = ctx.temp_path("changed-copy.mirn")
+    run_command(["cp", str(snapshot), str(copy)])
+    header = subprocess.run(ctx.mirenfs_cmd("inspect", "--json", str(copy)), capture_output=True, text=True)
+    checksum = json.loads(header.stdout)["checksum"] if header.returncode == 0 else header.stderr
+    ctx.check(f"{what}: header checksum = SHA-256 of the image", checksum == fair_sha256(image), checksum)
+    verified = subprocess.run(ctx.mirenfs_cmd("verify", str(copy)), capture_output=True, text=True)
+    ctx.check(f"{what}: mirenfs verify passes", verified.returncode == 0, verified.stderr.strip())
+    copy.unlink()
+
+
+def restore_runs(
+    ctx: Context, mounted: MountedSample, copy: Callable[[str], Sample], name: Callable[[], str]
+) -> list[Sample]:
+    """Time ``copy(disk)`` runs, each restoring a disk that does not exist yet."""
+    current: list[str] = []
+
+    def before_restore() -> None:
+        for old in current:
+            remove_disk(ctx, mounted, old)
+        current[:] = [name()]
+        os.sync()
+
+    samples = ctx.time_runs(lambda: copy(current[0]), before=before_restore)
+    image = disk_image(ctx, mounted, current[0])
+    ok = fair_sha256(Path(image)) == ctx.image_sha256
+    ctx.check(f"disk {current[0]} restored through the mount = original", ok)
+    remove_disk(ctx, mounted, current[0])
+    return samples
+
+
+def remove_disk(ctx: Context, mounted: MountedSample, disk: str) -> None:
+    """Remove a disk a restore made, and its entry in restore/."""
+    with contextlib.suppress(CommandFailed):
+        run_command(ctx.mirenfs_cmd("disk", "remove", disk, "--data-path", str(mounted.data)))
+    for entry in mounted.restore_dir.iterdir():
+        if entry.name.startswith(disk + "."):
+            entry.unlink()
+
+
+def disk_image(ctx: Context, mounted: MountedSample, disk: str) -> str:
+    listing = subprocess.run(
+        ctx.mirenfs_cmd("disk", "list", "--json", "--data-path", str(mounted.data)),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return str(next(d["image_path"] for d in json.loads(listing.stdout) if d["name"] == disk))
+
+
+def cp_into_restore(source: Path, mounted: MountedSample) -> Callable[[str], Sample]:
+    """``cp SOURCE restore/DISK.mirn``, timed."""
+    return lambda disk: run_command(["cp", str(source), str(mounted.restore_dir / f"{disk}.mirn")])
+
+
+def measure_mount_cp_restore(ctx: Context, mounted: MountedSample) -> None:
+    """cp of the one-frame (Go-style) snapshot into restore/: a new disk each run."""
+    source = ensure_one_frame(ctx)
+    counter = iter(range(1000))
+    log("mount: cp of the one-frame snapshot into restore/ (a new disk each run)")
+    ctx.add(
+        Figure(
+            "mount: cp one-frame snapshot into restore/",
+            restore_runs(
+                ctx,
+                mounted,
+                cp_into_restore(source, mounted),
+                lambda: f"restored-{next(counter)}",
+            ),
+            floor="restore",
+            target=CP_RESTORE_TARGET,
+        )
+    )
+
+
+def measure_mount_cp_restore_multi(ctx: Context, mounted: MountedSample) -> None:
+    """cp of mirenfs's own snapshot (one frame per 4 MiB chunk) into restore/."""
+    source = ctx.ensure_snapshot()
+    counter = iter(range(1000))
+    log("mount: cp of mirenfs's own snapshot into restore/ (a new disk each run)")
+    ctx.add(
+        Figure(
+            "mount: cp mirenfs snapshot into restore/",
+            restore_runs(
+                ctx,
+                mounted,
+                cp_into_restore(source, mounted),
+                lambda: f"multi-{next(counter)}",
+            ),
+            floor="restore",
+            target=CP_RESTORE_TARGET,
+        )
+    )
+
+
+def measure_mount_tar_restore(ctx: Context, mounted: MountedSample) -> None:
+    """tar -xf of an archive holding the one-frame snapshot into restore/ (10 KiB writes)."""
+    archive = ensure_tar_archive(ctx)
+    disk = TAR_MEMBER.removesuffix(".mirn")
+    log("mount: tar -xf of the one-frame snapshot into restore/ (10 KiB writes)")
+    ctx.add(
+        Figure(
+            "mount: tar -xf one-frame snapshot into restore/",
+            restore_runs(
+                ctx,
+                mounted,
+                lambda _disk: run_command(["tar", "-xf", str(archive), "-C", str(mounted.restore_dir)]),
+                lambda: disk,
+            ),
+            floor="restore",
+            target=TAR_RESTORE_TARGET,
+        )
+    )
+
+
+MOUNT_FIGURES: list[Callable[[Context, MountedSample], None]] = [
+    measure_mount_cold_cat,
+    measure_mount_warm_read,
+    measure_mount_stat,
+    measure_mount_remount_cat,
+    measure_mount_random_read,
+    measure_mount_incremental,
+    measure_mount_cp_restore,
+    measure_mount_tar_restore,
+    measure_mount_cp_restore_multi,
+]
+
+
+def measure_mount_rss(ctx: Context) -> None:
+    """The daemon's peak RSS while a 16 GiB sparse image is indexed and read."""
+    data, mountpoint = fresh_dir(ctx, "rss-data"), fresh_dir(ctx, "rss-mnt")
+    image = ctx.temp_path("sparse-16G.img")
+    with open(image, "wb") as f:
+        for offset in (0, 5 * GIB, 11 * GIB):
+            f.seek(offset)
+            f.write(os.urandom(1 << 20))
+        f.truncate(16 * GIB)
+    add_disk(ctx, data, "sparse", image)
+    with running_mount(ctx, data, mountpoint) as mount:
+        log("mount: cat of a 16 GiB sparse image's snapshot (index pass + read), daemon RSS")
+        sample = run_command(["cat", str(mountpoint / "sparse.mirn")])
+        peak = mount.peak_rss_kib()
+        ctx.add(
+            Figure(
+                "mount: 16 GiB sparse cat (daemon RSS)",
+                [Sample(sample.seconds, None, peak)],
+                floor="sha256",
+                note="info",
+            )
+        )
+        ctx.check(
+            "daemon peak RSS under 200 MB while reading a 16 GiB sparse image",
+            peak * 1024 < 200 * MB,
+            f"{peak * 1024 / MB:.0f} MB",
+        )

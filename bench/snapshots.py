@@ -1,0 +1,107 @@
+"""The inputs the restore and incremental figures need, made untimed: the sample's snapshot
+as Go's writer makes it (one zstd frame of unknown content size), a tar archive of it, a
+sparse copy of the sample, and a 1% change to such a copy.
+
+Nothing here times anything; every function leaves the sample image untouched (its stamp
+would otherwise force a rebuild).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+from pathlib import Path
+
+from bench.context import Context, log, run_command
+from bench.sample import data_extents
+
+TAR_MEMBER = "tarred.mirn"  # the disk name the archive restores
+CHANGE_SHARE = 0.01  # the incremental figure's change: 1% of the image
+MIB = 1 << 20
+
+
+def snapshot_data_offset(path: Path) -> int:
+    """Where the zstd data starts: 12 + the big-endian metadata length at offset 8."""
+    with open(path, "rb") as snapshot:
+        head = snapshot.read(12)
+    if len(head) < 12 or head[:4] != b"MIRN":
+        raise RuntimeError(f"{path} is not a .mirn snapshot")
+    return 12 + int.from_bytes(head[8:12], "big")
+
+
+def ensure_one_frame(ctx: Context) -> Path:
+    """The sample as Go's writer makes it: mirenfs's header, then one zstd frame of the whole
+    image compressed from a pipe (so without a content size), as ``zstd -3`` writes it."""
+    if ctx.one_frame is not None and ctx.one_frame.exists():
+        return ctx.one_frame
+    snapshot = ctx.ensure_snapshot()
+    with open(snapshot, "rb") as source:
+        header = source.read(snapshot_data_offset(snapshot))
+    path = ctx.temp_path("sample-one-frame.mirn")
+    log("  making a one-frame (Go-style) snapshot of the sample (untimed)")
+    with open(path, "wb") as out:
+        out.write(header)
+        out.flush()
+        with subprocess.Popen(["cat", str(ctx.image)], stdout=subprocess.PIPE) as cat:
+            subprocess.run(["zstd", "-q", "-3", "-T2", "-c"], stdin=cat.stdout, stdout=out, check=True)
+    ctx.one_frame = path
+    ctx.facts["one-frame"] = f"{path}: {path.stat().st_size / 1e6:.1f} MB, one zstd frame, no content size"
+    return path
+
+
+def ensure_tar_archive(ctx: Context) -> Path:
+    """A tar archive holding the one-frame snapshot as ``tarred.mirn``: ``tar -xf`` writes it
+    in 10 KiB records, the small writes the tar figure is about."""
+    path = ctx.temp_path("sample-one-frame.tar")
+    if path.exists():
+        return path
+    source = ensure_one_frame(ctx)
+    rename = f"s,.*,{TAR_MEMBER},"
+    run_command(["tar", "-cf", str(path), "--transform", rename, "-C", str(source.parent), source.name])
+    return path
+
+
+def sparse_copy(ctx: Context, name: str) -> Path:
+    """A sparse copy of the sample the incremental figure may change."""
+    path = ctx.temp_path(name)
+    path.unlink(missing_ok=True)
+    run_command(["cp", "--sparse=always", str(ctx.image), str(path)])
+    return path
+
+
+def change_one_percent(image: Path, rng: random.Random) -> None:
+    """Overwrite 1% of ``image`` in place (``dd conv=notrunc``) with file data from elsewhere
+    in it, at a new place each time: as compressible as the rest, and never what was there."""
+    size = image.stat().st_size
+    count = max(1, int(size * CHANGE_SHARE) // MIB)
+    source = _data_run(image, count, rng)
+    target = rng.randrange(0, size // MIB - count)
+    while abs(target - source) < count:
+        target = rng.randrange(0, size // MIB - count)
+    run_command(
+        [
+            "dd",
+            f"if={image}",
+            f"of={image}",
+            "bs=1M",
+            f"skip={source}",
+            f"seek={target}",
+            f"count={count}",
+            "conv=notrunc",
+            "status=none",
+        ]
+    )
+
+
+def _data_run(image: Path, count: int, rng: random.Random) -> int:
+    """A MiB offset where ``count`` MiB of data (no hole) start, picked at random."""
+    fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        extents = data_extents(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    starts = [mib for start, end in extents for mib in range(-(-start // MIB), end // MIB - count + 1)]
+    if not starts:
+        raise RuntimeError(f"{image} holds no {count} MiB of contiguous data to copy")
+    return rng.choice(starts)

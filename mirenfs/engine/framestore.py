@@ -1,0 +1,270 @@
+"""The frame store: compressed frames kept across mounts, found by what they compress.
+
+A frame is stored under a name derived from the SHA-256 fingerprint of its
+chunk's bytes and the compression settings (which include the zstd library
+version), so the same chunk compressed with the same settings is never
+compressed twice, whichever disk, version or mount it belongs to: an
+unchanged disk after a remount, or the 99% of a disk a nightly change left
+alone, is served from here.
+
+Each entry is one file, ``<directory>/<name[:2]>/<name>``: a header (magic,
+the name, the frame's SHA-256, length and seek-table checksum, and a digest
+of those) and the frame. It is written under a temporary name and renamed
+into place, and every read checks the header and the frame's SHA-256 before
+the frame is served, so a torn write after a crash, a flipped bit or a file in
+the wrong place is never trusted: it is removed and the caller compresses the
+chunk again. An index pass needs only a frame's length and checksum, which
+:meth:`FrameStore.describe` takes from a header that verifies; the frame
+itself is verified when it is served (and compressed again then if it fails,
+which gives the same length and checksum). The store is bounded: past its
+limit the least recently used entries go (their mtime is the use clock, so the
+order survives a restart).
+
+Never: serve a frame that did not verify; store a frame under a fingerprint
+other than that of the bytes it was compressed from (the caller's duty);
+raise for a store problem (a full or read-only state directory only costs
+compression, it is logged once).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import struct
+import threading
+
+from mirenfs.engine.image import make_private_directory
+from mirenfs.format.frames import frame_checksum
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"MIRNFRM2"
+_FIELDS = struct.Struct("<8s32s32sQI")  # magic, entry name, frame SHA-256, frame length, frame checksum
+_DIGEST = 16  # bytes of SHA-256 over the fields, closing the header
+_HEADER = _FIELDS.size + _DIGEST
+_TEMPORARY = ".tmp"
+
+
+def fingerprint(data: bytes | bytearray | memoryview) -> bytes:
+    """The chunk's identity in the store: SHA-256 of its bytes (256 bits; at least 128 are needed)."""
+    return hashlib.sha256(data).digest()
+
+
+class FrameStore:
+    """Frames by chunk fingerprint, for one set of compression settings (``settings_key``).
+
+    Thread-safe: the index pass and the readers call it from worker threads.
+    """
+
+    def __init__(self, directory: str, limit: int, settings_key: str) -> None:
+        self.directory = directory
+        self.limit = limit
+        self._settings = hashlib.sha256(settings_key.encode()).digest()
+        self._lock = threading.Lock()
+        self._entries: collections.OrderedDict[bytes, int] = collections.OrderedDict()  # LRU first
+        self.bytes = 0
+        self._loaded = False
+        self._failed_write = False
+        self.hits = 0
+        self.misses = 0
+        self.corrupt = 0
+
+    # ---- reading ------------------------------------------------------------
+
+    def get(self, chunk_fingerprint: bytes) -> bytes | None:
+        """The stored frame of that chunk, verified; None when absent or not trustworthy."""
+        found = self._lookup(chunk_fingerprint, whole=True)
+        return found[2] if found is not None else None
+
+    def describe(self, chunk_fingerprint: bytes) -> tuple[int, int] | None:
+        """The stored frame's length and seek-table checksum, from a header that verifies,
+        without reading the frame (an index pass needs no more); None when absent."""
+        found = self._lookup(chunk_fingerprint, whole=False)
+        return (found[0], found[1]) if found is not None else None
+
+    def _lookup(self, chunk_fingerprint: bytes, *, whole: bool) -> tuple[int, int, bytes | None] | None:
+        self._load()
+        name = self._name(chunk_fingerprint)
+        with self._lock:
+            known = name in self._entries
+        found = self._read_verified(name, whole=whole) if known else None
+        with self._lock:
+            if found is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+        if found is not None:
+            self._touch(name)
+        return found
+
+    def _read_verified(self, name: bytes, *, whole: bool) -> tuple[int, int, bytes | None] | None:
+        """(length, checksum, frame or None) of an entry that verifies; a bad one is removed."""
+        path = self._path(name)
+        try:
+            with open(path, "rb") as f:
+                header = f.read(_HEADER)
+                size = os.fstat(f.fileno()).st_size
+                frame = f.read() if whole else None
+        except OSError:
+            self._forget(name, remove=False)
+            return None
+        fields = _check_header(header, name, size)
+        if fields is not None and (frame is None or hashlib.sha256(frame).digest() == fields[0]):
+            return fields[1], fields[2], frame
+        with self._lock:
+            self.corrupt += 1
+        log.warning("frame store entry %s does not verify; it is removed and compressed again", path)
+        self._forget(name, remove=True)
+        return None
+
+    def _touch(self, name: bytes) -> None:
+        with self._lock:
+            if name in self._entries:
+                self._entries.move_to_end(name)
+        with contextlib.suppress(OSError):
+            os.utime(self._path(name))  # the use clock a restart orders by
+
+    # ---- writing ------------------------------------------------------------
+
+    def put(self, chunk_fingerprint: bytes, frame: bytes) -> None:
+        """Keep ``frame``, the compression of the chunk with that fingerprint (crash-safe)."""
+        if self.limit <= 0:
+            return
+        self._load()
+        name = self._name(chunk_fingerprint)
+        with self._lock:
+            if name in self._entries:
+                return
+        size = self._write(name, frame)
+        if size is None:
+            return
+        with self._lock:
+            self._entries[name] = size
+            self.bytes += size
+            victims = self._over_limit()
+        for victim in victims:
+            _unlink_quietly(self._path(victim))
+
+    def _write(self, name: bytes, frame: bytes) -> int | None:
+        """Write under a temporary name, then rename: a crash never leaves a half entry in place."""
+        path = self._path(name)
+        temporary = f"{path}.{os.getpid()}.{threading.get_ident()}{_TEMPORARY}"
+        fields = _FIELDS.pack(MAGIC, name, hashlib.sha256(frame).digest(), len(frame), frame_checksum(frame))
+        record = fields + hashlib.sha256(fields).digest()[:_DIGEST]
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                _write_all(fd, record)
+                _write_all(fd, frame)
+            finally:
+                os.close(fd)
+            os.rename(temporary, path)
+        except OSError as exc:
+            _unlink_quietly(temporary)
+            self._write_failed(exc)
+            return None
+        self._failed_write = False
+        return len(record) + len(frame)
+
+    def _write_failed(self, exc: OSError) -> None:
+        if not self._failed_write:
+            log.warning(
+                "cannot keep frames in %s (%s); snapshots are still served, but compressed again",
+                self.directory,
+                exc.strerror or errno.errorcode.get(exc.errno or 0, "error"),
+            )
+        self._failed_write = True
+
+    def _over_limit(self) -> list[bytes]:
+        """Drop least recently used entries until the store fits its limit (lock held)."""
+        victims = []
+        while self.bytes > self.limit and self._entries:
+            victim, size = self._entries.popitem(last=False)
+            self.bytes -= size
+            victims.append(victim)
+        return victims
+
+    def _forget(self, name: bytes, *, remove: bool) -> None:
+        with self._lock:
+            size = self._entries.pop(name, None)
+            if size is not None:
+                self.bytes -= size
+        if remove:
+            _unlink_quietly(self._path(name))
+
+    # ---- the directory --------------------------------------------------------
+
+    def _load(self) -> None:
+        """Learn what a previous mount left (once): entries by their use clock, leftovers removed."""
+        with self._lock:
+            if self._loaded:
+                return
+            self._loaded = True
+            try:
+                make_private_directory(self.directory)
+                found = _scan(self.directory)
+            except OSError as exc:
+                self._write_failed(exc)
+                return
+            for _mtime, name, size in sorted(found):
+                self._entries[name] = size
+                self.bytes += size
+            victims = self._over_limit()  # the limit may be smaller than last time
+        for victim in victims:
+            _unlink_quietly(self._path(victim))
+
+    def _name(self, chunk_fingerprint: bytes) -> bytes:
+        return hashlib.sha256(self._settings + chunk_fingerprint).digest()
+
+    def _path(self, name: bytes) -> str:
+        text = name.hex()
+        return os.path.join(self.directory, text[:2], text)
+
+
+def _check_header(header: bytes, name: bytes, file_size: int) -> tuple[bytes, int, int] | None:
+    """(frame SHA-256, length, checksum) from an entry's header, if it is whole and its own."""
+    if (
+        len(header) != _HEADER
+        or hashlib.sha256(header[: _FIELDS.size]).digest()[:_DIGEST] != header[_FIELDS.size :]
+    ):
+        return None
+    magic, stored_name, frame_sha, length, checksum = _FIELDS.unpack_from(header)
+    if magic != MAGIC or stored_name != name or not length or file_size != _HEADER + length:
+        return None
+    return frame_sha, length, checksum
+
+
+def _scan(directory: str) -> list[tuple[int, bytes, int]]:
+    """(mtime, name, size) of every entry; temporary files of an interrupted write are removed."""
+    found: list[tuple[int, bytes, int]] = []
+    for sub in os.scandir(directory):
+        if not sub.is_dir(follow_symlinks=False) or len(sub.name) != 2:
+            continue
+        for entry in os.scandir(sub.path):
+            if entry.name.endswith(_TEMPORARY):
+                _unlink_quietly(entry.path)
+                continue
+            try:
+                name = bytes.fromhex(entry.name)
+                info = entry.stat(follow_symlinks=False)
+            except (ValueError, OSError):
+                continue
+            if len(name) == 32 and entry.is_file(follow_symlinks=False):
+                found.append((info.st_mtime_ns, name, info.st_size))
+    return found
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

@@ -1,0 +1,302 @@
+"""Long-lived worker threads joined by bounded hand-offs: the plumbing of the restore pipeline.
+
+A *stage* is a plain thread that runs one loop for the life of a restore.
+Work moves between stages through :class:`Handoff` queues and a
+:class:`BufferPool`, so memory stays bounded and a slow stage holds back the
+ones before it, up to the event loop, which puts into the first hand-off
+without blocking and awaits room (cancellably) only when it is full. The
+first error of any stage stops every stage; the owner sees it on its next call.
+
+Never: block the event loop; give a stage a reference to the object that owns
+the stages (the owner's finalizer is what stops an abandoned pipeline, and a
+stage holding its owner would keep it, and its zstd context, alive for
+ever); let a stage outlive :meth:`Stages.stop` followed by :meth:`Stages.join`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+import trio
+
+T = TypeVar("T")
+
+
+FAST_SWITCH_S = 0.0005  # the GIL hand-over interval while stages run (Python's default: 5 ms)
+
+
+class _SwitchInterval:
+    """Hands the GIL over every ``FAST_SWITCH_S`` while any user holds it, then restores it.
+
+    A stage that comes back from a long C call (hashing a piece) must take the
+    GIL back before it can start the next one; when another thread holds it,
+    the interpreter makes it wait up to the switch interval, and at 5 ms that
+    would leave the hash stage, which sets the pace, idle most of the time.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved = 0.0
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._users == 0:
+                self._saved = sys.getswitchinterval()
+                sys.setswitchinterval(min(self._saved, FAST_SWITCH_S))
+            self._users += 1
+
+    def exit(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                sys.setswitchinterval(self._saved)
+
+
+SWITCH_INTERVAL = _SwitchInterval()
+
+
+@contextlib.contextmanager
+def fast_gil_handoff() -> Iterator[None]:
+    """While the block runs, threads coming back from C calls get the GIL within half a millisecond."""
+    SWITCH_INTERVAL.enter()
+    try:
+        yield
+    finally:
+        SWITCH_INTERVAL.exit()
+
+
+class Stopped(Exception):
+    """The stages were stopped (another stage failed, or the owner gave up): leave the loop."""
+
+
+class LoopWaker:
+    """Wakes the trio loop that built the pipeline from any thread, without blocking."""
+
+    def __init__(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+
+    def set(self, event: trio.Event) -> None:
+        with contextlib.suppress(trio.RunFinishedError):  # nobody is left to wake
+            self._token.run_sync_soon(event.set)
+
+
+class Handoff(Generic[T]):
+    """A queue between two stages, bounded in bytes (at least one item always fits).
+
+    Threads :meth:`put` and :meth:`get` blocking; the event loop :meth:`offer`\\s
+    and, when the queue is full, awaits the event it is given.
+    """
+
+    def __init__(self, limit: int, waker: LoopWaker | None = None) -> None:
+        self._limit = limit
+        self._waker = waker
+        self._items: collections.deque[tuple[T, int]] = collections.deque()
+        self._bytes = 0
+        self._closed = False
+        self._stopped = False
+        self._cond = threading.Condition()
+        self._room: trio.Event | None = None  # the event loop waits on it for room
+
+    def offer(self, item: T, size: int) -> trio.Event | None:
+        """Event loop: queue ``item`` if there is room (None), else return the event to await."""
+        with self._cond:
+            self._check_open()
+            if size and self._bytes and self._bytes + size > self._limit:
+                if self._room is None:
+                    self._room = trio.Event()
+                return self._room
+            self._append(item, size)
+            return None
+
+    def put(self, item: T, size: int) -> None:
+        """Thread: queue ``item``, waiting for room."""
+        with self._cond:
+            while not self._stopped and self._bytes and self._bytes + size > self._limit:
+                self._cond.wait()
+            self._check_open()
+            self._append(item, size)
+
+    def get(self) -> T | None:
+        """Thread: the next item, or None once the queue is closed and empty."""
+        with self._cond:
+            while not self._items and not self._closed and not self._stopped:
+                self._cond.wait()
+            if self._stopped:
+                raise Stopped
+            if not self._items:
+                return None
+            item, size = self._items.popleft()
+            self._bytes -= size
+            self._cond.notify_all()
+            room, self._room = self._room, None
+        if room is not None and self._waker is not None:
+            self._waker.set(room)
+        return item
+
+    def close(self) -> None:
+        """No more items: :meth:`get` returns None once the queue is empty."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        """Wake every waiter: threads raise :class:`Stopped`, the event loop rechecks."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+            room, self._room = self._room, None
+        if room is not None and self._waker is not None:
+            self._waker.set(room)
+
+    def _append(self, item: T, size: int) -> None:
+        self._items.append((item, size))
+        self._bytes += size
+        self._cond.notify_all()
+
+    def _check_open(self) -> None:
+        if self._stopped:
+            raise Stopped
+        if self._closed:
+            raise RuntimeError("put into a closed hand-off")
+
+
+class Piece:
+    """A filled pool buffer shared by the stages that read it; back in the pool after the last."""
+
+    __slots__ = ("_buffer", "_pool", "_readers", "view")
+
+    def __init__(self, pool: BufferPool, buffer: bytearray, length: int, readers: int) -> None:
+        self._pool = pool
+        self._buffer = buffer
+        self._readers = readers
+        self.view = memoryview(buffer)[:length]
+
+    def done(self) -> None:
+        """One reader is finished with the bytes (they must not be used after this)."""
+        self._pool.finished(self)
+
+    def last_reader_done(self) -> bytearray | None:
+        """Count one reader out (the pool's lock is held); the buffer once none is left."""
+        self._readers -= 1
+        if self._readers:
+            return None
+        self.view.release()
+        return self._buffer
+
+
+class BufferPool:
+    """A fixed set of reusable buffers: bounds the pieces in flight, and keeps them warm in
+    the caches (a fresh buffer per piece would cost a page fault per 4 KiB)."""
+
+    def __init__(self, count: int, size: int) -> None:
+        self.size = size
+        self._free = [bytearray(size) for _ in range(count)]
+        self._stopped = False
+        self._cond = threading.Condition()
+
+    def acquire(self) -> bytearray:
+        with self._cond:
+            while not self._free and not self._stopped:
+                self._cond.wait()
+            if self._stopped:
+                raise Stopped
+            return self._free.pop()
+
+    def give_back(self, buffer: bytearray) -> None:
+        """Return a buffer that was acquired but never filled."""
+        with self._cond:
+            self._free.append(buffer)
+            self._cond.notify()
+
+    def finished(self, piece: Piece) -> None:
+        with self._cond:
+            buffer = piece.last_reader_done()
+            if buffer is not None:
+                self._free.append(buffer)
+                self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    def drop(self) -> None:
+        """Let the buffers go (the pool is stopped and nobody uses them any more)."""
+        with self._cond:
+            self._stopped = True
+            self._free = []
+            self._cond.notify_all()
+
+
+class Stages:
+    """The threads of one pipeline: started together, stopped together on the first failure.
+
+    ``stop_all`` is what stopping means for this pipeline (stop its hand-offs
+    and pools); it must not hold the pipeline's owner.
+    """
+
+    def __init__(self, stop_all: Callable[[], None], waker: LoopWaker) -> None:
+        self._stop_all = stop_all
+        self._waker = waker
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._running = 0
+        self.failure: BaseException | None = None
+        self.stopped = False
+        self.done = trio.Event()
+
+    def start(self, loops: dict[str, Callable[[], None]]) -> None:
+        """Start one thread per loop, all counted before any runs (so ``done`` waits for all)."""
+        with self._lock:
+            self._running += len(loops)
+        SWITCH_INTERVAL.enter()
+        for name, loop in loops.items():
+            thread = threading.Thread(target=self._run, args=(loop,), name=f"mirenfs-{name}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _run(self, loop: Callable[[], None]) -> None:
+        try:
+            loop()
+        except Stopped:
+            pass
+        except BaseException as exc:  # any failure ends the pipeline; its owner reports it
+            self.fail(exc)
+        finally:
+            with self._lock:
+                self._running -= 1
+                last = self._running == 0
+            if last:
+                SWITCH_INTERVAL.exit()
+                self._waker.set(self.done)
+
+    def fail(self, error: BaseException) -> None:
+        """Record the first failure and stop every stage."""
+        with self._lock:
+            if self.failure is None:
+                self.failure = error
+        self.stop()
+
+    def stop(self) -> None:
+        with self._lock:
+            if self.stopped:
+                return
+            self.stopped = True
+        self._stop_all()
+
+    def join(self) -> None:
+        """Wait for every thread to end (call after the input ended, or after :meth:`stop`)."""
+        for thread in self._threads:
+            thread.join()
+        self._threads = []
+
+    @property
+    def running(self) -> bool:
+        with self._lock:
+            return self._running > 0

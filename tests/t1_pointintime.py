@@ -1,0 +1,61 @@
+"""The pure parts of point-in-time snapshots: mount options, the names the status contract
+shows, loop devices as /sys shows them, and the records check the kernel tier relies on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mirenfs.disks.live import block_devices
+from mirenfs.disks.pointintime import DEFAULT_FREEZE_BUDGET_S, Consistency, CopyPolicy
+from mirenfs.errors import MirenfsError, PointInTimeError
+from mirenfs.mount.config import copy_policy
+
+from support.records import RECORD, check_records, record
+
+
+def test_freeze_budget_and_live_reads_are_mount_options_fuse_never_sees() -> None:
+    assert copy_policy(["allow_other", "ro"]) == (
+        CopyPolicy(DEFAULT_FREEZE_BUDGET_S, False),
+        ["allow_other", "ro"],
+    )
+    policy, rest = copy_policy(["freeze_budget=0.5", "allow_other", "live_reads"])
+    assert policy == CopyPolicy(freeze_budget_s=0.5, live_reads=True) and rest == ["allow_other"]
+    assert copy_policy(["freeze_budget=0"])[0].freeze_budget_s == 0  # never freeze
+
+
+@pytest.mark.parametrize(
+    "option", ["freeze_budget=", "freeze_budget=soon", "freeze_budget=-1", "freeze_budget=nan"]
+)
+def test_a_bad_freeze_budget_is_refused_with_what_to_write(option: str) -> None:
+    with pytest.raises(MirenfsError, match=f"-o {option}: the freeze budget is a number of seconds"):
+        copy_policy([option])
+
+
+def test_consistency_names_and_the_refusal_errno_are_the_contract() -> None:
+    assert [str(level) for level in Consistency] == ["offline", "frozen", "crash-consistent", "live"]
+    assert PointInTimeError("disk pg is in use …").errno == 16  # EBUSY: "Device or resource busy"
+
+
+def test_loop_devices_and_their_partitions_by_device_number(tmp_path: Path) -> None:
+    (tmp_path / "loop3" / "loop3p1").mkdir(parents=True)
+    (tmp_path / "loop3" / "dev").write_text("7:3\n")
+    (tmp_path / "loop3" / "loop3p1" / "dev").write_text("259:4\n")
+    (tmp_path / "loop4").mkdir()  # detached meanwhile: no dev file
+    found = block_devices(["loop3", "loop4", "loop9"], sys_block=str(tmp_path))
+    assert found == {(7, 3): "loop3", (259, 4): "loop3p1"}
+
+
+def test_records_form_an_unbroken_prefix_or_say_where_they_break() -> None:
+    data = b"".join(record(n) for n in range(5))
+    assert check_records(data).records == 5 and check_records(data).problem is None
+    torn = data + record(5)[:100]
+    assert check_records(torn).problem is not None
+    assert check_records(torn, torn_tail_allowed=True).records == 5
+    zeroed = data + bytes(RECORD)  # size grew, data never written: only after a crash
+    assert check_records(zeroed, torn_tail_allowed=True).problem is None
+    assert check_records(zeroed).problem == f"{RECORD} bytes after record 4 are not the next record"
+    swapped = record(0) + record(2) + record(1)
+    assert check_records(swapped, torn_tail_allowed=True).records == 1
+    assert check_records(swapped, torn_tail_allowed=True).problem is not None

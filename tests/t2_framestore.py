@@ -1,0 +1,278 @@
+"""The frame store in the engine: the same bytes with and without it, nothing compressed twice,
+a corrupt or torn entry recompressed (never served), a bound kept, private files."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from mirenfs.engine import produce, sha256
+from mirenfs.engine.framestore import FrameStore
+from mirenfs.engine.image import FdImageSource, OpenImage
+from mirenfs.engine.produce import (
+    Settings,
+    SnapshotIndex,
+    SnapshotProducer,
+    StaleIndexError,
+    build_index,
+    snapshot_meta,
+)
+
+from support.data import write_image
+
+SMALL = Settings(chunk_size=64 * 1024)
+SEGMENTS = [("text", 300_000), ("hole", 200_000), ("data", 150_000), ("zero", 70_000), ("text", 12_345)]
+
+
+@pytest.fixture
+def compressions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many chunks were compressed (zero chunks use the precomputed frame and never count)."""
+    calls: list[int] = []
+    original = produce.compress_frame
+
+    def counting(data: bytes | bytearray | memoryview, level: int) -> bytes:
+        calls.append(len(data))
+        return original(data, level)
+
+    monkeypatch.setattr(produce, "compress_frame", counting)
+    return calls
+
+
+def new_store(tmp_path: Path, limit: int = 1 << 30) -> FrameStore:
+    return FrameStore(str(tmp_path / "state" / "frames"), limit, SMALL.key())
+
+
+def snapshot_of(image: Path, store: FrameStore | None) -> tuple[bytes, SnapshotIndex]:
+    """The whole snapshot of ``image`` read through a producer, and its index."""
+
+    async def run() -> tuple[bytes, SnapshotIndex]:
+        handle = OpenImage.open(str(image))
+        try:
+            source = handle.source(SMALL)
+            index = await build_index(source, SMALL, store=store)
+            meta = snapshot_meta("d", "ext4", handle.size, handle.mtime_ns, index.checksum)
+            producer = SnapshotProducer(source, SMALL, meta, index, store=store)
+            return await producer.read(0, producer.size), index
+        finally:
+            handle.close()
+
+    return trio.run(run)
+
+
+def data_chunks(index: SnapshotIndex) -> int:
+    return index.frame_count - sum(index.zero_chunks)
+
+
+def stored_files(store: FrameStore) -> Iterator[Path]:
+    return (path for path in Path(store.directory).rglob("*") if path.is_file())
+
+
+def test_bytes_are_identical_with_and_without_the_store(tmp_path: Path, compressions: list[int]) -> None:
+    image = tmp_path / "img"
+    write_image(image, SEGMENTS)
+    plain, plain_index = snapshot_of(image, None)
+    store = new_store(tmp_path)
+    stored, index = snapshot_of(image, store)
+    assert stored == plain
+    assert (index.checksum, index.frame_sizes, index.frame_checksums) == (
+        plain_index.checksum,
+        plain_index.frame_sizes,
+        plain_index.frame_checksums,
+    )
+    assert len(index.fingerprints) == 32 * index.frame_count
+    again, _ = snapshot_of(image, new_store(tmp_path))  # another mount: the store on disk answers
+    assert again == plain
+
+
+def test_a_second_pass_compresses_nothing(tmp_path: Path, compressions: list[int]) -> None:
+    image = tmp_path / "img"
+    write_image(image, SEGMENTS)
+    snapshot_of(image, new_store(tmp_path))
+    compressions.clear()
+    store = new_store(tmp_path)
+    snapshot_of(image, store)
+    assert compressions == []
+    assert store.hits > 0 and store.corrupt == 0
+
+
+def test_a_remount_serves_every_frame_from_the_store_without_reading_the_image(tmp_path: Path) -> None:
+    """With the index's fingerprints (the persisted index after a remount), no chunk is read."""
+    image = tmp_path / "img"
+    write_image(image, SEGMENTS)
+    expected, index = snapshot_of(image, new_store(tmp_path))
+
+    class Unreadable(FdImageSource):
+        def read_chunk(self, index: int) -> bytearray | None:
+            raise AssertionError(f"chunk {index} was read")
+
+    async def run() -> bytes:
+        handle = OpenImage.open(str(image))
+        try:
+            source = Unreadable(handle.fd, handle.size, SMALL.chunk_size)
+            meta = snapshot_meta("d", "ext4", handle.size, handle.mtime_ns, index.checksum)
+            decoded = SnapshotIndex.from_bytes(index.to_bytes())
+            producer = SnapshotProducer(source, SMALL, meta, decoded, store=new_store(tmp_path))
+            return await producer.read(0, producer.size)
+        finally:
+            handle.close()
+
+    assert trio.run(run) == expected
+
+
+def test_after_a_small_change_only_the_changed_chunk_compresses(
+    tmp_path: Path, compressions: list[int]
+) -> None:
+    image = tmp_path / "img"
+    write_image(image, SEGMENTS)
+    snapshot_of(image, new_store(tmp_path))
+    with open(image, "r+b") as f:
+        f.seek(SMALL.chunk_size * 2 + 100)
+        f.write(b"a small change")
+    compressions.clear()
+    changed, _ = snapshot_of(image, new_store(tmp_path))
+    assert compressions == [SMALL.chunk_size]
+    assert changed == snapshot_of(image, None)[0]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda data: data[:-1] + bytes([data[-1] ^ 1]),  # a flipped bit in the frame
+        lambda data: data[: len(data) // 2],  # a torn write
+        lambda data: b"",  # an empty file after a crash
+        lambda data: data[:8] + bytes(32) + data[40:],  # another entry's name
+    ],
+    ids=["bit flip", "torn", "empty", "wrong name"],
+)
+def test_a_damaged_entry_is_recompressed_never_served(
+    tmp_path: Path, compressions: list[int], damage: Callable[[bytes], bytes]
+) -> None:
+    image = tmp_path / "img"
+    write_image(image, SEGMENTS)
+    expected, index = snapshot_of(image, new_store(tmp_path))
+    victim = max(stored_files(new_store(tmp_path)), key=lambda path: path.stat().st_size)
+    victim.write_bytes(damage(victim.read_bytes()))
+    compressions.clear()
+    store = new_store(tmp_path)
+    again, _ = snapshot_of(image, store)
+    assert again == expected
+    assert len(compressions) == 1 and store.corrupt == 1
+    store = new_store(tmp_path)  # the entry was written again, whole
+    snapshot_of(image, store)
+    assert store.corrupt == 0 and store.hits == 2 * data_chunks(index)
+
+
+def test_the_store_keeps_its_bound_least_recently_used_first(tmp_path: Path) -> None:
+    store = new_store(tmp_path, limit=10_000)
+    frames = {bytes([n]) * 32: os.urandom(3000) for n in range(5)}
+    for fingerprint, frame in frames.items():
+        store.put(fingerprint, frame)
+        if fingerprint == bytes([1]) * 32:
+            assert store.get(bytes([0]) * 32) is not None  # 0 is used: 1 is now the oldest
+    assert store.bytes <= 10_000
+    assert store.get(bytes([1]) * 32) is None
+    assert store.get(bytes([4]) * 32) == frames[bytes([4]) * 32]
+    reopened = new_store(tmp_path, limit=4_000)  # a smaller bound at the next mount
+    assert reopened.get(bytes([4]) * 32) == frames[bytes([4]) * 32]
+    assert reopened.bytes <= 4_000 and len(list(stored_files(reopened))) == 1
+
+
+def test_store_files_are_private_and_leftovers_of_a_crash_go(tmp_path: Path) -> None:
+    store = new_store(tmp_path)
+    store.put(bytes(32), b"frame")
+    files = list(stored_files(store))
+    assert [stat.S_IMODE(path.stat().st_mode) for path in files] == [0o600]
+    directories = [Path(store.directory), files[0].parent]
+    assert [stat.S_IMODE(path.stat().st_mode) for path in directories] == [0o700, 0o700]
+    leftover = files[0].parent / (files[0].name + ".123.456.tmp")
+    leftover.write_bytes(b"half a frame")
+    new_store(tmp_path).get(bytes(32))
+    assert not leftover.exists()
+
+
+def test_settings_are_part_of_the_key(tmp_path: Path) -> None:
+    store = new_store(tmp_path)
+    store.put(bytes(32), b"frame")
+    other = FrameStore(store.directory, 1 << 30, Settings(chunk_size=64 * 1024, level=5).key())
+    assert other.get(bytes(32)) is None
+
+
+def test_an_index_of_an_older_format_is_stale_not_corrupt(tmp_path: Path) -> None:
+    image = tmp_path / "img"
+    write_image(image, SEGMENTS)
+    _, index = snapshot_of(image, new_store(tmp_path))
+    assert SnapshotIndex.from_bytes(index.to_bytes()) == index
+    body = index.to_bytes().split(b"\n", 1)[1].replace(b'"format": 2', b'"format": 1')
+    with pytest.raises(StaleIndexError):
+        SnapshotIndex.from_bytes(hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
+
+
+# ---- hashing resumes after the unchanged chunks -------------------------------------------
+
+
+def pass_over(image: Path, store: FrameStore, basis: SnapshotIndex | None) -> SnapshotIndex:
+    async def run() -> SnapshotIndex:
+        handle = OpenImage.open(str(image))
+        try:
+            return await build_index(handle.source(SMALL), SMALL, store=store, basis=basis)
+        finally:
+            handle.close()
+
+    return trio.run(run)
+
+
+@pytest.mark.parametrize(
+    ("offset", "first_hashed"),
+    [(10, 0), (SMALL.chunk_size * 3 + 5, 3), (300_000 + 200_000 + 150_000 + 70_000 + 12_000, 11), (None, 12)],
+    ids=["first chunk", "a middle chunk", "the last chunk", "nothing (touch)"],
+)
+def test_a_pass_with_a_basis_hashes_from_the_first_changed_chunk(
+    tmp_path: Path, offset: int | None, first_hashed: int
+) -> None:
+    image = tmp_path / "img"
+    write_image(image, SEGMENTS)
+    store = new_store(tmp_path)
+    basis = pass_over(image, store, None)
+    assert basis.frame_count == 12 and basis.hashed_from == 0
+    with open(image, "r+b") as f:
+        if offset is not None:
+            f.seek(offset)
+            f.write(b"changed")
+    index = pass_over(image, store, basis)
+    assert index.hashed_from == first_hashed
+    assert index.checksum == hashlib.sha256(image.read_bytes()).hexdigest()
+    assert index.midstates == pass_over(image, new_store(tmp_path / "other"), None).midstates
+
+
+def test_a_basis_of_another_shape_is_not_used(tmp_path: Path) -> None:
+    image = tmp_path / "img"
+    write_image(image, SEGMENTS)
+    store = new_store(tmp_path)
+    basis = pass_over(image, store, None)
+    with open(image, "ab") as f:
+        f.write(b"grown")
+    index = pass_over(image, store, basis)
+    assert index.hashed_from == 0
+    assert index.checksum == hashlib.sha256(image.read_bytes()).hexdigest()
+
+
+def test_resumable_sha256_matches_hashlib_and_resumes() -> None:
+    data = os.urandom(1 << 20)
+    whole = sha256.ResumableSha256()
+    for start, stop in [(0, 1), (1, 4096), (4096, 4096), (4096, 700_001), (700_001, 1 << 20)]:
+        whole.update(bytearray(data[start:stop]))
+    assert whole.hexdigest() == hashlib.sha256(data).hexdigest()
+    first = sha256.ResumableSha256()
+    first.update(memoryview(data)[:65536])  # read-only: copied, still right
+    resumed = sha256.ResumableSha256(first.midstate())
+    resumed.update(bytearray(data[65536:]))
+    assert resumed.digest() == hashlib.sha256(data).digest()
+    first.update(b"x")
+    with pytest.raises(ValueError):
+        first.midstate()

@@ -1,0 +1,298 @@
+"""The command line as an operator meets it: data paths, versions, log levels, pipes, progress
+bars on a terminal, the umask, names that do not print, filesystems that cannot be told."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from mirenfs.format.header import Meta, Timestamp, write_header
+
+from support.data import write_image
+from support.runners import mirenfs_command, run_mirenfs
+from support.vectors import GO_VECTORS
+
+GO_ODD = GO_VECTORS[2]
+
+
+# ---- a data path that does not exist is refused, naming it -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["disk", "list"],
+        ["disk", "set-status", "pg", "detached"],
+        ["disk", "remove", "pg"],
+        ["lease", "acquire", "pg"],
+        ["backup", "pg", "-o", "OUT"],
+        ["restore", str(GO_ODD.path)],
+        ["restore", str(GO_ODD.path), "--name", "pg"],
+        ["mount", "MNT", "--foreground"],
+    ],
+    ids=lambda argv: " ".join(argv[:2]),
+)
+def test_every_command_refuses_a_missing_data_path(tmp_path: Path, argv: list[str]) -> None:
+    typo = tmp_path / "typo"
+    (tmp_path / "mnt").mkdir()
+    args = [
+        str(tmp_path / "out.mirn") if a == "OUT" else str(tmp_path / "mnt") if a == "MNT" else a for a in argv
+    ]
+    result = run_mirenfs(*args, "--data-path", str(typo))
+    assert result.returncode == 1
+    assert result.stderr.decode().strip() == (
+        f"mirenfs: error: the data path {typo} does not exist (from --data-path); check it, or start a new "
+        f"one with `mirenfs disk create NAME --size SIZE --data-path {typo}`"
+    )
+    assert not typo.exists()  # nothing was created on the way
+    assert os.listdir(tmp_path) == ["mnt"]
+
+
+def test_the_environment_names_the_missing_data_path_too(tmp_path: Path) -> None:
+    result = run_mirenfs("disk", "list", env={"MIRENFS_DATA_PATH": str(tmp_path / "nope")})
+    assert result.returncode == 1 and b"(from $MIRENFS_DATA_PATH)" in result.stderr
+
+
+def test_disk_create_starts_a_new_data_path_and_says_so(tmp_path: Path) -> None:
+    data = tmp_path / "new" / "data"
+    result = run_mirenfs("disk", "create", "pg", "--size", "16M", "--data-path", str(data))
+    assert result.returncode == 0, result.stderr
+    assert f"created the data path {data}".encode() in result.stderr
+    listed = json.loads(run_mirenfs("disk", "list", "--json", "--data-path", str(data)).stdout)
+    assert [disk["name"] for disk in listed] == ["pg"]
+
+
+# ---- the store and the state directory are private; new files honour the umask ----------------
+
+
+def test_the_store_and_managed_images_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    done = subprocess.run(
+        [
+            "sh",
+            "-c",
+            'umask 000 && exec "$@"',
+            "sh",
+            *mirenfs_command(),
+            "disk",
+            "create",
+            "pg",
+            "--size",
+            "16M",
+            "--data-path",
+            str(data),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    for name in ("mirenfs.db", "mirenfs.db-wal", "mirenfs.db-shm"):
+        if (data / name).exists():
+            assert stat.S_IMODE((data / name).stat().st_mode) == 0o600, name
+    image = json.loads(run_mirenfs("disk", "list", "--json", "--data-path", str(data)).stdout)[0][
+        "image_path"
+    ]
+    assert stat.S_IMODE(os.stat(image).st_mode) == 0o600
+
+
+@pytest.mark.parametrize("umask", [0o077, 0o022])
+def test_files_that_hold_whole_disks_honour_the_umask(tmp_path: Path, umask: int) -> None:
+    image = tmp_path / "disk.img"
+    write_image(image, [("text", 100_000)])
+    snapshot, restored = tmp_path / "disk.mirn", tmp_path / "restored.img"
+    script = (
+        f'umask {umask:03o} && "$0" backup --image {image} --filesystem ext4 -o {snapshot} '
+        f'&& "$0" restore {snapshot} --image {restored}'
+    )
+    done = subprocess.run(["sh", "-c", script, *mirenfs_command()], capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for path in (snapshot, restored):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+
+
+# ---- --version, --log-level anywhere, a closed pipe -------------------------------------------
+
+
+def test_version() -> None:
+    result = run_mirenfs("--version")
+    assert result.returncode == 0 and result.stdout.decode().startswith("mirenfs ")
+
+
+def test_log_level_is_accepted_before_and_after_the_command(tmp_path: Path) -> None:
+    for argv in (["--log-level", "debug", "disk", "list"], ["disk", "list", "--log-level", "debug"]):
+        result = run_mirenfs(*argv, "--data-path", str(tmp_path))
+        assert result.returncode == 0, result.stderr
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    write_image(image, [("data", 12 << 20)])
+    command = " ".join(mirenfs_command()) + f" backup --image {image} --filesystem ext4 -o - | head -c 10"
+    done = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", command], capture_output=True, timeout=120, check=False
+    )
+    assert done.stderr == b""
+    assert done.returncode == 141  # as with SIGPIPE: no "Broken pipe" error, no traceback
+
+
+# ---- filesystems, names -----------------------------------------------------------------------
+
+
+def test_backup_of_an_image_without_a_known_filesystem_is_refused_up_front(tmp_path: Path) -> None:
+    image = tmp_path / "blob.img"
+    write_image(image, [("data", 100_000)])
+    result = run_mirenfs("backup", "--image", str(image), "-o", str(tmp_path / "blob.mirn"))
+    assert result.returncode == 1
+    assert (
+        b"cannot tell the filesystem of" in result.stderr and b"--filesystem ext4|xfs|btrfs" in result.stderr
+    )
+    assert sorted(os.listdir(tmp_path)) == ["blob.img"]
+
+
+def test_names_that_cannot_be_encoded_are_printed_safely(tmp_path: Path) -> None:
+    """A valid snapshot named with a lone surrogate (Go reads it as U+FFFD)."""
+    data = GO_ODD.path.read_bytes()
+    meta_len = int.from_bytes(data[8:12], "big")
+    original = json.loads(data[12 : 12 + meta_len])
+    renamed = Meta(
+        name="bad\ud800name",
+        size_bytes=original["size_bytes"],
+        filesystem=original["filesystem"],
+        timestamp=Timestamp.parse(original["timestamp"]),
+        checksum=original["checksum"],
+    )
+    snapshot = tmp_path / "odd.mirn"
+    with open(snapshot, "wb") as out:
+        write_header(out, renamed)
+        out.write(data[12 + meta_len :])
+    for argv in (["verify", str(snapshot)], ["inspect", str(snapshot)]):
+        result = run_mirenfs(*argv)
+        assert result.returncode == 0, result.stderr
+        assert b"Traceback" not in result.stderr and b"unexpected" not in result.stderr
+
+
+# ---- progress bars: drawn on a terminal, never elsewhere --------------------------------------
+
+
+def run_on_a_terminal(workdir: Path, argv: list[str], timeout: float = 120) -> tuple[int, str, bytes]:
+    """Run with stderr on a pseudo-terminal; return the exit status, what the terminal showed, stdout.
+
+    Standard output goes to a file: a pipe nobody reads while the terminal is read would stall it.
+    """
+    controller, terminal = pty.openpty()
+    stdout_path = workdir / "stdout"
+    with open(stdout_path, "wb") as stdout_file:
+        process = subprocess.Popen(argv, stdout=stdout_file, stderr=terminal, stdin=subprocess.DEVNULL)
+    os.close(terminal)
+    shown = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([controller], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(controller, 65536)
+                except OSError:  # EIO: the other side closed
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+            elif process.poll() is not None:
+                break
+        process.wait(timeout=max(deadline - time.monotonic(), 1))
+    finally:
+        os.close(controller)
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+    return process.returncode, shown.decode(errors="replace"), stdout_path.read_bytes()
+
+
+def final_line(shown: str, label: str) -> str:
+    lines = [part for part in shown.replace("\r\n", "\r").split("\r") if part.startswith(label)]
+    assert lines, f"no {label!r} bar in {shown!r}"
+    return lines[-1]
+
+
+def test_progress_bars_draw_on_a_terminal(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    write_image(image, [("data", 6 << 20), ("hole", 8 << 20), ("text", 1 << 20)])
+    snapshot, restored = tmp_path / "disk.mirn", tmp_path / "restored.img"
+    cli = mirenfs_command()
+
+    code, shown, _ = run_on_a_terminal(
+        tmp_path, [*cli, "backup", "--image", str(image), "--filesystem", "ext4", "-o", str(snapshot)]
+    )
+    assert code == 0
+    assert "100.0%" in final_line(shown, "backup disk") and "MiB/s" in shown
+
+    code, shown, _ = run_on_a_terminal(tmp_path, [*cli, "verify", str(snapshot)])
+    assert code == 0
+    assert "100.0%" in final_line(shown, "verify disk.mirn")
+
+    code, shown, _ = run_on_a_terminal(tmp_path, [*cli, "restore", str(snapshot), "--image", str(restored)])
+    assert code == 0
+    assert "100.0%" in final_line(shown, "restore restored.img")
+
+    code, shown, stdout = run_on_a_terminal(
+        tmp_path, [*cli, "backup", "--image", str(image), "--filesystem", "ext4", "-o", "-"]
+    )
+    assert code == 0 and stdout == snapshot.read_bytes()
+    # Two passes, two honest phases: the index pass, then the writing, each to 100%.
+    index_pass, writing = (
+        final_line(shown, "backup disk: index pass"),
+        final_line(shown, "backup disk: writing"),
+    )
+    assert "100.0%" in index_pass and "100.0%" in writing
+    assert shown.index("backup disk: index pass") < shown.index("backup disk: writing")
+
+
+def test_no_progress_bar_off_a_terminal(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    write_image(image, [("data", 6 << 20)])
+    snapshot = tmp_path / "disk.mirn"
+    for argv in (
+        ["backup", "--image", str(image), "--filesystem", "ext4", "-o", str(snapshot)],
+        ["verify", str(snapshot)],
+        ["restore", str(snapshot), "--image", str(tmp_path / "r.img")],
+    ):
+        result = run_mirenfs(*argv)
+        assert result.returncode == 0 and result.stderr == b"", (argv, result.stderr)
+
+
+# ---- the mount checks before it reports ready -------------------------------------------------
+
+
+def test_mount_refuses_a_damaged_store_before_it_mounts(tmp_path: Path) -> None:
+    data, mountpoint = tmp_path / "data", tmp_path / "mnt"
+    data.mkdir()
+    mountpoint.mkdir()
+    (data / "mirenfs.db").write_bytes(b"this is not a database" * 100)
+    for extra in ([], ["--foreground"]):
+        result = run_mirenfs("mount", str(mountpoint), "--data-path", str(data), *extra, timeout=60)
+        assert result.returncode == 1
+        assert f"the disk store {data / 'mirenfs.db'}".encode() in result.stderr
+        assert b"file is not a database" in result.stderr
+        assert not os.path.ismount(mountpoint)
+
+
+def test_a_bad_fuse_option_is_named(tmp_path: Path) -> None:
+    data, mountpoint = tmp_path / "data", tmp_path / "mnt"
+    data.mkdir()
+    mountpoint.mkdir()
+    result = run_mirenfs(
+        "mount", str(mountpoint), "--data-path", str(data), "--foreground", "-o", "no_such_opt"
+    )
+    assert result.returncode == 1
+    assert b"FUSE refused the mount options no_such_opt" in result.stderr
+    assert b"unexpected" not in result.stderr and not os.path.ismount(mountpoint)

@@ -1,0 +1,263 @@
+"""The restore pipeline: exact bytes whatever the piece sizes, back-pressure, errors from any
+stage reaching the next feed or the finish, an exact ``complete`` after a settle, no threads left."""
+
+from __future__ import annotations
+
+import errno
+import gc
+import hashlib
+import os
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import trio
+import zstandard
+
+from mirenfs.disks.restore import FEED_BATCH
+from mirenfs.engine.consume import (
+    INPUT_LIMIT,
+    PIECE,
+    POOL_PIECES,
+    OpenTarget,
+    RestoreStream,
+    restore_to_path,
+)
+from mirenfs.engine.image import SparseWriter
+from mirenfs.errors import FormatError
+
+from support.data import sha256_file, staging_files
+from support.mounts import wait_for
+from support.streams import (
+    Collect,
+    feed_in_pieces,
+    image_bytes,
+    many_frame_snapshot,
+    meta_for,
+    one_frame_snapshot,
+    restore_threads,
+)
+
+CONTENT = image_bytes(6 << 20, seed=3)
+
+
+def collecting_stream() -> tuple[RestoreStream, Collect]:
+    sink = Collect()
+
+    async def open_target(_meta: object) -> Collect:
+        return sink
+
+    return RestoreStream(open_target), sink
+
+
+@pytest.mark.parametrize(
+    "snapshot",
+    [one_frame_snapshot(CONTENT), many_frame_snapshot(CONTENT), many_frame_snapshot(CONTENT, skippable=True)],
+    ids=["one frame", "many frames", "skippable frames"],
+)
+@pytest.mark.parametrize("seed", [1, 2])
+def test_any_piece_sizes_give_the_exact_image(snapshot: bytes, seed: int) -> None:
+    async def run() -> None:
+        stream, sink = collecting_stream()
+        await feed_in_pieces(stream, snapshot, seed)
+        meta = await stream.finish()
+        assert meta.size_bytes == len(CONTENT)
+        assert bytes(sink.data) == CONTENT
+
+    trio.run(run)
+    assert restore_threads() == []
+
+
+def test_settle_makes_complete_exact_and_the_stream_goes_on_after_it() -> None:
+    """A close in restore/ asks whether the stream is whole: after settle() the answer is exact,
+    and more data after a settle (a writer that forked) still restores."""
+    snapshot = many_frame_snapshot(CONTENT)
+    compressor = zstandard.ZstdCompressor(level=3, write_checksum=True, write_content_size=True)
+    first_frame_end = len(meta_for(CONTENT).header()) + len(compressor.compress(CONTENT[: 256 << 10]))
+
+    async def run() -> None:
+        stream, sink = collecting_stream()
+        await stream.feed(snapshot[: first_frame_end - 5])  # inside the first frame
+        await stream.settle()
+        assert not stream.complete
+        await stream.feed(snapshot[first_frame_end - 5 : first_frame_end])  # between frames now
+        await stream.settle()
+        assert not stream.complete and stream.bytes_out == 256 << 10
+        await stream.feed(snapshot[first_frame_end:])
+        await stream.settle()
+        assert stream.complete
+        await stream.finish()
+        assert bytes(sink.data) == CONTENT
+
+    trio.run(run)
+
+
+@pytest.mark.parametrize("make", [one_frame_snapshot, many_frame_snapshot])
+def test_complete_after_settle_for_whole_streams_fed_in_one_piece(make: Callable[[bytes], bytes]) -> None:
+    snapshot = make(CONTENT)
+
+    async def run() -> None:
+        stream, _sink = collecting_stream()
+        await stream.feed(snapshot)
+        await stream.settle()
+        assert stream.complete
+        await stream.finish()
+
+    trio.run(run)
+
+
+class BlockingWriter:
+    """An image writer that holds every write until released: a stuck disk."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.written = 0
+
+    def write(self, data: bytes) -> None:
+        self.release.wait()
+        self.written += len(data)
+
+
+def test_a_slow_writer_holds_back_the_feeds_in_bounded_memory() -> None:
+    """Back-pressure: while the write stage is stuck, feeds return at once until the queues are
+    full, then wait; nothing is lost once the writer moves again."""
+    content = os.urandom(48 << 20)  # does not compress: input and output sizes match
+    snapshot = one_frame_snapshot(content)
+    writer = BlockingWriter()
+
+    async def open_target(_meta: object) -> BlockingWriter:
+        return writer
+
+    async def run() -> None:
+        stream = RestoreStream(open_target)
+        fed = 0
+        with trio.move_on_after(2) as waited:
+            while fed < len(snapshot):
+                await stream.feed(snapshot[fed : fed + FEED_BATCH])
+                fed += FEED_BATCH
+        assert waited.cancelled_caught, "every feed returned although nothing could be written"
+        bound = INPUT_LIMIT + (POOL_PIECES + 2) * PIECE + 2 * FEED_BATCH
+        assert FEED_BATCH <= fed <= bound
+        writer.release.set()
+        await stream.feed(snapshot[fed:])
+        await stream.finish()
+        assert writer.written == len(content)
+
+    trio.run(run)
+
+
+class FailingWriter:
+    def write(self, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _fail_before_the_end(snapshot: bytes, open_target: OpenTarget) -> BaseException:
+    """Feed ``snapshot`` and finish; return what was raised (by a feed, or else by the finish)."""
+    caught: list[BaseException] = []
+
+    async def run() -> None:
+        stream = RestoreStream(open_target)
+        try:
+            await feed_in_pieces(stream, snapshot, seed=5)
+            await stream.finish()
+        except Exception as exc:
+            caught.append(exc)
+            with pytest.raises(type(exc)):  # and the stream stays failed
+                await stream.finish()
+
+    trio.run(run)
+    assert caught, "a bad stream was accepted"
+    return caught[0]
+
+
+def test_a_write_error_reaches_the_next_feed_or_the_finish() -> None:
+    async def open_target(_meta: object) -> FailingWriter:
+        return FailingWriter()
+
+    error = _fail_before_the_end(one_frame_snapshot(CONTENT), open_target)
+    assert isinstance(error, OSError) and error.errno == errno.ENOSPC
+    assert restore_threads() == []
+
+
+def test_corrupt_data_reaches_the_next_feed_or_the_finish() -> None:
+    snapshot = bytearray(many_frame_snapshot(CONTENT))
+    snapshot[len(snapshot) // 2] ^= 0x55
+
+    async def open_target(_meta: object) -> Collect:
+        return Collect()
+
+    error = _fail_before_the_end(bytes(snapshot), open_target)
+    assert isinstance(error, FormatError)
+    assert restore_threads() == []
+
+
+def test_more_than_size_bytes_is_refused_and_never_written() -> None:
+    """The decompressor refuses the first piece past size_bytes: it is never handed on."""
+    content = image_bytes(3 << 20, seed=9)
+    meta = meta_for(content[:-1])
+    snapshot = meta.header() + one_frame_snapshot(content)[len(meta_for(content).header()) :]
+    sink = Collect()
+
+    async def open_target(_meta: object) -> Collect:
+        return sink
+
+    error = _fail_before_the_end(snapshot, open_target)
+    assert isinstance(error, FormatError) and "longer than" in str(error)
+    assert len(sink.data) <= meta.size_bytes
+
+
+@pytest.mark.parametrize("cut", [-1, -200])
+def test_a_stream_cut_inside_a_frame_is_refused(cut: int) -> None:
+    async def open_target(_meta: object) -> Collect:
+        return Collect()
+
+    error = _fail_before_the_end(many_frame_snapshot(CONTENT)[:cut], open_target)
+    assert isinstance(error, FormatError)
+
+
+def test_an_abandoned_stream_stops_its_threads() -> None:
+    """A restore cancelled half-way (the stream is just dropped) leaves no thread and no context."""
+
+    async def run() -> None:
+        stream, _sink = collecting_stream()
+        snapshot = one_frame_snapshot(CONTENT)
+        await stream.feed(snapshot[: len(snapshot) // 2])
+        assert restore_threads() != []
+        del stream
+
+    trio.run(run)
+    gc.collect()
+    wait_for(lambda: not restore_threads(), "the pipeline threads to end", timeout=5)
+
+
+def test_restore_to_path_is_exact_sparse_and_leaves_no_threads(tmp_path: Path) -> None:
+    content = bytes(3 << 20) + image_bytes(5 << 20, seed=4) + bytes(2 << 20)
+    snapshot = many_frame_snapshot(content)
+    image = tmp_path / "disk.img"
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for start in range(0, len(snapshot), 10240):  # tar's records
+            yield snapshot[start : start + 10240]
+
+    trio.run(lambda: restore_to_path(str(image), pieces(), overwrite=False))
+    assert sha256_file(image) == hashlib.sha256(content).hexdigest()
+    assert image.stat().st_blocks * 512 < len(content) - (4 << 20)
+    assert staging_files(tmp_path) == []
+    assert restore_threads() == []
+
+
+def test_sparse_writer_with_writeback_writes_only_data(tmp_path: Path) -> None:
+    path = tmp_path / "img"
+    content = bytes(1 << 20) + b"x" * 5000 + bytes(40 << 20) + b"y"
+    with open(path, "wb") as f:
+        f.truncate(len(content))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        writer = SparseWriter(fd, writeback=True)
+        for start in range(0, len(content), 3 << 20):
+            writer.write(memoryview(content)[start : start + (3 << 20)])
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == content
+    assert writer.bytes_written < 3 * 4096

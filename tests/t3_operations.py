@@ -1,0 +1,453 @@
+"""The read-only side of the mount, driven in-process (no kernel): what ``NAME.mirn`` and its
+sidecar show, every refusal's errno, snapshot versions when an image changes, and the one
+errno boundary (``fuse_errors``) that keeps a handler from killing the session."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import stat
+from pathlib import Path
+
+import pyfuse3
+import pytest
+import trio
+
+from mirenfs.disks.model import DiskState
+from mirenfs.errors import DiskLeasedError, FormatError
+from mirenfs.format.header import decode_header
+from mirenfs.mount.inodes import RESTORE_INODE, ROOT_INODE
+from mirenfs.mount.operations import MirenOperations, fuse_errors
+
+from support.data import write_image
+from support.fuse_ops import (
+    IMAGE_SEGMENTS,
+    PIECE,
+    STATE,
+    InProcessMount,
+    SetattrFields,
+    add_image_disk,
+    fake_sys_block,
+    fuse_errno,
+    operations,
+    snapshot_bytes,
+    trio_test,
+)
+
+WRITE_FLAGS = [os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC, os.O_RDONLY | os.O_APPEND]
+
+
+@pytest.fixture(autouse=True)
+def sys_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No test sees the host's loop devices: /sys/block is a directory of the test's own."""
+    return fake_sys_block(tmp_path / "sys-block", monkeypatch)
+
+
+@pytest.fixture
+def data_path(tmp_path: Path) -> Path:
+    path = tmp_path / "data"
+    path.mkdir()
+    return path
+
+
+async def snapshot_inodes(m: InProcessMount, name: str = "pg") -> tuple[int, int]:
+    return (await m.lookup(f"{name}.mirn")).st_ino, (await m.lookup(f"{name}.mirn.sha256")).st_ino
+
+
+# ---- what NAME.mirn and NAME.mirn.sha256 show --------------------------------------------
+
+
+@trio_test
+async def test_snapshot_reads_exactly_what_backup_writes(data_path: Path) -> None:
+    image = add_image_disk(data_path, "pg")
+    expected = await snapshot_bytes(image, name="pg")
+    async with operations(data_path) as m:
+        attrs = await m.lookup("pg.mirn")
+        # Exact before a byte is read, read-only, the image's mtime.
+        assert attrs.st_size == len(expected)
+        assert stat.S_ISREG(attrs.st_mode) and stat.S_IMODE(attrs.st_mode) == 0o444
+        assert attrs.st_mtime_ns == image.stat().st_mtime_ns
+        assert (await m.ops.getattr(attrs.st_ino, m.ctx)).st_size == len(expected)
+        assert await m.read_file("pg.mirn") == expected
+        # Any offset and size, across frames and past the end, gives the same bytes.
+        fh = await m.open(attrs.st_ino)
+        try:
+            for offset, size in [
+                (0, 7),
+                (5, 70_000),
+                (len(expected) - 9, PIECE),
+                (3000, 1),
+                (len(expected), 10),
+            ]:
+                assert await m.ops.read(fh, offset, size) == expected[offset : offset + size]
+        finally:
+            await m.ops.release(fh)
+
+
+@trio_test
+async def test_sidecar_holds_the_sha256sum_line_of_the_snapshot(data_path: Path) -> None:
+    expected = await snapshot_bytes(add_image_disk(data_path, "pg"), name="pg")
+    line = f"{hashlib.sha256(expected).hexdigest()}  pg.mirn\n".encode()
+    async with operations(data_path) as m:
+        attrs = await m.lookup("pg.mirn.sha256")
+        assert attrs.st_size == len(line)  # known before the snapshot was ever hashed
+        assert await m.read_file("pg.mirn.sha256") == line
+        assert await m.xattrs(attrs.st_ino) == {}
+
+
+@trio_test
+async def test_snapshot_xattrs_are_its_header(data_path: Path) -> None:
+    meta, _header_len = decode_header(await snapshot_bytes(add_image_disk(data_path, "pg"), name="pg"))
+    async with operations(data_path) as m:
+        inode = (await m.lookup("pg.mirn")).st_ino
+        assert await m.xattrs(inode) == {
+            "user.mirn.name": "pg",
+            "user.mirn.size_bytes": str(meta.size_bytes),
+            "user.mirn.filesystem": "ext4",
+            "user.mirn.timestamp": meta.timestamp.rfc3339(),
+            "user.mirn.checksum": meta.checksum,
+            "user.mirenfs.consistency": "offline",  # how the copy was taken: the disk is not in use
+        }
+
+
+@trio_test
+async def test_root_lists_each_visible_disk_twice_and_restore(data_path: Path) -> None:
+    for name in ("pg", "web"):
+        add_image_disk(data_path, name)
+    add_image_disk(data_path, "gone", status=DiskState.DELETING)
+    add_image_disk(data_path, "lost").unlink()  # registered, but its image is missing
+    async with operations(data_path) as m:
+        listing = await m.listdir(ROOT_INODE, page=2)  # resumed from the kernel's offset each time
+        assert [name for name, _attrs in listing] == [
+            "restore",
+            "pg.mirn",
+            "pg.mirn.sha256",
+            "web.mirn",
+            "web.mirn.sha256",
+        ]
+        assert await m.listdir(RESTORE_INODE) == []
+        for hidden in ("gone.mirn", "lost.mirn", "gone.mirn.sha256"):
+            assert await fuse_errno(m.lookup(hidden)) == errno.ENOENT
+        # A listing inode, used without a lookup, stands for the current version.
+        listed = dict(listing)["web.mirn"].st_ino
+        fh = await m.open(listed)
+        try:
+            assert await m.read_handle(fh) == await m.read_file("web.mirn")
+        finally:
+            await m.ops.release(fh)
+
+
+@trio_test
+async def test_directories_and_modes(data_path: Path) -> None:
+    add_image_disk(data_path, "pg")
+    async with operations(data_path) as m:
+        for inode in (ROOT_INODE, RESTORE_INODE):
+            attrs = await m.ops.getattr(inode, m.ctx)
+            assert stat.S_ISDIR(attrs.st_mode) and stat.S_IMODE(attrs.st_mode) == 0o755
+        assert (await m.lookup("restore")).st_ino == RESTORE_INODE
+        assert (await m.ops.statfs(m.ctx)).f_namemax == 255
+    async with operations(data_path, fuse_options=["allow_other"]) as shared:
+        for name in ("pg.mirn", "pg.mirn.sha256"):
+            assert stat.S_IMODE((await shared.lookup(name)).st_mode) == 0o400
+
+
+# ---- refusals ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", ["nope.mirn", "nope.mirn.sha256", "pg", "pg.img", "pg.mirn.gz", "restore.mirn"]
+)
+@trio_test
+async def test_unknown_names_are_enoent(data_path: Path, name: str) -> None:
+    add_image_disk(data_path, "pg")
+    async with operations(data_path) as m:
+        assert await fuse_errno(m.lookup(name)) == errno.ENOENT
+
+
+@trio_test
+async def test_lookups_outside_the_tree_are_enoent(data_path: Path) -> None:
+    add_image_disk(data_path, "pg")
+    async with operations(data_path) as m:
+        snapshot, _sidecar = await snapshot_inodes(m)
+        assert await fuse_errno(m.lookup("pg.mirn", RESTORE_INODE)) == errno.ENOENT  # no such entry
+        assert await fuse_errno(m.lookup("x", snapshot)) == errno.ENOENT  # a file as the parent
+        assert await fuse_errno(m.ops.getattr(999_999, m.ctx)) == errno.ENOENT
+        assert await fuse_errno(m.ops.read(999_999, 0, 10)) == errno.EBADF
+
+
+@pytest.mark.parametrize("flags", WRITE_FLAGS, ids=["wronly", "rdwr", "trunc", "append"])
+@trio_test
+async def test_opening_a_snapshot_for_writing_is_erofs(data_path: Path, flags: int) -> None:
+    add_image_disk(data_path, "pg")
+    async with operations(data_path) as m:
+        for inode in await snapshot_inodes(m):
+            assert await fuse_errno(m.ops.open(inode, flags, m.ctx)) == errno.EROFS
+
+
+@trio_test
+async def test_snapshots_cannot_be_changed(data_path: Path) -> None:
+    add_image_disk(data_path, "pg")
+    async with operations(data_path) as m:
+        snapshot, _sidecar = await snapshot_inodes(m)
+        fh = await m.open(snapshot)
+        try:
+            assert await fuse_errno(m.ops.write(fh, 0, b"x")) == errno.EROFS
+        finally:
+            await m.ops.release(fh)
+        resize, chmod = SetattrFields(update_size=True), SetattrFields(update_mode=True)
+        attrs = pyfuse3.EntryAttributes()
+        assert await fuse_errno(m.ops.setattr(snapshot, attrs, resize, None, m.ctx)) == errno.EROFS
+        assert await fuse_errno(m.ops.setattr(snapshot, attrs, chmod, None, m.ctx)) == errno.EPERM
+
+
+@trio_test
+async def test_the_root_takes_no_new_files_and_no_changes(data_path: Path) -> None:
+    add_image_disk(data_path, "pg")
+    async with operations(data_path) as m:
+        snapshot, _sidecar = await snapshot_inodes(m)
+        ops, ctx = m.ops, m.ctx
+        assert await fuse_errno(ops.create(ROOT_INODE, b"pg.mirn", 0o644, os.O_WRONLY, ctx)) == errno.EROFS
+        assert await fuse_errno(ops.create(ROOT_INODE, b"new.mirn", 0o644, os.O_WRONLY, ctx)) == errno.EROFS
+        assert await fuse_errno(ops.create(snapshot, b"x.mirn", 0o644, os.O_WRONLY, ctx)) == errno.EPERM
+        for parent in (ROOT_INODE, RESTORE_INODE):
+            assert await fuse_errno(ops.mkdir(parent, b"dir", 0o755, ctx)) == errno.EPERM
+        assert await fuse_errno(ops.unlink(ROOT_INODE, b"pg.mirn", ctx)) == errno.EPERM
+        assert await fuse_errno(ops.unlink(ROOT_INODE, b"restore", ctx)) == errno.EPERM
+        assert (
+            await fuse_errno(ops.rename(ROOT_INODE, b"pg.mirn", ROOT_INODE, b"x.mirn", 0, ctx)) == errno.EPERM
+        )
+        for name in (b"user.x", b"user.mirn.name"):
+            for inode in (ROOT_INODE, snapshot):
+                assert await fuse_errno(ops.setxattr(inode, name, b"v", ctx)) == errno.EPERM
+                assert await fuse_errno(ops.removexattr(inode, name, ctx)) == errno.EPERM
+        # The snapshot is still there, unchanged.
+        assert (await m.lookup("pg.mirn")).st_ino == snapshot
+
+
+@trio_test
+async def test_rename_across_directories_is_exdev(data_path: Path) -> None:
+    add_image_disk(data_path, "pg")
+    async with operations(data_path) as m:
+        await m.lookup("pg.mirn")
+        fh, _inode = await m.create("pg.mirn.sha256")
+        await m.close(fh)
+        ops, ctx = m.ops, m.ctx
+        into_restore = ops.rename(ROOT_INODE, b"pg.mirn", RESTORE_INODE, b"pg.mirn", 0, ctx)
+        out_of_restore = ops.rename(RESTORE_INODE, b"pg.mirn.sha256", ROOT_INODE, b"pg.mirn.sha256", 0, ctx)
+        assert await fuse_errno(into_restore) == errno.EXDEV
+        assert await fuse_errno(out_of_restore) == errno.EXDEV
+        assert [name for name, _attrs in await m.listdir(RESTORE_INODE)] == ["pg.mirn.sha256"]
+
+
+@trio_test
+async def test_a_restore_entry_never_reads_back_as_a_snapshot(data_path: Path) -> None:
+    """The README says restore/ files "cannot be read back" (EACCES). Issue 10 makes an entry
+    readable as its outcome, one line, so that whole-mount tar and rsync succeed; the working
+    tree does that now. Either way no snapshot byte comes back, and the write handle reads nothing."""
+    async with operations(data_path) as m:
+        fh, inode = await m.create("new.mirn")
+        await m.write_all(fh, b"MIRN" + bytes(100))
+        assert await fuse_errno(m.ops.read(fh, 0, 10)) in (errno.EACCES, errno.EBADF)
+        try:
+            reader = await m.open(inode, os.O_RDONLY)
+        except pyfuse3.FUSEError as exc:
+            assert exc.errno == errno.EACCES  # the README's contract
+        else:  # issue 10's: the entry's state, one line
+            text = await m.read_handle(reader)
+            await m.ops.release(reader)
+            assert text.startswith(b"receiving") and text.endswith(b"\n") and b"MIRN" not in text
+        await m.close(fh)
+
+
+@trio_test
+async def test_unknown_xattrs_are_enoattr(data_path: Path) -> None:
+    add_image_disk(data_path, "pg")
+    async with operations(data_path) as m:
+        snapshot, sidecar = await snapshot_inodes(m)
+        fh, entry = await m.create("new.mirn")
+        for inode in (ROOT_INODE, RESTORE_INODE, snapshot, sidecar, entry):
+            assert await fuse_errno(m.ops.getxattr(inode, b"user.nope", m.ctx)) == pyfuse3.ENOATTR
+        assert await fuse_errno(m.ops.getxattr(sidecar, b"user.mirn.name", m.ctx)) == pyfuse3.ENOATTR
+        assert await fuse_errno(m.ops.getxattr(snapshot, STATE, m.ctx)) == pyfuse3.ENOATTR
+        await m.close(fh)
+
+
+@trio_test
+async def test_opendir_of_a_file_is_enotdir(data_path: Path) -> None:
+    add_image_disk(data_path, "pg")
+    async with operations(data_path) as m:
+        fh, entry = await m.create("new.mirn")
+        for inode in (*await snapshot_inodes(m), entry):
+            assert await fuse_errno(m.ops.opendir(inode, m.ctx)) == errno.ENOTDIR
+        await m.close(fh)
+
+
+# ---- versions: a changed image is a new inode; an open handle never mixes ------------------
+
+
+# Random data, so that its snapshot has many frames of real size: more than a reader caches.
+RANDOM_SEGMENTS = [("data", 2 << 20), ("hole", 1 << 20)]
+
+
+def replace_image(image: Path, seed: int, segments: list[tuple[str, int]] = IMAGE_SEGMENTS) -> None:
+    """Write a new image beside the old one and rename it over (a new inode, as a restore installs)."""
+    write_image(image.with_suffix(".new"), segments, seed=seed)
+    os.replace(image.with_suffix(".new"), image)
+
+
+def rewrite_in_place(image: Path, seed: int, segments: list[tuple[str, int]]) -> None:
+    """Overwrite every byte of the image in place (the same inode, as a live disk changes)."""
+    before = image.stat()
+    scratch = image.with_suffix(".scratch")
+    write_image(scratch, segments, seed=seed)
+    with open(image, "r+b") as f:
+        f.write(scratch.read_bytes())
+    scratch.unlink()
+    # A later mtime even on a coarse clock: the change must show in the identity.
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))
+
+
+@pytest.mark.parametrize("spill", ["spilled frames", "no spill"])
+@trio_test
+async def test_replaced_image_is_a_new_inode_and_old_handle_reads_old_bytes(
+    data_path: Path, spill: str
+) -> None:
+    image = add_image_disk(data_path, "pg")
+    old = await snapshot_bytes(image, name="pg")
+    async with operations(data_path, spill_limit=0 if spill == "no spill" else 1 << 30) as m:
+        before = await m.lookup("pg.mirn")
+        fh = await m.open(before.st_ino)
+        first = await m.ops.read(fh, 0, PIECE)
+        replace_image(image, seed=1)
+        new = await snapshot_bytes(image, name="pg")
+        after = await m.lookup("pg.mirn")
+        assert after.st_ino != before.st_ino
+        assert after.st_size == len(new) and await m.read_file("pg.mirn") == new
+        rest = bytearray()
+        while chunk := await m.ops.read(fh, len(first) + len(rest), PIECE):
+            rest += chunk
+        assert first + rest == old  # the old version, whole: never a byte of the new image
+        assert (await m.ops.getattr(before.st_ino, m.ctx)).st_size == len(old)
+        await m.ops.release(fh)
+        assert await fuse_errno(m.ops.open(before.st_ino, os.O_RDONLY, m.ctx)) == errno.ESTALE
+
+
+@trio_test
+async def test_image_changed_in_place_gives_old_bytes_or_eio_never_a_mix(data_path: Path) -> None:
+    image = add_image_disk(data_path, "pg", segments=RANDOM_SEGMENTS)
+    old = await snapshot_bytes(image, name="pg")
+    async with operations(data_path, spill_limit=0) as m:  # every frame comes from the image itself
+        before = await m.lookup("pg.mirn")
+        fh = await m.open(before.st_ino)
+        assert await m.ops.read(fh, 0, PIECE) == old[:PIECE]
+        rewrite_in_place(image, seed=1, segments=RANDOM_SEGMENTS)
+        after = await m.lookup("pg.mirn")
+        assert after.st_ino != before.st_ino
+        assert await m.read_file("pg.mirn") == await snapshot_bytes(image, name="pg")
+        failures = 0
+        for offset in range(PIECE, len(old), PIECE):
+            try:
+                assert await m.ops.read(fh, offset, PIECE) == old[offset : offset + PIECE]
+            except pyfuse3.FUSEError as exc:
+                assert exc.errno == errno.EIO
+                failures += 1
+        assert failures > 0, "every chunk changed, yet the old handle read them all"
+        await m.ops.release(fh)
+
+
+@trio_test
+async def test_releasing_a_superseded_snapshot_while_it_reads_ahead_keeps_the_session(
+    data_path: Path,
+) -> None:
+    image = add_image_disk(data_path, "pg", segments=RANDOM_SEGMENTS)
+    async with operations(data_path, spill_limit=0) as m:  # as after a remount: frames from the image
+        fh = await m.open((await m.lookup("pg.mirn")).st_ino)
+        replace_image(image, seed=1, segments=RANDOM_SEGMENTS)
+        await m.lookup("pg.mirn")  # the old version is superseded; this handle keeps it open
+        await m.ops.read(fh, 0, PIECE)  # sequential: starts compressing the next frames ahead
+        await m.ops.release(fh)  # the last handle: the old version's image fd is closed
+        await trio.sleep(0.2)
+        assert (await m.lookup("pg.mirn")).st_size > 0
+
+
+# ---- fuse_errors: the one errno boundary -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raised", "code"),
+    [
+        (RuntimeError("a bug"), errno.EIO),
+        (KeyError("a bug"), errno.EIO),
+        (DiskLeasedError("disk pg is in use"), errno.EBUSY),
+        (FormatError("bad magic"), errno.EINVAL),
+        (OSError(errno.ENOSPC, "No space left on device"), errno.ENOSPC),
+        (OSError("no errno"), errno.EIO),
+        (FileNotFoundError(errno.ENOENT, "gone"), errno.ENOENT),
+        (pyfuse3.FUSEError(errno.EXDEV), errno.EXDEV),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else errno.errorcode[value],
+)
+@trio_test
+async def test_fuse_errors_turns_every_exception_into_an_errno(raised: BaseException, code: int) -> None:
+    @fuse_errors
+    async def handler() -> None:
+        raise raised
+
+    assert await fuse_errno(handler()) == code
+
+
+@trio_test
+async def test_an_unexpected_exception_answers_eio_logs_it_and_the_session_goes_on(
+    data_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    add_image_disk(data_path, "pg")
+    async with operations(data_path) as m:
+
+        async def broken(*_args: object, **_kwargs: object) -> None:
+            raise RuntimeError("a bug in the snapshot service")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(m.ops.service, "version", broken)
+            with caplog.at_level(logging.ERROR, logger="mirenfs.mount.operations"):
+                assert await fuse_errno(m.lookup("pg.mirn")) == errno.EIO
+            assert "unexpected error in lookup; answering EIO" in caplog.text
+            assert "a bug in the snapshot service" in caplog.text  # with its traceback
+            patch.setattr(m.ops.catalog, "disks", broken)
+            assert await fuse_errno(m.listdir(ROOT_INODE)) == errno.EIO
+            assert (await m.ops.getattr(ROOT_INODE, m.ctx)).st_ino == ROOT_INODE
+        # The same operations answer normally once the fault is gone.
+        assert (await m.lookup("pg.mirn")).st_size > 0
+        assert [name for name, _attrs in await m.listdir(ROOT_INODE)][:2] == ["restore", "pg.mirn"]
+
+
+def test_every_handler_goes_through_fuse_errors() -> None:
+    handlers = [
+        name
+        for name, value in vars(MirenOperations).items()
+        if callable(value) and not name.startswith("_") and hasattr(pyfuse3.Operations, name)
+    ]
+    assert "lookup" in handlers and "write" in handlers
+    unwrapped = [
+        name
+        for name in handlers
+        if name != "forget" and not hasattr(vars(MirenOperations)[name], "__wrapped__")
+    ]
+    assert unwrapped == []
+
+
+@trio_test
+async def test_forget_never_raises(data_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """forget cannot answer an error: it swallows (and logs) anything."""
+    add_image_disk(data_path, "pg")
+    async with operations(data_path) as m:
+        inode = (await m.lookup("pg.mirn")).st_ino
+        await m.ops.forget([(inode, 1), (999_999, 3)])
+        assert (await m.ops.getattr(inode, m.ctx)).st_ino == inode  # the current version stays
+
+        def broken(*_args: object) -> None:
+            raise RuntimeError("a bug in the inode table")
+
+        monkeypatch.setattr(m.ops.inodes, "forget", broken)
+        await m.ops.forget([(inode, 1)])

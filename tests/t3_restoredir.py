@@ -1,0 +1,591 @@
+"""restore/ driven in-process (no kernel): every refusal of the README's errno table at create,
+each state of an entry (``receiving``, ``installed``, ``failed: REASON``), and that a failed
+restore leaves the disk exactly as it was: image bytes, store, no staging file, no new disk."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+import pytest
+import trio
+
+from mirenfs.disks import live
+from mirenfs.disks.model import DiskState
+from mirenfs.disks.restore import FEED_BATCH
+from mirenfs.disks.store import Store
+from mirenfs.errors import DiskNotFoundError
+from mirenfs.format.header import Meta, decode_header
+from mirenfs.mount import restoredir
+from mirenfs.mount.inodes import RESTORE_INODE, ROOT_INODE
+
+from support.bad_snapshots import CASES, bad_inputs
+from support.data import BAD_NAMES, sha256_file, staging_files, write_image
+from support.fuse_ops import (
+    PIECE,
+    FileState,
+    InProcessMount,
+    SetattrFields,
+    add_image_disk,
+    attach_fake_loop,
+    fake_sys_block,
+    fuse_errno,
+    operations,
+    snapshot_bytes,
+    trio_test,
+)
+from support.store import store_state
+from support.vectors import GO_VECTORS, GoVector
+
+
+@pytest.fixture(autouse=True)
+def sys_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No test sees the host's loop devices: /sys/block is a directory of the test's own."""
+    return fake_sys_block(tmp_path / "sys-block", monkeypatch)
+
+
+@pytest.fixture
+def data_path(tmp_path: Path) -> Path:
+    path = tmp_path / "data"
+    path.mkdir()
+    return path
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A valid snapshot made by the backup engine, with what restoring it must give."""
+
+    data: bytes
+    meta: Meta
+    header_len: int
+    image_sha256: str
+
+
+def make_snapshot(directory: Path, name: str, segments: list[tuple[str, int]]) -> Snapshot:
+    image = directory / f"{name}.img"
+    write_image(image, segments, seed=5)
+    data = trio.run(lambda: snapshot_bytes(image, name=name))
+    meta, header_len = decode_header(data)
+    return Snapshot(data, meta, header_len, sha256_file(image))
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory: pytest.TempPathFactory) -> Snapshot:
+    """Small (under one feed batch): text, random data and a hole, as the bad-input cases expect."""
+    segments = [("text", 200_000), ("data", 150_000), ("hole", 300_000), ("text", 5)]
+    return make_snapshot(tmp_path_factory.mktemp("good"), "good", segments)
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory: pytest.TempPathFactory) -> Snapshot:
+    """Over one feed batch: its header is parsed, and a new disk created, before the stream ends."""
+    snapshot = make_snapshot(tmp_path_factory.mktemp("big"), "big", [("data", 3 << 20), ("hole", 1 << 20)])
+    assert len(snapshot.data) > 2 * FEED_BATCH
+    return snapshot
+
+
+async def entry_names(m: InProcessMount) -> list[str]:
+    return [name for name, _attrs in await m.listdir(RESTORE_INODE)]
+
+
+def disk_status(data_path: Path, name: str) -> str | None:
+    try:
+        return Store(str(data_path)).get_disk(name).disk.status.value
+    except DiskNotFoundError:
+        return None
+
+
+def assert_untouched(
+    data_path: Path, before: dict[str, object], image: Path | None, image_before: FileState | None
+) -> None:
+    """A refused or failed restore changed nothing: store rows, files, directories, the image itself."""
+    assert staging_files(data_path) == []
+    assert store_state(data_path) == before
+    if image is not None:
+        assert FileState.of(image) == image_before
+
+
+# ---- refusals at create: the README's table -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "file_name",
+    [
+        "pg",
+        "pg.txt",
+        "pg.mirn.bak",
+        "pg.MIRN",
+        ".mirn",
+        "-pg.mirn",
+        *(f"{bad}.mirn" for bad in BAD_NAMES if "/" not in bad),
+        "sp ace.mirn.sha256",
+    ],
+)
+@trio_test
+async def test_not_a_snapshot_name_or_a_bad_disk_name_is_einval(data_path: Path, file_name: str) -> None:
+    add_image_disk(data_path, "pg")
+    async with operations(data_path, allow_overwrite=True) as m:
+        before = store_state(data_path)
+        assert await fuse_errno(m.create(file_name)) == errno.EINVAL
+        assert await entry_names(m) == []
+    assert_untouched(data_path, before, None, None)
+
+
+Situation = Callable[[Path, Path, Path], None]  # (data path, image, fake /sys/block)
+
+
+def set_deleting(data_path: Path, image: Path, sys_block: Path) -> None:
+    Store(str(data_path)).set_disk_status("pg", DiskState.DELETING)
+
+
+def bind_lease(data_path: Path, image: Path, sys_block: Path) -> None:
+    Store(str(data_path)).acquire_lease("pg")
+
+
+def attach_loop(data_path: Path, image: Path, sys_block: Path) -> None:
+    attach_fake_loop(sys_block, "loop3", image)
+
+
+BUSY: list[Situation] = [set_deleting, bind_lease, attach_loop]
+
+
+@pytest.mark.parametrize("allow_overwrite", [False, True], ids=["plain", "allow-overwrite"])
+@pytest.mark.parametrize("situation", BUSY, ids=lambda f: f.__name__)
+@trio_test
+async def test_a_disk_in_use_is_ebusy(
+    data_path: Path, sys_block: Path, situation: Situation, allow_overwrite: bool
+) -> None:
+    image = add_image_disk(data_path, "pg")
+    situation(data_path, image, sys_block)
+    async with operations(data_path, allow_overwrite=allow_overwrite) as m:
+        before, image_before = store_state(data_path), FileState.of(image)
+        for file_name in ("pg.mirn", ".pg.mirn.Ab12Cd"):  # cp's name and rsync's temporary one
+            assert await fuse_errno(m.create(file_name)) == errno.EBUSY
+        assert await entry_names(m) == []
+    assert_untouched(data_path, before, image, image_before)
+
+
+@trio_test
+async def test_a_loop_device_backing_another_file_or_a_released_lease_does_not_refuse(
+    data_path: Path, sys_block: Path
+) -> None:
+    add_image_disk(data_path, "pg")
+    attach_fake_loop(sys_block, "loop3", data_path / "images" / "other.img")
+    store = Store(str(data_path))
+    store.release_lease(store.acquire_lease("pg").id)
+    async with operations(data_path, allow_overwrite=True) as m:
+        fh, _inode = await m.create("pg.mirn")
+        assert await m.state("pg.mirn") == "receiving"
+        await m.close(fh)
+
+
+@trio_test
+async def test_when_loop_devices_cannot_be_read_the_restore_fails_closed(
+    data_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = add_image_disk(data_path, "pg")
+    monkeypatch.setattr(live, "SYS_BLOCK", str(tmp_path / "no-sys-block"))
+    async with operations(data_path, allow_overwrite=True) as m:
+        before, image_before = store_state(data_path), FileState.of(image)
+        assert await fuse_errno(m.create("pg.mirn")) == errno.EIO
+    assert_untouched(data_path, before, image, image_before)
+
+
+@trio_test
+async def test_an_existing_image_without_allow_overwrite_is_eexist(data_path: Path) -> None:
+    image = add_image_disk(data_path, "pg")
+    async with operations(data_path) as m:
+        before, image_before = store_state(data_path), FileState.of(image)
+        for file_name in ("pg.mirn", ".pg.mirn.Ab12Cd"):
+            assert await fuse_errno(m.create(file_name)) == errno.EEXIST
+        assert await entry_names(m) == []
+    async with operations(data_path, allow_overwrite=True) as m:
+        fh, _inode = await m.create("pg.mirn")
+        assert await m.state("pg.mirn") == "receiving"
+        await m.ops.release(fh)
+    assert_untouched(data_path, before, image, image_before)
+
+
+@trio_test
+async def test_a_second_restore_of_a_disk_being_restored_is_ebusy(data_path: Path, good: Snapshot) -> None:
+    add_image_disk(data_path, "pg")
+    add_image_disk(data_path, "web")
+    async with operations(data_path, allow_overwrite=True) as m:
+        fh, inode = await m.create("pg.mirn")
+        assert await fuse_errno(m.create(".pg.mirn.Ab12Cd")) == errno.EBUSY
+        assert await fuse_errno(m.ops.open(inode, os.O_WRONLY, m.ctx)) == errno.EBUSY
+        # A sidecar restores nothing, and another disk is another restore: neither is refused.
+        sidecar, _inode = await m.create("pg.mirn.sha256")
+        other, _inode = await m.create("web.mirn")
+        await m.write_all(fh, good.data)
+        assert await m.close(fh) is None
+        assert (await m.state("pg.mirn")).startswith("installed")
+        # Once it ended, the disk can be restored again.
+        again, _inode = await m.create(".pg.mirn.Ab12Cd")
+        assert await m.state(".pg.mirn.Ab12Cd") == "receiving"
+        for handle in (sidecar, other, again):
+            await m.ops.release(handle)
+
+
+@trio_test
+async def test_two_restores_of_one_disk_started_at_once_one_is_ebusy(data_path: Path) -> None:
+    add_image_disk(data_path, "pg")
+    async with operations(data_path, allow_overwrite=True) as m:
+        fh, inode = await m.create("pg.mirn")
+        await m.ops.release(fh)  # an entry that ended (failed: empty), as after an earlier cp
+        outcomes: dict[str, int | None] = {}
+
+        async def reopen() -> None:  # cp onto the existing entry: an open, outside the dir lock
+            try:
+                await m.ops.open(inode, os.O_WRONLY | os.O_TRUNC, m.ctx)
+                outcomes["open"] = None
+            except pyfuse3.FUSEError as exc:
+                outcomes["open"] = exc.errno
+
+        async def rsync() -> None:  # rsync's temporary file: a create, at the same moment
+            try:
+                await m.create(".pg.mirn.Ab12Cd")
+                outcomes["create"] = None
+            except pyfuse3.FUSEError as exc:
+                outcomes["create"] = exc.errno
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reopen)
+            nursery.start_soon(rsync)
+        assert sorted(outcomes.values(), key=str) == [errno.EBUSY, None]
+
+
+# ---- each state of an entry ------------------------------------------------------------
+
+
+@trio_test
+async def test_receiving_then_installed_into_a_new_disk(data_path: Path, good: Snapshot) -> None:
+    async with operations(data_path) as m:
+        fh, inode = await m.create("good.mirn")
+        assert (await m.ops.getxattr(inode, b"user.mirenfs.state", m.ctx)).decode() == "receiving"
+        status = json.loads(await m.ops.getxattr(ROOT_INODE, b"user.mirenfs.status", m.ctx))
+        assert [(r["name"], r["state"]) for r in status["restores"]] == [("restore/good.mirn", "receiving")]
+        await m.write_all(fh, good.data)
+        assert await m.state("good.mirn") == "receiving"  # installed by the close, not by the last write
+        assert await m.close(fh) is None
+        assert (await m.state("good.mirn")).startswith("installed")
+        assert await entry_names(m) == ["good.mirn"]
+
+        record = Store(str(data_path)).get_disk("good")
+        assert (record.disk.status, record.disk.size_bytes, record.disk.filesystem) == (
+            DiskState.PROVISIONED,
+            good.meta.size_bytes,
+            good.meta.filesystem,
+        )
+        assert record.image_path is not None
+        image = Path(record.image_path)
+        assert sha256_file(image) == good.image_sha256
+        assert image.stat().st_mtime_ns == good.meta.timestamp.unix_ns
+        assert staging_files(data_path) == []
+        # The new disk shows at once, and backing it up gives back the very bytes restored.
+        assert "good.mirn" in [name for name, _attrs in await m.listdir(ROOT_INODE)]
+        assert await m.read_file("good.mirn") == good.data
+
+
+@pytest.mark.parametrize("vector", GO_VECTORS, ids=lambda v: v.file)
+@trio_test
+async def test_go_vectors_install_over_an_existing_disk(data_path: Path, vector: GoVector) -> None:
+    image = add_image_disk(data_path, "pg", filesystem="ext4")
+    async with operations(data_path, allow_overwrite=True) as m:
+        assert await m.copy_in("pg.mirn", vector.path.read_bytes()) is None
+        assert (await m.state("pg.mirn")).startswith("installed")
+    assert sha256_file(image) == vector.sha256
+    record = Store(str(data_path)).get_disk("pg")
+    assert (record.disk.size_bytes, record.disk.filesystem) == (vector.size_bytes, vector.filesystem)
+    assert staging_files(data_path) == []
+
+
+@pytest.mark.parametrize("into", ["existing disk", "new disk"])
+@pytest.mark.parametrize("case", CASES)
+@trio_test
+async def test_bad_data_fails_and_leaves_the_disk_exactly_as_it_was(
+    data_path: Path, good: Snapshot, case: str, into: str
+) -> None:
+    data, reason = bad_inputs(good.data, good.meta, good.header_len)[case]
+    image = add_image_disk(data_path, "pg")
+    target = "pg.mirn" if into == "existing disk" else "fresh.mirn"
+    async with operations(data_path, allow_overwrite=True) as m:
+        before, image_before = store_state(data_path), FileState.of(image)
+        assert await m.copy_in(target, data) in (errno.EINVAL, errno.EIO)
+        state = await m.state(target)
+        assert state.startswith("failed: ") and re.search(reason, state), state
+        assert_untouched(data_path, before, image, image_before)
+        assert disk_status(data_path, "fresh") is None
+
+
+@trio_test
+async def test_bad_magic_fails_the_write_that_feeds_it(data_path: Path) -> None:
+    image = add_image_disk(data_path, "pg")
+    async with operations(data_path, allow_overwrite=True) as m:
+        before, image_before = store_state(data_path), FileState.of(image)
+        fh, _inode = await m.create("pg.mirn")
+        assert await fuse_errno(m.ops.write(fh, 0, b"MIRX" + bytes(FEED_BATCH))) == errno.EINVAL
+        assert re.fullmatch(r"failed: .*bad magic.*", await m.state("pg.mirn"))
+        await m.close(fh)
+        assert_untouched(data_path, before, image, image_before)
+
+
+@trio_test
+async def test_bad_magic_in_a_small_first_write_fails_by_the_close(data_path: Path, good: Snapshot) -> None:
+    """The README: bad data fails "a write or the final close". Writes are gathered up to
+    FEED_BATCH before they are parsed, so a cp-sized first write may pass and the close fails."""
+    image = add_image_disk(data_path, "pg")
+    async with operations(data_path, allow_overwrite=True) as m:
+        before, image_before = store_state(data_path), FileState.of(image)
+        fh, _inode = await m.create("pg.mirn")
+        try:
+            await m.ops.write(fh, 0, b"MIRX" + good.data[4:PIECE])
+        except pyfuse3.FUSEError as exc:
+            assert exc.errno == errno.EINVAL
+            await m.close(fh)
+        else:
+            assert await m.close(fh) == errno.EINVAL
+        assert re.fullmatch(r"failed: .*bad magic.*", await m.state("pg.mirn"))
+        assert_untouched(data_path, before, image, image_before)
+
+
+@trio_test
+async def test_a_short_stream_held_by_another_writer_fails_the_close_with_eio_then_the_release(
+    data_path: Path, good: Snapshot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(restoredir, "held_open", lambda path: True)  # a forked writer still holds it
+    image = add_image_disk(data_path, "pg")
+    async with operations(data_path, allow_overwrite=True) as m:
+        before, image_before = store_state(data_path), FileState.of(image)
+        fh, _inode = await m.create("pg.mirn")
+        await m.write_all(fh, good.data[: len(good.data) // 2])
+        assert await fuse_errno(m.ops.flush(fh)) == errno.EIO
+        # Not over yet: another descriptor (a forked writer's) may still write the rest.
+        assert await m.state("pg.mirn") == "receiving"
+        await m.ops.release(fh)
+        assert re.fullmatch(r"failed: .*(truncated|short).*", await m.state("pg.mirn"))
+        assert_untouched(data_path, before, image, image_before)
+
+
+@trio_test
+async def test_the_last_close_of_a_short_stream_fails_it_at_once(data_path: Path, good: Snapshot) -> None:
+    """Nobody else holds the file: the failing close itself leaves the disk as it was."""
+    image = add_image_disk(data_path, "pg")
+    async with operations(data_path, allow_overwrite=True) as m:
+        before, image_before = store_state(data_path), FileState.of(image)
+        fh, _inode = await m.create("pg.mirn")
+        await m.write_all(fh, good.data[: len(good.data) // 2])
+        assert await fuse_errno(m.ops.flush(fh)) in (errno.EINVAL, errno.EIO)
+        assert re.fullmatch(r"failed: .*(truncated|short).*", await m.state("pg.mirn"))
+        assert_untouched(data_path, before, image, image_before)  # before the release
+        await m.ops.release(fh)
+        assert_untouched(data_path, before, image, image_before)
+
+
+@trio_test
+async def test_the_last_close_of_a_short_stream_into_a_new_name_removes_the_disk(
+    data_path: Path, good: Snapshot
+) -> None:
+    async with operations(data_path) as m:
+        fh, _inode = await m.create("fresh.mirn")
+        await m.write_all(fh, good.data[: len(good.data) // 2])
+        assert await fuse_errno(m.ops.flush(fh)) in (errno.EINVAL, errno.EIO)
+        assert Store(str(data_path)).list_disks() == []  # and gone when the failing close returns
+        assert not (data_path / "disk-data" / "volumes").exists() or not any(
+            (data_path / "disk-data" / "volumes").iterdir()
+        )
+        await m.ops.release(fh)
+
+
+@trio_test
+async def test_an_empty_file_fails_its_close(data_path: Path) -> None:
+    image = add_image_disk(data_path, "pg")
+    async with operations(data_path, allow_overwrite=True) as m:
+        before, image_before = store_state(data_path), FileState.of(image)
+        fh, _inode = await m.create("pg.mirn")
+        assert await m.close(fh) in (errno.EINVAL, errno.EIO)
+        assert (await m.state("pg.mirn")).startswith("failed: ")
+        assert_untouched(data_path, before, image, image_before)
+
+
+@trio_test
+async def test_a_close_before_the_end_leaves_the_restore_open_for_the_rest(
+    data_path: Path, good: Snapshot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dd and forked writers close a descriptor while the stream goes on through another."""
+    monkeypatch.setattr(restoredir, "held_open", lambda path: True)
+    image = add_image_disk(data_path, "pg")
+    async with operations(data_path, allow_overwrite=True) as m:
+        fh, _inode = await m.create("pg.mirn")
+        half = len(good.data) // 2
+        await m.write_all(fh, good.data[:half])
+        assert await fuse_errno(m.ops.flush(fh)) == errno.EIO
+        for offset in range(half, len(good.data), PIECE):
+            await m.ops.write(fh, offset, good.data[offset : min(offset + PIECE, len(good.data))])
+        assert await m.close(fh) is None
+        assert (await m.state("pg.mirn")).startswith("installed")
+    assert sha256_file(image) == good.image_sha256
+
+
+@trio_test
+async def test_a_checksum_mismatch_fails_the_close_with_einval(data_path: Path, good: Snapshot) -> None:
+    data, _reason = bad_inputs(good.data, good.meta, good.header_len)["checksum mismatch"]
+    image = add_image_disk(data_path, "pg")
+    async with operations(data_path, allow_overwrite=True) as m:
+        before, image_before = store_state(data_path), FileState.of(image)
+        fh, _inode = await m.create("pg.mirn")
+        await m.write_all(fh, data)
+        assert await m.close(fh) == errno.EINVAL
+        assert (await m.state("pg.mirn")).startswith("failed: checksum mismatch")
+        assert_untouched(data_path, before, image, image_before)
+
+
+@trio_test
+async def test_an_out_of_order_write_is_einval_and_undoes_the_restore(
+    data_path: Path, good: Snapshot
+) -> None:
+    image = add_image_disk(data_path, "pg")
+    async with operations(data_path, allow_overwrite=True) as m:
+        before, image_before = store_state(data_path), FileState.of(image)
+        fh, _inode = await m.create("pg.mirn")
+        await m.ops.write(fh, 0, good.data[:PIECE])
+        skipped = 2 * PIECE
+        assert (
+            await fuse_errno(m.ops.write(fh, skipped, good.data[skipped : skipped + PIECE])) == errno.EINVAL
+        )
+        assert re.fullmatch(r"failed: .*in order.*", await m.state("pg.mirn"))
+        # The restore is over: what comes next (even in order) is refused, the state stays.
+        assert await fuse_errno(m.ops.write(fh, PIECE, good.data[PIECE:skipped])) == errno.EIO
+        await m.close(fh)
+        assert re.fullmatch(r"failed: .*in order.*", await m.state("pg.mirn"))
+        assert_untouched(data_path, before, image, image_before)
+
+
+@trio_test
+async def test_a_disk_created_for_a_restore_that_fails_is_removed(data_path: Path, big: Snapshot) -> None:
+    add_image_disk(data_path, "pg")  # the store exists before: only the new disk must go again
+    async with operations(data_path) as m:
+        before = store_state(data_path)
+        fh, _inode = await m.create("big.mirn")
+        await m.write_all(fh, big.data[: FEED_BATCH + PIECE])  # the header is in: the disk exists
+        assert disk_status(data_path, "big") == "provisioning"
+        assert len(staging_files(data_path)) == 1
+        offset = FEED_BATCH + 3 * PIECE
+        assert await fuse_errno(m.ops.write(fh, offset, big.data[offset : offset + PIECE])) == errno.EINVAL
+        assert disk_status(data_path, "big") is None
+        assert_untouched(data_path, before, None, None)
+        await m.close(fh)
+        assert (await m.state("big.mirn")).startswith("failed: ")
+
+
+@trio_test
+async def test_a_sidecar_is_accepted_and_ignored(data_path: Path, good: Snapshot) -> None:
+    image = add_image_disk(data_path, "pg")
+    line = f"{'0' * 64}  pg.mirn\n".encode()
+    async with operations(data_path) as m:  # no --allow-overwrite: a sidecar overwrites nothing
+        before, image_before = store_state(data_path), FileState.of(image)
+        for file_name in ("pg.mirn.sha256", "new.mirn.sha256", ".pg.mirn.sha256.Ab12Cd"):
+            assert await m.copy_in(file_name, line) is None
+            state = await m.state(file_name)
+            assert not state.startswith(("failed", "receiving", "installed")), state
+        assert sorted(await entry_names(m)) == [".pg.mirn.sha256.Ab12Cd", "new.mirn.sha256", "pg.mirn.sha256"]
+        assert_untouched(data_path, before, image, image_before)
+        assert disk_status(data_path, "new") is None
+
+
+@trio_test
+async def test_deleting_an_entry_while_it_receives_undoes_the_restore(data_path: Path, big: Snapshot) -> None:
+    add_image_disk(data_path, "pg")  # the store exists before: only the new disk must go again
+    async with operations(data_path) as m:
+        before = store_state(data_path)
+        fh, _inode = await m.create("big.mirn")
+        await m.write_all(fh, big.data[: FEED_BATCH + PIECE])
+        assert disk_status(data_path, "big") == "provisioning"
+        await m.ops.unlink(RESTORE_INODE, b"big.mirn", m.ctx)
+        assert await entry_names(m) == []
+        assert await fuse_errno(m.lookup("big.mirn", RESTORE_INODE)) == errno.ENOENT
+        offset = FEED_BATCH + PIECE
+        assert await fuse_errno(m.ops.write(fh, offset, big.data[offset : offset + PIECE])) == errno.EIO
+        await m.close(fh)
+        assert_untouched(data_path, before, None, None)
+
+
+@trio_test
+async def test_stopping_the_mount_undoes_an_unfinished_restore(data_path: Path, big: Snapshot) -> None:
+    add_image_disk(data_path, "pg")  # the store exists before: only the new disk must go again
+    async with operations(data_path) as m:
+        before = store_state(data_path)
+        fh, _inode = await m.create("big.mirn")
+        await m.write_all(fh, big.data[: FEED_BATCH + PIECE])
+        assert disk_status(data_path, "big") == "provisioning"
+        # Never closed: the mount stops first.
+    assert disk_status(data_path, "big") is None
+    assert_untouched(data_path, before, None, None)
+
+
+@pytest.mark.parametrize("situation", [bind_lease, attach_loop], ids=lambda f: f.__name__)
+@trio_test
+async def test_a_disk_taken_into_use_mid_stream_fails_the_close_with_ebusy(
+    data_path: Path, sys_block: Path, good: Snapshot, situation: Situation
+) -> None:
+    image = add_image_disk(data_path, "pg")
+    async with operations(data_path, allow_overwrite=True) as m:
+        fh, _inode = await m.create("pg.mirn")
+        await m.write_all(fh, good.data)
+        situation(data_path, image, sys_block)
+        before, image_before = store_state(data_path), FileState.of(image)
+        assert await m.close(fh) == errno.EBUSY
+        assert (await m.state("pg.mirn")).startswith("failed: ")
+        assert_untouched(data_path, before, image, image_before)
+
+
+@trio_test
+async def test_a_resize_of_a_receiving_entry_is_einval(data_path: Path, good: Snapshot) -> None:
+    image = add_image_disk(data_path, "pg")
+    async with operations(data_path, allow_overwrite=True) as m:
+        before, image_before = store_state(data_path), FileState.of(image)
+        fh, inode = await m.create("pg.mirn")
+        await m.write_all(fh, good.data[:PIECE])
+        attrs = await m.ops.getattr(inode, m.ctx)
+        attrs.st_size = 10 * PIECE
+        assert (
+            await fuse_errno(m.ops.setattr(inode, attrs, SetattrFields(update_size=True), fh, m.ctx))
+            == errno.EINVAL
+        )
+        assert (await m.state("pg.mirn")).startswith("failed: ")
+        await m.close(fh)
+        assert_untouched(data_path, before, image, image_before)
+
+
+@trio_test
+async def test_rsync_temporary_file_and_rename(data_path: Path, good: Snapshot) -> None:
+    async with operations(data_path) as m:
+        temporary = ".good.mirn.Ab12Cd"
+        assert await m.copy_in(temporary, good.data) is None
+        assert (await m.state(temporary)).startswith("installed")
+        await m.ops.rename(RESTORE_INODE, temporary.encode(), RESTORE_INODE, b"good.mirn", 0, m.ctx)
+        assert await entry_names(m) == ["good.mirn"]
+        assert (await m.state("good.mirn")).startswith("installed")
+    assert disk_status(data_path, "good") == "provisioned"
+
+
+RENAME_NOREPLACE = 1  # renameat2(2), as the kernel passes it in rename's flags
+
+
+@trio_test
+async def test_rename_noreplace_onto_an_existing_entry_is_eexist(data_path: Path) -> None:
+    async with operations(data_path) as m:
+        one, _inode = await m.create("one.mirn")
+        two, _inode = await m.create("two.mirn")
+        rename = m.ops.rename(RESTORE_INODE, b"one.mirn", RESTORE_INODE, b"two.mirn", RENAME_NOREPLACE, m.ctx)
+        assert await fuse_errno(rename) == errno.EEXIST
+        assert sorted(await entry_names(m)) == ["one.mirn", "two.mirn"]
+        assert await m.state("two.mirn") == "receiving"
+        for fh in (one, two):
+            await m.ops.release(fh)

@@ -1,0 +1,94 @@
+"""Live images, through the kernel: an image a loop device backs is read once, refused as a
+restore target, warned about on backup, and kept by `disk remove`."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import trio
+
+from mirenfs.disks.live import may_change_while_read
+from mirenfs.engine.files import OpenImage, backup_image, reading_rules
+from mirenfs.engine.produce import Settings
+
+from support.data import sha256_file, staging_files, write_image
+from support.loops import loop_device
+from support.runners import ok, refused
+from support.store import disks, store_state
+from support.vectors import GO_EXT4, GO_ODD
+
+SMALL = Settings(chunk_size=64 * 1024)  # small chunks so small images have many frames
+
+
+def test_a_live_image_is_read_once_and_its_snapshot_verifies(tmp_path: Path) -> None:
+    image = tmp_path / "live.img"
+    write_image(image, [("text", 3 << 20), ("hole", 2 << 20)])
+    with loop_device(image):
+        handle = OpenImage.open(str(image))
+        try:
+            assert reading_rules(handle, live=may_change_while_read(str(image))) == (True, None)
+        finally:
+            handle.close()
+        snapshot = tmp_path / "live.mirn"
+        meta = trio.run(
+            lambda: backup_image(
+                str(image),
+                str(snapshot),
+                name="live",
+                filesystem="ext4",
+                settings=SMALL,
+                live=may_change_while_read(str(image)),
+            )
+        )
+        assert meta.checksum == hashlib.sha256(image.read_bytes()).hexdigest()
+    assert sorted(os.listdir(tmp_path)) == ["live.img", "live.mirn"]
+
+
+def test_loop_attached_image_refuses_restore_and_backup_warns(
+    data: Path, ext4_disk: Path, tmp_path: Path
+) -> None:
+    before = store_state(data)
+    with loop_device(ext4_disk) as device:
+        error = refused(
+            "disk disk-ext4 is in use",
+            "restore",
+            GO_ODD.path,
+            "--name",
+            "disk-ext4",
+            "--force",
+            "--data-path",
+            data,
+        )
+        assert f"backs {device}" in error and "losetup -d" in error
+        assert store_state(data) == before
+        assert staging_files(data) == []
+
+        output = tmp_path / "live.mirn"
+        # A raw loop device on an ext4 data path: no reflink, no filesystem to freeze, so only
+        # an explicit --live reads the moving image, with a warning naming the device.
+        result = ok("backup", "disk-ext4", "-o", output, "--live", "--data-path", data)
+        assert "mirenfs: warning:" in result.err and device in result.err
+        assert ok("verify", output).code == 0
+    assert sha256_file(ext4_disk) == GO_EXT4.sha256
+
+
+def test_disk_remove_deletes_a_managed_image_unless_the_disk_is_held(data: Path, ext4_disk: Path) -> None:
+    lease_id = ok("lease", "acquire", "disk-ext4", "--data-path", data).out.strip()
+    before = store_state(data)
+    refused("disk disk-ext4 is in use", "disk", "remove", "disk-ext4", "--data-path", data)
+    ok("lease", "release", lease_id, "--data-path", data)
+    ok("disk", "set-status", "disk-ext4", "attached", "--data-path", data)
+    refused("disk disk-ext4 is attached", "disk", "remove", "disk-ext4", "--data-path", data)
+    assert store_state(data)["files"] == before["files"]
+
+    ok("disk", "set-status", "disk-ext4", "detached", "--data-path", data)
+    with loop_device(ext4_disk):
+        refused("backs /dev/loop", "disk", "remove", "disk-ext4", "--data-path", data)
+    assert ext4_disk.exists()
+
+    result = ok("disk", "remove", "disk-ext4", "--data-path", data)
+    assert "removed disk disk-ext4 and its image" in result.out
+    assert disks(data) == {}
+    assert not ext4_disk.parent.exists()
