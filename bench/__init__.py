@@ -1,7 +1,7 @@
 """mirenfs benchmark (SPEC §7): run on demand, not part of the test suite.
 
     .venv/bin/python -m bench [--workdir DIR] [--size 4G] [--runs 3]
-        [--only sha256sum,startup,backup,backup-cold,restore,verify,mount,mount-rss] [--keep]
+        [--only sha256sum,startup,backup,backup-cold,restore,verify,mount,mount-rss,catalog] [--keep]
         [--json FILE] [--retries 3] [--quiet-wait 30] [--mirenfs COMMAND]
 
 (``make bench`` runs it with the defaults.) Timing lives here and only here: the
@@ -31,6 +31,7 @@ The modules:
 - ``sample``: the §7 sample image and the fair SHA-256 floor;
 - ``mount``: a ``mirenfs mount`` daemon for the mount figures;
 - ``figures``: one ``measure_*`` function per figure, and the list of them;
+- ``catalog``: ``ls -l`` of a mount on a 1,000-disk etcd catalogue (a private etcd);
 - ``report``: verdicts, the table, the JSON file;
 - ``cli``: arguments and ``main``.
 

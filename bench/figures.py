@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.catalog import measure_catalog
 from bench.context import (
     MB,
     CommandFailed,
@@ -290,4 +291,5 @@ MEASUREMENTS: list[Measurement] = [
     Measurement("verify", measure_verify),
     Measurement("mount", measure_mount),
     Measurement("mount-rss", measure_mount_rss),
+    Measurement("catalog", measure_catalog),
 ]

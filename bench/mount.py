@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +24,15 @@ from bench.context import CHILD_ENV, CommandFailed, Context, process_cpu_seconds
 class BenchMount:
     """`mirenfs mount --foreground` on a data path holding the sample as a disk."""
 
-    def __init__(self, ctx: Context, data: Path, mountpoint: Path) -> None:
+    def __init__(self, ctx: Context, data: Path, mountpoint: Path, extra: Sequence[str] = ()) -> None:
         self.ctx, self.data, self.mountpoint = ctx, data, mountpoint
+        self.extra = list(extra)  # more `mirenfs mount` arguments (--catalog, --node)
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         log_file = open(self.data.parent / f"{self.mountpoint.name}.log", "ab")  # noqa: SIM115
         command = self.ctx.mirenfs_cmd(
-            "mount", str(self.mountpoint), "--foreground", "--data-path", str(self.data)
+            "mount", str(self.mountpoint), "--foreground", "--data-path", str(self.data), *self.extra
         )
         self.process = subprocess.Popen(command, stdout=log_file, stderr=log_file, env=CHILD_ENV)
         self.ctx.daemon_pid = self.process.pid
@@ -112,9 +113,9 @@ def fresh_dir(ctx: Context, name: str) -> Path:
 
 
 @contextmanager
-def running_mount(ctx: Context, data: Path, mountpoint: Path) -> Iterator[BenchMount]:
+def running_mount(ctx: Context, data: Path, mountpoint: Path, *extra: str) -> Iterator[BenchMount]:
     """A started mount of ``data`` on ``mountpoint``, stopped on the way out."""
-    mount = BenchMount(ctx, data, mountpoint)
+    mount = BenchMount(ctx, data, mountpoint, extra)
     try:
         mount.start()
         yield mount

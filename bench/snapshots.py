@@ -18,7 +18,8 @@ from bench.sample import data_extents
 
 TAR_MEMBER = "tarred.mirn"  # the disk name the archive restores
 CHANGE_SHARE = 0.01  # the incremental figure's change: 1% of the image
-MIB = 1 << 20
+BLOCK = 64 << 10  # dd's block size for the change
+CHUNK = 4 << 20  # mirenfs's chunk size
 
 
 def snapshot_data_offset(path: Path) -> int:
@@ -72,19 +73,20 @@ def sparse_copy(ctx: Context, name: str) -> Path:
 
 def change_one_percent(image: Path, rng: random.Random) -> None:
     """Overwrite 1% of ``image`` in place (``dd conv=notrunc``) with file data from elsewhere
-    in it, at a new place each time: as compressible as the rest, and never what was there."""
+    in it, at a new place each time: as compressible as the rest, never what was there, and
+    never a chunk-aligned copy (4 MiB chunks that already exist would not count as changed)."""
     size = image.stat().st_size
-    count = max(1, int(size * CHANGE_SHARE) // MIB)
+    count = max(1, int(size * CHANGE_SHARE) // BLOCK)
     source = _data_run(image, count, rng)
-    target = rng.randrange(0, size // MIB - count)
-    while abs(target - source) < count:
-        target = rng.randrange(0, size // MIB - count)
+    target = rng.randrange(0, size // BLOCK - count)
+    while abs(target - source) < count or (target - source) % (CHUNK // BLOCK) == 0:
+        target = rng.randrange(0, size // BLOCK - count)
     run_command(
         [
             "dd",
             f"if={image}",
             f"of={image}",
-            "bs=1M",
+            f"bs={BLOCK}",
             f"skip={source}",
             f"seek={target}",
             f"count={count}",
@@ -95,13 +97,15 @@ def change_one_percent(image: Path, rng: random.Random) -> None:
 
 
 def _data_run(image: Path, count: int, rng: random.Random) -> int:
-    """A MiB offset where ``count`` MiB of data (no hole) start, picked at random."""
+    """A block offset where ``count`` blocks of data (no hole) start, picked at random."""
     fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
     try:
         extents = data_extents(fd, os.fstat(fd).st_size)
     finally:
         os.close(fd)
-    starts = [mib for start, end in extents for mib in range(-(-start // MIB), end // MIB - count + 1)]
-    if not starts:
-        raise RuntimeError(f"{image} holds no {count} MiB of contiguous data to copy")
-    return rng.choice(starts)
+    runs = [(-(-start // BLOCK), end // BLOCK - count) for start, end in extents]
+    runs = [(first, last) for first, last in runs if last >= first]
+    if not runs:
+        raise RuntimeError(f"{image} holds no {count * BLOCK} contiguous bytes of data to copy")
+    first, last = rng.choice(runs)
+    return rng.randrange(first, last + 1)

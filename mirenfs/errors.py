@@ -31,6 +31,8 @@ ImageMissingError        ENOENT  No such file or directory
 DiskExistsError          EEXIST  File exists
 LeaseNotFoundError       ENOENT  No such file or directory
 StoreError               EIO     Input/output error
+CatalogUnreachableError  EIO     Input/output error
+DiskElsewhereError       EBUSY   Device or resource busy
 MountError               EIO     (the mount command's own failure: no errno is seen)
 =======================  ======  ==============================================
 """
@@ -172,6 +174,19 @@ class StoreError(MirenfsError):
     """The store could not be read or written: reported as it is, never taken for "no such disk"."""
 
     errno = EIO
+
+
+class CatalogUnreachableError(StoreError):
+    """The disk catalogue (etcd) cannot be reached or has no quorum. Every lookup fails closed with
+    this, never with "no such disk", so a failed lookup never leads to creating a disk."""
+
+    errno = EIO
+
+
+class DiskElsewhereError(MirenfsError):
+    """The disk's volume is on another node: only that node backs it up, restores or removes it."""
+
+    errno = EBUSY
 
 
 class DiskExistsError(MirenfsError):

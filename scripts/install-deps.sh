@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(fuse3 libfuse3-dev pkg-config gcc python3-venv rsync zstd e2fsprogs xfsprogs btrfs-progs attr util-linux tar coreutils)
+# etcd-server: the tests start their own etcd (127.0.0.1, free ports) for the fleet catalogue.
+packages=(fuse3 libfuse3-dev pkg-config gcc python3-venv rsync zstd e2fsprogs xfsprogs btrfs-progs attr util-linux tar coreutils restic borgbackup etcd-server)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

@@ -10,8 +10,9 @@ import pytest
 
 from mirenfs.cli.common import DATA_PATH_ENV
 
+from support.etcd import EtcdCluster
 from support.mounts import Mount, Teardown
-from support.runners import ok
+from support.runners import HELPER, ok
 from support.store import disks
 from support.vectors import GO_EXT4
 
@@ -55,6 +56,23 @@ def mounts() -> Iterator[Callable[..., Mount]]:
 
 
 @pytest.fixture
+def helper_installed() -> Iterator[Path]:
+    """/sbin/mount.mirenfs -> this checkout's helper, for the test only (kept if it was there)."""
+    assert HELPER.exists(), f"{HELPER} is missing: reinstall the package (make setup)"
+    link = Path("/sbin/mount.mirenfs")
+    if link.exists() or link.is_symlink():
+        if link.resolve() != HELPER.resolve():
+            pytest.fail(f"{link} is another mount.mirenfs ({link.resolve()}); remove it to run this test")
+        yield link
+        return
+    link.symlink_to(HELPER)
+    try:
+        yield link
+    finally:
+        link.unlink()
+
+
+@pytest.fixture
 def teardown() -> Iterator[Teardown]:
     """Mounts, processes and clean-ups a test registers; all undone after it, whatever happened."""
     done = Teardown()
@@ -79,3 +97,32 @@ def ext4_disk(data: Path) -> Path:
     result = ok("restore", GO_EXT4.path, "--data-path", data)
     assert "restored disk disk-ext4 (new disk)" in result.out
     return Path(disks(data)["disk-ext4"]["image_path"])
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """One etcd member on 127.0.0.1 (free ports, a temporary data directory) shared by a module's
+    tests, each under its own key prefix; stopped after them, whatever happened."""
+    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd"))
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def etcd_clusters(tmp_path: Path) -> Iterator[Callable[[int], EtcdCluster]]:
+    """``etcd_clusters(size)``: a cluster of its own (1 or 3 members) for a test that stops or kills
+    members; every one is stopped after the test, whatever happened."""
+    started: list[EtcdCluster] = []
+
+    def start(size: int = 1) -> EtcdCluster:
+        cluster = EtcdCluster(tmp_path / f"etcd-{len(started)}", size)
+        started.append(cluster)
+        return cluster.start()
+
+    try:
+        yield start
+    finally:
+        for cluster in started:
+            cluster.stop()

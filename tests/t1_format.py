@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import struct
 
 import pytest
 
@@ -12,6 +11,7 @@ from mirenfs import FORMAT_VERSION, MAGIC, Meta, Timestamp, read_header, write_h
 from mirenfs.errors import FormatError
 from mirenfs.format.header import HeaderParser, decode_header, go_json_string
 
+from support.bad_snapshots import raw_header
 from support.vectors import VECTORS_DIR
 
 CASES = [json.loads(line) for line in (VECTORS_DIR / "headers.jsonl").read_text().splitlines()]
@@ -81,10 +81,6 @@ def test_go_string_escaping_of_every_control_character() -> None:
     assert go_json_string("\ud800") == '"\ufffd"'  # a lone surrogate is invalid UTF-8 for Go
 
 
-def _header(body: bytes, version: int = 1, length: int | None = None) -> bytes:
-    return struct.pack(">4sII", MAGIC, version, len(body) if length is None else length) + body
-
-
 def _body(**changes: object) -> bytes:
     fields = {
         "name": "d",
@@ -99,17 +95,17 @@ def _body(**changes: object) -> bytes:
 
 
 BAD_HEADERS = {
-    "bad magic": (b"MIRX" + _header(_body())[4:], "bad magic"),
-    "version 2": (_header(_body(), version=2), "version 2"),
-    "metadata too long": (_header(b"{}", length=(1 << 20) + 1), "more than the 1 MiB limit"),
-    "malformed json": (_header(b'{"name": "d", "size_bytes":'), "not valid JSON"),
-    "json not an object": (_header(b"[1, 2]"), "not a JSON object"),
-    "short checksum": (_header(_body(checksum="abc")), "not 64 hex digits"),
-    "non-hex checksum": (_header(_body(checksum="zz" * 32)), "not 64 hex digits"),
-    "negative size": (_header(_body(size_bytes=-1)), "negative size_bytes"),
-    "fractional size": (_header(_body(size_bytes=1.5)), "must be a JSON int"),
-    "bad timestamp": (_header(_body(timestamp="yesterday")), "not an RFC 3339 time"),
-    "json version 2": (_header(_body(version=2)), "metadata version 2"),
+    "bad magic": (b"MIRX" + raw_header(_body())[4:], "bad magic"),
+    "version 2": (raw_header(_body(), version=2), "version 2"),
+    "metadata too long": (raw_header(b"{}", length=(1 << 20) + 1), "more than the 1 MiB limit"),
+    "malformed json": (raw_header(b'{"name": "d", "size_bytes":'), "not valid JSON"),
+    "json not an object": (raw_header(b"[1, 2]"), "not a JSON object"),
+    "short checksum": (raw_header(_body(checksum="abc")), "not 64 hex digits"),
+    "non-hex checksum": (raw_header(_body(checksum="zz" * 32)), "not 64 hex digits"),
+    "negative size": (raw_header(_body(size_bytes=-1)), "negative size_bytes"),
+    "fractional size": (raw_header(_body(size_bytes=1.5)), "must be a JSON int"),
+    "bad timestamp": (raw_header(_body(timestamp="yesterday")), "not an RFC 3339 time"),
+    "json version 2": (raw_header(_body(version=2)), "metadata version 2"),
 }
 
 
@@ -129,11 +125,11 @@ def test_bad_magic_is_refused_at_its_first_byte() -> None:
 
 def test_oversized_length_is_refused_before_the_body_arrives() -> None:
     with pytest.raises(FormatError, match="1 MiB"):
-        HeaderParser().feed(_header(b"", length=1 << 24)[:12])
+        HeaderParser().feed(raw_header(b"", length=1 << 24)[:12])
 
 
-def test_truncated_header() -> None:
-    full = _header(_body())
+def test_truncatedraw_header() -> None:
+    full = raw_header(_body())
     for cut in (0, 3, 11, 12, len(full) - 1):
         with pytest.raises(FormatError, match="truncated"):
             read_header(io.BytesIO(full[:cut]))
@@ -142,5 +138,5 @@ def test_truncated_header() -> None:
 
 
 def test_unknown_keys_are_ignored() -> None:
-    meta = read_header(io.BytesIO(_header(_body(extra={"x": 1}, compression="zstd"))))
+    meta = read_header(io.BytesIO(raw_header(_body(extra={"x": 1}, compression="zstd"))))
     assert meta.name == "d" and meta.size_bytes == 5

@@ -16,13 +16,20 @@ PACKAGE = Path(mirenfs.__file__).parent
 # Lower numbers sit lower; a module may import its own layer and the ones below it.
 LAYERS = {"errors": 0, "format": 1, "engine": 2, "disks": 3, "mount": 4, "cli": 5}
 TOP = 6  # api.py, __init__.py, __main__.py: the front doors, which may import anything
-# The one function-local import allowed: the CLI loads FUSE only for the commands that mount.
-LAZY_IMPORTS = {("mirenfs.cli.mount_cmds", "mirenfs.mount.session")}
+# The function-local imports allowed: the CLI loads FUSE only for the commands that mount, and
+# the etcd client (requests, futurist: ~0.1 s) only when an etcd catalogue is opened.
+LAZY_IMPORTS = {
+    ("mirenfs.cli.mount_cmds", "mirenfs.mount.session"),
+    ("mirenfs.disks.catalogs", "mirenfs.disks.etcd"),
+    ("mirenfs.disks.catalogs", "mirenfs.disks.etcd.EtcdCatalog"),
+}
 
 EXPORTED = [
     "FORMAT_VERSION",
     "MAGIC",
     "BackupTarget",
+    "Catalog",
+    "CatalogUnreachableError",
     "CreatedDisk",
     "Disk",
     "DiskCreator",
@@ -42,6 +49,7 @@ EXPORTED = [
     "Volume",
     "VolumeState",
     "backup",
+    "open_catalog",
     "prepare_backup",
     "prepare_restore",
     "read_header",

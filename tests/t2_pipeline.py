@@ -20,6 +20,7 @@ from mirenfs.engine.consume import (
     INPUT_LIMIT,
     PIECE,
     POOL_PIECES,
+    ZERO_FRAME,
     OpenTarget,
     RestoreStream,
     restore_to_path,
@@ -261,3 +262,67 @@ def test_sparse_writer_with_writeback_writes_only_data(tmp_path: Path) -> None:
         os.close(fd)
     assert path.read_bytes() == content
     assert writer.bytes_written < 3 * 4096
+
+
+# ---- mirenfs's zero frames skip zstd and the zero check --------------------------------------
+
+
+def mirenfs_layout(content: bytes) -> bytes:
+    """A snapshot with mirenfs's own frames (4 MiB chunks, level 3), holes as its zero frame."""
+    return many_frame_snapshot(content, chunk=CHUNK)
+
+
+CHUNK = 4 << 20
+ZERO_CHUNKY = image_bytes(CHUNK, seed=7) + bytes(2 * CHUNK) + image_bytes(CHUNK - 5, seed=8)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_zero_frames_of_mirenfs_snapshots_restore_exactly(tmp_path: Path, seed: int) -> None:
+    snapshot = mirenfs_layout(ZERO_CHUNKY)
+    assert snapshot.count(ZERO_FRAME) == 2
+
+    async def run() -> None:
+        stream, sink = collecting_stream()
+        await feed_in_pieces(stream, snapshot, seed, largest=3 << 20)
+        await stream.finish()
+        assert bytes(sink.data) == ZERO_CHUNKY
+
+    trio.run(run)
+    image = tmp_path / f"disk-{seed}.img"
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for start in range(0, len(snapshot), 1 << 20):
+            yield snapshot[start : start + (1 << 20)]
+
+    trio.run(lambda: restore_to_path(str(image), pieces(), overwrite=False))
+    assert image.read_bytes() == ZERO_CHUNKY
+    assert image.stat().st_blocks * 512 < len(ZERO_CHUNKY) - 2 * CHUNK + (1 << 20)
+
+
+def test_a_zero_frame_pattern_inside_another_frame_is_just_data() -> None:
+    """The zero frame's bytes inside a frame's payload (a raw block) are data, not a zero frame."""
+    content = os.urandom(1000) + ZERO_FRAME + os.urandom(CHUNK - 1000 - len(ZERO_FRAME)) + bytes(CHUNK)
+    snapshot = mirenfs_layout(content)
+    assert snapshot.count(ZERO_FRAME) == 2
+
+    async def run() -> None:
+        stream, sink = collecting_stream()
+        await stream.feed(snapshot)
+        await stream.finish()
+        assert bytes(sink.data) == content
+
+    trio.run(run)
+
+
+def test_zero_frames_past_size_bytes_are_refused() -> None:
+    content = image_bytes(CHUNK, seed=1) + bytes(CHUNK)
+    body = mirenfs_layout(content)[len(meta_for(content).header()) :]
+    short = meta_for(content[:-1])
+    sink = Collect()
+
+    async def open_target(_meta: object) -> Collect:
+        return sink
+
+    error = _fail_before_the_end(short.header() + body, open_target)
+    assert isinstance(error, FormatError) and "longer than" in str(error)
+    assert len(sink.data) <= short.size_bytes

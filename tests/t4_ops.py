@@ -17,44 +17,16 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from mirenfs.disks.store import Store
 
 from support.data import write_slow_image
 from support.mounts import Teardown, is_mounted, log_problems, mounts_at, pid_alive, wait_for
-from support.runners import HELPER, MIRENFS, TIMEOUT, run, run_cli
+from support.runners import MIRENFS, TIMEOUT, run, run_cli, status_of
 from support.store import make_disk
 
-
-def status_of(mountpoint: Path) -> dict:
-    """``mirenfs status --json MOUNTPOINT``, run in this process (fast enough to poll)."""
-    result = run_cli("status", "--json", mountpoint)
-    assert result.code == 0, result.err
-    return json.loads(result.out)
-
-
 # ---- mount -t mirenfs and fstab -----------------------------------------------------
-
-
-@pytest.fixture
-def helper_installed() -> Iterator[Path]:
-    """/sbin/mount.mirenfs -> this checkout's helper, for the test only (kept if it was there)."""
-    assert HELPER.exists(), f"{HELPER} is missing: reinstall the package (make setup)"
-    link = Path("/sbin/mount.mirenfs")
-    if link.exists() or link.is_symlink():
-        if link.resolve() != HELPER.resolve():
-            pytest.fail(f"{link} is another mount.mirenfs ({link.resolve()}); remove it to run this test")
-        yield link
-        return
-    link.symlink_to(HELPER)
-    try:
-        yield link
-    finally:
-        link.unlink()
 
 
 def test_mount_t_mirenfs_and_fstab(tmp_path: Path, teardown: Teardown, helper_installed: Path) -> None:

@@ -17,6 +17,7 @@ from mirenfs.format.header import Meta
 from support.bad_snapshots import CASES, bad_inputs, make_good_snapshot
 from support.data import sha256_file, sha256_sparse, staging_files, write_image
 from support.loops import loop_device
+from support.mounts import restore_state as state
 from support.mounts import wait_for
 from support.runners import run_mirenfs
 from support.vectors import GO_VECTORS, GoVector
@@ -28,10 +29,6 @@ def disk_record(data: Path, name: str) -> dict | None:
     listing = run_mirenfs("disk", "list", "--json", "--data-path", str(data))
     assert listing.returncode == 0, listing.stderr
     return next((d for d in json.loads(listing.stdout) if d["name"] == name), None)
-
-
-def state(mnt: Path, file_name: str) -> str:
-    return os.getxattr(mnt / "restore" / file_name, "user.mirenfs.state").decode()
 
 
 def copy_in(

@@ -2,7 +2,7 @@
 
 Every command runs the same trio engine the mount uses. Each command group
 is one module, its parser beside its handler (``snapshot_cmds``,
-``disk_cmds``, ``mount_cmds``, ``demo``). Any failure leaves :func:`main` as
+``disk_cmds``, ``catalog_cmds``, ``mount_cmds``, ``demo``). Any failure leaves :func:`main` as
 one line, ``mirenfs: error: …``, and exit status 1; nothing else here
 prints errors.
 """
@@ -19,7 +19,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from mirenfs.cli import demo, disk_cmds, mount_cmds, snapshot_cmds
+from mirenfs.cli import catalog_cmds, demo, disk_cmds, mount_cmds, snapshot_cmds
 from mirenfs.engine.aio import meaningful_error
 from mirenfs.errors import MirenfsError
 
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     snapshot_cmds.register(commands)
     disk_cmds.register(commands)
+    catalog_cmds.register(commands)
     mount_cmds.register(commands)
     demo.register(commands)
     _add_log_level(parser)

@@ -1,4 +1,5 @@
-"""What every command module shares: the data path, sizes, compression options, the progress bar.
+"""What every command module shares: the data path, the disk catalogue and node name, sizes,
+compression options, the progress bar.
 
 One copy each; the command modules hold parsers and handlers only.
 """
@@ -10,6 +11,8 @@ import os
 import sys
 import time
 
+from mirenfs.disks.catalogs import CATALOG_ENV, NODE_ENV, catalog_spec_from, node_from, open_catalog
+from mirenfs.disks.model import Catalog
 from mirenfs.engine.produce import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, Settings
 from mirenfs.errors import MirenfsError
 
@@ -56,12 +59,38 @@ def _data_path_source(arg: str | None) -> str:
 
 
 def add_data_path_option(parser: argparse.ArgumentParser) -> None:
+    """``--data-path``, and with it the catalogue of disks it is used with (``--catalog``, ``--node``)."""
     parser.add_argument(
         "--data-path",
         metavar="DIR",
         default=None,
         help=f"Miren's data path (default: ${DATA_PATH_ENV}, else {DEFAULT_DATA_PATH})",
     )
+    add_catalog_options(parser)
+
+
+def add_catalog_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--catalog",
+        metavar="CATALOG",
+        default=None,
+        help=f"the disk catalogue: etcd://HOST:PORT[,HOST:PORT…][/PREFIX] for a fleet's (default: "
+        f"${CATALOG_ENV}, else the SQLite store of the data path)",
+    )
+    parser.add_argument(
+        "--node",
+        metavar="NAME",
+        default=None,
+        help=f"this host's node name in an etcd catalogue (default: ${NODE_ENV}, else the hostname)",
+    )
+
+
+def catalog_from(args: argparse.Namespace, *, create: bool = False) -> Catalog:
+    """The catalogue a command works on, for this host: its data path (see
+    :func:`resolve_data_path`; ``create`` for the commands that add a disk) and node name."""
+    spec = catalog_spec_from(args.catalog)  # a malformed one is refused before the data path is looked at
+    node = node_from(args.node)
+    return open_catalog(spec, resolve_data_path(args.data_path, create=create), node=node)
 
 
 def add_compression_options(parser: argparse.ArgumentParser) -> None:

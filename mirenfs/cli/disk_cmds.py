@@ -1,4 +1,6 @@
-"""``disk …`` and ``lease …``: the disks, volumes and leases of the embedded store (SPEC §4).
+"""``disk …`` and ``lease …``: the disks, volumes and leases of the catalogue (SPEC §4): the
+embedded store, or a fleet's on etcd (``--catalog``), where ``disk list`` shows this node's disks
+unless ``--all-nodes``.
 
 Parsers beside handlers; creating and removing images is ``disks.manage``'s job.
 """
@@ -11,10 +13,9 @@ import os
 import sys
 from typing import Any
 
-from mirenfs.cli.common import add_data_path_option, human_size, parse_size, resolve_data_path
+from mirenfs.cli.common import add_data_path_option, catalog_from, human_size, parse_size
 from mirenfs.disks.manage import FILESYSTEMS, create_disk, remove_disk
-from mirenfs.disks.model import DiskState, LeaseState, validate_disk_name
-from mirenfs.disks.store import Store
+from mirenfs.disks.model import Catalog, DiskState, LeaseState, validate_disk_name
 from mirenfs.engine.fstype import detect_filesystem
 from mirenfs.errors import MirenfsError
 
@@ -38,11 +39,21 @@ def register(commands: Any) -> None:
 
     listing = disk_commands.add_parser("list", help="list disks with their status, image and leases")
     listing.add_argument("--json", action="store_true", help="print a JSON array")
+    listing.add_argument(
+        "--all-nodes",
+        action="store_true",
+        help="with an etcd catalogue: every node's disks, not only this one's",
+    )
     listing.set_defaults(handler=cmd_disk_list)
 
     set_status = disk_commands.add_parser("set-status", help="change a disk's status")
     set_status.add_argument("name", metavar="NAME")
-    set_status.add_argument("status", metavar="STATUS", choices=[state.value for state in DiskState])
+    set_status.add_argument(
+        "status",
+        metavar="STATUS",
+        type=_disk_state,
+        help=", ".join(state.value for state in DiskState) + " (Miren's DELETING, status.deleting too)",
+    )
     set_status.set_defaults(handler=cmd_disk_set_status)
 
     remove = disk_commands.add_parser(
@@ -64,8 +75,17 @@ def register(commands: Any) -> None:
         add_data_path_option(parser)
 
 
-def _store(args: argparse.Namespace, *, create: bool = False) -> Store:
-    return Store(resolve_data_path(args.data_path, create=create))
+def _disk_state(text: str) -> DiskState:
+    """A status as any of Miren's spellings writes it: ``deleting``, ``DELETING``, ``status.deleting``."""
+    try:
+        return DiskState(text)
+    except ValueError:
+        choices = ", ".join(state.value for state in DiskState)
+        raise argparse.ArgumentTypeError(f"{text!r} is not a disk status; use one of {choices}") from None
+
+
+def _store(args: argparse.Namespace, *, create: bool = False) -> Catalog:
+    return catalog_from(args, create=create)
 
 
 def cmd_disk_create(args: argparse.Namespace) -> int:
@@ -107,7 +127,7 @@ def cmd_disk_add(args: argparse.Namespace) -> int:
 
 
 def cmd_disk_list(args: argparse.Namespace) -> int:
-    records = _store(args).list_disks()
+    records = [record for record in _store(args).list_disks() if record.local or args.all_nodes]
     if args.json:
         entries = []
         for record in records:
@@ -116,12 +136,14 @@ def cmd_disk_list(args: argparse.Namespace) -> int:
             entries.append(entry)
         print(json.dumps(entries, indent=2))
         return 0
-    table = [("NAME", "STATUS", "FILESYSTEM", "SIZE", "LEASES", "IMAGE")]
+    nodes = any(record.volume is not None and record.volume.node for record in records)
+    table = [("NAME", "STATUS", "FILESYSTEM", "SIZE", "LEASES", *(("NODE",) if nodes else ()), "IMAGE")]
     for record in records:
         bound = [lease.id for lease in record.leases if lease.status == LeaseState.BOUND]
         image = record.image_path or "-"
         if record.image_path and not os.path.isfile(record.image_path):
             image += " (missing)"
+        node = (record.volume.node if record.volume else None) or "-"
         table.append(
             (
                 record.disk.name,
@@ -129,7 +151,8 @@ def cmd_disk_list(args: argparse.Namespace) -> int:
                 record.disk.filesystem,
                 human_size(record.disk.size_bytes),
                 ",".join(bound) or "-",
-                image,
+                *((node,) if nodes else ()),
+                image if record.local else "(on that node)",
             )
         )
     widths = [max(len(row[column]) for row in table) for column in range(len(table[0]) - 1)]

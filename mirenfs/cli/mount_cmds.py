@@ -14,6 +14,7 @@ import errno
 import json
 import logging
 import os
+import signal
 import stat
 import sys
 from collections.abc import Callable
@@ -24,6 +25,7 @@ import trio
 
 from mirenfs.cli.common import add_data_path_option, human_size, resolve_data_path
 from mirenfs.cli.mountinfo import MountEntry, mirenfs_mounts, mount_at, refuse_if_mirenfs_mount
+from mirenfs.disks.catalogs import catalog_spec_from, node_from
 from mirenfs.engine.aio import meaningful_error
 from mirenfs.engine.image import make_private_directory
 from mirenfs.errors import MirenfsError
@@ -84,6 +86,7 @@ def config_from(args: argparse.Namespace) -> MountConfig:
     if info is None or not stat.S_ISDIR(info.st_mode):
         raise MirenfsError(f"mount point {mountpoint} is not a directory; create it first")
     refuse_if_mirenfs_mount(mountpoint)
+    catalog, node = catalog_spec_from(args.catalog), node_from(args.node)  # refused now if malformed
     data_path = resolve_data_path(args.data_path)
     options = fuse_options(args.options)  # the same filter the mount.mirenfs helper applies
     # mirenfs's own switches may come as -o options too (fstab): take them out before FUSE sees them
@@ -98,6 +101,8 @@ def config_from(args: argparse.Namespace) -> MountConfig:
         fuse_options=options,
         copy_policy=policy,
         index_at_mount=index_at_mount,
+        catalog=catalog,
+        node=node,
     )
 
 
@@ -107,16 +112,25 @@ def serve_mount(config: MountConfig, *, ready: Callable[[], None] | None = None)
     The one place the CLI loads the FUSE layer, and lazily: every other
     command (``disk``, ``status``, ``backup``, …) must run without pyfuse3.
     """
-    from mirenfs.mount.session import serve  # lazy on purpose: see the docstring
+    from mirenfs.mount.session import STOP_SIGNALS, serve  # lazy on purpose: see the docstring
 
-    trio.run(partial(serve, config, ready=ready))
+    try:
+        trio.run(partial(serve, config, ready=ready))
+    finally:
+        # The mount is down and this process is on its way out (the demo removes its files
+        # first): a further Ctrl-C or SIGTERM must not turn that clean end into a death by signal.
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
     config = config_from(args)
     if args.foreground:
-        serve_mount(config)
+        serve_mount(config)  # checks the store before it mounts
         return 0
+    # Checked here as well, before the fork: the daemon logs into the data path, so a read-only
+    # or damaged one must be named by this process, in one line, not by a daemon's raw error.
+    config.open_catalog().check()  # the store, or the etcd catalogue: reachable, with a quorum
     return _daemonize(config, args.log_level)
 
 

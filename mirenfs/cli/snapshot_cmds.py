@@ -1,5 +1,6 @@
 """``backup``, ``restore``, ``inspect`` and ``verify``: snapshots of disks (by name, from the
-store) and of plain image files (``--image``), through the same engine the mount uses.
+catalogue: the store, or etcd with ``--catalog``) and of plain image files (``--image``), through
+the same engine the mount uses.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from mirenfs.cli.common import (
     ProgressBar,
     add_compression_options,
     add_data_path_option,
+    catalog_from,
     file_size,
-    resolve_data_path,
     settings_from,
 )
 from mirenfs.disks.live import may_change_while_read
@@ -28,7 +29,6 @@ from mirenfs.disks.model import DiskState
 from mirenfs.disks.pointintime import DEFAULT_FREEZE_BUDGET_S, Consistency, CopyPolicy, take_point_in_time
 from mirenfs.disks.restore import DiskRestore
 from mirenfs.disks.rules import RestoreTarget, prepare_backup, prepare_restore
-from mirenfs.disks.store import Store
 from mirenfs.engine.files import backup_image, open_input, read_pieces, restore_file, verify_file
 from mirenfs.engine.fstype import detect_filesystem
 from mirenfs.engine.produce import Settings
@@ -222,8 +222,9 @@ def _backup_disk(args: argparse.Namespace) -> int:
         )
     if not 0 <= args.freeze_budget <= 600:
         raise MirenfsError("--freeze-budget is a number of seconds from 0 (never freeze) to 600")
-    data_path = resolve_data_path(args.data_path)
-    target = prepare_backup(Store(data_path), args.disk, data_path=data_path)
+    catalog = catalog_from(args)
+    data_path = catalog.data_path
+    target = prepare_backup(catalog, args.disk, data_path=data_path)
     # The mount's path: the image of a disk not in use, else a point-in-time copy (or, with --live,
     # the moving image). Its own sentence replaces prepare_backup's "not a point-in-time copy" warning.
     taken = take_point_in_time(
@@ -260,8 +261,8 @@ def _restore_disk(args: argparse.Namespace) -> int:
     With ``--name`` every refusal happens before a byte is read; without it
     the disk is the one the header names, so the header is read first.
     """
-    data_path = resolve_data_path(args.data_path)
-    store = Store(data_path)
+    store = catalog_from(args)
+    data_path = store.data_path
 
     def prepare(name: str) -> RestoreTarget:
         return prepare_restore(store, name, data_path=data_path, overwrite=args.force, creator=store)

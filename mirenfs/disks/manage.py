@@ -18,11 +18,18 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mirenfs.disks.model import DiskState, validate_disk_name, volumes_dir
+from mirenfs.disks.model import Catalog, DiskRecord, DiskState, validate_disk_name, volumes_dir
 from mirenfs.disks.rules import managed_path_problem, refuse_if_in_use
-from mirenfs.disks.store import DiskRecord, Store
+from mirenfs.disks.store import Store
 from mirenfs.engine.image import STAGING_SUFFIX, remove_staging_if_unheld
-from mirenfs.errors import DiskBusyError, InvalidVolumeError, MirenfsError, StoreError, TargetError
+from mirenfs.errors import (
+    DiskBusyError,
+    DiskElsewhereError,
+    InvalidVolumeError,
+    MirenfsError,
+    StoreError,
+    TargetError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +57,7 @@ class CreatedImage:
 
 
 def create_disk(
-    store: Store, name: str, *, size_bytes: int, filesystem: str, content: str | None = None
+    store: Catalog, name: str, *, size_bytes: int, filesystem: str, content: str | None = None
 ) -> CreatedImage:
     """A new disk with a managed sparse image, formatted when the right mkfs is installed
     (and filled from the directory ``content`` when given: the demo's disks).
@@ -115,7 +122,7 @@ class RemovedDisk:
     image_removed: bool
 
 
-def remove_disk(store: Store, name: str) -> RemovedDisk:
+def remove_disk(store: Catalog, name: str) -> RemovedDisk:
     """Remove a disk: refused while it is attached, leased or its image is live.
 
     The disk goes to ``deleting`` first (the mount stops showing it), then a
@@ -125,6 +132,11 @@ def remove_disk(store: Store, name: str) -> RemovedDisk:
     """
     validate_disk_name(name)
     record = store.get_disk(name)
+    if not record.local:
+        node = record.volume.node if record.volume else None
+        raise DiskElsewhereError(
+            f"disk {name} is on node {node}, whose data path holds its image; remove it there"
+        )
     if record.disk.status == DiskState.ATTACHED:
         raise DiskBusyError(
             f"disk {name} is attached; detach it (`mirenfs disk set-status {name} detached`) "
@@ -156,12 +168,15 @@ def remove_disk(store: Store, name: str) -> RemovedDisk:
     return RemovedDisk(record, image_path is not None)
 
 
-def sweep_stale_staging(data_path: str, *, on_busy: Callable[[str], None] | None = None) -> list[str]:
+def sweep_stale_staging(
+    data_path: str, *, on_busy: Callable[[str], None] | None = None, catalog: Catalog | None = None
+) -> list[str]:
     """Remove ``*.restore.tmp`` files a crashed restore left behind; return their paths.
 
     Looks in every managed volume directory and next to every image
-    registered at its own path. A staging file a live restore holds (its
-    ``flock``) is kept and reported to ``on_busy``.
+    registered at its own path (in ``catalog``, by default the data path's
+    SQLite store). A staging file a live restore holds (its ``flock``) is
+    kept and reported to ``on_busy``.
     """
     candidates: list[str] = []
     with (
@@ -178,7 +193,7 @@ def sweep_stale_staging(data_path: str, *, on_busy: Callable[[str], None] | None
                     if entry.name.endswith(STAGING_SUFFIX) and entry.is_file(follow_symlinks=False)
                 )
     try:
-        explicit = Store(data_path).explicit_image_paths()
+        explicit = (catalog if catalog is not None else Store(data_path)).explicit_image_paths()
     except StoreError as exc:
         log.warning("cannot look for staging files next to registered images: %s", exc)
         explicit = []
@@ -197,17 +212,19 @@ def sweep_stale_staging(data_path: str, *, on_busy: Callable[[str], None] | None
     return removed
 
 
-def sweep_interrupted_creations(store: Store) -> list[str]:
+def sweep_interrupted_creations(store: Catalog) -> list[str]:
     """Remove the disks that a killed restore left ``provisioning``; return their names.
 
-    Such a disk has a managed volume, no image, and no live restore holding
-    its staging file. (``disk create`` makes the image right after the
-    records, so a disk it is still formatting is not taken for one.)
+    Such a disk is on this host, has a managed volume, no image, and no live
+    restore holding its staging file. (``disk create`` makes the image right
+    after the records, so a disk it is still formatting is not taken for one.)
     """
     removed = []
     for record in store.list_disks():
         volume, image_path = record.volume, record.image_path
-        if record.disk.status != DiskState.PROVISIONING or volume is None or volume.image_path:
+        if not record.local or record.disk.status != DiskState.PROVISIONING or volume is None:
+            continue
+        if volume.image_path:
             continue
         if (
             image_path is None

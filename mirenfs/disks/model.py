@@ -1,8 +1,15 @@
-"""Disks, volumes and leases as Miren's Go package has them, and the resolver/creator protocols.
+"""Disks, volumes and leases as Miren's Go package has them, and the resolver/creator/catalogue protocols.
 
 Pure data and names: nothing here opens a file or a database. A disk name is
 validated here and is never turned into a path any other way; a volume's
 image path is derived here and nowhere else.
+
+Statuses are parsed here, once, whoever wrote them: Miren's entities say
+``status.deleting``, its Go package ``DELETING``, the SQLite store
+``deleting``; all three are :attr:`DiskState.DELETING` (likewise for
+volumes and leases), and :class:`Disk`, :class:`Volume` and :class:`Lease`
+normalise whatever status they are built with, so the rules compare one
+spelling whatever resolver answered.
 """
 
 from __future__ import annotations
@@ -22,8 +29,19 @@ _NAME_RE = re.compile(NAME_PATTERN)
 _VOLUME_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
+def _status_member(enum_type: type[enum.StrEnum], value: object) -> enum.StrEnum | None:
+    """The member a status spelled ``status.deleting``, ``DELETING`` or ``deleting`` means, or None."""
+    if not isinstance(value, str):
+        return None
+    text = value.strip().lower().removeprefix("status.")
+    for member in enum_type:
+        if member.value == text:
+            return member
+    return None
+
+
 class DiskState(enum.StrEnum):
-    """A disk's status, as Miren records it."""
+    """A disk's status, as Miren records it (any of Miren's spellings parses: see the module doc)."""
 
     PROVISIONING = "provisioning"
     PROVISIONED = "provisioned"
@@ -32,12 +50,22 @@ class DiskState(enum.StrEnum):
     DELETING = "deleting"
     ERROR = "error"
 
+    @classmethod
+    def _missing_(cls, value: object) -> DiskState | None:
+        member = _status_member(cls, value)
+        return member if isinstance(member, cls) else None
+
 
 class VolumeState(enum.StrEnum):
     """A volume's status: ``provisioning`` until its image is in place."""
 
     PROVISIONING = "provisioning"
     PROVISIONED = "provisioned"
+
+    @classmethod
+    def _missing_(cls, value: object) -> VolumeState | None:
+        member = _status_member(cls, value)
+        return member if isinstance(member, cls) else None
 
 
 class LeaseState(enum.StrEnum):
@@ -48,6 +76,11 @@ class LeaseState(enum.StrEnum):
     FAILED = "failed"
     RELEASED = "released"
 
+    @classmethod
+    def _missing_(cls, value: object) -> LeaseState | None:
+        member = _status_member(cls, value)
+        return member if isinstance(member, cls) else None
+
 
 @dataclass(frozen=True)
 class Disk:
@@ -57,15 +90,26 @@ class Disk:
     filesystem: str
     size_bytes: int
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", DiskState(self.status))  # any spelling: one member
+
 
 @dataclass(frozen=True)
 class Volume:
-    """The storage of a disk; ``image_path`` None means the managed path under the data path."""
+    """The storage of a disk; ``image_path`` None means the managed path under the data path.
+
+    ``node`` is the host whose data path holds the image; None in a one-host
+    catalogue (the SQLite store), where every volume is on the host itself.
+    """
 
     id: str
     disk_id: str
     image_path: str | None = None
     status: VolumeState = VolumeState.PROVISIONED
+    node: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", VolumeState(self.status))
 
 
 @dataclass(frozen=True)
@@ -73,6 +117,39 @@ class Lease:
     id: str
     disk_id: str
     status: LeaseState
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", LeaseState(self.status))
+
+
+@dataclass(frozen=True)
+class DiskRecord:
+    """One disk with everything the mount's root listing and ``disk list`` show.
+
+    ``local``: its volume is on the host that asked (always, in a one-host
+    catalogue); ``image_path`` is None for a disk whose image is elsewhere.
+    """
+
+    disk: Disk
+    volume: Volume | None
+    image_path: str | None
+    leases: tuple[Lease, ...]
+    local: bool = True
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "id": self.disk.id,
+            "name": self.disk.name,
+            "status": self.disk.status.value,
+            "filesystem": self.disk.filesystem,
+            "size_bytes": self.disk.size_bytes,
+            "volume_id": self.volume.id if self.volume else None,
+            "volume_status": self.volume.status.value if self.volume else None,
+            "node": self.volume.node if self.volume else None,
+            "image_path": self.image_path,
+            "managed_image": bool(self.volume and not self.volume.image_path),
+            "leases": [{"id": lease.id, "status": lease.status.value} for lease in self.leases],
+        }
 
 
 # --- names and paths ---
@@ -86,6 +163,16 @@ def validate_disk_name(name: str) -> str:
             "starting with a letter or digit"
         )
     return name
+
+
+def validate_node_name(node: str) -> str:
+    """Return ``node`` if it can name a host in the catalogue (a disk name's alphabet: hostnames fit)."""
+    if not isinstance(node, str) or not _NAME_RE.fullmatch(node):
+        raise InvalidDiskNameError(
+            f"{node!r} is not a valid node name: use 1-63 letters, digits, '-', '_' or '.', "
+            "starting with a letter or digit"
+        )
+    return node
 
 
 def validate_volume_id(volume_id: str) -> str:
@@ -154,4 +241,61 @@ class DiskCreator(Protocol):
 
     def update_disk(self, disk_id: str, *, size_bytes: int, filesystem: str) -> None:
         """Record the size and filesystem a restore gave an existing disk (``provisioning`` ends too)."""
+        ...
+
+
+class Catalog(DiskResolver, DiskCreator, Protocol):
+    """The catalogue of disks of one host: what the CLI, the mount and ``catalog copy`` use.
+
+    The SQLite store (``disks.store.Store``) and the etcd catalogue
+    (``disks.etcd.EtcdCatalog``) both implement it. A catalogue that cannot
+    be reached raises :class:`~mirenfs.errors.CatalogUnreachableError` from
+    every call, never :class:`~mirenfs.errors.DiskNotFoundError`: only a
+    lookup that *succeeded* and found nothing may lead to creating a disk.
+    """
+
+    @property
+    def data_path(self) -> str:
+        """This host's data path: managed images live under it."""
+        ...
+
+    def check(self) -> None:
+        """Refuse, with the reason, a catalogue or data path the mount could not work with."""
+        ...
+
+    def list_disks(self) -> list[DiskRecord]:
+        """Every disk, by name (``local`` says which are on this host)."""
+        ...
+
+    def get_disk(self, name: str) -> DiskRecord: ...
+
+    def add_disk(
+        self,
+        name: str,
+        *,
+        size_bytes: int,
+        filesystem: str,
+        status: DiskState = DiskState.PROVISIONED,
+        image_path: str | None = None,
+    ) -> DiskRecord:
+        """A new disk on this host; raises :class:`~mirenfs.errors.DiskExistsError` if the name is taken."""
+        ...
+
+    def put_record(self, record: DiskRecord) -> str:
+        """Write a disk as another catalogue has it (ids kept): ``added``, ``updated`` or ``unchanged``;
+        :class:`~mirenfs.errors.DiskExistsError` if the name belongs to another disk here."""
+        ...
+
+    def set_disk_status(self, name: str, status: DiskState | str) -> tuple[DiskState, DiskState]: ...
+
+    def mark_provisioned(self, disk_id: str) -> bool: ...
+
+    def delete_disk_records(self, disk_id: str) -> bool: ...
+
+    def acquire_lease(self, name: str) -> Lease: ...
+
+    def release_lease(self, lease_id: str) -> tuple[Lease, str, bool]: ...
+
+    def explicit_image_paths(self) -> list[str]:
+        """This host's images registered at their own paths (``disk add``)."""
         ...

@@ -2,8 +2,11 @@
 
 Who decides which disks
 exist is left to a :class:`DiskResolver` (and, for restores into a new name,
-a :class:`DiskCreator`): the embedded SQLite store implements both, and Miren
-itself can stand behind the same interfaces.
+a :class:`DiskCreator`): the embedded SQLite store and the etcd catalogue
+implement both, and Miren itself can stand behind the same interfaces.
+Statuses are read through :class:`DiskState`/:class:`LeaseState` here too, so
+Miren's ``status.deleting`` and ``DELETING`` refuse exactly as ``deleting``
+does, whatever object a resolver answers with.
 
 Restore is split in two because the mount must refuse at FUSE ``create``/
 ``open`` time, before the snapshot header (with its size and filesystem)
@@ -80,7 +83,7 @@ def prepare_backup(resolver: DiskResolver, name: str, *, data_path: str) -> Back
     """
     validate_disk_name(name)
     disk = resolver.find_disk_by_name(name)
-    if disk.status == DiskState.DELETING:
+    if DiskState(disk.status) is DiskState.DELETING:
         raise DiskDeletingError(f"disk {name} is being deleted and cannot be backed up")
     image_path = image_path_of(resolver, disk, data_path)
     if not os.path.isfile(image_path):
@@ -88,7 +91,7 @@ def prepare_backup(resolver: DiskResolver, name: str, *, data_path: str) -> Back
             f"disk {name} has no image at {image_path}; restore it from a snapshot or fix its volume"
         )
     warnings = []
-    if disk.status == DiskState.ATTACHED:
+    if DiskState(disk.status) is DiskState.ATTACHED:
         warnings.append(f"disk {name} is attached, so this backup is not a point-in-time copy")
     try:
         devices = loop_devices_backing(image_path)
@@ -137,7 +140,8 @@ def refuse_if_in_use(resolver: DiskResolver, disk: Disk, image_path: str | None,
     backing the image (fails closed when that cannot be told). ``action`` completes
     "before …" in the message, e.g. ``restoring``."""
     name = disk.name
-    bound = [lease for lease in resolver.find_leases_by_disk_id(disk.id) if lease.status == LeaseState.BOUND]
+    leases = resolver.find_leases_by_disk_id(disk.id)
+    bound = [lease for lease in leases if LeaseState(lease.status) is LeaseState.BOUND]
     if bound:
         raise DiskLeasedError(
             f"disk {name} is in use (lease {bound[0].id} is bound); stop its application or release "
@@ -161,7 +165,7 @@ def refuse_if_in_use(resolver: DiskResolver, disk: Disk, image_path: str | None,
 def _check_restorable(resolver: DiskResolver, disk: Disk, *, data_path: str, overwrite: bool) -> str:
     """Apply the refusals of §3 to an existing disk; return its image path."""
     name = disk.name
-    if disk.status == DiskState.DELETING:
+    if DiskState(disk.status) is DiskState.DELETING:
         raise DiskDeletingError(
             f"disk {name} is being deleted; wait for that to finish or restore under another name"
         )
@@ -289,7 +293,7 @@ class RestoreTarget:
                 self.filesystem,
             )
             # A disk left `provisioning` by an interrupted restore gets its image now: provisioned.
-            if changed or self.existing.status == DiskState.PROVISIONING:
+            if changed or DiskState(self.existing.status) is DiskState.PROVISIONING:
                 if changed:
                     log.info(
                         "disk %s now holds a %s image of %d bytes (was %s, %d bytes); the store says so too",

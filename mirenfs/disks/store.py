@@ -14,6 +14,7 @@ empty store, so ``disk list`` on a fresh data path leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import secrets
@@ -21,12 +22,13 @@ import sqlite3
 import stat
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from mirenfs.disks.model import (
     Disk,
+    DiskRecord,
     DiskState,
     Lease,
     LeaseState,
@@ -92,30 +94,6 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(8)}"
 
 
-@dataclass(frozen=True)
-class DiskRecord:
-    """One disk with everything the mount's root listing and ``disk list`` show."""
-
-    disk: Disk
-    volume: Volume | None
-    image_path: str | None
-    leases: tuple[Lease, ...]
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "id": self.disk.id,
-            "name": self.disk.name,
-            "status": self.disk.status.value,
-            "filesystem": self.disk.filesystem,
-            "size_bytes": self.disk.size_bytes,
-            "volume_id": self.volume.id if self.volume else None,
-            "volume_status": self.volume.status.value if self.volume else None,
-            "image_path": self.image_path,
-            "managed_image": bool(self.volume and not self.volume.image_path),
-            "leases": [{"id": lease.id, "status": lease.status.value} for lease in self.leases],
-        }
-
-
 class _CreatedDisk:
     """The store's half of a restore into a new name: finalize or remove the records."""
 
@@ -149,6 +127,7 @@ class Store:
         self._busy_timeout_ms = int(busy_timeout_s * 1000)
         self._ready_lock = threading.Lock()
         self._ready = False
+        self._read_only_said = False  # the fallback of _read_only_connection is logged once
 
     # --- connections ---
 
@@ -219,7 +198,10 @@ class Store:
         if not os.path.exists(self.path):
             yield None
             return
-        db = self._connect()
+        try:
+            db = self._connect()
+        except StoreError as exc:
+            db = self._read_only_connection(exc)
         try:
             db.execute("BEGIN")  # one consistent snapshot across the queries of one call
             yield db
@@ -230,6 +212,41 @@ class Store:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
             db.close()
+
+    def _read_only_connection(self, error: StoreError) -> sqlite3.Connection:
+        """The database as it is on disk, when the normal open failed because the data path is
+        full or read-only: a WAL reader needs a shared-memory index file that SQLite cannot make
+        there, so disks could not even be listed. Opened immutable, which is exact only while the
+        write-ahead log holds nothing (at rest it does not: the last connection checkpoints it
+        away); otherwise, or for any other failure, ``error`` stands."""
+        why = _no_room(self.data_path)
+        wal = self.path + "-wal"
+        if why is None or (os.path.exists(wal) and os.path.getsize(wal) > 0):
+            raise error
+        try:
+            db = sqlite3.connect(
+                f"file:{urllib.parse.quote(self.path)}?mode=ro&immutable=1", uri=True, isolation_level=None
+            )
+        except sqlite3.Error:
+            raise error from None
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.Error:
+            version = None
+        if version != SCHEMA_VERSION:
+            db.close()
+            raise error
+        with self._ready_lock:
+            said, self._read_only_said = self._read_only_said, True
+        if not said:
+            log.warning(
+                "the data path %s %s: the disk store %s is read as it is on disk; snapshots are still "
+                "served, but restores and changes to disks fail until there is room",
+                self.data_path,
+                why,
+                self.path,
+            )
+        return db
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -254,16 +271,7 @@ class Store:
     def check(self) -> None:
         """Refuse, with the reason, a store the mount could not work with: a data path that is not
         writable (restores and indexes live there) or a database that is damaged."""
-        try:
-            read_only = bool(os.statvfs(self.data_path).f_flag & os.ST_RDONLY)
-        except OSError as exc:
-            raise StoreError(f"cannot use the data path {self.data_path}: {exc.strerror}") from None
-        if read_only or not os.access(self.data_path, os.W_OK):
-            why = "is on a read-only filesystem" if read_only else "is not writable by this user"
-            raise StoreError(
-                f"the data path {self.data_path} {why}; restores and snapshot indexes are kept there, "
-                "so mount it read-write (or run as its owner)"
-            )
+        check_data_path(self.data_path)
         with self._read() as db:
             if db is None:
                 return
@@ -515,6 +523,49 @@ class Store:
             records.append(DiskRecord(disk, volume, image_path, tuple(leases.get(disk.id, ()))))
         return records
 
+    def put_record(self, record: DiskRecord) -> str:
+        """Write one disk as another catalogue has it (``catalog copy``), ids kept: ``added``,
+        ``updated`` or ``unchanged``; a name that belongs to another disk here is refused."""
+        disk, volume = record.disk, record.volume
+        validate_disk_name(disk.name)
+        now = time.time_ns()
+        with self._write() as db:
+            row = db.execute("SELECT id FROM disks WHERE name = ?", (disk.name,)).fetchone()
+            if row is not None and row[0] != disk.id:
+                raise DiskExistsError(
+                    f"a different disk named {disk.name} (id {row[0]}, not {disk.id}) is already in "
+                    f"{self.path}; remove one of them first"
+                )
+            if row is not None:
+                (current,) = self._records(db, " WHERE d.name = ?", (disk.name,))
+                if _same_record(current, record):
+                    return "unchanged"
+                db.execute(
+                    "UPDATE disks SET status = ?, filesystem = ?, size_bytes = ?, updated_ns = ? "
+                    "WHERE id = ?",
+                    (disk.status.value, disk.filesystem, disk.size_bytes, now, disk.id),
+                )
+                db.execute("DELETE FROM volumes WHERE disk_id = ?", (disk.id,))
+                db.execute("DELETE FROM leases WHERE disk_id = ?", (disk.id,))
+            else:
+                db.execute(
+                    "INSERT INTO disks (id, name, status, filesystem, size_bytes, created_ns, updated_ns) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (disk.id, disk.name, disk.status.value, disk.filesystem, disk.size_bytes, now, now),
+                )
+            if volume is not None:
+                db.execute(
+                    "INSERT INTO volumes (id, disk_id, image_path, status) VALUES (?, ?, ?, ?)",
+                    (volume.id, disk.id, volume.image_path, volume.status.value),
+                )
+            for order, lease in enumerate(record.leases):
+                db.execute(
+                    "INSERT OR REPLACE INTO leases (id, disk_id, status, created_ns, updated_ns) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (lease.id, disk.id, lease.status.value, now + order, now + order),  # keeps their order
+                )
+        return "added" if row is None else "updated"
+
     def explicit_image_paths(self) -> list[str]:
         """Images registered at their own paths (``disk add``), for staging clean-up."""
         with self._read() as db:
@@ -547,6 +598,44 @@ def _lease(row: Sequence[Any]) -> Lease:
     return Lease(str(lease_id), str(disk_id), LeaseState(status))
 
 
+def _same_record(current: DiskRecord, wanted: DiskRecord) -> bool:
+    """Whether the store already holds ``wanted`` (the volume's node aside: one host, no nodes)."""
+    mine, theirs = current.volume, wanted.volume
+    same_volume = (mine is None and theirs is None) or (
+        mine is not None
+        and theirs is not None
+        and (mine.id, mine.image_path, mine.status) == (theirs.id, theirs.image_path, theirs.status)
+    )
+    return current.disk == wanted.disk and same_volume and current.leases == wanted.leases
+
+
+def _no_room(data_path: str) -> str | None:
+    """Why SQLite cannot make its index files in the data path (full or read-only), or None."""
+    try:
+        info = os.statvfs(data_path)
+    except OSError:
+        return None
+    if info.f_flag & os.ST_RDONLY:
+        return "is on a read-only filesystem"
+    if info.f_bavail == 0 or info.f_favail == 0:
+        return f"is full ({os.strerror(errno.ENOSPC)})"
+    return None
+
+
+def check_data_path(data_path: str) -> None:
+    """Refuse a data path the mount could not work with: restores and indexes are written there."""
+    try:
+        read_only = bool(os.statvfs(data_path).f_flag & os.ST_RDONLY)
+    except OSError as exc:
+        raise StoreError(f"cannot use the data path {data_path}: {exc.strerror}") from None
+    if read_only or not os.access(data_path, os.W_OK):
+        why = "is on a read-only filesystem" if read_only else "is not writable by this user"
+        raise StoreError(
+            f"the data path {data_path} {why}; restores and snapshot indexes are kept there, "
+            "so mount it read-write (or run as its owner)"
+        )
+
+
 def _parse_status(status: DiskState | str) -> DiskState:
     try:
         return DiskState(status)
@@ -560,4 +649,5 @@ __all__ = [
     "SCHEMA_VERSION",
     "DiskRecord",
     "Store",
+    "check_data_path",
 ]

@@ -26,22 +26,28 @@ import weakref
 from collections.abc import AsyncIterable, Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import IO, Protocol, cast
+from typing import IO, Protocol, Union, cast
 
 import trio
 import zstandard
 
 from mirenfs.engine.image import SparseWriter, StagingImage, new_file_mode
 from mirenfs.engine.pipeline import BufferPool, Handoff, LoopWaker, Piece, Stages, Stopped
+from mirenfs.engine.produce import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
 from mirenfs.errors import FormatError, MirenfsError, TargetError
-from mirenfs.format.frames import FrameScanner
+from mirenfs.format.frames import FrameScanner, zero_frame
 from mirenfs.format.header import HeaderParser, Meta, validate_meta
 
-PIECE = 1 << 20  # decompressed bytes per piece: hashed while still in the caches
-POOL_PIECES = 16  # decompressed pieces in flight between the stages
+# Decompressed bytes per piece: each piece costs the hash stage one trip for the GIL, which
+# another thread may hold; 4 MiB keeps those trips rare (the piece is in L3 either way).
+PIECE = 4 << 20
+POOL_PIECES = 8  # decompressed pieces in flight between the stages (32 MiB)
 INPUT_LIMIT = 8 << 20  # compressed bytes waiting for the decompressor before a feed waits
 _READ_SIZE = 1 << 20  # compressed bytes the decompressor takes at a time
 _UNBOUNDED = 1 << 62  # the pool bounds the pieces between stages, not the hand-off
+ZERO_FRAME_CONTENT = DEFAULT_CHUNK_SIZE
+ZERO_FRAME = zero_frame(DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL)  # what mirenfs writes for a zero chunk
+_ZEROS = bytes(PIECE)
 
 
 class ImageWriter(Protocol):
@@ -65,41 +71,81 @@ class _Settle:
 
 
 _InputItem = bytes | _Settle
+_Piece = Union[Piece, "_KnownZeros"]
 
 
 class _CompressedInput:
-    """What the zstd reader pulls from: the input pieces, each shown to the frame scanner first.
+    """What the zstd reader pulls from: the input pieces, each part shown to the frame scanner as
+    it is handed out.
 
-    At a settle marker that falls between frames it reports end of input, so
-    the reader flushes everything (zstd may hold decoded bytes back until it
-    sees more input); the decompression stage then starts a new reader, which
-    is sound because frames are independent.
+    It reports end of input (so the reader flushes everything; zstd may hold
+    decoded bytes back until it sees more input) at a settle marker that falls
+    between frames, and before the frame mirenfs writes for an all-zero chunk:
+    that frame is taken out of the stream and its zeros go to the stages
+    without zstd or a zero check. Either way the decompression stage then
+    starts a new reader, which is sound because frames are independent.
     """
 
     def __init__(self, handoff: Handoff[_InputItem], scanner: FrameScanner, waker: LoopWaker) -> None:
         self._handoff = handoff
         self._scanner = scanner
         self._waker = waker
-        self._rest = memoryview(b"")
+        self._item = b""
+        self._offset = 0
+        self._zero_frame: bytes | None = ZERO_FRAME  # None once the stream is not laid out as mirenfs's
+        self._looked = False
         self.ended = False
         self.settling: _Settle | None = None
+        self.zeros = 0  # bytes of a zero frame taken out, for the stage to pass on
 
     def read(self, size: int) -> bytes | memoryview:
-        while not self._rest:
+        if self._offset == len(self._item) and not self._next_item():
+            return b""
+        if self._zero_frame is not None and self._take_zero_frame(self._zero_frame):
+            return b""
+        end = min(len(self._item), self._offset + size, self._next_zero_frame(size))
+        piece = memoryview(self._item)[self._offset : end]
+        self._scanner.feed(piece)
+        self._offset = end
+        return piece
+
+    def _next_item(self) -> bool:
+        """Wait for the next input piece; False at the end of input or at a settle between frames."""
+        while True:
             item = self._handoff.get()
             if item is None:
                 self.ended = True
-                return b""
+                return False
             if isinstance(item, _Settle):
                 if self._scanner.at_boundary:
                     self.settling = item
-                    return b""
+                    return False
                 self._waker.set(item.event)  # inside a frame: nothing more can come out now
                 continue
-            self._scanner.feed(item)
-            self._rest = memoryview(item)
-        piece, self._rest = self._rest[:size], self._rest[size:]
-        return piece
+            self._item, self._offset = item, 0
+            if not self._looked:  # mirenfs's snapshots start with a frame of a 4 MiB chunk
+                self._looked = True
+                if self._zero_frame is not None and item[:5] != self._zero_frame[:5]:
+                    self._zero_frame = None
+            return True
+
+    def _take_zero_frame(self, frame: bytes) -> bool:
+        start, end = self._offset, self._offset + len(frame)
+        if not self._scanner.at_boundary or self._item[start:end] != frame:
+            return False
+        self._scanner.feed(frame)
+        self._offset = end
+        self.zeros = ZERO_FRAME_CONTENT
+        return True
+
+    def _next_zero_frame(self, size: int) -> int:
+        """Where the next zero frame may start (hand out no input past it)."""
+        if self._zero_frame is None:
+            return len(self._item)
+        found = self._item.find(
+            self._zero_frame, self._offset + 1, self._offset + size + len(self._zero_frame)
+        )
+        return len(self._item) if found < 0 else found
 
 
 class _Pipeline:
@@ -114,8 +160,8 @@ class _Pipeline:
         self._waker = LoopWaker()
         self.input: Handoff[_InputItem] = Handoff(INPUT_LIMIT, self._waker)
         self._pool = BufferPool(POOL_PIECES, PIECE)
-        self._to_hash: Handoff[Piece] = Handoff(_UNBOUNDED)
-        self._to_write: Handoff[Piece] = Handoff(_UNBOUNDED)
+        self._to_hash: Handoff[_Piece] = Handoff(_UNBOUNDED)
+        self._to_write: Handoff[_Piece] = Handoff(_UNBOUNDED)
         self._settles: list[trio.Event] = []
         stop = partial(
             _stop_all, (self.input, self._to_hash, self._to_write), self._pool, self._settles, self._waker
@@ -140,8 +186,11 @@ class _Pipeline:
         """Wait until everything put so far is decompressed (or the pipeline stopped)."""
         event = trio.Event()
         self._settles.append(event)
-        await self.put(_Settle(event), 0)
-        await event.wait()
+        try:
+            await self.put(_Settle(event), 0)
+            await event.wait()
+        finally:
+            self._settles.remove(event)
 
     def drop_buffers(self) -> None:
         """Free the pool's memory now that the stages ended, whoever still holds this pipeline."""
@@ -159,6 +208,9 @@ class _Pipeline:
                 )
                 while self._decompress_piece(reader):
                     pass
+                if source.zeros:
+                    self._pass_on_zeros(source.zeros)
+                    source.zeros = 0
                 if source.settling is not None:
                     self._waker.set(source.settling.event)
                     source.settling = None
@@ -176,14 +228,27 @@ class _Pipeline:
             return False
         if self.bytes_out + length > self.size_bytes:
             self._pool.give_back(buffer)
-            raise FormatError(
-                f"the snapshot data is longer than its header's size_bytes ({self.size_bytes}): refused"
-            )
+            self._check_size(length)
         self.bytes_out += length
         piece = Piece(self._pool, buffer, length, readers=2)
         self._to_hash.put(piece, length)
         self._to_write.put(piece, length)
         return True
+
+    def _pass_on_zeros(self, length: int) -> None:
+        """A zero frame's content, straight from a static buffer (and known to be zeros)."""
+        self._check_size(length)
+        self.bytes_out += length
+        for start in range(0, length, PIECE):
+            piece = _KnownZeros(min(PIECE, length - start))
+            self._to_hash.put(piece, 0)
+            self._to_write.put(piece, 0)
+
+    def _check_size(self, length: int) -> None:
+        if self.bytes_out + length > self.size_bytes:
+            raise FormatError(
+                f"the snapshot data is longer than its header's size_bytes ({self.size_bytes}): refused"
+            )
 
     def _hash_loop(self) -> None:
         while (piece := self._to_hash.get()) is not None:
@@ -192,13 +257,29 @@ class _Pipeline:
 
     def _write_loop(self) -> None:
         write = cast(Callable[[memoryview], object], self._writer.write)  # files take any buffer
+        sparse = self._writer if isinstance(self._writer, SparseWriter) else None
         while (piece := self._to_write.get()) is not None:
-            write(piece.view)
+            if sparse is not None and isinstance(piece, _KnownZeros):
+                sparse.skip(len(piece.view))  # a fresh sparse file already reads as zeros
+            else:
+                write(piece.view)
             piece.done()
 
 
+class _KnownZeros:
+    """A piece of a zero frame's content: the stages read it from a static buffer."""
+
+    __slots__ = ("view",)
+
+    def __init__(self, length: int) -> None:
+        self.view = memoryview(_ZEROS)[:length]
+
+    def done(self) -> None:
+        return None
+
+
 def _stop_all(
-    handoffs: tuple[Handoff[_InputItem], Handoff[Piece], Handoff[Piece]],
+    handoffs: tuple[Handoff[_InputItem], Handoff[_Piece], Handoff[_Piece]],
     pool: BufferPool,
     settles: list[trio.Event],
     waker: LoopWaker,
@@ -207,7 +288,7 @@ def _stop_all(
     for handoff in handoffs:
         handoff.stop()
     pool.stop()
-    for event in settles:
+    for event in list(settles):  # a copy: the event loop may remove one meanwhile
         waker.set(event)
 
 
@@ -241,7 +322,7 @@ class RestoreStream:
 
     async def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Hand over the next piece of the snapshot; raise as soon as a problem is known."""
-        self._check_failed()
+        await self._raise_if_failed()
         try:
             self.bytes_in += len(data)
             rest = memoryview(data)
@@ -251,22 +332,23 @@ class RestoreStream:
                     return
                 await self._open()
             if len(rest):
-                await self._put(bytes(rest))  # a copy: the caller may reuse its buffer
+                # A copy unless it is a whole bytes object: the caller may reuse its buffer.
+                await self._put(data if isinstance(data, bytes) and len(rest) == len(data) else bytes(rest))
         except MirenfsError as exc:
-            self._failure = exc
-            raise
+            self._failure = self._failure or exc
+        await self._raise_if_failed()  # a stage may have failed meanwhile: say so now
 
     async def settle(self) -> None:
         """Wait until everything fed so far is decompressed, so :attr:`complete` is exact."""
-        self._check_failed()
+        await self._raise_if_failed()
         if self._pipeline is not None:
             with contextlib.suppress(Stopped):  # the failure, if any, is raised next
                 await self._pipeline.settle()
-            self._check_failed()
+            await self._raise_if_failed()
 
     async def finish(self) -> Meta:
         """Check that the stream is complete, exactly ``size_bytes`` long, and matches its checksum."""
-        self._check_failed()
+        await self._raise_if_failed()
         try:
             meta = self._header.meta
             if meta is None:
@@ -276,11 +358,11 @@ class RestoreStream:
             pipeline = await self._open()  # a header with no data at all opens the target too
             pipeline.input.close()
             await pipeline.stages.done.wait()
-            self._check_failed()
+            await self._raise_if_failed()
             _check_whole(meta, pipeline)
             return meta
         except MirenfsError as exc:
-            self._failure = exc
+            self._failure = self._failure or exc
             raise
         finally:
             await self.close()
@@ -324,13 +406,16 @@ class RestoreStream:
         try:
             await self._pipeline.put(data, len(data))
         except Stopped:
-            self._check_failed()
+            await self._raise_if_failed()
             raise FormatError("the restore was stopped") from None
 
-    def _check_failed(self) -> None:
+    async def _raise_if_failed(self) -> None:
+        """Raise the stream's failure, if any, once the stages have stopped: after an error,
+        nothing more reaches the image."""
         if self._failure is None and self._pipeline is not None:
             self._failure = self._pipeline.stages.failure
         if self._failure is not None:
+            await self.close()
             raise self._failure
 
 

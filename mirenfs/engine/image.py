@@ -407,6 +407,10 @@ class SparseWriter:
             start_writeback(self.fd, self._written_back, self.offset - self._written_back)
             self._written_back = self.offset
 
+    def skip(self, length: int) -> None:
+        """Move on over ``length`` bytes known to be zeros (nothing to check, nothing to write)."""
+        self.offset += length
+
     def _write_blocks(self, view: memoryview, base: int) -> None:
         """Write the non-zero 4 KiB blocks of ``view``, in runs, checking 64 KiB at a time first."""
         run_start: int | None = None
@@ -516,10 +520,22 @@ class StagingImage:
 def remove_staging_if_unheld(path: str) -> bool:
     """Remove a staging file nobody holds; raise EBUSY if a live restore holds it.
 
-    Only a regular file this user owns is touched: it is opened without
-    following a symlink and without blocking (a FIFO planted there would
-    hang the open), and anything else is refused with a reason, never removed.
+    Only a regular file this user owns is touched: anything else (a FIFO, a
+    socket, a device, a directory, a symlink) is refused with a reason and
+    never opened or removed. The file is opened without following a symlink
+    and without blocking, and checked again once open (it may have been
+    swapped meanwhile).
     """
+    try:
+        planted = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise TargetError(f"cannot look at {path}: {exc.strerror}", exc.errno or errno.EIO) from None
+    if stat.S_ISLNK(planted.st_mode):
+        raise TargetError(_not_ours(path, "a symbolic link"), errno.EEXIST)
+    if not stat.S_ISREG(planted.st_mode):
+        raise TargetError(_not_ours(path, "not a regular file"), errno.EEXIST)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:

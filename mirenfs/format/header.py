@@ -14,7 +14,7 @@ import json
 import re
 import struct
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from mirenfs.errors import FormatError
 
@@ -74,10 +74,14 @@ class Timestamp:
     def parse(cls, text: str) -> Timestamp:
         """Parse an RFC 3339 timestamp exactly as Go's ``time.Time`` JSON decoding does.
 
-        Go accepts years 0000-9999, refuses a second of 60, an hour offset of
-        24 or more and a minute offset of 60 or more, and impossible dates; so
-        does this. Lowercase ``t`` and ``z``, which RFC 3339 allows, are accepted.
-        Raise :class:`FormatError` otherwise.
+        That is ``time.Parse(time.RFC3339, …)`` (its strict RFC 3339 checks are
+        disabled in every Go release): ASCII digits only, years 0000-9999, a
+        one- or two-digit hour, a fraction after ``.`` or ``,`` (cut to
+        nanoseconds), UTC offsets up to ``±24:60`` (Go's range test is ``>``,
+        "as some people do write offsets of 24 hours or 60 minutes"); a second
+        of 60 and impossible dates are refused. Lowercase ``t`` and ``z``, which
+        RFC 3339 allows and Go refuses, are accepted. Raise :class:`FormatError`
+        otherwise.
         """
         match = _RFC3339_RE.fullmatch(text)
         if not match:
@@ -92,7 +96,7 @@ class Timestamp:
         offset = 0
         if zone not in ("Z", "z"):
             zone_hours, zone_minutes = int(zone[1:3]), int(zone[4:6])
-            if zone_hours > 23 or zone_minutes > 59:
+            if zone_hours > 24 or zone_minutes > 60:
                 raise FormatError(f"timestamp {text!r} has an impossible UTC offset")
             offset = (-1 if zone[0] == "-" else 1) * (zone_hours * 3600 + zone_minutes * 60)
         days = _days_from_civil(year, month, day)
@@ -106,7 +110,8 @@ class Timestamp:
 
 
 _RFC3339_RE = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?([Zz]|[+-]\d{2}:\d{2})"
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{1,2}):([0-9]{2}):([0-9]{2})(?:[.,]([0-9]+))?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})"
 )
 
 
@@ -316,43 +321,97 @@ def _without_surrogates(text: str) -> str:
     return _SURROGATE_RE.sub("\ufffd", text)
 
 
-def parse_metadata(body: bytes) -> Meta:
-    """Decode the JSON metadata with Go's typing rules; unknown keys are ignored.
+_GO_ZERO_TIME = Timestamp.parse("0001-01-01T00:00:00Z")  # what Go leaves in a timestamp no header sets
 
-    This checks structure only; :func:`validate_meta` applies the reader's
-    refusals, so that Go's zero-value header still decodes to its values.
+
+class _JsonObject(list[tuple[str, object]]):
+    """A JSON object's members in their order: Go decodes them one after the other."""
+
+
+class _HugeInteger:
+    """A JSON integer too long for :func:`int` (Python refuses over 4 300 digits; Go skips it in an
+    unknown key and refuses it as overflowing in a known one)."""
+
+
+def _json_integer(text: str) -> int | _HugeInteger:
+    return int(text) if len(text) <= 40 else _HugeInteger()
+
+
+def _no_constants(text: str) -> object:
+    raise ValueError(f"{text} is not JSON")  # Python reads NaN and Infinity; Go (and JSON) refuse them
+
+
+_FIELD_KINDS: dict[str, type] = {
+    "name": str,
+    "size_bytes": int,
+    "filesystem": str,
+    "timestamp": str,
+    "checksum": str,
+    "version": int,
+}
+# Go's encoding/json matches keys to fields case-insensitively, folding as Unicode does:
+# the long s is an s, the Kelvin sign a k.
+_GO_FOLD = str.maketrans({"\u017f": "S", "\u212a": "K"})
+_FIELDS_FOLDED = {key.upper(): key for key in _FIELD_KINDS}
+
+
+def _field_of(key: str) -> str | None:
+    if key in _FIELD_KINDS:
+        return key
+    return _FIELDS_FOLDED.get("".join(c.upper() if c.isascii() else c for c in key.translate(_GO_FOLD)))
+
+
+def _decode_field(key: str, value: object) -> object:
+    """One member's value as Go decodes it into the field ``key``, or the refusal Go gives."""
+    kind = _FIELD_KINDS[key]
+    if kind is int and (
+        isinstance(value, _HugeInteger)
+        or (isinstance(value, int) and not isinstance(value, bool) and not -(1 << 63) <= value < 1 << 63)
+    ):
+        raise FormatError(f"snapshot metadata {key} does not fit in 64 bits")
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise FormatError(f"snapshot metadata field {key!r} must be a JSON {kind.__name__}")
+    if key == "timestamp":
+        return Timestamp.parse(str(value))
+    return _without_surrogates(value) if isinstance(value, str) else value
+
+
+def parse_metadata(body: bytes) -> Meta:
+    """Decode the JSON metadata with Go's rules; unknown keys are ignored.
+
+    As Go's ``encoding/json`` into the ``Meta`` struct: members are decoded in
+    order (the last one of a field wins, a ``null`` leaves it as it was, a
+    wrong type anywhere refuses the header), keys match fields
+    case-insensitively, and invalid UTF-8 reads as U+FFFD. This checks
+    structure only; :func:`validate_meta` applies the reader's refusals, so
+    that Go's zero-value header still decodes to its values.
     """
     try:
         # Go reads invalid UTF-8 (and lone UTF-16 surrogates) as U+FFFD instead of failing.
-        fields = json.loads(body.decode("utf-8", errors=_GO_UTF8))
+        document = json.loads(
+            body.decode("utf-8", errors=_GO_UTF8),
+            object_pairs_hook=_JsonObject,
+            parse_int=_json_integer,
+            parse_constant=_no_constants,
+        )
     except ValueError as exc:
         raise FormatError(f"snapshot metadata is not valid JSON: {exc}") from None
     except RecursionError:
         raise FormatError("snapshot metadata is not valid JSON: it is nested too deeply") from None
-    if not isinstance(fields, dict):
+    if document is None:
+        document = _JsonObject()  # Go decodes null into a struct as nothing: the zero value
+    if not isinstance(document, _JsonObject):
         raise FormatError("snapshot metadata is not a JSON object")
-
-    def field(key: str, kind: type, default: object) -> object:
-        value = fields.get(key, default)
-        if value is None:
-            return default  # Go leaves the zero value for null
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise FormatError(f"snapshot metadata field {key!r} must be a JSON {kind.__name__}")
-        return value
-
-    name = _without_surrogates(str(field("name", str, "")))
-    size_bytes = int(field("size_bytes", int, 0))  # type: ignore[call-overload]
-    filesystem = _without_surrogates(str(field("filesystem", str, "")))
-    timestamp_text = str(field("timestamp", str, "0001-01-01T00:00:00Z"))
-    checksum = _without_surrogates(str(field("checksum", str, "")))
-    version = int(field("version", int, FORMAT_VERSION))  # type: ignore[call-overload]
-    if not -(1 << 63) <= size_bytes < 1 << 63:
-        raise FormatError(f"snapshot metadata size_bytes {size_bytes} does not fit in 64 bits")
+    fields: dict[str, object] = {}
+    for key, value in document:
+        field = _field_of(key)
+        if field is not None and value is not None:
+            fields[field] = _decode_field(field, value)
     return Meta(
-        name=name,
-        size_bytes=size_bytes,
-        filesystem=filesystem,
-        timestamp=Timestamp.parse(timestamp_text),
-        checksum=checksum,
-        version=version,
+        name=str(fields.get("name", "")),
+        size_bytes=int(fields.get("size_bytes", 0)),  # type: ignore[call-overload]
+        filesystem=str(fields.get("filesystem", "")),
+        timestamp=cast(Timestamp, fields.get("timestamp", _GO_ZERO_TIME)),
+        checksum=str(fields.get("checksum", "")),
+        version=int(fields.get("version", FORMAT_VERSION)),  # type: ignore[call-overload]
     )

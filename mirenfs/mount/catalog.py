@@ -1,7 +1,9 @@
-"""Which disks the mount shows: those not in ``deleting`` whose image exists (SPEC §5).
+"""Which disks the mount shows: those on this node, not in ``deleting``, whose image exists (SPEC §5).
 
 A bulk ``ls -l``, ``tar`` or ``rsync`` looks up every name; one listing of
-the store serves them all for a short while instead of a query per lookup.
+the catalogue serves them all for a short while instead of a query per lookup
+(on etcd the listing itself is a local copy kept current by a watch). A
+catalogue that cannot be listed makes lookups fail (EIO), never "no such file".
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from typing import Protocol
 
 import trio
 
+from mirenfs.disks.catalogs import DiskListing
 from mirenfs.disks.model import DiskState
-from mirenfs.disks.store import Store
 
 CATALOG_TTL_S = 0.5  # how long one store listing serves lookups
 
@@ -42,16 +44,17 @@ class DiskCatalog(Protocol):
 
 
 class StoreCatalog:
-    """The embedded store as a catalog. Blocking: call from a worker thread."""
+    """A catalogue's listing (the store's, or the etcd catalogue's local copy) as the mount's
+    catalog. Blocking: call from a worker thread."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: DiskListing) -> None:
         self.store = store
 
     def visible_disks(self) -> dict[str, CatalogEntry]:
         visible = {}
         for record in self.store.list_disks():
             disk = record.disk
-            if disk.status == DiskState.DELETING or not record.image_path:
+            if not record.local or disk.status == DiskState.DELETING or not record.image_path:
                 continue
             if os.path.isfile(record.image_path):
                 visible[disk.name] = CatalogEntry(

@@ -1,5 +1,5 @@
-"""What a mount is asked to be: mount point, data path, consent to overwrite, how disks in use
-are copied (freeze budget, live reads), FUSE options.
+"""What a mount is asked to be: mount point, data path, disk catalogue and node name, consent to
+overwrite, how disks in use are copied (freeze budget, live reads), FUSE options.
 
 No pyfuse3 here: the CLI builds a :class:`MountConfig` (and filters options
 the same way ``mount.mirenfs`` does) without loading FUSE.
@@ -11,6 +11,8 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from mirenfs.disks.catalogs import CatalogSpec, node_from, open_catalog
+from mirenfs.disks.model import Catalog
 from mirenfs.disks.pointintime import DEFAULT_FREEZE_BUDGET_S, CopyPolicy
 from mirenfs.engine.produce import Settings
 from mirenfs.errors import MirenfsError
@@ -103,12 +105,18 @@ class MountConfig:
     spill_limit: int = DEFAULT_SPILL_LIMIT
     copy_policy: CopyPolicy = field(default_factory=CopyPolicy)
     frame_store_limit: int = DEFAULT_FRAME_STORE_LIMIT  # bytes; 0: no frame store
+    catalog: CatalogSpec | None = None  # None: the SQLite store of the data path
+    node: str | None = None  # this host's name in an etcd catalogue (None: the hostname)
 
     def __post_init__(self) -> None:
         # -o frame_store_size=SIZE is mirenfs's, not FUSE's, whoever built this config.
         limit, self.fuse_options = frame_store_limit(self.fuse_options)
         if limit is not None:
             self.frame_store_limit = limit
+
+    def open_catalog(self) -> Catalog:
+        """The catalogue of disks this mount shows and restores into (not contacted yet)."""
+        return open_catalog(self.catalog, self.data_path, node=node_from(self.node))
 
     @property
     def shared(self) -> bool:

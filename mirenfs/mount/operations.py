@@ -123,6 +123,8 @@ class MirenOperations(pyfuse3.Operations):
         entry: CatalogEntry | None = None
         if parsed is not None:
             entry = (await self.catalog.disks()).get(parsed[0])
+            if entry is None:  # not in the last listing: a disk just restored or created shows at once
+                entry = (await self.catalog.disks(fresh=True)).get(parsed[0])
         if parsed is None or entry is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         version = await self.service.version(
@@ -340,7 +342,7 @@ class MirenOperations(pyfuse3.Operations):
                 INDEX_PASSES_XATTR.encode(): str(self.service.index_passes).encode(),
                 STATUS_XATTR.encode(): json.dumps(status).encode(),
             }
-        if inode == RESTORE_INODE:
+        if self._in_restore_tree(inode):  # restore/, and what is ignored under restore/restore
             return {}
         restore = self.restores.by_inode.get(inode)
         if restore is not None:

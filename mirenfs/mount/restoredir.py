@@ -27,11 +27,10 @@ from dataclasses import dataclass, field
 
 import trio
 
-from mirenfs.disks.model import validate_disk_name
+from mirenfs.disks.model import Catalog, validate_disk_name
 from mirenfs.disks.restore import DiskRestore
 from mirenfs.disks.rules import RestoreTarget, prepare_restore
-from mirenfs.disks.store import Store
-from mirenfs.errors import MirenfsError, RestoreRefused
+from mirenfs.errors import ImageExistsError, MirenfsError, RestoreRefused
 from mirenfs.mount.openfiles import held_open
 
 log = logging.getLogger(__name__)
@@ -139,7 +138,7 @@ class RestoreDirectory:
 
     def __init__(
         self,
-        store: Store,
+        store: Catalog,
         data_path: str,
         *,
         allow_overwrite: bool,
@@ -237,9 +236,15 @@ class RestoreDirectory:
         refusal.reported = True
 
     def _prepare(self, disk: str) -> RestoreTarget:
-        return prepare_restore(
-            self.store, disk, data_path=self.data_path, overwrite=self.allow_overwrite, creator=self.store
-        )
+        try:
+            return prepare_restore(
+                self.store, disk, data_path=self.data_path, overwrite=self.allow_overwrite, creator=self.store
+            )
+        except ImageExistsError:  # `mirenfs restore --force` means nothing to cp: say what does
+            raise ImageExistsError(
+                f"disk {disk} already has an image; restore/ replaces images only on a mount started "
+                "with --allow-overwrite (or copy the snapshot to restore/NEWNAME.mirn: a new disk)"
+            ) from None
 
     async def write(self, writer: RestoreWriter, offset: int, data: bytes) -> None:
         entry = writer.entry
@@ -283,8 +288,13 @@ class RestoreDirectory:
         async with entry.lock:
             if not writer.current:
                 if writer.session is not None and writer.session.failure is not None:
-                    # this descriptor's restore failed (maybe through another descriptor): say so
-                    raise RestoreRefused(f"restore/{entry.name} failed: {writer.session.failure}", errno.EIO)
+                    # This descriptor's restore failed (maybe through another descriptor): say so to
+                    # this close. The failure has its log line already; a writer that forks closes
+                    # the descriptor once per child, and those closes are not logged again.
+                    failure = writer.session.failure
+                    stale = RestoreRefused(f"restore/{entry.name} failed: {failure}", errno.EIO)
+                    stale.reported = True
+                    raise stale
                 return
             session = writer.session
             assert session is not None

@@ -10,9 +10,9 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
+from mirenfs.disks.catalogs import DiskListing, mount_listing, node_from
 from mirenfs.disks.manage import sweep_interrupted_creations, sweep_stale_staging
 from mirenfs.disks.pointintime import sweep_leftovers
-from mirenfs.disks.store import Store
 from mirenfs.engine.framestore import FrameStore
 from mirenfs.engine.image import make_private_directory
 from mirenfs.errors import MirenfsError, MountError
@@ -32,10 +32,10 @@ READ_AHEAD_KB = 1024  # the most one FUSE read request carries (256 pages)
 
 def build_operations(config: MountConfig, nursery: trio.Nursery) -> MirenOperations:
     """The operations of one mount, their background work running in ``nursery``."""
-    store = Store(config.data_path)
+    store = config.open_catalog()  # the data path's SQLite store, or the fleet's catalogue on etcd
     store.check()  # before the mount reports ready: refuse now rather than answer EIO later
     make_private_directory(config.state_directory)  # indexes and spilled frames describe disk contents
-    for path in sweep_stale_staging(config.data_path):
+    for path in sweep_stale_staging(config.data_path, catalog=store):
         log.info("removed %s, left over from an interrupted restore", path)
     for name in sweep_interrupted_creations(store):
         log.warning("removed disk %s: a restore that was creating it was interrupted", name)
@@ -65,9 +65,19 @@ def build_operations(config: MountConfig, nursery: trio.Nursery) -> MirenOperati
             mountpoint=config.mountpoint,
         )
 
+    listing = mount_listing(store)  # on etcd: a local copy fed by a watch, so `ls` costs no request
+    nursery.start_soon(_close_at_end, listing)
     return MirenOperations(
-        StoreCatalog(store), service, shared=config.shared, restores=restores, nursery=nursery
+        StoreCatalog(listing), service, shared=config.shared, restores=restores, nursery=nursery
     )
+
+
+async def _close_at_end(listing: DiskListing) -> None:
+    """Ends the catalogue's watch (if any) when the session's nursery is cancelled."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        listing.close()
 
 
 def frame_store_of(config: MountConfig) -> FrameStore | None:
@@ -86,7 +96,9 @@ async def serve(config: MountConfig, *, ready: Callable[[], None] | None = None)
     """
     async with trio.open_nursery() as signals:
         stop = trio.CancelScope()
-        signals.start_soon(_stop_on_signals, stop)  # lives until the clean-up is over
+        # Listening before anything is mounted (it lives until the clean-up is over): a signal
+        # during start-up unmounts cleanly too, never leaving a dead mount behind.
+        await signals.start(_stop_on_signals, stop)
         try:
             with stop:
                 await _serve_session(config, ready)
@@ -135,7 +147,11 @@ def _init_session(operations: MirenOperations, config: MountConfig) -> None:
 async def _index_every_disk(operations: MirenOperations) -> None:
     """``--index-at-mount``: the passes a first ``stat`` would wait for, started now (two at a
     time, as always); ``mirenfs status`` shows their progress."""
-    disks = await operations.catalog.disks(fresh=True)
+    try:
+        disks = await operations.catalog.disks(fresh=True)
+    except MirenfsError as exc:  # the catalogue went away since the mount checked it
+        log.warning("the index passes were not started at mount: %s", exc)
+        return
     log.info("starting the index passes of %d disks in the background", len(disks))
     async with trio.open_nursery() as passes:
         for entry in disks.values():
@@ -156,14 +172,20 @@ async def _announce_ready(config: MountConfig, ready: Callable[[], None] | None)
     # Answered by the session: never stat the mount from the thread that serves it.
     root = await trio.to_thread.run_sync(os.stat, config.mountpoint)
     _raise_read_ahead(root.st_dev)
-    log.info("mounted %s (data path %s)", config.mountpoint, config.data_path)
+    catalog = config.catalog
+    node = node_from(config.node)
+    where = f", disk catalogue {catalog.text} as node {node}" if catalog and catalog.is_etcd else ""
+    log.info("mounted %s (data path %s%s)", config.mountpoint, config.data_path, where)
     if ready is not None:
         ready()
     notify.ready(f"serving {config.mountpoint}")
 
 
-async def _stop_on_signals(stop: trio.CancelScope) -> None:
+async def _stop_on_signals(
+    stop: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
     with trio.open_signal_receiver(*STOP_SIGNALS) as received:
+        task_status.started()
         async for signum in received:
             name = signal.Signals(signum).name
             if stop.cancel_called:

@@ -49,8 +49,14 @@ def _with_meta(meta: Meta, data: bytes, header_len: int, **changes: object) -> b
     return Meta(**fields).header() + data[header_len:]  # type: ignore[arg-type]
 
 
+def raw_header(body: bytes, *, version: int = 1, length: int | None = None) -> bytes:
+    """A header around any metadata bytes, valid JSON or not; the length field is the body's
+    unless ``length`` says otherwise."""
+    return struct.pack(">4sII", b"MIRN", version, len(body) if length is None else length) + body
+
+
 def _with_body(body: bytes, data: bytes, header_len: int) -> bytes:
-    return struct.pack(">4sII", b"MIRN", 1, len(body)) + body + data[header_len:]
+    return raw_header(body) + data[header_len:]
 
 
 def _flip(data: bytes, offset: int) -> bytes:

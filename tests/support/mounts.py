@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mirenfs.cli.mountinfo import mounts
+from mirenfs.mount.status import STATE_XATTR
 
 from support.runners import mirenfs_command
 
@@ -104,6 +105,11 @@ def force_unmount(path: str | os.PathLike[str]) -> None:
             _abort_connection(fuse[-1].minor)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=10)
+
+
+def restore_state(mountpoint: Path, file_name: str) -> str:
+    """The outcome of ``restore/FILE_NAME`` as its ``user.mirenfs.state`` says it."""
+    return os.getxattr(mountpoint / "restore" / file_name, STATE_XATTR).decode()
 
 
 # ---- processes -------------------------------------------------------------------

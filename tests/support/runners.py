@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mirenfs.cli import main
 
@@ -57,6 +59,15 @@ def run_cli(*args: str | Path) -> Result:
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
     return Result(code, out.getvalue(), err.getvalue())
+
+
+def status_of(mountpoint: Path) -> dict[str, Any]:
+    """``mirenfs status --json MOUNTPOINT``, run in this process (fast enough to poll); never stats
+    a snapshot, so it starts no index pass."""
+    result = run_cli("status", "--json", mountpoint)
+    assert result.code == 0, result.err
+    status: dict[str, Any] = json.loads(result.out)
+    return status
 
 
 def ok(*args: str | Path) -> Result:

@@ -1,0 +1,81 @@
+"""``catalog copy``: move a host's disk catalogue between SQLite and etcd (either way), idempotently.
+
+Parser beside handler; what a copy does is ``disks.catalogs.copy_catalog``'s job.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from mirenfs.cli.common import data_path_from, resolve_data_path
+from mirenfs.disks.catalogs import NODE_ENV, CatalogSpec, copy_catalog, node_from, open_catalog, parse_catalog
+from mirenfs.disks.model import Catalog
+from mirenfs.errors import MirenfsError
+
+
+def register(commands: Any) -> None:
+    """Add ``catalog copy`` to the top-level subcommands (an argparse subparsers object)."""
+    catalog = commands.add_parser("catalog", help="the disk catalogue: copy it between SQLite and etcd")
+    catalog_commands = catalog.add_subparsers(dest="catalog_command", required=True, metavar="COMMAND")
+    copy = catalog_commands.add_parser(
+        "copy",
+        help="copy every disk (ids, volumes, leases) from one catalogue into another; running it "
+        "again changes nothing",
+        description="CATALOG is etcd://HOST:PORT[,HOST:PORT…][/PREFIX], sqlite:///DATA-PATH or a data path.",
+    )
+    copy.add_argument("--from", dest="source", required=True, metavar="CATALOG", help="the catalogue to read")
+    copy.add_argument("--to", dest="destination", required=True, metavar="CATALOG", help="the one to write")
+    copy.add_argument(
+        "--node",
+        metavar="NAME",
+        default=None,
+        help=f"the node whose disks these are (default: ${NODE_ENV}, else the hostname): SQLite disks "
+        "copied to etcd get it; only its disks are copied from etcd to SQLite",
+    )
+    copy.add_argument(
+        "--data-path",
+        metavar="DIR",
+        default=None,
+        help="this host's data path, when neither catalogue is SQLite (it only names image paths)",
+    )
+    copy.set_defaults(handler=cmd_catalog_copy)
+
+
+def cmd_catalog_copy(args: argparse.Namespace) -> int:
+    # Parsed before anything is opened: a typo in either is one line, and nothing is written.
+    source_spec, destination_spec = _spec(args.source, "--from"), _spec(args.destination, "--to")
+    if (source_spec.data_path, source_spec.etcd) == (destination_spec.data_path, destination_spec.etcd):
+        raise MirenfsError(f"--from and --to name the same catalogue ({args.source})")
+    node = node_from(args.node)
+    sqlite_path = next(
+        (spec.data_path for spec in (source_spec, destination_spec) if spec.data_path is not None), None
+    )
+    data_path = sqlite_path or data_path_from(args.data_path)
+    source = _open(source_spec, data_path, node, create=False)
+    destination = _open(destination_spec, data_path, node, create=True)
+    report = copy_catalog(source, destination, one_host=destination_spec.etcd is None)
+    print(
+        f"copied the disk catalogue {args.source} to {args.destination}: {len(report.added)} added, "
+        f"{len(report.updated)} updated, {len(report.unchanged)} already there"
+        + (f", {len(report.skipped)} on other nodes left out" if report.skipped else "")
+    )
+    if report.conflicts:
+        raise MirenfsError(
+            f"{len(report.conflicts)} disk name(s) belong to other disks in {args.destination} and were "
+            f"not copied: {', '.join(report.conflicts)}; remove or rename them there, then copy again"
+        )
+    return 0
+
+
+def _spec(text: str, option: str) -> CatalogSpec:
+    spec = parse_catalog(text)
+    if spec.etcd is None and spec.data_path is None:
+        raise MirenfsError(f"{option} {text}: name a SQLite catalogue by its data path, sqlite:///DIR or DIR")
+    return spec
+
+
+def _open(spec: CatalogSpec, data_path: str, node: str, *, create: bool) -> Catalog:
+    if spec.data_path is not None:  # a SQLite catalogue: its data path must exist, unless written to
+        return open_catalog(spec, resolve_data_path(spec.data_path, create=create), node=node)
+    return open_catalog(spec, data_path, node=node)

@@ -1,0 +1,243 @@
+"""Which disk catalogue a command or a mount uses, and copying one catalogue into another.
+
+A catalogue is named by ``--catalog`` or ``$MIRENFS_CATALOG``:
+
+- nothing (the default), ``sqlite:`` or ``sqlite:///DIR``: the SQLite store of the data
+  path (``DIR/mirenfs.db``); a plain directory means the same;
+- ``etcd://HOST:PORT[,HOST:PORT…][/PREFIX]``: the fleet's catalogue on etcd v3
+  (:mod:`mirenfs.disks.etcd`), keys under ``/PREFIX/`` (default ``/mirenfs/``).
+
+Each host also has a node name (``--node``, ``$MIRENFS_NODE``, else the
+hostname): on etcd a volume records the node whose data path holds its image.
+
+The etcd module, and with it the HTTP client, is imported only when an etcd
+catalogue is opened: every other command starts without paying for it.
+Nothing here talks to a catalogue except :func:`copy_catalog`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from mirenfs.disks.model import Catalog, DiskRecord, validate_node_name
+from mirenfs.disks.store import Store
+from mirenfs.errors import DiskExistsError, MirenfsError
+
+log = logging.getLogger(__name__)
+
+CATALOG_ENV = "MIRENFS_CATALOG"
+NODE_ENV = "MIRENFS_NODE"
+DEFAULT_ETCD_PREFIX = "mirenfs"
+ETCD_SCHEME = "etcd://"
+SQLITE_SCHEME = "sqlite:"
+
+
+@dataclass(frozen=True)
+class EtcdLocation:
+    """Where an etcd catalogue lives: its client endpoints and the key prefix under which it keeps disks."""
+
+    endpoints: tuple[tuple[str, int], ...]
+    prefix: str = DEFAULT_ETCD_PREFIX
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(
+            f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host, port in self.endpoints
+        )
+        return f"{ETCD_SCHEME}{hosts}/{self.prefix}"
+
+    @property
+    def root(self) -> str:
+        """The key every key of this catalogue starts with: ``/PREFIX/``."""
+        return f"/{self.prefix}/"
+
+
+@dataclass(frozen=True)
+class CatalogSpec:
+    """A parsed ``--catalog``: the SQLite store of a data path (``data_path`` None: the command's
+    own), or an etcd location."""
+
+    text: str
+    data_path: str | None = None
+    etcd: EtcdLocation | None = None
+
+    @property
+    def is_etcd(self) -> bool:
+        return self.etcd is not None
+
+
+def parse_catalog(text: str) -> CatalogSpec:
+    """``etcd://HOST:PORT[,…][/PREFIX]``, ``sqlite:[//DIR]`` or a directory; else one clear line."""
+    cleaned = text.strip()
+    if cleaned.startswith(ETCD_SCHEME):
+        return CatalogSpec(cleaned, etcd=_parse_etcd(cleaned))
+    if cleaned.startswith(SQLITE_SCHEME):
+        path = cleaned[len(SQLITE_SCHEME) :]
+        if path.startswith("//"):
+            path = path[2:]
+        if path and not path.startswith("/"):
+            raise MirenfsError(f"catalogue {text!r}: write a SQLite data path as sqlite:///ABSOLUTE/DIR")
+        return CatalogSpec(cleaned, data_path=os.path.abspath(path) if path else None)
+    if "://" in cleaned or not cleaned:
+        raise MirenfsError(
+            f"{text!r} is not a disk catalogue; use etcd://HOST:PORT[,HOST:PORT…][/PREFIX], "
+            "sqlite:///DATA-PATH or a data path"
+        )
+    return CatalogSpec(cleaned, data_path=os.path.abspath(cleaned))
+
+
+def _parse_etcd(text: str) -> EtcdLocation:
+    rest = text[len(ETCD_SCHEME) :]
+    hosts, _, prefix = rest.partition("/")
+    prefix = prefix.strip("/")
+    if not prefix:
+        prefix = DEFAULT_ETCD_PREFIX
+    if any(not part or part in (".", "..") for part in prefix.split("/")) or any(
+        c.isspace() or c in "\\?#" for c in prefix
+    ):
+        raise MirenfsError(f"catalogue {text!r}: the prefix {prefix!r} must be plain words separated by /")
+    endpoints = []
+    for item in hosts.split(","):
+        endpoints.append(_parse_endpoint(item.strip(), text))
+    return EtcdLocation(tuple(endpoints), prefix)
+
+
+def _parse_endpoint(item: str, text: str) -> tuple[str, int]:
+    problem = f"catalogue {text!r}: {item or 'an empty endpoint'!r} is not HOST:PORT"
+    if item.startswith("["):  # [IPv6]:PORT
+        host, _, port_text = item[1:].partition("]:")
+    else:
+        host, _, port_text = item.rpartition(":")
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise MirenfsError(problem)
+    return host, int(port_text)
+
+
+def catalog_spec_from(arg: str | None) -> CatalogSpec | None:
+    """``--catalog`` if given, else ``$MIRENFS_CATALOG``, else None (the data path's SQLite store)."""
+    text = arg or os.environ.get(CATALOG_ENV) or ""
+    return parse_catalog(text) if text.strip() else None
+
+
+def node_from(arg: str | None) -> str:
+    """``--node`` if given, else ``$MIRENFS_NODE``, else this host's name."""
+    return validate_node_name(arg or os.environ.get(NODE_ENV) or socket.gethostname())
+
+
+def open_catalog(spec: CatalogSpec | str | None, data_path: str, *, node: str | None = None) -> Catalog:
+    """The catalogue ``spec`` names (None: the data path's SQLite store), for this host: its data
+    path and node name (None: ``$MIRENFS_NODE``, else the hostname). Nothing is contacted yet.
+
+    A SQLite catalogue is the store of its own data path: one named by
+    ``sqlite:///DIR`` must be the data path itself.
+    """
+    if isinstance(spec, str):
+        spec = parse_catalog(spec)
+    if spec is None or spec.etcd is None:
+        if spec is not None and spec.data_path is not None and spec.data_path != os.path.abspath(data_path):
+            raise MirenfsError(
+                f"the SQLite catalogue {spec.text} is the store of data path {spec.data_path}, not of "
+                f"{os.path.abspath(data_path)}; pass --data-path {spec.data_path} instead"
+            )
+        return Store(data_path)
+    # Lazy on purpose: the etcd client (requests, futurist) costs ~0.1 s to import, and only
+    # commands on an etcd catalogue need it.
+    from mirenfs.disks.etcd import EtcdCatalog
+
+    return EtcdCatalog(spec.etcd, data_path, node=node_from(node))
+
+
+# --- what the mount lists disks from ---
+
+
+class DiskListing(Protocol):
+    """Where the mount's root listing comes from: ``list_disks`` answered by a catalogue."""
+
+    @property
+    def data_path(self) -> str: ...
+
+    def list_disks(self) -> list[DiskRecord]: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class WatchableCatalog(Protocol):
+    """A remote catalogue that can keep a local copy of itself current (the etcd one)."""
+
+    def watch(self) -> DiskListing: ...
+
+
+@dataclass
+class _AskEachTime:
+    """A local catalogue (SQLite) is listed by asking it: there is no round trip to save."""
+
+    catalog: Catalog
+
+    @property
+    def data_path(self) -> str:
+        return self.catalog.data_path
+
+    def list_disks(self) -> list[DiskRecord]:
+        return self.catalog.list_disks()
+
+    def close(self) -> None:
+        return None
+
+
+def mount_listing(catalog: Catalog) -> DiskListing:
+    """What the mount lists from: a remote catalogue's local copy fed by a watch (started
+    here; close it when the mount ends), or the local catalogue itself."""
+    if isinstance(catalog, WatchableCatalog):
+        return catalog.watch()
+    return _AskEachTime(catalog)
+
+
+# --- catalog copy ---
+
+
+@dataclass
+class CopyReport:
+    """What ``catalog copy`` did, disk by disk."""
+
+    added: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # on another node: not for a one-host catalogue
+    conflicts: list[str] = field(default_factory=list)  # the name belongs to another disk there
+
+
+def copy_catalog(
+    source: Catalog,
+    destination: Catalog,
+    *,
+    one_host: bool,
+    on_disk: Callable[[str, str], None] | None = None,
+) -> CopyReport:
+    """Copy every disk of ``source`` into ``destination``, ids kept, idempotently: a disk already
+    there as it is stays untouched; a name held by another disk there is reported, not replaced.
+
+    ``one_host``: the destination is one host's catalogue (SQLite), so only
+    the disks on this node go there.
+    """
+    report = CopyReport()
+    for record in source.list_disks():
+        name = record.disk.name
+        if one_host and not record.local:
+            report.skipped.append(name)
+            continue
+        try:
+            outcome = destination.put_record(record)
+        except DiskExistsError as exc:
+            log.warning("%s", exc)
+            report.conflicts.append(name)
+            continue
+        {"added": report.added, "updated": report.updated}.get(outcome, report.unchanged).append(name)
+        if on_disk is not None:
+            on_disk(name, outcome)
+    return report

@@ -1,0 +1,1054 @@
+"""The disk catalogue on etcd v3, shared by a fleet of hosts: the same :class:`Catalog` as the
+SQLite store, so the rules, the CLI and the mount work with either.
+
+It talks to etcd's JSON gateway (``/v3/kv/range``, ``/v3/kv/txn``,
+``/v3/watch``) through etcd3gw's client, one client per endpoint and thread,
+trying the endpoints in turn. Keys, under ``/PREFIX/``:
+
+- ``disks/NAME``: the disk, its volume (with the node that holds its image)
+  and its leases, one JSON record. Every change to a disk is one
+  compare-and-swap on this key's ``mod_revision``, retried on a conflict, so
+  no update is lost and a lease is bound only on the disk as it was checked;
+- ``ids/DISK_ID`` -> NAME, ``leases/LEASE_ID`` -> the lease's disk, and
+  ``images/NODE/SHA256(PATH)`` -> the disk an explicit image belongs to: the
+  indexes, written in the same transactions.
+
+Creating a disk is one transaction that succeeds only while its name (and id,
+and explicit image) has no key: of two hosts creating one name, exactly one
+wins and the other gets :class:`~mirenfs.errors.DiskExistsError`.
+
+Failure policy: fail closed. A request no endpoint answers (refused, no
+answer within ``REQUEST_TIMEOUT_S``, no leader, no quorum) raises
+:class:`~mirenfs.errors.CatalogUnreachableError` ("the disk catalogue at …
+is unreachable"), never :class:`~mirenfs.errors.DiskNotFoundError`: only a
+read that succeeded and found no key means "no such disk". Reads are
+linearizable, so a member cut off from its quorum cannot answer from a stale
+copy.
+
+:class:`CatalogWatch` is the mount's local copy: one listing, then a watch
+on ``disks/``, applied in a worker thread; a second thread asks the member
+serving the watch for a linearizable read every ``PROBE_INTERVAL_S``. The
+copy answers ``list_disks`` from memory only while the watch stream is open
+and that probe succeeded within ``STALE_AFTER_S``; otherwise it raises the
+unreachable error (EIO at the FUSE boundary), logging the change once.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import requests
+from etcd3gw import exceptions as etcd_errors
+from etcd3gw.client import Etcd3Client
+
+from mirenfs.disks.catalogs import EtcdLocation
+from mirenfs.disks.model import (
+    Disk,
+    DiskRecord,
+    DiskState,
+    Lease,
+    LeaseState,
+    Volume,
+    VolumeState,
+    image_path_for,
+    validate_disk_name,
+    validate_node_name,
+)
+from mirenfs.disks.store import check_data_path
+from mirenfs.errors import (
+    CatalogUnreachableError,
+    DiskBusyError,
+    DiskElsewhereError,
+    DiskExistsError,
+    DiskNotFoundError,
+    LeaseNotFoundError,
+    MirenfsError,
+    StoreError,
+    VolumeNotFoundError,
+)
+
+log = logging.getLogger(__name__)
+
+API_PATH = "/v3/"  # etcd >= 3.4 (Debian bookworm has 3.4); set, so no request is spent discovering it
+REQUEST_TIMEOUT_S = 2.0  # per endpoint: a member without quorum answers only after ~7 s
+CAS_ATTEMPTS = 64  # compare-and-swap rounds before a change gives up (each lost round is a change made)
+PROBE_INTERVAL_S = 0.5
+STALE_AFTER_S = 3.0
+FIRST_SYNC_WAIT_S = REQUEST_TIMEOUT_S + 1.0
+_ERRNO_TEXT = re.compile(r"\[Errno -?\d+\] ([^')\"]+)")
+
+
+# --- the wire: base64 keys and values, revisions as strings ---
+
+
+def _b64(text: str | bytes) -> str:
+    data = text.encode() if isinstance(text, str) else text
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text)
+
+
+def _prefix_end(prefix: str) -> str:
+    """The first key after every key that starts with ``prefix`` (its last byte plus one)."""
+    data = bytearray(prefix.encode())
+    data[-1] += 1
+    return bytes(data).decode()
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    key: str
+    value: bytes
+    mod_revision: int
+    create_revision: int
+
+
+def _key_value(item: dict[str, Any]) -> KeyValue:
+    return KeyValue(
+        _unb64(item["key"]).decode(),
+        _unb64(item.get("value", "")),
+        int(item.get("mod_revision", 0)),
+        int(item.get("create_revision", 0)),
+    )
+
+
+@dataclass(frozen=True)
+class TxnResult:
+    succeeded: bool
+    revision: int
+    ranges: list[list[KeyValue]]  # what each range request of the branch that ran found
+
+
+def _missing(key: str) -> dict[str, Any]:
+    """Compare: ``key`` does not exist (it was never created, or was deleted)."""
+    return {"key": _b64(key), "result": "EQUAL", "target": "CREATE", "create_revision": "0"}
+
+
+def _unchanged(key: str, mod_revision: int) -> dict[str, Any]:
+    """Compare: ``key`` is still as it was read."""
+    return {"key": _b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": str(mod_revision)}
+
+
+def _put(key: str, value: str | bytes) -> dict[str, Any]:
+    return {"request_put": {"key": _b64(key), "value": _b64(value)}}
+
+
+def _delete(key: str) -> dict[str, Any]:
+    return {"request_delete_range": {"key": _b64(key)}}
+
+
+def _get(key: str) -> dict[str, Any]:
+    return {"request_range": {"key": _b64(key)}}
+
+
+def _why(exc: BaseException) -> str:
+    """A short reason from whatever requests, urllib3 or the gateway said."""
+    detail = getattr(exc, "detail_text", None) or str(exc) or type(exc).__name__
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        message = json.loads(detail).get("message") or json.loads(detail).get("error")
+        if message:
+            return str(message)
+    if "timed out" in detail or isinstance(exc, etcd_errors.ConnectionTimeoutError):
+        return "no answer in time"
+    found = _ERRNO_TEXT.search(detail)
+    if found:
+        return found.group(1).strip().lower()
+    return detail.splitlines()[0][:200]
+
+
+class Unreachable(CatalogUnreachableError):
+    """No endpoint answered; ``why`` says what each one did."""
+
+    def __init__(self, url: str, why: str) -> None:
+        super().__init__(f"the disk catalogue at {url} is unreachable ({why})")
+        self.why = why
+
+
+class EtcdKV:
+    """Requests to one etcd cluster through its JSON gateway, trying each endpoint in turn.
+
+    A request that no endpoint answers raises :class:`CatalogUnreachableError`;
+    one etcd refuses (a malformed request) raises :class:`StoreError`. Each
+    thread has its own clients: a requests session is not made to be shared.
+    """
+
+    def __init__(self, location: EtcdLocation, *, timeout_s: float = REQUEST_TIMEOUT_S) -> None:
+        self.location = location
+        self.timeout_s = timeout_s
+        self._local = threading.local()
+        self._preferred = 0  # the endpoint that answered last: asked first next time
+
+    def client(self, endpoint: int) -> Etcd3Client:
+        clients: list[Etcd3Client] | None = getattr(self._local, "clients", None)
+        if clients is None:
+            clients = [
+                Etcd3Client(host=host, port=port, timeout=self.timeout_s, api_path=API_PATH)
+                for host, port in self.location.endpoints
+            ]
+            self._local.clients = clients
+        return clients[endpoint]
+
+    def unreachable(self, why: str) -> Unreachable:
+        return Unreachable(self.location.url, why)
+
+    def post(
+        self, path: str, payload: dict[str, Any], *, endpoint: int | None = None
+    ) -> tuple[dict[str, Any], int]:
+        """The gateway's answer to ``payload`` at ``/v3/PATH``, and the endpoint that gave it.
+
+        ``endpoint`` pins the request to one member (the watch's, for its probe).
+        """
+        count = len(self.location.endpoints)
+        order = [endpoint] if endpoint is not None else [(self._preferred + i) % count for i in range(count)]
+        problems = []
+        for index in order:
+            client = self.client(index)
+            host, port = self.location.endpoints[index]
+            try:
+                answer = client.post(client.get_url(path), json=payload)
+            except (
+                etcd_errors.ConnectionFailedError,
+                etcd_errors.ConnectionTimeoutError,
+                etcd_errors.InternalServerError,
+                requests.RequestException,
+                ValueError,  # an answer that is not JSON: not an etcd gateway there
+            ) as exc:
+                problems.append(f"{host}:{port}: {_why(exc)}")
+                continue
+            except etcd_errors.Etcd3Exception as exc:
+                raise StoreError(
+                    f"the disk catalogue at {self.location.url} refused a request ({_why(exc)})"
+                ) from None
+            if not isinstance(answer, dict):
+                problems.append(f"{host}:{port}: an answer that is not an etcd gateway's")
+                continue
+            self._preferred = index
+            return answer, index
+        raise self.unreachable("; ".join(problems))
+
+    def range(
+        self, key: str, *, prefix: bool = False, limit: int | None = None, endpoint: int | None = None
+    ) -> tuple[int, list[KeyValue], int]:
+        """The keys (``prefix``: every key starting with ``key``): (revision, keys, endpoint)."""
+        payload: dict[str, Any] = {"key": _b64(key)}
+        if prefix:
+            payload["range_end"] = _b64(_prefix_end(key))
+        if limit is not None:
+            payload["limit"] = str(limit)
+        answer, served = self.post("kv/range", payload, endpoint=endpoint)
+        revision = int(answer.get("header", {}).get("revision", 0))
+        return revision, [_key_value(item) for item in answer.get("kvs", [])], served
+
+    def txn(
+        self,
+        compare: Sequence[dict[str, Any]],
+        success: Sequence[dict[str, Any]],
+        failure: Sequence[dict[str, Any]] = (),
+    ) -> TxnResult:
+        answer, _ = self.post(
+            "kv/txn", {"compare": list(compare), "success": list(success), "failure": list(failure)}
+        )
+        ranges = [
+            [_key_value(item) for item in response["response_range"].get("kvs", [])]
+            for response in answer.get("responses", [])
+            if "response_range" in response
+        ]
+        revision = int(answer.get("header", {}).get("revision", 0))
+        return TxnResult(bool(answer.get("succeeded", False)), revision, ranges)
+
+
+# --- one disk as etcd holds it ---
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """A disk record read from etcd, with the revision a change must compare against."""
+
+    disk: Disk
+    volume: Volume | None
+    leases: tuple[Lease, ...]
+    created_ns: int
+    updated_ns: int
+    mod_revision: int = 0
+
+    def encode(self) -> str:
+        volume = self.volume
+        return json.dumps(
+            {
+                "id": self.disk.id,
+                "name": self.disk.name,
+                "status": self.disk.status.value,
+                "filesystem": self.disk.filesystem,
+                "size_bytes": self.disk.size_bytes,
+                "created_ns": self.created_ns,
+                "updated_ns": self.updated_ns,
+                "volume": None
+                if volume is None
+                else {
+                    "id": volume.id,
+                    "node": volume.node,
+                    "image_path": volume.image_path,
+                    "status": volume.status.value,
+                },
+                "leases": [{"id": lease.id, "status": lease.status.value} for lease in self.leases],
+            },
+            sort_keys=True,
+        )
+
+
+def _decode(name: str, value: bytes, mod_revision: int) -> _Stored:
+    """Parse a disk record; statuses in any of Miren's spellings. ValueError if it is damaged."""
+    try:
+        fields = json.loads(value)
+        disk = Disk(
+            str(fields["id"]),
+            str(fields.get("name", name)),
+            DiskState(fields["status"]),
+            str(fields["filesystem"]),
+            int(fields["size_bytes"]),
+        )
+        raw_volume = fields.get("volume")
+        volume = (
+            None
+            if raw_volume is None
+            else Volume(
+                str(raw_volume["id"]),
+                disk.id,
+                None if raw_volume.get("image_path") is None else str(raw_volume["image_path"]),
+                VolumeState(raw_volume.get("status", VolumeState.PROVISIONED.value)),
+                None if raw_volume.get("node") is None else str(raw_volume["node"]),
+            )
+        )
+        leases = tuple(
+            Lease(str(item["id"]), disk.id, LeaseState(item["status"])) for item in fields.get("leases") or ()
+        )
+        created_ns, updated_ns = int(fields.get("created_ns", 0)), int(fields.get("updated_ns", 0))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{type(exc).__name__}: {exc}") from None
+    if disk.name != name:
+        raise ValueError(f"the record names disk {disk.name!r}")
+    return _Stored(disk, volume, leases, created_ns, updated_ns, mod_revision)
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(8)}"
+
+
+# --- the catalogue ---
+
+
+class _CreatedOnEtcd:
+    """The catalogue's half of a restore into a new name: finalize, or remove the records again."""
+
+    def __init__(self, catalog: EtcdCatalog, disk: Disk, volume: Volume) -> None:
+        self._catalog = catalog
+        self._disk = disk
+        self._volume = volume
+
+    @property
+    def disk(self) -> Disk:
+        return self._disk
+
+    @property
+    def volume(self) -> Volume:
+        return self._volume
+
+    def finalize(self) -> None:
+        if not self._catalog.mark_provisioned(self._disk.id):
+            raise StoreError(
+                f"disk {self._disk.name} vanished from the catalogue while it was being restored"
+            )
+
+    def cleanup(self) -> None:
+        self._catalog.delete_disk_records(self._disk.id)
+
+
+# What an edit of a disk record returns: the new record, and what else the transaction must
+# compare and do (a lease's index key); None when nothing needs to change.
+Change = tuple[_Stored, list[dict[str, Any]], list[dict[str, Any]]]
+Edit = Callable[[_Stored], Change | None]
+
+
+class EtcdCatalog:
+    """The disks of a fleet on etcd, as one host (``node``, with its ``data_path``) sees them.
+
+    Implements :class:`~mirenfs.disks.model.Catalog`. Blocking: every call is
+    one or a few HTTP requests; call it from worker threads in trio.
+    """
+
+    def __init__(
+        self, location: EtcdLocation, data_path: str, *, node: str, timeout_s: float = REQUEST_TIMEOUT_S
+    ) -> None:
+        self.location = location
+        self.data_path = os.path.abspath(data_path)
+        self.node = validate_node_name(node)
+        self.kv = EtcdKV(location, timeout_s=timeout_s)
+        self._root = location.root
+        # Disk id -> name, as records are read (a disk's name never changes): the resolver's
+        # "by disk id" lookups follow a lookup by name, and then cost one request, not two.
+        self._names: dict[str, str] = {}
+
+    def __repr__(self) -> str:
+        return f"EtcdCatalog({self.location.url}, node={self.node}, data_path={self.data_path})"
+
+    # --- keys ---
+
+    @property
+    def disks_prefix(self) -> str:
+        return f"{self._root}disks/"
+
+    def _disk_key(self, name: str) -> str:
+        return f"{self.disks_prefix}{name}"
+
+    def _id_key(self, disk_id: str) -> str:
+        return f"{self._root}ids/{disk_id}"
+
+    def _lease_key(self, lease_id: str) -> str:
+        return f"{self._root}leases/{lease_id}"
+
+    def _image_key(self, node: str, image_path: str) -> str:
+        return f"{self._root}images/{node}/{hashlib.sha256(image_path.encode()).hexdigest()}"
+
+    # --- reading ---
+
+    def _parse(self, name: str, item: KeyValue) -> _Stored:
+        try:
+            stored = _decode(name, item.value, item.mod_revision)
+        except ValueError as exc:
+            raise StoreError(
+                f"the disk catalogue at {self.location.url} holds a damaged record for disk {name} ({exc}); "
+                f"fix or delete the key {item.key}"
+            ) from None
+        self._names[stored.disk.id] = name
+        return stored
+
+    def _load(self, name: str) -> _Stored | None:
+        validate_disk_name(name)
+        _, found, _ = self.kv.range(self._disk_key(name))
+        return self._parse(name, found[0]) if found else None
+
+    def _load_existing(self, name: str) -> _Stored:
+        stored = self._load(name)
+        if stored is None:
+            raise DiskNotFoundError(name)
+        return stored
+
+    def _name_of(self, disk_id: str) -> str | None:
+        """The name of disk ``disk_id``: known from a record read before, or from its index key, or
+        (a record another writer put, without our index) by reading every record."""
+        known = self._names.get(disk_id)
+        if known is not None:
+            return known
+        _, found, _ = self.kv.range(self._id_key(disk_id))
+        if found:
+            return found[0].value.decode()
+        self.list_disks()  # fills self._names
+        return self._names.get(disk_id)
+
+    def _load_by_id(self, disk_id: str) -> _Stored | None:
+        name = self._name_of(disk_id)
+        stored = None if name is None else self._load(name)
+        if stored is not None and stored.disk.id != disk_id:  # that name is another disk's now
+            self._names.pop(disk_id, None)
+            return None
+        return stored
+
+    def record_of(self, stored: _Stored) -> DiskRecord:
+        """The disk as this host sees it: local or not, and its image path here."""
+        volume = stored.volume
+        local = volume is not None and volume.node == self.node
+        image_path: str | None = None
+        if local and volume is not None:
+            try:
+                image_path = image_path_for(self.data_path, volume)
+            except MirenfsError as exc:
+                log.warning("disk %s: %s", stored.disk.name, exc)
+        return DiskRecord(stored.disk, volume, image_path, stored.leases, local)
+
+    def record_from(self, name: str, item: KeyValue) -> DiskRecord:
+        return self.record_of(self._parse(name, item))
+
+    # --- DiskResolver ---
+
+    def find_disk_by_name(self, name: str) -> Disk:
+        return self._load_existing(name).disk
+
+    def find_volume_by_disk_id(self, disk_id: str) -> Volume:
+        stored = self._load_by_id(disk_id)
+        if stored is None or stored.volume is None:
+            raise VolumeNotFoundError(
+                f"disk {disk_id} has no volume in the disk catalogue at {self.location.url}; "
+                "remove and re-add the disk"
+            )
+        volume = stored.volume
+        if volume.node != self.node:
+            where = volume.node or "(none recorded)"
+            raise DiskElsewhereError(
+                f"disk {stored.disk.name} is on node {where}, not on this node ({self.node}): "
+                f"back it up, restore or remove it through node {where}"
+            )
+        return volume
+
+    def find_leases_by_disk_id(self, disk_id: str) -> list[Lease]:
+        stored = self._load_by_id(disk_id)
+        return [] if stored is None else list(stored.leases)
+
+    # --- DiskCreator ---
+
+    def create_disk_for_restore(self, name: str, *, size_bytes: int, filesystem: str) -> _CreatedOnEtcd:
+        disk, volume = self._insert(
+            name,
+            size_bytes=size_bytes,
+            filesystem=filesystem,
+            status=DiskState.PROVISIONING,
+            volume_status=VolumeState.PROVISIONING,
+            image_path=None,
+        )
+        return _CreatedOnEtcd(self, disk, volume)
+
+    def update_disk(self, disk_id: str, *, size_bytes: int, filesystem: str) -> None:
+        """A restore installed a new image: record its size and filesystem; ``provisioning`` ends."""
+        name = self._name_of(disk_id)
+        if name is None:
+            return
+
+        def edit(stored: _Stored) -> Change | None:
+            if stored.disk.id != disk_id:
+                return None
+            status = (
+                DiskState.PROVISIONED if stored.disk.status == DiskState.PROVISIONING else stored.disk.status
+            )
+            disk = replace(stored.disk, size_bytes=size_bytes, filesystem=filesystem, status=status)
+            volume = None if stored.volume is None else replace(stored.volume, status=VolumeState.PROVISIONED)
+            return replace(stored, disk=disk, volume=volume), [], []
+
+        with contextlib.suppress(DiskNotFoundError):
+            self._update(name, edit)
+
+    # --- management ---
+
+    def check(self) -> None:
+        """The data path must be writable and the catalogue reachable (with quorum)."""
+        check_data_path(self.data_path)
+        self.kv.range(self.disks_prefix, prefix=True, limit=1)
+
+    def add_disk(
+        self,
+        name: str,
+        *,
+        size_bytes: int,
+        filesystem: str,
+        status: DiskState = DiskState.PROVISIONED,
+        image_path: str | None = None,
+    ) -> DiskRecord:
+        if image_path is not None:
+            image_path = os.path.abspath(image_path)
+        provisioning = DiskState(status) == DiskState.PROVISIONING
+        disk, volume = self._insert(
+            name,
+            size_bytes=size_bytes,
+            filesystem=filesystem,
+            status=DiskState(status),
+            volume_status=VolumeState.PROVISIONING if provisioning else VolumeState.PROVISIONED,
+            image_path=image_path,
+        )
+        return DiskRecord(disk, volume, image_path_for(self.data_path, volume), ())
+
+    def _insert(
+        self,
+        name: str,
+        *,
+        size_bytes: int,
+        filesystem: str,
+        status: DiskState,
+        volume_status: VolumeState,
+        image_path: str | None,
+    ) -> tuple[Disk, Volume]:
+        """One transaction: it succeeds only while the name (and id, and explicit image) is free."""
+        validate_disk_name(name)
+        disk = Disk(_new_id("disk"), name, status, filesystem, size_bytes)
+        volume = Volume(_new_id("vol"), disk.id, image_path, volume_status, self.node)
+        now = time.time_ns()
+        stored = _Stored(disk, volume, (), now, now)
+        key, id_key = self._disk_key(name), self._id_key(disk.id)
+        compare = [_missing(key), _missing(id_key)]
+        success = [_put(key, stored.encode()), _put(id_key, name)]
+        failure = [_get(key)]
+        if image_path is not None:
+            image_key = self._image_key(self.node, image_path)
+            compare.append(_missing(image_key))
+            success.append(_put(image_key, disk.id))
+            failure.append(_get(image_key))
+        result = self.kv.txn(compare, success, failure)
+        if result.succeeded:
+            return disk, volume
+        holder = result.ranges[0] if result.ranges else []
+        if holder:
+            if self._parse(name, holder[0]).disk.id == disk.id:
+                return disk, volume  # our own creation, answered late and sent again to another member
+            raise DiskExistsError(f"a disk named {name} already exists; pick another name")
+        owner = result.ranges[1] if len(result.ranges) > 1 else []
+        if owner:
+            owner_id = owner[0].value.decode()
+            owner_name = self._name_of(owner_id) or owner_id
+            raise DiskExistsError(
+                f"the image {image_path} already belongs to disk {owner_name}; "
+                "one image cannot back two disks"
+            )
+        raise StoreError(
+            f"disk {name} could not be created in the disk catalogue at {self.location.url}; try again"
+        )
+
+    def _update(self, name: str, edit: Edit) -> tuple[_Stored, _Stored]:
+        """Compare-and-swap on the disk's record: read it, ``edit`` it (None: nothing to change),
+        write it only if nobody changed it since; again on a conflict. Returns (before, after)."""
+        key = self._disk_key(name)
+        for _ in range(CAS_ATTEMPTS):
+            current = self._load_existing(name)
+            change = edit(current)
+            if change is None:
+                return current, current
+            new, compare, success = change
+            new = replace(new, updated_ns=time.time_ns())
+            result = self.kv.txn(
+                [_unchanged(key, current.mod_revision), *compare], [_put(key, new.encode()), *success]
+            )
+            if result.succeeded:
+                return current, replace(new, mod_revision=result.revision)
+        raise StoreError(
+            f"disk {name} changed {CAS_ATTEMPTS} times while this change was being made; try again"
+        )
+
+    def set_disk_status(self, name: str, status: DiskState | str) -> tuple[DiskState, DiskState]:
+        try:
+            new_status = DiskState(status)
+        except ValueError:
+            choices = ", ".join(member.value for member in DiskState)
+            raise MirenfsError(f"{status!r} is not a disk status; use one of {choices}") from None
+
+        def edit(stored: _Stored) -> Change | None:
+            if stored.disk.status == new_status:
+                return None
+            return replace(stored, disk=replace(stored.disk, status=new_status)), [], []
+
+        before, _ = self._update(name, edit)
+        return before.disk.status, new_status
+
+    def mark_provisioned(self, disk_id: str) -> bool:
+        name = self._name_of(disk_id)
+        if name is None:
+            return False
+
+        def edit(stored: _Stored) -> Change | None:
+            if stored.disk.id != disk_id:
+                raise DiskNotFoundError(name)
+            volume = None if stored.volume is None else replace(stored.volume, status=VolumeState.PROVISIONED)
+            return (
+                replace(stored, disk=replace(stored.disk, status=DiskState.PROVISIONED), volume=volume),
+                [],
+                [],
+            )
+
+        try:
+            self._update(name, edit)
+        except DiskNotFoundError:
+            return False
+        return True
+
+    def delete_disk_records(self, disk_id: str) -> bool:
+        name = self._name_of(disk_id)
+        if name is None:
+            return False
+        key = self._disk_key(name)
+        for _ in range(CAS_ATTEMPTS):
+            stored = self._load(name)
+            if stored is None or stored.disk.id != disk_id:
+                return False
+            success = [_delete(key), _delete(self._id_key(disk_id))]
+            success += [_delete(self._lease_key(lease.id)) for lease in stored.leases]
+            volume = stored.volume
+            if volume is not None and volume.image_path and volume.node:
+                success.append(_delete(self._image_key(volume.node, volume.image_path)))
+            if self.kv.txn([_unchanged(key, stored.mod_revision)], success).succeeded:
+                return True
+        raise StoreError(f"disk {name} changed {CAS_ATTEMPTS} times while it was being removed; try again")
+
+    def acquire_lease(self, name: str) -> Lease:
+        """A ``bound`` lease, bound only on the disk as it was checked (not deleting, no other bound)."""
+        lease_id = _new_id("lease")
+        lease_key = self._lease_key(lease_id)
+
+        def edit(stored: _Stored) -> Change | None:
+            bound = [lease for lease in stored.leases if lease.status == LeaseState.BOUND]
+            if any(lease.id == lease_id for lease in bound):
+                return None  # bound by an earlier round of this very call
+            if stored.disk.status == DiskState.DELETING:
+                raise DiskBusyError(f"disk {name} is being deleted; it cannot be leased")
+            if bound:
+                raise DiskBusyError(
+                    f"disk {name} is already leased (lease {bound[0].id} is bound); release it first"
+                )
+            lease = Lease(lease_id, stored.disk.id, LeaseState.BOUND)
+            reference = json.dumps({"disk_id": stored.disk.id, "name": name})
+            return (
+                replace(stored, leases=(*stored.leases, lease)),
+                [_missing(lease_key)],
+                [_put(lease_key, reference)],
+            )
+
+        _, after = self._update(name, edit)
+        return Lease(lease_id, after.disk.id, LeaseState.BOUND)
+
+    def release_lease(self, lease_id: str) -> tuple[Lease, str, bool]:
+        _, found, _ = self.kv.range(self._lease_key(lease_id))
+        not_found = LeaseNotFoundError(f"there is no lease {lease_id}; see `mirenfs disk list`")
+        if not found:
+            raise not_found
+        try:
+            reference = json.loads(found[0].value)
+            name, disk_id = str(reference["name"]), str(reference["disk_id"])
+        except (ValueError, KeyError, TypeError):
+            raise StoreError(f"the disk catalogue holds a damaged reference for lease {lease_id}") from None
+
+        def edit(stored: _Stored) -> Change | None:
+            if stored.disk.id != disk_id or not any(lease.id == lease_id for lease in stored.leases):
+                raise not_found
+            if all(lease.status == LeaseState.RELEASED for lease in stored.leases if lease.id == lease_id):
+                return None
+            leases = tuple(
+                replace(lease, status=LeaseState.RELEASED) if lease.id == lease_id else lease
+                for lease in stored.leases
+            )
+            return replace(stored, leases=leases), [], []
+
+        try:
+            before, after = self._update(name, edit)
+        except DiskNotFoundError:
+            raise not_found from None
+        changed = before is not after
+        return Lease(lease_id, disk_id, LeaseState.RELEASED), name, changed
+
+    def get_disk(self, name: str) -> DiskRecord:
+        return self.record_of(self._load_existing(name))
+
+    def list_disks(self) -> list[DiskRecord]:
+        """Every disk of every node, by name (one request); a damaged record is skipped, and said."""
+        _, found, _ = self.kv.range(self.disks_prefix, prefix=True)
+        records = []
+        for item in found:
+            name = item.key[len(self.disks_prefix) :]
+            try:
+                records.append(self.record_from(name, item))
+            except StoreError as exc:
+                log.warning("%s", exc)
+        return sorted(records, key=lambda record: record.disk.name)
+
+    def explicit_image_paths(self) -> list[str]:
+        return [
+            record.volume.image_path
+            for record in self.list_disks()
+            if record.local and record.volume is not None and record.volume.image_path
+        ]
+
+    def put_record(self, record: DiskRecord) -> str:
+        """Write a disk as another catalogue has it (``catalog copy``), ids kept; a volume without a
+        node is this node's. ``added``, ``updated`` or ``unchanged``."""
+        name = validate_disk_name(record.disk.name)
+        volume = record.volume
+        if volume is not None and volume.node is None:
+            volume = replace(volume, node=self.node)
+        now = time.time_ns()
+        wanted = _Stored(record.disk, volume, tuple(record.leases), now, now)
+        key, id_key = self._disk_key(name), self._id_key(record.disk.id)
+        indexes = [_put(id_key, name)] + [
+            _put(self._lease_key(lease.id), json.dumps({"disk_id": record.disk.id, "name": name}))
+            for lease in record.leases
+        ]
+        if volume is not None and volume.image_path and volume.node:
+            indexes.append(_put(self._image_key(volume.node, volume.image_path), record.disk.id))
+        for _ in range(CAS_ATTEMPTS):
+            current = self._load(name)
+            if current is None:
+                if self.kv.txn([_missing(key)], [_put(key, wanted.encode()), *indexes]).succeeded:
+                    return "added"
+                continue
+            if current.disk.id != record.disk.id:
+                raise DiskExistsError(
+                    f"a different disk named {name} (id {current.disk.id}, not {record.disk.id}) is already "
+                    f"in the disk catalogue at {self.location.url}; remove one of them first"
+                )
+            if (current.disk, current.volume, current.leases) == (wanted.disk, wanted.volume, wanted.leases):
+                return "unchanged"
+            update = replace(wanted, created_ns=current.created_ns)
+            if self.kv.txn(
+                [_unchanged(key, current.mod_revision)], [_put(key, update.encode()), *indexes]
+            ).succeeded:
+                return "updated"
+        raise StoreError(f"disk {name} changed {CAS_ATTEMPTS} times while it was being copied; try again")
+
+    # --- the mount's local copy ---
+
+    def watch(self) -> CatalogWatch:
+        """A local copy of the disks, kept current by a watch (started; close it when done)."""
+        return CatalogWatch(self).start()
+
+
+class CatalogWatch:
+    """The mount's copy of the catalogue's disks, fed by a watch: ``list_disks`` costs no request.
+
+    Two daemon threads: one lists ``disks/`` and follows a watch from the
+    revision after that listing (listing again whenever the stream breaks),
+    one probes the member serving the watch. The copy answers only while it is
+    known current (stream open, probe recent); else it raises the unreachable
+    error, logged once per outage.
+    """
+
+    def __init__(
+        self,
+        catalog: EtcdCatalog,
+        *,
+        probe_interval_s: float = PROBE_INTERVAL_S,
+        stale_after_s: float = STALE_AFTER_S,
+    ) -> None:
+        self.catalog = catalog
+        self._probe_interval_s = probe_interval_s
+        self._stale_after_s = stale_after_s
+        self._lock = threading.Lock()
+        self._records: dict[str, DiskRecord] = {}
+        self._stream: requests.Response | None = None
+        self._endpoint: int | None = None  # the member serving the watch, while the stream is open
+        self._confirmed_at = -math.inf
+        self._problem = "not connected yet"
+        self._reachable: bool | None = None  # what was last said in the log
+        self._first_sync = threading.Event()
+        self._stopping = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._follow, name="mirenfs-catalog-watch", daemon=True),
+            threading.Thread(target=self._probe, name="mirenfs-catalog-probe", daemon=True),
+        ]
+        self._damaged: set[tuple[str, int]] = set()
+
+    @property
+    def data_path(self) -> str:
+        return self.catalog.data_path
+
+    def start(self) -> CatalogWatch:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop following (at once: the threads end on their own, within one request's time)."""
+        self._stopping.set()
+        self._drop_stream()
+
+    def join(self, timeout: float = REQUEST_TIMEOUT_S + 1) -> None:
+        for thread in self._threads:
+            thread.join(timeout)
+
+    # --- answering ---
+
+    @property
+    def current(self) -> bool:
+        with self._lock:
+            return self._current_locked()
+
+    def _current_locked(self) -> bool:
+        return self._endpoint is not None and time.monotonic() - self._confirmed_at <= self._stale_after_s
+
+    def list_disks(self) -> list[DiskRecord]:
+        """The disks as the catalogue has them now (within a watch event's delay), from memory."""
+        if not self._first_sync.is_set():  # the mount's first listing: the watch is starting
+            self._first_sync.wait(timeout=FIRST_SYNC_WAIT_S)
+            self._first_sync.set()  # waited once: from now on the answer is now
+        with self._lock:
+            if not self._current_locked():
+                error = self.catalog.kv.unreachable(self._problem)
+                error.reported = self._reachable is False  # the outage was logged once, not per request
+                raise error
+            return sorted(self._records.values(), key=lambda record: record.disk.name)
+
+    # --- following the watch ---
+
+    def _follow(self) -> None:
+        backoff = 0.05
+        while not self._stopping.is_set():
+            try:
+                self._list_and_watch()
+                why = "the watch stream ended"
+            except (MirenfsError, requests.RequestException, ValueError, OSError, KeyError, TypeError) as exc:
+                why = _reason(exc)
+            except Exception as exc:  # this thread must not die: the copy would stay stale for good
+                log.exception("unexpected error following the disk catalogue; starting again")
+                why = _reason(exc)
+            if self._stopping.is_set():
+                return
+            self._lost(why)
+            self._stopping.wait(backoff)
+            backoff = min(backoff * 2, 0.5)
+
+    def _list_and_watch(self) -> None:
+        prefix = self.catalog.disks_prefix
+        revision, found, endpoint = self.catalog.kv.range(prefix, prefix=True)
+        records = {}
+        for item in found:
+            record = self._record(item.key[len(prefix) :], item)
+            if record is not None:
+                records[record.disk.name] = record
+        client = self.catalog.kv.client(endpoint)
+        request = {
+            "create_request": {
+                "key": _b64(prefix),
+                "range_end": _b64(_prefix_end(prefix)),
+                "start_revision": str(revision + 1),
+            }
+        }
+        response = client.session.post(
+            client.get_url("watch"), json=request, stream=True, timeout=(self.catalog.kv.timeout_s, None)
+        )
+        try:
+            if response.status_code != 200:
+                raise StoreError(f"the watch was refused ({response.status_code} {response.reason})")
+            with self._lock:
+                self._stream = response
+            if self._stopping.is_set():
+                return
+            for message in _json_messages(response):
+                self._receive(message, records, endpoint)
+        finally:
+            with self._lock:
+                self._stream, self._endpoint = None, None
+            response.close()
+
+    def _receive(self, message: dict[str, Any], records: dict[str, DiskRecord], endpoint: int) -> None:
+        if "error" in message:
+            raise StoreError(f"the watch failed: {message['error'].get('message', message['error'])}")
+        result = message.get("result", {})
+        if result.get("canceled"):
+            raise StoreError(f"the watch was cancelled ({result.get('cancel_reason') or 'compacted'})")
+        if result.get("created"):
+            with self._lock:
+                self._records = records  # the listing, caught up: from now on, events apply to it
+                self._endpoint = endpoint
+                self._confirmed_at = time.monotonic()
+            self._first_sync.set()
+            self._found()
+            return
+        prefix = self.catalog.disks_prefix
+        changes: list[tuple[str, DiskRecord | None]] = []
+        for event in result.get("events", []):
+            item = _key_value(event["kv"])
+            name = item.key[len(prefix) :]
+            changes.append((name, None if event.get("type") == "DELETE" else self._record(name, item)))
+        with self._lock:
+            for name, record in changes:
+                if record is None:
+                    self._records.pop(name, None)
+                else:
+                    self._records[name] = record
+            self._confirmed_at = time.monotonic()
+
+    def _record(self, name: str, item: KeyValue) -> DiskRecord | None:
+        try:
+            return self.catalog.record_from(name, item)
+        except StoreError as exc:
+            if (name, item.mod_revision) not in self._damaged:
+                self._damaged.add((name, item.mod_revision))
+                log.warning("%s", exc)
+            return None
+
+    def _drop_stream(self) -> None:
+        """End the watch stream now (its thread is blocked reading it): shut its socket down."""
+        with self._lock:
+            stream, self._endpoint = self._stream, None
+        if stream is None:
+            return
+        with contextlib.suppress(Exception):  # already closed, or never connected: nothing to end
+            fd = stream.raw.fileno()
+            sock = socket.socket(fileno=os.dup(fd))
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            finally:
+                sock.close()
+
+    # --- probing the watch's member ---
+
+    def _probe(self) -> None:
+        probe_key = f"{self.catalog.location.root}probe"
+        while not self._stopping.wait(self._probe_interval_s):
+            with self._lock:
+                endpoint = self._endpoint
+            if endpoint is None:
+                continue
+            try:  # a linearizable read: the member serving the watch still has its quorum
+                self.catalog.kv.range(probe_key, endpoint=endpoint)
+            except Exception as exc:  # MirenfsError; anything else must not end the probing either
+                if not self._stopping.is_set():
+                    self._lost(_reason(exc))
+                    self._drop_stream()  # the watch starts again, on a member that answers
+                continue
+            with self._lock:
+                if self._endpoint == endpoint:
+                    self._confirmed_at = time.monotonic()
+
+    # --- saying so, once per change ---
+
+    def _lost(self, why: str) -> None:
+        with self._lock:
+            self._endpoint = None
+            self._problem = why
+            was, self._reachable = self._reachable, False
+        if was is not False:
+            log.warning(
+                "the disk catalogue at %s is unreachable (%s): the mount answers EIO for the disks until "
+                "it is back (open snapshots keep reading)",
+                self.catalog.location.url,
+                self._problem,
+            )
+
+    def _found(self) -> None:
+        with self._lock:
+            was, self._reachable = self._reachable, True
+        if was is False:
+            log.info("the disk catalogue at %s is reachable again", self.catalog.location.url)
+
+
+def _reason(exc: BaseException) -> str:
+    """Why the watch or its probe failed, in a few words."""
+    if isinstance(exc, Unreachable):
+        return exc.why
+    return str(exc) if isinstance(exc, MirenfsError) else _why(exc)
+
+
+def _json_messages(response: requests.Response) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a watch stream as they arrive (one per line; a line may come in pieces)."""
+    buffer = b""
+    for chunk in response.iter_content(chunk_size=None):
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            if line.strip():
+                yield json.loads(line)
+        if buffer.strip():
+            try:
+                message = json.loads(buffer)
+            except ValueError:
+                continue  # the rest of it is on its way
+            buffer = b""
+            yield message

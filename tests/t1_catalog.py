@@ -1,0 +1,183 @@
+"""The catalogue, pure: Miren's three status spellings (``status.deleting``, ``DELETING``,
+``deleting``) mean one state whatever resolver answers, and ``--catalog`` / ``--node`` parse or
+are refused in one line. No etcd here (t2_etcd_catalog.py has it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from mirenfs.disks.catalogs import EtcdLocation, mount_listing, open_catalog, parse_catalog
+from mirenfs.disks.model import (
+    Disk,
+    DiskState,
+    Lease,
+    LeaseState,
+    Volume,
+    VolumeState,
+    validate_node_name,
+)
+from mirenfs.disks.rules import prepare_backup, prepare_restore
+from mirenfs.disks.store import Store
+from mirenfs.errors import (
+    DiskDeletingError,
+    DiskLeasedError,
+    DiskNotFoundError,
+    InvalidDiskNameError,
+    MirenfsError,
+)
+
+DELETING_SPELLINGS = ["deleting", "DELETING", "status.deleting", "Status.Deleting"]
+BOUND_SPELLINGS = ["bound", "BOUND", "status.bound"]
+
+
+@pytest.mark.parametrize("spelling", DELETING_SPELLINGS)
+def test_every_spelling_of_deleting_is_one_state(spelling: str) -> None:
+    assert DiskState(spelling) is DiskState.DELETING
+    assert Disk("d1", "pg", spelling, "ext4", 4096).status is DiskState.DELETING
+
+
+@pytest.mark.parametrize("spelling", BOUND_SPELLINGS)
+def test_every_spelling_of_bound_is_one_state(spelling: str) -> None:
+    assert LeaseState(spelling) is LeaseState.BOUND
+    assert Lease("l1", "d1", spelling).status is LeaseState.BOUND
+
+
+@pytest.mark.parametrize(
+    ("spelling", "state"),
+    [("PROVISIONING", VolumeState.PROVISIONING), ("status.provisioned", VolumeState.PROVISIONED)],
+)
+def test_volume_statuses_parse_the_same_way(spelling: str, state: VolumeState) -> None:
+    assert Volume("v1", "d1", None, spelling).status is state
+
+
+@pytest.mark.parametrize("bad", ["", "delete", "status.", "status.unknown", "bound"])
+def test_an_unknown_disk_status_is_refused(bad: str) -> None:
+    with pytest.raises(ValueError):
+        DiskState(bad)
+
+
+@dataclass
+class RawResolver:
+    """A resolver that answers as Miren's own code might: plain objects with statuses as strings."""
+
+    status: str = "provisioned"
+    lease_statuses: list[str] = field(default_factory=list)
+    data_path: str = "/nonexistent"
+
+    def find_disk_by_name(self, name: str) -> Any:
+        return SimpleNamespace(
+            id=f"id-{name}", name=name, status=self.status, filesystem="ext4", size_bytes=4096
+        )
+
+    def find_volume_by_disk_id(self, disk_id: str) -> Any:
+        return Volume(f"vol-{disk_id}", disk_id, f"{self.data_path}/{disk_id}.img")
+
+    def find_leases_by_disk_id(self, disk_id: str) -> Any:
+        return [
+            SimpleNamespace(id=f"lease-{i}", disk_id=disk_id, status=s)
+            for i, s in enumerate(self.lease_statuses)
+        ]
+
+
+@pytest.mark.parametrize("spelling", DELETING_SPELLINGS)
+def test_restore_and_backup_refuse_deleting_in_any_spelling(spelling: str, tmp_path: Path) -> None:
+    resolver = RawResolver(status=spelling, data_path=str(tmp_path))
+    with pytest.raises(DiskDeletingError):
+        prepare_restore(resolver, "pg", data_path=str(tmp_path), overwrite=True, creator=None)
+    with pytest.raises(DiskDeletingError):
+        prepare_backup(resolver, "pg", data_path=str(tmp_path))
+
+
+@pytest.mark.parametrize("spelling", BOUND_SPELLINGS)
+def test_restore_refuses_a_bound_lease_in_any_spelling(spelling: str, tmp_path: Path) -> None:
+    resolver = RawResolver(lease_statuses=["released", spelling], data_path=str(tmp_path))
+    with pytest.raises(DiskLeasedError) as refused:
+        prepare_restore(resolver, "pg", data_path=str(tmp_path), overwrite=True, creator=None)
+    assert refused.value.errno == 16  # EBUSY
+
+
+def test_released_leases_in_any_spelling_do_not_refuse(tmp_path: Path) -> None:
+    resolver = RawResolver(lease_statuses=["RELEASED", "status.released", "failed"], data_path=str(tmp_path))
+    target = prepare_restore(resolver, "pg", data_path=str(tmp_path), overwrite=True, creator=None)
+    assert target.existing is not None and target.existing.name == "pg"
+
+
+def test_the_sqlite_store_reads_and_writes_miren_spellings(tmp_path: Path) -> None:
+    store = Store(str(tmp_path))
+    store.add_disk("pg", size_bytes=4096, filesystem="ext4")
+    assert store.set_disk_status("pg", "status.deleting") == (DiskState.PROVISIONED, DiskState.DELETING)
+    assert store.find_disk_by_name("pg").status is DiskState.DELETING
+    with pytest.raises(DiskDeletingError):
+        prepare_restore(store, "pg", data_path=str(tmp_path), overwrite=True, creator=store)
+
+
+# --- --catalog and --node ---
+
+
+@pytest.mark.parametrize(
+    ("text", "endpoints", "prefix"),
+    [
+        ("etcd://10.0.0.1:2379", (("10.0.0.1", 2379),), "mirenfs"),
+        ("etcd://a:1,b:2,c:3/fleet", (("a", 1), ("b", 2), ("c", 3)), "fleet"),
+        ("etcd://[::1]:2379/x/y/", (("::1", 2379),), "x/y"),
+    ],
+)
+def test_etcd_catalogues_parse(text: str, endpoints: tuple[tuple[str, int], ...], prefix: str) -> None:
+    spec = parse_catalog(text)
+    assert spec.etcd == EtcdLocation(endpoints, prefix)
+    assert spec.etcd.root == f"/{prefix}/"
+    assert parse_catalog(spec.etcd.url).etcd == spec.etcd  # the url it prints reads back the same
+
+
+@pytest.mark.parametrize(
+    ("text", "data_path"),
+    [
+        ("sqlite:", None),
+        ("sqlite://", None),
+        ("sqlite:///var/lib/miren", "/var/lib/miren"),
+        ("/srv/m", "/srv/m"),
+    ],
+)
+def test_sqlite_catalogues_parse(text: str, data_path: str | None) -> None:
+    spec = parse_catalog(text)
+    assert spec.etcd is None and spec.data_path == data_path
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["", "etcd://", "etcd://host", "etcd://host:0", "etcd://host:99999", "etcd://:2379", "etcd://a:1,,b:2",
+     "etcd://a:1/../x", "http://a:1", "sqlite:relative/dir"],
+)  # fmt: skip
+def test_bad_catalogues_are_refused_in_one_line(bad: str) -> None:
+    with pytest.raises(MirenfsError) as refused:
+        parse_catalog(bad)
+    assert "\n" not in str(refused.value) and not isinstance(refused.value, DiskNotFoundError)
+
+
+def test_node_names_use_the_disk_name_alphabet() -> None:
+    assert validate_node_name("host-a.example.com") == "host-a.example.com"
+    for bad in ("", "-x", "a/b", "a b", "x" * 64):
+        with pytest.raises(InvalidDiskNameError):
+            validate_node_name(bad)
+
+
+def test_a_sqlite_catalogue_is_the_store_of_its_own_data_path(tmp_path: Path) -> None:
+    store = open_catalog(None, str(tmp_path), node="n1")
+    assert isinstance(store, Store) and store.data_path == str(tmp_path)
+    assert isinstance(open_catalog(f"sqlite://{tmp_path}", str(tmp_path)), Store)
+    with pytest.raises(MirenfsError, match="--data-path"):
+        open_catalog(f"sqlite://{tmp_path}/other", str(tmp_path))
+
+
+def test_the_mount_lists_a_sqlite_store_by_asking_it(tmp_path: Path) -> None:
+    store = Store(str(tmp_path))
+    store.add_disk("pg", size_bytes=4096, filesystem="ext4")
+    listing = mount_listing(store)
+    assert [record.disk.name for record in listing.list_disks()] == ["pg"]
+    assert all(record.local for record in listing.list_disks())
+    listing.close()

@@ -1,0 +1,255 @@
+"""Issue 11 at the disk layer, pure (files and the SQLite store, no mount, no root except where
+marked): what is planted at a staging path is never opened blocking, followed or removed (4), a
+disk a killed restore left ``provisioning`` is swept or finished (7), and a symbolic link in a
+managed volume never leads a restore or a removal outside the data path (14)."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from mirenfs.disks import live
+from mirenfs.disks.manage import remove_disk, sweep_interrupted_creations, sweep_stale_staging
+from mirenfs.disks.model import DiskState
+from mirenfs.disks.rules import prepare_backup, prepare_restore
+from mirenfs.disks.store import Store
+from mirenfs.engine.image import STAGING_SUFFIX, StagingImage, remove_staging_if_unheld
+from mirenfs.errors import DiskNotFoundError, InvalidVolumeError, TargetError
+
+T = TypeVar("T")
+PROMPT_S = 10  # a call that blocks on a FIFO would never return: fail after this instead
+
+
+def promptly(call: Callable[[], T]) -> T:
+    """Run ``call`` in a thread; fail the test if it does not return in time (an open that hangs)."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as exc:  # handed back to the test below
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(PROMPT_S)
+    assert not thread.is_alive(), f"{call} did not return within {PROMPT_S} s (blocked on what was planted?)"
+    result = outcome[0]
+    if isinstance(result, BaseException):
+        raise result
+    return result  # type: ignore[return-value]
+
+
+@pytest.fixture(autouse=True)
+def no_loops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fake /sys/block with no loop device bound: nothing depends on the host's loops."""
+    sys_block = tmp_path / "sys-block"
+    (sys_block / "loop0").mkdir(parents=True)
+    monkeypatch.setattr(live, "SYS_BLOCK", str(sys_block))
+
+
+@pytest.fixture
+def data_path(tmp_path: Path) -> Path:
+    path = tmp_path / "data"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def store(data_path: Path) -> Store:
+    return Store(str(data_path))
+
+
+# ---- 4: whatever is planted at <image>.restore.tmp --------------------------------------------------
+
+
+@pytest.fixture(params=["fifo", "symlink", "directory", "socket"])
+def planted(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """(image, what sits at its staging path) with a file outside that a symlink points to."""
+    image = tmp_path / "images" / "pg.img"
+    image.parent.mkdir()
+    image.write_bytes(b"the old image")
+    staging = Path(f"{image}{STAGING_SUFFIX}")
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"not mirenfs's")
+    holder: socket.socket | None = None
+    if request.param == "fifo":
+        os.mkfifo(staging)
+    elif request.param == "symlink":
+        staging.symlink_to(outside)
+    elif request.param == "directory":
+        staging.mkdir()
+    else:
+        holder = socket.socket(socket.AF_UNIX)
+        holder.bind(str(staging))
+    yield image, staging
+    if holder is not None:
+        holder.close()
+    assert outside.read_bytes() == b"not mirenfs's"
+
+
+def test_a_staging_path_that_is_not_our_file_is_refused_and_left(planted: tuple[Path, Path]) -> None:
+    image, staging = planted
+    kind = os.lstat(staging).st_mode
+    with pytest.raises(TargetError) as refused:
+        promptly(lambda: remove_staging_if_unheld(str(staging)))
+    assert refused.value.errno == errno.EEXIST
+    assert "is in the way of the restore" in str(refused.value) and str(staging) in str(refused.value)
+    with pytest.raises(TargetError, match="is in the way of the restore"):
+        promptly(lambda: StagingImage.create(str(image), 4096))
+    assert os.lstat(staging).st_mode == kind  # neither opened for good, nor replaced, nor removed
+    assert image.read_bytes() == b"the old image"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can make a file another user owns")
+def test_a_staging_file_of_another_user_is_refused(tmp_path: Path) -> None:
+    staging = tmp_path / f"pg.img{STAGING_SUFFIX}"
+    staging.write_bytes(b"someone else's")
+    os.chown(staging, 65534, 65534)
+    with pytest.raises(TargetError, match="owned by uid 65534"):
+        remove_staging_if_unheld(str(staging))
+    assert staging.read_bytes() == b"someone else's"
+
+
+def test_a_staging_file_a_live_restore_holds_is_busy(tmp_path: Path) -> None:
+    staging = tmp_path / f"pg.img{STAGING_SUFFIX}"
+    staging.write_bytes(b"")
+    fd = os.open(staging, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(TargetError) as busy:
+            remove_staging_if_unheld(str(staging))
+        assert busy.value.errno == errno.EBUSY
+    finally:
+        os.close(fd)
+    assert remove_staging_if_unheld(str(staging)) and not staging.exists()  # unheld: a leftover
+
+
+def test_the_sweep_at_start_passes_what_was_planted(
+    planted: tuple[Path, Path], store: Store, data_path: Path
+) -> None:
+    image, staging = planted
+    store.add_disk("pg", size_bytes=13, filesystem="ext4", image_path=str(image))
+    kept: list[str] = []
+    assert promptly(lambda: sweep_stale_staging(str(data_path), on_busy=kept.append)) == []
+    assert kept == [str(staging)] and os.path.lexists(staging)
+
+
+# ---- 7: a disk a killed restore was creating -----------------------------------------------------------
+
+
+def interrupted_creation(store: Store, name: str) -> Path:
+    """What ``kill -9`` mid-restore into a new name leaves: the disk ``provisioning``, its volume
+    directory, maybe a staging file (the image itself never appeared)."""
+    created = store.create_disk_for_restore(name, size_bytes=1 << 20, filesystem="ext4")
+    image = Path(store.get_disk(name).image_path or "")
+    image.parent.mkdir(parents=True)
+    Path(f"{image}{STAGING_SUFFIX}").write_bytes(b"half a restore")
+    assert created.disk.status == DiskState.PROVISIONING
+    return image
+
+
+def status(store: Store, name: str) -> str | None:
+    try:
+        return store.get_disk(name).disk.status.value
+    except DiskNotFoundError:
+        return None
+
+
+def test_a_disk_left_provisioning_by_a_killed_restore_is_removed_at_start(
+    store: Store, data_path: Path
+) -> None:
+    image = interrupted_creation(store, "killed")
+    assert sweep_interrupted_creations(store) == ["killed"]
+    assert status(store, "killed") is None and not image.parent.exists()
+    assert sweep_interrupted_creations(store) == []
+
+
+def test_what_is_not_an_interrupted_creation_is_kept(store: Store, data_path: Path, tmp_path: Path) -> None:
+    running = interrupted_creation(store, "running")  # a restore still at work: its staging file is held
+    making = interrupted_creation(store, "mkfs")  # `disk create` formatting: the image exists
+    making.write_bytes(b"")
+    store.add_disk("ready", size_bytes=1, filesystem="ext4")  # provisioned, no image yet: not ours to judge
+    store.add_disk(
+        "own",
+        size_bytes=1,
+        filesystem="ext4",
+        image_path=str(tmp_path / "own.img"),
+        status=DiskState.PROVISIONING,
+    )  # `disk add`: never removed
+    fd = os.open(f"{running}{STAGING_SUFFIX}", os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert sweep_interrupted_creations(store) == []
+    finally:
+        os.close(fd)
+    assert {name: status(store, name) for name in ("running", "mkfs", "ready", "own")} == {
+        "running": "provisioning",
+        "mkfs": "provisioning",
+        "ready": "provisioned",
+        "own": "provisioning",
+    }
+
+
+def test_a_restore_into_a_disk_left_provisioning_makes_it_provisioned(store: Store, data_path: Path) -> None:
+    """If the disk was not swept (restored before any mount started), the next good restore finishes it."""
+    image = interrupted_creation(store, "again")
+    Path(f"{image}{STAGING_SUFFIX}").unlink()
+    target = prepare_restore(store, "again", data_path=str(data_path), overwrite=False, creator=store)
+    assert target.open(2 << 20, "xfs") == str(image)
+    image.write_bytes(b"restored")  # what the engine installs
+    target.finalize()
+    record = store.get_disk("again")
+    assert (record.disk.status.value, record.disk.size_bytes, record.disk.filesystem) == (
+        "provisioned",
+        2 << 20,
+        "xfs",
+    )
+
+
+# ---- 14: a symbolic link in a managed volume ------------------------------------------------------------
+
+
+@pytest.fixture(params=["volume-directory", "image"])
+def linked(request: pytest.FixtureRequest, store: Store, tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """Disk pg's managed volume directory (or its image) is a symlink to a directory outside the
+    data path holding a file someone cares about; (the image path, that outside directory)."""
+    record = store.add_disk("pg", size_bytes=9, filesystem="ext4")
+    image = Path(record.image_path or "")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "disk.img").write_bytes(b"precious")
+    if request.param == "volume-directory":
+        image.parent.parent.mkdir(parents=True)
+        image.parent.symlink_to(outside)
+    else:
+        image.parent.mkdir(parents=True)
+        image.symlink_to(outside / "disk.img")
+    yield image, outside
+    assert sorted(p.name for p in outside.iterdir()) == ["disk.img"]
+    assert (outside / "disk.img").read_bytes() == b"precious"
+
+
+def test_restore_backup_and_remove_refuse_a_symlinked_volume(
+    linked: tuple[Path, Path], store: Store, data_path: Path
+) -> None:
+    image, _outside = linked
+    for attempt in (
+        lambda: prepare_restore(store, "pg", data_path=str(data_path), overwrite=True, creator=store),
+        lambda: prepare_backup(store, "pg", data_path=str(data_path)),
+        lambda: remove_disk(store, "pg"),
+    ):
+        with pytest.raises(InvalidVolumeError) as refused:
+            attempt()
+        message = str(refused.value)
+        assert str(image) in message and "symbolic link" in message and "None" not in message
+    assert status(store, "pg") == "provisioned"  # not even marked deleting
+    assert sweep_interrupted_creations(store) == []

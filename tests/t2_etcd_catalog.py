@@ -1,0 +1,401 @@
+"""The disk catalogue on a real etcd (Debian's etcd-server on 127.0.0.1, started per module, each
+test under its own key prefix): creation races, compare-and-swap, nodes, Miren's spellings in
+etcd records, failing closed, the watched copy, ``catalog copy`` and the CLI with ``--catalog``.
+No FUSE here (t4_etcd.py mounts)."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from mirenfs.disks.catalogs import open_catalog
+from mirenfs.disks.etcd import CatalogWatch, EtcdCatalog, _put
+from mirenfs.disks.model import DiskState, LeaseState
+from mirenfs.disks.rules import prepare_backup, prepare_restore
+from mirenfs.disks.store import Store
+from mirenfs.errors import (
+    CatalogUnreachableError,
+    DiskBusyError,
+    DiskDeletingError,
+    DiskElsewhereError,
+    DiskExistsError,
+    DiskLeasedError,
+    DiskNotFoundError,
+    StoreError,
+)
+
+from support.etcd import EtcdCluster, free_port
+from support.mounts import wait_for
+from support.runners import ok, run_cli
+from support.vectors import GO_EXT4
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def prefix() -> str:
+    return f"t2-{secrets.token_hex(4)}"
+
+
+def etcd_catalog(url: str, data_path: Path, node: str) -> EtcdCatalog:
+    data_path.mkdir(parents=True, exist_ok=True)
+    catalog = open_catalog(url, str(data_path), node=node)
+    assert isinstance(catalog, EtcdCatalog)
+    return catalog
+
+
+@pytest.fixture
+def hosts(etcd: EtcdCluster, tmp_path: Path) -> tuple[EtcdCatalog, EtcdCatalog]:
+    """Two hosts, nodes ``a`` and ``b`` with their own data paths, sharing a fresh prefix of one etcd."""
+    url = etcd.url(prefix())
+    return etcd_catalog(url, tmp_path / "a", "a"), etcd_catalog(url, tmp_path / "b", "b")
+
+
+def put_raw(catalog: EtcdCatalog, name: str, record: dict[str, object]) -> None:
+    """A disk record as another writer (Miren's own code) might have put it."""
+    assert catalog.kv.txn([], [_put(f"{catalog.disks_prefix}{name}", json.dumps(record))]).succeeded
+
+
+# --- the backend's semantics ---
+
+
+def test_disks_are_global_volumes_are_on_their_node(hosts: tuple[EtcdCatalog, EtcdCatalog]) -> None:
+    a, b = hosts
+    pg = a.add_disk("pg", size_bytes=4096, filesystem="ext4")
+    b.add_disk("web", size_bytes=8192, filesystem="xfs")
+    seen_by_b = {record.disk.name: record for record in b.list_disks()}
+    assert sorted(seen_by_b) == ["pg", "web"]
+    assert seen_by_b["web"].local and seen_by_b["web"].image_path is not None
+    assert not seen_by_b["pg"].local and seen_by_b["pg"].image_path is None
+    assert seen_by_b["pg"].volume is not None and seen_by_b["pg"].volume.node == "a"
+    assert a.find_volume_by_disk_id(pg.disk.id).node == "a"
+    with pytest.raises(DiskElsewhereError, match="on node a"):
+        b.find_volume_by_disk_id(pg.disk.id)
+    with pytest.raises(DiskElsewhereError):  # a restore through the wrong node is refused, not redirected
+        prepare_restore(b, "pg", data_path=b.data_path, overwrite=True, creator=b)
+    with pytest.raises(DiskExistsError):
+        b.add_disk("pg", size_bytes=1, filesystem="ext4")
+    with pytest.raises(DiskNotFoundError):
+        a.find_disk_by_name("nope")
+    assert a.get_disk("web").disk.filesystem == "xfs"
+
+
+def test_one_name_created_by_many_hosts_at_once_is_one_disk(hosts: tuple[EtcdCatalog, EtcdCatalog]) -> None:
+    a, b = hosts
+    barrier = threading.Barrier(12)
+    outcomes: list[str] = []
+
+    def create(catalog: EtcdCatalog) -> None:
+        barrier.wait(timeout=30)
+        try:
+            catalog.create_disk_for_restore("race", size_bytes=4096, filesystem="ext4")
+            outcomes.append(f"created on {catalog.node}")
+        except DiskExistsError:
+            outcomes.append("exists")
+
+    threads = [threading.Thread(target=create, args=(catalog,)) for catalog in (a, b) * 6]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(outcomes).count("exists") == 11, outcomes
+    assert [record.disk.name for record in a.list_disks()] == ["race"]
+    assert a.get_disk("race").disk.status is DiskState.PROVISIONING
+
+
+def test_concurrent_lease_changes_lose_no_update(hosts: tuple[EtcdCatalog, EtcdCatalog]) -> None:
+    """Every change is a compare-and-swap: leases bound and released by many threads on two hosts
+    all end up in the record, and two leases are never bound at once."""
+    a, b = hosts
+    a.add_disk("pg", size_bytes=4096, filesystem="ext4")
+    acquired: list[str] = []
+    overlaps: list[str] = []
+
+    def churn(catalog: EtcdCatalog) -> None:
+        for _ in range(8):
+            try:
+                lease = catalog.acquire_lease("pg")
+            except DiskBusyError:
+                continue
+            acquired.append(lease.id)
+            bound = [x for x in catalog.find_leases_by_disk_id(lease.disk_id) if x.status is LeaseState.BOUND]
+            if [x.id for x in bound] != [lease.id]:
+                overlaps.append(f"{lease.id} bound with {bound}")
+            catalog.release_lease(lease.id)
+
+    threads = [threading.Thread(target=churn, args=(catalog,)) for catalog in (a, b) * 3]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    leases = a.get_disk("pg").leases
+    assert acquired and not overlaps
+    assert sorted(lease.id for lease in leases) == sorted(acquired)  # none lost
+    assert all(lease.status is LeaseState.RELEASED for lease in leases)
+    old, new = b.set_disk_status("pg", "attached")
+    assert (old, new) == (DiskState.PROVISIONED, DiskState.ATTACHED)
+    assert [lease.id for lease in a.get_disk("pg").leases] == [lease.id for lease in leases]
+
+
+def test_a_lease_bound_through_one_host_refuses_a_restore_through_the_other(
+    hosts: tuple[EtcdCatalog, EtcdCatalog],
+) -> None:
+    a, b = hosts
+    a.add_disk("pg", size_bytes=4096, filesystem="ext4")
+    lease = b.acquire_lease("pg")
+    with pytest.raises(DiskLeasedError, match=lease.id):
+        prepare_restore(a, "pg", data_path=a.data_path, overwrite=True, creator=a)
+    with pytest.raises(DiskBusyError):
+        a.acquire_lease("pg")
+    released, name, changed = a.release_lease(lease.id)
+    assert (released.status, name, changed) == (LeaseState.RELEASED, "pg", True)
+    assert a.release_lease(lease.id)[2] is False
+    prepare_restore(a, "pg", data_path=a.data_path, overwrite=True, creator=a)
+
+
+def test_restores_create_finalize_and_clean_up(hosts: tuple[EtcdCatalog, EtcdCatalog]) -> None:
+    a, _b = hosts
+    created = a.create_disk_for_restore("new", size_bytes=4096, filesystem="ext4")
+    assert created.volume.node == "a" and a.get_disk("new").disk.status is DiskState.PROVISIONING
+    created.finalize()
+    assert a.get_disk("new").disk.status is DiskState.PROVISIONED
+    a.update_disk(created.disk.id, size_bytes=8192, filesystem="xfs")
+    assert (a.get_disk("new").disk.size_bytes, a.get_disk("new").disk.filesystem) == (8192, "xfs")
+    gone = a.create_disk_for_restore("gone", size_bytes=4096, filesystem="ext4")
+    gone.cleanup()
+    with pytest.raises(DiskNotFoundError):
+        a.get_disk("gone")
+    assert a.delete_disk_records(created.disk.id) and not a.delete_disk_records(created.disk.id)
+    assert a.list_disks() == [] and a.kv.range(a.location.root, prefix=True)[1] == []  # no index left
+
+
+def test_an_image_backs_one_disk_per_node(hosts: tuple[EtcdCatalog, EtcdCatalog], tmp_path: Path) -> None:
+    a, b = hosts
+    image = str(tmp_path / "shared.img")
+    a.add_disk("one", size_bytes=1, filesystem="ext4", image_path=image)
+    with pytest.raises(DiskExistsError, match="belongs to disk one"):
+        a.add_disk("two", size_bytes=1, filesystem="ext4", image_path=image)
+    b.add_disk("two", size_bytes=1, filesystem="ext4", image_path=image)  # the same path on another host
+    assert a.explicit_image_paths() == [image] and b.explicit_image_paths() == [image]
+
+
+@pytest.mark.parametrize("spelling", ["deleting", "DELETING", "status.deleting"])
+def test_deleting_in_any_spelling_in_etcd_refuses(
+    hosts: tuple[EtcdCatalog, EtcdCatalog], spelling: str
+) -> None:
+    a, _b = hosts
+    put_raw(
+        a,
+        "pg",
+        {"id": "d1", "name": "pg", "status": spelling, "filesystem": "ext4", "size_bytes": 4096,
+         "volume": {"id": "v1", "node": "a", "image_path": None, "status": "PROVISIONED"}, "leases": []},
+    )  # fmt: skip
+    assert a.find_disk_by_name("pg").status is DiskState.DELETING
+    with pytest.raises(DiskDeletingError):
+        prepare_restore(a, "pg", data_path=a.data_path, overwrite=True, creator=a)
+    with pytest.raises(DiskDeletingError):
+        prepare_backup(a, "pg", data_path=a.data_path)
+    with pytest.raises(DiskBusyError):
+        a.acquire_lease("pg")
+
+
+@pytest.mark.parametrize("spelling", ["bound", "BOUND", "status.bound"])
+def test_bound_in_any_spelling_in_etcd_refuses(hosts: tuple[EtcdCatalog, EtcdCatalog], spelling: str) -> None:
+    a, _b = hosts
+    put_raw(
+        a,
+        "pg",
+        {"id": "d1", "name": "pg", "status": "status.provisioned", "filesystem": "ext4", "size_bytes": 4096,
+         "volume": {"id": "v1", "node": "a", "image_path": None, "status": "provisioned"},
+         "leases": [{"id": "l1", "status": spelling}]},
+    )  # fmt: skip
+    with pytest.raises(DiskLeasedError, match="l1"):
+        prepare_restore(a, "pg", data_path=a.data_path, overwrite=True, creator=a)
+
+
+def test_a_damaged_record_is_an_error_never_no_such_disk(
+    hosts: tuple[EtcdCatalog, EtcdCatalog], caplog: pytest.LogCaptureFixture
+) -> None:
+    a, _b = hosts
+    a.add_disk("fine", size_bytes=1, filesystem="ext4")
+    put_raw(a, "pg", {"id": "d1", "name": "pg", "status": "melting"})
+    with pytest.raises(StoreError, match="damaged record for disk pg") as failed:
+        prepare_restore(a, "pg", data_path=a.data_path, overwrite=True, creator=a)
+    assert not isinstance(failed.value, DiskNotFoundError)
+    assert [record.disk.name for record in a.list_disks()] == ["fine"]  # the rest stays listable
+    assert "damaged record for disk pg" in caplog.text
+
+
+# --- failing closed ---
+
+
+def test_an_unreachable_catalogue_fails_every_lookup_and_creates_nothing(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there
+    data_path = tmp_path / "data"
+    catalog = etcd_catalog(f"etcd://127.0.0.1:{port}/t2", data_path, "a")
+    message = f"the disk catalogue at etcd://127.0.0.1:{port}/t2 is unreachable"
+    for lookup in (
+        lambda: catalog.find_disk_by_name("pg"),
+        lambda: catalog.list_disks(),
+        lambda: catalog.check(),
+        lambda: catalog.acquire_lease("pg"),
+        lambda: prepare_restore(catalog, "pg", data_path=str(data_path), overwrite=False, creator=catalog),
+    ):
+        with pytest.raises(CatalogUnreachableError, match=message) as failed:
+            lookup()
+        assert not isinstance(failed.value, DiskNotFoundError) and failed.value.errno == 5  # EIO
+    restore = run_cli(
+        "restore", GO_EXT4.path, "--data-path", data_path, "--catalog", f"etcd://127.0.0.1:{port}/t2"
+    )
+    assert (
+        restore.code == 1
+        and restore.err == f"mirenfs: error: {message} (127.0.0.1:{port}: connection refused)\n"
+    )
+    assert list(data_path.iterdir()) == []  # nothing created, not even a directory
+
+
+def test_three_members_one_down_changes_nothing_two_down_fail_closed(
+    etcd_clusters: Callable[[int], EtcdCluster], tmp_path: Path
+) -> None:
+    cluster = etcd_clusters(3)
+    catalog = etcd_catalog(cluster.url("t2"), tmp_path / "a", "a")
+    catalog.add_disk("pg", size_bytes=4096, filesystem="ext4")
+    cluster.kill(0)  # the first endpoint the client asks
+    catalog.create_disk_for_restore("new", size_bytes=4096, filesystem="ext4").finalize()
+    assert catalog.set_disk_status("pg", "detached")[1] is DiskState.DETACHED
+    assert [record.disk.name for record in catalog.list_disks()] == ["new", "pg"]
+    cluster.kill(1)
+    with pytest.raises(CatalogUnreachableError):
+        prepare_restore(catalog, "other", data_path=catalog.data_path, overwrite=False, creator=catalog)
+    with pytest.raises(CatalogUnreachableError):
+        catalog.set_disk_status("pg", "attached")
+    cluster.restart(1)  # quorum again: everything works as before
+    cluster.wait_healthy()
+    assert catalog.find_disk_by_name("pg").status is DiskState.DETACHED
+
+
+# --- the mount's watched copy ---
+
+
+def test_the_watched_copy_follows_changes_within_a_second_and_fails_closed(
+    etcd_clusters: Callable[[int], EtcdCluster], tmp_path: Path
+) -> None:
+    cluster = etcd_clusters(1)
+    url = cluster.url("t2")
+    a, b = etcd_catalog(url, tmp_path / "a", "a"), etcd_catalog(url, tmp_path / "b", "b")
+    a.add_disk("pg", size_bytes=4096, filesystem="ext4")
+    view = a.watch()
+    assert isinstance(view, CatalogWatch)
+    try:
+        assert [record.disk.name for record in view.list_disks()] == ["pg"]
+        started = time.monotonic()
+        b.set_disk_status("pg", "status.deleting")
+        wait_for(lambda: view.list_disks()[0].disk.status is DiskState.DELETING, "the watch", timeout=1.0)
+        b.add_disk("web", size_bytes=1, filesystem="ext4")
+        wait_for(lambda: len(view.list_disks()) == 2, "the watch", timeout=1.0)
+        assert time.monotonic() - started < 2.0
+        cluster.stop_member(0)
+        wait_for(lambda: not view.current, "the copy to know it is stale", timeout=5.0)
+        with pytest.raises(CatalogUnreachableError, match="is unreachable"):
+            view.list_disks()
+        cluster.restart(0)
+        cluster.wait_healthy()
+        wait_for(lambda: view.current, "the copy to catch up", timeout=5.0)
+        assert [record.disk.name for record in view.list_disks()] == ["pg", "web"]
+    finally:
+        view.close()
+        view.join()
+
+
+# --- catalog copy and the CLI ---
+
+
+def test_catalog_copy_moves_a_host_into_etcd_and_back_idempotently(etcd: EtcdCluster, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    image = tmp_path / "pg.img"
+    image.write_bytes(b"\0" * 65536)
+    ok("disk", "add", "pg", "--image", image, "--filesystem", "ext4", "--data-path", data)
+    ok("restore", GO_EXT4.path, "--name", "web", "--data-path", data)
+    lease = ok("lease", "acquire", "web", "--data-path", data).out.strip()
+    url = etcd.url(prefix())
+    first = ok("catalog", "copy", "--from", f"sqlite://{data}", "--to", url, "--node", "host1")
+    assert "2 added, 0 updated, 0 already there" in first.out
+    again = ok("catalog", "copy", "--from", str(data), "--to", url, "--node", "host1")
+    assert "0 added, 0 updated, 2 already there" in again.out
+    listed = json.loads(
+        ok("disk", "list", "--json", "--catalog", url, "--node", "host1", "--data-path", data).out
+    )
+    assert [(e["name"], e["node"], e["image_exists"]) for e in listed] == [
+        ("pg", "host1", True),
+        ("web", "host1", True),
+    ]
+    assert listed[1]["leases"] == [{"id": lease, "status": "bound"}]
+    other = etcd_catalog(url, tmp_path / "other", "host2")
+    other.add_disk("theirs", size_bytes=1, filesystem="ext4")
+    back = tmp_path / "back"
+    home = ok("catalog", "copy", "--from", url, "--to", f"sqlite://{back}", "--node", "host1")
+    assert "2 added, 0 updated, 0 already there, 1 on other nodes left out" in home.out
+    assert sorted(record.disk.name for record in Store(str(back)).list_disks()) == ["pg", "web"]
+    copied, original = Store(str(back)).get_disk("web"), Store(str(data)).get_disk("web")
+    assert (copied.disk, copied.volume, copied.leases) == (original.disk, original.volume, original.leases)
+    assert (
+        "0 added, 0 updated, 2 already there"
+        in ok("catalog", "copy", "--from", url, "--to", back, "--node", "host1").out
+    )
+    Store(str(back)).delete_disk_records(Store(str(back)).get_disk("pg").disk.id)
+    Store(str(back)).add_disk("pg", size_bytes=1, filesystem="ext4")  # another disk of that name
+    clash = run_cli("catalog", "copy", "--from", url, "--to", back, "--node", "host1")
+    assert clash.code == 1 and "not copied: pg" in clash.err
+
+
+def test_the_cli_works_on_etcd(etcd: EtcdCluster, tmp_path: Path) -> None:
+    url = etcd.url(prefix())
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    on_a = ["--catalog", url, "--node", "a", "--data-path", a]
+    on_b = ["--catalog", url, "--node", "b", "--data-path", b]
+    ok("restore", GO_EXT4.path, *on_a)
+    refused = run_cli("restore", GO_EXT4.path, *on_b)
+    assert refused.code == 1 and "is on node a, not on this node (b)" in refused.err
+    assert "disk-ext4" not in ok("disk", "list", *on_b).out
+    assert "(on that node)" in ok("disk", "list", "--all-nodes", *on_b).out
+    assert (
+        ok("disk", "set-status", "disk-ext4", "DELETING", *on_b).out
+        == "disk disk-ext4: provisioned -> deleting\n"
+    )
+    assert run_cli("backup", "disk-ext4", "-o", tmp_path / "x.mirn", *on_a).code == 1
+    ok("disk", "set-status", "disk-ext4", "status.detached", *on_a)
+    ok("backup", "disk-ext4", "-o", tmp_path / "x.mirn", *on_a)
+    assert run_cli("disk", "remove", "disk-ext4", *on_b).code == 1
+    ok("disk", "remove", "disk-ext4", *on_a)
+    assert json.loads(ok("disk", "list", "--json", "--all-nodes", *on_b).out) == []
+
+
+def test_the_environment_names_the_catalogue_and_node(
+    etcd: EtcdCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MIRENFS_CATALOG", etcd.url(prefix()))
+    monkeypatch.setenv("MIRENFS_NODE", "envnode")
+    ok("disk", "create", "pg", "--size", "1M", "--data-path", tmp_path)
+    assert json.loads(ok("disk", "list", "--json", "--data-path", tmp_path).out)[0]["node"] == "envnode"
+    assert not (tmp_path / "mirenfs.db").exists()  # nothing went to SQLite
+
+
+def test_commands_on_sqlite_never_load_the_etcd_client(tmp_path: Path) -> None:
+    probe = (
+        "import sys\n"
+        "from mirenfs.cli import main\n"
+        f"code = main(['disk', 'list', '--data-path', {str(tmp_path)!r}])\n"
+        "assert 'etcd3gw' not in sys.modules and 'requests' not in sys.modules, 'etcd3gw was loaded'\n"
+        "print('not loaded, exit', code)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert "not loaded, exit 0" in done.stdout, done.stderr

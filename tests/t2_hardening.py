@@ -1,0 +1,132 @@
+"""Issue 11 in the engine and the CLI, no mount: memory stays flat over hundreds of verifies and
+restores (2), and a FIFO or symlink planted at the staging path fails a restore at once with the
+reason, never hanging it (4). Items 5 (umask) and 13 (names printed safely) are in
+t2_operator_cli.py; the rest of the disk layer in t1_hardening.py."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from mirenfs.engine.consume import restore_to_path
+from mirenfs.engine.files import verify_file
+from mirenfs.errors import TargetError
+
+from support.data import sha256_file, staging_files
+from support.fuzz import header, metadata, streamed_frame
+from support.runners import run_mirenfs
+from support.streams import restore_threads
+from support.vectors import GO_EXT4, GO_ODD
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+async def file_pieces(path: Path, piece: int = 1 << 20) -> AsyncIterator[bytes]:
+    with open(path, "rb") as f:
+        while data := f.read(piece):
+            yield data
+
+
+def test_memory_stays_flat_over_many_verifies_and_restores(tmp_path: Path) -> None:
+    """The zstd context of each stream is freed with it: no cycle the collector cannot see."""
+    image = tmp_path / "image.img"
+
+    def one(n: int) -> None:
+        if n % 3:
+            trio.run(verify_file, str(GO_EXT4.path))
+        else:
+            trio.run(lambda: restore_to_path(str(image), file_pieces(GO_EXT4.path), overwrite=True))
+
+    for n in range(15):  # warm up: the allocator's arenas, the thread cache, the buffer pool
+        one(n)
+    gc.collect()
+    before = rss_mib()
+    for n in range(90):
+        one(n)
+    gc.collect()
+    grown = rss_mib() - before
+    assert grown < 48, f"RSS grew {grown:.0f} MiB over 90 runs (from {before:.0f} MiB)"
+    assert sha256_file(image) == GO_EXT4.sha256
+    assert restore_threads() == [] and staging_files(tmp_path) == []
+
+
+def test_a_large_window_is_freed_after_each_stream(tmp_path: Path) -> None:
+    """A window-log-27 stream without a content size makes zstd allocate a 128 MiB window."""
+    content = bytes(64 << 20)
+    fields = {
+        "name": "w27",
+        "size_bytes": len(content),
+        "filesystem": "ext4",
+        "timestamp": "2026-06-04T12:00:00Z",
+        "checksum": hashlib.sha256(content).hexdigest(),
+        "version": 1,
+    }
+    snapshot = tmp_path / "w27.mirn"
+    snapshot.write_bytes(header(metadata(**fields)) + streamed_frame(content, window_log=27))
+    trio.run(verify_file, str(snapshot))
+    gc.collect()
+    before = rss_mib()
+    for _ in range(8):
+        trio.run(verify_file, str(snapshot))
+    gc.collect()
+    grown = rss_mib() - before
+    assert grown < 96, f"RSS grew {grown:.0f} MiB over 8 streams of 64 MiB through a 128 MiB window"
+
+
+# ---- 4: what is planted at the staging path fails the restore at once ---------------------------------
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink"])
+def test_a_restore_refuses_a_planted_staging_path_without_hanging(tmp_path: Path, kind: str) -> None:
+    image = tmp_path / "pg.img"
+    image.write_bytes(b"the old image")
+    staging = tmp_path / "pg.img.restore.tmp"
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"not mirenfs's")
+    if kind == "fifo":
+        os.mkfifo(staging)
+    else:
+        staging.symlink_to(target)
+
+    async def run() -> None:
+        with trio.fail_after(10), pytest.raises(TargetError, match="is in the way of the restore"):
+            await restore_to_path(str(image), file_pieces(GO_ODD.path), overwrite=True)
+
+    trio.run(run)
+    # The CLI says the same in one line, and exits (a hung open would be killed by the timeout).
+    done = run_mirenfs("restore", str(GO_ODD.path), "--image", str(image), "--force", timeout=30)
+    assert done.returncode == 1, done.stderr
+    assert b"is in the way of the restore" in done.stderr and done.stderr.count(b"\n") == 1
+    assert image.read_bytes() == b"the old image" and target.read_bytes() == b"not mirenfs's"
+    assert os.path.lexists(staging)
+    assert restore_threads() == []
+
+
+def test_verify_of_a_header_nested_too_deeply_is_one_line(tmp_path: Path) -> None:
+    """Item 12 at the CLI: a bad header, not "unexpected" with a traceback."""
+    snapshot = tmp_path / "deep.mirn"
+    body = metadata(name="d")[:-1] + b',"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    snapshot.write_bytes(header(body) + GO_ODD.path.read_bytes()[200:])
+    for argv in (
+        ["verify", str(snapshot)],
+        ["inspect", str(snapshot)],
+        ["restore", str(snapshot), "--image", str(tmp_path / "x.img")],
+    ):
+        done = run_mirenfs(*argv, timeout=60)
+        assert done.returncode == 1, (argv, done.stderr)
+        assert done.stderr.startswith(b"mirenfs: error: ") and b"nested too deeply" in done.stderr, (
+            done.stderr
+        )
+        assert b"Traceback" not in done.stderr and b"unexpected" not in done.stderr
+    assert not (tmp_path / "x.img").exists() and staging_files(tmp_path) == []

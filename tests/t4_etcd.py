@@ -1,0 +1,270 @@
+"""A fleet through the kernel: mounts of two hosts (node names, data paths) sharing one etcd
+catalogue, restores racing across them, changes seen everywhere within a second, and what
+happens when etcd stops or loses its quorum (fail closed, recover).
+
+etcd runs on 127.0.0.1 only, with free ports and temporary data, and is always stopped
+(the ``etcd`` and ``etcd_clusters`` fixtures)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from support.data import sha256_file, staging_files, write_image
+from support.etcd import EtcdCluster
+from support.mounts import Mount, wait_for
+from support.mounts import restore_state as state
+from support.runners import ok, run_cli
+from support.vectors import GO_EXT4
+
+pytestmark = pytest.mark.timeout(180)
+
+UNREACHABLE = r"the disk catalogue at etcd://\S+ is unreachable"
+
+
+@dataclass
+class Host:
+    """One host of the fleet: its node name, data path and mount point, on a shared catalogue."""
+
+    node: str
+    data: Path
+    mnt: Path
+    catalog: str
+
+    @property
+    def args(self) -> list[str | Path]:
+        return ["--catalog", self.catalog, "--node", self.node, "--data-path", self.data]
+
+    def cli(self, *args: str | Path) -> str:
+        return ok(*args, *self.args).out
+
+    def mount(self, mounts: Callable[..., Mount], *extra: str, expect_log: tuple[str, ...] = ()) -> Mount:
+        return mounts(
+            self.mnt, self.data, "--catalog", self.catalog, "--node", self.node, *extra, expect_log=expect_log
+        )
+
+    def listing(self) -> list[str]:
+        return sorted(os.listdir(self.mnt))
+
+    def disks(self) -> dict[str, dict[str, object]]:
+        listed = json.loads(self.cli("disk", "list", "--json", "--all-nodes"))
+        return {entry["name"]: entry for entry in listed}
+
+
+def hosts(tmp_path: Path, catalog: str, *nodes: str) -> list[Host]:
+    made = []
+    for node in nodes:
+        data = tmp_path / f"data-{node}"
+        data.mkdir()
+        made.append(Host(node, data, tmp_path / f"mnt-{node}", catalog))
+    return made
+
+
+def cp(source: Path, destination: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["cp", str(source), str(destination)], capture_output=True, text=True, timeout=120)
+
+
+def lists(host: Host) -> list[str] | None:
+    """The mount's listing, or None while it answers with an error."""
+    try:
+        return host.listing()
+    except OSError:
+        return None
+
+
+def snapshot_of(tmp_path: Path, name: str, size: int, seed: int) -> tuple[Path, str]:
+    """A snapshot of an image of ``size`` bytes of incompressible data; (its path, the image's SHA-256)."""
+    image = tmp_path / f"{name}-{seed}.img"
+    write_image(image, [("data", size)], seed=seed)
+    snapshot = tmp_path / f"{name}-{seed}.mirn"
+    ok("backup", "--image", image, "--name", name, "--filesystem", "ext4", "-o", snapshot)
+    return snapshot, sha256_file(image)
+
+
+def test_two_hosts_share_one_catalogue_each_mount_shows_its_own(
+    etcd: EtcdCluster, tmp_path: Path, mounts: Callable[..., Mount]
+) -> None:
+    a, b = hosts(tmp_path, etcd.url(f"t4-{secrets.token_hex(4)}"), "host-a", "host-b")
+    a.cli("restore", GO_EXT4.path, "--name", "pg")
+    b.cli("restore", GO_EXT4.path, "--name", "web")
+    b.cli("disk", "create", "cache", "--size", "8M")
+    a.mount(mounts)
+    b.mount(mounts)
+    assert a.listing() == ["pg.mirn", "pg.mirn.sha256", "restore"]
+    assert b.listing() == ["cache.mirn", "cache.mirn.sha256", "restore", "web.mirn", "web.mirn.sha256"]
+    ls = subprocess.run(["ls", "-l", str(a.mnt)], capture_output=True, text=True, timeout=60)
+    assert ls.returncode == 0 and "pg.mirn" in ls.stdout
+    assert sha256_file(a.mnt / "pg.mirn") == sha256_file(a.mnt / "pg.mirn")  # readable, stable
+    assert {name: entry["node"] for name, entry in a.disks().items()} == {
+        "cache": "host-b",
+        "pg": "host-a",
+        "web": "host-b",
+    }
+
+    # A disk set deleting through one host leaves the other's listing within a second.
+    a.cli("disk", "set-status", "web", "deleting")
+    started = time.monotonic()
+    wait_for(lambda: "web.mirn" not in b.listing(), "web.mirn to leave host-b's mount", timeout=1.0)
+    assert time.monotonic() - started < 1.0
+    a.cli("disk", "set-status", "web", "status.detached")
+    wait_for(lambda: "web.mirn" in b.listing(), "web.mirn to come back", timeout=1.0)
+
+
+def test_a_lease_bound_through_one_host_refuses_a_restore_through_the_other(
+    etcd: EtcdCluster, tmp_path: Path, mounts: Callable[..., Mount]
+) -> None:
+    a, b = hosts(tmp_path, etcd.url(f"t4-{secrets.token_hex(4)}"), "host-a", "host-b")
+    a.cli("restore", GO_EXT4.path, "--name", "pg")
+    image = Path(a.disks()["pg"]["image_path"])
+    before = sha256_file(image)
+    a.mount(mounts, "--allow-overwrite", expect_log=(r"disk pg is in use \(lease lease-\w+ is bound\)",))
+    lease = b.cli("lease", "acquire", "pg").strip()
+    refused = cp(GO_EXT4.path, a.mnt / "restore" / "pg.mirn")
+    assert refused.returncode != 0 and "Device or resource busy" in refused.stderr, refused.stderr
+    assert sha256_file(image) == before
+    b.cli("lease", "release", lease)
+    replaced = cp(GO_EXT4.path, a.mnt / "restore" / "pg.mirn")
+    assert replaced.returncode == 0, replaced.stderr
+    assert state(a.mnt, "pg.mirn") == "installed"
+
+
+def test_two_simultaneous_restores_of_one_new_name_create_one_disk(
+    etcd: EtcdCluster, tmp_path: Path, mounts: Callable[..., Mount]
+) -> None:
+    a, b = hosts(tmp_path, etcd.url(f"t4-{secrets.token_hex(4)}"), "host-a", "host-b")
+    refusals = (
+        r"a disk named new\d already exists",
+        r"disk new\d is on node host-[ab], not on this node",
+        r"restore of disk new\d from restore/new\d\.mirn by uid \d+ failed",
+    )
+    a.mount(mounts, expect_log=refusals)
+    b.mount(mounts, expect_log=refusals)
+    for round_number in range(3):
+        name = f"new{round_number}"
+        barrier = threading.Barrier(2)
+        results: dict[str, subprocess.CompletedProcess[str]] = {}
+
+        def restore(
+            host: Host,
+            name: str = name,
+            barrier: threading.Barrier = barrier,
+            results: dict[str, subprocess.CompletedProcess[str]] = results,
+        ) -> None:
+            barrier.wait(timeout=30)
+            results[host.node] = cp(GO_EXT4.path, host.mnt / "restore" / f"{name}.mirn")
+
+        threads = [threading.Thread(target=restore, args=(host,)) for host in (a, b)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        won = [node for node, result in results.items() if result.returncode == 0]
+        assert len(won) == 1, {node: result.stderr for node, result in results.items()}
+        lost = next(result for node, result in results.items() if node not in won)
+        assert "File exists" in lost.stderr or "Device or resource busy" in lost.stderr, lost.stderr
+        disks = a.disks()
+        assert disks[name]["node"] == won[0] and disks[name]["status"] == "provisioned"
+        for host in (a, b):  # each data path holds the images of its own node's disks, and nothing else
+            on_disk = {path.parent.name for path in (host.data / "disk-data" / "volumes").glob("*/disk.img")}
+            assert on_disk == {str(d["volume_id"]) for d in disks.values() if d["node"] == host.node}
+    assert staging_files(tmp_path) == []
+
+
+def test_etcd_stopped_fails_closed_then_everything_works_again(
+    etcd_clusters: Callable[[int], EtcdCluster], tmp_path: Path, mounts: Callable[..., Mount]
+) -> None:
+    cluster = etcd_clusters(1)
+    (a,) = hosts(tmp_path, cluster.url("fleet"), "host-a")
+    original, original_sha = snapshot_of(tmp_path, "pg", 6 << 20, seed=1)
+    replacement, _ = snapshot_of(tmp_path, "pg", 6 << 20, seed=2)
+    a.cli("restore", original, "--name", "pg")
+    image = Path(a.disks()["pg"]["image_path"])
+    a.mount(
+        mounts,
+        "--allow-overwrite",
+        expect_log=(UNREACHABLE, r"restore of disk (pg|fresh) from restore/\S+ by uid \d+ failed"),
+    )
+
+    # A restore whose final re-check cannot reach the catalogue keeps the old image.
+    data = replacement.read_bytes()
+    fd = os.open(a.mnt / "restore" / "pg.mirn", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data[: len(data) - 4096])  # the header was checked against the catalogue
+        cluster.stop_member(0)
+        os.write(fd, data[len(data) - 4096 :])
+        with pytest.raises(OSError) as failed:
+            os.close(fd)
+        fd = -1
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    assert failed.value.errno == 5, failed.value  # EIO
+    assert "is unreachable" in state(a.mnt, "pg.mirn")
+    assert sha256_file(image) == original_sha
+
+    # While it is down: no restore starts, nothing is created, the image stays as it was.
+    fresh = cp(original, a.mnt / "restore" / "fresh.mirn")
+    assert fresh.returncode != 0 and "Input/output error" in fresh.stderr, fresh.stderr
+    over = cp(replacement, a.mnt / "restore" / "pg.mirn")
+    assert over.returncode != 0 and "Input/output error" in over.stderr, over.stderr
+    assert sha256_file(image) == original_sha
+    wait_for(lambda: lists(a) is None, "the mount to answer EIO", timeout=5.0)
+    cli = run_cli("restore", original, "--name", "fresh", *a.args)
+    assert cli.code == 1 and "is unreachable" in cli.err
+    assert [p.name for p in (a.data / "disk-data" / "volumes").iterdir()] == [image.parent.name]
+
+    # Back: everything works again, and nothing was created meanwhile.
+    cluster.restart(0)
+    cluster.wait_healthy()
+    wait_for(
+        lambda: lists(a) == ["pg.mirn", "pg.mirn.sha256", "restore"], "the mount to list again", timeout=10
+    )
+    assert sorted(a.disks()) == ["pg"]
+    restored = cp(original, a.mnt / "restore" / "fresh.mirn")
+    assert restored.returncode == 0, restored.stderr
+    assert state(a.mnt, "fresh.mirn") == "installed: created disk fresh"
+    wait_for(lambda: "fresh.mirn" in a.listing(), "the new disk's snapshot", timeout=1.0)
+    assert staging_files(tmp_path) == []
+
+
+def test_three_members_one_killed_changes_nothing_two_killed_fail_closed(
+    etcd_clusters: Callable[[int], EtcdCluster], tmp_path: Path, mounts: Callable[..., Mount]
+) -> None:
+    cluster = etcd_clusters(3)
+    a, b = hosts(tmp_path, cluster.url("fleet"), "host-a", "host-b")
+    a.cli("restore", GO_EXT4.path, "--name", "pg")
+    image = Path(a.disks()["pg"]["image_path"])
+    before = sha256_file(image)
+    a.mount(mounts, "--allow-overwrite", expect_log=(UNREACHABLE, r"restore of disk \w+ .* failed"))
+
+    cluster.kill(0)  # the member every client asks first
+    assert a.listing() == ["pg.mirn", "pg.mirn.sha256", "restore"]
+    assert cp(GO_EXT4.path, a.mnt / "restore" / "one.mirn").returncode == 0
+    b.cli("disk", "set-status", "pg", "detached")
+    assert a.disks()["pg"]["status"] == "detached"
+    wait_for(lambda: "one.mirn" in a.listing(), "the restored disk's snapshot", timeout=1.0)
+
+    cluster.kill(1)  # no quorum left
+    two = cp(GO_EXT4.path, a.mnt / "restore" / "two.mirn")
+    assert two.returncode != 0 and "Input/output error" in two.stderr, two.stderr
+    over = cp(GO_EXT4.path, a.mnt / "restore" / "pg.mirn")
+    assert over.returncode != 0 and "Input/output error" in over.stderr, over.stderr
+    assert sha256_file(image) == before
+    wait_for(lambda: lists(a) is None, "the mount to answer EIO", timeout=6.0)
+    refused = run_cli("disk", "set-status", "pg", "attached", *b.args)
+    assert refused.code == 1 and "is unreachable" in refused.err
+
+    cluster.restart(1)  # quorum again
+    cluster.wait_healthy()
+    wait_for(lambda: lists(a) is not None, "the mount to list again", timeout=10)
+    assert sorted(a.disks()) == ["one", "pg"] and a.disks()["pg"]["status"] == "detached"
+    assert [p.name for p in (a.data / "disk-data" / "volumes").glob("*/disk.img")].count("disk.img") == 2

@@ -1,0 +1,521 @@
+"""Issue 11 through the kernel: writers that fork, memory over hundreds of restores, other users
+on a shared mount, planted staging files, a full data path, a killed daemon, a read-only data
+path, the replaced image let go, empty and truncated copies, symlinked volumes, and a sample of
+the fuzz corpus through ``cp`` into restore/.
+
+Each mount is a ``mirenfs mount --foreground`` whose log is checked when it stops (a warning the
+test did not declare, or any traceback, fails it). Every mount, bind mount and loop device is
+taken down, also on failure; every command has a timeout; waits have deadlines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from support.bad_snapshots import make_good_snapshot
+from support.data import sha256_file, staging_files
+from support.fuzz import SEED, Oracle, corpus, sample
+from support.loopfs import loop_filesystem, make_filesystem, run, tool
+from support.mounts import Mount, wait_for
+from support.runners import run_mirenfs
+from support.vectors import GO_EXT4, GO_ODD
+
+Mounts = Callable[..., Mount]
+STATE = "user.mirenfs.state"
+TIMEOUT = 60
+FAILED_RESTORE = r"restore of disk \S+ from restore/\S+ by uid \d+ failed: "
+
+
+def state(mnt: Path, name: str) -> str:
+    return os.getxattr(mnt / "restore" / name, STATE).decode()
+
+
+def disk_list(data: Path) -> dict[str, dict[str, object]]:
+    listed = run_mirenfs("disk", "list", "--json", "--data-path", str(data), timeout=TIMEOUT)
+    assert listed.returncode == 0, listed.stderr
+    return {entry["name"]: entry for entry in json.loads(listed.stdout)}
+
+
+def add_disk(data: Path, name: str, image: Path) -> None:
+    done = run_mirenfs(
+        "disk", "add", name, "--image", str(image), "--filesystem", "ext4", "--data-path", str(data)
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def sh(script: str, *args: str | Path, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["sh", "-c", script, "sh", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def vm_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def deleted_files_held(pid: int, path: Path) -> list[str]:
+    held = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == f"{path} (deleted)":
+                held.append(fd)
+    return held
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    path = tmp_path / "data"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture(scope="module")
+def long_snapshot(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    """A snapshot of 8 MiB of data (64 FUSE writes), a copy with a wrong checksum, the image hash."""
+    work = tmp_path_factory.mktemp("long")
+    data, meta, header_len = make_good_snapshot(work, [("data", 6 << 20), ("text", 2 << 20)])
+    good, bad = work / "long.mirn", work / "bad.mirn"
+    good.write_bytes(data)
+    wrong = meta.__class__(**{**meta.__dict__, "checksum": "0" * 64})
+    bad.write_bytes(wrong.header() + data[header_len:])
+    return good, bad, meta.checksum
+
+
+# ---- 1: the exact fork shape ----
+
+FORK_SHAPE = '( exec 3>"$1"; cat "$2" >&3 & C=$!; while kill -0 $C 2>/dev/null; do /bin/true; done; wait $C )'
+
+
+def test_writers_that_share_the_descriptor_get_the_outcome_as_their_exit_status(
+    tmp_path: Path, data: Path, mounts: Mounts, long_snapshot: tuple[Path, Path, str]
+) -> None:
+    good, bad, checksum = long_snapshot
+    mnt = tmp_path / "mnt"
+    mounts(mnt, data, "--allow-overwrite", expect_log=[FAILED_RESTORE + "checksum mismatch"])
+    target = mnt / "restore" / "x.mirn"
+    image: Path | None = None
+    for round_number in range(40):
+        source = bad if round_number % 4 == 3 else good
+        done = sh(FORK_SHAPE, target, source)
+        outcome = state(mnt, "x.mirn")
+        assert "Device or resource busy" not in done.stderr, f"round {round_number}: {done.stderr}"
+        if source == good:
+            assert done.returncode == 0, f"round {round_number}: {done.stderr} ({outcome})"
+            assert outcome.startswith("installed"), f"round {round_number}: {outcome}"
+            image = Path(str(disk_list(data)["x"]["image_path"]))
+            assert sha256_file(image) == checksum
+        else:
+            assert done.returncode != 0, f"round {round_number}: cat exited 0 but the restore {outcome}"
+            assert outcome.startswith("failed: checksum mismatch"), f"round {round_number}: {outcome}"
+            assert image is not None and sha256_file(image) == checksum  # the last good one, untouched
+        assert staging_files(data) == [], f"round {round_number}"
+
+
+# ---- 2 and 5: memory over 200 restores; the state is private whatever the umask ----
+
+
+def test_the_daemon_memory_stays_flat_over_200_restores(tmp_path: Path, data: Path, mounts: Mounts) -> None:
+    mnt = tmp_path / "mnt"
+    previous = os.umask(0)  # the daemon inherits it: its state must be private all the same
+    try:
+        mount = mounts(mnt, data, "--allow-overwrite")
+    finally:
+        os.umask(previous)
+    assert mount.process is not None
+    pid = mount.process.pid
+    vector = GO_EXT4.path.read_bytes()
+
+    def restore() -> None:
+        with open(mnt / "restore" / "m.mirn", "wb") as out:
+            out.write(vector)
+
+    samples: dict[int, int] = {0: vm_rss_kib(pid)}
+    for n in range(1, 201):
+        restore()
+        if n in (20, 50, 100, 150, 200):
+            samples[n] = vm_rss_kib(pid)
+    assert state(mnt, "m.mirn") == "installed"
+    assert sha256_file(str(disk_list(data)["m"]["image_path"])) == GO_EXT4.sha256
+    print(f"daemon VmRSS (KiB) after N restores of {GO_EXT4.file}: {samples}")
+    grown = (samples[200] - samples[20]) / 1024
+    assert grown < 48, f"the daemon grew {grown:.0f} MiB between restore 20 and 200: {samples}"
+    assert samples[200] < 300 * 1024, samples
+
+    state_dir = data / "mirenfs"
+    for path in [state_dir, *state_dir.rglob("*")]:
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        assert mode & 0o077 == 0, f"{path} is {mode:o} under umask 000"
+    for name in ("mirenfs.db", "mirenfs.db-wal", "mirenfs.db-shm"):
+        if (data / name).exists():
+            assert stat.S_IMODE((data / name).stat().st_mode) == 0o600, name
+
+
+# ---- 3: with -o allow_other --allow-overwrite, no other user can replace a disk ----
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[Path]:
+    """A directory another user can reach (pytest's own are root-only), removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="mirenfs-t4-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_another_user_cannot_restore_even_into_a_0666_entry(
+    world: Path, data: Path, mounts: Mounts, need_tool
+) -> None:
+    setpriv = need_tool("setpriv")
+    image = world / "pg.img"
+    image.write_bytes(b"the disk pg" * 1000)
+    add_disk(data, "pg", image)
+    before = sha256_file(image)
+    source = world / "evil.mirn"
+    shutil.copyfile(GO_ODD.path, source)
+    source.chmod(0o644)
+    mnt = world / "mnt"
+    mounts(
+        mnt,
+        data,
+        "-o",
+        "allow_other",
+        "--allow-overwrite",
+        expect_log=[r"uid 65534 may not restore", FAILED_RESTORE],
+    )
+    # The owner leaves an entry behind and makes it writable by everyone (tar -p, chmod).
+    sh('printf x > "$1"', mnt / "restore" / "pg.mirn")  # a failed restore: the entry stays
+    os.chmod(mnt / "restore" / "pg.mirn", 0o666)
+    assert stat.S_IMODE(os.stat(mnt / "restore" / "pg.mirn").st_mode) == 0o666
+    for name in ("pg.mirn", "sec2.mirn"):
+        done = subprocess.run(
+            [
+                setpriv,
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "cp",
+                str(source),
+                str(mnt / "restore" / name),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+        assert done.returncode != 0 and "Permission denied" in done.stderr, (name, done.stderr)
+    reader = subprocess.run(  # nobody may still read the outcome
+        [
+            setpriv,
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "cat",
+            str(mnt / "restore" / "pg.mirn"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert reader.returncode == 0 and reader.stdout.startswith("failed: "), reader
+    assert sha256_file(image) == before
+    assert set(disk_list(data)) == {"pg"}
+    assert staging_files(world) == []
+
+
+# ---- 4: a FIFO planted at the staging path ----
+
+
+def test_a_fifo_at_the_staging_path_fails_cp_at_once_and_the_mount_restarts(
+    tmp_path: Path, data: Path, mounts: Mounts
+) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    image = images / "pg.img"
+    image.write_bytes(b"the disk pg" * 1000)
+    add_disk(data, "pg", image)
+    fifo = images / "pg.img.restore.tmp"
+    os.mkfifo(fifo)
+    mnt = tmp_path / "mnt"
+    planted = [FAILED_RESTORE + r".*is in the way of the restore"]
+    mount = mounts(mnt, data, "--allow-overwrite", expect_log=planted)
+    done = subprocess.run(
+        ["timeout", "-s", "KILL", "30", "cp", str(GO_ODD.path), str(mnt / "restore" / "pg.mirn")],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode not in (0, -9, 137), done  # failed, and not by the timeout
+    assert "File exists" in done.stderr, done.stderr
+    assert state(mnt, "pg.mirn").startswith("failed: ") and "is in the way" in state(mnt, "pg.mirn")
+    assert sorted(os.listdir(mnt)) == ["pg.mirn", "pg.mirn.sha256", "restore"]  # it still answers
+    mount.stop()
+    mounts(mnt, data, "--allow-overwrite", expect_log=planted)  # the sweep at start passes it by
+    assert "pg.mirn" in os.listdir(mnt)
+    assert stat.S_ISFIFO(fifo.lstat().st_mode) and image.read_bytes() == b"the disk pg" * 1000
+
+
+# ---- 6: a full data path ----
+
+
+def fill(directory: Path) -> None:
+    """Fill the filesystem of ``directory`` to the last block (root's reserve too)."""
+    filler = directory / "filler"
+    with contextlib.suppress(OSError), open(filler, "wb") as out:
+        block = bytes(1 << 20)
+        while True:
+            out.write(block)
+            out.flush()
+    with contextlib.suppress(OSError), open(directory / "filler-small", "wb") as out:
+        while True:
+            out.write(bytes(4096))
+            out.flush()
+    with pytest.raises(OSError) as full, open(directory / "one-more", "wb") as out:
+        out.write(bytes(1 << 16))
+        out.flush()
+        os.fsync(out.fileno())
+    assert full.value.errno == errno.ENOSPC
+
+
+def test_a_full_data_path_still_serves_its_snapshots(tmp_path: Path, mounts: Mounts) -> None:
+    backing = tmp_path / "data.ext4"
+    make_filesystem(backing, "ext4", 96 << 20)
+    with loop_filesystem(backing, tmp_path / "data") as mounted:
+        data = mounted.mountpoint
+        for name in ("pg", "web"):
+            done = run_mirenfs(
+                "disk", "create", name, "--size", "16M", "--data-path", str(data), timeout=TIMEOUT
+            )
+            assert done.returncode == 0, done.stderr
+        mnt = tmp_path / "mnt"
+        full = [r"No space left on device"]
+        mount = mounts(mnt, data, expect_log=full)
+        try:
+            assert sorted(os.listdir(mnt)) == [
+                "pg.mirn",
+                "pg.mirn.sha256",
+                "restore",
+                "web.mirn",
+                "web.mirn.sha256",
+            ]
+            fill(data)
+            for _ in range(2):
+                for name in ("pg", "web"):
+                    snapshot = mnt / f"{name}.mirn"
+                    assert snapshot.stat().st_size > 0
+                    copy = tmp_path / f"{name}.copy.mirn"
+                    shutil.copyfile(snapshot, copy)  # cat
+                    verify = run_mirenfs("verify", str(copy), timeout=TIMEOUT)
+                    assert verify.returncode == 0, verify.stderr
+                    copy.unlink()
+                    assert (mnt / f"{name}.mirn.sha256").read_text().endswith(f"  {name}.mirn\n")
+            assert set(disk_list(data)) == {"pg", "web"}
+            mount.stop()
+            first_run = mount.log()
+            mount = mounts(mnt, data, expect_log=full)  # and a mount starts on it
+            assert os.getxattr(mnt / "pg.mirn", "user.mirn.size_bytes") == str(16 << 20).encode()
+        finally:
+            mount.stop()
+    for run_log in (first_run, mount.log()[len(first_run) :]):
+        said = [line for line in run_log.splitlines() if "No space left on device" in line]
+        kinds = [line.split(": ", 2)[-1].split(" (")[0] for line in said]
+        assert len(kinds) == len(set(kinds)), "the log says what is full more than once:\n" + "\n".join(said)
+
+
+# ---- 7: kill -9 of the daemon during a restore into a new disk ----
+
+
+@pytest.mark.parametrize("then", ["restart", "restart-and-restore"])
+def test_a_daemon_killed_mid_restore_leaves_no_disk_stuck_provisioning(
+    tmp_path: Path, data: Path, mounts: Mounts, long_snapshot: tuple[Path, Path, str], then: str
+) -> None:
+    good, _bad, checksum = long_snapshot
+    mnt = tmp_path / "mnt"
+    mount = mounts(mnt, data)
+    fd = os.open(mnt / "restore" / "fresh.mirn", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, good.read_bytes()[: 3 << 20])  # past the header: the disk is being created
+        wait_for(lambda: "fresh" in disk_list(data), "the restore to create disk fresh")
+        assert disk_list(data)["fresh"]["status"] == "provisioning"
+        assert mount.process is not None
+        mount.process.kill()
+        mount.process.wait(timeout=TIMEOUT)
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)  # ENOTCONN: the daemon is gone
+    mount.stop()
+    assert disk_list(data)["fresh"]["status"] == "provisioning"  # what the kill left
+    restarted = mounts(
+        mnt, data, expect_log=[r"removed disk fresh: a restore that was creating it was interrupted"]
+    )
+    assert "fresh" not in disk_list(data) and staging_files(data) == []
+    assert not any((data / "disk-data" / "volumes").iterdir())
+    if then == "restart-and-restore":
+        done = subprocess.run(["cp", str(good), str(mnt / "restore" / "fresh.mirn")], timeout=TIMEOUT)
+        assert done.returncode == 0
+        assert disk_list(data)["fresh"]["status"] == "provisioned"
+        assert sha256_file(str(disk_list(data)["fresh"]["image_path"])) == checksum
+    restarted.stop()
+
+
+# ---- 9: a read-only data path ----
+
+
+def test_a_read_only_data_path_is_refused_before_mounting(tmp_path: Path, data: Path) -> None:
+    image = tmp_path / "pg.img"
+    image.write_bytes(bytes(4096))
+    add_disk(data, "pg", image)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mount = tool("mount")
+    run(mount, "--bind", data, data)
+    try:
+        run(mount, "-o", "remount,bind,ro", data)
+        for extra in (["--foreground"], []):
+            done = run_mirenfs("mount", str(mnt), "--data-path", str(data), *extra, timeout=TIMEOUT)
+            assert done.returncode == 1, done
+            assert f"the data path {data} is on a read-only filesystem".encode() in done.stderr, done.stderr
+            assert b"Traceback" not in done.stderr
+            assert not os.path.ismount(mnt)
+    finally:
+        subprocess.run([tool("umount"), str(data)], capture_output=True, timeout=TIMEOUT)
+    assert not os.path.ismount(data)
+
+
+# ---- 10, 11, 15: the replaced image let go; empty and truncated copies ----
+
+
+def test_the_replaced_image_is_not_held_after_the_restore(tmp_path: Path, data: Path, mounts: Mounts) -> None:
+    image = tmp_path / "pg.img"
+    image.write_bytes(os.urandom(1 << 20))
+    add_disk(data, "pg", image)
+    mnt = tmp_path / "mnt"
+    mount = mounts(mnt, data, "--allow-overwrite")
+    assert mount.process is not None
+    old = (mnt / "pg.mirn").read_bytes()  # the daemon now holds the image for that snapshot
+    assert (
+        subprocess.run(["cp", str(GO_ODD.path), str(mnt / "restore" / "pg.mirn")], timeout=TIMEOUT).returncode
+        == 0
+    )
+    assert deleted_files_held(mount.process.pid, image) == []
+    assert (mnt / "pg.mirn").read_bytes() != old
+    assert os.getxattr(mnt / "pg.mirn", "user.mirn.checksum").decode() == GO_ODD.sha256
+
+
+def test_an_empty_or_truncated_copy_fails_and_creates_nothing(
+    tmp_path: Path, data: Path, mounts: Mounts, long_snapshot: tuple[Path, Path, str]
+) -> None:
+    mnt = tmp_path / "mnt"
+    mounts(mnt, data, expect_log=[FAILED_RESTORE])
+    empty = subprocess.run(
+        ["cp", "/dev/null", str(mnt / "restore" / "x.mirn")], capture_output=True, timeout=TIMEOUT
+    )
+    assert empty.returncode != 0, empty
+    assert state(mnt, "x.mirn").startswith("failed: ")
+    assert disk_list(data) == {}
+    # Cut short: under one feed batch (the disk is made and undone within the close) and over it
+    # (the disk exists while the data arrives).
+    for round_number, source in enumerate([GO_EXT4.path, long_snapshot[0]] * 3):
+        half = tmp_path / "half.mirn"
+        whole = source.read_bytes()
+        half.write_bytes(whole[: len(whole) // 2])
+        name = f"cut{round_number}"
+        cut = subprocess.run(
+            ["cp", str(half), str(mnt / "restore" / f"{name}.mirn")], capture_output=True, timeout=TIMEOUT
+        )
+        listed = disk_list(data)  # right after cp returns: the disk it made is gone already
+        assert cut.returncode != 0, cut
+        assert name not in listed, listed
+        assert state(mnt, f"{name}.mirn").startswith("failed: ")
+    assert disk_list(data) == {} and staging_files(data) == []
+
+
+# ---- 14: a symlinked volume directory ----
+
+
+def test_a_symlinked_volume_directory_is_refused_by_restore_and_remove(
+    tmp_path: Path, data: Path, mounts: Mounts
+) -> None:
+    done = run_mirenfs("disk", "create", "pg", "--size", "4M", "--data-path", str(data), timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    image = Path(str(disk_list(data)["pg"]["image_path"]))
+    outside = tmp_path / "outside"
+    shutil.move(image.parent, outside)  # the volume directory now lives outside, reached by a link
+    image.parent.symlink_to(outside)
+    before = {path.name: sha256_file(path) for path in outside.iterdir()}
+    mnt = tmp_path / "mnt"
+    mounts(mnt, data, "--allow-overwrite", expect_log=[r"symbolic link"])
+    copy = subprocess.run(
+        ["cp", str(GO_EXT4.path), str(mnt / "restore" / "pg.mirn")],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert copy.returncode != 0 and "Invalid argument" in copy.stderr, copy.stderr
+    removed = run_mirenfs("disk", "remove", "pg", "--data-path", str(data), timeout=TIMEOUT)
+    assert removed.returncode == 1 and str(image).encode() in removed.stderr and b"None" not in removed.stderr
+    assert {path.name: sha256_file(path) for path in outside.iterdir()} == before
+    assert disk_list(data)["pg"]["status"] == "provisioned"
+
+
+# ---- the fuzz corpus through cp ----
+
+
+def test_a_sample_of_the_fuzz_corpus_through_cp(tmp_path: Path, data: Path, mounts: Mounts) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    image = images / "pg.img"
+    old = os.urandom(256 << 10)
+    image.write_bytes(old)
+    add_disk(data, "pg", image)
+    mnt = tmp_path / "mnt"
+    mounts(mnt, data, "--allow-overwrite", expect_log=[FAILED_RESTORE])
+    oracle = Oracle()
+    cases = sample(corpus(SEED), 30, seed=SEED)
+    source = tmp_path / "case.mirn"
+    problems: list[str] = []
+    for n, case in enumerate(cases):
+        verdict = oracle(case.data)
+        source.write_bytes(case.data)
+        name = "pg" if n % 2 == 0 else f"new{n}"
+        done = subprocess.run(
+            ["cp", str(source), str(mnt / "restore" / f"{name}.mirn")],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+        listed = disk_list(data)
+        if (done.returncode == 0) != verdict.accepted:
+            problems.append(
+                f"{case.id}: cp exited {done.returncode} ({done.stderr.strip()}); oracle: {verdict.reason}"
+            )
+        if verdict.accepted:
+            restored = Path(str(listed[name]["image_path"]))
+            if sha256_file(restored) != verdict.sha256:
+                problems.append(f"{case.id}: the restored image is not the oracle's")
+            if name == "pg":
+                image.write_bytes(old)  # the next case starts from the old image again
+        else:
+            if name == "pg" and image.read_bytes() != old:
+                problems.append(f"{case.id}: a refused restore changed the image")
+            if name != "pg" and name in listed:
+                problems.append(f"{case.id}: a refused restore left disk {name} ({listed[name]['status']})")
+        if staging_files(data) or staging_files(images):
+            problems.append(f"{case.id}: staging files left")
+        if "restore" not in os.listdir(mnt):
+            problems.append(f"{case.id}: the mount stopped answering")
+    assert not problems, "\n".join(problems)
