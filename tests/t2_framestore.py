@@ -276,3 +276,27 @@ def test_resumable_sha256_matches_hashlib_and_resumes() -> None:
     first.update(b"x")
     with pytest.raises(ValueError):
         first.midstate()
+
+
+def test_a_reader_of_the_old_version_gets_its_bytes_from_the_store_after_a_change(tmp_path: Path) -> None:
+    """SPEC §5: a reader of the old version gets consistent old bytes or EIO; with the store, the
+    old frames are still there, so it gets the old bytes."""
+    image = tmp_path / "img"
+    write_image(image, SEGMENTS)
+    store = new_store(tmp_path)
+
+    async def run() -> tuple[bytes, bytes]:
+        handle = OpenImage.open(str(image))
+        try:
+            source = handle.source(SMALL)
+            index = await build_index(source, SMALL, store=store)
+            meta = snapshot_meta("d", "ext4", handle.size, handle.mtime_ns, index.checksum)
+            producer = SnapshotProducer(source, SMALL, meta, index, store=store, cached_frames=0)
+            before = await producer.read(0, producer.size)
+            write_image(image, SEGMENTS, seed=9)  # every data chunk changes, in place
+            return before, await producer.read(0, producer.size)
+        finally:
+            handle.close()
+
+    before, after = trio.run(run)
+    assert after == before

@@ -11,7 +11,6 @@ per family and reported together, each with the case's name.
 
 from __future__ import annotations
 
-import functools
 import os
 import random
 import time
@@ -40,9 +39,10 @@ class Judged:
     verdict: Verdict
 
 
-@functools.cache
+@pytest.fixture(scope="module")
 def judged_corpus() -> tuple[Judged, ...]:
-    """The corpus with the oracle's verdict on each case, built once per session."""
+    """The corpus with the oracle's verdict on each case, built once for this module (and let go
+    after it: a few hundred snapshots in memory)."""
     oracle = Oracle()
     return tuple(Judged(case, oracle(case.data)) for case in corpus(SEED))
 
@@ -104,8 +104,10 @@ async def _check_case(judged: Judged, work: Path, rng: random.Random) -> list[st
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_case_matches_the_oracle_and_loses_nothing(family: str, tmp_path: Path) -> None:
-    cases = [judged for judged in judged_corpus() if judged.case.family == family]
+def test_every_case_matches_the_oracle_and_loses_nothing(
+    family: str, tmp_path: Path, judged_corpus: tuple[Judged, ...]
+) -> None:
+    cases = [judged for judged in judged_corpus if judged.case.family == family]
     assert cases, f"the corpus has no {family} cases"
     rng = random.Random(f"{SEED}-{family}")
     failures: list[str] = []
@@ -119,12 +121,12 @@ def test_every_case_matches_the_oracle_and_loses_nothing(family: str, tmp_path: 
     assert not failures, f"{len(failures)} problems in {len(cases)} {family} cases:\n" + "\n".join(failures)
 
 
-def test_the_corpus_is_seeded_varied_and_quick() -> None:
+def test_the_corpus_is_seeded_varied_and_quick(judged_corpus: tuple[Judged, ...]) -> None:
     """Deterministic (the same seed, the same bytes), hundreds of cases, both outcomes well covered."""
     started = time.monotonic()
     again = corpus(SEED)
     assert time.monotonic() - started < 10
-    cases = judged_corpus()
+    cases = judged_corpus
     assert [c.case.data for c in cases] == [case.data for case in again]
     assert len(cases) >= 300
     accepted = sum(c.verdict.accepted for c in cases)

@@ -20,16 +20,14 @@ from mirenfs.errors import TargetError
 
 from support.data import sha256_file, staging_files
 from support.fuzz import header, metadata, streamed_frame
+from support.mounts import proc_status_kib
 from support.runners import run_mirenfs
 from support.streams import restore_threads
 from support.vectors import GO_EXT4, GO_ODD
 
 
 def rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
+    return proc_status_kib(os.getpid()) / 1024
 
 
 async def file_pieces(path: Path, piece: int = 1 << 20) -> AsyncIterator[bytes]:

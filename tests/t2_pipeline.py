@@ -7,6 +7,7 @@ import errno
 import gc
 import hashlib
 import os
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -326,3 +327,16 @@ def test_zero_frames_past_size_bytes_are_refused() -> None:
     error = _fail_before_the_end(short.header() + body, open_target)
     assert isinstance(error, FormatError) and "longer than" in str(error)
     assert len(sink.data) <= short.size_bytes
+
+
+def test_the_gil_switch_interval_is_restored_once_the_stages_end() -> None:
+    before = sys.getswitchinterval()
+
+    async def run() -> None:
+        stream, _sink = collecting_stream()
+        await stream.feed(one_frame_snapshot(CONTENT))
+        assert sys.getswitchinterval() < before  # while the stages run, the GIL is handed over quickly
+        await stream.finish()
+
+    trio.run(run)
+    assert sys.getswitchinterval() == before

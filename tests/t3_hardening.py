@@ -36,6 +36,7 @@ from support.fuse_ops import (
     operations,
     trio_test,
 )
+from support.mounts import deleted_files_held
 from support.store import store_state
 from support.vectors import GO_EXT4, GO_ODD
 
@@ -236,26 +237,13 @@ async def test_a_stale_handle_of_an_installed_restore_closes_quietly(data_path: 
 # ---- 10: the replaced image is let go at install ------------------------------------------------------
 
 
-def deleted_files_held(path: Path) -> list[str]:
-    """This process's descriptors on ``path`` after it was replaced (``PATH (deleted)``)."""
-    held = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target == f"{path} (deleted)":
-            held.append(target)
-    return held
-
-
 @trio_test
 async def test_the_replaced_image_is_released_when_the_restore_installs(data_path: Path) -> None:
     image = add_image_disk(data_path, "pg")
     async with operations(data_path, allow_overwrite=True) as m:
         old = (await m.lookup("pg.mirn")).st_size  # the mount now holds the image open for its snapshot
         assert await m.copy_in("pg.mirn", GO_ODD.path.read_bytes()) is None
-        assert deleted_files_held(image) == []  # not at the next lookup: at once
+        assert deleted_files_held(os.getpid(), image) == []  # not at the next lookup: at once
         assert m.ops.service.current("pg") is None
         new = await m.lookup("pg.mirn")  # and the snapshot shown is the new image's
         assert new.st_size != old
@@ -269,10 +257,10 @@ async def test_a_replaced_image_still_read_is_released_by_the_last_reader(data_p
         reader = await m.open((await m.lookup("pg.mirn")).st_ino)
         first = await m.ops.read(reader, 0, 4096)
         assert await m.copy_in("pg.mirn", GO_ODD.path.read_bytes()) is None
-        assert len(deleted_files_held(image)) == 1  # a reader still reads the old snapshot
+        assert len(deleted_files_held(os.getpid(), image)) == 1  # a reader still reads the old snapshot
         assert await m.ops.read(reader, 0, 4096) == first
         await m.ops.release(reader)
-        assert deleted_files_held(image) == []
+        assert deleted_files_held(os.getpid(), image) == []
 
 
 # ---- 12: JSON nested too deeply is a bad header (EINVAL), not EIO ----------------------------------------

@@ -9,7 +9,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 
 from mirenfs.mount.inodes import ROOT_INODE
@@ -23,11 +22,6 @@ async def index_state(m: InProcessMount, name: str) -> str:
     return str(status["disks"][name]["index"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: mount/versions.py ends a disk's progress when its pass ends but installs the version "
-    "only after saving the index cache: status says 'not built' in between",
-)
 @trio_test
 async def test_the_index_is_building_until_it_is_ready(tmp_path: Path) -> None:
     add_image_disk(tmp_path, "pg")

@@ -194,6 +194,10 @@ def test_etcd_stopped_fails_closed_then_everything_works_again(
         expect_log=(UNREACHABLE, r"restore of disk (pg|fresh) from restore/\S+ by uid \d+ failed"),
     )
 
+    snapshot = (a.mnt / "pg.mirn").read_bytes()
+    reader = open(a.mnt / "pg.mirn", "rb")  # noqa: SIM115 - read across the outage below
+    head = reader.read(1 << 20)
+
     # A restore whose final re-check cannot reach the catalogue keeps the old image.
     data = replacement.read_bytes()
     fd = os.open(a.mnt / "restore" / "pg.mirn", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -218,6 +222,8 @@ def test_etcd_stopped_fails_closed_then_everything_works_again(
     assert over.returncode != 0 and "Input/output error" in over.stderr, over.stderr
     assert sha256_file(image) == original_sha
     wait_for(lambda: lists(a) is None, "the mount to answer EIO", timeout=5.0)
+    with reader:  # a snapshot already open reads on, its version known
+        assert head + reader.read() == snapshot
     cli = run_cli("restore", original, "--name", "fresh", *a.args)
     assert cli.code == 1 and "is unreachable" in cli.err
     assert [p.name for p in (a.data / "disk-data" / "volumes").iterdir()] == [image.parent.name]

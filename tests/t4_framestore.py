@@ -114,3 +114,21 @@ def test_a_bad_frame_store_size_is_refused(tmp_path: Path, data: Path) -> None:
     result = run_mirenfs("mount", str(mnt), "--data-path", str(data), "-o", "frame_store_size=lots")
     assert result.returncode == 1
     assert b"frame_store_size" in result.stderr
+
+
+def test_after_a_remount_and_a_change_hashing_resumes_at_the_changed_chunk(
+    tmp_path: Path, data: Path, mounts
+) -> None:
+    mnt = tmp_path / "mnt"
+    mount = mounts(mnt, data)
+    (mnt / "web.mirn").read_bytes()
+    mount.stop()
+    with open(tmp_path / "web.img", "r+b") as image:
+        image.seek(17 << 20)  # in the last chunk
+        image.write(b"changed while unmounted")
+    mount.start()
+    after = (mnt / "web.mirn").read_bytes()
+    assert re.search(r"1 of \d+ data chunks compressed.*; hashed from chunk 4 of 5\)", mount.log())
+    copy = tmp_path / "after.mirn"
+    copy.write_bytes(after)
+    assert run_mirenfs("verify", str(copy)).returncode == 0

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import shutil
 import stat
@@ -24,27 +23,17 @@ from pathlib import Path
 import pytest
 
 from support.bad_snapshots import make_good_snapshot
-from support.data import sha256_file, staging_files
+from support.data import sha256_file, staging_files, write_slow_image
 from support.fuzz import SEED, Oracle, corpus, sample
 from support.loopfs import loop_filesystem, make_filesystem, run, tool
-from support.mounts import Mount, wait_for
+from support.mounts import Mount, deleted_files_held, proc_status_kib, restore_state, wait_for
 from support.runners import run_mirenfs
+from support.store import disks
 from support.vectors import GO_EXT4, GO_ODD
 
 Mounts = Callable[..., Mount]
-STATE = "user.mirenfs.state"
 TIMEOUT = 60
 FAILED_RESTORE = r"restore of disk \S+ from restore/\S+ by uid \d+ failed: "
-
-
-def state(mnt: Path, name: str) -> str:
-    return os.getxattr(mnt / "restore" / name, STATE).decode()
-
-
-def disk_list(data: Path) -> dict[str, dict[str, object]]:
-    listed = run_mirenfs("disk", "list", "--json", "--data-path", str(data), timeout=TIMEOUT)
-    assert listed.returncode == 0, listed.stderr
-    return {entry["name"]: entry for entry in json.loads(listed.stdout)}
 
 
 def add_disk(data: Path, name: str, image: Path) -> None:
@@ -58,22 +47,6 @@ def sh(script: str, *args: str | Path, timeout: float = TIMEOUT) -> subprocess.C
     return subprocess.run(
         ["sh", "-c", script, "sh", *map(str, args)], capture_output=True, text=True, timeout=timeout
     )
-
-
-def vm_rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
-def deleted_files_held(pid: int, path: Path) -> list[str]:
-    held = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == f"{path} (deleted)":
-                held.append(fd)
-    return held
 
 
 @pytest.fixture
@@ -111,12 +84,12 @@ def test_writers_that_share_the_descriptor_get_the_outcome_as_their_exit_status(
     for round_number in range(40):
         source = bad if round_number % 4 == 3 else good
         done = sh(FORK_SHAPE, target, source)
-        outcome = state(mnt, "x.mirn")
+        outcome = restore_state(mnt, "x.mirn")
         assert "Device or resource busy" not in done.stderr, f"round {round_number}: {done.stderr}"
         if source == good:
             assert done.returncode == 0, f"round {round_number}: {done.stderr} ({outcome})"
             assert outcome.startswith("installed"), f"round {round_number}: {outcome}"
-            image = Path(str(disk_list(data)["x"]["image_path"]))
+            image = Path(str(disks(data)["x"]["image_path"]))
             assert sha256_file(image) == checksum
         else:
             assert done.returncode != 0, f"round {round_number}: cat exited 0 but the restore {outcome}"
@@ -143,13 +116,13 @@ def test_the_daemon_memory_stays_flat_over_200_restores(tmp_path: Path, data: Pa
         with open(mnt / "restore" / "m.mirn", "wb") as out:
             out.write(vector)
 
-    samples: dict[int, int] = {0: vm_rss_kib(pid)}
+    samples: dict[int, int] = {0: proc_status_kib(pid)}
     for n in range(1, 201):
         restore()
         if n in (20, 50, 100, 150, 200):
-            samples[n] = vm_rss_kib(pid)
-    assert state(mnt, "m.mirn") == "installed"
-    assert sha256_file(str(disk_list(data)["m"]["image_path"])) == GO_EXT4.sha256
+            samples[n] = proc_status_kib(pid)
+    assert restore_state(mnt, "m.mirn") == "installed"
+    assert sha256_file(str(disks(data)["m"]["image_path"])) == GO_EXT4.sha256
     print(f"daemon VmRSS (KiB) after N restores of {GO_EXT4.file}: {samples}")
     grown = (samples[200] - samples[20]) / 1024
     assert grown < 48, f"the daemon grew {grown:.0f} MiB between restore 20 and 200: {samples}"
@@ -233,7 +206,7 @@ def test_another_user_cannot_restore_even_into_a_0666_entry(
     )
     assert reader.returncode == 0 and reader.stdout.startswith("failed: "), reader
     assert sha256_file(image) == before
-    assert set(disk_list(data)) == {"pg"}
+    assert set(disks(data)) == {"pg"}
     assert staging_files(world) == []
 
 
@@ -261,7 +234,9 @@ def test_a_fifo_at_the_staging_path_fails_cp_at_once_and_the_mount_restarts(
     )
     assert done.returncode not in (0, -9, 137), done  # failed, and not by the timeout
     assert "File exists" in done.stderr, done.stderr
-    assert state(mnt, "pg.mirn").startswith("failed: ") and "is in the way" in state(mnt, "pg.mirn")
+    assert restore_state(mnt, "pg.mirn").startswith("failed: ") and "is in the way" in restore_state(
+        mnt, "pg.mirn"
+    )
     assert sorted(os.listdir(mnt)) == ["pg.mirn", "pg.mirn.sha256", "restore"]  # it still answers
     mount.stop()
     mounts(mnt, data, "--allow-overwrite", expect_log=planted)  # the sweep at start passes it by
@@ -323,7 +298,7 @@ def test_a_full_data_path_still_serves_its_snapshots(tmp_path: Path, mounts: Mou
                     assert verify.returncode == 0, verify.stderr
                     copy.unlink()
                     assert (mnt / f"{name}.mirn.sha256").read_text().endswith(f"  {name}.mirn\n")
-            assert set(disk_list(data)) == {"pg", "web"}
+            assert set(disks(data)) == {"pg", "web"}
             mount.stop()
             first_run = mount.log()
             mount = mounts(mnt, data, expect_log=full)  # and a mount starts on it
@@ -349,8 +324,8 @@ def test_a_daemon_killed_mid_restore_leaves_no_disk_stuck_provisioning(
     fd = os.open(mnt / "restore" / "fresh.mirn", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         os.write(fd, good.read_bytes()[: 3 << 20])  # past the header: the disk is being created
-        wait_for(lambda: "fresh" in disk_list(data), "the restore to create disk fresh")
-        assert disk_list(data)["fresh"]["status"] == "provisioning"
+        wait_for(lambda: "fresh" in disks(data), "the restore to create disk fresh")
+        assert disks(data)["fresh"]["status"] == "provisioning"
         assert mount.process is not None
         mount.process.kill()
         mount.process.wait(timeout=TIMEOUT)
@@ -358,18 +333,49 @@ def test_a_daemon_killed_mid_restore_leaves_no_disk_stuck_provisioning(
         with contextlib.suppress(OSError):
             os.close(fd)  # ENOTCONN: the daemon is gone
     mount.stop()
-    assert disk_list(data)["fresh"]["status"] == "provisioning"  # what the kill left
+    assert disks(data)["fresh"]["status"] == "provisioning"  # what the kill left
     restarted = mounts(
         mnt, data, expect_log=[r"removed disk fresh: a restore that was creating it was interrupted"]
     )
-    assert "fresh" not in disk_list(data) and staging_files(data) == []
+    assert "fresh" not in disks(data) and staging_files(data) == []
     assert not any((data / "disk-data" / "volumes").iterdir())
     if then == "restart-and-restore":
         done = subprocess.run(["cp", str(good), str(mnt / "restore" / "fresh.mirn")], timeout=TIMEOUT)
         assert done.returncode == 0
-        assert disk_list(data)["fresh"]["status"] == "provisioned"
-        assert sha256_file(str(disk_list(data)["fresh"]["image_path"])) == checksum
+        assert disks(data)["fresh"]["status"] == "provisioned"
+        assert sha256_file(str(disks(data)["fresh"]["image_path"])) == checksum
     restarted.stop()
+
+
+def test_a_daemon_killed_mid_index_pass_restarts_and_serves_the_same_bytes(
+    tmp_path: Path, data: Path, mounts: Mounts
+) -> None:
+    image = tmp_path / "pg.img"
+    write_slow_image(image, 96 << 20)  # an index pass of a second or more on two cores
+    add_disk(data, "pg", image)
+    mnt = tmp_path / "mnt"
+    mount = mounts(mnt, data)
+    assert mount.process is not None
+    waiting = subprocess.Popen(
+        ["stat", str(mnt / "pg.mirn")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_for(lambda: "index pass for disk pg started" in mount.log(), "the index pass to start")
+        mount.process.kill()
+        mount.process.wait(timeout=TIMEOUT)
+        assert waiting.wait(timeout=TIMEOUT) != 0  # the stat that waited for the pass: ENOTCONN
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.wait(timeout=TIMEOUT)
+    mount.stop()
+    mounts(mnt, data)
+    expected = tmp_path / "expected.mirn"
+    done = run_mirenfs("backup", "pg", "-o", str(expected), "--data-path", str(data), timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    assert sha256_file(mnt / "pg.mirn") == sha256_file(expected)
+    leftovers = [str(p) for p in (data / "mirenfs").rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == [], leftovers
 
 
 # ---- 9: a read-only data path ----
@@ -425,8 +431,8 @@ def test_an_empty_or_truncated_copy_fails_and_creates_nothing(
         ["cp", "/dev/null", str(mnt / "restore" / "x.mirn")], capture_output=True, timeout=TIMEOUT
     )
     assert empty.returncode != 0, empty
-    assert state(mnt, "x.mirn").startswith("failed: ")
-    assert disk_list(data) == {}
+    assert restore_state(mnt, "x.mirn").startswith("failed: ")
+    assert disks(data) == {}
     # Cut short: under one feed batch (the disk is made and undone within the close) and over it
     # (the disk exists while the data arrives).
     for round_number, source in enumerate([GO_EXT4.path, long_snapshot[0]] * 3):
@@ -437,11 +443,11 @@ def test_an_empty_or_truncated_copy_fails_and_creates_nothing(
         cut = subprocess.run(
             ["cp", str(half), str(mnt / "restore" / f"{name}.mirn")], capture_output=True, timeout=TIMEOUT
         )
-        listed = disk_list(data)  # right after cp returns: the disk it made is gone already
+        listed = disks(data)  # right after cp returns: the disk it made is gone already
         assert cut.returncode != 0, cut
         assert name not in listed, listed
-        assert state(mnt, f"{name}.mirn").startswith("failed: ")
-    assert disk_list(data) == {} and staging_files(data) == []
+        assert restore_state(mnt, f"{name}.mirn").startswith("failed: ")
+    assert disks(data) == {} and staging_files(data) == []
 
 
 # ---- 14: a symlinked volume directory ----
@@ -452,7 +458,7 @@ def test_a_symlinked_volume_directory_is_refused_by_restore_and_remove(
 ) -> None:
     done = run_mirenfs("disk", "create", "pg", "--size", "4M", "--data-path", str(data), timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr
-    image = Path(str(disk_list(data)["pg"]["image_path"]))
+    image = Path(str(disks(data)["pg"]["image_path"]))
     outside = tmp_path / "outside"
     shutil.move(image.parent, outside)  # the volume directory now lives outside, reached by a link
     image.parent.symlink_to(outside)
@@ -469,7 +475,7 @@ def test_a_symlinked_volume_directory_is_refused_by_restore_and_remove(
     removed = run_mirenfs("disk", "remove", "pg", "--data-path", str(data), timeout=TIMEOUT)
     assert removed.returncode == 1 and str(image).encode() in removed.stderr and b"None" not in removed.stderr
     assert {path.name: sha256_file(path) for path in outside.iterdir()} == before
-    assert disk_list(data)["pg"]["status"] == "provisioned"
+    assert disks(data)["pg"]["status"] == "provisioned"
 
 
 # ---- the fuzz corpus through cp ----
@@ -498,7 +504,7 @@ def test_a_sample_of_the_fuzz_corpus_through_cp(tmp_path: Path, data: Path, moun
             text=True,
             timeout=TIMEOUT,
         )
-        listed = disk_list(data)
+        listed = disks(data)
         if (done.returncode == 0) != verdict.accepted:
             problems.append(
                 f"{case.id}: cp exited {done.returncode} ({done.stderr.strip()}); oracle: {verdict.reason}"

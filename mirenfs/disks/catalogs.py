@@ -237,7 +237,12 @@ def copy_catalog(
             log.warning("%s", exc)
             report.conflicts.append(name)
             continue
-        {"added": report.added, "updated": report.updated}.get(outcome, report.unchanged).append(name)
+        if outcome == "added":
+            report.added.append(name)
+        elif outcome == "updated":
+            report.updated.append(name)
+        else:
+            report.unchanged.append(name)
         if on_disk is not None:
             on_disk(name, outcome)
     return report

@@ -28,9 +28,11 @@ copy.
 :class:`CatalogWatch` is the mount's local copy: one listing, then a watch
 on ``disks/``, applied in a worker thread; a second thread asks the member
 serving the watch for a linearizable read every ``PROBE_INTERVAL_S``. The
-copy answers ``list_disks`` from memory only while the watch stream is open
-and that probe succeeded within ``STALE_AFTER_S``; otherwise it raises the
-unreachable error (EIO at the FUSE boundary), logging the change once.
+copy answers ``list_disks`` from memory only while it was confirmed current
+(by the probe, or an event) within ``STALE_AFTER_S``; otherwise it raises the
+unreachable error (EIO at the FUSE boundary), logging the change once. A
+broken stream is followed again at once, on another member if need be: one
+member going away does not interrupt the mount.
 """
 
 from __future__ import annotations
@@ -815,7 +817,9 @@ class CatalogWatch:
     Two daemon threads: one lists ``disks/`` and follows a watch from the
     revision after that listing (listing again whenever the stream breaks),
     one probes the member serving the watch. The copy answers only while it is
-    known current (stream open, probe recent); else it raises the unreachable
+    known current (confirmed within ``stale_after_s``): it misses nothing
+    meanwhile, because a member that answers a linearizable read is in touch
+    with its quorum and streams every change. Else it raises the unreachable
     error, logged once per outage.
     """
 
@@ -833,7 +837,7 @@ class CatalogWatch:
         self._records: dict[str, DiskRecord] = {}
         self._stream: requests.Response | None = None
         self._endpoint: int | None = None  # the member serving the watch, while the stream is open
-        self._confirmed_at = -math.inf
+        self._confirmed_at = -math.inf  # when the copy was last known to hold every change
         self._problem = "not connected yet"
         self._reachable: bool | None = None  # what was last said in the log
         self._first_sync = threading.Event()
@@ -870,7 +874,7 @@ class CatalogWatch:
             return self._current_locked()
 
     def _current_locked(self) -> bool:
-        return self._endpoint is not None and time.monotonic() - self._confirmed_at <= self._stale_after_s
+        return time.monotonic() - self._confirmed_at <= self._stale_after_s
 
     def list_disks(self) -> list[DiskRecord]:
         """The disks as the catalogue has them now (within a watch event's delay), from memory."""
@@ -878,11 +882,13 @@ class CatalogWatch:
             self._first_sync.wait(timeout=FIRST_SYNC_WAIT_S)
             self._first_sync.set()  # waited once: from now on the answer is now
         with self._lock:
-            if not self._current_locked():
-                error = self.catalog.kv.unreachable(self._problem)
-                error.reported = self._reachable is False  # the outage was logged once, not per request
-                raise error
-            return sorted(self._records.values(), key=lambda record: record.disk.name)
+            if self._current_locked():
+                return sorted(self._records.values(), key=lambda record: record.disk.name)
+            problem = self._problem
+        self._announce_if_stale()
+        error = self.catalog.kv.unreachable(problem)
+        error.reported = True  # the outage is logged once, not per request
+        raise error
 
     # --- following the watch ---
 
@@ -899,7 +905,7 @@ class CatalogWatch:
                 why = _reason(exc)
             if self._stopping.is_set():
                 return
-            self._lost(why)
+            self._trouble(why)
             self._stopping.wait(backoff)
             backoff = min(backoff * 2, 0.5)
 
@@ -1000,7 +1006,7 @@ class CatalogWatch:
                 self.catalog.kv.range(probe_key, endpoint=endpoint)
             except Exception as exc:  # MirenfsError; anything else must not end the probing either
                 if not self._stopping.is_set():
-                    self._lost(_reason(exc))
+                    self._trouble(_reason(exc))
                     self._drop_stream()  # the watch starts again, on a member that answers
                 continue
             with self._lock:
@@ -1009,18 +1015,24 @@ class CatalogWatch:
 
     # --- saying so, once per change ---
 
-    def _lost(self, why: str) -> None:
+    def _trouble(self, why: str) -> None:
+        """The watch broke or the probe failed: remember why; once the copy is stale, say so."""
         with self._lock:
-            self._endpoint = None
             self._problem = why
-            was, self._reachable = self._reachable, False
-        if was is not False:
-            log.warning(
-                "the disk catalogue at %s is unreachable (%s): the mount answers EIO for the disks until "
-                "it is back (open snapshots keep reading)",
-                self.catalog.location.url,
-                self._problem,
-            )
+        self._announce_if_stale()
+
+    def _announce_if_stale(self) -> None:
+        with self._lock:
+            if self._current_locked() or self._reachable is False:
+                return
+            self._reachable = False
+            problem = self._problem
+        log.warning(
+            "the disk catalogue at %s is unreachable (%s): the mount answers EIO for the disks until "
+            "it is back (open snapshots keep reading)",
+            self.catalog.location.url,
+            problem,
+        )
 
     def _found(self) -> None:
         with self._lock:

@@ -9,7 +9,10 @@ and writeback). :meth:`RestoreStream.feed` hands the compressed bytes to the
 first stage and returns at once unless its bounded queue is full (that is the
 back-pressure a FUSE write feels). Decompressed pieces travel in a fixed pool
 of buffers, so memory stays bounded even for a frame that inflates 30 000-fold
-(a 4 MiB hole is a 151-byte frame).
+(a 4 MiB hole is a 151-byte frame). The frame mirenfs itself writes for an
+all-zero chunk is recognised and passed on as zeros without zstd or a zero
+check. :meth:`RestoreStream.settle` waits until everything fed is
+decompressed, so that a close can tell exactly whether the snapshot is whole.
 
 Never: let an error of any stage go unreported (it fails the next feed, the
 settle or the finish); write more than ``size_bytes``; let a stage reference

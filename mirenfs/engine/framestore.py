@@ -143,8 +143,9 @@ class FrameStore:
         if size is None:
             return
         with self._lock:
-            self._entries[name] = size
-            self.bytes += size
+            if name not in self._entries:  # another thread may have stored the same chunk meanwhile
+                self._entries[name] = size
+                self.bytes += size
             victims = self._over_limit()
         for victim in victims:
             _unlink_quietly(self._path(victim))

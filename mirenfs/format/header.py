@@ -278,7 +278,10 @@ class HeaderParser:
     def _check_prefix(self) -> None:
         got = bytes(self._buffer[:4])
         if got != MAGIC[: len(got)]:
-            raise FormatError(f"not a .mirn snapshot: bad magic {got!r}, expected {MAGIC!r}")
+            shown = " ".join(f"{byte:02x}" for byte in got)
+            raise FormatError(
+                f"not a .mirn snapshot: bad magic (it starts with the bytes {shown}, a snapshot with MIRN)"
+            )
         if self._body_len is None and len(self._buffer) >= PREFIX_LEN:
             _, version, body_len = _PREFIX.unpack(self._buffer[:PREFIX_LEN])
             if version != FORMAT_VERSION:
@@ -299,7 +302,8 @@ def validate_meta(meta: Meta) -> Meta:
     if meta.size_bytes < 0:
         raise FormatError(f"snapshot metadata has a negative size_bytes ({meta.size_bytes})")
     if not _CHECKSUM_RE.fullmatch(meta.checksum):
-        raise FormatError(f"snapshot checksum {meta.checksum!r} is not 64 hex digits")
+        length = len(meta.checksum)
+        raise FormatError(f"the snapshot checksum is not 64 hex digits (it has {length} characters)")
     if meta.version != FORMAT_VERSION:
         raise FormatError(f"unsupported snapshot metadata version {meta.version}")
     return meta

@@ -123,7 +123,10 @@ class MirenOperations(pyfuse3.Operations):
         entry: CatalogEntry | None = None
         if parsed is not None:
             entry = (await self.catalog.disks()).get(parsed[0])
-            if entry is None:  # not in the last listing: a disk just restored or created shows at once
+            if entry is None or self.service.current(parsed[0]) is None:
+                # Not listed, or its version is about to be built (a pass costs far more than a
+                # listing): ask afresh, so a disk just restored or created shows at once, with the
+                # size and filesystem the store has for it now, never those of the image it replaced.
                 entry = (await self.catalog.disks(fresh=True)).get(parsed[0])
         if parsed is None or entry is None:
             raise pyfuse3.FUSEError(errno.ENOENT)

@@ -67,18 +67,10 @@ class IndexCache:
 
     def load(self, image_path: str, key: str) -> tuple[SnapshotIndex, str | None] | None:
         path = self.path_for(image_path)
-        try:
-            with open(path, "rb") as f:
-                stored_key = f.readline().decode().rstrip("\n")
-                sidecar = f.readline().decode().rstrip("\n")
-                body = f.read()
-        except FileNotFoundError:
+        entry = self._read(path)
+        if entry is None or entry[0] != key:
             return None
-        except (OSError, UnicodeDecodeError) as exc:
-            log.warning("index cache %s is unreadable (%s); rebuilding it", path, exc)
-            return None
-        if stored_key != key:
-            return None
+        _key, sidecar, body = entry
         try:
             index = SnapshotIndex.from_bytes(body)
         except StaleIndexError as exc:
@@ -93,6 +85,32 @@ class IndexCache:
             log.warning("index cache %s has a bad sidecar line; rebuilding it", path)
             return None
         return index, (None if sidecar == "-" else sidecar)
+
+    def load_basis(self, image_path: str) -> SnapshotIndex | None:
+        """The last index kept for ``image_path``, whatever image state it describes: a pass
+        resumes hashing only after chunks whose fingerprints it finds unchanged, so a stale
+        index is a sound basis (and a damaged one is simply not used)."""
+        entry = self._read(self.path_for(image_path))
+        if entry is None:
+            return None
+        try:
+            return SnapshotIndex.from_bytes(entry[2])
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    @staticmethod
+    def _read(path: str) -> tuple[str, str, bytes] | None:
+        """(key, sidecar line, body) of a cache file, None when there is none or it is unreadable."""
+        try:
+            with open(path, "rb") as f:
+                stored_key = f.readline().decode().rstrip("\n")
+                sidecar = f.readline().decode().rstrip("\n")
+                return stored_key, sidecar, f.read()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            log.warning("index cache %s is unreadable (%s); rebuilding it", path, exc)
+            return None
 
     def save(self, image_path: str, key: str, index: SnapshotIndex, sidecar: str | None) -> None:
         """Persist an index; a failure (a full or read-only state directory) is logged once and
@@ -261,13 +279,14 @@ class SnapshotService:
         building = self._building[key] = _Build()
         try:
             version = await self._build(name, image_path, filesystem, attached=attached)
+            self._install(version)
         except Exception as exc:
             building.error = exc
             raise
         finally:
+            self.progress.pop(name, None)  # building ends: ready (installed above) or failed
             building.done.set()
             del self._building[key]
-        self._install(version)
         return version
 
     async def _copy_still_current(self, version: DiskVersion, attached: bool) -> bool:
@@ -349,7 +368,9 @@ class SnapshotService:
                 index, sidecar = cached
             else:
                 single_read = taken.consistency is Consistency.LIVE
-                index, spill = await self._index_pass(name, source, single_read=single_read)
+                index, spill = await self._index_pass(
+                    name, source, single_read=single_read, image_path=image_path
+                )
                 sidecar = None
                 after = await trio.to_thread.run_sync(os.fstat, fd)
                 if taken.is_copy:
@@ -384,7 +405,7 @@ class SnapshotService:
         )
 
     async def _index_pass(
-        self, name: str, source: FdImageSource, *, single_read: bool
+        self, name: str, source: FdImageSource, *, single_read: bool, image_path: str
     ) -> tuple[SnapshotIndex, FrameSpill | None]:
         async with self._pass_limit:
             limit = self.spill_limit - self.spill_in_use()
@@ -405,22 +426,27 @@ class SnapshotService:
                     progress=advance,
                     single_read=single_read,
                     store=self.frame_store,
-                    basis=self._basis(name),
+                    basis=await self._basis(name, image_path),
                 )
             except BaseException:
                 if spill is not None:
                     spill.close()
                 raise
-            finally:
-                self.progress.pop(name, None)
+            # The progress stays until the version is installed (see version()): status must
+            # never say "not built" between the end of the pass and the version being there.
             self._log_pass(name, index)
             return index, spill
 
-    def _basis(self, name: str) -> SnapshotIndex | None:
-        """The index of the disk's version before this one: hashing resumes after the chunks
-        that still hold the same bytes (build_index checks that, chunk by chunk)."""
+    async def _basis(self, name: str, image_path: str) -> SnapshotIndex | None:
+        """The index of the disk's version before this one (in memory, or as the cache kept it
+        before a remount): hashing resumes after the chunks that still hold the same bytes
+        (build_index checks that, chunk by chunk)."""
+        if self.frame_store is None:
+            return None  # without fingerprints a basis is of no use
         current = self._current.get(name)
-        return current.producer.layout.index if current is not None else None
+        if current is not None:
+            return current.producer.layout.index
+        return await trio.to_thread.run_sync(self.cache.load_basis, image_path)
 
     def _log_pass(self, name: str, index: SnapshotIndex) -> None:
         data_chunks = index.frame_count - sum(index.zero_chunks)

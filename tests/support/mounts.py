@@ -124,6 +124,25 @@ def pid_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def proc_status_kib(pid: int, field: str = "VmRSS") -> int:
+    """A memory figure of ``pid`` from /proc/PID/status (``VmRSS``, ``VmHWM``), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def deleted_files_held(pid: int, path: str | os.PathLike[str]) -> list[str]:
+    """The descriptors of ``pid`` still open on ``path`` after it was replaced (``PATH (deleted)``)."""
+    held = []
+    fd_directory = Path(f"/proc/{pid}/fd")
+    for fd in os.listdir(fd_directory):
+        with contextlib.suppress(OSError):
+            if os.readlink(fd_directory / fd) == f"{os.fspath(path)} (deleted)":
+                held.append(fd)
+    return held
+
+
 def stop_process(process: subprocess.Popen[Any]) -> None:
     """SIGTERM, then SIGKILL if it does not exit in time."""
     if process.poll() is None:
