@@ -13,6 +13,7 @@ Another is a limit: JSON nested deeper than Python's recursion limit (about 1 00
 
 from __future__ import annotations
 
+import datetime as _dt
 import io
 import json
 
@@ -122,6 +123,13 @@ def test_timestamps_go_refuses_are_refused(text: str) -> None:
         Timestamp.parse(text)
     with pytest.raises(FormatError, match="timestamp"):
         read(body(timestamp=text), validate=False)
+
+
+def test_offsets_of_a_day_or_more_keep_their_instant() -> None:
+    """Go reads them (and writes them back only through Format); a datetime cannot hold them."""
+    stamp = Timestamp.parse("2026-06-04T12:00:00+24:00")
+    assert stamp.rfc3339() == "2026-06-04T12:00:00+24:00"
+    assert stamp.to_datetime() == _dt.datetime(2026, 6, 3, 12, tzinfo=_dt.UTC)
 
 
 def test_year_zero_round_trips() -> None:

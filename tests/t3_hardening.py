@@ -285,12 +285,20 @@ async def test_deeply_nested_metadata_is_einval(data_path: Path, nested: bytes) 
 # ---- 6: the state directory is only a cache -------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "frames",
+    [
+        "frame-store",
+        "spill",
+    ],
+)
 @trio_test
 async def test_snapshots_are_served_when_the_state_directory_is_full(
-    data_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    data_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, frames: str
 ) -> None:
-    """Indexes that cannot be saved and frames that cannot be kept cost a later index pass, never a
-    read; each such problem is logged once."""
+    """Indexes that cannot be saved and frames that cannot be kept (in the frame store, or with
+    ``-o frame_store_size=0`` in the spill) cost a later index pass, never a read; each such problem
+    is logged once."""
     add_image_disk(data_path, "pg")
     add_image_disk(data_path, "web", seed=3)
     state = str(data_path / "mirenfs") + os.sep
@@ -303,7 +311,8 @@ async def test_snapshots_are_served_when_the_state_directory_is_full(
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
         return real_open(path, flags, *args, **kwargs)
 
-    async with operations(data_path) as m:
+    options = ["frame_store_size=0"] if frames == "spill" else []
+    async with operations(data_path, fuse_options=options) as m:
         monkeypatch.setattr(os, "open", full)
         with caplog.at_level(logging.WARNING):
             for disk in ("pg", "web"):
@@ -312,5 +321,5 @@ async def test_snapshots_are_served_when_the_state_directory_is_full(
                 assert len(await m.read_file(f"{disk}.mirn.sha256")) == 64 + 2 + len(f"{disk}.mirn") + 1
         warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
         assert len([w for w in warnings if "cannot save snapshot indexes" in w]) == 1, warnings
-        assert len([w for w in warnings if "No space left" in w and "frames" in w]) <= 1, warnings
+        assert len([w for w in warnings if "No space left" in w and "frames in" in w]) <= 1, warnings
         assert all("No space left" in w for w in warnings), warnings

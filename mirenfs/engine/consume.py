@@ -311,6 +311,7 @@ class RestoreStream:
         if header_read is not None:  # the caller already consumed the header (Go's RestoreImage)
             self._header.meta = validate_meta(header_read)
         self._pipeline: _Pipeline | None = None
+        self._finalizer: weakref.finalize[[], RestoreStream] | None = None
         self._opened = False
         self._failure: BaseException | None = None
         self.bytes_in = 0
@@ -381,6 +382,8 @@ class RestoreStream:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(pipeline.stages.join)
             pipeline.drop_buffers()
+        if self._finalizer is not None:
+            self._finalizer.detach()  # nothing left to stop
 
     @property
     def complete(self) -> bool:
@@ -401,7 +404,9 @@ class RestoreStream:
             self._opened = True
             writer = await self._open_target(meta)
             pipeline = self._pipeline = _Pipeline(meta.size_bytes, writer)
-            weakref.finalize(self, pipeline.stages.stop)  # an abandoned stream stops its threads
+            self._finalizer = weakref.finalize(
+                self, pipeline.stages.stop
+            )  # an abandoned stream stops its threads
         return self._pipeline
 
     async def _put(self, data: bytes) -> None:

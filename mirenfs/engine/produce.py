@@ -4,6 +4,14 @@ any byte range of the snapshot is produced by compressing only the chunks it tou
 The pass runs three lanes on trio worker threads: reading, hashing (one
 ordered SHA-256 stream) and compression (one frame per chunk, as many at once
 as there are cores). zstandard and hashlib release the GIL, so all cores work.
+With a frame store (engine.framestore) the compression lane fingerprints each
+chunk and compresses only those the store lacks, and the hash lane keeps its
+state at every chunk boundary, so the next pass over a changed image hashes
+from the first changed chunk on (engine.sha256).
+
+Never: let a snapshot's bytes depend on the store or on a basis (a stored
+frame is exactly what compressing its chunk gives, and a resumed hash is the
+hash of the same bytes); serve a frame that does not match the index.
 """
 
 from __future__ import annotations

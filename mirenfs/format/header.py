@@ -49,10 +49,13 @@ class Timestamp:
         return cls(unix_ns, int(offset.total_seconds()))
 
     def to_datetime(self) -> _dt.datetime:
-        """The instant as an aware datetime (nanoseconds truncated to microseconds)."""
-        tz = _dt.timezone(_dt.timedelta(seconds=self.utc_offset_s))
+        """The instant as an aware datetime (nanoseconds truncated to microseconds). An offset of
+        24 hours or more (Go reads up to ±24:60) cannot be a ``datetime`` zone: that one is in UTC.
+        Years before 1 raise :class:`OverflowError`, as ``datetime`` stops there."""
+        offset = self.utc_offset_s if abs(self.utc_offset_s) < 86400 else 0
+        tz = _dt.timezone(_dt.timedelta(seconds=offset))
         seconds, ns = divmod(self.unix_ns, _NS)
-        local = _EPOCH + _dt.timedelta(seconds=seconds + self.utc_offset_s, microseconds=ns // 1000)
+        local = _EPOCH + _dt.timedelta(seconds=seconds + offset, microseconds=ns // 1000)
         return local.replace(tzinfo=tz)
 
     def rfc3339(self) -> str:

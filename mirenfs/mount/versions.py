@@ -234,6 +234,7 @@ class SnapshotService:
         self.copy_policy = copy_policy or CopyPolicy()
         self.refused: dict[str, tuple[float, PointInTimeError]] = {}  # name: (when, why), for a while
         self.index_passes = 0
+        self._spill_failed = False  # the last spill file could not be made (said once)
         self.progress: dict[str, IndexProgress] = {}
         self._current: dict[str, DiskVersion] = {}
         self._building: dict[tuple[str, ImageIdentity, str], _Build] = {}
@@ -464,10 +465,14 @@ class SnapshotService:
 
     def _new_spill(self, limit: int) -> FrameSpill | None:
         try:
-            return FrameSpill(self.spill_directory, limit)
+            spill = FrameSpill(self.spill_directory, limit)
         except OSError as exc:  # a full state directory: serve without keeping the pass's frames
-            log.warning("cannot keep index frames in %s (%s)", self.spill_directory, exc.strerror)
+            if not self._spill_failed:  # once, not at every pass
+                log.warning("cannot keep index frames in %s (%s)", self.spill_directory, exc.strerror)
+            self._spill_failed = True
             return None
+        self._spill_failed = False
+        return spill
 
     async def sidecar(self, version: DiskVersion) -> str:
         """SHA-256 of the whole snapshot file, computed once per version and cached."""

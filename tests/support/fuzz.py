@@ -77,6 +77,10 @@ class Refused(Exception):
     """The oracle refuses the case; the message says why."""
 
 
+class _Members(list[tuple[str, object]]):
+    """A JSON object's members in their order (Go decodes them one after the other)."""
+
+
 def _refuse_constant(text: str) -> object:
     raise ValueError(f"{text} is not JSON")
 
@@ -118,15 +122,15 @@ def check_header(data: bytes) -> tuple[dict[str, object], int]:
     try:
         document = json.loads(
             data[12 : 12 + length].decode("utf-8", errors="replace"),
-            object_pairs_hook=list,  # members in order: Go decodes them one after the other
+            object_pairs_hook=_Members,
             parse_constant=_refuse_constant,
             parse_int=lambda text: int(text) if len(text) < 100 else float("inf"),  # Go skips huge ones
         )
     except (ValueError, RecursionError) as exc:
         raise Refused(f"malformed JSON ({type(exc).__name__})") from None
     if document is None:
-        document = []  # Go decodes null into a struct as nothing
-    if not isinstance(document, list) or (document and not isinstance(document[0], tuple)):
+        document = _Members()  # Go decodes null into a struct as nothing
+    if not isinstance(document, _Members):
         raise Refused("metadata not an object")
     kinds = {
         "name": str,
