@@ -242,10 +242,17 @@ def test_longer_stream_is_refused_the_moment_it_appears() -> None:
             return io.BytesIO()
 
         stream = RestoreStream(open_target)
-        with pytest.raises(FormatError, match="longer than"):
-            await stream.feed(meta.header() + frame)  # refused in feed, before finish
-        with pytest.raises(FormatError, match="longer than"):
-            await stream.finish()  # and it stays failed
+        try:
+            # The pipeline decompresses behind the writer: the refusal comes from the feed that
+            # brings the extra bytes or, at the latest, once what was fed has been decompressed
+            # (the next write, or settle) — never only at finish.
+            with pytest.raises(FormatError, match="longer than"):
+                await stream.feed(meta.header() + frame)
+                await stream.settle()
+            with pytest.raises(FormatError, match="longer than"):
+                await stream.finish()  # and it stays failed
+        finally:
+            await stream.close()
 
     trio.run(run)
 

@@ -334,11 +334,20 @@ async def test_replaced_image_is_a_new_inode_and_old_handle_reads_old_bytes(
         assert await fuse_errno(m.ops.open(before.st_ino, os.O_RDONLY, m.ctx)) == errno.ESTALE
 
 
+@pytest.mark.parametrize(
+    ("options", "old_frames_kept"),
+    [(["frame_store_size=0"], False), ([], True)],
+    ids=["without-frame-store", "with-frame-store"],
+)
 @trio_test
-async def test_image_changed_in_place_gives_old_bytes_or_eio_never_a_mix(data_path: Path) -> None:
+async def test_image_changed_in_place_gives_old_bytes_or_eio_never_a_mix(
+    data_path: Path, options: list[str], old_frames_kept: bool
+) -> None:
+    """Without the frame store the old handle's frames come from the changed image: EIO. With it,
+    the frames of the old version were stored as the pass made them: the old bytes, all of them."""
     image = add_image_disk(data_path, "pg", segments=RANDOM_SEGMENTS)
     old = await snapshot_bytes(image, name="pg")
-    async with operations(data_path, spill_limit=0) as m:  # every frame comes from the image itself
+    async with operations(data_path, spill_limit=0, fuse_options=options) as m:
         before = await m.lookup("pg.mirn")
         fh = await m.open(before.st_ino)
         assert await m.ops.read(fh, 0, PIECE) == old[:PIECE]
@@ -353,7 +362,10 @@ async def test_image_changed_in_place_gives_old_bytes_or_eio_never_a_mix(data_pa
             except pyfuse3.FUSEError as exc:
                 assert exc.errno == errno.EIO
                 failures += 1
-        assert failures > 0, "every chunk changed, yet the old handle read them all"
+        if old_frames_kept:
+            assert failures == 0, "the stored frames of the old version were not served"
+        else:
+            assert failures > 0, "every chunk changed, yet the old handle read them all"
         await m.ops.release(fh)
 
 
