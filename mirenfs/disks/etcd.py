@@ -45,7 +45,6 @@ import logging
 import math
 import os
 import re
-import secrets
 import socket
 import threading
 import time
@@ -59,6 +58,7 @@ from etcd3gw.client import Etcd3Client
 
 from mirenfs.disks.catalogs import EtcdLocation
 from mirenfs.disks.model import (
+    CreatedRecords,
     Disk,
     DiskRecord,
     DiskState,
@@ -67,6 +67,7 @@ from mirenfs.disks.model import (
     Volume,
     VolumeState,
     image_path_for,
+    new_id,
     validate_disk_name,
     validate_node_name,
 )
@@ -348,37 +349,7 @@ def _decode(name: str, value: bytes, mod_revision: int) -> _Stored:
     return _Stored(disk, volume, leases, created_ns, updated_ns, mod_revision)
 
 
-def _new_id(prefix: str) -> str:
-    return f"{prefix}-{secrets.token_hex(8)}"
-
-
 # --- the catalogue ---
-
-
-class _CreatedOnEtcd:
-    """The catalogue's half of a restore into a new name: finalize, or remove the records again."""
-
-    def __init__(self, catalog: EtcdCatalog, disk: Disk, volume: Volume) -> None:
-        self._catalog = catalog
-        self._disk = disk
-        self._volume = volume
-
-    @property
-    def disk(self) -> Disk:
-        return self._disk
-
-    @property
-    def volume(self) -> Volume:
-        return self._volume
-
-    def finalize(self) -> None:
-        if not self._catalog.mark_provisioned(self._disk.id):
-            raise StoreError(
-                f"disk {self._disk.name} vanished from the catalogue while it was being restored"
-            )
-
-    def cleanup(self) -> None:
-        self._catalog.delete_disk_records(self._disk.id)
 
 
 # What an edit of a disk record returns: the new record, and what else the transaction must
@@ -513,7 +484,7 @@ class EtcdCatalog:
 
     # --- DiskCreator ---
 
-    def create_disk_for_restore(self, name: str, *, size_bytes: int, filesystem: str) -> _CreatedOnEtcd:
+    def create_disk_for_restore(self, name: str, *, size_bytes: int, filesystem: str) -> CreatedRecords:
         disk, volume = self._insert(
             name,
             size_bytes=size_bytes,
@@ -522,7 +493,7 @@ class EtcdCatalog:
             volume_status=VolumeState.PROVISIONING,
             image_path=None,
         )
-        return _CreatedOnEtcd(self, disk, volume)
+        return CreatedRecords(self, disk, volume)
 
     def update_disk(self, disk_id: str, *, size_bytes: int, filesystem: str) -> None:
         """A restore installed a new image: record its size and filesystem; ``provisioning`` ends."""
@@ -584,8 +555,8 @@ class EtcdCatalog:
     ) -> tuple[Disk, Volume]:
         """One transaction: it succeeds only while the name (and id, and explicit image) is free."""
         validate_disk_name(name)
-        disk = Disk(_new_id("disk"), name, status, filesystem, size_bytes)
-        volume = Volume(_new_id("vol"), disk.id, image_path, volume_status, self.node)
+        disk = Disk(new_id("disk"), name, status, filesystem, size_bytes)
+        volume = Volume(new_id("vol"), disk.id, image_path, volume_status, self.node)
         now = time.time_ns()
         stored = _Stored(disk, volume, (), now, now)
         key, id_key = self._disk_key(name), self._id_key(disk.id)
@@ -693,7 +664,7 @@ class EtcdCatalog:
 
     def acquire_lease(self, name: str) -> Lease:
         """A ``bound`` lease, bound only on the disk as it was checked (not deleting, no other bound)."""
-        lease_id = _new_id("lease")
+        lease_id = new_id("lease")
         lease_key = self._lease_key(lease_id)
 
         def edit(stored: _Stored) -> Change | None:

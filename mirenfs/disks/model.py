@@ -17,10 +17,11 @@ from __future__ import annotations
 import enum
 import os
 import re
+import secrets
 from dataclasses import dataclass
 from typing import Protocol
 
-from mirenfs.errors import InvalidDiskNameError, InvalidVolumeError
+from mirenfs.errors import InvalidDiskNameError, InvalidVolumeError, StoreError
 
 IMAGE_FILE_NAME = "disk.img"
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}"
@@ -299,3 +300,37 @@ class Catalog(DiskResolver, DiskCreator, Protocol):
     def explicit_image_paths(self) -> list[str]:
         """This host's images registered at their own paths (``disk add``)."""
         ...
+
+
+def new_id(prefix: str) -> str:
+    """A fresh id for a disk, volume or lease (``disk-…``): random, so hosts never collide."""
+    return f"{prefix}-{secrets.token_hex(8)}"
+
+
+class CreatedRecords:
+    """A catalogue's half of a restore into a new name: finalize it, or remove the records again.
+
+    Shared by every :class:`Catalog`: both steps are catalogue calls.
+    """
+
+    def __init__(self, catalog: Catalog, disk: Disk, volume: Volume) -> None:
+        self._catalog = catalog
+        self._disk = disk
+        self._volume = volume
+
+    @property
+    def disk(self) -> Disk:
+        return self._disk
+
+    @property
+    def volume(self) -> Volume:
+        return self._volume
+
+    def finalize(self) -> None:
+        if not self._catalog.mark_provisioned(self._disk.id):
+            raise StoreError(
+                f"disk {self._disk.name} vanished from the disk catalogue while it was being restored"
+            )
+
+    def cleanup(self) -> None:
+        self._catalog.delete_disk_records(self._disk.id)

@@ -17,7 +17,6 @@ import contextlib
 import errno
 import logging
 import os
-import secrets
 import sqlite3
 import stat
 import threading
@@ -27,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from mirenfs.disks.model import (
+    CreatedRecords,
     Disk,
     DiskRecord,
     DiskState,
@@ -35,6 +35,7 @@ from mirenfs.disks.model import (
     Volume,
     VolumeState,
     image_path_for,
+    new_id,
     validate_disk_name,
 )
 from mirenfs.errors import (
@@ -88,34 +89,6 @@ _MIGRATIONS: Sequence[Sequence[str]] = (
     ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
-
-
-def _new_id(prefix: str) -> str:
-    return f"{prefix}-{secrets.token_hex(8)}"
-
-
-class _CreatedDisk:
-    """The store's half of a restore into a new name: finalize or remove the records."""
-
-    def __init__(self, store: Store, disk: Disk, volume: Volume) -> None:
-        self._store = store
-        self._disk = disk
-        self._volume = volume
-
-    @property
-    def disk(self) -> Disk:
-        return self._disk
-
-    @property
-    def volume(self) -> Volume:
-        return self._volume
-
-    def finalize(self) -> None:
-        if not self._store.mark_provisioned(self._disk.id):
-            raise StoreError(f"disk {self._disk.name} vanished from the store while it was being restored")
-
-    def cleanup(self) -> None:
-        self._store.delete_disk_records(self._disk.id)
 
 
 class Store:
@@ -318,7 +291,7 @@ class Store:
 
     # --- DiskCreator ---
 
-    def create_disk_for_restore(self, name: str, *, size_bytes: int, filesystem: str) -> _CreatedDisk:
+    def create_disk_for_restore(self, name: str, *, size_bytes: int, filesystem: str) -> CreatedRecords:
         disk, volume = self._insert_disk(
             name,
             size_bytes=size_bytes,
@@ -327,7 +300,7 @@ class Store:
             volume_status=VolumeState.PROVISIONING,
             image_path=None,
         )
-        return _CreatedDisk(self, disk, volume)
+        return CreatedRecords(self, disk, volume)
 
     def update_disk(self, disk_id: str, *, size_bytes: int, filesystem: str) -> None:
         """A restore installed a new image: record its size and filesystem; a disk still
@@ -385,8 +358,8 @@ class Store:
         image_path: str | None,
     ) -> tuple[Disk, Volume]:
         validate_disk_name(name)
-        disk = Disk(_new_id("disk"), name, DiskState(status), filesystem, size_bytes)
-        volume = Volume(_new_id("vol"), disk.id, image_path, volume_status)
+        disk = Disk(new_id("disk"), name, DiskState(status), filesystem, size_bytes)
+        volume = Volume(new_id("vol"), disk.id, image_path, volume_status)
         now = time.time_ns()
         with self._write() as db:  # IMMEDIATE: no other writer between these checks and the inserts
             if db.execute("SELECT 1 FROM disks WHERE name = ?", (name,)).fetchone():
@@ -458,7 +431,7 @@ class Store:
                 raise DiskBusyError(
                     f"disk {name} is already leased (lease {held[0]} is bound); release it first"
                 )
-            lease = Lease(_new_id("lease"), disk_id, LeaseState.BOUND)
+            lease = Lease(new_id("lease"), disk_id, LeaseState.BOUND)
             now = time.time_ns()
             db.execute(
                 "INSERT INTO leases (id, disk_id, status, created_ns, updated_ns) VALUES (?, ?, ?, ?, ?)",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import mmap
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -171,7 +172,7 @@ class Piece:
 
     __slots__ = ("_buffer", "_pool", "_readers", "view")
 
-    def __init__(self, pool: BufferPool, buffer: bytearray, length: int, readers: int) -> None:
+    def __init__(self, pool: BufferPool, buffer: Buffer, length: int, readers: int) -> None:
         self._pool = pool
         self._buffer = buffer
         self._readers = readers
@@ -181,7 +182,7 @@ class Piece:
         """One reader is finished with the bytes (they must not be used after this)."""
         self._pool.finished(self)
 
-    def last_reader_done(self) -> bytearray | None:
+    def last_reader_done(self) -> Buffer | None:
         """Count one reader out (the pool's lock is held); the buffer once none is left."""
         self._readers -= 1
         if self._readers:
@@ -190,17 +191,21 @@ class Piece:
         return self._buffer
 
 
+Buffer = bytearray | mmap.mmap
+
+
 class BufferPool:
     """A fixed set of reusable buffers: bounds the pieces in flight, and keeps them warm in
-    the caches (a fresh buffer per piece would cost a page fault per 4 KiB)."""
+    the caches (a fresh buffer per piece would cost a page fault per 4 KiB). They are
+    anonymous mappings, so page-aligned: a write stage may hand them to O_DIRECT."""
 
     def __init__(self, count: int, size: int) -> None:
         self.size = size
-        self._free = [bytearray(size) for _ in range(count)]
+        self._free: list[Buffer] = [mmap.mmap(-1, size) for _ in range(count)]
         self._stopped = False
         self._cond = threading.Condition()
 
-    def acquire(self) -> bytearray:
+    def acquire(self) -> Buffer:
         with self._cond:
             while not self._free and not self._stopped:
                 self._cond.wait()
@@ -208,7 +213,7 @@ class BufferPool:
                 raise Stopped
             return self._free.pop()
 
-    def give_back(self, buffer: bytearray) -> None:
+    def give_back(self, buffer: Buffer) -> None:
         """Return a buffer that was acquired but never filled."""
         with self._cond:
             self._free.append(buffer)
