@@ -16,9 +16,14 @@ time of ``--runs`` runs after one warm-up run (page cache warm).
 The floor is SHA-256 over every image byte, done the way mirenfs must do it:
 data extents found with SEEK_DATA/SEEK_HOLE are read and hashed, holes are
 hashed from a static zero buffer and never read. Backup is measured against
-that floor, restore against the slower of it and ``zstd -d`` of the same data,
-and the mount figures (cold and warm reads, stat after remount, random-read
-p99, ``cp`` into restore/, the daemon's RSS) against the floor or an absolute limit.
+that floor; restores (CLI ``restore`` and ``verify``, ``cp`` and ``tar -xf``
+into restore/) against the slower of it and ``zstd -d``, on the sample as
+Go's writer makes it (one zstd frame, no content size) and on mirenfs's own
+snapshot; the mount figures (cold, warm and after-remount reads, stat after
+remount, random-read p99, a read after 1% of the disk changed with
+``dd conv=notrunc`` — with the daemon's CPU seconds against SHA-256's — and
+the daemon's RSS) against the floor or an absolute limit. Every mount figure
+records the daemon's CPU seconds.
 
 The machine is shared (2 cores): a run during which other processes used
 over 5% of the CPU is redone, and the table's "noise" column says how busy
@@ -30,15 +35,19 @@ The modules:
   quiet-machine guard, running a timed command);
 - ``sample``: the §7 sample image and the fair SHA-256 floor;
 - ``mount``: a ``mirenfs mount`` daemon for the mount figures;
+- ``snapshots``: the untimed inputs (the one-frame snapshot, its tar archive,
+  a copy of the sample and the 1% change);
 - ``figures``: one ``measure_*`` function per figure, and the list of them;
+- ``mount_figures``: the figures on the mounted sample, in order;
 - ``catalog``: ``ls -l`` of a mount on a 1,000-disk etcd catalogue (a private etcd);
 - ``report``: verdicts, the table, the JSON file;
 - ``cli``: arguments and ``main``.
 
 Adding a figure: write ``def measure_x(ctx: Context) -> None`` in ``figures``
 that calls ``ctx.add(Figure(...))`` / ``ctx.check(...)``, and list it in
-``MEASUREMENTS`` (a figure on the mounted sample: ``measure_mount_x(ctx, mounted)``,
-listed in ``MOUNT_FIGURES``). The floors are always measured first; one printer shows all.
+``MEASUREMENTS`` (a figure on the mounted sample: ``measure_mount_x(ctx, mounted)``
+in ``mount_figures``, listed in ``MOUNT_FIGURES``). The floors are always measured
+first; one printer shows all.
 
 Exit status: 0 all good, 1 a correctness check failed, 2 a target was missed.
 """

@@ -7,6 +7,7 @@ import errno
 import gc
 import hashlib
 import os
+import random
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -26,7 +27,8 @@ from mirenfs.engine.consume import (
     RestoreStream,
     restore_to_path,
 )
-from mirenfs.engine.image import SparseWriter
+from mirenfs.engine.image import SparseWriter, StagingImage, nonzero_runs
+from mirenfs.engine.pipeline import BufferPool
 from mirenfs.errors import FormatError
 
 from support.data import sha256_file, staging_files
@@ -340,3 +342,58 @@ def test_the_gil_switch_interval_is_restored_once_the_stages_end() -> None:
 
     trio.run(run)
     assert sys.getswitchinterval() == before
+
+
+def test_aligned_runs_go_direct_and_the_rest_through_the_cache(tmp_path: Path) -> None:
+    """O_DIRECT where the filesystem has it (not tmpfs): the bytes are the same either way."""
+    content = image_bytes(10 * CHUNK + 1234, seed=11)
+    staging = StagingImage.create(str(tmp_path / "img"), len(content))
+    direct = staging.direct_fd >= 0
+    pool = BufferPool(1, CHUNK)
+    writer = SparseWriter(staging.fd, writeback=True, direct_fd=staging.direct_fd if direct else None)
+    try:
+        for start, length in [(0, CHUNK), (CHUNK, 7), (CHUNK + 7, CHUNK)] + [
+            (offset, CHUNK) for offset in range(2 * CHUNK + 7, len(content), CHUNK)
+        ]:
+            piece = content[start : start + length]
+            buffer = pool.acquire()
+            buffer[: len(piece)] = piece
+            writer.write(memoryview(buffer)[: len(piece)])  # page-aligned memory, as the stages use
+            pool.give_back(buffer)
+        staging.install()
+    finally:
+        staging.discard()
+    assert (tmp_path / "img").read_bytes() == content
+    assert 0 < writer.bytes_direct <= CHUNK if direct else writer.bytes_direct == 0  # the first piece only
+
+
+def _runs_by_blocks(data: bytes, base: int) -> list[tuple[int, int]]:
+    """The plain definition: runs of file blocks (4 KiB, at ``base``) that are not all zeros."""
+    runs: list[tuple[int, int]] = []
+    position, start = 0, None
+    while position < len(data):
+        step = min(4096 - (base + position) % 4096, len(data) - position)
+        zero = data[position : position + step] == bytes(step)
+        if zero and start is not None:
+            runs.append((start, position))
+            start = None
+        elif not zero and start is None:
+            start = position
+        position += step
+    if start is not None:
+        runs.append((start, len(data)))
+    return runs
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_nonzero_runs_are_the_non_zero_file_blocks(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(300):
+        size = rng.choice([1, 100, 4096, 5000, 8192, 70000, 1 << 20])
+        data = bytearray(size)
+        for _ in range(rng.randrange(6)):
+            start = rng.randrange(size)
+            stop = min(size, start + rng.choice([1, 8, 4096, 10000]))
+            data[start:stop] = rng.randbytes(stop - start)
+        base = rng.choice([0, 4096, 7, 4095, 12345])
+        assert nonzero_runs(memoryview(data), base) == _runs_by_blocks(bytes(data), base)

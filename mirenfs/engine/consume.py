@@ -172,7 +172,7 @@ class _Pipeline:
         self.stages = Stages(stop, self._waker)  # ``stop`` holds the queues, not this pipeline: no cycle
         self.stages.start(
             {
-                "restore-decompress": self._decompress_loop,
+                "restore-unzstd": self._decompress_loop,
                 "restore-hash": self._hash_loop,
                 "restore-write": self._write_loop,
             }

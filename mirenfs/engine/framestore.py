@@ -8,12 +8,14 @@ unchanged disk after a remount, or the 99% of a disk a nightly change left
 alone, is served from here.
 
 Each entry is one file, ``<directory>/<name[:2]>/<name>``: a header (magic,
-the name, the frame's SHA-256, length and seek-table checksum, and a digest
-of those) and the frame. It is written under a temporary name and renamed
-into place, and every read checks the header and the frame's SHA-256 before
-the frame is served, so a torn write after a crash, a flipped bit or a file in
-the wrong place is never trusted: it is removed and the caller compresses the
-chunk again. An index pass needs only a frame's length and checksum, which
+the name, the frame's CRC-32, length and seek-table checksum, and a SHA-256
+digest of those) and the frame. It is written under a temporary name and
+renamed into place, and every read checks the header and the frame's CRC-32
+before the frame is served, so a torn write after a crash, a flipped bit or a
+file in the wrong place is never trusted: it is removed and the caller
+compresses the chunk again. (CRC-32 is what storage checksums are for, as in
+btrfs, and runs at memory speed; the name is SHA-256 of the chunk's bytes, so
+what an entry stands for is never a weak guess.) An index pass needs only a frame's length and checksum, which
 :meth:`FrameStore.describe` takes from a header that verifies; the frame
 itself is verified when it is served (and compressed again then if it fails,
 which gives the same length and checksum). The store is bounded: past its
@@ -36,14 +38,16 @@ import logging
 import os
 import struct
 import threading
+import zlib
 
 from mirenfs.engine.image import make_private_directory
 from mirenfs.format.frames import frame_checksum
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"MIRNFRM2"
-_FIELDS = struct.Struct("<8s32s32sQI")  # magic, entry name, frame SHA-256, frame length, frame checksum
+MAGIC = b"MIRNFRM3"
+# magic, entry name, CRC-32 of the frame, frame length, the frame's seek-table checksum
+_FIELDS = struct.Struct("<8s32sIQI")
 _DIGEST = 16  # bytes of SHA-256 over the fields, closing the header
 _HEADER = _FIELDS.size + _DIGEST
 _TEMPORARY = ".tmp"
@@ -113,7 +117,7 @@ class FrameStore:
             self._forget(name, remove=False)
             return None
         fields = _check_header(header, name, size)
-        if fields is not None and (frame is None or hashlib.sha256(frame).digest() == fields[0]):
+        if fields is not None and (frame is None or zlib.crc32(frame) == fields[0]):
             return fields[1], fields[2], frame
         with self._lock:
             self.corrupt += 1
@@ -154,7 +158,7 @@ class FrameStore:
         """Write under a temporary name, then rename: a crash never leaves a half entry in place."""
         path = self._path(name)
         temporary = f"{path}.{os.getpid()}.{threading.get_ident()}{_TEMPORARY}"
-        fields = _FIELDS.pack(MAGIC, name, hashlib.sha256(frame).digest(), len(frame), frame_checksum(frame))
+        fields = _FIELDS.pack(MAGIC, name, zlib.crc32(frame), len(frame), frame_checksum(frame))
         record = fields + hashlib.sha256(fields).digest()[:_DIGEST]
         try:
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
@@ -227,17 +231,17 @@ class FrameStore:
         return os.path.join(self.directory, text[:2], text)
 
 
-def _check_header(header: bytes, name: bytes, file_size: int) -> tuple[bytes, int, int] | None:
-    """(frame SHA-256, length, checksum) from an entry's header, if it is whole and its own."""
+def _check_header(header: bytes, name: bytes, file_size: int) -> tuple[int, int, int] | None:
+    """(frame CRC-32, length, checksum) from an entry's header, if it is whole and its own."""
     if (
         len(header) != _HEADER
         or hashlib.sha256(header[: _FIELDS.size]).digest()[:_DIGEST] != header[_FIELDS.size :]
     ):
         return None
-    magic, stored_name, frame_sha, length, checksum = _FIELDS.unpack_from(header)
+    magic, stored_name, frame_crc, length, checksum = _FIELDS.unpack_from(header)
     if magic != MAGIC or stored_name != name or not length or file_size != _HEADER + length:
         return None
-    return frame_sha, length, checksum
+    return frame_crc, length, checksum
 
 
 def _scan(directory: str) -> list[tuple[int, bytes, int]]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import mmap
 import sys
 import threading
@@ -70,6 +71,23 @@ def fast_gil_handoff() -> Iterator[None]:
         yield
     finally:
         SWITCH_INTERVAL.exit()
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    try:
+        return ctypes.CDLL(None).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_prctl = _load_prctl()
+_PR_SET_NAME = 15
+
+
+def _name_native_thread(name: str) -> None:
+    """Show the stage's name in ``top -H`` and /proc (the kernel keeps 15 bytes of it)."""
+    if _prctl is not None:
+        _prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
 class Stopped(Exception):
@@ -267,6 +285,7 @@ class Stages:
             thread.start()
 
     def _run(self, loop: Callable[[], None]) -> None:
+        _name_native_thread(threading.current_thread().name.removeprefix("mirenfs-"))
         try:
             loop()
         except Stopped:
