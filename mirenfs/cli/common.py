@@ -15,6 +15,7 @@ from mirenfs.disks.catalogs import CATALOG_ENV, NODE_ENV, catalog_spec_from, nod
 from mirenfs.disks.model import Catalog
 from mirenfs.engine.produce import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, Settings
 from mirenfs.errors import MirenfsError
+from mirenfs.mount.config import size_in_bytes
 
 DEFAULT_DATA_PATH = "/var/lib/miren"
 DATA_PATH_ENV = "MIRENFS_DATA_PATH"
@@ -100,15 +101,9 @@ def add_compression_options(parser: argparse.ArgumentParser) -> None:
 
 def parse_size(text: str) -> int:
     """Sizes as operators write them: 4096, 512M, 10G, 1T (binary units)."""
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
-    number, unit = cleaned, ""
-    if cleaned and cleaned[-1] in units:
-        number, unit = cleaned[:-1], cleaned[-1]
-    try:
-        value = int(number) * units[unit]
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 4096, 512M or 10G") from None
+    value = size_in_bytes(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 4096, 512M or 10G")
     if value <= 0:
         raise argparse.ArgumentTypeError(f"size {text!r} must be positive")
     return value

@@ -73,6 +73,15 @@ def copy_policy(options: list[str]) -> tuple[CopyPolicy, list[str]]:
     return CopyPolicy(freeze_budget_s=budget, live_reads=live_reads), rest
 
 
+def size_in_bytes(text: str) -> int | None:
+    """Sizes as operators write them: 4096, 512M, 10G, 1T (binary units); None for anything else.
+    One parser for ``-o`` options here and the CLI's ``--size``."""
+    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = cleaned[-1:] if cleaned[-1:] in _SIZE_UNITS else ""
+    number = cleaned[: len(cleaned) - len(unit)]
+    return int(number) * _SIZE_UNITS[unit] if number.isdigit() else None
+
+
 def frame_store_limit(options: list[str]) -> tuple[int | None, list[str]]:
     """Take mirenfs's own ``frame_store_size=SIZE`` out of the ``-o`` options (FUSE would refuse
     it); return the size it sets (None when absent) and the options left for FUSE."""
@@ -83,14 +92,11 @@ def frame_store_limit(options: list[str]) -> tuple[int | None, list[str]]:
         if key != FRAME_STORE_OPTION:
             rest.append(option)
             continue
-        cleaned = value.strip().upper().removesuffix("IB").removesuffix("B")
-        unit = cleaned[-1:] if cleaned[-1:] in _SIZE_UNITS else ""
-        number = cleaned[: len(cleaned) - len(unit)]
-        if not number.isdigit():
+        limit = size_in_bytes(value)
+        if limit is None:
             raise MirenfsError(
                 f"-o {option}: the frame store size is a size such as 8G, 500M or 0 (no store)"
             )
-        limit = int(number) * _SIZE_UNITS[unit]
     return limit, rest
 
 
