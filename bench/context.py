@@ -43,6 +43,11 @@ class Sample:
     max_rss_kib: int | None = None
     foreign_cpu: float = 0.0
     daemon_cpu: float | None = None  # CPU seconds of the mount daemon, in a mount figure
+    # The SHA-256 floor timed just before this run (a paired figure): wall-clock seconds, and its
+    # CPU seconds for a figure of CPU seconds. This machine's speed drifts by a quarter within
+    # minutes, so a ratio to a floor measured at the start would be a ratio to another machine.
+    floor_seconds: float | None = None
+    floor_cpu: float | None = None
 
 
 @dataclass
@@ -114,6 +119,9 @@ class Context:
     image_sha256: str = ""
     snapshot: Path | None = None
     one_frame: Path | None = None  # the sample as Go's writer makes it: one zstd frame (see bench.snapshots)
+    floor_run: Callable[[], None] | None = (
+        None  # the SHA-256 floor, for paired figures (set by measure_floor)
+    )
     scratch: list[Path] = field(default_factory=list)  # removed at the end unless --keep
 
     def add(self, figure: Figure) -> Figure:
@@ -131,11 +139,18 @@ class Context:
         return ok
 
     def time_runs(
-        self, run: Callable[[], Sample | None], *, before: Callable[[], None] | None = None
+        self,
+        run: Callable[[], Sample | None],
+        *,
+        before: Callable[[], None] | None = None,
+        paired: bool = False,
     ) -> list[Sample]:
         """One warm-up, then ``runs`` timed runs. ``run`` may return its own Sample
         (commands, with their RSS); otherwise its wall-clock time is taken here.
         ``before`` runs untimed ahead of every run (resetting state, syncing).
+        ``paired``: the SHA-256 floor is timed again just before each timed run
+        (ahead of ``before``), and the figure's ratio is the median of each
+        run's ratio to its own floor (see :meth:`floor_for`).
 
         The machine is shared: each run waits for the other processes to go quiet,
         and a run during which they used over NOISE_LIMIT of the CPU is done again
@@ -144,10 +159,13 @@ class Context:
         samples: list[Sample] = []
         for i in range(self.runs + 1):
             for attempt in range(self.retries + 1):
+                floor = self._floor_run() if paired and i > 0 else None
                 if before is not None:
                     before()
                 wait_for_quiet(self.quiet_wait)
                 sample = self._one_run(run)
+                if floor is not None:
+                    sample.floor_seconds, sample.floor_cpu = floor.seconds, floor.cpu_seconds
                 share = machine_share(sample.foreign_cpu, sample.seconds)
                 if share <= NOISE_LIMIT or attempt == self.retries:
                     break
@@ -156,6 +174,23 @@ class Context:
             if i > 0:
                 samples.append(sample)
         return samples
+
+    def _floor_run(self) -> Sample | None:
+        if self.floor_run is None:
+            return None
+        wait_for_quiet(self.quiet_wait)
+        floor_run = self.floor_run
+        return self._one_run(lambda: floor_run())
+
+    def floor_for(self, floor: str | None, sample: Sample) -> float | None:
+        """The floor this run is measured against: its paired SHA-256 run where it has one (the
+        restore floor is the slower of that and ``zstd -d``), else the floor measured at the start."""
+        paired = sample.floor_cpu if floor == "sha256 cpu" else sample.floor_seconds
+        if paired is None or floor not in ("sha256", "sha256 cpu", "restore"):
+            return self.floors.get(floor or "")
+        if floor == "restore":
+            return max(paired, self.floors.get("zstd -d", 0.0))
+        return paired
 
     def _one_run(self, run: Callable[[], Sample | None]) -> Sample:
         machine, own, daemon = (

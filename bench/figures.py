@@ -67,6 +67,7 @@ def measure_floor(ctx: Context) -> None:
         )
     )
     ctx.floors["sha256"] = figure.seconds
+    ctx.floor_run = lambda: digests.append(fair_sha256(ctx.image))  # the paired figures' floor
     ctx.floors["sha256 cpu"] = figure.cpu_seconds or figure.seconds  # what the daemon's CPU is held to
     ctx.image_sha256 = digests[0]
     ctx.check("fair SHA-256 is stable across runs", len(set(digests)) == 1, digests[0])
@@ -129,7 +130,10 @@ def measure_backup(ctx: Context) -> None:
 
     ctx.add(
         Figure(
-            "mirenfs backup -o FILE", ctx.time_runs(run, before=os.sync), floor="sha256", target=BACKUP_TARGET
+            "mirenfs backup -o FILE",
+            ctx.time_runs(run, before=os.sync, paired=True),
+            floor="sha256",
+            target=BACKUP_TARGET,
         )
     )
     ctx.snapshot = output
@@ -224,7 +228,7 @@ def measure_restore(ctx: Context) -> None:
         ctx.add(
             Figure(
                 f"mirenfs restore FILE --image OUT ({label})",
-                ctx.time_runs(ctx.command(command), before=reset),
+                ctx.time_runs(ctx.command(command), before=reset, paired=target is not None),
                 floor=floor,
                 target=target,
                 note="info" if target is None else "",
@@ -254,7 +258,7 @@ def measure_verify(ctx: Context) -> None:
     ctx.add(
         Figure(
             "mirenfs verify FILE (one-frame)",
-            ctx.time_runs(ctx.command(ctx.mirenfs_cmd("verify", str(snapshot)))),
+            ctx.time_runs(ctx.command(ctx.mirenfs_cmd("verify", str(snapshot))), paired=True),
             floor=floor,
             target=CLI_RESTORE_TARGET,
         )

@@ -45,6 +45,7 @@ def measure_mount_cold_cat(ctx: Context, mounted: MountedSample) -> None:
             ctx.time_runs(
                 ctx.command(["cat", str(mounted.snapshot)]),
                 before=lambda: mounted.mount.restart(forget_index=True),
+                paired=True,
             ),
             floor="sha256",
             target=COLD_READ_TARGET,
@@ -142,12 +143,16 @@ def measure_mount_incremental(ctx: Context, mounted: MountedSample) -> None:
     figure = ctx.add(
         Figure(
             "mount: cat after a 1% change",
-            ctx.time_runs(ctx.command(["cat", str(snapshot)]), before=lambda: change_one_percent(image, rng)),
+            ctx.time_runs(
+                ctx.command(["cat", str(snapshot)]),
+                before=lambda: change_one_percent(image, rng),
+                paired=True,
+            ),
             floor="sha256",
             target=INCREMENTAL_TARGET,
         )
     )
-    daemon = [Sample(s.daemon_cpu) for s in figure.samples if s.daemon_cpu is not None]
+    daemon = [Sample(s.daemon_cpu, floor_cpu=s.floor_cpu) for s in figure.samples if s.daemon_cpu is not None]
     ctx.add(
         Figure(
             "mount: 1% change, daemon CPU seconds",
@@ -183,7 +188,7 @@ def restore_runs(
         current[:] = [name()]
         os.sync()
 
-    samples = ctx.time_runs(lambda: copy(current[0]), before=before_restore)
+    samples = ctx.time_runs(lambda: copy(current[0]), before=before_restore, paired=True)
     image = disk_image(ctx, mounted, current[0])
     ok = fair_sha256(Path(image)) == ctx.image_sha256
     ctx.check(f"disk {current[0]} restored through the mount = original", ok)

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import ssl
+import statistics
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,10 +20,27 @@ from pathlib import Path
 from bench.context import NOISE_LIMIT, Context, Figure, machine_share
 
 
+def ratio_to_floor(ctx: Context, figure: Figure) -> float | None:
+    """The median of each run's ratio to its floor (its own paired floor where it has one)."""
+    ratios = []
+    for sample in figure.samples:
+        floor = ctx.floor_for(figure.floor, sample)
+        if not floor:
+            return None
+        ratios.append(sample.seconds / floor)
+    return statistics.median(ratios) if ratios else None
+
+
+def floor_seconds(ctx: Context, figure: Figure) -> float | None:
+    """The floor the figure was measured against (the median of its paired floors)."""
+    floors = [ctx.floor_for(figure.floor, sample) for sample in figure.samples]
+    known = [floor for floor in floors if floor]
+    return statistics.median(known) if known else None
+
+
 def verdict(ctx: Context, figure: Figure) -> tuple[float | None, str]:
     """The figure's ratio to its floor (None without one) and its result: PASS, MISS or its note."""
-    floor = ctx.floors.get(figure.floor or "")
-    ratio = figure.seconds / floor if floor else None
+    ratio = ratio_to_floor(ctx, figure)
     if figure.limit is not None:
         return ratio, f"{'PASS' if figure.seconds <= figure.limit else 'MISS'} (<= {figure.limit:g} s)"
     if figure.target is None or ratio is None:
@@ -41,11 +59,16 @@ def print_table(ctx: Context) -> None:
         f"     runs: median of {ctx.runs} after 1 warm-up; wall-clock seconds; "
         f"{ctx.discarded} run(s) redone because other processes were busy"
     )
+    print(
+        "   paired: the figures held to a ratio above 1 time the SHA-256 floor again just before each "
+        "run; their x floor is the median of the runs' ratios to their own floor (floor s: its median)"
+    )
     print()
     headers = (
         "figure",
         "seconds",
         "floor",
+        "floor s",
         "x floor",
         "x zstd-3",
         "target",
@@ -55,7 +78,7 @@ def print_table(ctx: Context) -> None:
         "RSS",
         "noise",
     )
-    aligns = "<><>>><>>>>"
+    aligns = "<><>>>><>>>>"
     rows = []
     zstd = ctx.floors.get("zstd")
     noisy = False
@@ -69,6 +92,7 @@ def print_table(ctx: Context) -> None:
                 figure.name,
                 f"{figure.seconds:.3f}",
                 figure.floor or "-",
+                f"{paired_floor:.3f}" if (paired_floor := floor_seconds(ctx, figure)) else "-",
                 f"{ratio:.2f}" if ratio is not None else "-",
                 f"{figure.seconds / zstd:.2f}" if zstd else "-",
                 f"<= {figure.target:.2f}" if figure.target is not None else "-",

@@ -9,6 +9,7 @@ import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import blake3
 import pytest
 import trio
 
@@ -88,6 +89,20 @@ def test_bytes_are_identical_with_and_without_the_store(tmp_path: Path, compress
     assert len(index.fingerprints) == 32 * index.frame_count
     again, _ = snapshot_of(image, new_store(tmp_path))  # another mount: the store on disk answers
     assert again == plain
+
+
+def test_fingerprints_are_blake3_of_each_data_chunk(tmp_path: Path, compressions: list[int]) -> None:
+    """The index records BLAKE3 of every data chunk (none for zero chunks), each compressed once."""
+    image = tmp_path / "img"
+    write_image(image, SEGMENTS)
+    raw = image.read_bytes()
+    chunk = SMALL.chunk_size
+    _, index = snapshot_of(image, new_store(tmp_path))
+    for k in range(index.frame_count):
+        piece = raw[k * chunk : (k + 1) * chunk]
+        expected = None if index.zero_chunks[k] else blake3.blake3(piece).digest()
+        assert index.fingerprint(k) == expected
+    assert len(compressions) == data_chunks(index)
 
 
 def test_a_second_pass_compresses_nothing(tmp_path: Path, compressions: list[int]) -> None:
@@ -203,12 +218,16 @@ def test_settings_are_part_of_the_key(tmp_path: Path) -> None:
     assert other.get(bytes(32)) is None
 
 
-def test_an_index_of_an_older_format_is_stale_not_corrupt(tmp_path: Path) -> None:
+# 2 had SHA-256 fingerprints, which no store entry is named by now
+@pytest.mark.parametrize("older", [1, 2])
+def test_an_index_of_an_older_format_is_stale_not_corrupt(tmp_path: Path, older: int) -> None:
     image = tmp_path / "img"
     write_image(image, SEGMENTS)
     _, index = snapshot_of(image, new_store(tmp_path))
     assert SnapshotIndex.from_bytes(index.to_bytes()) == index
-    body = index.to_bytes().split(b"\n", 1)[1].replace(b'"format": 2', b'"format": 1')
+    body = index.to_bytes().split(b"\n", 1)[1]
+    assert b'"format": 3' in body
+    body = body.replace(b'"format": 3', b'"format": %d' % older)
     with pytest.raises(StaleIndexError):
         SnapshotIndex.from_bytes(hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
 

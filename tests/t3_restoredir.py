@@ -15,6 +15,7 @@ from pathlib import Path
 import pyfuse3
 import pytest
 import trio
+import trio.testing
 
 from mirenfs.disks import live
 from mirenfs.disks.model import DiskState
@@ -589,3 +590,64 @@ async def test_rename_noreplace_onto_an_existing_entry_is_eexist(data_path: Path
         assert await m.state("two.mirn") == "receiving"
         for fh in (one, two):
             await m.ops.release(fh)
+
+
+# ---- the lock that serializes one entry's requests --------------------------------------------
+
+
+@trio_test
+async def test_request_lock_serializes_first_come_first_served_and_survives_a_cancelled_waiter() -> None:
+    lock = restoredir.RequestLock()
+    order: list[str] = []
+    inside = 0
+
+    async def request(name: str, hold: trio.Event) -> None:
+        nonlocal inside
+        async with lock:
+            inside += 1
+            assert inside == 1, "two requests held the lock at once"
+            order.append(name)
+            await hold.wait()
+            inside -= 1
+
+    release_first, go = trio.Event(), trio.Event()
+    go.set()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(request, "first", release_first)
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.CancelScope() as cancelled:
+            nursery.start_soon(request, "second", go)
+            await trio.testing.wait_all_tasks_blocked()
+        cancelled_waiter = trio.CancelScope()
+
+        async def given_up() -> None:
+            with cancelled_waiter:
+                await request("given up", go)
+
+        nursery.start_soon(given_up)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(request, "third", go)
+        await trio.testing.wait_all_tasks_blocked()
+        cancelled_waiter.cancel()  # leaves the queue without ever holding the lock
+        await trio.testing.wait_all_tasks_blocked()
+        assert lock.locked() and order == ["first"]
+        release_first.set()
+    assert order == ["first", "second", "third"]
+    assert not lock.locked()
+    assert not cancelled.cancelled_caught
+
+
+@trio_test
+async def test_request_lock_taken_while_free_does_not_yield_to_other_tasks() -> None:
+    """The point of it: a write that finds the lock free runs on without a scheduler round."""
+    lock = restoredir.RequestLock()
+    ran: list[str] = []
+
+    async def other() -> None:
+        ran.append("other")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        async with lock:
+            assert ran == []  # the other task has not had a turn
+        assert not lock.locked()

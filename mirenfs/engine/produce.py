@@ -58,8 +58,8 @@ DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_LEVEL = 3
 HASH_LEAD = 1 << 30  # bytes the hash lane may read ahead of the frames (see _Lead)
 PLACEHOLDER_CHECKSUM = "0" * 64
-_INDEX_FORMAT = 2  # 2: chunk fingerprints for the frame store
-FINGERPRINT = 32  # bytes of a chunk fingerprint (SHA-256)
+_INDEX_FORMAT = 3  # 2: chunk fingerprints for the frame store; 3: BLAKE3 ones
+FINGERPRINT = 32  # bytes of a chunk fingerprint (BLAKE3)
 MIDSTATE = sha256.MIDSTATE
 
 

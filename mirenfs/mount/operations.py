@@ -55,6 +55,13 @@ from mirenfs.mount.versions import SnapshotService, sidecar_size, sidecar_text
 log = logging.getLogger(__name__)
 
 RESTORE_DIR = "restore"
+# The preferred I/O size every file reports: cp and cat read and write this much per call, so a
+# snapshot crosses FUSE in requests as large as the kernel allows (1 MiB) rather than 128 KiB ones.
+IO_SIZE = 1 << 20
+# How long the kernel may keep a snapshot's (or sidecar's) attributes: for ever, in effect, since they
+# never change for an inode (a changed image is a new inode at the next lookup, and lookups are never
+# cached). Without it every read of ``cat`` would first cost a GETATTR round trip.
+FIXED_ATTRIBUTES_TIMEOUT = 24 * 3600.0
 RENAME_NOREPLACE = 1  # renameat2(2) flags, as FUSE passes them on
 RENAME_EXCHANGE = 2
 assert ROOT_INODE == pyfuse3.ROOT_INODE
@@ -166,10 +173,10 @@ class MirenOperations(pyfuse3.Operations):
         attrs.st_nlink = 2 if stat.S_ISDIR(mode) else 1
         attrs.st_uid, attrs.st_gid = self.uid, self.gid
         attrs.st_size = size
-        attrs.st_blksize = 128 * 1024
+        attrs.st_blksize = IO_SIZE
         attrs.st_blocks = -(-size // 512)
         attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = mtime_ns
-        # Exact and fresh: every stat asks us, so a changed image shows at once.
+        # Exact and fresh: every lookup asks us, so a changed image shows at once (as a new inode).
         attrs.attr_timeout = 0
         attrs.entry_timeout = 0
         return attrs
@@ -206,7 +213,9 @@ class MirenOperations(pyfuse3.Operations):
     def _node_attributes(self, node: Node) -> pyfuse3.EntryAttributes:
         version = node.version
         size = version.size if node.kind == SNAPSHOT else sidecar_size(node.name)
-        return self._attributes(node.inode, self._file_mode(), size, version.identity.mtime_ns)
+        attrs = self._attributes(node.inode, self._file_mode(), size, version.identity.mtime_ns)
+        attrs.attr_timeout = FIXED_ATTRIBUTES_TIMEOUT
+        return attrs
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
