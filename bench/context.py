@@ -127,7 +127,9 @@ class Context:
     def add(self, figure: Figure) -> Figure:
         self.figures.append(figure)
         runs = ", ".join(
-            f"{s.seconds:.3f}" + (f" ({s.foreign_cpu:.2f} s foreign CPU)" if s.foreign_cpu >= 0.05 else "")
+            f"{s.seconds:.3f}"
+            + (f" (floor {s.floor_seconds:.3f})" if s.floor_seconds is not None else "")
+            + (f" ({s.foreign_cpu:.2f} s foreign CPU)" if s.foreign_cpu >= 0.05 else "")
             for s in figure.samples
         )
         log(f"  {figure.name}: median {figure.seconds:.3f} s  (runs: {runs})")
