@@ -10,9 +10,11 @@ go to ``Context.floors`` for the later figures' ratios. The mount figures
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +73,39 @@ def measure_floor(ctx: Context) -> None:
     ctx.floors["sha256 cpu"] = figure.cpu_seconds or figure.seconds  # what the daemon's CPU is held to
     ctx.image_sha256 = digests[0]
     ctx.check("fair SHA-256 is stable across runs", len(set(digests)) == 1, digests[0])
+
+
+def measure_contended_floor(ctx: Context) -> None:
+    """The SHA-256 floor again while the other core hashes too: what the hash lane of a pipeline
+    gets when compression or decompression keeps the second core busy. On a VM whose cores share
+    a physical core or its power budget this is slower than the floor, and every two-core figure
+    whose pace the hash sets carries that difference however well it overlaps its work."""
+    log("info: the SHA-256 floor while the other core hashes too")
+    stop = threading.Event()
+
+    def busy() -> None:
+        zeros = bytes(4 << 20)
+        while not stop.is_set():
+            hashlib.sha256(zeros).digest()
+
+    def contended() -> None:
+        stop.clear()
+        neighbour = threading.Thread(target=busy, name="bench-busy-core")
+        neighbour.start()
+        try:
+            fair_sha256(ctx.image)
+        finally:
+            stop.set()
+            neighbour.join()
+
+    ctx.add(
+        Figure(
+            "SHA-256 floor, other core busy (info)",
+            ctx.time_runs(contended, paired=True),
+            floor="sha256",
+            note="info",
+        )
+    )
 
 
 def measure_sha256sum(ctx: Context) -> None:
@@ -287,6 +322,7 @@ class Measurement:
 MEASUREMENTS: list[Measurement] = [
     Measurement("floor", measure_floor, required=True),
     Measurement("zstd", measure_zstd, required=True),
+    Measurement("contended", measure_contended_floor),
     Measurement("sha256sum", measure_sha256sum),
     Measurement("startup", measure_startup),
     Measurement("backup", measure_backup),
