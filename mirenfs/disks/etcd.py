@@ -67,6 +67,7 @@ from mirenfs.disks.model import (
     Volume,
     VolumeState,
     image_path_for,
+    new_disk_records,
     new_id,
     validate_disk_name,
     validate_node_name,
@@ -485,15 +486,15 @@ class EtcdCatalog:
     # --- DiskCreator ---
 
     def create_disk_for_restore(self, name: str, *, size_bytes: int, filesystem: str) -> CreatedRecords:
-        disk, volume = self._insert(
+        records = new_disk_records(
             name,
             size_bytes=size_bytes,
             filesystem=filesystem,
             status=DiskState.PROVISIONING,
-            volume_status=VolumeState.PROVISIONING,
             image_path=None,
+            node=self.node,
         )
-        return CreatedRecords(self, disk, volume)
+        return CreatedRecords(self, *self._insert(*records))
 
     def update_disk(self, disk_id: str, *, size_bytes: int, filesystem: str) -> None:
         """A restore installed a new image: record its size and filesystem; ``provisioning`` ends."""
@@ -530,33 +531,20 @@ class EtcdCatalog:
         status: DiskState = DiskState.PROVISIONED,
         image_path: str | None = None,
     ) -> DiskRecord:
-        if image_path is not None:
-            image_path = os.path.abspath(image_path)
-        provisioning = DiskState(status) == DiskState.PROVISIONING
-        disk, volume = self._insert(
+        records = new_disk_records(
             name,
             size_bytes=size_bytes,
             filesystem=filesystem,
-            status=DiskState(status),
-            volume_status=VolumeState.PROVISIONING if provisioning else VolumeState.PROVISIONED,
+            status=status,
             image_path=image_path,
+            node=self.node,
         )
+        disk, volume = self._insert(*records)
         return DiskRecord(disk, volume, image_path_for(self.data_path, volume), ())
 
-    def _insert(
-        self,
-        name: str,
-        *,
-        size_bytes: int,
-        filesystem: str,
-        status: DiskState,
-        volume_status: VolumeState,
-        image_path: str | None,
-    ) -> tuple[Disk, Volume]:
+    def _insert(self, disk: Disk, volume: Volume) -> tuple[Disk, Volume]:
         """One transaction: it succeeds only while the name (and id, and explicit image) is free."""
-        validate_disk_name(name)
-        disk = Disk(new_id("disk"), name, status, filesystem, size_bytes)
-        volume = Volume(new_id("vol"), disk.id, image_path, volume_status, self.node)
+        name, image_path = disk.name, volume.image_path
         now = time.time_ns()
         stored = _Stored(disk, volume, (), now, now)
         key, id_key = self._disk_key(name), self._id_key(disk.id)

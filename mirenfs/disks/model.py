@@ -307,6 +307,27 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(8)}"
 
 
+def new_disk_records(
+    name: str,
+    *,
+    size_bytes: int,
+    filesystem: str,
+    status: DiskState,
+    image_path: str | None,
+    node: str | None = None,
+) -> tuple[Disk, Volume]:
+    """A new disk and its volume, as every catalogue stores them: the name checked, fresh ids,
+    an explicit image made absolute, the volume ``provisioning`` exactly while the disk is."""
+    validate_disk_name(name)
+    status = DiskState(status)
+    if image_path is not None:
+        image_path = os.path.abspath(image_path)
+    provisioning = status == DiskState.PROVISIONING
+    volume_status = VolumeState.PROVISIONING if provisioning else VolumeState.PROVISIONED
+    disk = Disk(new_id("disk"), name, status, filesystem, size_bytes)
+    return disk, Volume(new_id("vol"), disk.id, image_path, volume_status, node)
+
+
 class CreatedRecords:
     """A catalogue's half of a restore into a new name: finalize it, or remove the records again.
 

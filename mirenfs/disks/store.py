@@ -35,6 +35,7 @@ from mirenfs.disks.model import (
     Volume,
     VolumeState,
     image_path_for,
+    new_disk_records,
     new_id,
     validate_disk_name,
 )
@@ -292,15 +293,10 @@ class Store:
     # --- DiskCreator ---
 
     def create_disk_for_restore(self, name: str, *, size_bytes: int, filesystem: str) -> CreatedRecords:
-        disk, volume = self._insert_disk(
-            name,
-            size_bytes=size_bytes,
-            filesystem=filesystem,
-            status=DiskState.PROVISIONING,
-            volume_status=VolumeState.PROVISIONING,
-            image_path=None,
+        records = new_disk_records(
+            name, size_bytes=size_bytes, filesystem=filesystem, status=DiskState.PROVISIONING, image_path=None
         )
-        return CreatedRecords(self, disk, volume)
+        return CreatedRecords(self, *self._insert_disk(*records))
 
     def update_disk(self, disk_id: str, *, size_bytes: int, filesystem: str) -> None:
         """A restore installed a new image: record its size and filesystem; a disk still
@@ -334,32 +330,15 @@ class Store:
         image_path: str | None = None,
     ) -> DiskRecord:
         """A disk and its volume: a managed image under the data path, or the given (absolute) one."""
-        if image_path is not None:
-            image_path = os.path.abspath(image_path)
-        provisioning = status == DiskState.PROVISIONING
-        disk, volume = self._insert_disk(
-            name,
-            size_bytes=size_bytes,
-            filesystem=filesystem,
-            status=status,
-            volume_status=VolumeState.PROVISIONING if provisioning else VolumeState.PROVISIONED,
-            image_path=image_path,
+        records = new_disk_records(
+            name, size_bytes=size_bytes, filesystem=filesystem, status=status, image_path=image_path
         )
+        disk, volume = self._insert_disk(*records)
         return DiskRecord(disk, volume, image_path_for(self.data_path, volume), ())
 
-    def _insert_disk(
-        self,
-        name: str,
-        *,
-        size_bytes: int,
-        filesystem: str,
-        status: DiskState,
-        volume_status: VolumeState,
-        image_path: str | None,
-    ) -> tuple[Disk, Volume]:
-        validate_disk_name(name)
-        disk = Disk(new_id("disk"), name, DiskState(status), filesystem, size_bytes)
-        volume = Volume(new_id("vol"), disk.id, image_path, volume_status)
+    def _insert_disk(self, disk: Disk, volume: Volume) -> tuple[Disk, Volume]:
+        """One transaction: it succeeds only while the name (and explicit image) is free."""
+        name, image_path = disk.name, volume.image_path
         now = time.time_ns()
         with self._write() as db:  # IMMEDIATE: no other writer between these checks and the inserts
             if db.execute("SELECT 1 FROM disks WHERE name = ?", (name,)).fetchone():
@@ -377,7 +356,7 @@ class Store:
             db.execute(
                 "INSERT INTO disks (id, name, status, filesystem, size_bytes, created_ns, updated_ns) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (disk.id, name, disk.status.value, filesystem, size_bytes, now, now),
+                (disk.id, name, disk.status.value, disk.filesystem, disk.size_bytes, now, now),
             )
             db.execute(
                 "INSERT INTO volumes (id, disk_id, image_path, status) VALUES (?, ?, ?, ?)",
