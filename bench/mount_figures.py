@@ -222,38 +222,22 @@ def cp_into_restore(source: Path, mounted: MountedSample) -> Callable[[str], Sam
 
 def measure_mount_cp_restore(ctx: Context, mounted: MountedSample) -> None:
     """cp of the one-frame (Go-style) snapshot into restore/: a new disk each run."""
-    source = ensure_one_frame(ctx)
-    counter = iter(range(1000))
-    log("mount: cp of the one-frame snapshot into restore/ (a new disk each run)")
-    ctx.add(
-        Figure(
-            "mount: cp one-frame snapshot into restore/",
-            restore_runs(
-                ctx,
-                mounted,
-                cp_into_restore(source, mounted),
-                lambda: f"restored-{next(counter)}",
-            ),
-            floor="restore",
-            target=CP_RESTORE_TARGET,
-        )
-    )
+    cp_restore_figure(ctx, mounted, ensure_one_frame(ctx), "one-frame", "restored")
 
 
 def measure_mount_cp_restore_multi(ctx: Context, mounted: MountedSample) -> None:
     """cp of mirenfs's own snapshot (one frame per 4 MiB chunk) into restore/."""
-    source = ctx.ensure_snapshot()
+    cp_restore_figure(ctx, mounted, ctx.ensure_snapshot(), "mirenfs", "multi")
+
+
+def cp_restore_figure(ctx: Context, mounted: MountedSample, source: Path, label: str, prefix: str) -> None:
+    """cp of ``source`` into restore/, each run as a new disk ``PREFIX-N``."""
     counter = iter(range(1000))
-    log("mount: cp of mirenfs's own snapshot into restore/ (a new disk each run)")
+    log(f"mount: cp of the {label} snapshot into restore/ (a new disk each run)")
     ctx.add(
         Figure(
-            "mount: cp mirenfs snapshot into restore/",
-            restore_runs(
-                ctx,
-                mounted,
-                cp_into_restore(source, mounted),
-                lambda: f"multi-{next(counter)}",
-            ),
+            f"mount: cp {label} snapshot into restore/",
+            restore_runs(ctx, mounted, cp_into_restore(source, mounted), lambda: f"{prefix}-{next(counter)}"),
             floor="restore",
             target=CP_RESTORE_TARGET,
         )

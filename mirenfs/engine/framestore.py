@@ -50,8 +50,8 @@ log = logging.getLogger(__name__)
 MAGIC = b"MIRNFRM4"  # 4: entries named by BLAKE3 fingerprints, frames checked by BLAKE3 (3: SHA-256, CRC-32)
 FINGERPRINT_ALGORITHM = "blake3"
 # magic, entry name, BLAKE3 digest of the frame, frame length, the frame's seek-table checksum
-_FIELDS = struct.Struct("<8s32s16sQI")
-_FRAME_DIGEST = 16
+_FRAME_DIGEST = 16  # bytes of BLAKE3 over the frame
+_FIELDS = struct.Struct(f"<8s32s{_FRAME_DIGEST}sQI")
 _DIGEST = 16  # bytes of SHA-256 over the fields, closing the header
 _HEADER = _FIELDS.size + _DIGEST
 _TEMPORARY = ".tmp"
