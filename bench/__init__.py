@@ -22,13 +22,15 @@ into restore/) against the slower of it and ``zstd -d``, on the sample as
 Go's writer makes it (one zstd frame, no content size) and on mirenfs's own
 snapshot; the mount figures (cold, warm and after-remount reads, stat after
 remount, random-read p99, a read after 1% of the disk changed with
-``dd conv=notrunc`` — with the daemon's CPU seconds against SHA-256's — and
-the daemon's RSS) against the floor or an absolute limit. Every mount figure
-records the daemon's CPU seconds.
+``dd conv=notrunc`` — anywhere, and starting in the first chunk as a mount of
+the disk's filesystem would (the whole image hashed again), each with the
+daemon's CPU seconds against SHA-256's — and the daemon's RSS) against the
+floor or an absolute limit. Every mount figure records the daemon's CPU seconds.
 
 The machine is shared (2 cores): a run during which other processes used
 over 5% of the CPU is redone, and the table's "noise" column says how busy
-the machine was in the worst run kept. Its speed also drifts (the floor has
+the machine was in the worst run kept (over the run's whole wall-clock time,
+also for the random-read p99, whose seconds are one read's). Its speed also drifts (the floor has
 moved between 3.4 and 5.3 s within 20 minutes), so each run of a figure held
 to a ratio above 1 is paired with a floor run just before it, and that
 figure's ratio is the median of the runs' own ratios. The ``contended`` info

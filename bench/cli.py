@@ -19,7 +19,7 @@ import bench
 from bench.context import GIB, CommandFailed, Context, log
 from bench.figures import MEASUREMENTS
 from bench.report import environment, exit_status, print_table, write_json
-from bench.sample import build_sample, describe_sample, fair_sha256
+from bench.sample import SampleError, build_sample, describe_sample, fair_sha256
 
 DEFAULT_WORKDIR = Path("/var/tmp/mirenfs-bench")
 
@@ -95,9 +95,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     selected = args.only if args.only is not None else {m.name for m in MEASUREMENTS}
+    try:
+        image = build_sample(args.workdir, args.size)
+    except SampleError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
     ctx = Context(
         workdir=args.workdir,
-        image=build_sample(args.workdir, args.size),
+        image=image,
         runs=args.runs,
         mirenfs=find_mirenfs(args.mirenfs),
         selected=selected,

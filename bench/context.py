@@ -42,6 +42,9 @@ class Sample:
     cpu_seconds: float | None = None
     max_rss_kib: int | None = None
     foreign_cpu: float = 0.0
+    # ``foreign_cpu`` as a share of the machine over the run's whole wall-clock time (which
+    # for a latency figure is far longer than the ``seconds`` it reports).
+    noise: float = 0.0
     daemon_cpu: float | None = None  # CPU seconds of the mount daemon, in a mount figure
     # The SHA-256 floor timed just before this run (a paired figure): wall-clock seconds, and its
     # CPU seconds for a figure of CPU seconds. This machine's speed drifts by a quarter within
@@ -78,6 +81,11 @@ class Figure:
     @property
     def foreign_cpu(self) -> float:
         return max(s.foreign_cpu for s in self.samples)
+
+    @property
+    def noise(self) -> float:
+        """The largest share of the machine other processes took during one of the runs."""
+        return max(s.noise for s in self.samples)
 
     @property
     def peak_rss_mib(self) -> float | None:
@@ -168,7 +176,7 @@ class Context:
                 sample = self._one_run(run)
                 if floor is not None:
                     sample.floor_seconds, sample.floor_cpu = floor.seconds, floor.cpu_seconds
-                share = machine_share(sample.foreign_cpu, sample.seconds)
+                share = sample.noise
                 if share <= NOISE_LIMIT or attempt == self.retries:
                     break
                 self.discarded += 1
@@ -211,6 +219,7 @@ class Context:
             sample.daemon_cpu = daemon
         child = sample.cpu_seconds if result is not None and sample.cpu_seconds is not None else 0.0
         sample.foreign_cpu = max(0.0, machine_cpu_seconds() - machine - own - child)
+        sample.noise = machine_share(sample.foreign_cpu, elapsed)
         return sample
 
     def command(self, argv: Sequence[str], **kwargs: object) -> Callable[[], Sample]:

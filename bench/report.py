@@ -17,7 +17,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.context import NOISE_LIMIT, Context, Figure, machine_share
+from bench.context import NOISE_LIMIT, Context, Figure
 
 
 def ratio_to_floor(ctx: Context, figure: Figure) -> float | None:
@@ -85,7 +85,7 @@ def print_table(ctx: Context) -> None:
     for figure in ctx.figures:
         ratio, result = verdict(ctx, figure)
         rss, cpu = figure.peak_rss_mib, figure.cpu_seconds
-        noise = machine_share(figure.foreign_cpu, figure.seconds)
+        noise = figure.noise
         noisy = noisy or noise > NOISE_LIMIT
         rows.append(
             (

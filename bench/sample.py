@@ -127,6 +127,16 @@ def sample_is_valid(image: Path, stamp: Path, size: int) -> bool:
     return recorded == _stamp(size, info)
 
 
+class SampleError(RuntimeError):
+    """The sample image cannot be built as asked; the message says what to change."""
+
+
+def tree_bytes(path: Path) -> int:
+    """Bytes ``du`` counts under ``path`` (what ``mkfs.ext4 -d`` must fit)."""
+    counted = subprocess.run(["du", "-sB1", str(path)], capture_output=True, text=True)
+    return int(counted.stdout.split()[0]) if counted.returncode == 0 and counted.stdout else 0
+
+
 def build_sample(workdir: Path, size: int) -> Path:
     """The §7 sample: a sparse ext4 image holding a copy of /usr/lib/x86_64-linux-gnu."""
     image, stamp = sample_paths(workdir, size)
@@ -139,7 +149,17 @@ def build_sample(workdir: Path, size: int) -> Path:
     partial.unlink(missing_ok=True)
     with open(partial, "wb") as out:
         out.truncate(size)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(SAMPLE_SOURCE), str(partial)], check=True)
+    made = subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-d", str(SAMPLE_SOURCE), str(partial)], capture_output=True, text=True
+    )
+    if made.returncode != 0:
+        partial.unlink(missing_ok=True)
+        said = (made.stderr.strip().splitlines() or ["no message"])[-1]
+        raise SampleError(
+            f"mkfs.ext4 could not make a {human(size)} sample holding {SAMPLE_SOURCE} "
+            f"({human(tree_bytes(SAMPLE_SOURCE))} of files; it said: {said}): give a larger --size, "
+            f"such as {-(-2 * tree_bytes(SAMPLE_SOURCE) // GIB)}G"
+        )
     fsck = subprocess.run(["e2fsck", "-fn", str(partial)], capture_output=True, text=True)
     if fsck.returncode != 0:
         raise RuntimeError(f"e2fsck rejects the fresh sample:\n{fsck.stdout}{fsck.stderr}")

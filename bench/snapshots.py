@@ -71,16 +71,27 @@ def sparse_copy(ctx: Context, name: str) -> Path:
     return path
 
 
-def change_one_percent(image: Path, rng: random.Random) -> None:
+def change_one_percent(image: Path, rng: random.Random, *, in_first_chunk: bool = False) -> None:
     """Overwrite 1% of ``image`` in place (``dd conv=notrunc``) with file data from elsewhere
     in it, at a new place each time: as compressible as the rest, never what was there, and
-    never a chunk-aligned copy (4 MiB chunks that already exist would not count as changed)."""
+    never a chunk-aligned copy (4 MiB chunks that already exist would not count as changed).
+
+    ``in_first_chunk`` starts the change inside the first chunk, as on a disk whose
+    filesystem was mounted since its last snapshot (ext4 rewrites its superblock, at 1 KiB):
+    the whole image must then be hashed again, where a change further in lets the pass
+    resume the hash from the last unchanged chunk."""
     size = image.stat().st_size
     count = max(1, int(size * CHANGE_SHARE) // BLOCK)
-    source = _data_run(image, count, rng)
-    target = rng.randrange(0, size // BLOCK - count)
-    while abs(target - source) < count or (target - source) % (CHUNK // BLOCK) == 0:
-        target = rng.randrange(0, size // BLOCK - count)
+    for _ in range(1000):
+        source = _data_run(image, count, rng)
+        if in_first_chunk:
+            target = rng.randrange(1, CHUNK // BLOCK)
+        else:
+            target = rng.randrange(0, size // BLOCK - count)
+        if abs(target - source) >= count and (target - source) % (CHUNK // BLOCK):
+            break
+    else:
+        raise RuntimeError(f"{image} has no data far enough from where the 1% change must go")
     run_command(
         [
             "dd",

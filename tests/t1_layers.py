@@ -17,8 +17,10 @@ PACKAGE = Path(mirenfs.__file__).parent
 LAYERS = {"errors": 0, "format": 1, "engine": 2, "disks": 3, "mount": 4, "cli": 5}
 TOP = 6  # api.py, __init__.py, __main__.py: the front doors, which may import anything
 # The function-local imports allowed: the CLI loads FUSE only for the commands that mount, and
-# the etcd client (requests, futurist: ~0.1 s) only when an etcd catalogue is opened.
+# the etcd client (requests, futurist: ~0.1 s) only when an etcd catalogue is opened, and
+# importlib.metadata (~25 ms) only for --version.
 LAZY_IMPORTS = {
+    ("mirenfs.cli", "importlib.metadata"),
     ("mirenfs.cli.mount_cmds", "mirenfs.mount.session"),
     ("mirenfs.disks.catalogs", "mirenfs.disks.etcd"),
     ("mirenfs.disks.catalogs", "mirenfs.disks.etcd.EtcdCatalog"),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata
 import io
 import logging
 import os
@@ -34,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mirenfs",
         description="Back up and restore Miren disk images as .mirn snapshots.",
     )
-    parser.add_argument("--version", action="version", version=f"mirenfs {_version()}")
+    parser.add_argument("--version", action=_VersionAction, help="show the version and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     snapshot_cmds.register(commands)
@@ -60,7 +59,21 @@ def _add_log_level(parser: argparse.ArgumentParser) -> None:
                 _add_log_level(subparser)
 
 
+class _VersionAction(argparse.Action):
+    """``--version``, looked up only when asked: importing importlib.metadata costs every
+    command 25 ms of start-up."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        print(f"mirenfs {_version()}")
+        parser.exit()
+
+
 def _version() -> str:
+    import importlib.metadata  # here, not at the top: see _VersionAction
+
     try:
         return importlib.metadata.version("mirenfs")
     except importlib.metadata.PackageNotFoundError:
