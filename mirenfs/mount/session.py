@@ -161,11 +161,9 @@ async def _index_every_disk(operations: MirenOperations) -> None:
 async def _index_one(service: SnapshotService, entry: CatalogEntry) -> None:
     try:
         await service.version(entry.name, entry.image_path, entry.filesystem, attached=entry.attached)
-    except MirenfsError as exc:
-        if not exc.reported:  # a refused point-in-time copy has said why already
-            log.warning("the index pass of disk %s, started at mount, failed: %s", entry.name, exc)
     except Exception as exc:  # the first stat of that snapshot will say it again, to whoever asks
-        log.warning("the index pass of disk %s, started at mount, failed: %s", entry.name, exc)
+        if not (isinstance(exc, MirenfsError) and exc.reported):  # a refused copy has said why
+            log.warning("the index pass of disk %s, started at mount, failed: %s", entry.name, exc)
 
 
 async def _announce_ready(config: MountConfig, ready: Callable[[], None] | None) -> None:
