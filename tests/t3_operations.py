@@ -242,6 +242,23 @@ async def test_rename_across_directories_is_exdev(data_path: Path) -> None:
 
 
 @trio_test
+async def test_restore_files_take_no_xattrs_and_say_not_supported(data_path: Path) -> None:
+    """cp -a / cp -p set an ACL and rsync -aX xattrs on what they create: EOPNOTSUPP lets them
+    skip it (EPERM made cp fail after a good restore). The entry's own state is untouched."""
+    async with operations(data_path) as m:
+        fh, entry = await m.create("new.mirn")
+        sidecar_fh, sidecar = await m.create("new.mirn.sha256")  # ignored under restore/, still a file
+        ops, ctx = m.ops, m.ctx
+        for inode in (entry, sidecar):
+            for name in (b"system.posix_acl_access", b"user.x"):
+                assert await fuse_errno(ops.setxattr(inode, name, b"v", ctx)) == errno.EOPNOTSUPP
+                assert await fuse_errno(ops.removexattr(inode, name, ctx)) == errno.EOPNOTSUPP
+        assert (await m.xattrs(entry))["user.mirenfs.state"] == "receiving"
+        await m.close(sidecar_fh)
+        await m.close(fh)
+
+
+@trio_test
 async def test_a_restore_entry_never_reads_back_as_a_snapshot(data_path: Path) -> None:
     """The README says restore/ files "cannot be read back" (EACCES). Issue 10 makes an entry
     readable as its outcome, one line, so that whole-mount tar and rsync succeed; the working

@@ -78,6 +78,29 @@ def test_go_vectors_restore_through_the_mount(
     assert staging_files(data) == []
 
 
+@pytest.mark.parametrize("command", [["cp", "-a"], ["cp", "-p"], ["rsync", "-a"]], ids=" ".join)
+def test_tools_that_keep_attributes_restore_and_succeed(
+    command: list[str], tmp_path: Path, mounts, need_tool
+) -> None:
+    """cp sets an ACL on the file it wrote (rsync -a does not): "not supported" must not fail it.
+    (rsync -X, which asks for xattrs, reports that they were not kept, as on any filesystem
+    without them.)"""
+    need_tool(command[0])
+    data, mnt = tmp_path / "data", tmp_path / "mnt"
+    data.mkdir()
+    mounts(mnt, data)
+    vector = GO_VECTORS[0]
+    source = tmp_path / "kept.mirn"
+    source.write_bytes(vector.path.read_bytes())
+    os.setxattr(source, "user.note", b"copied with its attributes")
+    argv = [*command, str(source), str(mnt / "restore" / "kept.mirn")]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert state(mnt, "kept.mirn") == "installed: created disk kept"
+    record = disk_record(data, "kept")
+    assert record is not None and sha256_file(Path(record["image_path"])) == vector.sha256
+
+
 @pytest.fixture
 def existing(tmp_path: Path) -> tuple[Path, Path, str]:
     """A data path with disk `pg` whose image must survive every failed restore."""

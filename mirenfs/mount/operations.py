@@ -381,11 +381,18 @@ class MirenOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
-        raise pyfuse3.FUSEError(errno.EPERM)
+        raise pyfuse3.FUSEError(self._xattr_change_errno(inode))
 
     @fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        raise pyfuse3.FUSEError(errno.EPERM)
+        raise pyfuse3.FUSEError(self._xattr_change_errno(inode))
+
+    def _xattr_change_errno(self, inode: int) -> int:
+        """Files written into restore/ keep no xattrs or ACLs: "not supported", which ``cp -a``,
+        ``cp -p`` and ``rsync -aX`` skip (EPERM would fail them after a good restore).
+        Snapshots and the root refuse any change."""
+        restore_file = inode in self.restores.by_inode or inode in self.restores.ignored
+        return errno.EOPNOTSUPP if restore_file else errno.EPERM
 
     # ---- everything a snapshot refuses -------------------------------------
 
