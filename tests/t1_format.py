@@ -130,11 +130,14 @@ def test_oversized_length_is_refused_before_the_body_arrives() -> None:
 
 def test_truncatedraw_header() -> None:
     full = raw_header(_body())
-    for cut in (0, 3, 11, 12, len(full) - 1):
-        with pytest.raises(FormatError, match="truncated"):
+    for cut in (3, 11, 12, len(full) - 1):
+        with pytest.raises(FormatError, match=f"header is truncated: the stream ended after {cut} bytes$"):
             read_header(io.BytesIO(full[:cut]))
     with pytest.raises(FormatError, match="truncated"):
         decode_header(full[:-1])
+    for empty in (lambda: read_header(io.BytesIO(b"")), lambda: decode_header(b"")):
+        with pytest.raises(FormatError, match=r"^the snapshot is empty \(0 bytes\)$"):
+            empty()
 
 
 def test_unknown_keys_are_ignored() -> None:

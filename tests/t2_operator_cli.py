@@ -181,6 +181,59 @@ def test_names_that_cannot_be_encoded_are_printed_safely(tmp_path: Path) -> None
         assert b"Traceback" not in result.stderr and b"unexpected" not in result.stderr
 
 
+# ---- a bad snapshot's error names the file, and what became of the target ----------------------
+
+
+def said(*argv: str) -> tuple[int, str, str]:
+    """Exit status, standard output and standard error (stripped) of a command."""
+    result = run_mirenfs(*argv)
+    return result.returncode, result.stdout.decode(), result.stderr.decode().strip()
+
+
+def test_errors_about_a_snapshot_name_it_and_the_target_is_left_alone(tmp_path: Path) -> None:
+    data = GO_ODD.path.read_bytes()
+    cut, empty, plain = tmp_path / "cut.mirn", tmp_path / "empty.mirn", tmp_path / "plain.zst"
+    cut.write_bytes(data[: len(data) - 7])
+    empty.write_bytes(b"")
+    zstd = subprocess.run(["zstd", "-c"], input=b"x" * 1000, capture_output=True, check=True)
+    plain.write_bytes(zstd.stdout)
+    for argv, message in (
+        (["verify", str(cut)], f"mirenfs: error: {cut}: the snapshot data is truncated"),
+        (["verify", str(empty)], f"mirenfs: error: {empty}: the snapshot is empty (0 bytes)"),
+        (["inspect", str(empty)], f"mirenfs: error: {empty}: the snapshot is empty (0 bytes)"),
+        (["verify", str(plain)], f"{plain}: not a .mirn snapshot: bad magic (it starts with the bytes "),
+    ):
+        status, _out, err = said(*argv)
+        assert status == 1 and message in err, (argv, err)
+    assert "a plain zstd stream" in said("inspect", str(plain))[2]
+
+    image = tmp_path / "kept.img"
+    image.write_bytes(b"the image before")
+    status, _out, err = said("restore", str(cut), "--image", str(image), "--force")
+    assert status == 1 and err.endswith(f"; {image} is as it was"), err
+    assert image.read_bytes() == b"the image before"
+    fresh = tmp_path / "fresh.img"
+    status, _out, err = said("restore", str(cut), "--image", str(fresh))
+    assert status == 1 and err.endswith(f"; {fresh} was not created") and not fresh.exists()
+    nowhere = tmp_path / "no-such-dir" / "r.img"
+    status, _out, err = said("restore", str(GO_ODD.path), "--image", str(nowhere))
+    assert err == f"mirenfs: error: cannot write {nowhere}: there is no directory {nowhere.parent}"
+
+
+def test_backup_of_a_directory_says_so_first(tmp_path: Path) -> None:
+    status, _out, err = said("backup", "--image", str(tmp_path), "-o", str(tmp_path / "x.mirn"))
+    assert (status, err) == (1, f"mirenfs: error: image {tmp_path} is not a regular file")
+    assert not (tmp_path / "x.mirn").exists()
+
+
+def test_inspect_says_what_a_missing_seek_table_means(tmp_path: Path) -> None:
+    cut = tmp_path / "cut.mirn"
+    cut.write_bytes(GO_ODD.path.read_bytes()[:-7])
+    status, out, _err = said("inspect", str(cut))
+    assert status == 0  # the header is whole: inspect reads no more
+    assert "seekable_frames: -\n(no seek table at the end: a snapshot written by Go's code" in out
+
+
 # ---- progress bars: drawn on a terminal, never elsewhere --------------------------------------
 
 

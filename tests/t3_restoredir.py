@@ -206,6 +206,14 @@ async def test_an_existing_image_without_allow_overwrite_is_eexist(data_path: Pa
         for file_name in ("pg.mirn", ".pg.mirn.Ab12Cd"):
             assert await fuse_errno(m.create(file_name)) == errno.EEXIST
         assert await entry_names(m) == []
+        # No entry holds the reason: mirenfs status does, once for rsync's retries, newest first.
+        assert await fuse_errno(m.create("not a disk.mirn")) == errno.EINVAL
+        status = json.loads(await m.ops.getxattr(ROOT_INODE, b"user.mirenfs.status", m.ctx))
+        assert [(r["name"], r["errno"]) for r in status["refused"]] == [
+            ("not a disk.mirn", "EINVAL"),
+            ("pg.mirn", "EEXIST"),
+        ]
+        assert "disk pg already has an image" in status["refused"][1]["reason"]
     async with operations(data_path, allow_overwrite=True) as m:
         fh, _inode = await m.create("pg.mirn")
         assert await m.state("pg.mirn") == "receiving"

@@ -420,7 +420,7 @@ def test_allow_overwrite_records_the_snapshots_size_and_filesystem(
     check = run(need_tool("btrfs"), "check", "--readonly", image)
     assert check.returncode == 0, check.stderr
     assert (
-        f"disk web now holds a btrfs image of {128 << 20} bytes (was ext4, {64 << 20} bytes); "
+        f"disk web now holds an image of {128 << 20} bytes with btrfs (was {64 << 20} bytes with ext4); "
         "the store says so too" in mount.log()
     )
 

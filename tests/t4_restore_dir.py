@@ -208,6 +208,14 @@ def test_refusals_reach_cp_with_their_errno(existing, tmp_path: Path, mounts, ne
     assert sha256_file(image) == before
     assert disk_record(data, "sp ace") is None and staging_files(tmp_path) == []
 
+    # No entry was left to hold a reason; mirenfs status lists them, the newest first.
+    shown = run_mirenfs("status", str(mnt))
+    assert shown.returncode == 0, shown.stderr
+    text = shown.stdout.decode()
+    assert "  refused in restore/ (newest first):\n    pg.mirn  EBUSY  disk pg is in use: its image" in text
+    assert re.search(r"^    notes\.txt  EINVAL  restore/notes\.txt: only snapshot files", text, re.M)
+    assert re.search(r"^    pg\.mirn  EEXIST  disk pg already has an image", text, re.M)
+
 
 @pytest.mark.parametrize(
     ("conversion", "reason"),

@@ -6,10 +6,12 @@ the same engine the mount uses.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from functools import partial
 from typing import Any, BinaryIO
 
@@ -96,6 +98,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
     if args.data_path is not None:
         raise MirenfsError("--data-path applies to disk backups; --image PATH names the image directly")
     size = file_size(args.image, "image")
+    if not os.path.isfile(args.image):  # before guessing its filesystem, which would ask for one
+        raise MirenfsError(f"image {args.image} is not a regular file")
     name = args.name or os.path.splitext(os.path.basename(args.image))[0]
     filesystem = args.filesystem or detect_filesystem(args.image)
     if filesystem is None:
@@ -156,8 +160,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
         )
     size = file_size(args.file, "snapshot") if args.file != "-" else 0
     bar = ProgressBar(size, f"restore {os.path.basename(args.image)}")
+    kept = f"{args.image} is as it was" if os.path.lexists(args.image) else f"{args.image} was not created"
     try:
-        meta = trio.run(partial(restore_file, args.file, args.image, overwrite=args.force, progress=bar))
+        with naming_the_snapshot(args.file, kept):
+            meta = trio.run(partial(restore_file, args.file, args.image, overwrite=args.force, progress=bar))
     finally:
         bar.close()
     print(f"restored {args.image} from {args.file}: {meta.size_bytes} bytes, checksum {meta.checksum}")
@@ -166,7 +172,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     try:
-        with open(args.file, "rb") as snapshot:
+        with open(args.file, "rb") as snapshot, naming_the_snapshot(args.file):
             meta = read_header(snapshot)
             header_len = snapshot.tell()
             total = os.fstat(snapshot.fileno()).st_size
@@ -189,7 +195,23 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         for key, value in fields.items():
             print(f"{key}: {value if value is not None else '-'}")
+        if frames is None:
+            print(
+                "(no seek table at the end: a snapshot written by Go's code, or a file cut short; "
+                "inspect reads only the header, mirenfs verify checks the data)"
+            )
     return 0
+
+
+@contextlib.contextmanager
+def naming_the_snapshot(path: str, outcome: str = "") -> Iterator[None]:
+    """A bad snapshot's error names the file (a loop over many must tell which one failed) and,
+    for a restore, what became of the target."""
+    try:
+        yield
+    except FormatError as exc:
+        where = "standard input" if path == "-" else path
+        raise FormatError(f"{where}: {exc}" + (f"; {outcome}" if outcome else "")) from None
 
 
 def _seek_table_frames(snapshot: BinaryIO, data_len: int) -> int | None:
@@ -206,7 +228,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     size = file_size(args.file, "snapshot") if args.file != "-" else 0
     bar = ProgressBar(size, f"verify {os.path.basename(args.file)}")
     try:
-        meta = trio.run(partial(verify_file, args.file, progress=bar))
+        with naming_the_snapshot(args.file):
+            meta = trio.run(partial(verify_file, args.file, progress=bar))
     finally:
         bar.close()
     print(f"{args.file}: OK ({meta.name}, {meta.size_bytes} bytes, checksum {meta.checksum})")

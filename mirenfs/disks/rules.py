@@ -296,12 +296,13 @@ class RestoreTarget:
             if changed or DiskState(self.existing.status) is DiskState.PROVISIONING:
                 if changed:
                     log.info(
-                        "disk %s now holds a %s image of %d bytes (was %s, %d bytes); the store says so too",
+                        "disk %s now holds an image of %d bytes with %s (was %d bytes with %s); "
+                        "the store says so too",
                         self.name,
-                        self.filesystem,
                         self.size_bytes,
-                        self.existing.filesystem,
+                        self.filesystem,
                         self.existing.size_bytes,
+                        self.existing.filesystem,
                     )
                 self.creator.update_disk(
                     self.existing.id, size_bytes=self.size_bytes, filesystem=self.filesystem

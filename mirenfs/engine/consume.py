@@ -39,7 +39,7 @@ from mirenfs.engine.pipeline import BufferPool, Handoff, LoopWaker, Piece, Stage
 from mirenfs.engine.produce import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
 from mirenfs.errors import FormatError, MirenfsError, TargetError
 from mirenfs.format.frames import FrameScanner, zero_frame
-from mirenfs.format.header import HeaderParser, Meta, validate_meta
+from mirenfs.format.header import HeaderParser, Meta, truncated_header, validate_meta
 
 # Decompressed bytes per piece: each piece costs the hash stage one trip for the GIL, which
 # another thread may hold; 4 MiB keeps those trips rare (the piece is in L3 either way).
@@ -356,9 +356,7 @@ class RestoreStream:
         try:
             meta = self._header.meta
             if meta is None:
-                raise FormatError(
-                    f"the snapshot header is truncated: the stream ended after {self.bytes_in} bytes"
-                )
+                raise FormatError(truncated_header(self.bytes_in))
             pipeline = await self._open()  # a header with no data at all opens the target too
             pipeline.input.close()
             await pipeline.stages.done.wait()

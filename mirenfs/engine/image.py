@@ -514,7 +514,12 @@ class StagingImage:
                 remove_staging_if_unheld(path)
                 continue
             except OSError as exc:
-                raise TargetError(f"cannot create {path}: {exc.strerror}", exc.errno or errno.EIO) from None
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                    directory = os.path.dirname(os.path.abspath(image_path))
+                    message = f"cannot write {image_path}: there is no directory {directory}"
+                else:
+                    message = f"cannot create {path} (where {image_path} is staged): {exc.strerror}"
+                raise TargetError(message, exc.errno or errno.EIO) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 os.ftruncate(fd, size)

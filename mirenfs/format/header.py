@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from typing import BinaryIO, cast
 
 from mirenfs.errors import FormatError
+from mirenfs.format.frames import ZSTD_MAGIC
 
 MAGIC = b"MIRN"
+_ZSTD_MAGIC_BYTES = ZSTD_MAGIC.to_bytes(4, "little")  # what a plain .zst file starts with
 FORMAT_VERSION = 1
 MAX_METADATA_LEN = 1 << 20
 PREFIX_LEN = 12  # magic + version + metadata length
@@ -217,6 +219,13 @@ def write_header(dst: BinaryIO, meta: Meta) -> int:
     return len(header)
 
 
+def truncated_header(length: int) -> str:
+    """What to say of a stream that ended after ``length`` bytes, before its header did."""
+    if length == 0:
+        return "the snapshot is empty (0 bytes)"
+    return f"the snapshot header is truncated: the stream ended after {length} bytes"
+
+
 def read_header(src: BinaryIO, *, validate: bool = True) -> Meta:
     """Read a header from a blocking file-like object, validated unless told not to."""
     parser = HeaderParser(validate=validate)
@@ -224,7 +233,7 @@ def read_header(src: BinaryIO, *, validate: bool = True) -> Meta:
         need = parser.bytes_needed()
         piece = src.read(need)
         if not piece:
-            raise FormatError("the snapshot header is truncated: the file ends before the metadata")
+            raise FormatError(truncated_header(parser.bytes_taken))
         leftover = parser.feed(piece)
         assert not leftover  # we never read past what the parser asked for
     return parser.meta
@@ -235,7 +244,7 @@ def decode_header(data: bytes, *, validate: bool = True) -> tuple[Meta, int]:
     parser = HeaderParser(validate=validate)
     rest = parser.feed(data)
     if parser.meta is None:
-        raise FormatError("the snapshot header is truncated: the data ends before the metadata")
+        raise FormatError(truncated_header(len(data)))
     return parser.meta, len(data) - len(rest)
 
 
@@ -251,6 +260,11 @@ class HeaderParser:
         self._buffer = bytearray()
         self._body_len: int | None = None
         self.meta: Meta | None = None
+
+    @property
+    def bytes_taken(self) -> int:
+        """Header bytes fed so far, until the header is complete."""
+        return len(self._buffer)
 
     def bytes_needed(self) -> int:
         """How many more bytes complete the header (0 once it is parsed)."""
@@ -282,8 +296,10 @@ class HeaderParser:
         got = bytes(self._buffer[:4])
         if got != MAGIC[: len(got)]:
             shown = " ".join(f"{byte:02x}" for byte in got)
+            what = "a plain zstd stream, " if got == _ZSTD_MAGIC_BYTES else ""
             raise FormatError(
-                f"not a .mirn snapshot: bad magic (it starts with the bytes {shown}, a snapshot with MIRN)"
+                f"not a .mirn snapshot: bad magic (it starts with the bytes {shown}, {what}"
+                "where a snapshot starts with MIRN)"
             )
         if self._body_len is None and len(self._buffer) >= PREFIX_LEN:
             _, version, body_len = _PREFIX.unpack(self._buffer[:PREFIX_LEN])

@@ -16,6 +16,7 @@ archive small text files there, and extracting such an archive back into
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import logging
@@ -45,6 +46,7 @@ _MIREN_BACKUP = re.compile(r"(?P<name>.+?)(?:-\d{8}-\d{6})?\.miren\.zst")
 _RSYNC_TEMPORARY = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9]{6}")
 _SIDECAR_LIMIT = 4096  # a sidecar is one sha256sum line
 REFUSAL_REPEAT_S = 5.0
+REFUSALS_KEPT = 20
 
 
 def disk_for_file_name(file_name: str) -> tuple[str, bool]:
@@ -188,6 +190,8 @@ class RestoreDirectory:
         self.by_inode: dict[int, RestoreEntry] = {}
         self.ignored: dict[int, IgnoredNode] = {}
         self._last_refusal: tuple[str, float] | None = None
+        # The latest refusals first, for ``mirenfs status``: what a refused create left no entry for.
+        self.refusals: collections.deque[dict[str, str]] = collections.deque(maxlen=REFUSALS_KEPT)
         self._starting: set[str] = set()  # disks whose restore is being prepared
 
     # ---- who may restore ----------------------------------------------------
@@ -218,7 +222,7 @@ class RestoreDirectory:
             if not sidecar and (self.receiving(disk) is not None or disk in self._starting):
                 raise RestoreRefused(f"disk {disk} is already being restored through restore/", errno.EBUSY)
         except MirenfsError as refusal:
-            self._log_refusal(refusal)
+            self._refused(file_name, refusal)
             raise
         if sidecar:
             return await self._start(file_name, disk, True, None, mode, uid, gid)
@@ -227,7 +231,7 @@ class RestoreDirectory:
             try:
                 target = await trio.to_thread.run_sync(self._prepare, disk)
             except MirenfsError as refusal:
-                self._log_refusal(refusal)
+                self._refused(file_name, refusal)
                 raise
             return await self._start(file_name, disk, False, DiskRestore(target), mode, uid, gid)
         finally:
@@ -254,14 +258,18 @@ class RestoreDirectory:
             entry.state = "receiving" if session is not None else "ignored: a sidecar restores nothing"
         return RestoreWriter(entry, session)
 
-    def _log_refusal(self, refusal: MirenfsError) -> None:
-        """One line per refusal: rsync retries a refused temporary file under new names (it takes
-        EEXIST for a name clash), and those repeats within a few seconds are not logged again."""
+    def _refused(self, file_name: str, refusal: MirenfsError) -> None:
+        """One log line and one status record per refusal: rsync retries a refused temporary
+        file under new names (it takes EEXIST for a name clash), and those repeats within a
+        few seconds are neither logged nor recorded again. A refused create leaves no entry,
+        so the record is where ``mirenfs status`` finds the reason."""
         now = time.monotonic()
         message = str(refusal)
         last = self._last_refusal
         if last is None or last[0] != message or now - last[1] > REFUSAL_REPEAT_S:
             log.warning("%s", message)
+            code = errno.errorcode.get(refusal.errno, str(refusal.errno))
+            self.refusals.appendleft({"name": file_name, "errno": code, "reason": message})
         self._last_refusal = (message, now)
         refusal.reported = True
 

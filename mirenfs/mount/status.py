@@ -4,7 +4,9 @@ No pyfuse3: the CLI imports the names from here to ask a running mount.
 The JSON is ``{"pid", "index_passes", "disks": {NAME: {"index": "building",
 "done", "total"} | {"index": "ready", "snapshot_bytes", "checksum",
 "consistency"[, "frozen_ms"]} | {"index": "refused", "reason"} | {"index": "not
-built"}}, "restores": [{"name", "disk", "state", "bytes"}]}``. ``consistency``
+built"}}, "restores": [{"name", "disk", "state", "bytes"}], "refused": [{"name",
+"errno", "reason"}]}``; ``refused`` holds the latest refusals in ``restore/``, newest
+first (a refused create leaves no entry to read the reason from). ``consistency``
 is how the snapshot was taken (``offline``, ``frozen``, ``crash-consistent``,
 ``live``), as the xattr ``user.mirenfs.consistency`` on ``NAME.mirn`` says.
 """
@@ -31,7 +33,10 @@ SNAPSHOT_XATTRS = (  # on NAME.mirn: the header's fields
 
 
 def mount_status(
-    disk_names: Iterable[str], service: SnapshotService, restores: list[dict[str, object]]
+    disk_names: Iterable[str],
+    service: SnapshotService,
+    restores: list[dict[str, object]],
+    refused: Iterable[dict[str, str]] = (),
 ) -> dict[str, Any]:
     """What ``mirenfs status`` shows: per disk, index state and progress; the restores."""
     disks: dict[str, dict[str, Any]] = {}
@@ -59,4 +64,5 @@ def mount_status(
         "index_passes": service.index_passes,
         "disks": disks,
         "restores": restores,
+        "refused": list(refused),
     }
