@@ -267,6 +267,22 @@ def test_a_second_mount_on_a_mirenfs_mount_is_refused(
     assert "pg.mirn" in os.listdir(mnt)  # the first mount still answers
 
 
+def test_a_second_mount_of_one_data_path_works_and_says_so(tmp_path: Path, mounts: Mounts) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    make_disk(data, "pg")
+    warning = r"another mirenfs mount already serves data path .*; this one shows the same disks"
+    first = mounts(tmp_path / "one", data)
+    second = mounts(tmp_path / "two", data, expect_log=[warning])
+    assert re.search(warning, second.log()) and not re.search(warning, first.log())
+    assert os.getxattr(first.mountpoint / "pg.mirn", CHECKSUM) == os.getxattr(
+        second.mountpoint / "pg.mirn", CHECKSUM
+    )
+    first.stop()
+    third = mounts(tmp_path / "three", data, expect_log=[warning])  # the second still serves it
+    assert re.search(warning, third.log())
+
+
 # ---- stopping at once ------------------------------------------------------------------------
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import signal
@@ -35,6 +37,7 @@ def build_operations(config: MountConfig, nursery: trio.Nursery) -> MirenOperati
     store = config.open_catalog()  # the data path's SQLite store, or the fleet's catalogue on etcd
     store.check()  # before the mount reports ready: refuse now rather than answer EIO later
     make_private_directory(config.state_directory)  # indexes and spilled frames describe disk contents
+    nursery.start_soon(_hold_while_serving, _claim_data_path(config))
     for path in sweep_stale_staging(config.data_path, catalog=store):
         log.info("removed %s, left over from an interrupted restore", path)
     for name in sweep_interrupted_creations(store):
@@ -70,6 +73,37 @@ def build_operations(config: MountConfig, nursery: trio.Nursery) -> MirenOperati
     return MirenOperations(
         StoreCatalog(listing), service, shared=config.shared, restores=restores, nursery=nursery
     )
+
+
+MOUNT_LOCK = "mount.lock"  # in the state directory: every mount of the data path holds it shared
+
+
+def _claim_data_path(config: MountConfig) -> int:
+    """Say so when another mount already serves this data path. It is allowed (both show the
+    same disks, and a restore of a disk through one makes the other refuse that disk while
+    it runs), but it is more often a mistake: an fstab line and a manual mount, say."""
+    fd = os.open(
+        os.path.join(config.state_directory, MOUNT_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+    )
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.warning(
+            "another mirenfs mount already serves data path %s; this one shows the same disks "
+            "(mirenfs status lists the mounts)",
+            config.data_path,
+        )
+    with contextlib.suppress(BlockingIOError):  # only a mount starting this instant holds it exclusively
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    return fd
+
+
+async def _hold_while_serving(fd: int) -> None:
+    """Keeps the data path's mount lock (shared) until the session ends."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        os.close(fd)
 
 
 async def _close_at_end(listing: DiskListing) -> None:
