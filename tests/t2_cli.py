@@ -20,6 +20,11 @@ def test_backup_inspect_verify_restore(tmp_path: Path) -> None:
     result = run_mirenfs("backup", "--image", str(image), "--filesystem", "xfs", "-o", str(snap))
     assert result.returncode == 0, result.stderr
     assert result.stderr == b""  # no progress bar when stderr is not a terminal
+    checksum = sha256_file(image)
+    said = f"backed up {image} to {snap}: {len(content)} bytes, checksum {checksum}\n"
+    assert result.stdout.decode() == said  # one line, as restore prints
+    piped = run_mirenfs("backup", "--image", str(image), "--filesystem", "xfs", "-o", "-")
+    assert piped.stdout == snap.read_bytes()  # to stdout: the snapshot and nothing else
 
     inspected = run_mirenfs("inspect", "--json", str(snap))
     fields = json.loads(inspected.stdout)

@@ -117,7 +117,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         settings=settings_from(args),
         live=may_change_while_read(args.image),
     )
-    log.info("backed up %s to %s (checksum %s)", args.image, args.output, meta.checksum)
+    _report_backup(args.image, args.output, meta)
     return 0
 
 
@@ -149,6 +149,12 @@ def backup_with_progress(
         )
     finally:
         bars[-1].close()
+
+
+def _report_backup(source: str, output: str, meta: Meta) -> None:
+    """One line on success, as restore prints; none when the snapshot itself went to stdout."""
+    if output != "-":
+        print(f"backed up {source} to {output}: {meta.size_bytes} bytes, checksum {meta.checksum}")
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -264,7 +270,7 @@ def _backup_disk(args: argparse.Namespace) -> int:
             print(f"mirenfs: disk {target.name}: snapshot taken {taken.describe()}", file=sys.stderr)
         # A copy is an anonymous file: reached through this process's descriptor of it.
         source = f"/proc/self/fd/{taken.image.fd}" if taken.is_copy else target.image_path
-        backup_with_progress(
+        meta = backup_with_progress(
             source,
             args.output,
             taken.identity.size,
@@ -275,6 +281,7 @@ def _backup_disk(args: argparse.Namespace) -> int:
         )
     finally:
         taken.close()
+    _report_backup(f"disk {target.name}", args.output, meta)
     return 0
 
 
