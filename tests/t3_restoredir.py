@@ -210,8 +210,8 @@ async def test_an_existing_image_without_allow_overwrite_is_eexist(data_path: Pa
         assert await fuse_errno(m.create("not a disk.mirn")) == errno.EINVAL
         status = json.loads(await m.ops.getxattr(ROOT_INODE, b"user.mirenfs.status", m.ctx))
         assert [(r["name"], r["errno"]) for r in status["refused"]] == [
-            ("not a disk.mirn", "EINVAL"),
-            ("pg.mirn", "EEXIST"),
+            ("restore/not a disk.mirn", "EINVAL"),
+            ("restore/pg.mirn", "EEXIST"),
         ]
         assert "disk pg already has an image" in status["refused"][1]["reason"]
     async with operations(data_path, allow_overwrite=True) as m:

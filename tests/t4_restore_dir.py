@@ -212,9 +212,9 @@ def test_refusals_reach_cp_with_their_errno(existing, tmp_path: Path, mounts, ne
     shown = run_mirenfs("status", str(mnt))
     assert shown.returncode == 0, shown.stderr
     text = shown.stdout.decode()
-    assert "  refused in restore/ (newest first):\n    pg.mirn  EBUSY  disk pg is in use: its image" in text
-    assert re.search(r"^    notes\.txt  EINVAL  restore/notes\.txt: only snapshot files", text, re.M)
-    assert re.search(r"^    pg\.mirn  EEXIST  disk pg already has an image", text, re.M)
+    assert "  refused (newest first):\n    restore/pg.mirn  EBUSY  disk pg is in use: its image" in text
+    assert re.search(r"^    restore/notes\.txt  EINVAL  restore/notes\.txt: only snapshot files", text, re.M)
+    assert re.search(r"^    restore/pg\.mirn  EEXIST  disk pg already has an image", text, re.M)
 
 
 @pytest.mark.parametrize(

@@ -276,7 +276,7 @@ def format_status(entry: MountEntry, status: dict[str, Any]) -> str:
         lines.append("  no restores")
     refused = [item for item in status.get("refused") or [] if isinstance(item, dict)]
     if refused:
-        lines.append("  refused in restore/ (newest first):")
+        lines.append("  refused (newest first):")
         for item in refused:
             lines.append(f"    {item.get('name', '?')}  {item.get('errno', '?')}  {item.get('reason', '?')}")
     return "\n".join(lines)

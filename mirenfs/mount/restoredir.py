@@ -269,7 +269,7 @@ class RestoreDirectory:
         if last is None or last[0] != message or now - last[1] > REFUSAL_REPEAT_S:
             log.warning("%s", message)
             code = errno.errorcode.get(refusal.errno, str(refusal.errno))
-            self.refusals.appendleft({"name": file_name, "errno": code, "reason": message})
+            self.refusals.appendleft({"name": f"restore/{file_name}", "errno": code, "reason": message})
         self._last_refusal = (message, now)
         refusal.reported = True
 
