@@ -220,10 +220,53 @@ def test_errors_about_a_snapshot_name_it_and_the_target_is_left_alone(tmp_path: 
     assert err == f"mirenfs: error: cannot write {nowhere}: there is no directory {nowhere.parent}"
 
 
+def test_restore_image_never_replaces_anything_but_a_regular_file(tmp_path: Path) -> None:
+    """A restore renames a new file over the path: over a symlink, a device node or a pipe that
+    would silently put a file in its place, whatever --force says."""
+    target = tmp_path / "real.img"
+    target.write_bytes(b"kept")
+    link, pipe, directory = tmp_path / "link.img", tmp_path / "pipe.img", tmp_path / "dir.img"
+    link.symlink_to(target)
+    os.mkfifo(pipe)
+    directory.mkdir()
+    for path, kind in ((link, "a symbolic link"), (pipe, "a named pipe"), (directory, "a directory")):
+        for force in ([], ["--force"]):
+            status, _out, err = said("restore", str(GO_ODD.path), "--image", str(path), *force)
+            assert (status, err) == (
+                1,
+                f"mirenfs: error: {path} is {kind}; a restore writes image files only, so name a file",
+            )
+    assert link.is_symlink() and stat.S_ISFIFO(os.lstat(pipe).st_mode) and directory.is_dir()
+    assert target.read_bytes() == b"kept" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "dir.img",
+        "link.img",
+        "pipe.img",
+        "real.img",
+    ]
+
+
 def test_backup_of_a_directory_says_so_first(tmp_path: Path) -> None:
     status, _out, err = said("backup", "--image", str(tmp_path), "-o", str(tmp_path / "x.mirn"))
     assert (status, err) == (1, f"mirenfs: error: image {tmp_path} is not a regular file")
     assert not (tmp_path / "x.mirn").exists()
+
+
+def test_backup_into_a_directory_or_nowhere_says_what_to_do(tmp_path: Path) -> None:
+    image = tmp_path / "web.img"
+    write_image(image, [("text", 100_000)])
+    base = ["backup", "--image", str(image), "--filesystem", "ext4", "-o"]
+    status, _out, err = said(*base, str(tmp_path))
+    expected = (
+        f"mirenfs: error: cannot write {tmp_path}: it is a directory; name a file in it, such as web.mirn"
+    )
+    assert (status, err) == (1, expected)
+    nowhere = tmp_path / "no-such-dir" / "web.mirn"
+    status, _out, err = said(*base, str(nowhere))
+    assert (status, err) == (
+        1,
+        f"mirenfs: error: cannot write {nowhere}: there is no directory {nowhere.parent}",
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["web.img"]
 
 
 def test_inspect_says_what_a_missing_seek_table_means(tmp_path: Path) -> None:

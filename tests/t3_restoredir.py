@@ -206,14 +206,18 @@ async def test_an_existing_image_without_allow_overwrite_is_eexist(data_path: Pa
         for file_name in ("pg.mirn", ".pg.mirn.Ab12Cd"):
             assert await fuse_errno(m.create(file_name)) == errno.EEXIST
         assert await entry_names(m) == []
-        # No entry holds the reason: mirenfs status does, once for rsync's retries, newest first.
+        # No entry holds the reason: mirenfs status does, newest first. One process's retries
+        # (rsync's new temporary names) count once, under the latest name; another's count again.
         assert await fuse_errno(m.create("not a disk.mirn")) == errno.EINVAL
+        m.ctx.pid += 1  # another command
+        assert await fuse_errno(m.create("pg.mirn")) == errno.EEXIST
         status = json.loads(await m.ops.getxattr(ROOT_INODE, b"user.mirenfs.status", m.ctx))
-        assert [(r["name"], r["errno"]) for r in status["refused"]] == [
-            ("restore/not a disk.mirn", "EINVAL"),
-            ("restore/pg.mirn", "EEXIST"),
+        assert [(r["name"], r["errno"], r["tries"]) for r in status["refused"]] == [
+            ("restore/pg.mirn", "EEXIST", 1),
+            ("restore/not a disk.mirn", "EINVAL", 1),
+            ("restore/.pg.mirn.Ab12Cd", "EEXIST", 2),
         ]
-        assert "disk pg already has an image" in status["refused"][1]["reason"]
+        assert "disk pg already has an image" in status["refused"][0]["reason"]
     async with operations(data_path, allow_overwrite=True) as m:
         fh, _inode = await m.create("pg.mirn")
         assert await m.state("pg.mirn") == "receiving"

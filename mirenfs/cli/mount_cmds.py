@@ -278,7 +278,11 @@ def format_status(entry: MountEntry, status: dict[str, Any]) -> str:
     if refused:
         lines.append("  refused (newest first):")
         for item in refused:
-            lines.append(f"    {item.get('name', '?')}  {item.get('errno', '?')}  {item.get('reason', '?')}")
+            tries = int(item.get("tries", 1))
+            again = f"  ({tries} tries)" if tries > 1 else ""
+            lines.append(
+                f"    {item.get('name', '?')}  {item.get('errno', '?')}  {item.get('reason', '?')}{again}"
+            )
     return "\n".join(lines)
 
 

@@ -216,8 +216,11 @@ def naming_the_snapshot(path: str, outcome: str = "") -> Iterator[None]:
     try:
         yield
     except FormatError as exc:
-        where = "standard input" if path == "-" else path
-        raise FormatError(f"{where}: {exc}" + (f"; {outcome}" if outcome else "")) from None
+        raise FormatError(f"{_shown(path)}: {exc}" + (f"; {outcome}" if outcome else "")) from None
+
+
+def _shown(path: str) -> str:
+    return "standard input" if path == "-" else path
 
 
 def _seek_table_frames(snapshot: BinaryIO, data_len: int) -> int | None:
@@ -238,7 +241,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             meta = trio.run(partial(verify_file, args.file, progress=bar))
     finally:
         bar.close()
-    print(f"{args.file}: OK ({meta.name}, {meta.size_bytes} bytes, checksum {meta.checksum})")
+    print(f"{_shown(args.file)}: OK ({meta.name}, {meta.size_bytes} bytes, checksum {meta.checksum})")
     return 0
 
 

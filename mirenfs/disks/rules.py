@@ -173,8 +173,7 @@ def _check_restorable(resolver: DiskResolver, disk: Disk, *, data_path: str, ove
     refuse_if_in_use(resolver, disk, image_path, action="restoring")
     if not overwrite and os.path.lexists(image_path):
         raise ImageExistsError(
-            f"disk {name} already has an image at {image_path}; restore with --force "
-            "(or mount with --allow-overwrite) to replace it"
+            f"disk {name} already has an image at {image_path}; pass --force to replace it"
         )
     return image_path
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import weakref
 from collections.abc import AsyncIterable, Awaitable, Callable
 from dataclasses import dataclass
@@ -493,6 +494,30 @@ class StagedRestore:
             await trio.to_thread.run_sync(self._staging.discard)
 
 
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def refuse_unusual_target(image_path: str, *, overwrite: bool) -> None:
+    """Only a regular file is ever replaced: the restore renames a new file over the path, which
+    would put a file where a device node, a symbolic link or a directory was."""
+    try:
+        mode = os.lstat(image_path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        raise TargetError(f"{image_path} is {kind}; a restore writes image files only, so name a file")
+    if not overwrite:
+        raise TargetError(f"{image_path} already exists; pass --force to replace it")
+
+
 async def restore_to_path(
     image_path: str,
     chunks: ChunkIterable,
@@ -506,8 +531,7 @@ async def restore_to_path(
     Nothing changes at ``image_path`` unless the whole stream verified; on
     any failure the staging file is removed.
     """
-    if not overwrite and os.path.exists(image_path):
-        raise TargetError(f"{image_path} already exists; pass --force to replace it")
+    refuse_unusual_target(image_path, overwrite=overwrite)
 
     async def choose_image(meta: Meta) -> str:
         if on_header is not None:

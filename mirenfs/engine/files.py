@@ -10,6 +10,7 @@ snapshot from it, compressing a second time rather than spooling to disk.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import sys
@@ -172,6 +173,8 @@ async def backup_image(
 
     ``live``: the image may change while it is read (see :func:`reading_rules`).
     """
+    if output != "-" and os.path.isdir(output):  # before a whole pass, not at its end
+        raise TargetError(f"cannot write {output}: it is a directory; name a file in it, such as {name}.mirn")
     image = await trio.to_thread.run_sync(OpenImage.open, image_path)
     try:
         source = image.source(settings)
@@ -204,7 +207,9 @@ async def _backup_to_regular_file(
     try:
         fd, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(output)}.", suffix=".tmp", dir=directory)
     except OSError as exc:
-        raise TargetError(f"cannot write {output}: {exc.strerror}", exc.errno or 5) from None
+        missing = exc.errno in (errno.ENOENT, errno.ENOTDIR)
+        why = f"there is no directory {directory}" if missing else exc.strerror
+        raise TargetError(f"cannot write {output}: {why}", exc.errno or errno.EIO) from None
     try:
         with os.fdopen(fd, "wb") as out:
             meta = await write_snapshot(out, source, settings, of, progress=progress)

@@ -289,7 +289,7 @@ class MirenOperations(pyfuse3.Operations):
         if restore is not None:
             if not writing:  # reading an entry gives its outcome, one line
                 return pyfuse3.FileInfo(fh=self.handles.add(restore.report()))
-            writer = await self.restores.begin(restore.name, restore.mode, ctx.uid, ctx.gid)
+            writer = await self.restores.begin(restore.name, restore.mode, ctx.uid, ctx.gid, ctx.pid)
             return pyfuse3.FileInfo(fh=self.handles.add(writer), direct_io=True)
         if inode in self.restores.ignored:
             return pyfuse3.FileInfo(fh=self.handles.add(None if writing else b""), direct_io=True)
@@ -480,7 +480,7 @@ class MirenOperations(pyfuse3.Operations):
             self.restores.check_writer(ctx.uid, "restore/")
             node = self.restores.ignore(parent_inode, os.fsdecode(name), is_directory=False, mode=mode)
             return pyfuse3.FileInfo(fh=self.handles.add(None), direct_io=True), self._ignored_attributes(node)
-        writer = await self.restores.begin(os.fsdecode(name), mode, ctx.uid, ctx.gid)
+        writer = await self.restores.begin(os.fsdecode(name), mode, ctx.uid, ctx.gid, ctx.pid)
         info = pyfuse3.FileInfo(fh=self.handles.add(writer), direct_io=True)
         return info, self._restore_attributes(writer.entry)
 

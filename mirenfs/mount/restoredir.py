@@ -189,9 +189,9 @@ class RestoreDirectory:
         self.entries: dict[str, RestoreEntry] = {}
         self.by_inode: dict[int, RestoreEntry] = {}
         self.ignored: dict[int, IgnoredNode] = {}
-        self._last_refusal: tuple[str, float] | None = None
+        self._last_refusal: tuple[tuple[str, int], float] | None = None  # (message, pid), when
         # The latest refusals first, for ``mirenfs status``: what a refused create left no entry for.
-        self.refusals: collections.deque[dict[str, str]] = collections.deque(maxlen=REFUSALS_KEPT)
+        self.refusals: collections.deque[dict[str, str | int]] = collections.deque(maxlen=REFUSALS_KEPT)
         self._starting: set[str] = set()  # disks whose restore is being prepared
 
     # ---- who may restore ----------------------------------------------------
@@ -213,7 +213,7 @@ class RestoreDirectory:
                 return entry
         return None
 
-    async def begin(self, file_name: str, mode: int, uid: int, gid: int) -> RestoreWriter:
+    async def begin(self, file_name: str, mode: int, uid: int, gid: int, pid: int = 0) -> RestoreWriter:
         """Create the entry, or restart an existing one in place (same inode: it is being
         opened for writing), applying every refusal before a byte is written."""
         try:
@@ -222,7 +222,7 @@ class RestoreDirectory:
             if not sidecar and (self.receiving(disk) is not None or disk in self._starting):
                 raise RestoreRefused(f"disk {disk} is already being restored through restore/", errno.EBUSY)
         except MirenfsError as refusal:
-            self._refused(file_name, refusal)
+            self._refused(file_name, refusal, pid)
             raise
         if sidecar:
             return await self._start(file_name, disk, True, None, mode, uid, gid)
@@ -231,7 +231,7 @@ class RestoreDirectory:
             try:
                 target = await trio.to_thread.run_sync(self._prepare, disk)
             except MirenfsError as refusal:
-                self._refused(file_name, refusal)
+                self._refused(file_name, refusal, pid)
                 raise
             return await self._start(file_name, disk, False, DiskRestore(target), mode, uid, gid)
         finally:
@@ -258,19 +258,29 @@ class RestoreDirectory:
             entry.state = "receiving" if session is not None else "ignored: a sidecar restores nothing"
         return RestoreWriter(entry, session)
 
-    def _refused(self, file_name: str, refusal: MirenfsError) -> None:
-        """One log line and one status record per refusal: rsync retries a refused temporary
-        file under new names (it takes EEXIST for a name clash), and those repeats within a
-        few seconds are neither logged nor recorded again. A refused create leaves no entry,
-        so the record is where ``mirenfs status`` finds the reason."""
+    def _refused(self, file_name: str, refusal: MirenfsError, pid: int) -> None:
+        """One log line and one status record per refusal. rsync retries a refused temporary
+        file under new names (it takes EEXIST for a name clash): the same refusal of the same
+        process within a few seconds counts as a retry, recorded under the latest name (the
+        one rsync prints). A refused create leaves no entry, so the record is where
+        ``mirenfs status`` finds the reason."""
         now = time.monotonic()
         message = str(refusal)
         last = self._last_refusal
-        if last is None or last[0] != message or now - last[1] > REFUSAL_REPEAT_S:
-            log.warning("%s", message)
+        if (
+            last is not None
+            and last[0] == (message, pid)
+            and now - last[1] <= REFUSAL_REPEAT_S
+            and self.refusals
+        ):
+            self.refusals[0]["name"] = f"restore/{file_name}"
+            self.refusals[0]["tries"] = int(self.refusals[0]["tries"]) + 1
+        else:
+            where = f"restore/{file_name}"
+            log.warning("%s", message if message.startswith(where) else f"{where}: {message}")
             code = errno.errorcode.get(refusal.errno, str(refusal.errno))
-            self.refusals.appendleft({"name": f"restore/{file_name}", "errno": code, "reason": message})
-        self._last_refusal = (message, now)
+            self.refusals.appendleft({"name": where, "errno": code, "reason": message, "tries": 1})
+        self._last_refusal = ((message, pid), now)
         refusal.reported = True
 
     def _prepare(self, disk: str) -> RestoreTarget:

@@ -5,8 +5,9 @@ The JSON is ``{"pid", "index_passes", "disks": {NAME: {"index": "building",
 "done", "total"} | {"index": "ready", "snapshot_bytes", "checksum",
 "consistency"[, "frozen_ms"]} | {"index": "refused", "reason"} | {"index": "not
 built"}}, "restores": [{"name", "disk", "state", "bytes"}], "refused": [{"name",
-"errno", "reason"}]}``; ``refused`` holds the latest refusals in ``restore/``, newest
-first (a refused create leaves no entry to read the reason from). ``consistency``
+"errno", "reason", "tries"}]}``; ``refused`` holds the latest refusals in ``restore/``,
+newest first (a refused create leaves no entry to read the reason from); ``tries`` counts
+one process's retries of the same refusal, as rsync makes under new temporary names. ``consistency``
 is how the snapshot was taken (``offline``, ``frozen``, ``crash-consistent``,
 ``live``), as the xattr ``user.mirenfs.consistency`` on ``NAME.mirn`` says.
 """
@@ -36,7 +37,7 @@ def mount_status(
     disk_names: Iterable[str],
     service: SnapshotService,
     restores: list[dict[str, object]],
-    refused: Iterable[dict[str, str]] = (),
+    refused: Iterable[dict[str, str | int]] = (),
 ) -> dict[str, Any]:
     """What ``mirenfs status`` shows: per disk, index state and progress; the restores."""
     disks: dict[str, dict[str, Any]] = {}
