@@ -27,7 +27,7 @@ import pytest
 
 from mirenfs.disks.store import Store
 
-from support.data import sha256_file, staging_files, write_slow_image
+from support.data import sha256_file, staging_files, write_image, write_slow_image
 from support.mounts import Mount, Teardown, mounts_at, restore_state, wait_for
 from support.runners import MIRENFS, TIMEOUT, run, run_cli, status_of
 from support.store import disks, make_disk
@@ -281,6 +281,37 @@ def test_a_second_mount_of_one_data_path_works_and_says_so(tmp_path: Path, mount
     first.stop()
     third = mounts(tmp_path / "three", data, expect_log=[warning])  # the second still serves it
     assert re.search(warning, third.log())
+
+
+def test_a_disk_restored_through_one_mount_is_refused_at_create_by_another(
+    tmp_path: Path, mounts: Mounts
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    busy = r"disk racy is already being restored \(through another mount of this data path"
+    warning = r"another mirenfs mount already serves data path"
+    one = mounts(tmp_path / "one", data)
+    two = mounts(tmp_path / "two", data, expect_log=[warning, busy])
+    image, path = tmp_path / "racy.img", tmp_path / "racy.mirn"
+    write_image(image, [("data", 6 << 20)])  # incompressible: a snapshot of 6 MiB
+    made = run(MIRENFS, "backup", "--image", image, "--filesystem", "ext4", "-o", path)
+    assert made.returncode == 0, made.stderr
+    snapshot = path.read_bytes()
+    writer = os.open(one.mountpoint / "restore" / "racy.mirn", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(writer, snapshot[: 2 << 20])  # past the first 1 MiB batch: the staging file is held
+        wait_for(lambda: staging_files(data) != [], what="the staging file of racy")
+        copied = run("cp", path, two.mountpoint / "restore" / "racy.mirn")
+        assert copied.returncode == 1
+        assert "cannot create regular file" in copied.stderr and "Device or resource busy" in copied.stderr
+        cli = run_cli("restore", path, "--name", "racy", "--data-path", data)
+        assert cli.code == 1 and re.search(busy, cli.err), cli.err
+        os.write(writer, snapshot[2 << 20 :])
+    finally:
+        os.close(writer)
+    assert restore_state(one.mountpoint, "racy.mirn") == "installed: created disk racy"
+    assert sha256_file(Path(disks(data)["racy"]["image_path"])) == sha256_file(image)
+    assert [r["name"] for r in status_of(two.mountpoint)["refused"]] == ["restore/racy.mirn"]
 
 
 # ---- stopping at once ------------------------------------------------------------------------

@@ -37,8 +37,9 @@ from mirenfs.disks.model import (
     validate_disk_name,
     volumes_dir,
 )
-from mirenfs.engine.image import STAGING_SUFFIX
+from mirenfs.engine.image import STAGING_SUFFIX, staging_is_held
 from mirenfs.errors import (
+    DiskBusyError,
     DiskChangedError,
     DiskDeletingError,
     DiskLeasedError,
@@ -374,5 +375,11 @@ def prepare_restore(
                 name, f"there is no disk named {name}, and this restore may not create one"
             )
         return RestoreTarget(resolver, name, data_path, overwrite, creator, None)
-    _check_restorable(resolver, disk, data_path=data_path, overwrite=overwrite)
+    image_path = _check_restorable(resolver, disk, data_path=data_path, overwrite=overwrite)
+    # Only here, before this restore has a staging file of its own (the later checks would see it).
+    if staging_is_held(image_path + STAGING_SUFFIX):
+        raise DiskBusyError(
+            f"disk {name} is already being restored (through another mount of this data path, "
+            "or by mirenfs restore); try again once that is done"
+        )
     return RestoreTarget(resolver, name, data_path, overwrite, creator, disk)

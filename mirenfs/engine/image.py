@@ -578,6 +578,24 @@ def _open_direct(fd: int) -> int:
         return -1
 
 
+def staging_is_held(path: str) -> bool:
+    """Whether a live restore holds the staging file ``path`` (its ``flock``), touching nothing:
+    another mount of the data path or a ``mirenfs restore`` may be writing that image."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False  # none, or not a file a restore made: remove_staging_if_unheld says which
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def remove_staging_if_unheld(path: str) -> bool:
     """Remove a staging file nobody holds; raise EBUSY if a live restore holds it.
 
