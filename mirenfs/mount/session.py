@@ -8,11 +8,12 @@ import logging
 import os
 import signal
 from collections.abc import Callable
+from functools import partial
 
 import pyfuse3
 import trio
 
-from mirenfs.disks.catalogs import DiskListing, mount_listing, node_from
+from mirenfs.disks.catalogs import mount_listing, node_from
 from mirenfs.disks.manage import sweep_interrupted_creations, sweep_stale_staging
 from mirenfs.disks.pointintime import sweep_leftovers
 from mirenfs.engine.framestore import FrameStore
@@ -37,7 +38,7 @@ def build_operations(config: MountConfig, nursery: trio.Nursery) -> MirenOperati
     store = config.open_catalog()  # the data path's SQLite store, or the fleet's catalogue on etcd
     store.check()  # before the mount reports ready: refuse now rather than answer EIO later
     make_private_directory(config.state_directory)  # indexes and spilled frames describe disk contents
-    nursery.start_soon(_hold_while_serving, _claim_data_path(config))
+    nursery.start_soon(_at_session_end, partial(os.close, _claim_data_path(config)))
     for path in sweep_stale_staging(config.data_path, catalog=store):
         log.info("removed %s, left over from an interrupted restore", path)
     for name in sweep_interrupted_creations(store):
@@ -69,7 +70,7 @@ def build_operations(config: MountConfig, nursery: trio.Nursery) -> MirenOperati
         )
 
     listing = mount_listing(store)  # on etcd: a local copy fed by a watch, so `ls` costs no request
-    nursery.start_soon(_close_at_end, listing)
+    nursery.start_soon(_at_session_end, listing.close)  # ends the catalogue's watch, if any
     return MirenOperations(
         StoreCatalog(listing), service, shared=config.shared, restores=restores, nursery=nursery
     )
@@ -98,20 +99,13 @@ def _claim_data_path(config: MountConfig) -> int:
     return fd
 
 
-async def _hold_while_serving(fd: int) -> None:
-    """Keeps the data path's mount lock (shared) until the session ends."""
+async def _at_session_end(cleanup: Callable[[], object]) -> None:
+    """Runs ``cleanup`` when the session's nursery is cancelled: what the mount holds for its
+    whole life (the catalogue's watch, the data path's mount lock) is let go then."""
     try:
         await trio.sleep_forever()
     finally:
-        os.close(fd)
-
-
-async def _close_at_end(listing: DiskListing) -> None:
-    """Ends the catalogue's watch (if any) when the session's nursery is cancelled."""
-    try:
-        await trio.sleep_forever()
-    finally:
-        listing.close()
+        cleanup()
 
 
 def frame_store_of(config: MountConfig) -> FrameStore | None:
