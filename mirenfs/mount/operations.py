@@ -349,7 +349,7 @@ class MirenOperations(pyfuse3.Operations):
     async def _xattrs(self, inode: int) -> dict[bytes, bytes]:
         if inode == ROOT_INODE:
             disks = await self.catalog.disks()  # status reports the disks as the store has them now
-            status = mount_status(disks, self.service, self.restores.status(), self.restores.refusals)
+            status = mount_status(disks, self.service, self.restores.status(), self.restores.refusal_status())
             return {
                 INDEX_PASSES_XATTR.encode(): str(self.service.index_passes).encode(),
                 STATUS_XATTR.encode(): json.dumps(status).encode(),

@@ -24,7 +24,7 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import trio
 
@@ -102,6 +102,16 @@ class RequestLock:
             self._waiting.unpark()  # still held: now by the first waiter
         else:
             self._held = False
+
+
+@dataclass
+class Refusal:
+    """A refused create or open in restore/, for ``mirenfs status``: it leaves no entry behind."""
+
+    name: str  # restore/FILE, the latest name one process tried (rsync retries under new ones)
+    errno: str  # its symbolic name, as EEXIST
+    reason: str
+    tries: int = 1
 
 
 @dataclass(eq=False)
@@ -191,7 +201,7 @@ class RestoreDirectory:
         self.ignored: dict[int, IgnoredNode] = {}
         self._last_refusal: tuple[tuple[str, int], float] | None = None  # (message, pid), when
         # The latest refusals first, for ``mirenfs status``: what a refused create left no entry for.
-        self.refusals: collections.deque[dict[str, str | int]] = collections.deque(maxlen=REFUSALS_KEPT)
+        self.refusals: collections.deque[Refusal] = collections.deque(maxlen=REFUSALS_KEPT)
         self._starting: set[str] = set()  # disks whose restore is being prepared
 
     # ---- who may restore ----------------------------------------------------
@@ -264,22 +274,15 @@ class RestoreDirectory:
         process within a few seconds counts as a retry, recorded under the latest name (the
         one rsync prints). A refused create leaves no entry, so the record is where
         ``mirenfs status`` finds the reason."""
-        now = time.monotonic()
-        message = str(refusal)
-        last = self._last_refusal
-        if (
-            last is not None
-            and last[0] == (message, pid)
-            and now - last[1] <= REFUSAL_REPEAT_S
-            and self.refusals
-        ):
-            self.refusals[0]["name"] = f"restore/{file_name}"
-            self.refusals[0]["tries"] = int(self.refusals[0]["tries"]) + 1
+        now, message, where = time.monotonic(), str(refusal), f"restore/{file_name}"
+        last = self._last_refusal  # set only once a refusal was recorded: refusals[0] is that one
+        if last is not None and last[0] == (message, pid) and now - last[1] <= REFUSAL_REPEAT_S:
+            self.refusals[0].name = where
+            self.refusals[0].tries += 1
         else:
-            where = f"restore/{file_name}"
             log.warning("%s", message if message.startswith(where) else f"{where}: {message}")
             code = errno.errorcode.get(refusal.errno, str(refusal.errno))
-            self.refusals.appendleft({"name": where, "errno": code, "reason": message, "tries": 1})
+            self.refusals.appendleft(Refusal(where, code, message))
         self._last_refusal = ((message, pid), now)
         refusal.reported = True
 
@@ -488,6 +491,9 @@ class RestoreDirectory:
 
     def status(self) -> list[dict[str, object]]:
         return [entry.status() for entry in self.entries.values()]
+
+    def refusal_status(self) -> list[dict[str, object]]:
+        return [asdict(refusal) for refusal in self.refusals]
 
     async def close(self) -> None:
         for entry in list(self.entries.values()):

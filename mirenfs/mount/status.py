@@ -37,7 +37,7 @@ def mount_status(
     disk_names: Iterable[str],
     service: SnapshotService,
     restores: list[dict[str, object]],
-    refused: Iterable[dict[str, str | int]] = (),
+    refused: list[dict[str, object]] | None = None,
 ) -> dict[str, Any]:
     """What ``mirenfs status`` shows: per disk, index state and progress; the restores."""
     disks: dict[str, dict[str, Any]] = {}
@@ -65,5 +65,5 @@ def mount_status(
         "index_passes": service.index_passes,
         "disks": disks,
         "restores": restores,
-        "refused": list(refused),
+        "refused": refused or [],
     }
