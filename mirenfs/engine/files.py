@@ -10,7 +10,6 @@ snapshot from it, compressing a second time rather than spooling to disk.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import stat
 import sys
@@ -23,7 +22,7 @@ from typing import BinaryIO
 import trio
 
 from mirenfs.engine.consume import ImageWriter, RestoreStream, restore_to_path
-from mirenfs.engine.image import ChunkSource, OpenImage, ensure_unchanged, new_file_mode
+from mirenfs.engine.image import ChunkSource, OpenImage, cannot_write, ensure_unchanged, new_file_mode
 from mirenfs.engine.produce import (
     PLACEHOLDER_CHECKSUM,
     FrameSink,
@@ -207,9 +206,7 @@ async def _backup_to_regular_file(
     try:
         fd, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(output)}.", suffix=".tmp", dir=directory)
     except OSError as exc:
-        missing = exc.errno in (errno.ENOENT, errno.ENOTDIR)
-        why = f"there is no directory {directory}" if missing else exc.strerror
-        raise TargetError(f"cannot write {output}: {why}", exc.errno or errno.EIO) from None
+        raise cannot_write(output, exc) from None
     try:
         with os.fdopen(fd, "wb") as out:
             meta = await write_snapshot(out, source, settings, of, progress=progress)

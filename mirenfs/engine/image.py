@@ -514,12 +514,7 @@ class StagingImage:
                 remove_staging_if_unheld(path)
                 continue
             except OSError as exc:
-                if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-                    directory = os.path.dirname(os.path.abspath(image_path))
-                    message = f"cannot write {image_path}: there is no directory {directory}"
-                else:
-                    message = f"cannot create {path} (where {image_path} is staged): {exc.strerror}"
-                raise TargetError(message, exc.errno or errno.EIO) from None
+                raise cannot_write(image_path, exc, f" (creating its staging file {path})") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 os.ftruncate(fd, size)
@@ -576,6 +571,15 @@ def _open_direct(fd: int) -> int:
         return os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
     except OSError:
         return -1
+
+
+def cannot_write(path: str, exc: OSError, doing: str = "") -> TargetError:
+    """``cannot write PATH: …``: a missing directory named as such, anything else as the OS said."""
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        why = f"there is no directory {os.path.dirname(os.path.abspath(path))}"
+    else:
+        why = f"{exc.strerror}{doing}"
+    return TargetError(f"cannot write {path}: {why}", exc.errno or errno.EIO)
 
 
 def staging_is_held(path: str) -> bool:
