@@ -82,8 +82,10 @@ def change_one_percent(image: Path, rng: random.Random, *, in_first_chunk: bool 
     resume the hash from the last unchanged chunk."""
     size = image.stat().st_size
     count = max(1, int(size * CHANGE_SHARE) // BLOCK)
+    runs = _data_runs(image, count)  # read once: the image's extents, not once per attempt
     for _ in range(1000):
-        source = _data_run(image, count, rng)
+        first, last = rng.choice(runs)
+        source = rng.randrange(first, last + 1)
         if in_first_chunk:
             target = rng.randrange(1, CHUNK // BLOCK)
         else:
@@ -107,8 +109,8 @@ def change_one_percent(image: Path, rng: random.Random, *, in_first_chunk: bool 
     )
 
 
-def _data_run(image: Path, count: int, rng: random.Random) -> int:
-    """A block offset where ``count`` blocks of data (no hole) start, picked at random."""
+def _data_runs(image: Path, count: int) -> list[tuple[int, int]]:
+    """The ranges of block offsets where ``count`` blocks of data (no hole) start."""
     fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
     try:
         extents = data_extents(fd, os.fstat(fd).st_size)
@@ -118,5 +120,4 @@ def _data_run(image: Path, count: int, rng: random.Random) -> int:
     runs = [(first, last) for first, last in runs if last >= first]
     if not runs:
         raise RuntimeError(f"{image} holds no {count * BLOCK} contiguous bytes of data to copy")
-    first, last = rng.choice(runs)
-    return rng.randrange(first, last + 1)
+    return runs
