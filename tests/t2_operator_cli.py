@@ -61,6 +61,42 @@ def test_the_environment_names_the_missing_data_path_too(tmp_path: Path) -> None
     assert result.returncode == 1 and b"(from $MIRENFS_DATA_PATH)" in result.stderr
 
 
+def test_the_data_path_and_catalogue_may_come_before_the_command(tmp_path: Path) -> None:
+    data, typo = tmp_path / "data", tmp_path / "typo"
+    assert run_mirenfs("disk", "create", "pg", "--size", "16M", "--data-path", str(data)).returncode == 0
+    before = run_mirenfs("--data-path", str(data), "disk", "list", "--json")
+    after = run_mirenfs("disk", "list", "--json", "--data-path", str(data))
+    assert before.returncode == 0, before.stderr
+    assert before.stdout == after.stdout and [d["name"] for d in json.loads(before.stdout)] == ["pg"]
+    # Given twice, the one after the command counts (it is parsed last).
+    twice = run_mirenfs("--data-path", str(data), "disk", "list", "--data-path", str(typo))
+    assert twice.returncode == 1 and f"the data path {typo} does not exist" in twice.stderr.decode()
+    assert not typo.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "refusal"),
+    [
+        (["--data-path", "DATA", "verify", str(GO_ODD.path)], "--data-path does not apply to `mirenfs verify`"),
+        (["--node", "n1", "inspect", str(GO_ODD.path)], "--node does not apply to `mirenfs inspect`"),
+        (
+            ["--catalog", "etcd://127.0.0.1:1", "catalog", "copy", "--from", "DATA", "--to", "NEW"],
+            "--catalog does not apply to `mirenfs catalog`",
+        ),
+    ],
+    ids=["verify", "inspect", "catalog copy"],
+)
+def test_a_scope_option_before_a_command_that_would_ignore_it_is_refused(
+    tmp_path: Path, argv: list[str], refusal: str
+) -> None:
+    data, new = tmp_path / "data", tmp_path / "new"
+    assert run_mirenfs("disk", "create", "pg", "--size", "16M", "--data-path", str(data)).returncode == 0
+    result = run_mirenfs(*(str(data) if a == "DATA" else str(new) if a == "NEW" else a for a in argv))
+    assert result.returncode == 2 and result.stdout == b""
+    assert result.stderr.decode().strip().endswith(f"mirenfs: error: {refusal}")
+    assert not new.exists()  # nothing was done
+
+
 def test_disk_create_starts_a_new_data_path_and_says_so(tmp_path: Path) -> None:
     data = tmp_path / "new" / "data"
     result = run_mirenfs("disk", "create", "pg", "--size", "16M", "--data-path", str(data))

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from mirenfs.cli import catalog_cmds, demo, disk_cmds, mount_cmds, snapshot_cmds
+from mirenfs.cli.common import add_scope_options_before_command, settle_scope_options
 from mirenfs.engine.aio import meaningful_error
 from mirenfs.errors import MirenfsError
 
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     mount_cmds.register(commands)
     demo.register(commands)
     _add_log_level(parser)
+    add_scope_options_before_command(parser)  # also before the command: `mirenfs --data-path DIR disk list`
     return parser
 
 
@@ -93,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
+    settle_scope_options(parser, args, args.command)
     if getattr(args, "log_level", None) is None:
         args.log_level = "info" if args.command in ("mount", "demo") else "warning"
     logging.basicConfig(level=args.log_level.upper(), format="mirenfs: %(levelname)s: %(message)s")

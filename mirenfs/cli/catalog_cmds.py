@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from mirenfs.cli.common import data_path_from, resolve_data_path
+from mirenfs.cli.common import add_scope_option, data_path_from, resolve_data_path
 from mirenfs.disks.catalogs import NODE_ENV, CatalogSpec, copy_catalog, node_from, open_catalog, parse_catalog
 from mirenfs.disks.model import Catalog
 from mirenfs.errors import MirenfsError
@@ -26,17 +26,15 @@ def register(commands: Any) -> None:
     )
     copy.add_argument("--from", dest="source", required=True, metavar="CATALOG", help="the catalogue to read")
     copy.add_argument("--to", dest="destination", required=True, metavar="CATALOG", help="the one to write")
-    copy.add_argument(
-        "--node",
-        metavar="NAME",
-        default=None,
+    add_scope_option(
+        copy,
+        "node",
         help=f"the node whose disks these are (default: ${NODE_ENV}, else the hostname): SQLite disks "
         "copied to etcd get it; only its disks are copied from etcd to SQLite",
     )
-    copy.add_argument(
-        "--data-path",
-        metavar="DIR",
-        default=None,
+    add_scope_option(
+        copy,
+        "data_path",
         help="this host's data path, when neither catalogue is SQLite (it only names image paths)",
     )
     copy.set_defaults(handler=cmd_catalog_copy)

@@ -59,31 +59,61 @@ def _data_path_source(arg: str | None) -> str:
     return "the default"
 
 
+# The options that say which disks a command works on. They may come before the command as
+# well as after it (``mirenfs --data-path DIR disk list``); see :func:`settle_scope_options`.
+SCOPE_OPTIONS = {"data_path": "--data-path", "catalog": "--catalog", "node": "--node"}
+_SCOPE_HELP = {
+    "data_path": ("DIR", f"Miren's data path (default: ${DATA_PATH_ENV}, else {DEFAULT_DATA_PATH})"),
+    "catalog": (
+        "CATALOG",
+        f"the disk catalogue: etcd://HOST:PORT[,HOST:PORT…][/PREFIX] for a fleet's (default: "
+        f"${CATALOG_ENV}, else the SQLite store of the data path)",
+    ),
+    "node": ("NAME", f"this host's node name in an etcd catalogue (default: ${NODE_ENV}, else the hostname)"),
+}
+_ACCEPTED = "scope_options"  # the parser default that lists the scope options a command takes
+
+
 def add_data_path_option(parser: argparse.ArgumentParser) -> None:
     """``--data-path``, and with it the catalogue of disks it is used with (``--catalog``, ``--node``)."""
-    parser.add_argument(
-        "--data-path",
-        metavar="DIR",
-        default=None,
-        help=f"Miren's data path (default: ${DATA_PATH_ENV}, else {DEFAULT_DATA_PATH})",
-    )
-    add_catalog_options(parser)
+    for dest in SCOPE_OPTIONS:
+        add_scope_option(parser, dest)
 
 
-def add_catalog_options(parser: argparse.ArgumentParser) -> None:
+def add_scope_option(parser: argparse.ArgumentParser, dest: str, *, help: str | None = None) -> None:
+    """One of :data:`SCOPE_OPTIONS` on a command's parser. Its default is "not given" rather
+    than None: argparse copies every default of a command's parser over what was parsed
+    before the command, which would drop ``mirenfs --data-path DIR disk list``'s DIR."""
+    metavar, usual_help = _SCOPE_HELP[dest]
     parser.add_argument(
-        "--catalog",
-        metavar="CATALOG",
-        default=None,
-        help=f"the disk catalogue: etcd://HOST:PORT[,HOST:PORT…][/PREFIX] for a fleet's (default: "
-        f"${CATALOG_ENV}, else the SQLite store of the data path)",
+        SCOPE_OPTIONS[dest], dest=dest, metavar=metavar, default=argparse.SUPPRESS, help=help or usual_help
     )
-    parser.add_argument(
-        "--node",
-        metavar="NAME",
-        default=None,
-        help=f"this host's node name in an etcd catalogue (default: ${NODE_ENV}, else the hostname)",
-    )
+    accepted: frozenset[str] = parser.get_default(_ACCEPTED) or frozenset[str]()
+    parser.set_defaults(**{_ACCEPTED: accepted | {dest}})
+
+
+def add_scope_options_before_command(parser: argparse.ArgumentParser) -> None:
+    """The scope options on the top-level parser, for the commands that take them."""
+    for dest, flag in SCOPE_OPTIONS.items():
+        metavar, usual_help = _SCOPE_HELP[dest]
+        parser.add_argument(
+            flag,
+            dest=dest,
+            metavar=metavar,
+            default=argparse.SUPPRESS,
+            help=f"{usual_help}; also after the command",
+        )
+
+
+def settle_scope_options(parser: argparse.ArgumentParser, args: argparse.Namespace, command: str) -> None:
+    """After parsing: a scope option given before a command that does not take it is refused
+    (it would be ignored), and every one not given is None (the environment, then the default)."""
+    accepted: frozenset[str] = getattr(args, _ACCEPTED, frozenset())
+    for dest, flag in SCOPE_OPTIONS.items():
+        if not hasattr(args, dest):
+            setattr(args, dest, None)
+        elif dest not in accepted:
+            parser.error(f"{flag} does not apply to `mirenfs {command}`")
 
 
 def catalog_from(args: argparse.Namespace, *, create: bool = False) -> Catalog:
