@@ -97,6 +97,14 @@ def test_a_scope_option_before_a_command_that_would_ignore_it_is_refused(
     assert not new.exists()  # nothing was done
 
 
+def test_a_mistyped_option_is_refused_with_its_command_usage(tmp_path: Path) -> None:
+    result = run_mirenfs("disk", "list", "--jsn", "--data-path", str(tmp_path))
+    shown = result.stderr.decode()
+    assert result.returncode == 2 and result.stdout == b""
+    assert shown.startswith("usage: mirenfs disk list ") and "--all-nodes" in shown
+    assert shown.strip().endswith("mirenfs disk list: error: unrecognized arguments: --jsn")
+
+
 def test_disk_create_starts_a_new_data_path_and_says_so(tmp_path: Path) -> None:
     data = tmp_path / "new" / "data"
     result = run_mirenfs("disk", "create", "pg", "--size", "16M", "--data-path", str(data))

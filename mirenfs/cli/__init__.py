@@ -44,7 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.register(commands)
     _add_log_level(parser)
     add_scope_options_before_command(parser)  # also before the command: `mirenfs --data-path DIR disk list`
+    _remember_command_parsers(parser)
     return parser
+
+
+def _remember_command_parsers(parser: argparse.ArgumentParser) -> None:
+    """Each command's parser, in its own namespace: an option it does not know is refused
+    with that command's usage (``mirenfs disk list --jsn``), not the top-level one."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in set(action.choices.values()):
+                subparser.set_defaults(command_parser=subparser)
+                _remember_command_parsers(subparser)
 
 
 def _add_log_level(parser: argparse.ArgumentParser) -> None:
@@ -94,7 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     settle_scope_options(parser, args, args.command)
     if getattr(args, "log_level", None) is None:
         args.log_level = "info" if args.command in ("mount", "demo") else "warning"
