@@ -77,7 +77,10 @@ def test_the_data_path_and_catalogue_may_come_before_the_command(tmp_path: Path)
 @pytest.mark.parametrize(
     ("argv", "refusal"),
     [
-        (["--data-path", "DATA", "verify", str(GO_ODD.path)], "--data-path does not apply to `mirenfs verify`"),
+        (
+            ["--data-path", "DATA", "verify", str(GO_ODD.path)],
+            "--data-path does not apply to `mirenfs verify`",
+        ),
         (["--node", "n1", "inspect", str(GO_ODD.path)], "--node does not apply to `mirenfs inspect`"),
         (
             ["--catalog", "etcd://127.0.0.1:1", "catalog", "copy", "--from", "DATA", "--to", "NEW"],
