@@ -83,6 +83,23 @@ def teardown() -> Iterator[Teardown]:
 
 
 @pytest.fixture
+def data_path(tmp_path: Path) -> Path:
+    """An empty directory to use as a data path, for the in-process tiers."""
+    path = tmp_path / "data"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def sys_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No test sees the host's loop devices: /sys/block is a directory of the test's own
+    (a module that must never see them says ``pytestmark = pytest.mark.usefixtures("sys_block")``)."""
+    from support.fuse_ops import fake_sys_block  # pyfuse3 only for the tests that use it
+
+    return fake_sys_block(tmp_path / "sys-block", monkeypatch)
+
+
+@pytest.fixture
 def data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty data path (commands refuse one that does not exist), with MIRENFS_DATA_PATH unset."""
     monkeypatch.delenv(DATA_PATH_ENV, raising=False)

@@ -94,13 +94,6 @@ class FakeDisks:
 
 
 @pytest.fixture
-def data_path(tmp_path: Path) -> Path:
-    path = tmp_path / "data"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
 def no_loops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fake /sys/block with one unbound loop device, so tests never depend on the host's loops."""
     sys_block = tmp_path / "sys-block"

@@ -57,13 +57,6 @@ def no_loops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def data_path(tmp_path: Path) -> Path:
-    path = tmp_path / "data"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
 def store(data_path: Path) -> Store:
     return Store(str(data_path))
 

@@ -31,7 +31,6 @@ from support.fuse_ops import (
     FileState,
     SetattrFields,
     add_image_disk,
-    fake_sys_block,
     fuse_errno,
     operations,
     trio_test,
@@ -43,17 +42,7 @@ from support.vectors import GO_EXT4, GO_ODD
 NOBODY = FakeContext(uid=65534, gid=65534)
 
 
-@pytest.fixture(autouse=True)
-def sys_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """No test sees the host's loop devices: /sys/block is a directory of the test's own."""
-    return fake_sys_block(tmp_path / "sys-block", monkeypatch)
-
-
-@pytest.fixture
-def data_path(tmp_path: Path) -> Path:
-    path = tmp_path / "data"
-    path.mkdir()
-    return path
+pytestmark = pytest.mark.usefixtures("sys_block")  # never the host's loop devices
 
 
 def with_bad_checksum(snapshot: bytes) -> bytes:

@@ -29,7 +29,6 @@ from support.fuse_ops import (
     InProcessMount,
     SetattrFields,
     add_image_disk,
-    fake_sys_block,
     fuse_errno,
     operations,
     snapshot_bytes,
@@ -39,17 +38,7 @@ from support.fuse_ops import (
 WRITE_FLAGS = [os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC, os.O_RDONLY | os.O_APPEND]
 
 
-@pytest.fixture(autouse=True)
-def sys_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """No test sees the host's loop devices: /sys/block is a directory of the test's own."""
-    return fake_sys_block(tmp_path / "sys-block", monkeypatch)
-
-
-@pytest.fixture
-def data_path(tmp_path: Path) -> Path:
-    path = tmp_path / "data"
-    path.mkdir()
-    return path
+pytestmark = pytest.mark.usefixtures("sys_block")  # never the host's loop devices
 
 
 async def snapshot_inodes(m: InProcessMount, name: str = "pg") -> tuple[int, int]:

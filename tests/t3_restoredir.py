@@ -35,7 +35,6 @@ from support.fuse_ops import (
     SetattrFields,
     add_image_disk,
     attach_fake_loop,
-    fake_sys_block,
     fuse_errno,
     operations,
     snapshot_bytes,
@@ -44,18 +43,7 @@ from support.fuse_ops import (
 from support.store import store_state
 from support.vectors import GO_VECTORS, GoVector
 
-
-@pytest.fixture(autouse=True)
-def sys_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """No test sees the host's loop devices: /sys/block is a directory of the test's own."""
-    return fake_sys_block(tmp_path / "sys-block", monkeypatch)
-
-
-@pytest.fixture
-def data_path(tmp_path: Path) -> Path:
-    path = tmp_path / "data"
-    path.mkdir()
-    return path
+pytestmark = pytest.mark.usefixtures("sys_block")  # never the host's loop devices
 
 
 @dataclass(frozen=True)
