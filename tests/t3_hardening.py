@@ -101,7 +101,9 @@ async def write_while_children_close(m: Any, fh: int, data: bytes, closes: int) 
 async def test_a_close_never_runs_inside_a_write_and_a_whole_stream_installs(
     data_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(restoredir, "held_open", lambda path: True)  # the children: the writer still holds it
+    monkeypatch.setattr(
+        restoredir, "held_open", lambda path, **_: True
+    )  # the children: the writer still holds it
     overlap = Overlap(monkeypatch)
     image = add_image_disk(data_path, "pg")
     vector = GO_EXT4.path.read_bytes()
@@ -122,7 +124,7 @@ async def test_a_writer_whose_restore_failed_meanwhile_is_told_at_its_close(
 ) -> None:
     """A restore that fails (here: its checksum) while children close the shared descriptor:
     the writer's own close fails too, so its exit status says so; the image is untouched."""
-    monkeypatch.setattr(restoredir, "held_open", lambda path: True)
+    monkeypatch.setattr(restoredir, "held_open", lambda path, **_: True)
     overlap = Overlap(monkeypatch)
     image = add_image_disk(data_path, "pg")
     async with operations(data_path, allow_overwrite=True) as m:

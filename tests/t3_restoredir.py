@@ -23,7 +23,7 @@ from mirenfs.disks.restore import FEED_BATCH
 from mirenfs.disks.store import Store
 from mirenfs.errors import DiskNotFoundError
 from mirenfs.format.header import Meta, decode_header
-from mirenfs.mount import restoredir
+from mirenfs.mount import openfiles, restoredir
 from mirenfs.mount.inodes import RESTORE_INODE, ROOT_INODE
 
 from support.bad_snapshots import CASES, bad_inputs
@@ -356,11 +356,31 @@ async def test_bad_magic_in_a_small_first_write_fails_by_the_close(data_path: Pa
         assert_untouched(data_path, before, image, image_before)
 
 
+def test_a_descriptor_of_the_detached_mount_counts_only_when_it_reaches_the_same_file(tmp_path: Path) -> None:
+    """After ``umount -l`` /proc shows a writer's descriptor as ``/restore/NAME``, the path inside
+    the detached mount: it holds the file when a stat of it finds the mount's device and the
+    entry's inode, and a file of that name anywhere else never does."""
+    proc, real = tmp_path / "proc", tmp_path / "real.mirn"
+    real.write_bytes(b"x")
+    (proc / "4242" / "fd").mkdir(parents=True)
+    os.symlink(real, proc / "4242" / "fd" / "5")  # how readlink names it: see held_open's inside=
+    info = real.stat()
+    mounted_path = "/mnt/disks/restore/pg.mirn"  # where the mount was: no descriptor names it now
+    assert not openfiles.held_open(mounted_path, proc=str(proc))
+    assert openfiles.held_open(
+        mounted_path, inside=str(real), identity=(info.st_dev, info.st_ino), proc=str(proc)
+    )
+    assert not openfiles.held_open(
+        mounted_path, inside=str(real), identity=(info.st_dev, info.st_ino + 1), proc=str(proc)
+    )
+    assert not openfiles.held_open(mounted_path, inside=str(real), identity=None, proc=str(proc))
+
+
 @trio_test
 async def test_a_short_stream_held_by_another_writer_fails_the_close_with_eio_then_the_release(
     data_path: Path, good: Snapshot, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(restoredir, "held_open", lambda path: True)  # a forked writer still holds it
+    monkeypatch.setattr(restoredir, "held_open", lambda path, **_: True)  # a forked writer still holds it
     image = add_image_disk(data_path, "pg")
     async with operations(data_path, allow_overwrite=True) as m:
         before, image_before = store_state(data_path), FileState.of(image)
@@ -420,7 +440,7 @@ async def test_a_close_before_the_end_leaves_the_restore_open_for_the_rest(
     data_path: Path, good: Snapshot, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """dd and forked writers close a descriptor while the stream goes on through another."""
-    monkeypatch.setattr(restoredir, "held_open", lambda path: True)
+    monkeypatch.setattr(restoredir, "held_open", lambda path, **_: True)
     image = add_image_disk(data_path, "pg")
     async with operations(data_path, allow_overwrite=True) as m:
         fh, _inode = await m.create("pg.mirn")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -430,3 +431,41 @@ def test_a_writer_that_forks_mid_stream_still_restores(tmp_path: Path, mounts) -
         os.close(fd)
     assert state(mnt, "forked.mirn") == "installed: created disk forked"
     assert sha256_file(disk_record(data, "forked")["image_path"]) == GO_VECTORS[0].sha256
+
+
+def test_a_restore_by_several_processes_still_completes_after_umount_l(tmp_path: Path, mounts) -> None:
+    """``umount -l`` only detaches the mount: its open files go on working (README), also when
+    the writer is several processes, as in ``(head -c N; tail -c +N+1) < F > restore/NAME``.
+    Once detached, /proc names their descriptors by the path inside the mount."""
+    data, mnt, source = tmp_path / "data", tmp_path / "mnt", tmp_path / "vector.mirn"
+    data.mkdir()
+    mounts(mnt, data)
+    vector = GO_VECTORS[0].path.read_bytes()
+    source.write_bytes(vector)
+    fd = os.open(mnt / "restore" / "lazy.mirn", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, vector[:1000])
+    rest = (
+        "import os, sys; sys.stdin.read(1); view = memoryview(open(sys.argv[1], 'rb').read())[1000:]\n"
+        f"while view: view = view[os.write({fd}, view):]\n"
+        f"os.close({fd})"
+    )
+    other = subprocess.Popen(
+        [sys.executable, "-c", rest, str(source)],
+        stdin=subprocess.PIPE,
+        pass_fds=(fd,),
+        stderr=subprocess.PIPE,
+    )
+    try:
+        subprocess.run(["umount", "-l", str(mnt)], check=True, timeout=60)
+        with pytest.raises(OSError) as first_close:
+            os.close(fd)  # the other process still holds it: not the end of the stream
+        assert first_close.value.errno == errno.EIO
+        _, errors = other.communicate(b"go", timeout=60)
+        assert other.returncode == 0, errors
+    finally:
+        if other.poll() is None:
+            other.kill()
+            other.wait(timeout=30)
+    record = disk_record(data, "lazy")
+    assert record is not None, "the restore was not installed"
+    assert sha256_file(record["image_path"]) == GO_VECTORS[0].sha256

@@ -25,6 +25,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import trio
 
@@ -196,6 +197,7 @@ class RestoreDirectory:
         self.owner_uid = os.getuid() if owner_uid < 0 else owner_uid
         self._on_installed = on_installed
         self.mountpoint = mountpoint  # where writers' descriptors point (see :meth:`flush`)
+        self.mount_device: int | None = None  # st_dev of the mount, once it is up (the same after umount -l)
         self.entries: dict[str, RestoreEntry] = {}
         self.by_inode: dict[int, RestoreEntry] = {}
         self.ignored: dict[int, IgnoredNode] = {}
@@ -368,8 +370,10 @@ class RestoreDirectory:
     async def _held_elsewhere(self, entry: RestoreEntry) -> bool:
         if self.mountpoint is None:
             return True
-        path = os.path.join(self.mountpoint, RESTORE_DIRECTORY, entry.name)
-        return await trio.to_thread.run_sync(held_open, path)
+        inside = os.path.join("/", RESTORE_DIRECTORY, entry.name)
+        identity = None if self.mount_device is None else (self.mount_device, entry.inode)
+        held = partial(held_open, os.path.join(self.mountpoint, inside[1:]), inside=inside, identity=identity)
+        return await trio.to_thread.run_sync(held)
 
     async def release(self, writer: RestoreWriter) -> None:
         """The last close: what arrived is all there is, so the restore ends now, either way."""

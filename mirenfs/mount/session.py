@@ -139,7 +139,7 @@ async def _serve_session(config: MountConfig, ready: Callable[[], None] | None) 
         operations = build_operations(config, nursery)
         _init_session(operations, config)
         try:
-            nursery.start_soon(_announce_ready, config, ready)
+            nursery.start_soon(_announce_ready, config, operations, ready)
             if config.index_at_mount:
                 nursery.start_soon(_index_every_disk, operations)
             await pyfuse3.main()  # until unmounted, or cancelled by a signal
@@ -194,9 +194,12 @@ async def _index_one(service: SnapshotService, entry: CatalogEntry) -> None:
             log.warning("the index pass of disk %s, started at mount, failed: %s", entry.name, exc)
 
 
-async def _announce_ready(config: MountConfig, ready: Callable[[], None] | None) -> None:
+async def _announce_ready(
+    config: MountConfig, operations: MirenOperations, ready: Callable[[], None] | None
+) -> None:
     # Answered by the session: never stat the mount from the thread that serves it.
     root = await trio.to_thread.run_sync(os.stat, config.mountpoint)
+    operations.restores.mount_device = root.st_dev  # how its files are known after umount -l
     _raise_read_ahead(root.st_dev)
     catalog = config.catalog
     node = node_from(config.node)
