@@ -84,7 +84,7 @@ def test_the_data_path_and_catalogue_may_come_before_the_command(tmp_path: Path)
         (["--node", "n1", "inspect", str(GO_ODD.path)], "--node does not apply to `mirenfs inspect`"),
         (
             ["--catalog", "etcd://127.0.0.1:1", "catalog", "copy", "--from", "DATA", "--to", "NEW"],
-            "--catalog does not apply to `mirenfs catalog`",
+            "--catalog does not apply to `mirenfs catalog copy`",
         ),
     ],
     ids=["verify", "inspect", "catalog copy"],
@@ -98,6 +98,52 @@ def test_a_scope_option_before_a_command_that_would_ignore_it_is_refused(
     assert result.returncode == 2 and result.stdout == b""
     assert result.stderr.decode().strip().endswith(f"mirenfs: error: {refusal}")
     assert not new.exists()  # nothing was done
+
+
+def test_the_scope_options_may_also_come_between_a_group_and_its_command(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    assert run_mirenfs("disk", "create", "pg", "--size", "16M", "--data-path", str(data)).returncode == 0
+    listed = run_mirenfs("disk", "--data-path", str(data), "list", "--json")
+    assert listed.returncode == 0 and [d["name"] for d in json.loads(listed.stdout)] == ["pg"]
+    lease = run_mirenfs("lease", "--data-path", str(data), "acquire", "pg")
+    assert lease.returncode == 0 and lease.stdout.decode().startswith("lease-")
+
+
+@pytest.mark.parametrize("flag", ["--data-path", "--catalog", "--node"])
+def test_an_empty_scope_option_is_refused_not_taken_for_the_default(tmp_path: Path, flag: str) -> None:
+    """``--data-path "$UNSET"`` must not fall back to $MIRENFS_DATA_PATH or /var/lib/miren."""
+    data = tmp_path / "data"
+    env = {"MIRENFS_DATA_PATH": str(data)}
+    for argv in (
+        ["disk", "create", "pg", "--size", "16M", flag, ""],
+        [flag, "", "disk", "create", "pg", "--size", "16M"],
+    ):
+        result = run_mirenfs(*argv, env=env)
+        assert result.returncode == 2 and result.stdout == b""
+        assert f"argument {flag}: it is empty (an unset shell variable?)" in result.stderr.decode()
+    assert not data.exists()  # nothing was created in the data path the environment names
+
+
+def test_options_that_pick_a_disk_are_refused_with_an_image_path(tmp_path: Path) -> None:
+    image, out = tmp_path / "pg.img", tmp_path / "pg.mirn"
+    write_image(image, [("data", 1 << 20)])
+    refused = run_mirenfs("backup", "--image", str(image), "-o", str(out), "--catalog", "etcd://127.0.0.1:1")
+    assert refused.returncode == 1 and not out.exists()
+    assert refused.stderr.decode().strip() == (
+        "mirenfs: error: --catalog picks a disk of the store; --image PATH names the image directly"
+    )
+    assert (
+        run_mirenfs("backup", "--image", str(image), "-o", str(out), "--filesystem", "ext4").returncode == 0
+    )
+    target = tmp_path / "restored.img"
+    refused = run_mirenfs(
+        "restore", str(out), "--image", str(target), "--node", "n1", "--data-path", str(tmp_path)
+    )
+    assert refused.returncode == 1 and not target.exists()
+    assert refused.stderr.decode().strip() == (
+        "mirenfs: error: --data-path and --node pick a disk of the store; "
+        "with --image PATH the image is named directly"
+    )
 
 
 def test_a_mistyped_option_is_refused_with_its_command_usage(tmp_path: Path) -> None:

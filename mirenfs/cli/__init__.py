@@ -55,6 +55,8 @@ def _remember_command_parsers(parser: argparse.ArgumentParser) -> None:
         if isinstance(action, argparse._SubParsersAction):
             for subparser in set(action.choices.values()):
                 subparser.set_defaults(command_parser=subparser)
+                if any(isinstance(a, argparse._SubParsersAction) for a in subparser._actions):
+                    add_scope_options_before_command(subparser)  # `mirenfs disk --data-path DIR list`
                 _remember_command_parsers(subparser)
 
 
@@ -108,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
-    settle_scope_options(parser, args, args.command)
+    settle_scope_options(parser, args, getattr(args, "command_parser", parser).prog)
     if getattr(args, "log_level", None) is None:
         args.log_level = "info" if args.command in ("mount", "demo") else "warning"
     logging.basicConfig(level=args.log_level.upper(), format="mirenfs: %(levelname)s: %(message)s")

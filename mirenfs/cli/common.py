@@ -86,7 +86,12 @@ def add_scope_option(parser: argparse.ArgumentParser, dest: str, *, help: str | 
     before the command, which would drop ``mirenfs --data-path DIR disk list``'s DIR."""
     metavar, usual_help = _SCOPE_HELP[dest]
     parser.add_argument(
-        SCOPE_OPTIONS[dest], dest=dest, metavar=metavar, default=argparse.SUPPRESS, help=help or usual_help
+        SCOPE_OPTIONS[dest],
+        dest=dest,
+        metavar=metavar,
+        type=_given,
+        default=argparse.SUPPRESS,
+        help=help or usual_help,
     )
     accepted: frozenset[str] = parser.get_default(_ACCEPTED) or frozenset[str]()
     parser.set_defaults(**{_ACCEPTED: accepted | {dest}})
@@ -100,9 +105,30 @@ def add_scope_options_before_command(parser: argparse.ArgumentParser) -> None:
             flag,
             dest=dest,
             metavar=metavar,
+            type=_given,
             default=argparse.SUPPRESS,
             help=f"{usual_help}; also after the command",
         )
+
+
+def _given(text: str) -> str:
+    """An empty value (``--data-path "$UNSET"``) is refused: taken as "not given", it would
+    quietly fall back to the environment or the default and act on another data path."""
+    if not text:
+        raise argparse.ArgumentTypeError(
+            "it is empty (an unset shell variable?); give a value or leave it out"
+        )
+    return text
+
+
+def refuse_disk_options(args: argparse.Namespace, *others: str, instead: str) -> None:
+    """Refuse the options that pick a disk of the store (``others`` such as ``--name``, and the
+    scope options) in a command that was given an image file directly, naming those given."""
+    given = [flag for flag in others if getattr(args, flag.lstrip("-").replace("-", "_"), None) is not None]
+    given += [flag for dest, flag in SCOPE_OPTIONS.items() if getattr(args, dest, None) is not None]
+    if given:
+        verb = "pick" if len(given) > 1 else "picks"
+        raise MirenfsError(f"{' and '.join(given)} {verb} a disk of the store; {instead}")
 
 
 def settle_scope_options(parser: argparse.ArgumentParser, args: argparse.Namespace, command: str) -> None:
@@ -113,7 +139,7 @@ def settle_scope_options(parser: argparse.ArgumentParser, args: argparse.Namespa
         if not hasattr(args, dest):
             setattr(args, dest, None)
         elif dest not in accepted:
-            parser.error(f"{flag} does not apply to `mirenfs {command}`")
+            parser.error(f"{flag} does not apply to `{command}`")
 
 
 def catalog_from(args: argparse.Namespace, *, create: bool = False) -> Catalog:

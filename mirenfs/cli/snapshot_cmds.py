@@ -23,6 +23,7 @@ from mirenfs.cli.common import (
     add_data_path_option,
     catalog_from,
     file_size,
+    refuse_disk_options,
     settings_from,
 )
 from mirenfs.disks.live import may_change_while_read
@@ -95,8 +96,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         )
     if args.disk is not None:
         return _backup_disk(args)
-    if args.data_path is not None:
-        raise MirenfsError("--data-path applies to disk backups; --image PATH names the image directly")
+    refuse_disk_options(args, instead="--image PATH names the image directly")
     size = file_size(args.image, "image")
     if not os.path.isfile(args.image):  # before guessing its filesystem, which would ask for one
         raise MirenfsError(f"image {args.image} is not a regular file")
@@ -160,10 +160,7 @@ def _report_backup(source: str, output: str, meta: Meta) -> None:
 def cmd_restore(args: argparse.Namespace) -> int:
     if args.image is None:
         return _restore_disk(args)
-    if args.name is not None or args.data_path is not None:
-        raise MirenfsError(
-            "--name and --data-path pick a disk of the store; with --image PATH the image is named directly"
-        )
+    refuse_disk_options(args, "--name", instead="with --image PATH the image is named directly")
     size = file_size(args.file, "snapshot") if args.file != "-" else 0
     bar = ProgressBar(size, f"restore {os.path.basename(args.image)}")
     kept = f"{args.image} is as it was" if os.path.lexists(args.image) else f"{args.image} was not created"
