@@ -265,6 +265,14 @@ def test_a_second_mount_on_a_mirenfs_mount_is_refused(
     assert one_line(result.stderr) == f"mount.mirenfs: error: {expected}"
     assert len(mounts_at(mnt)) == 1
     assert "pg.mirn" in os.listdir(mnt)  # the first mount still answers
+    inside = mnt / "restore"  # a mount there would hide the first mount's restores
+    teardown.mount(inside)
+    result = run(MIRENFS, "mount", inside, "--data-path", data)
+    assert result.returncode == 1
+    assert one_line(result.stderr) == (
+        f"mirenfs: error: {inside} is inside the mirenfs mount {mnt}; mount on a directory of its own"
+    )
+    assert mounts_at(inside) == []
 
 
 def test_a_second_mount_of_one_data_path_works_and_says_so(tmp_path: Path, mounts: Mounts) -> None:

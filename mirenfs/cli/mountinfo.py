@@ -50,6 +50,14 @@ def mount_at(path: str) -> MountEntry:
 
 def refuse_if_mirenfs_mount(directory: str) -> None:
     """A second mount on a mirenfs mount would hide the first (and ``mount -a`` cannot tell the
-    fstab line is mounted, since the source it shows is not always the data path): refuse it."""
-    if any(entry.mountpoint == os.path.realpath(directory) for entry in mirenfs_mounts()):
+    fstab line is mounted, since the source it shows is not always the data path): refuse it.
+    One inside a mirenfs mount (on its ``restore/``) would hide that mount's restores: refuse it too."""
+    target = os.path.realpath(directory)
+    served = mirenfs_mounts()
+    if any(entry.mountpoint == target for entry in served):
         raise MirenfsError(f"{directory} is already a mirenfs mount; unmount it first (umount {directory})")
+    inside = [entry.mountpoint for entry in served if target.startswith(entry.mountpoint.rstrip("/") + "/")]
+    if inside:
+        raise MirenfsError(
+            f"{directory} is inside the mirenfs mount {inside[-1]}; mount on a directory of its own"
+        )
