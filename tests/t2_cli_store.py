@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -275,9 +276,8 @@ def test_disk_create_without_mkfs_says_the_image_has_no_filesystem(
     assert image.read_bytes() == bytes(1 << 20)
 
 
-def test_a_failing_mkfs_leaves_nothing_behind(data: Path) -> None:
-    if shutil.which("mkfs.xfs") is None:
-        pytest.skip("mkfs.xfs is not installed")
+def test_a_failing_mkfs_leaves_nothing_behind(data: Path, need_tool: Callable[[str], str]) -> None:
+    need_tool("mkfs.xfs")
     error = refused(
         "mkfs.xfs failed on the image of disk tiny",
         "disk",
@@ -290,6 +290,7 @@ def test_a_failing_mkfs_leaves_nothing_behind(data: Path) -> None:
         "--data-path",
         data,
     )
+    assert "is too small" in error and "xxx" not in error  # its reason, not the end of its usage text
     assert "nothing was created" in error
     assert disks(data) == {}
     assert list((data / "disk-data" / "volumes").iterdir()) == []

@@ -107,8 +107,7 @@ def make_filesystem(
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise MirenfsError(f"could not run {command[0]} on the image of disk {name}: {exc}") from None
     if done.returncode != 0:
-        lines = (done.stderr or done.stdout).strip().splitlines()
-        detail = lines[-1] if lines else f"exit status {done.returncode}"
+        detail = mkfs_reason(done.stderr or done.stdout) or f"exit status {done.returncode}"
         raise MirenfsError(
             f"{command[0]} failed on the image of disk {name} ({detail}); nothing was created, "
             "try a larger --size or another --filesystem"
@@ -240,3 +239,12 @@ def sweep_interrupted_creations(store: Catalog) -> list[str]:
         store.delete_disk_records(record.disk.id)
         removed.append(record.disk.name)
     return removed
+
+
+def mkfs_reason(output: str) -> str:
+    """The line of a failed mkfs's output that says why: the last one before any usage text
+    (mkfs.xfs prints its reason, then its whole usage)."""
+    lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
+    before_usage = next((i for i, line in enumerate(lines) if line.lower().startswith("usage:")), len(lines))
+    said = lines[:before_usage] or lines
+    return said[-1] if said else ""
