@@ -518,6 +518,14 @@ async def test_a_sidecar_is_accepted_and_ignored(data_path: Path, good: Snapshot
         assert sorted(await entry_names(m)) == [".pg.mirn.sha256.Ab12Cd", "new.mirn.sha256", "pg.mirn.sha256"]
         assert_untouched(data_path, before, image, image_before)
         assert disk_status(data_path, "new") is None
+        # A snapshot copied under a checksum file's name is too large to be one: "File too large",
+        # with a reason that says what to do, and still nothing is restored.
+        assert await m.copy_in("web.mirn.sha256", good.data) == errno.EFBIG
+        assert await m.state("web.mirn.sha256") == (
+            "refused: a checksum file holds at most 4096 bytes; copy a snapshot to NAME.mirn"
+        )
+        assert_untouched(data_path, before, image, image_before)
+        assert disk_status(data_path, "web") is None
 
 
 @trio_test

@@ -310,6 +310,8 @@ class RestoreDirectory:
                 ):
                     entry.received += len(data)
                     return
+                if entry.sidecar and offset == entry.received:
+                    raise _oversized_sidecar(entry)
                 raise RestoreRefused(f"restore/{entry.name} is not receiving ({entry.state})", errno.EIO)
             if not writer.current:
                 raise RestoreRefused(
@@ -502,3 +504,20 @@ class RestoreDirectory:
     async def close(self) -> None:
         for entry in list(self.entries.values()):
             await self.abort(entry, "the mount was stopped")
+
+
+def _oversized_sidecar(entry: RestoreEntry) -> RestoreRefused:
+    """A file named ``NAME.mirn.sha256`` that outgrows one checksum line: most likely a snapshot
+    copied under the wrong name. "File too large", said once in the log and in its state."""
+    refused = f"refused: a checksum file holds at most {_SIDECAR_LIMIT} bytes; copy a snapshot to NAME.mirn"
+    too_large = RestoreRefused(
+        f"restore/{entry.name} is named as a snapshot's checksum file, which holds one sha256sum "
+        f"line (at most {_SIDECAR_LIMIT} bytes), and is ignored; to restore a snapshot, copy it to "
+        "restore/NAME.mirn",
+        errno.EFBIG,
+    )
+    if entry.state != refused:
+        log.warning("%s", too_large)
+        entry.state = refused
+    too_large.reported = True
+    return too_large
