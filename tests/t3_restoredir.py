@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -296,11 +297,16 @@ async def test_receiving_then_installed_into_a_new_disk(data_path: Path, good: S
 
 @pytest.mark.parametrize("vector", GO_VECTORS, ids=lambda v: v.file)
 @trio_test
-async def test_go_vectors_install_over_an_existing_disk(data_path: Path, vector: GoVector) -> None:
+async def test_go_vectors_install_over_an_existing_disk(
+    data_path: Path, vector: GoVector, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="mirenfs")
     image = add_image_disk(data_path, "pg", filesystem="ext4")
     async with operations(data_path, allow_overwrite=True) as m:
         assert await m.copy_in("pg.mirn", vector.path.read_bytes()) is None
         assert (await m.state("pg.mirn")).startswith("installed")
+    # The file's name chose the disk; the log says whose snapshot replaced it.
+    assert f"installed (its image replaced, from a snapshot of disk {vector.name})" in caplog.text
     assert sha256_file(image) == vector.sha256
     record = Store(str(data_path)).get_disk("pg")
     assert (record.disk.size_bytes, record.disk.filesystem) == (vector.size_bytes, vector.filesystem)

@@ -398,6 +398,8 @@ class RestoreDirectory:
         entry.session = None
         created = session.target.creates_disk
         how = "a new disk, created from the snapshot's header" if created else "its image replaced"
+        if meta.name != entry.disk:  # the file's name chose the disk: say whose snapshot it was
+            how += f", from a snapshot of disk {meta.name}"
         entry.state = f"installed: created disk {entry.disk}" if created else "installed"
         entry.detail = f" ({meta.size_bytes} bytes, checksum {meta.checksum})"
         log.info(
