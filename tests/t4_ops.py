@@ -223,6 +223,7 @@ def test_status_during_an_index_pass(tmp_path: Path, mounts) -> None:
     assert f"{mountpoint}: mirenfs" in result.stdout and "ready (offline, snapshot" in result.stdout
     everything = json.loads(run(MIRENFS, "status", "--json").stdout)
     assert everything[str(mountpoint)]["disks"]["big"]["index"] == "ready"
+    assert everything[str(mountpoint)]["data_path"] == str(data)  # as the text output's header says
 
     mount.process.send_signal(signal.SIGTERM)
     assert mount.process.wait(timeout=TIMEOUT) == 0

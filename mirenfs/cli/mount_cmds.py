@@ -215,6 +215,8 @@ def read_status(entry: MountEntry) -> dict[str, Any]:
         status = None
     if not isinstance(status, dict):
         raise MirenfsError(f"the mirenfs mount at {where} answered a status that is not a JSON object")
+    if entry.source.startswith("/"):  # what the text output's header shows, for scripts too
+        status.setdefault("data_path", entry.source)
     return status
 
 
@@ -238,7 +240,7 @@ def describe_index(state: dict[str, Any]) -> str:
     if index == "refused":
         return f"refused: {state.get('reason', '?')}"
     if index == "not built":
-        return "not built (the first stat or read of the snapshot builds it)"
+        return "not loaded (the first stat or read of the snapshot loads its saved index, or builds one)"
     return str(index)
 
 
