@@ -485,3 +485,10 @@ def test_a_bad_fuse_option_is_named(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert b"FUSE refused the mount options no_such_opt" in result.stderr
     assert b"unexpected" not in result.stderr and not os.path.ismount(mountpoint)
+    # A near miss of one of mirenfs's own options (which FUSE never sees) is named as one.
+    result = run_mirenfs("mount", str(mountpoint), "--data-path", str(data), "-f", "-o", "alow_overwrite,ro")
+    assert result.returncode == 1 and not os.path.ismount(mountpoint)
+    said = result.stderr.decode().strip()
+    assert said.endswith(
+        "the mount options alow_overwrite,ro; unknown: alow_overwrite (did you mean allow_overwrite?)"
+    )

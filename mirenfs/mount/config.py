@@ -24,6 +24,43 @@ _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 FREEZE_BUDGET_OPTION = "freeze_budget"  # -o freeze_budget=SECONDS: longest freeze for a copy (0: never)
 LIVE_READS_OPTION = "live_reads"  # -o live_reads: read a disk in use from its moving image if no copy
 
+# mirenfs's own -o options (taken out before FUSE sees the rest), and the FUSE ones worth
+# suggesting when an unknown option is a near miss of one of them.
+MIRENFS_OPTIONS = (
+    "allow_overwrite",
+    "index_at_mount",
+    FRAME_STORE_OPTION,
+    FREEZE_BUDGET_OPTION,
+    LIVE_READS_OPTION,
+)
+_KNOWN_FUSE_OPTIONS = (
+    "allow_other",
+    "allow_root",
+    "default_permissions",
+    "ro",
+    "auto_unmount",
+    "fsname",
+    "subtype",
+)
+
+
+def near_misses(options: Iterable[str]) -> list[str]:
+    """``given (did you mean known?)`` for each option close to a known one: mirenfs takes its
+    own options out and hands the rest to FUSE, which refuses an unknown one without naming it."""
+    import difflib  # only on this error path
+
+    known = (*MIRENFS_OPTIONS, *_KNOWN_FUSE_OPTIONS)
+    found = []
+    for option in options:
+        key = option.partition("=")[0]
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+        if close:
+            found.append(f"{key} (did you mean {close[0]}?)")
+    return found
+
+
 # Meaningful to mount(8), fstab or systemd only; FUSE would refuse them as unknown.
 DROPPED_OPTIONS = frozenset(
     {"defaults", "rw", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser", "owner", "group"}

@@ -21,7 +21,7 @@ from mirenfs.engine.image import make_private_directory
 from mirenfs.errors import MirenfsError, MountError
 from mirenfs.mount import notify
 from mirenfs.mount.catalog import CatalogEntry, StoreCatalog
-from mirenfs.mount.config import MountConfig
+from mirenfs.mount.config import MountConfig, near_misses
 from mirenfs.mount.operations import MirenOperations
 from mirenfs.mount.restoredir import RestoreDirectory
 from mirenfs.mount.versions import IndexCache, SnapshotService
@@ -161,10 +161,13 @@ def _init_session(operations: MirenOperations, config: MountConfig) -> None:
         operations.service.close()
         if "fuse_session_new" in str(exc):
             given = ",".join(config.fuse_options) or "(none)"
-            raise MountError(
-                f"FUSE refused the mount options {given}; check the -o options (fuse names the "
-                "unknown ones on stderr in the foreground)"
-            ) from None
+            misses = near_misses(config.fuse_options)
+            hint = (
+                f"unknown: {'; '.join(misses)}"
+                if misses
+                else "check the -o options (in the foreground, fuse names the unknown ones on stderr)"
+            )
+            raise MountError(f"FUSE refused the mount options {given}; {hint}") from None
         raise MountError(
             f"cannot mount at {config.mountpoint} ({exc}): mounting needs root, or /dev/fuse access "
             "and fusermount3 (Debian's fuse3 package); with -o allow_other, also user_allow_other "
