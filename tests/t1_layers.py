@@ -18,10 +18,11 @@ LAYERS = {"errors": 0, "format": 1, "engine": 2, "disks": 3, "mount": 4, "cli": 
 TOP = 6  # api.py, __init__.py, __main__.py: the front doors, which may import anything
 # The function-local imports allowed: the CLI loads FUSE only for the commands that mount, and
 # the etcd client (requests, futurist: ~0.1 s) only when an etcd catalogue is opened, and
-# importlib.metadata (~25 ms) only for --version.
+# importlib.metadata (~25 ms) only for --version, and difflib only when FUSE refused an -o option.
 LAZY_IMPORTS = {
     ("mirenfs.cli", "importlib.metadata"),
     ("mirenfs.cli.mount_cmds", "mirenfs.mount.session"),
+    ("mirenfs.mount.config", "difflib"),
     ("mirenfs.disks.catalogs", "mirenfs.disks.etcd"),
     ("mirenfs.disks.catalogs", "mirenfs.disks.etcd.EtcdCatalog"),
 }

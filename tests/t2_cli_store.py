@@ -367,7 +367,7 @@ def test_backup_and_restore_argument_rules(data: Path, ext4_disk: Path, tmp_path
         "--data-path",
         data,
     )
-    refused("pick a disk of the store", "restore", GO_ODD.path, "--image", tmp_path / "i.img", "--name", "x")
+    refused("picks a disk of the store", "restore", GO_ODD.path, "--image", tmp_path / "i.img", "--name", "x")
     refused("there is no disk named nope", "backup", "nope", "-o", output, "--data-path", data)
     assert not output.exists()
 
