@@ -152,6 +152,9 @@ def test_a_mistyped_option_is_refused_with_its_command_usage(tmp_path: Path) -> 
     assert result.returncode == 2 and result.stdout == b""
     assert shown.startswith("usage: mirenfs disk list ") and "--all-nodes" in shown
     assert shown.strip().endswith("mirenfs disk list: error: unrecognized arguments: --jsn")
+    before = run_mirenfs("--jsn", "disk", "list", "--data-path", str(tmp_path))  # before the command
+    assert before.returncode == 2
+    assert before.stderr.decode().strip().endswith("mirenfs: error: unrecognized arguments: --jsn")
 
 
 def test_disk_create_starts_a_new_data_path_and_says_so(tmp_path: Path) -> None:

@@ -48,6 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refuse_unknown(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str], unknown: list[str]
+) -> None:
+    """Refuse what no parser took, with the usage of the parser it was given to: the command's
+    (``mirenfs disk list --jsn``), or the top level's when it came before the command."""
+    command_parser = getattr(args, "command_parser", parser)
+    where = argv.index(unknown[0]) if unknown[0] in argv else len(argv)
+    before_command = args.command not in argv or where < argv.index(args.command)
+    (parser if before_command else command_parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+
+
 def _remember_command_parsers(parser: argparse.ArgumentParser) -> None:
     """Each command's parser, in its own namespace: an option it does not know is refused
     with that command's usage (``mirenfs disk list --jsn``), not the top-level one."""
@@ -109,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+        _refuse_unknown(parser, args, list(sys.argv[1:] if argv is None else argv), unknown)
     settle_scope_options(parser, args, getattr(args, "command_parser", parser).prog)
     if getattr(args, "log_level", None) is None:
         args.log_level = "info" if args.command in ("mount", "demo") else "warning"
