@@ -362,24 +362,23 @@ async def test_bad_magic_in_a_small_first_write_fails_by_the_close(data_path: Pa
         assert_untouched(data_path, before, image, image_before)
 
 
-def test_a_descriptor_of_the_detached_mount_counts_only_when_it_reaches_the_same_file(tmp_path: Path) -> None:
+def test_a_descriptor_of_the_detached_mount_counts_only_when_it_is_of_this_mount(tmp_path: Path) -> None:
     """After ``umount -l`` /proc shows a writer's descriptor as ``/restore/NAME``, the path inside
-    the detached mount: it holds the file when a stat of it finds the mount's device and the
-    entry's inode, and a file of that name anywhere else never does."""
-    proc, real = tmp_path / "proc", tmp_path / "real.mirn"
-    real.write_bytes(b"x")
+    the detached mount: it holds the file when its fdinfo shows this mount's id and the entry's
+    inode, and a file of that name anywhere else never does."""
+    proc = tmp_path / "proc"
     (proc / "4242" / "fd").mkdir(parents=True)
-    os.symlink(real, proc / "4242" / "fd" / "5")  # how readlink names it: see held_open's inside=
-    info = real.stat()
+    (proc / "4242" / "fdinfo").mkdir()
+    os.symlink("/restore/pg.mirn", proc / "4242" / "fd" / "5")  # how readlink names it once detached
+    (proc / "4242" / "fdinfo" / "5").write_text("pos:\t1000\nflags:\t0100001\nmnt_id:\t77\nino:\t12\n")
     mounted_path = "/mnt/disks/restore/pg.mirn"  # where the mount was: no descriptor names it now
+
+    def held(identity: tuple[int, int] | None) -> bool:
+        return openfiles.held_open(mounted_path, inside="/restore/pg.mirn", identity=identity, proc=str(proc))
+
+    assert held((77, 12))
+    assert not held((77, 13)) and not held((78, 12)) and not held(None)
     assert not openfiles.held_open(mounted_path, proc=str(proc))
-    assert openfiles.held_open(
-        mounted_path, inside=str(real), identity=(info.st_dev, info.st_ino), proc=str(proc)
-    )
-    assert not openfiles.held_open(
-        mounted_path, inside=str(real), identity=(info.st_dev, info.st_ino + 1), proc=str(proc)
-    )
-    assert not openfiles.held_open(mounted_path, inside=str(real), identity=None, proc=str(proc))
 
 
 @trio_test

@@ -4,14 +4,14 @@ FUSE sends a FLUSH for every close(2) and cannot say whether it was the last
 one: a writer that forked (its children inherit the descriptor) closes the
 same file many times. By the time FLUSH arrives the closing process's
 descriptor is already gone from its table, so if no ``/proc/*/fd`` link
-points at the file any more, this close was the last one. ``readlink``
-finds the candidates: it never calls into any filesystem. After ``umount -l``
+points at the file any more, this close was the last one. After ``umount -l``
 the kernel names a descriptor of the detached mount by its path inside it
-(``/restore/NAME``); such a candidate is confirmed by ``stat``ing it (this
-mount answers) and comparing the device and inode, so that a file of the
-same name elsewhere never counts. Blocking: run it in a worker thread. It
-never raises; a process it cannot look into counts as not holding the file
-(it cannot be a writer the mount's owner started).
+(``/restore/NAME``); such a candidate counts only when its ``fdinfo`` shows
+this mount's id and the entry's inode, so that a file of the same name
+elsewhere never does. Only ``readlink`` and ``/proc`` reads are used: they
+never call into any filesystem (nor into this mount). Blocking: run it in a
+worker thread. It never raises; a process it cannot look into counts as not
+holding the file (it cannot be a writer the mount's owner started).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ def held_open(
     path: str, *, inside: str | None = None, identity: tuple[int, int] | None = None, proc: str = PROC
 ) -> bool:
     """True when some process has a descriptor open on ``path`` (an absolute path in this mount),
-    or, with ``inside`` (the path within the mount) and ``identity`` (the mount's device and the
-    file's inode), on that file of the mount once ``umount -l`` detached it."""
+    or, with ``inside`` (the path within the mount) and ``identity`` (the mount's id, as in
+    mountinfo, and the file's inode), on that file of the mount once ``umount -l`` detached it."""
     try:
         pids = [name for name in os.listdir(proc) if name.isdigit()]
     except OSError:
@@ -43,10 +43,19 @@ def held_open(
                 target = os.readlink(link)
                 if target == path:
                     return True
-                if target == inside and identity is not None:
-                    found = os.stat(link)
-                    if (found.st_dev, found.st_ino) == identity:
-                        return True
+                detached = target == inside and identity is not None
+                if detached and _mount_and_inode(os.path.join(proc, pid, "fdinfo", descriptor)) == identity:
+                    return True
             except OSError:
                 continue
     return False
+
+
+def _mount_and_inode(fdinfo: str) -> tuple[int, int] | None:
+    """``(mnt_id, ino)`` of a descriptor, from its ``/proc/PID/fdinfo/FD`` (raises OSError)."""
+    with open(fdinfo, encoding="ascii", errors="replace") as f:
+        fields = dict(line.partition(":")[::2] for line in f)
+    try:
+        return int(fields["mnt_id"]), int(fields["ino"])
+    except (KeyError, ValueError):
+        return None

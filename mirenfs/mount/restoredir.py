@@ -197,7 +197,7 @@ class RestoreDirectory:
         self.owner_uid = os.getuid() if owner_uid < 0 else owner_uid
         self._on_installed = on_installed
         self.mountpoint = mountpoint  # where writers' descriptors point (see :meth:`flush`)
-        self.mount_device: int | None = None  # st_dev of the mount, once it is up (the same after umount -l)
+        self.mount_id: int | None = None  # the mount's id in mountinfo, once it is up (kept after umount -l)
         self.entries: dict[str, RestoreEntry] = {}
         self.by_inode: dict[int, RestoreEntry] = {}
         self.ignored: dict[int, IgnoredNode] = {}
@@ -373,7 +373,7 @@ class RestoreDirectory:
         if self.mountpoint is None:
             return True
         inside = os.path.join("/", RESTORE_DIRECTORY, entry.name)
-        identity = None if self.mount_device is None else (self.mount_device, entry.inode)
+        identity = None if self.mount_id is None else (self.mount_id, entry.inode)
         held = partial(held_open, os.path.join(self.mountpoint, inside[1:]), inside=inside, identity=identity)
         return await trio.to_thread.run_sync(held)
 

@@ -14,6 +14,7 @@ import pyfuse3
 import trio
 
 from mirenfs.disks.catalogs import mount_listing, node_from
+from mirenfs.disks.live import parse_mountinfo
 from mirenfs.disks.manage import sweep_interrupted_creations, sweep_stale_staging
 from mirenfs.disks.pointintime import sweep_leftovers
 from mirenfs.engine.framestore import FrameStore
@@ -197,12 +198,25 @@ async def _index_one(service: SnapshotService, entry: CatalogEntry) -> None:
             log.warning("the index pass of disk %s, started at mount, failed: %s", entry.name, exc)
 
 
+def _mount_id(mountpoint: str, device: int) -> int | None:
+    """This mount's id in /proc/self/mountinfo: the topmost mount at ``mountpoint`` with ``device``."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            lines = parse_mountinfo(f.read())
+    except OSError:
+        return None
+    where, numbers = os.path.realpath(mountpoint), (os.major(device), os.minor(device))
+    ours = [line.mount_id for line in lines if line.mountpoint == where and line.device == numbers]
+    return ours[-1] if ours else None
+
+
 async def _announce_ready(
     config: MountConfig, operations: MirenOperations, ready: Callable[[], None] | None
 ) -> None:
     # Answered by the session: never stat the mount from the thread that serves it.
     root = await trio.to_thread.run_sync(os.stat, config.mountpoint)
-    operations.restores.mount_device = root.st_dev  # how its files are known after umount -l
+    # How its files are known after umount -l (see openfiles.held_open).
+    operations.restores.mount_id = await trio.to_thread.run_sync(_mount_id, config.mountpoint, root.st_dev)
     _raise_read_ahead(root.st_dev)
     catalog = config.catalog
     node = node_from(config.node)
