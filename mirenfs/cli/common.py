@@ -81,34 +81,31 @@ def add_data_path_option(parser: argparse.ArgumentParser) -> None:
 
 
 def add_scope_option(parser: argparse.ArgumentParser, dest: str, *, help: str | None = None) -> None:
-    """One of :data:`SCOPE_OPTIONS` on a command's parser. Its default is "not given" rather
-    than None: argparse copies every default of a command's parser over what was parsed
-    before the command, which would drop ``mirenfs --data-path DIR disk list``'s DIR."""
-    metavar, usual_help = _SCOPE_HELP[dest]
-    parser.add_argument(
-        SCOPE_OPTIONS[dest],
-        dest=dest,
-        metavar=metavar,
-        type=_given,
-        default=argparse.SUPPRESS,
-        help=help or usual_help,
-    )
+    """One of :data:`SCOPE_OPTIONS` on a command's parser, recorded as one the command takes."""
+    _add_scope_argument(parser, dest, help or _SCOPE_HELP[dest][1])
     accepted: frozenset[str] = parser.get_default(_ACCEPTED) or frozenset[str]()
     parser.set_defaults(**{_ACCEPTED: accepted | {dest}})
 
 
 def add_scope_options_before_command(parser: argparse.ArgumentParser) -> None:
-    """The scope options on the top-level parser, for the commands that take them."""
-    for dest, flag in SCOPE_OPTIONS.items():
-        metavar, usual_help = _SCOPE_HELP[dest]
-        parser.add_argument(
-            flag,
-            dest=dest,
-            metavar=metavar,
-            type=_given,
-            default=argparse.SUPPRESS,
-            help=f"{usual_help}; also after the command",
-        )
+    """The scope options on a parser above the commands (the top level; ``disk``, ``lease``,
+    ``catalog``), for the commands below that take them."""
+    for dest in SCOPE_OPTIONS:
+        _add_scope_argument(parser, dest, f"{_SCOPE_HELP[dest][1]}; also after the command")
+
+
+def _add_scope_argument(parser: argparse.ArgumentParser, dest: str, help: str) -> None:
+    """Its default is "not given" rather than None: argparse copies every default of a command's
+    parser over what was parsed before the command, which would drop the DIR of
+    ``mirenfs --data-path DIR disk list``."""
+    parser.add_argument(
+        SCOPE_OPTIONS[dest],
+        dest=dest,
+        metavar=_SCOPE_HELP[dest][0],
+        type=_given,
+        default=argparse.SUPPRESS,
+        help=help,
+    )
 
 
 def _given(text: str) -> str:
