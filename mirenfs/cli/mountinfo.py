@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from mirenfs.disks.live import MountLine, parse_mountinfo
+from mirenfs.disks.live import MountLine, read_mountinfo
 from mirenfs.errors import MirenfsError
 
 FSTYPE = "fuse.mirenfs"
@@ -20,8 +20,7 @@ MountEntry = MountLine  # one mount, as the CLI looks at it
 
 def mounts(path: str = MOUNTINFO) -> list[MountEntry]:
     """Every mount this process sees, in mount order."""
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        return parse_mountinfo(f.read())
+    return read_mountinfo(path)
 
 
 def mirenfs_mounts() -> list[MountEntry]:

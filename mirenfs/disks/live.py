@@ -228,14 +228,17 @@ def _mount_tables(proc: str) -> Iterator[tuple[int, list[MountLine]]]:
             namespace = os.readlink(os.path.join(proc, str(pid), "ns", "mnt"))
             if namespace in seen:
                 continue
-            with open(
-                os.path.join(proc, str(pid), "mountinfo"), encoding="utf-8", errors="surrogateescape"
-            ) as f:
-                text = f.read()
+            lines = read_mountinfo(os.path.join(proc, str(pid), "mountinfo"))
         except OSError:
             continue  # the process ended, or is a kernel thread without a mount table
         seen.add(namespace)
-        yield pid, parse_mountinfo(text)
+        yield pid, lines
+
+
+def read_mountinfo(path: str = "/proc/self/mountinfo") -> list[MountLine]:
+    """The mounts of one mountinfo file, in mount order (raises OSError)."""
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        return parse_mountinfo(f.read())
 
 
 def parse_mountinfo(text: str) -> list[MountLine]:

@@ -14,7 +14,7 @@ import pyfuse3
 import trio
 
 from mirenfs.disks.catalogs import mount_listing, node_from
-from mirenfs.disks.live import parse_mountinfo
+from mirenfs.disks.live import read_mountinfo
 from mirenfs.disks.manage import sweep_interrupted_creations, sweep_stale_staging
 from mirenfs.disks.pointintime import sweep_leftovers
 from mirenfs.engine.framestore import FrameStore
@@ -201,8 +201,7 @@ async def _index_one(service: SnapshotService, entry: CatalogEntry) -> None:
 def _mount_id(mountpoint: str, device: int) -> int | None:
     """This mount's id in /proc/self/mountinfo: the topmost mount at ``mountpoint`` with ``device``."""
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            lines = parse_mountinfo(f.read())
+        lines = read_mountinfo()
     except OSError:
         return None
     where, numbers = os.path.realpath(mountpoint), (os.major(device), os.minor(device))
