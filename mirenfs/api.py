@@ -17,6 +17,7 @@ from typing import BinaryIO
 import trio
 
 from mirenfs.disks.live import may_change_while_read
+from mirenfs.disks.rules import refuse_if_image_in_use
 from mirenfs.engine.consume import ImageWriter, RestoreStream, restore_to_path
 from mirenfs.engine.files import (
     SnapshotOf,
@@ -73,7 +74,13 @@ def restore_image(dst: str | os.PathLike[str] | BinaryIO, src: BinaryIO, meta: M
     only when size and checksum verified; a file object just receives the bytes.
     """
     if isinstance(dst, (str, os.PathLike)):
-        trio.run(partial(restore_to_path, os.fspath(dst), read_pieces(src), overwrite=True, header_read=meta))
+        path = os.fspath(dst)
+        in_use = partial(refuse_if_image_in_use, path, action="restoring over it")  # as the CLI does
+        trio.run(
+            partial(
+                restore_to_path, path, read_pieces(src), overwrite=True, header_read=meta, check_target=in_use
+            )
+        )
         return
 
     async def open_target(_meta: Meta) -> ImageWriter:

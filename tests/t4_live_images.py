@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 from pathlib import Path
 
 import trio
@@ -15,7 +16,7 @@ from mirenfs.engine.produce import Settings
 
 from support.data import sha256_file, staging_files, write_image
 from support.loops import loop_device
-from support.runners import ok, refused
+from support.runners import mirenfs_command, ok, refused, run_mirenfs
 from support.store import disks, store_state
 from support.vectors import GO_EXT4, GO_ODD
 
@@ -92,3 +93,39 @@ def test_disk_remove_deletes_a_managed_image_unless_the_disk_is_held(data: Path,
     assert "removed disk disk-ext4 and its image" in result.out
     assert disks(data) == {}
     assert not ext4_disk.parent.exists()
+
+
+def test_restore_image_refuses_an_image_that_a_loop_device_uses(tmp_path: Path) -> None:
+    """Renaming a new file over an image a loop device uses would leave the device on the old,
+    unlinked file, whose writes are then lost: refused, before the input is read, and again
+    right before the image is replaced when the device was attached meanwhile."""
+    target = tmp_path / "target.img"
+    write_image(target, [("data", 1 << 20), ("hole", 3 << 20)])
+    before = sha256_file(target)
+    vector = GO_EXT4.path.read_bytes()
+    with loop_device(target) as device:
+        result = run_mirenfs("restore", str(GO_EXT4.path), "--image", str(target), "--force")
+        assert result.returncode == 1
+        assert result.stderr.decode().strip() == (
+            f"mirenfs: error: {target} is in use: it backs {device}; "
+            f"detach it (`losetup -d {device}`) before restoring over it"
+        )
+    assert sha256_file(target) == before
+    restore = subprocess.Popen(
+        [*mirenfs_command(), "restore", "-", "--image", str(target), "--force"],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert restore.stdin is not None
+        restore.stdin.write(vector[: len(vector) // 2])
+        restore.stdin.flush()
+        with loop_device(target) as device:
+            _, errors = restore.communicate(vector[len(vector) // 2 :], timeout=120)
+            assert restore.returncode == 1
+            assert f"it backs {device}; detach it" in errors.decode()
+    finally:
+        if restore.poll() is None:
+            restore.kill()
+            restore.wait(timeout=30)
+    assert sha256_file(target) == before and staging_files(tmp_path) == []

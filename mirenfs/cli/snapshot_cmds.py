@@ -31,7 +31,7 @@ from mirenfs.disks.manage import FILESYSTEMS
 from mirenfs.disks.model import DiskState
 from mirenfs.disks.pointintime import DEFAULT_FREEZE_BUDGET_S, Consistency, CopyPolicy, take_point_in_time
 from mirenfs.disks.restore import DiskRestore
-from mirenfs.disks.rules import RestoreTarget, prepare_backup, prepare_restore
+from mirenfs.disks.rules import RestoreTarget, prepare_backup, prepare_restore, refuse_if_image_in_use
 from mirenfs.engine.files import backup_image, open_input, read_pieces, restore_file, verify_file
 from mirenfs.engine.fstype import detect_filesystem
 from mirenfs.engine.produce import Settings
@@ -164,9 +164,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
     size = file_size(args.file, "snapshot") if args.file != "-" else 0
     bar = ProgressBar(size, f"restore {os.path.basename(args.image)}")
     kept = f"{args.image} is as it was" if os.path.lexists(args.image) else f"{args.image} was not created"
+    # An image a loop device uses is never replaced: the device would go on with the old, unlinked file.
+    in_use = partial(refuse_if_image_in_use, args.image, action="restoring over it")
+    restore = partial(
+        restore_file, args.file, args.image, overwrite=args.force, progress=bar, check_target=in_use
+    )
     try:
         with naming_the_snapshot(args.file, kept):
-            meta = trio.run(partial(restore_file, args.file, args.image, overwrite=args.force, progress=bar))
+            meta = trio.run(restore)
     finally:
         bar.close()
     print(f"restored {args.image} from {args.file}: {meta.size_bytes} bytes, checksum {meta.checksum}")

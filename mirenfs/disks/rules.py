@@ -148,18 +148,31 @@ def refuse_if_in_use(resolver: DiskResolver, disk: Disk, image_path: str | None,
             f"disk {name} is in use (lease {bound[0].id} is bound); stop its application or release "
             f"the lease (`mirenfs lease release {bound[0].id}`) before {action}"
         )
-    if image_path is None:
-        return
+    if image_path is not None:
+        _refuse_if_backing_a_loop_device(
+            image_path, f"the image of disk {name}", f"disk {name} is in use: its image {image_path}", action
+        )
+
+
+def refuse_if_image_in_use(image_path: str, *, action: str) -> None:
+    """An image file named directly (``restore --image PATH``) that backs a loop device: replacing
+    it would leave the device on the old, unlinked file, whose writes are then lost."""
+    if os.path.lexists(image_path):
+        _refuse_if_backing_a_loop_device(image_path, image_path, f"{image_path} is in use: it", action)
+
+
+def _refuse_if_backing_a_loop_device(image_path: str, what: str, in_use: str, action: str) -> None:
+    """Fails closed: when it cannot be told whether a loop device uses the image, it is refused.
+    ``in_use`` starts the refusal ("… backs /dev/loopN")."""
     try:
         devices = loop_devices_backing(image_path)
     except LiveCheckError as exc:
         raise LiveCheckError(
-            f"cannot tell whether the image of disk {name} is in use ({exc}), so {action} is refused"
+            f"cannot tell whether {what} is in use ({exc}), so {action} is refused"
         ) from None
     if devices:
         raise ImageLiveError(
-            f"disk {name} is in use: its image {image_path} backs /dev/{devices[0]}; detach it "
-            f"(`losetup -d /dev/{devices[0]}`) before {action}"
+            f"{in_use} backs /dev/{devices[0]}; detach it (`losetup -d /dev/{devices[0]}`) before {action}"
         )
 
 

@@ -525,13 +525,20 @@ async def restore_to_path(
     overwrite: bool,
     on_header: Callable[[Meta], None] | None = None,
     header_read: Meta | None = None,
+    check_target: Callable[[], None] | None = None,
 ) -> Meta:
     """Restore a snapshot stream into ``image_path`` through its staging file (SPEC §3).
 
     Nothing changes at ``image_path`` unless the whole stream verified; on
-    any failure the staging file is removed.
+    any failure the staging file is removed. ``check_target`` (blocking) may
+    refuse the target: it runs before any input is read, and again right
+    before the image is replaced (a loop device may have been attached meanwhile).
     """
     refuse_unusual_target(image_path, overwrite=overwrite)
+    before_install = None
+    if check_target is not None:
+        await trio.to_thread.run_sync(check_target)
+        before_install = partial(trio.to_thread.run_sync, check_target)
 
     async def choose_image(meta: Meta) -> str:
         if on_header is not None:
@@ -539,7 +546,9 @@ async def restore_to_path(
         return image_path
 
     # A new image file the caller named gets the mode `cp` would give it.
-    restore = StagedRestore(choose_image, header_read=header_read, new_mode=new_file_mode())
+    restore = StagedRestore(
+        choose_image, header_read=header_read, new_mode=new_file_mode(), before_install=before_install
+    )
     try:
         async for chunk in chunks:
             await restore.feed(chunk)

@@ -254,12 +254,17 @@ async def restore_file(
     overwrite: bool,
     on_header: Callable[[Meta], None] | None = None,
     progress: Progress | None = None,
+    check_target: Callable[[], None] | None = None,
 ) -> Meta:
     """``mirenfs restore FILE --image PATH``; ``FILE`` may be ``-`` for standard input.
     ``progress`` hears the snapshot bytes read so far."""
     with open_input(snapshot) as source:
         return await restore_to_path(
-            image_path, read_pieces(source, progress=progress), overwrite=overwrite, on_header=on_header
+            image_path,
+            read_pieces(source, progress=progress),
+            overwrite=overwrite,
+            on_header=on_header,
+            check_target=check_target,
         )
 
 
