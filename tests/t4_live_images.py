@@ -129,3 +129,19 @@ def test_restore_image_refuses_an_image_that_a_loop_device_uses(tmp_path: Path) 
             restore.kill()
             restore.wait(timeout=30)
     assert sha256_file(target) == before and staging_files(tmp_path) == []
+
+
+def test_backup_image_of_an_image_in_use_says_it_is_not_frozen(tmp_path: Path) -> None:
+    """``backup --image`` reads the file it is given as it is: when a loop device uses it, the
+    operator is told that the copy may not be consistent, and which command freezes a disk."""
+    image, output = tmp_path / "pg.img", tmp_path / "pg.mirn"
+    ok("restore", GO_EXT4.path, "--image", image)
+    quiet = run_mirenfs("backup", "--image", str(image), "-o", str(output))
+    assert quiet.returncode == 0 and b"warning" not in quiet.stderr
+    with loop_device(image) as device:
+        warned = run_mirenfs("backup", "--image", str(image), "-o", str(output))
+    assert warned.returncode == 0
+    assert warned.stderr.decode().strip() == (
+        f"mirenfs: warning: {image} backs {device}: this backup reads it while it may change, so the "
+        "filesystem in it may not be consistent; a disk of the store is frozen first (mirenfs backup NAME)"
+    )

@@ -26,7 +26,7 @@ from mirenfs.cli.common import (
     refuse_disk_options,
     settings_from,
 )
-from mirenfs.disks.live import may_change_while_read
+from mirenfs.disks.live import loop_devices_backing, may_change_while_read
 from mirenfs.disks.manage import FILESYSTEMS
 from mirenfs.disks.model import DiskState
 from mirenfs.disks.pointintime import DEFAULT_FREEZE_BUDGET_S, Consistency, CopyPolicy, take_point_in_time
@@ -35,7 +35,7 @@ from mirenfs.disks.rules import RestoreTarget, prepare_backup, prepare_restore, 
 from mirenfs.engine.files import backup_image, open_input, read_pieces, restore_file, verify_file
 from mirenfs.engine.fstype import detect_filesystem
 from mirenfs.engine.produce import Settings
-from mirenfs.errors import FormatError, MirenfsError
+from mirenfs.errors import FormatError, LiveCheckError, MirenfsError
 from mirenfs.format.frames import parse_seek_table
 from mirenfs.format.header import Meta, read_header
 from mirenfs.mount.config import clone_directory_of
@@ -108,6 +108,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
             f"cannot tell the filesystem of {args.image} (no ext4, xfs or btrfs superblock); "
             f"pass --filesystem {'|'.join(FILESYSTEMS)}"
         )
+    live = may_change_while_read(args.image)
+    if live:
+        print(f"mirenfs: warning: {_in_use_warning(args.image)}", file=sys.stderr)
     meta = backup_with_progress(
         args.image,
         args.output,
@@ -115,10 +118,23 @@ def cmd_backup(args: argparse.Namespace) -> int:
         name=name,
         filesystem=filesystem,
         settings=settings_from(args),
-        live=may_change_while_read(args.image),
+        live=live,
     )
     _report_backup(args.image, args.output, meta)
     return 0
+
+
+def _in_use_warning(image_path: str) -> str:
+    """An image named directly is read as it is, never frozen or copied first: say so when it is in use."""
+    try:
+        devices = loop_devices_backing(image_path)
+    except LiveCheckError:
+        devices = []
+    where = f"backs /dev/{devices[0]}" if devices else "may be in use (its loop devices cannot be told)"
+    return (
+        f"{image_path} {where}: this backup reads it while it may change, so the filesystem in it may "
+        "not be consistent; a disk of the store is frozen first (mirenfs backup NAME)"
+    )
 
 
 def backup_with_progress(
