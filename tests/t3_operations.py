@@ -18,8 +18,10 @@ import trio
 from mirenfs.disks.model import DiskState
 from mirenfs.errors import DiskLeasedError, FormatError
 from mirenfs.format.header import decode_header
+from mirenfs.mount import versions
 from mirenfs.mount.inodes import RESTORE_INODE, ROOT_INODE
 from mirenfs.mount.operations import MirenOperations, fuse_errors
+from mirenfs.mount.versions import SnapshotService
 
 from support.data import write_image
 from support.fuse_ops import (
@@ -469,3 +471,26 @@ async def test_forget_never_raises(data_path: Path, monkeypatch: pytest.MonkeyPa
 
         monkeypatch.setattr(m.ops.inodes, "forget", broken)
         await m.ops.forget([(inode, 1)])
+
+
+@trio_test
+async def test_a_copy_of_a_disk_in_use_stands_for_it_while_read_and_a_minute_after(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``rsync NAME.mirn NAME.mirn.sha256`` of a large disk in use: the checksum file must be
+    that of the snapshot just copied, however long the copy took."""
+    clock = [0.0]
+    monkeypatch.setattr(versions.time, "monotonic", lambda: clock[0])
+    service = SnapshotService.__new__(SnapshotService)  # only the reuse rule is exercised here
+    copy = versions.DiskVersion("pg", "ext4", "/pg.img", None, None, "", -1, is_copy=True, taken_at=0.0)  # type: ignore[arg-type]
+
+    async def current(at: float) -> bool:
+        clock[0] = at
+        return await service._copy_still_current(copy, attached=True)
+
+    assert await current(59.0) and not await current(61.0)  # never read: a minute from its instant
+    service.acquire(copy)
+    assert await current(300.0)  # being read, however long
+    clock[0] = 300.0
+    service.release(copy)
+    assert await current(359.0) and not await current(361.0)  # a minute after the last close

@@ -37,7 +37,9 @@ from mirenfs.format.header import Meta
 
 log = logging.getLogger("mirenfs.snapshots")
 
-POINT_IN_TIME_REUSE_S = 60.0  # a copy of a disk in use stands for it this long (see version())
+POINT_IN_TIME_REUSE_S = (
+    60.0  # a copy of a disk in use stands for it this long after its last read (version())
+)
 REFUSAL_MEMORY_S = 5.0  # a refused copy is not tried again for this long (one log line, one calibration)
 
 
@@ -163,6 +165,7 @@ class DiskVersion:
     is_copy: bool = False  # fd is a point-in-time copy, not the image
     frozen_s: float | None = None  # how long the disk's filesystem stayed frozen for the copy
     taken_at: float = field(default_factory=time.monotonic)
+    last_used: float = 0.0  # when its last handle closed (time.monotonic())
 
     @property
     def meta(self) -> Meta:
@@ -252,8 +255,9 @@ class SnapshotService:
         """The version matching the image as it is now, building it if needed.
 
         A disk in use changes all the time (a freeze alone writes to it): its
-        point-in-time version stays current for ``POINT_IN_TIME_REUSE_S`` while
-        the disk stays in use, instead of a freeze and an index pass per lookup.
+        point-in-time version stays current while the disk stays in use, as long as
+        a handle reads it and ``POINT_IN_TIME_REUSE_S`` after (see _copy_still_current),
+        instead of a freeze and an index pass per lookup.
         ``attached``: the store says the disk is in use, whatever the loop devices say.
         """
         identity = await trio.to_thread.run_sync(ImageIdentity.of, image_path)
@@ -292,7 +296,12 @@ class SnapshotService:
 
     async def _copy_still_current(self, version: DiskVersion, attached: bool) -> bool:
         """Whether a point-in-time version of a disk still in use may stand for it now."""
-        if not version.is_copy or time.monotonic() - version.taken_at > POINT_IN_TIME_REUSE_S:
+        if not version.is_copy:
+            return False
+        # While a handle reads it, and for a while after the last one closed: `rsync NAME.mirn
+        # NAME.mirn.sha256` of a large disk must get the sidecar of the snapshot it just copied.
+        idle_since = max(version.taken_at, version.last_used)
+        if version.handles == 0 and time.monotonic() - idle_since > POINT_IN_TIME_REUSE_S:
             return False
         return attached or await trio.to_thread.run_sync(_image_in_use, version.image_path)
 
@@ -316,6 +325,7 @@ class SnapshotService:
 
     def release(self, version: DiskVersion) -> None:
         version.handles -= 1
+        version.last_used = time.monotonic()
         self._close_if_unused(version)
 
     def _close_if_unused(self, version: DiskVersion) -> None:
