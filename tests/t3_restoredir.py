@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -684,3 +685,28 @@ async def test_request_lock_taken_while_free_does_not_yield_to_other_tasks() -> 
         async with lock:
             assert ran == []  # the other task has not had a turn
         assert not lock.locked()
+
+
+@trio_test
+async def test_mknod_makes_an_empty_entry_whose_restore_starts_when_it_is_opened(
+    data_path: Path, good: Snapshot
+) -> None:
+    """``tar --xattrs`` makes each file with mknod before it opens it for writing."""
+    async with operations(data_path) as m:
+        before = store_state(data_path)
+        attrs = await m.ops.mknod(RESTORE_INODE, b"good.mirn", stat.S_IFREG | 0o644, 0, m.ctx)
+        assert await m.state("good.mirn") == "created: the restore starts when it is opened for writing"
+        assert store_state(data_path) == before  # nothing in the store until the restore starts
+        refusals = [
+            (ROOT_INODE, b"x.mirn", stat.S_IFREG | 0o644, errno.EROFS),  # snapshots are read-only
+            (RESTORE_INODE, b"pipe.mirn", stat.S_IFIFO | 0o644, errno.EPERM),  # no special files
+            (RESTORE_INODE, b"good.mirn", stat.S_IFREG | 0o644, errno.EEXIST),
+            (RESTORE_INODE, b"no-suffix", stat.S_IFREG | 0o644, errno.EINVAL),  # names no disk
+        ]
+        for parent, name, mode, expected in refusals:
+            assert await fuse_errno(m.ops.mknod(parent, name, mode, 0, m.ctx)) == expected, name
+        fh = await m.open(attrs.st_ino, os.O_WRONLY)
+        await m.write_all(fh, good.data)
+        assert await m.close(fh) is None
+        assert await m.state("good.mirn") == "installed: created disk good"
+    assert disk_status(data_path, "good") == "provisioned"

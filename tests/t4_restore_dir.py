@@ -469,3 +469,30 @@ def test_a_restore_by_several_processes_still_completes_after_umount_l(tmp_path:
     record = disk_record(data, "lazy")
     assert record is not None, "the restore was not installed"
     assert sha256_file(record["image_path"]) == GO_VECTORS[0].sha256
+
+
+def test_tar_with_xattrs_makes_the_file_first_and_still_restores(tmp_path: Path, mounts, need_tool) -> None:
+    """``tar --xattrs`` creates each file with mknod, sets its xattrs, then opens it for writing:
+    the restore starts at that open (the xattrs are not kept, and tar only warns about them).
+    A node that is not a regular file has no place in restore/."""
+    need_tool("tar")
+    data, mnt, staged = tmp_path / "data", tmp_path / "mnt", tmp_path / "staged"
+    data.mkdir()
+    staged.mkdir()
+    mounts(mnt, data)
+    vector = GO_VECTORS[0]
+    (staged / "xk.mirn").write_bytes(vector.path.read_bytes())
+    os.setxattr(staged / "xk.mirn", "user.note", b"archived with its attributes")
+    archive = tmp_path / "xattrs.tar"
+    subprocess.run(
+        ["tar", "--xattrs", "-cf", str(archive), "-C", str(staged), "xk.mirn"], check=True, timeout=60
+    )
+    extract = ["tar", "--xattrs", "--xattrs-include=*", "-xf", str(archive), "-C", str(mnt / "restore")]
+    result = subprocess.run(extract, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert state(mnt, "xk.mirn") == "installed: created disk xk"
+    record = disk_record(data, "xk")
+    assert record is not None and sha256_file(Path(record["image_path"])) == vector.sha256
+    with pytest.raises(PermissionError):
+        os.mkfifo(mnt / "restore" / "pipe.mirn")
+    assert not (mnt / "restore" / "pipe.mirn").exists()

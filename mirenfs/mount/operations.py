@@ -485,6 +485,23 @@ class MirenOperations(pyfuse3.Operations):
         return info, self._restore_attributes(writer.entry)
 
     @fuse_errors
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        """A regular file in restore/, made before it is opened (``tar --xattrs``): as create
+        does, but the restore starts at the open for writing. Anything else is refused."""
+        if not self._in_restore_tree(parent_inode):
+            raise pyfuse3.FUSEError(errno.EROFS if parent_inode == ROOT_INODE else errno.EPERM)
+        if not stat.S_ISREG(mode):
+            raise pyfuse3.FUSEError(errno.EPERM)  # no devices, pipes or sockets in restore/
+        if parent_inode != RESTORE_INODE:
+            self.restores.check_writer(ctx.uid, "restore/")
+            node = self.restores.ignore(parent_inode, os.fsdecode(name), is_directory=False, mode=mode)
+            return self._ignored_attributes(node)
+        entry = self.restores.make_node(os.fsdecode(name), mode, ctx.uid, ctx.gid, ctx.pid)
+        return self._restore_attributes(entry)
+
+    @fuse_errors
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:

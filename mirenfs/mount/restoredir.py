@@ -249,6 +249,25 @@ class RestoreDirectory:
         finally:
             self._starting.discard(disk)
 
+    def make_node(self, file_name: str, mode: int, uid: int, gid: int, pid: int = 0) -> RestoreEntry:
+        """``mknod`` of a regular file (``tar --xattrs`` makes the file first, then opens it for
+        writing): an empty entry whose restore starts at that open, where the refusals that
+        need the store (an existing disk, a lease) apply. A name that cannot be a disk's, or a
+        writer other than the owner, is refused now."""
+        try:
+            self.check_writer(uid, f"restore/{file_name}")
+            disk, sidecar = disk_for_file_name(file_name)
+            if file_name in self.entries:
+                raise RestoreRefused(f"restore/{file_name} already exists", errno.EEXIST)
+        except MirenfsError as refusal:
+            self._refused(file_name, refusal, pid)
+            raise
+        entry = RestoreEntry(self._allocate_inode(), file_name, disk, sidecar, mode & 0o7777, uid, gid)
+        entry.state = "created: the restore starts when it is opened for writing"
+        self.entries[file_name] = entry
+        self.by_inode[entry.inode] = entry
+        return entry
+
     async def _start(
         self,
         file_name: str,
