@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -390,9 +391,9 @@ def test_a_daemon_killed_while_frozen_leaves_the_filesystem_writable(
                 assert finishes(held, 5), "the watchdog thaws the filesystem when the daemon dies"
                 assert finishes(subprocess.Popen(["touch", str(disk.disk.path / "after")]), 5)
         clones = disk.data / "mirenfs" / "clones"
-        assert [name for name in os.listdir(clones) if name.startswith(RECORD_PREFIX)], (
-            "the killed run's record"
-        )
+        records = [name for name in os.listdir(clones) if name.startswith(RECORD_PREFIX)]
+        assert records, "the killed run's record"
+        assert all(stat.S_IMODE((clones / name).stat().st_mode) == 0o600 for name in records)  # private
         (clones / "pg.1.deadbeef.clone").write_bytes(b"left by a crash")
         with mirenfs(mounts, tmp_path, disk.data) as mount:  # the next start sweeps both
             assert os.listdir(clones) == []

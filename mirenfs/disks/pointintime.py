@@ -618,7 +618,10 @@ class _Freeze:
         )
         text = "".join(f"{fs.device}\n" for fs in self.filesystems)
         try:
-            with open(path, "x", encoding="ascii") as record:
+            fd = os.open(
+                path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+            )  # private, as all here
+            with os.fdopen(fd, "w", encoding="ascii") as record:
                 record.write(text)
         except OSError as exc:
             raise _CannotFreeze(f"cannot write the freeze record {path}: {exc.strerror}") from None
