@@ -495,3 +495,20 @@ def test_a_bad_fuse_option_is_named(tmp_path: Path) -> None:
     assert said.endswith(
         "the mount options alow_overwrite,ro; unknown: alow_overwrite (did you mean allow_overwrite?)"
     )
+
+
+def test_a_mount_point_that_is_missing_or_a_file_is_named_with_what_to_do(tmp_path: Path) -> None:
+    data, missing, a_file = tmp_path / "data", tmp_path / "mnt", tmp_path / "pg.mirn"
+    data.mkdir()
+    a_file.write_bytes(b"a snapshot, not a directory")
+    status, _out, err = said("mount", str(missing), "--data-path", str(data))
+    assert (status, err) == (
+        1,
+        f"mirenfs: error: mount point {missing} does not exist; create it first (mkdir -p {missing})",
+    )
+    status, _out, err = said("mount", str(a_file), "--data-path", str(data))
+    assert (status, err) == (
+        1,
+        f"mirenfs: error: mount point {a_file} is not a directory; mount on a directory",
+    )
+    assert not missing.exists() and a_file.read_bytes() == b"a snapshot, not a directory"

@@ -83,8 +83,12 @@ def config_from(args: argparse.Namespace) -> MountConfig:
                 f"run: fusermount3 -u {mountpoint}"
             ) from None
         info = None
-    if info is None or not stat.S_ISDIR(info.st_mode):
-        raise MirenfsError(f"mount point {mountpoint} is not a directory; create it first")
+    if info is None:
+        raise MirenfsError(
+            f"mount point {mountpoint} does not exist; create it first (mkdir -p {mountpoint})"
+        )
+    if not stat.S_ISDIR(info.st_mode):
+        raise MirenfsError(f"mount point {mountpoint} is not a directory; mount on a directory")
     refuse_if_mirenfs_mount(mountpoint)
     catalog, node = catalog_spec_from(args.catalog), node_from(args.node)  # refused now if malformed
     data_path = resolve_data_path(args.data_path)
