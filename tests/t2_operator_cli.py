@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from mirenfs.cli import mount_helper
 from mirenfs.format.header import Meta, Timestamp, write_header
 
 from support.data import write_image
@@ -512,3 +513,17 @@ def test_a_mount_point_that_is_missing_or_a_file_is_named_with_what_to_do(tmp_pa
         f"mirenfs: error: mount point {a_file} is not a directory; mount on a directory",
     )
     assert not missing.exists() and a_file.read_bytes() == b"a snapshot, not a directory"
+
+
+def test_the_mount_helper_names_a_missing_data_path_as_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing, a_file = tmp_path / "typo", tmp_path / "file"
+    a_file.write_text("")
+    (tmp_path / "mnt").mkdir()
+    for source, what in ((missing, "does not exist"), (a_file, "is not a directory")):
+        assert mount_helper.main([str(source), str(tmp_path / "mnt"), "-f"]) == mount_helper.EXIT_FAILURE
+        assert capsys.readouterr().err.strip() == (
+            f"mount.mirenfs: error: data path {source} {what} (SOURCE must be Miren's data path)"
+        )
+    assert not missing.exists()

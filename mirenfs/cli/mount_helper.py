@@ -55,7 +55,8 @@ def mount_arguments(args: argparse.Namespace) -> list[str]:
     source = os.path.abspath(args.source)
     if not os.path.isdir(source):
         # A typo in fstab must not quietly start an empty disk store.
-        raise MountRefused(f"data path {source} is not a directory (SOURCE must be Miren's data path)")
+        what = "is not a directory" if os.path.lexists(source) else "does not exist"
+        raise MountRefused(f"data path {source} {what} (SOURCE must be Miren's data path)")
     directory = os.path.abspath(args.directory)
     try:
         refuse_if_mirenfs_mount(directory)
