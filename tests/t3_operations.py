@@ -482,7 +482,7 @@ async def test_a_copy_of_a_disk_in_use_stands_for_it_while_read_and_a_minute_aft
     clock = [0.0]
     monkeypatch.setattr(versions.time, "monotonic", lambda: clock[0])
     service = SnapshotService.__new__(SnapshotService)  # only the reuse rule is exercised here
-    copy = versions.DiskVersion("pg", "ext4", "/pg.img", None, None, "", -1, is_copy=True, taken_at=0.0)  # type: ignore[arg-type]
+    copy = versions.DiskVersion("pg", "ext4", "/pg.img", None, None, "", -1, is_copy=True, last_used=0.0)  # type: ignore[arg-type]
 
     async def current(at: float) -> bool:
         clock[0] = at

@@ -618,9 +618,8 @@ class _Freeze:
         )
         text = "".join(f"{fs.device}\n" for fs in self.filesystems)
         try:
-            fd = os.open(
-                path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
-            )  # private, as all here
+            # Private, as everything under <data-path>/mirenfs.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "w", encoding="ascii") as record:
                 record.write(text)
         except OSError as exc:

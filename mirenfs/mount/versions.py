@@ -37,9 +37,7 @@ from mirenfs.format.header import Meta
 
 log = logging.getLogger("mirenfs.snapshots")
 
-POINT_IN_TIME_REUSE_S = (
-    60.0  # a copy of a disk in use stands for it this long after its last read (version())
-)
+POINT_IN_TIME_REUSE_S = 60.0  # a copy of a disk in use stands for it this long after its last read
 REFUSAL_MEMORY_S = 5.0  # a refused copy is not tried again for this long (one log line, one calibration)
 
 
@@ -164,8 +162,8 @@ class DiskVersion:
     consistency: Consistency = Consistency.OFFLINE
     is_copy: bool = False  # fd is a point-in-time copy, not the image
     frozen_s: float | None = None  # how long the disk's filesystem stayed frozen for the copy
-    taken_at: float = field(default_factory=time.monotonic)
-    last_used: float = 0.0  # when its last handle closed (time.monotonic())
+    # Its instant, then when its last handle closed (time.monotonic()): see _copy_still_current.
+    last_used: float = field(default_factory=time.monotonic)
 
     @property
     def meta(self) -> Meta:
@@ -300,8 +298,7 @@ class SnapshotService:
             return False
         # While a handle reads it, and for a while after the last one closed: `rsync NAME.mirn
         # NAME.mirn.sha256` of a large disk must get the sidecar of the snapshot it just copied.
-        idle_since = max(version.taken_at, version.last_used)
-        if version.handles == 0 and time.monotonic() - idle_since > POINT_IN_TIME_REUSE_S:
+        if version.handles == 0 and time.monotonic() - version.last_used > POINT_IN_TIME_REUSE_S:
             return False
         return attached or await trio.to_thread.run_sync(_image_in_use, version.image_path)
 
