@@ -41,7 +41,7 @@ def mount_at(path: str) -> MountEntry:
         raise MirenfsError(
             f"{path} is not a mirenfs mount (a {covering[-1].fstype} filesystem is mounted there)"
         )
-    inside = [entry for entry in mirenfs_mounts() if target.startswith(entry.mountpoint.rstrip("/") + "/")]
+    inside = _containing(target, mirenfs_mounts())
     if inside:
         raise MirenfsError(f"{path} is inside the mirenfs mount {inside[-1].mountpoint}; give that instead")
     raise MirenfsError(f"{path} is not a mirenfs mount")
@@ -55,8 +55,14 @@ def refuse_if_mirenfs_mount(directory: str) -> None:
     served = mirenfs_mounts()
     if any(entry.mountpoint == target for entry in served):
         raise MirenfsError(f"{directory} is already a mirenfs mount; unmount it first (umount {directory})")
-    inside = [entry.mountpoint for entry in served if target.startswith(entry.mountpoint.rstrip("/") + "/")]
+    inside = _containing(target, served)
     if inside:
+        where = inside[-1].mountpoint
         raise MirenfsError(
-            f"{directory} is inside the mirenfs mount {inside[-1]}; mount on a directory of its own"
+            f"{directory} is inside the mirenfs mount {where}; mount on a directory of its own"
         )
+
+
+def _containing(target: str, candidates: list[MountEntry]) -> list[MountEntry]:
+    """The mounts among ``candidates`` that ``target`` (a real path) lies below, in mount order."""
+    return [entry for entry in candidates if target.startswith(entry.mountpoint.rstrip("/") + "/")]

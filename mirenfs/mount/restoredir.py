@@ -262,8 +262,14 @@ class RestoreDirectory:
         except MirenfsError as refusal:
             self._refused(file_name, refusal, pid)
             raise
-        entry = RestoreEntry(self._allocate_inode(), file_name, disk, sidecar, mode & 0o7777, uid, gid)
+        entry = self._new_entry(file_name, disk, sidecar, mode, uid, gid)
         entry.state = "created: the restore starts when it is opened for writing"
+        return entry
+
+    def _new_entry(
+        self, file_name: str, disk: str, sidecar: bool, mode: int, uid: int, gid: int
+    ) -> RestoreEntry:
+        entry = RestoreEntry(self._allocate_inode(), file_name, disk, sidecar, mode & 0o7777, uid, gid)
         self.entries[file_name] = entry
         self.by_inode[entry.inode] = entry
         return entry
@@ -280,9 +286,7 @@ class RestoreDirectory:
     ) -> RestoreWriter:
         entry = self.entries.get(file_name)
         if entry is None:
-            entry = RestoreEntry(self._allocate_inode(), file_name, disk, sidecar, mode & 0o7777, uid, gid)
-            self.entries[file_name] = entry
-            self.by_inode[entry.inode] = entry
+            entry = self._new_entry(file_name, disk, sidecar, mode, uid, gid)
         async with entry.lock:
             entry.session, entry.received, entry.mtime_ns, entry.detail = session, 0, time.time_ns(), ""
             entry.uid, entry.gid = uid, gid
