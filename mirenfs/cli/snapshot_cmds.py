@@ -26,7 +26,7 @@ from mirenfs.cli.common import (
     refuse_disk_options,
     settings_from,
 )
-from mirenfs.disks.live import loop_devices_backing, may_change_while_read
+from mirenfs.disks.live import loop_devices_backing
 from mirenfs.disks.manage import FILESYSTEMS
 from mirenfs.disks.model import DiskState
 from mirenfs.disks.pointintime import DEFAULT_FREEZE_BUDGET_S, Consistency, CopyPolicy, take_point_in_time
@@ -108,9 +108,14 @@ def cmd_backup(args: argparse.Namespace) -> int:
             f"cannot tell the filesystem of {args.image} (no ext4, xfs or btrfs superblock); "
             f"pass --filesystem {'|'.join(FILESYSTEMS)}"
         )
-    live = may_change_while_read(args.image)
-    if live:
-        print(f"mirenfs: warning: {_in_use_warning(args.image)}", file=sys.stderr)
+    in_use = _in_use(args.image)
+    if in_use is not None:
+        print(
+            f"mirenfs: warning: {args.image} {in_use}: this backup reads it while it may change, so "
+            "the filesystem in it may not be consistent; a disk of the store is frozen first "
+            "(mirenfs backup NAME)",
+            file=sys.stderr,
+        )
     meta = backup_with_progress(
         args.image,
         args.output,
@@ -118,23 +123,20 @@ def cmd_backup(args: argparse.Namespace) -> int:
         name=name,
         filesystem=filesystem,
         settings=settings_from(args),
-        live=live,
+        live=in_use is not None,  # what may_change_while_read says, from this one look at the loop devices
     )
     _report_backup(args.image, args.output, meta)
     return 0
 
 
-def _in_use_warning(image_path: str) -> str:
-    """An image named directly is read as it is, never frozen or copied first: say so when it is in use."""
+def _in_use(image_path: str) -> str | None:
+    """How an image named directly is in use ("backs /dev/loop0"), or None. It is read as it is,
+    never frozen or copied first; when that cannot be told, it counts as in use."""
     try:
         devices = loop_devices_backing(image_path)
     except LiveCheckError:
-        devices = []
-    where = f"backs /dev/{devices[0]}" if devices else "may be in use (its loop devices cannot be told)"
-    return (
-        f"{image_path} {where}: this backup reads it while it may change, so the filesystem in it may "
-        "not be consistent; a disk of the store is frozen first (mirenfs backup NAME)"
-    )
+        return "may be in use (its loop devices cannot be told)"
+    return f"backs /dev/{devices[0]}" if devices else None
 
 
 def backup_with_progress(
