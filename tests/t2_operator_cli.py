@@ -498,6 +498,39 @@ def test_a_bad_fuse_option_is_named(tmp_path: Path) -> None:
     )
 
 
+def test_an_option_libfuse_cannot_honour_is_refused_before_mounting(tmp_path: Path) -> None:
+    """-o max_read made libfuse end the session at the kernel's INIT, and the mount exited 0."""
+    data, mountpoint = tmp_path / "data", tmp_path / "mnt"
+    data.mkdir()
+    mountpoint.mkdir()
+    options = "ro,max_read=4096"
+    status, _out, err = said("mount", str(mountpoint), "--data-path", str(data), "-f", "-o", options)
+    assert (status, err) == (
+        1,
+        "mirenfs: error: -o max_read=4096 is not supported: "
+        "mirenfs reads in requests of up to 1 MiB; remove the option",
+    )
+    assert not os.path.ismount(mountpoint) and list(data.iterdir()) == []
+
+
+def test_the_mount_helper_checks_option_values_also_when_it_only_pretends(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """mount -f (fake) mounts nothing, so a bad fstab value would only show at boot."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "mnt").mkdir()
+    where = [str(tmp_path / "data"), str(tmp_path / "mnt"), "-f", "-o"]
+    for options, message in (
+        ("nofail,freeze_budget=soon", "-o freeze_budget=soon: the freeze budget is a number of seconds"),
+        ("frame_store_size=lots", "-o frame_store_size=lots: the frame store size is a size such as 8G"),
+        ("allow_other,max_read=65536", "-o max_read=65536 is not supported"),
+    ):
+        assert mount_helper.main([*where, options]) == mount_helper.EXIT_FAILURE
+        assert capsys.readouterr().err.startswith(f"mount.mirenfs: error: {message}")
+    assert mount_helper.main([*where, "nofail,freeze_budget=2,frame_store_size=1G,allow_other"]) == 0
+    assert list((tmp_path / "data").iterdir()) == [] and not os.path.ismount(tmp_path / "mnt")
+
+
 def test_a_mount_point_that_is_missing_or_a_file_is_named_with_what_to_do(tmp_path: Path) -> None:
     data, missing, a_file = tmp_path / "data", tmp_path / "mnt", tmp_path / "pg.mirn"
     data.mkdir()

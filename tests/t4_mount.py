@@ -7,6 +7,7 @@ import json
 import os
 import random
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -338,3 +339,32 @@ def test_other_disks_stay_readable_during_an_index_pass(tmp_path: Path, disks, m
     finally:
         stat_big.join(timeout=120)
     assert index_passes(mnt) == 3
+
+
+def test_a_session_libfuse_ends_at_init_is_a_failed_mount(tmp_path: Path) -> None:
+    """Past mirenfs's own refusal (-o max_read is refused before mounting), a session that
+    libfuse ends at the kernel's INIT must fail the mount, not end it with exit status 0."""
+    data, mountpoint = tmp_path / "data", tmp_path / "mnt"
+    data.mkdir()
+    mountpoint.mkdir()
+    script = (
+        "import sys\n"
+        "from mirenfs.cli.mount_cmds import serve_mount\n"
+        "from mirenfs.engine.aio import meaningful_error\n"
+        "from mirenfs.mount.config import MountConfig\n"
+        f"config = MountConfig({str(mountpoint)!r}, {str(data)!r})\n"
+        "config.fuse_options.append('max_read=4096')  # libfuse accepts it, then ends the session\n"
+        "try:\n"
+        "    serve_mount(config)\n"
+        "except BaseException as exc:\n"
+        "    sys.exit(f'failed: {meaningful_error(exc)}')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().endswith(
+        f"failed: FUSE ended the session at {mountpoint} as it started; "
+        "its own message, if any, is above (an -o option it cannot honour?)"
+    ), result.stderr
+    assert not os.path.ismount(mountpoint)

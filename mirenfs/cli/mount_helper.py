@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from mirenfs.cli import main as mirenfs_main
 from mirenfs.cli.mountinfo import refuse_if_mirenfs_mount
 from mirenfs.errors import MirenfsError
-from mirenfs.mount.config import fuse_options
+from mirenfs.mount.config import check_option_values, fuse_options
 
 EXIT_USAGE = 1
 EXIT_FAILURE = 32
@@ -64,6 +64,10 @@ def mount_arguments(args: argparse.Namespace) -> list[str]:
         raise MountRefused(str(exc)) from None
     command = ["mount", directory, "--data-path", source]
     options = fuse_options(args.options)
+    try:
+        check_option_values(options)  # -f mounts nothing, so it is the only check it gets
+    except MirenfsError as exc:
+        raise MountRefused(str(exc)) from None
     if options:
         command += ["-o", ",".join(options)]
     return command

@@ -44,6 +44,24 @@ _KNOWN_FUSE_OPTIONS = (
 )
 
 
+# libfuse options that pyfuse3 cannot honour: libfuse would end the session at the kernel's INIT.
+_UNSUPPORTED_OPTIONS = {"max_read": "mirenfs reads in requests of up to 1 MiB; remove the option"}
+
+
+def refuse_unsupported(options: Iterable[str]) -> None:
+    for option in options:
+        reason = _UNSUPPORTED_OPTIONS.get(option.partition("=")[0])
+        if reason is not None:
+            raise MirenfsError(f"-o {option} is not supported: {reason}")
+
+
+def check_option_values(options: list[str]) -> None:
+    """Refuse now what the mount would refuse: for ``mount.mirenfs -f``, which mounts nothing."""
+    _, rest = copy_policy(options)
+    frame_store_limit(rest)
+    refuse_unsupported(rest)
+
+
 def near_misses(options: Iterable[str]) -> list[str]:
     """``given (did you mean known?)`` for each option close to a known one: mirenfs takes its
     own options out and hands the rest to FUSE, which refuses an unknown one without naming it."""
@@ -156,6 +174,7 @@ class MountConfig:
         limit, self.fuse_options = frame_store_limit(self.fuse_options)
         if limit is not None:
             self.frame_store_limit = limit
+        refuse_unsupported(self.fuse_options)
 
     def open_catalog(self) -> Catalog:
         """The catalogue of disks this mount shows and restores into (not contacted yet)."""

@@ -140,10 +140,13 @@ async def _serve_session(config: MountConfig, ready: Callable[[], None] | None) 
         operations = build_operations(config, nursery)
         _init_session(operations, config)
         try:
-            nursery.start_soon(_announce_ready, config, operations, ready)
+            answered = trio.Event()
+            nursery.start_soon(_announce_ready, config, operations, ready, answered)
             if config.index_at_mount:
                 nursery.start_soon(_index_every_disk, operations)
             await pyfuse3.main()  # until unmounted, or cancelled by a signal
+            if not answered.is_set():  # libfuse ended the session at the kernel's INIT: exit 0 would lie
+                raise MountError(_ended_at_start(config.mountpoint))
         finally:
             nursery.cancel_scope.cancel()  # read-ahead and the announcement end with the session
             notify.stopping(f"unmounting {config.mountpoint}")
@@ -209,11 +212,25 @@ def _mount_id(mountpoint: str, device: int) -> int | None:
     return ours[-1] if ours else None
 
 
+def _ended_at_start(mountpoint: str, reason: str = "") -> str:
+    return (
+        f"FUSE ended the session at {mountpoint} as it started{reason}; "
+        "its own message, if any, is above (an -o option it cannot honour?)"
+    )
+
+
 async def _announce_ready(
-    config: MountConfig, operations: MirenOperations, ready: Callable[[], None] | None
+    config: MountConfig,
+    operations: MirenOperations,
+    ready: Callable[[], None] | None,
+    answered: trio.Event,
 ) -> None:
-    # Answered by the session: never stat the mount from the thread that serves it.
-    root = await trio.to_thread.run_sync(os.stat, config.mountpoint)
+    try:
+        # Answered by the session: never stat the mount from the thread that serves it.
+        root = await trio.to_thread.run_sync(os.stat, config.mountpoint)
+    except OSError as exc:
+        raise MountError(_ended_at_start(config.mountpoint, f" ({exc.strerror})")) from None
+    answered.set()
     # How its files are known after umount -l (see openfiles.held_open).
     operations.restores.mount_id = await trio.to_thread.run_sync(_mount_id, config.mountpoint, root.st_dev)
     _raise_read_ahead(root.st_dev)
