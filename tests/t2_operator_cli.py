@@ -560,3 +560,18 @@ def test_the_mount_helper_names_a_missing_data_path_as_missing(
             f"mount.mirenfs: error: data path {source} {what} (SOURCE must be Miren's data path)"
         )
     assert not missing.exists()
+
+
+def test_catalog_copy_refuses_a_data_path_the_sqlite_side_overrides(tmp_path: Path) -> None:
+    """With a SQLite side, its data path names the image paths: another --data-path was ignored."""
+    data, other = tmp_path / "data", tmp_path / "other"
+    data.mkdir()
+    status, _out, err = said(
+        "catalog", "copy", "--from", str(data), "--to", "etcd://127.0.0.1:1", "--data-path", str(other)
+    )
+    assert (status, err) == (
+        1,
+        f"mirenfs: error: --data-path {other} does not apply here: the SQLite catalogue is the store "
+        f"of data path {data}, which names the image paths; leave --data-path out",
+    )
+    assert not other.exists() and list(data.iterdir()) == []

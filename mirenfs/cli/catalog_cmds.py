@@ -6,6 +6,7 @@ Parser beside handler; what a copy does is ``disks.catalogs.copy_catalog``'s job
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from mirenfs.cli.common import add_scope_option, data_path_from, resolve_data_path
@@ -49,6 +50,11 @@ def cmd_catalog_copy(args: argparse.Namespace) -> int:
     sqlite_path = next(
         (spec.data_path for spec in (source_spec, destination_spec) if spec.data_path is not None), None
     )
+    if sqlite_path is not None and args.data_path and os.path.abspath(args.data_path) != sqlite_path:
+        raise MirenfsError(
+            f"--data-path {args.data_path} does not apply here: the SQLite catalogue is the store of "
+            f"data path {sqlite_path}, which names the image paths; leave --data-path out"
+        )
     data_path = sqlite_path or data_path_from(args.data_path)
     source = _open(source_spec, data_path, node, create=False)
     destination = _open(destination_spec, data_path, node, create=True)
