@@ -78,6 +78,9 @@ def test_mount_t_mirenfs_and_fstab(tmp_path: Path, teardown: Teardown, helper_in
     # -f: everything but the mount; a data path that is not there is refused.
     result = run("mount", "-f", "-t", "mirenfs", data, mountpoint)
     assert result.returncode == 0 and not is_mounted(mountpoint)
+    result = run("mount", "-f", "-t", "mirenfs", "-o", "nofail,freeze_budget=soon", data, mountpoint)
+    assert result.returncode == 32 and "-o freeze_budget=soon: the freeze budget" in result.stderr
+    assert not is_mounted(mountpoint)
     result = run("mount", "-t", "mirenfs", tmp_path / "no-such-data", mountpoint)
     assert result.returncode == 32 and "data path" in result.stderr and not is_mounted(mountpoint)
     assert not (tmp_path / "no-such-data").exists()
