@@ -59,6 +59,9 @@ def test_mount_t_mirenfs_and_fstab(tmp_path: Path, teardown: Teardown, helper_in
     result = run("mount", "-t", "mirenfs", "-o", "allow_other,nofail", data, mountpoint)
     assert result.returncode == 0, result.stderr
     pid = mounted_daemon()
+    # What the daemon's threads, libfuse or the thaw watchdog print goes to its log, not /dev/null.
+    daemon_log_path = data / "mirenfs" / "mount.log"
+    assert [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in (1, 2)] == [str(daemon_log_path)] * 2
     (mount,) = mounts_at(mountpoint)
     assert {"allow_other", "default_permissions"} <= mount.options
     unmount(pid)
@@ -84,7 +87,7 @@ def test_mount_t_mirenfs_and_fstab(tmp_path: Path, teardown: Teardown, helper_in
     result = run("mount", "-t", "mirenfs", tmp_path / "no-such-data", mountpoint)
     assert result.returncode == 32 and "data path" in result.stderr and not is_mounted(mountpoint)
     assert not (tmp_path / "no-such-data").exists()
-    daemon_log = (data / "mirenfs" / "mount.log").read_text()  # where a daemonized mount logs
+    daemon_log = daemon_log_path.read_text()  # where a daemonized mount logs
     assert log_problems(daemon_log) == [], daemon_log
 
 

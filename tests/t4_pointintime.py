@@ -387,8 +387,11 @@ def test_a_daemon_killed_while_frozen_leaves_the_filesystem_writable(
             monkeypatch.delenv(HOLD_ENV)
             with reading_in_background(mount.mountpoint / "pg.mirn"):
                 held = blocked_write(disk.disk.path)
-                os.kill(daemon_pid(mount), signal.SIGKILL)
+                killed = daemon_pid(mount)
+                os.kill(killed, signal.SIGKILL)
                 assert finishes(held, 5), "the watchdog thaws the filesystem when the daemon dies"
+                said = f"mirenfs thaw watchdog: mirenfs (pid {killed}) ended while the filesystem was frozen"
+                wait_for(lambda: said in mount.log(), "the watchdog's line in the mount's log")
                 assert finishes(subprocess.Popen(["touch", str(disk.disk.path / "after")]), 5)
         clones = disk.data / "mirenfs" / "clones"
         records = [name for name in os.listdir(clones) if name.startswith(RECORD_PREFIX)]

@@ -174,13 +174,17 @@ def _daemonize(config: MountConfig, log_level: str) -> int:
 
 
 def _detach_stdio(config: MountConfig, log_level: str) -> None:
+    """The daemon's log is its stdout and stderr too: what libfuse prints, a traceback, and the
+    thaw watchdog's line (it outlives a killed daemon) reach the log, not /dev/null."""
     log_path = os.path.join(config.state_directory, "mount.log")
     make_private_directory(config.state_directory)
-    os.close(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    for fd in (1, 2):
+        os.dup2(log_fd, fd)
     os.close(null)
+    os.close(log_fd)
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
