@@ -99,6 +99,53 @@ def test_a_corrupt_store_is_a_store_error_not_a_missing_disk(store: Store, data_
     assert sorted(p.name for p in data_path.iterdir()) == ["mirenfs.db"]
 
 
+def _statvfs_with(free_bytes: int, *, read_only: bool = False) -> os.statvfs_result:
+    """What ``os.statvfs`` says of a filesystem with ``free_bytes`` left (in 4 KiB blocks)."""
+    flag = os.ST_RDONLY if read_only else 0
+    blocks = free_bytes // 4096
+    return os.statvfs_result((4096, 4096, 1 << 20, blocks, blocks, 1000, 500, 500, flag, 255))
+
+
+def _sqlite_fails(monkeypatch: pytest.MonkeyPatch, message: str, code: int) -> None:
+    """SQLite answers every open with ``message`` (its result code ``code``), as on a full filesystem."""
+
+    def connect(*args: object, **kwargs: object) -> sqlite3.Connection:
+        error = sqlite3.OperationalError(message)
+        error.sqlite_errorcode = code  # type: ignore[attr-defined]
+        raise error
+
+    monkeypatch.setattr(store_module.sqlite3, "connect", connect)
+
+
+@pytest.mark.parametrize(("message", "code"), [("disk I/O error", 4874), ("database or disk is full", 13)])
+def test_a_full_data_path_is_named_as_such_not_as_a_broken_store(
+    store: Store, data_path: Path, monkeypatch: pytest.MonkeyPatch, message: str, code: int
+) -> None:
+    store.add_disk("pg", size_bytes=4096, filesystem="ext4")
+    _sqlite_fails(monkeypatch, message, code)  # 4874: SQLITE_IOERR_SHMOPEN, the -shm file not made
+    monkeypatch.setattr(store_module.os, "statvfs", lambda _path: _statvfs_with(0))
+    full = (
+        f"the data path {data_path} is full (its filesystem has no space left); "
+        "free space there and try again"
+    )
+    with pytest.raises(StoreError) as failed:
+        store.add_disk("web", size_bytes=4096, filesystem="ext4")
+    assert str(failed.value) == full
+    with pytest.raises(StoreError) as failed:
+        store.set_disk_status("pg", "attached")
+    assert str(failed.value) == full
+
+    monkeypatch.setattr(store_module.os, "statvfs", lambda _path: _statvfs_with(0, read_only=True))
+    read_only = r"is on a read-only filesystem; remount it read-write and try again$"
+    with pytest.raises(StoreError, match=read_only):
+        store.add_disk("web", size_bytes=4096, filesystem="ext4")
+
+    # With room left, the same error is the store's own: it is reported as it is.
+    monkeypatch.setattr(store_module.os, "statvfs", lambda _path: _statvfs_with(1 << 30))
+    with pytest.raises(StoreError, match=f"cannot open the disk store .*: {message}; check the file"):
+        store.add_disk("web", size_bytes=4096, filesystem="ext4")
+
+
 def test_disks_volumes_and_image_paths(store: Store, data_path: Path, tmp_path: Path) -> None:
     managed = store.add_disk("pg", size_bytes=4096, filesystem="ext4")
     assert managed.volume is not None and managed.image_path is not None

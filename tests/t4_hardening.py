@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -28,7 +29,7 @@ from support.fuzz import SEED, Oracle, corpus, sample
 from support.loopfs import loop_filesystem, make_filesystem, run, tool
 from support.mounts import Mount, deleted_files_held, proc_status_kib, restore_state, wait_for
 from support.runners import run_mirenfs
-from support.store import disks
+from support.store import disks, store_state
 from support.vectors import GO_EXT4, GO_ODD
 
 Mounts = Callable[..., Mount]
@@ -309,6 +310,47 @@ def test_a_full_data_path_still_serves_its_snapshots(tmp_path: Path, mounts: Mou
         said = [line for line in run_log.splitlines() if "No space left on device" in line]
         kinds = [line.split(": ", 2)[-1].split(" (")[0] for line in said]
         assert len(kinds) == len(set(kinds)), "the log says what is full more than once:\n" + "\n".join(said)
+
+
+def test_a_full_data_path_refuses_new_disks_saying_it_is_full_and_creates_nothing(
+    tmp_path: Path, mounts: Mounts
+) -> None:
+    """SQLite says "disk I/O error" when it cannot grow its -wal or make its -shm file: on a full
+    data path every change to the store is refused naming the full data path, never the store."""
+    backing = tmp_path / "data.ext4"
+    make_filesystem(backing, "ext4", 64 << 20)
+    snapshot = tmp_path / "b.mirn"
+    with loop_filesystem(backing, tmp_path / "data") as mounted:
+        data = mounted.mountpoint
+        done = run_mirenfs("disk", "create", "b", "--size", "8M", "--data-path", str(data), timeout=TIMEOUT)
+        assert done.returncode == 0, done.stderr
+        done = run_mirenfs("backup", "b", "-o", str(snapshot), "--data-path", str(data), timeout=TIMEOUT)
+        assert done.returncode == 0, done.stderr
+        full = (
+            f"the data path {data} is full (its filesystem has no space left); free space there and try again"
+        )
+        mnt = tmp_path / "mnt"
+        mount = mounts(mnt, data, expect_log=[r"No space left on device", FAILED_RESTORE + re.escape(full)])
+        try:
+            fill(data)
+            before = store_state(data)
+            copied = subprocess.run(
+                ["cp", str(snapshot), str(mnt / "restore" / "newb.mirn")],
+                capture_output=True, text=True, timeout=TIMEOUT,
+            )  # fmt: skip
+            assert copied.returncode != 0, copied
+            assert restore_state(mnt, "newb.mirn") == f"failed: {full}"
+            for command in (
+                ["restore", str(snapshot), "--name", "newc"],
+                ["disk", "create", "newd", "--size", "1M"],
+            ):
+                done = run_mirenfs(*command, "--data-path", str(data), timeout=TIMEOUT)
+                assert done.returncode == 1, command
+                assert done.stderr.decode().endswith(f"mirenfs: error: {full}\n"), done.stderr
+            assert store_state(data) == before  # nothing half-done: no disk, no file, no directory
+            assert set(disks(data)) == {"b"} and staging_files(data) == []
+        finally:
+            mount.stop()
 
 
 # ---- 7: kill -9 of the daemon during a restore into a new disk ----

@@ -114,7 +114,7 @@ class Store:
             if stat.S_IMODE(os.stat(self.path).st_mode) & 0o077:
                 os.chmod(self.path, 0o600)
         except OSError as exc:
-            raise StoreError(f"cannot open the disk store {self.path}: {exc.strerror}") from None
+            raise self._os_error("open", exc) from None
         try:
             db = sqlite3.connect(
                 self.path, timeout=self._busy_timeout_ms / 1000, isolation_level=None, check_same_thread=True
@@ -228,7 +228,9 @@ class Store:
         try:
             os.makedirs(self.data_path, exist_ok=True)
         except OSError as exc:
-            raise StoreError(f"cannot create the data path {self.data_path}: {exc.strerror}") from None
+            problem = _data_path_problem(self.data_path, exc.errno)
+            why = problem or f"cannot create the data path {self.data_path}: {exc.strerror}"
+            raise StoreError(why) from None
         db = self._connect()
         try:
             db.execute("BEGIN IMMEDIATE")
@@ -257,7 +259,18 @@ class Store:
                 )
 
     def _error(self, action: str, exc: sqlite3.Error) -> StoreError:
+        """What failed, in one sentence: SQLite says "disk I/O error" or "database or disk is full"
+        for a data path whose filesystem is full or read-only; then that is the sentence."""
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None and code & 0xFF in _NO_ROOM_CODES:
+            problem = _data_path_problem(self.data_path)
+            if problem is not None:
+                return StoreError(problem)
         return StoreError(f"cannot {action} the disk store {self.path}: {exc}; check the file and try again")
+
+    def _os_error(self, action: str, exc: OSError) -> StoreError:
+        problem = _data_path_problem(self.data_path, exc.errno)
+        return StoreError(problem or f"cannot {action} the disk store {self.path}: {exc.strerror}")
 
     # --- DiskResolver ---
 
@@ -561,6 +574,40 @@ def _same_record(current: DiskRecord, wanted: DiskRecord) -> bool:
     return current.disk == wanted.disk and same_volume and current.leases == wanted.leases
 
 
+# SQLite's primary result codes that a full or read-only filesystem produces: SQLITE_READONLY,
+# SQLITE_IOERR (a write or fsync of the database, its -wal or its -shm failed), SQLITE_FULL and
+# SQLITE_CANTOPEN (its -wal or -shm could not be made).
+_NO_ROOM_CODES = frozenset({8, 10, 13, 14})
+# An I/O error with less than this left free is taken for a full data path: SQLite needs room for a
+# whole -wal frame and its -shm index, and root may write into blocks others cannot.
+ROOM_SLACK_BYTES = 1 << 20
+
+
+def _data_path_problem(data_path: str, code: int | None = None) -> str | None:
+    """The sentence for a data path whose filesystem is read-only or full (by ``os.statvfs``, or
+    by the errno ``code`` of a failed call), or None when it is neither."""
+    if code == errno.EDQUOT:
+        return f"the data path {data_path} is over this user's disk quota; free space there and try again"
+    read_only = code == errno.EROFS
+    full = code == errno.ENOSPC
+    try:
+        info = os.statvfs(data_path)
+    except OSError:
+        info = None
+    if info is not None:
+        read_only = read_only or bool(info.f_flag & os.ST_RDONLY)
+        no_inodes = info.f_files > 0 and info.f_favail == 0  # btrfs counts no inodes: 0 of 0
+        full = full or info.f_bavail * info.f_frsize < ROOM_SLACK_BYTES or no_inodes
+    if read_only:
+        return f"the data path {data_path} is on a read-only filesystem; remount it read-write and try again"
+    if full:
+        return (
+            f"the data path {data_path} is full (its filesystem has no space left); "
+            "free space there and try again"
+        )
+    return None
+
+
 def _no_room(data_path: str) -> str | None:
     """Why SQLite cannot make its index files in the data path (full or read-only), or None."""
     try:
@@ -569,7 +616,7 @@ def _no_room(data_path: str) -> str | None:
         return None
     if info.f_flag & os.ST_RDONLY:
         return "is on a read-only filesystem"
-    if info.f_bavail == 0 or info.f_favail == 0:
+    if info.f_bavail == 0 or (info.f_files > 0 and info.f_favail == 0):
         return f"is full ({os.strerror(errno.ENOSPC)})"
     return None
 
