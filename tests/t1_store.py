@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
@@ -144,6 +145,36 @@ def test_a_full_data_path_is_named_as_such_not_as_a_broken_store(
     monkeypatch.setattr(store_module.os, "statvfs", lambda _path: _statvfs_with(1 << 30))
     with pytest.raises(StoreError, match=f"cannot open the disk store .*: {message}; check the file"):
         store.add_disk("web", size_bytes=4096, filesystem="ext4")
+
+
+def test_a_read_only_data_path_is_read_quietly_and_refuses_changes_saying_to_remount(
+    store: Store, data_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Reading works there (the database opened immutable), so it warns nobody; a change is refused
+    with the remedy, which is to remount it read-write (not to make room)."""
+    store.add_disk("pg", size_bytes=4096, filesystem="ext4")
+    connect = sqlite3.connect
+
+    def read_only_connect(database: str, *args: object, **kwargs: object) -> sqlite3.Connection:
+        if not kwargs.get("uri"):  # a normal open: SQLite cannot make its -shm file there
+            error = sqlite3.OperationalError("attempt to write a readonly database")
+            error.sqlite_errorcode = 8  # type: ignore[attr-defined]
+            raise error
+        return connect(database, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store_module.sqlite3, "connect", read_only_connect)
+    monkeypatch.setattr(store_module.os, "statvfs", lambda _path: _statvfs_with(1 << 30, read_only=True))
+    caplog.set_level("DEBUG", logger="mirenfs")
+    assert [record.disk.name for record in store.list_disks()] == ["pg"]
+    assert store.find_disk_by_name("pg").name == "pg"
+    assert [r.levelname for r in caplog.records if r.levelno >= logging.WARNING] == []
+    (said,) = [r.getMessage() for r in caplog.records if "read as it is on disk" in r.getMessage()]
+    assert "fail until it is remounted read-write" in said and "room" not in said, said
+    with pytest.raises(StoreError) as refused:
+        store.set_disk_status("pg", "attached")
+    assert str(refused.value) == (
+        f"the data path {data_path} is on a read-only filesystem; remount it read-write and try again"
+    )
 
 
 def test_disks_volumes_and_image_paths(store: Store, data_path: Path, tmp_path: Path) -> None:

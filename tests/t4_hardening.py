@@ -345,8 +345,7 @@ def test_a_full_data_path_refuses_new_disks_saying_it_is_full_and_creates_nothin
                 ["disk", "create", "newd", "--size", "1M"],
             ):
                 done = run_mirenfs(*command, "--data-path", str(data), timeout=TIMEOUT)
-                assert done.returncode == 1, command
-                assert done.stderr.decode().endswith(f"mirenfs: error: {full}\n"), done.stderr
+                assert (done.returncode, done.stderr.decode()) == (1, f"mirenfs: error: {full}\n"), command
             assert store_state(data) == before  # nothing half-done: no disk, no file, no directory
             assert set(disks(data)) == {"b"} and staging_files(data) == []
         finally:
@@ -427,6 +426,10 @@ def test_a_read_only_data_path_is_refused_before_mounting(tmp_path: Path, data: 
     image = tmp_path / "pg.img"
     image.write_bytes(bytes(4096))
     add_disk(data, "pg", image)
+    created = run_mirenfs("disk", "create", "web", "--size", "4M", "--data-path", str(data), timeout=TIMEOUT)
+    assert created.returncode == 0, created.stderr
+    web_image = Path(disks(data)["web"]["image_path"])
+    web_before = sha256_file(web_image)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     mount = tool("mount")
@@ -440,7 +443,30 @@ def test_a_read_only_data_path_is_refused_before_mounting(tmp_path: Path, data: 
             assert b"Traceback" not in done.stderr
             assert not os.path.ismount(mnt)
         # Reading the store still works there (disk list, status): SQLite cannot make its index file.
-        assert list(disks(data)) == ["pg"]
+        # Commands that only read say nothing about it; those that change something are refused.
+        assert list(disks(data)) == ["pg", "web"]
+        elsewhere = tmp_path / "pg.mirn"
+        for reading in (["disk", "list"], ["disk", "list", "--json"], ["backup", "pg", "-o", str(elsewhere)]):
+            done = run_mirenfs(*reading, "--data-path", str(data), timeout=TIMEOUT)
+            assert (done.returncode, done.stderr) == (0, b""), (reading, done.stderr)
+        remount = f"the data path {data} is on a read-only filesystem; remount it read-write and try again"
+        for writing in (
+            ["disk", "set-status", "pg", "attached"],
+            ["lease", "acquire", "pg"],
+            ["disk", "create", "other", "--size", "1M"],
+            ["restore", str(elsewhere), "--name", "other"],
+        ):
+            done = run_mirenfs(*writing, "--data-path", str(data), timeout=TIMEOUT)
+            assert (done.returncode, done.stderr.decode()) == (1, f"mirenfs: error: {remount}\n"), writing
+        done = run_mirenfs("restore", str(elsewhere), "--name", "web", "--force", "--data-path", str(data))
+        assert done.returncode == 1
+        assert b"its filesystem is read-only (creating its staging file " in done.stderr, done.stderr
+        assert done.stderr.endswith(b"; remount it read-write and try again\n"), done.stderr
+        assert {name: disk["status"] for name, disk in disks(data).items()} == {
+            "pg": "provisioned",
+            "web": "provisioned",
+        }
+        assert image.read_bytes() == bytes(4096) and sha256_file(web_image) == web_before
     finally:
         subprocess.run([tool("umount"), str(data)], capture_output=True, timeout=TIMEOUT)
     assert not os.path.ismount(data)

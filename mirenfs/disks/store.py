@@ -212,13 +212,14 @@ class Store:
             raise error
         with self._ready_lock:
             said, self._read_only_said = self._read_only_said, True
-        if not said:
-            log.warning(
-                "the data path %s %s: the disk store %s is read as it is on disk; snapshots are still "
-                "served, but restores and changes to disks fail until there is room",
+        if not said:  # info, not a warning: reading is all the caller does, and it works
+            log.info(
+                "the data path %s %s: the disk store %s is read as it is on disk; restores and changes "
+                "to disks fail until %s",
                 self.data_path,
                 why,
                 self.path,
+                "it is remounted read-write" if why == _READ_ONLY else "space is freed there",
             )
         return db
 
@@ -608,6 +609,9 @@ def _data_path_problem(data_path: str, code: int | None = None) -> str | None:
     return None
 
 
+_READ_ONLY = "is on a read-only filesystem"
+
+
 def _no_room(data_path: str) -> str | None:
     """Why SQLite cannot make its index files in the data path (full or read-only), or None."""
     try:
@@ -615,9 +619,9 @@ def _no_room(data_path: str) -> str | None:
     except OSError:
         return None
     if info.f_flag & os.ST_RDONLY:
-        return "is on a read-only filesystem"
+        return _READ_ONLY
     if info.f_bavail == 0 or (info.f_files > 0 and info.f_favail == 0):
-        return f"is full ({os.strerror(errno.ENOSPC)})"
+        return "is full (its filesystem has no space left)"
     return None
 
 

@@ -574,9 +574,12 @@ def _open_direct(fd: int) -> int:
 
 
 def cannot_write(path: str, exc: OSError, doing: str = "") -> TargetError:
-    """``cannot write PATH: …``: a missing directory named as such, anything else as the OS said."""
+    """``cannot write PATH: …``: a missing directory or a read-only filesystem named as such (with
+    what to do), anything else as the OS said."""
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
         why = f"there is no directory {os.path.dirname(os.path.abspath(path))}"
+    elif exc.errno == errno.EROFS:
+        why = f"its filesystem is read-only{doing}; remount it read-write and try again"
     else:
         why = f"{exc.strerror}{doing}"
     return TargetError(f"cannot write {path}: {why}", exc.errno or errno.EIO)
