@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 from support.data import sha256_file, staging_files, write_image
-from support.runners import MIRENFS, run, run_cli, run_mirenfs
+from support.runners import MIRENFS, mirenfs_command, run, run_cli, run_mirenfs
 from support.vectors import GO_VECTORS
 
 
@@ -126,3 +127,28 @@ def test_status_of_what_is_not_a_mirenfs_mount(tmp_path: Path) -> None:
     assert result.returncode == 1 and "a proc filesystem is mounted there" in result.stderr
     result = run(MIRENFS, "status", tmp_path / "missing")
     assert result.returncode == 1 and "does not exist" in result.stderr
+
+
+def test_backup_to_a_full_device_says_which_file_and_why(tmp_path: Path) -> None:
+    """/dev/full answers every write with ENOSPC: one sentence naming what was written, never
+    a bare "No space left on device"."""
+    image = tmp_path / "web.img"
+    write_image(image, [("data", 1 << 20), ("hole", 1 << 20)])
+    source = ["backup", "--image", str(image), "--filesystem", "ext4"]
+    result = run_mirenfs(*source, "-o", "/dev/full")
+    assert (result.returncode, result.stderr.decode()) == (
+        1,
+        "mirenfs: error: cannot write /dev/full: the device has no space left\n",
+    )
+    with open("/dev/full", "wb") as full:
+        piped = subprocess.run(
+            [*mirenfs_command(), *source, "-o", "-"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            timeout=60,
+            check=False,
+        )
+    assert (piped.returncode, piped.stderr.decode()) == (
+        1,
+        "mirenfs: error: cannot write standard output: the device has no space left\n",
+    )

@@ -23,6 +23,7 @@ from mirenfs.disks import live
 from mirenfs.disks.model import DiskState
 from mirenfs.disks.restore import FEED_BATCH
 from mirenfs.disks.store import Store
+from mirenfs.engine import image as image_module
 from mirenfs.errors import DiskNotFoundError
 from mirenfs.format.header import Meta, decode_header
 from mirenfs.mount import openfiles, restoredir
@@ -328,6 +329,33 @@ async def test_bad_data_fails_and_leaves_the_disk_exactly_as_it_was(
         assert await m.copy_in(target, data) in (errno.EINVAL, errno.EIO)
         state = await m.state(target)
         assert state.startswith("failed: ") and re.search(reason, state), state
+        assert_untouched(data_path, before, image, image_before)
+        assert disk_status(data_path, "fresh") is None
+
+
+@pytest.mark.parametrize("into", ["existing disk", "new disk"])
+@trio_test
+async def test_a_full_filesystem_fails_the_restore_naming_the_image_and_what_became_of_the_disk(
+    data_path: Path, big: Snapshot, into: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_space(*_args: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(image_module, "_pwrite_all", no_space)  # every write of the staging file
+    image = add_image_disk(data_path, "pg")
+    target, disk = ("pg.mirn", "pg") if into == "existing disk" else ("fresh.mirn", "fresh")
+    async with operations(data_path, allow_overwrite=True) as m:
+        before, image_before = store_state(data_path), FileState.of(image)
+        assert await m.copy_in(target, big.data) == errno.ENOSPC  # cp: "No space left on device"
+        state = await m.state(target)
+        outcome = "disk pg is unchanged" if disk == "pg" else "disk fresh was not created"
+        staged = r"(\S+/disk\.img|\S+/pg\.img)"
+        assert re.fullmatch(
+            rf"failed: cannot write {staged}: its filesystem is full \(writing its staging file "
+            rf"{staged}\.restore\.tmp\); free space there and try again; {outcome}",
+            state,
+        ), state
+        assert "[Errno" not in state
         assert_untouched(data_path, before, image, image_before)
         assert disk_status(data_path, "fresh") is None
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from support.bad_snapshots import make_good_snapshot
-from support.data import sha256_file, staging_files, write_slow_image
+from support.data import sha256_file, staging_files, write_image, write_slow_image
 from support.fuzz import SEED, Oracle, corpus, sample
 from support.loopfs import loop_filesystem, make_filesystem, run, tool
 from support.mounts import Mount, deleted_files_held, proc_status_kib, restore_state, wait_for
@@ -348,6 +348,74 @@ def test_a_full_data_path_refuses_new_disks_saying_it_is_full_and_creates_nothin
                 assert (done.returncode, done.stderr.decode()) == (1, f"mirenfs: error: {full}\n"), command
             assert store_state(data) == before  # nothing half-done: no disk, no file, no directory
             assert set(disks(data)) == {"b"} and staging_files(data) == []
+        finally:
+            mount.stop()
+
+
+def test_a_restore_or_backup_onto_a_full_filesystem_names_the_file_and_leaves_the_target_as_it_was(
+    tmp_path: Path, mounts: Mounts
+) -> None:
+    """A snapshot larger than the room left: cp into restore/, CLI restore (--name, --image) and
+    backup -o each say which file could not be written, that its filesystem is full, and what
+    became of the target, which is exactly as it was (no disk created, no staging file left)."""
+    big_image, big = tmp_path / "big.img", tmp_path / "big.mirn"
+    write_image(big_image, [("data", 40 << 20)], seed=3)
+    done = run_mirenfs("backup", "--image", str(big_image), "--filesystem", "ext4", "-o", str(big))
+    assert done.returncode == 0, done.stderr
+    backing = tmp_path / "data.ext4"
+    make_filesystem(backing, "ext4", 32 << 20)
+    with loop_filesystem(backing, tmp_path / "data") as mounted:
+        data = mounted.mountpoint
+        done = run_mirenfs("disk", "create", "pg", "--size", "4M", "--data-path", str(data), timeout=TIMEOUT)
+        assert done.returncode == 0, done.stderr
+        pg_image = Path(disks(data)["pg"]["image_path"])
+        pg_before = sha256_file(pg_image)
+        (data / "kept.img").write_bytes(b"an image restore --image --force must not replace")
+        full = (
+            r"its filesystem is full \(writing its staging file \S+\.restore\.tmp\); "
+            "free space there and try again"
+        )
+        mnt = tmp_path / "mnt"
+        mount = mounts(
+            mnt,
+            data,
+            "--allow-overwrite",
+            expect_log=[FAILED_RESTORE + r"cannot write \S+: its filesystem is full"],
+        )
+        try:
+            before = store_state(data)
+            for entry, outcome in (
+                ("big.mirn", "disk big was not created"),
+                ("pg.mirn", "disk pg is unchanged"),
+            ):
+                copied = subprocess.run(
+                    ["cp", str(big), str(mnt / "restore" / entry)],
+                    capture_output=True,
+                    text=True,
+                    timeout=TIMEOUT,
+                )
+                assert copied.returncode != 0 and "No space left on device" in copied.stderr, copied
+                state = restore_state(mnt, entry)
+                assert re.fullmatch(rf"failed: cannot write \S+/disk\.img: {full}; {outcome}", state), state
+            for args, outcome in (
+                (["--name", "big2", "--data-path", str(data)], "disk big2 was not created"),
+                (["--name", "pg", "--force", "--data-path", str(data)], "disk pg is unchanged"),
+                (["--image", str(data / "new.img")], f"{data / 'new.img'} was not created"),
+                (["--image", str(data / "kept.img"), "--force"], f"{data / 'kept.img'} is as it was"),
+            ):
+                done = run_mirenfs("restore", str(big), *args, timeout=TIMEOUT)
+                said = done.stderr.decode()
+                assert done.returncode == 1 and said.count("\n") == 1, said
+                assert re.fullmatch(
+                    rf"mirenfs: error: cannot write \S+\.img: {full}; {re.escape(outcome)}\n", said
+                )
+            output = data / "out.mirn"
+            done = run_mirenfs("backup", "--image", str(big_image), "--filesystem", "ext4", "-o", str(output))
+            said = f"cannot write {output}: its filesystem is full; free space there and try again"
+            assert (done.returncode, done.stderr.decode()) == (1, f"mirenfs: error: {said}\n")
+            assert store_state(data) == before  # no disk, no file (staging, temporary), no directory
+            assert set(disks(data)) == {"pg"} and sha256_file(pg_image) == pg_before
+            assert staging_files(data) == [] and not output.exists()
         finally:
             mount.stop()
 

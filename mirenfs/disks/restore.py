@@ -5,14 +5,19 @@ verification, install and the store's finalize or cleanup (SPEC §3).
 
 from __future__ import annotations
 
+import contextlib
+import errno
+from collections.abc import AsyncIterator
+
 import trio
 
 from mirenfs.disks.rules import RestoreTarget
 from mirenfs.engine.consume import StagedRestore
-from mirenfs.errors import OutOfOrderWrite
+from mirenfs.errors import OutOfOrderWrite, TargetError
 from mirenfs.format.header import Meta
 
 FEED_BATCH = 1 << 20  # small writes (tar's 10 KiB records) are gathered to this size for the pipeline
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class DiskRestore:
@@ -50,13 +55,28 @@ class DiskRestore:
         """Give the gathered writes to the pipeline: at once, unless its input queue is full."""
         if self._pending:
             batch, self._pending = bytes(self._pending), bytearray()
-            await self._restore.feed(batch)
+            async with self._saying_what_is_left():
+                await self._restore.feed(batch)
 
     async def feed_pending(self) -> None:
         """Hand over the writes gathered so far and wait until they are decompressed, so that
         :attr:`complete` is exact (a close may be the end of the stream)."""
         await self._hand_over()
-        await self._restore.stream.settle()
+        async with self._saying_what_is_left():
+            await self._restore.stream.settle()
+
+    @contextlib.asynccontextmanager
+    async def _saying_what_is_left(self) -> AsyncIterator[None]:
+        """A full filesystem ends the restore here: undone at once, so that its one sentence can
+        say what became of the disk (a person's next step depends on it)."""
+        try:
+            yield
+        except TargetError as exc:
+            if exc.errno not in NO_SPACE:
+                raise
+            with trio.CancelScope(shield=True):
+                await self.abort()
+            raise TargetError(f"{exc}; {self.target.outcome()}", exc.errno) from None
 
     @property
     def complete(self) -> bool:
@@ -66,7 +86,8 @@ class DiskRestore:
     async def finish(self) -> Meta:
         """Verify, install the image, and record it in the store."""
         await self._hand_over()
-        meta = await self._restore.finish()
+        async with self._saying_what_is_left():
+            meta = await self._restore.finish()
         await trio.to_thread.run_sync(self.target.finalize)
         return meta
 

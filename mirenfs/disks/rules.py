@@ -212,6 +212,7 @@ class RestoreTarget:
     _created: CreatedDisk | None = field(default=None, repr=False)
     _created_dirs: list[str] = field(default_factory=list, repr=False)
     _finished: bool = field(default=False, repr=False)
+    _left_behind: bool = field(default=False, repr=False)  # a created disk cleanup could not remove
 
     @property
     def creates_disk(self) -> bool:
@@ -322,6 +323,17 @@ class RestoreTarget:
                 )
         self._finished = True
 
+    def outcome(self) -> str:
+        """What a failed restore left of the disk, after :meth:`cleanup`: said only when true."""
+        if not self.creates_disk:
+            return f"disk {self.name} is unchanged"  # only its staging file was written, and removed
+        if self._left_behind:
+            return (
+                f"disk {self.name} was created and could not be removed; "
+                f"remove it with `mirenfs disk remove {self.name}`"
+            )
+        return f"disk {self.name} was not created"
+
     def cleanup(self) -> None:
         """After a failure: remove a disk this restore created, with its files. Safe to call twice.
 
@@ -354,6 +366,7 @@ class RestoreTarget:
         try:
             created.cleanup()
         except Exception as exc:
+            self._left_behind = True
             log.error(
                 "could not remove disk %s, created for a restore that failed (%s); remove it with "
                 "`mirenfs disk remove %s`",

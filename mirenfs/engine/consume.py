@@ -470,8 +470,7 @@ class StagedRestore:
     async def _open_target(self, meta: Meta) -> ImageWriter:
         image_path = await self._choose_image(meta)
         self._staging = await trio.to_thread.run_sync(StagingImage.create, image_path, meta.size_bytes)
-        direct = self._staging.direct_fd
-        return SparseWriter(self._staging.fd, writeback=True, direct_fd=direct if direct >= 0 else None)
+        return self._staging.writer()
 
     async def feed(self, data: bytes | bytearray | memoryview) -> None:
         await self.stream.feed(data)

@@ -10,11 +10,12 @@ snapshot from it, compressing a second time rather than spooling to disk.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import BinaryIO
@@ -22,7 +23,14 @@ from typing import BinaryIO
 import trio
 
 from mirenfs.engine.consume import ImageWriter, RestoreStream, restore_to_path
-from mirenfs.engine.image import ChunkSource, OpenImage, cannot_write, ensure_unchanged, new_file_mode
+from mirenfs.engine.image import (
+    ChunkSource,
+    OpenImage,
+    cannot_write,
+    ensure_unchanged,
+    is_device,
+    new_file_mode,
+)
 from mirenfs.engine.produce import (
     PLACEHOLDER_CHECKSUM,
     FrameSink,
@@ -180,20 +188,24 @@ async def backup_image(
         single_read, check_source = reading_rules(image, live=live)
         of = SnapshotOf(name, filesystem, image.mtime_ns, single_read, check_source)
         if output == "-" or _is_special(output):
+            shown = "standard output" if output == "-" else output
             target = sys.stdout.buffer if output == "-" else open(output, "wb")  # noqa: SIM115
+            device = is_device(target.fileno()) if output == "-" else None
             try:
+                with _naming_a_full_output(shown, device):
 
-                async def write(data: bytes) -> None:
-                    await trio.to_thread.run_sync(target.write, data)
+                    async def write(data: bytes) -> None:
+                        await trio.to_thread.run_sync(target.write, data)
 
-                meta = await stream_snapshot(
-                    write, source, settings, of, progress=progress, stream_progress=stream_progress
-                )
-                await trio.to_thread.run_sync(target.flush)
-                return meta
+                    meta = await stream_snapshot(
+                        write, source, settings, of, progress=progress, stream_progress=stream_progress
+                    )
+                    await trio.to_thread.run_sync(target.flush)
+                    return meta
             finally:
                 if target is not sys.stdout.buffer:
-                    target.close()
+                    with _naming_a_full_output(shown, device):
+                        target.close()  # flushes what is buffered: it may find the device full too
         return await _backup_to_regular_file(output, source, settings, of, progress)
     finally:
         image.close()
@@ -208,7 +220,7 @@ async def _backup_to_regular_file(
     except OSError as exc:
         raise cannot_write(output, exc) from None
     try:
-        with os.fdopen(fd, "wb") as out:
+        with _naming_a_full_output(output), os.fdopen(fd, "wb") as out:
             meta = await write_snapshot(out, source, settings, of, progress=progress)
             await trio.to_thread.run_sync(os.fsync, out.fileno())
         os.chmod(temporary, new_file_mode())  # as `cp` would create it: the umask decides
@@ -218,6 +230,18 @@ async def _backup_to_regular_file(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
+
+
+@contextlib.contextmanager
+def _naming_a_full_output(output: str, device: bool | None = None) -> Iterator[None]:
+    """A write that found no space names the snapshot file and its full filesystem (or device),
+    not just "No space left on device"; other errors (a read of the image) pass as they are."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise cannot_write(output, exc, device=device) from None
 
 
 def _file_descriptor(fileobj: BinaryIO) -> int | None:

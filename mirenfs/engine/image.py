@@ -527,6 +527,11 @@ class StagingImage:
             f"{path} keeps reappearing: another restore of {image_path} is running", errno.EBUSY
         )
 
+    def writer(self) -> SparseWriter:
+        """The writer of the restore's bytes: sparse, direct where it can, and a failed write
+        (a full filesystem) names the image and its staging file."""
+        return _StagingWriter(self)
+
     def install(self, mtime_ns: int | None = None, *, new_mode: int = 0o600) -> None:
         """fsync, rename over the image, fsync the directory: old image or new, never a mix.
 
@@ -545,7 +550,10 @@ class StagingImage:
         if mtime_ns is not None:
             os.utime(self.fd, ns=(mtime_ns, mtime_ns))
         self._close_direct()
-        os.fsync(self.fd)
+        try:
+            os.fsync(self.fd)  # the last moment a full filesystem can refuse the data: the image is as it was
+        except OSError as exc:
+            raise cannot_write(self.image_path, exc, f" (syncing its staging file {self.path})") from None
         os.rename(self.path, self.image_path)
         fsync_directory(os.path.dirname(os.path.abspath(self.image_path)))
         os.close(self.fd)
@@ -565,6 +573,24 @@ class StagingImage:
             self.direct_fd = -1
 
 
+class _StagingWriter(SparseWriter):
+    """A :class:`SparseWriter` into a staging image whose failures name the image being restored."""
+
+    def __init__(self, staging: StagingImage) -> None:
+        direct = staging.direct_fd
+        super().__init__(staging.fd, writeback=True, direct_fd=direct if direct >= 0 else None)
+        self._staging = staging
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            super().write(data)
+        except OSError as exc:
+            staging = self._staging
+            raise cannot_write(
+                staging.image_path, exc, f" (writing its staging file {staging.path})"
+            ) from None
+
+
 def _open_direct(fd: int) -> int:
     """The open file ``fd`` once more, with O_DIRECT (-1 where the filesystem has none: tmpfs)."""
     try:
@@ -573,16 +599,32 @@ def _open_direct(fd: int) -> int:
         return -1
 
 
-def cannot_write(path: str, exc: OSError, doing: str = "") -> TargetError:
-    """``cannot write PATH: …``: a missing directory or a read-only filesystem named as such (with
-    what to do), anything else as the OS said."""
+def cannot_write(path: str, exc: OSError, doing: str = "", *, device: bool | None = None) -> TargetError:
+    """``cannot write PATH: …``: a missing directory, a full or read-only filesystem named as such
+    (with what to do), anything else as the OS said. Never a raw ``[Errno N]``."""
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
         why = f"there is no directory {os.path.dirname(os.path.abspath(path))}"
+    elif exc.errno == errno.ENOSPC:
+        if is_device(path) if device is None else device:
+            why = f"the device has no space left{doing}"
+        else:
+            why = f"its filesystem is full{doing}; free space there and try again"
+    elif exc.errno == errno.EDQUOT:
+        why = f"this user's disk quota on its filesystem is used up{doing}; free space there and try again"
     elif exc.errno == errno.EROFS:
         why = f"its filesystem is read-only{doing}; remount it read-write and try again"
     else:
         why = f"{exc.strerror}{doing}"
     return TargetError(f"cannot write {path}: {why}", exc.errno or errno.EIO)
+
+
+def is_device(path: str | int) -> bool:
+    """A character or block device (``/dev/full``): full is what the device says, not a filesystem."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
 
 
 def staging_is_held(path: str) -> bool:

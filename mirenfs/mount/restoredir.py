@@ -446,7 +446,7 @@ class RestoreDirectory:
         """End the restore as failed, undo it, log one line; return the error to raise, marked as
         reported so the FUSE boundary does not log it a second time."""
         session, entry.session = entry.session, None
-        reason = str(error) or type(error).__name__
+        reason = _reason(error)
         entry.state = f"failed: {reason}"
         if session is not None:
             session.failure = reason
@@ -546,3 +546,11 @@ def _oversized_sidecar(entry: RestoreEntry) -> RestoreRefused:
         entry.state = refused
     too_large.reported = True
     return too_large
+
+
+def _reason(error: BaseException) -> str:
+    """Why a restore failed, for its state and log line: a MirenfsError's sentence; an OSError as
+    the OS words it with its file (never Python's ``[Errno 28] …`` form)."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror + (f": {error.filename}" if error.filename else "")
+    return str(error) or type(error).__name__
