@@ -9,8 +9,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import pyfuse3
+import pytest
 import trio
 
+from mirenfs.cli.mount_cmds import format_status
+from mirenfs.cli.mountinfo import MountEntry
+from mirenfs.errors import CatalogUnreachableError
+from mirenfs.mount import catalog as catalog_module
 from mirenfs.mount.inodes import ROOT_INODE
 from mirenfs.mount.status import STATUS_XATTR
 
@@ -45,3 +51,34 @@ async def test_the_index_is_building_until_it_is_ready(tmp_path: Path) -> None:
                 go_on.set()
         assert await index_state(m, "pg") == "ready"
         assert between in ("building", "ready"), between
+
+
+@trio_test
+async def test_status_answers_while_the_catalogue_is_unreachable_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An etcd outage fails every listing; the status still answers from the mount's last listing
+    and its own state, and says why the catalogue could not be listed (issue: status gave EIO)."""
+    add_image_disk(tmp_path, "pg")
+    unreachable = "the disk catalogue at etcd://127.0.0.1:2379/fleet is unreachable (connection refused)"
+    monkeypatch.setattr(catalog_module, "CATALOG_TTL_S", 0.0)  # every status asks the catalogue
+    async with operations(tmp_path) as m:
+        await m.lookup("pg.mirn")  # the index is built: ready
+        before = json.loads((await m.xattrs(ROOT_INODE))[STATUS_XATTR])
+        assert before["catalog_error"] is None and "listing_age_s" not in before
+
+        def down() -> dict[str, object]:
+            raise CatalogUnreachableError(unreachable)
+
+        monkeypatch.setattr(m.ops.catalog.catalog, "visible_disks", down)
+        with pytest.raises(pyfuse3.FUSEError):  # a lookup still fails closed
+            await m.lookup("pg.mirn")
+        status: dict[str, Any] = json.loads((await m.xattrs(ROOT_INODE))[STATUS_XATTR])
+        assert status["catalog_error"] == unreachable
+        assert status["disks"] == before["disks"] and status["disks"]["pg"]["index"] == "ready"
+        assert isinstance(status["listing_age_s"], float) and status["listing_age_s"] >= 0
+        text = format_status(
+            MountEntry(0, (0, 0), str(tmp_path / "mnt"), "fuse.mirenfs", str(tmp_path), "rw"), status
+        )
+        assert f"\n  {unreachable}\n  (the disks below are from the mount's last listing" in text
+        assert "  pg    ready (offline" in text

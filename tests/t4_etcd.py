@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
+import signal
 import subprocess
 import threading
 import time
@@ -240,6 +242,53 @@ def test_etcd_stopped_fails_closed_then_everything_works_again(
     assert state(a.mnt, "fresh.mirn") == "installed: created disk fresh"
     wait_for(lambda: "fresh.mirn" in a.listing(), "the new disk's snapshot", timeout=1.0)
     assert staging_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGSTOP"])
+def test_status_answers_during_an_outage_from_what_the_mount_knows_and_says_why(
+    etcd_clusters: Callable[[int], EtcdCluster], tmp_path: Path, mounts: Callable[..., Mount], how: str
+) -> None:
+    """`mirenfs status` during an etcd outage: the mount's last listing, index states and restores,
+    a line naming the unreachable catalogue with the reason, exit status 3; 0 again once it is back."""
+    cluster = etcd_clusters(1)
+    (a,) = hosts(tmp_path, cluster.url("fleet"), "host-a")
+    a.cli("restore", GO_EXT4.path, "--name", "pg")
+    a.mount(mounts, expect_log=(UNREACHABLE,))
+    assert (a.mnt / "pg.mirn").stat().st_size > 0  # the index is built: ready
+    assert cp(GO_EXT4.path, a.mnt / "restore" / "web.mirn").returncode == 0
+    fine = run_cli("status", "--json", a.mnt)
+    assert fine.code == 0 and json.loads(fine.out)["catalog_error"] is None, fine
+
+    member = cluster.members[0]
+    assert member.process is not None
+    paused = how == "SIGSTOP"
+    if paused:
+        member.process.send_signal(signal.SIGSTOP)
+    else:
+        cluster.stop_member(0)
+    try:
+        wait_for(lambda: run_cli("status", a.mnt).code == 3, "status to report the outage", timeout=10)
+        text = run_cli("status", a.mnt)
+        assert text.code == 3 and text.err == "", text
+        assert re.search(rf"^  {UNREACHABLE} \(.+\)$", text.out, re.MULTILINE), text.out
+        assert "(the disks below are from the mount's last listing" in text.out
+        assert re.search(r"^  pg +ready \(offline", text.out, re.MULTILINE), text.out
+        assert "restore/web.mirn  disk web  installed: created disk web" in text.out
+        as_json = run_cli("status", "--json", a.mnt)
+        assert as_json.code == 3, as_json
+        status = json.loads(as_json.out)
+        assert re.fullmatch(rf"{UNREACHABLE} \(.+\)", status["catalog_error"]), status["catalog_error"]
+        assert cluster.url("fleet").split("/")[2] in status["catalog_error"]
+        assert set(status["disks"]) == {"pg", "web"} and status["disks"]["pg"]["index"] == "ready"
+        assert status["restores"][0]["state"] == "installed: created disk web"
+        assert lists(a) is None  # listing itself still fails closed
+    finally:
+        if paused:
+            member.process.send_signal(signal.SIGCONT)
+    cluster.restart(0)
+    cluster.wait_healthy()
+    wait_for(lambda: run_cli("status", a.mnt).code == 0, "status to be whole again", timeout=10)
+    assert json.loads(run_cli("status", "--json", a.mnt).out)["catalog_error"] is None
 
 
 def test_three_members_one_killed_changes_nothing_two_killed_fail_closed(

@@ -261,6 +261,13 @@ def format_status(entry: MountEntry, status: dict[str, Any]) -> str:
     if "index_passes" in status:
         header.append(f"{status['index_passes']} index passes since mounted")
     lines = [", ".join(header)]
+    if status.get("catalog_error"):
+        age = status.get("listing_age_s")
+        listed = f", {age:.0f} s old" if isinstance(age, (int, float)) else ""
+        lines.append(f"  {status['catalog_error']}")
+        lines.append(
+            f"  (the disks below are from the mount's last listing{listed}; the rest is the mount's own)"
+        )
     disks = status.get("disks") or {}
     if disks:
         width = max(len("DISK"), *(len(name) for name in disks))
@@ -296,12 +303,17 @@ def format_status(entry: MountEntry, status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# The exit status when every mount answered but one could not list its disk catalogue (etcd
+# unreachable): the status is printed in full, and a script or a health check can tell.
+CATALOG_UNREACHABLE_EXIT = 3
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     if args.mountpoint is not None:
         entry = mount_at(args.mountpoint)
         status = read_status(entry)
         print(json.dumps(status, indent=2) if args.json else format_status(entry, status))
-        return 0
+        return CATALOG_UNREACHABLE_EXIT if status.get("catalog_error") else 0
     found = mirenfs_mounts()
     if not found:
         raise MirenfsError("no mirenfs mount found on this host (start one with `mirenfs mount MOUNTPOINT`)")
@@ -319,4 +331,6 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(format_status(entry, status))
     if args.json:
         print(json.dumps(results, indent=2))
-    return 1 if failures else 0
+    if failures:
+        return 1
+    return CATALOG_UNREACHABLE_EXIT if any(s.get("catalog_error") for s in results.values()) else 0

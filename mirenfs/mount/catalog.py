@@ -82,6 +82,11 @@ class CatalogView:
         """The most recent listing, without asking the catalog again."""
         return self._listing
 
+    @property
+    def listing_age_s(self) -> float | None:
+        """How old :attr:`last_listing` is, in seconds; None before the first listing."""
+        return None if self._listed_at < 0 else time.monotonic() - self._listed_at
+
     async def disks(self, *, fresh: bool = False) -> dict[str, CatalogEntry]:
         async with self._lock:
             now = time.monotonic()

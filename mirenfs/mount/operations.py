@@ -21,7 +21,7 @@ import pyfuse3
 import trio
 
 from mirenfs.engine.produce import SequentialReader
-from mirenfs.errors import MirenfsError
+from mirenfs.errors import MirenfsError, StoreError
 from mirenfs.mount.catalog import CatalogEntry, CatalogView, DiskCatalog
 from mirenfs.mount.inodes import (
     RESTORE_INODE,
@@ -348,8 +348,20 @@ class MirenOperations(pyfuse3.Operations):
 
     async def _xattrs(self, inode: int) -> dict[bytes, bytes]:
         if inode == ROOT_INODE:
-            disks = await self.catalog.disks()  # status reports the disks as the store has them now
-            status = mount_status(disks, self.service, self.restores.status(), self.restores.refusal_status())
+            catalog_error = None
+            try:
+                disks = await self.catalog.disks()  # status reports the disks as the store has them now
+            except StoreError as exc:
+                # etcd unreachable: status still answers, from what the mount knows, and says why
+                disks, catalog_error = self.catalog.last_listing, str(exc)
+            status = mount_status(
+                disks,
+                self.service,
+                self.restores.status(),
+                self.restores.refusal_status(),
+                catalog_error=catalog_error,
+                listing_age_s=self.catalog.listing_age_s,
+            )
             return {
                 INDEX_PASSES_XATTR.encode(): str(self.service.index_passes).encode(),
                 STATUS_XATTR.encode(): json.dumps(status).encode(),

@@ -7,7 +7,10 @@ The JSON is ``{"pid", "index_passes", "disks": {NAME: {"index": "building",
 built"}}, "restores": [{"name", "disk", "state", "bytes"}], "refused": [{"name",
 "errno", "reason", "tries"}]}``; ``refused`` holds the latest refusals in ``restore/``,
 newest first (a refused create leaves no entry to read the reason from); ``tries`` counts
-one process's retries of the same refusal, as rsync makes under new temporary names. ``consistency``
+one process's retries of the same refusal, as rsync makes under new temporary names.
+``catalog_error`` is null, or the sentence saying why the disk catalogue could not be listed (etcd
+unreachable): then ``disks`` is the mount's last listing, ``listing_age_s`` seconds old (null if
+there never was one), and everything else is what the mount knows itself. ``consistency``
 is how the snapshot was taken (``offline``, ``frozen``, ``crash-consistent``,
 ``live``), as the xattr ``user.mirenfs.consistency`` on ``NAME.mirn`` says.
 """
@@ -38,8 +41,12 @@ def mount_status(
     service: SnapshotService,
     restores: list[dict[str, object]],
     refused: list[dict[str, object]] | None = None,
+    *,
+    catalog_error: str | None = None,
+    listing_age_s: float | None = None,
 ) -> dict[str, Any]:
-    """What ``mirenfs status`` shows: per disk, index state and progress; the restores."""
+    """What ``mirenfs status`` shows: per disk, index state and progress; the restores; and
+    whether the disk catalogue answered (``catalog_error``: why not)."""
     disks: dict[str, dict[str, Any]] = {}
     for name in sorted(disk_names):
         progress = service.progress.get(name)
@@ -60,10 +67,14 @@ def mount_status(
             disks[name] = {"index": "refused", "reason": str(service.refused[name][1])}
         else:
             disks[name] = {"index": "not built"}
-    return {
+    status: dict[str, Any] = {
         "pid": os.getpid(),
         "index_passes": service.index_passes,
+        "catalog_error": catalog_error,
         "disks": disks,
         "restores": restores,
         "refused": refused or [],
     }
+    if catalog_error is not None:
+        status["listing_age_s"] = None if listing_age_s is None else round(listing_age_s, 1)
+    return status
