@@ -380,27 +380,38 @@ def reading_in_background(snapshot: Path) -> Iterator[subprocess.Popen[bytes]]:
 def test_a_daemon_killed_while_frozen_leaves_the_filesystem_writable(
     mounts: Mounts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The watchdog thaws and removes the freeze record: the next start must not thaw a freeze
+    someone else made since, on the strength of a record whose freeze is over."""
+    busy = r"disk pg: cannot freeze .*: it is already frozen by someone else; its copy is crash-consistent"
     with disk_in_use(tmp_path, "xfs") as disk:
         assert disk.disk is not None
+        clones = disk.data / "mirenfs" / "clones"
+
+        def records() -> list[str]:
+            return [name for name in os.listdir(clones) if name.startswith(RECORD_PREFIX)]
+
         monkeypatch.setenv(HOLD_ENV, "60")  # the daemon stays inside the freeze until killed
         with mirenfs(mounts, tmp_path, disk.data) as mount:
             monkeypatch.delenv(HOLD_ENV)
             with reading_in_background(mount.mountpoint / "pg.mirn"):
                 held = blocked_write(disk.disk.path)
+                assert records(), "the freeze is recorded while it lasts"
+                assert all(stat.S_IMODE((clones / name).stat().st_mode) == 0o600 for name in records())
                 killed = daemon_pid(mount)
                 os.kill(killed, signal.SIGKILL)
                 assert finishes(held, 5), "the watchdog thaws the filesystem when the daemon dies"
+                assert finishes(subprocess.Popen(["touch", str(disk.disk.path / "after")]), 5)
                 said = f"mirenfs thaw watchdog: mirenfs (pid {killed}) ended while the filesystem was frozen"
                 wait_for(lambda: said in mount.log(), "the watchdog's line in the mount's log")
-                assert finishes(subprocess.Popen(["touch", str(disk.disk.path / "after")]), 5)
-        clones = disk.data / "mirenfs" / "clones"
-        records = [name for name in os.listdir(clones) if name.startswith(RECORD_PREFIX)]
-        assert records, "the killed run's record"
-        assert all(stat.S_IMODE((clones / name).stat().st_mode) == 0o600 for name in records)  # private
+                wait_for(lambda: records() == [], "the watchdog to remove the freeze record")
         (clones / "pg.1.deadbeef.clone").write_bytes(b"left by a crash")
-        with mirenfs(mounts, tmp_path, disk.data) as mount:  # the next start sweeps both
-            assert os.listdir(clones) == []
-            assert os.getxattr(mount.mountpoint / "pg.mirn", CONSISTENCY) == b"frozen"
+        run(tool("fsfreeze"), "--freeze", disk.disk.mountpoint)  # an administrator's freeze, made since
+        try:
+            with mirenfs(mounts, tmp_path, disk.data, expect=(busy,)) as mount:  # the next start sweeps
+                assert os.listdir(clones) == []
+                assert os.getxattr(mount.mountpoint / "pg.mirn", CONSISTENCY) == b"crash-consistent"
+        finally:
+            assert thaw(disk.disk.path), "the next start left the administrator's freeze alone"
 
 
 def test_the_watchdog_thaws_a_freeze_that_outlives_its_budget(

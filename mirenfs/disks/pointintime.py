@@ -522,12 +522,14 @@ class _CannotFreeze(Exception):
 # The watchdog, a separate interpreter that outlives this process. It hears "F<i>" before filesystem
 # i is frozen, "U<i>" when that freeze failed, "done" once all are thawed. It thaws the ones it was
 # told of when the pipe ends (this process died) or LIMIT seconds after the last "F" (it stalled),
-# and never touches a filesystem it was not told of: that may be someone else's freeze.
+# and never touches a filesystem it was not told of: that may be someone else's freeze. Once all
+# it was told of are thawed it removes the freeze record: a next start must not thaw a freeze
+# made since by someone else on the strength of a record whose freeze is over.
 _WATCHDOG = r"""
-import fcntl, os, select, signal, sys, time
+import errno, fcntl, os, select, signal, sys, time
 for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
     signal.signal(number, signal.SIG_IGN)
-limit, fds = float(sys.argv[1]), [int(fd) for fd in sys.argv[3:]]
+limit, record, fds = float(sys.argv[1]), sys.argv[3], [int(fd) for fd in sys.argv[4:]]
 os.write(1, b"armed\n")
 frozen, deadline, pending, why = set(), None, b"", None
 while why is None:
@@ -549,11 +551,16 @@ while why is None:
             elif line[:1] == b"U":
                 frozen.discard(int(line[1:]))
                 deadline = deadline if frozen else None
-thawed = 0
+thawed, stuck = 0, 0
 for index in sorted(frozen):
     try:
         fcntl.ioctl(fds[index], 0xC0045878, 0)
         thawed += 1
+    except OSError as exc:
+        stuck += exc.errno != errno.EINVAL  # EINVAL: not frozen (any more)
+if not stuck:
+    try:
+        os.unlink(record)
     except OSError:
         pass
 if thawed:
@@ -637,6 +644,7 @@ class _Freeze:
                     _WATCHDOG,
                     f"{self.limit_s}",
                     str(os.getpid()),
+                    self._record or "",
                     *map(str, self._fds),
                 ],
                 stdin=subprocess.PIPE,
