@@ -316,6 +316,26 @@ def test_errors_about_a_snapshot_name_it_and_the_target_is_left_alone(tmp_path: 
     status, _out, err = said("restore", str(GO_ODD.path), "--image", str(nowhere))
     assert err == f"mirenfs: error: cannot write {nowhere}: there is no directory {nowhere.parent}"
 
+    # Into the store: the same words, the disk named.
+    store = tmp_path / "data"
+    store.mkdir()
+    status, _out, err = said("restore", str(cut), "--name", "pg", "--data-path", str(store))
+    assert status == 1 and err.startswith(f"mirenfs: error: {cut}: the snapshot data is truncated"), err
+    assert (
+        err.endswith("; disk pg was not created")
+        and "pg" not in said("disk", "list", "--data-path", str(store))[1]
+    )
+    assert said("restore", str(GO_ODD.path), "--name", "pg", "--data-path", str(store))[0] == 0
+    before = said("disk", "list", "--json", "--data-path", str(store))[1]
+    (listed,) = json.loads(before)
+    image_before = Path(listed["image_path"]).read_bytes()
+    status, _out, err = said("restore", str(cut), "--name", "pg", "--force", "--data-path", str(store))
+    assert status == 1 and err.endswith("; disk pg is as it was"), err
+    assert said("disk", "list", "--json", "--data-path", str(store))[1] == before
+    assert Path(listed["image_path"]).read_bytes() == image_before
+    status, _out, err = said("restore", str(empty), "--data-path", str(store))
+    assert (status, err) == (1, f"mirenfs: error: {empty}: the snapshot is empty (0 bytes)")
+
 
 def test_restore_image_never_replaces_anything_but_a_regular_file(tmp_path: Path) -> None:
     """A restore renames a new file over the path: over a symlink, a device node or a pipe that

@@ -327,13 +327,21 @@ def _restore_disk(args: argparse.Namespace) -> int:
 
     target = prepare(args.name) if args.name is not None else None
     with open_input(args.file) as source:
-        meta = read_header(source)
+        with naming_the_snapshot(args.file):
+            meta = read_header(source)
         if target is None:
             target = prepare(meta.name)
+        # As --image says it: a failed restore removes a disk it was creating and keeps the old image.
+        kept = (
+            f"disk {target.name} was not created"
+            if target.creates_disk
+            else f"disk {target.name} is as it was"
+        )
         total = _remaining_bytes(source)
         bar = ProgressBar(total, f"restore {target.name}")
         try:
-            trio.run(_restore_from, DiskRestore(target, header_read=meta), source, bar)
+            with naming_the_snapshot(args.file, kept):
+                trio.run(_restore_from, DiskRestore(target, header_read=meta), source, bar)
         finally:
             bar.close()
     how = "new disk" if target.creates_disk else "image replaced"
