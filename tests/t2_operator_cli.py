@@ -7,6 +7,7 @@ import json
 import os
 import pty
 import select
+import signal
 import stat
 import subprocess
 import time
@@ -18,6 +19,7 @@ from mirenfs.cli import mount_helper
 from mirenfs.format.header import Meta, Timestamp, write_header
 
 from support.data import write_image
+from support.mounts import wait_for
 from support.runners import mirenfs_command, run_mirenfs
 from support.vectors import GO_VECTORS
 
@@ -595,3 +597,62 @@ def test_catalog_copy_refuses_a_data_path_the_sqlite_side_overrides(tmp_path: Pa
         f"of data path {data}, which names the image paths; leave --data-path out",
     )
     assert not other.exists() and list(data.iterdir()) == []
+
+
+@pytest.mark.parametrize("into", ["--image", "--name"])
+def test_sigterm_mid_restore_leaves_nothing_as_ctrl_c_does(tmp_path: Path, into: str) -> None:
+    """kill, timeout(1) and systemd send SIGTERM: the restore is undone as on Ctrl-C (the staging
+    file removed, a disk it was creating removed), not left half-done by a death by signal."""
+    data, image, snapshot = tmp_path / "data", tmp_path / "random.img", tmp_path / "big.mirn"
+    data.mkdir()
+    image.write_bytes(os.urandom(24 << 20))  # incompressible: a snapshot of 24 MiB, fed a third of it
+    assert said("backup", "--image", str(image), "--filesystem", "ext4", "-o", str(snapshot))[0] == 0
+    image.unlink()
+    into_store = ["--name", "pg", "--data-path", str(data)]
+    command = [
+        *mirenfs_command(),
+        "restore",
+        "-",
+        *(["--image", str(tmp_path / "new.img")] if into == "--image" else into_store),
+    ]
+    restore = subprocess.Popen(command, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert restore.stdin is not None and restore.stderr is not None
+        restore.stdin.write(snapshot.read_bytes()[: 8 << 20])  # the header and part of the data
+        restore.stdin.flush()
+        wait_for(lambda: list(tmp_path.rglob("*.restore.tmp")), "the restore's staging file")
+        restore.send_signal(signal.SIGTERM)
+        assert restore.wait(timeout=60) == 128 + signal.SIGTERM
+        assert restore.stderr.read().decode().strip() == "mirenfs: terminated"
+    finally:
+        restore.kill()
+        restore.wait(timeout=60)
+        for stream in (restore.stdin, restore.stderr):
+            if stream is not None:
+                stream.close()
+    assert not (tmp_path / "new.img").exists() and list(tmp_path.rglob("*.tmp")) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.mirn", "data"]
+    assert said("disk", "list", "--json", "--data-path", str(data))[1].strip() == "[]"
+
+
+def test_sigterm_mid_backup_leaves_no_partial_output(tmp_path: Path) -> None:
+    image, output = tmp_path / "big.img", tmp_path / "out.mirn"
+    with open(image, "wb") as f:  # sparse: seconds of hashing, a few MiB of data
+        f.truncate(4 << 30)
+        f.write(os.urandom(4 << 20))
+    backup = subprocess.Popen(
+        [*mirenfs_command(), "backup", "--image", str(image), "--filesystem", "ext4", "-o", str(output)],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert backup.stderr is not None
+        wait_for(lambda: [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")], "the partial output")
+        backup.send_signal(signal.SIGTERM)
+        assert backup.wait(timeout=60) == 128 + signal.SIGTERM
+        assert backup.stderr.read().decode().strip().endswith("mirenfs: terminated")
+    finally:
+        backup.kill()
+        backup.wait(timeout=60)
+        if backup.stderr is not None:
+            backup.stderr.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.img"]

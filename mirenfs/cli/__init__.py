@@ -16,7 +16,9 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+import types
+from collections.abc import Callable, Iterator, Sequence
 
 from mirenfs.cli import catalog_cmds, demo, disk_cmds, mount_cmds, snapshot_cmds
 from mirenfs.cli.common import add_scope_options_before_command, settle_scope_options
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[argparse.Namespace], int]
 LOG_LEVELS = ["debug", "info", "warning", "error"]
+OWN_SIGNAL_HANDLING = ("mount", "demo")  # they unmount cleanly on SIGTERM themselves
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +116,40 @@ def _quiet_broken_pipe() -> int:
     return 128 + signal.SIGPIPE
 
 
+@contextlib.contextmanager
+def _terminated_as_interrupted(command: str) -> Iterator[list[int]]:
+    """SIGTERM (kill, timeout(1), systemd) ends a command as Ctrl-C does, so that it undoes its
+    work the same way: a restore's staging file and a disk it was creating, a backup's partial
+    output. Inside trio.run the signal goes through trio's SIGINT handler, which keeps the
+    interrupt out of the scheduler's critical sections. Yields the signals received."""
+    received: list[int] = []
+    if command in OWN_SIGNAL_HANDLING or threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def on_sigterm(signum: int, frame: types.FrameType | None) -> None:
+        received.append(signum)
+        interrupt = signal.getsignal(signal.SIGINT)
+        if callable(interrupt):  # trio's inside trio.run, else Python's: raises, or defers to a checkpoint
+            interrupt(signal.SIGINT, frame)
+            return
+        raise KeyboardInterrupt  # SIGINT ignored (a background job of a script): interrupt here
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(received: list[int]) -> int:
+    if received:
+        print("mirenfs: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    print("mirenfs: interrupted", file=sys.stderr)
+    return 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # names may hold anything: never fail to print one
         if isinstance(stream, io.TextIOWrapper):
@@ -126,33 +163,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.log_level = "info" if args.command in ("mount", "demo") else "warning"
     logging.basicConfig(level=args.log_level.upper(), format="mirenfs: %(levelname)s: %(message)s")
     handler: Handler = args.handler
-    try:
-        code = handler(args)
-        sys.stdout.flush()
-        return code
-    except BrokenPipeError:
+    with _terminated_as_interrupted(args.command) as terminated:
+        try:
+            code = handler(args)
+            sys.stdout.flush()
+            return code
+        except BaseException as exc:  # one line for people, whatever went wrong
+            return _said(exc, terminated)
+
+
+def _said(exc: BaseException, terminated: list[int]) -> int:
+    """Print the one line for ``exc`` and return the exit status."""
+    error = meaningful_error(exc)
+    if isinstance(error, SystemExit):
+        raise error
+    if isinstance(error, KeyboardInterrupt):
+        return _interrupted(terminated)
+    if isinstance(error, BrokenPipeError):
         return _quiet_broken_pipe()
-    except KeyboardInterrupt:
-        print("mirenfs: interrupted", file=sys.stderr)
-        return 130
-    except BaseException as exc:  # one line for people, whatever went wrong
-        error = meaningful_error(exc)
-        if isinstance(error, SystemExit):
-            raise
-        if isinstance(error, KeyboardInterrupt):
-            print("mirenfs: interrupted", file=sys.stderr)
-            return 130
-        if isinstance(error, BrokenPipeError):
-            return _quiet_broken_pipe()
-        if isinstance(error, MirenfsError):
-            message = str(error)
-        elif isinstance(error, OSError):
-            message = f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
-        else:
-            log.debug("unexpected error", exc_info=error)
-            message = f"unexpected {type(error).__name__}: {error}"
-        print(f"mirenfs: error: {message}", file=sys.stderr)
-        return 1
+    if isinstance(error, MirenfsError):
+        message = str(error)
+    elif isinstance(error, OSError):
+        message = f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
+    else:
+        log.debug("unexpected error", exc_info=error)
+        message = f"unexpected {type(error).__name__}: {error}"
+    print(f"mirenfs: error: {message}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import io
 import os
+import select
 import stat
 import sys
 import tempfile
@@ -45,6 +48,7 @@ from mirenfs.errors import MirenfsError, TargetError
 from mirenfs.format.header import Meta
 
 READ_PIECE = 4 << 20
+PIPE_BUFFER = 1 << 20  # what a pipe we read from may hold (the most an unprivileged process may ask)
 StreamProgress = Callable[[int], Progress]  # given the snapshot's size, what hears the bytes written
 WRITEBACK_STEP = 32 << 20  # a backup file's pages are handed to writeback in steps of this size
 
@@ -262,13 +266,58 @@ def _is_special(path: str) -> bool:
 async def read_pieces(
     fileobj: BinaryIO, piece: int = READ_PIECE, *, progress: Progress | None = None
 ) -> AsyncIterator[bytes]:
-    """Read a file or pipe in pieces on a worker thread; ``progress`` hears the bytes read so far."""
+    """Read a file or pipe in pieces; ``progress`` hears the bytes read so far.
+
+    A regular file is read on a worker thread. A pipe or terminal that
+    :func:`open_input` opened (unbuffered) is waited on in the event loop
+    instead, so a cancel (Ctrl-C, SIGTERM) ends a restore whose writer
+    stalled rather than wait for a read that never returns.
+    """
     done = 0
-    while data := await trio.to_thread.run_sync(fileobj.read, piece):
+    fd = _pollable(fileobj)
+    while True:
+        if fd is not None:
+            await trio.lowlevel.wait_readable(fd)
+            data = _read_available(fd, piece)
+        else:
+            data = await trio.to_thread.run_sync(fileobj.read, piece)
+        if not data:
+            return
         done += len(data)
         if progress is not None:
             progress(done)
         yield data
+
+
+def _read_available(fd: int, limit: int) -> bytes:
+    """What a readable pipe holds, up to ``limit`` bytes, without waiting for more: pieces of
+    one pipe buffer each would cost the pipeline a hand-off per 64 KiB."""
+    parts = [os.read(fd, limit)]
+    size = len(parts[0])
+    while parts[-1] and size < limit and select.select([fd], [], [], 0)[0]:
+        parts.append(os.read(fd, limit - size))  # b"" at the end: the next read says so again
+        size += len(parts[-1])
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _pollable(fileobj: BinaryIO) -> int | None:
+    """The descriptor to wait on: an unbuffered pipe, socket or terminal (a buffered one may hold
+    bytes already read, and regular files cannot be polled)."""
+    if not isinstance(fileobj, io.FileIO):
+        return None
+    fd = fileobj.fileno()
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode)):
+        return None
+    try:  # epoll refuses some character devices (/dev/zero): those are read on a thread
+        with select.epoll() as probe:
+            probe.register(fd, select.EPOLLIN)
+    except OSError:
+        return None
+    if stat.S_ISFIFO(mode):
+        with contextlib.suppress(OSError):  # a larger pipe: fewer, larger pieces (1 MiB is allowed to all)
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BUFFER)
+    return fd
 
 
 async def restore_file(
@@ -322,9 +371,9 @@ async def verify_file(
 
 def open_input(path: str) -> BinaryIO:
     """A snapshot to read: a file, or ``-`` for standard input."""
-    if path == "-":
-        return os.fdopen(os.dup(sys.stdin.fileno()), "rb")
+    if path == "-":  # unbuffered: read_pieces waits on a pipe in the event loop, where a cancel reaches it
+        return os.fdopen(os.dup(sys.stdin.fileno()), "rb", buffering=0)
     try:
-        return open(path, "rb")
+        return open(path, "rb", buffering=0)
     except OSError as exc:
         raise MirenfsError(f"cannot open snapshot {path}: {exc.strerror}") from None
