@@ -204,8 +204,9 @@ def test_the_store_and_managed_images_are_private_whatever_the_umask(tmp_path: P
     assert stat.S_IMODE(os.stat(image).st_mode) == 0o600
 
 
-@pytest.mark.parametrize("umask", [0o077, 0o022])
-def test_files_that_hold_whole_disks_honour_the_umask(tmp_path: Path, umask: int) -> None:
+@pytest.mark.parametrize("umask", [0o077, 0o022, 0o000, 0o277])
+def test_files_that_hold_whole_disks_are_private_and_honour_the_umask(tmp_path: Path, umask: int) -> None:
+    """Never readable by others, whatever the umask; a stricter umask takes away more."""
     image = tmp_path / "disk.img"
     write_image(image, [("text", 100_000)])
     snapshot, restored = tmp_path / "disk.mirn", tmp_path / "restored.img"
@@ -216,7 +217,7 @@ def test_files_that_hold_whole_disks_honour_the_umask(tmp_path: Path, umask: int
     done = subprocess.run(["sh", "-c", script, *mirenfs_command()], capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr
     for path in (snapshot, restored):
-        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600 & ~umask, path
 
 
 # ---- --version, --log-level anywhere, a closed pipe -------------------------------------------

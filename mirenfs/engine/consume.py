@@ -35,7 +35,7 @@ from typing import IO, Protocol, Union, cast
 import trio
 import zstandard
 
-from mirenfs.engine.image import SparseWriter, StagingImage, new_file_mode
+from mirenfs.engine.image import SparseWriter, StagingImage, disk_file_mode
 from mirenfs.engine.pipeline import BufferPool, Handoff, LoopWaker, Piece, Stages, Stopped
 from mirenfs.engine.produce import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
 from mirenfs.errors import FormatError, MirenfsError, TargetError
@@ -544,9 +544,9 @@ async def restore_to_path(
             on_header(meta)
         return image_path
 
-    # A new image file the caller named gets the mode `cp` would give it.
+    # A new image file the caller named is its owner's only (the umask may take more away).
     restore = StagedRestore(
-        choose_image, header_read=header_read, new_mode=new_file_mode(), before_install=before_install
+        choose_image, header_read=header_read, new_mode=disk_file_mode(), before_install=before_install
     )
     try:
         async for chunk in chunks:

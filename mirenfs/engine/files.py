@@ -30,9 +30,9 @@ from mirenfs.engine.image import (
     ChunkSource,
     OpenImage,
     cannot_write,
+    disk_file_mode,
     ensure_unchanged,
     is_device,
-    new_file_mode,
 )
 from mirenfs.engine.produce import (
     PLACEHOLDER_CHECKSUM,
@@ -227,7 +227,7 @@ async def _backup_to_regular_file(
         with _naming_a_full_output(output), os.fdopen(fd, "wb") as out:
             meta = await write_snapshot(out, source, settings, of, progress=progress)
             await trio.to_thread.run_sync(os.fsync, out.fileno())
-        os.chmod(temporary, new_file_mode())  # as `cp` would create it: the umask decides
+        os.chmod(temporary, disk_file_mode())  # never readable by others, whatever the umask
         os.rename(temporary, output)
         return meta
     except BaseException:

@@ -703,9 +703,10 @@ def current_umask() -> int:
     return mask
 
 
-def new_file_mode() -> int:
-    """The mode ``cp`` would give a new file: 0666 less the umask."""
-    return 0o666 & ~current_umask()
+def disk_file_mode() -> int:
+    """A new file that holds a whole disk (a backup, a restored image): its owner's only, and
+    the umask still honoured (it may take the owner's bits away too, never grant others any)."""
+    return 0o600 & ~current_umask()
 
 
 def make_private_directory(path: str) -> None:
