@@ -309,6 +309,13 @@ def test_an_ext4_data_path_over_the_budget_refuses_unless_live_reads_are_allowed
         )
         assert refused.code == 1 and "over the freeze budget of 0.001 s" in refused.err, refused.err
         assert not (tmp_path / "x.mirn").exists()
+        # Freezing switched off: the fix offered is a budget, not another filesystem for the disk.
+        off = run_cli(
+            "backup", "pg", "-o", tmp_path / "x.mirn", "--freeze-budget", "0", "--data-path", disk.data
+        )
+        assert off.code == 1 and "freezing is off (freeze budget 0)" in off.err, off.err
+        assert "allow a freeze (-o freeze_budget=SECONDS, backup --freeze-budget SECONDS)" in off.err
+        assert "mount the disk's filesystem where" not in off.err and not (tmp_path / "x.mirn").exists()
         allowed = run_cli(
             "backup",
             "pg",

@@ -235,9 +235,7 @@ def _copy_into(
             )
         else:
             why = f"{in_use}, {why_no_freeze}, and {reflink_problem}"
-            raise _refused(
-                name, why, f"{REFLINK_HINT}, mount the disk's filesystem where mirenfs can freeze it"
-            )
+            raise _refused(name, why, f"{_freeze_hint(why_no_freeze)}, {REFLINK_HINT}")
         return target.keep(taken.identity), taken
 
 
@@ -250,16 +248,29 @@ class _Taken:
     detail: str
 
 
+_FREEZE_OFF = "freezing is off (freeze budget 0)"
+_FREEZE_NEEDS_ROOT = "freezing a filesystem needs root"
+
+
 def _why_no_freeze(loops: list[str], filesystems: list[MountedFilesystem], policy: CopyPolicy) -> str | None:
     if not loops:
         return "no loop device backs its image, so there is no filesystem mirenfs can freeze"
     if not filesystems:
         return "no mounted filesystem was found on its loop devices (used raw, or by a VM)"
     if policy.freeze_budget_s <= 0:
-        return "freezing is off (freeze budget 0)"
+        return _FREEZE_OFF
     if os.geteuid() != 0:
-        return "freezing a filesystem needs root"
+        return _FREEZE_NEEDS_ROOT
     return None
+
+
+def _freeze_hint(why_no_freeze: str) -> str:
+    """What would let the copy be frozen: the fix for the reason it was not."""
+    if why_no_freeze == _FREEZE_OFF:
+        return "allow a freeze (-o freeze_budget=SECONDS, backup --freeze-budget SECONDS)"
+    if why_no_freeze == _FREEZE_NEEDS_ROOT:
+        return "run it as root"
+    return "mount the disk's filesystem where mirenfs can freeze it"
 
 
 def _frozen_reflink(
