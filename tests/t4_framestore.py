@@ -61,6 +61,7 @@ def test_frames_survive_a_remount_privately_and_give_the_same_bytes(
     assert {stat.S_IMODE(path.stat().st_mode) for path in directories} == {0o700}
     [(compressed, data_chunks)] = compressed_counts(mount.log())
     assert compressed == data_chunks > 1
+    assert "the others from the frame store" not in mount.log()  # there were no others
 
     mount.stop()
     mount.start()

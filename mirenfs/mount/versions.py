@@ -458,6 +458,7 @@ class SnapshotService:
 
     def _log_pass(self, name: str, index: SnapshotIndex) -> None:
         data_chunks = index.frame_count - sum(index.zero_chunks)
+        stored = self.frame_store is not None and index.compressed < data_chunks
         log.info(
             "index pass for disk %s done (checksum %s; %d of %d data chunks compressed%s; "
             "hashed from chunk %d of %d)",
@@ -465,7 +466,7 @@ class SnapshotService:
             index.checksum,
             index.compressed,
             data_chunks,
-            ", the others from the frame store" if self.frame_store is not None else "",
+            ", the others from the frame store" if stored else "",
             index.hashed_from,
             index.frame_count,
         )
