@@ -78,6 +78,10 @@ def test_force_replaces_an_existing_disk_and_updates_its_record(data: Path, ext4
         volume_id,
     )
     assert sorted(disks(data)) == ["disk-ext4"]
+    ext4_disk.unlink()  # a disk whose image is gone: the restore writes one, it replaces nothing
+    result = ok("restore", GO_ODD.path, "--name", "disk-ext4", "--data-path", data)
+    assert "restored disk disk-ext4 (image written: the disk had none)" in result.out
+    assert sha256_file(ext4_disk) == GO_ODD.sha256
     assert staging_files(data) == []
 
 

@@ -308,7 +308,7 @@ async def test_go_vectors_install_over_an_existing_disk(
         assert await m.copy_in("pg.mirn", vector.path.read_bytes()) is None
         assert (await m.state("pg.mirn")).startswith("installed")
     # The file's name chose the disk; the log says whose snapshot replaced it.
-    assert f"installed (its image replaced, from a snapshot of disk {vector.name})" in caplog.text
+    assert f"installed (image replaced, from a snapshot of disk {vector.name})" in caplog.text
     assert sha256_file(image) == vector.sha256
     record = Store(str(data_path)).get_disk("pg")
     assert (record.disk.size_bytes, record.disk.filesystem) == (vector.size_bytes, vector.filesystem)

@@ -344,7 +344,7 @@ def _restore_disk(args: argparse.Namespace) -> int:
                 trio.run(_restore_from, DiskRestore(target, header_read=meta), source, bar)
         finally:
             bar.close()
-    how = "new disk" if target.creates_disk else "image replaced"
+    how = target.outcome()
     print(
         f"restored disk {target.name} ({how}) from {args.file}: {meta.size_bytes} bytes, "
         f"checksum {meta.checksum}"

@@ -209,6 +209,7 @@ class RestoreTarget:
     image_path: str | None = None
     size_bytes: int | None = None
     filesystem: str | None = None
+    replaces_image: bool = False  # an existing disk whose image file existed (set by open)
     _created: CreatedDisk | None = field(default=None, repr=False)
     _created_dirs: list[str] = field(default_factory=list, repr=False)
     _finished: bool = field(default=False, repr=False)
@@ -217,6 +218,12 @@ class RestoreTarget:
     @property
     def creates_disk(self) -> bool:
         return self.existing is None
+
+    def outcome(self) -> str:
+        """What an installed restore did to the disk, in a few words (for its one line)."""
+        if self.creates_disk:
+            return "new disk"
+        return "image replaced" if self.replaces_image else "image written: the disk had none"
 
     @property
     def disk(self) -> Disk | None:
@@ -233,7 +240,7 @@ class RestoreTarget:
             self.existing, image_path = self._recheck(self.existing)
             if not self.resolver.find_volume_by_disk_id(self.existing.id).image_path:
                 self._make_parent_dirs(os.path.dirname(image_path))  # a managed volume's directory
-            self.image_path = image_path
+            self.image_path, self.replaces_image = image_path, os.path.lexists(image_path)
             return image_path
         if self.creator is None:  # prepare_restore refuses this; kept for a target built by hand
             raise DiskNotFoundError(self.name)
