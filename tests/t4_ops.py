@@ -248,3 +248,8 @@ def test_status_of_a_dead_mount(tmp_path: Path, mounts) -> None:
     result = run(MIRENFS, "status", mountpoint)
     assert result.returncode == 1 and "does not answer" in result.stderr
     assert f"fusermount3 -u {mountpoint}" in result.stderr
+    again = run(MIRENFS, "mount", mountpoint, "--data-path", data)
+    assert again.returncode == 1 and again.stderr.strip() == (
+        f"mirenfs: error: a dead mount is left at {mountpoint} (its daemon was killed); run: fusermount3 -u "
+        f"{mountpoint}, then mount again (the new mount also thaws a filesystem the killed one left frozen)"
+    )

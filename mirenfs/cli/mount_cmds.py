@@ -80,7 +80,8 @@ def config_from(args: argparse.Namespace) -> MountConfig:
         if exc.errno == errno.ENOTCONN:
             raise MirenfsError(
                 f"a dead mount is left at {mountpoint} (its daemon was killed); "
-                f"run: fusermount3 -u {mountpoint}"
+                f"run: fusermount3 -u {mountpoint}, then mount again (the new mount also thaws "
+                "a filesystem the killed one left frozen)"
             ) from None
         info = None
     if info is None:
