@@ -333,7 +333,7 @@ def test_errors_about_a_snapshot_name_it_and_the_target_is_left_alone(tmp_path: 
     (listed,) = json.loads(before)
     image_before = Path(listed["image_path"]).read_bytes()
     status, _out, err = said("restore", str(cut), "--name", "pg", "--force", "--data-path", str(store))
-    assert status == 1 and err.endswith("; disk pg is as it was"), err
+    assert status == 1 and err.endswith("; disk pg is unchanged"), err
     assert said("disk", "list", "--json", "--data-path", str(store))[1] == before
     assert Path(listed["image_path"]).read_bytes() == image_before
     status, _out, err = said("restore", str(empty), "--data-path", str(store))

@@ -331,20 +331,16 @@ def _restore_disk(args: argparse.Namespace) -> int:
             meta = read_header(source)
         if target is None:
             target = prepare(meta.name)
-        # As --image says it: a failed restore removes a disk it was creating and keeps the old image.
-        kept = (
-            f"disk {target.name} was not created"
-            if target.creates_disk
-            else f"disk {target.name} is as it was"
-        )
         total = _remaining_bytes(source)
         bar = ProgressBar(total, f"restore {target.name}")
         try:
-            with naming_the_snapshot(args.file, kept):
+            with naming_the_snapshot(args.file):
                 trio.run(_restore_from, DiskRestore(target, header_read=meta), source, bar)
+        except FormatError as exc:  # undone by now: say what that left of the disk, as --image does
+            raise FormatError(f"{exc}; {target.outcome()}") from None
         finally:
             bar.close()
-    how = target.outcome()
+    how = target.installed_as()
     print(
         f"restored disk {target.name} ({how}) from {args.file}: {meta.size_bytes} bytes, "
         f"checksum {meta.checksum}"

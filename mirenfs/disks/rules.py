@@ -219,7 +219,7 @@ class RestoreTarget:
     def creates_disk(self) -> bool:
         return self.existing is None
 
-    def outcome(self) -> str:
+    def installed_as(self) -> str:
         """What an installed restore did to the disk, in a few words (for its one line)."""
         if self.creates_disk:
             return "new disk"

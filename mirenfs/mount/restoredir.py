@@ -420,7 +420,7 @@ class RestoreDirectory:
             raise await self._fail(entry, exc) from None
         entry.session = None
         created = session.target.creates_disk
-        how = "a new disk, created from the snapshot's header" if created else session.target.outcome()
+        how = "a new disk, created from the snapshot's header" if created else session.target.installed_as()
         if meta.name != entry.disk:  # the file's name chose the disk: say whose snapshot it was
             how += f", from a snapshot of disk {meta.name}"
         entry.state = f"installed: created disk {entry.disk}" if created else "installed"
