@@ -203,6 +203,25 @@ class DiskBusyError(MirenfsError):
     errno = EBUSY
 
 
+# --- showing text that came from outside (a snapshot's header, a file name) ---
+
+_QUOTED_LIMIT = 80  # characters of a value a sentence repeats; a 1 MiB field is not a log line
+
+
+def quoted(text: str) -> str:
+    """``text`` as a sentence repeats a value it refuses: quoted with Python's escapes, so no
+    control character, line break or terminal escape reaches a log or a terminal, and cut short."""
+    if len(text) > _QUOTED_LIMIT:
+        return repr(text[:_QUOTED_LIMIT]) + f"… ({len(text)} characters)"
+    return repr(text)
+
+
+def printable(text: str) -> str:
+    """``text`` as it is when every character prints, else :func:`quoted`: for a name in a line
+    of output, which must stay one line whatever the snapshot's header holds."""
+    return text if text.isprintable() else quoted(text)
+
+
 # --- the mount itself ---
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import multiprocessing
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,9 @@ from mirenfs.disks import live as disks_module
 from mirenfs.disks.manage import sweep_stale_staging as remove_stale_staging
 from mirenfs.disks.store import Store
 from mirenfs.engine.fstype import detect_filesystem
-from mirenfs.format.header import read_header
+from mirenfs.format.header import decode_header, read_header
 
+from support.bad_snapshots import FORGED_LOG_LINE
 from support.data import BAD_NAMES, sha256_file, staging_files
 from support.runners import ok, refused, run_cli, run_mirenfs
 from support.store import churn_store, disks, store_state
@@ -201,6 +203,35 @@ def test_a_bad_name_in_the_header_is_refused(data: Path, ext4_disk: Path, tmp_pa
     refused("'../escape' is not a valid disk name", "restore", sneaky, "--data-path", data)
     assert store_state(data) == before
     assert not (data / "disk-data" / "escape").exists()
+
+
+@pytest.mark.parametrize("filesystem", ["ntfs", "../../etc", f"ext4\n{FORGED_LOG_LINE}"])
+def test_a_header_whose_filesystem_no_disk_has_is_refused_before_anything_changes(
+    data: Path, ext4_disk: Path, tmp_path: Path, filesystem: str
+) -> None:
+    """A restore records the header's filesystem with the disk: only disk create's are taken, by
+    every form of restore, and the refusal repeats the value escaped (one line, nothing forged)."""
+    snapshot = tmp_path / "odd.mirn"
+    meta, header_len = decode_header(GO_ODD.path.read_bytes())
+    snapshot.write_bytes(
+        replace(meta, filesystem=filesystem).header() + GO_ODD.path.read_bytes()[header_len:]
+    )
+    said = (
+        f"{snapshot}: the snapshot's header gives the filesystem {filesystem!r}, and a restore accepts only "
+    )
+    before, image = store_state(data), tmp_path / "new.img"
+    for argv in (
+        ["--name", "fresh", "--data-path", data],
+        ["--data-path", data],  # the disk the header names (disk-odd): not created either
+        ["--name", "disk-ext4", "--force", "--data-path", data],
+        ["--image", image],
+    ):
+        refused(said + "ext4, xfs or btrfs", "restore", snapshot, *argv)  # one line: nothing forged
+        assert store_state(data) == before and staging_files(data) == [] and not image.exists()
+    assert sha256_file(ext4_disk) == GO_EXT4.sha256
+    listed = run_cli("disk", "list", "--data-path", data).out.splitlines()
+    assert len(listed) == 2 and "disk-ext4" in listed[1]
+    refused(said, "verify", snapshot)  # it would not restore: verify does not call it OK
 
 
 def test_a_store_that_cannot_be_read_creates_nothing(data: Path) -> None:

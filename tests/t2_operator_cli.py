@@ -11,13 +11,15 @@ import signal
 import stat
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from mirenfs.cli import mount_helper
-from mirenfs.format.header import Meta, Timestamp, write_header
+from mirenfs.format.header import Meta, Timestamp, decode_header, write_header
 
+from support.bad_snapshots import FORGED_LOG_LINE
 from support.data import write_image
 from support.mounts import wait_for
 from support.runners import mirenfs_command, run_mirenfs
@@ -279,6 +281,29 @@ def test_names_that_cannot_be_encoded_are_printed_safely(tmp_path: Path) -> None
         result = run_mirenfs(*argv)
         assert result.returncode == 0, result.stderr
         assert b"Traceback" not in result.stderr and b"unexpected" not in result.stderr
+
+
+def test_header_strings_with_line_breaks_are_shown_escaped(tmp_path: Path) -> None:
+    """inspect shows any header (Go's reader takes any string) and verify names the disk, but a
+    newline in the header never starts a line of their output."""
+    data = GO_ODD.path.read_bytes()
+    meta, header_len = decode_header(data)
+    forged = replace(meta, name=f"odd\n{FORGED_LOG_LINE}", filesystem=f"xfs\n{FORGED_LOG_LINE}")
+    snapshot = tmp_path / "odd.mirn"
+    snapshot.write_bytes(forged.header() + data[header_len:])
+    inspected = run_mirenfs("inspect", str(snapshot))
+    assert inspected.returncode == 0, inspected.stderr
+    lines = inspected.stdout.decode().splitlines()
+    assert f"filesystem: {forged.filesystem!r}" in lines and f"name: {forged.name!r}" in lines
+    assert not [line for line in lines if line.startswith(FORGED_LOG_LINE)]
+    forged = replace(meta, name=f"odd\n{FORGED_LOG_LINE}")
+    snapshot.write_bytes(forged.header() + data[header_len:])
+    verified = run_mirenfs("verify", str(snapshot))
+    assert verified.returncode == 0, verified.stderr
+    assert (
+        verified.stdout.decode()
+        == f"{snapshot}: OK ({forged.name!r}, {meta.size_bytes} bytes, checksum {meta.checksum})\n"
+    )
 
 
 # ---- a bad snapshot's error names the file, and what became of the target ----------------------

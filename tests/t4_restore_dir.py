@@ -15,7 +15,7 @@ import pytest
 
 from mirenfs.format.header import Meta
 
-from support.bad_snapshots import CASES, bad_inputs, make_good_snapshot
+from support.bad_snapshots import CASES, FORGED_LOG_LINE, bad_inputs, make_good_snapshot
 from support.data import sha256_file, sha256_sparse, staging_files, write_image
 from support.loops import loop_device
 from support.mounts import restore_state as state
@@ -162,6 +162,30 @@ def test_bad_snapshot_fails_cp_and_loses_nothing(
     assert not (data / "disk-data" / "volumes").exists() or not any(
         p.name == "disk.img" for p in (data / "disk-data" / "volumes").rglob("*")
     )
+    assert staging_files(tmp_path) == []
+
+
+def test_a_filesystem_no_disk_has_is_einval_and_its_value_never_reaches_the_log_raw(
+    good_snapshot, existing, tmp_path: Path, mounts
+) -> None:
+    """A header's filesystem holding a newline and a log line of its own: cp fails with EINVAL, the
+    log and the entry's state repeat it escaped, and no disk is created."""
+    data, image, before = existing
+    mnt = tmp_path / "mnt"
+    snapshot, _reason = bad_inputs(*good_snapshot)["filesystem with a log line"]
+    forged = "ext4\n" + FORGED_LOG_LINE
+    escaped = f"the snapshot's header gives the filesystem {forged!r}"
+    mount = mounts(mnt, data, expect_log=[re.escape(f"restore/fresh.mirn by uid 0 failed: {escaped}")])
+    bad = tmp_path / "bad.mirn"
+    bad.write_bytes(snapshot)
+    result = subprocess.run(
+        ["cp", str(bad), str(mnt / "restore" / "fresh.mirn")], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1 and "Invalid argument" in result.stderr, result.stderr
+    assert state(mnt, "fresh.mirn").startswith(f"failed: {escaped}, and a restore accepts only ext4")
+    assert [line for line in mount.log().splitlines() if escaped in line] != []
+    assert not [line for line in mount.log().splitlines() if line.startswith(FORGED_LOG_LINE)]
+    assert disk_record(data, "fresh") is None and sha256_file(image) == before
     assert staging_files(tmp_path) == []
 
 

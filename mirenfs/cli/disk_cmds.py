@@ -14,10 +14,11 @@ import sys
 from typing import Any
 
 from mirenfs.cli.common import add_data_path_option, catalog_from, human_size, parse_size
-from mirenfs.disks.manage import FILESYSTEMS, create_disk, remove_disk
+from mirenfs.disks.manage import create_disk, remove_disk
 from mirenfs.disks.model import Catalog, DiskState, LeaseState, validate_disk_name
 from mirenfs.engine.fstype import detect_filesystem
-from mirenfs.errors import MirenfsError
+from mirenfs.errors import MirenfsError, printable
+from mirenfs.format.header import FILESYSTEMS
 
 
 def register(commands: Any) -> None:
@@ -140,7 +141,7 @@ def cmd_disk_list(args: argparse.Namespace) -> int:
     table = [("NAME", "STATUS", "FILESYSTEM", "SIZE", "LEASES", *(("NODE",) if nodes else ()), "IMAGE")]
     for record in records:
         bound = [lease.id for lease in record.leases if lease.status == LeaseState.BOUND]
-        image = record.image_path or "-"
+        image = printable(record.image_path) if record.image_path else "-"
         if record.image_path and not os.path.isfile(record.image_path):
             image += " (missing)"
         node = (record.volume.node if record.volume else None) or "-"
@@ -148,7 +149,7 @@ def cmd_disk_list(args: argparse.Namespace) -> int:
             (
                 record.disk.name,
                 record.disk.status.value,
-                record.disk.filesystem,
+                printable(record.disk.filesystem),  # a store written before restores checked it
                 human_size(record.disk.size_bytes),
                 ",".join(bound) or "-",
                 *((node,) if nodes else ()),

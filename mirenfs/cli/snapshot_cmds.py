@@ -28,7 +28,6 @@ from mirenfs.cli.common import (
     settings_from,
 )
 from mirenfs.disks.live import loop_devices_backing
-from mirenfs.disks.manage import FILESYSTEMS
 from mirenfs.disks.model import DiskState
 from mirenfs.disks.pointintime import DEFAULT_FREEZE_BUDGET_S, Consistency, CopyPolicy, take_point_in_time
 from mirenfs.disks.restore import DiskRestore
@@ -36,9 +35,9 @@ from mirenfs.disks.rules import RestoreTarget, prepare_backup, prepare_restore, 
 from mirenfs.engine.files import backup_image, open_input, read_pieces, restore_file, verify_file
 from mirenfs.engine.fstype import detect_filesystem
 from mirenfs.engine.produce import Settings
-from mirenfs.errors import FormatError, LiveCheckError, MirenfsError, TargetError
+from mirenfs.errors import FormatError, LiveCheckError, MirenfsError, TargetError, printable
 from mirenfs.format.frames import parse_seek_table
-from mirenfs.format.header import Meta, read_header
+from mirenfs.format.header import FILESYSTEMS, Meta, read_header, validate_restorable
 from mirenfs.mount.config import clone_directory_of
 
 log = logging.getLogger(__name__)
@@ -221,7 +220,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(fields, ensure_ascii=False))
     else:
         for key, value in fields.items():
-            print(f"{key}: {value if value is not None else '-'}")
+            # The header's strings may hold anything: each field stays on its line.
+            shown = printable(value) if isinstance(value, str) else value
+            print(f"{key}: {shown if shown is not None else '-'}")
         if frames is None:
             print(
                 "(no seek table at the end: a snapshot written by Go's code, or a file cut short; "
@@ -266,7 +267,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             meta = trio.run(partial(verify_file, args.file, progress=bar))
     finally:
         bar.close()
-    print(f"{_shown(args.file)}: OK ({meta.name}, {meta.size_bytes} bytes, checksum {meta.checksum})")
+    name = printable(meta.name)
+    print(f"{_shown(args.file)}: OK ({name}, {meta.size_bytes} bytes, checksum {meta.checksum})")
     return 0
 
 
@@ -328,7 +330,7 @@ def _restore_disk(args: argparse.Namespace) -> int:
     target = prepare(args.name) if args.name is not None else None
     with open_input(args.file) as source:
         with naming_the_snapshot(args.file):
-            meta = read_header(source)
+            meta = validate_restorable(read_header(source))  # before a disk is looked up by its name
         if target is None:
             target = prepare(meta.name)
         total = _remaining_bytes(source)

@@ -33,7 +33,6 @@ from mirenfs.errors import (
 
 log = logging.getLogger(__name__)
 
-FILESYSTEMS = ("ext4", "xfs", "btrfs")
 # mkfs per filesystem: the command, the option that fills it from a directory, the package to install.
 _MKFS = {
     "ext4": (["mkfs.ext4", "-q", "-F"], "-d", "e2fsprogs"),

@@ -40,7 +40,7 @@ from mirenfs.engine.pipeline import BufferPool, Handoff, LoopWaker, Piece, Stage
 from mirenfs.engine.produce import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
 from mirenfs.errors import FormatError, MirenfsError, TargetError
 from mirenfs.format.frames import FrameScanner, zero_frame
-from mirenfs.format.header import HeaderParser, Meta, truncated_header, validate_meta
+from mirenfs.format.header import HeaderParser, Meta, truncated_header, validate_restorable
 
 # Decompressed bytes per piece: each piece costs the hash stage one trip for the GIL, which
 # another thread may hold; 4 MiB keeps those trips rare (the piece is in L3 either way).
@@ -310,7 +310,7 @@ class RestoreStream:
         self._open_target = open_target
         self._header = HeaderParser()
         if header_read is not None:  # the caller already consumed the header (Go's RestoreImage)
-            self._header.meta = validate_meta(header_read)
+            self._header.meta = validate_restorable(header_read)
         self._pipeline: _Pipeline | None = None
         self._finalizer: weakref.finalize[[], RestoreStream] | None = None
         self._opened = False
@@ -401,6 +401,7 @@ class RestoreStream:
             meta = self._header.meta
             assert meta is not None
             self._opened = True
+            validate_restorable(meta)  # before the target is opened: a refused header changes nothing
             writer = await self._open_target(meta)
             pipeline = self._pipeline = _Pipeline(meta.size_bytes, writer)
             self._finalizer = weakref.finalize(

@@ -16,9 +16,10 @@ import struct
 from dataclasses import dataclass
 from typing import BinaryIO, cast
 
-from mirenfs.errors import FormatError
+from mirenfs.errors import FormatError, quoted
 from mirenfs.format.frames import ZSTD_MAGIC
 
+FILESYSTEMS = ("ext4", "xfs", "btrfs")  # SPEC §2: what a snapshot's filesystem is, and a disk holds
 MAGIC = b"MIRN"
 _ZSTD_MAGIC_BYTES = ZSTD_MAGIC.to_bytes(4, "little")  # what a plain .zst file starts with
 FORMAT_VERSION = 1
@@ -325,6 +326,23 @@ def validate_meta(meta: Meta) -> Meta:
         raise FormatError(f"the snapshot checksum is not 64 hex digits (it has {length} characters)")
     if meta.version != FORMAT_VERSION:
         raise FormatError(f"unsupported snapshot metadata version {meta.version}")
+    return meta
+
+
+def validate_restorable(meta: Meta) -> Meta:
+    """:func:`validate_meta`, and what a restore needs besides: a filesystem a disk can hold.
+
+    Reading and inspecting take any string there, as Go's reader does (its
+    zero-value header has none); a restore records it with the disk, so only
+    the filesystems ``disk create`` makes are accepted, before anything is created.
+    """
+    validate_meta(meta)
+    if meta.filesystem not in FILESYSTEMS:
+        accepted = ", ".join(FILESYSTEMS[:-1]) + f" or {FILESYSTEMS[-1]}"
+        raise FormatError(
+            f"the snapshot's header gives the filesystem {quoted(meta.filesystem)}, and a restore "
+            f"accepts only {accepted}: it is not a snapshot of a Miren disk"
+        )
     return meta
 
 

@@ -32,7 +32,7 @@ import trio
 from mirenfs.disks.model import Catalog, validate_disk_name
 from mirenfs.disks.restore import DiskRestore
 from mirenfs.disks.rules import RestoreTarget, prepare_restore
-from mirenfs.errors import ImageExistsError, MirenfsError, RestoreRefused
+from mirenfs.errors import ImageExistsError, MirenfsError, RestoreRefused, printable
 from mirenfs.mount.openfiles import held_open
 
 log = logging.getLogger(__name__)
@@ -422,7 +422,7 @@ class RestoreDirectory:
         created = session.target.creates_disk
         how = "a new disk, created from the snapshot's header" if created else session.target.installed_as()
         if meta.name != entry.disk:  # the file's name chose the disk: say whose snapshot it was
-            how += f", from a snapshot of disk {meta.name}"
+            how += f", from a snapshot of disk {printable(meta.name)}"  # the header's, unchecked
         entry.state = f"installed: created disk {entry.disk}" if created else "installed"
         entry.detail = f" ({meta.size_bytes} bytes, checksum {meta.checksum})"
         log.info(

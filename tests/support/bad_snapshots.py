@@ -16,6 +16,7 @@ from mirenfs.format.header import Meta, decode_header
 from support.data import write_image
 from support.runners import run_mirenfs
 
+FORGED_LOG_LINE = "2026-11-27 00:00:00,000 mirenfs[1]: INFO: FAKE LINE"  # what a header may try to log
 CASES = [
     "bad magic",
     "version 2",
@@ -23,6 +24,9 @@ CASES = [
     "malformed JSON",
     "checksum not 64 hex",
     "negative size",
+    "filesystem ntfs",
+    "filesystem a path",
+    "filesystem with a log line",
     "truncated header",
     "truncated data",
     "flipped byte in a frame",
@@ -75,6 +79,17 @@ def bad_inputs(data: bytes, meta: Meta, h: int) -> dict[str, tuple[bytes, str]]:
         "malformed JSON": (_with_body(meta.to_json()[:-7], data, h), "not valid JSON"),
         "checksum not 64 hex": (_with_meta(meta, data, h, checksum="abc123"), "not 64 hex digits"),
         "negative size": (_with_meta(meta, data, h, size_bytes=-5), "negative size_bytes"),
+        # Restores record the filesystem with the disk and say it in logs: one of disk create's only,
+        # and repeated escaped (a raw newline would forge a log line, or break `disk list`).
+        "filesystem ntfs": (_with_meta(meta, data, h, filesystem="ntfs"), "filesystem 'ntfs'.*only ext4"),
+        "filesystem a path": (
+            _with_meta(meta, data, h, filesystem="../../etc"),
+            r"filesystem '\.\./\.\./etc'",
+        ),
+        "filesystem with a log line": (
+            _with_meta(meta, data, h, filesystem=f"ext4\n{FORGED_LOG_LINE}"),
+            r"filesystem 'ext4\\n2026-11-27 .*FAKE LINE'",
+        ),
         "truncated header": (data[: h - 10], "header is truncated"),
         "truncated data": (data[: h + (len(data) - h) // 2], "truncated"),
         "flipped byte in a frame": (_flip(data, h + 1000), "corrupt|checksum"),

@@ -164,6 +164,8 @@ def check_header(data: bytes) -> tuple[dict[str, object], int]:
         raise Refused("checksum not 64 hex digits")
     if fields["version"] != 1:
         raise Refused("metadata version")
+    if fields["filesystem"] not in ("ext4", "xfs", "btrfs"):  # a restore records it with the disk
+        raise Refused("filesystem")
     return fields, 12 + length
 
 
