@@ -203,7 +203,7 @@ class DiskBusyError(MirenfsError):
     errno = EBUSY
 
 
-# --- showing text that came from outside (a snapshot's header, a file name) ---
+# --- showing values in a sentence: text that came from outside (a snapshot's header), sizes ---
 
 _QUOTED_LIMIT = 80  # characters of a value a sentence repeats; a 1 MiB field is not a log line
 
@@ -220,6 +220,17 @@ def printable(text: str) -> str:
     """``text`` as it is when every character prints, else :func:`quoted`: for a name in a line
     of output, which must stay one line whatever the snapshot's header holds."""
     return text if text.isprintable() else quoted(text)
+
+
+def size_in_words(size: int) -> str:
+    """``1.0 PiB (1125899906842624 bytes)``: a size a sentence states, in binary units with the
+    exact count, or ``512 bytes``."""
+    value, unit = float(size), "bytes"
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if value < 1024 or unit == "EiB":
+            break
+        value /= 1024
+    return f"{size} bytes" if unit == "bytes" else f"{value:.1f} {unit} ({size} bytes)"
 
 
 # --- the mount itself ---

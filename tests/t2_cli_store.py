@@ -20,7 +20,7 @@ from mirenfs.engine.fstype import detect_filesystem
 from mirenfs.format.header import decode_header, read_header
 
 from support.bad_snapshots import FORGED_LOG_LINE
-from support.data import BAD_NAMES, sha256_file, staging_files
+from support.data import BAD_NAMES, holds_a_petabyte, sha256_file, staging_files
 from support.runners import ok, refused, run_cli, run_mirenfs
 from support.store import churn_store, disks, store_state
 from support.vectors import GO_EXT4, GO_ODD
@@ -232,6 +232,21 @@ def test_a_header_whose_filesystem_no_disk_has_is_refused_before_anything_change
     listed = run_cli("disk", "list", "--data-path", data).out.splitlines()
     assert len(listed) == 2 and "disk-ext4" in listed[1]
     refused(said, "verify", snapshot)  # it would not restore: verify does not call it OK
+
+
+def test_a_header_claiming_a_petabyte_says_so_and_leaves_nothing(data: Path, tmp_path: Path) -> None:
+    if holds_a_petabyte(tmp_path):
+        pytest.skip(f"the filesystem of {tmp_path} holds a 1 PiB file")
+    data_bytes = GO_ODD.path.read_bytes()
+    meta, header_len = decode_header(data_bytes)
+    snapshot = tmp_path / "huge.mirn"
+    snapshot.write_bytes(replace(meta, size_bytes=1 << 50).header() + data_bytes[header_len:])
+    said = "the snapshot's header claims a disk of 1.0 PiB (1125899906842624 bytes), which the filesystem "
+    refused(said, "restore", snapshot, "--name", "huge", "--data-path", data)
+    refused(said, "restore", snapshot, "--image", tmp_path / "new.img")
+    assert disks(data) == {} and staging_files(data) == []
+    assert not (data / "disk-data").exists() or list((data / "disk-data").rglob("*.img")) == []
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["data", "huge.mirn"]
 
 
 def test_a_store_that_cannot_be_read_creates_nothing(data: Path) -> None:

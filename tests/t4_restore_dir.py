@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import pytest
 from mirenfs.format.header import Meta
 
 from support.bad_snapshots import CASES, FORGED_LOG_LINE, bad_inputs, make_good_snapshot
-from support.data import sha256_file, sha256_sparse, staging_files, write_image
+from support.data import holds_a_petabyte, sha256_file, sha256_sparse, staging_files, write_image
 from support.loops import loop_device
 from support.mounts import restore_state as state
 from support.mounts import wait_for
@@ -187,6 +188,24 @@ def test_a_filesystem_no_disk_has_is_einval_and_its_value_never_reaches_the_log_
     assert not [line for line in mount.log().splitlines() if line.startswith(FORGED_LOG_LINE)]
     assert disk_record(data, "fresh") is None and sha256_file(image) == before
     assert staging_files(tmp_path) == []
+
+
+def test_a_header_claiming_a_petabyte_fails_cp_with_efbig(good_snapshot, tmp_path: Path, mounts) -> None:
+    data, mnt = tmp_path / "data", tmp_path / "mnt"
+    data.mkdir()
+    if holds_a_petabyte(data):
+        pytest.skip(f"the filesystem of {data} holds a 1 PiB file")
+    good, meta, header_len = good_snapshot
+    claims = "the snapshot's header claims a disk of 1.0 PiB (1125899906842624 bytes)"
+    mounts(mnt, data, expect_log=[re.escape(f"restore/huge.mirn by uid 0 failed: {claims}")])
+    huge = tmp_path / "huge.mirn"
+    huge.write_bytes(replace(meta, size_bytes=1 << 50).header() + good[header_len:])
+    result = subprocess.run(
+        ["cp", str(huge), str(mnt / "restore" / "huge.mirn")], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1 and "File too large" in result.stderr, result.stderr
+    assert state(mnt, "huge.mirn").startswith(f"failed: {claims}, which the filesystem holding ")
+    assert disk_record(data, "huge") is None and staging_files(tmp_path) == []
 
 
 def test_refusals_reach_cp_with_their_errno(existing, tmp_path: Path, mounts, need_tool) -> None:

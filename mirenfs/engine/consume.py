@@ -23,6 +23,7 @@ zstandard's C objects hide references from the garbage collector).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import stat
@@ -38,7 +39,7 @@ import zstandard
 from mirenfs.engine.image import SparseWriter, StagingImage, disk_file_mode
 from mirenfs.engine.pipeline import BufferPool, Handoff, LoopWaker, Piece, Stages, Stopped
 from mirenfs.engine.produce import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
-from mirenfs.errors import FormatError, MirenfsError, TargetError
+from mirenfs.errors import FormatError, MirenfsError, TargetError, size_in_words
 from mirenfs.format.frames import FrameScanner, zero_frame
 from mirenfs.format.header import HeaderParser, Meta, truncated_header, validate_restorable
 
@@ -470,7 +471,17 @@ class StagedRestore:
 
     async def _open_target(self, meta: Meta) -> ImageWriter:
         image_path = await self._choose_image(meta)
-        self._staging = await trio.to_thread.run_sync(StagingImage.create, image_path, meta.size_bytes)
+        try:
+            self._staging = await trio.to_thread.run_sync(StagingImage.create, image_path, meta.size_bytes)
+        except TargetError as exc:
+            if exc.errno != errno.EFBIG:
+                raise
+            raise TargetError(
+                f"the snapshot's header claims a disk of {size_in_words(meta.size_bytes)}, which the "
+                f"filesystem holding {image_path} cannot hold (File too large); restore it where a file "
+                "that large fits, or check the snapshot (a damaged header can claim any size)",
+                errno.EFBIG,
+            ) from None
         return self._staging.writer()
 
     async def feed(self, data: bytes | bytearray | memoryview) -> None:
