@@ -6,12 +6,15 @@ import io
 import json
 
 import pytest
+import zstandard
 
 from mirenfs import FORMAT_VERSION, MAGIC, Meta, Timestamp, read_header, write_header
 from mirenfs.errors import FormatError
+from mirenfs.format.frames import FrameScanner
 from mirenfs.format.header import HeaderParser, decode_header, go_json_string
 
 from support.bad_snapshots import raw_header
+from support.fuzz import streamed_frame
 from support.vectors import VECTORS_DIR
 
 CASES = [json.loads(line) for line in (VECTORS_DIR / "headers.jsonl").read_text().splitlines()]
@@ -143,3 +146,18 @@ def test_truncatedraw_header() -> None:
 def test_unknown_keys_are_ignored() -> None:
     meta = read_header(io.BytesIO(raw_header(_body(extra={"x": 1}, compression="zstd"))))
     assert meta.name == "d" and meta.size_bytes == 5
+
+
+@pytest.mark.parametrize("window_log", [10, 20, 27, 28, 31])
+def test_the_frame_scanner_reads_the_window_each_frame_asks_for(window_log: int) -> None:
+    """What a frame needs to decode, read from its header as zstd reads it (fed a byte at a time)."""
+    frames = [
+        streamed_frame(b"x" * 5000, window_log=window_log),  # a window descriptor
+        zstandard.ZstdCompressor(write_content_size=True).compress(b"y" * 300),  # single segment: its content
+    ]
+    for frame in frames:
+        scanner = FrameScanner()
+        for n in range(len(frame)):
+            scanner.feed(frame[n : n + 1])
+        assert scanner.at_boundary and scanner.frames == 1
+        assert scanner.window_size == zstandard.get_frame_parameters(frame).window_size

@@ -8,6 +8,8 @@ from __future__ import annotations
 import gc
 import hashlib
 import os
+import random
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -80,6 +82,35 @@ def test_a_large_window_is_freed_after_each_stream(tmp_path: Path) -> None:
     gc.collect()
     grown = rss_mib() - before
     assert grown < 96, f"RSS grew {grown:.0f} MiB over 8 streams of 64 MiB through a 128 MiB window"
+
+
+def test_a_window_over_128_mib_is_named_not_called_corrupt(tmp_path: Path) -> None:
+    """zstd --long=28 (from a pipe: no size to shrink the window to) asks for a 256 MiB window,
+    over the 128 MiB mirenfs decodes: verify and restore say so, and what to do."""
+    content = random.Random(3).randbytes(1 << 20)
+    packed = subprocess.run(
+        ["zstd", "-q", "--long=28", "-c"], input=content, capture_output=True, check=True, timeout=60
+    ).stdout
+    fields = {
+        "name": "long",
+        "size_bytes": len(content),
+        "filesystem": "ext4",
+        "timestamp": "2026-06-04T12:00:00Z",
+        "checksum": hashlib.sha256(content).hexdigest(),
+        "version": 1,
+    }
+    snapshot = tmp_path / "long.mirn"
+    snapshot.write_bytes(header(metadata(**fields)) + packed)
+    said = (
+        f"mirenfs: error: {snapshot}: the snapshot's zstd data needs a decoding window of 256 MiB, and "
+        "mirenfs decodes windows up to 128 MiB (was it compressed with zstd --long?); "
+    )
+    image = tmp_path / "long.img"
+    for argv in (["verify", str(snapshot)], ["restore", str(snapshot), "--image", str(image)]):
+        done = run_mirenfs(*argv, timeout=60)
+        assert done.returncode == 1 and done.stderr.decode().startswith(said), done.stderr
+        assert b"corrupt" not in done.stderr and done.stderr.count(b"\n") == 1
+    assert not image.exists() and staging_files(tmp_path) == []
 
 
 # ---- 4: what is planted at the staging path fails the restore at once ---------------------------------

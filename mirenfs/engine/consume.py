@@ -53,6 +53,9 @@ _UNBOUNDED = 1 << 62  # the pool bounds the pieces between stages, not the hand-
 ZERO_FRAME_CONTENT = DEFAULT_CHUNK_SIZE
 ZERO_FRAME = zero_frame(DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL)  # what mirenfs writes for a zero chunk
 _ZEROS = bytes(PIECE)
+# The largest decoding window accepted (zstd's own default limit): a frame asking for more (zstd
+# --long=28 and above) is refused rather than let the mount's memory grow by its window.
+MAX_WINDOW = 1 << 27
 
 
 class ImageWriter(Protocol):
@@ -205,7 +208,7 @@ class _Pipeline:
 
     def _decompress_loop(self) -> None:
         source = _CompressedInput(self.input, self.scanner, self._waker)
-        decompressor = zstandard.ZstdDecompressor()
+        decompressor = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
         try:
             while not source.ended:
                 reader = decompressor.stream_reader(
@@ -220,6 +223,8 @@ class _Pipeline:
                     self._waker.set(source.settling.event)
                     source.settling = None
         except zstandard.ZstdError as exc:
+            if "too much memory" in str(exc) and self.scanner.window_size > MAX_WINDOW:
+                raise FormatError(_window_too_large(self.scanner.window_size)) from None
             raise FormatError(f"the snapshot data is corrupt: {exc}") from None
         finally:
             for handoff in (self._to_hash, self._to_write):
@@ -426,6 +431,14 @@ class RestoreStream:
         if self._failure is not None:
             await self.close()
             raise self._failure
+
+
+def _window_too_large(window: int) -> str:
+    return (
+        f"the snapshot's zstd data needs a decoding window of {window >> 20} MiB, and mirenfs decodes "
+        f"windows up to {MAX_WINDOW >> 20} MiB (was it compressed with zstd --long?); recompress it "
+        "without --long, or with --long=27 at most"
+    )
 
 
 def _check_whole(meta: Meta, pipeline: _Pipeline) -> None:

@@ -86,6 +86,26 @@ def parse_seek_table(tail: bytes) -> list[tuple[int, int, int]]:
     return entries
 
 
+def _frame_header_rest(descriptor: int) -> int:
+    """Bytes of a frame header after its magic and descriptor: window, dictionary id, content size."""
+    single_segment = bool(descriptor & 0x20)
+    fcs_len = (1 if single_segment else 0, 2, 4, 8)[descriptor >> 6]
+    return (0 if single_segment else 1) + (0, 1, 2, 4)[descriptor & 0x03] + fcs_len
+
+
+def frame_window_size(header: bytes) -> int:
+    """The decoding window a whole frame header (magic included) asks for (RFC 8878 3.1.1.1.2);
+    a single-segment frame's window is its content."""
+    descriptor = header[4]
+    if not descriptor & 0x20:
+        exponent, mantissa = header[5] >> 3, header[5] & 7
+        base = 1 << (10 + exponent)
+        return base + (base >> 3) * mantissa
+    fcs_len = (1, 2, 4, 8)[descriptor >> 6]
+    content = int.from_bytes(header[len(header) - fcs_len :], "little")
+    return content + 256 if fcs_len == 2 else content
+
+
 class FrameScanner:
     """Tracks zstd frame boundaries over a stream fed in pieces of any size.
 
@@ -100,6 +120,7 @@ class FrameScanner:
         self._need = 4
         self._checksum_len = 0
         self.frames = 0
+        self.window_size = 0  # the decoding window the latest zstd frame's header asks for
 
     @property
     def at_boundary(self) -> bool:
@@ -139,11 +160,10 @@ class FrameScanner:
             descriptor = header[4]
             if descriptor & 0x08:
                 raise FormatError("the zstd data is corrupt: reserved frame header bit set")
-            single_segment = bool(descriptor & 0x20)
-            fcs_len = (1 if single_segment else 0, 2, 4, 8)[descriptor >> 6]
-            dict_len = (0, 1, 2, 4)[descriptor & 0x03]
             self._checksum_len = 4 if descriptor & 0x04 else 0
-            self._skip = (0 if single_segment else 1) + dict_len + fcs_len
+            self._set("fparams", 5 + _frame_header_rest(descriptor), keep=True)
+        elif state == "fparams":
+            self.window_size = frame_window_size(header)
             self._set("block", 3)
         elif state == "block":
             value = int.from_bytes(header, "little")
