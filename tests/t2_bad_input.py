@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from mirenfs.format.header import Meta
 from support.bad_snapshots import CASES, bad_inputs, make_good_snapshot
 from support.data import sha256_file, staging_files, write_image
 from support.runners import run_mirenfs
+from support.vectors import GO_VECTORS
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +79,105 @@ def test_bad_snapshot_fails_verify(good: tuple[bytes, Meta, int], tmp_path: Path
         result = run_mirenfs("verify", str(bad))
         assert result.returncode == 1, case
         assert b"OK" not in result.stdout, case
+
+
+# ---- the seek table: verify checks it against the frames; a restore ignores it (SPEC §2) -------------
+
+
+@pytest.fixture(scope="module")
+def chunked(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, Meta, int]:
+    """A snapshot of five 128 KiB frames (text, data, hole) and its seek table."""
+    segments = [("text", 200_000), ("data", 150_000), ("hole", 300_000)]
+    return make_good_snapshot(tmp_path_factory.mktemp("chunked"), segments, "--chunk-size", "131072")
+
+
+def _table(data: bytes) -> tuple[int, int]:
+    """Where the seek table's entries start, and how many it has."""
+    count = struct.unpack("<I", data[-9:-5])[0]
+    return len(data) - 9 - 12 * count, count
+
+
+def _changed(data: bytes, offset: int, value: bytes) -> bytes:
+    return data[:offset] + value + data[offset + len(value) :]
+
+
+def seek_table_cases(data: bytes) -> dict[str, tuple[bytes, str]]:
+    start, count = _table(data)
+    entry = struct.unpack_from("<III", data, start)
+    first, second = data[start : start + 12], data[start + 12 : start + 24]
+    return {
+        "flipped compressed size": (_changed(data, start, struct.pack("<I", entry[0] ^ 4)), "does not match"),
+        "flipped decompressed size": (
+            _changed(data, start + 4, struct.pack("<I", entry[1] - 1)),
+            "does not match",
+        ),
+        "entries swapped": (
+            _changed(data, start, second + first),
+            "the sizes it lists .* differ from theirs",
+        ),
+        "damaged footer magic": (data[:-1] + bytes([data[-1] ^ 0x40]), "damaged: it does not end in"),
+        "frame count plus one": (
+            _changed(data, len(data) - 9, struct.pack("<I", count + 1)),
+            "footer counts",
+        ),
+        "frame count minus one": (
+            _changed(data, len(data) - 9, struct.pack("<I", count - 1)),
+            "footer counts",
+        ),
+    }
+
+
+SEEK_TABLE_CASES = [
+    "flipped compressed size",
+    "flipped decompressed size",
+    "entries swapped",
+    "damaged footer magic",
+    "frame count plus one",
+    "frame count minus one",
+]
+
+
+@pytest.mark.parametrize("case", SEEK_TABLE_CASES)
+def test_verify_refuses_a_seek_table_that_does_not_match_the_frames(
+    case: str, chunked: tuple[bytes, Meta, int], tmp_path: Path
+) -> None:
+    data, meta, _header_len = chunked
+    start, count = _table(data)
+    assert (
+        count == 5
+        and struct.unpack_from("<III", data, start)[0] != struct.unpack_from("<III", data, start + 12)[0]
+    )
+    snapshot, reason = seek_table_cases(data)[case]
+    bad = tmp_path / "bad.mirn"
+    bad.write_bytes(snapshot)
+    result = run_mirenfs("verify", str(bad))
+    message = result.stderr.decode()
+    assert result.returncode == 1 and result.stdout == b"", message
+    assert message.startswith(f"mirenfs: error: {bad}: the seek table at the end of the zstd data ")
+    assert re.search(reason, message) and "a restore works" in message and message.count("\n") == 1, message
+    # A restore does not need the seek table (readers ignore skippable frames): the image comes out whole.
+    image = tmp_path / "restored.img"
+    done = run_mirenfs("restore", str(bad), "--image", str(image))
+    assert done.returncode == 0, done.stderr
+    assert sha256_file(image) == meta.checksum
+
+
+def test_verify_takes_data_without_a_seek_table_or_with_one_not_at_the_end(
+    chunked: tuple[bytes, Meta, int], tmp_path: Path
+) -> None:
+    """Go's snapshots have none; a skippable frame after the table makes it not the seek table."""
+    data, _meta, header_len = chunked
+    start, _count = _table(data)
+    table_frame = data[start - 8 :]
+    variants = {
+        "none": data[: start - 8],
+        "followed by a skippable frame": data + struct.pack("<II", 0x184D2A53, 3) + b"abc",
+        "moved to the front": data[:header_len] + table_frame + data[header_len : start - 8],
+    }
+    for label, snapshot in variants.items():
+        path = tmp_path / "ok.mirn"
+        path.write_bytes(snapshot)
+        result = run_mirenfs("verify", str(path))
+        assert result.returncode == 0 and b": OK (" in result.stdout, (label, result.stderr)
+    for vector in GO_VECTORS:
+        assert run_mirenfs("verify", str(vector.path)).returncode == 0, vector.file

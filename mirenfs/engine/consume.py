@@ -40,7 +40,7 @@ from mirenfs.engine.image import SparseWriter, StagingImage, disk_file_mode
 from mirenfs.engine.pipeline import BufferPool, Handoff, LoopWaker, Piece, Stages, Stopped
 from mirenfs.engine.produce import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
 from mirenfs.errors import FormatError, MirenfsError, TargetError, size_in_words
-from mirenfs.format.frames import FrameScanner, zero_frame
+from mirenfs.format.frames import FrameScanner, SeekTableCheck, zero_frame
 from mirenfs.format.header import HeaderParser, Meta, truncated_header, validate_restorable
 
 # Decompressed bytes per piece: each piece costs the hash stage one trip for the GIL, which
@@ -159,9 +159,9 @@ class _CompressedInput:
 class _Pipeline:
     """The three stages of one restore and what they share. Owned by one :class:`RestoreStream`."""
 
-    def __init__(self, size_bytes: int, writer: ImageWriter) -> None:
+    def __init__(self, size_bytes: int, writer: ImageWriter, *, check_seek_table: bool = False) -> None:
         self.size_bytes = size_bytes
-        self.scanner = FrameScanner()
+        self.scanner = FrameScanner(SeekTableCheck() if check_seek_table else None)
         self.sha = hashlib.sha256()
         self.bytes_out = 0
         self._writer = writer
@@ -312,8 +312,11 @@ class RestoreStream:
     next :meth:`feed`, :meth:`settle` or :meth:`finish`.
     """
 
-    def __init__(self, open_target: OpenTarget, *, header_read: Meta | None = None) -> None:
+    def __init__(
+        self, open_target: OpenTarget, *, header_read: Meta | None = None, check_seek_table: bool = False
+    ) -> None:
         self._open_target = open_target
+        self._check_seek_table = check_seek_table
         self._header = HeaderParser()
         if header_read is not None:  # the caller already consumed the header (Go's RestoreImage)
             self._header.meta = validate_restorable(header_read)
@@ -409,7 +412,9 @@ class RestoreStream:
             self._opened = True
             validate_restorable(meta)  # before the target is opened: a refused header changes nothing
             writer = await self._open_target(meta)
-            pipeline = self._pipeline = _Pipeline(meta.size_bytes, writer)
+            pipeline = self._pipeline = _Pipeline(
+                meta.size_bytes, writer, check_seek_table=self._check_seek_table
+            )
             self._finalizer = weakref.finalize(
                 self, pipeline.stages.stop
             )  # an abandoned stream stops its threads
@@ -453,6 +458,8 @@ def _check_whole(meta: Meta, pipeline: _Pipeline) -> None:
     actual = pipeline.sha.hexdigest()
     if actual != meta.checksum.lower():
         raise FormatError(f"checksum mismatch: the data hashes to {actual}, the header says {meta.checksum}")
+    if pipeline.scanner.seek_table is not None:
+        pipeline.scanner.seek_table.check(pipeline.bytes_out)
 
 
 ChunkIterable = AsyncIterable[bytes]

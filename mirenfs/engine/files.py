@@ -354,7 +354,7 @@ async def verify_file(
     *,
     progress: Progress | None = None,
 ) -> Meta:
-    """``mirenfs verify``: decompress everything, check size and checksum, write nothing.
+    """``mirenfs verify``: decompress everything, check size, checksum and a seek table, write nothing.
     ``progress`` hears the snapshot bytes read so far."""
 
     async def open_target(meta: Meta) -> ImageWriter:
@@ -362,7 +362,8 @@ async def verify_file(
             on_header(meta)
         return _NullWriter()
 
-    stream = RestoreStream(open_target)
+    # A restore ignores the seek table, as SPEC §2 has readers ignore skippable frames; verify checks it.
+    stream = RestoreStream(open_target, check_seek_table=True)
     with open_input(snapshot) as source:
         async for piece in read_pieces(source, progress=progress):
             await stream.feed(piece)

@@ -9,6 +9,7 @@ headers (never the payload) so that a truncated snapshot is refused.
 from __future__ import annotations
 
 import functools
+import hashlib
 import struct
 import threading
 
@@ -93,6 +94,16 @@ def _frame_header_rest(descriptor: int) -> int:
     return (0 if single_segment else 1) + (0, 1, 2, 4)[descriptor & 0x03] + fcs_len
 
 
+def frame_content_size(header: bytes) -> int | None:
+    """The content size a whole frame header (magic included) declares, or None when it has none."""
+    descriptor = header[4]
+    fcs_len = (1 if descriptor & 0x20 else 0, 2, 4, 8)[descriptor >> 6]
+    if not fcs_len:
+        return None
+    content = int.from_bytes(header[len(header) - fcs_len :], "little")
+    return content + 256 if fcs_len == 2 else content
+
+
 def frame_window_size(header: bytes) -> int:
     """The decoding window a whole frame header (magic included) asks for (RFC 8878 3.1.1.1.2);
     a single-segment frame's window is its content."""
@@ -101,9 +112,94 @@ def frame_window_size(header: bytes) -> int:
         exponent, mantissa = header[5] >> 3, header[5] & 7
         base = 1 << (10 + exponent)
         return base + (base >> 3) * mantissa
-    fcs_len = (1, 2, 4, 8)[descriptor >> 6]
-    content = int.from_bytes(header[len(header) - fcs_len :], "little")
-    return content + 256 if fcs_len == 2 else content
+    return frame_content_size(header) or 0
+
+
+MAX_SEEK_TABLE = 64 << 20  # a seek table verify reads (5.5 million frames: 21 TiB of 4 MiB chunks)
+
+
+class SeekTableCheck:
+    """Whether a seek table at the end of the zstd data lists the frames before it (SPEC §2.1).
+
+    The seek table is the data's last frame when that is a skippable frame with
+    the seekable format's magic (0x184D2A5E); data without one (Go's) has
+    nothing to check. Frames are compared by count, compressed size and
+    decompressed size (the content size in the frame's header, which zstd holds
+    the frame to; for frames without one, the total). Memory stays constant:
+    the frames are summed and hashed as they pass, only the table is kept.
+    """
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self._compressed = 0
+        self._sizes = hashlib.blake2b(digest_size=16)  # (compressed, decompressed) of each frame
+        self._compressed_sizes = hashlib.blake2b(digest_size=16)
+        self._all_sizes_known = True
+        self._table: bytearray | None = None  # the content of a seek-table frame, while it is the last
+        self._table_len = 0
+
+    def data_frame(self, compressed: int, content_size: int | None) -> None:
+        self._table = None  # a table followed by frames is not the seek table
+        self.frames += 1
+        self._compressed += compressed
+        self._compressed_sizes.update(compressed.to_bytes(8, "little"))
+        if content_size is None:
+            self._all_sizes_known = False
+        else:
+            self._sizes.update(compressed.to_bytes(8, "little") + content_size.to_bytes(8, "little"))
+
+    def skippable_frame(self, magic: int, length: int) -> None:
+        self._table = bytearray() if magic == SEEK_TABLE_SKIPPABLE_MAGIC else None
+        self._table_len = length
+
+    def skippable_bytes(self, data: memoryview) -> None:
+        if self._table is not None and len(self._table) + len(data) <= MAX_SEEK_TABLE:
+            self._table += data
+
+    def check(self, decompressed: int) -> None:
+        """Raise :class:`FormatError` unless the data ends without a seek table or with one that
+        lists exactly the frames read (``decompressed`` bytes in all)."""
+        table = self._table
+        if table is None or len(table) != self._table_len:
+            return  # no seek table at the end (or one too large to read: not checked)
+        where = "the seek table at the end of the zstd data"
+        meaning = (
+            "; the image data itself verified, so a restore works, but seekable-zstd tools cannot use the "
+            "file: back the disk up again for a sound one"
+        )
+        if len(table) < SEEK_TABLE_FOOTER_LEN or table[-4:] != SEEKABLE_MAGIC.to_bytes(4, "little"):
+            raise FormatError(
+                f"{where} is damaged: it does not end in the seekable format's magic 0x{SEEKABLE_MAGIC:08X}"
+                + meaning
+            )
+        count, descriptor = struct.unpack_from("<IB", table, len(table) - SEEK_TABLE_FOOTER_LEN)
+        entry_len = 12 if descriptor & _CHECKSUM_FLAG else 8
+        if len(table) != SEEK_TABLE_FOOTER_LEN + entry_len * count:
+            raise FormatError(
+                f"{where} does not match the frames: its footer counts {count} frames, which do not "
+                f"fit its {len(table)} bytes, and the data has {self.frames}" + meaning
+            )
+        sizes, compressed_sizes = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16)
+        listed_compressed = listed_decompressed = 0
+        for n in range(count):
+            c, d = struct.unpack_from("<II", table, n * entry_len)
+            listed_compressed, listed_decompressed = listed_compressed + c, listed_decompressed + d
+            compressed_sizes.update(c.to_bytes(8, "little"))
+            sizes.update(c.to_bytes(8, "little") + d.to_bytes(8, "little"))
+        listed = (count, listed_compressed, listed_decompressed)
+        read = (self.frames, self._compressed, decompressed)
+        if listed != read:
+            raise FormatError(
+                f"{where} does not match the frames: it lists {count} frames of {listed_decompressed} "
+                f"bytes in {listed_compressed} compressed, the data has {self.frames} frames of "
+                f"{decompressed} bytes in {self._compressed}" + meaning
+            )
+        same = sizes.digest() == self._sizes.digest() if self._all_sizes_known else True
+        if not same or compressed_sizes.digest() != self._compressed_sizes.digest():
+            raise FormatError(
+                f"{where} does not match the frames: the sizes it lists for the {count} frames differ "
+                "from theirs (the same totals, other frames or another order)" + meaning
+            )
 
 
 class FrameScanner:
@@ -113,14 +209,19 @@ class FrameScanner:
     skips payloads by count, so it costs little next to decompression.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, seek_table: SeekTableCheck | None = None) -> None:
         self._pending = bytearray()  # bytes of a header not yet complete
         self._skip = 0  # payload bytes to pass over before the next header
-        self._state = "frame"  # the header being read: frame, skiplen, fheader or block
+        self._state = "frame"  # the header being read: frame, skiplen, fheader, fparams or block
         self._need = 4
         self._checksum_len = 0
+        self._consumed = 0  # bytes fed so far, to the end of the header being read
+        self._frame_start = 0
+        self._content_size: int | None = None
+        self._in_skippable = False
         self.frames = 0
         self.window_size = 0  # the decoding window the latest zstd frame's header asks for
+        self.seek_table = seek_table  # told of every frame, when given
 
     @property
     def at_boundary(self) -> bool:
@@ -133,11 +234,15 @@ class FrameScanner:
         while pos < len(view):
             if self._skip:
                 step = min(self._skip, len(view) - pos)
+                if self._in_skippable and self.seek_table is not None:
+                    self.seek_table.skippable_bytes(view[pos : pos + step])
                 self._skip -= step
+                self._consumed += step
                 pos += step
                 continue
             take = min(self._need - len(self._pending), len(view) - pos)
             self._pending += view[pos : pos + take]
+            self._consumed += take
             pos += take
             if len(self._pending) == self._need:
                 self._advance(bytes(self._pending))
@@ -145,6 +250,7 @@ class FrameScanner:
     def _advance(self, header: bytes) -> None:
         state = self._state
         if state == "frame":
+            self._in_skippable = False
             (magic,) = struct.unpack("<I", header)
             if SKIPPABLE_MAGIC_MIN <= magic <= SKIPPABLE_MAGIC_MAX:
                 self._set("skiplen", 8, keep=True)  # magic + 4-byte length
@@ -153,8 +259,11 @@ class FrameScanner:
             else:
                 raise FormatError(f"the zstd data is corrupt: no frame starts here (magic {magic:#010x})")
         elif state == "skiplen":
-            self._skip = struct.unpack_from("<I", header, 4)[0]
+            magic, self._skip = struct.unpack_from("<II", header)
             self.frames += 1
+            self._in_skippable = True
+            if self.seek_table is not None:
+                self.seek_table.skippable_frame(magic, self._skip)
             self._set("frame", 4)
         elif state == "fheader":
             descriptor = header[4]
@@ -164,6 +273,8 @@ class FrameScanner:
             self._set("fparams", 5 + _frame_header_rest(descriptor), keep=True)
         elif state == "fparams":
             self.window_size = frame_window_size(header)
+            self._content_size = frame_content_size(header)
+            self._frame_start = self._consumed - len(header)
             self._set("block", 3)
         elif state == "block":
             value = int.from_bytes(header, "little")
@@ -174,6 +285,9 @@ class FrameScanner:
             if last:
                 self._skip += self._checksum_len
                 self.frames += 1
+                if self.seek_table is not None:
+                    frame_end = self._consumed + self._skip
+                    self.seek_table.data_frame(frame_end - self._frame_start, self._content_size)
                 self._set("frame", 4)
             else:
                 self._set("block", 3)

@@ -71,6 +71,7 @@ class Verdict:
     reason: str
     size_bytes: int = 0
     sha256: str = ""
+    seek_table: str = ""  # why verify refuses an accepted case: its seek table does not list its frames
 
 
 class Refused(Exception):
@@ -225,7 +226,35 @@ class Oracle:
             return Verdict(False, f"decompresses to {produced} bytes, not {size}")
         if sha != str(fields["checksum"]).lower():
             return Verdict(False, "checksum mismatch")
-        return Verdict(True, "whole and verified", size, sha)
+        return Verdict(True, "whole and verified", size, sha, seek_table_problem(payload))
+
+
+def seek_table_problem(payload: bytes) -> str:
+    """Whether zstd data that decodes ends in a seek table (a skippable frame with magic 0x184D2A5E)
+    that does not list its zstd frames, each decoded on its own to learn its sizes; "" when not."""
+    frames, last, position = [], None, 0
+    while position < len(payload):
+        magic, length = struct.unpack_from("<II", payload.ljust(position + 8, b"\0"), position)
+        if 0x184D2A50 <= magic <= 0x184D2A5F:
+            last = (magic, payload[position + 8 : position + 8 + length])
+            position += 8 + length
+            continue
+        reader = zstandard.ZstdDecompressor().decompressobj()
+        out = reader.decompress(payload[position:])
+        used = len(payload) - position - len(reader.unused_data)
+        frames.append((used, len(out)))
+        last, position = None, position + used
+    if last is None or last[0] != 0x184D2A5E:
+        return ""
+    table = last[1]
+    if len(table) < 9 or table[-4:] != struct.pack("<I", 0x8F92EAB1):
+        return "seek table without its magic"
+    count, descriptor = struct.unpack_from("<IB", table, len(table) - 9)
+    size = 12 if descriptor & 0x80 else 8
+    if len(table) != 9 + size * count:
+        return "seek table of another length than its count"
+    entries = [struct.unpack_from("<II", table, n * size) for n in range(count)]
+    return "" if entries == frames else "seek table not listing the frames"
 
 
 # ---- building snapshots ---------------------------------------------------------------------------
