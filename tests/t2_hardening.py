@@ -61,19 +61,24 @@ def test_memory_stays_flat_over_many_verifies_and_restores(tmp_path: Path) -> No
     assert restore_threads() == [] and staging_files(tmp_path) == []
 
 
-def test_a_large_window_is_freed_after_each_stream(tmp_path: Path) -> None:
-    """A window-log-27 stream without a content size makes zstd allocate a 128 MiB window."""
-    content = bytes(64 << 20)
+def snapshot_packed(path: Path, content: bytes, packed: bytes) -> Path:
+    """A snapshot of ``content`` whose zstd data is ``packed`` as the test packed it."""
     fields = {
-        "name": "w27",
+        "name": path.stem,
         "size_bytes": len(content),
         "filesystem": "ext4",
         "timestamp": "2026-06-04T12:00:00Z",
         "checksum": hashlib.sha256(content).hexdigest(),
         "version": 1,
     }
-    snapshot = tmp_path / "w27.mirn"
-    snapshot.write_bytes(header(metadata(**fields)) + streamed_frame(content, window_log=27))
+    path.write_bytes(header(metadata(**fields)) + packed)
+    return path
+
+
+def test_a_large_window_is_freed_after_each_stream(tmp_path: Path) -> None:
+    """A window-log-27 stream without a content size makes zstd allocate a 128 MiB window."""
+    content = bytes(64 << 20)
+    snapshot = snapshot_packed(tmp_path / "w27.mirn", content, streamed_frame(content, window_log=27))
     trio.run(verify_file, str(snapshot))
     gc.collect()
     before = rss_mib()
@@ -91,16 +96,7 @@ def test_a_window_over_128_mib_is_named_not_called_corrupt(tmp_path: Path) -> No
     packed = subprocess.run(
         ["zstd", "-q", "--long=28", "-c"], input=content, capture_output=True, check=True, timeout=60
     ).stdout
-    fields = {
-        "name": "long",
-        "size_bytes": len(content),
-        "filesystem": "ext4",
-        "timestamp": "2026-06-04T12:00:00Z",
-        "checksum": hashlib.sha256(content).hexdigest(),
-        "version": 1,
-    }
-    snapshot = tmp_path / "long.mirn"
-    snapshot.write_bytes(header(metadata(**fields)) + packed)
+    snapshot = snapshot_packed(tmp_path / "long.mirn", content, packed)
     said = (
         f"mirenfs: error: {snapshot}: the snapshot's zstd data needs a decoding window of 256 MiB, and "
         "mirenfs decodes windows up to 128 MiB (was it compressed with zstd --long?); "
