@@ -589,8 +589,21 @@ def _data_path_problem(data_path: str, code: int | None = None) -> str | None:
     by the errno ``code`` of a failed call), or None when it is neither."""
     if code == errno.EDQUOT:
         return f"the data path {data_path} is over this user's disk quota; free space there and try again"
-    read_only = code == errno.EROFS
-    full = code == errno.ENOSPC
+    why = _no_room(data_path, code, slack=ROOM_SLACK_BYTES)
+    if why is None:
+        return None
+    remedy = "remount it read-write" if why == _READ_ONLY else "free space there"
+    return f"the data path {data_path} {why}; {remedy} and try again"
+
+
+_READ_ONLY = "is on a read-only filesystem"
+_FULL = "is full (its filesystem has no space left)"
+
+
+def _no_room(data_path: str, code: int | None = None, *, slack: int = 1) -> str | None:
+    """Why the data path takes no writes (read-only, or under ``slack`` bytes or no inodes free),
+    by ``os.statvfs`` or the errno ``code`` of a failed call; None when it takes them."""
+    read_only, full = code == errno.EROFS, code == errno.ENOSPC
     try:
         info = os.statvfs(data_path)
     except OSError:
@@ -598,31 +611,8 @@ def _data_path_problem(data_path: str, code: int | None = None) -> str | None:
     if info is not None:
         read_only = read_only or bool(info.f_flag & os.ST_RDONLY)
         no_inodes = info.f_files > 0 and info.f_favail == 0  # btrfs counts no inodes: 0 of 0
-        full = full or info.f_bavail * info.f_frsize < ROOM_SLACK_BYTES or no_inodes
-    if read_only:
-        return f"the data path {data_path} is on a read-only filesystem; remount it read-write and try again"
-    if full:
-        return (
-            f"the data path {data_path} is full (its filesystem has no space left); "
-            "free space there and try again"
-        )
-    return None
-
-
-_READ_ONLY = "is on a read-only filesystem"
-
-
-def _no_room(data_path: str) -> str | None:
-    """Why SQLite cannot make its index files in the data path (full or read-only), or None."""
-    try:
-        info = os.statvfs(data_path)
-    except OSError:
-        return None
-    if info.f_flag & os.ST_RDONLY:
-        return _READ_ONLY
-    if info.f_bavail == 0 or (info.f_files > 0 and info.f_favail == 0):
-        return "is full (its filesystem has no space left)"
-    return None
+        full = full or info.f_bavail * info.f_frsize < slack or no_inodes
+    return _READ_ONLY if read_only else _FULL if full else None
 
 
 def check_data_path(data_path: str) -> None:
