@@ -625,10 +625,12 @@ def test_catalog_copy_refuses_a_data_path_the_sqlite_side_overrides(tmp_path: Pa
     assert not other.exists() and list(data.iterdir()) == []
 
 
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
 @pytest.mark.parametrize("into", ["--image", "--name"])
-def test_sigterm_mid_restore_leaves_nothing_as_ctrl_c_does(tmp_path: Path, into: str) -> None:
+def test_sigterm_mid_restore_leaves_nothing_as_ctrl_c_does(tmp_path: Path, into: str, sigint: str) -> None:
     """kill, timeout(1) and systemd send SIGTERM: the restore is undone as on Ctrl-C (the staging
-    file removed, a disk it was creating removed), not left half-done by a death by signal."""
+    file removed, a disk it was creating removed), not left half-done by a death by signal. Also
+    when SIGINT is ignored, as in a background job of a script (``mirenfs restore … &``)."""
     data, image, snapshot = tmp_path / "data", tmp_path / "random.img", tmp_path / "big.mirn"
     data.mkdir()
     image.write_bytes(os.urandom(24 << 20))  # incompressible: a snapshot of 24 MiB, fed a third of it
@@ -636,6 +638,7 @@ def test_sigterm_mid_restore_leaves_nothing_as_ctrl_c_does(tmp_path: Path, into:
     image.unlink()
     into_store = ["--name", "pg", "--data-path", str(data)]
     command = [
+        *(["sh", "-c", 'trap "" INT; exec "$@"', "sh"] if sigint == "ignored" else []),
         *mirenfs_command(),
         "restore",
         "-",

@@ -133,13 +133,20 @@ def _terminated_as_interrupted(command: str) -> Iterator[list[int]]:
         if callable(interrupt):  # trio's inside trio.run, else Python's: raises, or defers to a checkpoint
             interrupt(signal.SIGINT, frame)
             return
-        raise KeyboardInterrupt  # SIGINT ignored (a background job of a script): interrupt here
+        raise KeyboardInterrupt  # SIGINT set to SIG_DFL by an embedding program: interrupt here
 
+    interrupt_before = signal.getsignal(signal.SIGINT)
+    if interrupt_before == signal.SIG_IGN:
+        # A background job of a script starts with SIGINT ignored; trio.run then installs no
+        # handler for it, and SIGTERM could not reach the command's clean-up through one. Ctrl-C
+        # ends a command as cleanly as SIGTERM does, so it is taken back for the command's time.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         yield received
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, interrupt_before)
 
 
 def _interrupted(received: list[int]) -> int:
