@@ -338,7 +338,7 @@ def test_a_full_data_path_refuses_new_disks_saying_it_is_full_and_creates_nothin
                 ["cp", str(snapshot), str(mnt / "restore" / "newb.mirn")],
                 capture_output=True, text=True, timeout=TIMEOUT,
             )  # fmt: skip
-            assert copied.returncode != 0, copied
+            assert copied.returncode != 0 and "No space left on device" in copied.stderr, copied
             assert restore_state(mnt, "newb.mirn") == f"failed: {full}"
             for command in (
                 ["restore", str(snapshot), "--name", "newc"],

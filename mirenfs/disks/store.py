@@ -229,9 +229,8 @@ class Store:
         try:
             os.makedirs(self.data_path, exist_ok=True)
         except OSError as exc:
-            problem = _data_path_problem(self.data_path, exc.errno)
-            why = problem or f"cannot create the data path {self.data_path}: {exc.strerror}"
-            raise StoreError(why) from None
+            cannot = StoreError(f"cannot create the data path {self.data_path}: {exc.strerror}")
+            raise _data_path_error(self.data_path, exc.errno) or cannot from None
         db = self._connect()
         try:
             db.execute("BEGIN IMMEDIATE")
@@ -264,14 +263,14 @@ class Store:
         for a data path whose filesystem is full or read-only; then that is the sentence."""
         code = getattr(exc, "sqlite_errorcode", None)
         if code is not None and code & 0xFF in _NO_ROOM_CODES:
-            problem = _data_path_problem(self.data_path)
-            if problem is not None:
-                return StoreError(problem)
+            no_room = _data_path_error(self.data_path)
+            if no_room is not None:
+                return no_room
         return StoreError(f"cannot {action} the disk store {self.path}: {exc}; check the file and try again")
 
     def _os_error(self, action: str, exc: OSError) -> StoreError:
-        problem = _data_path_problem(self.data_path, exc.errno)
-        return StoreError(problem or f"cannot {action} the disk store {self.path}: {exc.strerror}")
+        no_room = _data_path_error(self.data_path, exc.errno)
+        return no_room or StoreError(f"cannot {action} the disk store {self.path}: {exc.strerror}")
 
     # --- DiskResolver ---
 
@@ -584,16 +583,20 @@ _NO_ROOM_CODES = frozenset({8, 10, 13, 14})
 ROOM_SLACK_BYTES = 1 << 20
 
 
-def _data_path_problem(data_path: str, code: int | None = None) -> str | None:
-    """The sentence for a data path whose filesystem is read-only or full (by ``os.statvfs``, or
-    by the errno ``code`` of a failed call), or None when it is neither."""
-    if code == errno.EDQUOT:
-        return f"the data path {data_path} is over this user's disk quota; free space there and try again"
-    why = _no_room(data_path, code, slack=ROOM_SLACK_BYTES)
-    if why is None:
+def _data_path_error(data_path: str, code: int | None = None) -> StoreError | None:
+    """The error for a data path whose filesystem is read-only or full (by ``os.statvfs``, or by
+    the errno ``code`` of a failed call), with that errno for the FUSE boundary (``cp`` into
+    restore/ says "No space left on device"); None when it is neither."""
+    quota = code == errno.EDQUOT
+    no_room = "is over this user's disk quota" if quota else _no_room(data_path, code, slack=ROOM_SLACK_BYTES)
+    if no_room is None:
         return None
-    remedy = "remount it read-write" if why == _READ_ONLY else "free space there"
-    return f"the data path {data_path} {why}; {remedy} and try again"
+    read_only = no_room == _READ_ONLY
+    remedy = "remount it read-write" if read_only else "free space there"
+    number = errno.EDQUOT if quota else errno.EROFS if read_only else errno.ENOSPC
+    error = StoreError(f"the data path {data_path} {no_room}; {remedy} and try again")
+    error.errno = number
+    return error
 
 
 _READ_ONLY = "is on a read-only filesystem"
