@@ -145,8 +145,9 @@ def _terminated_as_interrupted(command: str) -> Iterator[list[int]]:
     try:
         yield received
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        signal.signal(signal.SIGINT, interrupt_before)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # None: set in C
+        if interrupt_before == signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _interrupted(received: list[int]) -> int:
