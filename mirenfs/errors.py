@@ -39,7 +39,9 @@ MountError               EIO     (the mount command's own failure: no errno is s
 
 from __future__ import annotations
 
-from errno import EBUSY, EEXIST, EINVAL, EIO, ENOENT, EPERM
+from errno import EBUSY, EDQUOT, EEXIST, EINVAL, EIO, ENOENT, ENOSPC, EPERM
+
+NO_SPACE = (ENOSPC, EDQUOT)  # a write found no room: a full filesystem, or a used-up quota
 
 
 class MirenfsError(Exception):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -35,7 +34,7 @@ from mirenfs.disks.rules import RestoreTarget, prepare_backup, prepare_restore, 
 from mirenfs.engine.files import backup_image, open_input, read_pieces, restore_file, verify_file
 from mirenfs.engine.fstype import detect_filesystem
 from mirenfs.engine.produce import Settings
-from mirenfs.errors import FormatError, LiveCheckError, MirenfsError, TargetError, printable
+from mirenfs.errors import NO_SPACE, FormatError, LiveCheckError, MirenfsError, TargetError, printable
 from mirenfs.format.frames import parse_seek_table
 from mirenfs.format.header import FILESYSTEMS, Meta, read_header, validate_restorable
 from mirenfs.mount.config import clone_directory_of
@@ -240,7 +239,7 @@ def naming_the_snapshot(path: str, outcome: str = "") -> Iterator[None]:
     except FormatError as exc:
         raise FormatError(f"{_shown(path)}: {exc}" + (f"; {outcome}" if outcome else "")) from None
     except TargetError as exc:  # a full filesystem under the image: say what became of it too
-        if not outcome or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if not outcome or exc.errno not in NO_SPACE:
             raise
         raise TargetError(f"{exc}; {outcome}", exc.errno) from None
 

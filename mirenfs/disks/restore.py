@@ -6,18 +6,16 @@ verification, install and the store's finalize or cleanup (SPEC §3).
 from __future__ import annotations
 
 import contextlib
-import errno
 from collections.abc import AsyncIterator
 
 import trio
 
 from mirenfs.disks.rules import RestoreTarget
 from mirenfs.engine.consume import StagedRestore
-from mirenfs.errors import OutOfOrderWrite, TargetError
+from mirenfs.errors import NO_SPACE, OutOfOrderWrite, TargetError
 from mirenfs.format.header import Meta
 
 FEED_BATCH = 1 << 20  # small writes (tar's 10 KiB records) are gathered to this size for the pipeline
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class DiskRestore:

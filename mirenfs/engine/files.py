@@ -10,7 +10,6 @@ snapshot from it, compressing a second time rather than spooling to disk.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import io
 import os
@@ -44,7 +43,7 @@ from mirenfs.engine.produce import (
     build_index,
     snapshot_meta,
 )
-from mirenfs.errors import MirenfsError, TargetError
+from mirenfs.errors import NO_SPACE, MirenfsError, TargetError
 from mirenfs.format.header import Meta
 
 READ_PIECE = 4 << 20
@@ -243,7 +242,7 @@ def _naming_a_full_output(output: str, device: bool | None = None) -> Iterator[N
     try:
         yield
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if exc.errno not in NO_SPACE:
             raise
         raise cannot_write(output, exc, device=device) from None
 
