@@ -129,6 +129,35 @@ async def test_not_a_snapshot_name_or_a_bad_disk_name_is_einval(data_path: Path,
     assert_untouched(data_path, before, None, None)
 
 
+@pytest.mark.parametrize(
+    ("file_name", "shown"),
+    [
+        ("notes\nmirenfs: INFO restore/pg.mirn: installed.txt", r"'notes\nmirenfs: INFO"),
+        ("pg\x1b[2J.mirn", r"'pg\x1b[2J.mirn'"),
+    ],
+)
+@trio_test
+async def test_a_refused_name_that_does_not_print_is_logged_quoted_on_one_line(
+    data_path: Path, file_name: str, shown: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The name is the writer's (any bytes but '/'): it must not forge a log line or reach a
+    terminal's escapes through the log or ``mirenfs status``."""
+    caplog.set_level(logging.INFO, logger="mirenfs")
+    add_image_disk(data_path, "pg")
+    async with operations(data_path, allow_overwrite=True) as m:
+        before = store_state(data_path)
+        assert await fuse_errno(m.create(file_name)) == errno.EINVAL
+        assert await entry_names(m) == []
+        [refusal] = m.ops.restores.refusals  # what ``mirenfs status`` lists
+        assert refusal.name.startswith(f"restore/{shown}")
+        assert "\n" not in refusal.reason and "\x1b" not in refusal.reason
+    messages = [record.getMessage() for record in caplog.records if "restore/" in record.getMessage()]
+    assert len(messages) == 1
+    assert "\n" not in messages[0] and "\x1b" not in messages[0]
+    assert messages[0].startswith(f"restore/{shown}")
+    assert_untouched(data_path, before, None, None)
+
+
 Situation = Callable[[Path, Path, Path], None]  # (data path, image, fake /sys/block)
 
 

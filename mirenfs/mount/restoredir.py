@@ -50,6 +50,12 @@ REFUSAL_REPEAT_S = 5.0
 REFUSALS_KEPT = 20
 
 
+def in_restore(file_name: str) -> str:
+    """``restore/NAME`` as a log line or an error shows it: the name is the writer's choice
+    (any bytes but ``/``), so one that does not print is quoted and cannot forge a log line."""
+    return f"{RESTORE_DIRECTORY}/{printable(file_name)}"
+
+
 def disk_for_file_name(file_name: str) -> tuple[str, bool]:
     """The disk a file in restore/ restores, and whether it is a sidecar (which restores nothing).
 
@@ -69,7 +75,7 @@ def disk_for_file_name(file_name: str) -> tuple[str, bool]:
         if miren:
             return validate_disk_name(miren.group("name")), False
     raise RestoreRefused(
-        f"restore/{file_name}: only snapshot files (NAME.mirn, or Miren's NAME-DATE-TIME.miren.zst) "
+        f"{in_restore(file_name)}: only snapshot files (NAME.mirn, or Miren's NAME-DATE-TIME.miren.zst) "
         "can be restored",
         errno.EINVAL,
     )
@@ -229,7 +235,7 @@ class RestoreDirectory:
         """Create the entry, or restart an existing one in place (same inode: it is being
         opened for writing), applying every refusal before a byte is written."""
         try:
-            self.check_writer(uid, f"restore/{file_name}")
+            self.check_writer(uid, in_restore(file_name))
             disk, sidecar = disk_for_file_name(file_name)
             if not sidecar and (self.receiving(disk) is not None or disk in self._starting):
                 raise RestoreRefused(f"disk {disk} is already being restored through restore/", errno.EBUSY)
@@ -255,10 +261,10 @@ class RestoreDirectory:
         need the store (an existing disk, a lease) apply. A name that cannot be a disk's, or a
         writer other than the owner, is refused now."""
         try:
-            self.check_writer(uid, f"restore/{file_name}")
+            self.check_writer(uid, in_restore(file_name))
             disk, sidecar = disk_for_file_name(file_name)
             if file_name in self.entries:
-                raise RestoreRefused(f"restore/{file_name} already exists", errno.EEXIST)
+                raise RestoreRefused(f"{in_restore(file_name)} already exists", errno.EEXIST)
         except MirenfsError as refusal:
             self._refused(file_name, refusal, pid)
             raise
@@ -299,7 +305,7 @@ class RestoreDirectory:
         process within a few seconds counts as a retry, recorded under the latest name (the
         one rsync prints). A refused create leaves no entry, so the record is where
         ``mirenfs status`` finds the reason."""
-        now, message, where = time.monotonic(), str(refusal), f"restore/{file_name}"
+        now, message, where = time.monotonic(), str(refusal), in_restore(file_name)
         last = self._last_refusal  # set only once a refusal was recorded: refusals[0] is that one
         if last is not None and last[0] == (message, pid) and now - last[1] <= REFUSAL_REPEAT_S:
             self.refusals[0].name = where
@@ -480,8 +486,8 @@ class RestoreDirectory:
         disk, _sidecar = disk_for_file_name(new)  # the new name must be a valid one too
         if disk != entry.disk:
             raise RestoreRefused(
-                f"restore/{old} restores disk {entry.disk}; it cannot be renamed to {new}, a name of "
-                f"disk {disk} (copy the snapshot to restore/{new} instead)",
+                f"restore/{old} restores disk {entry.disk}; it cannot be renamed to {printable(new)}, a "
+                f"name of disk {disk} (copy the snapshot to {in_restore(new)} instead)",
                 errno.EINVAL,
             )
         if new in self.entries and self.entries[new] is not entry:
