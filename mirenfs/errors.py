@@ -39,7 +39,7 @@ MountError               EIO     (the mount command's own failure: no errno is s
 
 from __future__ import annotations
 
-from errno import EBUSY, EDQUOT, EEXIST, EINVAL, EIO, ENOENT, ENOSPC, EPERM
+from errno import EACCES, EBUSY, EDQUOT, EEXIST, EINVAL, EIO, ENOENT, ENOSPC, EPERM
 
 NO_SPACE = (ENOSPC, EDQUOT)  # a write found no room: a full filesystem, or a used-up quota
 
@@ -117,6 +117,13 @@ class InvalidVolumeError(MirenfsError):
     """A volume id or image path that would not stay a plain file where it belongs."""
 
     errno = EINVAL
+
+
+class UntrustedImageError(MirenfsError):
+    """A shared catalogue puts a disk's image on this node outside the data path, and this host
+    never registered that path: only this host's operator may point it at a file."""
+
+    errno = EACCES
 
 
 class DiskDeletingError(MirenfsError):

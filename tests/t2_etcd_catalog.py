@@ -18,6 +18,7 @@ import pytest
 
 from mirenfs.disks.catalogs import open_catalog
 from mirenfs.disks.etcd import CatalogWatch, EtcdCatalog, _put
+from mirenfs.disks.manage import sweep_stale_staging
 from mirenfs.disks.model import DiskState, LeaseState
 from mirenfs.disks.rules import prepare_backup, prepare_restore
 from mirenfs.disks.store import Store
@@ -326,9 +327,9 @@ def test_catalog_copy_moves_a_host_into_etcd_and_back_idempotently(etcd: EtcdClu
     lease = ok("lease", "acquire", "web", "--data-path", data).out.strip()
     url = etcd.url(prefix())
     first = ok("catalog", "copy", "--from", f"sqlite://{data}", "--to", url, "--node", "host1")
-    assert "2 added, 0 updated, 0 already there" in first.out
+    assert "2 added, 0 already there" in first.out
     again = ok("catalog", "copy", "--from", str(data), "--to", url, "--node", "host1")
-    assert "0 added, 0 updated, 2 already there" in again.out
+    assert "0 added, 2 already there" in again.out
     listed = json.loads(
         ok("disk", "list", "--json", "--catalog", url, "--node", "host1", "--data-path", data).out
     )
@@ -341,18 +342,150 @@ def test_catalog_copy_moves_a_host_into_etcd_and_back_idempotently(etcd: EtcdClu
     other.add_disk("theirs", size_bytes=1, filesystem="ext4")
     back = tmp_path / "back"
     home = ok("catalog", "copy", "--from", url, "--to", f"sqlite://{back}", "--node", "host1")
-    assert "2 added, 0 updated, 0 already there, 1 on other nodes left out" in home.out
+    assert "2 added, 0 already there, 1 on other nodes left out" in home.out
     assert sorted(record.disk.name for record in Store(str(back)).list_disks()) == ["pg", "web"]
     copied, original = Store(str(back)).get_disk("web"), Store(str(data)).get_disk("web")
     assert (copied.disk, copied.volume, copied.leases) == (original.disk, original.volume, original.leases)
     assert (
-        "0 added, 0 updated, 2 already there"
+        "0 added, 2 already there"
         in ok("catalog", "copy", "--from", url, "--to", back, "--node", "host1").out
     )
     Store(str(back)).delete_disk_records(Store(str(back)).get_disk("pg").disk.id)
     Store(str(back)).add_disk("pg", size_bytes=1, filesystem="ext4")  # another disk of that name
     clash = run_cli("catalog", "copy", "--from", url, "--to", back, "--node", "host1")
     assert clash.code == 1 and "not copied: pg" in clash.err
+
+
+def test_catalog_copy_run_again_never_undoes_a_newer_lease_or_status(
+    etcd: EtcdCluster, tmp_path: Path
+) -> None:
+    """After the move, etcd is where leases and statuses change: copying the old SQLite store
+    again must leave them, and say which disks it left and why (exit 1)."""
+    data = tmp_path / "data"
+    for name in ("pg", "web"):
+        ok("disk", "create", name, "--size", "1M", "--data-path", data)
+    url = etcd.url(prefix())
+    ok("catalog", "copy", "--from", data, "--to", url, "--node", "host1")
+    on_etcd = ["--catalog", url, "--node", "host1", "--data-path", data]
+    lease = ok("lease", "acquire", "pg", *on_etcd).out.strip()
+    ok("disk", "set-status", "web", "deleting", *on_etcd)
+    before = etcd_catalog(url, data, "host1").list_disks()
+    again = run_cli("catalog", "copy", "--from", data, "--to", url, "--node", "host1")
+    assert again.code == 1
+    assert "0 added, 0 already there, 2 differing left as they are" in again.out
+    assert "differ from" in again.err and "pg, web" in again.err and "left as they are there" in again.err
+    assert etcd_catalog(url, data, "host1").list_disks() == before  # the lease and the status stand
+    catalog = etcd_catalog(url, data, "host1")
+    with pytest.raises(DiskLeasedError):
+        prepare_restore(catalog, "pg", data_path=str(data), overwrite=True, creator=catalog)
+    ok("lease", "release", lease, *on_etcd)  # its index key still leads to it
+
+
+def test_catalog_copy_with_a_wrong_node_moves_no_disk(etcd: EtcdCluster, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    ok("disk", "create", "pg", "--size", "1M", "--data-path", data)
+    url = etcd.url(prefix())
+    ok("catalog", "copy", "--from", data, "--to", url, "--node", "hosta")
+    typo = run_cli("catalog", "copy", "--from", data, "--to", url, "--node", "hostb")
+    assert typo.code == 1 and "check --node" in typo.err
+    [record] = etcd_catalog(url, tmp_path / "b", "hostb").list_disks()
+    assert record.volume is not None and record.volume.node == "hosta"
+
+
+def _foreign_record(name: str, image_path: str, node: str) -> dict[str, object]:
+    return {
+        "id": f"disk-{name}",
+        "name": name,
+        "status": "provisioned",
+        "filesystem": "ext4",
+        "size_bytes": 65536,
+        "volume": {"id": f"vol-{name}", "image_path": image_path, "node": node, "status": "provisioned"},
+        "leases": [],
+    }
+
+
+def test_an_image_outside_the_data_path_is_used_only_once_this_host_registered_it(
+    hosts: tuple[EtcdCatalog, EtcdCatalog], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone who can write the prefix could point a host's backups and restores at any file."""
+    a, _b = hosts
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret, victim = outside / "secret.txt", outside / "victim.img"
+    secret.write_text("TOP SECRET\n")
+    victim.write_bytes(b"\1" * 65536)
+    before = victim.read_bytes()
+    put_raw(a, "out1", _foreign_record("out1", str(victim), "a"))
+    put_raw(a, "out2", _foreign_record("out2", str(secret), "a"))
+    put_raw(a, "dd1", _foreign_record("dd1", f"{a.data_path}/../outside/victim.img", "a"))
+    put_raw(a, "theirs", _foreign_record("theirs", str(victim), "b"))  # another node's: not ours to judge
+    assert [(r.disk.name, r.image_path) for r in a.list_disks()] == [
+        ("dd1", None),
+        ("out1", None),
+        ("out2", None),
+        ("theirs", None),
+    ]  # listed (a catalogue copy takes them), but with no image here
+    for name in ("out1", "out2", "dd1"):
+        assert f"disk {name} in the disk catalogue" in caplog.text
+    assert "never registered that path" in caplog.text and "mirenfs disk add out1 --image" in caplog.text
+    url = a.location.url
+    on_a = ["--catalog", url, "--node", "a", "--data-path", a.data_path]
+    backup = run_cli("backup", "out2", "-o", tmp_path / "o.mirn", *on_a)
+    assert backup.code == 1 and "never registered that path" in backup.err
+    assert not (tmp_path / "o.mirn").exists()
+    for name in ("out1", "dd1"):
+        restore = run_cli("restore", GO_EXT4.path, "--name", name, "--force", *on_a)
+        assert restore.code == 1 and "never registered that path" in restore.err
+    assert victim.read_bytes() == before
+    staging = outside / "victim.img.restore.tmp"  # a record must not choose what the sweep removes
+    staging.write_bytes(b"not mirenfs's")
+    assert sweep_stale_staging(a.data_path, catalog=a) == []
+    assert staging.exists()
+    adopted = ok("disk", "add", "out1", "--image", victim, "--filesystem", "ext4", *on_a)
+    assert f"registered the image {victim} of disk out1 on this host" in adopted.out
+    assert a.get_disk("out1").image_path == str(victim)
+    trusted = Path(a.data_path, "mirenfs", "trusted-images.json")
+    assert oct(trusted.stat().st_mode & 0o777) == "0o600"
+    assert json.loads(trusted.read_text()) == {"images": [str(victim)]}
+    # out2's record names another file: registering this one does not adopt it
+    other = run_cli("disk", "add", "out2", "--image", victim, "--filesystem", "ext4", *on_a)
+    assert other.code == 1 and "already exists" in other.err
+
+
+def test_disk_add_and_catalog_copy_on_this_host_register_their_images(
+    etcd: EtcdCluster, tmp_path: Path
+) -> None:
+    image = tmp_path / "elsewhere" / "pg.img"
+    image.parent.mkdir()
+    image.write_bytes(b"\0" * 65536)
+    url = etcd.url(prefix())
+    on_etcd = ["--catalog", url, "--node", "a", "--data-path", tmp_path / "a"]
+    ok("disk", "add", "pg", "--image", image, "--filesystem", "ext4", *on_etcd)
+    [here] = etcd_catalog(url, tmp_path / "a", "a").list_disks()
+    assert here.image_path == str(image)
+    [there] = etcd_catalog(url, tmp_path / "a2", "a").list_disks()
+    assert there.image_path is None  # another data path on node a never registered it
+    home = tmp_path / "home"
+    ok("disk", "add", "web", "--image", image, "--filesystem", "ext4", "--data-path", home)
+    ok("catalog", "copy", "--from", home, "--to", etcd.url(prefix()), "--node", "h")
+    assert Path(home, "mirenfs", "trusted-images.json").exists()
+
+
+def test_a_record_whose_key_is_not_a_disk_name_is_skipped_and_said(
+    hosts: tuple[EtcdCatalog, EtcdCatalog], caplog: pytest.LogCaptureFixture
+) -> None:
+    a, _b = hosts
+    a.add_disk("fine", size_bytes=1, filesystem="ext4")
+    put_raw(a, "../etc", _foreign_record("../etc", "", "a"))
+    put_raw(a, "-bad name", _foreign_record("-bad name", "", "a"))
+    assert [record.disk.name for record in a.list_disks()] == ["fine"]
+    view = a.watch()
+    try:
+        assert [record.disk.name for record in view.list_disks()] == ["fine"]  # what the mount lists
+    finally:
+        view.close()
+        view.join()
+    assert "whose name is not a disk's" in caplog.text and "delete that key" in caplog.text
 
 
 def test_the_cli_works_on_etcd(etcd: EtcdCluster, tmp_path: Path) -> None:

@@ -61,14 +61,25 @@ def cmd_catalog_copy(args: argparse.Namespace) -> int:
     report = copy_catalog(source, destination, one_host=destination_spec.etcd is None)
     print(
         f"copied the disk catalogue {args.source} to {args.destination}: {len(report.added)} added, "
-        f"{len(report.updated)} updated, {len(report.unchanged)} already there"
+        f"{len(report.unchanged)} already there"
+        + (f", {len(report.differing)} differing left as they are" if report.differing else "")
         + (f", {len(report.skipped)} on other nodes left out" if report.skipped else "")
     )
+    problems = []
+    if report.differing:
+        problems.append(
+            f"{len(report.differing)} disk(s) are in {args.destination} already and differ from "
+            f"{args.source}'s (status, volume, node or leases): {', '.join(report.differing)}; they were "
+            "left as they are there, since a copy must not undo a newer lease or status (check --node "
+            "if every disk differs)"
+        )
     if report.conflicts:
-        raise MirenfsError(
+        problems.append(
             f"{len(report.conflicts)} disk name(s) belong to other disks in {args.destination} and were "
             f"not copied: {', '.join(report.conflicts)}; remove or rename them there, then copy again"
         )
+    if problems:
+        raise MirenfsError("; and ".join(problems))
     return 0
 
 

@@ -14,10 +14,11 @@ import sys
 from typing import Any
 
 from mirenfs.cli.common import add_data_path_option, catalog_from, human_size, parse_size
+from mirenfs.disks.catalogs import ImageAdopting
 from mirenfs.disks.manage import create_disk, remove_disk
 from mirenfs.disks.model import Catalog, DiskState, LeaseState, validate_disk_name
 from mirenfs.engine.fstype import detect_filesystem
-from mirenfs.errors import MirenfsError, printable
+from mirenfs.errors import DiskExistsError, MirenfsError, printable
 from mirenfs.format.header import FILESYSTEMS
 
 
@@ -120,9 +121,18 @@ def cmd_disk_add(args: argparse.Namespace) -> int:
         raise MirenfsError(
             f"cannot tell the filesystem of {image_path}; pass --filesystem {'|'.join(FILESYSTEMS)}"
         )
-    _store(args, create=True).add_disk(
-        name, size_bytes=info.st_size, filesystem=filesystem, image_path=image_path
-    )
+    catalog = _store(args, create=True)
+    try:
+        catalog.add_disk(name, size_bytes=info.st_size, filesystem=filesystem, image_path=image_path)
+    except DiskExistsError:
+        # A record another host or tool wrote, naming this very image on this node: register it here.
+        if not (isinstance(catalog, ImageAdopting) and catalog.adopt_image(name, image_path)):
+            raise
+        print(
+            f"registered the image {image_path} of disk {name} on this host: it may now be backed up and "
+            "restored here"
+        )
+        return 0
     print(f"added disk {name}: {filesystem}, {info.st_size} bytes, image {image_path} (kept on disk remove)")
     return 0
 

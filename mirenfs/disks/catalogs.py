@@ -167,6 +167,13 @@ class DiskListing(Protocol):
 
 
 @runtime_checkable
+class ImageAdopting(Protocol):
+    """A shared catalogue (etcd) whose records may name images this host must register first."""
+
+    def adopt_image(self, name: str, image_path: str) -> bool: ...
+
+
+@runtime_checkable
 class WatchableCatalog(Protocol):
     """A remote catalogue that can keep a local copy of itself current (the etcd one)."""
 
@@ -206,8 +213,8 @@ class CopyReport:
     """What ``catalog copy`` did, disk by disk."""
 
     added: list[str] = field(default_factory=list)
-    updated: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
+    differing: list[str] = field(default_factory=list)  # there already as something else: left alone
     skipped: list[str] = field(default_factory=list)  # on another node: not for a one-host catalogue
     conflicts: list[str] = field(default_factory=list)  # the name belongs to another disk there
 
@@ -220,7 +227,9 @@ def copy_catalog(
     on_disk: Callable[[str, str], None] | None = None,
 ) -> CopyReport:
     """Copy every disk of ``source`` into ``destination``, ids kept, idempotently: a disk already
-    there as it is stays untouched; a name held by another disk there is reported, not replaced.
+    there is never changed (as it is, or differing: it may hold a newer lease or status than the
+    source, and a copy run again must not undo it); a name held by another disk there is
+    reported, not replaced.
 
     ``one_host``: the destination is one host's catalogue (SQLite), so only
     the disks on this node go there.
@@ -239,8 +248,8 @@ def copy_catalog(
             continue
         if outcome == "added":
             report.added.append(name)
-        elif outcome == "updated":
-            report.updated.append(name)
+        elif outcome == "differs":
+            report.differing.append(name)
         else:
             report.unchanged.append(name)
         if on_disk is not None:

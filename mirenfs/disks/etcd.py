@@ -73,6 +73,7 @@ from mirenfs.disks.model import (
     validate_node_name,
 )
 from mirenfs.disks.store import check_data_path
+from mirenfs.disks.trust import TrustedImages
 from mirenfs.errors import (
     CatalogUnreachableError,
     DiskBusyError,
@@ -82,7 +83,9 @@ from mirenfs.errors import (
     LeaseNotFoundError,
     MirenfsError,
     StoreError,
+    UntrustedImageError,
     VolumeNotFoundError,
+    printable,
 )
 
 log = logging.getLogger(__name__)
@@ -373,6 +376,7 @@ class EtcdCatalog:
         self.data_path = os.path.abspath(data_path)
         self.node = validate_node_name(node)
         self.kv = EtcdKV(location, timeout_s=timeout_s)
+        self.trusted = TrustedImages(self.data_path)  # images outside the data path this host registered
         self._root = location.root
         # Disk id -> name, as records are read (a disk's name never changes): the resolver's
         # "by disk id" lookups follow a lookup by name, and then cost one request, not two.
@@ -402,15 +406,43 @@ class EtcdCatalog:
     # --- reading ---
 
     def _parse(self, name: str, item: KeyValue) -> _Stored:
+        """The record under ``item``; StoreError when it is damaged or its key is not a disk name."""
+        stored = self._decode(name, item)
+        self._names[stored.disk.id] = name
+        return stored
+
+    def _check_trusted(self, stored: _Stored, volume: Volume) -> None:
+        """Refuse (UntrustedImageError) an image on this node outside the data path that this host never
+        registered: whoever can write the catalogue must not choose what this host reads or replaces."""
+        if (
+            volume.image_path
+            and os.path.isabs(volume.image_path)
+            and not self.trusted.allows(volume.image_path)
+        ):
+            name, image = stored.disk.name, printable(volume.image_path)
+            raise UntrustedImageError(
+                f"disk {name} in the disk catalogue at {self.location.url} names the image {image} on this "
+                f"node ({self.node}), outside the data path {self.data_path}, and this host never "
+                "registered that path, so mirenfs neither reads nor replaces it: if it is this host's "
+                f"image, register it with 'mirenfs disk add {name} --image {image}', else fix the record "
+                f"{self._disk_key(name)}"
+            )
+
+    def _decode(self, name: str, item: KeyValue) -> _Stored:
         try:
-            stored = _decode(name, item.value, item.mod_revision)
+            validate_disk_name(name)
+        except MirenfsError as exc:
+            raise StoreError(
+                f"the disk catalogue at {self.location.url} holds a record under the key "
+                f"{printable(item.key)}, whose name is not a disk's ({exc}); delete that key"
+            ) from None
+        try:
+            return _decode(name, item.value, item.mod_revision)
         except ValueError as exc:
             raise StoreError(
                 f"the disk catalogue at {self.location.url} holds a damaged record for disk {name} ({exc}); "
                 f"fix or delete the key {item.key}"
             ) from None
-        self._names[stored.disk.id] = name
-        return stored
 
     def _load(self, name: str) -> _Stored | None:
         validate_disk_name(name)
@@ -450,7 +482,10 @@ class EtcdCatalog:
         image_path: str | None = None
         if local and volume is not None:
             try:
+                self._check_trusted(stored, volume)
                 image_path = image_path_for(self.data_path, volume)
+            except UntrustedImageError as exc:
+                log.warning("%s", exc)
             except MirenfsError as exc:
                 log.warning("disk %s: %s", stored.disk.name, exc)
         return DiskRecord(stored.disk, volume, image_path, stored.leases, local)
@@ -477,6 +512,7 @@ class EtcdCatalog:
                 f"disk {stored.disk.name} is on node {where}, not on this node ({self.node}): "
                 f"back it up, restore or remove it through node {where}"
             )
+        self._check_trusted(stored, volume)
         return volume
 
     def find_leases_by_disk_id(self, disk_id: str) -> list[Lease]:
@@ -539,8 +575,26 @@ class EtcdCatalog:
             image_path=image_path,
             node=self.node,
         )
+        if image_path is not None:
+            self.trusted.register(image_path)  # registered here, by this host's operator
         disk, volume = self._insert(*records)
         return DiskRecord(disk, volume, image_path_for(self.data_path, volume), ())
+
+    def adopt_image(self, name: str, image_path: str) -> bool:
+        """Register ``image_path`` on this host when disk ``name``'s record (written by another
+        host or tool) names exactly that image on this node; False when it does not."""
+        _, found, _ = self.kv.range(self._disk_key(validate_disk_name(name)))
+        if not found:
+            return False
+        volume = self._decode(name, found[0]).volume
+        if volume is None or volume.node != self.node or not volume.image_path:
+            return False
+        if os.path.normpath(volume.image_path) != os.path.normpath(image_path):
+            return False
+        self.trusted.register(image_path)
+        # A new revision of the record (same content): mounts that refused it read it again.
+        self._update(name, lambda stored: (stored, [], []))
+        return True
 
     def _insert(self, disk: Disk, volume: Volume) -> tuple[Disk, Volume]:
         """One transaction: it succeeds only while the name (and id, and explicit image) is free."""
@@ -721,19 +775,24 @@ class EtcdCatalog:
         return sorted(records, key=lambda record: record.disk.name)
 
     def explicit_image_paths(self) -> list[str]:
+        """This node's images at their own paths, for the staging sweep: only trusted ones (the
+        sweep removes ``<image>.restore.tmp`` files, and a record must not choose where)."""
         return [
-            record.volume.image_path
+            record.image_path
             for record in self.list_disks()
-            if record.local and record.volume is not None and record.volume.image_path
+            if record.local and record.volume is not None and record.volume.image_path and record.image_path
         ]
 
     def put_record(self, record: DiskRecord) -> str:
         """Write a disk as another catalogue has it (``catalog copy``), ids kept; a volume without a
-        node is this node's. ``added``, ``updated`` or ``unchanged``."""
+        node is this node's. ``added``, ``unchanged``, or ``differs``: a record of that disk is here
+        already and is not the source's, and it is left alone (it may hold a newer lease or status)."""
         name = validate_disk_name(record.disk.name)
         volume = record.volume
         if volume is not None and volume.node is None:
             volume = replace(volume, node=self.node)
+        if volume is not None and volume.node == self.node and volume.image_path:
+            self.trusted.register(volume.image_path)  # copied into the catalogue by this host
         now = time.time_ns()
         wanted = _Stored(record.disk, volume, tuple(record.leases), now, now)
         key, id_key = self._disk_key(name), self._id_key(record.disk.id)
@@ -748,7 +807,7 @@ class EtcdCatalog:
             if current is None:
                 if self.kv.txn([_missing(key)], [_put(key, wanted.encode()), *indexes]).succeeded:
                     return "added"
-                continue
+                continue  # created meanwhile: compare with what is there now
             if current.disk.id != record.disk.id:
                 raise DiskExistsError(
                     f"a different disk named {name} (id {current.disk.id}, not {record.disk.id}) is already "
@@ -756,11 +815,7 @@ class EtcdCatalog:
                 )
             if (current.disk, current.volume, current.leases) == (wanted.disk, wanted.volume, wanted.leases):
                 return "unchanged"
-            update = replace(wanted, created_ns=current.created_ns)
-            if self.kv.txn(
-                [_unchanged(key, current.mod_revision)], [_put(key, update.encode()), *indexes]
-            ).succeeded:
-                return "updated"
+            return "differs"
         raise StoreError(f"disk {name} changed {CAS_ATTEMPTS} times while it was being copied; try again")
 
     # --- the mount's local copy ---

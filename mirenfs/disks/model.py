@@ -283,8 +283,10 @@ class Catalog(DiskResolver, DiskCreator, Protocol):
         ...
 
     def put_record(self, record: DiskRecord) -> str:
-        """Write a disk as another catalogue has it (ids kept): ``added``, ``updated`` or ``unchanged``;
-        :class:`~mirenfs.errors.DiskExistsError` if the name belongs to another disk here."""
+        """Write a disk as another catalogue has it (ids kept): ``added``, ``unchanged``, or ``differs``
+        (that disk is here already as something else: left alone, since it may hold a newer lease or
+        status than the copy); :class:`~mirenfs.errors.DiskExistsError` if the name belongs to
+        another disk here."""
         ...
 
     def set_disk_status(self, name: str, status: DiskState | str) -> tuple[DiskState, DiskState]: ...

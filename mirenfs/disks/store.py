@@ -490,7 +490,9 @@ class Store:
 
     def put_record(self, record: DiskRecord) -> str:
         """Write one disk as another catalogue has it (``catalog copy``), ids kept: ``added``,
-        ``updated`` or ``unchanged``; a name that belongs to another disk here is refused."""
+        ``unchanged``, or ``differs`` (that disk is here already as something else, and is left
+        alone: it may hold a newer lease or status); a name that belongs to another disk here is
+        refused."""
         disk, volume = record.disk, record.volume
         validate_disk_name(disk.name)
         now = time.time_ns()
@@ -503,21 +505,12 @@ class Store:
                 )
             if row is not None:
                 (current,) = self._records(db, " WHERE d.name = ?", (disk.name,))
-                if _same_record(current, record):
-                    return "unchanged"
-                db.execute(
-                    "UPDATE disks SET status = ?, filesystem = ?, size_bytes = ?, updated_ns = ? "
-                    "WHERE id = ?",
-                    (disk.status.value, disk.filesystem, disk.size_bytes, now, disk.id),
-                )
-                db.execute("DELETE FROM volumes WHERE disk_id = ?", (disk.id,))
-                db.execute("DELETE FROM leases WHERE disk_id = ?", (disk.id,))
-            else:
-                db.execute(
-                    "INSERT INTO disks (id, name, status, filesystem, size_bytes, created_ns, updated_ns) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (disk.id, disk.name, disk.status.value, disk.filesystem, disk.size_bytes, now, now),
-                )
+                return "unchanged" if _same_record(current, record) else "differs"
+            db.execute(
+                "INSERT INTO disks (id, name, status, filesystem, size_bytes, created_ns, updated_ns) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (disk.id, disk.name, disk.status.value, disk.filesystem, disk.size_bytes, now, now),
+            )
             if volume is not None:
                 db.execute(
                     "INSERT INTO volumes (id, disk_id, image_path, status) VALUES (?, ?, ?, ?)",
@@ -529,7 +522,7 @@ class Store:
                     "VALUES (?, ?, ?, ?, ?)",
                     (lease.id, disk.id, lease.status.value, now + order, now + order),  # keeps their order
                 )
-        return "added" if row is None else "updated"
+        return "added"
 
     def explicit_image_paths(self) -> list[str]:
         """Images registered at their own paths (``disk add``), for staging clean-up."""

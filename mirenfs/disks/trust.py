@@ -1,0 +1,90 @@
+"""Which images outside its data path this host agreed to read and replace.
+
+A volume may name its own image (``disk add --image PATH``). In the data
+path's SQLite store only this host writes that path; in a fleet's etcd
+catalogue anyone who can write the prefix can, and mirenfs reads images
+(backup) and replaces them (restore) as root. So a record on this node whose
+image lies outside the data path is used only when this host registered that
+path itself: ``disk add --image`` and ``catalog copy`` into the catalogue,
+run here, record it in ``<data-path>/mirenfs/trusted-images.json`` (0600).
+Images under the data path are this host's by where they are.
+
+Never: trust a path because a record says so; follow ``..`` out of the data
+path (paths are compared normalised).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+
+from mirenfs.engine.image import fsync_directory, make_private_directory
+
+STATE_DIRECTORY = "mirenfs"  # <data-path>/mirenfs: the mount's and the CLI's own files
+TRUSTED_IMAGES = "trusted-images.json"
+
+
+class TrustedImages:
+    """The image paths this host registered, read again whenever the file changes."""
+
+    def __init__(self, data_path: str) -> None:
+        self.data_path = os.path.abspath(data_path)
+        self.path = os.path.join(self.data_path, STATE_DIRECTORY, TRUSTED_IMAGES)
+        self._lock = threading.Lock()
+        self._seen: tuple[int, int] | None = None  # (mtime_ns, size) of the file last read
+        self._paths: frozenset[str] = frozenset()
+
+    def allows(self, image_path: str) -> bool:
+        """Whether this host may read and replace ``image_path``: under the data path, or registered."""
+        path = os.path.normpath(image_path)
+        return path.startswith(self.data_path + os.sep) or path in self._registered()
+
+    def register(self, image_path: str) -> None:
+        """Record ``image_path`` as this host's (kept across runs; written atomically)."""
+        path = os.path.normpath(image_path)
+        if self.allows(path):
+            return
+        with self._lock:
+            paths = sorted(self._read() | {path})
+            directory = os.path.dirname(self.path)
+            make_private_directory(directory)
+            temporary = f"{self.path}.{os.getpid()}.tmp"
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as file:
+                    json.dump({"images": paths}, file, indent=1)
+                    file.write("\n")
+                    file.flush()
+                    os.fsync(file.fileno())
+                os.replace(temporary, self.path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+                raise
+            fsync_directory(directory)
+            self._seen = None
+
+    def _registered(self) -> frozenset[str]:
+        with self._lock:
+            return self._read()
+
+    def _read(self) -> frozenset[str]:
+        """The registered paths (the lock is held); a missing or unreadable file registers none."""
+        try:
+            info = os.stat(self.path)
+        except OSError:
+            self._seen, self._paths = None, frozenset()
+            return self._paths
+        if self._seen != (info.st_mtime_ns, info.st_size):
+            try:
+                with open(self.path, encoding="utf-8") as file:
+                    images = json.load(file)["images"]
+                if not isinstance(images, list):
+                    raise TypeError("images is not a list")
+                self._paths = frozenset(os.path.normpath(p) for p in images if isinstance(p, str))
+            except (OSError, ValueError, KeyError, TypeError):
+                self._paths = frozenset()  # damaged: nothing outside the data path is trusted
+            self._seen = (info.st_mtime_ns, info.st_size)
+        return self._paths
