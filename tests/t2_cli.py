@@ -8,6 +8,14 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
+from mirenfs.cli import build_parser
+from mirenfs.cli.common import settle_scope_options
+from mirenfs.cli.mount_cmds import config_from
+from mirenfs.errors import MirenfsError
+from mirenfs.mount.config import MountConfig
+
 from support.data import sha256_file, staging_files, write_image
 from support.runners import MIRENFS, mirenfs_command, run, run_cli, run_mirenfs
 from support.vectors import GO_VECTORS
@@ -127,6 +135,31 @@ def test_status_of_what_is_not_a_mirenfs_mount(tmp_path: Path) -> None:
     assert result.returncode == 1 and "a proc filesystem is mounted there" in result.stderr
     result = run(MIRENFS, "status", tmp_path / "missing")
     assert result.returncode == 1 and "does not exist" in result.stderr
+
+
+@pytest.mark.parametrize("where", ["the data path", "a directory above it"])
+def test_a_mount_that_would_cover_its_own_data_path_is_refused_before_mounting(
+    tmp_path: Path, where: str
+) -> None:
+    """Mounted there, the daemon's first look at its store would wait on its own answer, for ever
+    (found by an operator trial: the mount and every `mirenfs status` hung)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    mountpoint = data if where == "the data path" else tmp_path
+    with pytest.raises(MirenfsError, match="the mount would hide the disks' images and its own store"):
+        mount_config("mount", str(mountpoint), "--data-path", str(data))  # refused before mounting
+    inside = data / "mnt"  # a mount point inside the data path covers nothing of it
+    inside.mkdir()
+    assert mount_config("mount", str(inside), "--data-path", str(data)).mountpoint == str(inside)
+
+
+def mount_config(*argv: str) -> MountConfig:
+    """What ``mirenfs mount`` would mount, parsed as ``main`` parses it, without mounting."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    assert not unknown
+    settle_scope_options(parser, args, args.command_parser.prog)
+    return config_from(args)
 
 
 def test_backup_to_a_full_device_says_which_file_and_why(tmp_path: Path) -> None:

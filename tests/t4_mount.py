@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -14,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from mirenfs.cli.mount_cmds import read_status
+from mirenfs.cli.mountinfo import mount_at
+from mirenfs.errors import MirenfsError
 from mirenfs.format.header import decode_header
 
 from support.data import write_image
@@ -310,6 +314,26 @@ def test_unmount_leaves_no_process_behind(tmp_path: Path, disks, mounts) -> None
     assert mount.stop() == 0
     assert not os.path.ismount(mnt)
     assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_status_of_a_stopped_daemon_gives_up_with_one_line_then_answers_again(
+    tmp_path: Path, disks, mounts
+) -> None:
+    """A request the daemon never answers keeps its caller in the kernel (even SIGKILL waits):
+    ``mirenfs status`` asks from a child it can leave behind, and says what is wrong."""
+    data, _ = disks
+    mnt = tmp_path / "mnt"
+    mount = mounts(mnt, data)
+    entry = mount_at(str(mnt))
+    os.kill(mount.process.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(
+            MirenfsError, match=f"the mirenfs mount at {mnt} does not answer within 1 s: its daemon"
+        ):
+            read_status(entry, timeout_s=1.0)
+    finally:
+        os.kill(mount.process.pid, signal.SIGCONT)
+    assert "disks" in read_status(entry)
 
 
 def test_other_disks_stay_readable_during_an_index_pass(tmp_path: Path, disks, mounts) -> None:

@@ -14,9 +14,11 @@ import errno
 import json
 import logging
 import os
+import select
 import signal
 import stat
 import sys
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -34,6 +36,9 @@ from mirenfs.mount.status import STATUS_XATTR
 
 log = logging.getLogger(__name__)
 
+# How long `mirenfs status` waits for a mount: it lists its catalogue first, which on an etcd in
+# trouble takes up to one 2 s deadline per endpoint before it answers from its last listing.
+STATUS_TIMEOUT_S = 15.0
 LOG_FORMAT = "%(asctime)s mirenfs[%(process)d]: %(levelname)s: %(message)s"
 
 
@@ -93,6 +98,7 @@ def config_from(args: argparse.Namespace) -> MountConfig:
     refuse_if_mirenfs_mount(mountpoint)
     catalog, node = catalog_spec_from(args.catalog), node_from(args.node)  # refused now if malformed
     data_path = resolve_data_path(args.data_path)
+    refuse_covering_the_data_path(mountpoint, data_path)
     options = fuse_options(args.options)  # the same filter the mount.mirenfs helper applies
     # mirenfs's own switches may come as -o options too (fstab): take them out before FUSE sees them
     allow_overwrite = args.allow_overwrite or "allow_overwrite" in options
@@ -109,6 +115,18 @@ def config_from(args: argparse.Namespace) -> MountConfig:
         catalog=catalog,
         node=node,
     )
+
+
+def refuse_covering_the_data_path(mountpoint: str, data_path: str) -> None:
+    """A mount on the data path, or on a directory above it, would hide the disks' images and the
+    store from the daemon itself: its first lookup would wait on its own answer, for ever."""
+    covered, over = os.path.realpath(data_path), os.path.realpath(mountpoint)
+    if covered == over or covered.startswith(over.rstrip("/") + "/"):
+        where = "is the mount point" if covered == over else f"lies inside the mount point {mountpoint}"
+        raise MirenfsError(
+            f"the data path {data_path} {where}: the mount would hide the disks' images and its own "
+            "store from itself; mount on a directory outside the data path"
+        )
 
 
 def serve_mount(config: MountConfig, *, ready: Callable[[], None] | None = None) -> None:
@@ -198,11 +216,17 @@ def _detach_stdio(config: MountConfig, log_level: str) -> None:
 # ---- status -------------------------------------------------------------------
 
 
-def read_status(entry: MountEntry) -> dict[str, Any]:
-    """Ask the mount for its status (the root's ``user.mirenfs.status``)."""
+def read_status(entry: MountEntry, *, timeout_s: float = STATUS_TIMEOUT_S) -> dict[str, Any]:
+    """Ask the mount for its status (the root's ``user.mirenfs.status``), giving up after
+    ``timeout_s``: a stopped or hung daemon leaves the request waiting in the kernel for ever."""
     where = entry.mountpoint
     try:
-        raw = os.getxattr(where, STATUS_XATTR)  # the mount refreshes its view of the store first
+        raw = _getxattr_within(where, STATUS_XATTR, timeout_s)
+    except TimeoutError:
+        raise MirenfsError(
+            f"the mirenfs mount at {where} does not answer within {timeout_s:.0f} s: its daemon is "
+            "stopped or hung (see its log, and `kill -CONT` it if it was stopped)"
+        ) from None
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
             raise MirenfsError(
@@ -227,6 +251,46 @@ def read_status(entry: MountEntry) -> dict[str, Any]:
     if entry.source.startswith("/"):  # what the text output's header shows, for scripts too
         status.setdefault("data_path", entry.source)
     return status
+
+
+def _getxattr_within(path: str, name: str, timeout_s: float) -> bytes:
+    """``os.getxattr`` from a child process, TimeoutError after ``timeout_s``. A request that a
+    stopped or hung daemon never answers keeps its caller in the kernel, beyond even SIGKILL, so
+    the question is asked by a child that can be left behind (init reaps it once the mount goes)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: ask, hand the answer (or the errno) over, and end
+        try:
+            os.close(read_end)
+            try:
+                answer = b"=" + os.getxattr(path, name)
+            except OSError as exc:
+                answer = b"!" + str(exc.errno).encode()
+            with os.fdopen(write_end, "wb") as pipe:
+                pipe.write(answer)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    received = bytearray()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([read_end], [], [], left)[0]:
+                raise TimeoutError
+            piece = os.read(read_end, 65536)
+            if not piece:
+                break
+            received += piece
+    finally:
+        os.close(read_end)
+    os.waitpid(pid, 0)  # it has answered, so it ends now
+    if received[:1] == b"!":
+        code = int(received[1:])
+        raise OSError(code, os.strerror(code), path)
+    if received[:1] != b"=":
+        raise OSError(errno.EIO, "no answer", path)
+    return bytes(received[1:])
 
 
 def describe_index(state: dict[str, Any]) -> str:
