@@ -341,8 +341,14 @@ def test_catalog_copy_moves_a_host_into_etcd_and_back_idempotently(etcd: EtcdClu
     other = etcd_catalog(url, tmp_path / "other", "host2")
     other.add_disk("theirs", size_bytes=1, filesystem="ext4")
     back = tmp_path / "back"
+    back.mkdir()
+    # pg's image lies outside the new data path, which has not registered it: copied once it has
+    refused = run_cli("catalog", "copy", "--from", url, "--to", f"sqlite://{back}", "--node", "host1")
+    assert refused.code == 1 and "were not copied: pg" in refused.err
+    on_back = ["--catalog", url, "--node", "host1", "--data-path", back]
+    ok("disk", "add", "pg", "--image", image, "--filesystem", "ext4", *on_back)  # registers it there
     home = ok("catalog", "copy", "--from", url, "--to", f"sqlite://{back}", "--node", "host1")
-    assert "2 added, 0 already there, 1 on other nodes left out" in home.out
+    assert "1 added, 1 already there, 1 on other nodes left out" in home.out
     assert sorted(record.disk.name for record in Store(str(back)).list_disks()) == ["pg", "web"]
     copied, original = Store(str(back)).get_disk("web"), Store(str(data)).get_disk("web")
     assert (copied.disk, copied.volume, copied.leases) == (original.disk, original.volume, original.leases)
@@ -447,6 +453,10 @@ def test_an_image_outside_the_data_path_is_used_only_once_this_host_registered_i
     trusted = Path(a.data_path, "mirenfs", "trusted-images.json")
     assert oct(trusted.stat().st_mode & 0o777) == "0o600"
     assert json.loads(trusted.read_text()) == {"images": [str(victim)]}
+    home = tmp_path / "home"  # a one-host store trusts its paths: an unregistered one is not copied
+    copied = run_cli("catalog", "copy", "--from", url, "--to", f"sqlite://{home}", "--node", "a")
+    assert copied.code == 1 and "were not copied: dd1, out1, out2" in copied.err  # home registered none
+    assert Store(str(home)).list_disks() == []
     # out2's record names another file: registering this one does not adopt it
     other = run_cli("disk", "add", "out2", "--image", victim, "--filesystem", "ext4", *on_a)
     assert other.code == 1 and "already exists" in other.err

@@ -78,6 +78,11 @@ def cmd_catalog_copy(args: argparse.Namespace) -> int:
             f"{len(report.conflicts)} disk name(s) belong to other disks in {args.destination} and were "
             f"not copied: {', '.join(report.conflicts)}; remove or rename them there, then copy again"
         )
+    if report.unusable:
+        problems.append(
+            f"{len(report.unusable)} disk(s) name an image this host does not use (see the warnings "
+            f"above) and were not copied: {', '.join(report.unusable)}"
+        )
     if problems:
         raise MirenfsError("; and ".join(problems))
     return 0

@@ -217,6 +217,7 @@ class CopyReport:
     differing: list[str] = field(default_factory=list)  # there already as something else: left alone
     skipped: list[str] = field(default_factory=list)  # on another node: not for a one-host catalogue
     conflicts: list[str] = field(default_factory=list)  # the name belongs to another disk there
+    unusable: list[str] = field(default_factory=list)  # an image path this host does not use (warned)
 
 
 def copy_catalog(
@@ -239,6 +240,11 @@ def copy_catalog(
         name = record.disk.name
         if one_host and not record.local:
             report.skipped.append(name)
+            continue
+        if one_host and record.volume is not None and record.volume.image_path and record.image_path is None:
+            # A one-host store trusts the paths it holds: one this host refused (never registered,
+            # or relative) must not become trusted by being copied there.
+            report.unusable.append(name)
             continue
         try:
             outcome = destination.put_record(record)
