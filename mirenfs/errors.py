@@ -136,6 +136,12 @@ class DiskLeasedError(MirenfsError):
     errno = EBUSY
 
 
+class DiskAttachedError(MirenfsError):
+    """The disk store says the disk is attached: a machine may be using its image file directly."""
+
+    errno = EBUSY
+
+
 class ImageLiveError(MirenfsError):
     """A loop device is backed by the disk's image: the kernel may be writing it."""
 

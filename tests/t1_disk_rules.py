@@ -23,6 +23,7 @@ from mirenfs.disks.model import (
 )
 from mirenfs.disks.rules import prepare_backup, prepare_restore
 from mirenfs.errors import (
+    DiskAttachedError,
     DiskDeletingError,
     DiskLeasedError,
     DiskNotFoundError,
@@ -226,6 +227,11 @@ def test_restore_refusals_and_their_errnos(data_path: Path, no_loops: Path) -> N
         prepare_restore(fake, "held", data_path=str(data_path), overwrite=True, creator=fake)
     assert leased.value.errno == errno.EBUSY
 
+    fake.add("running", DiskState.ATTACHED)  # a machine may write its image file directly
+    refusal = r"disk running is in use \(the disk store says it is attached\).*set-status running detached"
+    with pytest.raises(DiskAttachedError, match=refusal):
+        prepare_restore(fake, "running", data_path=str(data_path), overwrite=True, creator=fake)
+
     fake.add("kept")
     image = make_image(fake, data_path, "kept")
     with pytest.raises(ImageExistsError, match=r"disk kept already has an image.*--force") as exists:
@@ -269,6 +275,16 @@ def test_open_checks_again_for_a_lease_bound_since_prepare(data_path: Path, no_l
     fake.leases[disk.id] = [Lease("l-late", disk.id, LeaseState.BOUND)]
     with pytest.raises(DiskLeasedError, match="l-late"):
         target.open(4096, "ext4")
+
+
+def test_open_checks_again_for_a_disk_attached_since_prepare(data_path: Path, no_loops: Path) -> None:
+    fake = FakeDisks()
+    fake.add("pg")
+    target = prepare_restore(fake, "pg", data_path=str(data_path), overwrite=True, creator=fake)
+    fake.add("pg", DiskState.ATTACHED)  # the same disk, attached meanwhile
+    with pytest.raises(DiskAttachedError) as attached:
+        target.open(4096, "ext4")
+    assert attached.value.errno == errno.EBUSY
 
 
 # --- restore targets: create, finalize, cleanup ---

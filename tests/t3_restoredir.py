@@ -173,7 +173,12 @@ def attach_loop(data_path: Path, image: Path, sys_block: Path) -> None:
     attach_fake_loop(sys_block, "loop3", image)
 
 
-BUSY: list[Situation] = [set_deleting, bind_lease, attach_loop]
+def set_attached(data_path: Path, image: Path, sys_block: Path) -> None:
+    """A machine may use the image file itself: a restore would leave it writing the old one."""
+    Store(str(data_path)).set_disk_status("pg", DiskState.ATTACHED)
+
+
+BUSY: list[Situation] = [set_deleting, bind_lease, attach_loop, set_attached]
 
 
 @pytest.mark.parametrize("allow_overwrite", [False, True], ids=["plain", "allow-overwrite"])

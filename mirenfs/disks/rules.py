@@ -39,6 +39,7 @@ from mirenfs.disks.model import (
 )
 from mirenfs.engine.image import STAGING_SUFFIX, staging_is_held
 from mirenfs.errors import (
+    DiskAttachedError,
     DiskBusyError,
     DiskChangedError,
     DiskDeletingError,
@@ -137,10 +138,16 @@ def image_path_of(resolver: DiskResolver, disk: Disk, data_path: str) -> str:
 
 
 def refuse_if_in_use(resolver: DiskResolver, disk: Disk, image_path: str | None, *, action: str) -> None:
-    """The refusals shared by every change to a disk's image: a bound lease, or a loop device
-    backing the image (fails closed when that cannot be told). ``action`` completes
-    "before …" in the message, e.g. ``restoring``."""
+    """The refusals shared by every change to a disk's image: a bound lease, the store saying
+    ``attached`` (a machine may use the file itself: it would go on writing the old, unlinked
+    one), or a loop device backing the image (fails closed when that cannot be told).
+    ``action`` completes "before …" in the message, e.g. ``restoring``."""
     name = disk.name
+    if DiskState(disk.status) is DiskState.ATTACHED:
+        raise DiskAttachedError(
+            f"disk {name} is in use (the disk store says it is attached); once its machine has let it "
+            f"go, detach it (`mirenfs disk set-status {name} detached`) before {action}"
+        )
     leases = resolver.find_leases_by_disk_id(disk.id)
     bound = [lease for lease in leases if LeaseState(lease.status) is LeaseState.BOUND]
     if bound:
