@@ -707,6 +707,35 @@ async def test_rename_noreplace_onto_an_existing_entry_is_eexist(data_path: Path
             await m.ops.release(fh)
 
 
+@trio_test
+async def test_a_rename_to_another_disk_or_to_no_disk_is_eperm_said_once(
+    data_path: Path, good: Snapshot, caplog: pytest.LogCaptureFixture
+) -> None:
+    """EPERM, not EINVAL: mv reads EINVAL as "into a subdirectory of itself" and tries again."""
+    caplog.set_level(logging.INFO, logger="mirenfs")
+    async with operations(data_path) as m:
+        assert await m.copy_in("good.mirn", good.data) is None
+        for new in (b"other.mirn", b"notes.txt"):
+            rename = m.ops.rename(RESTORE_INODE, b"good.mirn", RESTORE_INODE, new, 0, m.ctx)
+            assert await fuse_errno(rename) == errno.EPERM
+        assert await entry_names(m) == ["good.mirn"]
+        assert (await m.state("good.mirn")).startswith("installed")
+    said = [r.getMessage() for r in caplog.records if "cannot be renamed" in r.getMessage()]
+    assert len(said) == 2 and "a name of disk other" in said[0] and "only snapshot files" in said[1]
+    assert disk_status(data_path, "other") is None
+
+
+@trio_test
+async def test_links_are_eperm_everywhere(data_path: Path) -> None:
+    add_image_disk(data_path, "pg")
+    async with operations(data_path) as m:
+        snapshot = (await m.lookup("pg.mirn")).st_ino
+        for parent in (ROOT_INODE, RESTORE_INODE):
+            assert await fuse_errno(m.ops.symlink(parent, b"x.mirn", b"/etc/passwd", m.ctx)) == errno.EPERM
+            assert await fuse_errno(m.ops.link(snapshot, parent, b"y.mirn", m.ctx)) == errno.EPERM
+        assert await entry_names(m) == []
+
+
 # ---- the lock that serializes one entry's requests --------------------------------------------
 
 

@@ -483,12 +483,17 @@ class RestoreDirectory:
         entry = self.entries.get(old)
         if entry is None:
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), old)
-        disk, _sidecar = disk_for_file_name(new)  # the new name must be a valid one too
+        # Refused with EPERM: mv takes EINVAL for "into a subdirectory of itself" (and retries a
+        # renameat2 that fails so), and EXDEV would make it copy the entry's outcome text instead.
+        try:
+            disk, _sidecar = disk_for_file_name(new)  # the new name must be a valid one too
+        except MirenfsError as exc:
+            raise RestoreRefused(f"restore/{old} cannot be renamed: {exc}", errno.EPERM) from None
         if disk != entry.disk:
             raise RestoreRefused(
                 f"restore/{old} restores disk {entry.disk}; it cannot be renamed to {printable(new)}, a "
                 f"name of disk {disk} (copy the snapshot to {in_restore(new)} instead)",
-                errno.EINVAL,
+                errno.EPERM,
             )
         if new in self.entries and self.entries[new] is not entry:
             await self.remove(new, reason="replaced by a rename")
