@@ -349,10 +349,12 @@ async def test_replaced_image_is_a_new_inode_and_old_handle_reads_old_bytes(
 )
 @trio_test
 async def test_image_changed_in_place_gives_old_bytes_or_eio_never_a_mix(
-    data_path: Path, options: list[str], old_frames_kept: bool
+    data_path: Path, options: list[str], old_frames_kept: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Without the frame store the old handle's frames come from the changed image: EIO. With it,
-    the frames of the old version were stored as the pass made them: the old bytes, all of them."""
+    """Without the frame store the old handle's frames come from the changed image: EIO, and the
+    log names the file and what to do. With it, the frames of the old version were stored as the
+    pass made them: the old bytes, all of them."""
+    caplog.set_level(logging.WARNING, logger="mirenfs")
     image = add_image_disk(data_path, "pg", segments=RANDOM_SEGMENTS)
     old = await snapshot_bytes(image, name="pg")
     async with operations(data_path, spill_limit=0, fuse_options=options) as m:
@@ -374,6 +376,9 @@ async def test_image_changed_in_place_gives_old_bytes_or_eio_never_a_mix(
             assert failures == 0, "the stored frames of the old version were not served"
         else:
             assert failures > 0, "every chunk changed, yet the old handle read them all"
+            said = [r.getMessage() for r in caplog.records if "changed since" in r.getMessage()]
+            assert said and all(line.startswith("pg.mirn: the image changed") for line in said)
+            assert "copy it again for a snapshot of the image as it is now" in said[0]
         await m.ops.release(fh)
 
 

@@ -21,7 +21,7 @@ import pyfuse3
 import trio
 
 from mirenfs.engine.produce import SequentialReader
-from mirenfs.errors import MirenfsError, StoreError
+from mirenfs.errors import ImageChangedError, MirenfsError, StoreError
 from mirenfs.mount.catalog import CatalogEntry, CatalogView, DiskCatalog
 from mirenfs.mount.inodes import (
     RESTORE_INODE,
@@ -316,7 +316,13 @@ class MirenOperations(pyfuse3.Operations):
         if isinstance(handle, bytes):
             return handle[off : off + size]
         if isinstance(handle, OpenSnapshot):
-            return await handle.reader.read(off, size)
+            try:
+                return await handle.reader.read(off, size)
+            except ImageChangedError as exc:  # the engine knows chunks, the log needs the file
+                raise ImageChangedError(
+                    f"{handle.version.name}{SNAPSHOT_SUFFIX}: {exc}, so this copy of it fails (EIO); copy it "
+                    "again for a snapshot of the image as it is now"
+                ) from None
         raise pyfuse3.FUSEError(errno.EBADF)  # opened for writing
 
     @fuse_errors
