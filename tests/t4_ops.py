@@ -253,3 +253,5 @@ def test_status_of_a_dead_mount(tmp_path: Path, mounts) -> None:
         f"mirenfs: error: a dead mount is left at {mountpoint} (its daemon was killed); run: fusermount3 -u "
         f"{mountpoint}, then mount again (the new mount also thaws a filesystem the killed one left frozen)"
     )
+    below = run(MIRENFS, "mount", mountpoint / "restore", "--data-path", data)  # a directory in it
+    assert below.returncode == 1 and f"a dead mount is left at {mountpoint} " in below.stderr

@@ -26,7 +26,7 @@ from typing import Any
 import trio
 
 from mirenfs.cli.common import add_data_path_option, human_size, resolve_data_path
-from mirenfs.cli.mountinfo import MountEntry, mirenfs_mounts, mount_at, refuse_if_mirenfs_mount
+from mirenfs.cli.mountinfo import MountEntry, mirenfs_mounts, mount_at, mount_holding, refuse_if_mirenfs_mount
 from mirenfs.disks.catalogs import catalog_spec_from, node_from
 from mirenfs.engine.aio import meaningful_error
 from mirenfs.engine.image import make_private_directory
@@ -83,9 +83,11 @@ def config_from(args: argparse.Namespace) -> MountConfig:
         info: os.stat_result | None = os.stat(mountpoint)
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
+            dead = mount_holding(mountpoint)  # the mount point itself, or a directory above it
+            where = dead.mountpoint if dead is not None else mountpoint
             raise MirenfsError(
-                f"a dead mount is left at {mountpoint} (its daemon was killed); "
-                f"run: fusermount3 -u {mountpoint}, then mount again (the new mount also thaws "
+                f"a dead mount is left at {where} (its daemon was killed); "
+                f"run: fusermount3 -u {where}, then mount again (the new mount also thaws "
                 "a filesystem the killed one left frozen)"
             ) from None
         info = None

@@ -47,6 +47,18 @@ def mount_at(path: str) -> MountEntry:
     raise MirenfsError(f"{path} is not a mirenfs mount")
 
 
+def mount_holding(path: str) -> MountEntry | None:
+    """The mount ``path`` lies on: the deepest mount point that is ``path`` or above it (topmost
+    if stacked). Read from mountinfo, so it answers for a dead mount too."""
+    target = os.path.abspath(path)
+    holding = [
+        entry
+        for entry in mounts()
+        if entry.mountpoint == target or target.startswith(entry.mountpoint.rstrip("/") + "/")
+    ]
+    return max(holding, key=lambda entry: len(entry.mountpoint), default=None)
+
+
 def refuse_if_mirenfs_mount(directory: str) -> None:
     """A second mount on a mirenfs mount would hide the first (and ``mount -a`` cannot tell the
     fstab line is mounted, since the source it shows is not always the data path): refuse it.
