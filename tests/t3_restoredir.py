@@ -726,6 +726,22 @@ async def test_a_rename_to_another_disk_or_to_no_disk_is_eperm_said_once(
 
 
 @trio_test
+async def test_a_name_longer_than_255_bytes_is_enametoolong(data_path: Path, good: Snapshot) -> None:
+    long = b"p" * 251 + b".mirn"  # 256 bytes
+    async with operations(data_path) as m:
+        assert (
+            await fuse_errno(m.ops.create(RESTORE_INODE, long, 0o644, os.O_WRONLY, m.ctx))
+            == errno.ENAMETOOLONG
+        )
+        regular = stat.S_IFREG | 0o644
+        assert await fuse_errno(m.ops.mknod(RESTORE_INODE, long, regular, 0, m.ctx)) == errno.ENAMETOOLONG
+        assert await m.copy_in("good.mirn", good.data) is None
+        rename = m.ops.rename(RESTORE_INODE, b"good.mirn", RESTORE_INODE, long, 0, m.ctx)
+        assert await fuse_errno(rename) == errno.ENAMETOOLONG
+        assert await entry_names(m) == ["good.mirn"]
+
+
+@trio_test
 async def test_links_are_eperm_everywhere(data_path: Path) -> None:
     add_image_disk(data_path, "pg")
     async with operations(data_path) as m:

@@ -62,6 +62,7 @@ IO_SIZE = 1 << 20
 # never change for an inode (a changed image is a new inode at the next lookup, and lookups are never
 # cached). Without it every read of ``cat`` would first cost a GETATTR round trip.
 FIXED_ATTRIBUTES_TIMEOUT = 24 * 3600.0
+NAME_MAX = 255  # bytes in a name, as statfs says
 RENAME_NOREPLACE = 1  # renameat2(2) flags, as FUSE passes them on
 RENAME_EXCHANGE = 2
 assert ROOT_INODE == pyfuse3.ROOT_INODE
@@ -475,6 +476,7 @@ class MirenOperations(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> None:
+        _refuse_long_name(name_new)
         if parent_inode_old != RESTORE_INODE or parent_inode_new != RESTORE_INODE:
             raise pyfuse3.FUSEError(
                 errno.EPERM if RESTORE_INODE not in (parent_inode_old, parent_inode_new) else errno.EXDEV
@@ -492,6 +494,7 @@ class MirenOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         """A new file in restore/ starts a restore; the §3 refusals answer here."""
+        _refuse_long_name(name)
         if not self._in_restore_tree(parent_inode):
             raise pyfuse3.FUSEError(errno.EROFS if parent_inode == ROOT_INODE else errno.EPERM)
         if parent_inode != RESTORE_INODE:  # under restore/restore: accepted, its bytes go nowhere
@@ -508,6 +511,7 @@ class MirenOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         """A regular file in restore/, made before it is opened (``tar --xattrs``): as create
         does, but the restore starts at the open for writing. Anything else is refused."""
+        _refuse_long_name(name)
         if not self._in_restore_tree(parent_inode):
             raise pyfuse3.FUSEError(errno.EROFS if parent_inode == ROOT_INODE else errno.EPERM)
         if not stat.S_ISREG(mode):
@@ -550,8 +554,15 @@ class MirenOperations(pyfuse3.Operations):
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = 4096
-        data.f_namemax = 255
+        data.f_namemax = NAME_MAX
         return data
+
+
+def _refuse_long_name(name: bytes) -> None:
+    """A name longer than statfs's ``f_namemax`` is ENAMETOOLONG, as on any filesystem (the
+    kernel leaves that check to FUSE filesystems)."""
+    if len(name) > NAME_MAX:
+        raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
 
 
 def _parse_file_name(name: str) -> tuple[str, str] | None:
