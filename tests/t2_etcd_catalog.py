@@ -221,6 +221,30 @@ def test_bound_in_any_spelling_in_etcd_refuses(hosts: tuple[EtcdCatalog, EtcdCat
         prepare_restore(a, "pg", data_path=a.data_path, overwrite=True, creator=a)
 
 
+def test_a_disk_with_no_volume_or_no_node_is_removed_from_any_host(etcd: EtcdCluster, tmp_path: Path) -> None:
+    """No host holds its image, so none may refuse it as "on another node" (it said "node None")."""
+    url = etcd.url(prefix())
+    b = etcd_catalog(url, tmp_path / "b", "b")
+    put_raw(
+        b,
+        "nullvol",
+        {"id": "d1", "name": "nullvol", "status": "provisioned", "filesystem": "ext4", "size_bytes": 4096,
+         "volume": None, "leases": []},
+    )  # fmt: skip
+    put_raw(
+        b,
+        "nonode",
+        {"id": "d2", "name": "nonode", "status": "provisioned", "filesystem": "ext4", "size_bytes": 4096,
+         "volume": {"id": "v2", "node": None, "image_path": None, "status": "provisioned"}, "leases": []},
+    )  # fmt: skip
+    on_b = ["--catalog", url, "--node", "b", "--data-path", tmp_path / "b"]
+    for name in ("nullvol", "nonode"):
+        removed = run_cli("disk", "remove", name, *on_b)
+        assert removed.code == 0 and "None" not in removed.out + removed.err, removed
+        assert removed.out == f"removed disk {name}\n"
+    assert b.list_disks() == []
+
+
 def test_a_damaged_record_is_an_error_never_no_such_disk(
     hosts: tuple[EtcdCatalog, EtcdCatalog], caplog: pytest.LogCaptureFixture
 ) -> None:

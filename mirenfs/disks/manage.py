@@ -130,8 +130,10 @@ def remove_disk(store: Catalog, name: str) -> RemovedDisk:
     """
     validate_disk_name(name)
     record = store.get_disk(name)
-    if not record.local:
-        node = record.volume.node if record.volume else None
+    # A disk whose volume names no node (or that has no volume) has its image on no host the
+    # catalogue knows of: nobody could ever remove it if this host refused. Only its records go.
+    node = record.volume.node if record.volume is not None else None
+    if not record.local and node is not None:
         raise DiskElsewhereError(
             f"disk {name} is on node {node}, whose data path holds its image; remove it there"
         )
@@ -140,7 +142,7 @@ def remove_disk(store: Catalog, name: str) -> RemovedDisk:
             f"disk {name} is attached; detach it (`mirenfs disk set-status {name} detached`) "
             "before removing it"
         )
-    managed = record.volume is not None and not record.volume.image_path
+    managed = record.local and record.volume is not None and not record.volume.image_path
     image_path = record.image_path if managed else None
     problem = managed_path_problem(store.data_path, image_path) if image_path is not None else None
     if problem is not None:
