@@ -478,6 +478,7 @@ def test_an_image_outside_the_data_path_is_used_only_once_this_host_registered_i
     assert oct(trusted.stat().st_mode & 0o777) == "0o600"
     assert json.loads(trusted.read_text()) == {"images": [str(victim)]}
     home = tmp_path / "home"  # a one-host store trusts its paths: an unregistered one is not copied
+    home.mkdir()
     copied = run_cli("catalog", "copy", "--from", url, "--to", f"sqlite://{home}", "--node", "a")
     assert copied.code == 1 and "were not copied: dd1, out1, out2" in copied.err  # home registered none
     assert Store(str(home)).list_disks() == []

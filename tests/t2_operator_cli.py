@@ -171,6 +171,23 @@ def test_disk_create_starts_a_new_data_path_and_says_so(tmp_path: Path) -> None:
     assert [disk["name"] for disk in listed] == ["pg"]
 
 
+def test_catalog_copy_names_the_option_of_a_missing_data_path_and_starts_none(tmp_path: Path) -> None:
+    """--from and --to name data paths too: a missing one is named with its option, and --to does
+    not start an empty store (the SQLite catalogue belongs to the data path holding the images)."""
+    data, missing = tmp_path / "data", tmp_path / "typo"
+    assert run_mirenfs("disk", "create", "pg", "--size", "1M", "--data-path", str(data)).returncode == 0
+    source = run_mirenfs("catalog", "copy", "--from", f"sqlite://{missing}", "--to", str(data))
+    assert source.returncode == 1
+    assert (
+        source.stderr.decode()
+        == f"mirenfs: error: the data path {missing} does not exist (from --from); check it\n"
+    )
+    destination = run_mirenfs("catalog", "copy", "--from", str(data), "--to", f"sqlite://{missing}")
+    assert destination.returncode == 1 and destination.stdout == b""
+    assert f"the data path {missing} does not exist (from --to)" in destination.stderr.decode()
+    assert not missing.exists()
+
+
 # ---- the store and the state directory are private; new files honour the umask ----------------
 
 

@@ -56,8 +56,8 @@ def cmd_catalog_copy(args: argparse.Namespace) -> int:
             f"data path {sqlite_path}, which names the image paths; leave --data-path out"
         )
     data_path = sqlite_path or data_path_from(args.data_path)
-    source = _open(source_spec, data_path, node, create=False)
-    destination = _open(destination_spec, data_path, node, create=True)
+    source = _open(source_spec, data_path, node, option="--from")
+    destination = _open(destination_spec, data_path, node, option="--to")
     report = copy_catalog(source, destination, one_host=destination_spec.etcd is None)
     print(
         f"copied the disk catalogue {args.source} to {args.destination}: {len(report.added)} added, "
@@ -95,7 +95,10 @@ def _spec(text: str, option: str) -> CatalogSpec:
     return spec
 
 
-def _open(spec: CatalogSpec, data_path: str, node: str, *, create: bool) -> Catalog:
-    if spec.data_path is not None:  # a SQLite catalogue: its data path must exist, unless written to
-        return open_catalog(spec, resolve_data_path(spec.data_path, create=create), node=node)
+def _open(spec: CatalogSpec, data_path: str, node: str, *, option: str) -> Catalog:
+    """A SQLite catalogue's data path must exist, also to be written to: it is the store of the
+    data path that holds the copied disks' images, so a missing one is a typo (or the wrong host),
+    and an empty store there would list disks whose images are not there."""
+    if spec.data_path is not None:
+        return open_catalog(spec, resolve_data_path(spec.data_path, given_by=option), node=node)
     return open_catalog(spec, data_path, node=node)
