@@ -159,6 +159,22 @@ def test_bad_catalogues_are_refused_in_one_line(bad: str) -> None:
     assert "\n" not in str(refused.value) and not isinstance(refused.value, DiskNotFoundError)
 
 
+@pytest.mark.parametrize("typo", ["etcd:/127.0.0.1:23791/fleet", "etcd:127.0.0.1:23791", "ETCD:/h:1"])
+def test_an_etcd_url_with_one_slash_is_refused_not_taken_for_a_data_path(typo: str) -> None:
+    with pytest.raises(MirenfsError, match=r"not a well-formed etcd URL; did you mean etcd://HOST:PORT"):
+        parse_catalog(typo)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["etcd://user:s3cret@127.0.0.1:23791/fleet", "etcd://a:1,user:s3cret@b:2", "etcd://u:s3/cret@h:1/p"],
+)
+def test_credentials_in_an_etcd_url_are_refused_and_never_echoed(url: str) -> None:
+    with pytest.raises(MirenfsError, match="a user name or password in the URL is not supported") as refused:
+        parse_catalog(url)
+    assert "s3" not in str(refused.value) and "cret" not in str(refused.value)
+
+
 def test_node_names_use_the_disk_name_alphabet() -> None:
     assert validate_node_name("host-a.example.com") == "host-a.example.com"
     for bad in ("", "-x", "a/b", "a b", "x" * 64):

@@ -74,6 +74,12 @@ class CatalogSpec:
 def parse_catalog(text: str) -> CatalogSpec:
     """``etcd://HOST:PORT[,…][/PREFIX]``, ``sqlite:[//DIR]`` or a directory; else one clear line."""
     cleaned = text.strip()
+    if cleaned.lower().startswith("etcd:") and not cleaned.startswith(ETCD_SCHEME):
+        # etcd:/HOST… or etcd:HOST… would otherwise be a data path of that odd name, in the cwd
+        raise MirenfsError(
+            f"catalogue {text!r} is not a well-formed etcd URL; did you mean "
+            "etcd://HOST:PORT[,HOST:PORT…][/PREFIX] (two slashes after etcd:)?"
+        )
     if cleaned.startswith(ETCD_SCHEME):
         return CatalogSpec(cleaned, etcd=_parse_etcd(cleaned))
     if cleaned.startswith(SQLITE_SCHEME):
@@ -93,6 +99,13 @@ def parse_catalog(text: str) -> CatalogSpec:
 
 def _parse_etcd(text: str) -> EtcdLocation:
     rest = text[len(ETCD_SCHEME) :]
+    if "@" in rest:  # USER:PASSWORD@HOST: refused before anything echoes the text
+        shown = f"{ETCD_SCHEME}…@{rest.rsplit('@', 1)[1]}"
+        raise MirenfsError(
+            f"catalogue {shown}: a user name or password in the URL is not supported (mirenfs talks to "
+            "etcd without authentication); give etcd://HOST:PORT[,HOST:PORT…][/PREFIX] and keep etcd's "
+            "client port reachable only from the fleet"
+        )
     hosts, _, prefix = rest.partition("/")
     prefix = prefix.strip("/")
     if not prefix:
