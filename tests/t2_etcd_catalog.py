@@ -5,6 +5,7 @@ No FUSE here (t4_etcd.py mounts)."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import secrets
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 
 from mirenfs.disks.catalogs import open_catalog
 from mirenfs.disks.etcd import CatalogWatch, EtcdCatalog, _put
-from mirenfs.disks.manage import sweep_stale_staging
+from mirenfs.disks.manage import create_disk, sweep_stale_staging
 from mirenfs.disks.model import DiskState, LeaseState
 from mirenfs.disks.rules import prepare_backup, prepare_restore
 from mirenfs.disks.store import Store
@@ -284,6 +285,47 @@ def test_an_unreachable_catalogue_fails_every_lookup_and_creates_nothing(tmp_pat
         and restore.err == f"mirenfs: error: {message} (127.0.0.1:{port}: connection refused)\n"
     )
     assert list(data_path.iterdir()) == []  # nothing created, not even a directory
+
+
+class _NotEtcd(http.server.BaseHTTPRequestHandler):
+    """Some other web server on an endpoint's port: every request gets a 404 page."""
+
+    def do_POST(self) -> None:
+        self.send_error(404)
+
+    def log_message(self, *args: object) -> None:
+        return None
+
+
+def test_an_endpoint_that_is_not_an_etcd_gateway_counts_as_failed_and_the_next_is_tried(
+    etcd: EtcdCluster, tmp_path: Path
+) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotEtcd)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        wrong = f"127.0.0.1:{server.server_address[1]}"
+        name = prefix()
+        catalog = etcd_catalog(f"etcd://{wrong},{etcd.members[0].endpoint}/{name}", tmp_path / "a", "a")
+        catalog.add_disk("pg", size_bytes=4096, filesystem="ext4")
+        assert [record.disk.name for record in catalog.list_disks()] == ["pg"]
+        alone = etcd_catalog(f"etcd://{wrong}/{name}", tmp_path / "b", "a")
+        with pytest.raises(CatalogUnreachableError) as failed:
+            alone.list_disks()
+        assert f"({wrong}: not an etcd gateway (it answered Not Found))" in str(failed.value)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_name_taken_on_another_node_says_which(hosts: tuple[EtcdCatalog, EtcdCatalog]) -> None:
+    a, b = hosts
+    b.add_disk("pgB", size_bytes=4096, filesystem="ext4")
+    with pytest.raises(
+        DiskExistsError, match=r"^a disk named pgB already exists \(on node b\); pick another"
+    ):
+        create_disk(a, "pgB", size_bytes=4096, filesystem="ext4")
+    with pytest.raises(DiskExistsError, match=r"\(on this node, b\)"):
+        b.add_disk("pgB", size_bytes=4096, filesystem="ext4")
 
 
 def test_three_members_one_down_changes_nothing_two_down_fail_closed(

@@ -179,6 +179,15 @@ def _why(exc: BaseException) -> str:
     return detail.splitlines()[0][:200]
 
 
+def _from_etcd(exc: etcd_errors.Etcd3Exception) -> bool:
+    """Whether a refusal came from etcd's gateway, which explains itself in JSON (``code`` and
+    ``message`` or ``error``); anything else answered from a server that is not one."""
+    with contextlib.suppress(ValueError, TypeError):
+        body = json.loads(exc.detail_text or "")
+        return isinstance(body, dict) and "code" in body and ("message" in body or "error" in body)
+    return False
+
+
 class Unreachable(CatalogUnreachableError):
     """No endpoint answered; ``why`` says what each one did."""
 
@@ -239,6 +248,10 @@ class EtcdKV:
                 problems.append(f"{host}:{port}: {_why(exc)}")
                 continue
             except etcd_errors.Etcd3Exception as exc:
+                if not _from_etcd(exc):  # a 404 page, say: another server there; try the next member
+                    said = str(exc.args[0]) if exc.args else _why(exc)  # the HTTP reason: Not Found
+                    problems.append(f"{host}:{port}: not an etcd gateway (it answered {said})")
+                    continue
                 raise StoreError(
                     f"the disk catalogue at {self.location.url} refused a request ({_why(exc)})"
                 ) from None
@@ -615,9 +628,12 @@ class EtcdCatalog:
             return disk, volume
         holder = result.ranges[0] if result.ranges else []
         if holder:
-            if self._parse(name, holder[0]).disk.id == disk.id:
+            existing = self._parse(name, holder[0])
+            if existing.disk.id == disk.id:
                 return disk, volume  # our own creation, answered late and sent again to another member
-            raise DiskExistsError(f"a disk named {name} already exists; pick another name")
+            raise DiskExistsError(
+                f"a disk named {name} already exists ({self._whereabouts(existing)}); pick another name"
+            )
         owner = result.ranges[1] if len(result.ranges) > 1 else []
         if owner:
             owner_id = owner[0].value.decode()
@@ -629,6 +645,13 @@ class EtcdCatalog:
         raise StoreError(
             f"disk {name} could not be created in the disk catalogue at {self.location.url}; try again"
         )
+
+    def _whereabouts(self, stored: _Stored) -> str:
+        """Where a disk's image is, in a few words: names are global, so a clash may be elsewhere."""
+        node = stored.volume.node if stored.volume is not None else None
+        if node is None:
+            return "with no image on any node"
+        return f"on this node, {node}" if node == self.node else f"on node {node}"
 
     def _update(self, name: str, edit: Edit) -> tuple[_Stored, _Stored]:
         """Compare-and-swap on the disk's record: read it, ``edit`` it (None: nothing to change),
