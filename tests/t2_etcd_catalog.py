@@ -282,7 +282,9 @@ def test_an_unreachable_catalogue_fails_every_lookup_and_creates_nothing(tmp_pat
     )
     assert (
         restore.code == 1
-        and restore.err == f"mirenfs: error: {message} (127.0.0.1:{port}: connection refused)\n"
+        and restore.err
+        == f"mirenfs: error: {message} (127.0.0.1:{port}: connection refused); "
+        "disk disk-ext4 is unchanged; try again when the catalogue answers\n"
     )
     assert list(data_path.iterdir()) == []  # nothing created, not even a directory
 

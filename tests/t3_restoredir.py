@@ -24,7 +24,7 @@ from mirenfs.disks.model import DiskState
 from mirenfs.disks.restore import FEED_BATCH
 from mirenfs.disks.store import Store
 from mirenfs.engine import image as image_module
-from mirenfs.errors import DiskNotFoundError
+from mirenfs.errors import CatalogUnreachableError, DiskNotFoundError
 from mirenfs.format.header import Meta, decode_header
 from mirenfs.mount import openfiles, restoredir
 from mirenfs.mount.inodes import RESTORE_INODE, ROOT_INODE
@@ -659,6 +659,45 @@ async def test_a_disk_taken_into_use_mid_stream_fails_the_close_with_ebusy(
         assert await m.close(fh) == errno.EBUSY
         assert (await m.state("pg.mirn")).startswith("failed: ")
         assert_untouched(data_path, before, image, image_before)
+
+
+GONE = "the disk catalogue at etcd://127.0.0.1:1/t3 is unreachable (127.0.0.1:1: connection refused)"
+TRY_AGAIN = "try again when the catalogue answers"
+
+
+def catalogue_goes_away(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every lookup by name fails closed from now on, as on an etcd catalogue that went away."""
+
+    def unreachable(self: Store, name: str) -> None:
+        raise CatalogUnreachableError(GONE)
+
+    monkeypatch.setattr(Store, "find_disk_by_name", unreachable)
+
+
+@trio_test
+async def test_a_catalogue_gone_at_the_final_check_says_the_disk_is_unchanged_and_what_to_do(
+    data_path: Path, good: Snapshot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = add_image_disk(data_path, "pg")
+    async with operations(data_path, allow_overwrite=True) as m:
+        fh, _inode = await m.create("pg.mirn")
+        await m.write_all(fh, good.data)
+        before, image_before = store_state(data_path), FileState.of(image)
+        catalogue_goes_away(monkeypatch)
+        assert await m.close(fh) == errno.EIO
+        assert await m.state("pg.mirn") == f"failed: {GONE}; disk pg is unchanged; {TRY_AGAIN}"
+        assert_untouched(data_path, before, image, image_before)
+
+
+@trio_test
+async def test_a_restore_refused_while_the_catalogue_is_gone_says_nothing_was_created(
+    data_path: Path, good: Snapshot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with operations(data_path) as m:
+        catalogue_goes_away(monkeypatch)
+        assert await fuse_errno(m.create("fresh.mirn")) == errno.EIO
+        refused = m.ops.restores.refusal_status()[0]
+        assert refused["reason"] == f"{GONE}; disk fresh is unchanged; {TRY_AGAIN}"
 
 
 @trio_test

@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator
 
 import trio
 
-from mirenfs.disks.rules import RestoreTarget
+from mirenfs.disks.rules import RestoreTarget, catalogue_gone
 from mirenfs.engine.consume import StagedRestore
-from mirenfs.errors import NO_SPACE, OutOfOrderWrite, TargetError
+from mirenfs.errors import NO_SPACE, CatalogUnreachableError, OutOfOrderWrite, TargetError
 from mirenfs.format.header import Meta
 
 FEED_BATCH = 1 << 20  # small writes (tar's 10 KiB records) are gathered to this size for the pipeline
@@ -65,10 +65,15 @@ class DiskRestore:
 
     @contextlib.asynccontextmanager
     async def _saying_what_is_left(self) -> AsyncIterator[None]:
-        """A full filesystem ends the restore here: undone at once, so that its one sentence can
-        say what became of the disk (a person's next step depends on it)."""
+        """A full filesystem, or a catalogue gone away (failing closed), ends the restore here:
+        undone at once, so that its one sentence can say what became of the disk (a person's
+        next step depends on it)."""
         try:
             yield
+        except CatalogUnreachableError as exc:
+            with trio.CancelScope(shield=True):
+                await self.abort()
+            raise catalogue_gone(exc, self.target.outcome()) from None
         except TargetError as exc:
             if exc.errno not in NO_SPACE:
                 raise

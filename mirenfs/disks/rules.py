@@ -39,6 +39,7 @@ from mirenfs.disks.model import (
 )
 from mirenfs.engine.image import STAGING_SUFFIX, staging_is_held
 from mirenfs.errors import (
+    CatalogUnreachableError,
     DiskAttachedError,
     DiskBusyError,
     DiskChangedError,
@@ -390,6 +391,17 @@ class RestoreTarget:
             )
 
 
+TRY_AGAIN_LATER = "try again when the catalogue answers"
+
+
+def catalogue_gone(error: CatalogUnreachableError, outcome: str) -> CatalogUnreachableError:
+    """A restore failed closed: the sentence ends with what became of its disk (``outcome``, as
+    :meth:`RestoreTarget.outcome` says it) and what to do, as every failed restore's does."""
+    failed = CatalogUnreachableError(f"{error}; {outcome}; {TRY_AGAIN_LATER}")
+    failed.reported = error.reported
+    return failed
+
+
 def prepare_restore(
     resolver: DiskResolver,
     name: str,
@@ -405,6 +417,20 @@ def prepare_restore(
     lookup failure is raised as it is.
     """
     validate_disk_name(name)
+    try:
+        return _prepare_restore(resolver, name, data_path=data_path, overwrite=overwrite, creator=creator)
+    except CatalogUnreachableError as exc:  # nothing was created or written yet
+        raise catalogue_gone(exc, f"disk {name} is unchanged") from None
+
+
+def _prepare_restore(
+    resolver: DiskResolver,
+    name: str,
+    *,
+    data_path: str,
+    overwrite: bool,
+    creator: DiskCreator | None,
+) -> RestoreTarget:
     try:
         disk: Disk | None = resolver.find_disk_by_name(name)
     except DiskNotFoundError:
