@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from mirenfs.disks.catalogs import EtcdLocation, mount_listing, open_catalog, parse_catalog
+from mirenfs.disks.catalogs import EtcdLocation, mount_listing, none_on_this_node, open_catalog, parse_catalog
 from mirenfs.disks.model import (
     Disk,
+    DiskRecord,
     DiskState,
     Lease,
     LeaseState,
@@ -173,6 +174,29 @@ def test_credentials_in_an_etcd_url_are_refused_and_never_echoed(url: str) -> No
     with pytest.raises(MirenfsError, match="a user name or password in the URL is not supported") as refused:
         parse_catalog(url)
     assert "s3" not in str(refused.value) and "cret" not in str(refused.value)
+
+
+def test_a_host_that_sees_no_disks_is_told_which_nodes_have_them() -> None:
+    def on(node: str | None, name: str) -> DiskRecord:
+        disk = Disk(f"id-{name}", name, DiskState.PROVISIONED, "ext4", 1)
+        return DiskRecord(
+            disk, Volume(f"v-{name}", disk.id, None, VolumeState.PROVISIONED, node), None, (), False
+        )
+
+    url = "etcd://127.0.0.1:2379/fleet"
+    found = none_on_this_node([on("hostA", "pg"), on("hostB", "web")], url=url, node="hosta")
+    assert found == (
+        "no disk in the disk catalogue at etcd://127.0.0.1:2379/fleet is on node hosta; its disks are on "
+        "nodes hostA, hostB: if this host is one of them, pass --node NAME (or set $MIRENFS_NODE; the "
+        "default is the hostname)"
+    )
+    assert (
+        none_on_this_node([], url=url, node="a")
+        == f"the disk catalogue at {url} holds no disks (is its /PREFIX right?)"
+    )
+    assert "None" not in str(none_on_this_node([on(None, "x")], url=url, node="a"))
+    mine = DiskRecord(on("a", "pg").disk, on("a", "pg").volume, "/d/pg.img", (), True)
+    assert none_on_this_node([mine, on("b", "web")], url=url, node="a") is None
 
 
 def test_node_names_use_the_disk_name_alphabet() -> None:

@@ -591,6 +591,30 @@ def test_the_cli_works_on_etcd(etcd: EtcdCluster, tmp_path: Path) -> None:
     assert json.loads(ok("disk", "list", "--json", "--all-nodes", *on_b).out) == []
 
 
+def test_an_empty_disk_list_says_which_catalogue_and_node_it_looked_in(
+    etcd: EtcdCluster, tmp_path: Path
+) -> None:
+    name = prefix()
+    url = etcd.url(name)
+    ok("disk", "create", "pg", "--size", "1M", "--catalog", url, "--node", "hostA", "--data-path", tmp_path)
+    wrong_node = run_cli(
+        "disk", "list", "--json", "--catalog", url, "--node", "hosta", "--data-path", tmp_path
+    )
+    assert wrong_node.code == 0 and wrong_node.out == "[]\n"  # stdout as it was
+    assert wrong_node.err == (
+        f"mirenfs: no disk in the disk catalogue at {url} is on node hosta; its disks are on node hostA: "
+        "if this host is one of them, pass --node NAME (or set $MIRENFS_NODE; the default is the hostname)\n"
+    )
+    bare = etcd.url("mirenfs")  # the prefix forgotten: the default one, empty
+    no_prefix = run_cli(
+        "disk", "list", "--catalog", bare.rsplit("/", 1)[0], "--node", "hostA", "--data-path", tmp_path
+    )
+    assert no_prefix.code == 0 and no_prefix.out.startswith("NAME")
+    assert no_prefix.err == f"mirenfs: the disk catalogue at {bare} holds no disks (is its /PREFIX right?)\n"
+    right = run_cli("disk", "list", "--catalog", url, "--node", "hostA", "--data-path", tmp_path)
+    assert right.err == "" and "pg" in right.out
+
+
 def test_the_environment_names_the_catalogue_and_node(
     etcd: EtcdCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -66,6 +66,7 @@ async def test_status_answers_while_the_catalogue_is_unreachable_and_says_so(
         await m.lookup("pg.mirn")  # the index is built: ready
         before = json.loads((await m.xattrs(ROOT_INODE))[STATUS_XATTR])
         assert before["catalog_error"] is None and "listing_age_s" not in before
+        assert (before["catalog"], before["node"]) == (f"sqlite://{tmp_path}", None)
 
         def down() -> dict[str, object]:
             raise CatalogUnreachableError(unreachable)
@@ -82,3 +83,15 @@ async def test_status_answers_while_the_catalogue_is_unreachable_and_says_so(
         )
         assert f"\n  {unreachable}\n  (the disks below are from the mount's last listing" in text
         assert "  pg    ready (offline" in text
+
+
+def test_status_names_the_catalogue_and_node_and_whose_disks_it_found_none_of() -> None:
+    """A wrong --node mounts fine and shows no disks: status says which catalogue and node it used."""
+    entry = MountEntry(0, (0, 0), "/mnt/disks", "fuse.mirenfs", "/var/lib/miren", "rw")
+    status = {"pid": 1, "catalog": "etcd://127.0.0.1:2379/fleet", "node": "hosta", "catalog_error": None}
+    text = format_status(entry, status)
+    assert text.splitlines()[0] == (
+        "/mnt/disks: mirenfs, data path /var/lib/miren, disk catalogue etcd://127.0.0.1:2379/fleet, "
+        "node hosta, pid 1"
+    )
+    assert "\n  no disks on node hosta in etcd://127.0.0.1:2379/fleet\n" in text

@@ -121,6 +121,35 @@ def test_two_hosts_share_one_catalogue_each_mount_shows_its_own(
     wait_for(lambda: "web.mirn" in b.listing(), "web.mirn to come back", timeout=1.0)
 
 
+def test_a_wrong_node_mounts_and_says_whose_disks_are_there(
+    etcd: EtcdCluster, tmp_path: Path, mounts: Callable[..., Mount]
+) -> None:
+    """A typo'd --node showed no disks without a word: the log names the nodes that have disks,
+    status names the catalogue and node, and a second mount of the data path does not claim to
+    show the same disks."""
+    url = etcd.url(f"t4-{secrets.token_hex(4)}")
+    (a,) = hosts(tmp_path, url, "hostA")
+    a.cli("restore", GO_EXT4.path, "--name", "pg")
+    typo = Host("hosta", a.data, tmp_path / "mnt-typo", url)
+    nowhere = r"no disk in the disk catalogue at etcd://\S+ is on node hosta; its disks are on node hostA: "
+    wrong = typo.mount(mounts, expect_log=(nowhere,))
+    assert re.search(nowhere + r"if this host is one of them, pass --node NAME", wrong.log())
+    assert typo.listing() == ["restore"]
+    text = run_cli("status", typo.mnt)
+    assert text.code == 0 and f", disk catalogue {url}, node hosta, " in text.out.splitlines()[0], text.out
+    assert f"\n  no disks on node hosta in {url}\n" in text.out
+    status = json.loads(run_cli("status", "--json", typo.mnt).out)
+    assert (status["catalog"], status["node"]) == (url, "hosta")
+
+    second = r"another mirenfs mount already serves data path \S+; with the same disk catalogue and node as"
+    right = a.mount(mounts, expect_log=(second,))
+    assert re.search(
+        rf"{second} this one \({re.escape(url)} as node hostA\) both show the same disks", right.log()
+    )
+    assert a.listing() == ["pg.mirn", "pg.mirn.sha256", "restore"]
+    assert "no disk in the disk catalogue" not in right.log()
+
+
 def test_a_lease_bound_through_one_host_refuses_a_restore_through_the_other(
     etcd: EtcdCluster, tmp_path: Path, mounts: Callable[..., Mount]
 ) -> None:

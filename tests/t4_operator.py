@@ -279,7 +279,10 @@ def test_a_second_mount_of_one_data_path_works_and_says_so(tmp_path: Path, mount
     data = tmp_path / "data"
     data.mkdir()
     make_disk(data, "pg")
-    warning = r"another mirenfs mount already serves data path .*; this one shows the same disks"
+    warning = (
+        r"another mirenfs mount already serves data path .*; with the same disk catalogue and node as this "
+        r"one \(sqlite:///\S+\) both show the same disks"
+    )
     first = mounts(tmp_path / "one", data)
     second = mounts(tmp_path / "two", data, expect_log=[warning])
     assert re.search(warning, second.log()) and not re.search(warning, first.log())

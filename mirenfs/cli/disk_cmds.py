@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from mirenfs.cli.common import add_data_path_option, catalog_from, human_size, parse_size
-from mirenfs.disks.catalogs import ImageAdopting
+from mirenfs.disks.catalogs import ImageAdopting, catalog_spec_from, node_from, none_on_this_node
 from mirenfs.disks.manage import create_disk, remove_disk
 from mirenfs.disks.model import Catalog, DiskState, LeaseState, validate_disk_name
 from mirenfs.engine.fstype import detect_filesystem
@@ -138,7 +138,14 @@ def cmd_disk_add(args: argparse.Namespace) -> int:
 
 
 def cmd_disk_list(args: argparse.Namespace) -> int:
-    records = [record for record in _store(args).list_disks() if record.local or args.all_nodes]
+    store = _store(args)
+    every = store.list_disks()
+    records = [record for record in every if record.local or args.all_nodes]
+    spec = catalog_spec_from(args.catalog)
+    if not records and spec is not None and spec.etcd is not None:  # a wrong --node or prefix: say so
+        problem = none_on_this_node(every, url=spec.etcd.url, node=node_from(args.node))
+        if problem is not None:  # stderr: the table and the JSON stay as they were
+            print(f"mirenfs: {problem}", file=sys.stderr)
     if args.json:
         entries = []
         for record in records:

@@ -323,6 +323,10 @@ def format_status(entry: MountEntry, status: dict[str, Any]) -> str:
     header = [f"{entry.mountpoint}: mirenfs"]
     if entry.source.startswith("/"):
         header.append(f"data path {entry.source}")
+    if status.get("catalog"):
+        header.append(f"disk catalogue {status['catalog']}")
+    if status.get("node"):
+        header.append(f"node {status['node']}")
     if "pid" in status:
         header.append(f"pid {status['pid']}")
     if "index_passes" in status:
@@ -341,6 +345,8 @@ def format_status(entry: MountEntry, status: dict[str, Any]) -> str:
         lines.append(f"  {'DISK'.ljust(width)}  INDEX")
         for name, state in sorted(disks.items()):
             lines.append(f"  {name.ljust(width)}  {describe_index(state if isinstance(state, dict) else {})}")
+    elif status.get("node"):  # a wrong --node shows nothing: say whose disks were looked for
+        lines.append(f"  no disks on node {status['node']} in {status.get('catalog') or 'its catalogue'}")
     else:
         lines.append("  no disks")
     restores = status.get("restores") or []

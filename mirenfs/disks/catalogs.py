@@ -165,6 +165,24 @@ def open_catalog(spec: CatalogSpec | str | None, data_path: str, *, node: str | 
     return EtcdCatalog(spec.etcd, data_path, node=node_from(node))
 
 
+def none_on_this_node(records: list[DiskRecord], *, url: str, node: str) -> str | None:
+    """Why a host of an etcd catalogue sees no disks, or None when some are on its node: a typo'd
+    ``--node`` (or a hostname that is not the node name) and a forgotten ``/PREFIX`` look alike
+    from the host (no disks), so the sentence names what was looked for and what is there."""
+    if any(record.local for record in records):
+        return None
+    others = sorted({record.volume.node for record in records if record.volume and record.volume.node})
+    if others:
+        return (
+            f"no disk in the disk catalogue at {url} is on node {node}; its disks are on "
+            f"{'node' if len(others) == 1 else 'nodes'} {', '.join(others)}: if this host is one of "
+            f"them, pass --node NAME (or set ${NODE_ENV}; the default is the hostname)"
+        )
+    if records:
+        return f"no disk in the disk catalogue at {url} is on node {node} (none records a node)"
+    return f"the disk catalogue at {url} holds no disks (is its /PREFIX right?)"
+
+
 # --- what the mount lists disks from ---
 
 

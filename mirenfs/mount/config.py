@@ -181,6 +181,21 @@ class MountConfig:
         return open_catalog(self.catalog, self.data_path, node=node_from(self.node))
 
     @property
+    def catalog_name(self) -> str:
+        """The catalogue as ``status`` shows it: the etcd URL (never with credentials: those are
+        refused), or the data path's SQLite store."""
+        if self.catalog is not None and self.catalog.etcd is not None:
+            return self.catalog.etcd.url
+        return f"sqlite://{os.path.abspath(self.data_path)}"
+
+    @property
+    def node_name(self) -> str | None:
+        """This host's node name in an etcd catalogue; None with SQLite, where it means nothing."""
+        if self.catalog is None or self.catalog.etcd is None:
+            return None
+        return node_from(self.node)
+
+    @property
     def shared(self) -> bool:
         return "allow_other" in self.fuse_options
 

@@ -110,8 +110,11 @@ class MirenOperations(pyfuse3.Operations):
         shared: bool,
         restores: Callable[[Callable[[], int]], RestoreDirectory],
         nursery: trio.Nursery,
+        catalog_name: str | None = None,
+        node: str | None = None,
     ) -> None:
         super().__init__()
+        self.catalog_name, self.node = catalog_name, node  # what status names: which disks these are
         self.service = service
         self.shared = shared
         self.uid, self.gid = os.getuid(), os.getgid()
@@ -368,6 +371,8 @@ class MirenOperations(pyfuse3.Operations):
                 self.restores.refusal_status(),
                 catalog_error=catalog_error,
                 listing_age_s=self.catalog.listing_age_s,
+                catalog=self.catalog_name,
+                node=self.node,
             )
             return {
                 INDEX_PASSES_XATTR.encode(): str(self.service.index_passes).encode(),

@@ -13,9 +13,10 @@ from functools import partial
 import pyfuse3
 import trio
 
-from mirenfs.disks.catalogs import mount_listing, node_from
+from mirenfs.disks.catalogs import mount_listing, node_from, none_on_this_node
 from mirenfs.disks.live import read_mountinfo
 from mirenfs.disks.manage import sweep_interrupted_creations, sweep_stale_staging
+from mirenfs.disks.model import Catalog
 from mirenfs.disks.pointintime import sweep_leftovers
 from mirenfs.engine.framestore import FrameStore
 from mirenfs.engine.image import make_private_directory
@@ -44,6 +45,7 @@ def build_operations(config: MountConfig, nursery: trio.Nursery) -> MirenOperati
         log.info("removed %s, left over from an interrupted restore", path)
     for name in sweep_interrupted_creations(store):
         log.warning("removed disk %s: a restore that was creating it was interrupted", name)
+    _say_if_no_disk_is_on_this_node(store, config)
     leftovers = sweep_leftovers(config.clone_directory)  # copies and freezes a killed run left
     for path in leftovers.removed:
         log.info("removed %s, a point-in-time copy left over from an earlier run", path)
@@ -73,8 +75,26 @@ def build_operations(config: MountConfig, nursery: trio.Nursery) -> MirenOperati
     listing = mount_listing(store)  # on etcd: a local copy fed by a watch, so `ls` costs no request
     nursery.start_soon(_at_session_end, listing.close)  # ends the catalogue's watch, if any
     return MirenOperations(
-        StoreCatalog(listing), service, shared=config.shared, restores=restores, nursery=nursery
+        StoreCatalog(listing),
+        service,
+        shared=config.shared,
+        restores=restores,
+        nursery=nursery,
+        catalog_name=config.catalog_name,
+        node=config.node_name,
     )
+
+
+def _say_if_no_disk_is_on_this_node(store: Catalog, config: MountConfig) -> None:
+    """A wrong --node mounts fine and shows nothing: on etcd, say so when no disk is on this node
+    (a warning when other nodes have disks; only a note when the catalogue is empty, as a new
+    fleet's is)."""
+    if config.node_name is None:  # SQLite: every disk is this host's
+        return
+    records = store.list_disks()
+    problem = none_on_this_node(records, url=config.catalog_name, node=config.node_name)
+    if problem is not None:
+        (log.warning if records else log.info)("%s; this mount shows no disks until one is", problem)
 
 
 MOUNT_LOCK = "mount.lock"  # in the state directory: every mount of the data path holds it shared
@@ -90,10 +110,13 @@ def _claim_data_path(config: MountConfig) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        node = f" as node {config.node_name}" if config.node_name else ""
         log.warning(
-            "another mirenfs mount already serves data path %s; this one shows the same disks "
-            "(mirenfs status lists the mounts)",
+            "another mirenfs mount already serves data path %s; with the same disk catalogue and node "
+            "as this one (%s%s) both show the same disks (mirenfs status lists each mount's)",
             config.data_path,
+            config.catalog_name,
+            node,
         )
     with contextlib.suppress(BlockingIOError):  # only a mount starting this instant holds it exclusively
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

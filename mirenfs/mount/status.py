@@ -8,6 +8,8 @@ built"}}, "restores": [{"name", "disk", "state", "bytes"}], "refused": [{"name",
 "errno", "reason", "tries"}]}``; ``refused`` holds the latest refusals in ``restore/``,
 newest first (a refused create leaves no entry to read the reason from); ``tries`` counts
 one process's retries of the same refusal, as rsync makes under new temporary names.
+``catalog`` is the disk catalogue the mount uses (``etcd://…`` or ``sqlite:///DATA-PATH``) and
+``node`` its node name in it (null with SQLite): a wrong ``--node`` shows no disks, and says so here.
 ``catalog_error`` is null, or the sentence saying why the disk catalogue could not be listed (etcd
 unreachable): then ``disks`` is the mount's last listing, ``listing_age_s`` seconds old (null if
 there never was one), and everything else is what the mount knows itself. ``consistency``
@@ -44,6 +46,8 @@ def mount_status(
     *,
     catalog_error: str | None = None,
     listing_age_s: float | None = None,
+    catalog: str | None = None,
+    node: str | None = None,
 ) -> dict[str, Any]:
     """What ``mirenfs status`` shows: per disk, index state and progress; the restores; and
     whether the disk catalogue answered (``catalog_error``: why not)."""
@@ -70,6 +74,8 @@ def mount_status(
     status: dict[str, Any] = {
         "pid": os.getpid(),
         "index_passes": service.index_passes,
+        "catalog": catalog,
+        "node": node,
         "catalog_error": catalog_error,
         "disks": disks,
         "restores": restores,
