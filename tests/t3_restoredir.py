@@ -28,6 +28,7 @@ from mirenfs.errors import CatalogUnreachableError, DiskNotFoundError
 from mirenfs.format.header import Meta, decode_header
 from mirenfs.mount import openfiles, restoredir
 from mirenfs.mount.inodes import RESTORE_INODE, ROOT_INODE
+from mirenfs.mount.status import STATUS_XATTR
 
 from support.bad_snapshots import CASES, bad_inputs
 from support.data import BAD_NAMES, holds_a_petabyte, sha256_file, staging_files, write_image
@@ -698,6 +699,42 @@ async def test_a_restore_refused_while_the_catalogue_is_gone_says_nothing_was_cr
         assert await fuse_errno(m.create("fresh.mirn")) == errno.EIO
         refused = m.ops.restores.refusal_status()[0]
         assert refused["reason"] == f"{GONE}; disk fresh is unchanged; {TRY_AGAIN}"
+
+
+@trio_test
+async def test_a_disk_an_outage_left_provisioning_is_removed_once_the_catalogue_answers(
+    data_path: Path, big: Snapshot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The catalogue went away mid-stream: the new disk could not be removed at once. The entry
+    says it will be; the mount removes it when the catalogue answers again, and says it did."""
+    monkeypatch.setattr(restoredir, "STRANDED_RETRY_S", 0.02, raising=False)
+    async with operations(data_path) as m:
+        fh, _inode = await m.create("big.mirn")
+        await m.write_all(fh, big.data[: FEED_BATCH + PIECE])  # the header is in: the disk exists
+        assert disk_status(data_path, "big") == "provisioning"
+
+        def unreachable(*_args: object) -> None:
+            raise CatalogUnreachableError(GONE)
+
+        with monkeypatch.context() as outage:
+            outage.setattr(Store, "find_disk_by_name", unreachable)
+            outage.setattr(Store, "delete_disk_records", unreachable)
+            for offset in range(FEED_BATCH + PIECE, len(big.data), PIECE):
+                await m.ops.write(fh, offset, big.data[offset : offset + PIECE])
+            assert await m.close(fh) == errno.EIO
+            left = "disk big was left provisioning and will be removed when the catalogue answers"
+            assert await m.state("big.mirn") == f"failed: {GONE}; {left}; {TRY_AGAIN}"
+            assert disk_status(data_path, "big") == "provisioning" and staging_files(data_path) == []
+            restores = json.loads((await m.xattrs(ROOT_INODE))[STATUS_XATTR])["restores"]
+            assert left in restores[0]["state"]
+            await trio.sleep(0.1)  # several rounds while it is still down: kept for later
+            assert m.ops.restores.stranded and disk_status(data_path, "big") == "provisioning"
+        with trio.fail_after(5):
+            while m.ops.restores.stranded:  # until the retry has removed it and said so
+                await trio.sleep(0.01)
+        removed = "disk big was left provisioning and was removed once the catalogue answered"
+        assert await m.state("big.mirn") == f"failed: {GONE}; {removed}; {TRY_AGAIN}"
+        assert disk_status(data_path, "big") is None
 
 
 @trio_test

@@ -25,6 +25,7 @@ from mirenfs.engine.image import STAGING_SUFFIX, remove_staging_if_unheld
 from mirenfs.errors import (
     DiskBusyError,
     DiskElsewhereError,
+    DiskNotFoundError,
     InvalidVolumeError,
     MirenfsError,
     StoreError,
@@ -219,27 +220,40 @@ def sweep_interrupted_creations(store: Catalog) -> list[str]:
     restore holding its staging file. (``disk create`` makes the image right
     after the records, so a disk it is still formatting is not taken for one.)
     """
-    removed = []
-    for record in store.list_disks():
-        volume, image_path = record.volume, record.image_path
-        if not record.local or record.disk.status != DiskState.PROVISIONING or volume is None:
-            continue
-        if volume.image_path:
-            continue
-        if (
-            image_path is None
-            or os.path.lexists(image_path)
-            or managed_path_problem(store.data_path, image_path)
-        ):
-            continue
-        try:
-            remove_staging_if_unheld(image_path + STAGING_SUFFIX)
-        except TargetError:
-            continue  # a restore is at work on it right now
-        shutil.rmtree(os.path.dirname(image_path), ignore_errors=True)
-        store.delete_disk_records(record.disk.id)
-        removed.append(record.disk.name)
-    return removed
+    return [record.disk.name for record in store.list_disks() if _remove_if_interrupted(store, record)]
+
+
+def remove_interrupted_creation(store: Catalog, name: str, disk_id: str) -> bool:
+    """Remove disk ``name`` (id ``disk_id``) if it is still what a failed restore left ``provisioning``
+    (see :func:`sweep_interrupted_creations`); True once it is gone, by this call or before it.
+    False: it is no longer that (a restore is at work on it, or gave it an image), so it stays.
+    Raises the catalogue's error when the catalogue still does not answer."""
+    try:
+        record = store.get_disk(name)
+    except DiskNotFoundError:
+        return True
+    if record.disk.id != disk_id:
+        return True  # that disk is gone; the name belongs to another one now
+    return _remove_if_interrupted(store, record)
+
+
+def _remove_if_interrupted(store: Catalog, record: DiskRecord) -> bool:
+    """Remove a disk an interrupted restore left ``provisioning`` (on this host, a managed volume, no
+    image, no live restore holding its staging file); False for any other disk, which is kept."""
+    volume, image_path = record.volume, record.image_path
+    if not record.local or record.disk.status != DiskState.PROVISIONING or volume is None:
+        return False
+    if volume.image_path:
+        return False
+    if image_path is None or os.path.lexists(image_path) or managed_path_problem(store.data_path, image_path):
+        return False
+    try:
+        remove_staging_if_unheld(image_path + STAGING_SUFFIX)
+    except TargetError:
+        return False  # a restore is at work on it right now (maybe through another mount)
+    shutil.rmtree(os.path.dirname(image_path), ignore_errors=True)
+    store.delete_disk_records(record.disk.id)
+    return True
 
 
 def mkfs_reason(output: str) -> str:

@@ -222,6 +222,10 @@ class RestoreTarget:
     _created_dirs: list[str] = field(default_factory=list, repr=False)
     _finished: bool = field(default=False, repr=False)
     _left_behind: bool = field(default=False, repr=False)  # a created disk cleanup could not remove
+    # ... because the catalogue did not answer; with ``removal_retried`` (a mount, which lives on)
+    # the caller removes it once the catalogue answers again
+    stranded: Disk | None = field(default=None, repr=False)
+    removal_retried: bool = field(default=False, repr=False)
 
     @property
     def creates_disk(self) -> bool:
@@ -342,6 +346,8 @@ class RestoreTarget:
         """What a failed restore left of the disk, after :meth:`cleanup`: said only when true."""
         if not self.creates_disk:
             return f"disk {self.name} is unchanged"  # only its staging file was written, and removed
+        if self.stranded is not None and self.removal_retried:
+            return f"disk {self.name} was left provisioning and will be removed when the catalogue answers"
         if self._left_behind:
             return (
                 f"disk {self.name} was created and could not be removed; "
@@ -382,6 +388,16 @@ class RestoreTarget:
             created.cleanup()
         except Exception as exc:
             self._left_behind = True
+            if isinstance(exc, CatalogUnreachableError):
+                self.stranded = created.disk  # nothing of it is on disk any more: only its records
+            if self.stranded is not None and self.removal_retried:
+                log.error(
+                    "could not remove disk %s, created for a restore that failed (%s); it is left "
+                    "provisioning and will be removed when the catalogue answers",
+                    self.name,
+                    exc,
+                )
+                return
             log.error(
                 "could not remove disk %s, created for a restore that failed (%s); remove it with "
                 "`mirenfs disk remove %s`",

@@ -29,6 +29,7 @@ from functools import partial
 
 import trio
 
+from mirenfs.disks.manage import remove_interrupted_creation
 from mirenfs.disks.model import Catalog, validate_disk_name
 from mirenfs.disks.restore import DiskRestore
 from mirenfs.disks.rules import RestoreTarget, prepare_restore
@@ -47,6 +48,7 @@ _MIREN_BACKUP = re.compile(r"(?P<name>.+?)(?:-\d{8}-\d{6})?\.miren\.zst")
 _RSYNC_TEMPORARY = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9]{6}")
 _SIDECAR_LIMIT = 4096  # a sidecar is one sha256sum line
 REFUSAL_REPEAT_S = 5.0
+STRANDED_RETRY_S = 1.0  # how often a disk left provisioning by an outage is tried again
 REFUSALS_KEPT = 20
 
 
@@ -211,6 +213,9 @@ class RestoreDirectory:
         # The latest refusals first, for ``mirenfs status``: what a refused create left no entry for.
         self.refusals: collections.deque[Refusal] = collections.deque(maxlen=REFUSALS_KEPT)
         self._starting: set[str] = set()  # disks whose restore is being prepared
+        # Disks a failed restore created and could not remove (the catalogue did not answer), with
+        # the entry whose state says so: removed once the catalogue answers (see retry_stranded).
+        self.stranded: list[tuple[RestoreEntry, RestoreTarget]] = []
 
     # ---- who may restore ----------------------------------------------------
 
@@ -319,9 +324,11 @@ class RestoreDirectory:
 
     def _prepare(self, disk: str) -> RestoreTarget:
         try:
-            return prepare_restore(
+            target = prepare_restore(
                 self.store, disk, data_path=self.data_path, overwrite=self.allow_overwrite, creator=self.store
             )
+            target.removal_retried = True  # a disk it creates and cannot remove: see retry_stranded
+            return target
         except ImageExistsError:  # `mirenfs restore --force` means nothing to cp: say what does
             raise ImageExistsError(
                 f"disk {disk} already has an image; restore/ replaces images only on a mount started "
@@ -458,6 +465,12 @@ class RestoreDirectory:
             session.failure = reason
             with trio.CancelScope(shield=True):  # undo even when the request was interrupted
                 await session.abort()
+            if session.target.stranded is not None:
+                self.stranded.append((entry, session.target))
+                outcome = session.target.outcome()
+                if outcome not in reason:  # a failure of its own (bad data), then the outage at the undo
+                    reason = f"{reason}; {outcome}"
+                    entry.state = f"failed: {reason}"
         log.warning(
             "restore of disk %s from restore/%s by uid %d failed: %s",
             entry.disk,
@@ -530,6 +543,44 @@ class RestoreDirectory:
         if self.ignored_children(node.inode):
             raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), name)
         del self.ignored[node.inode]
+
+    async def retry_stranded(self, *, interval_s: float | None = None) -> None:
+        """For the mount's life: remove the disks failed restores left ``provisioning`` because the
+        catalogue did not answer, once it does, by the rule the sweep at mount start uses (never a
+        disk a live restore, through any mount, is at work on); log and record each outcome."""
+        while True:
+            await trio.sleep(STRANDED_RETRY_S if interval_s is None else interval_s)
+            for item in list(self.stranded):
+                entry, target = item
+                disk = target.stranded
+                assert disk is not None
+                if self.receiving(disk.name) is not None or disk.name in self._starting:
+                    continue  # restored into through this mount right now: not ours to remove
+                try:
+                    removed = await trio.to_thread.run_sync(
+                        remove_interrupted_creation, self.store, disk.name, disk.id
+                    )
+                except MirenfsError:
+                    continue  # the catalogue still does not answer: next round
+                self.stranded.remove(item)
+                left = (
+                    f"disk {disk.name} was left provisioning and will be removed when the catalogue answers"
+                )
+                if removed:
+                    log.info(
+                        "removed disk %s, left provisioning by a failed restore: the catalogue answers again",
+                        disk.name,
+                    )
+                    entry.state = entry.state.replace(
+                        left,
+                        f"disk {disk.name} was left provisioning and was removed once the catalogue answered",
+                    )
+                else:
+                    log.info("kept disk %s: a restore is at work on it, or gave it an image", disk.name)
+                    entry.state = entry.state.replace(
+                        left,
+                        f"disk {disk.name} was left provisioning and was kept: a restore since took it over",
+                    )
 
     def status(self) -> list[dict[str, object]]:
         return [entry.status() for entry in self.entries.values()]

@@ -74,7 +74,7 @@ def build_operations(config: MountConfig, nursery: trio.Nursery) -> MirenOperati
 
     listing = mount_listing(store)  # on etcd: a local copy fed by a watch, so `ls` costs no request
     nursery.start_soon(_at_session_end, listing.close)  # ends the catalogue's watch, if any
-    return MirenOperations(
+    operations = MirenOperations(
         StoreCatalog(listing),
         service,
         shared=config.shared,
@@ -83,6 +83,8 @@ def build_operations(config: MountConfig, nursery: trio.Nursery) -> MirenOperati
         catalog_name=config.catalog_name,
         node=config.node_name,
     )
+    nursery.start_soon(operations.restores.retry_stranded)  # disks an outage left provisioning
+    return operations
 
 
 def _say_if_no_disk_is_on_this_node(store: Catalog, config: MountConfig) -> None:
