@@ -81,7 +81,14 @@ def test_disk_remove_deletes_a_managed_image_unless_the_disk_is_held(data: Path,
     refused("disk disk-ext4 is in use", "disk", "remove", "disk-ext4", "--data-path", data)
     ok("lease", "release", lease_id, "--data-path", data)
     ok("disk", "set-status", "disk-ext4", "attached", "--data-path", data)
-    refused("disk disk-ext4 is attached", "disk", "remove", "disk-ext4", "--data-path", data)
+    refused(
+        "disk disk-ext4 is in use (the disk store says it is attached)",
+        "disk",
+        "remove",
+        "disk-ext4",
+        "--data-path",
+        data,
+    )
     assert store_state(data)["files"] == before["files"]
 
     ok("disk", "set-status", "disk-ext4", "detached", "--data-path", data)

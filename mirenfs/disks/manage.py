@@ -23,7 +23,6 @@ from mirenfs.disks.rules import managed_path_problem, refuse_if_in_use
 from mirenfs.disks.store import Store
 from mirenfs.engine.image import STAGING_SUFFIX, remove_staging_if_unheld
 from mirenfs.errors import (
-    DiskBusyError,
     DiskElsewhereError,
     DiskNotFoundError,
     InvalidVolumeError,
@@ -137,11 +136,6 @@ def remove_disk(store: Catalog, name: str) -> RemovedDisk:
     if not record.local and node is not None:
         raise DiskElsewhereError(
             f"disk {name} is on node {node}, whose data path holds its image; remove it there"
-        )
-    if record.disk.status == DiskState.ATTACHED:
-        raise DiskBusyError(
-            f"disk {name} is attached; detach it (`mirenfs disk set-status {name} detached`) "
-            "before removing it"
         )
     managed = record.local and record.volume is not None and not record.volume.image_path
     image_path = record.image_path if managed else None
