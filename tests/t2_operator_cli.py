@@ -3,6 +3,7 @@ bars on a terminal, the umask, names that do not print, filesystems that cannot 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pty
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from mirenfs.cli import mount_helper
+from mirenfs.disks.manage import mkfs_reason
 from mirenfs.format.header import Meta, Timestamp, decode_header, write_header
 
 from support.bad_snapshots import FORGED_LOG_LINE
@@ -702,3 +704,37 @@ def test_sigterm_mid_backup_leaves_no_partial_output(tmp_path: Path) -> None:
         if backup.stderr is not None:
             backup.stderr.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.img"]
+
+
+def test_disk_remove_while_a_restore_writes_the_disk_says_so_and_removes_nothing(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    assert run_mirenfs("disk", "create", "pg", "--size", "1M", "--data-path", str(data)).returncode == 0
+    listed = json.loads(run_mirenfs("disk", "list", "--json", "--data-path", str(data)).stdout)
+    image = Path(listed[0]["image_path"])
+    staging = image.parent / (image.name + ".restore.tmp")
+    with open(staging, "wb") as held:  # a restore at work holds its staging file locked
+        fcntl.flock(held, fcntl.LOCK_EX)
+        done = run_mirenfs("disk", "remove", "pg", "--data-path", str(data))
+    assert done.returncode == 1
+    assert done.stderr.decode() == (
+        "mirenfs: error: disk pg is being restored right now; let the restore finish (or stop it) "
+        "before removing the disk\n"
+    )
+    assert image.exists() and staging.exists()
+    listed_after = json.loads(run_mirenfs("disk", "list", "--json", "--data-path", str(data)).stdout)
+    assert listed_after[0]["status"] == "provisioned"
+
+
+def test_a_failed_mkfs_is_said_with_its_whole_last_sentence() -> None:
+    """mke2fs wraps its reason over indented lines: the last line alone was a fragment."""
+    output = (
+        "Creating regular file /x.img\n"
+        "mkfs.ext4: Device size reported to be zero.  Invalid partition specified, or\n"
+        "\tpartition table wasn't reread after running fdisk, due to\n"
+        "\tto re-read your partition table.\n"
+    )
+    assert mkfs_reason(output) == (
+        "mkfs.ext4: Device size reported to be zero.  Invalid partition specified, or partition table "
+        "wasn't reread after running fdisk, due to to re-read your partition table."
+    )
+    assert mkfs_reason("mkfs.xfs: too small\nUsage: mkfs.xfs\n  -b ...\n") == "mkfs.xfs: too small"

@@ -11,6 +11,7 @@ worker thread in trio.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -23,6 +24,7 @@ from mirenfs.disks.rules import managed_path_problem, refuse_if_in_use
 from mirenfs.disks.store import Store
 from mirenfs.engine.image import STAGING_SUFFIX, remove_staging_if_unheld
 from mirenfs.errors import (
+    DiskBusyError,
     DiskElsewhereError,
     DiskNotFoundError,
     InvalidVolumeError,
@@ -144,7 +146,15 @@ def remove_disk(store: Catalog, name: str) -> RemovedDisk:
         raise InvalidVolumeError(f"disk {name} is not removed: {problem}")
     refuse_if_in_use(store, record.disk, image_path, action="removing the disk")
     if image_path is not None:
-        remove_staging_if_unheld(image_path + STAGING_SUFFIX)  # EBUSY while a restore writes it
+        try:
+            remove_staging_if_unheld(image_path + STAGING_SUFFIX)
+        except TargetError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+            raise DiskBusyError(
+                f"disk {name} is being restored right now; let the restore finish (or stop it) before "
+                "removing the disk"
+            ) from None
     store.set_disk_status(name, DiskState.DELETING)
     if image_path is not None and record.volume is not None:
         volume_dir = os.path.dirname(image_path)
@@ -253,7 +263,12 @@ def _remove_if_interrupted(store: Catalog, record: DiskRecord) -> bool:
 def mkfs_reason(output: str) -> str:
     """The line of a failed mkfs's output that says why: the last one before any usage text
     (mkfs.xfs prints its reason, then its whole usage)."""
-    lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
+    lines: list[str] = []
+    for raw in output.splitlines():
+        if raw.strip() and raw[:1].isspace() and lines:  # a wrapped sentence goes on (mke2fs indents)
+            lines[-1] += " " + raw.strip()
+        elif raw.strip():
+            lines.append(raw.strip())
     before_usage = next((i for i, line in enumerate(lines) if line.lower().startswith("usage:")), len(lines))
     said = lines[:before_usage] or lines
     return said[-1] if said else ""
