@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from mirenfs.format.header import Meta
+from mirenfs.disks.restore import MAX_HOLE
+from mirenfs.format.header import Meta, decode_header
 
 from support.bad_snapshots import CASES, FORGED_LOG_LINE, bad_inputs, make_good_snapshot
 from support.data import holds_a_petabyte, sha256_file, sha256_sparse, staging_files, write_image
@@ -22,6 +23,7 @@ from support.loops import loop_device
 from support.mounts import restore_state as state
 from support.mounts import wait_for
 from support.runners import run_mirenfs
+from support.sparse import skipped_by_rsync_sparse, snapshot_ending_in_zeros, sparse_writes
 from support.vectors import GO_VECTORS, GoVector
 
 TOOLS = ["cp", "rsync", "tar"]
@@ -263,13 +265,19 @@ def test_refusals_reach_cp_with_their_errno(existing, tmp_path: Path, mounts, ne
 
 @pytest.mark.parametrize(
     ("conversion", "reason"),
-    [([], "restore/ files cannot be resized"), (["conv=notrunc"], "writes to restore/ must arrive in order")],
+    [
+        ([], "writes to restore/ must arrive in order: a truncate to"),
+        (["conv=notrunc"], "writes to restore/ must arrive in order: got offset"),
+    ],
     ids=["dd-truncates-first", "dd-notrunc"],
 )
 def test_out_of_order_writes_are_refused(
     conversion: list[str], reason: str, existing, tmp_path: Path, mounts
 ) -> None:
+    """dd seeking farther than a hole may reach (MAX_HOLE, taken as zeros) before it writes,
+    whether it extends the file with a truncate first or writes there at once."""
     data, _image, _before = existing
+    skipped_blocks = MAX_HOLE // 4096 + 1
     mnt = tmp_path / "mnt"
     mounts(
         mnt,
@@ -286,7 +294,7 @@ def test_out_of_order_writes_are_refused(
             f"if={GO_VECTORS[0].path}",
             f"of={mnt / 'restore' / 'seeky.mirn'}",
             "bs=4096",
-            "seek=3",
+            f"seek={skipped_blocks}",
             "status=none",
             *conversion,
         ],
@@ -296,6 +304,7 @@ def test_out_of_order_writes_are_refused(
     )
     assert dd.returncode != 0 and "Invalid argument" in dd.stderr
     assert state(mnt, "seeky.mirn").startswith(f"failed: {reason}")
+    assert "copy without -S/--sparse" in state(mnt, "seeky.mirn")
     assert disk_record(data, "seeky") is None and staging_files(data) == []
 
 
@@ -539,3 +548,45 @@ def test_tar_with_xattrs_makes_the_file_first_and_still_restores(tmp_path: Path,
     with pytest.raises(PermissionError):
         os.mkfifo(mnt / "restore" / "pipe.mirn")
     assert not (mnt / "restore" / "pipe.mirn").exists()
+
+
+@pytest.mark.parametrize("ending", ["seek-table", "zeros"])
+@pytest.mark.parametrize("sparse", ["--sparse", "-S"])
+def test_rsync_sparse_seeks_over_zeros_and_restores(
+    sparse: str, ending: str, tmp_path: Path, mounts, need_tool
+) -> None:
+    """``rsync --sparse`` seeks over runs of zero bytes instead of writing them: what it skipped
+    reads as zeros, so the stream is whole and in order (the operator trial's failure was EINVAL
+    on the first such seek). A file that ends in zeros it extends with ``ftruncate``: a
+    mirenfs snapshot ends in its seek table's magic, so the second kind ends in zeros."""
+    need_tool("rsync")
+    work = tmp_path / "work"
+    work.mkdir()
+    image, snapshot = work / "src.img", work / "sparse.mirn"
+    segments = [("text", 3 << 20), ("data", 2 << 20), ("hole", 4 << 20), ("text", 1 << 20), ("zero", 70_000)]
+    content = write_image(image, segments, seed=9)
+    result = run_mirenfs(
+        "backup", "--image", str(image), "--filesystem", "ext4", "-o", str(snapshot), timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    if ending == "zeros":
+        meta, _header_len = decode_header(snapshot.read_bytes())
+        snapshot.write_bytes(snapshot_ending_in_zeros(meta, content))
+    whole = snapshot.read_bytes()
+    assert skipped_by_rsync_sparse(whole) > 0  # else rsync would not seek at all
+    assert (sparse_writes(whole)[1] is not None) == (ending == "zeros")  # its ftruncate at the end
+    data, mnt = tmp_path / "data", tmp_path / "mnt"
+    data.mkdir()
+    mounts(mnt, data)
+    copy = subprocess.run(
+        ["rsync", "-a", sparse, str(snapshot), str(mnt / "restore" / "sparse.mirn")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert copy.returncode == 0, copy.stderr
+    assert state(mnt, "sparse.mirn") == "installed: created disk sparse"
+    record = disk_record(data, "sparse")
+    assert record is not None and record["status"] == "provisioned"
+    assert sha256_file(Path(record["image_path"])) == sha256_file(image)
+    assert staging_files(data) == []

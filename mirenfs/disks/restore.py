@@ -1,6 +1,12 @@
 """One restore of a store disk, fed in order — by FUSE writes in the mount, by a
 file or a pipe in the CLI — so both take the same path through staging,
 verification, install and the store's finalize or cleanup (SPEC §3).
+
+A writer may leave a hole: bytes it skipped, as ``rsync --sparse`` seeks over
+runs of zeros, read as zeros, so a write past the end (or an extending
+truncate) is still in order. A hole is fed to the pipeline as the zeros it
+stands for, so it is bounded (:data:`MAX_HOLE`): one seek must never make the
+restore decompress gigabytes. Going back over bytes already fed is refused.
 """
 
 from __future__ import annotations
@@ -16,6 +22,13 @@ from mirenfs.errors import NO_SPACE, CatalogUnreachableError, OutOfOrderWrite, T
 from mirenfs.format.header import Meta
 
 FEED_BATCH = 1 << 20  # small writes (tar's 10 KiB records) are gathered to this size for the pipeline
+# The longest run of skipped bytes taken as zeros. rsync -S skips the zeros of the data it copies,
+# and in a snapshot (compressed) those runs are a few bytes; the bound keeps a hostile seek cheap.
+MAX_HOLE = 4 << 20
+_TOO_LONG = (
+    f"rsync -S/--sparse holes (skipped runs of zeros) longer than {MAX_HOLE >> 20} MiB are not supported: "
+    "copy without -S/--sparse"
+)
 
 
 class DiskRestore:
@@ -37,10 +50,36 @@ class DiskRestore:
         await trio.to_thread.run_sync(self.target.check_still_restorable)
 
     async def write(self, offset: int, data: bytes) -> None:
-        if offset != self.next_offset:
+        """Feed ``data`` written at ``offset``: what it skipped past the end is a hole of zeros."""
+        hole = offset - self.next_offset
+        if hole < 0 or hole > MAX_HOLE:
+            beyond = f", a hole of {hole} bytes; {_TOO_LONG}" if hole > 0 else ""
             raise OutOfOrderWrite(
                 f"writes to restore/ must arrive in order: got offset {offset}, expected {self.next_offset}"
+                + beyond
             )
+        await self._fill(hole)
+        await self._gather(data)
+
+    async def extend(self, size: int) -> None:
+        """A truncate up to ``size`` (rsync -S ends a file whose last bytes are zeros that way):
+        zeros up to there, as a write at ``size`` would give; shrinking is the caller's refusal."""
+        hole = size - self.next_offset
+        if hole > MAX_HOLE:
+            raise OutOfOrderWrite(
+                f"writes to restore/ must arrive in order: a truncate to {size} bytes after "
+                f"{self.next_offset} received leaves a hole of {hole} bytes; {_TOO_LONG}"
+            )
+        await self._fill(hole)
+
+    async def _fill(self, hole: int) -> None:
+        """Gather ``hole`` zeros, at most one batch of them at a time."""
+        while hole > 0:
+            piece = min(hole, FEED_BATCH)
+            await self._gather(bytes(piece))
+            hole -= piece
+
+    async def _gather(self, data: bytes) -> None:
         self.next_offset += len(data)
         self._pending += data
         if len(self._pending) >= FEED_BATCH:

@@ -440,10 +440,11 @@ class MirenOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS if fields.update_size else errno.EPERM)
         self.restores.check_writer(ctx.uid, f"restore/{restore.name}")
         # tar and rsync set times, mode and owner after writing: keep them.
-        if fields.update_size and attr.st_size not in (restore.size, restore.received):
-            reason = f"restore/ files cannot be resized (to {attr.st_size} bytes): write snapshots in order"
-            await self.restores.abort(restore, reason)
-            raise pyfuse3.FUSEError(errno.EINVAL)
+        if fields.update_size:  # an extending truncate of a receiving entry is a hole of zeros
+            handle = self.handles.get(fh) if fh is not None else None
+            await self.restores.resize(
+                restore, attr.st_size, handle if isinstance(handle, RestoreWriter) else None
+            )
         if fields.update_mode:
             restore.mode = attr.st_mode & 0o7777
         if fields.update_uid:

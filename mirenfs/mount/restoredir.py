@@ -1,6 +1,7 @@
 """The mount's ``restore/`` directory (SPEC §5), without FUSE: which disk a file name restores,
 who may restore, the §3 refusals at create time, and one streaming restore per entry, fed by
-writes in order, installed by the close that completes it (or ended by the last close).
+writes in order (bytes a writer seeks over, as ``rsync --sparse`` does, are zeros), installed
+by the close that completes it (or ended by the last close).
 
 Requests on one entry are serialized: a close (FLUSH) of a descriptor shared
 by a forked child never runs while a write of the same restore is in progress.
@@ -359,6 +360,41 @@ class RestoreDirectory:
             except BaseException as exc:
                 raise await self._fail(entry, exc) from None
             entry.received = writer.session.next_offset
+            entry.mtime_ns = time.time_ns()
+
+    async def resize(self, entry: RestoreEntry, size: int, writer: RestoreWriter | None = None) -> None:
+        """A truncate (``writer``: the handle of an ``ftruncate``). Extending a receiving entry is
+        a hole at its end (rsync -S ends a file whose last bytes are zeros that way): zeros up
+        to ``size``. Shrinking one would take back bytes already fed, so it fails the restore.
+        An entry that is not receiving keeps its size: a truncate to it, or to what it
+        received, changes nothing; any other is refused."""
+        async with entry.lock:
+            session = entry.session
+            if session is None:
+                if size not in (entry.size, entry.received):
+                    refused = RestoreRefused(
+                        f"restore/{entry.name} is not receiving ({entry.state})", errno.EINVAL
+                    )
+                    refused.reported = True  # it changes nothing: no log line, as for any refused resize
+                    raise refused
+                return
+            if writer is not None and not writer.current:
+                raise RestoreRefused(  # a stale descriptor never touches a newer restore
+                    f"restore/{entry.name}: this descriptor belongs to a restore that ended ({entry.state})",
+                    errno.EIO,
+                )
+            if size < session.next_offset:
+                shrink = RestoreRefused(
+                    f"restore/ files cannot be shrunk (to {size} bytes, after {session.next_offset} were "
+                    "received): write snapshots in order",
+                    errno.EINVAL,
+                )
+                raise await self._fail(entry, shrink)
+            try:
+                await session.extend(size)
+            except BaseException as exc:
+                raise await self._fail(entry, exc) from None
+            entry.received = session.next_offset
             entry.mtime_ns = time.time_ns()
 
     async def flush(self, writer: RestoreWriter) -> None:
