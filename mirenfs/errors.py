@@ -85,7 +85,8 @@ class RestoreRefused(TargetError):
 
 
 class OutOfOrderWrite(MirenfsError):
-    """A snapshot must be written from its first byte to its last, in order."""
+    """A snapshot must be written from its first byte to its last, in order (a short hole of skipped
+    bytes counts as zeros; going back, or a long hole, is this)."""
 
     errno = EINVAL
 
