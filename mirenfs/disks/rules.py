@@ -434,30 +434,21 @@ def prepare_restore(
     """
     validate_disk_name(name)
     try:
-        return _prepare_restore(resolver, name, data_path=data_path, overwrite=overwrite, creator=creator)
-    except CatalogUnreachableError as exc:  # nothing was created or written yet
-        raise catalogue_gone(exc, f"disk {name} is unchanged") from None
-
-
-def _prepare_restore(
-    resolver: DiskResolver,
-    name: str,
-    *,
-    data_path: str,
-    overwrite: bool,
-    creator: DiskCreator | None,
-) -> RestoreTarget:
-    try:
         disk: Disk | None = resolver.find_disk_by_name(name)
     except DiskNotFoundError:
         disk = None
+    except CatalogUnreachableError as exc:  # nothing was created or written yet
+        raise catalogue_gone(exc, f"disk {name} is unchanged") from None
     if disk is None:
         if creator is None:
             raise DiskNotFoundError(
                 name, f"there is no disk named {name}, and this restore may not create one"
             )
         return RestoreTarget(resolver, name, data_path, overwrite, creator, None)
-    image_path = _check_restorable(resolver, disk, data_path=data_path, overwrite=overwrite)
+    try:
+        image_path = _check_restorable(resolver, disk, data_path=data_path, overwrite=overwrite)
+    except CatalogUnreachableError as exc:
+        raise catalogue_gone(exc, f"disk {name} is unchanged") from None
     # Only here, before this restore has a staging file of its own (the later checks would see it).
     if staging_is_held(image_path + STAGING_SUFFIX):
         raise DiskBusyError(
