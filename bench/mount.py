@@ -38,7 +38,9 @@ class BenchMount:
         self.ctx.daemon_pid = self.process.pid
         log_file.close()
         deadline = time.monotonic() + 60
-        while not os.path.ismount(self.mountpoint):
+        # Answering, not only mounted: until the daemon has answered its own readiness check, an
+        # unmount finds the mount busy (the kernel mounts it before the daemon serves it).
+        while not (os.path.ismount(self.mountpoint) and _answers(self.mountpoint / "restore")):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise CommandFailed(f"mount of {self.mountpoint} failed; see {log_file.name}")
             time.sleep(0.01)
@@ -46,7 +48,15 @@ class BenchMount:
     def stop(self) -> None:
         if self.process is None:
             return
-        subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True, timeout=60)
+        deadline = time.monotonic() + 60
+        while True:  # EBUSY while something still looks at the mount: try again, within a deadline
+            unmount = ["fusermount3", "-u", str(self.mountpoint)]
+            done = subprocess.run(unmount, capture_output=True, timeout=60)
+            if done.returncode == 0 or not os.path.ismount(self.mountpoint):
+                break
+            if time.monotonic() > deadline:
+                raise CommandFailed(f"cannot unmount {self.mountpoint}: {done.stderr.decode().strip()}")
+            time.sleep(0.05)
         self.process.wait(timeout=60)
         self.process = None
         self.ctx.daemon_pid = None
@@ -94,6 +104,14 @@ class MountedSample:
     def snapshot(self) -> Path:
         """The disk's snapshot file in the mount."""
         return self.mountpoint / f"{self.name}.mirn"
+
+
+def _answers(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except OSError:
+        return False
+    return True
 
 
 def add_disk(ctx: Context, data: Path, name: str, image: Path) -> None:

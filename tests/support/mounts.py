@@ -270,11 +270,16 @@ class Mount:
             return None
         process, self.process = self.process, None
         try:
-            if is_mounted(self.mountpoint):
+            # EBUSY while the daemon's own readiness check (a stat of its root) is in flight right
+            # after the start: unmount again until it goes, within the deadline.
+            deadline = time.monotonic() + STOP_TIMEOUT
+            while is_mounted(self.mountpoint) and time.monotonic() < deadline:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     subprocess.run(
                         ["fusermount3", "-u", str(self.mountpoint)], capture_output=True, timeout=STOP_TIMEOUT
                     )
+                if is_mounted(self.mountpoint):
+                    time.sleep(0.05)
             try:
                 code = process.wait(timeout=STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
