@@ -11,6 +11,7 @@ import select
 import signal
 import stat
 import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -738,3 +739,23 @@ def test_a_failed_mkfs_is_said_with_its_whole_last_sentence() -> None:
         "wasn't reread after running fdisk, due to to re-read your partition table."
     )
     assert mkfs_reason("mkfs.xfs: too small\nUsage: mkfs.xfs\n  -b ...\n") == "mkfs.xfs: too small"
+
+
+def test_stop_signals_while_no_session_listens_neither_kill_nor_interrupt_the_mount_process() -> None:
+    """Between the session's receiver closing and the process leaving (a second Ctrl-C while the
+    mount stops), SIGTERM's default would kill the process and SIGINT raise KeyboardInterrupt into
+    the clean-up: exit 143 or 130 for a mount that stopped cleanly. They are held instead."""
+    probe = (
+        "import os, signal\n"
+        "from mirenfs.mount import session\n"
+        "with session.stop_signals_held():\n"
+        "    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):\n"
+        "        os.kill(os.getpid(), signum)\n"
+        "    print('held', [signal.Signals(s).name for s in session._held_stops])\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "print('still here')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout == "held ['SIGTERM', 'SIGINT', 'SIGHUP']\nstill here\n"

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import select
-import signal
 import stat
 import sys
 import time
@@ -137,15 +136,13 @@ def serve_mount(config: MountConfig, *, ready: Callable[[], None] | None = None)
     The one place the CLI loads the FUSE layer, and lazily: every other
     command (``disk``, ``status``, ``backup``, …) must run without pyfuse3.
     """
-    from mirenfs.mount.session import STOP_SIGNALS, serve  # lazy on purpose: see the docstring
+    from mirenfs.mount.session import serve, stop_signals_held  # lazy on purpose: see the docstring
 
-    try:
+    # A further Ctrl-C or SIGTERM while the mount stops, or once it is down and this process is on
+    # its way out (the demo removes its files first), must not turn a clean end into a death by
+    # signal: signals held from before trio starts until the process leaves.
+    with stop_signals_held():
         trio.run(partial(serve, config, ready=ready))
-    finally:
-        # The mount is down and this process is on its way out (the demo removes its files
-        # first): a further Ctrl-C or SIGTERM must not turn that clean end into a death by signal.
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, signal.SIG_IGN)
 
 
 def cmd_mount(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ import fcntl
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import pyfuse3
@@ -268,11 +268,40 @@ async def _announce_ready(
     notify.ready(f"serving {config.mountpoint}")
 
 
+_held_stops: list[int] = []  # stop signals that came while no session listened (see stop_signals_held)
+
+
+@contextlib.contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """For the mount process's whole ``trio.run``: a stop signal that comes while the session's
+    receiver does not listen is kept, not let kill the process (SIGTERM's default) or raise
+    KeyboardInterrupt in the middle of the clean-up. Before the session listens, it stops the
+    session as soon as it does; after the receiver closed (the end of a clean-up), the mount is
+    down anyway; once the block ends, stop signals are ignored on the way out."""
+
+    def keep(signum: int, _frame: object) -> None:
+        _held_stops.append(signum)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, keep)
+    try:
+        yield
+    finally:
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+
+
 async def _stop_on_signals(
     stop: trio.CancelScope, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
     with trio.open_signal_receiver(*STOP_SIGNALS) as received:
         task_status.started()
+        if _held_stops:  # signalled before anything listened: stop before mounting
+            log.info(
+                "received %s before the mount started; not mounting", signal.Signals(_held_stops[0]).name
+            )
+            _held_stops.clear()
+            stop.cancel()
         async for signum in received:
             name = signal.Signals(signum).name
             if stop.cancel_called:
