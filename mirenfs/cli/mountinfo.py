@@ -51,12 +51,9 @@ def mount_holding(path: str) -> MountEntry | None:
     """The mount ``path`` lies on: the deepest mount point that is ``path`` or above it (topmost
     if stacked). Read from mountinfo, so it answers for a dead mount too."""
     target = os.path.abspath(path)
-    holding = [
-        entry
-        for entry in mounts()
-        if entry.mountpoint == target or target.startswith(entry.mountpoint.rstrip("/") + "/")
-    ]
-    return max(holding, key=lambda entry: len(entry.mountpoint), default=None)
+    everything = mounts()
+    holding = [entry for entry in everything if entry.mountpoint == target] + _containing(target, everything)
+    return max(reversed(holding), key=lambda entry: len(entry.mountpoint), default=None)  # ties: the top
 
 
 def refuse_if_mirenfs_mount(directory: str) -> None:

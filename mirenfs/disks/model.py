@@ -188,6 +188,12 @@ def volumes_dir(data_path: str) -> str:
     return os.path.join(data_path, "disk-data", "volumes")
 
 
+def state_directory(data_path: str) -> str:
+    """mirenfs's own files under the data path: indexes, frames, clones, the mount's log and lock,
+    the images this host registered."""
+    return os.path.join(data_path, "mirenfs")
+
+
 def image_path_for(data_path: str, volume: Volume) -> str:
     """``<data-path>/disk-data/volumes/<volume-id>/disk.img``, unless the volume names its own image."""
     if volume.image_path:

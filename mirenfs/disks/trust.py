@@ -20,9 +20,9 @@ import json
 import os
 import threading
 
+from mirenfs.disks.model import state_directory
 from mirenfs.engine.image import fsync_directory, make_private_directory
 
-STATE_DIRECTORY = "mirenfs"  # <data-path>/mirenfs: the mount's and the CLI's own files
 TRUSTED_IMAGES = "trusted-images.json"
 
 
@@ -31,7 +31,7 @@ class TrustedImages:
 
     def __init__(self, data_path: str) -> None:
         self.data_path = os.path.abspath(data_path)
-        self.path = os.path.join(self.data_path, STATE_DIRECTORY, TRUSTED_IMAGES)
+        self.path = os.path.join(state_directory(self.data_path), TRUSTED_IMAGES)
         self._lock = threading.Lock()
         self._seen: tuple[int, int] | None = None  # (mtime_ns, size) of the file last read
         self._paths: frozenset[str] = frozenset()

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from mirenfs.disks.catalogs import CatalogSpec, node_from, open_catalog
-from mirenfs.disks.model import Catalog
+from mirenfs.disks.model import Catalog, state_directory
 from mirenfs.disks.pointintime import DEFAULT_FREEZE_BUDGET_S, CopyPolicy
 from mirenfs.engine.produce import Settings
 from mirenfs.errors import MirenfsError
@@ -102,7 +102,7 @@ def fuse_options(groups: Iterable[str]) -> list[str]:
 def clone_directory_of(data_path: str) -> str:
     """Point-in-time copies of disks in use: under the data path, beside the images, for reflinks.
     The mount and ``mirenfs backup NAME`` use the same one."""
-    return os.path.join(data_path, "mirenfs", "clones")
+    return os.path.join(state_directory(data_path), "clones")
 
 
 def copy_policy(options: list[str]) -> tuple[CopyPolicy, list[str]]:
@@ -202,7 +202,7 @@ class MountConfig:
     @property
     def state_directory(self) -> str:
         """mirenfs's own files under the data path: index cache and spilled frames."""
-        return os.path.join(self.data_path, "mirenfs")
+        return state_directory(self.data_path)
 
     @property
     def clone_directory(self) -> str:
