@@ -28,7 +28,7 @@ from mirenfs.engine.files import (
     restore_file,
     write_snapshot,
 )
-from mirenfs.engine.image import FdImageSource
+from mirenfs.engine.image import FdImageSource, FileObjectSource
 from mirenfs.engine.produce import Settings, SnapshotProducer, build_index, snapshot_meta
 from mirenfs.errors import FormatError, ImageChangedError
 from mirenfs.format.frames import parse_seek_table
@@ -149,6 +149,30 @@ def test_holes_are_never_read(tmp_path: Path) -> None:
         handle.close()
     assert all(offset < 65536 or offset >= 10 * 65536 for offset in reads), reads
     assert sum(index.zero_chunks) >= 9
+
+
+def test_chunks_wholly_in_holes_are_settled_without_a_read(tmp_path: Path) -> None:
+    """Only chunks that hold data go to a worker thread to be read; the index is the one a
+    source that knows no holes (every chunk read and found zero) gives."""
+    image = tmp_path / "img"
+    write_image(image, [("data", 5000), ("hole", 10 * 65536), ("data", 70_000), ("hole", 3 * 65536 + 11)])
+    asked: list[int] = []
+
+    class Recording(FdImageSource):
+        def read_chunk(self, index: int) -> bytearray | None:
+            asked.append(index)
+            return super().read_chunk(index)
+
+    handle = OpenImage.open(str(image))
+    try:
+        index = trio.run(build_index, Recording(handle.fd, handle.size, SMALL.chunk_size), SMALL)
+        with open(image, "rb") as fileobj:
+            unaware = trio.run(build_index, FileObjectSource(fileobj, handle.size, SMALL.chunk_size), SMALL)
+    finally:
+        handle.close()
+    assert sorted(asked) == [0, 10, 11]  # the data: [0, 5000) and [660360, 730360)
+    assert index == unaware
+    assert sum(index.zero_chunks) == index.frame_count - 3
 
 
 def test_index_survives_encoding_and_rejects_corruption(tmp_path: Path) -> None:

@@ -449,9 +449,13 @@ class _IndexPass:
         shared_send: trio.MemorySendChannel[_Slot[_Chunk]],
     ) -> None:
         async with frame_send, shared_send:
+            await trio.to_thread.run_sync(self.work.warm_zero_frames)
             for k in range(self.count):
                 slot = _Slot[_Chunk]()
-                nursery.start_soon(slot.fill, partial(self.work.run, k), self.compress_limit)
+                if self.work.is_hole(k):
+                    slot.set(self.work.hole(k))  # known unread: no trip to a worker thread (~0.2 ms of CPU)
+                else:
+                    nursery.start_soon(slot.fill, partial(self.work.run, k), self.compress_limit)
                 await frame_send.send((k, slot))
                 if self.single_read:
                     await shared_send.send(slot)
@@ -588,11 +592,31 @@ class _ChunkWork:
         self.need_frames = need_frames
         self._no_fingerprint = bytes(FINGERPRINT if store is not None else 0)
 
+    def is_hole(self, k: int) -> bool:
+        """Whether chunk ``k`` lies wholly in a hole of the image: zeros, known without a read
+        (most chunks of a sparse disk image)."""
+        source = self.source
+        begin = k * source.chunk_size
+        end = begin + chunk_length(source.size, source.chunk_size, k)
+        return source.data_before(end) == source.data_before(begin)
+
+    def warm_zero_frames(self) -> None:
+        """Compress the zero frames of holes (two lengths at most) before the event loop asks
+        :meth:`hole` for them, so that it finds them cached."""
+        source = self.source
+        last = chunk_count(source.size, source.chunk_size) - 1
+        for k in {0, last} if last >= 0 else ():
+            zero_frame(chunk_length(source.size, source.chunk_size, k), self.level)
+
+    def hole(self, k: int) -> _Chunk:
+        """What :meth:`run` gives for a chunk of zeros."""
+        length = chunk_length(self.source.size, self.source.chunk_size, k)
+        return self._made(zero_frame(length, self.level), zero=True, data=zeros(length))
+
     def run(self, k: int) -> _Chunk:
         data = self.source.read_chunk(k)
         if data is None:
-            length = chunk_length(self.source.size, self.source.chunk_size, k)
-            return self._made(zero_frame(length, self.level), zero=True, data=zeros(length))
+            return self.hole(k)
         if self.store is None:
             return self._made(compress_frame(data, self.level), compressed=True, data=data)
         chunk_fingerprint = fingerprint(data)
