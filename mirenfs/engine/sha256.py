@@ -8,10 +8,12 @@ chunk boundary: if the first ``j`` chunks are byte for byte what they were
 chunk.
 
 hashlib can neither export nor import its state, so this calls libcrypto's
-``SHA256_Init/Update/Final`` (the same implementation hashlib uses, SHA-NI
-included) through ctypes, which releases the GIL during each call. Where
-those functions are missing, :data:`AVAILABLE` is False and callers hash
-everything with hashlib.
+``SHA256_Init/Update/Final`` through ctypes, which releases the GIL during
+each call. They are looked up through hashlib's own extension module, so
+they are the libcrypto hashlib uses (SHA-NI included), found without
+``ctypes.util.find_library`` (which costs every command ~20 ms to start).
+Where those functions are missing, :data:`AVAILABLE` is False and callers
+hash everything with hashlib.
 
 Never: give a digest hashlib would not give for the same bytes; export a
 state in the middle of a 64-byte block (only chunk boundaries are exported,
@@ -21,7 +23,6 @@ and chunk sizes are multiples of 4 KiB).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import struct
 
 MIDSTATE = 40  # bytes of a kept state: the eight words, then the bit count (low, high)
@@ -42,16 +43,15 @@ class _Context(ctypes.Structure):
 
 
 def _load() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("crypto")
-    if name is None:
-        return None
     try:
-        library = ctypes.CDLL(name)
+        import _hashlib  # hashlib's OpenSSL binding: symbols resolve in the libcrypto it links
+
+        library = ctypes.CDLL(_hashlib.__file__)
         context = ctypes.POINTER(_Context)
         library.SHA256_Init.argtypes = [context]
         library.SHA256_Update.argtypes = [context, ctypes.c_void_p, ctypes.c_size_t]
         library.SHA256_Final.argtypes = [ctypes.c_char_p, context]
-    except (OSError, AttributeError):
+    except (ImportError, OSError, AttributeError):
         return None
     return library
 
