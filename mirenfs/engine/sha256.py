@@ -42,16 +42,24 @@ class _Context(ctypes.Structure):
     ]
 
 
-def _load() -> ctypes.CDLL | None:
-    try:
-        import _hashlib  # hashlib's OpenSSL binding: symbols resolve in the libcrypto it links
+try:
+    import _hashlib  # hashlib's OpenSSL binding: symbols resolve in the libcrypto it links
+except ImportError:  # a Python built without OpenSSL: hashlib hashes with its own code
+    _HASHLIB_FILE: str | None = None
+else:
+    _HASHLIB_FILE = _hashlib.__file__
 
-        library = ctypes.CDLL(_hashlib.__file__)
+
+def _load() -> ctypes.CDLL | None:
+    if _HASHLIB_FILE is None:
+        return None
+    try:
+        library = ctypes.CDLL(_HASHLIB_FILE)
         context = ctypes.POINTER(_Context)
         library.SHA256_Init.argtypes = [context]
         library.SHA256_Update.argtypes = [context, ctypes.c_void_p, ctypes.c_size_t]
         library.SHA256_Final.argtypes = [ctypes.c_char_p, context]
-    except (ImportError, OSError, AttributeError):
+    except (OSError, AttributeError):
         return None
     return library
 
