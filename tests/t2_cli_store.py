@@ -326,6 +326,15 @@ def test_disk_create_without_mkfs_says_the_image_has_no_filesystem(
     assert image.read_bytes() == bytes(1 << 20)
 
 
+@pytest.mark.parametrize("size", [["--size", "-5M"], ["--size=-5M"], ["--size", "-1"]])
+def test_a_negative_size_is_refused_by_what_is_wrong_with_it(data: Path, size: list[str]) -> None:
+    """argparse took ``-5M`` for an unknown option ("expected one argument")."""
+    result = run_cli("disk", "create", "pg", *size, "--data-path", data)
+    assert result.code == 2 and "must be positive" in result.err, result.err
+    assert "expected one argument" not in result.err
+    assert not data.exists() or disks(data) == {}
+
+
 def test_a_failing_mkfs_leaves_nothing_behind(data: Path, need_tool: Callable[[str], str]) -> None:
     need_tool("mkfs.xfs")
     error = refused(

@@ -14,6 +14,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -28,6 +29,9 @@ from mirenfs.errors import MirenfsError
 log = logging.getLogger(__name__)
 
 Handler = Callable[[argparse.Namespace], int]
+# What argparse must take as an option's value, not as an unknown option: negative numbers and
+# sizes (``--size -5M``), so that the option's own check can say what is wrong with them.
+NEGATIVE_VALUE = re.compile(r"^-\d[\d.]*[A-Za-z]*$")
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 OWN_SIGNAL_HANDLING = ("mount", "demo")  # they unmount cleanly on SIGTERM themselves
 
@@ -64,7 +68,9 @@ def _refuse_unknown(
 
 def _remember_command_parsers(parser: argparse.ArgumentParser) -> None:
     """Each command's parser, in its own namespace: an option it does not know is refused
-    with that command's usage (``mirenfs disk list --jsn``), not the top-level one."""
+    with that command's usage (``mirenfs disk list --jsn``), not the top-level one. Every
+    parser takes a negative number or size as a value (no option of ours looks like one)."""
+    parser._negative_number_matcher = NEGATIVE_VALUE
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for subparser in set(action.choices.values()):

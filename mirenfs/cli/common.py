@@ -158,6 +158,8 @@ def add_compression_options(parser: argparse.ArgumentParser) -> None:
 def parse_size(text: str) -> int:
     """Sizes as operators write them: 4096, 512M, 10G, 1T (binary units)."""
     value = size_in_bytes(text)
+    if value is None and text.startswith("-") and size_in_bytes(text[1:]) is not None:
+        value = -1  # a negative size: say so, not that it is no size at all
     if value is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 4096, 512M or 10G")
     if value <= 0:
