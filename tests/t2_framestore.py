@@ -17,6 +17,7 @@ from mirenfs.engine import produce, sha256
 from mirenfs.engine.framestore import FrameStore
 from mirenfs.engine.image import FdImageSource, OpenImage
 from mirenfs.engine.produce import (
+    FrameCache,
     Settings,
     SnapshotIndex,
     SnapshotProducer,
@@ -310,7 +311,7 @@ def test_a_reader_of_the_old_version_gets_its_bytes_from_the_store_after_a_chang
             source = handle.source(SMALL)
             index = await build_index(source, SMALL, store=store)
             meta = snapshot_meta("d", "ext4", handle.size, handle.mtime_ns, index.checksum)
-            producer = SnapshotProducer(source, SMALL, meta, index, store=store, cached_frames=0)
+            producer = SnapshotProducer(source, SMALL, meta, index, store=store, cache=FrameCache(0))
             before = await producer.read(0, producer.size)
             write_image(image, SEGMENTS, seed=9)  # every data chunk changes, in place
             return before, await producer.read(0, producer.size)

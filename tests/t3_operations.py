@@ -78,6 +78,31 @@ async def test_snapshot_reads_exactly_what_backup_writes(data_path: Path) -> Non
 
 
 @trio_test
+async def test_every_snapshot_shares_one_bounded_frame_cache(data_path: Path) -> None:
+    """Frames kept for the next reads are bounded for the whole mount: each snapshot read kept
+    16 of its own until unmount, so memory grew with every disk read (64 MiB per disk)."""
+    names = [f"d{i}" for i in range(6)]
+    segments = [("data", 640 << 10), ("hole", 64 << 10)]  # incompressible: frames as large as chunks
+    images = [add_image_disk(data_path, name, seed=i, segments=segments) for i, name in enumerate(names)]
+    async with operations(data_path) as m:
+        frames = m.ops.service.frames
+        produced = 0
+        for name, image in zip(names, images, strict=True):
+            expected = await snapshot_bytes(image, name=name)
+            assert await m.read_file(f"{name}.mirn") == expected
+            produced += len(expected)
+            assert 0 < frames.bytes <= frames.limit
+        assert produced > 2 * frames.limit  # the bound did bite
+        for name, image in zip(names, images, strict=True):  # evicted frames are made again, exactly
+            assert await m.read_file(f"{name}.mirn") == await snapshot_bytes(image, name=name)
+        version = m.ops.service.current(names[-1])
+        assert version is not None
+        before = frames.bytes
+        version.close()  # a version that goes gives its frames back at once
+        assert frames.bytes < before
+
+
+@trio_test
 async def test_sidecar_holds_the_sha256sum_line_of_the_snapshot(data_path: Path) -> None:
     expected = await snapshot_bytes(add_image_disk(data_path, "pg"), name="pg")
     line = f"{hashlib.sha256(expected).hexdigest()}  pg.mirn\n".encode()

@@ -691,6 +691,63 @@ class _Slot(Generic[T]):
         return self._value
 
 
+class FrameCache:
+    """Frames produced lately, for every producer that shares it, bounded in bytes (least
+    recently used first out).
+
+    A sequential reader finds here the frames read ahead for it. One cache
+    serves a whole mount, so memory does not grow with the number of disks
+    read (each producer kept its own 16 frames: 64 MiB per disk of
+    incompressible data, for the life of the mount). Used from the event loop
+    only. Keys are ``(producer token, frame)``; tokens are never reused.
+    """
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit = limit_bytes
+        self.bytes = 0
+        self._frames: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self._tokens = itertools.count(1)
+
+    def token(self) -> int:
+        """A key prefix for one producer."""
+        return next(self._tokens)
+
+    def get(self, key: tuple[int, int]) -> bytes | None:
+        frame = self._frames.get(key)
+        if frame is not None:
+            self._frames.move_to_end(key)
+        return frame
+
+    def __contains__(self, key: tuple[int, int]) -> bool:
+        return key in self._frames
+
+    def put(self, key: tuple[int, int], frame: bytes) -> None:
+        if len(frame) > self.limit:
+            return
+        self._remove(key)
+        self._frames[key] = frame
+        self.bytes += len(frame)
+        while self.bytes > self.limit:
+            _, victim = self._frames.popitem(last=False)
+            self.bytes -= len(victim)
+
+    def drop(self, token: int) -> None:
+        """Forget one producer's frames (its snapshot version is gone)."""
+        for key in [key for key in self._frames if key[0] == token]:
+            self._remove(key)
+
+    def _remove(self, key: tuple[int, int]) -> None:
+        old = self._frames.pop(key, None)
+        if old is not None:
+            self.bytes -= len(old)
+
+
+def frame_cache_for(settings: Settings, frames: int = 0) -> FrameCache:
+    """A cache of ``frames`` chunks' worth, at least what every core reading ahead for a few
+    sequential readers needs."""
+    return FrameCache(max(frames, 4 * (settings.workers + 2)) * settings.chunk_size)
+
+
 class SnapshotProducer:
     """Produces any byte range of a snapshot from its index, compressing only what it touches.
 
@@ -706,10 +763,12 @@ class SnapshotProducer:
         meta: Meta,
         index: SnapshotIndex,
         *,
-        cached_frames: int = 16,
+        cache: FrameCache | None = None,
         spill: FrameSpill | None = None,
         store: FrameStore | None = None,
     ) -> None:
+        """``cache``: where frames produced are kept for the next reads (a mount shares one
+        among all its snapshots); by default one of this producer's own."""
         if index.settings_key != settings.key() or index.chunk_size != source.chunk_size:
             raise ValueError("the index was built with other compression settings")
         self.spill = spill
@@ -717,8 +776,8 @@ class SnapshotProducer:
         self.source = source
         self.settings = settings
         self.layout = SnapshotLayout(meta, index)
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
-        self._cache_limit = cached_frames
+        self._cache = cache if cache is not None else frame_cache_for(settings)
+        self._token = self._cache.token()
         self._in_flight: dict[int, _Slot[bytes]] = {}
         self._limiter = trio.CapacityLimiter(settings.workers)
 
@@ -726,14 +785,17 @@ class SnapshotProducer:
     def size(self) -> int:
         return self.layout.total_size
 
+    def drop_frames(self) -> None:
+        """Give back the memory of this producer's cached frames (its version is closed)."""
+        self._cache.drop(self._token)
+
     async def frame(self, k: int) -> bytes:
         """Frame ``k``, from the cache, from a request already running, or compressed now."""
         index = self.layout.index
         if index.zero_chunks[k]:
             return zero_frame(chunk_length(index.size_bytes, index.chunk_size, k), self.settings.level)
-        cached = self._cache.get(k)
+        cached = self._cache.get((self._token, k))
         if cached is not None:
-            self._cache.move_to_end(k)
             return cached
         slot = self._in_flight.get(k)
         if slot is not None:
@@ -749,9 +811,7 @@ class SnapshotProducer:
             raise
         finally:
             self._in_flight.pop(k, None)
-        self._cache[k] = frame
-        while len(self._cache) > self._cache_limit:
-            self._cache.popitem(last=False)
+        self._cache.put((self._token, k), frame)
         slot.set(frame)
         return frame
 
@@ -833,7 +893,7 @@ class SnapshotProducer:
     def has_frame(self, k: int) -> bool:
         """Whether frame ``k`` is at hand (cached, spilled, or being produced): a prefetch would be wasted."""
         spilled = self.spill is not None and k < self.spill.frames
-        return spilled or k in self._cache or k in self._in_flight
+        return spilled or (self._token, k) in self._cache or k in self._in_flight
 
     async def prefetch(self, k: int) -> None:
         """Produce frame ``k`` ahead of its reader. Any failure is the reader's to see when it asks

@@ -30,6 +30,7 @@ from mirenfs.engine.produce import (
     SnapshotProducer,
     StaleIndexError,
     build_index,
+    frame_cache_for,
     snapshot_meta,
 )
 from mirenfs.errors import LiveCheckError, PointInTimeError
@@ -178,6 +179,7 @@ class DiskVersion:
         return self.producer.spill.bytes if self.producer.spill is not None else 0
 
     def close(self) -> None:
+        self.producer.drop_frames()
         if self.producer.spill is not None:
             self.producer.spill.close()
         if self.fd >= 0:
@@ -228,6 +230,8 @@ class SnapshotService:
         self.settings = settings
         # Frames by chunk fingerprint, kept across mounts; with it, a pass needs no spill file.
         self.frame_store = frame_store
+        # Frames produced lately, for every disk's snapshot: bounded whatever the number of disks.
+        self.frames = frame_cache_for(settings)
         self.spill_directory = spill_directory
         self.spill_limit = spill_limit
         # Point-in-time copies of disks in use live here (same filesystem as the images, for reflinks).
@@ -393,7 +397,7 @@ class SnapshotService:
                     ensure_unchanged(fd, identity, image_path)  # raises: the two reads may disagree
             meta = snapshot_meta(name, filesystem, identity.size, identity.mtime_ns, index.checksum)
             producer = SnapshotProducer(
-                source, self.settings, meta, index, spill=spill, store=self.frame_store
+                source, self.settings, meta, index, cache=self.frames, spill=spill, store=self.frame_store
             )
         except BaseException:
             os.close(fd)
