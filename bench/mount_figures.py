@@ -314,3 +314,40 @@ def measure_mount_rss(ctx: Context) -> None:
             peak * 1024 < 200 * MB,
             f"{peak * 1024 / MB:.0f} MB",
         )
+    measure_mount_rss_many_disks(ctx)
+
+
+MANY_DISKS = 8
+MANY_DISKS_DATA = 96 << 20  # incompressible bytes per disk: frames as large as chunks
+
+
+def measure_mount_rss_many_disks(ctx: Context) -> None:
+    """The daemon's peak RSS over a night's backup of many disks, read one after the other:
+    memory must not grow with the number of disks read."""
+    data, mountpoint = fresh_dir(ctx, "rss-many-data"), fresh_dir(ctx, "rss-many-mnt")
+    for i in range(MANY_DISKS):
+        image = ctx.temp_path(f"many-{i}.img")
+        with open(image, "wb") as f:
+            for _ in range(MANY_DISKS_DATA >> 20):
+                f.write(os.urandom(1 << 20))
+            f.truncate(2 * MANY_DISKS_DATA)
+        add_disk(ctx, data, f"many{i}", image)
+    with running_mount(ctx, data, mountpoint) as mount:
+        log(f"mount: cat of {MANY_DISKS} disks' snapshots in turn ({MANY_DISKS_DATA >> 20} MiB of data each)")
+        seconds = timed(
+            lambda: [run_command(["cat", str(mountpoint / f"many{i}.mirn")]) for i in range(MANY_DISKS)]
+        )
+        peak = mount.peak_rss_kib()
+        ctx.add(
+            Figure(
+                f"mount: {MANY_DISKS} disks read in turn (daemon RSS)",
+                [Sample(seconds, None, peak)],
+                floor="sha256",
+                note="info",
+            )
+        )
+        ctx.check(
+            f"daemon peak RSS under 200 MB while reading {MANY_DISKS} disks in turn",
+            peak * 1024 < 200 * MB,
+            f"{peak * 1024 / MB:.0f} MB",
+        )

@@ -745,7 +745,7 @@ class FrameCache:
 def frame_cache_for(settings: Settings, frames: int = 0) -> FrameCache:
     """A cache of ``frames`` chunks' worth, at least what every core reading ahead for a few
     sequential readers needs."""
-    return FrameCache(max(frames, 4 * (settings.workers + 2)) * settings.chunk_size)
+    return FrameCache(max(frames, 3 * (settings.workers + 2)) * settings.chunk_size)
 
 
 class SnapshotProducer:
