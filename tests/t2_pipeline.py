@@ -344,6 +344,33 @@ def test_the_gil_switch_interval_is_restored_once_the_stages_end() -> None:
     assert sys.getswitchinterval() == before
 
 
+def test_the_stages_run_as_batch_work_and_the_event_loop_does_not() -> None:
+    """Stage threads are SCHED_BATCH (their wake-ups do not preempt the event loop answering
+    FUSE requests); the thread that runs the event loop keeps its own policy."""
+    seen: list[int] = []
+
+    class Recording(Collect):
+        def write(self, data: bytes | bytearray | memoryview) -> None:
+            seen.append(os.sched_getscheduler(0))
+            super().write(data)
+
+    async def run() -> None:
+        sink = Recording()
+
+        async def open_target(_meta: object) -> Collect:
+            return sink
+
+        stream = RestoreStream(open_target)
+        await stream.feed(one_frame_snapshot(CONTENT))
+        await stream.finish()
+        assert sink.data == CONTENT
+
+    loop_policy = os.sched_getscheduler(0)
+    trio.run(run)
+    assert seen and set(seen) == {os.SCHED_BATCH}
+    assert os.sched_getscheduler(0) == loop_policy != os.SCHED_BATCH
+
+
 def test_aligned_runs_go_direct_and_the_rest_through_the_cache(tmp_path: Path) -> None:
     """O_DIRECT where the filesystem has it (not tmpfs): the bytes are the same either way."""
     content = image_bytes(10 * CHUNK + 1234, seed=11)
