@@ -742,10 +742,10 @@ class FrameCache:
             self.bytes -= len(old)
 
 
-def frame_cache_for(settings: Settings, frames: int = 0) -> FrameCache:
-    """A cache of ``frames`` chunks' worth, at least what every core reading ahead for a few
-    sequential readers needs."""
-    return FrameCache(max(frames, 3 * (settings.workers + 2)) * settings.chunk_size)
+def frame_cache_for(settings: Settings) -> FrameCache:
+    """A cache for three sequential readers, each with the frame it reads and the
+    ``workers + 1`` frames read ahead for it."""
+    return FrameCache(3 * (settings.workers + 2) * settings.chunk_size)
 
 
 class SnapshotProducer:

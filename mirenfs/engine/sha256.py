@@ -11,7 +11,7 @@ hashlib can neither export nor import its state, so this calls libcrypto's
 ``SHA256_Init/Update/Final`` through ctypes, which releases the GIL during
 each call. They are looked up through hashlib's own extension module, so
 they are the libcrypto hashlib uses (SHA-NI included), found without
-``ctypes.util.find_library`` (which costs every command ~20 ms to start).
+``ctypes.util.find_library`` (which runs ``ldconfig``: ~4 ms of every command's start).
 Where those functions are missing, :data:`AVAILABLE` is False and callers
 hash everything with hashlib.
 
