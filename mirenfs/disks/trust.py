@@ -15,13 +15,12 @@ path (paths are compared normalised).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import threading
 
 from mirenfs.disks.model import state_directory
-from mirenfs.engine.image import fsync_directory, make_private_directory
+from mirenfs.engine.image import make_private_directory, replace_private_file
 
 TRUSTED_IMAGES = "trusted-images.json"
 
@@ -48,22 +47,9 @@ class TrustedImages:
             return
         with self._lock:
             paths = sorted(self._read() | {path})
-            directory = os.path.dirname(self.path)
-            make_private_directory(directory)
-            temporary = f"{self.path}.{os.getpid()}.tmp"
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as file:
-                    json.dump({"images": paths}, file, indent=1)
-                    file.write("\n")
-                    file.flush()
-                    os.fsync(file.fileno())
-                os.replace(temporary, self.path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(temporary)
-                raise
-            fsync_directory(directory)
+            make_private_directory(os.path.dirname(self.path))
+            text = json.dumps({"images": paths}, indent=1) + "\n"
+            replace_private_file(self.path, text.encode(), durable=True)
             self._seen = None
 
     def _registered(self) -> frozenset[str]:

@@ -724,6 +724,28 @@ def fsync_directory(path: str) -> None:
         os.close(fd)
 
 
+def replace_private_file(path: str, data: bytes, *, durable: bool = False) -> None:
+    """Put ``data`` at ``path`` (mode 0600) whole or not at all: written under a temporary name
+    beside it, then renamed over it, so a reader or a crash never finds half of it. ``durable``
+    also fsyncs the file and its directory, so that the new content survives a crash. On any
+    failure the temporary file is removed and the error raised."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            if durable:
+                file.flush()
+                os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    if durable:
+        fsync_directory(os.path.dirname(path))
+
+
 def _unlink_quietly(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)

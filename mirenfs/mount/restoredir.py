@@ -53,6 +53,13 @@ STRANDED_RETRY_S = 1.0  # how often a disk left provisioning by an outage is tri
 REFUSALS_KEPT = 20
 
 
+def _ended_restore(entry: RestoreEntry) -> RestoreRefused:
+    """A write or truncate through a descriptor of a restore of this entry that ended since."""
+    return RestoreRefused(
+        f"restore/{entry.name}: this descriptor belongs to a restore that ended ({entry.state})", errno.EIO
+    )
+
+
 def in_restore(file_name: str) -> str:
     """``restore/NAME`` as a log line or an error shows it: the name is the writer's choice
     (any bytes but ``/``), so one that does not print is quoted and cannot forge a log line."""
@@ -351,10 +358,7 @@ class RestoreDirectory:
                     raise _oversized_sidecar(entry)
                 raise RestoreRefused(f"restore/{entry.name} is not receiving ({entry.state})", errno.EIO)
             if not writer.current:
-                raise RestoreRefused(
-                    f"restore/{entry.name}: this descriptor belongs to a restore that ended ({entry.state})",
-                    errno.EIO,
-                )
+                raise _ended_restore(entry)
             try:
                 await writer.session.write(offset, data)
             except BaseException as exc:
@@ -379,10 +383,7 @@ class RestoreDirectory:
                     raise refused
                 return
             if writer is not None and not writer.current:
-                raise RestoreRefused(  # a stale descriptor never touches a newer restore
-                    f"restore/{entry.name}: this descriptor belongs to a restore that ended ({entry.state})",
-                    errno.EIO,
-                )
+                raise _ended_restore(entry)  # a stale descriptor never touches a newer restore
             if size < session.next_offset:
                 shrink = RestoreRefused(
                     f"restore/ files cannot be shrunk (to {size} bytes, after {session.next_offset} were "
@@ -599,9 +600,7 @@ class RestoreDirectory:
                 except MirenfsError:
                     continue  # the catalogue still does not answer: next round
                 self.stranded.remove(item)
-                left = (
-                    f"disk {disk.name} was left provisioning and will be removed when the catalogue answers"
-                )
+                left = target.outcome()  # what the entry's state says of the disk until now
                 if removed:
                     log.info(
                         "removed disk %s, left provisioning by a failed restore: the catalogue answers again",

@@ -9,7 +9,6 @@ about FUSE; the filesystem layer calls it.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -22,7 +21,7 @@ import trio
 from mirenfs.disks.live import image_is_live
 from mirenfs.disks.pointintime import Consistency, CopyPolicy, PointInTime, take_point_in_time
 from mirenfs.engine.framestore import FrameStore
-from mirenfs.engine.image import FdImageSource, ImageIdentity, ensure_unchanged
+from mirenfs.engine.image import FdImageSource, ImageIdentity, ensure_unchanged, replace_private_file
 from mirenfs.engine.produce import (
     FrameSpill,
     Settings,
@@ -117,16 +116,9 @@ class IndexCache:
         """Persist an index; a failure (a full or read-only state directory) is logged once and
         otherwise ignored: the cache only saves a later index pass."""
         path = self.path_for(image_path)
-        temporary = f"{path}.{os.getpid()}.tmp"
         try:
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(f"{key}\n{sidecar or '-'}\n".encode())
-                f.write(index.to_bytes())
-            os.replace(temporary, path)
+            replace_private_file(path, f"{key}\n{sidecar or '-'}\n".encode() + index.to_bytes())
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
             if not self._save_failed:
                 log.warning(
                     "cannot save snapshot indexes in %s (%s); snapshots are still served, but each "
