@@ -10,6 +10,7 @@ import subprocess
 import tempfile
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 
 from mirenfs import Meta, Timestamp, backup, read_header, restore_image
 from mirenfs.disks.live import may_change_while_read
+from mirenfs.engine import produce as produce_module
 from mirenfs.engine.consume import RestoreStream
 from mirenfs.engine.files import (
     OpenImage,
@@ -339,6 +341,32 @@ def test_single_read_and_two_read_passes_agree(tmp_path: Path) -> None:
         handle.close()
     assert indexes[0] == indexes[1]
     assert indexes[0].checksum == hashlib.sha256(image.read_bytes()).hexdigest()
+
+
+def test_a_single_read_pass_hashes_runs_of_holes_in_one_trip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A live image's pass hashes what it read; a run of hole chunks goes to the hash thread
+    with the data chunk after it, not one trip per chunk (a large sparse disk is mostly holes)."""
+    image = tmp_path / "img"
+    write_image(image, [("data", 5000), ("hole", 40 * 65536), ("data", 70_000), ("hole", 20 * 65536 + 11)])
+    trips: list[int] = []
+    hash_all = produce_module._hash_all
+
+    def counting(sha: Any, pieces: list[Any]) -> None:
+        trips.append(len(pieces))
+        hash_all(sha, pieces)
+
+    monkeypatch.setattr(produce_module, "_hash_all", counting)
+    handle = OpenImage.open(str(image))
+    try:
+        index = trio.run(lambda: build_index(handle.source(SMALL), SMALL, single_read=True))
+    finally:
+        handle.close()
+    assert index.checksum == hashlib.sha256(image.read_bytes()).hexdigest()
+    assert sum(trips) == index.frame_count  # every chunk hashed once, in order (the checksum)
+    # 62 chunks, 4 of them holding data: runs of at most LIVE_HASH_BATCH, ended by data
+    assert max(trips) == produce_module.LIVE_HASH_BATCH and len(trips) <= 8, trips
 
 
 def test_an_image_changed_during_a_two_read_backup_is_refused(tmp_path: Path) -> None:
