@@ -233,9 +233,10 @@ def quoted(text: str) -> str:
 
 
 def printable(text: str) -> str:
-    """``text`` as it is when every character prints, else :func:`quoted`: for a name in a line
-    of output, which must stay one line whatever the snapshot's header holds."""
-    return text if text.isprintable() else quoted(text)
+    """``text`` as it is when every character prints and it neither starts nor ends with a space,
+    else :func:`quoted`: for a name in a line of output, which must stay one line whatever the
+    snapshot's header holds and must not pass for another name (``"pg.mirn "``)."""
+    return text if text.isprintable() and text == text.strip() and text else quoted(text)
 
 
 def size_in_words(size: int) -> str:

@@ -9,7 +9,7 @@ import pytest
 import zstandard
 
 from mirenfs import FORMAT_VERSION, MAGIC, Meta, Timestamp, read_header, write_header
-from mirenfs.errors import FormatError
+from mirenfs.errors import FormatError, printable
 from mirenfs.format.frames import FrameScanner
 from mirenfs.format.header import HeaderParser, decode_header, go_json_string
 
@@ -101,10 +101,16 @@ BAD_HEADERS = {
     "bad magic": (b"MIRX" + raw_header(_body())[4:], "bad magic"),
     "version 2": (raw_header(_body(), version=2), "version 2"),
     "metadata too long": (raw_header(b"{}", length=(1 << 20) + 1), "more than the 1 MiB limit"),
-    "malformed json": (raw_header(b'{"name": "d", "size_bytes":'), "not valid JSON"),
+    "malformed json": (
+        raw_header(b'{"name": "d", "size_bytes":'),
+        "not valid JSON: Expecting value at character 28$",
+    ),
     "json not an object": (raw_header(b"[1, 2]"), "not a JSON object"),
-    "short checksum": (raw_header(_body(checksum="abc")), "not 64 hex digits"),
-    "non-hex checksum": (raw_header(_body(checksum="zz" * 32)), "not 64 hex digits"),
+    "short checksum": (raw_header(_body(checksum="abc")), r"not 64 hex digits \(it has 3 characters\)"),
+    "non-hex checksum": (
+        raw_header(_body(checksum="ab" * 8 + "g" + "a" * 47)),
+        r"not 64 hex digits \(character 17, 'g', is not a hex digit\)",
+    ),
     "negative size": (raw_header(_body(size_bytes=-1)), "negative size_bytes"),
     "fractional size": (raw_header(_body(size_bytes=1.5)), "must be a JSON int"),
     "bad timestamp": (raw_header(_body(timestamp="yesterday")), "not an RFC 3339 time"),
@@ -136,6 +142,8 @@ def test_truncatedraw_header() -> None:
     for cut in (3, 11, 12, len(full) - 1):
         with pytest.raises(FormatError, match=f"header is truncated: the stream ended after {cut} bytes$"):
             read_header(io.BytesIO(full[:cut]))
+    with pytest.raises(FormatError, match=r"header is truncated: the stream ended after 1 byte$"):
+        read_header(io.BytesIO(full[:1]))
     with pytest.raises(FormatError, match="truncated"):
         decode_header(full[:-1])
     for empty in (lambda: read_header(io.BytesIO(b"")), lambda: decode_header(b"")):
@@ -161,3 +169,13 @@ def test_the_frame_scanner_reads_the_window_each_frame_asks_for(window_log: int)
             scanner.feed(frame[n : n + 1])
         assert scanner.at_boundary and scanner.frames == 1
         assert scanner.window_size == zstandard.get_frame_parameters(frame).window_size
+
+
+def test_a_name_in_a_line_is_quoted_when_it_could_pass_for_another() -> None:
+    """Status and log lines show names as they are, unless a control character or a space at an
+    end would hide what the name is: ``restore/pg.mirn `` must not read as ``restore/pg.mirn``."""
+    assert printable("my disk.mirn") == "my disk.mirn"
+    assert printable("pg.mirn ") == "'pg.mirn '"
+    assert printable(" pg.mirn") == "' pg.mirn'"
+    assert printable("a\nb.mirn") == "'a\\nb.mirn'"
+    assert printable("") == "''"

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from mirenfs.errors import FormatError
+from mirenfs.format import frames
 from mirenfs.format.header import Meta
 
 from support.bad_snapshots import CASES, bad_inputs, make_good_snapshot
@@ -160,6 +162,26 @@ def test_verify_refuses_a_seek_table_that_does_not_match_the_frames(
     done = run_mirenfs("restore", str(bad), "--image", str(image))
     assert done.returncode == 0, done.stderr
     assert sha256_file(image) == meta.checksum
+
+
+@pytest.mark.parametrize("entries", [6, 7, 1 << 20])
+def test_a_seek_table_too_large_to_read_is_still_held_to_its_length(
+    entries: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verify keeps at most MAX_SEEK_TABLE bytes of a seek table (here made small); one larger
+    than that must still have the length that lists the data's frames, or it is refused."""
+    monkeypatch.setattr(frames, "MAX_SEEK_TABLE", 64)
+    check = frames.SeekTableCheck()
+    for _ in range(6):
+        check.data_frame(1000, 4096)
+    length = 12 * entries + frames.SEEK_TABLE_FOOTER_LEN
+    check.skippable_frame(frames.SEEK_TABLE_SKIPPABLE_MAGIC, length)
+    check.skippable_bytes(memoryview(bytes(length)))
+    if entries == 6:
+        check.check(6 * 4096)  # the right length: its entries are not read, nothing to refuse
+    else:
+        with pytest.raises(FormatError, match=f"its {length} bytes cannot list the data's 6 frames"):
+            check.check(6 * 4096)
 
 
 def test_verify_takes_data_without_a_seek_table_or_with_one_not_at_the_end(

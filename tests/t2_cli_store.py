@@ -241,9 +241,11 @@ def test_a_header_claiming_a_petabyte_says_so_and_leaves_nothing(data: Path, tmp
     meta, header_len = decode_header(data_bytes)
     snapshot = tmp_path / "huge.mirn"
     snapshot.write_bytes(replace(meta, size_bytes=1 << 50).header() + data_bytes[header_len:])
-    said = "the snapshot's header claims a disk of 1.0 PiB (1125899906842624 bytes), which the filesystem "
-    refused(said, "restore", snapshot, "--name", "huge", "--data-path", data)
-    refused(said, "restore", snapshot, "--image", tmp_path / "new.img")
+    said = f"{snapshot}: the snapshot's header claims a disk of 1.0 PiB (1125899906842624 bytes), more than "
+    new_disk = refused(said, "restore", snapshot, "--name", "huge", "--data-path", data)
+    assert new_disk.endswith("; disk huge was not created\n") and "disk-data" not in new_disk, new_disk
+    new_image = refused(said, "restore", snapshot, "--image", tmp_path / "new.img")
+    assert new_image.endswith(f"; {tmp_path / 'new.img'} was not created\n"), new_image
     assert disks(data) == {} and staging_files(data) == []
     assert not (data / "disk-data").exists() or list((data / "disk-data").rglob("*.img")) == []
     assert sorted(path.name for path in tmp_path.iterdir()) == ["data", "huge.mirn"]
@@ -285,6 +287,23 @@ def test_a_failed_restore_over_an_existing_disk_leaves_it_as_it_was(
     result = run_cli("restore", truncated, "--name", "disk-ext4", "--force", "--data-path", data)
     assert result.code == 1
     assert store_state(data) == before
+    assert sha256_file(ext4_disk) == GO_EXT4.sha256
+
+
+def test_a_refused_header_says_what_became_of_the_disk(data: Path, ext4_disk: Path, tmp_path: Path) -> None:
+    """A header error stops a restore before any byte is written; its sentence still says so, as
+    a data error's does (the README: a failed restore says what became of its target)."""
+    header_only = tmp_path / "cut.mirn"
+    header_only.write_bytes(GO_ODD.path.read_bytes()[:100])
+    before = store_state(data)
+    said = f"{header_only}: the snapshot header is truncated: the stream ended after 100 bytes; "
+    over = refused(said, "restore", header_only, "--name", "disk-ext4", "--force", "--data-path", data)
+    assert over.endswith("; disk disk-ext4 is unchanged\n"), over
+    fresh = refused(said, "restore", header_only, "--name", "fresh", "--data-path", data)
+    assert fresh.endswith("; disk fresh was not created\n"), fresh
+    unnamed = refused(said, "restore", header_only, "--data-path", data)
+    assert unnamed.endswith("; no disk was changed\n"), unnamed  # the disk is the header's: unread
+    assert store_state(data) == before and staging_files(data) == []
     assert sha256_file(ext4_disk) == GO_EXT4.sha256
 
 

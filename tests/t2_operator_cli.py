@@ -382,7 +382,10 @@ def test_errors_about_a_snapshot_name_it_and_the_target_is_left_alone(tmp_path: 
     assert said("disk", "list", "--json", "--data-path", str(store))[1] == before
     assert Path(listed["image_path"]).read_bytes() == image_before
     status, _out, err = said("restore", str(empty), "--data-path", str(store))
-    assert (status, err) == (1, f"mirenfs: error: {empty}: the snapshot is empty (0 bytes)")
+    assert (status, err) == (
+        1,
+        f"mirenfs: error: {empty}: the snapshot is empty (0 bytes); no disk was changed",
+    )
 
 
 def test_restore_image_never_replaces_anything_but_a_regular_file(tmp_path: Path) -> None:

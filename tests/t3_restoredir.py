@@ -547,13 +547,40 @@ async def test_a_backwards_write_is_einval_and_undoes_the_restore(data_path: Pat
         await m.ops.write(fh, 0, good.data[:PIECE])
         back = PIECE - 7
         assert await fuse_errno(m.ops.write(fh, back, good.data[back : back + PIECE])) == errno.EINVAL
-        state = f"failed: writes to restore/ must arrive in order: got offset {back}, expected {PIECE}"
+        state = (
+            f"failed: writes to restore/ must arrive in order: got offset {back}, expected {PIECE}; "
+            "disk pg is unchanged"
+        )
         assert await m.state("pg.mirn") == state
         # The restore is over: what comes next (even in order) is refused, the state stays.
         assert await fuse_errno(m.ops.write(fh, PIECE, good.data[PIECE : 2 * PIECE])) == errno.EIO
         await m.close(fh)
         assert await m.state("pg.mirn") == state
         assert_untouched(data_path, before, image, image_before)
+
+
+@pytest.mark.parametrize("disk", ["pg", "fresh"])
+@trio_test
+async def test_a_failed_restore_says_what_became_of_its_disk(
+    data_path: Path, good: Snapshot, disk: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The entry's state and the log line end with the disk's fate, as the CLI's sentence does:
+    the next step differs for a disk left as it was and one never created."""
+    caplog.set_level(logging.INFO, logger="mirenfs")
+    image = add_image_disk(data_path, "pg")
+    async with operations(data_path, allow_overwrite=True) as m:
+        before, image_before = store_state(data_path), FileState.of(image)
+        assert await m.copy_in(f"{disk}.mirn", good.data[: len(good.data) // 2]) == errno.EINVAL
+        fate = "disk pg is unchanged" if disk == "pg" else "disk fresh was not created"
+        state = await m.state(f"{disk}.mirn")
+        assert state.startswith("failed: the snapshot data is truncated") and state.endswith(f"; {fate}"), (
+            state
+        )
+        assert_untouched(data_path, before, image, image_before)
+    [logged] = [
+        r.getMessage() for r in caplog.records if r.getMessage().startswith(f"restore of disk {disk} ")
+    ]
+    assert logged.endswith(f"failed: {state.removeprefix('failed: ')}"), logged
 
 
 def zero_run(data: bytes, start: int) -> tuple[int, int]:
@@ -656,7 +683,7 @@ async def test_a_hole_larger_than_the_limit_is_einval_and_leaves_nothing(
         assert state.startswith("failed: writes to restore/ must arrive in order: ")
         assert state.endswith(
             f"a hole of {MAX_HOLE + 1} bytes; rsync -S/--sparse holes (skipped runs of zeros) longer than "
-            "4 MiB are not supported: copy without -S/--sparse"
+            "4 MiB are not supported: copy without -S/--sparse; disk pg is unchanged"
         )
         assert await m.close(fh) == errno.EIO
         assert_untouched(data_path, before, image, image_before)

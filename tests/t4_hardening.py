@@ -339,7 +339,7 @@ def test_a_full_data_path_refuses_new_disks_saying_it_is_full_and_creates_nothin
                 capture_output=True, text=True, timeout=TIMEOUT,
             )  # fmt: skip
             assert copied.returncode != 0 and "No space left on device" in copied.stderr, copied
-            assert restore_state(mnt, "newb.mirn") == f"failed: {full}"
+            assert restore_state(mnt, "newb.mirn") == f"failed: {full}; disk newb was not created"
             for command in (
                 ["restore", str(snapshot), "--name", "newc"],
                 ["disk", "create", "newd", "--size", "1M"],

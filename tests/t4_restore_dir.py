@@ -206,7 +206,10 @@ def test_a_header_claiming_a_petabyte_fails_cp_with_efbig(good_snapshot, tmp_pat
         ["cp", str(huge), str(mnt / "restore" / "huge.mirn")], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 1 and "File too large" in result.stderr, result.stderr
-    assert state(mnt, "huge.mirn").startswith(f"failed: {claims}, which the filesystem holding ")
+    shown = state(mnt, "huge.mirn")
+    assert shown.startswith(f"failed: {claims}, more than the filesystem ") and shown.endswith(
+        "; disk huge was not created"
+    ), shown
     assert disk_record(data, "huge") is None and staging_files(tmp_path) == []
 
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any, BinaryIO
 
@@ -187,7 +188,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         restore_file, args.file, args.image, overwrite=args.force, progress=bar, check_target=in_use
     )
     try:
-        with naming_the_snapshot(args.file, kept):
+        with naming_the_snapshot(args.file, lambda: kept):
             meta = trio.run(restore)
     finally:
         bar.close()
@@ -231,17 +232,27 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def naming_the_snapshot(path: str, outcome: str = "") -> Iterator[None]:
+def naming_the_snapshot(path: str, outcome: Callable[[], str] | None = None) -> Iterator[None]:
     """A bad snapshot's error names the file (a loop over many must tell which one failed) and,
-    for a restore, what became of the target."""
+    for a restore, what became of the target: ``outcome`` is asked once the restore is undone."""
     try:
         yield
     except FormatError as exc:
-        raise FormatError(f"{_shown(path)}: {exc}" + (f"; {outcome}" if outcome else "")) from None
-    except TargetError as exc:  # a full filesystem under the image: say what became of it too
-        if not outcome or exc.errno not in NO_SPACE:
+        raise FormatError(f"{_shown(path)}: {_and_outcome(str(exc), outcome)}") from None
+    except TargetError as exc:
+        if exc.errno == errno.EFBIG:  # the header claims a size the target's filesystem cannot hold
+            raise TargetError(f"{_shown(path)}: {_and_outcome(str(exc), outcome)}", exc.errno) from None
+        if outcome is None or exc.errno not in NO_SPACE:
             raise
-        raise TargetError(f"{exc}; {outcome}", exc.errno) from None
+        raise TargetError(_and_outcome(str(exc), outcome), exc.errno) from None
+
+
+def _and_outcome(message: str, outcome: Callable[[], str] | None) -> str:
+    """``message; outcome``, unless a layer below said it already."""
+    if outcome is None:
+        return message
+    said = outcome()
+    return message if said in message else f"{message}; {said}"
 
 
 def _shown(path: str) -> str:
@@ -326,19 +337,17 @@ def _restore_disk(args: argparse.Namespace) -> int:
     def prepare(name: str) -> RestoreTarget:
         return prepare_restore(store, name, data_path=data_path, overwrite=args.force, creator=store)
 
-    target = prepare(args.name) if args.name is not None else None
+    named = prepare(args.name) if args.name is not None else None
     with open_input(args.file) as source:
-        with naming_the_snapshot(args.file):
+        untouched = named.outcome if named is not None else lambda: "no disk was changed"
+        with naming_the_snapshot(args.file, untouched):
             meta = validate_restorable(read_header(source))  # before a disk is looked up by its name
-        if target is None:
-            target = prepare(meta.name)
+        target = named if named is not None else prepare(meta.name)
         total = _remaining_bytes(source)
         bar = ProgressBar(total, f"restore {target.name}")
-        try:
-            with naming_the_snapshot(args.file):
+        try:  # undone by the time an error leaves: it says what that left of the disk, as --image does
+            with naming_the_snapshot(args.file, target.outcome):
                 trio.run(_restore_from, DiskRestore(target, header_read=meta), source, bar)
-        except FormatError as exc:  # undone by now: say what that left of the disk, as --image does
-            raise FormatError(f"{exc}; {target.outcome()}") from None
         finally:
             bar.close()
     how = target.installed_as()

@@ -497,9 +497,9 @@ class StagedRestore:
             if exc.errno != errno.EFBIG:
                 raise
             raise TargetError(
-                f"the snapshot's header claims a disk of {size_in_words(meta.size_bytes)}, which the "
-                f"filesystem holding {image_path} cannot hold (File too large); restore it where a file "
-                "that large fits, or check the snapshot (a damaged header can claim any size)",
+                f"the snapshot's header claims a disk of {size_in_words(meta.size_bytes)}, more than the "
+                "filesystem it is restored into can hold in one file (File too large); restore it where "
+                "a file that large fits, or check the snapshot (a damaged header can claim any size)",
                 errno.EFBIG,
             ) from None
         return self._staging.writer()

@@ -160,13 +160,20 @@ class SeekTableCheck:
         """Raise :class:`FormatError` unless the data ends without a seek table or with one that
         lists exactly the frames read (``decompressed`` bytes in all)."""
         table = self._table
-        if table is None or len(table) != self._table_len:
-            return  # no seek table at the end (or one too large to read: not checked)
+        if table is None:
+            return  # no seek table at the end
         where = "the seek table at the end of the zstd data"
         meaning = (
             "; the image data itself verified, so a restore works, but seekable-zstd tools cannot use the "
             "file: back the disk up again for a sound one"
         )
+        if len(table) != self._table_len:  # too large to keep (over MAX_SEEK_TABLE): its length is known
+            if self._table_len - SEEK_TABLE_FOOTER_LEN not in (8 * self.frames, 12 * self.frames):
+                raise FormatError(
+                    f"{where} does not match the frames: its {self._table_len} bytes cannot list the "
+                    f"data's {self.frames} frames" + meaning
+                )
+            return  # the right length for them (a disk of over 21 TiB): its entries are not read
         if len(table) < SEEK_TABLE_FOOTER_LEN or table[-4:] != SEEKABLE_MAGIC.to_bytes(4, "little"):
             raise FormatError(
                 f"{where} is damaged: it does not end in the seekable format's magic 0x{SEEKABLE_MAGIC:08X}"

@@ -12,6 +12,7 @@ import codecs
 import datetime as _dt
 import json
 import re
+import string
 import struct
 from dataclasses import dataclass
 from typing import BinaryIO, cast
@@ -224,7 +225,8 @@ def truncated_header(length: int) -> str:
     """What to say of a stream that ended after ``length`` bytes, before its header did."""
     if length == 0:
         return "the snapshot is empty (0 bytes)"
-    return f"the snapshot header is truncated: the stream ended after {length} bytes"
+    unit = "byte" if length == 1 else "bytes"
+    return f"the snapshot header is truncated: the stream ended after {length} {unit}"
 
 
 def read_header(src: BinaryIO, *, validate: bool = True) -> Meta:
@@ -322,11 +324,18 @@ def validate_meta(meta: Meta) -> Meta:
     if meta.size_bytes < 0:
         raise FormatError(f"snapshot metadata has a negative size_bytes ({meta.size_bytes})")
     if not _CHECKSUM_RE.fullmatch(meta.checksum):
-        length = len(meta.checksum)
-        raise FormatError(f"the snapshot checksum is not 64 hex digits (it has {length} characters)")
+        raise FormatError(f"the snapshot checksum is not 64 hex digits ({_not_hex(meta.checksum)})")
     if meta.version != FORMAT_VERSION:
         raise FormatError(f"unsupported snapshot metadata version {meta.version}")
     return meta
+
+
+def _not_hex(checksum: str) -> str:
+    """Where a checksum that is not 64 hex digits goes wrong: its length, or its first bad character."""
+    if len(checksum) != 64:
+        return f"it has {len(checksum)} characters"
+    at = next(i for i, c in enumerate(checksum) if c not in string.hexdigits)
+    return f"character {at + 1}, {quoted(checksum[at])}, is not a hex digit"
 
 
 def validate_restorable(meta: Meta) -> Meta:
@@ -435,6 +444,9 @@ def parse_metadata(body: bytes) -> Meta:
             parse_int=_json_integer,
             parse_constant=_no_constants,
         )
+    except json.JSONDecodeError as exc:  # Python's "line 1 column 191 (char 190)": the metadata is one line
+        where = f"at character {exc.pos + 1}"
+        raise FormatError(f"snapshot metadata is not valid JSON: {exc.msg} {where}") from None
     except ValueError as exc:
         raise FormatError(f"snapshot metadata is not valid JSON: {exc}") from None
     except RecursionError:

@@ -504,10 +504,10 @@ class RestoreDirectory:
                 await session.abort()
             if session.target.stranded is not None:
                 self.stranded.append((entry, session.target))
-                outcome = session.target.outcome()
-                if outcome not in reason:  # a failure of its own (bad data), then the outage at the undo
-                    reason = f"{reason}; {outcome}"
-                    entry.state = f"failed: {reason}"
+            outcome = session.target.outcome()  # the next step depends on it: say it, once
+            if outcome not in reason:
+                reason = f"{reason}; {outcome}"
+                entry.state = f"failed: {reason}"
         log.warning(
             "restore of disk %s from restore/%s by uid %d failed: %s",
             entry.disk,
