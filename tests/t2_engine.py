@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import random
 import subprocess
 import tempfile
 import tracemalloc
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -367,6 +369,37 @@ def test_a_single_read_pass_hashes_runs_of_holes_in_one_trip(
     assert sum(trips) == index.frame_count  # every chunk hashed once, in order (the checksum)
     # 62 chunks, 4 of them holding data: runs of at most LIVE_HASH_BATCH, ended by data
     assert max(trips) == produce_module.LIVE_HASH_BATCH and len(trips) <= 8, trips
+
+
+def test_a_header_time_the_filesystem_cannot_store_is_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The header's timestamp becomes the image's mtime, which a backup puts back in its header.
+    A filesystem that cannot store it (ext4 ends in 2446) breaks that round trip: a warning says
+    so, naming both times."""
+    vector = GO_VECTORS[0]
+    meta, header_len = decode_header(vector.path.read_bytes())
+    far = Timestamp.parse("9999-12-31T23:59:59.5Z")
+    snapshot = tmp_path / "far.mirn"
+    snapshot.write_bytes(replace(meta, timestamp=far).header() + vector.path.read_bytes()[header_len:])
+    ext4_end = 15032385535 * 10**9  # 2446-05-10T22:38:55Z, the latest time ext4 stores
+    real_utime = os.utime
+
+    def clamping_utime(path: int, *, ns: tuple[int, int]) -> None:
+        real_utime(path, ns=(min(ns[0], ext4_end), min(ns[1], ext4_end)))
+
+    monkeypatch.setattr(os, "utime", clamping_utime)
+    caplog.set_level(logging.WARNING, logger="mirenfs")
+    image = tmp_path / "far.img"
+    trio.run(lambda: restore_file(str(snapshot), str(image), overwrite=False))
+    assert image.stat().st_mtime_ns == ext4_end and sha256_file(image) == meta.checksum
+    (warned,) = [r.getMessage() for r in caplog.records]
+    assert warned.startswith(f"restored {image} with the time 2446-05-10T22:38:55Z: ") and (
+        "cannot store the header's 9999-12-31T23:59:59.5Z" in warned
+    ), warned
+    caplog.clear()
+    trio.run(lambda: restore_file(str(vector.path), str(tmp_path / "near.img"), overwrite=False))
+    assert caplog.records == []  # a time the filesystem holds: nothing to say
 
 
 def test_an_image_changed_during_a_two_read_backup_is_refused(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import stat
 import weakref
@@ -41,7 +42,9 @@ from mirenfs.engine.pipeline import BufferPool, Handoff, LoopWaker, Piece, Stage
 from mirenfs.engine.produce import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
 from mirenfs.errors import FormatError, MirenfsError, TargetError, size_in_words
 from mirenfs.format.frames import FrameScanner, SeekTableCheck, zero_frame
-from mirenfs.format.header import HeaderParser, Meta, truncated_header, validate_restorable
+from mirenfs.format.header import HeaderParser, Meta, Timestamp, truncated_header, validate_restorable
+
+log = logging.getLogger(__name__)
 
 # Decompressed bytes per piece: each piece costs the hash stage one trip for the GIL, which
 # another thread may hold; 4 MiB keeps those trips rare (the piece is in L3 either way).
@@ -513,9 +516,17 @@ class StagedRestore:
         assert self._staging is not None
         if self._before_install is not None:
             await self._before_install()  # the last moment a refusal can still keep the old image
-        await trio.to_thread.run_sync(
+        held = await trio.to_thread.run_sync(
             partial(self._staging.install, meta.timestamp.unix_ns, new_mode=self._new_mode)
         )
+        if held != meta.timestamp.unix_ns:  # the snapshot's bytes no longer come back from a backup
+            log.warning(
+                "restored %s with the time %s: its filesystem cannot store the header's %s, so a "
+                "snapshot of it will differ from the one restored in its timestamp",
+                self._staging.image_path,
+                Timestamp(held).rfc3339(),
+                meta.timestamp.rfc3339(),
+            )
         return meta
 
     async def discard(self) -> None:

@@ -532,10 +532,12 @@ class StagingImage:
         (a full filesystem) names the image and its staging file."""
         return _StagingWriter(self)
 
-    def install(self, mtime_ns: int | None = None, *, new_mode: int = 0o600) -> None:
+    def install(self, mtime_ns: int | None = None, *, new_mode: int = 0o600) -> int:
         """fsync, rename over the image, fsync the directory: old image or new, never a mix.
 
         The image keeps the replaced image's mode and owner; a new one gets ``new_mode``.
+        Returns the modification time the image holds: ``mtime_ns`` unless its filesystem
+        cannot store that time (ext4 clamps to years 1901 to 2446, some keep whole seconds).
         """
         try:
             existing = os.stat(self.image_path)
@@ -549,6 +551,7 @@ class StagingImage:
             os.fchmod(self.fd, new_mode)
         if mtime_ns is not None:
             os.utime(self.fd, ns=(mtime_ns, mtime_ns))
+        held = os.fstat(self.fd).st_mtime_ns
         self._close_direct()
         try:
             os.fsync(self.fd)  # the last moment a full filesystem can refuse the data: the image is as it was
@@ -558,6 +561,7 @@ class StagingImage:
         fsync_directory(os.path.dirname(os.path.abspath(self.image_path)))
         os.close(self.fd)
         self.fd = -1
+        return held
 
     def discard(self) -> None:
         """Remove the staging file; safe to call more than once."""
