@@ -10,10 +10,12 @@ import logging
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import pytest
 import trio
+import trio.testing
 
 from mirenfs.disks.model import DiskState
 from mirenfs.errors import DiskLeasedError, FormatError
@@ -460,6 +462,7 @@ async def test_an_unexpected_exception_answers_eio_logs_it_and_the_session_goes_
 
         with monkeypatch.context() as patch:
             patch.setattr(m.ops.service, "version", broken)
+            patch.setattr(m.ops.service, "ready_version", broken)
             with caplog.at_level(logging.ERROR, logger="mirenfs.mount.operations"):
                 assert await fuse_errno(m.lookup("pg.mirn")) == errno.EIO
             assert "unexpected error in lookup; answering EIO" in caplog.text
@@ -470,6 +473,49 @@ async def test_an_unexpected_exception_answers_eio_logs_it_and_the_session_goes_
         # The same operations answer normally once the fault is gone.
         assert (await m.lookup("pg.mirn")).st_size > 0
         assert [name for name, _attrs in await m.listdir(ROOT_INODE)][:2] == ["restore", "pg.mirn"]
+
+
+@trio_test
+async def test_a_lookup_never_waits_for_an_index_pass(
+    data_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel holds the root's lock through a lookup: a lookup that waited for a pass (17
+    minutes per TiB) would stall every `ls` of the mount. It answers with the listing inode
+    (timeouts 0) at once; that inode's getattr waits for the pass and gives the exact size,
+    and a lookup after the pass finds the version's own inode."""
+    add_image_disk(data_path, "pg")
+    async with operations(data_path) as m:
+        gate = trio.Event()
+        build = m.ops.service._build
+
+        async def gated_build(*args: Any, **kwargs: Any) -> Any:
+            await gate.wait()
+            return await build(*args, **kwargs)
+
+        monkeypatch.setattr(m.ops.service, "_build", gated_build)
+        stat_result: list[pyfuse3.EntryAttributes] = []
+        with trio.fail_after(30):
+            first = await m.ops.lookup(ROOT_INODE, b"pg.mirn", m.ctx)
+            assert (first.st_size, first.attr_timeout, first.entry_timeout) == (0, 0, 0)
+            assert first.st_ino not in m.ops.inodes.nodes  # the listing inode, not a version's
+            async with trio.open_nursery() as nursery:
+
+                async def stat_it() -> None:
+                    stat_result.append(await m.ops.getattr(first.st_ino, m.ctx))
+
+                nursery.start_soon(stat_it)
+                await trio.testing.wait_all_tasks_blocked()
+                assert stat_result == []  # the getattr waits for the pass...
+                again = await m.ops.lookup(ROOT_INODE, b"pg.mirn", m.ctx)  # ...a lookup does not
+                assert (again.st_ino, again.st_size) == (first.st_ino, 0)
+                assert [name for name, _attrs in await m.listdir(ROOT_INODE)][:2] == ["restore", "pg.mirn"]
+                gate.set()
+            (stated,) = stat_result
+            built = await m.ops.lookup(ROOT_INODE, b"pg.mirn", m.ctx)
+        assert stated.attr_timeout == 0  # the listing inode stands for whichever version is current
+        # ...and reports that version's number, which the next lookup finds (cp compares them)
+        assert stated.st_ino == built.st_ino != first.st_ino and built.st_ino in m.ops.inodes.nodes
+        assert stated.st_size == built.st_size > 0 and built.attr_timeout > 0
 
 
 def test_every_handler_goes_through_fuse_errors() -> None:

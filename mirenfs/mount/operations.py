@@ -130,6 +130,22 @@ class MirenOperations(pyfuse3.Operations):
 
     async def _current_node(self, file_name: str) -> Node:
         """The node of the disk's current version, building the version if needed."""
+        entry, kind = await self._listed(file_name)
+        version = await self.service.version(
+            entry.name, entry.image_path, entry.filesystem, attached=entry.attached
+        )
+        return self.inodes.node_for(version, kind)
+
+    async def _ready_node(self, file_name: str) -> Node | None:
+        """The node of the disk's current version if that is built, else None (no pass starts)."""
+        entry, kind = await self._listed(file_name)
+        version = await self.service.ready_version(
+            entry.name, entry.image_path, entry.filesystem, attached=entry.attached
+        )
+        return None if version is None else self.inodes.node_for(version, kind)
+
+    async def _listed(self, file_name: str) -> tuple[CatalogEntry, str]:
+        """The catalogue's entry for a file name of the root, and the file's kind (ENOENT if none)."""
         parsed = _parse_file_name(file_name)
         entry: CatalogEntry | None = None
         if parsed is not None:
@@ -141,10 +157,7 @@ class MirenOperations(pyfuse3.Operations):
                 entry = (await self.catalog.disks(fresh=True)).get(parsed[0])
         if parsed is None or entry is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        version = await self.service.version(
-            entry.name, entry.image_path, entry.filesystem, attached=entry.attached
-        )
-        return self.inodes.node_for(version, parsed[1])
+        return entry, parsed[1]
 
     async def _node(self, inode: int) -> Node:
         node = self.inodes.nodes.get(inode)
@@ -233,7 +246,11 @@ class MirenOperations(pyfuse3.Operations):
         if ignored is not None:
             return self._ignored_attributes(ignored)
         attrs = self._node_attributes(await self._node(inode))
-        attrs.st_ino = inode
+        if inode not in self.inodes.nodes:
+            # A listing inode stands for whichever version is current: never kept. It reports
+            # that version's inode number (what stat shows), which the next lookup finds:
+            # `cp` compares stat's number with fstat's after its open.
+            attrs.attr_timeout = 0
         return attrs
 
     @fuse_errors
@@ -252,7 +269,13 @@ class MirenOperations(pyfuse3.Operations):
         text = os.fsdecode(name)
         if text == RESTORE_DIR:
             return self._directory_attributes(RESTORE_INODE)
-        return self._node_attributes(await self._current_node(text))
+        node = await self._ready_node(text)
+        if node is None:
+            # An index pass takes minutes on a large disk (17 per TiB here), and the kernel holds
+            # the directory's lock through a lookup: every `ls` of the mount would wait for it.
+            # The listing inode answers now (timeouts 0); its getattr or open waits for the pass.
+            return self._attributes(self.inodes.listing_inode(text), self._file_mode(), 0, 0)
+        return self._node_attributes(node)
 
     # ---- directories --------------------------------------------------------
 

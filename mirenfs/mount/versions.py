@@ -256,12 +256,8 @@ class SnapshotService:
         """
         identity = await trio.to_thread.run_sync(ImageIdentity.of, image_path)
         while True:
-            existing = self._current.get(name)
-            if (
-                existing is not None
-                and existing.filesystem == filesystem
-                and (existing.identity == identity or await self._copy_still_current(existing, attached))
-            ):
+            existing = await self._matching(name, identity, filesystem, attached)
+            if existing is not None:
                 return existing
             key = (name, identity, filesystem)
             building = self._building.get(key)
@@ -287,6 +283,26 @@ class SnapshotService:
             building.done.set()
             del self._building[key]
         return version
+
+    async def ready_version(
+        self, name: str, image_path: str, filesystem: str, *, attached: bool = False
+    ) -> DiskVersion | None:
+        """The version matching the image as it is now if it is built, else None (without
+        starting a pass): for answers that must not wait minutes for one."""
+        identity = await trio.to_thread.run_sync(ImageIdentity.of, image_path)
+        return await self._matching(name, identity, filesystem, attached)
+
+    async def _matching(
+        self, name: str, identity: ImageIdentity, filesystem: str, attached: bool
+    ) -> DiskVersion | None:
+        existing = self._current.get(name)
+        if (
+            existing is not None
+            and existing.filesystem == filesystem
+            and (existing.identity == identity or await self._copy_still_current(existing, attached))
+        ):
+            return existing
+        return None
 
     async def _copy_still_current(self, version: DiskVersion, attached: bool) -> bool:
         """Whether a point-in-time version of a disk still in use may stand for it now."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import stat
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
@@ -102,7 +103,14 @@ class InProcessMount:
     ctx: FakeContext = field(default_factory=FakeContext)
 
     async def lookup(self, name: str, parent: int = ROOT_INODE) -> pyfuse3.EntryAttributes:
-        return await self.ops.lookup(parent, os.fsencode(name), self.ctx)
+        """What a path walk finds once the file's version is built. A lookup never waits for an
+        index pass: for a disk not indexed yet it gives the listing inode (timeouts 0), whose
+        getattr runs the pass, as a kernel's ``stat`` does; the next walk finds the version."""
+        entry = await self.ops.lookup(parent, os.fsencode(name), self.ctx)
+        if parent == ROOT_INODE and entry.attr_timeout == 0 and stat.S_ISREG(entry.st_mode):
+            await self.ops.getattr(entry.st_ino, self.ctx)
+            entry = await self.ops.lookup(parent, os.fsencode(name), self.ctx)
+        return entry
 
     async def open(self, inode: int, flags: int = os.O_RDONLY) -> int:
         info = await self.ops.open(inode, flags, self.ctx)
