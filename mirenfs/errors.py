@@ -39,7 +39,9 @@ MountError               EIO     (the mount command's own failure: no errno is s
 
 from __future__ import annotations
 
-from errno import EACCES, EBUSY, EDQUOT, EEXIST, EINVAL, EIO, ENOENT, ENOSPC, EPERM
+import os
+import resource
+from errno import EACCES, EBUSY, EDQUOT, EEXIST, EINVAL, EIO, EMFILE, ENFILE, ENOENT, ENOSPC, EPERM
 
 NO_SPACE = (ENOSPC, EDQUOT)  # a write found no room: a full filesystem, or a used-up quota
 
@@ -257,3 +259,28 @@ class MountError(MirenfsError):
     """The mount could not start (FUSE refused it); the sentence says what to do."""
 
     errno = EIO
+
+
+def out_of_descriptors() -> str | None:
+    """The sentence for a process that can open no more files (or nearly: what failed may have
+    freed one since), if this one cannot: what fails then (SQLite's "unable to open database
+    file", an image's open) says nothing of why."""
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError as exc:
+        if exc.errno == ENFILE:
+            return "the system's table of open files is full (fs.file-max); close files or raise it"
+        if exc.errno != EMFILE:
+            return None
+        in_use = limit
+    if in_use < limit - _DESCRIPTOR_SLACK:
+        return None
+    return (
+        f"mirenfs has {limit} files open, all that its limit allows (ulimit -n): a mount keeps "
+        "each disk's image open once it was read; raise the limit (LimitNOFILE= in its "
+        "service) and mount again"
+    )
+
+
+_DESCRIPTOR_SLACK = 8  # descriptors a failed open (SQLite's several files) may have given back

@@ -10,6 +10,7 @@ import hashlib
 import os
 import random
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -155,3 +156,61 @@ def test_verify_of_a_header_nested_too_deeply_is_one_line(tmp_path: Path) -> Non
         )
         assert b"Traceback" not in done.stderr and b"unexpected" not in done.stderr
     assert not (tmp_path / "x.img").exists() and staging_files(tmp_path) == []
+
+
+# ---- open files: a mount keeps each disk's image open once it was read (scale trial) ------------
+
+_AT_THE_LIMIT = """
+import os, resource, sys
+from mirenfs.disks.store import Store
+from mirenfs.errors import StoreError, out_of_descriptors
+assert out_of_descriptors() is None
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+held = []
+try:
+    while True:
+        held.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+print(out_of_descriptors())
+try:
+    Store(sys.argv[1]).list_disks()
+except StoreError as exc:
+    print(exc)
+"""
+
+
+def test_a_process_out_of_descriptors_is_told_so_not_that_its_store_is_broken(tmp_path: Path) -> None:
+    """SQLite says "unable to open database file" when the process has no descriptor left; the
+    sentence must name the limit and what to do, not send the operator to check the store."""
+    data = tmp_path / "data"
+    assert run_mirenfs("disk", "create", "pg", "--size", "1M", "--data-path", str(data)).returncode == 0
+    done = subprocess.run(
+        [sys.executable, "-c", _AT_THE_LIMIT, str(data)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    said, store_said = done.stdout.splitlines()
+    expected = (
+        "mirenfs has 64 files open, all that its limit allows (ulimit -n): a mount keeps each disk's "
+        "image open once it was read; raise the limit (LimitNOFILE= in its service) and mount again"
+    )
+    assert said == store_said == expected, done.stdout
+
+
+_RAISED = """
+import resource
+from mirenfs.mount.session import raise_open_file_limit
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (100, hard))
+raise_open_file_limit()
+soft, after = resource.getrlimit(resource.RLIMIT_NOFILE)
+nr_open = int(open("/proc/sys/fs/nr_open").read())
+print(soft == (nr_open if hard == resource.RLIM_INFINITY else hard) and after == hard)
+"""
+
+
+def test_a_mount_lifts_its_soft_open_file_limit_to_the_hard_one() -> None:
+    """systemd gives services a soft limit of 1024 and a hard one of 524288: a host with more
+    disks than the soft limit must not run out (no root needed: the hard limit is not raised)."""
+    done = subprocess.run([sys.executable, "-c", _RAISED], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, "True\n"), done.stderr

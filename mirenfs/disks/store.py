@@ -47,6 +47,7 @@ from mirenfs.errors import (
     MirenfsError,
     StoreError,
     VolumeNotFoundError,
+    out_of_descriptors,
 )
 
 log = logging.getLogger("mirenfs")
@@ -261,6 +262,9 @@ class Store:
     def _error(self, action: str, exc: sqlite3.Error) -> StoreError:
         """What failed, in one sentence: SQLite says "disk I/O error" or "database or disk is full"
         for a data path whose filesystem is full or read-only; then that is the sentence."""
+        exhausted = out_of_descriptors()  # SQLite says only "unable to open database file"
+        if exhausted is not None:
+            return StoreError(exhausted)
         code = getattr(exc, "sqlite_errorcode", None)
         if code is not None and code & 0xFF in _NO_ROOM_CODES:
             no_room = _data_path_error(self.data_path)
@@ -269,6 +273,9 @@ class Store:
         return StoreError(f"cannot {action} the disk store {self.path}: {exc}; check the file and try again")
 
     def _os_error(self, action: str, exc: OSError) -> StoreError:
+        exhausted = out_of_descriptors() if exc.errno in (errno.EMFILE, errno.ENFILE) else None
+        if exhausted is not None:
+            return StoreError(exhausted)
         no_room = _data_path_error(self.data_path, exc.errno)
         return no_room or StoreError(f"cannot {action} the disk store {self.path}: {exc.strerror}")
 

@@ -21,7 +21,7 @@ import pyfuse3
 import trio
 
 from mirenfs.engine.produce import SequentialReader
-from mirenfs.errors import ImageChangedError, MirenfsError, StoreError
+from mirenfs.errors import ImageChangedError, MirenfsError, StoreError, out_of_descriptors
 from mirenfs.mount.catalog import CatalogEntry, CatalogView, DiskCatalog
 from mirenfs.mount.inodes import (
     RESTORE_INODE,
@@ -87,7 +87,8 @@ def fuse_errors(handler: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Cor
         except FileNotFoundError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
         except OSError as exc:
-            log.warning("%s: %s", handler.__name__, exc)
+            exhausted = out_of_descriptors() if exc.errno in (errno.EMFILE, errno.ENFILE) else None
+            log.warning("%s: %s", handler.__name__, exhausted or exc)
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         except Exception:
             log.exception("unexpected error in %s; answering EIO", handler.__name__)

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import resource
 import signal
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -35,8 +36,24 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 READ_AHEAD_KB = 1024  # the most one FUSE read request carries (256 pages)
 
 
+def raise_open_file_limit() -> None:
+    """Lift the soft limit on open files to the hard one: a mount keeps each disk's image open
+    once it was read, and the usual soft limit (1024, systemd's default for services) is less
+    than a large host's disks, while the hard one (524288 there) is not."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard
+    if hard == resource.RLIM_INFINITY:
+        with open("/proc/sys/fs/nr_open") as nr_open:  # the most the kernel allows a process
+            wanted = int(nr_open.read())
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    log.info("open files: limit raised from %d to %d (one per disk read)", soft, wanted)
+
+
 def build_operations(config: MountConfig, nursery: trio.Nursery) -> MirenOperations:
     """The operations of one mount, their background work running in ``nursery``."""
+    raise_open_file_limit()
     store = config.open_catalog()  # the data path's SQLite store, or the fleet's catalogue on etcd
     store.check()  # before the mount reports ready: refuse now rather than answer EIO later
     make_private_directory(config.state_directory)  # indexes and spilled frames describe disk contents
