@@ -20,6 +20,7 @@ import pytest
 
 from mirenfs.cli import mount_helper
 from mirenfs.disks.manage import mkfs_reason
+from mirenfs.format.frames import seek_table
 from mirenfs.format.header import Meta, Timestamp, decode_header, write_header
 
 from support.bad_snapshots import FORGED_LOG_LINE
@@ -443,6 +444,17 @@ def test_inspect_says_what_a_missing_seek_table_means(tmp_path: Path) -> None:
     status, out, _err = said("inspect", str(cut))
     assert status == 0  # the header is whole: inspect reads no more
     assert "seekable_frames: -\n(no seek table at the end: a snapshot written by Go's code" in out
+
+
+def test_inspect_reads_a_seek_table_of_any_length(tmp_path: Path) -> None:
+    """A 1 TiB disk's table lists 262 144 frames in 3 MiB: inspect reads what the footer says,
+    not a fixed tail (it read 1 MiB and called such a file cut short)."""
+    data = GO_ODD.path.read_bytes()
+    frames = 100_000  # 1.2 MB of entries
+    big = tmp_path / "big-table.mirn"
+    big.write_bytes(data + seek_table([(10, 4 << 20, 0)] * frames))
+    status, out, _err = said("inspect", str(big))
+    assert status == 0 and f"seekable_frames: {frames}\n" in out, out
 
 
 # ---- progress bars: drawn on a terminal, never elsewhere --------------------------------------

@@ -36,7 +36,7 @@ from mirenfs.engine.files import backup_image, open_input, read_pieces, restore_
 from mirenfs.engine.fstype import detect_filesystem
 from mirenfs.engine.produce import Settings
 from mirenfs.errors import NO_SPACE, FormatError, LiveCheckError, MirenfsError, TargetError, printable
-from mirenfs.format.frames import parse_seek_table
+from mirenfs.format.frames import MAX_SEEK_TABLE, SEEK_TABLE_FOOTER_LEN, parse_seek_table, seek_table_length
 from mirenfs.format.header import FILESYSTEMS, Meta, read_header, validate_restorable
 from mirenfs.mount.config import clone_directory_of
 
@@ -260,8 +260,14 @@ def _shown(path: str) -> str:
 
 
 def _seek_table_frames(snapshot: BinaryIO, data_len: int) -> int | None:
-    """The frame count of a seekable-format seek table, or None for other layouts (Go's)."""
-    tail_len = min(data_len, 1 << 20)
+    """The frame count of a seekable-format seek table, or None for other layouts (Go's).
+
+    The footer says how long the table is (12 bytes a frame: 3 MiB for a 1 TiB disk): that
+    much is read, up to the limit ``verify`` keeps, not a fixed tail."""
+    if data_len < SEEK_TABLE_FOOTER_LEN:
+        return None
+    snapshot.seek(-SEEK_TABLE_FOOTER_LEN, os.SEEK_END)
+    tail_len = min(data_len, seek_table_length(snapshot.read(SEEK_TABLE_FOOTER_LEN)), MAX_SEEK_TABLE)
     snapshot.seek(-tail_len, os.SEEK_END)
     try:
         return len(parse_seek_table(snapshot.read(tail_len)))

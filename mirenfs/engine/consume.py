@@ -451,12 +451,13 @@ def _window_too_large(window: int) -> str:
 
 def _check_whole(meta: Meta, pipeline: _Pipeline) -> None:
     """The end of a stream: no frame cut, exactly ``size_bytes`` out, the checksum matches."""
+    cut = "a file cut short, or a copy stopped before its end"  # the stream cannot tell which
     if not pipeline.scanner.at_boundary:
-        raise FormatError("the snapshot data is truncated: the stream ended inside a zstd frame")
+        raise FormatError(f"the snapshot data is truncated: the stream ended inside a zstd frame ({cut})")
     if pipeline.bytes_out != meta.size_bytes:
         raise FormatError(
             f"the snapshot data is short: it decompresses to {pipeline.bytes_out} bytes, "
-            f"the header says {meta.size_bytes}"
+            f"the header says {meta.size_bytes} ({cut})"
         )
     actual = pipeline.sha.hexdigest()
     if actual != meta.checksum.lower():

@@ -67,6 +67,14 @@ def seek_table_len(frame_count: int) -> int:
     return 8 + 12 * frame_count + SEEK_TABLE_FOOTER_LEN
 
 
+def seek_table_length(footer: bytes) -> int:
+    """The bytes a seek table takes at the end of a stream, its skippable frame's header
+    included, by its footer (the stream's last SEEK_TABLE_FOOTER_LEN bytes)."""
+    count, descriptor = struct.unpack_from("<IB", footer)
+    entry_len = 12 if descriptor & _CHECKSUM_FLAG else 8
+    return 8 + entry_len * int(count) + SEEK_TABLE_FOOTER_LEN
+
+
 def parse_seek_table(tail: bytes) -> list[tuple[int, int, int]]:
     """Read a seek table from the end of a stream (used by tests and `inspect`)."""
     if len(tail) < SEEK_TABLE_FOOTER_LEN:
