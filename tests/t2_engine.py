@@ -9,6 +9,7 @@ import os
 import random
 import subprocess
 import tempfile
+import threading
 import tracemalloc
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -400,6 +402,46 @@ def test_a_header_time_the_filesystem_cannot_store_is_said(
     caplog.clear()
     trio.run(lambda: restore_file(str(vector.path), str(tmp_path / "near.img"), overwrite=False))
     assert caplog.records == []  # a time the filesystem holds: nothing to say
+
+
+def test_progress_waits_for_the_hash_not_only_the_frames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hole's frames are ready at once, its hash takes ~1 s per GiB: the progress a pass tells
+    (what `mirenfs status` shows) is where both lanes are, never 100 % while the hash runs."""
+    image = tmp_path / "img"
+    write_image(image, [("data", 5000), ("hole", 40 * 65536)])
+    size = image.stat().st_size
+    held_at = 8 * 65536
+    gate = threading.Event()
+    wait = produce_module._Lead.wait
+
+    def slow_hash(lead: Any, offset: int) -> None:
+        if offset >= held_at:
+            gate.wait(timeout=60)
+        wait(lead, offset)
+
+    monkeypatch.setattr(produce_module._Lead, "wait", slow_hash)
+    monkeypatch.setattr(produce_module, "PROGRESS_INTERVAL_S", 0.05)
+    told: list[int] = []
+
+    async def main() -> None:
+        handle = OpenImage.open(str(image))
+        try:
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(lambda: build_index(handle.source(SMALL), SMALL, progress=told.append))
+                    # every frame is made (holes: at once) while the hash thread is held
+                    try:
+                        await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+                        assert told and max(told) <= held_at < size, told
+                    finally:
+                        gate.set()  # the hash thread goes on, whatever happened
+        finally:
+            handle.close()
+
+    trio.run(main)
+    assert told[-1] == size and told == sorted(told), told
 
 
 def test_an_image_changed_during_a_two_read_backup_is_refused(tmp_path: Path) -> None:

@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_LEVEL = 3
 HASH_LEAD = 1 << 30  # bytes the hash lane may read ahead of the frames (see _Lead)
+PROGRESS_INTERVAL_S = 0.25  # how often a pass tells its progress (what status shows)
 LIVE_HASH_BATCH = 16  # chunks of zeros a single-read pass hashes per thread trip (64 MiB: ~40 ms)
 PLACEHOLDER_CHECKSUM = "0" * 64
 _INDEX_FORMAT = 3  # 2: chunk fingerprints for the frame store; 3: BLAKE3 ones
@@ -348,6 +349,7 @@ class _IndexPass:
         # hashing alone); compression gets every core once hashing is done.
         self.compress_limit = trio.CapacityLimiter(max(1, settings.workers - 1))
         self.lead = _Lead(HASH_LEAD, source.data_before)
+        self.framed = 0  # bytes whose frames are recorded, in order
         self.taken_in = _Count()  # chunks the frame lane has recorded, for a hash lane that resumes
         self.work = _ChunkWork(source, settings.level, store, keep_data=single_read, need_frames=need_frames)
 
@@ -370,7 +372,9 @@ class _IndexPass:
             async with task_group() as nursery:
                 nursery.start_soon(self._hash_lane, shared_recv)
                 nursery.start_soon(self._compress_lane, nursery, frame_send, shared_send)
-                nursery.start_soon(self._frame_lane, frame_recv, frame_sink, progress)
+                nursery.start_soon(self._frame_lane, frame_recv, frame_sink)
+                if progress is not None:
+                    nursery.start_soon(self._progress_lane, progress)
         source, settings = self.source, self.settings
         return SnapshotIndex(
             source.size,
@@ -391,6 +395,7 @@ class _IndexPass:
             self.checksum = await self._hash_as_read(shared_recv)
         else:
             await self._hash_from_the_image()
+        self.lead.hashed = self.source.size
         self.compress_limit.total_tokens = self.settings.workers
 
     async def _hash_as_read(self, shared_recv: trio.MemoryReceiveChannel[_Slot[_Chunk]]) -> str:
@@ -407,6 +412,7 @@ class _IndexPass:
                 pending.append(result.take_data())
                 if not result.zero or len(pending) >= LIVE_HASH_BATCH:
                     await trio.to_thread.run_sync(_hash_all, sha, pending)
+                    self.lead.hashed += sum(len(piece) for piece in pending)
                     pending = []
         await trio.to_thread.run_sync(_hash_all, sha, pending)
         return sha.hexdigest()
@@ -478,7 +484,6 @@ class _IndexPass:
         self,
         frame_recv: trio.MemoryReceiveChannel[tuple[int, _Slot[_Chunk]]],
         frame_sink: FrameSink | None,
-        progress: Progress | None,
     ) -> None:
         done = 0
         try:
@@ -491,11 +496,22 @@ class _IndexPass:
                         await trio.to_thread.run_sync(frame_sink, k, result.frame)
                     done += chunk_length(self.source.size, self.source.chunk_size, k)
                     self.lead.advance(done)
-                    if progress is not None:
-                        progress(done)
+                    self.framed = done
         except BaseException:  # failed or cancelled: the hash thread must not wait for frames
             self.lead.stop()
             raise
+
+    async def _progress_lane(self, progress: Progress) -> None:
+        """Tell ``progress`` the bytes both lanes have passed, until the end: the hash of a large
+        hole lags its frames by minutes (zeros hash at ~1 GB/s, their frames are precomputed),
+        and a status of 100 % for all that time would be wrong."""
+        size = self.source.size
+        while True:
+            done = min(self.framed, self.lead.hashed)
+            progress(done)
+            if done >= size:
+                return
+            await trio.sleep(PROGRESS_INTERVAL_S)
 
     def _record(self, k: int, result: _Chunk) -> None:
         self.zero_flags[k], self.sizes[k], self.checksums[k] = result.zero, result.size, result.checksum
@@ -535,6 +551,7 @@ class _Lead:
         self._done = 0
         self._stopped = False
         self._cond = threading.Condition()
+        self.hashed = 0  # where the hash thread is (for progress: it lags the frames in holes)
 
     def advance(self, done: int) -> None:
         with self._cond:
@@ -548,6 +565,7 @@ class _Lead:
 
     def wait(self, offset: int) -> None:
         """Block until ``offset`` is within the limit of the frames done; raise once stopped."""
+        self.hashed = offset
         with self._cond:
             ahead = self._data_before(offset)
             while not self._stopped and ahead - self._data_before(self._done) > self._limit:
