@@ -4,6 +4,7 @@ a corrupt or torn entry recompressed (never served), a bound kept, private files
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import stat
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ from mirenfs.engine.produce import (
     build_index,
     snapshot_meta,
 )
+from mirenfs.format.frames import compress_frame
 
 from support.data import write_image
 
@@ -320,3 +322,42 @@ def test_a_reader_of_the_old_version_gets_its_bytes_from_the_store_after_a_chang
 
     before, after = trio.run(run)
     assert after == before
+
+
+def test_the_store_leaves_a_tenth_of_its_filesystem_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store shares the data path with disk images that grow as their machines write: it gives
+    back its oldest frames rather than take the last tenth of the filesystem, and stops storing
+    (saying so once) when that is not enough."""
+    store = new_store(tmp_path)
+    frames = {bytes([n]) * 32: compress_frame(os.urandom(100_000), 1) for n in range(4)}
+    total, free = 1000 << 20, [300 << 20]  # a filesystem of 1000 MiB, as the store sees it
+    real_statvfs = os.statvfs
+
+    def statvfs(path: str) -> os.statvfs_result:
+        if not str(path).startswith(store.directory):
+            return real_statvfs(path)
+        shown = list(real_statvfs(path))
+        shown[1], shown[2], shown[4] = 1, total, free[0]  # f_frsize, f_blocks, f_bavail
+        return os.statvfs_result(shown)
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    first, second, third, fourth = frames
+    store.put(first, frames[first])
+    store.put(second, frames[second])
+    assert store.get(first) == frames[first] and store.get(second) == frames[second]
+    free[0] = 100 << 20  # exactly the tenth kept: a new frame needs an old one's room
+    store.put(third, frames[third])
+    assert store.get(first) is None and store.get(third) == frames[third]  # the least recently used went
+    assert store.get(second) == frames[second]
+    free[0] = 10 << 20  # far below: everything is given back, and nothing new is kept
+    caplog.set_level(logging.WARNING, logger="mirenfs")
+    store.put(fourth, frames[fourth])
+    store.put(fourth, frames[fourth])
+    assert store.bytes == 0 and all(store.get(key) is None for key in frames)
+    assert [r.getMessage() for r in caplog.records if "stops growing" in r.getMessage()] == [
+        f"frame store {store.directory} stops growing: its filesystem has less than 10% free; "
+        "snapshots are still served, but compressed again"
+    ]
+    assert not any(name for _dir, _subdirs, names in os.walk(store.directory) for name in names)

@@ -55,6 +55,7 @@ _FIELDS = struct.Struct(f"<8s32s{_FRAME_DIGEST}sQI")
 _DIGEST = 16  # bytes of SHA-256 over the fields, closing the header
 _HEADER = _FIELDS.size + _DIGEST
 _TEMPORARY = ".tmp"
+FREE_SPACE_KEPT = 0.10  # of its filesystem: the store never takes the space disk images grow into
 
 
 def fingerprint(data: bytes | bytearray | memoryview) -> bytes:
@@ -84,6 +85,7 @@ class FrameStore:
         self.bytes = 0
         self._loaded = False
         self._failed_write = False
+        self._held_back = False  # the filesystem is short of space: said once, until it is not
         self.hits = 0
         self.misses = 0
         self.corrupt = 0
@@ -154,6 +156,8 @@ class FrameStore:
         with self._lock:
             if name in self._entries:
                 return
+        if not self._room_for(len(frame) + _HEADER):
+            return
         size = self._write(name, frame)
         if size is None:
             return
@@ -164,6 +168,36 @@ class FrameStore:
             victims = self._over_limit()
         for victim in victims:
             _unlink_quietly(self._path(victim))
+
+    def _room_for(self, length: int) -> bool:
+        """Whether ``length`` more bytes leave FREE_SPACE_KEPT of the filesystem free, giving
+        back least recently used frames for it: the store shares the data path with the disk
+        images, whose sparse files grow as their machines write, and restores; a cache must
+        never be what fills it."""
+        try:
+            fs = os.statvfs(self.directory)
+        except OSError:
+            return True  # not known: _write says what fails
+        short = int(fs.f_blocks * fs.f_frsize * FREE_SPACE_KEPT) + length - fs.f_bavail * fs.f_frsize
+        victims = []
+        with self._lock:
+            while short > 0 and self._entries:
+                victim, size = self._entries.popitem(last=False)
+                self.bytes -= size
+                short -= size
+                victims.append(victim)
+        for victim in victims:
+            _unlink_quietly(self._path(victim))
+        room = short <= 0
+        if not room and not self._held_back:
+            log.warning(
+                "frame store %s stops growing: its filesystem has less than %d%% free; snapshots are "
+                "still served, but compressed again",
+                self.directory,
+                round(FREE_SPACE_KEPT * 100),
+            )
+        self._held_back = not room
+        return room
 
     def _write(self, name: bytes, frame: bytes) -> int | None:
         """Write under a temporary name, then rename: a crash never leaves a half entry in place."""
