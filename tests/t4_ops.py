@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from mirenfs.disks.store import Store
+from mirenfs.format.header import decode_header
 
 from support.data import write_slow_image
 from support.mounts import Teardown, is_mounted, log_problems, mounts_at, pid_alive, wait_for
@@ -216,12 +217,18 @@ def test_status_during_an_index_pass(tmp_path: Path, mounts) -> None:
         (receiving,) = status_of(mountpoint)["restores"]
         assert receiving["name"] == "restore/small2.mirn" and receiving["disk"] == "small2"
         assert receiving["state"] == "receiving" and 0 < receiving["bytes"] <= half
+        # how far into the image, by the header: what a sparse disk's bytes received do not say
+        image_size = decode_header(snapshot)[0].size_bytes
+        assert receiving["image_total"] == image_size and 0 <= receiving["image_done"] <= image_size
         assert re.search(
-            r"^    restore/small2\.mirn +disk small2 +receiving ", run_cli("status", mountpoint).out, re.M
+            r"^    restore/small2\.mirn +disk small2 +receiving +\S+ received +image \S+ of \S+ \(\d+%\)$",
+            run_cli("status", mountpoint).out,
+            re.M,
         )
         writer.write(snapshot[half:])
     (installed,) = status_of(mountpoint)["restores"]
     assert installed["state"] == "installed: created disk small2" and installed["bytes"] == len(snapshot)
+    assert "image_total" not in installed  # only while it receives
 
     # Without MOUNTPOINT: every mirenfs mount, found in /proc/self/mountinfo.
     result = run(MIRENFS, "status")

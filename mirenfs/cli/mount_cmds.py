@@ -358,6 +358,10 @@ def format_status(entry: MountEntry, status: dict[str, Any]) -> str:
             parts.append(str(item.get("state", "?")))
             if "bytes" in item:
                 parts.append(f"{human_size(int(item['bytes']))} received")
+            if "image_total" in item:  # while it receives: how far into the image, by its header
+                done, total = int(item.get("image_done", 0)), int(item["image_total"])
+                share = f" ({done * 100 // total}%)" if total else ""
+                parts.append(f"image {human_size(done)} of {human_size(total)}{share}")
             lines.append("    " + "  ".join(parts))
     else:
         lines.append("  no restores")

@@ -158,12 +158,16 @@ class RestoreEntry:
         return len(self.report())
 
     def status(self) -> dict[str, object]:
-        return {
+        shown: dict[str, object] = {
             "name": f"restore/{self.name}",
             "disk": self.disk,
             "state": self.state,
             "bytes": self.received,
         }
+        image = self.session.image_progress() if self.session is not None else None
+        if image is not None:
+            shown["image_done"], shown["image_total"] = image
+        return shown
 
 
 @dataclass(eq=False)

@@ -4,8 +4,10 @@ No pyfuse3: the CLI imports the names from here to ask a running mount.
 The JSON is ``{"pid", "index_passes", "disks": {NAME: {"index": "building",
 "done", "total"} | {"index": "ready", "snapshot_bytes", "checksum",
 "consistency"[, "frozen_ms"]} | {"index": "refused", "reason"} | {"index": "not
-built"}}, "restores": [{"name", "disk", "state", "bytes"}], "refused": [{"name",
-"errno", "reason", "tries"}]}``; ``refused`` holds the latest refusals in ``restore/``,
+built"}}, "restores": [{"name", "disk", "state", "bytes"[, "image_done", "image_total"]}],
+"refused": [{"name", "errno", "reason", "tries"}]}``; ``image_done`` and ``image_total`` (the
+image decompressed so far, and its size by the header) are there while a restore has a header;
+``refused`` holds the latest refusals in ``restore/``,
 newest first (a refused create leaves no entry to read the reason from); ``tries`` counts
 one process's retries of the same refusal, as rsync makes under new temporary names.
 ``catalog`` is the disk catalogue the mount uses (``etcd://…`` or ``sqlite:///DATA-PATH``) and
