@@ -261,6 +261,9 @@ class MountError(MirenfsError):
     errno = EIO
 
 
+_DESCRIPTOR_SLACK = 8  # descriptors a failed open (SQLite's several files) may have given back
+
+
 def out_of_descriptors() -> str | None:
     """The sentence for a process that can open no more files (or nearly: what failed may have
     freed one since), if this one cannot: what fails then (SQLite's "unable to open database
@@ -281,6 +284,3 @@ def out_of_descriptors() -> str | None:
         "each disk's image open once it was read; raise the limit (LimitNOFILE= in its "
         "service) and mount again"
     )
-
-
-_DESCRIPTOR_SLACK = 8  # descriptors a failed open (SQLite's several files) may have given back
