@@ -264,10 +264,13 @@ class MountError(MirenfsError):
 _DESCRIPTOR_SLACK = 8  # descriptors a failed open (SQLite's several files) may have given back
 
 
-def out_of_descriptors() -> str | None:
+def out_of_descriptors(failed_with: int | None = None) -> str | None:
     """The sentence for a process that can open no more files (or nearly: what failed may have
     freed one since), if this one cannot: what fails then (SQLite's "unable to open database
-    file", an image's open) says nothing of why."""
+    file", an image's open) says nothing of why. ``failed_with``: the errno of the failure, when
+    there is one; any but EMFILE and ENFILE is another cause, and nothing is looked into."""
+    if failed_with is not None and failed_with not in (EMFILE, ENFILE):
+        return None
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     try:
         in_use = len(os.listdir("/proc/self/fd"))

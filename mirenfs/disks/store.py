@@ -273,7 +273,7 @@ class Store:
         return StoreError(f"cannot {action} the disk store {self.path}: {exc}; check the file and try again")
 
     def _os_error(self, action: str, exc: OSError) -> StoreError:
-        exhausted = out_of_descriptors() if exc.errno in (errno.EMFILE, errno.ENFILE) else None
+        exhausted = out_of_descriptors(exc.errno)
         if exhausted is not None:
             return StoreError(exhausted)
         no_room = _data_path_error(self.data_path, exc.errno)
