@@ -87,8 +87,7 @@ def fuse_errors(handler: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Cor
         except FileNotFoundError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
         except OSError as exc:
-            exhausted = out_of_descriptors() if exc.errno in (errno.EMFILE, errno.ENFILE) else None
-            log.warning("%s: %s", handler.__name__, exhausted or exc)
+            log.warning("%s: %s", handler.__name__, out_of_descriptors(exc.errno) or exc)
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         except Exception:
             log.exception("unexpected error in %s; answering EIO", handler.__name__)
@@ -131,7 +130,7 @@ class MirenOperations(pyfuse3.Operations):
 
     async def _current_node(self, file_name: str) -> Node:
         """The node of the disk's current version, building the version if needed."""
-        entry, kind = await self._listed(file_name)
+        entry, kind = await self._listed(file_name, building=True)
         version = await self.service.version(
             entry.name, entry.image_path, entry.filesystem, attached=entry.attached
         )
@@ -139,19 +138,21 @@ class MirenOperations(pyfuse3.Operations):
 
     async def _ready_node(self, file_name: str) -> Node | None:
         """The node of the disk's current version if that is built, else None (no pass starts)."""
-        entry, kind = await self._listed(file_name)
+        entry, kind = await self._listed(file_name, building=False)
         version = await self.service.ready_version(
             entry.name, entry.image_path, entry.filesystem, attached=entry.attached
         )
         return None if version is None else self.inodes.node_for(version, kind)
 
-    async def _listed(self, file_name: str) -> tuple[CatalogEntry, str]:
-        """The catalogue's entry for a file name of the root, and the file's kind (ENOENT if none)."""
+    async def _listed(self, file_name: str, *, building: bool) -> tuple[CatalogEntry, str]:
+        """The catalogue's entry for a file name of the root, and the file's kind (ENOENT if none).
+        ``building``: a version not built yet is about to be (a lookup that only asks whether
+        one is ready finds none either way: the listing it has is enough)."""
         parsed = _parse_file_name(file_name)
         entry: CatalogEntry | None = None
         if parsed is not None:
             entry = (await self.catalog.disks()).get(parsed[0])
-            if entry is None or self.service.current(parsed[0]) is None:
+            if entry is None or (building and self.service.current(parsed[0]) is None):
                 # Not listed, or its version is about to be built (a pass costs far more than a
                 # listing): ask afresh, so a disk just restored or created shows at once, with the
                 # size and filesystem the store has for it now, never those of the image it replaced.
