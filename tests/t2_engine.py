@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import random
 import subprocess
+import sys
 import tempfile
 import threading
 import tracemalloc
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -35,10 +38,11 @@ from mirenfs.engine.files import (
     write_snapshot,
 )
 from mirenfs.engine.image import FdImageSource, FileObjectSource
-from mirenfs.engine.produce import Settings, SnapshotProducer, build_index, snapshot_meta
+from mirenfs.engine.produce import Settings, SnapshotIndex, SnapshotProducer, build_index, snapshot_meta
 from mirenfs.errors import FormatError, ImageChangedError
 from mirenfs.format.frames import parse_seek_table
 from mirenfs.format.header import decode_header
+from mirenfs.mount import versions
 
 from support.data import sha256_file, staging_files, write_image
 from support.vectors import GO_VECTORS, GoVector
@@ -195,6 +199,108 @@ def test_index_survives_encoding_and_rejects_corruption(tmp_path: Path) -> None:
     corrupt[-10] ^= 1
     with pytest.raises(ValueError):
         type(index).from_bytes(bytes(corrupt))
+
+
+def _reencoded(index_bytes: bytes, head_change: Callable[[dict[str, Any]], object], cut: int = 0) -> bytes:
+    """An index entry whose JSON head ``head_change`` edited (and whose arrays lost ``cut``
+    bytes), with its digest made right again, so only the decoder's own checks can refuse it."""
+    _digest, _, rest = index_bytes.partition(b"\n")
+    head_line, _, arrays = rest.partition(b"\n")
+    head = json.loads(head_line)
+    replaced = head_change(head)
+    body = json.dumps(head if replaced is None else replaced).encode() + b"\n" + arrays[: len(arrays) - cut]
+    return hashlib.sha256(body).hexdigest().encode() + b"\n" + body
+
+
+@pytest.mark.parametrize(
+    ("change", "cut", "reason"),
+    [
+        (lambda head: None, 1, "arrays do not match the image size"),
+        (lambda head: head.update(size_bytes=head["size_bytes"] * 2), 0, "arrays do not match"),
+        (lambda head: head.update(fingerprints=32), 0, "fingerprints or hash states do not match"),
+        (lambda head: head.update(midstates=7), 0, "fingerprints or hash states do not match"),
+        (lambda head: [head], 0, "index head is not an object"),
+    ],
+    ids=["arrays-cut-short", "bigger-image", "fingerprint-count", "state-count", "head-a-list"],
+)
+def test_index_decoding_checks_the_arrays_against_the_head(
+    tmp_path: Path, change: Callable[[dict[str, Any]], object], cut: int, reason: str
+) -> None:
+    image = tmp_path / "img"
+    write_image(image, [("data", 300_000), ("hole", 300_000)])
+    handle = OpenImage.open(str(image))
+    try:
+        index = trio.run(build_index, handle.source(SMALL), SMALL)
+    finally:
+        handle.close()
+    assert SnapshotIndex.from_bytes(_reencoded(index.to_bytes(), lambda head: None)) == index
+    with pytest.raises(ValueError, match=reason):
+        SnapshotIndex.from_bytes(_reencoded(index.to_bytes(), change, cut))
+
+
+def test_index_encoding_shares_the_arrays_instead_of_copying_them(tmp_path: Path) -> None:
+    """A 1 TiB disk's index is 21 MB: saving it must not make copies of it (format 3 made six)."""
+    image = tmp_path / "img"
+    write_image(image, [("data", 300_000), ("hole", 300_000)])
+    handle = OpenImage.open(str(image))
+    try:
+        index = trio.run(build_index, handle.source(SMALL), SMALL)
+    finally:
+        handle.close()
+    pieces = index.encoded()
+    assert sum(len(memoryview(piece).cast("B")) for piece in pieces) == len(index.to_bytes())
+    arrays = [piece for piece in pieces if isinstance(piece, memoryview)]
+    assert [array.obj for array in arrays] == [index.frame_sizes, index.frame_checksums]
+    assert any(piece is index.zero_chunks for piece in pieces)
+    assert index.nbytes == 9 * index.frame_count  # no fingerprints or states without a store
+
+
+def test_index_cache_gives_back_what_loading_and_saving_took(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = tmp_path / "img"
+    write_image(image, [("data", 300_000), ("hole", 300_000)])
+    handle = OpenImage.open(str(image))
+    try:
+        index = trio.run(build_index, handle.source(SMALL), SMALL)
+    finally:
+        handle.close()
+    trims: list[int] = []
+    monkeypatch.setattr(versions, "give_back_free_memory", trims.append)
+    cache = versions.IndexCache(str(tmp_path / "index"))
+    cache.save(str(image), "identity-1", index, None)
+    assert trims == [index.nbytes]  # the pass that built it is over
+    assert cache.load(str(image), "identity-1") == (index, None)
+    assert trims[1:] == [len(index.to_bytes())]  # the file's bytes, freed once decoded
+    assert cache.load(str(image), "identity-2") is None
+    assert len(trims) == 2  # another identity's entry: its arrays are not even read
+    assert cache.load_basis(str(image)) == index
+    assert len(trims) == 3
+
+
+def test_freed_heap_is_given_back_to_the_system() -> None:
+    """A process that freed much of its heap holds it until the trim; a small job trims nothing."""
+    program = """
+import sys
+from mirenfs.engine.memory import give_back_free_memory
+def rss():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS"))
+blocks = [bytearray(65536) for _ in range(1024)]  # 64 MiB of heap, below mmap's threshold
+for block in blocks:
+    block[::4096] = b"x" * 16  # every page touched, so it is resident
+pin = blocks.pop()  # the last block stays, so free() cannot shrink the heap from its top
+del blocks, block
+held = rss()
+assert give_back_free_memory(1 << 10) is False
+print(held, rss(), give_back_free_memory(64 << 20), rss())
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True
+    )
+    held, after_small, trimmed, after_trim = result.stdout.split()
+    assert trimmed == "True"
+    assert int(held) - int(after_small) < 8 << 10  # kB: a small job leaves the heap as it is
+    assert int(held) - int(after_trim) > 48 << 10  # kB: most of the 64 MiB went back
 
 
 def test_changed_image_gives_an_error_not_mixed_bytes(tmp_path: Path) -> None:

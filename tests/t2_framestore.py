@@ -4,6 +4,7 @@ a corrupt or torn entry recompressed (never served), a bound kept, private files
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import stat
@@ -221,16 +222,19 @@ def test_settings_are_part_of_the_key(tmp_path: Path) -> None:
     assert other.get(bytes(32)) is None
 
 
-# 2 had SHA-256 fingerprints, which no store entry is named by now
-@pytest.mark.parametrize("older", [1, 2])
+# 2 had SHA-256 fingerprints, which no store entry is named by now; 3 was all JSON (base64 arrays)
+@pytest.mark.parametrize("older", [1, 2, 3])
 def test_an_index_of_an_older_format_is_stale_not_corrupt(tmp_path: Path, older: int) -> None:
     image = tmp_path / "img"
     write_image(image, SEGMENTS)
     _, index = snapshot_of(image, new_store(tmp_path))
     assert SnapshotIndex.from_bytes(index.to_bytes()) == index
-    body = index.to_bytes().split(b"\n", 1)[1]
-    assert b'"format": 3' in body
-    body = body.replace(b'"format": 3', b'"format": %d' % older)
+    if older == 3:  # the whole entry one JSON object, as format 3 wrote it
+        body = json.dumps({"format": 3, "size_bytes": index.size_bytes, "frame_sizes": "AAAA"}).encode()
+    else:
+        body = index.to_bytes().split(b"\n", 1)[1]
+        assert b'"format": 4' in body
+        body = body.replace(b'"format": 4', b'"format": %d' % older)
     with pytest.raises(StaleIndexError):
         SnapshotIndex.from_bytes(hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
 

@@ -15,7 +15,7 @@ import itertools
 import os
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
@@ -728,8 +728,11 @@ def fsync_directory(path: str) -> None:
         os.close(fd)
 
 
-def replace_private_file(path: str, data: bytes, *, durable: bool = False) -> None:
-    """Put ``data`` at ``path`` (mode 0600) whole or not at all: written under a temporary name
+def replace_private_file(
+    path: str, data: bytes | Sequence[bytes | bytearray | memoryview], *, durable: bool = False
+) -> None:
+    """Put ``data`` (or its pieces, one after another) at ``path`` (mode 0600) whole or not at
+    all: written under a temporary name
     beside it, then renamed over it, so a reader or a crash never finds half of it. ``durable``
     also fsyncs the file and its directory, so that the new content survives a crash. On any
     failure the temporary file is removed and the error raised."""
@@ -737,7 +740,8 @@ def replace_private_file(path: str, data: bytes, *, durable: bool = False) -> No
     try:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb") as file:
-            file.write(data)
+            for piece in [data] if isinstance(data, bytes) else data:
+                file.write(piece)
             if durable:
                 file.flush()
                 os.fsync(file.fileno())

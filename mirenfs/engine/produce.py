@@ -16,13 +16,13 @@ hash of the same bytes); serve a frame that does not match the index.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import itertools
 import json
 import logging
 import os
+import sys
 import tempfile
 import threading
 from array import array
@@ -60,7 +60,7 @@ HASH_LEAD = 1 << 30  # bytes the hash lane may read ahead of the frames (see _Le
 PROGRESS_INTERVAL_S = 0.25  # how often a pass tells its progress (what status shows)
 LIVE_HASH_BATCH = 16  # chunks of zeros a single-read pass hashes per thread trip (64 MiB: ~40 ms)
 PLACEHOLDER_CHECKSUM = "0" * 64
-_INDEX_FORMAT = 3  # 2: chunk fingerprints for the frame store; 3: BLAKE3 ones
+_INDEX_FORMAT = 4  # 2: chunk fingerprints for the frame store; 3: BLAKE3 ones; 4: raw arrays, not JSON
 FINGERPRINT = 32  # bytes of a chunk fingerprint (BLAKE3)
 MIDSTATE = sha256.MIDSTATE
 
@@ -135,58 +135,83 @@ class SnapshotIndex:
     def frame_count(self) -> int:
         return len(self.frame_sizes)
 
-    def to_bytes(self) -> bytes:
-        """A self-describing, checked encoding for the persistent cache."""
+    @property
+    def nbytes(self) -> int:
+        """Memory the arrays take: 81 bytes a chunk with fingerprints and states, 21 MB a TiB."""
+        arrays = (self.frame_sizes, self.frame_checksums, self.zero_chunks, self.fingerprints, self.midstates)
+        return sum(memoryview(values).nbytes for values in arrays)
 
-        def pack(values: array[int] | bytearray) -> str:
-            return base64.b64encode(bytes(values)).decode("ascii")
-
-        body = {
+    def encoded(self) -> list[bytes | bytearray | memoryview]:
+        """A self-describing, checked encoding for the persistent cache, in pieces: a digest line,
+        a JSON line of the scalars, then the arrays as they are in memory. Written piece by piece,
+        a 1 TiB disk's index (21 MB) costs no second copy, where base64 inside JSON cost six."""
+        raw: list[bytes | bytearray | memoryview] = [
+            memoryview(self.frame_sizes).cast("B"),
+            memoryview(self.frame_checksums).cast("B"),
+            self.zero_chunks,
+            self.fingerprints,
+            self.midstates,
+        ]
+        head = {
             "format": _INDEX_FORMAT,
+            "byteorder": sys.byteorder,
             "size_bytes": self.size_bytes,
             "chunk_size": self.chunk_size,
             "settings": self.settings_key,
             "checksum": self.checksum,
-            "frame_sizes": pack(self.frame_sizes),
-            "frame_checksums": pack(self.frame_checksums),
-            "zero_chunks": pack(self.zero_chunks),
-            "fingerprints": base64.b64encode(self.fingerprints).decode("ascii"),
-            "midstates": base64.b64encode(self.midstates).decode("ascii"),
+            "fingerprints": len(self.fingerprints),
+            "midstates": len(self.midstates),
         }
-        text = json.dumps(body, sort_keys=True).encode()
-        return hashlib.sha256(text).hexdigest().encode() + b"\n" + text
+        pieces = [json.dumps(head, sort_keys=True).encode() + b"\n", *raw]
+        digest = hashlib.sha256()
+        for piece in pieces:
+            digest.update(piece)
+        return [digest.hexdigest().encode() + b"\n", *pieces]
+
+    def to_bytes(self) -> bytes:
+        return b"".join(self.encoded())
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SnapshotIndex:
         """Decode a cache entry; raise ValueError for anything corrupt, so it is rebuilt."""
-        digest, _, text = data.partition(b"\n")
-        if hashlib.sha256(text).hexdigest().encode() != digest:
+        digest, _, _ = data[:65].partition(b"\n")
+        body = memoryview(data)[len(digest) + 1 :]
+        if hashlib.sha256(body).hexdigest().encode() != digest:
             raise ValueError("index checksum mismatch")
-        body = json.loads(text)
-        if body.get("format") != _INDEX_FORMAT:
-            raise StaleIndexError(f"index format {body.get('format')}, this mirenfs writes {_INDEX_FORMAT}")
+        head_end = data.find(b"\n", len(digest) + 1)
+        head = json.loads(data[len(digest) + 1 : head_end if head_end >= 0 else len(data)])
+        if not isinstance(head, dict):
+            raise ValueError("index head is not an object")
+        if head.get("format") != _INDEX_FORMAT or head.get("byteorder") != sys.byteorder:
+            raise StaleIndexError(
+                f"index format {head.get('format')} ({head.get('byteorder')}-endian), "
+                f"this mirenfs writes {_INDEX_FORMAT} ({sys.byteorder}-endian)"
+            )
+        size_bytes, chunk_size = int(head["size_bytes"]), int(head["chunk_size"])
+        count = chunk_count(size_bytes, chunk_size)
+        lengths = (4 * count, 4 * count, count, int(head["fingerprints"]), int(head["midstates"]))
+        if lengths[3] not in (0, FINGERPRINT * count) or lengths[4] not in (0, MIDSTATE * count):
+            raise ValueError("index fingerprints or hash states do not match the image size")
+        if len(data) - head_end - 1 != sum(lengths):
+            raise ValueError("index arrays do not match the image size")
+        parts, at = [], head_end + 1
+        for length in lengths:
+            parts.append(memoryview(data)[at : at + length])
+            at += length
         sizes, checksums = array("I"), array("I")
-        sizes.frombytes(base64.b64decode(body["frame_sizes"]))
-        checksums.frombytes(base64.b64decode(body["frame_checksums"]))
-        index = cls(
-            size_bytes=int(body["size_bytes"]),
-            chunk_size=int(body["chunk_size"]),
-            settings_key=str(body["settings"]),
-            checksum=str(body["checksum"]),
+        sizes.frombytes(parts[0])
+        checksums.frombytes(parts[1])
+        return cls(
+            size_bytes=size_bytes,
+            chunk_size=chunk_size,
+            settings_key=str(head["settings"]),
+            checksum=str(head["checksum"]),
             frame_sizes=sizes,
             frame_checksums=checksums,
-            zero_chunks=bytearray(base64.b64decode(body["zero_chunks"])),
-            fingerprints=base64.b64decode(body["fingerprints"]),
-            midstates=base64.b64decode(body["midstates"]),
+            zero_chunks=bytearray(parts[2]),
+            fingerprints=bytes(parts[3]),
+            midstates=bytes(parts[4]),
         )
-        count = chunk_count(index.size_bytes, index.chunk_size)
-        if not (len(sizes) == len(checksums) == len(index.zero_chunks) == count):
-            raise ValueError("index arrays do not match the image size")
-        if len(index.fingerprints) not in (0, FINGERPRINT * count):
-            raise ValueError("index fingerprints do not match the image size")
-        if len(index.midstates) not in (0, MIDSTATE * count):
-            raise ValueError("index hash states do not match the image size")
-        return index
 
 
 class SnapshotLayout:

@@ -22,6 +22,7 @@ from mirenfs.disks.live import image_is_live
 from mirenfs.disks.pointintime import Consistency, CopyPolicy, PointInTime, take_point_in_time
 from mirenfs.engine.framestore import FrameStore
 from mirenfs.engine.image import FdImageSource, ImageIdentity, ensure_unchanged, replace_private_file
+from mirenfs.engine.memory import give_back_free_memory
 from mirenfs.engine.produce import (
     FrameSpill,
     Settings,
@@ -67,12 +68,8 @@ class IndexCache:
 
     def load(self, image_path: str, key: str) -> tuple[SnapshotIndex, str | None] | None:
         path = self.path_for(image_path)
-        entry = self._read(path)
-        if entry is None or entry[0] != key:
-            return None
-        _key, sidecar, body = entry
         try:
-            index = SnapshotIndex.from_bytes(body)
+            entry = self._read(path, key)
         except StaleIndexError as exc:
             log.info(
                 "index cache %s for %s is from another version (%s); rebuilding it", path, image_path, exc
@@ -81,6 +78,9 @@ class IndexCache:
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("index cache %s for %s is corrupt (%s); rebuilding it", path, image_path, exc)
             return None
+        if entry is None:
+            return None
+        sidecar, index = entry
         if sidecar != "-" and len(sidecar) != 64:
             log.warning("index cache %s has a bad sidecar line; rebuilding it", path)
             return None
@@ -90,34 +90,43 @@ class IndexCache:
         """The last index kept for ``image_path``, whatever image state it describes: a pass
         resumes hashing only after chunks whose fingerprints it finds unchanged, so a stale
         index is a sound basis (and a damaged one is simply not used)."""
-        entry = self._read(self.path_for(image_path))
-        if entry is None:
-            return None
         try:
-            return SnapshotIndex.from_bytes(entry[2])
+            entry = self._read(self.path_for(image_path), None)
         except (ValueError, KeyError, TypeError):
             return None
+        return None if entry is None else entry[1]
 
     @staticmethod
-    def _read(path: str) -> tuple[str, str, bytes] | None:
-        """(key, sidecar line, body) of a cache file, None when there is none or it is unreadable."""
+    def _read(path: str, key: str | None) -> tuple[str, SnapshotIndex] | None:
+        """(sidecar line, index) of a cache file; None when there is none, it is unreadable, or
+        it holds another key than ``key`` (None takes any). Decoding errors are raised. The
+        file's bytes are freed, and given back to the system, before this returns."""
         try:
             with open(path, "rb") as f:
                 stored_key = f.readline().decode().rstrip("\n")
+                if key is not None and stored_key != key:
+                    return None
                 sidecar = f.readline().decode().rstrip("\n")
-                return stored_key, sidecar, f.read()
+                body = f.read()
         except FileNotFoundError:
             return None
         except (OSError, UnicodeDecodeError) as exc:
             log.warning("index cache %s is unreadable (%s); rebuilding it", path, exc)
             return None
+        size = len(body)
+        try:
+            return sidecar, SnapshotIndex.from_bytes(body)
+        finally:
+            del body
+            give_back_free_memory(size)
 
     def save(self, image_path: str, key: str, index: SnapshotIndex, sidecar: str | None) -> None:
         """Persist an index; a failure (a full or read-only state directory) is logged once and
-        otherwise ignored: the cache only saves a later index pass."""
+        otherwise ignored: the cache only saves a later index pass. The pass that built the
+        index is over by now, so the memory it used is given back."""
         path = self.path_for(image_path)
         try:
-            replace_private_file(path, f"{key}\n{sidecar or '-'}\n".encode() + index.to_bytes())
+            replace_private_file(path, [f"{key}\n{sidecar or '-'}\n".encode(), *index.encoded()])
         except OSError as exc:
             if not self._save_failed:
                 log.warning(
@@ -127,8 +136,10 @@ class IndexCache:
                     exc.strerror,
                 )
             self._save_failed = True
-            return
-        self._save_failed = False
+        else:
+            self._save_failed = False
+        finally:
+            give_back_free_memory(index.nbytes)
 
 
 @dataclass(eq=False)

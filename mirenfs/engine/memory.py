@@ -1,0 +1,34 @@
+"""Giving freed memory back to the system after the few jobs that need much of it at once.
+
+glibc keeps what a process frees for its next allocations, and after a large
+block is freed it raises its threshold for serving blocks from fresh mappings,
+so the next blocks of that size come from the heap and stay there when freed.
+A mount that loaded or saved a 1 TiB disk's index (21 MB, with copies while it
+is decoded) would hold that memory until it stops; ``malloc_trim`` returns it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from collections.abc import Callable
+
+WORTH_TRIMMING = 1 << 20  # bytes a job must have handled for a trim to be worth its few ms
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, found among the symbols the interpreter already loaded (no
+    ``find_library``); None where the C library has none (musl)."""
+    function: Callable[[int], int] | None = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    return function
+
+
+def give_back_free_memory(handled: int) -> bool:
+    """After a job that handled ``handled`` bytes in memory, return the process's free heap
+    pages to the system; small jobs are left alone. Whether a trim ran."""
+    trim = _malloc_trim() if handled >= WORTH_TRIMMING else None
+    if trim is None:
+        return False
+    trim(0)
+    return True
