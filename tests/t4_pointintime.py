@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -452,9 +453,12 @@ def test_a_freeze_held_by_someone_else_is_waited_for_briefly_and_left_alone(
                 assert thaw(disk.disk.path), "neither mirenfs nor its watchdog thawed someone else's freeze"
 
 
-def test_a_freeze_left_when_daemon_and_watchdog_are_both_killed_is_thawed_at_the_next_start(
-    mounts: Mounts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("thawer", ["the next start", "mirenfs cleanup"])
+def test_a_freeze_left_when_daemon_and_watchdog_are_both_killed_is_thawed(
+    mounts: Mounts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, thawer: str
 ) -> None:
+    """A cgroup-wide kill takes the watchdog with the mount: the freeze record is what is left,
+    read by the next start, or at once by ``mirenfs cleanup`` (the unit's ExecStopPost=)."""
     thawed = r"thawed the ext4 filesystem on /dev/loop\d+, mounted at .*, left frozen by a mirenfs process"
     with disk_in_use(tmp_path, "xfs") as disk:
         assert disk.disk is not None
@@ -470,6 +474,17 @@ def test_a_freeze_left_when_daemon_and_watchdog_are_both_killed_is_thawed_at_the
                     os.kill(victim, signal.SIGKILL)
                 wait_for(lambda: not any(pid_alive(p) for p in (*watchdogs, pid)), "both to be gone")
                 assert not finishes(held, 0.5), "nobody is left to thaw it"
-        with mirenfs(mounts, tmp_path, disk.data, expect=(thawed,)) as mount:
+        if thawer == "mirenfs cleanup":
+            cleaned = ok("cleanup", "--data-path", disk.data)
+            assert re.fullmatch(thawed + r" that was killed\n", cleaned.out), cleaned.out
+            assert finishes(held, 5), "mirenfs cleanup thaws it from the freeze record"
+            again = ok("cleanup", "--data-path", disk.data)
+            assert (
+                again.out
+                == f"nothing to clean up in {disk.data}: no killed mirenfs process left a freeze or a copy\n"
+            )
+        with mirenfs(
+            mounts, tmp_path, disk.data, expect=(thawed,) if thawer == "the next start" else ()
+        ) as mount:
             assert finishes(held, 5), "the next start thaws it from the freeze record"
             assert os.getxattr(mount.mountpoint / "pg.mirn", CONSISTENCY) == b"frozen"

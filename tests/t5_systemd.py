@@ -54,6 +54,11 @@ def test_unit_settings() -> None:
     assert service["Restart"] == "on-failure" and service["KillSignal"] == "SIGTERM"
     (start,) = unit_values(unit, "Service", "ExecStart")
     assert " --foreground " in start, "a daemon that forks would not be the main process systemd watches"
+    # A stop that ends in SIGKILL takes the freeze watchdog too: the freeze record is read at once.
+    assert any(
+        " cleanup --data-path ${MIRENFS_DATA_PATH}" in line
+        for line in unit_values(unit, "Service", "ExecStopPost")
+    )
     # Each of these gives the service its own mount namespace (some only in
     # some systemd versions): the FUSE mount would be invisible outside it
     # (systemd.exec(5), MountFlags=).
@@ -145,7 +150,10 @@ def test_service_lifecycle_in_the_units_sandbox(tmp_path: Path, teardown: Teardo
     assert "received SIGTERM" in log and "unmounting" in log
     assert log_problems(log) == [], log  # no warning, error or traceback on the way
     for argv in exec_lines("ExecStopPost"):
-        run_sandboxed(argv)  # nothing to clean; a failure is ignored ("-")
+        stopped = run_sandboxed(argv)  # a failure would be ignored ("-"): check what each did
+        assert stopped.returncode == 0, stopped.stderr
+        if "cleanup" in argv:  # nothing was frozen when the mount stopped of itself
+            assert stopped.stdout.startswith("nothing to clean up in "), stopped.stdout
     assert mountpoint.is_dir() and not is_mounted(mountpoint)
 
     # A killed mount leaves a dead mount point: ExecStopPost removes it (and

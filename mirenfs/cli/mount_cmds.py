@@ -27,10 +27,11 @@ import trio
 from mirenfs.cli.common import add_data_path_option, human_size, resolve_data_path
 from mirenfs.cli.mountinfo import MountEntry, mirenfs_mounts, mount_at, mount_holding, refuse_if_mirenfs_mount
 from mirenfs.disks.catalogs import catalog_spec_from, node_from
+from mirenfs.disks.pointintime import sweep_leftovers
 from mirenfs.engine.aio import meaningful_error
 from mirenfs.engine.image import make_private_directory
 from mirenfs.errors import MirenfsError
-from mirenfs.mount.config import MountConfig, copy_policy, fuse_options
+from mirenfs.mount.config import MountConfig, clone_directory_of, copy_policy, fuse_options
 from mirenfs.mount.status import STATUS_XATTR
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,14 @@ def register(commands: Any) -> None:
         help="print the mount's status JSON (without MOUNTPOINT: an object keyed by mount point)",
     )
     status.set_defaults(handler=cmd_status)
+
+    cleanup = commands.add_parser(
+        "cleanup",
+        help="after a mount or backup was killed: thaw the filesystems it left frozen and remove "
+        "its point-in-time copies (a mount's start does this too; the systemd unit runs it on stop)",
+    )
+    add_data_path_option(cleanup)
+    cleanup.set_defaults(handler=cmd_cleanup)
 
 
 def config_from(args: argparse.Namespace) -> MountConfig:
@@ -408,3 +417,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     if failures:
         return 1
     return CATALOG_UNREACHABLE_EXIT if any(s.get("catalog_error") for s in results.values()) else 0
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    """What a mount's start sweeps, on demand: for ``ExecStopPost=`` after a cgroup-wide kill,
+    which took the watchdog with the mount and would leave a filesystem frozen until the next
+    start. Freezes of processes still running are left alone."""
+    data_path = resolve_data_path(args.data_path)
+    if os.geteuid() != 0:
+        raise MirenfsError("mirenfs cleanup thaws filesystems, which needs root; run it as root (sudo)")
+    done = sweep_leftovers(clone_directory_of(data_path)).sentences()
+    for _level, sentence in done:
+        print(sentence)
+    if not done:
+        print(f"nothing to clean up in {data_path}: no killed mirenfs process left a freeze or a copy")
+    return 0

@@ -63,11 +63,8 @@ def build_operations(config: MountConfig, nursery: trio.Nursery) -> MirenOperati
     for name in sweep_interrupted_creations(store):
         log.warning("removed disk %s: a restore that was creating it was interrupted", name)
     _say_if_no_disk_is_on_this_node(store, config)
-    leftovers = sweep_leftovers(config.clone_directory)  # copies and freezes a killed run left
-    for path in leftovers.removed:
-        log.info("removed %s, a point-in-time copy left over from an earlier run", path)
-    for filesystem in leftovers.thawed:
-        log.warning("thawed %s, left frozen by a mirenfs process that was killed", filesystem)
+    for level, sentence in sweep_leftovers(config.clone_directory).sentences():  # what a killed run left
+        log.log(level, "%s", sentence)
     cache = IndexCache(os.path.join(config.state_directory, "index"))
     service = SnapshotService(
         cache,
