@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mirenfs.cli.common import human_size
-from mirenfs.cli.mount_cmds import serve_mount
+from mirenfs.cli.mount_cmds import fold_log_repeats, serve_mount
 from mirenfs.disks.manage import create_disk, mkfs_program
 from mirenfs.disks.store import Store
 from mirenfs.errors import MirenfsError
@@ -55,6 +55,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         names = _make_demo_disks(data, root)
         config = MountConfig(str(mountpoint), str(data))
         guide = partial(_print_guide, root, data, mountpoint, backups, names, args.keep)
+        fold_log_repeats()
         serve_mount(config, ready=guide)
     finally:
         if args.keep:

@@ -25,6 +25,7 @@ from typing import Any
 import trio
 
 from mirenfs.cli.common import add_data_path_option, human_size, resolve_data_path
+from mirenfs.cli.logfold import fold_repeats
 from mirenfs.cli.mountinfo import MountEntry, mirenfs_mounts, mount_at, mount_holding, refuse_if_mirenfs_mount
 from mirenfs.disks.catalogs import catalog_spec_from, node_from
 from mirenfs.disks.pointintime import sweep_leftovers
@@ -157,6 +158,7 @@ def serve_mount(config: MountConfig, *, ready: Callable[[], None] | None = None)
 def cmd_mount(args: argparse.Namespace) -> int:
     config = config_from(args)
     if args.foreground:
+        fold_log_repeats()
         serve_mount(config)  # checks the store before it mounts
         return 0
     # Checked here as well, before the fork: the daemon logs into the data path, so a read-only
@@ -219,6 +221,13 @@ def _detach_stdio(config: MountConfig, log_level: str) -> None:
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root.addHandler(handler)
     root.setLevel(log_level.upper())
+    fold_log_repeats()
+
+
+def fold_log_repeats() -> None:
+    """A mount's log says a repeated warning once a minute, with a count (cli.logfold)."""
+    for handler in logging.getLogger().handlers:
+        fold_repeats(handler)
 
 
 # ---- status -------------------------------------------------------------------
