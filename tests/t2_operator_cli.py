@@ -20,13 +20,16 @@ import pytest
 
 from mirenfs.cli import mount_helper
 from mirenfs.disks.manage import mkfs_reason
+from mirenfs.disks.store import Store
+from mirenfs.engine.image import STAGING_SUFFIX
 from mirenfs.format.frames import seek_table
 from mirenfs.format.header import Meta, Timestamp, decode_header, write_header
 
 from support.bad_snapshots import FORGED_LOG_LINE
-from support.data import write_image
+from support.data import sha256_file, write_image
 from support.mounts import wait_for
-from support.runners import mirenfs_command, run_mirenfs
+from support.runners import mirenfs_command, ok, run_cli, run_mirenfs
+from support.store import disks, make_disk, store_state
 from support.vectors import GO_VECTORS
 
 GO_ODD = GO_VECTORS[2]
@@ -46,6 +49,7 @@ GO_ODD = GO_VECTORS[2]
         ["restore", str(GO_ODD.path)],
         ["restore", str(GO_ODD.path), "--name", "pg"],
         ["mount", "MNT", "--foreground"],
+        ["cleanup"],
     ],
     ids=lambda argv: " ".join(argv[:2]),
 )
@@ -774,3 +778,65 @@ def test_stop_signals_while_no_session_listens_neither_kill_nor_interrupt_the_mo
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stderr) == (0, "")
     assert done.stdout == "held ['SIGTERM', 'SIGINT', 'SIGHUP']\nstill here\n"
+
+
+# ---- mirenfs cleanup -----------------------------------------------------------------------------
+
+
+def test_cleanup_removes_what_a_killed_restore_left_and_only_that(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What ``kill -9`` of a mount mid-restore leaves (a half-created disk, staging files) goes at
+    once, not at the next start; a restore still at work (its staging file held) is left alone.
+    (Thawing, its first job, is tested through a real freeze in t4_pointintime.)"""
+    data = tmp_path / "data"
+    data.mkdir()
+    image = Path(make_disk(data, "pg", size=1 << 20))
+    store = Store(str(data))
+    store.create_disk_for_restore("killed", size_bytes=1 << 20, filesystem="ext4")
+    store.create_disk_for_restore("running", size_bytes=1 << 20, filesystem="ext4")
+    staged = {}
+    for name in ("killed", "running"):
+        half = Path(f"{store.get_disk(name).image_path}{STAGING_SUFFIX}")
+        half.parent.mkdir(parents=True)
+        half.write_bytes(b"half a restore")
+        staged[name] = half
+    stale = Path(f"{image}{STAGING_SUFFIX}")  # a replacing restore of pg that was killed
+    stale.write_bytes(b"half a restore")
+    pg_before = sha256_file(image)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)  # root's command; nothing here needs root
+    held = os.open(staged["running"], os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)  # that restore is at work
+        cleaned = ok("cleanup", "--data-path", data)
+        again = ok("cleanup", "--data-path", data)
+    finally:
+        os.close(held)
+    assert sorted(cleaned.out.splitlines()) == sorted(
+        [
+            "removed disk killed: a restore that was creating it was interrupted",
+            f"removed {staged['killed']}, left over from an interrupted restore",
+            f"removed {stale}, left over from an interrupted restore",
+        ]
+    )
+    assert set(disks(data)) == {"pg", "running"} and staged["running"].exists()
+    assert sha256_file(image) == pg_before
+    assert again.out == f"nothing to clean up in {data}: no killed mirenfs process left anything behind\n"
+
+
+def test_cleanup_needs_root_and_touches_nothing_without_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    store = Store(str(data))
+    store.create_disk_for_restore("killed", size_bytes=1 << 20, filesystem="ext4")
+    before = store_state(data)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    result = run_cli("cleanup", "--data-path", data)
+    assert (result.code, result.out) == (1, "")
+    assert (
+        result.err
+        == "mirenfs: error: mirenfs cleanup thaws filesystems, which needs root; run it as root (sudo)\n"
+    )
+    assert store_state(data) == before

@@ -481,7 +481,7 @@ def test_a_freeze_left_when_daemon_and_watchdog_are_both_killed_is_thawed(
             again = ok("cleanup", "--data-path", disk.data)
             assert (
                 again.out
-                == f"nothing to clean up in {disk.data}: no killed mirenfs process left a freeze or a copy\n"
+                == f"nothing to clean up in {disk.data}: no killed mirenfs process left anything behind\n"
             )
         with mirenfs(
             mounts, tmp_path, disk.data, expect=(thawed,) if thawer == "the next start" else ()

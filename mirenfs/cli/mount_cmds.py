@@ -24,11 +24,11 @@ from typing import Any
 
 import trio
 
-from mirenfs.cli.common import add_data_path_option, human_size, resolve_data_path
+from mirenfs.cli.common import add_data_path_option, catalog_from, human_size, resolve_data_path
 from mirenfs.cli.logfold import fold_repeats
 from mirenfs.cli.mountinfo import MountEntry, mirenfs_mounts, mount_at, mount_holding, refuse_if_mirenfs_mount
 from mirenfs.disks.catalogs import catalog_spec_from, node_from
-from mirenfs.disks.pointintime import sweep_leftovers
+from mirenfs.disks.manage import sweep_what_killed_runs_left
 from mirenfs.engine.aio import meaningful_error
 from mirenfs.engine.image import make_private_directory
 from mirenfs.errors import MirenfsError
@@ -79,8 +79,9 @@ def register(commands: Any) -> None:
 
     cleanup = commands.add_parser(
         "cleanup",
-        help="after a mount or backup was killed: thaw the filesystems it left frozen and remove "
-        "its point-in-time copies (a mount's start does this too; the systemd unit runs it on stop)",
+        help="after a mount or backup was killed: thaw the filesystems it left frozen, remove its "
+        "copies, staging files and the disks its restores were creating (a mount's start does this "
+        "too; the systemd unit runs it on stop)",
     )
     add_data_path_option(cleanup)
     cleanup.set_defaults(handler=cmd_cleanup)
@@ -431,13 +432,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_cleanup(args: argparse.Namespace) -> int:
     """What a mount's start sweeps, on demand: for ``ExecStopPost=`` after a cgroup-wide kill,
     which took the watchdog with the mount and would leave a filesystem frozen until the next
-    start. Freezes of processes still running are left alone."""
+    start, and for a person after a ``kill -9``. What live runs hold is left alone."""
     data_path = resolve_data_path(args.data_path)
     if os.geteuid() != 0:
         raise MirenfsError("mirenfs cleanup thaws filesystems, which needs root; run it as root (sudo)")
-    done = sweep_leftovers(clone_directory_of(data_path)).sentences()
-    for _level, sentence in done:
-        print(sentence)
-    if not done:
-        print(f"nothing to clean up in {data_path}: no killed mirenfs process left a freeze or a copy")
+    said = 0
+    for _level, sentence in sweep_what_killed_runs_left(
+        data_path, clone_directory_of(data_path), catalog_from(args)
+    ):
+        print(sentence, flush=True)  # each as it is done: a catalogue failure comes after the thaws
+        said += 1
+    if not said:
+        print(f"nothing to clean up in {data_path}: no killed mirenfs process left anything behind")
     return 0

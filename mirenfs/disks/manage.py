@@ -16,10 +16,11 @@ import logging
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from mirenfs.disks.model import Catalog, DiskRecord, DiskState, validate_disk_name, volumes_dir
+from mirenfs.disks.pointintime import sweep_leftovers
 from mirenfs.disks.rules import managed_path_problem, refuse_if_in_use
 from mirenfs.disks.store import Store
 from mirenfs.engine.image import STAGING_SUFFIX, remove_staging_if_unheld
@@ -171,6 +172,24 @@ def remove_disk(store: Catalog, name: str) -> RemovedDisk:
             ) from None
     store.delete_disk_records(record.disk.id)
     return RemovedDisk(record, image_path is not None)
+
+
+def sweep_what_killed_runs_left(
+    data_path: str, clone_directory: str, store: Catalog
+) -> Iterator[tuple[int, str]]:
+    """What a mount's start and ``mirenfs cleanup`` do after a killed run, as it is done: one
+    (logging level, sentence) per filesystem thawed, copy or staging file removed, half-created
+    disk removed. Thawing comes first, as it needs no catalogue. Whatever a live run holds
+    (another mount's restore, a running backup's freeze) is left alone."""
+    leftovers = sweep_leftovers(clone_directory)
+    for filesystem in leftovers.thawed:
+        yield logging.WARNING, f"thawed {filesystem}, left frozen by a mirenfs process that was killed"
+    for path in leftovers.removed:
+        yield logging.INFO, f"removed {path}, a point-in-time copy left over from an earlier run"
+    for path in sweep_stale_staging(data_path, catalog=store):
+        yield logging.INFO, f"removed {path}, left over from an interrupted restore"
+    for name in sweep_interrupted_creations(store):
+        yield logging.WARNING, f"removed disk {name}: a restore that was creating it was interrupted"
 
 
 def sweep_stale_staging(

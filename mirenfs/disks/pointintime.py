@@ -761,20 +761,6 @@ class Leftovers:
     removed: list[str]
     thawed: list[str]
 
-    def sentences(self) -> list[tuple[int, str]]:
-        """(logging level, sentence) for each thing done, as the mount's start and
-        ``mirenfs cleanup`` both report them: a thaw is worth a warning, a removal is not."""
-        return [
-            *(
-                (logging.WARNING, f"thawed {what}, left frozen by a mirenfs process that was killed")
-                for what in self.thawed
-            ),
-            *(
-                (logging.INFO, f"removed {path}, a point-in-time copy left over from an earlier run")
-                for path in self.removed
-            ),
-        ]
-
 
 def sweep_leftovers(clone_directory: str) -> Leftovers:
     """At start: remove named copies a crash left, and thaw what a killed process left frozen.

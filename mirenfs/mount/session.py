@@ -16,9 +16,8 @@ import trio
 
 from mirenfs.disks.catalogs import mount_listing, node_from, none_on_this_node
 from mirenfs.disks.live import read_mountinfo
-from mirenfs.disks.manage import sweep_interrupted_creations, sweep_stale_staging
+from mirenfs.disks.manage import sweep_what_killed_runs_left
 from mirenfs.disks.model import Catalog
-from mirenfs.disks.pointintime import sweep_leftovers
 from mirenfs.engine.framestore import FrameStore
 from mirenfs.engine.image import make_private_directory
 from mirenfs.errors import MirenfsError, MountError
@@ -58,13 +57,9 @@ def build_operations(config: MountConfig, nursery: trio.Nursery) -> MirenOperati
     store.check()  # before the mount reports ready: refuse now rather than answer EIO later
     make_private_directory(config.state_directory)  # indexes and spilled frames describe disk contents
     nursery.start_soon(_at_session_end, partial(os.close, _claim_data_path(config)))
-    for path in sweep_stale_staging(config.data_path, catalog=store):
-        log.info("removed %s, left over from an interrupted restore", path)
-    for name in sweep_interrupted_creations(store):
-        log.warning("removed disk %s: a restore that was creating it was interrupted", name)
-    _say_if_no_disk_is_on_this_node(store, config)
-    for level, sentence in sweep_leftovers(config.clone_directory).sentences():  # what a killed run left
+    for level, sentence in sweep_what_killed_runs_left(config.data_path, config.clone_directory, store):
         log.log(level, "%s", sentence)
+    _say_if_no_disk_is_on_this_node(store, config)
     cache = IndexCache(os.path.join(config.state_directory, "index"))
     service = SnapshotService(
         cache,
