@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import io
 import json
+import struct
+from array import array
 
 import pytest
 import zstandard
 
 from mirenfs import FORMAT_VERSION, MAGIC, Meta, Timestamp, read_header, write_header
 from mirenfs.errors import FormatError, printable
-from mirenfs.format.frames import FrameScanner
+from mirenfs.format.frames import FrameScanner, parse_seek_table, seek_table, seek_table_of_arrays
 from mirenfs.format.header import HeaderParser, decode_header, go_json_string
 
 from support.bad_snapshots import raw_header
@@ -179,3 +181,20 @@ def test_a_name_in_a_line_is_quoted_when_it_could_pass_for_another() -> None:
     assert printable(" pg.mirn") == "' pg.mirn'"
     assert printable("a\nb.mirn") == "'a\\nb.mirn'"
     assert printable("") == "''"
+
+
+# ---- the seek table, built from columns -----------------------------------------------------------
+
+
+def test_the_seek_table_is_the_seekable_formats_bytes() -> None:
+    entries = [(10, 4 << 20, 0), (0xFFFF_FFFF, 1, 0x89AB_CDEF), (7, 0, 0xFFFF_FFFF)]
+    expected_entries = b"".join(struct.pack("<III", *entry) for entry in entries)
+    footer = struct.pack("<IBI", 3, 0x80, 0x8F92EAB1)
+    expected = struct.pack("<II", 0x184D2A5E, len(expected_entries) + len(footer)) + expected_entries + footer
+    assert seek_table(entries) == expected
+    columns = [array("I", column) for column in zip(*entries, strict=True)]
+    assert seek_table_of_arrays(*columns) == expected
+    assert parse_seek_table(expected) == entries
+    assert seek_table([]) == struct.pack("<II", 0x184D2A5E, 9) + struct.pack("<IBI", 0, 0x80, 0x8F92EAB1)
+    with pytest.raises(ValueError, match="columns differ in length"):
+        seek_table_of_arrays(columns[0], columns[1][:2], columns[2])

@@ -40,7 +40,7 @@ from mirenfs.engine.files import (
 from mirenfs.engine.image import FdImageSource, FileObjectSource
 from mirenfs.engine.produce import Settings, SnapshotIndex, SnapshotProducer, build_index, snapshot_meta
 from mirenfs.errors import FormatError, ImageChangedError
-from mirenfs.format.frames import parse_seek_table
+from mirenfs.format.frames import compress_frame, parse_seek_table
 from mirenfs.format.header import decode_header
 from mirenfs.mount import versions
 
@@ -208,7 +208,8 @@ def _reencoded(index_bytes: bytes, head_change: Callable[[dict[str, Any]], objec
     head_line, _, arrays = rest.partition(b"\n")
     head = json.loads(head_line)
     replaced = head_change(head)
-    body = json.dumps(head if replaced is None else replaced).encode() + b"\n" + arrays[: len(arrays) - cut]
+    arrays = arrays[: len(arrays) - cut] if cut >= 0 else arrays + bytes(-cut)  # cut short, or grown
+    body = json.dumps(head if replaced is None else replaced).encode() + b"\n" + arrays
     return hashlib.sha256(body).hexdigest().encode() + b"\n" + body
 
 
@@ -217,11 +218,19 @@ def _reencoded(index_bytes: bytes, head_change: Callable[[dict[str, Any]], objec
     [
         (lambda head: None, 1, "arrays do not match the image size"),
         (lambda head: head.update(size_bytes=head["size_bytes"] * 2), 0, "arrays do not match"),
-        (lambda head: head.update(fingerprints=32), 0, "fingerprints or hash states do not match"),
-        (lambda head: head.update(midstates=7), 0, "fingerprints or hash states do not match"),
+        (lambda head: head.update(fingerprints=32), 0, "arrays do not match the image size"),
+        (lambda head: head.update(fingerprints=7), -7, "fingerprints do not match the image size"),
+        (lambda head: head.update(midstates=40), -40, "hash states do not match the image size"),
         (lambda head: [head], 0, "index head is not an object"),
     ],
-    ids=["arrays-cut-short", "bigger-image", "fingerprint-count", "state-count", "head-a-list"],
+    ids=[
+        "arrays-cut-short",
+        "bigger-image",
+        "arrays-missing",
+        "fingerprint-count",
+        "state-count",
+        "head-a-list",
+    ],
 )
 def test_index_decoding_checks_the_arrays_against_the_head(
     tmp_path: Path, change: Callable[[dict[str, Any]], object], cut: int, reason: str
@@ -564,3 +573,21 @@ def test_an_image_changed_during_a_two_read_backup_is_refused(tmp_path: Path) ->
             trio.run(lambda: write_snapshot(io.BytesIO(), handle.source(SMALL), SMALL, of))
     finally:
         handle.close()
+
+
+def test_a_small_frame_holds_only_its_own_bytes() -> None:
+    """python-zstandard's output keeps ZSTD_compressBound bytes of memory whatever its length:
+    a frame cache counting len() held 4 MiB for each 1 KiB frame of a mostly empty chunk."""
+    chunk = bytearray(4 << 20)
+    chunk[:1000] = random.Random(7).randbytes(1000)
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        frames = [compress_frame(chunk, 3) for _ in range(8)]
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(frames[0]) < 2000
+    assert held - before < 64 << 10, f"{held - before} bytes held for 8 frames of {len(frames[0])} bytes"
+    dense = random.Random(8).randbytes(1 << 20)
+    assert zstandard.ZstdDecompressor().decompress(compress_frame(dense, 3)) == dense

@@ -3,6 +3,7 @@ a corrupt or torn entry recompressed (never served), a bound kept, private files
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -28,6 +29,7 @@ from mirenfs.engine.produce import (
     snapshot_meta,
 )
 from mirenfs.format.frames import compress_frame
+from mirenfs.mount.versions import IndexCache
 
 from support.data import write_image
 
@@ -222,21 +224,60 @@ def test_settings_are_part_of_the_key(tmp_path: Path) -> None:
     assert other.get(bytes(32)) is None
 
 
-# 2 had SHA-256 fingerprints, which no store entry is named by now; 3 was all JSON (base64 arrays)
-@pytest.mark.parametrize("older", [1, 2, 3])
+# 2 had SHA-256 fingerprints, which no store entry is named by now
+@pytest.mark.parametrize("older", [1, 2])
 def test_an_index_of_an_older_format_is_stale_not_corrupt(tmp_path: Path, older: int) -> None:
     image = tmp_path / "img"
     write_image(image, SEGMENTS)
     _, index = snapshot_of(image, new_store(tmp_path))
     assert SnapshotIndex.from_bytes(index.to_bytes()) == index
-    if older == 3:  # the whole entry one JSON object, as format 3 wrote it
-        body = json.dumps({"format": 3, "size_bytes": index.size_bytes, "frame_sizes": "AAAA"}).encode()
-    else:
-        body = index.to_bytes().split(b"\n", 1)[1]
-        assert b'"format": 4' in body
-        body = body.replace(b'"format": 4', b'"format": %d' % older)
+    body = json.dumps({**json_index(index), "format": older}).encode()  # as formats 1 to 3 were: all JSON
     with pytest.raises(StaleIndexError):
         SnapshotIndex.from_bytes(hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
+
+
+def json_index(index: SnapshotIndex) -> dict[str, object]:
+    """``index`` as format 3 wrote it: one JSON object, its arrays in base64."""
+
+    def pack(values: bytes | bytearray | memoryview) -> str:
+        return base64.b64encode(bytes(values)).decode("ascii")
+
+    return {
+        "format": 3,
+        "size_bytes": index.size_bytes,
+        "chunk_size": index.chunk_size,
+        "settings": index.settings_key,
+        "checksum": index.checksum,
+        "frame_sizes": pack(memoryview(index.frame_sizes).cast("B")),
+        "frame_checksums": pack(memoryview(index.frame_checksums).cast("B")),
+        "zero_chunks": pack(index.zero_chunks),
+        "fingerprints": pack(index.fingerprints),
+        "midstates": pack(index.midstates),
+    }
+
+
+def test_an_index_of_format_3_is_read_and_written_back_in_the_current_format(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Format 3 (all JSON) is still read: a new mirenfs does not hash every disk again. The
+    cache rewrites the entry in the current format as it reads it."""
+    image = tmp_path / "img"
+    write_image(image, SEGMENTS)
+    _, index = snapshot_of(image, new_store(tmp_path))
+    body = json.dumps(json_index(index), sort_keys=True).encode()
+    legacy = hashlib.sha256(body).hexdigest().encode() + b"\n" + body
+    decoded = SnapshotIndex.from_bytes(legacy)
+    assert decoded == index and decoded.read_format == 3
+    cache = IndexCache(str(tmp_path / "index"))
+    entry = Path(cache.path_for(str(image)))
+    entry.write_bytes(b"identity\n-\n" + legacy)
+    with caplog.at_level(logging.INFO):
+        assert cache.load(str(image), "identity") == (index, None)
+    assert not [record for record in caplog.records if record.levelno >= logging.INFO], caplog.text
+    rewritten = entry.read_bytes()
+    assert rewritten == b"identity\n-\n" + index.to_bytes()
+    assert cache.load(str(image), "identity") == (index, None)
+    assert entry.read_bytes() == rewritten  # read in the current format: left as it is
 
 
 # ---- hashing resumes after the unchanged chunks -------------------------------------------

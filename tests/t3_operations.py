@@ -20,6 +20,7 @@ import trio.testing
 from mirenfs.disks.model import DiskState
 from mirenfs.errors import DiskLeasedError, FormatError
 from mirenfs.format.header import decode_header
+from mirenfs.mount import operations as operations_module
 from mirenfs.mount import versions
 from mirenfs.mount.inodes import RESTORE_INODE, ROOT_INODE
 from mirenfs.mount.operations import MirenOperations, fuse_errors
@@ -77,6 +78,31 @@ async def test_snapshot_reads_exactly_what_backup_writes(data_path: Path) -> Non
                 assert await m.ops.read(fh, offset, size) == expected[offset : offset + size]
         finally:
             await m.ops.release(fh)
+
+
+@trio_test
+async def test_closing_a_handle_that_read_a_whole_disk_gives_memory_back(
+    data_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading churns replies and frames that glibc keeps: the close of a handle that was given
+    at least WORTH_TRIMMING_AFTER_READING bytes trims the heap (in a thread); a small read does not."""
+    add_image_disk(data_path, "pg")
+    trims: list[int] = []
+    monkeypatch.setattr(operations_module, "give_back_free_memory", trims.append)
+    async with operations(data_path) as m:
+        snapshot = (await m.lookup("pg.mirn")).st_ino
+        size = (await m.ops.getattr(snapshot, m.ctx)).st_size
+        monkeypatch.setattr(operations_module, "WORTH_TRIMMING_AFTER_READING", size)
+        fh = await m.open(snapshot)
+        await m.ops.read(fh, 0, size - 1)
+        await m.ops.release(fh)
+        assert trims == []  # one byte short
+        fh = await m.open(snapshot)
+        for offset in range(0, size, PIECE):
+            await m.ops.read(fh, offset, PIECE)
+        assert trims == []  # not while it is open
+        await m.ops.release(fh)
+        assert trims == [size]
 
 
 @trio_test

@@ -11,7 +11,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import struct
+import sys
 import threading
+from array import array
 
 import zstandard
 
@@ -40,8 +42,14 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
 
 
 def compress_frame(data: bytes | bytearray | memoryview, level: int) -> bytes:
-    """One independent frame with content size and checksum (SPEC §2.1)."""
-    return _compressor(level).compress(data)
+    """One independent frame with content size and checksum (SPEC §2.1).
+
+    python-zstandard returns a bytes object that still holds ``ZSTD_compressBound`` bytes (it
+    only sets the length): a 300-byte frame of a 4 MiB chunk kept 4 MiB. A frame that came out
+    much smaller than its chunk is copied to its own size, so what caches hold is what they count.
+    """
+    frame = _compressor(level).compress(data)
+    return memoryview(frame).tobytes() if len(frame) < len(data) * 3 // 4 else frame
 
 
 @functools.lru_cache(maxsize=16)
@@ -57,10 +65,23 @@ def frame_checksum(frame: bytes) -> int:
 
 def seek_table(entries: list[tuple[int, int, int]]) -> bytes:
     """The seekable format's seek table for (compressed, decompressed, checksum) entries."""
-    body = b"".join(struct.pack("<III", c, d, x) for c, d, x in entries)
-    footer = struct.pack("<IBI", len(entries), _CHECKSUM_FLAG, SEEKABLE_MAGIC)
-    content = body + footer
-    return struct.pack("<II", SEEK_TABLE_SKIPPABLE_MAGIC, len(content)) + content
+    columns = [array("I", column) for column in zip(*entries, strict=True)] if entries else [array("I")] * 3
+    return seek_table_of_arrays(*columns)
+
+
+def seek_table_of_arrays(compressed: array[int], decompressed: array[int], checksums: array[int]) -> bytes:
+    """:func:`seek_table` for entries held in three ``array("I")`` columns, built without a
+    Python object per entry: a 1 TiB disk has 262 144 frames, whose list of tuples took 40 MB."""
+    if not len(compressed) == len(decompressed) == len(checksums):
+        raise ValueError("the seek table's columns differ in length")
+    entries = array("I", bytes(12 * len(compressed)))
+    for column, values in enumerate((compressed, decompressed, checksums)):
+        entries[column::3] = values
+    if sys.byteorder != "little":
+        entries.byteswap()
+    footer = struct.pack("<IBI", len(compressed), _CHECKSUM_FLAG, SEEKABLE_MAGIC)
+    content_length = 12 * len(compressed) + len(footer)
+    return b"".join([struct.pack("<II", SEEK_TABLE_SKIPPABLE_MAGIC, content_length), entries, footer])
 
 
 def seek_table_len(frame_count: int) -> int:

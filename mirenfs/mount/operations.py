@@ -20,6 +20,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
+from mirenfs.engine.memory import WORTH_TRIMMING_AFTER_READING, give_back_free_memory
 from mirenfs.engine.produce import SequentialReader
 from mirenfs.errors import ImageChangedError, MirenfsError, StoreError, out_of_descriptors
 from mirenfs.mount.catalog import CatalogEntry, CatalogView, DiskCatalog
@@ -359,6 +360,8 @@ class MirenOperations(pyfuse3.Operations):
         handle = self.handles.pop(fh)
         if isinstance(handle, OpenSnapshot):
             self.service.release(handle.version)
+            if handle.reader.bytes_read >= WORTH_TRIMMING_AFTER_READING:  # a whole disk was copied
+                await trio.to_thread.run_sync(give_back_free_memory, handle.reader.bytes_read)
         elif isinstance(handle, RestoreWriter):
             await self.restores.release(handle)
 

@@ -24,6 +24,7 @@ from mirenfs.engine.framestore import FrameStore
 from mirenfs.engine.image import FdImageSource, ImageIdentity, ensure_unchanged, replace_private_file
 from mirenfs.engine.memory import give_back_free_memory
 from mirenfs.engine.produce import (
+    INDEX_FORMAT,
     FrameSpill,
     Settings,
     SnapshotIndex,
@@ -84,7 +85,10 @@ class IndexCache:
         if sidecar != "-" and len(sidecar) != 64:
             log.warning("index cache %s has a bad sidecar line; rebuilding it", path)
             return None
-        return index, (None if sidecar == "-" else sidecar)
+        digest = None if sidecar == "-" else sidecar
+        if index.read_format != INDEX_FORMAT:  # an older mirenfs wrote it: the next load is cheaper
+            self.save(image_path, key, index, digest)
+        return index, digest
 
     def load_basis(self, image_path: str) -> SnapshotIndex | None:
         """The last index kept for ``image_path``, whatever image state it describes: a pass
