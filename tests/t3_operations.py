@@ -84,25 +84,33 @@ async def test_snapshot_reads_exactly_what_backup_writes(data_path: Path) -> Non
 async def test_closing_a_handle_that_read_a_whole_disk_gives_memory_back(
     data_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Reading churns replies and frames that glibc keeps: the close of a handle that was given
-    at least WORTH_TRIMMING_AFTER_READING bytes trims the heap (in a thread); a small read does not."""
-    add_image_disk(data_path, "pg")
+    """A copy churns chunks, frames and replies that glibc keeps: the close of a handle that read
+    a whole snapshot of a disk of WORTH_TRIMMING_AFTER_READING bytes or more trims the heap (in a
+    thread); a read that stopped short does not, nor one of a smaller disk."""
+    image = add_image_disk(data_path, "pg")
+    disk_size = image.stat().st_size
     trims: list[int] = []
     monkeypatch.setattr(operations_module, "give_back_free_memory", trims.append)
+    monkeypatch.setattr(operations_module, "WORTH_TRIMMING_AFTER_READING", disk_size)
     async with operations(data_path) as m:
         snapshot = (await m.lookup("pg.mirn")).st_ino
         size = (await m.ops.getattr(snapshot, m.ctx)).st_size
-        monkeypatch.setattr(operations_module, "WORTH_TRIMMING_AFTER_READING", size)
-        fh = await m.open(snapshot)
-        await m.ops.read(fh, 0, size - 1)
-        await m.ops.release(fh)
+
+        async def read(stop: int) -> None:
+            fh = await m.open(snapshot)
+            before = list(trims)
+            for offset in range(0, stop, PIECE):
+                await m.ops.read(fh, offset, min(PIECE, stop - offset))
+            assert trims == before  # not while it is open
+            await m.ops.release(fh)
+
+        await read(size - 1)
         assert trims == []  # one byte short
-        fh = await m.open(snapshot)
-        for offset in range(0, size, PIECE):
-            await m.ops.read(fh, offset, PIECE)
-        assert trims == []  # not while it is open
-        await m.ops.release(fh)
-        assert trims == [size]
+        await read(size)
+        assert trims == [disk_size]
+        monkeypatch.setattr(operations_module, "WORTH_TRIMMING_AFTER_READING", disk_size + 1)
+        await read(size)
+        assert trims == [disk_size]
 
 
 @trio_test

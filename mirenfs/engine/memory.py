@@ -14,8 +14,9 @@ import functools
 from collections.abc import Callable
 
 WORTH_TRIMMING = 1 << 20  # bytes a job must have handled for a trim to be worth its few ms
-# Snapshot bytes a closed handle must have served: a read churns 1 MiB replies and frames, which
-# glibc keeps (reading a 1 TiB disk's snapshot left 23 MB more); small files are not worth it.
+# The image behind a snapshot a closed handle read whole: a copy churns chunk reads, frames and
+# 1 MiB replies, which glibc keeps (copying a 1 TiB sparse disk's left 46 MB); small disks are not
+# worth the trim.
 WORTH_TRIMMING_AFTER_READING = 256 << 20
 
 

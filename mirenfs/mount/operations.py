@@ -360,8 +360,8 @@ class MirenOperations(pyfuse3.Operations):
         handle = self.handles.pop(fh)
         if isinstance(handle, OpenSnapshot):
             self.service.release(handle.version)
-            if handle.reader.bytes_read >= WORTH_TRIMMING_AFTER_READING:  # a whole disk was copied
-                await trio.to_thread.run_sync(give_back_free_memory, handle.reader.bytes_read)
+            if handle.reader.image_bytes_read >= WORTH_TRIMMING_AFTER_READING:  # a disk was copied
+                await trio.to_thread.run_sync(give_back_free_memory, handle.reader.image_bytes_read)
         elif isinstance(handle, RestoreWriter):
             await self.restores.release(handle)
 
