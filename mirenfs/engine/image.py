@@ -732,10 +732,9 @@ def replace_private_file(
     path: str, data: bytes | Sequence[bytes | bytearray | memoryview], *, durable: bool = False
 ) -> None:
     """Put ``data`` (or its pieces, one after another) at ``path`` (mode 0600) whole or not at
-    all: written under a temporary name
-    beside it, then renamed over it, so a reader or a crash never finds half of it. ``durable``
-    also fsyncs the file and its directory, so that the new content survives a crash. On any
-    failure the temporary file is removed and the error raised."""
+    all: written under a temporary name beside it, then renamed over it, so a reader or a crash
+    never finds half of it. ``durable`` also fsyncs the file and its directory, so that the new
+    content survives a crash. On any failure the temporary file is removed and the error raised."""
     temporary = f"{path}.{os.getpid()}.tmp"
     try:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)

@@ -196,7 +196,7 @@ class SnapshotIndex:
         size_bytes, chunk_size = int(head["size_bytes"]), int(head["chunk_size"])
         count = chunk_count(size_bytes, chunk_size)
         lengths = (4 * count, 4 * count, count, int(head["fingerprints"]), int(head["midstates"]))
-        if len(data) - head_end - 1 != sum(lengths):
+        if min(lengths) < 0 or len(data) - head_end - 1 != sum(lengths):
             raise ValueError("index arrays do not match the image size")
         parts, at = [], head_end + 1
         for length in lengths:
