@@ -185,14 +185,19 @@ def test_chunks_wholly_in_holes_are_settled_without_a_read(tmp_path: Path) -> No
     assert sum(index.zero_chunks) == index.frame_count - 3
 
 
-def test_index_survives_encoding_and_rejects_corruption(tmp_path: Path) -> None:
+def small_index(tmp_path: Path) -> tuple[Path, SnapshotIndex]:
+    """An image of data then a hole, and its index (no frame store: no fingerprints or states)."""
     image = tmp_path / "img"
     write_image(image, [("data", 300_000), ("hole", 300_000)])
     handle = OpenImage.open(str(image))
     try:
-        index = trio.run(build_index, handle.source(SMALL), SMALL)
+        return image, trio.run(build_index, handle.source(SMALL), SMALL)
     finally:
         handle.close()
+
+
+def test_index_survives_encoding_and_rejects_corruption(tmp_path: Path) -> None:
+    _, index = small_index(tmp_path)
     encoded = index.to_bytes()
     assert type(index).from_bytes(encoded) == index
     corrupt = bytearray(encoded)
@@ -235,13 +240,7 @@ def _reencoded(index_bytes: bytes, head_change: Callable[[dict[str, Any]], objec
 def test_index_decoding_checks_the_arrays_against_the_head(
     tmp_path: Path, change: Callable[[dict[str, Any]], object], cut: int, reason: str
 ) -> None:
-    image = tmp_path / "img"
-    write_image(image, [("data", 300_000), ("hole", 300_000)])
-    handle = OpenImage.open(str(image))
-    try:
-        index = trio.run(build_index, handle.source(SMALL), SMALL)
-    finally:
-        handle.close()
+    _, index = small_index(tmp_path)
     assert SnapshotIndex.from_bytes(_reencoded(index.to_bytes(), lambda head: None)) == index
     with pytest.raises(ValueError, match=reason):
         SnapshotIndex.from_bytes(_reencoded(index.to_bytes(), change, cut))
@@ -249,13 +248,7 @@ def test_index_decoding_checks_the_arrays_against_the_head(
 
 def test_index_encoding_shares_the_arrays_instead_of_copying_them(tmp_path: Path) -> None:
     """A 1 TiB disk's index is 21 MB: saving it must not make copies of it (format 3 made six)."""
-    image = tmp_path / "img"
-    write_image(image, [("data", 300_000), ("hole", 300_000)])
-    handle = OpenImage.open(str(image))
-    try:
-        index = trio.run(build_index, handle.source(SMALL), SMALL)
-    finally:
-        handle.close()
+    _, index = small_index(tmp_path)
     pieces = index.encoded()
     assert sum(len(memoryview(piece).cast("B")) for piece in pieces) == len(index.to_bytes())
     arrays = [piece for piece in pieces if isinstance(piece, memoryview)]
@@ -267,13 +260,7 @@ def test_index_encoding_shares_the_arrays_instead_of_copying_them(tmp_path: Path
 def test_index_cache_gives_back_what_loading_and_saving_took(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    image = tmp_path / "img"
-    write_image(image, [("data", 300_000), ("hole", 300_000)])
-    handle = OpenImage.open(str(image))
-    try:
-        index = trio.run(build_index, handle.source(SMALL), SMALL)
-    finally:
-        handle.close()
+    image, index = small_index(tmp_path)
     trims: list[int] = []
     monkeypatch.setattr(versions, "give_back_free_memory", trims.append)
     cache = versions.IndexCache(str(tmp_path / "index"))
