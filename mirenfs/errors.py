@@ -44,6 +44,9 @@ import resource
 from errno import EACCES, EBUSY, EDQUOT, EEXIST, EINVAL, EIO, EMFILE, ENFILE, ENOENT, ENOSPC, EPERM
 
 NO_SPACE = (ENOSPC, EDQUOT)  # a write found no room: a full filesystem, or a used-up quota
+# A log record's ``extra`` for a line one request writes, which every request may write again
+# (out of descriptors, a catalogue that stopped answering): a mount's log folds such repeats.
+FOLDED_WHEN_REPEATED = {"fold_repeats": True}
 
 
 class MirenfsError(Exception):

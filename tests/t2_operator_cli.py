@@ -20,10 +20,12 @@ import pytest
 
 from mirenfs.cli import mount_helper
 from mirenfs.disks.manage import mkfs_reason
+from mirenfs.disks.pointintime import RECORD_PREFIX, RECORD_SUFFIX
 from mirenfs.disks.store import Store
 from mirenfs.engine.image import STAGING_SUFFIX
 from mirenfs.format.frames import seek_table
 from mirenfs.format.header import Meta, Timestamp, decode_header, write_header
+from mirenfs.mount.config import clone_directory_of
 
 from support.bad_snapshots import FORGED_LOG_LINE
 from support.data import sha256_file, write_image
@@ -840,3 +842,49 @@ def test_cleanup_needs_root_and_touches_nothing_without_it(
         == "mirenfs: error: mirenfs cleanup thaws filesystems, which needs root; run it as root (sudo)\n"
     )
     assert store_state(data) == before
+
+
+def test_cleanup_leaves_the_freeze_of_a_running_mirenfs_alone_but_not_a_reused_pid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A freeze record names the process that froze: while that process runs (a mount or backup
+    at work) its record is left; a pid since taken by another program, or gone, holds nothing."""
+    data = tmp_path / "data"
+    data.mkdir()
+    Store(str(data))
+    clones = Path(clone_directory_of(str(data)))
+    clones.mkdir(parents=True)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    working = subprocess.Popen(["bash", "-c", "exec -a mirenfs-backup sleep 60"])
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        wait_for(lambda: b"mirenfs" in Path(f"/proc/{working.pid}/cmdline").read_bytes(), "exec -a")
+        for pid in (working.pid, other.pid):
+            (clones / f"{RECORD_PREFIX}{pid}-1{RECORD_SUFFIX}").write_text("loop999\n")  # nothing frozen
+        cleaned = ok("cleanup", "--data-path", data)
+        assert cleaned.out == (
+            f"left alone a freeze held by running mirenfs process {working.pid} (a mount or backup at work)\n"
+        )
+        assert [record.name for record in clones.iterdir()] == [
+            f"{RECORD_PREFIX}{working.pid}-1{RECORD_SUFFIX}"
+        ]
+    finally:
+        for process in (working, other):
+            process.kill()
+            process.wait(timeout=10)
+    assert ok("cleanup", "--data-path", data).out.startswith("nothing to clean up in ")
+    assert list(clones.iterdir()) == []
+
+
+def test_cleanup_refuses_a_directory_that_is_not_a_data_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wrong --data-path must not give an all-clear while the real one has a frozen filesystem."""
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    result = run_cli("cleanup", "--data-path", tmp_path)
+    assert (result.code, result.out) == (1, "")
+    assert result.err == (
+        f"mirenfs: error: {tmp_path} holds nothing of mirenfs (no mirenfs.db, no mirenfs/): it is not "
+        "the data path a mount or backup used; check --data-path (or MIRENFS_DATA_PATH)\n"
+    )
+    assert list(tmp_path.iterdir()) == []

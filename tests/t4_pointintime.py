@@ -45,7 +45,7 @@ from support.loopfs import (
 )
 from support.mounts import Mount, pid_alive, wait_for
 from support.records import RecordCheck, check_records
-from support.runners import ok, run_cli
+from support.runners import MIRENFS, ok, run_cli
 from support.store import disks
 
 CONSISTENCY = "user.mirenfs.consistency"
@@ -475,6 +475,20 @@ def test_a_freeze_left_when_daemon_and_watchdog_are_both_killed_is_thawed(
                 wait_for(lambda: not any(pid_alive(p) for p in (*watchdogs, pid)), "both to be gone")
                 assert not finishes(held, 0.5), "nobody is left to thaw it"
         if thawer == "mirenfs cleanup":
+            # Root without CAP_SYS_ADMIN (a narrower unit, a container) cannot thaw: it says so,
+            # fails, and keeps the freeze record for a run that can.
+            weak = subprocess.run(
+                [tool("setpriv"), "--bounding-set=-sys_admin", "--inh-caps=-sys_admin", MIRENFS, "cleanup",
+                 "--data-path", disk.data], capture_output=True, text=True, timeout=60, check=False
+            )  # fmt: skip
+            assert weak.returncode == 1 and weak.stdout == "", weak.stdout
+            cannot = (
+                r"mirenfs: error: cannot thaw the ext4 filesystem on /dev/loop\d+, mounted at .* "
+                r"\(Operation not permitted\), left frozen by a mirenfs process that was killed: .*"
+                r"its freeze record is kept for the next try\)\n"
+            )
+            assert re.fullmatch(cannot, weak.stderr), weak.stderr
+            assert not finishes(held, 0.5), "still frozen"
             cleaned = ok("cleanup", "--data-path", disk.data)
             assert re.fullmatch(thawed + r" that was killed\n", cleaned.out), cleaned.out
             assert finishes(held, 5), "mirenfs cleanup thaws it from the freeze record"

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mirenfs.cli.common import human_size
-from mirenfs.cli.mount_cmds import fold_log_repeats, serve_mount
+from mirenfs.cli.mount_cmds import fold_log_repeats, serve_mount, write_held_back_repeats
 from mirenfs.disks.manage import create_disk, mkfs_program
 from mirenfs.disks.store import Store
 from mirenfs.errors import MirenfsError
@@ -56,7 +56,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         config = MountConfig(str(mountpoint), str(data))
         guide = partial(_print_guide, root, data, mountpoint, backups, names, args.keep)
         fold_log_repeats()
-        serve_mount(config, ready=guide)
+        try:
+            serve_mount(config, ready=guide)
+        finally:
+            write_held_back_repeats()
     finally:
         if args.keep:
             print(f"mirenfs demo: stopped; kept {root} (data path {data})", flush=True)

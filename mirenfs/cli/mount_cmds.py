@@ -25,7 +25,7 @@ from typing import Any
 import trio
 
 from mirenfs.cli.common import add_data_path_option, catalog_from, human_size, resolve_data_path
-from mirenfs.cli.logfold import fold_repeats
+from mirenfs.cli.logfold import fold_repeats, write_held_back
 from mirenfs.cli.mountinfo import MountEntry, mirenfs_mounts, mount_at, mount_holding, refuse_if_mirenfs_mount
 from mirenfs.disks.catalogs import catalog_spec_from, node_from
 from mirenfs.disks.manage import sweep_what_killed_runs_left
@@ -77,11 +77,16 @@ def register(commands: Any) -> None:
     )
     status.set_defaults(handler=cmd_status)
 
+    cleanup_help = (
+        "after a mount or backup was killed: thaw the filesystems it left frozen, remove its "
+        "copies, staging files and the disks its restores were creating (a mount's start does this "
+        "too; the systemd unit runs it on stop)"
+    )
     cleanup = commands.add_parser(
         "cleanup",
-        help="after a mount or backup was killed: thaw the filesystems it left frozen, remove its "
-        "copies, staging files and the disks its restores were creating (a mount's start does this "
-        "too; the systemd unit runs it on stop)",
+        help=cleanup_help,
+        description=f"{cleanup_help[0].upper()}{cleanup_help[1:]}. Needs root. What a running mount or "
+        "backup holds is left alone. Exits 1 if a filesystem could not be thawed.",
     )
     add_data_path_option(cleanup)
     cleanup.set_defaults(handler=cmd_cleanup)
@@ -160,7 +165,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
     config = config_from(args)
     if args.foreground:
         fold_log_repeats()
-        serve_mount(config)  # checks the store before it mounts
+        try:
+            serve_mount(config)  # checks the store before it mounts
+        finally:
+            write_held_back_repeats()
         return 0
     # Checked here as well, before the fork: the daemon logs into the data path, so a read-only
     # or damaged one must be named by this process, in one line, not by a daemon's raw error.
@@ -199,6 +207,7 @@ def _daemonize(config: MountConfig, log_level: str) -> int:
         with contextlib.suppress(OSError):
             os.write(write_end, str(error).encode())
     finally:
+        write_held_back_repeats()
         logging.shutdown()
         os._exit(code)
 
@@ -226,9 +235,15 @@ def _detach_stdio(config: MountConfig, log_level: str) -> None:
 
 
 def fold_log_repeats() -> None:
-    """A mount's log says a repeated warning once a minute, with a count (cli.logfold)."""
+    """A mount's log says a line every request may write once a minute, with a count (cli.logfold)."""
     for handler in logging.getLogger().handlers:
         fold_repeats(handler)
+
+
+def write_held_back_repeats() -> None:
+    """At the end of a mount: the counts of repeats still held back, so none goes unsaid."""
+    for handler in logging.getLogger().handlers:
+        write_held_back(handler)
 
 
 # ---- status -------------------------------------------------------------------
@@ -434,14 +449,24 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     which took the watchdog with the mount and would leave a filesystem frozen until the next
     start, and for a person after a ``kill -9``. What live runs hold is left alone."""
     data_path = resolve_data_path(args.data_path)
+    if not any(os.path.lexists(os.path.join(data_path, name)) for name in ("mirenfs.db", "mirenfs")):
+        raise MirenfsError(
+            f"{data_path} holds nothing of mirenfs (no mirenfs.db, no mirenfs/): it is not the data "
+            "path a mount or backup used; check --data-path (or MIRENFS_DATA_PATH)"
+        )
     if os.geteuid() != 0:
         raise MirenfsError("mirenfs cleanup thaws filesystems, which needs root; run it as root (sudo)")
-    said = 0
-    for _level, sentence in sweep_what_killed_runs_left(
+    said, failed = 0, False
+    for level, sentence in sweep_what_killed_runs_left(
         data_path, clone_directory_of(data_path), catalog_from(args)
     ):
-        print(sentence, flush=True)  # each as it is done: a catalogue failure comes after the thaws
+        failed = failed or level >= logging.ERROR
+        # each as it is done: a catalogue failure comes after the thaws
+        if level >= logging.ERROR:
+            print(f"mirenfs: error: {sentence}", file=sys.stderr, flush=True)
+        else:
+            print(sentence, flush=True)
         said += 1
     if not said:
         print(f"nothing to clean up in {data_path}: no killed mirenfs process left anything behind")
-    return 0
+    return 1 if failed else 0

@@ -184,6 +184,20 @@ def sweep_what_killed_runs_left(
     leftovers = sweep_leftovers(clone_directory)
     for filesystem in leftovers.thawed:
         yield logging.WARNING, f"thawed {filesystem}, left frozen by a mirenfs process that was killed"
+    for filesystem in leftovers.not_thawed:
+        yield (
+            logging.ERROR,
+            (
+                f"cannot thaw {filesystem}, left frozen by a mirenfs process that was killed: writers to it "
+                "wait until it is thawed; run mirenfs cleanup as root (CAP_SYS_ADMIN), or fsfreeze -u on "
+                "its mount point (its freeze record is kept for the next try)"
+            ),
+        )
+    for pid in leftovers.live_freezes:
+        yield (
+            logging.INFO,
+            f"left alone a freeze held by running mirenfs process {pid} (a mount or backup at work)",
+        )
     for path in leftovers.removed:
         yield logging.INFO, f"removed {path}, a point-in-time copy left over from an earlier run"
     for path in sweep_stale_staging(data_path, catalog=store):

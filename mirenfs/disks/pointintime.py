@@ -51,8 +51,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mirenfs.disks.live import MountedFilesystem, filesystems_on, loop_devices_backing, open_mount
 from mirenfs.engine.image import ImageIdentity, OpenImage, data_extents, make_private_directory
@@ -756,19 +755,26 @@ def _syncfs(fd: int) -> None:
 
 @dataclass
 class Leftovers:
-    """What :func:`sweep_leftovers` did: copies removed (paths), filesystems thawed (descriptions)."""
+    """What :func:`sweep_leftovers` did: copies removed (paths), filesystems thawed and not
+    thawed (descriptions, the latter with why), freeze records of running processes left alone
+    (their pids)."""
 
-    removed: list[str]
-    thawed: list[str]
+    removed: list[str] = field(default_factory=list)
+    thawed: list[str] = field(default_factory=list)
+    not_thawed: list[str] = field(default_factory=list)
+    live_freezes: list[int] = field(default_factory=list)
 
 
 def sweep_leftovers(clone_directory: str) -> Leftovers:
     """At start: remove named copies a crash left, and thaw what a killed process left frozen.
 
     A freeze record of a process still running (another mount of the same
-    data path, a ``mirenfs backup``) is left alone.
+    data path, a ``mirenfs backup``) is left alone. A record is removed only
+    once every filesystem it names is thawed (or was not frozen): one that
+    could not be thawed (no ``CAP_SYS_ADMIN``, its mount out of reach) keeps
+    its record for the next try.
     """
-    done = Leftovers([], [])
+    done = Leftovers()
     try:
         entries = sorted(os.listdir(clone_directory))
     except FileNotFoundError:
@@ -781,11 +787,15 @@ def sweep_leftovers(clone_directory: str) -> Leftovers:
                 done.removed.append(path)
         elif entry.startswith(RECORD_PREFIX) and entry.endswith(RECORD_SUFFIX):
             pid = entry[len(RECORD_PREFIX) :].split("-", 1)[0]
-            if pid.isdigit() and int(pid) != os.getpid() and _running(int(pid)):
+            if pid.isdigit() and int(pid) != os.getpid() and _running_mirenfs(int(pid)):
+                done.live_freezes.append(int(pid))
                 continue
-            done.thawed.extend(_thaw_recorded(path))
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            thawed, not_thawed = _thaw_recorded(path)
+            done.thawed.extend(thawed)
+            done.not_thawed.extend(not_thawed)
+            if not not_thawed:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
     return done
 
 
@@ -795,38 +805,48 @@ def _loop_of(device: str) -> str:
     return "loop" + number.split("p", 1)[0]
 
 
-def _running(pid: int) -> bool:
+def _running_mirenfs(pid: int) -> bool:
+    """Whether ``pid`` is a running mirenfs process: a pid reused since by another program
+    does not hold a freeze. When that cannot be told, it is assumed to."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return b"mirenfs" in cmdline.read()
+    except FileNotFoundError:
         return False
-    except PermissionError:
+    except OSError:
         return True
-    return True
 
 
-def _thaw_recorded(record: str) -> Iterator[str]:
+def _thaw_recorded(record: str) -> tuple[list[str], list[str]]:
+    """Thaw the filesystems a freeze record names: (thawed, not thawed with why). A filesystem
+    that is not frozen (FITHAW's EINVAL) was thawed by the watchdog, or never frozen: done."""
+    thawed: list[str] = []
+    not_thawed: list[str] = []
     try:
         with open(record, encoding="ascii") as text:
             devices = [line.strip() for line in text if line.strip()]
     except (OSError, UnicodeDecodeError):
-        return
+        return thawed, not_thawed  # half written when it was killed: nothing was frozen yet
     loops = sorted({_loop_of(device) for device in devices})
     try:
         filesystems = filesystems_on(loops)
-    except MirenfsError:
-        return
+    except MirenfsError as exc:
+        return thawed, [f"the filesystems on {', '.join(devices)} ({exc})"]
     for filesystem in filesystems:
         if filesystem.device not in devices:
             continue
         try:
             fd = open_mount(filesystem)
-        except OSError:
+        except OSError as exc:
+            not_thawed.append(f"{filesystem.describe()} (cannot open it: {exc.strerror})")
             continue
         try:
             fcntl.ioctl(fd, FITHAW, 0)
-        except OSError:
-            continue  # not frozen: the watchdog did its job
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: not frozen, the watchdog did its job
+                not_thawed.append(f"{filesystem.describe()} ({exc.strerror})")
+            continue
         finally:
             os.close(fd)
-        yield filesystem.describe()
+        thawed.append(filesystem.describe())
+    return thawed, not_thawed

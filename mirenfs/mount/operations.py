@@ -22,7 +22,13 @@ import trio
 
 from mirenfs.engine.memory import WORTH_TRIMMING_AFTER_READING, give_back_free_memory
 from mirenfs.engine.produce import SequentialReader
-from mirenfs.errors import ImageChangedError, MirenfsError, StoreError, out_of_descriptors
+from mirenfs.errors import (
+    FOLDED_WHEN_REPEATED,
+    ImageChangedError,
+    MirenfsError,
+    StoreError,
+    out_of_descriptors,
+)
 from mirenfs.mount.catalog import CatalogEntry, CatalogView, DiskCatalog
 from mirenfs.mount.inodes import (
     RESTORE_INODE,
@@ -83,12 +89,14 @@ def fuse_errors(handler: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Cor
             raise
         except MirenfsError as exc:
             if not exc.reported:
-                log.warning("%s", exc)
+                log.warning("%s", exc, extra=FOLDED_WHEN_REPEATED)
             raise pyfuse3.FUSEError(exc.errno) from None
         except FileNotFoundError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
         except OSError as exc:
-            log.warning("%s: %s", handler.__name__, out_of_descriptors(exc.errno) or exc)
+            log.warning(
+                "%s: %s", handler.__name__, out_of_descriptors(exc.errno) or exc, extra=FOLDED_WHEN_REPEATED
+            )
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         except Exception:
             log.exception("unexpected error in %s; answering EIO", handler.__name__)
