@@ -578,3 +578,23 @@ def test_a_small_frame_holds_only_its_own_bytes() -> None:
     assert held - before < 64 << 10, f"{held - before} bytes held for 8 frames of {len(frames[0])} bytes"
     dense = random.Random(8).randbytes(1 << 20)
     assert zstandard.ZstdDecompressor().decompress(compress_frame(dense, 3)) == dense
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [(b"", "it is empty"), (b"\xff\xfe garbage\n-\n", "its first lines are not text")],
+    ids=["empty", "garbage"],
+)
+def test_an_index_cache_file_that_is_empty_or_garbage_is_corrupt_naming_the_image(
+    tmp_path: Path, content: bytes, reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    image, index = small_index(tmp_path)
+    cache = versions.IndexCache(str(tmp_path / "index"))
+    cache.save(str(image), "identity", index, None)
+    Path(cache.path_for(str(image))).write_bytes(content)
+    with caplog.at_level(logging.INFO):
+        assert cache.load(str(image), "identity") is None
+        assert cache.load_basis(str(image)) is None
+    assert [record.getMessage() for record in caplog.records] == [
+        f"index cache {cache.path_for(str(image))} for {image} is corrupt ({reason}); rebuilding it"
+    ]

@@ -188,10 +188,11 @@ class SnapshotIndex:
             raise ValueError("index head is not an object")
         if head.get("format") == _JSON_INDEX_FORMAT and head_end < 0:
             return cls._from_json(head)
-        if head.get("format") != INDEX_FORMAT or head.get("byteorder") != sys.byteorder:
+        if head.get("format") != INDEX_FORMAT:
+            raise StaleIndexError(f"index format {head.get('format')}, this mirenfs writes {INDEX_FORMAT}")
+        if head.get("byteorder") != sys.byteorder:
             raise StaleIndexError(
-                f"index format {head.get('format')} ({head.get('byteorder')}-endian), "
-                f"this mirenfs writes {INDEX_FORMAT} ({sys.byteorder}-endian)"
+                f"index of a {head.get('byteorder')}-endian machine, this one is {sys.byteorder}-endian"
             )
         size_bytes, chunk_size = int(head["size_bytes"]), int(head["chunk_size"])
         count = chunk_count(size_bytes, chunk_size)

@@ -108,14 +108,18 @@ class IndexCache:
         try:
             with open(path, "rb") as f:
                 stored_key = f.readline().decode().rstrip("\n")
+                if not stored_key:
+                    raise ValueError("it is empty")
                 if key is not None and stored_key != key:
                     return None
                 sidecar = f.readline().decode().rstrip("\n")
                 body = f.read()
         except FileNotFoundError:
             return None
-        except (OSError, UnicodeDecodeError) as exc:
-            log.warning("index cache %s is unreadable (%s); rebuilding it", path, exc)
+        except UnicodeDecodeError:
+            raise ValueError("its first lines are not text") from None
+        except OSError as exc:
+            log.warning("index cache %s is unreadable (%s); rebuilding it", path, exc.strerror or exc)
             return None
         size = len(body)
         try:
