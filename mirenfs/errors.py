@@ -31,6 +31,7 @@ ImageMissingError        ENOENT  No such file or directory
 DiskExistsError          EEXIST  File exists
 LeaseNotFoundError       ENOENT  No such file or directory
 StoreError               EIO     Input/output error
+OutOfDescriptorsError    EMFILE  Too many open files
 CatalogUnreachableError  EIO     Input/output error
 DiskElsewhereError       EBUSY   Device or resource busy
 MountError               EIO     (the mount command's own failure: no errno is seen)
@@ -195,6 +196,13 @@ class StoreError(MirenfsError):
     """The store could not be read or written: reported as it is, never taken for "no such disk"."""
 
     errno = EIO
+
+
+class OutOfDescriptorsError(StoreError):
+    """The store could not be opened because this process can open no more files: every request
+    then fails, and what a copying tool prints should say why ("Too many open files"), not EIO."""
+
+    errno = EMFILE
 
 
 class CatalogUnreachableError(StoreError):

@@ -161,7 +161,7 @@ def test_verify_of_a_header_nested_too_deeply_is_one_line(tmp_path: Path) -> Non
 # ---- open files: a mount keeps each disk's image open once it was read (scale trial) ------------
 
 _AT_THE_LIMIT = """
-import os, resource, sys
+import errno, os, resource, sys
 from mirenfs.disks.store import Store
 from mirenfs.errors import StoreError, out_of_descriptors
 assert out_of_descriptors() is None
@@ -177,6 +177,7 @@ try:
     Store(sys.argv[1]).list_disks()
 except StoreError as exc:
     print(exc)
+    print(errno.errorcode[exc.errno])
 """
 
 
@@ -189,7 +190,8 @@ def test_a_process_out_of_descriptors_is_told_so_not_that_its_store_is_broken(tm
         [sys.executable, "-c", _AT_THE_LIMIT, str(data)], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
-    said, store_said = done.stdout.splitlines()
+    said, store_said, store_errno = done.stdout.splitlines()
+    assert store_errno == "EMFILE"  # what cp and ls print: "Too many open files", not EIO
     expected = (
         "mirenfs has 64 files open, all that its limit allows (ulimit -n): a mount keeps each disk's "
         "image open once it was read; raise the limit (LimitNOFILE= in its service) and mount again"

@@ -45,6 +45,7 @@ from mirenfs.errors import (
     DiskNotFoundError,
     LeaseNotFoundError,
     MirenfsError,
+    OutOfDescriptorsError,
     StoreError,
     VolumeNotFoundError,
     out_of_descriptors,
@@ -264,7 +265,7 @@ class Store:
         for a data path whose filesystem is full or read-only; then that is the sentence."""
         exhausted = out_of_descriptors()  # SQLite says only "unable to open database file"
         if exhausted is not None:
-            return StoreError(exhausted)
+            return OutOfDescriptorsError(exhausted)
         code = getattr(exc, "sqlite_errorcode", None)
         if code is not None and code & 0xFF in _NO_ROOM_CODES:
             no_room = _data_path_error(self.data_path)
@@ -275,7 +276,7 @@ class Store:
     def _os_error(self, action: str, exc: OSError) -> StoreError:
         exhausted = out_of_descriptors(exc.errno)
         if exhausted is not None:
-            return StoreError(exhausted)
+            return OutOfDescriptorsError(exhausted)
         no_room = _data_path_error(self.data_path, exc.errno)
         return no_room or StoreError(f"cannot {action} the disk store {self.path}: {exc.strerror}")
 
