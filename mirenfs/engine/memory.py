@@ -28,10 +28,10 @@ def _malloc_trim() -> Callable[[int], int] | None:
     return function
 
 
-def give_back_free_memory(handled: int, worth: int = WORTH_TRIMMING) -> bool:
+def give_back_free_memory(handled: int) -> bool:
     """After a job that handled ``handled`` bytes in memory, return the process's free heap
-    pages to the system; jobs under ``worth`` are left alone. Whether a trim ran."""
-    trim = _malloc_trim() if handled >= worth else None
+    pages to the system; jobs under WORTH_TRIMMING are left alone. Whether a trim ran."""
+    trim = _malloc_trim() if handled >= WORTH_TRIMMING else None
     if trim is None:
         return False
     trim(0)
