@@ -173,6 +173,39 @@ def test_the_frame_scanner_reads_the_window_each_frame_asks_for(window_log: int)
         assert scanner.window_size == zstandard.get_frame_parameters(frame).window_size
 
 
+def _events(stream: bytes, piece: int) -> list[tuple[int, bool, int | None]]:
+    """(offset, in a zstd frame, content size) at each event ``feed_to_event`` stops at."""
+    scanner, found, position = FrameScanner(), [], 0
+    while position < len(stream):
+        taken, event = scanner.feed_to_event(stream[position : position + piece])
+        assert 0 < taken <= piece
+        position += taken
+        if event:
+            found.append(
+                (position, scanner.in_zstd_frame, scanner.content_size if scanner.in_zstd_frame else None)
+            )
+    assert scanner.at_boundary
+    return found
+
+
+@pytest.mark.parametrize("piece", [1, 7, 1 << 20])
+def test_the_frame_scanner_stops_at_each_header_and_each_frame_end(piece: int) -> None:
+    """A restore cuts its input into frames with ``feed_to_event``: it stops after each frame's
+    header (saying whether a zstd frame's data follows, and its content size) and at each frame's
+    end, whatever the sizes of the pieces it is fed."""
+    sized = zstandard.ZstdCompressor(write_checksum=True, write_content_size=True).compress(b"a" * 70000)
+    unsized = streamed_frame(b"b" * 5000, window_log=20)
+    skippable = struct.pack("<II", 0x184D2A51, 5) + b"12345"
+    empty_skippable = struct.pack("<II", 0x184D2A52, 0)
+    stream = sized + skippable + unsized + empty_skippable
+    ends = [len(sized), len(sized) + len(skippable), len(sized) + len(skippable) + len(unsized), len(stream)]
+    events = _events(stream, piece)
+    assert [offset for offset, _, _ in events if offset in ends] == ends
+    headers = [event for event in events if event[0] not in ends]
+    assert [(in_frame, size) for _, in_frame, size in headers] == [(True, 70000), (False, None), (True, None)]
+    assert headers[0][0] < 20 and headers[1][0] == len(sized) + 8 and headers[2][0] < ends[1] + 20
+
+
 def test_a_name_in_a_line_is_quoted_when_it_could_pass_for_another() -> None:
     """Status and log lines show names as they are, unless a control character or a space at an
     end would hide what the name is: ``restore/pg.mirn `` must not read as ``restore/pg.mirn``."""

@@ -10,6 +10,7 @@ import os
 import random
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -18,10 +19,12 @@ import trio
 import zstandard
 
 from mirenfs.disks.restore import FEED_BATCH
+from mirenfs.engine import consume
 from mirenfs.engine.consume import (
     INPUT_LIMIT,
     PIECE,
     POOL_PIECES,
+    WHOLE_FRAME_LIMIT,
     ZERO_FRAME,
     OpenTarget,
     RestoreStream,
@@ -30,6 +33,7 @@ from mirenfs.engine.consume import (
 from mirenfs.engine.image import SparseWriter, StagingImage, nonzero_runs
 from mirenfs.engine.pipeline import BufferPool
 from mirenfs.errors import FormatError
+from mirenfs.format.frames import FrameScanner
 
 from support.data import sha256_file, staging_files
 from support.mounts import wait_for
@@ -123,11 +127,13 @@ class BlockingWriter:
         self.written += len(data)
 
 
-def test_a_slow_writer_holds_back_the_feeds_in_bounded_memory() -> None:
+@pytest.mark.parametrize("frame", [None, 4 << 20], ids=["one frame", "mirenfs's frames"])
+def test_a_slow_writer_holds_back_the_feeds_in_bounded_memory(frame: int | None) -> None:
     """Back-pressure: while the write stage is stuck, feeds return at once until the queues are
-    full, then wait; nothing is lost once the writer moves again."""
+    full, then wait; nothing is lost once the writer moves again. Whole frames waiting for the
+    frame stages are bounded too."""
     content = os.urandom(48 << 20)  # does not compress: input and output sizes match
-    snapshot = one_frame_snapshot(content)
+    snapshot = one_frame_snapshot(content) if frame is None else many_frame_snapshot(content, chunk=frame)
     writer = BlockingWriter()
 
     async def open_target(_meta: object) -> BlockingWriter:
@@ -220,12 +226,13 @@ def test_a_stream_cut_inside_a_frame_is_refused(cut: int) -> None:
     assert isinstance(error, FormatError)
 
 
-def test_an_abandoned_stream_stops_its_threads() -> None:
+@pytest.mark.parametrize("make", [one_frame_snapshot, many_frame_snapshot])
+def test_an_abandoned_stream_stops_its_threads(make: Callable[[bytes], bytes]) -> None:
     """A restore cancelled half-way (the stream is just dropped) leaves no thread and no context."""
 
     async def run() -> None:
         stream, _sink = collecting_stream()
-        snapshot = one_frame_snapshot(CONTENT)
+        snapshot = make(CONTENT)
         await stream.feed(snapshot[: len(snapshot) // 2])
         assert restore_threads() != []
         del stream
@@ -329,6 +336,129 @@ def test_zero_frames_past_size_bytes_are_refused() -> None:
     error = _fail_before_the_end(short.header() + body, open_target)
     assert isinstance(error, FormatError) and "longer than" in str(error)
     assert len(sink.data) <= short.size_bytes
+
+
+# ---- whole frames decompress on several cores ---------------------------------------------------
+
+
+class FrameStageSpy:
+    """Wraps the frame stages' decompression: which threads ran it, how many frames are done,
+    and optionally a pause before each (a slow core)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, pause_s: float = 0.0) -> None:
+        self.threads: set[str] = set()
+        self.done = 0
+        self._lock = threading.Lock()
+        real = consume._decompress_whole
+
+        def spy(decompressor: zstandard.ZstdDecompressor, frame: bytes, into: memoryview) -> None:
+            with self._lock:
+                self.threads.add(threading.current_thread().name)
+            if pause_s:
+                time.sleep(pause_s)  # widens the window in which a settle could answer too early
+            real(decompressor, frame, into)
+            with self._lock:
+                self.done += 1
+
+        monkeypatch.setattr(consume, "_decompress_whole", spy)
+
+
+def test_mirenfs_frames_are_decompressed_by_several_stages_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mirenfs's own frames (content size in each header, at most a piece) go whole to the frame
+    stages, more than one of them at work: one zstd stream was the slowest stage of a restore
+    where the data is dense. The image comes out in order, exactly."""
+    content = image_bytes(40 << 20, seed=11)
+    snapshot = mirenfs_layout(content)
+    spy = FrameStageSpy(monkeypatch)
+
+    async def run() -> None:
+        stream, sink = collecting_stream()
+        await feed_in_pieces(stream, snapshot, seed=3, largest=1 << 20)
+        await stream.finish()
+        assert bytes(sink.data) == content
+
+    trio.run(run)
+    assert spy.done == 10
+    assert len(spy.threads) >= 2 and all(name.startswith("mirenfs-restore-frame-") for name in spy.threads)
+    assert restore_threads() == []
+
+
+def test_a_settle_waits_for_the_frames_being_decompressed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A close asks whether the stream is whole after a settle: every frame handed to a frame
+    stage must be decompressed by then, or an error in the last one would come too late."""
+    content = image_bytes(24 << 20, seed=12)
+    snapshot = mirenfs_layout(content)
+    spy = FrameStageSpy(monkeypatch, pause_s=0.05)
+
+    async def run() -> None:
+        stream, _sink = collecting_stream()
+        try:
+            await stream.feed(snapshot)
+            await stream.settle()
+            assert spy.done == 6
+            assert stream.complete
+            await stream.finish()
+        finally:
+            await stream.close()  # no stage left running if this failed
+
+    trio.run(run)
+
+
+def _frame_with_empty_blocks(content: bytes, blocks: int) -> bytes:
+    """A valid frame of ``content`` whose header says its size, padded with empty raw blocks: it
+    fits a piece but is longer than any compressor would make it."""
+    frame = zstandard.ZstdCompressor(level=3, write_checksum=True, write_content_size=True).compress(content)
+    header_length, _ = FrameScanner().feed_to_event(frame)
+    return frame[:header_length] + b"\x00\x00\x00" * blocks + frame[header_length:]
+
+
+def test_a_frame_longer_than_its_content_allows_is_decompressed_as_it_streams(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A frame whose content fits a piece is collected whole only up to zstd's bound: past it
+    (here 5 MB of empty blocks before 1 MiB of data) it streams, in bounded memory, exactly."""
+    spy = FrameStageSpy(monkeypatch)
+    content = image_bytes(1 << 20, seed=13)
+    padded = _frame_with_empty_blocks(content, (5 << 20) // 3)
+    assert len(padded) > WHOLE_FRAME_LIMIT
+    snapshot = meta_for(content).header() + padded
+
+    async def run() -> None:
+        stream, sink = collecting_stream()
+        await feed_in_pieces(stream, snapshot, seed=4, largest=1 << 20)
+        await stream.finish()
+        assert bytes(sink.data) == content
+
+    trio.run(run)
+    assert spy.done == 0  # not collected whole
+    assert restore_threads() == []
+
+
+@pytest.mark.parametrize("damage", ["payload", "content size"])
+def test_a_bad_whole_frame_fails_the_restore_and_nothing_past_it_is_written(damage: str) -> None:
+    """A frame stage's error (a flipped byte, a content size that lies) reaches the next feed or
+    the finish as corrupt data, and the stages stop."""
+    content = image_bytes(3 * CHUNK, seed=14)
+    snapshot = bytearray(mirenfs_layout(content))
+    header = len(meta_for(content).header())
+    first_frame = zstandard.ZstdCompressor(level=3, write_checksum=True, write_content_size=True).compress(
+        content[:CHUNK]
+    )
+    if damage == "payload":
+        snapshot[header + len(first_frame) // 2] ^= 0x55
+    else:
+        params = zstandard.get_frame_parameters(first_frame)
+        assert params.content_size == CHUNK
+        field = first_frame.index(CHUNK.to_bytes(4, "little"))
+        snapshot[header + field : header + field + 4] = (CHUNK - 4096).to_bytes(4, "little")
+    sink = Collect()
+
+    async def open_target(_meta: object) -> Collect:
+        return sink
+
+    error = _fail_before_the_end(bytes(snapshot), open_target)
+    assert isinstance(error, FormatError) and "corrupt" in str(error)
+    assert restore_threads() == []
 
 
 def test_the_gil_switch_interval_is_restored_once_the_stages_end() -> None:

@@ -1,13 +1,17 @@
 """Consuming snapshots as a stream: the header, then any valid zstd data,
 decompressed, hashed and written sparsely as it arrives, in bounded memory.
 
-Once the header is known, a pipeline of three long-lived threads runs for the
-life of the restore: decompression (with the frame scanner, which refuses a
-stream cut inside a frame), hashing (one ordered SHA-256 stream, the slowest
-stage and the one every other keeps fed), and writing (zero check, ``pwrite``
-and writeback). :meth:`RestoreStream.feed` hands the compressed bytes to the
-first stage and returns at once unless its bounded queue is full (that is the
-back-pressure a FUSE write feels). Decompressed pieces travel in a fixed pool
+Once the header is known, a pipeline of long-lived threads runs for the life
+of the restore: decompression, which cuts the input into frames (with the
+frame scanner, which refuses a stream cut inside a frame) and decompresses a
+large frame or one of unknown size (Go's one frame) as it streams in; frame
+stages, which decompress the frames whose header says they hold at most a
+piece (mirenfs's own, one per 4 MiB chunk) whole, several at once, each
+straight into its piece, handed on in order before it is filled; hashing (one
+ordered SHA-256 stream, the stage every other keeps fed); and writing (zero
+check, ``pwrite`` and writeback). :meth:`RestoreStream.feed` hands the
+compressed bytes to the first stage and returns at once unless its bounded
+queue is full (that is the back-pressure a FUSE write feels). Decompressed pieces travel in a fixed pool
 of buffers, so memory stays bounded even for a frame that inflates 30 000-fold
 (a 4 MiB hole is a 151-byte frame). The frame mirenfs itself writes for an
 all-zero chunk is recognised and passed on as zeros without zstd or a zero
@@ -22,6 +26,7 @@ zstandard's C objects hide references from the garbage collector).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import hashlib
@@ -52,10 +57,18 @@ PIECE = 4 << 20
 POOL_PIECES = 8  # decompressed pieces in flight between the stages (32 MiB)
 INPUT_LIMIT = 8 << 20  # compressed bytes waiting for the decompressor before a feed waits
 _READ_SIZE = 1 << 20  # compressed bytes the decompressor takes at a time
+# Frames of at most a piece's content (mirenfs's own, one per 4 MiB chunk) are decompressed by
+# these stages, several at once: one zstd stream is the slowest stage where the data is dense.
+FRAME_WORKERS = min(4, max(2, os.cpu_count() or 2))
+FRAMES_LIMIT = 2 * PIECE  # compressed bytes of whole frames waiting for a frame stage
+# A frame whose content fits a piece is collected whole up to this length (zstd's bound for a
+# piece's content plus its headers); a longer one, valid but odd, is decompressed as it streams.
+WHOLE_FRAME_LIMIT = PIECE + (PIECE >> 7) + 1024
 _UNBOUNDED = 1 << 62  # the pool bounds the pieces between stages, not the hand-off
 ZERO_FRAME_CONTENT = DEFAULT_CHUNK_SIZE
 ZERO_FRAME = zero_frame(DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL)  # what mirenfs writes for a zero chunk
 _ZEROS = bytes(PIECE)
+_NOTHING = memoryview(b"")
 # The largest decoding window accepted (zstd's own default limit): a frame asking for more (zstd
 # --long=28 and above) is refused rather than let the mount's memory grow by its window.
 MAX_WINDOW = 1 << 27
@@ -85,16 +98,14 @@ _InputItem = bytes | _Settle
 _Piece = Union[Piece, "_KnownZeros"]
 
 
-class _CompressedInput:
-    """What the zstd reader pulls from: the input pieces, each part shown to the frame scanner as
-    it is handed out.
+class _FrameInput:
+    """The input pieces cut at frame boundaries, each byte shown to the frame scanner as it is
+    taken: a frame's header first (:meth:`next_header`), then the rest of that frame, whole
+    (:meth:`whole_frame`) or as a file for a zstd reader (:class:`_FrameReader`).
 
-    It reports end of input (so the reader flushes everything; zstd may hold
-    decoded bytes back until it sees more input) at a settle marker that falls
-    between frames, and before the frame mirenfs writes for an all-zero chunk:
-    that frame is taken out of the stream and its zeros go to the stages
-    without zstd or a zero check. Either way the decompression stage then
-    starts a new reader, which is sound because frames are independent.
+    A settle marker that falls between frames ends :meth:`next_header` (the
+    stage then reports everything before it decompressed); one inside a frame
+    is answered at once, since nothing more can come out of that frame now.
     """
 
     def __init__(self, handoff: Handoff[_InputItem], scanner: FrameScanner, waker: LoopWaker) -> None:
@@ -103,22 +114,51 @@ class _CompressedInput:
         self._waker = waker
         self._item = b""
         self._offset = 0
-        self._zero_frame: bytes | None = ZERO_FRAME  # None once the stream is not laid out as mirenfs's
-        self._looked = False
         self.ended = False
         self.settling: _Settle | None = None
-        self.zeros = 0  # bytes of a zero frame taken out, for the stage to pass on
 
-    def read(self, size: int) -> bytes | memoryview:
-        if self._offset == len(self._item) and not self._next_item():
-            return b""
-        if self._zero_frame is not None and self._take_zero_frame(self._zero_frame):
-            return b""
-        end = min(len(self._item), self._offset + size, self._next_zero_frame(size))
-        piece = memoryview(self._item)[self._offset : end]
-        self._scanner.feed(piece)
-        self._offset = end
-        return piece
+    def next_header(self) -> bytes | None:
+        """At a boundary: the next frame's header, taken; None at the end of the input or at a
+        settle between frames (then :attr:`settling` is set)."""
+        head = bytearray()
+        while True:
+            if self._offset == len(self._item) and not self._next_item():
+                return None
+            view = memoryview(self._item)[self._offset :]
+            taken, event = self._scanner.feed_to_event(view)
+            head += view[:taken]
+            self._offset += taken
+            if event:
+                return bytes(head)
+
+    def frame_bytes(self, size: int) -> memoryview:
+        """The next bytes of the frame being read, at most ``size``: empty at its end (or the input's)."""
+        if self._scanner.at_boundary or (self._offset == len(self._item) and not self._next_item()):
+            return _NOTHING
+        view = memoryview(self._item)[self._offset : self._offset + size]
+        taken, _ = self._scanner.feed_to_event(view)
+        self._offset += taken
+        return view[:taken]
+
+    def whole_frame(self, head: bytes, limit: int) -> tuple[list[bytes | memoryview], bool]:
+        """The frame being read: its parts, and whether they are all of it. They are not when the
+        input ended inside it, or when it outgrew ``limit`` (then the rest is still to read)."""
+        parts: list[bytes | memoryview] = [head]
+        length = len(head)
+        while not self._scanner.at_boundary:
+            part = self.frame_bytes(limit + 1 - length)
+            if not part:
+                return parts, False  # the input ended inside the frame
+            parts.append(part)
+            length += len(part)
+            if length > limit:
+                return parts, False
+        return parts, True
+
+    def skip_frame(self) -> None:
+        """Take the rest of a skippable frame (the scanner checks a seek table in it)."""
+        while self.frame_bytes(_READ_SIZE):
+            pass
 
     def _next_item(self) -> bool:
         """Wait for the next input piece; False at the end of input or at a settle between frames."""
@@ -134,33 +174,28 @@ class _CompressedInput:
                 self._waker.set(item.event)  # inside a frame: nothing more can come out now
                 continue
             self._item, self._offset = item, 0
-            if not self._looked:  # mirenfs's snapshots start with a frame of a 4 MiB chunk
-                self._looked = True
-                if self._zero_frame is not None and item[:5] != self._zero_frame[:5]:
-                    self._zero_frame = None
             return True
 
-    def _take_zero_frame(self, frame: bytes) -> bool:
-        start, end = self._offset, self._offset + len(frame)
-        if not self._scanner.at_boundary or self._item[start:end] != frame:
-            return False
-        self._scanner.feed(frame)
-        self._offset = end
-        self.zeros = ZERO_FRAME_CONTENT
-        return True
 
-    def _next_zero_frame(self, size: int) -> int:
-        """Where the next zero frame may start (hand out no input past it)."""
-        if self._zero_frame is None:
-            return len(self._item)
-        found = self._item.find(
-            self._zero_frame, self._offset + 1, self._offset + size + len(self._zero_frame)
-        )
-        return len(self._item) if found < 0 else found
+class _FrameReader:
+    """One frame for a zstd reader to pull: ``parts`` already taken, then the rest from the
+    input; an empty read at the frame's end, so the reader hands out all of it."""
+
+    def __init__(self, source: _FrameInput, parts: list[bytes | memoryview]) -> None:
+        self._source = source
+        self._parts = collections.deque(memoryview(part) for part in parts)
+
+    def read(self, size: int) -> bytes | memoryview:
+        if not self._parts:
+            return self._source.frame_bytes(size)
+        part = self._parts.popleft()
+        if len(part) > size:
+            self._parts.appendleft(part[size:])
+        return part[:size]
 
 
 class _Pipeline:
-    """The three stages of one restore and what they share. Owned by one :class:`RestoreStream`."""
+    """The stages of one restore and what they share. Owned by one :class:`RestoreStream`."""
 
     def __init__(self, size_bytes: int, writer: ImageWriter, *, check_seek_table: bool = False) -> None:
         self.size_bytes = size_bytes
@@ -171,16 +206,24 @@ class _Pipeline:
         self._waker = LoopWaker()
         self.input: Handoff[_InputItem] = Handoff(INPUT_LIMIT, self._waker)
         self._pool = BufferPool(POOL_PIECES, PIECE)
+        self._frames: Handoff[_FrameJob] = Handoff(FRAMES_LIMIT)
         self._to_hash: Handoff[_Piece] = Handoff(_UNBOUNDED)
         self._to_write: Handoff[_Piece] = Handoff(_UNBOUNDED)
+        self._being_filled: collections.deque[Piece] = collections.deque()  # handed on, maybe not filled yet
         self._settles: list[trio.Event] = []
         stop = partial(
-            _stop_all, (self.input, self._to_hash, self._to_write), self._pool, self._settles, self._waker
+            _stop_all,
+            (self.input, self._frames, self._to_hash, self._to_write),
+            self._pool,
+            self._settles,
+            self._waker,
         )
         self.stages = Stages(stop, self._waker)  # ``stop`` holds the queues, not this pipeline: no cycle
+        frame_stages = {f"restore-frame-{n}": self._frame_loop for n in range(1, FRAME_WORKERS + 1)}
         self.stages.start(
             {
                 "restore-unzstd": self._decompress_loop,
+                **frame_stages,
                 "restore-hash": self._hash_loop,
                 "restore-write": self._write_loop,
             }
@@ -210,28 +253,75 @@ class _Pipeline:
     # ---- the stages ---------------------------------------------------------------
 
     def _decompress_loop(self) -> None:
-        source = _CompressedInput(self.input, self.scanner, self._waker)
+        """Cut the input into frames: a frame of at most a piece's content goes whole to the frame
+        stages (several decompress at once, each into its own piece), a larger one or one of
+        unknown size (Go's one frame) is decompressed here as it streams in."""
+        source = _FrameInput(self.input, self.scanner, self._waker)
         decompressor = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
         try:
             while not source.ended:
-                reader = decompressor.stream_reader(
-                    cast(IO[bytes], source), read_size=_READ_SIZE, read_across_frames=True, closefd=False
-                )
-                while self._decompress_piece(reader):
-                    pass
-                if source.zeros:
-                    self._pass_on_zeros(source.zeros)
-                    source.zeros = 0
-                if source.settling is not None:
-                    self._waker.set(source.settling.event)
-                    source.settling = None
+                head = source.next_header()
+                if head is None:
+                    if source.settling is not None:
+                        self._settle(source.settling.event)
+                        source.settling = None
+                    continue
+                if not self.scanner.in_zstd_frame:
+                    source.skip_frame()  # skippable (or ended with its header)
+                    continue
+                content = self.scanner.content_size
+                parts: list[bytes | memoryview] = [head]
+                if content is not None and 0 < content <= PIECE:
+                    parts, whole = source.whole_frame(head, WHOLE_FRAME_LIMIT)
+                    if whole:
+                        self._hand_on_frame(b"".join(parts), content)
+                        continue
+                    if source.ended:
+                        break  # cut inside the frame: the finish says so
+                self._stream_frame(decompressor, _FrameReader(source, parts))
         except zstandard.ZstdError as exc:
-            if "too much memory" in str(exc) and self.scanner.window_size > MAX_WINDOW:
-                raise FormatError(_window_too_large(self.scanner.window_size)) from None
-            raise FormatError(f"the snapshot data is corrupt: {exc}") from None
+            raise _corrupt(exc, self.scanner.window_size) from None
         finally:
-            for handoff in (self._to_hash, self._to_write):
+            for handoff in (self._frames, self._to_hash, self._to_write):
                 handoff.close()
+
+    def _hand_on_frame(self, frame: bytes, content: int) -> None:
+        """A whole frame to a frame stage; its piece goes to the hash and write stages now, in
+        order, and they wait for it to be filled."""
+        if frame == ZERO_FRAME:
+            self._pass_on_zeros(ZERO_FRAME_CONTENT)
+            return
+        self._check_size(content)
+        piece = Piece(self._pool, self._pool.acquire(), content, readers=2, filled=False)
+        self.bytes_out += content
+        while self._being_filled and self._being_filled[0].filled:
+            self._being_filled.popleft()
+        self._being_filled.append(piece)
+        self._frames.put(_FrameJob(frame, piece, self.scanner.window_size), len(frame))
+        self._to_hash.put(piece, content)
+        self._to_write.put(piece, content)
+
+    def _frame_loop(self) -> None:
+        decompressor = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
+        while (job := self._frames.get()) is not None:
+            try:
+                _decompress_whole(decompressor, job.frame, job.piece.view)
+            except zstandard.ZstdError as exc:
+                raise _corrupt(exc, job.window_size) from None
+            job.piece.mark_filled()
+
+    def _settle(self, event: trio.Event) -> None:
+        """Tell the event loop once the frames handed on are filled: all input is decompressed."""
+        while self._being_filled:
+            self._being_filled.popleft().wait_filled()
+        self._waker.set(event)
+
+    def _stream_frame(self, decompressor: zstandard.ZstdDecompressor, frame: _FrameReader) -> None:
+        reader = decompressor.stream_reader(
+            cast(IO[bytes], frame), read_size=_READ_SIZE, read_across_frames=False, closefd=False
+        )
+        while self._decompress_piece(reader):
+            pass
 
     def _decompress_piece(self, reader: zstandard.ZstdDecompressionReader) -> bool:
         buffer = self._pool.acquire()
@@ -265,6 +355,7 @@ class _Pipeline:
 
     def _hash_loop(self) -> None:
         while (piece := self._to_hash.get()) is not None:
+            piece.wait_filled()
             self.sha.update(piece.view)
             piece.done()
 
@@ -272,11 +363,42 @@ class _Pipeline:
         write = cast(Callable[[memoryview], object], self._writer.write)  # files take any buffer
         sparse = self._writer if isinstance(self._writer, SparseWriter) else None
         while (piece := self._to_write.get()) is not None:
+            piece.wait_filled()
             if sparse is not None and isinstance(piece, _KnownZeros):
                 sparse.skip(len(piece.view))  # a fresh sparse file already reads as zeros
             else:
                 write(piece.view)
             piece.done()
+
+
+@dataclass(frozen=True)
+class _FrameJob:
+    """A whole zstd frame and the piece its content goes into."""
+
+    frame: bytes
+    piece: Piece
+    window_size: int
+
+
+def _decompress_whole(decompressor: zstandard.ZstdDecompressor, frame: bytes, into: memoryview) -> None:
+    """Decompress one whole frame into ``into``, which its header's content size fills exactly
+    (zstd decodes a whole frame straight into the buffer, with no copy out of its window)."""
+    reader = decompressor.stream_reader(frame, read_across_frames=False)
+    filled = 0
+    while filled < len(into) and (length := reader.readinto(into[filled:])):
+        filled += length
+    if filled != len(into) or reader.read(1):
+        raise FormatError(
+            f"the snapshot data is corrupt: a zstd frame that says it holds {len(into)} bytes "
+            f"decompresses to {filled if filled != len(into) else 'more'}"
+        )
+
+
+def _corrupt(exc: zstandard.ZstdError, window_size: int) -> FormatError:
+    """zstd's refusal of a frame, in the words of a restore."""
+    if "too much memory" in str(exc) and window_size > MAX_WINDOW:
+        return FormatError(_window_too_large(window_size))
+    return FormatError(f"the snapshot data is corrupt: {exc}")
 
 
 class _KnownZeros:
@@ -287,12 +409,15 @@ class _KnownZeros:
     def __init__(self, length: int) -> None:
         self.view = memoryview(_ZEROS)[:length]
 
+    def wait_filled(self) -> None:
+        return None
+
     def done(self) -> None:
         return None
 
 
 def _stop_all(
-    handoffs: tuple[Handoff[_InputItem], Handoff[_Piece], Handoff[_Piece]],
+    handoffs: tuple[Handoff[_InputItem], Handoff[_FrameJob], Handoff[_Piece], Handoff[_Piece]],
     pool: BufferPool,
     settles: list[trio.Event],
     waker: LoopWaker,

@@ -202,15 +202,31 @@ class Handoff(Generic[T]):
 
 
 class Piece:
-    """A filled pool buffer shared by the stages that read it; back in the pool after the last."""
+    """A filled pool buffer shared by the stages that read it; back in the pool after the last.
 
-    __slots__ = ("_buffer", "_pool", "_readers", "view")
+    A piece may be handed on before it is filled (another thread decompresses
+    into it meanwhile): its readers :meth:`wait_filled` first.
+    """
 
-    def __init__(self, pool: BufferPool, buffer: Buffer, length: int, readers: int) -> None:
+    __slots__ = ("_buffer", "_pool", "_readers", "filled", "view")
+
+    def __init__(
+        self, pool: BufferPool, buffer: Buffer, length: int, readers: int, *, filled: bool = True
+    ) -> None:
         self._pool = pool
         self._buffer = buffer
         self._readers = readers
+        self.filled = filled
         self.view = memoryview(buffer)[:length]
+
+    def wait_filled(self) -> None:
+        """Block until the bytes are there; raise :class:`Stopped` if the pool stops first."""
+        if not self.filled:
+            self._pool.wait_filled(self)
+
+    def mark_filled(self) -> None:
+        """The bytes are there: wake the readers waiting for them."""
+        self._pool.mark_filled(self)
 
     def done(self) -> None:
         """One reader is finished with the bytes (they must not be used after this)."""
@@ -237,7 +253,9 @@ class BufferPool:
         self.size = size
         self._free: list[Buffer] = [mmap.mmap(-1, size) for _ in range(count)]
         self._stopped = False
-        self._cond = threading.Condition()
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)  # a buffer is free
+        self._filled = threading.Condition(lock)  # a piece is filled
 
     def acquire(self) -> Buffer:
         with self._cond:
@@ -260,10 +278,23 @@ class BufferPool:
                 self._free.append(buffer)
                 self._cond.notify()
 
+    def wait_filled(self, piece: Piece) -> None:
+        with self._cond:
+            while not piece.filled and not self._stopped:
+                self._filled.wait()
+            if not piece.filled:
+                raise Stopped
+
+    def mark_filled(self, piece: Piece) -> None:
+        with self._cond:
+            piece.filled = True
+            self._filled.notify_all()
+
     def stop(self) -> None:
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
+            self._filled.notify_all()
 
     def drop(self) -> None:
         """Let the buffers go (the pool is stopped and nobody uses them any more)."""
@@ -271,6 +302,7 @@ class BufferPool:
             self._stopped = True
             self._free = []
             self._cond.notify_all()
+            self._filled.notify_all()
 
 
 class Stages:

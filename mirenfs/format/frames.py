@@ -255,6 +255,7 @@ class FrameScanner:
         self._frame_start = 0
         self._content_size: int | None = None
         self._in_skippable = False
+        self._event = False  # whether the last feed_to_event stopped at an event
         self.frames = 0
         self.window_size = 0  # the decoding window the latest zstd frame's header asks for
         self.seek_table = seek_table  # told of every frame, when given
@@ -264,9 +265,29 @@ class FrameScanner:
         """True when the bytes seen so far end exactly between frames."""
         return self._state == "frame" and self._skip == 0 and not self._pending
 
+    @property
+    def in_zstd_frame(self) -> bool:
+        """True between the end of a zstd frame's header and the end of that frame."""
+        return self._state == "block" or (self._skip > 0 and not self._in_skippable)
+
+    @property
+    def content_size(self) -> int | None:
+        """The content size the latest zstd frame's header declares (None: not declared)."""
+        return self._content_size
+
     def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self._feed(memoryview(data), stop=False)
+
+    def feed_to_event(self, data: bytes | bytearray | memoryview) -> tuple[int, bool]:
+        """Feed ``data`` up to the next event, the end of a frame's header or the end of a frame:
+        (bytes taken, whether an event ended them). A reader cuts the stream into frames so."""
         view = memoryview(data)
+        taken = self._feed(view, stop=True)
+        return taken, self._event
+
+    def _feed(self, view: memoryview, *, stop: bool) -> int:
         pos = 0
+        self._event = False
         while pos < len(view):
             if self._skip:
                 step = min(self._skip, len(view) - pos)
@@ -275,13 +296,21 @@ class FrameScanner:
                 self._skip -= step
                 self._consumed += step
                 pos += step
+                if stop and self.at_boundary:
+                    self._event = True  # the frame's last payload bytes
+                    return pos
                 continue
             take = min(self._need - len(self._pending), len(view) - pos)
             self._pending += view[pos : pos + take]
             self._consumed += take
             pos += take
             if len(self._pending) == self._need:
+                state = self._state
                 self._advance(bytes(self._pending))
+                if stop and (state in ("fparams", "skiplen") or self.at_boundary):
+                    self._event = True  # a header complete, or a frame that ended with its last header
+                    return pos
+        return pos
 
     def _advance(self, header: bytes) -> None:
         state = self._state
