@@ -92,7 +92,10 @@ def test_settle_makes_complete_exact_and_the_stream_goes_on_after_it() -> None:
         await stream.feed(snapshot[first_frame_end - 5 : first_frame_end])  # between frames now
         await stream.settle()
         assert not stream.complete and stream.bytes_out == 256 << 10
-        await stream.feed(snapshot[first_frame_end:])
+        await stream.feed(snapshot[first_frame_end : first_frame_end + 3])  # inside the next header
+        await stream.settle()
+        assert not stream.complete and stream.bytes_out == 256 << 10
+        await stream.feed(snapshot[first_frame_end + 3 :])
         await stream.settle()
         assert stream.complete
         await stream.finish()
@@ -432,6 +435,25 @@ def test_a_frame_longer_than_its_content_allows_is_decompressed_as_it_streams(
     trio.run(run)
     assert spy.done == 0  # not collected whole
     assert restore_threads() == []
+
+
+def test_empty_frames_between_whole_frames_restore_exactly() -> None:
+    """A frame that holds nothing (its header says 0 bytes) is valid zstd: it streams, and the
+    frames around it keep their order."""
+    compressor = zstandard.ZstdCompressor(level=3, write_checksum=True, write_content_size=True)
+    empty = compressor.compress(b"")
+    assert zstandard.get_frame_parameters(empty).content_size == 0
+    content = image_bytes(2 * CHUNK, seed=15)
+    frames = [compressor.compress(content[:CHUNK]), empty, empty, compressor.compress(content[CHUNK:]), empty]
+    snapshot = meta_for(content).header() + b"".join(frames)
+
+    async def run() -> None:
+        stream, sink = collecting_stream()
+        await feed_in_pieces(stream, snapshot, seed=6, largest=1 << 20)
+        await stream.finish()
+        assert bytes(sink.data) == content
+
+    trio.run(run)
 
 
 @pytest.mark.parametrize("damage", ["payload", "content size"])
