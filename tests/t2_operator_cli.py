@@ -63,9 +63,14 @@ def test_every_command_refuses_a_missing_data_path(tmp_path: Path, argv: list[st
     ]
     result = run_mirenfs(*args, "--data-path", str(typo))
     assert result.returncode == 1
+    # cleanup has nothing to clean where no data path is: no hint to start a new one
+    hint = (
+        ""
+        if argv == ["cleanup"]
+        else f", or start a new one with `mirenfs disk create NAME --size SIZE --data-path {typo}`"
+    )
     assert result.stderr.decode().strip() == (
-        f"mirenfs: error: the data path {typo} does not exist (from --data-path); check it, or start a new "
-        f"one with `mirenfs disk create NAME --size SIZE --data-path {typo}`"
+        f"mirenfs: error: the data path {typo} does not exist (from --data-path); check it{hint}"
     )
     assert not typo.exists()  # nothing was created on the way
     assert os.listdir(tmp_path) == ["mnt"]

@@ -21,21 +21,27 @@ DEFAULT_DATA_PATH = "/var/lib/miren"
 DATA_PATH_ENV = "MIRENFS_DATA_PATH"
 
 
-def resolve_data_path(arg: str | None, *, create: bool = False, given_by: str | None = None) -> str:
+def resolve_data_path(
+    arg: str | None, *, create: bool = False, given_by: str | None = None, new_one_hint: bool = True
+) -> str:
     """The data path (see :func:`data_path_from`), which must exist.
 
     A data path that does not exist is refused: a typo must not quietly start
     an empty disk store. Only the commands that add a disk (``create=True``)
     make a new one, and say so. ``given_by`` names the option the path came
-    from when it is not ``--data-path`` (``catalog copy --from``).
+    from when it is not ``--data-path`` (``catalog copy --from``). Without
+    ``new_one_hint`` the refusal does not suggest starting a new data path
+    (``cleanup``: where none exists, nothing was left behind either).
     """
     path = data_path_from(arg)
     if os.path.isdir(path):
         return path
     if os.path.lexists(path):
         raise MirenfsError(f"the data path {path} is not a directory")
-    if not create and given_by is not None:
-        raise MirenfsError(f"the data path {path} does not exist (from {given_by}); check it")
+    if not create and (given_by is not None or not new_one_hint):
+        raise MirenfsError(
+            f"the data path {path} does not exist (from {given_by or _data_path_source(arg)}); check it"
+        )
     if not create:
         raise MirenfsError(
             f"the data path {path} does not exist (from {_data_path_source(arg)}); check it, or start a new "

@@ -448,7 +448,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     """What a mount's start sweeps, on demand: for ``ExecStopPost=`` after a cgroup-wide kill,
     which took the watchdog with the mount and would leave a filesystem frozen until the next
     start, and for a person after a ``kill -9``. What live runs hold is left alone."""
-    data_path = resolve_data_path(args.data_path)
+    data_path = resolve_data_path(args.data_path, new_one_hint=False)
     if not any(os.path.lexists(os.path.join(data_path, name)) for name in ("mirenfs.db", "mirenfs")):
         raise MirenfsError(
             f"{data_path} holds nothing of mirenfs (no mirenfs.db, no mirenfs/): it is not the data "
