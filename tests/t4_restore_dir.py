@@ -389,6 +389,46 @@ def test_reading_a_disk_during_its_restore_gives_the_old_snapshot(existing, tmp_
     assert sha256_file(image) == GO_VECTORS[0].sha256
 
 
+def test_a_reader_that_opened_before_the_index_gets_the_old_snapshot_whole(tmp_path: Path, mounts) -> None:
+    """`cat` and `dd` open NAME.mirn without a stat first: while the disk is not indexed they get
+    its listing inode, which stands for whichever version is current. A restore that replaces
+    the image meanwhile must not cut their copy at the new snapshot's size (trial 11: a short
+    copy, exit status 0) nor mix in the new version's bytes."""
+    data = tmp_path / "data"
+    data.mkdir()
+    image = tmp_path / "big.img"
+    write_image(image, [("data", 3 << 20), ("hole", 1 << 20)], seed=21)  # does not compress: ~3 MiB
+    added = run_mirenfs(
+        "disk", "add", "big", "--image", str(image), "--filesystem", "ext4", "--data-path", str(data)
+    )
+    assert added.returncode == 0, added.stderr
+    old_checksum = sha256_file(image)
+    mnt = tmp_path / "mnt"
+    mounts(mnt, data, "--allow-overwrite")
+    fd = os.open(mnt / "big.mirn", os.O_RDONLY)  # no stat before: the listing inode
+    try:
+        copy = bytearray(os.read(fd, 1 << 20))
+        smaller = GO_VECTORS[0]  # a 16 MiB ext4 image, mostly zeros: a far smaller snapshot
+        result = subprocess.run(
+            ["cp", str(smaller.path), str(mnt / "restore" / "big.mirn")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        assert state(mnt, "big.mirn") == "installed" and sha256_file(image) == smaller.sha256
+        assert (mnt / "big.mirn").stat().st_size < len(copy)  # the new version ends before this read
+        while piece := os.read(fd, 1 << 20):
+            copy += piece
+    finally:
+        os.close(fd)
+    kept = tmp_path / "copy.mirn"
+    kept.write_bytes(copy)
+    verified = run_mirenfs("verify", str(kept))
+    assert verified.returncode == 0, verified.stderr
+    assert old_checksum in verified.stdout.decode()
+
+
 def test_entries_keep_their_state_until_deleted(tmp_path: Path, mounts) -> None:
     data, mnt = tmp_path / "data", tmp_path / "mnt"
     data.mkdir()

@@ -344,9 +344,15 @@ class MirenOperations(pyfuse3.Operations):
             self.service.acquire(version)
             handle = OpenSnapshot(version, SequentialReader(version.producer, self._nursery))
         fh = self.handles.add(handle)
-        # The page cache stays valid across opens: a version inode's bytes never
-        # change. A listing inode stands for whichever version is current.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=inode in self.inodes.nodes)
+        if inode in self.inodes.nodes:
+            # The page cache stays valid across opens: a version inode's bytes never change.
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        # A listing inode (opened without a stat before, as `cat` or `dd` do, while the disk was
+        # not indexed) stands for whichever version is current, and its size with it: once a
+        # restore replaced the image, the kernel would cut this handle's reads at the new
+        # version's size (a short copy, exit status 0) and could serve it the other version's
+        # cached pages. Its reads bypass the page cache and the kernel's idea of the size.
+        return pyfuse3.FileInfo(fh=fh, direct_io=True)
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
