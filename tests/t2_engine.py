@@ -37,7 +37,7 @@ from mirenfs.engine.files import (
     restore_file,
     write_snapshot,
 )
-from mirenfs.engine.image import FdImageSource, FileObjectSource
+from mirenfs.engine.image import FdImageSource, FileObjectSource, ImageIdentity, ensure_unchanged
 from mirenfs.engine.produce import Settings, SnapshotIndex, SnapshotProducer, build_index, snapshot_meta
 from mirenfs.errors import FormatError, ImageChangedError
 from mirenfs.format.frames import compress_frame, parse_seek_table
@@ -598,3 +598,41 @@ def test_an_index_cache_file_that_is_empty_or_garbage_is_corrupt_naming_the_imag
     assert [record.getMessage() for record in caplog.records] == [
         f"index cache {cache.path_for(str(image))} for {image} is corrupt ({reason}); rebuilding it"
     ]
+
+
+# ---- an image replaced by a rename kept its bytes -----------------------------------------------
+
+
+def test_an_image_renamed_over_is_unchanged_but_a_write_or_a_chmod_is_not(tmp_path: Path) -> None:
+    """A restore installs by renaming a new image over the old: a pass still reading the old one
+    (an open waiting for it) must finish and serve the old snapshot, not fail as 'changed'
+    (trial 11: EIO, and a log line that advised detaching the disk). Its link count and ctime
+    change; its bytes do not. A write, even to the unlinked image, or a chmod of a linked one
+    (a ctime change that may hide a write) still counts."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"a" * 8192)
+    fd = os.open(image, os.O_RDWR)
+    try:
+        opened = ImageIdentity.from_stat(os.fstat(fd))
+        before = replace(opened, ctime_ns=opened.ctime_ns - 1)  # the unlink moves the ctime on
+        replacement = tmp_path / "disk.img.restore.tmp"
+        replacement.write_bytes(b"b" * 4096)
+        os.rename(replacement, image)
+        assert os.fstat(fd).st_nlink == 0
+        ensure_unchanged(fd, before, str(image))  # renamed over: no error
+        os.pwrite(fd, b"x", 8192)  # a process that still had it open writes (and grows it)
+        with pytest.raises(ImageChangedError, match="changed while it was being read"):
+            ensure_unchanged(fd, before, str(image))
+    finally:
+        os.close(fd)
+    kept = tmp_path / "kept.img"
+    kept.write_bytes(b"c" * 8192)
+    fd = os.open(kept, os.O_RDWR)
+    try:
+        now = ImageIdentity.from_stat(os.fstat(fd))
+        ensure_unchanged(fd, now, str(kept))
+        before_a_chmod = replace(now, ctime_ns=now.ctime_ns - 1)  # what a chmod since would show
+        with pytest.raises(ImageChangedError):
+            ensure_unchanged(fd, before_a_chmod, str(kept))
+    finally:
+        os.close(fd)

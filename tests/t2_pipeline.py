@@ -480,7 +480,38 @@ def test_a_bad_whole_frame_fails_the_restore_and_nothing_past_it_is_written(dama
 
     error = _fail_before_the_end(bytes(snapshot), open_target)
     assert isinstance(error, FormatError) and "corrupt" in str(error)
+    if damage == "content size":
+        assert f"says it holds {CHUNK - 4096} bytes decompresses to more" in str(error)
     assert restore_threads() == []
+
+
+def test_a_whole_frame_asking_for_a_window_over_the_limit_is_refused_like_a_streamed_one() -> None:
+    """A frame that fits a piece but whose header asks for a 2 GiB decoding window is refused
+    with the same sentence as a streamed one: how a frame is decoded must not decide (trial 11)."""
+    content = image_bytes(CHUNK, seed=16)
+    frame = bytearray(
+        zstandard.ZstdCompressor(level=3, write_checksum=True, write_content_size=True).compress(content)
+    )
+    assert not frame[4] & 0x20  # not single-segment: byte 5 is the window descriptor
+    frame[5] = 21 << 3  # 2^(10 + 21): 2 GiB
+    assert zstandard.get_frame_parameters(bytes(frame)).window_size == 2 << 30
+
+    async def open_target(_meta: object) -> Collect:
+        return Collect()
+
+    error = _fail_before_the_end(meta_for(content).header() + bytes(frame), open_target)
+    assert isinstance(error, FormatError) and "needs a decoding window of 2048 MiB" in str(error)
+
+
+def test_two_snapshots_joined_are_refused_naming_what_happened() -> None:
+    """``cat a.mirn b.mirn`` into restore/: the second header, where a frame should start, is named."""
+    snapshot = mirenfs_layout(image_bytes(CHUNK, seed=17))
+
+    async def open_target(_meta: object) -> Collect:
+        return Collect()
+
+    error = _fail_before_the_end(snapshot + snapshot, open_target)
+    assert isinstance(error, FormatError) and "two snapshot files were joined" in str(error)
 
 
 def test_the_gil_switch_interval_is_restored_once_the_stages_end() -> None:

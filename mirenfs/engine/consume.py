@@ -269,6 +269,8 @@ class _Pipeline:
                 if not self.scanner.in_zstd_frame:
                     source.skip_frame()  # skippable (or ended with its header)
                     continue
+                if self.scanner.window_size > MAX_WINDOW:  # refused alike however it would decode
+                    raise FormatError(_window_too_large(self.scanner.window_size))
                 content = self.scanner.content_size
                 parts: list[bytes | memoryview] = [head]
                 if content is not None and 0 < content <= PIECE:
@@ -385,9 +387,15 @@ def _decompress_whole(decompressor: zstandard.ZstdDecompressor, frame: bytes, in
     (zstd decodes a whole frame straight into the buffer, with no copy out of its window)."""
     reader = decompressor.stream_reader(frame, read_across_frames=False)
     filled = 0
-    while filled < len(into) and (length := reader.readinto(into[filled:])):
-        filled += length
-    if filled != len(into) or reader.read(1):
+    try:
+        while filled < len(into) and (length := reader.readinto(into[filled:])):
+            filled += length
+        more = reader.read(1)
+    except zstandard.ZstdError as exc:
+        if "Destination buffer is too small" not in str(exc):
+            raise
+        filled, more = len(into), b"more"  # zstd's words for content past the size its header says
+    if filled != len(into) or more:
         raise FormatError(
             f"the snapshot data is corrupt: a zstd frame that says it holds {len(into)} bytes "
             f"decompresses to {filled if filled != len(into) else 'more'}"

@@ -16,7 +16,7 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import BinaryIO, Protocol
 
 from mirenfs.errors import ImageChangedError, MirenfsError, TargetError
@@ -138,8 +138,14 @@ class ImageIdentity:
 
 
 def ensure_unchanged(fd: int, before: ImageIdentity, path: str) -> None:
-    """Refuse a snapshot whose two reads may have seen two versions of the image."""
-    if ImageIdentity.from_stat(os.fstat(fd)) != before:
+    """Refuse a snapshot whose two reads may have seen two versions of the image.
+
+    An image replaced by a rename (a restore installs so) keeps its bytes: only its link
+    count, and with it its ctime, changed. That is no change of what was read."""
+    now = os.fstat(fd)
+    identity = ImageIdentity.from_stat(now)
+    only_unlinked = now.st_nlink == 0 and replace(identity, ctime_ns=before.ctime_ns) == before
+    if identity != before and not only_unlinked:
         raise ImageChangedError(
             f"image {path} changed while it was being read, so its snapshot would not verify; "
             "run the backup again (or detach the disk first)"

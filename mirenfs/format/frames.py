@@ -321,6 +321,11 @@ class FrameScanner:
                 self._set("skiplen", 8, keep=True)  # magic + 4-byte length
             elif magic == ZSTD_MAGIC:
                 self._set("fheader", 5, keep=True)  # magic + descriptor byte
+            elif header == b"MIRN":
+                raise FormatError(
+                    "the zstd data is corrupt: a snapshot header (MIRN) follows the data, as where two "
+                    "snapshot files were joined (cat a.mirn b.mirn); restore each file on its own"
+                )
             else:
                 raise FormatError(f"the zstd data is corrupt: no frame starts here (magic {magic:#010x})")
         elif state == "skiplen":
