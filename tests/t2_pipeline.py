@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import trio
@@ -483,6 +484,46 @@ def test_a_bad_whole_frame_fails_the_restore_and_nothing_past_it_is_written(dama
     if damage == "content size":
         assert f"says it holds {CHUNK - 4096} bytes decompresses to more" in str(error)
     assert restore_threads() == []
+
+
+class GatedSha256:
+    """SHA-256 whose updates wait for a gate: a hash stage held back."""
+
+    def __init__(self, gate: threading.Event) -> None:
+        self._sha = hashlib.sha256()
+        self._gate = gate
+
+    def update(self, data: bytes) -> None:
+        self._gate.wait(timeout=30)
+        self._sha.update(data)
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
+def test_progress_counts_what_the_hash_stage_passed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restore's progress (status: image N of M) is what the hash stage, the slowest, has
+    passed: zero frames go through decompression at once, and a status of 100 % while seconds
+    of hashing remain was wrong (trial 11)."""
+    gate = threading.Event()
+    content = bytes(6 * CHUNK)
+    snapshot = mirenfs_layout(content)
+    assert snapshot.count(ZERO_FRAME) == 6
+    monkeypatch.setattr(consume, "hashlib", SimpleNamespace(sha256=lambda: GatedSha256(gate)))
+
+    async def run() -> None:
+        stream, _sink = collecting_stream()
+        await stream.feed(snapshot)
+        await stream.settle()
+        assert stream.bytes_out == len(content) and stream.bytes_hashed < len(content)
+        gate.set()
+        await stream.finish()
+        assert stream.bytes_hashed == len(content)
+
+    try:
+        trio.run(run)
+    finally:
+        gate.set()
 
 
 def test_a_whole_frame_asking_for_a_window_over_the_limit_is_refused_like_a_streamed_one() -> None:

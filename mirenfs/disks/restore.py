@@ -44,14 +44,15 @@ class DiskRestore:
         )
 
     def image_progress(self) -> tuple[int, int] | None:
-        """(bytes of the image decompressed so far, the image's size), once the header is read:
-        the bytes received say little of a sparse disk's restore (182 MB for 1 TiB)."""
+        """(bytes of the image hashed so far, the image's size), once the header is read: the
+        bytes received say little of a sparse disk's restore (182 MB for 1 TiB), and those
+        decompressed run ahead of the hash by whole runs of zero frames."""
         stream = self._restore.stream
         meta = stream.meta
         if meta is None and stream.bytes_in == 0:  # the header may still wait among the gathered writes
             with contextlib.suppress(FormatError):
                 meta = decode_header(bytes(self._pending[: PREFIX_LEN + MAX_METADATA_LEN]))[0]
-        return None if meta is None else (stream.bytes_out, meta.size_bytes)
+        return None if meta is None else (stream.bytes_hashed, meta.size_bytes)
 
     async def _choose_image(self, meta: Meta) -> str:
         return await trio.to_thread.run_sync(self.target.open, meta.size_bytes, meta.filesystem)

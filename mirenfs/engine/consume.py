@@ -201,7 +201,8 @@ class _Pipeline:
         self.size_bytes = size_bytes
         self.scanner = FrameScanner(SeekTableCheck() if check_seek_table else None)
         self.sha = hashlib.sha256()
-        self.bytes_out = 0
+        self.bytes_out = 0  # handed on by the first stage (a whole frame counts before it is filled)
+        self.bytes_hashed = 0  # through the hash stage, the slowest: what progress reports
         self._writer = writer
         self._waker = LoopWaker()
         self.input: Handoff[_InputItem] = Handoff(INPUT_LIMIT, self._waker)
@@ -359,6 +360,7 @@ class _Pipeline:
         while (piece := self._to_hash.get()) is not None:
             piece.wait_filled()
             self.sha.update(piece.view)
+            self.bytes_hashed += len(piece.view)
             piece.done()
 
     def _write_loop(self) -> None:
@@ -469,6 +471,11 @@ class RestoreStream:
     @property
     def bytes_out(self) -> int:
         return self._pipeline.bytes_out if self._pipeline is not None else 0
+
+    @property
+    def bytes_hashed(self) -> int:
+        """Image bytes through every stage but the write (the hash sets the pace): progress."""
+        return self._pipeline.bytes_hashed if self._pipeline is not None else 0
 
     async def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Hand over the next piece of the snapshot; raise as soon as a problem is known."""
