@@ -60,6 +60,18 @@ def collecting_stream() -> tuple[RestoreStream, Collect]:
     return RestoreStream(open_target), sink
 
 
+def assert_restores_exactly(snapshot: bytes, content: bytes, *, seed: int, largest: int = 1 << 20) -> None:
+    """Fed in pieces of random sizes, ``snapshot`` finishes and gives exactly ``content``."""
+
+    async def run() -> None:
+        stream, sink = collecting_stream()
+        await feed_in_pieces(stream, snapshot, seed, largest=largest)
+        await stream.finish()
+        assert bytes(sink.data) == content
+
+    trio.run(run)
+
+
 @pytest.mark.parametrize(
     "snapshot",
     [one_frame_snapshot(CONTENT), many_frame_snapshot(CONTENT), many_frame_snapshot(CONTENT, skippable=True)],
@@ -374,14 +386,7 @@ def test_mirenfs_frames_are_decompressed_by_several_stages_exactly(monkeypatch: 
     content = image_bytes(40 << 20, seed=11)
     snapshot = mirenfs_layout(content)
     spy = FrameStageSpy(monkeypatch)
-
-    async def run() -> None:
-        stream, sink = collecting_stream()
-        await feed_in_pieces(stream, snapshot, seed=3, largest=1 << 20)
-        await stream.finish()
-        assert bytes(sink.data) == content
-
-    trio.run(run)
+    assert_restores_exactly(snapshot, content, seed=3)
     assert spy.done == 10
     assert len(spy.threads) >= 2 and all(name.startswith("mirenfs-restore-frame-") for name in spy.threads)
     assert restore_threads() == []
@@ -425,15 +430,7 @@ def test_a_frame_longer_than_its_content_allows_is_decompressed_as_it_streams(
     content = image_bytes(1 << 20, seed=13)
     padded = _frame_with_empty_blocks(content, (5 << 20) // 3)
     assert len(padded) > WHOLE_FRAME_LIMIT
-    snapshot = meta_for(content).header() + padded
-
-    async def run() -> None:
-        stream, sink = collecting_stream()
-        await feed_in_pieces(stream, snapshot, seed=4, largest=1 << 20)
-        await stream.finish()
-        assert bytes(sink.data) == content
-
-    trio.run(run)
+    assert_restores_exactly(meta_for(content).header() + padded, content, seed=4)
     assert spy.done == 0  # not collected whole
     assert restore_threads() == []
 
@@ -446,15 +443,7 @@ def test_empty_frames_between_whole_frames_restore_exactly() -> None:
     assert zstandard.get_frame_parameters(empty).content_size == 0
     content = image_bytes(2 * CHUNK, seed=15)
     frames = [compressor.compress(content[:CHUNK]), empty, empty, compressor.compress(content[CHUNK:]), empty]
-    snapshot = meta_for(content).header() + b"".join(frames)
-
-    async def run() -> None:
-        stream, sink = collecting_stream()
-        await feed_in_pieces(stream, snapshot, seed=6, largest=1 << 20)
-        await stream.finish()
-        assert bytes(sink.data) == content
-
-    trio.run(run)
+    assert_restores_exactly(meta_for(content).header() + b"".join(frames), content, seed=6)
 
 
 @pytest.mark.parametrize("damage", ["payload", "content size"])
