@@ -11,9 +11,9 @@ straight into its piece, handed on in order before it is filled; hashing (one
 ordered SHA-256 stream, the stage every other keeps fed); and writing (zero
 check, ``pwrite`` and writeback). :meth:`RestoreStream.feed` hands the
 compressed bytes to the first stage and returns at once unless its bounded
-queue is full (that is the back-pressure a FUSE write feels). Decompressed pieces travel in a fixed pool
-of buffers, so memory stays bounded even for a frame that inflates 30 000-fold
-(a 4 MiB hole is a 151-byte frame). The frame mirenfs itself writes for an
+queue is full (that is the back-pressure a FUSE write feels). Decompressed
+pieces travel in a fixed pool of buffers, so memory stays bounded even for a
+frame that inflates 30 000-fold (a 4 MiB hole is a 151-byte frame). The frame mirenfs itself writes for an
 all-zero chunk is recognised and passed on as zeros without zstd or a zero
 check. :meth:`RestoreStream.settle` waits until everything fed is
 decompressed, so that a close can tell exactly whether the snapshot is whole.
@@ -283,7 +283,7 @@ class _Pipeline:
                         break  # cut inside the frame: the finish says so
                 self._stream_frame(decompressor, _FrameReader(source, parts))
         except zstandard.ZstdError as exc:
-            raise _corrupt(exc, self.scanner.window_size) from None
+            raise _corrupt(exc) from None
         finally:
             for handoff in (self._frames, self._to_hash, self._to_write):
                 handoff.close()
@@ -300,7 +300,7 @@ class _Pipeline:
         while self._being_filled and self._being_filled[0].filled:
             self._being_filled.popleft()
         self._being_filled.append(piece)
-        self._frames.put(_FrameJob(frame, piece, self.scanner.window_size), len(frame))
+        self._frames.put(_FrameJob(frame, piece), len(frame))
         self._to_hash.put(piece, content)
         self._to_write.put(piece, content)
 
@@ -310,7 +310,7 @@ class _Pipeline:
             try:
                 _decompress_whole(decompressor, job.frame, job.piece.view)
             except zstandard.ZstdError as exc:
-                raise _corrupt(exc, job.window_size) from None
+                raise _corrupt(exc) from None
             job.piece.mark_filled()
 
     def _settle(self, event: trio.Event) -> None:
@@ -381,7 +381,6 @@ class _FrameJob:
 
     frame: bytes
     piece: Piece
-    window_size: int
 
 
 def _decompress_whole(decompressor: zstandard.ZstdDecompressor, frame: bytes, into: memoryview) -> None:
@@ -404,10 +403,9 @@ def _decompress_whole(decompressor: zstandard.ZstdDecompressor, frame: bytes, in
         )
 
 
-def _corrupt(exc: zstandard.ZstdError, window_size: int) -> FormatError:
-    """zstd's refusal of a frame, in the words of a restore."""
-    if "too much memory" in str(exc) and window_size > MAX_WINDOW:
-        return FormatError(_window_too_large(window_size))
+def _corrupt(exc: zstandard.ZstdError) -> FormatError:
+    """zstd's refusal of a frame, in the words of a restore (a window over the limit was refused
+    at the frame's header, with its own sentence)."""
     return FormatError(f"the snapshot data is corrupt: {exc}")
 
 
