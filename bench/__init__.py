@@ -36,7 +36,10 @@ to a ratio above 1 is paired with a floor run just before it, and that
 figure's ratio is the median of the runs' own ratios. The ``contended`` info
 row times the floor while the other core hashes too: what a pipeline's hash
 lane gets when the second core is busy, which on this VM is slower than the
-floor itself.
+floor itself. The ``one-frame restore's bound`` info row is the least any
+restore of the one-frame snapshot can take, measured in process: one zstd
+stream decompresses in order, so the hash of each piece waits until it is out;
+its line under "facts" gives it against the slower of its own two totals.
 
 The modules:
 
