@@ -47,6 +47,11 @@ RESTORE_PIECE = 4 << 20  # what the restore pipeline decompresses into at a time
 # ---------------------------------------------------------------- helpers
 
 
+def add_info(ctx: Context, name: str, samples: list[Sample], *, floor: str) -> Figure:
+    """A row shown for what it explains, held to no target."""
+    return ctx.add(Figure(name, samples, floor=floor, note="info"))
+
+
 def verify_once(ctx: Context, snapshot: Path) -> Sample | None:
     try:
         sample = run_command(ctx.mirenfs_cmd("verify", str(snapshot)))
@@ -102,13 +107,8 @@ def measure_contended_floor(ctx: Context) -> None:
             stop.set()
             neighbour.join()
 
-    ctx.add(
-        Figure(
-            "SHA-256 floor, other core busy (info)",
-            ctx.time_runs(contended, paired=True),
-            floor="sha256",
-            note="info",
-        )
+    add_info(
+        ctx, "SHA-256 floor, other core busy (info)", ctx.time_runs(contended, paired=True), floor="sha256"
     )
 
 
@@ -142,13 +142,11 @@ def measure_zstd(ctx: Context) -> None:
 def measure_startup(ctx: Context) -> None:
     """How much of each CLI figure is interpreter start and imports."""
     log("info: mirenfs --help (interpreter start and imports)")
-    ctx.add(
-        Figure(
-            "mirenfs --help (startup cost)",
-            ctx.time_runs(ctx.command(ctx.mirenfs_cmd("--help"))),
-            floor="sha256",
-            note="info",
-        )
+    add_info(
+        ctx,
+        "mirenfs --help (startup cost)",
+        ctx.time_runs(ctx.command(ctx.mirenfs_cmd("--help"))),
+        floor="sha256",
     )
 
 
@@ -247,13 +245,11 @@ def ensure_restore_floor(ctx: Context) -> str:
         bounds.append(one_stream_bound(snapshot, offset))
         return Sample(bounds[-1].seconds, bounds[-1].hashing + bounds[-1].decompressing)
 
-    ctx.add(
-        Figure(
-            "one-frame restore's bound: hash waits for 1 zstd stream (info)",
-            ctx.time_runs(bound_run, paired=True),
-            floor="restore",
-            note="info",
-        )
+    add_info(
+        ctx,
+        "one-frame restore's bound: hash waits for 1 zstd stream (info)",
+        ctx.time_runs(bound_run, paired=True),
+        floor="restore",
     )
     last = bounds[-1]
     ctx.facts["one-frame bound"] = (
