@@ -183,6 +183,26 @@ def test_live_check_raises_when_it_cannot_tell(tmp_path: Path, no_loops: Path) -
         image_is_live(str(image))
 
 
+@pytest.mark.parametrize("backing", ["/disk.img", "{other} (deleted)"])
+def test_a_backing_file_that_leads_nowhere_cannot_be_told_without_the_kernel(
+    tmp_path: Path, no_loops: Path, backing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A loop device set up in a container shows a path of the container's (``/disk.img``), and
+    one set up through a link removed since shows it ``(deleted)``: either may be the image.
+    Without its device node to ask the kernel (here: no node), that is "cannot tell", never
+    "not live", while the image exists; for an image that does not exist, nothing backs it."""
+    image, other = tmp_path / "disk.img", tmp_path / "other.img"
+    image.write_bytes(b"x")
+    attach_fake_loop(no_loops, "loop5", backing.format(image=image, other=other))
+    (no_loops / "loop5" / "dev").write_text("7:5\n")
+    monkeypatch.setattr(disks, "DEV", str(tmp_path / "no-dev"))
+    with pytest.raises(
+        LiveCheckError, match=r"/dev/loop5 is backed by .* cannot be opened to ask the kernel"
+    ):
+        image_is_live(str(image))
+    assert not image_is_live(str(tmp_path / "not-yet.img"))
+
+
 # --- restore refusals ---
 
 

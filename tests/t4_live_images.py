@@ -10,12 +10,12 @@ from pathlib import Path
 
 import trio
 
-from mirenfs.disks.live import may_change_while_read
+from mirenfs.disks.live import loop_devices_backing, may_change_while_read
 from mirenfs.engine.files import OpenImage, backup_image, reading_rules
 from mirenfs.engine.produce import Settings
 
 from support.data import sha256_file, staging_files, write_image
-from support.loops import loop_device
+from support.loops import loop_device, loop_device_from_another_namespace
 from support.runners import mirenfs_command, ok, refused, run_mirenfs
 from support.store import disks, store_state
 from support.vectors import GO_EXT4, GO_ODD
@@ -73,6 +73,48 @@ def test_loop_attached_image_refuses_restore_and_backup_warns(
         assert "mirenfs: warning:" in result.err and device in result.err
         assert ok("verify", output).code == 0
     assert sha256_file(ext4_disk) == GO_EXT4.sha256
+
+
+def test_a_loop_device_set_up_in_a_container_or_through_a_removed_link_is_found(
+    data: Path, ext4_disk: Path, tmp_path: Path
+) -> None:
+    """Such a device shows a backing path that leads nowhere here (``/disk.img``, or the link's
+    name ``(deleted)``); the kernel still knows its file's device and inode. Matched by path, the
+    image looked unused, and a restore replaced it under the device (the trial's finding)."""
+    before = sha256_file(ext4_disk)
+    with loop_device_from_another_namespace(ext4_disk, tmp_path / "container-view") as device:
+        name = Path(device).name
+        backing = Path(f"/sys/block/{name}/loop/backing_file").read_text().strip()
+        assert not os.path.exists(backing), f"{backing} should lead nowhere on the host"
+        assert loop_devices_backing(str(ext4_disk)) == [name]
+        error = refused(
+            "disk disk-ext4 is in use",
+            "restore",
+            GO_ODD.path,
+            "--name",
+            "disk-ext4",
+            "--force",
+            "--data-path",
+            data,
+        )
+        assert f"backs {device}" in error
+    link = ext4_disk.parent / "link.img"
+    os.link(ext4_disk, link)
+    with loop_device(link) as device:
+        link.unlink()
+        assert loop_devices_backing(str(ext4_disk)) == [Path(device).name]
+        refused(
+            "disk disk-ext4 is in use",
+            "restore",
+            GO_ODD.path,
+            "--name",
+            "disk-ext4",
+            "--force",
+            "--data-path",
+            data,
+        )
+    assert sha256_file(ext4_disk) == before
+    assert staging_files(data) == []
 
 
 def test_disk_remove_deletes_a_managed_image_unless_the_disk_is_held(data: Path, ext4_disk: Path) -> None:

@@ -18,6 +18,7 @@ loop devices, and any filesystem a failure left frozen.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -45,8 +46,9 @@ from support.loopfs import (
 )
 from support.mounts import Mount, pid_alive, wait_for
 from support.records import RecordCheck, check_records
-from support.runners import MIRENFS, ok, run_cli
+from support.runners import MIRENFS, ok, refused, run_cli
 from support.store import disks
+from support.vectors import GO_ODD
 
 CONSISTENCY = "user.mirenfs.consistency"
 STATUS = "user.mirenfs.status"
@@ -246,6 +248,27 @@ def test_a_filesystem_mounted_in_another_mount_namespace_is_found_and_frozen(
         assert summary["longest_stall_s"] < STALL_LIMIT_S, summary
         check = restored_records(tmp_path / "pg.mirn", tmp_path, clean=True)
         assert check.problem is None and check.records >= before
+
+
+def test_a_restore_over_a_disk_whose_filesystem_is_mounted_says_to_unmount_it_first(tmp_path: Path) -> None:
+    """``losetup -d`` of a device a filesystem is mounted from only marks it to go once unmounted:
+    the refusal names the mount to take down first. Nothing changes."""
+    with disk_in_use(tmp_path, "ext4") as disk:
+        assert disk.disk is not None
+        before = hashlib.sha256(disk.image.read_bytes()).hexdigest()
+        device = disk.disk.device
+        ok(
+            "disk", "set-status", "pg", "detached", "--data-path", disk.data
+        )  # the store says so; the device stays
+        error = refused(
+            "disk pg is in use", "restore", GO_ODD.path, "--name", "pg", "--force", "--data-path", disk.data
+        )
+        assert (
+            f"backs {device}; unmount the ext4 filesystem on {device}, mounted at {disk.disk.mountpoint}, "
+            f"then detach it (`losetup -d {device}`) before restoring"
+        ) in error
+        assert hashlib.sha256(disk.image.read_bytes()).hexdigest() == before
+        assert not list(disk.image.parent.glob("*.restore.tmp"))
 
 
 def test_a_loop_device_used_raw_gives_a_crash_consistent_reflink(mounts: Mounts, tmp_path: Path) -> None:

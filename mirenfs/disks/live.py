@@ -10,24 +10,35 @@ it never freezes, mounts or changes anything (``pointintime`` does the freezing)
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import stat
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from mirenfs.errors import LiveCheckError
 
 SYS_BLOCK = "/sys/block"  # where loop devices tell their backing files; tests point it elsewhere
+DEV = "/dev"  # where their device nodes are (tests point it elsewhere too)
 PROC = "/proc"
 _DELETED_SUFFIX = " (deleted)"
+LOOP_GET_STATUS64 = 0x4C05  # linux/loop.h
+# struct loop_info64: lo_device, lo_inode (the backing file's st_dev and st_ino), then the rest.
+_LOOP_INFO64 = struct.Struct("=QQQQQIIII64s64s32s2Q")
 
 
 def loop_devices_backing(image_path: str, *, sys_block: str | None = None) -> list[str]:
     """The loop devices (``loop3``, …) whose backing file is ``image_path``.
 
-    Compared by device and inode where the backing file can be stat'ed (so a
-    different spelling of the path still matches) and by path otherwise (a
-    deleted backing file). Raises :class:`LiveCheckError` when it cannot tell.
+    Compared by the backing file's device and inode as the kernel holds them
+    (``LOOP_GET_STATUS64``, what ``losetup -O BACK-INO`` shows), so a loop
+    device set up through another path, another mount namespace (a container
+    sees its own ``/disk.img``) or a hard link removed since still matches.
+    Without access to the device node (not root), by the path ``/sys`` shows:
+    by device and inode where it can be stat'ed, by name otherwise (a deleted
+    backing file). Raises :class:`LiveCheckError` when it cannot tell: a
+    backing path that leads nowhere from here, with no device node to ask.
     """
     sys_block = SYS_BLOCK if sys_block is None else sys_block
     try:
@@ -51,9 +62,43 @@ def loop_devices_backing(image_path: str, *, sys_block: str | None = None) -> li
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) else str(exc)
             raise LiveCheckError(f"cannot read the backing file of {device}: {reason}") from None
-        if _same_file(backing, wanted, image_stat):
+        identity = backing_identity(device, sys_block=sys_block)
+        if image_stat is not None and identity is not None:
+            if identity == (image_stat.st_dev, image_stat.st_ino):
+                found.append(device)
+        elif _same_file(backing, wanted, image_stat):
             found.append(device)
+        elif image_stat is not None and not _leads_somewhere(backing):
+            raise LiveCheckError(
+                f"/dev/{device} is backed by {backing!r}, which does not lead to a file from here (a path "
+                f"in another mount namespace, or unlinked), and /dev/{device} cannot be opened to ask the "
+                "kernel which file it is (that takes root)"
+            )
     return found
+
+
+def backing_identity(device: str, *, sys_block: str | None = None) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file backing loop ``device``, from the kernel; None when its node
+    in ``DEV`` cannot be opened (no root), is not that device, or it was detached meanwhile."""
+    sys_block = SYS_BLOCK if sys_block is None else sys_block
+    try:
+        with open(os.path.join(sys_block, device, "dev"), encoding="ascii") as text:
+            major, minor = (int(number) for number in text.read().strip().split(":"))
+        fd = os.open(os.path.join(DEV, device), os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except (OSError, ValueError):
+        return None
+    try:
+        node = os.fstat(fd)
+        if not stat.S_ISBLK(node.st_mode) or node.st_rdev != os.makedev(major, minor):
+            return None
+        info = bytearray(_LOOP_INFO64.size)
+        fcntl.ioctl(fd, LOOP_GET_STATUS64, info)
+    except OSError:
+        return None  # ENXIO: detached since /sys was read
+    finally:
+        os.close(fd)
+    lo_device, lo_inode = _LOOP_INFO64.unpack(info)[:2]
+    return lo_device, lo_inode
 
 
 def _same_file(backing: str, wanted: str, image_stat: os.stat_result | None) -> bool:
@@ -70,6 +115,18 @@ def _same_file(backing: str, wanted: str, image_stat: os.stat_result | None) -> 
     except OSError:
         return False
     return (backing_stat.st_dev, backing_stat.st_ino) == (image_stat.st_dev, image_stat.st_ino)
+
+
+def _leads_somewhere(backing: str) -> bool:
+    """Whether the backing path names a file from this mount namespace (so that, not matching,
+    it is some other file)."""
+    if backing.endswith(_DELETED_SUFFIX):
+        return False
+    try:
+        os.stat(backing)
+    except OSError:
+        return False
+    return True
 
 
 def image_is_live(image_path: str, *, sys_block: str | None = None) -> bool:

@@ -24,7 +24,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
-from mirenfs.disks.live import loop_devices_backing
+from mirenfs.disks.live import filesystems_on, loop_devices_backing
 from mirenfs.disks.model import (
     CreatedDisk,
     Disk,
@@ -179,9 +179,12 @@ def _refuse_if_backing_a_loop_device(image_path: str, what: str, in_use: str, ac
             f"cannot tell whether {what} is in use ({exc}), so {action} is refused"
         ) from None
     if devices:
-        raise ImageLiveError(
-            f"{in_use} backs /dev/{devices[0]}; detach it (`losetup -d /dev/{devices[0]}`) before {action}"
-        )
+        detach = f"detach it (`losetup -d /dev/{devices[0]}`)"
+        with contextlib.suppress(LiveCheckError):  # what is mounted from it only words the advice
+            mounted = filesystems_on(devices[:1])
+            if mounted:  # losetup -d would only mark the device to go once that is unmounted
+                detach = f"unmount {mounted[0].describe()}, then {detach}"
+        raise ImageLiveError(f"{in_use} backs /dev/{devices[0]}; {detach} before {action}")
 
 
 def _check_restorable(resolver: DiskResolver, disk: Disk, *, data_path: str, overwrite: bool) -> str:
