@@ -108,6 +108,12 @@ class Store:
     # --- connections ---
 
     def _connect(self) -> sqlite3.Connection:
+        no_room = _data_path_error(self.data_path)
+        if no_room is not None:
+            # Said before SQLite maps its -shm index: it allocates that file one byte per 4 KiB page,
+            # and on a filesystem of 1 KiB blocks that has run out, a write through the mapping
+            # is SIGBUS (the process dies), not an error.
+            raise no_room
         if not os.path.exists(self.path):
             self._ready = False  # (re)created by this connection: it needs the schema again
         try:
@@ -195,7 +201,7 @@ class Store:
         there, so disks could not even be listed. Opened immutable, which is exact only while the
         write-ahead log holds nothing (at rest it does not: the last connection checkpoints it
         away); otherwise, or for any other failure, ``error`` stands."""
-        why = _no_room(self.data_path)
+        why = _no_room(self.data_path, slack=ROOM_SLACK_BYTES)
         wal = self.path + "-wal"
         if why is None or (os.path.exists(wal) and os.path.getsize(wal) > 0):
             raise error
