@@ -204,7 +204,9 @@ async def test_a_loop_device_backing_another_file_or_a_released_lease_does_not_r
     data_path: Path, sys_block: Path
 ) -> None:
     add_image_disk(data_path, "pg")
-    attach_fake_loop(sys_block, "loop3", data_path / "images" / "other.img")
+    other = data_path / "images" / "other.img"
+    other.write_bytes(b"another disk")  # a backing path that leads nowhere could be the image
+    attach_fake_loop(sys_block, "loop3", other)
     store = Store(str(data_path))
     store.release_lease(store.acquire_lease("pg").id)
     async with operations(data_path, allow_overwrite=True) as m:
