@@ -336,6 +336,31 @@ def test_status_of_a_stopped_daemon_gives_up_with_one_line_then_answers_again(
     assert "disks" in read_status(entry)
 
 
+def test_status_of_a_stopped_daemon_ends_when_named_and_when_its_output_is_piped(
+    tmp_path: Path, disks, mounts
+) -> None:
+    """``mirenfs status MNT`` once stat'ed the mount point itself (waiting in the kernel for ever),
+    and the child left behind held the command's stdout, so ``status | cat`` waited as long."""
+    data, _ = disks
+    mnt = tmp_path / "mnt"
+    mount = mounts(mnt, data)
+    os.kill(mount.process.pid, signal.SIGSTOP)
+    # Should the command hang all the same, the daemon is resumed after a while: the test then
+    # fails on its output instead of hanging with it.
+    resume = threading.Timer(25, os.kill, (mount.process.pid, signal.SIGCONT))
+    resume.start()
+    try:
+        for args in (["status", str(mnt)], ["status"]):
+            done = run_mirenfs(*args, "--timeout", "1", timeout=60)  # stdout and stderr are pipes
+            assert done.returncode == 1, done
+            assert f"the mirenfs mount at {mnt} does not answer within 1 s" in done.stderr.decode()
+            assert resume.is_alive(), f"{args} ended only once the daemon was resumed"
+    finally:
+        resume.cancel()
+        os.kill(mount.process.pid, signal.SIGCONT)
+    assert run_mirenfs("status", str(mnt), timeout=60).returncode == 0
+
+
 def test_other_disks_stay_readable_during_an_index_pass(tmp_path: Path, disks, mounts) -> None:
     """The index pass runs on worker threads: the event loop keeps answering other disks."""
     data, _ = disks

@@ -75,6 +75,13 @@ def register(commands: Any) -> None:
         action="store_true",
         help="print the mount's status JSON (without MOUNTPOINT: an object keyed by mount point)",
     )
+    status.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=STATUS_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"how long to wait for each mount's answer (default {STATUS_TIMEOUT_S:.0f})",
+    )
     status.set_defaults(handler=cmd_status)
 
     cleanup_help = (
@@ -249,6 +256,17 @@ def write_held_back_repeats() -> None:
 # ---- status -------------------------------------------------------------------
 
 
+def _positive_seconds(text: str) -> float:
+    """``--timeout``: seconds, more than 0."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0 (e.g. 5 or 0.5)")
+    return seconds
+
+
 def read_status(entry: MountEntry, *, timeout_s: float = STATUS_TIMEOUT_S) -> dict[str, Any]:
     """Ask the mount for its status (the root's ``user.mirenfs.status``), giving up after
     ``timeout_s``: a stopped or hung daemon leaves the request waiting in the kernel for ever."""
@@ -257,7 +275,7 @@ def read_status(entry: MountEntry, *, timeout_s: float = STATUS_TIMEOUT_S) -> di
         raw = _getxattr_within(where, STATUS_XATTR, timeout_s)
     except TimeoutError:
         raise MirenfsError(
-            f"the mirenfs mount at {where} does not answer within {timeout_s:.0f} s: its daemon is "
+            f"the mirenfs mount at {where} does not answer within {timeout_s:g} s: its daemon is "
             "stopped or hung (see its log, and `kill -CONT` it if it was stopped)"
         ) from None
     except OSError as exc:
@@ -295,6 +313,11 @@ def _getxattr_within(path: str, name: str, timeout_s: float) -> bytes:
     if pid == 0:  # the child: ask, hand the answer (or the errno) over, and end
         try:
             os.close(read_end)
+            # Left behind, it must not hold the command's output open: `mirenfs status | cat`
+            # would wait for it as long as the daemon does.
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
             try:
                 answer = b"=" + os.getxattr(path, name)
             except OSError as exc:
@@ -419,7 +442,7 @@ CATALOG_UNREACHABLE_EXIT = 3
 def cmd_status(args: argparse.Namespace) -> int:
     if args.mountpoint is not None:
         entry = mount_at(args.mountpoint)
-        status = read_status(entry)
+        status = read_status(entry, timeout_s=args.timeout)
         print(json.dumps(status, indent=2) if args.json else format_status(entry, status))
         return CATALOG_UNREACHABLE_EXIT if status.get("catalog_error") else 0
     found = mirenfs_mounts()
@@ -429,7 +452,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     failures = 0
     for entry in found:
         try:
-            status = read_status(entry)
+            status = read_status(entry, timeout_s=args.timeout)
         except MirenfsError as exc:
             print(f"mirenfs: error: {exc}", file=sys.stderr)
             failures += 1

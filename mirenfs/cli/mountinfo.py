@@ -29,9 +29,14 @@ def mirenfs_mounts() -> list[MountEntry]:
 
 
 def mount_at(path: str) -> MountEntry:
-    """The mirenfs mount whose mount point is ``path``, or a clear error naming what is there."""
-    target = os.path.realpath(path)  # never raises for a dead mount: non-strict
+    """The mirenfs mount whose mount point is ``path``, or a clear error naming what is there.
+
+    A mount point spelt as mountinfo has it is found without touching the path: a ``stat`` of
+    a stopped daemon's mount point waits in the kernel for ever (even past SIGKILL)."""
     everything = mounts()
+    spelt = os.path.abspath(path)
+    known = any(entry.mountpoint == spelt for entry in everything)
+    target = spelt if known else os.path.realpath(path)  # else a symlink on the way; non-strict
     covering = [entry for entry in everything if entry.mountpoint == target]
     if covering and covering[-1].fstype == FSTYPE:
         return covering[-1]
