@@ -9,6 +9,7 @@ import hashlib
 import logging
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ import trio
 import trio.testing
 
 from mirenfs.disks.model import DiskState
-from mirenfs.errors import DiskLeasedError, FormatError
+from mirenfs.engine.image import ImageIdentity
+from mirenfs.errors import DiskLeasedError, FormatError, PointInTimeError
 from mirenfs.format.header import decode_header
 from mirenfs.mount import operations as operations_module
 from mirenfs.mount import versions
@@ -604,3 +606,80 @@ async def test_a_copy_of_a_disk_in_use_stands_for_it_while_read_and_a_minute_aft
     clock[0] = 300.0
     service.release(copy)
     assert await current(359.0) and not await current(361.0)  # a minute after the last close
+
+
+@trio_test
+async def test_a_lookup_while_a_disk_in_use_is_being_snapshotted_shares_that_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``cat NAME.mirn`` (no stat) and an ``ls -l`` a second later: the image of a disk in use
+    changes in between (its freeze alone writes to it), and the lookup took a second freeze and a
+    second snapshot, whose sidecar then did not match the copy. It waits for the first now. A
+    build that fails is shared only by requests that saw the same image; others build anew."""
+    service = SnapshotService(
+        versions.IndexCache(str(tmp_path / "index")),
+        versions.Settings(),
+        spill_directory=str(tmp_path / "spill"),
+        spill_limit=0,
+    )
+    identities = iter(ImageIdentity(1, 2, 3, mtime, mtime) for mtime in range(10, 20))
+    monkeypatch.setattr(versions.ImageIdentity, "of", lambda _path: next(identities))
+    monkeypatch.setattr(versions, "_image_in_use", lambda _path: True)
+    builds: list[trio.Event] = []
+    fail = [False]
+
+    async def build(name: str, image_path: str, filesystem: str, *, attached: bool) -> versions.DiskVersion:
+        builds.append(trio.Event())
+        await builds[-1].wait()
+        if fail[0]:
+            raise PointInTimeError("the freeze was lifted before the copy was made", "lifted")
+        return versions.DiskVersion(name, filesystem, image_path, None, None, "", -1, is_copy=True)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(service, "_build", build)
+    looked: list[object] = []  # one per look at the current version (after the image's identity)
+    matching = service._matching
+
+    async def counted(*args: Any) -> versions.DiskVersion | None:
+        looked.append(args)
+        return await matching(*args)
+
+    monkeypatch.setattr(service, "_matching", counted)
+
+    async def until(condition: Callable[[], bool]) -> None:
+        """Poll, with a deadline: the identity and the in-use check run on worker threads."""
+        with trio.fail_after(10):
+            while not condition():
+                await trio.sleep(0.001)
+        await trio.testing.wait_all_tasks_blocked()
+
+    async def two_lookups() -> list[object]:
+        """Two requests, each seeing the image changed; the first build ends once both wait."""
+        outcomes: list[object] = []
+
+        async def ask() -> None:
+            try:
+                outcomes.append(await service.version("pg", "/pg.img", "ext4"))
+            except PointInTimeError as exc:
+                outcomes.append(exc)
+
+        looked.clear()
+        async with trio.open_nursery() as nursery:
+            for asked in (1, 2):
+                nursery.start_soon(ask)
+                await until(lambda asked=asked: len(looked) >= asked)  # type: ignore[misc]
+            assert len(builds) == 1, "a second build started while the first ran"
+            builds[0].set()
+            if fail[0]:
+                await until(lambda: len(builds) == 2)
+                builds[1].set()
+        return outcomes
+
+    first, second = await two_lookups()
+    assert isinstance(first, versions.DiskVersion) and second is first and len(builds) == 1
+
+    service._current.clear()  # the disk is snapshotted again (its copy was stubbed: nothing to close)
+    builds.clear()
+    fail[0] = True
+    first, second = await two_lookups()
+    assert isinstance(first, PointInTimeError) and len(builds) == 2  # the second built anew
+    assert isinstance(second, PointInTimeError)

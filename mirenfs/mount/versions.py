@@ -217,8 +217,9 @@ def sidecar_size(name: str) -> int:
 
 @dataclass
 class _Build:
-    """A version being built: later requests for it wait here and share its outcome."""
+    """A version being built: later requests for the disk wait here and share its outcome."""
 
+    identity: ImageIdentity  # the image's when the build began
     done: trio.Event = field(default_factory=trio.Event)
     error: Exception | None = None
 
@@ -253,7 +254,7 @@ class SnapshotService:
         self._spill_failed = False  # the last spill file could not be made (said once)
         self.progress: dict[str, IndexProgress] = {}
         self._current: dict[str, DiskVersion] = {}
-        self._building: dict[tuple[str, ImageIdentity, str], _Build] = {}
+        self._building: dict[tuple[str, str], _Build] = {}  # (name, filesystem)
         # Two passes at a time: each keeps every core busy, and a second slot
         # keeps a huge disk's first pass from holding up every other new disk.
         self._pass_limit = trio.CapacityLimiter(2)
@@ -274,23 +275,27 @@ class SnapshotService:
         ``attached``: the store says the disk is in use, whatever the loop devices say.
         """
         identity = await trio.to_thread.run_sync(ImageIdentity.of, image_path)
+        key = (name, filesystem)
         while True:
             existing = await self._matching(name, identity, filesystem, attached)
             if existing is not None:
                 return existing
-            key = (name, identity, filesystem)
             building = self._building.get(key)
             if building is None:
                 break
-            await building.done.wait()  # another request runs this pass: share its result
-            if building.error is not None:
+            # Another request builds this disk's version: share it. Also when the image changed
+            # since that build began, as a disk in use does all the time (its freeze alone writes
+            # to it): a lookup meanwhile (`ls -l` beside a `cat`) then gets that point-in-time
+            # copy, not a second freeze and a second snapshot with another sidecar.
+            await building.done.wait()
+            if building.error is not None and building.identity == identity:
                 raise building.error
         refused = self.refused.get(name)
         if refused is not None and time.monotonic() - refused[0] < REFUSAL_MEMORY_S:
             again = PointInTimeError(str(refused[1]), refused[1].why)
             again.reported = True  # logged once: no second freeze attempt or log line for a while
             raise again
-        building = self._building[key] = _Build()
+        building = self._building[key] = _Build(identity)
         try:
             version = await self._build(name, image_path, filesystem, attached=attached)
             self._install(version)
