@@ -10,6 +10,7 @@ snapshot from it, compressing a second time rather than spooling to disk.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import io
 import os
@@ -217,22 +218,57 @@ async def backup_image(
 async def _backup_to_regular_file(
     output: str, source: ChunkSource, settings: Settings, of: SnapshotOf, progress: Progress | None
 ) -> Meta:
+    """Written into a file with no name (``O_TMPFILE``), named once whole: a backup killed with
+    SIGKILL (the OOM killer, ``systemctl kill``) leaves nothing behind. Where the filesystem has
+    no ``O_TMPFILE``, under a hidden temporary name, removed on any failure that can be caught."""
     directory = os.path.dirname(os.path.abspath(output))
+    temporary: str | None = None
     try:
-        fd, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(output)}.", suffix=".tmp", dir=directory)
+        try:
+            fd = os.open(directory, os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+            fd, temporary = tempfile.mkstemp(prefix=_hidden_prefix(output), suffix=".tmp", dir=directory)
     except OSError as exc:
         raise cannot_write(output, exc) from None
     try:
-        with _naming_a_full_output(output), os.fdopen(fd, "wb") as out:
+        with _naming_a_full_output(output), os.fdopen(fd, "wb", closefd=False) as out:
             meta = await write_snapshot(out, source, settings, of, progress=progress)
             await trio.to_thread.run_sync(os.fsync, out.fileno())
-        os.chmod(temporary, disk_file_mode())  # never readable by others, whatever the umask
+        os.fchmod(fd, disk_file_mode())  # never readable by others, whatever the umask
+        if temporary is None:
+            temporary = _name_unnamed(fd, output, directory)
         os.rename(temporary, output)
         return meta
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
+        if temporary is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
         raise
+    finally:
+        os.close(fd)
+
+
+def _hidden_prefix(output: str) -> str:
+    return f".{os.path.basename(output)}."
+
+
+def _name_unnamed(fd: int, output: str, directory: str) -> str:
+    """Give the ``O_TMPFILE`` file a hidden name beside ``output`` (the rename over ``output``
+    then replaces it atomically): through ``/proc``, which needs no privilege, unlike
+    ``AT_EMPTY_PATH``."""
+    descriptors = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        while True:
+            name = os.path.join(directory, f"{_hidden_prefix(output)}{os.urandom(6).hex()}.tmp")
+            try:  # with a directory descriptor, os.link is linkat(AT_SYMLINK_FOLLOW), not link(2)
+                os.link(str(fd), name, src_dir_fd=descriptors, follow_symlinks=True)
+            except FileExistsError:
+                continue
+            return name
+    finally:
+        os.close(descriptors)
 
 
 @contextlib.contextmanager
