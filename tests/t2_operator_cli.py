@@ -619,10 +619,17 @@ def test_the_mount_helper_checks_option_values_also_when_it_only_pretends(
         ("nofail,freeze_budget=soon", "-o freeze_budget=soon: the freeze budget is a number of seconds"),
         ("frame_store_size=lots", "-o frame_store_size=lots: the frame store size is a size such as 8G"),
         ("allow_other,max_read=65536", "-o max_read=65536 is not supported"),
+        # What libfuse refuses at the mount's start, asked of libfuse (mount -fav passed it).
+        (
+            "allow_overwite,ro",
+            "FUSE refused the mount options allow_overwite,ro; unknown: allow_overwite (did you",
+        ),
+        ("ro,frobnicate", "FUSE refused the mount options ro,frobnicate; check the -o options"),
     ):
         assert mount_helper.main([*where, options]) == mount_helper.EXIT_FAILURE
         assert capsys.readouterr().err.startswith(f"mount.mirenfs: error: {message}")
-    assert mount_helper.main([*where, "nofail,freeze_budget=2,frame_store_size=1G,allow_other"]) == 0
+    valid = "nofail,freeze_budget=2,frame_store_size=1G,allow_other,allow_overwrite,index_at_mount,ro,noatime"
+    assert mount_helper.main([*where, valid]) == 0
     assert list((tmp_path / "data").iterdir()) == [] and not os.path.ismount(tmp_path / "mnt")
 
 

@@ -7,6 +7,8 @@ the same way ``mount.mirenfs`` does) without loading FUSE.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -58,8 +60,61 @@ def refuse_unsupported(options: Iterable[str]) -> None:
 def check_option_values(options: list[str]) -> None:
     """Refuse now what the mount would refuse: for ``mount.mirenfs -f``, which mounts nothing."""
     _, rest = copy_policy(options)
-    frame_store_limit(rest)
+    _, rest = frame_store_limit(rest)
     refuse_unsupported(rest)
+    for_fuse = [option for option in rest if option not in ("allow_overwrite", "index_at_mount")]
+    if fuse_refuses(for_fuse):
+        raise MirenfsError(refused_options_sentence(for_fuse))
+
+
+def refused_options_sentence(options: list[str]) -> str:
+    """What the mount says when libfuse refuses its ``-o`` options (naming near misses)."""
+    given = ",".join(options) or "(none)"
+    misses = near_misses(options)
+    hint = (
+        f"unknown: {'; '.join(misses)}"
+        if misses
+        else "check the -o options (in the foreground, fuse names the unknown ones on stderr)"
+    )
+    return f"FUSE refused the mount options {given}; {hint}"
+
+
+class _FuseArgs(ctypes.Structure):
+    _fields_ = (  # struct fuse_args
+        ("argc", ctypes.c_int),
+        ("argv", ctypes.POINTER(ctypes.c_char_p)),
+        ("allocated", ctypes.c_int),
+    )
+
+
+def fuse_refuses(options: list[str]) -> bool:
+    """Whether libfuse refuses ``options`` as the mount's start would (``fuse_session_new``, which
+    names the unknown ones on stderr), asked of libfuse itself with nothing mounted. False when
+    libfuse cannot be loaded: the mount then says so itself."""
+    try:
+        fuse = ctypes.CDLL(ctypes.util.find_library("fuse3") or "libfuse3.so.3")
+    except OSError:
+        return False
+    fuse.fuse_session_new.restype = ctypes.c_void_p
+    fuse.fuse_session_new.argtypes = (
+        ctypes.POINTER(_FuseArgs),
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_void_p,
+    )
+    fuse.fuse_session_destroy.argtypes = (ctypes.c_void_p,)
+    fuse.fuse_opt_free_args.argtypes = (ctypes.POINTER(_FuseArgs),)
+    words = [b"mirenfs"] + [word for option in options for word in (b"-o", option.encode())]
+    argv = (ctypes.c_char_p * (len(words) + 1))(*words, None)
+    args = _FuseArgs(len(words), argv, 0)
+    no_operations = ctypes.create_string_buffer(8)  # op_size 0: none is copied
+    session = fuse.fuse_session_new(ctypes.byref(args), no_operations, 0, None)
+    if args.allocated:  # libfuse replaced argv with its own copy
+        fuse.fuse_opt_free_args(ctypes.byref(args))
+    if not session:
+        return True
+    fuse.fuse_session_destroy(session)
+    return False
 
 
 def near_misses(options: Iterable[str]) -> list[str]:

@@ -23,7 +23,7 @@ from mirenfs.engine.image import make_private_directory
 from mirenfs.errors import MirenfsError, MountError
 from mirenfs.mount import notify
 from mirenfs.mount.catalog import CatalogEntry, StoreCatalog
-from mirenfs.mount.config import MountConfig, near_misses
+from mirenfs.mount.config import MountConfig, refused_options_sentence
 from mirenfs.mount.operations import MirenOperations
 from mirenfs.mount.restoredir import RestoreDirectory
 from mirenfs.mount.versions import IndexCache, SnapshotService
@@ -198,14 +198,7 @@ def _init_session(operations: MirenOperations, config: MountConfig) -> None:
     except RuntimeError as exc:
         operations.service.close()
         if "fuse_session_new" in str(exc):
-            given = ",".join(config.fuse_options) or "(none)"
-            misses = near_misses(config.fuse_options)
-            hint = (
-                f"unknown: {'; '.join(misses)}"
-                if misses
-                else "check the -o options (in the foreground, fuse names the unknown ones on stderr)"
-            )
-            raise MountError(f"FUSE refused the mount options {given}; {hint}") from None
+            raise MountError(refused_options_sentence(config.fuse_options)) from None
         raise MountError(
             f"cannot mount at {config.mountpoint} ({exc}): mounting needs root, or /dev/fuse access "
             "and fusermount3 (Debian's fuse3 package); with -o allow_other, also user_allow_other "
