@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from mirenfs.disks import pointintime
 from mirenfs.disks.live import block_devices
 from mirenfs.disks.pointintime import DEFAULT_FREEZE_BUDGET_S, Consistency, CopyPolicy
+from mirenfs.engine.image import OpenImage
 from mirenfs.errors import MirenfsError, PointInTimeError
 from mirenfs.mount.config import copy_policy
 
@@ -59,3 +61,33 @@ def test_records_form_an_unbroken_prefix_or_say_where_they_break() -> None:
     swapped = record(0) + record(2) + record(1)
     assert check_records(swapped, torn_tail_allowed=True).records == 1
     assert check_records(swapped, torn_tail_allowed=True).problem is not None
+
+
+def test_a_copy_with_no_room_says_how_much_it_needs_and_how_much_there_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trial read "needs more than the 273 MiB free" for 213 MiB of data as false: the
+    margin the copy leaves was not said. Refused before anything is frozen."""
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as data:
+        data.truncate(64 << 20)
+        data.write(b"x" * (3 << 20))
+    monkeypatch.setattr(pointintime, "_free_bytes", lambda _directory: 40 << 20)
+    source = OpenImage.open(str(image))
+    try:
+        with pytest.raises(PointInTimeError) as refused:
+            pointintime._frozen_sparse_copy(
+                "pg",
+                source,
+                None,
+                [],
+                CopyPolicy(),
+                "no reflinks on ext4",
+                str(tmp_path),  # type: ignore[arg-type]
+            )
+    finally:
+        source.close()
+    assert (
+        f"copying its 3.0 MiB of data needs 67 MiB free in {tmp_path} (its data and 64 MiB to spare), "
+        "and 40 MiB are"
+    ) in str(refused.value)

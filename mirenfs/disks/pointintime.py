@@ -324,7 +324,11 @@ def _frozen_sparse_copy(
     budget_hint = f"raise the budget (-o freeze_budget=SECONDS, backup --freeze-budget), {REFLINK_HINT}"
     free = _free_bytes(clone_directory)
     if free is not None and free < data + SPACE_MARGIN:
-        why = f"{copying} needs more than the {free >> 20} MiB free in {clone_directory}"
+        needed = (data + SPACE_MARGIN) / (1 << 20)
+        why = (
+            f"{copying} needs {needed:.0f} MiB free in {clone_directory} (its data and "
+            f"{SPACE_MARGIN >> 20} MiB to spare), and {free >> 20} MiB are"
+        )
         raise _refused(name, why, f"free space there, {REFLINK_HINT}")
     copy_s = _estimate_copy_seconds(source.fd, target.fd, extents, data)
     estimate = (copy_s + FREEZE_OVERHEAD_S) * ESTIMATE_MARGIN
