@@ -11,7 +11,14 @@ from typing import Any
 
 import pytest
 
-from mirenfs.disks.catalogs import EtcdLocation, mount_listing, none_on_this_node, open_catalog, parse_catalog
+from mirenfs.disks.catalogs import (
+    EtcdLocation,
+    images_missing_here,
+    mount_listing,
+    none_on_this_node,
+    open_catalog,
+    parse_catalog,
+)
 from mirenfs.disks.model import (
     Disk,
     DiskRecord,
@@ -174,6 +181,33 @@ def test_credentials_in_an_etcd_url_are_refused_and_never_echoed(url: str) -> No
     with pytest.raises(MirenfsError, match="a user name or password in the URL is not supported") as refused:
         parse_catalog(url)
     assert "s3" not in str(refused.value) and "cret" not in str(refused.value)
+
+
+def test_disks_of_this_host_without_their_images_here_are_named(tmp_path: Path) -> None:
+    """A mistyped data path (or a node name two hosts share) shows this host's disks with no
+    images: a restore into one then wrote an image there and changed another host's record."""
+
+    def disk(name: str, status: DiskState = DiskState.PROVISIONED, *, local: bool = True) -> DiskRecord:
+        image = tmp_path / name / "disk.img"
+        record = Disk(f"id-{name}", name, status, "ext4", 1)
+        volume = Volume(f"v-{name}", record.id, None, VolumeState.PROVISIONED, "a")
+        return DiskRecord(record, volume, str(image), (), local)
+
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here" / "disk.img").write_bytes(b"")
+    assert images_missing_here([disk("here")], data_path=str(tmp_path)) is None
+    quiet = [
+        disk("new", DiskState.PROVISIONING),
+        disk("going", DiskState.DELETING),
+        disk("there", local=False),
+    ]
+    assert images_missing_here([disk("here"), *quiet], data_path=str(tmp_path)) is None
+    said = images_missing_here([disk(f"d{i}") for i in range(7)] + [disk("here")], data_path=str(tmp_path))
+    assert said == (
+        f"7 of this host's disks have no image under the data path {tmp_path} (d0, d1, d2, d3, d4 and 2 "
+        "more): if the data path (or the node name) is wrong, stop this mount, since a restore into one "
+        "of them would write its image here and change its record"
+    )
 
 
 def test_a_host_that_sees_no_disks_is_told_which_nodes_have_them() -> None:

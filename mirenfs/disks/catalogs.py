@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from mirenfs.disks.model import Catalog, DiskRecord, validate_node_name
+from mirenfs.disks.model import Catalog, DiskRecord, DiskState, validate_node_name
 from mirenfs.disks.store import Store
 from mirenfs.errors import DiskExistsError, MirenfsError
 
@@ -181,6 +181,32 @@ def none_on_this_node(records: list[DiskRecord], *, url: str, node: str) -> str 
     if records:
         return f"no disk in the disk catalogue at {url} is on node {node} (none records a node)"
     return f"the disk catalogue at {url} holds no disks (is its /PREFIX right?)"
+
+
+def images_missing_here(records: list[DiskRecord], *, data_path: str) -> str | None:
+    """Why a mount should be looked at when disks of its host have no image under its data path
+    (a mistyped data path, or a node name two hosts share), or None. A restore into such a disk
+    is no overwrite: it writes the image here and changes the disk's record for every host.
+    Disks being created or deleted are left out: their images come and go."""
+    missing = sorted(
+        record.disk.name
+        for record in records
+        if record.local
+        and record.image_path is not None
+        and record.volume is not None
+        and not record.volume.image_path  # a managed image, under the data path
+        and record.disk.status not in (DiskState.PROVISIONING, DiskState.DELETING)
+        and not os.path.lexists(record.image_path)
+    )
+    if not missing:
+        return None
+    named = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    return (
+        f"{len(missing)} of this host's disks {'has' if len(missing) == 1 else 'have'} no image under the "
+        f"data path {os.path.abspath(data_path)} "
+        f"({named}): if the data path (or the node name) is wrong, stop this mount, since a restore into "
+        "one of them would write its image here and change its record"
+    )
 
 
 # --- what the mount lists disks from ---

@@ -14,7 +14,7 @@ from functools import partial
 import pyfuse3
 import trio
 
-from mirenfs.disks.catalogs import mount_listing, node_from, none_on_this_node
+from mirenfs.disks.catalogs import images_missing_here, mount_listing, node_from, none_on_this_node
 from mirenfs.disks.live import read_mountinfo
 from mirenfs.disks.manage import sweep_what_killed_runs_left
 from mirenfs.disks.model import Catalog
@@ -99,13 +99,17 @@ def build_operations(config: MountConfig, nursery: trio.Nursery) -> MirenOperati
 def _say_if_no_disk_is_on_this_node(store: Catalog, config: MountConfig) -> None:
     """A wrong --node mounts fine and shows nothing: on etcd, say so when no disk is on this node
     (a warning when other nodes have disks; only a note when the catalogue is empty, as a new
-    fleet's is)."""
-    if config.node_name is None:  # SQLite: every disk is this host's
-        return
+    fleet's is). A wrong data path (or a node name two hosts share) mounts fine too and shows
+    disks whose images are not there: say that as well."""
     records = store.list_disks()
-    problem = none_on_this_node(records, url=config.catalog_name, node=config.node_name)
-    if problem is not None:
-        (log.warning if records else log.info)("%s; this mount shows no disks until one is", problem)
+    if config.node_name is not None:  # on SQLite every disk is this host's
+        problem = none_on_this_node(records, url=config.catalog_name, node=config.node_name)
+        if problem is not None:
+            (log.warning if records else log.info)("%s; this mount shows no disks until one is", problem)
+            return
+    missing = images_missing_here(records, data_path=config.data_path)
+    if missing is not None:
+        log.warning("%s", missing)
 
 
 MOUNT_LOCK = "mount.lock"  # in the state directory: every mount of the data path holds it shared
