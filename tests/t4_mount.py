@@ -361,6 +361,53 @@ def test_status_of_a_stopped_daemon_ends_when_named_and_when_its_output_is_piped
     assert run_mirenfs("status", str(mnt), timeout=60).returncode == 0
 
 
+def test_a_mount_whose_disks_have_no_images_there_says_so_at_start(tmp_path: Path, mounts) -> None:
+    """A mistyped data path on a fleet (or a node name two hosts share) showed this host's disks
+    without images, silently; a restore into one then wrote an image there and changed its
+    record. The start names them (here: an image gone from a one-host data path)."""
+    data = tmp_path / "data"
+    for name in ("a", "b"):
+        assert run_mirenfs("disk", "create", name, "--size", "1M", "--data-path", str(data)).returncode == 0
+    listed = json.loads(run_mirenfs("disk", "list", "--json", "--data-path", str(data)).stdout)
+    Path(next(disk["image_path"] for disk in listed if disk["name"] == "b")).unlink()
+    said = (
+        f"1 of this host's disks has no image under the data path {data} (b): if the data path (or the "
+        "node name) is wrong, stop this mount, since a restore into one of them would write its image "
+        "here and change its record"
+    )
+    mount = mounts(tmp_path / "mnt", data, expect_log=[re.escape(said)])
+    assert f"WARNING: {said}" in mount.log()
+
+
+def test_cleanup_unmounts_a_dead_mount_of_its_data_path_and_leaves_a_live_one(
+    tmp_path: Path, disks, mounts
+) -> None:
+    """After a ``kill -9`` of the mount, ``cleanup`` said "nothing to clean up" beside a mount
+    point answering ENOTCONN; only the unit's ``ExecStopPost=`` took it away."""
+    data, _ = disks
+    live = mounts(tmp_path / "live", data)
+    dead = mounts(tmp_path / "dead", data, expect_log=[r"another mirenfs mount already serves data path"])
+    os.kill(dead.process.pid, signal.SIGKILL)
+    dead.process.wait(timeout=30)
+
+    def refused_as_dead() -> bool:
+        try:
+            os.stat(dead.mountpoint / "restore")
+        except OSError as exc:
+            return exc.errno == errno.ENOTCONN
+        return False
+
+    wait_for(refused_as_dead, "the killed mount to answer ENOTCONN")
+    done = run_mirenfs("cleanup", "--data-path", str(data), timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert (
+        f"unmounted the dead mirenfs mount at {dead.mountpoint} (its daemon was killed)"
+        in done.stdout.decode()
+    )
+    assert not os.path.ismount(dead.mountpoint) and os.path.ismount(live.mountpoint)
+    assert "restore" in os.listdir(live.mountpoint)
+
+
 def test_other_disks_stay_readable_during_an_index_pass(tmp_path: Path, disks, mounts) -> None:
     """The index pass runs on worker threads: the event loop keeps answering other disks."""
     data, _ = disks

@@ -16,6 +16,7 @@ import logging
 import os
 import select
 import stat
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -490,6 +491,39 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
         else:
             print(sentence, flush=True)
         said += 1
+    for where in _unmount_dead_mounts_of(data_path):
+        print(f"unmounted the dead mirenfs mount at {where} (its daemon was killed)", flush=True)
+        said += 1
     if not said:
         print(f"nothing to clean up in {data_path}: no killed mirenfs process left anything behind")
     return 1 if failed else 0
+
+
+DEAD_CHECK_S = 2.0  # a daemon that does not answer this fast is stopped or busy, not dead
+
+
+def _unmount_dead_mounts_of(data_path: str) -> list[str]:
+    """The mounts of ``data_path`` whose daemon is gone (every request: ENOTCONN), unmounted
+    lazily, as the unit's ``ExecStopPost=`` does: a killed mount is otherwise left in the way
+    of the next one. Asked from a child, as ``status`` asks: a stopped daemon never answers."""
+    done = []
+    for entry in mirenfs_mounts():
+        if entry.source != data_path:
+            continue
+        try:
+            _getxattr_within(entry.mountpoint, STATUS_XATTR, DEAD_CHECK_S)
+        except TimeoutError:
+            continue
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                continue
+            unmounted = subprocess.run(
+                ["fusermount3", "-u", "-z", entry.mountpoint], capture_output=True, text=True, timeout=30
+            )
+            if unmounted.returncode != 0:
+                raise MirenfsError(
+                    f"cannot unmount the dead mirenfs mount at {entry.mountpoint}: "
+                    f"{unmounted.stderr.strip() or 'fusermount3 failed'}"
+                ) from None
+            done.append(entry.mountpoint)
+    return done
