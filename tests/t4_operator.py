@@ -280,8 +280,8 @@ def test_a_second_mount_of_one_data_path_works_and_says_so(tmp_path: Path, mount
     data.mkdir()
     make_disk(data, "pg")
     warning = (
-        r"another mirenfs mount already serves data path .*; with the same disk catalogue and node as this "
-        r"one \(sqlite:///\S+\) both show the same disks"
+        r"another mirenfs mount already serves data path .*; this one uses the disk catalogue "
+        r"sqlite:///\S+: if the other uses the same, both show the same disks, and if not"
     )
     first = mounts(tmp_path / "one", data)
     second = mounts(tmp_path / "two", data, expect_log=[warning])

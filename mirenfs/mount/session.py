@@ -127,8 +127,9 @@ def _claim_data_path(config: MountConfig) -> int:
     except BlockingIOError:
         node = f" as node {config.node_name}" if config.node_name else ""
         log.warning(
-            "another mirenfs mount already serves data path %s; with the same disk catalogue and node "
-            "as this one (%s%s) both show the same disks (mirenfs status lists each mount's)",
+            "another mirenfs mount already serves data path %s; this one uses the disk catalogue %s%s: "
+            "if the other uses the same, both show the same disks, and if not (mirenfs status shows "
+            "each mount's), one of them is on the wrong catalogue or node (--catalog, --node)",
             config.data_path,
             config.catalog_name,
             node,
