@@ -856,6 +856,23 @@ def test_cleanup_removes_what_a_killed_restore_left_and_only_that(
     assert again.out == f"nothing to clean up in {data}: no killed mirenfs process left anything behind\n"
 
 
+def test_cleanup_of_a_data_path_without_a_store_says_it_looked_at_no_catalogue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An etcd node's data path has no mirenfs.db: cleanup without --catalog removed a killed
+    restore's staging file and said nothing of the disk it left `provisioning` in etcd."""
+    data = tmp_path / "data"
+    (data / "mirenfs").mkdir(parents=True)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    cleaned = ok("cleanup", "--data-path", data)
+    assert cleaned.out == (
+        f"{data} has no disk store of its own (mirenfs.db), so only its files are cleaned up: on a fleet, "
+        "pass --catalog URL and --node NAME (or set $MIRENFS_CATALOG) to also remove a disk a killed "
+        "restore was creating\n"
+    )
+    assert sorted(os.listdir(data)) == ["mirenfs"]
+
+
 def test_cleanup_needs_root_and_touches_nothing_without_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -881,7 +898,7 @@ def test_cleanup_leaves_the_freeze_of_a_running_mirenfs_alone_but_not_a_reused_p
     at work) its record is left; a pid since taken by another program, or gone, holds nothing."""
     data = tmp_path / "data"
     data.mkdir()
-    Store(str(data))
+    (data / "mirenfs.db").touch()  # an empty store (SQLite's empty database is an empty file)
     clones = Path(clone_directory_of(str(data)))
     clones.mkdir(parents=True)
     monkeypatch.setattr(os, "geteuid", lambda: 0)

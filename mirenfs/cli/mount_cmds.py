@@ -30,6 +30,7 @@ from mirenfs.cli.logfold import fold_repeats, write_held_back
 from mirenfs.cli.mountinfo import MountEntry, mirenfs_mounts, mount_at, mount_holding, refuse_if_mirenfs_mount
 from mirenfs.disks.catalogs import catalog_spec_from, node_from
 from mirenfs.disks.manage import sweep_what_killed_runs_left
+from mirenfs.disks.store import Store
 from mirenfs.engine.aio import meaningful_error
 from mirenfs.engine.image import make_private_directory
 from mirenfs.errors import MirenfsError
@@ -481,9 +482,18 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         raise MirenfsError("mirenfs cleanup thaws filesystems, which needs root; run it as root (sudo)")
     said, failed = 0, False
-    for level, sentence in sweep_what_killed_runs_left(
-        data_path, clone_directory_of(data_path), catalog_from(args)
-    ):
+    catalog = catalog_from(args)
+    if isinstance(catalog, Store) and not os.path.lexists(catalog.path):
+        # An etcd node's data path has no SQLite store: without --catalog no catalogue is looked at,
+        # and a disk a killed restore was creating stays `provisioning` there.
+        print(
+            f"{data_path} has no disk store of its own (mirenfs.db), so only its files are cleaned up: on "
+            "a fleet, pass --catalog URL and --node NAME (or set $MIRENFS_CATALOG) to also remove a disk "
+            "a killed restore was creating",
+            flush=True,
+        )
+        said += 1
+    for level, sentence in sweep_what_killed_runs_left(data_path, clone_directory_of(data_path), catalog):
         failed = failed or level >= logging.ERROR
         # each as it is done: a catalogue failure comes after the thaws
         if level >= logging.ERROR:
