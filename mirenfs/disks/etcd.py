@@ -75,6 +75,7 @@ from mirenfs.disks.model import (
 from mirenfs.disks.store import check_data_path
 from mirenfs.disks.trust import TrustedImages
 from mirenfs.errors import (
+    FOLDED_WHEN_REPEATED,
     CatalogUnreachableError,
     DiskBusyError,
     DiskElsewhereError,
@@ -497,10 +498,10 @@ class EtcdCatalog:
             try:
                 self._check_trusted(stored, volume)
                 image_path = image_path_for(self.data_path, volume)
-            except UntrustedImageError as exc:
-                log.warning("%s", exc)
+            except UntrustedImageError as exc:  # every listing meets it: once a minute in a mount's log
+                log.warning("%s", exc, extra=FOLDED_WHEN_REPEATED)
             except MirenfsError as exc:
-                log.warning("disk %s: %s", stored.disk.name, exc)
+                log.warning("disk %s: %s", stored.disk.name, exc, extra=FOLDED_WHEN_REPEATED)
         return DiskRecord(stored.disk, volume, image_path, stored.leases, local)
 
     def record_from(self, name: str, item: KeyValue) -> DiskRecord:
