@@ -284,7 +284,7 @@ def test_an_unreachable_catalogue_fails_every_lookup_and_creates_nothing(tmp_pat
         restore.code == 1
         and restore.err
         == f"mirenfs: error: {message} (127.0.0.1:{port}: connection refused); "
-        "disk disk-ext4 is unchanged; try again when the catalogue answers\n"
+        "no disk disk-ext4 was created or changed; try again when the catalogue answers\n"
     )
     assert list(data_path.iterdir()) == []  # nothing created, not even a directory
 

@@ -836,7 +836,7 @@ async def test_a_restore_refused_while_the_catalogue_is_gone_says_nothing_was_cr
         catalogue_goes_away(monkeypatch)
         assert await fuse_errno(m.create("fresh.mirn")) == errno.EIO
         refused = m.ops.restores.refusal_status()[0]
-        assert refused["reason"] == f"{GONE}; disk fresh is unchanged; {TRY_AGAIN}"
+        assert refused["reason"] == f"{GONE}; no disk fresh was created or changed; {TRY_AGAIN}"
 
 
 @trio_test

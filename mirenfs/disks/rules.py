@@ -440,8 +440,8 @@ def prepare_restore(
         disk: Disk | None = resolver.find_disk_by_name(name)
     except DiskNotFoundError:
         disk = None
-    except CatalogUnreachableError as exc:  # nothing was created or written yet
-        raise catalogue_gone(exc, f"disk {name} is unchanged") from None
+    except CatalogUnreachableError as exc:  # nothing was created or written yet, and it may not exist
+        raise catalogue_gone(exc, f"no disk {name} was created or changed") from None
     if disk is None:
         if creator is None:
             raise DiskNotFoundError(
