@@ -21,7 +21,7 @@ from mirenfs.format.header import decode_header, read_header
 
 from support.bad_snapshots import FORGED_LOG_LINE
 from support.data import BAD_NAMES, holds_a_petabyte, sha256_file, staging_files
-from support.runners import ok, refused, run_cli, run_mirenfs
+from support.runners import ok, refused, refused_restore, run_cli, run_mirenfs
 from support.store import churn_store, disks, store_state
 from support.vectors import GO_EXT4, GO_ODD
 
@@ -127,16 +127,7 @@ def test_deleting_disk_refuses_backup_and_restore(data: Path, ext4_disk: Path, t
     output = tmp_path / "out.mirn"
     refused("disk disk-ext4 is being deleted", "backup", "disk-ext4", "-o", output, "--data-path", data)
     assert not output.exists() and list(tmp_path.glob(".out.mirn*")) == []
-    refused(
-        "disk disk-ext4 is being deleted",
-        "restore",
-        GO_ODD.path,
-        "--name",
-        "disk-ext4",
-        "--force",
-        "--data-path",
-        data,
-    )
+    refused_restore("disk disk-ext4 is being deleted", GO_ODD.path, "disk-ext4", data)
     assert store_state(data) == before
     assert staging_files(data) == []
 

@@ -16,7 +16,7 @@ from mirenfs.engine.produce import Settings
 
 from support.data import sha256_file, staging_files, write_image
 from support.loops import loop_device, loop_device_from_another_namespace
-from support.runners import mirenfs_command, ok, refused, run_mirenfs
+from support.runners import mirenfs_command, ok, refused, refused_restore, run_mirenfs
 from support.store import disks, store_state
 from support.vectors import GO_EXT4, GO_ODD
 
@@ -52,16 +52,7 @@ def test_loop_attached_image_refuses_restore_and_backup_warns(
 ) -> None:
     before = store_state(data)
     with loop_device(ext4_disk) as device:
-        error = refused(
-            "disk disk-ext4 is in use",
-            "restore",
-            GO_ODD.path,
-            "--name",
-            "disk-ext4",
-            "--force",
-            "--data-path",
-            data,
-        )
+        error = refused_restore("disk disk-ext4 is in use", GO_ODD.path, "disk-ext4", data)
         assert f"backs {device}" in error and "losetup -d" in error
         assert store_state(data) == before
         assert staging_files(data) == []
@@ -87,32 +78,14 @@ def test_a_loop_device_set_up_in_a_container_or_through_a_removed_link_is_found(
         backing = Path(f"/sys/block/{name}/loop/backing_file").read_text().strip()
         assert not os.path.exists(backing), f"{backing} should lead nowhere on the host"
         assert loop_devices_backing(str(ext4_disk)) == [name]
-        error = refused(
-            "disk disk-ext4 is in use",
-            "restore",
-            GO_ODD.path,
-            "--name",
-            "disk-ext4",
-            "--force",
-            "--data-path",
-            data,
-        )
+        error = refused_restore("disk disk-ext4 is in use", GO_ODD.path, "disk-ext4", data)
         assert f"backs {device}" in error
     link = ext4_disk.parent / "link.img"
     os.link(ext4_disk, link)
     with loop_device(link) as device:
         link.unlink()
         assert loop_devices_backing(str(ext4_disk)) == [Path(device).name]
-        refused(
-            "disk disk-ext4 is in use",
-            "restore",
-            GO_ODD.path,
-            "--name",
-            "disk-ext4",
-            "--force",
-            "--data-path",
-            data,
-        )
+        refused_restore("disk disk-ext4 is in use", GO_ODD.path, "disk-ext4", data)
     assert sha256_file(ext4_disk) == before
     assert staging_files(data) == []
 

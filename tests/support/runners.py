@@ -86,6 +86,12 @@ def refused(expected_code_text: str, *args: str | Path) -> str:
     return result.err
 
 
+def refused_restore(expected_code_text: str, snapshot: str | Path, name: str, data: str | Path) -> str:
+    """``mirenfs restore SNAPSHOT --name NAME --force`` into data path ``data``, refused (see
+    :func:`refused`)."""
+    return refused(expected_code_text, "restore", snapshot, "--name", name, "--force", "--data-path", data)
+
+
 TIMEOUT = 60  # seconds, for any one command run by :func:`run`
 
 
