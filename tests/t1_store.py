@@ -147,6 +147,35 @@ def test_a_full_data_path_is_named_as_such_not_as_a_broken_store(
         store.add_disk("web", size_bytes=4096, filesystem="ext4")
 
 
+@pytest.mark.parametrize("root", [True, False])
+def test_under_a_mib_of_room_the_store_is_not_changed_before_sqlite_maps_its_index(
+    store: Store, data_path: Path, monkeypatch: pytest.MonkeyPatch, root: bool
+) -> None:
+    """SQLite writes its -shm index through a mapping: on a filesystem that runs out there, that is
+    SIGBUS, not an error, so the room is looked at first. Root may write into the reserve (all
+    of f_bfree but what ext4 keeps from root too); others only into f_bavail."""
+    store.add_disk("pg", size_bytes=4096, filesystem="ext4")
+    monkeypatch.setattr(store_module.os, "geteuid", lambda: 0 if root else 1000)
+    blocks = 1 << 20  # 4 GiB in 4 KiB blocks: ext4 keeps 4096 of them (16 MiB) even from root
+
+    def statvfs(bfree: int, bavail: int) -> os.statvfs_result:
+        return os.statvfs_result((4096, 4096, blocks, bfree, bavail, 1000, 500, 500, 0, 255))
+
+    reserve_only = statvfs(4096 + 1024, 0)  # 4 MiB past ext4's own: root's reserve
+    monkeypatch.setattr(store_module.os, "statvfs", lambda _path: reserve_only)
+    if root:
+        store.set_disk_status("pg", "attached")
+    else:
+        with pytest.raises(StoreError, match="is full"):
+            store.set_disk_status("pg", "attached")
+    nearly_none = statvfs(4096 + 128, 128)  # 512 KiB past every reserve
+    monkeypatch.setattr(store_module.os, "statvfs", lambda _path: nearly_none)
+    with pytest.raises(StoreError, match="is full") as refused:
+        store.set_disk_status("pg", "detached")
+    assert refused.value.errno == errno.ENOSPC
+    assert [record.disk.name for record in store.list_disks()] == ["pg"]  # reading still works
+
+
 def test_a_read_only_data_path_is_read_quietly_and_refuses_changes_saying_to_remount(
     store: Store, data_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -108,7 +108,7 @@ class Store:
     # --- connections ---
 
     def _connect(self) -> sqlite3.Connection:
-        no_room = _data_path_error(self.data_path)
+        no_room = _no_room_for_sqlite(self.data_path)
         if no_room is not None:
             # Said before SQLite maps its -shm index: it allocates that file one byte per 4 KiB page,
             # and on a filesystem of 1 KiB blocks that has run out, a write through the mapping
@@ -604,6 +604,27 @@ def _data_path_error(data_path: str, code: int | None = None) -> StoreError | No
     error = StoreError(f"the data path {data_path} {no_room}; {remedy} and try again")
     error.errno = number
     return error
+
+
+_EXT4_RESERVED_CLUSTERS = 4096  # ext4 keeps min(2 %, 4096 clusters) free even from root
+
+
+def _no_room_for_sqlite(data_path: str) -> StoreError | None:
+    """The error for a data path SQLite must not change: read-only, or with under
+    ``ROOM_SLACK_BYTES`` this process may still write (root may write into the reserve)."""
+    try:
+        info = os.statvfs(data_path)
+    except OSError:
+        return None  # not known: SQLite says what fails
+    if info.f_flag & os.ST_RDONLY:
+        return _data_path_error(data_path, errno.EROFS)
+    if os.geteuid() == 0:  # root writes into the reserve, but not into ext4's own (not in f_bfree's sum)
+        usable = info.f_bfree - min(info.f_blocks // 50, _EXT4_RESERVED_CLUSTERS)
+    else:
+        usable = info.f_bavail
+    if usable * info.f_frsize < ROOM_SLACK_BYTES:
+        return _data_path_error(data_path, errno.ENOSPC)
+    return None
 
 
 _READ_ONLY = "is on a read-only filesystem"
