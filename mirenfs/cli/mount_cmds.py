@@ -34,7 +34,7 @@ from mirenfs.disks.store import Store
 from mirenfs.engine.aio import meaningful_error
 from mirenfs.engine.image import make_private_directory
 from mirenfs.errors import MirenfsError
-from mirenfs.mount.config import MountConfig, clone_directory_of, copy_policy, fuse_options
+from mirenfs.mount.config import MOUNT_SWITCHES, MountConfig, clone_directory_of, copy_policy, fuse_options
 from mirenfs.mount.status import STATUS_XATTR
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def config_from(args: argparse.Namespace) -> MountConfig:
     # mirenfs's own switches may come as -o options too (fstab): take them out before FUSE sees them
     allow_overwrite = args.allow_overwrite or "allow_overwrite" in options
     index_at_mount = args.index_at_mount or "index_at_mount" in options
-    options = [opt for opt in options if opt not in ("allow_overwrite", "index_at_mount")]
+    options = [opt for opt in options if opt not in MOUNT_SWITCHES]
     policy, options = copy_policy(options)  # freeze_budget=SECONDS, live_reads: mirenfs's, not FUSE's
     return MountConfig(
         mountpoint,

@@ -26,11 +26,12 @@ _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 FREEZE_BUDGET_OPTION = "freeze_budget"  # -o freeze_budget=SECONDS: longest freeze for a copy (0: never)
 LIVE_READS_OPTION = "live_reads"  # -o live_reads: read a disk in use from its moving image if no copy
 
+# mirenfs's own switches that ``mirenfs mount`` also takes as flags (--allow-overwrite, …).
+MOUNT_SWITCHES = ("allow_overwrite", "index_at_mount")
 # mirenfs's own -o options (taken out before FUSE sees the rest), and the FUSE ones worth
 # suggesting when an unknown option is a near miss of one of them.
 MIRENFS_OPTIONS = (
-    "allow_overwrite",
-    "index_at_mount",
+    *MOUNT_SWITCHES,
     FRAME_STORE_OPTION,
     FREEZE_BUDGET_OPTION,
     LIVE_READS_OPTION,
@@ -62,7 +63,7 @@ def check_option_values(options: list[str]) -> None:
     _, rest = copy_policy(options)
     _, rest = frame_store_limit(rest)
     refuse_unsupported(rest)
-    for_fuse = [option for option in rest if option not in ("allow_overwrite", "index_at_mount")]
+    for_fuse = [option for option in rest if option not in MOUNT_SWITCHES]
     if fuse_refuses(for_fuse):
         raise MirenfsError(refused_options_sentence(for_fuse))
 
