@@ -201,7 +201,7 @@ class Store:
         there, so disks could not even be listed. Opened immutable, which is exact only while the
         write-ahead log holds nothing (at rest it does not: the last connection checkpoints it
         away); otherwise, or for any other failure, ``error`` stands."""
-        why = _no_room(self.data_path, slack=ROOM_SLACK_BYTES)
+        why = _no_room(self.data_path)
         wal = self.path + "-wal"
         if why is None or (os.path.exists(wal) and os.path.getsize(wal) > 0):
             raise error
@@ -595,7 +595,7 @@ def _data_path_error(data_path: str, code: int | None = None) -> StoreError | No
     the errno ``code`` of a failed call), with that errno for the FUSE boundary (``cp`` into
     restore/ says "No space left on device"); None when it is neither."""
     quota = code == errno.EDQUOT
-    no_room = "is over this user's disk quota" if quota else _no_room(data_path, code, slack=ROOM_SLACK_BYTES)
+    no_room = "is over this user's disk quota" if quota else _no_room(data_path, code)
     if no_room is None:
         return None
     read_only = no_room == _READ_ONLY
@@ -631,9 +631,9 @@ _READ_ONLY = "is on a read-only filesystem"
 _FULL = "is full (its filesystem has no space left)"
 
 
-def _no_room(data_path: str, code: int | None = None, *, slack: int = 1) -> str | None:
-    """Why the data path takes no writes (read-only, or under ``slack`` bytes or no inodes free),
-    by ``os.statvfs`` or the errno ``code`` of a failed call; None when it takes them."""
+def _no_room(data_path: str, code: int | None = None) -> str | None:
+    """Why the data path takes no writes (read-only, or under ``ROOM_SLACK_BYTES`` or no inodes
+    free), by ``os.statvfs`` or the errno ``code`` of a failed call; None when it takes them."""
     read_only, full = code == errno.EROFS, code == errno.ENOSPC
     try:
         info = os.statvfs(data_path)
@@ -642,7 +642,7 @@ def _no_room(data_path: str, code: int | None = None, *, slack: int = 1) -> str 
     if info is not None:
         read_only = read_only or bool(info.f_flag & os.ST_RDONLY)
         no_inodes = info.f_files > 0 and info.f_favail == 0  # btrfs counts no inodes: 0 of 0
-        full = full or info.f_bavail * info.f_frsize < slack or no_inodes
+        full = full or info.f_bavail * info.f_frsize < ROOM_SLACK_BYTES or no_inodes
     return _READ_ONLY if read_only else _FULL if full else None
 
 
