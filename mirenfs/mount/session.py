@@ -59,7 +59,7 @@ def build_operations(config: MountConfig, nursery: trio.Nursery) -> MirenOperati
     nursery.start_soon(_at_session_end, partial(os.close, _claim_data_path(config)))
     for level, sentence in sweep_what_killed_runs_left(config.data_path, config.clone_directory, store):
         log.log(level, "%s", sentence)
-    _say_if_no_disk_is_on_this_node(store, config)
+    _say_if_this_hosts_disks_are_not_here(store, config)
     cache = IndexCache(os.path.join(config.state_directory, "index"))
     service = SnapshotService(
         cache,
@@ -96,7 +96,7 @@ def build_operations(config: MountConfig, nursery: trio.Nursery) -> MirenOperati
     return operations
 
 
-def _say_if_no_disk_is_on_this_node(store: Catalog, config: MountConfig) -> None:
+def _say_if_this_hosts_disks_are_not_here(store: Catalog, config: MountConfig) -> None:
     """A wrong --node mounts fine and shows nothing: on etcd, say so when no disk is on this node
     (a warning when other nodes have disks; only a note when the catalogue is empty, as a new
     fleet's is). A wrong data path (or a node name two hosts share) mounts fine too and shows
