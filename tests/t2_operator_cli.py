@@ -178,6 +178,26 @@ def test_a_mistyped_option_is_refused_with_its_command_usage(tmp_path: Path) -> 
     assert before.stderr.decode().strip().endswith("mirenfs: error: unrecognized arguments: --jsn")
 
 
+def test_an_option_is_never_taken_by_a_prefix_of_its_name(tmp_path: Path) -> None:
+    """argparse would take ``--forc`` for ``--force``: consent to replace an image must be spelt
+    out, and a prefix that works today would mean another option once one is added."""
+    image = tmp_path / "disk.img"
+    write_image(image, [("data", 1 << 20)])
+    snapshot = tmp_path / "disk.mirn"
+    assert (
+        run_mirenfs("backup", "--image", str(image), "-o", str(snapshot), "--filesystem", "ext4").returncode
+        == 0
+    )
+    target = tmp_path / "target.img"
+    target.write_bytes(b"keep")
+    refused = run_mirenfs("restore", str(snapshot), "--image", str(target), "--forc")
+    assert refused.returncode == 2 and target.read_bytes() == b"keep"
+    assert refused.stderr.decode().strip().endswith("mirenfs restore: error: unrecognized arguments: --forc")
+    listing = run_mirenfs("disk", "list", "--data-pa", str(tmp_path))
+    assert listing.returncode == 2 and listing.stdout == b""
+    assert "unrecognized arguments: --data-pa" in listing.stderr.decode()
+
+
 def test_disk_create_starts_a_new_data_path_and_says_so(tmp_path: Path) -> None:
     data = tmp_path / "new" / "data"
     result = run_mirenfs("disk", "create", "pg", "--size", "16M", "--data-path", str(data))

@@ -69,8 +69,11 @@ def _refuse_unknown(
 def _remember_command_parsers(parser: argparse.ArgumentParser) -> None:
     """Each command's parser, in its own namespace: an option it does not know is refused
     with that command's usage (``mirenfs disk list --jsn``), not the top-level one. Every
-    parser takes a negative number or size as a value (no option of ours looks like one)."""
+    parser takes a negative number or size as a value (no option of ours looks like one), and
+    none takes an option by a prefix of its name: ``--allow`` is not consent to overwrite, and a
+    prefix that works today would mean another option once one is added."""
     parser._negative_number_matcher = NEGATIVE_VALUE
+    parser.allow_abbrev = False
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for subparser in set(action.choices.values()):
