@@ -112,7 +112,7 @@ async def test_a_close_never_runs_inside_a_write_and_a_whole_stream_installs(
         answers = await write_while_children_close(m, fh, vector, closes=60)
         assert set(answers) <= {None, errno.EIO}, answers  # "not whole yet", never a failure
         assert await m.close(fh) is None  # the writer's close: the restore installed
-        assert await m.state("pg.mirn") == "installed"
+        assert await m.state("pg.mirn") == f"installed from a snapshot of disk {GO_EXT4.name}"
     assert overlap.most == 1, f"{overlap.most} requests of one restore ran at once"
     assert sha256_file(image) == GO_EXT4.sha256
     assert staging_files(data_path) == []
@@ -203,7 +203,7 @@ async def test_a_stale_handle_of_a_failed_attempt_cannot_touch_the_next_one(data
         for offset in range(half, len(vector), PIECE):
             await m.ops.write(fresh, offset, vector[offset : offset + PIECE])
         assert await m.close(fresh) is None
-        assert await m.state("pg.mirn") == "installed"
+        assert await m.state("pg.mirn") == f"installed from a snapshot of disk {GO_ODD.name}"
     assert sha256_file(image) == GO_ODD.sha256
 
 

@@ -344,8 +344,8 @@ async def test_go_vectors_install_over_an_existing_disk(
     image = add_image_disk(data_path, "pg", filesystem="ext4")
     async with operations(data_path, allow_overwrite=True) as m:
         assert await m.copy_in("pg.mirn", vector.path.read_bytes()) is None
-        assert (await m.state("pg.mirn")).startswith("installed")
-    # The file's name chose the disk; the log says whose snapshot replaced it.
+        # The file's name chose the disk; the entry's state and the log say whose snapshot replaced it.
+        assert await m.state("pg.mirn") == f"installed from a snapshot of disk {vector.name}"
     assert f"installed (image replaced, from a snapshot of disk {vector.name})" in caplog.text
     assert sha256_file(image) == vector.sha256
     record = Store(str(data_path)).get_disk("pg")

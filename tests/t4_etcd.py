@@ -163,7 +163,7 @@ def test_a_lease_bound_through_one_host_refuses_a_restore_through_the_other(
     b.cli("lease", "release", lease)
     replaced = cp(GO_EXT4.path, a.mnt / "restore" / "pg.mirn")
     assert replaced.returncode == 0, replaced.stderr
-    assert state(a.mnt, "pg.mirn") == "installed"
+    assert state(a.mnt, "pg.mirn") == f"installed from a snapshot of disk {GO_EXT4.name}"
 
 
 def test_two_simultaneous_restores_of_one_new_name_create_one_disk(

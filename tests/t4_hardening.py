@@ -122,7 +122,7 @@ def test_the_daemon_memory_stays_flat_over_200_restores(tmp_path: Path, data: Pa
         restore()
         if n in (20, 50, 100, 150, 200):
             samples[n] = proc_status_kib(pid)
-    assert restore_state(mnt, "m.mirn") == "installed"
+    assert restore_state(mnt, "m.mirn") == f"installed from a snapshot of disk {GO_EXT4.name}"
     assert sha256_file(str(disks(data)["m"]["image_path"])) == GO_EXT4.sha256
     print(f"daemon VmRSS (KiB) after N restores of {GO_EXT4.file}: {samples}")
     grown = (samples[200] - samples[20]) / 1024

@@ -466,7 +466,7 @@ def test_allow_overwrite_records_the_snapshots_size_and_filesystem(
         assert os.stat(mnt / "web.mirn").st_size > 0  # the old disk, looked up while the restore runs,
         assert "web.mirn" in os.listdir(mnt)  # and listed just before it is installed
         writer.write(content[-1:])
-    assert restore_state(mnt, "web.mirn") == "installed"
+    assert restore_state(mnt, "web.mirn") == "installed from a snapshot of disk pg"
     # At once (the mount lists the store again at most every half second), the new image as the
     # store now describes it, never the replaced image's filesystem in the header.
     assert os.getxattr(mnt / "web.mirn", "user.mirn.filesystem") == b"btrfs"

@@ -384,7 +384,7 @@ def test_reading_a_disk_during_its_restore_gives_the_old_snapshot(existing, tmp_
         os.write(fd, vector[len(vector) // 2 :])
     finally:
         os.close(fd)
-    assert state(mnt, "pg.mirn") == "installed"
+    assert state(mnt, "pg.mirn") == f"installed from a snapshot of disk {GO_VECTORS[0].name}"
     assert os.getxattr(mnt / "pg.mirn", "user.mirn.checksum").decode() == GO_VECTORS[0].sha256
     assert sha256_file(image) == GO_VECTORS[0].sha256
 
@@ -416,7 +416,10 @@ def test_a_reader_that_opened_before_the_index_gets_the_old_snapshot_whole(tmp_p
             timeout=60,
         )
         assert result.returncode == 0, result.stderr
-        assert state(mnt, "big.mirn") == "installed" and sha256_file(image) == smaller.sha256
+        assert (
+            state(mnt, "big.mirn") == f"installed from a snapshot of disk {smaller.name}"
+            and sha256_file(image) == smaller.sha256
+        )
         assert (mnt / "big.mirn").stat().st_size < len(copy)  # the new version ends before this read
         while piece := os.read(fd, 1 << 20):
             copy += piece

@@ -475,9 +475,12 @@ class RestoreDirectory:
         entry.session = None
         created = session.target.creates_disk
         how = "a new disk, created from the snapshot's header" if created else session.target.installed_as()
-        if meta.name != entry.disk:  # the file's name chose the disk: say whose snapshot it was
-            how += f", from a snapshot of disk {printable(meta.name)}"  # the header's, unchecked
         entry.state = f"installed: created disk {entry.disk}" if created else "installed"
+        if meta.name != entry.disk:  # the file's name chose the disk: say whose snapshot it was
+            whose = f"from a snapshot of disk {printable(meta.name)}"  # the header's, unchecked
+            how += f", {whose}"
+            if not created:  # another disk's data replaced this one's: the entry says so too
+                entry.state += f" {whose}"
         entry.detail = f" ({meta.size_bytes} bytes, checksum {meta.checksum})"
         log.info(
             "restore of disk %s from restore/%s by uid %d installed (%s): %d bytes, checksum %s",
