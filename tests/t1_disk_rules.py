@@ -352,17 +352,34 @@ def test_cleanup_before_open_and_for_existing_disks_does_nothing(data_path: Path
     assert image.read_bytes() == b"old image"
 
 
-def test_finalize_updates_an_existing_disk_only_when_it_changed(data_path: Path, no_loops: Path) -> None:
+def test_an_existing_disk_is_updated_before_its_image_is_replaced_and_only_when_it_changed(
+    data_path: Path, no_loops: Path
+) -> None:
+    """The record comes at before_install, while the old image is in place (a store that cannot
+    take it refuses the restore); undo_record sets it back when the image was not replaced."""
     fake = FakeDisks()
     fake.add("same")
     fake.add("other")
     same = prepare_restore(fake, "same", data_path=str(data_path), overwrite=True, creator=fake)
     same.open(4096, "ext4")
+    same.before_install()
     same.finalize()
     other = prepare_restore(fake, "other", data_path=str(data_path), overwrite=True, creator=fake)
     other.open(1000003, "xfs")
-    other.finalize()
+    other.before_install()
     assert fake.events == ["update disk-other 1000003 xfs"]
+    other.finalize()
+    assert fake.events == ["update disk-other 1000003 xfs"]  # nothing more once installed
+
+    fake.events.clear()
+    undone = prepare_restore(fake, "other", data_path=str(data_path), overwrite=True, creator=fake)
+    undone.open(1000003, "xfs")
+    undone.undo_record()  # nothing was recorded yet: nothing to set back
+    undone.before_install()
+    undone.undo_record()
+    undone.undo_record()  # once only
+    assert fake.events == ["update disk-other 1000003 xfs", "update disk-other 4096 ext4"]
+    assert undone.outcome() == "disk other is unchanged"
 
 
 # --- backup ---

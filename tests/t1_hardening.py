@@ -198,6 +198,7 @@ def test_a_restore_into_a_disk_left_provisioning_makes_it_provisioned(store: Sto
     Path(f"{image}{STAGING_SUFFIX}").unlink()
     target = prepare_restore(store, "again", data_path=str(data_path), overwrite=False, creator=store)
     assert target.open(2 << 20, "xfs") == str(image)
+    target.before_install()
     image.write_bytes(b"restored")  # what the engine installs
     target.finalize()
     record = store.get_disk("again")

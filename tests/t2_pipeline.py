@@ -600,7 +600,8 @@ def test_aligned_runs_go_direct_and_the_rest_through_the_cache(tmp_path: Path) -
             buffer[: len(piece)] = piece
             writer.write(memoryview(buffer)[: len(piece)])  # page-aligned memory, as the stages use
             pool.give_back(buffer)
-        staging.install()
+        staging.seal()
+        staging.rename_over_image()
     finally:
         staging.discard()
     assert (tmp_path / "img").read_bytes() == content

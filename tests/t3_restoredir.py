@@ -20,6 +20,7 @@ import trio
 import trio.testing
 
 from mirenfs.disks import live
+from mirenfs.disks import store as store_module
 from mirenfs.disks.model import DiskState
 from mirenfs.disks.restore import FEED_BATCH, MAX_HOLE
 from mirenfs.disks.store import Store
@@ -46,7 +47,7 @@ from support.fuse_ops import (
 )
 from support.sparse import snapshot_ending_in_zeros
 from support.store import store_state
-from support.vectors import GO_VECTORS, GoVector
+from support.vectors import GO_EXT4, GO_VECTORS, GoVector
 
 pytestmark = pytest.mark.usefixtures("sys_block")  # never the host's loop devices
 
@@ -826,6 +827,87 @@ async def test_a_catalogue_gone_at_the_final_check_says_the_disk_is_unchanged_an
         assert await m.close(fh) == errno.EIO
         assert await m.state("pg.mirn") == f"failed: {GONE}; disk pg is unchanged; {TRY_AGAIN}"
         assert_untouched(data_path, before, image, image_before)
+
+
+async def restore_over_another_filesystem(
+    m: InProcessMount, image: Path, at_close: Callable[[], None]
+) -> tuple[int | None, FileState]:
+    """GO_EXT4 written over ``pg`` (an XFS disk of another size): the store must take a new size
+    and filesystem. ``at_close`` runs once the stream is in; the errno of the close, and the
+    image's state before it."""
+    fh, _inode = await m.create("pg.mirn")
+    await m.write_all(fh, GO_EXT4.path.read_bytes())
+    image_before = FileState.of(image)
+    at_close()
+    return await m.close(fh), image_before
+
+
+@trio_test
+async def test_a_store_too_full_to_record_the_new_image_keeps_the_old_one(
+    data_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trial R: the image was renamed into place before the store took its new size and
+    filesystem; a full data path then refused that record, and the entry said "disk pg is
+    unchanged" over a replaced image. The store takes the record first, while the old image
+    is still in place."""
+    image = add_image_disk(data_path, "pg", filesystem="xfs")
+    full = store_module._data_path_error(str(data_path), errno.ENOSPC)
+    assert full is not None
+    async with operations(data_path, allow_overwrite=True) as m:
+        before = store_state(data_path)
+
+        def fill_the_data_path() -> None:  # what the store's checks see with under 1 MiB left
+            monkeypatch.setattr(store_module, "_no_room_for_sqlite", lambda _path: full)
+            monkeypatch.setattr(store_module, "_no_room", lambda _path, _code=None: store_module._FULL)
+
+        answer, image_before = await restore_over_another_filesystem(m, image, fill_the_data_path)
+        assert answer == errno.ENOSPC
+        assert await m.state("pg.mirn") == f"failed: {full}; disk pg is unchanged"
+        assert_untouched(data_path, before, image, image_before)
+
+
+@trio_test
+async def test_an_image_not_replaced_after_its_record_sets_the_record_back(
+    data_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store took the new image's record, then the rename failed: it describes the old
+    image again. And if it cannot be set back, the entry says what the store now claims."""
+    image = add_image_disk(data_path, "pg", filesystem="xfs")
+    old = Store(str(data_path)).get_disk("pg").disk
+
+    def rename_fails(self: image_module.StagingImage) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(image_module.StagingImage, "rename_over_image", rename_fails)
+    async with operations(data_path, allow_overwrite=True) as m:
+        answer, image_before = await restore_over_another_filesystem(m, image, lambda: None)
+        assert answer == errno.EIO
+        assert (await m.state("pg.mirn")).endswith("; disk pg is unchanged")
+        assert FileState.of(image) == image_before and staging_files(data_path) == []
+        disk = Store(str(data_path)).get_disk("pg").disk
+        assert (disk.size_bytes, disk.filesystem) == (old.size_bytes, "xfs")
+
+        recorded = Store.update_disk
+
+        def record_once(self: Store, disk_id: str, *, size_bytes: int, filesystem: str) -> None:
+            """The record is taken; setting it back finds the data path full."""
+            monkeypatch.setattr(Store, "update_disk", refuse)
+            recorded(self, disk_id, size_bytes=size_bytes, filesystem=filesystem)
+
+        def refuse(self: Store, disk_id: str, *, size_bytes: int, filesystem: str) -> None:
+            raise store_module._data_path_error(str(data_path), errno.ENOSPC) or AssertionError
+
+        monkeypatch.setattr(Store, "update_disk", record_once)
+        answer, image_before = await restore_over_another_filesystem(m, image, lambda: None)
+        assert answer == errno.EIO and FileState.of(image) == image_before
+        state = await m.state("pg.mirn")
+        assert state.endswith(
+            f"; disk pg: its image is unchanged ({old.size_bytes} bytes with xfs), but the store could "
+            f"not be set back and says {GO_EXT4.size_bytes} bytes with ext4 (the data path {data_path} "
+            "is full (its filesystem has no space left); free space there and try again); restore it again"
+        ), state
+        disk = Store(str(data_path)).get_disk("pg").disk
+        assert (disk.size_bytes, disk.filesystem) == (GO_EXT4.size_bytes, "ext4")  # as the entry says
 
 
 @trio_test

@@ -40,7 +40,7 @@ class DiskRestore:
         self.failure: str | None = None  # why it failed, once it has (the mount's handles ask)
         self._pending = bytearray()
         self._restore = StagedRestore(
-            self._choose_image, header_read=header_read, before_install=self._check_still_restorable
+            self._choose_image, header_read=header_read, before_install=self._before_install
         )
 
     def image_progress(self) -> tuple[int, int] | None:
@@ -57,8 +57,8 @@ class DiskRestore:
     async def _choose_image(self, meta: Meta) -> str:
         return await trio.to_thread.run_sync(self.target.open, meta.size_bytes, meta.filesystem)
 
-    async def _check_still_restorable(self) -> None:
-        await trio.to_thread.run_sync(self.target.check_still_restorable)
+    async def _before_install(self) -> None:
+        await trio.to_thread.run_sync(self.target.before_install)
 
     async def write(self, offset: int, data: bytes) -> None:
         """Feed ``data`` written at ``offset``: what it skipped past the end is a hole of zeros."""
@@ -140,7 +140,12 @@ class DiskRestore:
         """Verify, install the image, and record it in the store."""
         await self._hand_over()
         async with self._saying_what_is_left():
-            meta = await self._restore.finish()
+            try:
+                meta = await self._restore.finish()
+            except BaseException:
+                with trio.CancelScope(shield=True):  # the store describes the image still in place
+                    await trio.to_thread.run_sync(self.target.undo_record)
+                raise
         await trio.to_thread.run_sync(self.target.finalize)
         return meta
 

@@ -208,7 +208,9 @@ class RestoreTarget:
     """A restore that passed every refusal; created by :func:`prepare_restore`.
 
     Call :meth:`open` when the header is known, restore into the path it
-    returns, then :meth:`finalize` on success or :meth:`cleanup` on failure.
+    returns, :meth:`before_install` right before the image is replaced (and
+    :meth:`undo_record` if it is not replaced after all), then :meth:`finalize`
+    on success or :meth:`cleanup` on failure.
     """
 
     resolver: DiskResolver
@@ -229,6 +231,10 @@ class RestoreTarget:
     # the caller removes it once the catalogue answers again
     stranded: Disk | None = field(default=None, repr=False)
     removal_retried: bool = field(default=False, repr=False)
+    # What the store said of an existing disk before before_install recorded the new image:
+    # put back if the image is not replaced after all.
+    _recorded_over: Disk | None = field(default=None, repr=False)
+    _record_not_undone: str | None = field(default=None, repr=False)  # why putting it back failed
 
     @property
     def creates_disk(self) -> bool:
@@ -294,12 +300,42 @@ class RestoreTarget:
         )
         return disk, image_path
 
-    def check_still_restorable(self) -> None:
-        """Right before the image is replaced, apply the refusals again: a lease bound or a
-        loop device attached while the stream arrived stops the restore, not the application."""
+    def before_install(self) -> None:
+        """Right before the image is replaced (its data verified and synced): apply the
+        refusals again, then record the new image. A lease bound or a loop device attached
+        while the stream arrived stops the restore, not the application; and a store that
+        cannot take the record (full, its catalogue gone) refuses the restore while the old
+        image is still in place, so that "unchanged" stays true (:meth:`undo_record` if the
+        rename fails after all)."""
         disk = self.disk
-        if disk is not None:
-            self._recheck(disk)
+        if disk is None:
+            return
+        self._recheck(disk)
+        existing = self.existing
+        if existing is None or self.creator is None or self._created is not None:
+            return
+        assert self.size_bytes is not None and self.filesystem is not None
+        changed = (existing.size_bytes, existing.filesystem) != (self.size_bytes, self.filesystem)
+        # A disk left `provisioning` by an interrupted restore gets its image now: provisioned.
+        if changed or DiskState(existing.status) is DiskState.PROVISIONING:
+            self.creator.update_disk(existing.id, size_bytes=self.size_bytes, filesystem=self.filesystem)
+            self._recorded_over = existing
+
+    def undo_record(self) -> None:
+        """The image was not replaced after :meth:`before_install` recorded it: the store
+        describes the old image again (what :meth:`outcome` says if it cannot)."""
+        old, self._recorded_over = self._recorded_over, None
+        if old is None or self.creator is None:
+            return
+        try:
+            self.creator.update_disk(old.id, size_bytes=old.size_bytes, filesystem=old.filesystem)
+        except MirenfsError as exc:
+            self._record_not_undone = (
+                f"its image is unchanged ({old.size_bytes} bytes with {old.filesystem}), but the store "
+                f"could not be set back and says {self.size_bytes} bytes with {self.filesystem} ({exc}); "
+                "restore it again"
+            )
+            log.error("disk %s: %s", self.name, self._record_not_undone)
 
     def _make_parent_dirs(self, directory: str) -> None:
         missing = []
@@ -322,32 +358,24 @@ class RestoreTarget:
             return
         if self._created is not None:
             self._created.finalize()
-        elif self.existing is not None and self.creator is not None:
-            assert self.size_bytes is not None and self.filesystem is not None
-            changed = (self.existing.size_bytes, self.existing.filesystem) != (
+        old = self._recorded_over  # the store took the new image's record before it was installed
+        if old is not None and (old.size_bytes, old.filesystem) != (self.size_bytes, self.filesystem):
+            log.info(
+                "disk %s now holds an image of %d bytes with %s (was %d bytes with %s); "
+                "the store says so too",
+                self.name,
                 self.size_bytes,
                 self.filesystem,
+                old.size_bytes,
+                old.filesystem,
             )
-            # A disk left `provisioning` by an interrupted restore gets its image now: provisioned.
-            if changed or DiskState(self.existing.status) is DiskState.PROVISIONING:
-                if changed:
-                    log.info(
-                        "disk %s now holds an image of %d bytes with %s (was %d bytes with %s); "
-                        "the store says so too",
-                        self.name,
-                        self.size_bytes,
-                        self.filesystem,
-                        self.existing.size_bytes,
-                        self.existing.filesystem,
-                    )
-                self.creator.update_disk(
-                    self.existing.id, size_bytes=self.size_bytes, filesystem=self.filesystem
-                )
         self._finished = True
 
     def outcome(self) -> str:
         """What a failed restore left of the disk, after :meth:`cleanup`: said only when true."""
         if not self.creates_disk:
+            if self._record_not_undone is not None:
+                return f"disk {self.name}: {self._record_not_undone}"
             return f"disk {self.name} is unchanged"  # only its staging file was written, and removed
         if self.stranded is not None and self.removal_retried:
             return f"disk {self.name} was left provisioning and will be removed when the catalogue answers"

@@ -650,14 +650,17 @@ class StagedRestore:
         await self.stream.feed(data)
 
     async def finish(self) -> Meta:
-        """Verify the whole stream, then fsync, rename over the image and fsync the directory."""
+        """Verify the whole stream, fsync, call ``before_install``, then rename over the image
+        and fsync the directory. ``before_install`` comes after the fsync (a full filesystem's
+        last chance to refuse the data), so once it returns only the rename can fail."""
         meta = await self.stream.finish()
         assert self._staging is not None
+        held = await trio.to_thread.run_sync(
+            partial(self._staging.seal, meta.timestamp.unix_ns, new_mode=self._new_mode)
+        )
         if self._before_install is not None:
             await self._before_install()  # the last moment a refusal can still keep the old image
-        held = await trio.to_thread.run_sync(
-            partial(self._staging.install, meta.timestamp.unix_ns, new_mode=self._new_mode)
-        )
+        await trio.to_thread.run_sync(self._staging.rename_over_image)
         if held != meta.timestamp.unix_ns:  # the snapshot's bytes no longer come back from a backup
             log.warning(
                 "restored %s with the time %s: its filesystem cannot store the header's %s, so a "

@@ -538,8 +538,10 @@ class StagingImage:
         (a full filesystem) names the image and its staging file."""
         return _StagingWriter(self)
 
-    def install(self, mtime_ns: int | None = None, *, new_mode: int = 0o600) -> int:
-        """fsync, rename over the image, fsync the directory: old image or new, never a mix.
+    def seal(self, mtime_ns: int | None = None, *, new_mode: int = 0o600) -> int:
+        """Give the staging file the image's mode, owner and time, and fsync it: after this only
+        the rename is left, so whatever must happen before the image changes (the store's
+        record of it) comes between the two, when nothing but a rename can still fail.
 
         The image keeps the replaced image's mode and owner; a new one gets ``new_mode``.
         Returns the modification time the image holds: ``mtime_ns`` unless its filesystem
@@ -563,11 +565,14 @@ class StagingImage:
             os.fsync(self.fd)  # the last moment a full filesystem can refuse the data: the image is as it was
         except OSError as exc:
             raise cannot_write(self.image_path, exc, f" (syncing its staging file {self.path})") from None
+        return held
+
+    def rename_over_image(self) -> None:
+        """Rename over the image and fsync the directory: old image or new, never a mix."""
         os.rename(self.path, self.image_path)
         fsync_directory(os.path.dirname(os.path.abspath(self.image_path)))
         os.close(self.fd)
         self.fd = -1
-        return held
 
     def discard(self) -> None:
         """Remove the staging file; safe to call more than once."""
