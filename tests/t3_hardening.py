@@ -194,10 +194,11 @@ async def test_a_stale_handle_of_a_failed_attempt_cannot_touch_the_next_one(data
         assert await m.state("pg.mirn") == "receiving"
         half = len(vector) // 2
         await m.write_all(fresh, vector[:half])
-        # Everything the stale descriptor does now is refused or ignored, and hurts nothing.
-        assert await fuse_errno(m.ops.write(stale, 2 << 20, b"x" * 100)) == errno.EIO
-        assert await fuse_errno(m.ops.write(stale, half, vector[half : half + PIECE])) == errno.EIO
-        assert await fuse_errno(m.ops.flush(stale)) == errno.EIO  # its own attempt failed: it says so
+        # Everything the stale descriptor does now is refused (with its own attempt's failure,
+        # EINVAL) or ignored, and hurts nothing.
+        assert await fuse_errno(m.ops.write(stale, 2 << 20, b"x" * 100)) == errno.EINVAL
+        assert await fuse_errno(m.ops.write(stale, half, vector[half : half + PIECE])) == errno.EINVAL
+        assert await fuse_errno(m.ops.flush(stale)) == errno.EINVAL  # its own attempt failed: it says so
         await m.ops.release(stale)
         assert await m.state("pg.mirn") == "receiving"
         for offset in range(half, len(vector), PIECE):

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import stat
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -372,6 +373,43 @@ async def test_bad_data_fails_and_leaves_the_disk_exactly_as_it_was(
         assert disk_status(data_path, "fresh") is None
 
 
+@trio_test
+async def test_a_full_filesystem_is_what_every_later_request_of_that_descriptor_hears(
+    data_path: Path, big: Snapshot, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Trial R: the kernel splits one ``write(2)`` into several requests, and the one after the
+    request that failed got EIO ("this descriptor belongs to a restore that ended", logged a
+    second time): the tool said "Input/output error" for a full filesystem."""
+    caplog.set_level(logging.INFO, logger="mirenfs")
+    full = threading.Event()
+
+    def no_space(*_args: object) -> None:
+        full.set()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(image_module, "_pwrite_all", no_space)  # the staging file's filesystem is full
+    add_image_disk(data_path, "pg")
+    async with operations(data_path, allow_overwrite=True) as m:
+        fh, _inode = await m.create("pg.mirn")
+        first_batch = FEED_BATCH + PIECE
+        await m.write_all(fh, big.data[:first_batch])  # handed to the pipeline, whose write-out fails
+        with trio.fail_after(10):
+            while not full.is_set():
+                await trio.sleep(0.01)
+        offset = first_batch
+        with pytest.raises(pyfuse3.FUSEError) as failed:  # the request that learns of it
+            for offset in range(first_batch, len(big.data), PIECE):
+                await m.ops.write(fh, offset, big.data[offset : offset + PIECE])
+        assert failed.value.errno == errno.ENOSPC
+        # The rest of that write(2), as the kernel sends it (from where the short write stopped).
+        again = m.ops.write(fh, offset, big.data[offset : offset + PIECE])
+        assert await fuse_errno(again) == errno.ENOSPC
+        assert await m.close(fh) == errno.ENOSPC
+        assert (await m.state("pg.mirn")).endswith("free space there and try again; disk pg is unchanged")
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "its filesystem is full" in warnings[0], warnings
+
+
 @pytest.mark.parametrize("into", ["existing disk", "new disk"])
 @trio_test
 async def test_a_full_filesystem_fails_the_restore_naming_the_image_and_what_became_of_the_disk(
@@ -555,9 +593,10 @@ async def test_a_backwards_write_is_einval_and_undoes_the_restore(data_path: Pat
             "disk pg is unchanged"
         )
         assert await m.state("pg.mirn") == state
-        # The restore is over: what comes next (even in order) is refused, the state stays.
-        assert await fuse_errno(m.ops.write(fh, PIECE, good.data[PIECE : 2 * PIECE])) == errno.EIO
-        await m.close(fh)
+        # The restore is over: what comes next (even in order) is refused with the same errno (it
+        # is the same failure), and the state stays.
+        assert await fuse_errno(m.ops.write(fh, PIECE, good.data[PIECE : 2 * PIECE])) == errno.EINVAL
+        assert await m.close(fh) == errno.EINVAL
         assert await m.state("pg.mirn") == state
         assert_untouched(data_path, before, image, image_before)
 
@@ -690,7 +729,7 @@ async def test_a_hole_larger_than_the_limit_is_einval_and_leaves_nothing(
             f"a hole of {MAX_HOLE + 1} bytes; rsync -S/--sparse holes (skipped runs of zeros) longer than "
             "4 MiB are not supported: copy without -S/--sparse; disk pg is unchanged"
         )
-        assert await m.close(fh) == errno.EIO
+        assert await m.close(fh) == errno.EINVAL
         assert_untouched(data_path, before, image, image_before)
     [logged] = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
     assert logged.startswith("restore of disk pg from restore/pg.mirn by uid")

@@ -12,6 +12,7 @@ restore decompress gigabytes. Going back over bytes already fed is refused.
 from __future__ import annotations
 
 import contextlib
+import errno
 from collections.abc import AsyncIterator
 
 import trio
@@ -38,6 +39,7 @@ class DiskRestore:
         self.target = target
         self.next_offset = 0
         self.failure: str | None = None  # why it failed, once it has (the mount's handles ask)
+        self.failure_errno = errno.EIO  # ... and the errno its writer got then
         self._pending = bytearray()
         self._restore = StagedRestore(
             self._choose_image, header_read=header_read, before_install=self._before_install

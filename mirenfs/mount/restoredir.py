@@ -53,8 +53,19 @@ STRANDED_RETRY_S = 1.0  # how often a disk left provisioning by an outage is tri
 REFUSALS_KEPT = 20
 
 
-def _ended_restore(entry: RestoreEntry) -> RestoreRefused:
-    """A write or truncate through a descriptor of a restore of this entry that ended since."""
+def _ended_restore(writer: RestoreWriter) -> RestoreRefused:
+    """A write, truncate or close through a descriptor whose restore is no longer the entry's.
+
+    When that restore failed, the descriptor gets its failure again, with its errno and no
+    second log line: a tool's ``write(2)`` the kernel split into several requests learns
+    of a full filesystem from the request after the one that failed, and must see "No
+    space left on device", not EIO. Otherwise (it installed, or a later restore of the entry
+    runs) it is a stale descriptor, refused with EIO and said in the log."""
+    entry, session = writer.entry, writer.session
+    if session is not None and session.failure is not None:
+        failed = RestoreRefused(f"restore/{entry.name} failed: {session.failure}", session.failure_errno)
+        failed.reported = True  # its one line was logged when it failed
+        return failed
     return RestoreRefused(
         f"restore/{entry.name}: this descriptor belongs to a restore that ended ({entry.state})", errno.EIO
     )
@@ -362,7 +373,7 @@ class RestoreDirectory:
                     raise _oversized_sidecar(entry)
                 raise RestoreRefused(f"restore/{entry.name} is not receiving ({entry.state})", errno.EIO)
             if not writer.current:
-                raise _ended_restore(entry)
+                raise _ended_restore(writer)
             try:
                 await writer.session.write(offset, data)
             except BaseException as exc:
@@ -387,7 +398,7 @@ class RestoreDirectory:
                     raise refused
                 return
             if writer is not None and not writer.current:
-                raise _ended_restore(entry)  # a stale descriptor never touches a newer restore
+                raise _ended_restore(writer)  # a stale descriptor never touches a newer restore
             if size < session.next_offset:
                 shrink = RestoreRefused(
                     f"restore/ files cannot be shrunk (to {size} bytes, after {session.next_offset} were "
@@ -423,10 +434,7 @@ class RestoreDirectory:
                     # This descriptor's restore failed (maybe through another descriptor): say so to
                     # this close. The failure has its log line already; a writer that forks closes
                     # the descriptor once per child, and those closes are not logged again.
-                    failure = writer.session.failure
-                    stale = RestoreRefused(f"restore/{entry.name} failed: {failure}", errno.EIO)
-                    stale.reported = True
-                    raise stale
+                    raise _ended_restore(writer)
                 return
             session = writer.session
             assert session is not None
@@ -505,8 +513,9 @@ class RestoreDirectory:
         session, entry.session = entry.session, None
         reason = _reason(error)
         entry.state = f"failed: {reason}"
+        code = error.errno if isinstance(error, (MirenfsError, OSError)) and error.errno else errno.EIO
         if session is not None:
-            session.failure = reason
+            session.failure, session.failure_errno = reason, code
             with trio.CancelScope(shield=True):  # undo even when the request was interrupted
                 await session.abort()
             if session.target.stranded is not None:
@@ -524,7 +533,6 @@ class RestoreDirectory:
         )
         if not isinstance(error, Exception):
             return error  # a cancellation goes on as it is
-        code = error.errno if isinstance(error, (MirenfsError, OSError)) and error.errno else errno.EIO
         reported = error if isinstance(error, MirenfsError) else RestoreRefused(reason, code)
         reported.reported = True
         return reported
