@@ -3,12 +3,14 @@ shows, loop devices as /sys shows them, and the records check the kernel tier re
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
 
 from mirenfs.disks import pointintime
-from mirenfs.disks.live import block_devices
+from mirenfs.disks.live import MountedFilesystem, block_devices
 from mirenfs.disks.pointintime import DEFAULT_FREEZE_BUDGET_S, Consistency, CopyPolicy
 from mirenfs.engine.image import OpenImage
 from mirenfs.errors import MirenfsError, PointInTimeError
@@ -91,3 +93,38 @@ def test_a_copy_with_no_room_says_how_much_it_needs_and_how_much_there_is(
         f"copying its 3.0 MiB of data needs 67 MiB free in {tmp_path} (its data and 64 MiB to spare), "
         "and 40 MiB are"
     ) in str(refused.value)
+
+
+@pytest.mark.parametrize("when", ["freeze", "thaw"])
+def test_a_ctrl_c_as_a_freeze_or_thaw_returns_still_leaves_nothing_frozen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """Trial N: `timeout -s INT|TERM … mirenfs backup` left the disk's filesystem frozen 3 and 6
+    times in 25. The interrupt landed right after FIFREEZE returned, before the filesystem was
+    noted as frozen, so nothing thawed it. Here it lands exactly there (and, a second Ctrl-C,
+    as the first thaw returns): it still arrives, and every freeze is thawed."""
+    calls: list[str] = []
+
+    def ioctl(fd: int, request: int, arg: int = 0) -> int:
+        calls.append({pointintime.FIFREEZE: "freeze", pointintime.FITHAW: "thaw"}[request])
+        if calls[-1] == when and calls.count(when) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, its exception due at the next bytecode
+        return 0
+
+    filesystems = [
+        MountedFilesystem(f"loop{n}", "ext4", n, os.getpid(), f"/mnt/{n}", str(tmp_path)) for n in (1, 2)
+    ]
+    monkeypatch.setattr(pointintime, "open_mount", lambda _filesystem: os.open(tmp_path, os.O_RDONLY))
+    monkeypatch.setattr(pointintime.fcntl, "ioctl", ioctl)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), pointintime._Freeze(filesystems, 5.0, str(tmp_path)):
+            if when == "thaw":
+                calls.append("copied")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if when == "freeze":  # the first freeze was interrupted: thawed, the second never made
+        assert calls == ["freeze", "thaw"]
+    else:
+        assert calls == ["freeze", "freeze", "copied", "thaw", "thaw"]
+    assert list(tmp_path.iterdir()) == []  # the freeze record is gone too

@@ -46,11 +46,13 @@ import logging
 import os
 import secrets
 import select
+import signal
 import struct
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from mirenfs.disks.live import MountedFilesystem, filesystems_on, loop_devices_backing, open_mount
@@ -583,6 +585,35 @@ sys.exit(3 if thawed else 2)
 """
 
 
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is over, then arrive as they would have.
+
+    Python raises a signal's exception in the main thread between any two bytecodes: one
+    right after ``FIFREEZE`` returned, before the filesystem was noted as frozen, left it
+    frozen for good (the thaw, and the watchdog told "done", knew of no freeze). Other
+    threads are never interrupted so, and need nothing held.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous: dict[int, signal.Handlers | signal._HANDLER] = {}
+    try:
+        for held in _HELD_SIGNALS:
+            if signal.getsignal(held) is not None:  # None: set from C, could not be put back: left be
+                previous[held] = signal.signal(held, lambda received, _frame: arrived.append(received))
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for received in arrived:
+            os.kill(os.getpid(), received)  # delivered now, to the handler it was meant for
+
+
 class _Freeze:
     """The filesystems of one disk frozen for one copy, and thawed on every path.
 
@@ -681,19 +712,29 @@ class _Freeze:
                 if not self._frozen:
                     self.started = time.monotonic()
                 self._tell(b"F%d\n" % index)  # before: a kill right after the freeze is covered too
-                try:
-                    fcntl.ioctl(fd, FIFREEZE, 0)
+                with _signals_held():  # a Ctrl-C between the freeze and its note would keep it frozen
+                    try:
+                        fcntl.ioctl(fd, FIFREEZE, 0)
+                    except OSError as exc:
+                        failure: OSError | None = exc
+                    else:
+                        failure = None
+                        self._frozen.append(fd)
+                if failure is None:
                     break
-                except OSError as exc:
-                    self._tell(b"U%d\n" % index)  # not ours: the watchdog must leave it alone
-                    if exc.errno == errno.EBUSY and time.monotonic() < give_up:
-                        time.sleep(0.01)  # someone else's freeze (another backup): milliseconds
-                        continue
-                    why = "it is already frozen by someone else" if exc.errno == errno.EBUSY else exc.strerror
-                    raise _CannotFreeze(f"cannot freeze {filesystem.describe()}: {why}") from None
-            self._frozen.append(fd)
+                self._tell(b"U%d\n" % index)  # not ours: the watchdog must leave it alone
+                if failure.errno == errno.EBUSY and time.monotonic() < give_up:
+                    time.sleep(0.01)  # someone else's freeze (another backup): milliseconds
+                    continue
+                busy = failure.errno == errno.EBUSY
+                why = "it is already frozen by someone else" if busy else failure.strerror
+                raise _CannotFreeze(f"cannot freeze {filesystem.describe()}: {why}") from None
 
     def _release(self) -> None:
+        with _signals_held():  # a second Ctrl-C must not stop the thaw half-way
+            self._thaw_and_stand_down()
+
+    def _thaw_and_stand_down(self) -> None:
         try:
             thaw_failed = False
             self.held_throughout = bool(self._frozen)
