@@ -107,6 +107,10 @@ BAD_HEADERS = {
         raw_header(b'{"name": "d", "size_bytes":'),
         "not valid JSON: Expecting value at character 28$",
     ),
+    "unterminated json string": (  # Python's message ends in "at" itself: said once (trial R)
+        raw_header(b'{"name": "d'),
+        "not valid JSON: Unterminated string starting at character 10$",
+    ),
     "json not an object": (raw_header(b"[1, 2]"), "not a JSON object"),
     "short checksum": (raw_header(_body(checksum="abc")), r"not 64 hex digits \(it has 3 characters\)"),
     "non-hex checksum": (

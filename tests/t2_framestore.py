@@ -4,11 +4,14 @@ a corrupt or torn entry recompressed (never served), a bound kept, private files
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import stat
+import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -211,10 +214,69 @@ def test_store_files_are_private_and_leftovers_of_a_crash_go(tmp_path: Path) -> 
     assert [stat.S_IMODE(path.stat().st_mode) for path in files] == [0o600]
     directories = [Path(store.directory), files[0].parent]
     assert [stat.S_IMODE(path.stat().st_mode) for path in directories] == [0o700, 0o700]
-    leftover = files[0].parent / (files[0].name + ".123.456.tmp")
+    gone = subprocess.Popen(["true"])  # a process that has ended: its pid names no writer
+    gone.wait()
+    leftover = files[0].parent / (files[0].name + f".{gone.pid}.456.tmp")
     leftover.write_bytes(b"half a frame")
+    # Trial N: a second mount of the data path, starting, removed the first one's writes in
+    # progress. A temporary whose writer still runs is left alone.
+    in_progress = files[0].parent / (files[0].name + f".{os.getpid()}.789.tmp")
+    in_progress.write_bytes(b"being written")
     new_store(tmp_path).get(bytes(32))
-    assert not leftover.exists()
+    assert not leftover.exists() and in_progress.exists()
+
+
+def test_a_store_may_not_keep_a_pass_bigger_than_its_bound_or_while_held_back(tmp_path: Path) -> None:
+    """Trial N: with a bound below a disk's frames each put evicted the one before, and the read
+    after the pass compressed everything again. Such a pass spills its frames too."""
+    store = new_store(tmp_path, limit=10_000)
+    assert store.may_not_keep(20_000) and not store.may_not_keep(10_000)
+    store._held_back = True  # the filesystem is short of space: frames are given back as they come
+    assert store.may_not_keep(1)
+
+
+def test_two_passes_short_of_space_at_once_say_so_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Trial N: the "stops growing" warning came twice in the same millisecond."""
+    store = new_store(tmp_path)
+    store.put(bytes(32), b"frame")  # loaded, so both threads go straight to the room check
+    both_looked = threading.Barrier(2, timeout=10)
+    real_statvfs = os.statvfs
+
+    def statvfs(path: str) -> os.statvfs_result:
+        shown = list(real_statvfs(path))
+        if str(path).startswith(store.directory):
+            both_looked.wait()  # both threads see a full filesystem at the same moment
+            shown[4] = 0  # f_bavail
+        return os.statvfs_result(shown)
+
+    both_warned = threading.Barrier(2, timeout=0.5)
+
+    class SlowToSay(logging.Handler):
+        """The first warning waits (up to 0.5 s) for a second one: the moment a check outside
+        the lock lets the other thread warn too."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            with contextlib.suppress(threading.BrokenBarrierError):
+                both_warned.wait()
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    caplog.set_level(logging.WARNING, logger="mirenfs")
+    slow = SlowToSay(logging.WARNING)
+    logging.getLogger("mirenfs").addHandler(slow)
+    try:
+        threads = [threading.Thread(target=store.put, args=(bytes([n]) * 32, b"f" * 100)) for n in (1, 2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=10)
+    finally:
+        logging.getLogger("mirenfs").removeHandler(slow)
+    assert [r.getMessage() for r in caplog.records if "stops growing" in r.getMessage()] == [
+        f"frame store {store.directory} stops growing: its filesystem has less than 10% free; "
+        "snapshots are still served, but compressed again"
+    ]
 
 
 def test_settings_are_part_of_the_key(tmp_path: Path) -> None:

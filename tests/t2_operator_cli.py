@@ -638,6 +638,12 @@ def test_the_mount_helper_checks_option_values_also_when_it_only_pretends(
     for options, message in (
         ("nofail,freeze_budget=soon", "-o freeze_budget=soon: the freeze budget is a number of seconds"),
         ("frame_store_size=lots", "-o frame_store_size=lots: the frame store size is a size such as 8G"),
+        (  # trial N: 8 bytes keep no frame, and cost more than no store at all
+            "frame_store_size=8",
+            "-o frame_store_size=8: a frame store of 8 bytes holds not even one disk's frames, and "
+            "costs more than none; give its unit (8G, 500M), at least 64M, or 0 for no store",
+        ),
+        ("frame_store_size=63M", "-o frame_store_size=63M: a frame store of 66060288 bytes holds"),
         ("allow_other,max_read=65536", "-o max_read=65536 is not supported"),
         # What libfuse refuses at the mount's start, asked of libfuse (mount -fav passed it).
         (
@@ -650,6 +656,8 @@ def test_the_mount_helper_checks_option_values_also_when_it_only_pretends(
         assert capsys.readouterr().err.startswith(f"mount.mirenfs: error: {message}")
     valid = "nofail,freeze_budget=2,frame_store_size=1G,allow_other,allow_overwrite,index_at_mount,ro,noatime"
     assert mount_helper.main([*where, valid]) == 0
+    for smallest in ("frame_store_size=64M", "frame_store_size=0"):
+        assert mount_helper.main([*where, smallest]) == 0
     assert list((tmp_path / "data").iterdir()) == [] and not os.path.ismount(tmp_path / "mnt")
 
 

@@ -189,15 +189,24 @@ class FrameStore:
         for victim in victims:
             _unlink_quietly(self._path(victim))
         room = short <= 0
-        if not room and not self._held_back:
+        with self._lock:  # two passes at once: said once all the same
+            said, self._held_back = self._held_back, not room
+        if not room and not said:
             log.warning(
                 "frame store %s stops growing: its filesystem has less than %d%% free; snapshots are "
                 "still served, but compressed again",
                 self.directory,
                 round(FREE_SPACE_KEPT * 100),
             )
-        self._held_back = not room
         return room
+
+    def may_not_keep(self, data_bytes: int) -> bool:
+        """Whether a pass over ``data_bytes`` of allocated image may find its frames gone by the
+        time they are read: more than the bound holds, or a filesystem short of space already.
+        Such a pass keeps its frames in a spill file too, or the read compresses them again."""
+        with self._lock:
+            held_back = self._held_back
+        return held_back or data_bytes > self.limit
 
     def _write(self, name: bytes, frame: bytes) -> int | None:
         """Write under a temporary name, then rename: a crash never leaves a half entry in place."""
@@ -295,14 +304,16 @@ def _check_header(header: bytes, name: bytes, file_size: int) -> tuple[bytes, in
 
 
 def _scan(directory: str) -> list[tuple[int, bytes, int]]:
-    """(mtime, name, size) of every entry; temporary files of an interrupted write are removed."""
+    """(mtime, name, size) of every entry; temporary files of an interrupted write are removed
+    (those of a process still running are another mount's writes in progress: left alone)."""
     found: list[tuple[int, bytes, int]] = []
     for sub in os.scandir(directory):
         if not sub.is_dir(follow_symlinks=False) or len(sub.name) != 2:
             continue
         for entry in os.scandir(sub.path):
             if entry.name.endswith(_TEMPORARY):
-                _unlink_quietly(entry.path)
+                if not _writer_runs(entry.name):
+                    _unlink_quietly(entry.path)
                 continue
             try:
                 name = bytes.fromhex(entry.name)
@@ -312,6 +323,20 @@ def _scan(directory: str) -> list[tuple[int, bytes, int]]:
             if len(name) == 32 and entry.is_file(follow_symlinks=False):
                 found.append((info.st_mtime_ns, name, info.st_size))
     return found
+
+
+def _writer_runs(temporary_name: str) -> bool:
+    """Whether the process that names itself in ``NAME.PID.THREAD.tmp`` still runs."""
+    parts = temporary_name.split(".")
+    if len(parts) != 4 or not parts[1].isdigit() or not 0 < int(parts[1]) < 1 << 22:  # pid_max
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process, running
+    return True
 
 
 def _write_all(fd: int, data: bytes) -> None:

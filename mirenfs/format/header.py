@@ -445,7 +445,8 @@ def parse_metadata(body: bytes) -> Meta:
             parse_constant=_no_constants,
         )
     except json.JSONDecodeError as exc:  # Python's "line 1 column 191 (char 190)": the metadata is one line
-        where = f"at character {exc.pos + 1}"
+        # Some messages end in "at" themselves ("Unterminated string starting at").
+        where = f"character {exc.pos + 1}" if exc.msg.endswith(" at") else f"at character {exc.pos + 1}"
         raise FormatError(f"snapshot metadata is not valid JSON: {exc.msg} {where}") from None
     except ValueError as exc:
         raise FormatError(f"snapshot metadata is not valid JSON: {exc}") from None

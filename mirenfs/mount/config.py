@@ -21,6 +21,7 @@ from mirenfs.errors import MirenfsError
 
 DEFAULT_SPILL_LIMIT = 4 << 30
 DEFAULT_FRAME_STORE_LIMIT = 8 << 30
+MIN_FRAME_STORE_LIMIT = 64 << 20  # a smaller bound keeps no pass's frames: each put evicts the last
 FRAME_STORE_OPTION = "frame_store_size"  # -o frame_store_size=SIZE: the frame store's bound (0: none)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 FREEZE_BUDGET_OPTION = "freeze_budget"  # -o freeze_budget=SECONDS: longest freeze for a copy (0: never)
@@ -207,6 +208,11 @@ def frame_store_limit(options: list[str]) -> tuple[int | None, list[str]]:
         if limit is None:
             raise MirenfsError(
                 f"-o {option}: the frame store size is a size such as 8G, 500M or 0 (no store)"
+            )
+        if 0 < limit < MIN_FRAME_STORE_LIMIT:  # `frame_store_size=8` is 8 bytes: not one frame fits
+            raise MirenfsError(
+                f"-o {option}: a frame store of {limit} bytes holds not even one disk's frames, and "
+                "costs more than none; give its unit (8G, 500M), at least 64M, or 0 for no store"
             )
     return limit, rest
 

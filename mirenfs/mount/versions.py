@@ -453,8 +453,12 @@ class SnapshotService:
     ) -> tuple[SnapshotIndex, FrameSpill | None]:
         async with self._pass_limit:
             limit = self.spill_limit - self.spill_in_use()
-            # With a frame store the pass's frames are kept there, for this read and later ones.
-            spill = self._new_spill(limit) if limit > 0 and self.frame_store is None else None
+            # With a frame store the pass's frames are kept there, for this read and later ones,
+            # unless the store may not keep them all (a bound below the disk's data, a filesystem
+            # short of space): then the read would compress them again, so they are spilled too.
+            store = self.frame_store
+            spilled = store is None or store.may_not_keep(source.data_before(source.size))
+            spill = self._new_spill(limit) if limit > 0 and spilled else None
             progress = self.progress[name] = IndexProgress(0, source.size)
             self.index_passes += 1
             log.info("index pass for disk %s started (%d bytes)", name, source.size)
