@@ -342,6 +342,35 @@ def test_an_index_of_format_3_is_read_and_written_back_in_the_current_format(
     assert entry.read_bytes() == rewritten  # read in the current format: left as it is
 
 
+def test_the_sidecar_line_of_an_index_cache_entry_is_checked_too(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Trial N: the index verified, but a flipped digit in the snapshot's SHA-256 kept beside it
+    was served as NAME.mirn.sha256 on every remount, so `sha256sum -c` said FAILED of good
+    copies. Now the line carries its own check: a flip costs that checksum, computed again."""
+    image = tmp_path / "img"
+    write_image(image, SEGMENTS)
+    _, index = snapshot_of(image, new_store(tmp_path))
+    cache = IndexCache(str(tmp_path / "index"))
+    entry = Path(cache.path_for(str(image)))
+    digest = hashlib.sha256(b"the snapshot").hexdigest()
+    cache.save(str(image), "identity", index, digest)
+    assert cache.load(str(image), "identity") == (index, digest)
+    key, line, body = entry.read_bytes().split(b"\n", 2)
+    assert line.split(b" ")[0] == digest.encode() and len(line) == 64 + 1 + 16
+    flipped = (b"0" if line[:1] != b"0" else b"1") + line[1:]
+    entry.write_bytes(b"\n".join([key, flipped, body]))
+    caplog.set_level(logging.WARNING, logger="mirenfs")
+    assert cache.load(str(image), "identity") == (index, None)  # the index kept, the digest not
+    assert f"index cache {entry} has a corrupt sidecar line; its checksum is computed again" in caplog.text
+    assert cache.load(str(image), "identity") == (index, None)  # and said once: the entry was rewritten
+    assert caplog.text.count("corrupt sidecar line") == 1
+    # A line an older mirenfs wrote (the digest alone) is read, and rewritten with its check.
+    entry.write_bytes(b"\n".join([key, digest.encode(), body]))
+    assert cache.load(str(image), "identity") == (index, digest)
+    assert entry.read_bytes().split(b"\n", 2)[1] == line
+
+
 # ---- hashing resumes after the unchanged chunks -------------------------------------------
 
 

@@ -82,12 +82,19 @@ class IndexCache:
         if entry is None:
             return None
         sidecar, index = entry
-        if sidecar != "-" and len(sidecar) != 64:
+        written, _, check = sidecar.partition(" ")  # "DIGEST CHECK"; "DIGEST" before the check; "-"
+        digest = None if written == "-" else written
+        if digest is not None and len(digest) != 64:
             log.warning("index cache %s has a bad sidecar line; rebuilding it", path)
             return None
-        digest = None if sidecar == "-" else sidecar
-        if index.read_format != INDEX_FORMAT:  # an older mirenfs wrote it: the next load is cheaper
-            self.save(image_path, key, index, digest)
+        if digest is not None and check and check != _sidecar_check(key, digest):
+            # The index verified, but not the snapshot's SHA-256 kept beside it: computed again when
+            # NAME.mirn.sha256 is next read, never served (trial N: `sha256sum -c` said FAILED).
+            log.warning("index cache %s has a corrupt sidecar line; its checksum is computed again", path)
+            digest = None
+            self.save(image_path, key, index, None)
+        elif index.read_format != INDEX_FORMAT or (digest is not None and not check):
+            self.save(image_path, key, index, digest)  # an older mirenfs wrote it: now checked, cheaper
         return index, digest
 
     def load_basis(self, image_path: str) -> SnapshotIndex | None:
@@ -134,7 +141,8 @@ class IndexCache:
         index is over by now, so the memory it used is given back."""
         path = self.path_for(image_path)
         try:
-            replace_private_file(path, [f"{key}\n{sidecar or '-'}\n".encode(), *index.encoded()])
+            line = "-" if sidecar is None else f"{sidecar} {_sidecar_check(key, sidecar)}"
+            replace_private_file(path, [f"{key}\n{line}\n".encode(), *index.encoded()])
         except OSError as exc:
             if not self._save_failed:
                 log.warning(
@@ -148,6 +156,12 @@ class IndexCache:
             self._save_failed = False
         finally:
             give_back_free_memory(index.nbytes)
+
+
+def _sidecar_check(key: str, digest: str) -> str:
+    """What the sidecar line of an index cache file carries after the digest: the index has its
+    own checksum, and a flipped digest would be served as NAME.mirn.sha256 on every remount."""
+    return hashlib.sha256(f"{key}\n{digest}".encode()).hexdigest()[:16]
 
 
 @dataclass(eq=False)
