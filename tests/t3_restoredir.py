@@ -579,6 +579,26 @@ async def test_a_checksum_mismatch_fails_the_close_with_einval(data_path: Path, 
 
 
 @trio_test
+async def test_a_snapshot_appended_to_an_entry_is_refused_as_such(data_path: Path, good: Snapshot) -> None:
+    """Trial R: `cat pg.mirn >> restore/pg.mirn` over an installed entry wrote first at the
+    entry's size, and the gap read as zeros: "bad magic 00 00 00 00" blamed a good snapshot."""
+    image = add_image_disk(data_path, "pg")
+    async with operations(data_path, allow_overwrite=True) as m:
+        assert await m.copy_in("pg.mirn", good.data) is None
+        before, image_before = store_state(data_path), FileState.of(image)
+        entry = await m.lookup("pg.mirn", RESTORE_INODE)
+        fh = await m.open(entry.st_ino, os.O_WRONLY | os.O_APPEND)
+        assert await fuse_errno(m.ops.write(fh, entry.st_size, good.data[:PIECE])) == errno.EINVAL
+        assert await m.close(fh) == errno.EINVAL
+        assert await m.state("pg.mirn") == (
+            f"failed: writes to restore/ must arrive in order: the first write came at offset "
+            f"{entry.st_size}, where a snapshot is written from its first byte (appended with >>? "
+            "copy it with cp or write it with >); disk pg is unchanged"
+        )
+        assert_untouched(data_path, before, image, image_before)
+
+
+@trio_test
 async def test_a_backwards_write_is_einval_and_undoes_the_restore(data_path: Path, good: Snapshot) -> None:
     """Bytes already fed cannot be written again: a hole is only ever ahead of the stream."""
     image = add_image_disk(data_path, "pg")

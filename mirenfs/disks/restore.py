@@ -65,6 +65,12 @@ class DiskRestore:
     async def write(self, offset: int, data: bytes) -> None:
         """Feed ``data`` written at ``offset``: what it skipped past the end is a hole of zeros."""
         hole = offset - self.next_offset
+        if self.next_offset == 0 and offset > 0:  # a snapshot starts with its magic, never a hole
+            raise OutOfOrderWrite(
+                f"writes to restore/ must arrive in order: the first write came at offset {offset}, "
+                "where a snapshot is written from its first byte (appended with >>? copy it with cp "
+                "or write it with >)"
+            )
         if hole < 0 or hole > MAX_HOLE:
             beyond = f", a hole of {hole} bytes; {_TOO_LONG}" if hole > 0 else ""
             raise OutOfOrderWrite(
