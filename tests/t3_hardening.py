@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import logging
 import os
 import re
@@ -15,13 +16,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pyfuse3
 import pytest
 import trio
 
 from mirenfs.disks.restore import DiskRestore
 from mirenfs.format.header import decode_header
 from mirenfs.mount import restoredir
-from mirenfs.mount.inodes import RESTORE_INODE
+from mirenfs.mount.inodes import RESTORE_INODE, ROOT_INODE
+from mirenfs.mount.status import STATUS_XATTR
 
 from support.bad_snapshots import raw_header
 from support.data import sha256_file, staging_files
@@ -178,6 +181,24 @@ async def test_another_user_can_neither_start_nor_feed_nor_change_a_restore(
         assert f"by uid {m.ctx.uid} installed" in caplog.text
         assert "uid 65534 may not restore" in caplog.text
     assert sha256_file(image) == GO_ODD.sha256
+
+
+@trio_test
+async def test_the_mounts_status_is_its_owners_and_roots_only(data_path: Path) -> None:
+    """Trial R: with -o allow_other any user read the status (every image's checksum, who
+    restored what), though the snapshots themselves are 0400 to them. Now EACCES, which
+    `mirenfs status` words as "the mount is private to its owner"."""
+    add_image_disk(data_path, "pg")
+    async with operations(data_path, fuse_options=["allow_other"]) as m:
+        status = STATUS_XATTR.encode()
+        assert await fuse_errno(m.ops.getxattr(ROOT_INODE, status, NOBODY)) == errno.EACCES
+        passes = b"user.mirenfs.index_passes"
+        assert await fuse_errno(m.ops.getxattr(ROOT_INODE, passes, NOBODY)) == errno.EACCES
+        assert await m.ops.listxattr(ROOT_INODE, NOBODY) == []
+        acl = b"system.posix_acl_access"  # what `ls` asks of every directory: nothing there, as before
+        assert await fuse_errno(m.ops.getxattr(ROOT_INODE, acl, NOBODY)) == pyfuse3.ENOATTR
+        assert "pg" in json.loads(await m.ops.getxattr(ROOT_INODE, status, m.ctx))["disks"]
+        assert status in await m.ops.listxattr(ROOT_INODE, m.ctx)
 
 
 # ---- 8: a stale handle cannot feed, install or fail a newer restore ------------------------------------
