@@ -746,8 +746,9 @@ async def test_a_hole_larger_than_the_limit_is_einval_and_leaves_nothing(
         state = await m.state("pg.mirn")
         assert state.startswith("failed: writes to restore/ must arrive in order: ")
         assert state.endswith(
-            f"a hole of {MAX_HOLE + 1} bytes; rsync -S/--sparse holes (skipped runs of zeros) longer than "
-            "4 MiB are not supported: copy without -S/--sparse; disk pg is unchanged"
+            f"a hole of {MAX_HOLE + 1} bytes; holes (bytes skipped by a seek, as rsync -S/--sparse and "
+            "dd seek= make) longer than 4 MiB are not supported: write the snapshot in order (copy "
+            "without -S/--sparse); disk pg is unchanged"
         )
         assert await m.close(fh) == errno.EINVAL
         assert_untouched(data_path, before, image, image_before)

@@ -27,8 +27,8 @@ FEED_BATCH = 1 << 20  # small writes (tar's 10 KiB records) are gathered to this
 # and in a snapshot (compressed) those runs are a few bytes; the bound keeps a hostile seek cheap.
 MAX_HOLE = 4 << 20
 _TOO_LONG = (
-    f"rsync -S/--sparse holes (skipped runs of zeros) longer than {MAX_HOLE >> 20} MiB are not supported: "
-    "copy without -S/--sparse"
+    f"holes (bytes skipped by a seek, as rsync -S/--sparse and dd seek= make) longer than "
+    f"{MAX_HOLE >> 20} MiB are not supported: write the snapshot in order (copy without -S/--sparse)"
 )
 
 

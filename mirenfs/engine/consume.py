@@ -583,7 +583,8 @@ def _window_too_large(window: int) -> str:
     return (
         f"the snapshot's zstd data needs a decoding window of {window >> 20} MiB, and mirenfs decodes "
         f"windows up to {MAX_WINDOW >> 20} MiB (was it compressed with zstd --long?); recompress it "
-        "without --long, or with --long=27 at most"
+        "without --long, or with --long=27 at most (if it was not, the copy is damaged: a frame "
+        "header can ask for any window)"
     )
 
 
