@@ -249,6 +249,14 @@ async def test_an_existing_image_without_allow_overwrite_is_eexist(data_path: Pa
             ("restore/.pg.mirn.Ab12Cd", "EEXIST", 2),
         ]
         assert "disk pg already has an image" in status["refused"][0]["reason"]
+        # Each record names its file once (trial R: "restore/x.part  EINVAL  restore/x.part: …").
+        # Each record names its file once (trial R: "restore/x.part  EINVAL  restore/x.part: …").
+        assert await fuse_errno(m.create("pg.mirn.part")) == errno.EINVAL
+        newest = m.ops.restores.refusal_status()[0]
+        assert (newest["name"], newest["reason"]) == (
+            "restore/pg.mirn.part",
+            "only snapshot files (NAME.mirn, or Miren's NAME-DATE-TIME.miren.zst) can be restored",
+        )
     async with operations(data_path, allow_overwrite=True) as m:
         fh, _inode = await m.create("pg.mirn")
         assert await m.state("pg.mirn") == "receiving"

@@ -341,7 +341,8 @@ class RestoreDirectory:
         else:
             log.warning("%s", message if message.startswith(where) else f"{where}: {message}")
             code = errno.errorcode.get(refusal.errno, str(refusal.errno))
-            self.refusals.appendleft(Refusal(where, code, message))
+            # The record names the file already: its reason does not say it again.
+            self.refusals.appendleft(Refusal(where, code, message.removeprefix(f"{where}: ")))
         self._last_refusal = ((message, pid), now)
         refusal.reported = True
 
