@@ -95,3 +95,36 @@ def test_status_names_the_catalogue_and_node_and_whose_disks_it_found_none_of() 
         "node hosta, pid 1"
     )
     assert "\n  no disks on node hosta in etcd://127.0.0.1:2379/fleet\n" in text
+
+
+@trio_test
+async def test_status_shows_what_the_frame_store_holds_and_how_it_served(tmp_path: Path) -> None:
+    """Trial N: nothing showed the frame store at work (an unchanged disk served from it after a
+    remount logged nothing), nor that it had stopped growing for space."""
+    add_image_disk(tmp_path, "pg")
+    entry = MountEntry(0, (0, 0), str(tmp_path / "mnt"), "fuse.mirenfs", str(tmp_path), "rw")
+    async with operations(tmp_path) as m:
+        status: dict[str, Any] = json.loads((await m.xattrs(ROOT_INODE))[STATUS_XATTR])
+        assert status["frame_store"]["loaded"] is False and status["frame_store"]["limit"] == 8 << 30
+        assert "\n  frame store of up to 8.0G: not used since the mount started" in format_status(
+            entry, status
+        )
+        await m.read_file("pg.mirn")  # a first pass: every data chunk compressed, and stored
+        first = json.loads((await m.xattrs(ROOT_INODE))[STATUS_XATTR])["frame_store"]
+        # The pass found none of its chunks there; the read then took every frame from it.
+        assert first["loaded"] and first["bytes"] > 0 and first["misses"] > 0
+        assert first["hits"] == first["misses"]
+    async with operations(tmp_path) as m:  # a remount: the index is kept, the frames are stored
+        await m.read_file("pg.mirn")
+        status = json.loads((await m.xattrs(ROOT_INODE))[STATUS_XATTR])
+        again = status["frame_store"]
+        assert again["hits"] == first["hits"] and again["misses"] == 0 and again["bytes"] == first["bytes"]
+        text = format_status(entry, {**status, "frame_store": {**again, "held_back": True, "corrupt": 2}})
+        assert (
+            f"\n  frame store {first['bytes'] / 1024:.1f}K of 8.0G; {again['hits']} frames served from it, "
+            "0 not found there, 2 that did not verify (compressed again); it stopped growing: its "
+            "filesystem has less than 10% free" in text
+        ), text
+    async with operations(tmp_path, fuse_options=["frame_store_size=0"]) as m:
+        status = json.loads((await m.xattrs(ROOT_INODE))[STATUS_XATTR])
+        assert status["frame_store"] is None and "frame store" not in format_status(entry, status)

@@ -90,6 +90,21 @@ class FrameStore:
         self.misses = 0
         self.corrupt = 0
 
+    def summary(self) -> dict[str, object]:
+        """For ``mirenfs status``: what it holds against its bound, and how it served since the
+        mount started (``loaded`` is False until its first use reads the directory)."""
+        with self._lock:
+            return {
+                "directory": self.directory,
+                "loaded": self._loaded,
+                "bytes": self.bytes,
+                "limit": self.limit,
+                "hits": self.hits,
+                "misses": self.misses,
+                "corrupt": self.corrupt,
+                "held_back": self._held_back,
+            }
+
     # ---- reading ------------------------------------------------------------
 
     def get(self, chunk_fingerprint: bytes) -> bytes | None:

@@ -16,7 +16,10 @@ one process's retries of the same refusal, as rsync makes under new temporary na
 unreachable): then ``disks`` is the mount's last listing, ``listing_age_s`` seconds old (null if
 there never was one), and everything else is what the mount knows itself. ``consistency``
 is how the snapshot was taken (``offline``, ``frozen``, ``crash-consistent``,
-``live``), as the xattr ``user.mirenfs.consistency`` on ``NAME.mirn`` says.
+``live``), as the xattr ``user.mirenfs.consistency`` on ``NAME.mirn`` says. ``frame_store`` is
+null (``-o frame_store_size=0``) or ``{"directory", "loaded", "bytes", "limit", "hits", "misses",
+"corrupt", "held_back"}``: what it holds against its bound, frames served from it and not found
+since the mount started, entries that did not verify, and whether it stopped growing for space.
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ def mount_status(
         "disks": disks,
         "restores": restores,
         "refused": refused or [],
+        "frame_store": None if service.frame_store is None else service.frame_store.summary(),
     }
     if catalog_error is not None:
         status["listing_age_s"] = None if listing_age_s is None else round(listing_age_s, 1)
