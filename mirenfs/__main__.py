@@ -2,6 +2,6 @@
 
 import sys
 
-from mirenfs.cli import main
+from mirenfs.launch import mirenfs
 
-sys.exit(main())
+sys.exit(mirenfs())

@@ -11,15 +11,21 @@ from pathlib import Path
 import pytest
 
 import mirenfs
+from mirenfs import launch
 
 PACKAGE = Path(mirenfs.__file__).parent
 # Lower numbers sit lower; a module may import its own layer and the ones below it.
 LAYERS = {"errors": 0, "format": 1, "engine": 2, "disks": 3, "mount": 4, "cli": 5}
-TOP = 6  # api.py, __init__.py, __main__.py: the front doors, which may import anything
+TOP = 6  # api.py, __init__.py, __main__.py, launch.py: the front doors, which may import anything
 # The function-local imports allowed: the CLI loads FUSE only for the commands that mount, and
 # the etcd client (requests, futurist: ~0.1 s) only when an etcd catalogue is opened, and
-# importlib.metadata (~25 ms) only for --version, and difflib only when FUSE refused an -o option.
+# importlib.metadata (~25 ms) only for --version, and difflib only when FUSE refused an -o option;
+# the entry points load their command inside the guard that makes an early Ctrl-C one line.
 LAZY_IMPORTS = {
+    ("mirenfs.launch", "mirenfs.cli"),
+    ("mirenfs.launch", "mirenfs.cli.main"),
+    ("mirenfs.launch", "mirenfs.cli.mount_helper"),
+    ("mirenfs.launch", "mirenfs.cli.mount_helper.main"),
     ("mirenfs.cli", "importlib.metadata"),
     ("mirenfs.cli.mount_cmds", "mirenfs.mount.session"),
     ("mirenfs.mount.config", "difflib"),
@@ -217,3 +223,36 @@ def test_public_names_are_pinned() -> None:
     assert sorted(mirenfs.__all__) == sorted(EXPORTED)
     for name in EXPORTED:
         assert getattr(mirenfs, name) is not None
+
+
+def test_the_entry_points_load_nothing_before_their_guard() -> None:
+    """Trial N: a Ctrl-C in a command's first 0.2 s, while Python imported it, printed a
+    traceback. The entry point guards the import; before the guard only it and the package
+    (whose public names load at first use) are loaded, and ``mirenfs.Store`` still works."""
+    probe = (
+        "import sys, mirenfs.launch\n"
+        "print(sorted(m for m in sys.modules if m.startswith('mirenfs')))\n"
+        "print(mirenfs.Store.__module__, mirenfs.DiskState.DELETING.value)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.stdout.splitlines() == ["['mirenfs', 'mirenfs.launch']", "mirenfs.disks.store deleting"], (
+        done.stderr
+    )
+
+
+@pytest.mark.parametrize(("entry", "program"), [("mirenfs", "mirenfs"), ("mount_mirenfs", "mount.mirenfs")])
+def test_a_ctrl_c_while_a_command_loads_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], entry: str, program: str
+) -> None:
+    class CtrlC:
+        """Python's import machinery, interrupted by a Ctrl-C as it loads the command."""
+
+        def find_spec(self, name: str, *_args: object) -> None:
+            if name.startswith("mirenfs.cli"):
+                raise KeyboardInterrupt
+
+    for loaded in [name for name in sys.modules if name.startswith("mirenfs.cli")]:
+        monkeypatch.delitem(sys.modules, loaded)
+    monkeypatch.setattr(sys, "meta_path", [CtrlC(), *sys.meta_path])
+    assert getattr(launch, entry)() == 130
+    assert capsys.readouterr().err == f"{program}: interrupted\n"
