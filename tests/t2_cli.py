@@ -3,14 +3,18 @@ restore, and the operator commands that refuse before anything is mounted."""
 
 from __future__ import annotations
 
+import errno
+import io
 import json
+import logging
 import os
 import subprocess
+import syslog
 from pathlib import Path
 
 import pytest
 
-from mirenfs.cli import build_parser
+from mirenfs.cli import build_parser, mount_cmds
 from mirenfs.cli.common import settle_scope_options
 from mirenfs.cli.mount_cmds import config_from
 from mirenfs.errors import MirenfsError
@@ -185,3 +189,35 @@ def test_backup_to_a_full_device_says_which_file_and_why(tmp_path: Path) -> None
         1,
         "mirenfs: error: cannot write standard output: the device has no space left\n",
     )
+
+
+def test_a_log_line_the_full_data_path_cannot_take_goes_to_syslog_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trial R: with the data path full, mount.log (which lives there) lost its failure lines or
+    cut them off mid-sentence, when they mattered most."""
+    said: list[tuple[int, str]] = []
+    monkeypatch.setattr(mount_cmds.syslog, "openlog", lambda *_args: None)
+    monkeypatch.setattr(mount_cmds.syslog, "syslog", lambda priority, text: said.append((priority, text)))
+    handler = mount_cmds.MountLog(str(tmp_path / "mount.log"))
+
+    class Full(io.StringIO):
+        def write(self, text: str) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    handler.setStream(Full())
+    logger = logging.getLogger("mirenfs.test.full")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("restore of disk a from restore/a.mirn by uid 0 failed: the data path is full")
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    assert said == [
+        (
+            syslog.LOG_WARNING,
+            "WARNING: restore of disk a from restore/a.mirn by uid 0 failed: the data path is full "
+            f"(not written to {tmp_path / 'mount.log'})",
+        )
+    ]

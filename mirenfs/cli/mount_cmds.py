@@ -18,6 +18,7 @@ import select
 import stat
 import subprocess
 import sys
+import syslog
 import time
 from collections.abc import Callable
 from functools import partial
@@ -236,11 +237,35 @@ def _detach_stdio(config: MountConfig, log_level: str) -> None:
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    handler = logging.FileHandler(log_path)
+    handler = MountLog(log_path)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root.addHandler(handler)
     root.setLevel(log_level.upper())
     fold_log_repeats()
+
+
+_SYSLOG_PRIORITY = {
+    logging.DEBUG: syslog.LOG_DEBUG,
+    logging.INFO: syslog.LOG_INFO,
+    logging.WARNING: syslog.LOG_WARNING,
+    logging.ERROR: syslog.LOG_ERR,
+    logging.CRITICAL: syslog.LOG_CRIT,
+}
+
+
+class MountLog(logging.FileHandler):
+    """``mount.log``, on the data path. A line that cannot be written there (the data path is
+    full: when its log matters most) goes to syslog, the journal on most hosts, whole, rather
+    than be lost or cut off (trial R)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        try:
+            syslog.openlog("mirenfs", syslog.LOG_PID, syslog.LOG_DAEMON)
+            priority = _SYSLOG_PRIORITY.get(record.levelno, syslog.LOG_INFO)
+            where = f"not written to {self.baseFilename}"
+            syslog.syslog(priority, f"{record.levelname}: {record.getMessage()} ({where})")
+        except Exception:  # no syslog either: nothing more can be done for this line
+            super().handleError(record)
 
 
 def fold_log_repeats() -> None:
