@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from mirenfs.cli.common import DATA_PATH_ENV
+from mirenfs.engine import produce
 
 from support.etcd import EtcdCluster
 from support.mounts import Mount, Teardown
@@ -80,6 +81,20 @@ def teardown() -> Iterator[Teardown]:
         yield done
     finally:
         done.run()
+
+
+@pytest.fixture
+def compressions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many chunks were compressed (zero chunks use the precomputed frame and never count)."""
+    calls: list[int] = []
+    original = produce.compress_frame
+
+    def counting(data: bytes | bytearray | memoryview, level: int) -> bytes:
+        calls.append(len(data))
+        return original(data, level)
+
+    monkeypatch.setattr(produce, "compress_frame", counting)
+    return calls
 
 
 @pytest.fixture

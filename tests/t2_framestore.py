@@ -19,7 +19,7 @@ import blake3
 import pytest
 import trio
 
-from mirenfs.engine import produce, sha256
+from mirenfs.engine import sha256
 from mirenfs.engine.framestore import FrameStore
 from mirenfs.engine.image import FdImageSource, OpenImage
 from mirenfs.engine.produce import (
@@ -38,20 +38,6 @@ from support.data import write_image
 
 SMALL = Settings(chunk_size=64 * 1024)
 SEGMENTS = [("text", 300_000), ("hole", 200_000), ("data", 150_000), ("zero", 70_000), ("text", 12_345)]
-
-
-@pytest.fixture
-def compressions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """How many chunks were compressed (zero chunks use the precomputed frame and never count)."""
-    calls: list[int] = []
-    original = produce.compress_frame
-
-    def counting(data: bytes | bytearray | memoryview, level: int) -> bytes:
-        calls.append(len(data))
-        return original(data, level)
-
-    monkeypatch.setattr(produce, "compress_frame", counting)
-    return calls
 
 
 def new_store(tmp_path: Path, limit: int = 1 << 30) -> FrameStore:

@@ -19,7 +19,6 @@ import trio
 import trio.testing
 
 from mirenfs.disks.model import DiskState
-from mirenfs.engine import produce
 from mirenfs.engine.image import ImageIdentity
 from mirenfs.errors import DiskLeasedError, FormatError, PointInTimeError
 from mirenfs.format.header import decode_header
@@ -409,26 +408,18 @@ async def test_replaced_image_is_a_new_inode_and_old_handle_reads_old_bytes(
 
 @trio_test
 async def test_a_frame_store_bound_below_the_disks_data_still_spares_the_read_a_second_compression(
-    data_path: Path, monkeypatch: pytest.MonkeyPatch
+    data_path: Path, compressions: list[int]
 ) -> None:
     """Trial N: with a store bound below a disk's frames, each frame the pass stored pushed out
     the one before, and the read then compressed every chunk again (up to 2.5 times a cold read
     with no store at all). Such a pass keeps its frames in the spill file too."""
-    compressed: list[int] = []
-    original = produce.compress_frame
-
-    def counting(data: bytes | bytearray | memoryview, level: int) -> bytes:
-        compressed.append(len(data))
-        return original(data, level)
-
-    monkeypatch.setattr(produce, "compress_frame", counting)
     image = add_image_disk(data_path, "pg", segments=RANDOM_SEGMENTS)
     async with operations(data_path) as m:
         store = m.ops.service.frame_store
         assert store is not None
         store.limit = 256 << 10  # an eighth of the disk's 2 MiB of data
         served = await m.read_file("pg.mirn")
-    assert len(compressed) == (2 << 20) // SMALL_SETTINGS.chunk_size  # each data chunk once
+    assert len(compressions) == (2 << 20) // SMALL_SETTINGS.chunk_size  # each data chunk once
     assert served == await snapshot_bytes(image, name="pg")
 
 
