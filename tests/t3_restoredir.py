@@ -979,6 +979,29 @@ async def test_an_image_not_replaced_after_its_record_sets_the_record_back(
 
 
 @trio_test
+async def test_a_directory_that_will_not_sync_after_the_rename_still_reports_the_restore_installed(
+    data_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After the rename the image is the new one: a failed fsync of its directory must not
+    report the restore failed and the disk unchanged (nor set the store's record back)."""
+    image = add_image_disk(data_path, "pg", filesystem="xfs")
+
+    def will_not_sync(path: str) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(image_module, "fsync_directory", will_not_sync)
+    caplog.set_level(logging.WARNING, logger="mirenfs")
+    async with operations(data_path, allow_overwrite=True) as m:
+        answer, _image_before = await restore_over_another_filesystem(m, image, lambda: None)
+        assert answer is None
+        assert await m.state("pg.mirn") == f"installed from a snapshot of disk {GO_EXT4.name}"
+    assert sha256_file(image) == GO_EXT4.sha256
+    disk = Store(str(data_path)).get_disk("pg").disk
+    assert (disk.size_bytes, disk.filesystem) == (GO_EXT4.size_bytes, "ext4")
+    assert "could not be synced (Input/output error)" in caplog.text
+
+
+@trio_test
 async def test_a_restore_refused_while_the_catalogue_is_gone_says_nothing_was_created(
     data_path: Path, good: Snapshot, monkeypatch: pytest.MonkeyPatch
 ) -> None:

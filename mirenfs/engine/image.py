@@ -12,6 +12,7 @@ import ctypes
 import errno
 import fcntl
 import itertools
+import logging
 import os
 import stat
 import threading
@@ -20,6 +21,8 @@ from dataclasses import dataclass, replace
 from typing import BinaryIO, Protocol
 
 from mirenfs.errors import ImageChangedError, MirenfsError, TargetError
+
+log = logging.getLogger(__name__)
 
 BLOCK = 4096
 STAGING_SUFFIX = ".restore.tmp"
@@ -568,9 +571,24 @@ class StagingImage:
         return held
 
     def rename_over_image(self) -> None:
-        """Rename over the image and fsync the directory: old image or new, never a mix."""
+        """Rename over the image and fsync the directory: old image or new, never a mix.
+
+        Once renamed, the image is the new one whatever follows: a directory that will not
+        sync (EIO) is said in the log, not raised, or the restore would be reported failed,
+        and its disk unchanged, over an image already replaced.
+        """
         os.rename(self.path, self.image_path)
-        fsync_directory(os.path.dirname(os.path.abspath(self.image_path)))
+        directory = os.path.dirname(os.path.abspath(self.image_path))
+        try:
+            fsync_directory(directory)
+        except OSError as exc:
+            log.warning(
+                "restored %s, but its directory %s could not be synced (%s): a crash before the "
+                "system writes it back may bring back the old image",
+                self.image_path,
+                directory,
+                exc.strerror,
+            )
         os.close(self.fd)
         self.fd = -1
 
