@@ -17,11 +17,13 @@ import pytest
 from mirenfs.cli import build_parser, mount_cmds
 from mirenfs.cli.common import settle_scope_options
 from mirenfs.cli.mount_cmds import config_from
+from mirenfs.engine import image as image_module
 from mirenfs.errors import MirenfsError
 from mirenfs.mount.config import MountConfig
 
 from support.data import sha256_file, staging_files, write_image
-from support.runners import MIRENFS, mirenfs_command, run, run_cli, run_mirenfs
+from support.runners import MIRENFS, mirenfs_command, ok, run, run_cli, run_mirenfs
+from support.store import disks
 from support.vectors import GO_VECTORS
 
 
@@ -221,3 +223,35 @@ def test_a_log_line_the_full_data_path_cannot_take_goes_to_syslog_whole(
             f"(not written to {tmp_path / 'mount.log'})",
         )
     ]
+
+
+@pytest.mark.parametrize("disk", ["existing", "new"])
+def test_a_ctrl_c_right_after_the_image_is_replaced_reports_the_restore_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, disk: str
+) -> None:
+    """Trial V: a Ctrl-C that came after the rename printed "mirenfs: interrupted" (exit 130)
+    over a replaced image, and for a new disk its clean-up removed the restored disk again.
+    After the rename the restore is done: recorded, reported, exit 0."""
+    data = tmp_path / "data"
+    vector = GO_VECTORS[0]
+    ok("disk", "create", "pg", "--size", "1M", "--data-path", data)  # another size than the vector
+    real_rename = image_module.StagingImage.rename_over_image
+
+    def renamed_then_interrupted(self: image_module.StagingImage) -> None:
+        real_rename(self)
+        raise KeyboardInterrupt  # the Ctrl-C lands as the rename returns
+
+    monkeypatch.setattr(image_module.StagingImage, "rename_over_image", renamed_then_interrupted)
+    name = "pg" if disk == "existing" else "fresh"
+    result = run_cli("restore", vector.path, "--name", name, "--force", "--data-path", data)
+    assert result.code == 0, result.err
+    assert result.err == f"mirenfs: interrupted after disk {name}'s image was replaced\n"
+    assert result.out.startswith(f"restored disk {name} (")
+    record = disks(data)[name]
+    assert (record["status"], record["size_bytes"], record["filesystem"]) == (
+        "provisioned",
+        vector.size_bytes,
+        vector.filesystem,
+    )
+    assert sha256_file(record["image_path"]) == vector.sha256
+    assert staging_files(data) == []

@@ -181,12 +181,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="mirenfs: %(levelname)s: %(message)s")
     handler: Handler = args.handler
     with _terminated_as_interrupted(args.command) as terminated:
+        code: int | None = None
         try:
             code = handler(args)
             sys.stdout.flush()
-            return code
         except BaseException as exc:  # one line for people, whatever went wrong
-            return _said(exc, terminated)
+            if code is None or not isinstance(exc, KeyboardInterrupt):
+                return _said(exc, terminated)
+            # A Ctrl-C after the command finished (and said so) changes nothing: its status stands.
+        return code
 
 
 def _said(exc: BaseException, terminated: list[int]) -> int:

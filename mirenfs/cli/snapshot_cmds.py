@@ -351,9 +351,15 @@ def _restore_disk(args: argparse.Namespace) -> int:
         target = named if named is not None else prepare(meta.name)
         total = _remaining_bytes(source)
         bar = ProgressBar(total, f"restore {target.name}")
+        restore = DiskRestore(target, header_read=meta)
         try:  # undone by the time an error leaves: it says what that left of the disk, as --image does
             with naming_the_snapshot(args.file, target.outcome):
-                trio.run(_restore_from, DiskRestore(target, header_read=meta), source, bar)
+                trio.run(_restore_from, restore, source, bar)
+        except KeyboardInterrupt:
+            if not restore.installed:
+                raise
+            # Too late to stop: the image was replaced and recorded. Said as what it is, exit 0.
+            print(f"mirenfs: interrupted after disk {target.name}'s image was replaced", file=sys.stderr)
         finally:
             bar.close()
     how = target.installed_as()

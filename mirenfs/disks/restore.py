@@ -151,11 +151,19 @@ class DiskRestore:
             try:
                 meta = await self._restore.finish()
             except BaseException:
-                with trio.CancelScope(shield=True):  # the store describes the image still in place
-                    await trio.to_thread.run_sync(self.target.undo_record)
+                with trio.CancelScope(shield=True):  # the store describes the image in place
+                    if self._restore.installed:  # interrupted after the rename: the restore is done
+                        await trio.to_thread.run_sync(self.target.finalize)
+                    else:
+                        await trio.to_thread.run_sync(self.target.undo_record)
                 raise
         await trio.to_thread.run_sync(self.target.finalize)
         return meta
+
+    @property
+    def installed(self) -> bool:
+        """Whether the image was replaced (and recorded): nothing undoes the restore after that."""
+        return self._restore.installed
 
     async def abort(self) -> None:
         """Remove the staging file and whatever the target created; safe to repeat."""

@@ -672,11 +672,18 @@ class StagedRestore:
             )
         return meta
 
+    @property
+    def installed(self) -> bool:
+        """Whether the image was replaced: from then on the restore is done, whatever comes."""
+        return self._staging is not None and self._staging.renamed
+
     async def discard(self) -> None:
-        """Stop the stages first: no write may reach the descriptor once it is closed."""
-        await self.stream.close()
-        if self._staging is not None:
-            await trio.to_thread.run_sync(self._staging.discard)
+        """Stop the stages first: no write may reach the descriptor once it is closed. Shielded:
+        a Ctrl-C (a cancellation) while it runs must not leave the staging file behind."""
+        with trio.CancelScope(shield=True):
+            await self.stream.close()
+            if self._staging is not None:
+                await trio.to_thread.run_sync(self._staging.discard)
 
 
 _KINDS = (

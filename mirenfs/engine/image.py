@@ -512,6 +512,7 @@ class StagingImage:
     path: str
     fd: int
     direct_fd: int = -1
+    renamed: bool = False  # over the image: the restore is done, whatever interrupts it after
 
     @classmethod
     def create(cls, image_path: str, size: int) -> StagingImage:
@@ -578,6 +579,7 @@ class StagingImage:
         and its disk unchanged, over an image already replaced.
         """
         os.rename(self.path, self.image_path)
+        self.renamed = True
         directory = os.path.dirname(os.path.abspath(self.image_path))
         try:
             fsync_directory(directory)
