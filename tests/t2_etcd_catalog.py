@@ -530,9 +530,10 @@ def test_an_image_outside_the_data_path_is_used_only_once_this_host_registered_i
     copied = run_cli("catalog", "copy", "--from", url, "--to", f"sqlite://{home}", "--node", "a")
     assert copied.code == 1 and "were not copied: dd1, out1, out2" in copied.err  # home registered none
     assert Store(str(home)).list_disks() == []
-    # out2's record names another file: registering this one does not adopt it
+    # out2's record names another file: registering this one, out1's image, does not adopt it
     other = run_cli("disk", "add", "out2", "--image", victim, "--filesystem", "ext4", *on_a)
-    assert other.code == 1 and "already exists" in other.err
+    assert other.code == 1 and "one image cannot back two disks" in other.err
+    assert a.get_disk("out2").image_path is None
 
 
 def test_disk_add_and_catalog_copy_on_this_host_register_their_images(

@@ -963,3 +963,63 @@ def test_cleanup_refuses_a_directory_that_is_not_a_data_path(
         "the data path a mount or backup used; check --data-path (or MIRENFS_DATA_PATH)\n"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_backup_never_overwrites_what_the_data_path_keeps(tmp_path: Path) -> None:
+    """Trial V: `backup pg -o` pg's own image replaced the disk's data with its snapshot, and
+    `-o DATA/mirenfs.db` destroyed the disk store; both exited 0."""
+    data = tmp_path / "data"
+    assert run_mirenfs("disk", "create", "pg", "--size", "1M", "--data-path", str(data)).returncode == 0
+    listed = json.loads(run_mirenfs("disk", "list", "--json", "--data-path", str(data)).stdout)
+    image = Path(listed[0]["image_path"])
+    alias = tmp_path / "alias.img"
+    alias.symlink_to(image)
+    before = {path: path.read_bytes() for path in (image, data / "mirenfs.db")}
+    for output, what in (
+        (image, "the image of disk pg"),
+        (alias, "the image of disk pg"),
+        (data / "mirenfs.db", f"the disk store of the data path {data}"),
+        (data / "mirenfs" / "pg.mirn", f"mirenfs's own state under {data / 'mirenfs'}"),
+    ):
+        refused = run_mirenfs("backup", "pg", "-o", str(output), "--data-path", str(data))
+        assert refused.returncode == 1, refused.stderr
+        assert refused.stderr.decode() == (
+            f"mirenfs: error: {output} is {what}; writing the backup there would destroy it: "
+            "name another file\n"
+        )
+    assert {path: path.read_bytes() for path in before} == before
+    assert not (data / "mirenfs" / "pg.mirn").exists()
+    itself = run_mirenfs("backup", "--image", str(image), "--filesystem", "ext4", "-o", str(image))
+    assert itself.returncode == 1 and image.read_bytes() == before[image]
+    assert itself.stderr.decode() == (
+        f"mirenfs: error: {image} is the image being backed up; writing the backup there would replace it\n"
+    )
+    assert (
+        run_mirenfs("backup", "pg", "-o", str(tmp_path / "pg.mirn"), "--data-path", str(data)).returncode == 0
+    )
+
+
+def test_disk_add_never_takes_the_store_or_another_disks_image(tmp_path: Path) -> None:
+    """Trial V: `disk add db --image DATA/mirenfs.db` was accepted, and a restore into db then
+    destroyed every disk record; another disk's managed image was accepted too, and removing
+    that disk deleted it from under the second."""
+    data = tmp_path / "data"
+    assert run_mirenfs("disk", "create", "pg", "--size", "1M", "--data-path", str(data)).returncode == 0
+    image = json.loads(run_mirenfs("disk", "list", "--json", "--data-path", str(data)).stdout)[0][
+        "image_path"
+    ]
+    for path, what in (
+        (data / "mirenfs.db", f"the disk store of the data path {data}"),
+        (Path(image), "the image of disk pg; one image cannot back two disks"),
+    ):
+        refused = run_mirenfs(
+            "disk", "add", "other", "--image", str(path), "--filesystem", "ext4", "--data-path", str(data)
+        )
+        assert refused.returncode == 1
+        assert (
+            refused.stderr.decode() == f"mirenfs: error: cannot register {path} as disk other: it is {what}\n"
+        )
+    names = [
+        d["name"] for d in json.loads(run_mirenfs("disk", "list", "--json", "--data-path", str(data)).stdout)
+    ]
+    assert names == ["pg"]

@@ -17,6 +17,7 @@ from mirenfs.cli.common import add_data_path_option, catalog_from, human_size, p
 from mirenfs.disks.catalogs import ImageAdopting, catalog_spec_from, node_from, none_on_this_node
 from mirenfs.disks.manage import create_disk, remove_disk
 from mirenfs.disks.model import Catalog, DiskState, LeaseState, validate_disk_name
+from mirenfs.disks.rules import what_the_data_path_keeps_at
 from mirenfs.engine.fstype import detect_filesystem
 from mirenfs.errors import DiskExistsError, MirenfsError, printable
 from mirenfs.format.header import FILESYSTEMS
@@ -122,6 +123,13 @@ def cmd_disk_add(args: argparse.Namespace) -> int:
             f"cannot tell the filesystem of {image_path}; pass --filesystem {'|'.join(FILESYSTEMS)}"
         )
     catalog = _store(args, create=True)
+    # Trial V: the store itself, or another disk's managed image, was taken as an image, and a
+    # restore into the disk then destroyed the catalogue (or the other disk). Its own image, on
+    # a record another host wrote, is adopted below.
+    kept = what_the_data_path_keeps_at(image_path, catalog.data_path, catalog.list_disks())
+    if kept is not None and kept != f"the image of disk {name}":
+        shared = "; one image cannot back two disks" if kept.startswith("the image of disk") else ""
+        raise MirenfsError(f"cannot register {image_path} as disk {name}: it is {kept}{shared}")
     try:
         catalog.add_disk(name, size_bytes=info.st_size, filesystem=filesystem, image_path=image_path)
     except DiskExistsError:

@@ -31,7 +31,14 @@ from mirenfs.disks.live import loop_devices_backing
 from mirenfs.disks.model import DiskState
 from mirenfs.disks.pointintime import DEFAULT_FREEZE_BUDGET_S, Consistency, CopyPolicy, take_point_in_time
 from mirenfs.disks.restore import DiskRestore
-from mirenfs.disks.rules import RestoreTarget, prepare_backup, prepare_restore, refuse_if_image_in_use
+from mirenfs.disks.rules import (
+    RestoreTarget,
+    prepare_backup,
+    prepare_restore,
+    refuse_if_image_in_use,
+    refuse_output_over_an_image,
+    what_the_data_path_keeps_at,
+)
 from mirenfs.engine.files import backup_image, open_input, read_pieces, restore_file, verify_file
 from mirenfs.engine.fstype import detect_filesystem
 from mirenfs.engine.produce import Settings
@@ -88,6 +95,9 @@ def register(commands: Any) -> None:
     verify.set_defaults(handler=cmd_verify)
 
 
+_WRITING_THE_BACKUP = "writing the backup there"
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
     if (args.disk is None) == (args.image is None):
         raise MirenfsError(
@@ -108,6 +118,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
             f"cannot tell the filesystem of {args.image} (no ext4, xfs or btrfs superblock); "
             f"pass --filesystem {'|'.join(FILESYSTEMS)}"
         )
+    refuse_output_over_an_image(args.output, source=args.image, action=_WRITING_THE_BACKUP)
     in_use = _in_use(args.image)
     if in_use is not None:
         print(
@@ -300,6 +311,13 @@ def _backup_disk(args: argparse.Namespace) -> int:
     catalog = catalog_from(args)
     data_path = catalog.data_path
     target = prepare_backup(catalog, args.disk, data_path=data_path)
+    if args.output != "-":  # before any freeze or pass: a typo in -o must not cost a disk
+        kept = what_the_data_path_keeps_at(args.output, data_path, catalog.list_disks())
+        if kept is not None:
+            raise TargetError(
+                f"{args.output} is {kept}; {_WRITING_THE_BACKUP} would destroy it: name another file"
+            )
+        refuse_output_over_an_image(args.output, source=target.image_path, action=_WRITING_THE_BACKUP)
     # The mount's path: the image of a disk not in use, else a point-in-time copy (or, with --live,
     # the moving image). Its own sentence replaces prepare_backup's "not a point-in-time copy" warning.
     taken = take_point_in_time(

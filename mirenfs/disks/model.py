@@ -184,6 +184,9 @@ def validate_volume_id(volume_id: str) -> str:
     return volume_id
 
 
+DB_FILE_NAME = "mirenfs.db"  # the SQLite disk store of a data path (with its -wal and -shm beside it)
+
+
 def volumes_dir(data_path: str) -> str:
     return os.path.join(data_path, "disk-data", "volumes")
 

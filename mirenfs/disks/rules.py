@@ -22,18 +22,23 @@ import contextlib
 import logging
 import os
 import shutil
+import stat
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from mirenfs.disks.live import filesystems_on, loop_devices_backing
 from mirenfs.disks.model import (
+    DB_FILE_NAME,
     CreatedDisk,
     Disk,
     DiskCreator,
+    DiskRecord,
     DiskResolver,
     DiskState,
     LeaseState,
     Volume,
     image_path_for,
+    state_directory,
     validate_disk_name,
     volumes_dir,
 )
@@ -52,6 +57,7 @@ from mirenfs.errors import (
     InvalidVolumeError,
     LiveCheckError,
     MirenfsError,
+    TargetError,
 )
 
 log = logging.getLogger(__name__)
@@ -107,6 +113,54 @@ def prepare_backup(resolver: DiskResolver, name: str, *, data_path: str) -> Back
                 "so this backup is not a point-in-time copy"
             )
     return BackupTarget(disk, image_path, "; ".join(warnings) or None)
+
+
+# --- files the data path keeps ---
+
+
+def what_the_data_path_keeps_at(path: str, data_path: str, disks: Iterable[DiskRecord]) -> str | None:
+    """What ``path`` is to the data path, in a few words, when it is one of the files mirenfs or a
+    disk owns there (its disk store, mirenfs's state, a managed volume, any disk's image);
+    None when it is none of them. A backup written there, or an image registered there,
+    would destroy it (trial V: `backup pg -o` its own image replaced the disk's data)."""
+    real = os.path.realpath(path)
+    root = os.path.realpath(data_path)
+    store = os.path.join(root, DB_FILE_NAME)
+    if real == store or real.startswith(f"{store}-"):
+        return f"the disk store of the data path {data_path}"
+    state = os.path.realpath(state_directory(data_path))
+    if real == state or real.startswith(state + os.sep):
+        return f"mirenfs's own state under {state_directory(data_path)}"
+    try:
+        found = os.stat(real)
+    except OSError:
+        found = None
+    for record in disks:
+        image = record.image_path
+        if image is None:
+            continue
+        if os.path.realpath(image) == real:
+            return f"the image of disk {record.disk.name}"
+        with contextlib.suppress(OSError):
+            other = os.stat(image)
+            if found is not None and (other.st_dev, other.st_ino) == (found.st_dev, found.st_ino):
+                return f"the image of disk {record.disk.name} (another name for it)"
+    volumes = os.path.realpath(volumes_dir(data_path))
+    if real == volumes or real.startswith(volumes + os.sep):
+        return f"inside the managed volumes of the data path ({volumes_dir(data_path)})"
+    return None
+
+
+def refuse_output_over_an_image(output: str, *, source: str, action: str) -> None:
+    """A file written whole (``backup -o``) must not be the image it is made from, nor one a loop
+    device uses: either would lose a disk's data under a snapshot of it."""
+    if output == "-" or not os.path.lexists(output):
+        return
+    with contextlib.suppress(OSError):
+        if os.path.samefile(output, source):
+            raise TargetError(f"{output} is the image being backed up; {action} would replace it")
+    if stat.S_ISREG(os.stat(output).st_mode):
+        _refuse_if_backing_a_loop_device(output, output, f"{output} is in use: it", action)
 
 
 # --- restore ---

@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from mirenfs.disks.model import (
+    DB_FILE_NAME,
     CreatedRecords,
     Disk,
     DiskRecord,
@@ -53,7 +54,6 @@ from mirenfs.errors import (
 
 log = logging.getLogger("mirenfs")
 
-DB_FILE_NAME = "mirenfs.db"
 BUSY_TIMEOUT_S = 30.0
 
 
