@@ -128,3 +128,25 @@ def test_a_ctrl_c_as_a_freeze_or_thaw_returns_still_leaves_nothing_frozen(
     else:
         assert calls == ["freeze", "freeze", "copied", "thaw", "thaw"]
     assert list(tmp_path.iterdir()) == []  # the freeze record is gone too
+
+
+def test_the_freeze_record_is_written_only_once_the_watchdog_stands_by(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trial V: a SIGKILL while the watchdog started left a record of a freeze that never was,
+    and the next `cleanup` thawed a freeze someone else had made since, on its strength."""
+    records_while_arming: list[list[Path]] = []
+    arm = pointintime._Freeze._arm_watchdog
+
+    def arming(self: pointintime._Freeze) -> None:
+        records_while_arming.append(list(tmp_path.glob("freeze-*")))  # what a SIGKILL now leaves
+        arm(self)
+
+    filesystem = MountedFilesystem("loop1", "ext4", 1, os.getpid(), "/mnt/1", str(tmp_path))
+    monkeypatch.setattr(pointintime, "open_mount", lambda _filesystem: os.open(tmp_path, os.O_RDONLY))
+    monkeypatch.setattr(pointintime.fcntl, "ioctl", lambda *_args: 0)
+    monkeypatch.setattr(pointintime._Freeze, "_arm_watchdog", arming)
+    with pointintime._Freeze([filesystem], 5.0, str(tmp_path)):
+        [record] = tmp_path.glob("freeze-*")  # while frozen, the record names the filesystem
+        assert record.read_text() == "loop1\n"
+    assert records_while_arming == [[]] and list(tmp_path.glob("freeze-*")) == []

@@ -642,8 +642,12 @@ class _Freeze:
             self._open()
             for fd in self._fds:
                 _syncfs(fd)  # written now, while writers run, rather than by the freeze while they wait
-            self._write_record()
+            # Named first (the watchdog removes it once all is thawed), written once a watchdog
+            # stands by: a SIGKILL while the watchdog starts must leave no record of a freeze
+            # that never was, which a later `cleanup` would honour by thawing someone else's.
+            self._record = self._record_path()
             self._arm_watchdog()
+            self._write_record(self._record)
             self._freeze_all()
         except BaseException:
             self._release()
@@ -663,11 +667,13 @@ class _Freeze:
             except OSError as exc:
                 raise _CannotFreeze(f"cannot reach {filesystem.describe()}: {exc}") from None
 
-    def _write_record(self) -> None:
-        """Which filesystems this process may leave frozen, for the next start to thaw if it is killed."""
-        path = os.path.join(
+    def _record_path(self) -> str:
+        return os.path.join(
             self.record_directory, f"{RECORD_PREFIX}{os.getpid()}-{next(_record_counter)}{RECORD_SUFFIX}"
         )
+
+    def _write_record(self, path: str) -> None:
+        """Which filesystems this process may leave frozen, for the next start to thaw if it is killed."""
         text = "".join(f"{fs.device}\n" for fs in self.filesystems)
         try:
             # Private, as everything under <data-path>/mirenfs.
@@ -676,7 +682,6 @@ class _Freeze:
                 record.write(text)
         except OSError as exc:
             raise _CannotFreeze(f"cannot write the freeze record {path}: {exc.strerror}") from None
-        self._record = path
 
     def _arm_watchdog(self) -> None:
         try:
