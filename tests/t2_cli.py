@@ -17,6 +17,7 @@ import pytest
 from mirenfs.cli import build_parser, mount_cmds
 from mirenfs.cli.common import settle_scope_options
 from mirenfs.cli.mount_cmds import config_from
+from mirenfs.disks import store as store_module
 from mirenfs.engine import image as image_module
 from mirenfs.errors import MirenfsError
 from mirenfs.mount.config import MountConfig
@@ -255,3 +256,21 @@ def test_a_ctrl_c_right_after_the_image_is_replaced_reports_the_restore_done(
     )
     assert sha256_file(record["image_path"]) == vector.sha256
     assert staging_files(data) == []
+
+
+def test_a_cli_restore_the_full_store_refused_says_the_disk_is_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trial V: with the data path too full for the store's record, `mirenfs restore --force`
+    said only that the data path is full; the mount's entry said the disk is unchanged too."""
+    data = tmp_path / "data"
+    ok("disk", "create", "pg", "--size", "1M", "--data-path", data)
+    image = disks(data)["pg"]["image_path"]
+    before = sha256_file(image)
+    full = store_module._data_path_error(str(data), errno.ENOSPC)
+    monkeypatch.setattr(store_module, "_no_room_for_sqlite", lambda _path: full)
+    monkeypatch.setattr(store_module, "_no_room", lambda _path, _code=None: store_module._FULL)
+    result = run_cli("restore", GO_VECTORS[0].path, "--name", "pg", "--force", "--data-path", data)
+    assert result.code == 1
+    assert result.err == f"mirenfs: error: {full}; disk pg is unchanged\n"
+    assert sha256_file(image) == before and staging_files(data) == []

@@ -42,7 +42,15 @@ from mirenfs.disks.rules import (
 from mirenfs.engine.files import backup_image, open_input, read_pieces, restore_file, verify_file
 from mirenfs.engine.fstype import detect_filesystem
 from mirenfs.engine.produce import Settings
-from mirenfs.errors import NO_SPACE, FormatError, LiveCheckError, MirenfsError, TargetError, printable
+from mirenfs.errors import (
+    NO_SPACE,
+    FormatError,
+    LiveCheckError,
+    MirenfsError,
+    StoreError,
+    TargetError,
+    printable,
+)
 from mirenfs.format.frames import MAX_SEEK_TABLE, SEEK_TABLE_FOOTER_LEN, parse_seek_table, seek_table_length
 from mirenfs.format.header import FILESYSTEMS, Meta, read_header, validate_restorable
 from mirenfs.mount.config import clone_directory_of
@@ -256,6 +264,12 @@ def naming_the_snapshot(path: str, outcome: Callable[[], str] | None = None) -> 
         if outcome is None or exc.errno not in NO_SPACE:
             raise
         raise TargetError(_and_outcome(str(exc), outcome), exc.errno) from None
+    except StoreError as exc:  # the store could not take the new image's record: say the disk stands
+        if outcome is None or exc.errno not in (*NO_SPACE, errno.EROFS):
+            raise
+        failed = StoreError(_and_outcome(str(exc), outcome))
+        failed.errno = exc.errno
+        raise failed from None
 
 
 def _and_outcome(message: str, outcome: Callable[[], str] | None) -> str:
