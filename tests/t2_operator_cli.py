@@ -196,6 +196,13 @@ def test_an_option_is_never_taken_by_a_prefix_of_its_name(tmp_path: Path) -> Non
     listing = run_mirenfs("disk", "list", "--data-pa", str(tmp_path))
     assert listing.returncode == 2 and listing.stdout == b""
     assert "unrecognized arguments: --data-pa" in listing.stderr.decode()
+    # Before the command too, named as the option it is, not its value as "invalid choice" (trial V).
+    for before in (["--data", str(tmp_path)], ["--log-l", "debug"]):
+        early = run_mirenfs(*before, "disk", "list")
+        assert early.returncode == 2
+        assert early.stderr.decode().strip().endswith(f"mirenfs: error: unrecognized arguments: {before[0]}")
+    spelt = run_mirenfs("--log-level=warning", "--data-path", str(tmp_path), "disk", "list", "--json")
+    assert spelt.returncode == 0 and json.loads(spelt.stdout) == []
 
 
 def test_disk_create_starts_a_new_data_path_and_says_so(tmp_path: Path) -> None:
@@ -640,10 +647,11 @@ def test_the_mount_helper_checks_option_values_also_when_it_only_pretends(
         ("frame_store_size=lots", "-o frame_store_size=lots: the frame store size is a size such as 8G"),
         (  # trial N: 8 bytes keep no frame, and cost more than no store at all
             "frame_store_size=8",
-            "-o frame_store_size=8: a frame store of 8 bytes holds not even one disk's frames, and "
-            "costs more than none; give its unit (8G, 500M), at least 64M, or 0 for no store",
+            "-o frame_store_size=8: the frame store's bound is at least 64M (a smaller one keeps too "
+            "few frames to spare any compression, and costs more than none); give a size with its "
+            "unit (8G, 500M), or 0 for no store",
         ),
-        ("frame_store_size=63M", "-o frame_store_size=63M: a frame store of 66060288 bytes holds"),
+        ("frame_store_size=63M", "-o frame_store_size=63M: the frame store's bound is at least 64M"),
         ("allow_other,max_read=65536", "-o max_read=65536 is not supported"),
         # What libfuse refuses at the mount's start, asked of libfuse (mount -fav passed it).
         (
@@ -1023,3 +1031,13 @@ def test_disk_add_never_takes_the_store_or_another_disks_image(tmp_path: Path) -
         d["name"] for d in json.loads(run_mirenfs("disk", "list", "--json", "--data-path", str(data)).stdout)
     ]
     assert names == ["pg"]
+
+
+def test_inspect_of_standard_input_says_what_to_do() -> None:
+    """Trial V: `inspect -` said "cannot read -: No such file or directory"."""
+    result = run_mirenfs("inspect", "-", input=GO_ODD.path.read_bytes())
+    assert result.returncode == 1
+    assert result.stderr.decode() == (
+        "mirenfs: error: inspect reads a snapshot file, not standard input; save the stream to a "
+        "file first, or check a stream with `mirenfs verify -`\n"
+    )

@@ -66,6 +66,26 @@ def _refuse_unknown(
     (parser if before_command else command_parser).error(f"unrecognized arguments: {' '.join(unknown)}")
 
 
+def _refuse_unknown_before_command(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """An option the top level does not know, before the command (``mirenfs --data DIR disk
+    list``), is named as such: argparse would take it as unknown, then its value as the
+    command, and say "invalid choice: 'DIR'" (trial V)."""
+    known = parser._option_string_actions
+    values_left = 0
+    for token in argv:
+        if values_left:
+            values_left -= 1
+            continue
+        if not token.startswith("-") or token in ("-", "--"):
+            return  # the command: its own parser takes what follows
+        name, has_value, _value = token.partition("=")
+        action = known.get(name)
+        if action is None:
+            parser.error(f"unrecognized arguments: {token}")
+        if not has_value and action.nargs != 0:
+            values_left = 1
+
+
 def _remember_command_parsers(parser: argparse.ArgumentParser) -> None:
     """Each command's parser, in its own namespace: an option it does not know is refused
     with that command's usage (``mirenfs disk list --jsn``), not the top-level one. Every
@@ -172,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
+    given = list(sys.argv[1:] if argv is None else argv)
+    _refuse_unknown_before_command(parser, given)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         _refuse_unknown(parser, args, list(sys.argv[1:] if argv is None else argv), unknown)

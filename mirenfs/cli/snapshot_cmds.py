@@ -216,6 +216,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    if args.file == "-":  # it seeks to the seek table at the end: a pipe has none to seek to
+        raise MirenfsError(
+            "inspect reads a snapshot file, not standard input; save the stream to a file first, "
+            "or check a stream with `mirenfs verify -`"
+        )
     try:
         with open(args.file, "rb") as snapshot, naming_the_snapshot(args.file):
             meta = read_header(snapshot)

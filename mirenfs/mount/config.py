@@ -211,8 +211,9 @@ def frame_store_limit(options: list[str]) -> tuple[int | None, list[str]]:
             )
         if 0 < limit < MIN_FRAME_STORE_LIMIT:  # `frame_store_size=8` is 8 bytes: not one frame fits
             raise MirenfsError(
-                f"-o {option}: a frame store of {limit} bytes holds not even one disk's frames, and "
-                "costs more than none; give its unit (8G, 500M), at least 64M, or 0 for no store"
+                f"-o {option}: the frame store's bound is at least 64M (a smaller one keeps too few "
+                "frames to spare any compression, and costs more than none); give a size with its "
+                "unit (8G, 500M), or 0 for no store"
             )
     return limit, rest
 
