@@ -564,3 +564,22 @@ def test_index_at_mount_builds_every_index_without_a_stat(
     wait_for(lambda: status_of(mnt)["disks"]["small"]["index"] == "ready", "the index of disk small")
     assert status_of(mnt)["index_passes"] == 2
     assert "starting the index passes of 2 disks in the background" in mount.log()
+
+
+def test_a_backup_into_a_mirenfs_mount_is_refused_with_what_to_do(tmp_path: Path, mounts: Mounts) -> None:
+    """Trial V: `backup pg -o MOUNT/restore/NEW.mirn` failed with a bare "Invalid argument" (the
+    mount refuses the backup's hidden temporary name), and `-o MOUNT/x.mirn` advised remounting
+    the mount read-write."""
+    data, mnt = tmp_path / "data", tmp_path / "mnt"
+    data.mkdir()
+    make_disk(data, "pg")
+    mounts(mnt, data)
+    for output in (mnt / "restore" / "pg2.mirn", mnt / "x.mirn"):
+        refused = run_cli("backup", "pg", "-o", output, "--data-path", data)
+        assert refused.code == 1
+        assert refused.err == (
+            f"mirenfs: error: {output} is in the mirenfs mount at {mnt}, which takes no backup file; "
+            f"write it elsewhere, or copy a snapshot into {mnt}/restore/NAME.mirn to restore it as disk "
+            f"NAME (cp {mnt}/DISK.mirn {mnt}/restore/NAME.mirn)\n"
+        )
+    assert sorted(os.listdir(mnt / "restore")) == [] and sorted(disks(data)) == ["pg"]

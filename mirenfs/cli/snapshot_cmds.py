@@ -27,6 +27,7 @@ from mirenfs.cli.common import (
     refuse_disk_options,
     settings_from,
 )
+from mirenfs.cli.mountinfo import FSTYPE, mount_holding
 from mirenfs.disks.live import loop_devices_backing
 from mirenfs.disks.model import DiskState
 from mirenfs.disks.pointintime import DEFAULT_FREEZE_BUDGET_S, Consistency, CopyPolicy, take_point_in_time
@@ -106,6 +107,23 @@ def register(commands: Any) -> None:
 _WRITING_THE_BACKUP = "writing the backup there"
 
 
+def _refuse_output_in_a_mirenfs_mount(output: str) -> None:
+    """A mirenfs mount takes no file but a restore: its root refused the backup as read-only
+    ("remount it read-write", wrong advice), and its restore/ the hidden temporary name the
+    backup is written under (EINVAL, trial V). Said before any pass, with what to do."""
+    if output == "-":
+        return
+    holding = mount_holding(os.path.dirname(os.path.abspath(output)))
+    if holding is None or holding.fstype != FSTYPE:
+        return
+    mount = holding.mountpoint
+    raise TargetError(
+        f"{output} is in the mirenfs mount at {mount}, which takes no backup file; write it "
+        f"elsewhere, or copy a snapshot into {mount}/restore/NAME.mirn to restore it as disk NAME "
+        f"(cp {mount}/DISK.mirn {mount}/restore/NAME.mirn)"
+    )
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
     if (args.disk is None) == (args.image is None):
         raise MirenfsError(
@@ -126,6 +144,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
             f"cannot tell the filesystem of {args.image} (no ext4, xfs or btrfs superblock); "
             f"pass --filesystem {'|'.join(FILESYSTEMS)}"
         )
+    _refuse_output_in_a_mirenfs_mount(args.output)
     refuse_output_over_an_image(args.output, source=args.image, action=_WRITING_THE_BACKUP)
     in_use = _in_use(args.image)
     if in_use is not None:
@@ -330,6 +349,7 @@ def _backup_disk(args: argparse.Namespace) -> int:
     catalog = catalog_from(args)
     data_path = catalog.data_path
     target = prepare_backup(catalog, args.disk, data_path=data_path)
+    _refuse_output_in_a_mirenfs_mount(args.output)
     if args.output != "-":  # before any freeze or pass: a typo in -o must not cost a disk
         kept = what_the_data_path_keeps_at(args.output, data_path, catalog.list_disks())
         if kept is not None:
