@@ -600,8 +600,8 @@ async def test_a_snapshot_appended_to_an_entry_is_refused_as_such(data_path: Pat
         assert await m.close(fh) == errno.EINVAL
         assert await m.state("pg.mirn") == (
             f"failed: writes to restore/ must arrive in order: the first write came at offset "
-            f"{entry.st_size}, where a snapshot is written from its first byte (appended with >>? "
-            "copy it with cp or write it with >); disk pg is unchanged"
+            f"{entry.st_size}, where a snapshot is written from its first byte (appended with >>, or "
+            "after a seek as dd seek= makes?); copy it with cp, or write it with >; disk pg is unchanged"
         )
         assert_untouched(data_path, before, image, image_before)
 

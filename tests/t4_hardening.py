@@ -378,12 +378,13 @@ def test_a_full_data_path_refuses_new_disks_saying_it_is_full_and_creates_nothin
             )  # fmt: skip
             assert copied.returncode != 0 and "No space left on device" in copied.stderr, copied
             assert restore_state(mnt, "newb.mirn") == f"failed: {full}; disk newb was not created"
-            for command in (
-                ["restore", str(snapshot), "--name", "newc"],
-                ["disk", "create", "newd", "--size", "1M"],
+            for command, outcome in (
+                (["restore", str(snapshot), "--name", "newc"], "; disk newc was not created"),  # as cp's
+                (["disk", "create", "newd", "--size", "1M"], ""),
             ):
                 done = run_mirenfs(*command, "--data-path", str(data), timeout=TIMEOUT)
-                assert (done.returncode, done.stderr.decode()) == (1, f"mirenfs: error: {full}\n"), command
+                said = f"mirenfs: error: {full}{outcome}\n"
+                assert (done.returncode, done.stderr.decode()) == (1, said), command
             assert store_state(data) == before  # nothing half-done: no disk, no file, no directory
             assert set(disks(data)) == {"b"} and staging_files(data) == []
         finally:
@@ -556,14 +557,15 @@ def test_a_read_only_data_path_is_refused_before_mounting(tmp_path: Path, data: 
             done = run_mirenfs(*reading, "--data-path", str(data), timeout=TIMEOUT)
             assert (done.returncode, done.stderr) == (0, b""), (reading, done.stderr)
         remount = f"the data path {data} is on a read-only filesystem; remount it read-write and try again"
-        for writing in (
-            ["disk", "set-status", "pg", "attached"],
-            ["lease", "acquire", "pg"],
-            ["disk", "create", "other", "--size", "1M"],
-            ["restore", str(elsewhere), "--name", "other"],
+        for writing, outcome in (
+            (["disk", "set-status", "pg", "attached"], ""),
+            (["lease", "acquire", "pg"], ""),
+            (["disk", "create", "other", "--size", "1M"], ""),
+            (["restore", str(elsewhere), "--name", "other"], "; disk other was not created"),
         ):
             done = run_mirenfs(*writing, "--data-path", str(data), timeout=TIMEOUT)
-            assert (done.returncode, done.stderr.decode()) == (1, f"mirenfs: error: {remount}\n"), writing
+            said = f"mirenfs: error: {remount}{outcome}\n"
+            assert (done.returncode, done.stderr.decode()) == (1, said), writing
         done = run_mirenfs("restore", str(elsewhere), "--name", "web", "--force", "--data-path", str(data))
         assert done.returncode == 1
         assert b"its filesystem is read-only (creating its staging file " in done.stderr, done.stderr

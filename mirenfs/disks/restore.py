@@ -68,8 +68,8 @@ class DiskRestore:
         if self.next_offset == 0 and offset > 0:  # a snapshot starts with its magic, never a hole
             raise OutOfOrderWrite(
                 f"writes to restore/ must arrive in order: the first write came at offset {offset}, "
-                "where a snapshot is written from its first byte (appended with >>? copy it with cp "
-                "or write it with >)"
+                "where a snapshot is written from its first byte (appended with >>, or after a seek "
+                "as dd seek= makes?); copy it with cp, or write it with >"
             )
         if hole < 0 or hole > MAX_HOLE:
             beyond = f", a hole of {hole} bytes; {_TOO_LONG}" if hole > 0 else ""
