@@ -127,9 +127,9 @@ def cmd_disk_add(args: argparse.Namespace) -> int:
     # restore into the disk then destroyed the catalogue (or the other disk). Its own image, on
     # a record another host wrote, is adopted below.
     kept = what_the_data_path_keeps_at(image_path, catalog.data_path, catalog.list_disks())
-    if kept is not None and kept != f"the image of disk {name}":
-        shared = "; one image cannot back two disks" if kept.startswith("the image of disk") else ""
-        raise MirenfsError(f"cannot register {image_path} as disk {name}: it is {kept}{shared}")
+    if kept is not None and (kept.disk != name or kept.by_link):
+        shared = "; one image cannot back two disks" if kept.disk is not None else ""
+        raise MirenfsError(f"cannot register {image_path} as disk {name}: it is {kept.said}{shared}")
     try:
         catalog.add_disk(name, size_bytes=info.st_size, filesystem=filesystem, image_path=image_path)
     except DiskExistsError:

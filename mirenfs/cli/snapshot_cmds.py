@@ -29,7 +29,7 @@ from mirenfs.cli.common import (
 )
 from mirenfs.cli.mountinfo import FSTYPE, mount_holding
 from mirenfs.disks.live import loop_devices_backing
-from mirenfs.disks.model import DiskState
+from mirenfs.disks.model import Catalog, DiskState
 from mirenfs.disks.pointintime import DEFAULT_FREEZE_BUDGET_S, Consistency, CopyPolicy, take_point_in_time
 from mirenfs.disks.restore import DiskRestore
 from mirenfs.disks.rules import (
@@ -107,21 +107,28 @@ def register(commands: Any) -> None:
 _WRITING_THE_BACKUP = "writing the backup there"
 
 
-def _refuse_output_in_a_mirenfs_mount(output: str) -> None:
-    """A mirenfs mount takes no file but a restore: its root refused the backup as read-only
-    ("remount it read-write", wrong advice), and its restore/ the hidden temporary name the
-    backup is written under (EINVAL, trial V). Said before any pass, with what to do."""
+def _refuse_backup_output(output: str, source: str, catalog: Catalog | None = None) -> None:
+    """Before any freeze or pass, what ``-o`` must not be (a typo there must not cost a disk):
+    a file in a mirenfs mount, which takes no file but a restore (its root refused the backup
+    as read-only with wrong advice, its restore/ the backup's hidden temporary name: trial V);
+    with ``catalog``, any file its data path keeps; the image read, or one a loop device uses."""
     if output == "-":
         return
     holding = mount_holding(os.path.dirname(os.path.abspath(output)))
-    if holding is None or holding.fstype != FSTYPE:
-        return
-    mount = holding.mountpoint
-    raise TargetError(
-        f"{output} is in the mirenfs mount at {mount}, which takes no backup file; write it "
-        f"elsewhere, or copy a snapshot into {mount}/restore/NAME.mirn to restore it as disk NAME "
-        f"(cp {mount}/DISK.mirn {mount}/restore/NAME.mirn)"
-    )
+    if holding is not None and holding.fstype == FSTYPE:
+        mount = holding.mountpoint
+        raise TargetError(
+            f"{output} is in the mirenfs mount at {mount}, which takes no backup file; write it "
+            f"elsewhere, or copy a snapshot into {mount}/restore/NAME.mirn to restore it as disk NAME "
+            f"(cp {mount}/DISK.mirn {mount}/restore/NAME.mirn)"
+        )
+    if catalog is not None:
+        kept = what_the_data_path_keeps_at(output, catalog.data_path, catalog.list_disks())
+        if kept is not None:
+            raise TargetError(
+                f"{output} is {kept.said}; {_WRITING_THE_BACKUP} would destroy it: name another file"
+            )
+    refuse_output_over_an_image(output, source=source, action=_WRITING_THE_BACKUP)
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
@@ -144,8 +151,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
             f"cannot tell the filesystem of {args.image} (no ext4, xfs or btrfs superblock); "
             f"pass --filesystem {'|'.join(FILESYSTEMS)}"
         )
-    _refuse_output_in_a_mirenfs_mount(args.output)
-    refuse_output_over_an_image(args.output, source=args.image, action=_WRITING_THE_BACKUP)
+    _refuse_backup_output(args.output, args.image)
     in_use = _in_use(args.image)
     if in_use is not None:
         print(
@@ -349,14 +355,7 @@ def _backup_disk(args: argparse.Namespace) -> int:
     catalog = catalog_from(args)
     data_path = catalog.data_path
     target = prepare_backup(catalog, args.disk, data_path=data_path)
-    _refuse_output_in_a_mirenfs_mount(args.output)
-    if args.output != "-":  # before any freeze or pass: a typo in -o must not cost a disk
-        kept = what_the_data_path_keeps_at(args.output, data_path, catalog.list_disks())
-        if kept is not None:
-            raise TargetError(
-                f"{args.output} is {kept}; {_WRITING_THE_BACKUP} would destroy it: name another file"
-            )
-        refuse_output_over_an_image(args.output, source=target.image_path, action=_WRITING_THE_BACKUP)
+    _refuse_backup_output(args.output, target.image_path, catalog)
     # The mount's path: the image of a disk not in use, else a point-in-time copy (or, with --live,
     # the moving image). Its own sentence replaces prepare_backup's "not a point-in-time copy" warning.
     taken = take_point_in_time(

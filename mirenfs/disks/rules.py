@@ -118,36 +118,46 @@ def prepare_backup(resolver: DiskResolver, name: str, *, data_path: str) -> Back
 # --- files the data path keeps ---
 
 
-def what_the_data_path_keeps_at(path: str, data_path: str, disks: Iterable[DiskRecord]) -> str | None:
-    """What ``path`` is to the data path, in a few words, when it is one of the files mirenfs or a
-    disk owns there (its disk store, mirenfs's state, a managed volume, any disk's image);
-    None when it is none of them. A backup written there, or an image registered there,
-    would destroy it (trial V: `backup pg -o` its own image replaced the disk's data)."""
+@dataclass(frozen=True)
+class KeptFile:
+    """What a path is to a data path: ``said`` in a few words; ``disk``, the disk whose image it
+    is (``by_link``: under another name for the same file), when it is one's."""
+
+    said: str
+    disk: str | None = None
+    by_link: bool = False
+
+
+def what_the_data_path_keeps_at(path: str, data_path: str, disks: Iterable[DiskRecord]) -> KeptFile | None:
+    """What ``path`` is to the data path when it is one of the files mirenfs or a disk owns
+    there (its disk store, mirenfs's state, a managed volume, any disk's image); None when it
+    is none of them. A backup written there, or an image registered there, would destroy it
+    (trial V: `backup pg -o` its own image replaced the disk's data)."""
     real = os.path.realpath(path)
     root = os.path.realpath(data_path)
     store = os.path.join(root, DB_FILE_NAME)
     if real == store or real.startswith(f"{store}-"):
-        return f"the disk store of the data path {data_path}"
+        return KeptFile(f"the disk store of the data path {data_path}")
     state = os.path.realpath(state_directory(data_path))
     if real == state or real.startswith(state + os.sep):
-        return f"mirenfs's own state under {state_directory(data_path)}"
+        return KeptFile(f"mirenfs's own state under {state_directory(data_path)}")
     try:
         found = os.stat(real)
     except OSError:
         found = None
     for record in disks:
-        image = record.image_path
+        image, name = record.image_path, record.disk.name
         if image is None:
             continue
         if os.path.realpath(image) == real:
-            return f"the image of disk {record.disk.name}"
+            return KeptFile(f"the image of disk {name}", name)
         with contextlib.suppress(OSError):
             other = os.stat(image)
             if found is not None and (other.st_dev, other.st_ino) == (found.st_dev, found.st_ino):
-                return f"the image of disk {record.disk.name} (another name for it)"
+                return KeptFile(f"the image of disk {name} (another name for it)", name, by_link=True)
     volumes = os.path.realpath(volumes_dir(data_path))
     if real == volumes or real.startswith(volumes + os.sep):
-        return f"inside the managed volumes of the data path ({volumes_dir(data_path)})"
+        return KeptFile(f"inside the managed volumes of the data path ({volumes_dir(data_path)})")
     return None
 
 
