@@ -62,6 +62,8 @@ from mirenfs.mount.versions import SnapshotService, sidecar_size, sidecar_text
 log = logging.getLogger(__name__)
 
 RESTORE_DIR = "restore"
+# The mount's status names restores, their writers and every image's checksum: with -o
+# allow_other these are its owner's and root's only.
 _STATUS_NAMES = (STATUS_XATTR.encode(), INDEX_PASSES_XATTR.encode())
 # The preferred I/O size every file reports: cp and cat read and write this much per call, so a
 # snapshot crosses FUSE in requests as large as the kernel allows (1 MiB) rather than 128 KiB ones.
@@ -437,7 +439,7 @@ class MirenOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        if inode == ROOT_INODE and not self._may_see_status(ctx):
+        if inode == ROOT_INODE and not self.restores.owner_or_root(ctx.uid):  # as the snapshots are
             if name in _STATUS_NAMES:
                 raise pyfuse3.FUSEError(errno.EACCES)
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
@@ -448,14 +450,9 @@ class MirenOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
-        if inode == ROOT_INODE and not self._may_see_status(ctx):
+        if inode == ROOT_INODE and not self.restores.owner_or_root(ctx.uid):
             return []
         return list(await self._xattrs(inode))
-
-    def _may_see_status(self, ctx: pyfuse3.RequestContext) -> bool:
-        """The mount's status names restores, their writers and every image's checksum: with
-        ``-o allow_other`` it is its owner's and root's, as the snapshots themselves are."""
-        return ctx.uid in (0, self.restores.owner_uid)
 
     @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:

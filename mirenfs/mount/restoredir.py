@@ -242,9 +242,14 @@ class RestoreDirectory:
 
     # ---- who may restore ----------------------------------------------------
 
+    def owner_or_root(self, uid: int) -> bool:
+        """Whether ``uid`` is the mount's owner or root: with -o allow_other, the only ones who
+        may restore or read the mount's status."""
+        return uid in (0, self.owner_uid)
+
     def check_writer(self, uid: int, what: str) -> None:
         """Only the mount's owner and root may restore, whatever mode an entry shows (-o allow_other)."""
-        if uid not in (0, self.owner_uid):
+        if not self.owner_or_root(uid):
             raise RestoreRefused(
                 f"{what}: uid {uid} may not restore disks through this mount (only uid {self.owner_uid} "
                 "and root may)",
