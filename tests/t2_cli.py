@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import signal
 import subprocess
 import syslog
 from pathlib import Path
@@ -274,3 +275,76 @@ def test_a_cli_restore_the_full_store_refused_says_the_disk_is_unchanged(
     assert result.code == 1
     assert result.err == f"mirenfs: error: {full}; disk pg is unchanged\n"
     assert sha256_file(image) == before and staging_files(data) == []
+
+
+@pytest.mark.parametrize("image_exists", [True, False])
+def test_a_ctrl_c_right_after_restore_image_replaced_the_image_reports_it_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, image_exists: bool
+) -> None:
+    """Session 13's leftover: ``restore FILE --image PATH`` said "mirenfs: interrupted" (exit
+    130) when the Ctrl-C came after the rename, though PATH was whole and verified."""
+    vector = GO_VECTORS[0]
+    target = tmp_path / "out.img"
+    if image_exists:
+        target.write_bytes(b"the old image")
+    real_rename = image_module.StagingImage.rename_over_image
+
+    def renamed_then_interrupted(self: image_module.StagingImage) -> None:
+        real_rename(self)
+        raise KeyboardInterrupt  # the Ctrl-C lands as the rename returns
+
+    monkeypatch.setattr(image_module.StagingImage, "rename_over_image", renamed_then_interrupted)
+    result = run_cli("restore", vector.path, "--image", target, "--force")
+    assert result.code == 0, result.err
+    assert (
+        result.err == f"mirenfs: interrupted after {target} was {'replaced' if image_exists else 'written'}\n"
+    )
+    assert (
+        result.out
+        == f"restored {target} from {vector.path}: {vector.size_bytes} bytes, checksum {vector.sha256}\n"
+    )
+    assert sha256_file(target) == vector.sha256
+    assert staging_files(tmp_path) == []
+
+
+def test_a_ctrl_c_as_the_backup_is_renamed_into_place_reports_it_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session 13's leftover: a real SIGINT that arrived as ``backup -o FILE`` renamed FILE into
+    place said "mirenfs: interrupted" (exit 130) over a whole snapshot. The rename and its record
+    are one step now; the interrupt is said as late, and the snapshot verifies."""
+    image = tmp_path / "web.img"
+    content = write_image(image, [("text", 1 << 20), ("hole", 2 << 20), ("data", 70_001)])
+    snap = tmp_path / "web.mirn"
+    real_rename = os.rename
+
+    def rename_then_signal(source: str, destination: str) -> None:
+        real_rename(source, destination)
+        if destination == str(snap):
+            os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode: here, in the rename's step
+
+    monkeypatch.setattr(os, "rename", rename_then_signal)
+    result = run_cli("backup", "--image", image, "--filesystem", "ext4", "-o", snap)
+    assert result.code == 0, result.err
+    assert result.err == f"mirenfs: interrupted after {snap} was written\n"
+    checksum = sha256_file(image)
+    assert result.out == f"backed up {image} to {snap}: {len(content)} bytes, checksum {checksum}\n"
+    monkeypatch.undo()
+    assert ok("verify", snap).out == f"{snap}: OK (web, {len(content)} bytes, checksum {checksum})\n"
+
+
+def test_a_ctrl_c_before_the_backup_is_in_place_still_undoes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other side of the point of no return: an interrupt before the rename leaves no file."""
+    image = tmp_path / "web.img"
+    write_image(image, [("data", 1 << 20)])
+    snap = tmp_path / "web.mirn"
+
+    def interrupted(source: str, destination: str) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "rename", interrupted)
+    result = run_cli("backup", "--image", image, "--filesystem", "ext4", "-o", snap)
+    assert (result.code, result.err, result.out) == (130, "mirenfs: interrupted\n", "")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["web.img"]

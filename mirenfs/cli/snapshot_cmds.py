@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
 from typing import Any, BinaryIO
 
@@ -40,6 +40,7 @@ from mirenfs.disks.rules import (
     refuse_output_over_an_image,
     what_the_data_path_keeps_at,
 )
+from mirenfs.engine.consume import Placed
 from mirenfs.engine.files import backup_image, open_input, read_pieces, restore_file, verify_file
 from mirenfs.engine.fstype import detect_filesystem
 from mirenfs.engine.produce import Settings
@@ -195,22 +196,36 @@ def backup_with_progress(
         bars.append(ProgressBar(total, f"backup {name}: writing"))
         return bars[-1]
 
+    backup = partial(
+        backup_image,
+        image_path,
+        output,
+        name=name,
+        filesystem=filesystem,
+        settings=settings,
+        live=live,
+        progress=bars[0],
+        stream_progress=writing,
+    )
     try:
-        return trio.run(
-            partial(
-                backup_image,
-                image_path,
-                output,
-                name=name,
-                filesystem=filesystem,
-                settings=settings,
-                live=live,
-                progress=bars[0],
-                stream_progress=writing,
-            )
-        )
+        return _run_until_placed(backup, f"{output} was written")
     finally:
         bars[-1].close()
+
+
+def _run_until_placed(command: Callable[..., Awaitable[Meta]], placed_as: str) -> Meta:
+    """``trio.run(command)`` for a command that ends by putting its file in place: an interrupt
+    that comes after that is too late to undo anything, so the file is reported as made (with
+    a line saying the interrupt came ``after <placed_as>``) and the command exits 0."""
+    placed = Placed()
+    try:
+        return trio.run(partial(command, placed=placed))
+    except KeyboardInterrupt:
+        meta = placed.meta
+        if meta is None:
+            raise
+        print(f"mirenfs: interrupted after {placed_as}", file=sys.stderr)
+        return meta
 
 
 def _report_backup(source: str, output: str, meta: Meta) -> None:
@@ -225,7 +240,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     refuse_disk_options(args, "--name", instead="with --image PATH the image is named directly")
     size = file_size(args.file, "snapshot") if args.file != "-" else 0
     bar = ProgressBar(size, f"restore {os.path.basename(args.image)}")
-    kept = f"{args.image} is as it was" if os.path.lexists(args.image) else f"{args.image} was not created"
+    existed = os.path.lexists(args.image)
+    kept = f"{args.image} is as it was" if existed else f"{args.image} was not created"
     # An image a loop device uses is never replaced: the device would go on with the old, unlinked file.
     in_use = partial(refuse_if_image_in_use, args.image, action="restoring over it")
     restore = partial(
@@ -233,7 +249,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     )
     try:
         with naming_the_snapshot(args.file, lambda: kept):
-            meta = trio.run(restore)
+            meta = _run_until_placed(restore, f"{args.image} was {'replaced' if existed else 'written'}")
     finally:
         bar.close()
     print(f"restored {args.image} from {args.file}: {meta.size_bytes} bytes, checksum {meta.checksum}")

@@ -686,6 +686,33 @@ class StagedRestore:
                 await trio.to_thread.run_sync(self._staging.discard)
 
 
+class Placed:
+    """Whether a restore or a backup has put its file in place: the point of no return, after
+    which an interrupt finds the command done (the CLI says it came late, and exits 0) where
+    before it the command is undone. Set by the engine, where the rename happens; read by the
+    caller once ``trio.run`` has raised ``KeyboardInterrupt``."""
+
+    def __init__(self) -> None:
+        self._meta: Meta | None = None
+        self._restore: StagedRestore | None = None
+
+    def watch(self, restore: StagedRestore) -> None:
+        """Follow ``restore``: it is in place once its staging file is renamed over the image
+        (on a worker thread, which no interrupt stops half way)."""
+        self._restore = restore
+
+    def set(self, meta: Meta) -> None:
+        """The file of the snapshot or image ``meta`` describes is in place."""
+        self._meta = meta
+
+    @property
+    def meta(self) -> Meta | None:
+        """The header of what was put in place, or None while nothing was."""
+        if self._meta is None and self._restore is not None and self._restore.installed:
+            return self._restore.stream.meta
+        return self._meta
+
+
 _KINDS = (
     (stat.S_ISDIR, "a directory"),
     (stat.S_ISLNK, "a symbolic link"),
@@ -718,13 +745,15 @@ async def restore_to_path(
     on_header: Callable[[Meta], None] | None = None,
     header_read: Meta | None = None,
     check_target: Callable[[], None] | None = None,
+    placed: Placed | None = None,
 ) -> Meta:
     """Restore a snapshot stream into ``image_path`` through its staging file (SPEC §3).
 
     Nothing changes at ``image_path`` unless the whole stream verified; on
     any failure the staging file is removed. ``check_target`` (blocking) may
     refuse the target: it runs before any input is read, and again right
-    before the image is replaced (a loop device may have been attached meanwhile).
+    before the image is replaced (a loop device may have been attached meanwhile). ``placed``
+    learns when the image is replaced, for a caller that an interrupt reaches after that.
     """
     refuse_unusual_target(image_path, overwrite=overwrite)
     before_install = None
@@ -741,6 +770,8 @@ async def restore_to_path(
     restore = StagedRestore(
         choose_image, header_read=header_read, new_mode=disk_file_mode(), before_install=before_install
     )
+    if placed is not None:
+        placed.watch(restore)
     try:
         async for chunk in chunks:
             await restore.feed(chunk)

@@ -25,7 +25,7 @@ from typing import BinaryIO
 
 import trio
 
-from mirenfs.engine.consume import ImageWriter, RestoreStream, restore_to_path
+from mirenfs.engine.consume import ImageWriter, Placed, RestoreStream, restore_to_path
 from mirenfs.engine.image import (
     ChunkSource,
     OpenImage,
@@ -179,10 +179,12 @@ async def backup_image(
     live: bool = False,
     progress: Progress | None = None,
     stream_progress: StreamProgress | None = None,
+    placed: Placed | None = None,
 ) -> Meta:
     """``mirenfs backup --image``: to a file (atomically, via a temporary name) or to ``-``.
 
-    ``live``: the image may change while it is read (see :func:`reading_rules`).
+    ``live``: the image may change while it is read (see :func:`reading_rules`). ``placed``
+    learns when the file is in place under its name (a stream has no such moment).
     """
     if output != "-" and os.path.isdir(output):  # before a whole pass, not at its end
         raise TargetError(f"cannot write {output}: it is a directory; name a file in it, such as {name}.mirn")
@@ -210,13 +212,18 @@ async def backup_image(
                 if target is not sys.stdout.buffer:
                     with _naming_a_full_output(shown, device):
                         target.close()  # flushes what is buffered: it may find the device full too
-        return await _backup_to_regular_file(output, source, settings, of, progress)
+        return await _backup_to_regular_file(output, source, settings, of, progress, placed)
     finally:
         image.close()
 
 
 async def _backup_to_regular_file(
-    output: str, source: ChunkSource, settings: Settings, of: SnapshotOf, progress: Progress | None
+    output: str,
+    source: ChunkSource,
+    settings: Settings,
+    of: SnapshotOf,
+    progress: Progress | None,
+    placed: Placed | None,
 ) -> Meta:
     """Written into a file with no name (``O_TMPFILE``), named once whole: a backup killed with
     SIGKILL (the OOM killer, ``systemctl kill``) leaves nothing behind. Where the filesystem has
@@ -239,7 +246,7 @@ async def _backup_to_regular_file(
         os.fchmod(fd, disk_file_mode())  # never readable by others, whatever the umask
         if temporary is None:
             temporary = _name_unnamed(fd, output, directory)
-        os.rename(temporary, output)
+        _rename_into_place(temporary, output, meta, placed)
         return meta
     except BaseException:
         if temporary is not None:
@@ -248,6 +255,15 @@ async def _backup_to_regular_file(
         raise
     finally:
         os.close(fd)
+
+
+@trio.lowlevel.enable_ki_protection
+def _rename_into_place(temporary: str, output: str, meta: Meta, placed: Placed | None) -> None:
+    """The rename and its record as one step: a Ctrl-C (or SIGTERM) waits for the next
+    checkpoint, so it never lands between a backup in place and the record that says so."""
+    os.rename(temporary, output)
+    if placed is not None:
+        placed.set(meta)
 
 
 def _hidden_prefix(output: str) -> str:
@@ -363,9 +379,10 @@ async def restore_file(
     on_header: Callable[[Meta], None] | None = None,
     progress: Progress | None = None,
     check_target: Callable[[], None] | None = None,
+    placed: Placed | None = None,
 ) -> Meta:
     """``mirenfs restore FILE --image PATH``; ``FILE`` may be ``-`` for standard input.
-    ``progress`` hears the snapshot bytes read so far."""
+    ``progress`` hears the snapshot bytes read so far; ``placed``, when the image is replaced."""
     with open_input(snapshot) as source:
         return await restore_to_path(
             image_path,
@@ -373,6 +390,7 @@ async def restore_file(
             overwrite=overwrite,
             on_header=on_header,
             check_target=check_target,
+            placed=placed,
         )
 
 
