@@ -627,6 +627,40 @@ async def test_a_copy_of_a_disk_in_use_stands_for_it_while_read_and_a_minute_aft
 
 
 @trio_test
+async def test_versions_holding_space_for_nothing_are_let_go_and_the_others_stay(
+    data_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A point-in-time copy nobody read for a minute no longer stands for its disk, and a version
+    whose image was replaced keeps the old file's blocks through its descriptor: both were held
+    until their disk's next request (a nightly backup's copy of a disk in use held a disk's data
+    for a day). The mount lets go of them; a version being read, or of an unchanged image, stays."""
+    monkeypatch.setattr(versions, "IDLE_VERSION_SWEEP_S", 0.005)
+    names = ("kept", "read", "copy", "replaced")  # one sweep looks at them in this order
+    images = {name: add_image_disk(data_path, name, seed=seed) for seed, name in enumerate(names)}
+    async with operations(data_path) as m:
+        built: dict[str, versions.DiskVersion] = {}
+        for name in names:
+            await m.lookup(f"{name}.mirn")
+            version = m.ops.service.current(name)
+            assert version is not None and version.fd >= 0
+            built[name] = version
+        built["copy"].is_copy = True  # stands for a point-in-time copy (t4 takes real ones)
+        reading = await m.ops.open((await m.lookup("read.mirn")).st_ino, os.O_RDONLY, m.ctx)
+        replace_image(images["replaced"], seed=9)  # outside mirenfs
+        later = versions.time.monotonic() + versions.POINT_IN_TIME_REUSE_S + 1
+        monkeypatch.setattr(versions.time, "monotonic", lambda: later)
+        with trio.fail_after(10):
+            while m.ops.service.current("copy") or m.ops.service.current("replaced"):
+                await trio.sleep(0.005)
+        assert (built["copy"].fd, built["replaced"].fd) == (-1, -1)  # closed: their space returns
+        assert m.ops.service.current("kept") is built["kept"] and built["kept"].fd >= 0
+        assert m.ops.service.current("read") is built["read"] and built["read"].fd >= 0
+        await m.ops.release(reading.fh)
+        replaced = await m.lookup("replaced.mirn")  # the next request builds the new image's version
+        assert replaced.st_size > 0 and m.ops.service.current("replaced") not in (None, built["replaced"])
+
+
+@trio_test
 async def test_a_lookup_while_a_disk_in_use_is_being_snapshotted_shares_that_snapshot(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -93,6 +93,7 @@ def build_operations(config: MountConfig, nursery: trio.Nursery) -> MirenOperati
         node=config.node_name,
     )
     nursery.start_soon(operations.restores.retry_stranded)  # disks an outage left provisioning
+    nursery.start_soon(service.let_go_of_idle_versions)  # copies of disks in use, replaced images
     return operations
 
 

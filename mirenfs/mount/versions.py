@@ -40,6 +40,7 @@ from mirenfs.format.header import Meta
 log = logging.getLogger("mirenfs.snapshots")
 
 POINT_IN_TIME_REUSE_S = 60.0  # a copy of a disk in use stands for it this long after its last read
+IDLE_VERSION_SWEEP_S = 15.0  # how often versions holding space for nothing are looked for
 REFUSAL_MEMORY_S = 5.0  # a refused copy is not tried again for this long (one log line, one calibration)
 
 
@@ -49,6 +50,15 @@ def _image_in_use(image_path: str) -> bool:
         return image_is_live(image_path)
     except LiveCheckError:
         return True
+
+
+def _still_its_image(version: DiskVersion) -> bool:
+    """Whether the version's image is still the file at its path (not replaced, not removed)."""
+    try:
+        now = os.stat(version.image_path)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino) == (version.identity.dev, version.identity.ino)
 
 
 class IndexCache:
@@ -383,6 +393,36 @@ class SnapshotService:
         for version in self._current.values():
             version.close()
         self._current.clear()
+
+    async def let_go_of_idle_versions(self) -> None:
+        """Drop the current versions that hold space for nothing, every ``IDLE_VERSION_SWEEP_S``:
+        a point-in-time copy unread for ``POINT_IN_TIME_REUSE_S`` (it no longer stands for its
+        disk: see _copy_still_current), and a version unread as long whose image was replaced
+        or removed (its descriptor keeps the old file's blocks). Their disks' next request builds
+        a version anew, as it would have. Without this, a nightly backup's copy of a disk in use
+        kept its space, a whole disk's data on a data path without reflinks, until the next night."""
+        while True:
+            await trio.sleep(IDLE_VERSION_SWEEP_S)
+            for version in list(self._current.values()):
+                if await self._holds_space_for_nothing(version):
+                    self._let_go(version)
+
+    async def _holds_space_for_nothing(self, version: DiskVersion) -> bool:
+        if version.handles or time.monotonic() - version.last_used <= POINT_IN_TIME_REUSE_S:
+            return False
+        if not version.is_copy and await trio.to_thread.run_sync(_still_its_image, version):
+            return False
+        return self._current.get(version.name) is version and not version.handles  # still, after the look
+
+    def _let_go(self, version: DiskVersion) -> None:
+        if version.is_copy:
+            log.info(
+                "disk %s: its point-in-time copy was not read for %g s; let go of it and of the space "
+                "it held (its next read takes a new one)",
+                version.name,
+                POINT_IN_TIME_REUSE_S,
+            )
+        self.forget(version.name)
 
     def spill_in_use(self) -> int:
         return sum(v.spill_bytes for v in self._current.values() if v.fd >= 0)
