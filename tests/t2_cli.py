@@ -156,9 +156,9 @@ def test_a_mount_that_would_cover_its_own_data_path_is_refused_before_mounting(
     mountpoint = data if where == "the data path" else tmp_path
     with pytest.raises(MirenfsError, match="the mount would hide the disks' images and its own store"):
         mount_config("mount", str(mountpoint), "--data-path", str(data))  # refused before mounting
-    inside = data / "mnt"  # a mount point inside the data path covers nothing of it
-    inside.mkdir()
-    assert mount_config("mount", str(inside), "--data-path", str(data)).mountpoint == str(inside)
+    beside = tmp_path / "mnt"  # (one inside it is refused too: see the test below)
+    beside.mkdir()
+    assert mount_config("mount", str(beside), "--data-path", str(data)).mountpoint == str(beside)
 
 
 def mount_config(*argv: str) -> MountConfig:
@@ -348,3 +348,24 @@ def test_a_ctrl_c_before_the_backup_is_in_place_still_undoes_it(
     result = run_cli("backup", "--image", image, "--filesystem", "ext4", "-o", snap)
     assert (result.code, result.err, result.out) == (130, "mirenfs: interrupted\n", "")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["web.img"]
+
+
+def test_a_mount_point_inside_the_data_path_is_refused(tmp_path: Path) -> None:
+    """Trial Q: a mount on DATA/disk-data (the managed images' directory) hid the images from the
+    daemon, whose lookups then waited on its own answers: it hung, and every other mount of the
+    data path with it, deaf to SIGTERM. Checked on the parsed command, never mounted (a regression
+    would hang so)."""
+    data = tmp_path / "data"
+    ok("disk", "create", "pg", "--size", "1M", "--data-path", data)
+    volumes = Path(disks(data)["pg"]["image_path"]).parent.parent
+    for inside in (volumes, data / "mirenfs", data / "some-dir"):
+        inside.mkdir(exist_ok=True)
+        with pytest.raises(MirenfsError) as refused:
+            mount_config("mount", str(inside), "--data-path", str(data))
+        assert str(refused.value) == (
+            f"the mount point {inside} lies inside the data path {data}: the mount could hide disk "
+            "images or its own state there from itself; mount on a directory outside the data path"
+        )
+    outside = tmp_path / "mnt"
+    outside.mkdir()
+    assert mount_config("mount", str(outside), "--data-path", str(data)).mountpoint == str(outside)

@@ -1033,6 +1033,47 @@ def test_disk_add_never_takes_the_store_or_another_disks_image(tmp_path: Path) -
     assert names == ["pg"]
 
 
+def test_restore_image_never_replaces_what_a_data_path_keeps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trial Q: `restore FILE --image DATA/mirenfs.db --force` replaced the disk store (every disk
+    record and lease gone), `--image DATA/mirenfs/mount.log` the mount's log, and `--image` a
+    leased disk's image, all with exit 0. They are refused now, found from the data path the
+    commands use by default and from the directories above the file; nothing is changed."""
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    ok("disk", "create", "pg", "--size", "1M", "--data-path", data)
+    image = Path(disks(data)["pg"]["image_path"])
+    outside = elsewhere / "web.img"
+    write_image(outside, [("data", 64 << 10)])
+    ok("disk", "add", "web", "--image", outside, "--filesystem", "ext4", "--data-path", data)
+    (data / "mirenfs").mkdir(exist_ok=True)
+    log_file = data / "mirenfs" / "mount.log"
+    log_file.write_text("a line\n")
+    kept = [image, outside, data / "mirenfs.db", log_file]
+    before = {path: path.read_bytes() for path in kept}
+    vector = GO_VECTORS[0].path
+    by_name = "restore that disk by its name, which checks its leases and state first"
+    refusals = [
+        (data / "mirenfs.db", f"the disk store of the data path {data}; restoring over it would destroy it"),
+        (log_file, f"mirenfs's own state under {data / 'mirenfs'}; restoring over it would destroy it"),
+        (image, f"the image of disk pg; {by_name} (mirenfs restore {vector} --name pg --force)"),
+    ]
+    monkeypatch.delenv("MIRENFS_DATA_PATH", raising=False)  # found from the directories above the file
+    for target, said in refusals:
+        refused = run_cli("restore", vector, "--image", target, "--force")
+        assert (refused.code, refused.out) == (1, ""), refused.err
+        assert refused.err.startswith(f"mirenfs: error: {target} is {said}"), refused.err
+    monkeypatch.setenv("MIRENFS_DATA_PATH", str(data))  # an image outside the data path: its store says whose
+    refused = run_cli("restore", vector, "--image", outside, "--force")
+    assert refused.code == 1 and f"is the image of disk web; {by_name}" in refused.err
+    backup = run_cli("backup", "--image", outside, "--filesystem", "ext4", "-o", data / "mirenfs.db")
+    assert backup.code == 1 and "is the disk store of the data path" in backup.err
+    assert {path: path.read_bytes() for path in kept} == before
+    assert sorted(disks(data)) == ["pg", "web"]
+    assert ok("restore", vector, "--image", elsewhere / "new.img").code == 0  # a file nobody keeps
+
+
 def test_inspect_of_standard_input_says_what_to_do() -> None:
     """Trial V: `inspect -` said "cannot read -: No such file or directory"."""
     result = run_mirenfs("inspect", "-", input=GO_ODD.path.read_bytes())

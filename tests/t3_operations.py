@@ -19,6 +19,7 @@ import trio
 import trio.testing
 
 from mirenfs.disks.model import DiskState
+from mirenfs.disks.store import Store
 from mirenfs.engine.image import ImageIdentity
 from mirenfs.errors import DiskLeasedError, FormatError, PointInTimeError
 from mirenfs.format.header import decode_header
@@ -735,3 +736,50 @@ async def test_a_lookup_while_a_disk_in_use_is_being_snapshotted_shares_that_sna
     first, second = await two_lookups()
     assert isinstance(first, PointInTimeError) and len(builds) == 2  # the second built anew
     assert isinstance(second, PointInTimeError)
+
+
+@trio_test
+async def test_an_image_inside_the_mount_itself_is_never_looked_at(
+    data_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Trial Q: a disk whose image lay inside the mount (`disk add --image MOUNT/x.mirn`) made the
+    daemon look it up through itself: the lookup waited on its own answer and every request hung.
+    Such a disk is not shown, its image never looked at, and the log says why, once."""
+    add_image_disk(data_path, "pg")
+    inside = data_path / "never-mounted"  # the in-process mount's mount point
+    inside.mkdir()
+    write_image(inside / "loopy.img", IMAGE_SEGMENTS)
+    Store(str(data_path)).add_disk(
+        "loopy", size_bytes=1 << 20, filesystem="ext4", image_path=str(inside / "loopy.img")
+    )
+    caplog.set_level(logging.WARNING, logger="mirenfs")
+    async with operations(data_path) as m:
+        for _ in range(2):
+            names = [name for name, _attrs in await m.listdir(ROOT_INODE)]
+            assert names == ["restore", "pg.mirn", "pg.mirn.sha256"]
+            assert await fuse_errno(m.ops.lookup(ROOT_INODE, b"loopy.mirn", m.ctx)) == errno.ENOENT
+    said = [r.getMessage() for r in caplog.records if "loopy" in r.getMessage()]
+    assert said == [
+        f"disk loopy is not shown: its image {inside / 'loopy.img'} lies inside this mount, which cannot "
+        "read it through itself; register the image where it is (mirenfs disk remove loopy, then mirenfs "
+        "disk add loopy --image PATH)"
+    ]
+
+
+@trio_test
+async def test_a_mount_of_a_directory_holding_nothing_of_mirenfs_says_so(
+    data_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Trial Q: `mount --data-path /var/lib` (meant: /var/lib/miren) mounted an empty store there
+    without a word. It still mounts (a new host restores into an empty data path), and says so."""
+    caplog.set_level(logging.WARNING, logger="mirenfs")
+    async with operations(data_path):
+        pass
+    async with operations(data_path):  # the second time it holds a store: nothing to say
+        pass
+    said = [r.getMessage() for r in caplog.records if "held nothing of mirenfs" in r.getMessage()]
+    assert said == [
+        f"the data path {data_path} held nothing of mirenfs (no disk store, no state), so this mount "
+        "started a new one there: it shows no disks until one is added or restored; if you meant another "
+        f"directory, unmount and remove {data_path / 'mirenfs.db'} and {data_path / 'mirenfs'}"
+    ]

@@ -583,3 +583,36 @@ def test_a_backup_into_a_mirenfs_mount_is_refused_with_what_to_do(tmp_path: Path
             f"NAME (cp {mnt}/DISK.mirn {mnt}/restore/NAME.mirn)\n"
         )
     assert sorted(os.listdir(mnt / "restore")) == [] and sorted(disks(data)) == ["pg"]
+
+
+def test_restore_image_and_disk_add_into_a_mirenfs_mount_are_refused_before_anything_hangs(
+    tmp_path: Path, mounts: Mounts
+) -> None:
+    """Trial Q: `disk add loopy --image MOUNT/pg.mirn --filesystem ext4` was accepted, and the
+    mount then looked the image up through itself: every request to it hung, SIGTERM too.
+    `restore --image MOUNT/pg.mirn --force` advised remounting the mount read-write."""
+    data, mnt = tmp_path / "data", tmp_path / "mnt"
+    data.mkdir()
+    make_disk(data, "pg")
+    mounts(mnt, data)
+    snapshot = tmp_path / "pg.mirn"
+    shutil.copyfile(mnt / "pg.mirn", snapshot)
+    added = run_cli(
+        "disk", "add", "loopy", "--image", mnt / "pg.mirn", "--filesystem", "ext4", "--data-path", data
+    )
+    assert (added.code, added.err) == (
+        1,
+        f"mirenfs: error: cannot register {mnt / 'pg.mirn'} as disk loopy: it is in the mirenfs mount at "
+        f"{mnt}, which serves snapshots, not images; to make a disk of a snapshot, copy it into "
+        f"{mnt}/restore/loopy.mirn\n",
+    )
+    for target in (mnt / "pg.mirn", mnt / "restore" / "zz.img"):
+        refused = run_cli("restore", snapshot, "--image", target, "--force")
+        assert (refused.code, refused.err) == (
+            1,
+            f"mirenfs: error: {target} is in the mirenfs mount at {mnt}, which takes no image file; restore "
+            f"into a file elsewhere, or copy the snapshot into {mnt}/restore/NAME.mirn to restore it as disk "
+            f"NAME (cp {snapshot} {mnt}/restore/NAME.mirn)\n",
+        )
+    assert sorted(disks(data)) == ["pg"] and os.listdir(mnt / "restore") == []
+    assert sorted(os.listdir(mnt)) == ["pg.mirn", "pg.mirn.sha256", "restore"]  # the mount still answers

@@ -145,14 +145,21 @@ def config_from(args: argparse.Namespace) -> MountConfig:
 
 
 def refuse_covering_the_data_path(mountpoint: str, data_path: str) -> None:
-    """A mount on the data path, or on a directory above it, would hide the disks' images and the
-    store from the daemon itself: its first lookup would wait on its own answer, for ever."""
+    """A mount on the data path, on a directory above it, or on one inside it (trial Q: on its
+    managed images' directory) would hide the disks' images, the store or mirenfs's state from
+    the daemon itself: a lookup would wait on its own answer, for ever, and every other mount of
+    the data path with it."""
     covered, over = os.path.realpath(data_path), os.path.realpath(mountpoint)
     if covered == over or covered.startswith(over.rstrip("/") + "/"):
         where = "is the mount point" if covered == over else f"lies inside the mount point {mountpoint}"
         raise MirenfsError(
             f"the data path {data_path} {where}: the mount would hide the disks' images and its own "
             "store from itself; mount on a directory outside the data path"
+        )
+    if over.startswith(covered.rstrip("/") + "/"):
+        raise MirenfsError(
+            f"the mount point {mountpoint} lies inside the data path {data_path}: the mount could hide "
+            "disk images or its own state there from itself; mount on a directory outside the data path"
         )
 
 

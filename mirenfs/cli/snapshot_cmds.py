@@ -23,17 +23,21 @@ from mirenfs.cli.common import (
     add_compression_options,
     add_data_path_option,
     catalog_from,
+    data_path_from,
     file_size,
     refuse_disk_options,
     settings_from,
 )
 from mirenfs.cli.mountinfo import FSTYPE, mount_holding
+from mirenfs.disks.catalogs import open_catalog
 from mirenfs.disks.live import loop_devices_backing
-from mirenfs.disks.model import Catalog, DiskState
+from mirenfs.disks.model import DB_FILE_NAME, Catalog, DiskRecord, DiskState
 from mirenfs.disks.pointintime import DEFAULT_FREEZE_BUDGET_S, Consistency, CopyPolicy, take_point_in_time
 from mirenfs.disks.restore import DiskRestore
 from mirenfs.disks.rules import (
+    KeptFile,
     RestoreTarget,
+    data_paths_around,
     prepare_backup,
     prepare_restore,
     refuse_if_image_in_use,
@@ -112,24 +116,79 @@ def _refuse_backup_output(output: str, source: str, catalog: Catalog | None = No
     """Before any freeze or pass, what ``-o`` must not be (a typo there must not cost a disk):
     a file in a mirenfs mount, which takes no file but a restore (its root refused the backup
     as read-only with wrong advice, its restore/ the backup's hidden temporary name: trial V);
-    with ``catalog``, any file its data path keeps; the image read, or one a loop device uses."""
+    any file a data path keeps (``catalog``'s, else those around it); the image read, or one
+    a loop device uses."""
     if output == "-":
         return
-    holding = mount_holding(os.path.dirname(os.path.abspath(output)))
-    if holding is not None and holding.fstype == FSTYPE:
-        mount = holding.mountpoint
+    mount = _mirenfs_mount_holding(output)
+    if mount is not None:
         raise TargetError(
             f"{output} is in the mirenfs mount at {mount}, which takes no backup file; write it "
             f"elsewhere, or copy a snapshot into {mount}/restore/NAME.mirn to restore it as disk NAME "
             f"(cp {mount}/DISK.mirn {mount}/restore/NAME.mirn)"
         )
+    if catalog is None:  # an image named directly: being the image read is said first, as such
+        refuse_output_over_an_image(output, source=source, action=_WRITING_THE_BACKUP)
+    kept = _what_data_paths_keep_at(output, catalog)
+    if kept is not None:
+        raise TargetError(
+            f"{output} is {kept.said}; {_WRITING_THE_BACKUP} would destroy it: name another file"
+        )
     if catalog is not None:
-        kept = what_the_data_path_keeps_at(output, catalog.data_path, catalog.list_disks())
+        refuse_output_over_an_image(output, source=source, action=_WRITING_THE_BACKUP)
+
+
+def _refuse_restore_target(image: str, snapshot: str) -> None:
+    """What ``restore --image`` must not replace, ``--force`` or not (trial Q replaced the disk
+    store, ``mount.log`` and a leased disk's image so): a file in a mirenfs mount, which takes
+    snapshots into restore/ only; any file a data path keeps (a disk's image is restored by its
+    name, which checks its leases and state first)."""
+    mount = _mirenfs_mount_holding(image)
+    if mount is not None:
+        raise TargetError(
+            f"{image} is in the mirenfs mount at {mount}, which takes no image file; restore into a "
+            f"file elsewhere, or copy the snapshot into {mount}/restore/NAME.mirn to restore it as "
+            f"disk NAME (cp {snapshot} {mount}/restore/NAME.mirn)"
+        )
+    kept = _what_data_paths_keep_at(image, None)
+    if kept is None:
+        return
+    if kept.disk is not None:
+        raise TargetError(
+            f"{image} is {kept.said}; restore that disk by its name, which checks its leases and "
+            f"state first (mirenfs restore {snapshot} --name {kept.disk} --force), or name another file"
+        )
+    raise TargetError(f"{image} is {kept.said}; restoring over it would destroy it: name another file")
+
+
+def _mirenfs_mount_holding(path: str) -> str | None:
+    """The mirenfs mount ``path`` lies in, if any."""
+    holding = mount_holding(os.path.dirname(os.path.abspath(path)))
+    return holding.mountpoint if holding is not None and holding.fstype == FSTYPE else None
+
+
+def _what_data_paths_keep_at(path: str, catalog: Catalog | None) -> KeptFile | None:
+    """What ``path`` is to ``catalog``'s data path, or without one (a file named directly) to the
+    data paths around it (:func:`data_paths_around`), read from their disk stores."""
+    if catalog is not None:
+        return what_the_data_path_keeps_at(path, catalog.data_path, catalog.list_disks())
+    for data_path in data_paths_around(path, data_path_from(None)):
+        kept = what_the_data_path_keeps_at(path, data_path, _disks_of(data_path))
         if kept is not None:
-            raise TargetError(
-                f"{output} is {kept.said}; {_WRITING_THE_BACKUP} would destroy it: name another file"
-            )
-    refuse_output_over_an_image(output, source=source, action=_WRITING_THE_BACKUP)
+            return kept
+    return None
+
+
+def _disks_of(data_path: str) -> list[DiskRecord]:
+    """The disks of a data path's SQLite store; none when it has none or it cannot be read (its
+    own file and mirenfs's state are refused all the same)."""
+    if not os.path.isfile(os.path.join(data_path, DB_FILE_NAME)):
+        return []
+    try:
+        return open_catalog(None, data_path).list_disks()
+    except MirenfsError as exc:
+        log.debug("cannot list the disks of %s: %s", data_path, exc)
+        return []
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
@@ -240,6 +299,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     refuse_disk_options(args, "--name", instead="with --image PATH the image is named directly")
     size = file_size(args.file, "snapshot") if args.file != "-" else 0
     bar = ProgressBar(size, f"restore {os.path.basename(args.image)}")
+    _refuse_restore_target(args.image, args.file)
     existed = os.path.lexists(args.image)
     kept = f"{args.image} is as it was" if existed else f"{args.image} was not created"
     # An image a loop device uses is never replaced: the device would go on with the old, unlinked file.

@@ -161,6 +161,29 @@ def what_the_data_path_keeps_at(path: str, data_path: str, disks: Iterable[DiskR
     return None
 
 
+def data_paths_around(path: str, default: str) -> list[str]:
+    """The data paths a file at ``path`` may belong to: ``default`` (the one commands use without
+    ``--data-path``) and the nearest directory above ``path``, each when it holds mirenfs's files
+    (a disk store, or mirenfs's state). A command given a file directly (``restore --image``,
+    ``backup --image -o``) takes no ``--data-path``, yet must not write over what a data path
+    keeps (trial Q: ``restore --image DATA/mirenfs.db --force`` replaced the disk store)."""
+    found = [default] if _holds_mirenfs_files(default) else []
+    directory = os.path.dirname(os.path.realpath(path))
+    while True:
+        if _holds_mirenfs_files(directory):
+            if os.path.realpath(directory) not in map(os.path.realpath, found):
+                found.append(directory)
+            return found
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            return found
+        directory = parent
+
+
+def _holds_mirenfs_files(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, DB_FILE_NAME)) or os.path.isdir(state_directory(directory))
+
+
 def refuse_output_over_an_image(output: str, *, source: str, action: str) -> None:
     """A file written whole (``backup -o``) must not be the image it is made from, nor one a loop
     device uses: either would lose a disk's data under a snapshot of it."""

@@ -8,6 +8,7 @@ catalogue that cannot be listed makes lookups fail (EIO), never "no such file".
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -18,6 +19,8 @@ import trio
 
 from mirenfs.disks.catalogs import DiskListing
 from mirenfs.disks.model import DiskState
+
+log = logging.getLogger(__name__)
 
 CATALOG_TTL_S = 0.5  # how long one store listing serves lookups
 
@@ -47,8 +50,10 @@ class StoreCatalog:
     """A catalogue's listing (the store's, or the etcd catalogue's local copy) as the mount's
     catalog. Blocking: call from a worker thread."""
 
-    def __init__(self, store: DiskListing) -> None:
+    def __init__(self, store: DiskListing, mountpoint: str | None = None) -> None:
         self.store = store
+        self._inside = None if mountpoint is None else os.path.abspath(mountpoint).rstrip("/") + "/"
+        self._said_inside: set[str] = set()
 
     def visible_disks(self) -> dict[str, CatalogEntry]:
         visible = {}
@@ -56,11 +61,31 @@ class StoreCatalog:
             disk = record.disk
             if not record.local or disk.status == DiskState.DELETING or not record.image_path:
                 continue
+            if self._is_inside_the_mount(disk.name, record.image_path):
+                continue
             if os.path.isfile(record.image_path):
                 visible[disk.name] = CatalogEntry(
                     disk.name, record.image_path, disk.filesystem, disk.status.value
                 )
         return visible
+
+    def _is_inside_the_mount(self, name: str, image_path: str) -> bool:
+        """An image path under the mount point is never looked at: the lookup would come back to
+        this mount and wait on its own answer, for ever (trial Q: every request hung). Said once."""
+        if self._inside is None or not os.path.abspath(image_path).startswith(self._inside):
+            return False
+        if name not in self._said_inside:
+            self._said_inside.add(name)
+            log.warning(
+                "disk %s is not shown: its image %s lies inside this mount, which cannot read it "
+                "through itself; register the image where it is (mirenfs disk remove %s, then mirenfs "
+                "disk add %s --image PATH)",
+                name,
+                image_path,
+                name,
+                name,
+            )
+        return True
 
 
 class CatalogView:

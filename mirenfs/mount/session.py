@@ -17,7 +17,7 @@ import trio
 from mirenfs.disks.catalogs import images_missing_here, mount_listing, node_from, none_on_this_node
 from mirenfs.disks.live import read_mountinfo
 from mirenfs.disks.manage import sweep_what_killed_runs_left
-from mirenfs.disks.model import Catalog
+from mirenfs.disks.model import DB_FILE_NAME, Catalog
 from mirenfs.engine.framestore import FrameStore
 from mirenfs.engine.image import make_private_directory
 from mirenfs.errors import MirenfsError, MountError
@@ -53,12 +53,26 @@ def raise_open_file_limit() -> None:
 def build_operations(config: MountConfig, nursery: trio.Nursery) -> MirenOperations:
     """The operations of one mount, their background work running in ``nursery``."""
     raise_open_file_limit()
+    held_nothing = not os.path.exists(os.path.join(config.data_path, DB_FILE_NAME)) and not os.path.isdir(
+        config.state_directory
+    )
     store = config.open_catalog()  # the data path's SQLite store, or the fleet's catalogue on etcd
     store.check()  # before the mount reports ready: refuse now rather than answer EIO later
     make_private_directory(config.state_directory)  # indexes and spilled frames describe disk contents
     nursery.start_soon(_at_session_end, partial(os.close, _claim_data_path(config)))
     for level, sentence in sweep_what_killed_runs_left(config.data_path, config.clone_directory, store):
         log.log(level, "%s", sentence)
+    if held_nothing and config.node_name is None:
+        # Trial Q: a typo that named an existing directory (/var/lib, not /var/lib/miren) mounted
+        # an empty store there without a word.
+        log.warning(
+            "the data path %s held nothing of mirenfs (no disk store, no state), so this mount started "
+            "a new one there: it shows no disks until one is added or restored; if you meant another "
+            "directory, unmount and remove %s and %s",
+            config.data_path,
+            os.path.join(config.data_path, DB_FILE_NAME),
+            config.state_directory,
+        )
     _say_if_this_hosts_disks_are_not_here(store, config)
     cache = IndexCache(os.path.join(config.state_directory, "index"))
     service = SnapshotService(
@@ -84,7 +98,7 @@ def build_operations(config: MountConfig, nursery: trio.Nursery) -> MirenOperati
     listing = mount_listing(store)  # on etcd: a local copy fed by a watch, so `ls` costs no request
     nursery.start_soon(_at_session_end, listing.close)  # ends the catalogue's watch, if any
     operations = MirenOperations(
-        StoreCatalog(listing),
+        StoreCatalog(listing, config.mountpoint),
         service,
         shared=config.shared,
         restores=restores,
