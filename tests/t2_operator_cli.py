@@ -892,6 +892,34 @@ def test_cleanup_removes_what_a_killed_restore_left_and_only_that(
     assert again.out == f"nothing to clean up in {data}: no killed mirenfs process left anything behind\n"
 
 
+def test_a_restore_killed_between_its_record_and_its_rename_has_the_record_set_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trial S: a mount killed after it recorded the new image (xfs, 304 MiB) and before it renamed
+    it over the old one (ext4, 32 MiB) left the store saying xfs for good: every later snapshot's
+    header said xfs, and a disk restored from one was recorded as xfs. The staging file it left
+    names the image; cleanup (and a mount's start, which runs the same sweep) sets the record back
+    to what the image holds."""
+    data = tmp_path / "data"
+    data.mkdir()
+    image = Path(make_disk(data, "pg", size=16 << 20))  # a formatted ext4 image
+    store = Store(str(data))
+    pg = store.get_disk("pg")
+    store.update_disk(pg.disk.id, size_bytes=304 << 20, filesystem="xfs")  # the killed restore's record
+    Path(f"{image}{STAGING_SUFFIX}").write_bytes(b"half a restore")  # and its staging file
+    image_before = sha256_file(image)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)  # root's command; nothing here needs root
+    cleaned = ok("cleanup", "--data-path", data)
+    assert f"removed {image}{STAGING_SUFFIX}, left over from an interrupted restore\n" in cleaned.out
+    assert (
+        "disk pg: its record said xfs and 318767104 bytes, recorded by a restore that was interrupted "
+        "before it replaced the image; set back to what the image holds (ext4, 16777216 bytes)\n"
+    ) in cleaned.out
+    record = disks(data)["pg"]
+    assert (record["filesystem"], record["size_bytes"]) == ("ext4", 16 << 20)
+    assert sha256_file(image) == image_before
+
+
 def test_cleanup_of_a_data_path_without_a_store_says_it_looked_at_no_catalogue(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

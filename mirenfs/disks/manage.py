@@ -23,6 +23,7 @@ from mirenfs.disks.model import Catalog, DiskRecord, DiskState, validate_disk_na
 from mirenfs.disks.pointintime import sweep_leftovers
 from mirenfs.disks.rules import managed_path_problem, refuse_if_in_use
 from mirenfs.disks.store import Store
+from mirenfs.engine.fstype import detect_filesystem
 from mirenfs.engine.image import STAGING_SUFFIX, remove_staging_if_unheld
 from mirenfs.errors import (
     DiskBusyError,
@@ -200,10 +201,52 @@ def sweep_what_killed_runs_left(
         )
     for path in leftovers.removed:
         yield logging.INFO, f"removed {path}, a point-in-time copy left over from an earlier run"
-    for path in sweep_stale_staging(data_path, catalog=store):
+    staging = sweep_stale_staging(data_path, catalog=store)
+    for path in staging:
         yield logging.INFO, f"removed {path}, left over from an interrupted restore"
+    yield from _set_back_records_of_killed_restores(store, staging)
     for name in sweep_interrupted_creations(store):
         yield logging.WARNING, f"removed disk {name}: a restore that was creating it was interrupted"
+
+
+def _set_back_records_of_killed_restores(store: Catalog, staging: list[str]) -> Iterator[tuple[int, str]]:
+    """A restore records the new image's size and filesystem just before it renames the image
+    into place; one killed between the two left the record describing an image that never came
+    (trial S: the store said xfs and 304 MiB over an ext4 image of 32 MiB, and every later
+    snapshot's header said xfs). Its staging file names the image: that disk's record is set
+    back to what the image holds."""
+    images = {os.path.abspath(path[: -len(STAGING_SUFFIX)]) for path in staging}
+    if not images:
+        return
+    try:
+        records = [r for r in store.list_disks() if r.image_path and os.path.abspath(r.image_path) in images]
+        for record in records:
+            said = _set_back_to_the_image(store, record)
+            if said is not None:
+                yield logging.WARNING, said
+    except MirenfsError as exc:
+        yield (
+            logging.WARNING,
+            f"cannot check the records of the disks an interrupted restore was replacing: {exc}",
+        )
+
+
+def _set_back_to_the_image(store: Catalog, record: DiskRecord) -> str | None:
+    disk, image = record.disk, record.image_path
+    assert image is not None
+    try:
+        size = os.stat(image).st_size
+    except OSError:
+        return None  # no image: a disk being created, which sweep_interrupted_creations looks at
+    filesystem = detect_filesystem(image) or disk.filesystem
+    if (size, filesystem) == (disk.size_bytes, disk.filesystem):
+        return None
+    store.update_disk(disk.id, size_bytes=size, filesystem=filesystem)
+    return (
+        f"disk {disk.name}: its record said {disk.filesystem} and {disk.size_bytes} bytes, recorded by a "
+        f"restore that was interrupted before it replaced the image; set back to what the image holds "
+        f"({filesystem}, {size} bytes)"
+    )
 
 
 def sweep_stale_staging(
