@@ -369,3 +369,27 @@ def test_a_mount_point_inside_the_data_path_is_refused(tmp_path: Path) -> None:
     outside = tmp_path / "mnt"
     outside.mkdir()
     assert mount_config("mount", str(outside), "--data-path", str(data)).mountpoint == str(outside)
+
+
+def test_a_mount_point_where_another_filesystem_is_mounted_is_refused_and_a_full_one_said(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Trial Q: `mirenfs mount DIR` on the mount point of a disk's live filesystem hid it (its
+    freezes then failed, blaming the disk's use), and on a non-empty directory hid its files,
+    both without a word."""
+    data = tmp_path / "data"
+    ok("disk", "create", "pg", "--size", "1M", "--data-path", data)
+    with pytest.raises(MirenfsError) as refused:
+        mount_config("mount", "/proc", "--data-path", str(data))
+    assert str(refused.value) == (
+        "mount point /proc is where a proc filesystem (proc) is mounted: a mount there would hide it; "
+        "mount on an empty directory of its own"
+    )
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "file").write_text("hidden while mounted")
+    caplog.set_level(logging.WARNING, logger="mirenfs")
+    assert mount_config("mount", str(full), "--data-path", str(data)).mountpoint == str(full)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"mount point {full} is not empty: its files are hidden while mirenfs is mounted there"
+    ]

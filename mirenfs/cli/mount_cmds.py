@@ -123,6 +123,7 @@ def config_from(args: argparse.Namespace) -> MountConfig:
     if not stat.S_ISDIR(info.st_mode):
         raise MirenfsError(f"mount point {mountpoint} is not a directory; mount on a directory")
     refuse_if_mirenfs_mount(mountpoint)
+    refuse_hiding_another_mount(mountpoint)
     catalog, node = catalog_spec_from(args.catalog), node_from(args.node)  # refused now if malformed
     data_path = resolve_data_path(args.data_path)
     refuse_covering_the_data_path(mountpoint, data_path)
@@ -142,6 +143,24 @@ def config_from(args: argparse.Namespace) -> MountConfig:
         catalog=catalog,
         node=node,
     )
+
+
+def refuse_hiding_another_mount(mountpoint: str) -> None:
+    """A mount point that is another filesystem's (trial Q: the live filesystem of a disk in use,
+    whose freezes then failed with a wrong reason) would hide it: refused, but for the autofs
+    mount systemd's automount stands there. A non-empty one hides its files: said, not refused."""
+    holding = mount_holding(mountpoint)
+    real = os.path.realpath(mountpoint)
+    if holding is not None and holding.mountpoint == real and holding.fstype != "autofs":
+        raise MirenfsError(
+            f"mount point {mountpoint} is where a {holding.fstype} filesystem ({holding.source}) is mounted: "
+            "a mount there would hide it; mount on an empty directory of its own"
+        )
+    with contextlib.suppress(OSError), os.scandir(mountpoint) as entries:
+        if any(True for _ in entries):
+            log.warning(
+                "mount point %s is not empty: its files are hidden while mirenfs is mounted there", mountpoint
+            )
 
 
 def refuse_covering_the_data_path(mountpoint: str, data_path: str) -> None:
