@@ -82,7 +82,12 @@ def planted(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Pa
         staging.mkdir()
     else:
         holder = socket.socket(socket.AF_UNIX)
-        holder.bind(str(staging))
+        cwd = os.getcwd()
+        os.chdir(staging.parent)  # bound by its name: a long $TMPDIR exceeds AF_UNIX's 108 bytes
+        try:
+            holder.bind(staging.name)
+        finally:
+            os.chdir(cwd)
     yield image, staging
     if holder is not None:
         holder.close()

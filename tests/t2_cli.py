@@ -393,3 +393,16 @@ def test_a_mount_point_where_another_filesystem_is_mounted_is_refused_and_a_full
     assert [r.getMessage() for r in caplog.records] == [
         f"mount point {full} is not empty: its files are hidden while mirenfs is mounted there"
     ]
+
+
+def test_a_data_path_this_user_may_not_write_says_who_may(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trial Q: a user without write permission was told to mount the data path read-write."""
+    monkeypatch.setattr(store_module.os, "access", lambda _path, _mode: False)
+    with pytest.raises(MirenfsError) as refused:
+        store_module.check_data_path(str(tmp_path))
+    assert str(refused.value) == (
+        f"the data path {tmp_path} is not writable by this user; restores and snapshot indexes are kept "
+        "there, so run as a user who may write there (its owner, or root)"
+    )

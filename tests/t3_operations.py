@@ -9,6 +9,7 @@ import hashlib
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -771,8 +772,9 @@ async def test_a_mount_of_a_directory_holding_nothing_of_mirenfs_says_so(
     data_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Trial Q: `mount --data-path /var/lib` (meant: /var/lib/miren) mounted an empty store there
-    without a word. It still mounts (a new host restores into an empty data path), and says so."""
-    caplog.set_level(logging.WARNING, logger="mirenfs")
+    without a word. It still mounts (a new host restores into an empty data path), and says so in
+    a line of its log (info: the tests' mounts of empty data paths are such first mounts)."""
+    caplog.set_level(logging.INFO, logger="mirenfs")
     async with operations(data_path):
         pass
     async with operations(data_path):  # the second time it holds a store: nothing to say
@@ -783,3 +785,23 @@ async def test_a_mount_of_a_directory_holding_nothing_of_mirenfs_says_so(
         "started a new one there: it shows no disks until one is added or restored; if you meant another "
         f"directory, unmount and remove {data_path / 'mirenfs.db'} and {data_path / 'mirenfs'}"
     ]
+
+
+def test_saved_indexes_of_images_no_disk_has_go_after_a_week_unused(tmp_path: Path) -> None:
+    """Trial S: 200 restores under new names and removals left 200 index files for ever (a 1 TiB
+    disk's is ~19 MB). A start removes those of images no disk has, once unused for a week; a
+    disk's own index stays however old, and a recent one stays (another catalogue, an outage)."""
+    cache = versions.IndexCache(str(tmp_path / "index"))
+    week_old = time.time() - versions.INDEX_KEPT_UNUSED_S - 60
+    paths = {}
+    for image in ("/disks/kept.img", "/disks/removed.img", "/disks/recent.img"):
+        paths[image] = Path(cache.path_for(image))
+        paths[image].write_bytes(b"an index")
+        if image != "/disks/recent.img":
+            os.utime(paths[image], (week_old, week_old))
+    (tmp_path / "index" / "notes.txt").write_text("not an index")
+    os.utime(tmp_path / "index" / "notes.txt", (week_old, week_old))
+    assert cache.prune(["/disks/kept.img"]) == [str(paths["/disks/removed.img"])]
+    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == sorted(
+        [paths["/disks/kept.img"].name, paths["/disks/recent.img"].name, "notes.txt"]
+    )

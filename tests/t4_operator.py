@@ -412,7 +412,7 @@ def test_a_read_only_data_path_is_refused_before_anything_is_mounted(
     assert run("mount", "-o", "remount,ro,bind", read_only).returncode == 0
     reason = (
         f"the data path {read_only} is on a read-only filesystem; restores and snapshot indexes are "
-        "kept there, so mount it read-write (or run as its owner)"
+        "kept there, so remount that filesystem read-write"
     )
     for extra in ([], ["--foreground"]):
         result = run(MIRENFS, "mount", mnt, "--data-path", read_only, *extra)

@@ -232,9 +232,11 @@ def test_status_during_an_index_pass(tmp_path: Path, mounts) -> None:
 
     # Without MOUNTPOINT: every mirenfs mount, found in /proc/self/mountinfo.
     result = run(MIRENFS, "status")
-    assert result.returncode == 0, result.stderr
-    assert f"{mountpoint}: mirenfs" in result.stdout and "ready (offline, snapshot" in result.stdout
     everything = json.loads(run(MIRENFS, "status", "--json").stdout)
+    # 3: a mount's catalogue did not answer; other tests' mounts on this host (an etcd outage
+    # test run alongside) may say so, never this one.
+    assert result.returncode in (0, 3) and everything[str(mountpoint)]["catalog_error"] is None, result.stderr
+    assert f"{mountpoint}: mirenfs" in result.stdout and "ready (offline, snapshot" in result.stdout
     assert everything[str(mountpoint)]["disks"]["big"]["index"] == "ready"
     assert everything[str(mountpoint)]["data_path"] == str(data)  # as the text output's header says
 

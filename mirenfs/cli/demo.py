@@ -65,7 +65,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"mirenfs demo: stopped; kept {root} (data path {data})", flush=True)
         else:
             _remove(root, created)
-            print(f"mirenfs demo: stopped and removed {root}", flush=True)
+            removed = root if created else f"what it made in {root} (the directory you gave stays)"
+            print(f"mirenfs demo: stopped and removed {removed}", flush=True)
     return 0
 
 

@@ -653,10 +653,15 @@ def check_data_path(data_path: str) -> None:
     except OSError as exc:
         raise StoreError(f"cannot use the data path {data_path}: {exc.strerror}") from None
     if read_only or not os.access(data_path, os.W_OK):
-        why = "is on a read-only filesystem" if read_only else "is not writable by this user"
+        if read_only:
+            why, fix = "is on a read-only filesystem", "remount that filesystem read-write"
+        else:  # trial Q: "mount it read-write" sent a user with no write permission the wrong way
+            why, fix = (
+                "is not writable by this user",
+                "run as a user who may write there (its owner, or root)",
+            )
         raise StoreError(
-            f"the data path {data_path} {why}; restores and snapshot indexes are kept there, "
-            "so mount it read-write (or run as its owner)"
+            f"the data path {data_path} {why}; restores and snapshot indexes are kept there, so {fix}"
         )
 
 

@@ -17,7 +17,7 @@ import trio
 from mirenfs.disks.catalogs import images_missing_here, mount_listing, node_from, none_on_this_node
 from mirenfs.disks.live import read_mountinfo
 from mirenfs.disks.manage import sweep_what_killed_runs_left
-from mirenfs.disks.model import DB_FILE_NAME, Catalog
+from mirenfs.disks.model import DB_FILE_NAME, DiskRecord
 from mirenfs.engine.framestore import FrameStore
 from mirenfs.engine.image import make_private_directory
 from mirenfs.errors import MirenfsError, MountError
@@ -65,7 +65,7 @@ def build_operations(config: MountConfig, nursery: trio.Nursery) -> MirenOperati
     if held_nothing and config.node_name is None:
         # Trial Q: a typo that named an existing directory (/var/lib, not /var/lib/miren) mounted
         # an empty store there without a word.
-        log.warning(
+        log.info(  # not a warning: a new host's first mount restores into an empty data path so
             "the data path %s held nothing of mirenfs (no disk store, no state), so this mount started "
             "a new one there: it shows no disks until one is added or restored; if you meant another "
             "directory, unmount and remove %s and %s",
@@ -73,8 +73,11 @@ def build_operations(config: MountConfig, nursery: trio.Nursery) -> MirenOperati
             os.path.join(config.data_path, DB_FILE_NAME),
             config.state_directory,
         )
-    _say_if_this_hosts_disks_are_not_here(store, config)
+    records = store.list_disks()
+    _say_if_this_hosts_disks_are_not_here(records, config)
     cache = IndexCache(os.path.join(config.state_directory, "index"))
+    for path in cache.prune(record.image_path for record in records if record.image_path):
+        log.info("removed %s, the saved index of an image no disk has (unused for a week)", path)
     service = SnapshotService(
         cache,
         config.settings,
@@ -111,12 +114,11 @@ def build_operations(config: MountConfig, nursery: trio.Nursery) -> MirenOperati
     return operations
 
 
-def _say_if_this_hosts_disks_are_not_here(store: Catalog, config: MountConfig) -> None:
+def _say_if_this_hosts_disks_are_not_here(records: list[DiskRecord], config: MountConfig) -> None:
     """A wrong --node mounts fine and shows nothing: on etcd, say so when no disk is on this node
     (a warning when other nodes have disks; only a note when the catalogue is empty, as a new
     fleet's is). A wrong data path (or a node name two hosts share) mounts fine too and shows
     disks whose images are not there: say that as well."""
-    records = store.list_disks()
     if config.node_name is not None:  # on SQLite every disk is this host's
         problem = none_on_this_node(records, url=config.catalog_name, node=config.node_name)
         if problem is not None:

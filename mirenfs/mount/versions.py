@@ -9,10 +9,12 @@ about FUSE; the filesystem layer calls it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -40,6 +42,7 @@ from mirenfs.format.header import Meta
 log = logging.getLogger("mirenfs.snapshots")
 
 POINT_IN_TIME_REUSE_S = 60.0  # a copy of a disk in use stands for it this long after its last read
+INDEX_KEPT_UNUSED_S = 7 * 86400.0  # an index no disk's image has is removed at a start after this
 IDLE_VERSION_SWEEP_S = 15.0  # how often versions holding space for nothing are looked for
 REFUSAL_MEMORY_S = 5.0  # a refused copy is not tried again for this long (one log line, one calibration)
 
@@ -144,6 +147,24 @@ class IndexCache:
         finally:
             del body
             give_back_free_memory(size)
+
+    def prune(self, image_paths: Iterable[str], *, unused_for_s: float = INDEX_KEPT_UNUSED_S) -> list[str]:
+        """Remove the indexes of images that are no disk's (``image_paths`` are the disks'), once
+        unused for ``unused_for_s``: a disk removed, or restored under a new name, left its index
+        for ever (trial S: 200 restores and removals, 200 files; a 1 TiB disk's is ~19 MB). The
+        wait keeps those of a disk another catalogue or a short outage hides. Returns them."""
+        keep = {os.path.basename(self.path_for(path)) for path in image_paths}
+        removed = []
+        now = time.time()
+        with contextlib.suppress(OSError), os.scandir(self.directory) as entries:
+            for entry in entries:
+                if entry.name in keep or not entry.name.endswith(".idx"):
+                    continue
+                with contextlib.suppress(OSError):
+                    if now - entry.stat(follow_symlinks=False).st_mtime > unused_for_s:
+                        os.unlink(entry.path)
+                        removed.append(entry.path)
+        return removed
 
     def save(self, image_path: str, key: str, index: SnapshotIndex, sidecar: str | None) -> None:
         """Persist an index; a failure (a full or read-only state directory) is logged once and
