@@ -358,11 +358,13 @@ def test_an_ext4_data_path_over_the_budget_refuses_unless_live_reads_are_allowed
 # ---- every freeze is thawed ----------------------------------------------------------------------
 
 
-def blocked_write(path: Path) -> subprocess.Popen[bytes]:
+def blocked_write(path: Path, *, longer_than: float = 2.0) -> subprocess.Popen[bytes]:
     """A write under ``path`` that the frozen filesystem holds; waits until the freeze is on.
 
-    Each probe that finishes was written before the freeze began; the one that
-    does not is returned, still blocked (it finishes once the filesystem thaws).
+    Each probe that finishes within ``longer_than`` seconds was written before the freeze
+    began; the one that does not is returned, still blocked (it finishes once the filesystem
+    thaws). Long enough that a probe slowed by a busy machine (CI runs two workers) is not taken
+    for a frozen one, short enough to see a freeze that lasts longer.
     """
     code = "import os,sys; f=open(sys.argv[1],'ab'); f.write(b'x'); os.fsync(f.fileno())"
 
@@ -371,7 +373,7 @@ def blocked_write(path: Path) -> subprocess.Popen[bytes]:
     def probe() -> bool:
         process = subprocess.Popen([sys.executable, "-c", code, str(path / "probe")])
         try:
-            process.wait(timeout=0.3)
+            process.wait(timeout=longer_than)
         except subprocess.TimeoutExpired:
             blocked.append(process)
             return True
@@ -389,11 +391,16 @@ def finishes(process: subprocess.Popen[bytes], within: float) -> bool:
 
 
 def watchdog_pids(daemon: int) -> list[int]:
+    """The thaw watchdogs ``daemon`` started (not another test's, run alongside)."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             with contextlib.suppress(OSError):
-                if b"mirenfs thaw watchdog" in Path(f"/proc/{entry}/cmdline").read_bytes():
+                parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                if (
+                    parent == daemon
+                    and b"mirenfs thaw watchdog" in Path(f"/proc/{entry}/cmdline").read_bytes()
+                ):
                     found.append(int(entry))
     return found
 
@@ -455,7 +462,7 @@ def test_the_watchdog_thaws_a_freeze_that_outlives_its_budget(
         with mirenfs(mounts, tmp_path, disk.data, "freeze_budget=0.2", expect=(lifted,)) as mount:
             monkeypatch.delenv(HOLD_ENV)
             with reading_in_background(mount.mountpoint / "pg.mirn") as reader:
-                held = blocked_write(disk.disk.path)
+                held = blocked_write(disk.disk.path, longer_than=0.3)  # the freeze lasts 0.7 s
                 # blocked_write saw the freeze 0.3 s or more after it began: the watchdog's 0.7 s is near
                 assert finishes(held, 1.0), "thawed by the watchdog (0.7 s), long before the daemon's 2 s"
                 assert reader.wait(timeout=30) == 0
