@@ -805,3 +805,57 @@ def test_saved_indexes_of_images_no_disk_has_go_after_a_week_unused(tmp_path: Pa
     assert sorted(p.name for p in (tmp_path / "index").iterdir()) == sorted(
         [paths["/disks/kept.img"].name, paths["/disks/recent.img"].name, "notes.txt"]
     )
+
+
+@trio_test
+async def test_a_version_whose_sidecar_is_being_computed_is_not_let_go(
+    data_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`rsync NAME.mirn NAME.mirn.sha256` of a large disk in use: the sidecar reads the whole
+    snapshot, minutes after the last handle on the copy closed. That read keeps the copy in use."""
+    monkeypatch.setattr(versions, "IDLE_VERSION_SWEEP_S", 0.005)
+    add_image_disk(data_path, "pg")
+    async with operations(data_path) as m:
+        await m.lookup("pg.mirn")
+        service = m.ops.service
+        version = service.current("pg")
+        assert version is not None
+        version.is_copy = True  # stands for a point-in-time copy (t4 takes real ones)
+        looked = [0]
+        holds = service._holds_space_for_nothing
+
+        async def counted(seen: versions.DiskVersion) -> bool:
+            looked[0] += 1
+            return await holds(seen)
+
+        monkeypatch.setattr(service, "_holds_space_for_nothing", counted)
+        reading, go_on = trio.Event(), trio.Event()
+        real_copy_to = version.producer.copy_to
+
+        async def held_copy_to(write: Any) -> None:
+            reading.set()
+            await go_on.wait()
+            await real_copy_to(write)
+
+        monkeypatch.setattr(version.producer, "copy_to", held_copy_to)
+
+        def a_minute_later() -> None:
+            later = time.monotonic() + versions.POINT_IN_TIME_REUSE_S + 1
+            monkeypatch.setattr(versions.time, "monotonic", lambda: later)
+
+        async def until(condition: Callable[[], bool]) -> None:
+            with trio.fail_after(10):
+                while not condition():
+                    await trio.sleep(0.005)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(m.read_file, "pg.mirn.sha256")
+            await reading.wait()
+            a_minute_later()
+            seen = looked[0]
+            await until(lambda: looked[0] >= seen + 2)  # two sweeps looked at it while the sidecar read
+            assert service.current("pg") is version and version.fd >= 0
+            go_on.set()
+        a_minute_later()  # done, and idle for a minute: now it goes
+        await until(lambda: service.current("pg") is None)
+        assert version.fd == -1

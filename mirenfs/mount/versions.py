@@ -598,7 +598,16 @@ class SnapshotService:
         return spill
 
     async def sidecar(self, version: DiskVersion) -> str:
-        """SHA-256 of the whole snapshot file, computed once per version and cached."""
+        """SHA-256 of the whole snapshot file, computed once per version and cached. The version
+        counts as in use meanwhile: reading a large disk's snapshot takes minutes, and an idle
+        one is let go of (see :meth:`let_go_of_idle_versions`)."""
+        self.acquire(version)
+        try:
+            return await self._sidecar_of(version)
+        finally:
+            self.release(version)
+
+    async def _sidecar_of(self, version: DiskVersion) -> str:
         async with version._sidecar_lock:
             if version.sidecar is None:
                 digest = hashlib.sha256()
