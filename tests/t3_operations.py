@@ -859,3 +859,26 @@ async def test_a_version_whose_sidecar_is_being_computed_is_not_let_go(
         a_minute_later()  # done, and idle for a minute: now it goes
         await until(lambda: service.current("pg") is None)
         assert version.fd == -1
+
+
+@trio_test
+async def test_an_image_that_changed_during_its_index_pass_is_said_with_its_disk(
+    data_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Trial S: `cp` saw EIO and the log named only `…/vol-8e0b…/disk.img`, which an operator had
+    to map back to a disk. The line names the disk."""
+    image = add_image_disk(data_path, "pg")
+    real_pass = versions.build_index
+
+    async def changed_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        index = await real_pass(*args, **kwargs)
+        os.utime(image, ns=(1, 1))  # the image changes before the pass's end is checked
+        return index
+
+    monkeypatch.setattr(versions, "build_index", changed_meanwhile)
+    caplog.set_level(logging.WARNING, logger="mirenfs")
+    async with operations(data_path) as m:
+        entry = await m.ops.lookup(ROOT_INODE, b"pg.mirn", m.ctx)
+        assert await fuse_errno(m.ops.getattr(entry.st_ino, m.ctx)) == errno.EIO
+    said = [r.getMessage() for r in caplog.records if "changed while it was being read" in r.getMessage()]
+    assert said and all(line.startswith(f"disk pg: image {image} changed while") for line in said), said

@@ -36,7 +36,7 @@ from mirenfs.engine.produce import (
     frame_cache_for,
     snapshot_meta,
 )
-from mirenfs.errors import LiveCheckError, PointInTimeError
+from mirenfs.errors import ImageChangedError, LiveCheckError, PointInTimeError
 from mirenfs.format.header import Meta
 
 log = logging.getLogger("mirenfs.snapshots")
@@ -506,6 +506,9 @@ class SnapshotService:
             producer = SnapshotProducer(
                 source, self.settings, meta, index, cache=self.frames, spill=spill, store=self.frame_store
             )
+        except ImageChangedError as exc:  # the log and the status name the disk, not only its image path
+            os.close(fd)
+            raise ImageChangedError(f"disk {name}: {exc}") from None
         except BaseException:
             os.close(fd)
             raise
