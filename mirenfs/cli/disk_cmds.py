@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from mirenfs.cli.common import add_data_path_option, catalog_from, human_size, parse_size
-from mirenfs.cli.mountinfo import FSTYPE, mount_holding
+from mirenfs.cli.mountinfo import mirenfs_mount_holding
 from mirenfs.disks.catalogs import ImageAdopting, catalog_spec_from, node_from, none_on_this_node
 from mirenfs.disks.manage import create_disk, remove_disk
 from mirenfs.disks.model import Catalog, DiskState, LeaseState, validate_disk_name
@@ -116,10 +116,8 @@ def cmd_disk_add(args: argparse.Namespace) -> int:
         info = os.stat(image_path)
     except OSError as exc:
         raise MirenfsError(f"cannot register {image_path} as disk {name}: {exc.strerror}") from None
-    holding = mount_holding(os.path.dirname(image_path))
-    if holding is not None and holding.fstype == FSTYPE:
-        # Trial Q: the mount then looked the image up through itself, and every request to it hung.
-        mount = holding.mountpoint
+    mount = mirenfs_mount_holding(image_path)
+    if mount is not None:  # trial Q: the mount then looked the image up through itself, and hung
         raise MirenfsError(
             f"cannot register {image_path} as disk {name}: it is in the mirenfs mount at {mount}, which "
             f"serves snapshots, not images; to make a disk of a snapshot, copy it into {mount}/restore/"

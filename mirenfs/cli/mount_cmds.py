@@ -31,6 +31,7 @@ from mirenfs.cli.logfold import fold_repeats, write_held_back
 from mirenfs.cli.mountinfo import MountEntry, mirenfs_mounts, mount_at, mount_holding, refuse_if_mirenfs_mount
 from mirenfs.disks.catalogs import catalog_spec_from, node_from
 from mirenfs.disks.manage import sweep_what_killed_runs_left
+from mirenfs.disks.model import holds_mirenfs_files
 from mirenfs.disks.store import Store
 from mirenfs.engine.aio import meaningful_error
 from mirenfs.engine.image import make_private_directory
@@ -545,7 +546,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     which took the watchdog with the mount and would leave a filesystem frozen until the next
     start, and for a person after a ``kill -9``. What live runs hold is left alone."""
     data_path = resolve_data_path(args.data_path, new_one_hint=False)
-    if not any(os.path.lexists(os.path.join(data_path, name)) for name in ("mirenfs.db", "mirenfs")):
+    if not holds_mirenfs_files(data_path):
         raise MirenfsError(
             f"{data_path} holds nothing of mirenfs (no mirenfs.db, no mirenfs/): it is not the data "
             "path a mount or backup used; check --data-path (or MIRENFS_DATA_PATH)"

@@ -61,6 +61,12 @@ def mount_holding(path: str) -> MountEntry | None:
     return max(reversed(holding), key=lambda entry: len(entry.mountpoint), default=None)  # ties: the top
 
 
+def mirenfs_mount_holding(path: str) -> str | None:
+    """The mount point of the mirenfs mount a file at ``path`` would lie in, if any."""
+    holding = mount_holding(os.path.dirname(os.path.abspath(path)))
+    return holding.mountpoint if holding is not None and holding.fstype == FSTYPE else None
+
+
 def refuse_if_mirenfs_mount(directory: str) -> None:
     """A second mount on a mirenfs mount would hide the first (and ``mount -a`` cannot tell the
     fstab line is mounted, since the source it shows is not always the data path): refuse it.

@@ -28,7 +28,7 @@ from mirenfs.cli.common import (
     refuse_disk_options,
     settings_from,
 )
-from mirenfs.cli.mountinfo import FSTYPE, mount_holding
+from mirenfs.cli.mountinfo import mirenfs_mount_holding
 from mirenfs.disks.catalogs import open_catalog
 from mirenfs.disks.live import loop_devices_backing
 from mirenfs.disks.model import DB_FILE_NAME, Catalog, DiskRecord, DiskState
@@ -120,7 +120,7 @@ def _refuse_backup_output(output: str, source: str, catalog: Catalog | None = No
     a loop device uses."""
     if output == "-":
         return
-    mount = _mirenfs_mount_holding(output)
+    mount = mirenfs_mount_holding(output)
     if mount is not None:
         raise TargetError(
             f"{output} is in the mirenfs mount at {mount}, which takes no backup file; write it "
@@ -143,7 +143,7 @@ def _refuse_restore_target(image: str, snapshot: str) -> None:
     store, ``mount.log`` and a leased disk's image so): a file in a mirenfs mount, which takes
     snapshots into restore/ only; any file a data path keeps (a disk's image is restored by its
     name, which checks its leases and state first)."""
-    mount = _mirenfs_mount_holding(image)
+    mount = mirenfs_mount_holding(image)
     if mount is not None:
         raise TargetError(
             f"{image} is in the mirenfs mount at {mount}, which takes no image file; restore into a "
@@ -159,12 +159,6 @@ def _refuse_restore_target(image: str, snapshot: str) -> None:
             f"state first (mirenfs restore {snapshot} --name {kept.disk} --force), or name another file"
         )
     raise TargetError(f"{image} is {kept.said}; restoring over it would destroy it: name another file")
-
-
-def _mirenfs_mount_holding(path: str) -> str | None:
-    """The mirenfs mount ``path`` lies in, if any."""
-    holding = mount_holding(os.path.dirname(os.path.abspath(path)))
-    return holding.mountpoint if holding is not None and holding.fstype == FSTYPE else None
 
 
 def _what_data_paths_keep_at(path: str, catalog: Catalog | None) -> KeptFile | None:

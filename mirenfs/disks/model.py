@@ -197,6 +197,11 @@ def state_directory(data_path: str) -> str:
     return os.path.join(data_path, "mirenfs")
 
 
+def holds_mirenfs_files(directory: str) -> bool:
+    """Whether ``directory`` holds a data path's files: a disk store, or mirenfs's state."""
+    return os.path.isfile(os.path.join(directory, DB_FILE_NAME)) or os.path.isdir(state_directory(directory))
+
+
 def image_path_for(data_path: str, volume: Volume) -> str:
     """``<data-path>/disk-data/volumes/<volume-id>/disk.img``, unless the volume names its own image."""
     if volume.image_path:

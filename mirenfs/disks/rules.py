@@ -37,6 +37,7 @@ from mirenfs.disks.model import (
     DiskState,
     LeaseState,
     Volume,
+    holds_mirenfs_files,
     image_path_for,
     state_directory,
     validate_disk_name,
@@ -167,10 +168,10 @@ def data_paths_around(path: str, default: str) -> list[str]:
     (a disk store, or mirenfs's state). A command given a file directly (``restore --image``,
     ``backup --image -o``) takes no ``--data-path``, yet must not write over what a data path
     keeps (trial Q: ``restore --image DATA/mirenfs.db --force`` replaced the disk store)."""
-    found = [default] if _holds_mirenfs_files(default) else []
+    found = [default] if holds_mirenfs_files(default) else []
     directory = os.path.dirname(os.path.realpath(path))
     while True:
-        if _holds_mirenfs_files(directory):
+        if holds_mirenfs_files(directory):
             if os.path.realpath(directory) not in map(os.path.realpath, found):
                 found.append(directory)
             return found
@@ -178,10 +179,6 @@ def data_paths_around(path: str, default: str) -> list[str]:
         if parent == directory:
             return found
         directory = parent
-
-
-def _holds_mirenfs_files(directory: str) -> bool:
-    return os.path.isfile(os.path.join(directory, DB_FILE_NAME)) or os.path.isdir(state_directory(directory))
 
 
 def refuse_output_over_an_image(output: str, *, source: str, action: str) -> None:

@@ -17,7 +17,7 @@ import trio
 from mirenfs.disks.catalogs import images_missing_here, mount_listing, node_from, none_on_this_node
 from mirenfs.disks.live import read_mountinfo
 from mirenfs.disks.manage import sweep_what_killed_runs_left
-from mirenfs.disks.model import DB_FILE_NAME, DiskRecord
+from mirenfs.disks.model import DB_FILE_NAME, DiskRecord, holds_mirenfs_files
 from mirenfs.engine.framestore import FrameStore
 from mirenfs.engine.image import make_private_directory
 from mirenfs.errors import MirenfsError, MountError
@@ -53,9 +53,7 @@ def raise_open_file_limit() -> None:
 def build_operations(config: MountConfig, nursery: trio.Nursery) -> MirenOperations:
     """The operations of one mount, their background work running in ``nursery``."""
     raise_open_file_limit()
-    held_nothing = not os.path.exists(os.path.join(config.data_path, DB_FILE_NAME)) and not os.path.isdir(
-        config.state_directory
-    )
+    held_nothing = not holds_mirenfs_files(config.data_path)
     store = config.open_catalog()  # the data path's SQLite store, or the fleet's catalogue on etcd
     store.check()  # before the mount reports ready: refuse now rather than answer EIO later
     make_private_directory(config.state_directory)  # indexes and spilled frames describe disk contents
