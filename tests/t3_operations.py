@@ -821,14 +821,14 @@ async def test_a_version_whose_sidecar_is_being_computed_is_not_let_go(
         version = service.current("pg")
         assert version is not None
         version.is_copy = True  # stands for a point-in-time copy (t4 takes real ones)
-        looked = [0]
-        holds = service._holds_space_for_nothing
+        looked = [0]  # sweeps
+        holding = service._holding_space_for_nothing
 
-        async def counted(seen: versions.DiskVersion) -> bool:
+        async def counted() -> list[versions.DiskVersion]:
             looked[0] += 1
-            return await holds(seen)
+            return await holding()
 
-        monkeypatch.setattr(service, "_holds_space_for_nothing", counted)
+        monkeypatch.setattr(service, "_holding_space_for_nothing", counted)
         reading, go_on = trio.Event(), trio.Event()
         real_copy_to = version.producer.copy_to
 
