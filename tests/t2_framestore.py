@@ -193,6 +193,31 @@ def test_the_store_keeps_its_bound_least_recently_used_first(tmp_path: Path) -> 
     assert reopened.bytes <= 4_000 and len(list(stored_files(reopened))) == 1
 
 
+def test_the_store_gives_back_its_oldest_frames_to_a_full_filesystem_once_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restore that finds the data path full takes the frames' space back, least recently used
+    first and at least a step at a time; a store on another filesystem frees nothing there."""
+    monkeypatch.setattr("mirenfs.engine.framestore.GIVE_BACK_STEP", 5_000)
+    store = new_store(tmp_path)
+    frames = {bytes([n]) * 32: os.urandom(3000) for n in range(5)}
+    for fingerprint, frame in frames.items():
+        store.put(fingerprint, frame)
+        if fingerprint == bytes([1]) * 32:
+            assert store.get(bytes([0]) * 32) is not None  # 0 is used: 1 is now the oldest
+    device = os.stat(store.directory).st_dev
+    assert store.give_back(device + 1, 1 << 30) == 0 and len(list(stored_files(store))) == 5
+    with caplog.at_level(logging.WARNING):
+        freed = store.give_back(device, 1)
+        left = {fingerprint for fingerprint in frames if store.get(fingerprint) is not None}
+        assert left == {bytes([n]) * 32 for n in (2, 3, 4)}  # 1, then 0 (used before 2 came): 5000 or more
+        assert freed >= 5_000 and store.bytes == sum(path.stat().st_size for path in stored_files(store))
+        assert store.give_back(device, 7_000) >= 7_000 and len(list(stored_files(store))) == 0
+        assert store.give_back(device, 1) == 0  # nothing left to give
+    said = [record.getMessage() for record in caplog.records if "gave" in record.getMessage()]
+    assert len(said) == 1 and "to a restore that found its filesystem full" in said[0], said
+
+
 def test_store_files_are_private_and_leftovers_of_a_crash_go(tmp_path: Path) -> None:
     store = new_store(tmp_path)
     store.put(bytes(32), b"frame")

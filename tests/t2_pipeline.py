@@ -314,6 +314,48 @@ def test_sparse_writer_with_writeback_writes_only_data(tmp_path: Path) -> None:
     assert writer.bytes_written < 3 * 4096
 
 
+@pytest.mark.parametrize("freed", [4096, 0])
+def test_a_write_that_finds_no_space_is_repeated_once_room_is_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, freed: int
+) -> None:
+    """A staging file's write that finds the filesystem full asks ``make_room`` (the frame
+    store) and writes again while it frees something; when it frees nothing, the error stands."""
+    path = tmp_path / "img"
+    content = b"x" * 5000 + bytes(1 << 20) + b"y" * 9000
+    with open(path, "wb") as f:
+        f.truncate(len(content))
+    full = [True]
+    asked: list[int] = []
+    real_pwrite = os.pwrite
+
+    def pwrite(fd: int, data: memoryview, offset: int) -> int:
+        if full[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    def make_room(needed: int) -> int:
+        asked.append(needed)
+        full[0] = freed == 0
+        return freed
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        writer = SparseWriter(fd, make_room=make_room)
+        if freed:
+            writer.write(content)
+        else:
+            with pytest.raises(OSError) as failed:
+                writer.write(content)
+            assert failed.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    if freed:
+        assert path.read_bytes() == content and asked == [8192]  # the first run's two blocks
+    else:
+        assert asked == [8192] and path.read_bytes() == bytes(len(content))
+
+
 # ---- mirenfs's zero frames skip zstd and the zero check --------------------------------------
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import shutil
@@ -312,6 +313,80 @@ def test_a_full_data_path_still_serves_its_snapshots(tmp_path: Path, mounts: Mou
         said = [line for line in run_log.splitlines() if "No space left on device" in line]
         kinds = [line.split(": ", 2)[-1].split(" (")[0] for line in said]
         assert len(kinds) == len(set(kinds)), "the log says what is full more than once:\n" + "\n".join(said)
+
+
+def leave_free(directory: Path, room: int) -> None:
+    """Take the filesystem of ``directory`` down to ``room`` bytes free (for root) with one
+    allocated filler file, replacing the one a previous call made."""
+    filler = directory / "filler"
+    filler.unlink(missing_ok=True)
+    os.sync()
+    fs = os.statvfs(directory)
+    size = fs.f_bfree * fs.f_frsize - room
+    assert size > 0, f"{directory} has less than {room} bytes free already"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(fd)
+
+
+def frame_store_bytes(data: Path) -> int:
+    return sum(entry.stat().st_size for entry in (data / "mirenfs" / "frames").rglob("*") if entry.is_file())
+
+
+def test_a_restore_into_a_full_data_path_takes_back_the_frame_stores_space(
+    tmp_path: Path, mounts: Mounts
+) -> None:
+    """Trial S: the frame store, a cache, kept 224 MiB of a data path while a restore there failed
+    with ENOSPC. A restore's write that finds the filesystem full now takes the frames' space
+    back (least recently used first), from ``mirenfs restore`` and through ``restore/``; the
+    restored images verify, and nothing else is touched."""
+    backing = tmp_path / "data.ext4"
+    make_filesystem(backing, "ext4", 192 << 20)
+    with loop_filesystem(backing, tmp_path / "data") as mounted:
+        data = mounted.mountpoint
+        (data / "images").mkdir()
+        image = data / "images" / "pg.img"
+        original = hashlib.sha256(
+            write_image(image, [("data", 40 << 20), ("hole", 8 << 20)], seed=7)
+        ).hexdigest()
+        add_disk(data, "pg", image)
+        copy, mnt = tmp_path / "pg.mirn", tmp_path / "mnt"
+        gave_back = r"frame store \S+ gave back [^;]+ to a restore that found its filesystem full"
+
+        def index_pg() -> None:
+            """A read of pg.mirn through a mount: its index pass keeps pg's frames (40 MiB)."""
+            mount = mounts(mnt, data)
+            shutil.copyfile(mnt / "pg.mirn", copy)
+            mount.stop()
+            assert frame_store_bytes(data) > 40 << 20
+
+        index_pg()
+        leave_free(data, 24 << 20)  # 40 MiB of data to restore: it fits only with the frames' space
+        done = run_mirenfs("restore", str(copy), "--name", "pg2", "--data-path", str(data), timeout=TIMEOUT)
+        assert done.returncode == 0, done.stderr
+        assert re.search(gave_back, done.stderr.decode()), done.stderr
+        assert frame_store_bytes(data) < 16 << 20
+        assert sha256_file(Path(disks(data)["pg2"]["image_path"])) == original
+
+        assert run_mirenfs("disk", "remove", "pg2", "--data-path", str(data)).returncode == 0
+        (data / "filler").unlink()
+        index_pg()  # the frames again, compressed anew
+        leave_free(data, 24 << 20)
+        mount = mounts(mnt, data, expect_log=[gave_back])
+        done = subprocess.run(
+            ["cp", str(copy), str(mnt / "restore" / "pg3.mirn")],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+        assert done.returncode == 0, done.stderr
+        assert restore_state(mnt, "pg3.mirn") == "installed: created disk pg3"
+        assert re.search(gave_back, mount.log()), mount.log()
+        mount.stop()
+        assert sha256_file(Path(disks(data)["pg3"]["image_path"])) == original
+        assert sha256_file(image) == original
 
 
 def test_a_nearly_full_data_path_of_1k_blocks_is_said_to_be_full_not_a_bus_error(

@@ -31,7 +31,7 @@ from mirenfs.cli.common import (
 from mirenfs.cli.mountinfo import mirenfs_mount_holding
 from mirenfs.disks.catalogs import open_catalog
 from mirenfs.disks.live import loop_devices_backing
-from mirenfs.disks.model import DB_FILE_NAME, Catalog, DiskRecord, DiskState
+from mirenfs.disks.model import DB_FILE_NAME, Catalog, DiskRecord, DiskState, frame_store_directory
 from mirenfs.disks.pointintime import DEFAULT_FREEZE_BUDGET_S, Consistency, CopyPolicy, take_point_in_time
 from mirenfs.disks.restore import DiskRestore
 from mirenfs.disks.rules import (
@@ -46,6 +46,7 @@ from mirenfs.disks.rules import (
 )
 from mirenfs.engine.consume import Placed
 from mirenfs.engine.files import backup_image, open_input, read_pieces, restore_file, verify_file
+from mirenfs.engine.framestore import FrameStore
 from mirenfs.engine.fstype import detect_filesystem
 from mirenfs.engine.produce import Settings
 from mirenfs.errors import (
@@ -477,7 +478,7 @@ def _restore_disk(args: argparse.Namespace) -> int:
         target = named if named is not None else prepare(meta.name)
         total = _remaining_bytes(source)
         bar = ProgressBar(total, f"restore {target.name}")
-        restore = DiskRestore(target, header_read=meta)
+        restore = DiskRestore(target, header_read=meta, make_room=_frame_store_of(data_path).give_back)
         try:  # undone by the time an error leaves: it says what that left of the disk, as --image does
             with naming_the_snapshot(args.file, target.outcome):
                 trio.run(_restore_from, restore, source, bar)
@@ -494,6 +495,13 @@ def _restore_disk(args: argparse.Namespace) -> int:
         f"checksum {meta.checksum}"
     )
     return 0
+
+
+def _frame_store_of(data_path: str) -> FrameStore:
+    """The frames a mount of ``data_path`` keeps (with the default settings), which give back
+    their space to a restore that finds the filesystem full, as they do in the mount. No bound
+    applies here: that is the mount's option, and this store only ever shrinks."""
+    return FrameStore(frame_store_directory(data_path), sys.maxsize, Settings().key())
 
 
 async def _restore_from(restore: DiskRestore, source: BinaryIO, progress: ProgressBar) -> None:

@@ -197,6 +197,11 @@ def state_directory(data_path: str) -> str:
     return os.path.join(data_path, "mirenfs")
 
 
+def frame_store_directory(data_path: str) -> str:
+    """Compressed frames by chunk fingerprint, kept across mounts of the data path."""
+    return os.path.join(state_directory(data_path), "frames")
+
+
 def holds_mirenfs_files(directory: str) -> bool:
     """Whether ``directory`` holds a data path's files: a disk store, or mirenfs's state."""
     return os.path.isfile(os.path.join(directory, DB_FILE_NAME)) or os.path.isdir(state_directory(directory))

@@ -19,6 +19,7 @@ import trio
 
 from mirenfs.disks.rules import RestoreTarget, catalogue_gone
 from mirenfs.engine.consume import StagedRestore
+from mirenfs.engine.image import MakeRoom
 from mirenfs.errors import NO_SPACE, CatalogUnreachableError, FormatError, OutOfOrderWrite, TargetError
 from mirenfs.format.header import MAX_METADATA_LEN, PREFIX_LEN, Meta, decode_header
 
@@ -35,14 +36,19 @@ _TOO_LONG = (
 class DiskRestore:
     """A restore into the disk ``target`` chose (an existing one, or one it creates on the header)."""
 
-    def __init__(self, target: RestoreTarget, *, header_read: Meta | None = None) -> None:
+    def __init__(
+        self, target: RestoreTarget, *, header_read: Meta | None = None, make_room: MakeRoom | None = None
+    ) -> None:
         self.target = target
         self.next_offset = 0
         self.failure: str | None = None  # why it failed, once it has (the mount's handles ask)
         self.failure_errno = errno.EIO  # ... and the errno its writer got then
         self._pending = bytearray()
         self._restore = StagedRestore(
-            self._choose_image, header_read=header_read, before_install=self._before_install
+            self._choose_image,
+            header_read=header_read,
+            before_install=self._before_install,
+            make_room=make_room,
         )
 
     def image_progress(self) -> tuple[int, int] | None:

@@ -42,7 +42,7 @@ from typing import IO, Protocol, Union, cast
 import trio
 import zstandard
 
-from mirenfs.engine.image import SparseWriter, StagingImage, disk_file_mode
+from mirenfs.engine.image import MakeRoom, SparseWriter, StagingImage, disk_file_mode
 from mirenfs.engine.pipeline import BufferPool, Handoff, LoopWaker, Piece, Stages, Stopped
 from mirenfs.engine.produce import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
 from mirenfs.errors import FormatError, MirenfsError, TargetError, size_in_words
@@ -625,8 +625,10 @@ class StagedRestore:
         header_read: Meta | None = None,
         before_install: Callable[[], Awaitable[None]] | None = None,
         new_mode: int = 0o600,
+        make_room: MakeRoom | None = None,
     ) -> None:
         self._choose_image = choose_image
+        self._make_room = make_room  # a cache that gives back space when the staging file finds none
         self._before_install = before_install
         self._new_mode = new_mode  # for an image that did not exist before
         self._staging: StagingImage | None = None
@@ -635,7 +637,9 @@ class StagedRestore:
     async def _open_target(self, meta: Meta) -> ImageWriter:
         image_path = await self._choose_image(meta)
         try:
-            self._staging = await trio.to_thread.run_sync(StagingImage.create, image_path, meta.size_bytes)
+            self._staging = await trio.to_thread.run_sync(
+                StagingImage.create, image_path, meta.size_bytes, self._make_room
+            )
         except TargetError as exc:
             if exc.errno != errno.EFBIG:
                 raise

@@ -43,6 +43,7 @@ import threading
 import blake3
 
 from mirenfs.engine.image import make_private_directory
+from mirenfs.errors import size_in_words
 from mirenfs.format.frames import frame_checksum
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ _DIGEST = 16  # bytes of SHA-256 over the fields, closing the header
 _HEADER = _FIELDS.size + _DIGEST
 _TEMPORARY = ".tmp"
 FREE_SPACE_KEPT = 0.10  # of its filesystem: the store never takes the space disk images grow into
+GIVE_BACK_STEP = 64 << 20  # a write that found the filesystem full is given at least this much
 
 
 def fingerprint(data: bytes | bytearray | memoryview) -> bytes:
@@ -86,6 +88,7 @@ class FrameStore:
         self._loaded = False
         self._failed_write = False
         self._held_back = False  # the filesystem is short of space: said once, until it is not
+        self._gave_back = False  # frames were given back to a full filesystem: said once, until it grows
         self.hits = 0
         self.misses = 0
         self.corrupt = 0
@@ -206,6 +209,7 @@ class FrameStore:
         room = short <= 0
         with self._lock:  # two passes at once: said once all the same
             said, self._held_back = self._held_back, not room
+            self._gave_back = self._gave_back and not room
         if not room and not said:
             log.warning(
                 "frame store %s stops growing: its filesystem has less than %d%% free; snapshots are "
@@ -214,6 +218,39 @@ class FrameStore:
                 round(FREE_SPACE_KEPT * 100),
             )
         return room
+
+    def give_back(self, device: int, needed: int) -> int:
+        """Remove least recently used frames worth ``needed`` bytes (at least GIVE_BACK_STEP),
+        for a write that found the filesystem ``device`` full: a restore must not fail for the
+        sake of a cache. Returns the bytes freed: 0 when the store holds nothing, or lives on
+        another filesystem (removing frames there frees nothing here)."""
+        try:
+            if os.stat(self.directory).st_dev != device:
+                return 0
+        except OSError:
+            return 0
+        self._load()
+        victims, freed = [], 0
+        with self._lock:
+            while freed < max(needed, GIVE_BACK_STEP) and self._entries:
+                victim, size = self._entries.popitem(last=False)
+                self.bytes -= size
+                freed += size
+                victims.append(victim)
+            said, self._gave_back = self._gave_back, self._gave_back or freed > 0
+            left = self.bytes
+        for victim in victims:
+            _unlink_quietly(self._path(victim))
+        if freed and not said:
+            log.warning(
+                "frame store %s gave back %s to a restore that found its filesystem full; it holds %s "
+                "now, and gives back more as restores need it; snapshots read later compress those "
+                "frames again",
+                self.directory,
+                size_in_words(freed),
+                size_in_words(left),
+            )
+        return freed
 
     def may_not_keep(self, data_bytes: int) -> bool:
         """Whether a pass over ``data_bytes`` of allocated image may find its frames gone by the

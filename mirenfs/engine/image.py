@@ -18,9 +18,10 @@ import stat
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import BinaryIO, Protocol
 
-from mirenfs.errors import ImageChangedError, MirenfsError, TargetError
+from mirenfs.errors import NO_SPACE, ImageChangedError, MirenfsError, TargetError
 
 log = logging.getLogger(__name__)
 
@@ -439,9 +440,17 @@ class SparseWriter:
     of that are handed to the kernel's writeback as they are written.
     """
 
-    def __init__(self, fd: int, *, writeback: bool = False, direct_fd: int | None = None) -> None:
+    def __init__(
+        self,
+        fd: int,
+        *,
+        writeback: bool = False,
+        direct_fd: int | None = None,
+        make_room: Callable[[int], int] | None = None,
+    ) -> None:
         self.fd = fd
         self.direct_fd = direct_fd
+        self._make_room = make_room  # asked for N bytes when a write finds no space; answers what it freed
         self.offset = 0
         self.bytes_written = 0
         self.bytes_direct = 0
@@ -469,7 +478,7 @@ class SparseWriter:
     def _flush(self, view: memoryview, lo: int, hi: int, base: int) -> None:
         if self.direct_fd is not None and _aligned(view, lo, hi, base):
             try:
-                _pwrite_all(self.direct_fd, view[lo:hi], base + lo)
+                self._pwrite_making_room(self.direct_fd, view[lo:hi], base + lo)
             except OSError as exc:
                 if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
                     raise
@@ -478,8 +487,19 @@ class SparseWriter:
                 self.bytes_written += hi - lo
                 self.bytes_direct += hi - lo
                 return
-        _pwrite_all(self.fd, view[lo:hi], base + lo)
+        self._pwrite_making_room(self.fd, view[lo:hi], base + lo)
         self.bytes_written += hi - lo
+
+    def _pwrite_making_room(self, fd: int, view: memoryview, offset: int) -> None:
+        """``pwrite`` all of ``view``; on a full filesystem, once more each time ``make_room``
+        freed something (the same bytes at the same offset: a repeat is harmless)."""
+        while True:
+            try:
+                _pwrite_all(fd, view, offset)
+                return
+            except OSError as exc:
+                if exc.errno not in NO_SPACE or self._make_room is None or self._make_room(len(view)) <= 0:
+                    raise
 
 
 DIRECT_ALIGN = 4096  # what O_DIRECT needs of offsets, lengths and memory (the largest logical block)
@@ -499,6 +519,11 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
         written += os.pwrite(fd, view[written:], offset + written)
 
 
+MakeRoom = Callable[[int, int], int]
+"""``make_room(device, needed)``: free about ``needed`` bytes on the filesystem ``device`` (a
+cache's), answering the bytes freed; 0 when there is nothing to give there."""
+
+
 @dataclass
 class StagingImage:
     """``<image>.restore.tmp``: the sparse file a restore writes before it replaces the image.
@@ -513,9 +538,10 @@ class StagingImage:
     fd: int
     direct_fd: int = -1
     renamed: bool = False  # over the image: the restore is done, whatever interrupts it after
+    make_room: MakeRoom | None = None  # what gives back space when a write finds the filesystem full
 
     @classmethod
-    def create(cls, image_path: str, size: int) -> StagingImage:
+    def create(cls, image_path: str, size: int, make_room: MakeRoom | None = None) -> StagingImage:
         path = image_path + STAGING_SUFFIX
         for _attempt in range(3):
             try:
@@ -532,7 +558,7 @@ class StagingImage:
                 os.close(fd)
                 _unlink_quietly(path)
                 raise TargetError(f"cannot prepare {path}: {exc.strerror}", exc.errno or errno.EIO) from None
-            return cls(image_path, path, fd, _open_direct(fd))
+            return cls(image_path, path, fd, _open_direct(fd), make_room=make_room)
         raise TargetError(
             f"{path} keeps reappearing: another restore of {image_path} is running", errno.EBUSY
         )
@@ -613,7 +639,13 @@ class _StagingWriter(SparseWriter):
 
     def __init__(self, staging: StagingImage) -> None:
         direct = staging.direct_fd
-        super().__init__(staging.fd, writeback=True, direct_fd=direct if direct >= 0 else None)
+        make_room = staging.make_room
+        super().__init__(
+            staging.fd,
+            writeback=True,
+            direct_fd=direct if direct >= 0 else None,
+            make_room=None if make_room is None else partial(make_room, os.fstat(staging.fd).st_dev),
+        )
         self._staging = staging
 
     def write(self, data: bytes | bytearray | memoryview) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from mirenfs.disks.catalogs import CatalogSpec, node_from, open_catalog
-from mirenfs.disks.model import Catalog, state_directory
+from mirenfs.disks.model import Catalog, frame_store_directory, state_directory
 from mirenfs.disks.pointintime import DEFAULT_FREEZE_BUDGET_S, CopyPolicy
 from mirenfs.engine.produce import Settings
 from mirenfs.errors import MirenfsError
@@ -274,7 +274,7 @@ class MountConfig:
     @property
     def frame_store_directory(self) -> str:
         """Compressed frames by chunk fingerprint, kept across mounts (bounded by ``frame_store_limit``)."""
-        return os.path.join(self.state_directory, "frames")
+        return frame_store_directory(self.data_path)
 
     def kernel_options(self) -> set[str]:
         # The data path as the source, as in fstab, so `mount -a` sees the line is mounted.

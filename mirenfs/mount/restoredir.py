@@ -34,6 +34,7 @@ from mirenfs.disks.manage import remove_interrupted_creation
 from mirenfs.disks.model import Catalog, validate_disk_name
 from mirenfs.disks.restore import DiskRestore
 from mirenfs.disks.rules import RestoreTarget, prepare_restore
+from mirenfs.engine.image import MakeRoom
 from mirenfs.errors import ImageExistsError, MirenfsError, RestoreRefused, printable
 from mirenfs.mount.openfiles import held_open
 
@@ -220,8 +221,10 @@ class RestoreDirectory:
         owner_uid: int = -1,
         on_installed: Callable[[str], None] | None = None,
         mountpoint: str | None = None,
+        make_room: MakeRoom | None = None,
     ) -> None:
         self.store = store
+        self._make_room = make_room  # the frame store, which gives back space to a restore that finds none
         self.data_path = data_path
         self.allow_overwrite = allow_overwrite
         self._allocate_inode = allocate_inode
@@ -284,7 +287,9 @@ class RestoreDirectory:
             except MirenfsError as refusal:
                 self._refused(file_name, refusal, pid)
                 raise
-            return await self._start(file_name, disk, False, DiskRestore(target), mode, uid, gid)
+            return await self._start(
+                file_name, disk, False, DiskRestore(target, make_room=self._make_room), mode, uid, gid
+            )
         finally:
             self._starting.discard(disk)
 

@@ -76,6 +76,7 @@ def build_operations(config: MountConfig, nursery: trio.Nursery) -> MirenOperati
     cache = IndexCache(os.path.join(config.state_directory, "index"))
     for path in cache.prune(record.image_path for record in records if record.image_path):
         log.info("removed %s, the saved index of an image no disk has (unused for a week)", path)
+    frame_store = frame_store_of(config)
     service = SnapshotService(
         cache,
         config.settings,
@@ -83,7 +84,7 @@ def build_operations(config: MountConfig, nursery: trio.Nursery) -> MirenOperati
         spill_limit=config.spill_limit,
         clone_directory=config.clone_directory,
         copy_policy=config.copy_policy,
-        frame_store=frame_store_of(config),
+        frame_store=frame_store,
     )
 
     def restores(allocate_inode: Callable[[], int]) -> RestoreDirectory:
@@ -94,6 +95,7 @@ def build_operations(config: MountConfig, nursery: trio.Nursery) -> MirenOperati
             allocate_inode=allocate_inode,
             on_installed=service.forget,  # the replaced image and its old snapshot are let go at once
             mountpoint=config.mountpoint,
+            make_room=None if frame_store is None else frame_store.give_back,
         )
 
     listing = mount_listing(store)  # on etcd: a local copy fed by a watch, so `ls` costs no request
