@@ -32,7 +32,7 @@ from mirenfs.engine.produce import (
     snapshot_meta,
 )
 from mirenfs.format.frames import compress_frame
-from mirenfs.mount.versions import IndexCache
+from mirenfs.mount.versions import IndexCache, header_names
 
 from support.data import write_image
 
@@ -365,21 +365,34 @@ def test_the_sidecar_line_of_an_index_cache_entry_is_checked_too(
     cache = IndexCache(str(tmp_path / "index"))
     entry = Path(cache.path_for(str(image)))
     digest = hashlib.sha256(b"the snapshot").hexdigest()
-    cache.save(str(image), "identity", index, digest)
-    assert cache.load(str(image), "identity") == (index, digest)
+    names = header_names("pg", "ext4")
+    cache.save(str(image), "identity", index, digest, names)
+    assert cache.load(str(image), "identity", names) == (index, digest)
     key, line, body = entry.read_bytes().split(b"\n", 2)
-    assert line.split(b" ")[0] == digest.encode() and len(line) == 64 + 1 + 16
+    assert line.split(b" ")[0] == digest.encode() and len(line) == 64 + 1 + 16 + 1 + 16
     flipped = (b"0" if line[:1] != b"0" else b"1") + line[1:]
     entry.write_bytes(b"\n".join([key, flipped, body]))
     caplog.set_level(logging.WARNING, logger="mirenfs")
-    assert cache.load(str(image), "identity") == (index, None)  # the index kept, the digest not
+    assert cache.load(str(image), "identity", names) == (index, None)  # the index kept, the digest not
     assert f"index cache {entry} has a corrupt sidecar line; its checksum is computed again" in caplog.text
-    assert cache.load(str(image), "identity") == (index, None)  # and said once: the entry was rewritten
+    assert cache.load(str(image), "identity", names) == (index, None)  # said once: the entry was rewritten
     assert caplog.text.count("corrupt sidecar line") == 1
-    # A line an older mirenfs wrote (the digest alone) is read, and rewritten with its check.
-    entry.write_bytes(b"\n".join([key, digest.encode(), body]))
-    assert cache.load(str(image), "identity") == (index, digest)
-    assert entry.read_bytes().split(b"\n", 2)[1] == line
+    # Lines older versions wrote (the digest alone; the digest and its check, without the names)
+    # are read, and rewritten with their check and the names.
+    for older in (digest.encode(), b" ".join(line.split(b" ")[:1]) + b" " + older_check(digest)):
+        entry.write_bytes(b"\n".join([key, older, body]))
+        assert cache.load(str(image), "identity", names) == (index, digest)
+        assert entry.read_bytes().split(b"\n", 2)[1] == line
+    # The same image under another name or filesystem is another snapshot file: its checksum is
+    # computed again, without a word (review: pg2.mirn.sha256 said pg's checksum).
+    for other in (header_names("pg2", "ext4"), header_names("pg", "xfs")):
+        assert cache.load(str(image), "identity", other) == (index, None)
+    assert caplog.text.count("corrupt sidecar line") == 1 and "another" not in caplog.text
+
+
+def older_check(digest: str) -> bytes:
+    """The check of a sidecar line as mirenfs wrote it before the line named its snapshot."""
+    return hashlib.sha256(f"identity\n{digest}".encode()).hexdigest()[:16].encode()
 
 
 # ---- hashing resumes after the unchanged chunks -------------------------------------------

@@ -155,6 +155,55 @@ async def test_sidecar_holds_the_sha256sum_line_of_the_snapshot(data_path: Path)
 
 
 @trio_test
+async def test_a_spilled_pass_of_an_image_renamed_over_serves_the_old_snapshot(
+    data_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: with the frames spilled (no frame store, or more data than its bound), a restore's
+    rename over the image during the pass closed the spill, yet the version was built (the old
+    image's bytes are whole), and its reads failed with EBADF. ``cat`` gets the old snapshot."""
+    image = add_image_disk(data_path, "pg")
+    expected = await snapshot_bytes(image, name="pg")
+    replacement = image.with_suffix(".new")
+    replacement.write_bytes(os.urandom(image.stat().st_size))
+    build_index = versions.build_index
+
+    async def build_then_restore(*args: Any, **kwargs: Any) -> Any:
+        index = await build_index(*args, **kwargs)
+        os.rename(replacement, image)  # as a restore installs its image, at the pass's end
+        return index
+
+    monkeypatch.setattr(versions, "build_index", build_then_restore)
+    async with operations(data_path, fuse_options=["frame_store_size=0"]) as m:
+        entry = await m.ops.lookup(ROOT_INODE, b"pg.mirn", m.ctx)  # cat: no stat before the open
+        fh = await m.open(entry.st_ino)
+        try:
+            assert await m.read_handle(fh) == expected
+        finally:
+            await m.ops.release(fh)
+
+
+@trio_test
+async def test_a_sidecar_kept_for_an_image_under_another_name_is_not_served(data_path: Path) -> None:
+    """Review: the snapshot's SHA-256 was kept by the image's state alone, but the header names
+    the disk and its filesystem too: after ``disk remove pg`` and ``disk add pg2`` over the same
+    image, pg2.mirn.sha256 held pg's checksum, and ``sha256sum -c`` failed a good copy."""
+    image = add_image_disk(data_path, "pg")
+    async with operations(data_path) as m:
+        snapshot = await m.read_file("pg.mirn")
+        assert (await m.read_file("pg.mirn.sha256")).split()[0].decode() == hashlib.sha256(
+            snapshot
+        ).hexdigest()
+    store = Store(str(data_path))
+    store.delete_disk_records(store.get_disk("pg").disk.id)  # disk remove pg (an added image stays)
+    store.add_disk("pg2", size_bytes=image.stat().st_size, filesystem="xfs", image_path=str(image))
+    for _remount in range(2):  # and the checksum kept for pg2 is served from then on
+        async with operations(data_path) as m:
+            snapshot = await m.read_file("pg2.mirn")
+            line = f"{hashlib.sha256(snapshot).hexdigest()}  pg2.mirn\n".encode()
+            assert await m.read_file("pg2.mirn.sha256") == line
+
+
+@trio_test
 async def test_snapshot_xattrs_are_its_header(data_path: Path) -> None:
     meta, _header_len = decode_header(await snapshot_bytes(add_image_disk(data_path, "pg"), name="pg"))
     async with operations(data_path) as m:

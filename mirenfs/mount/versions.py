@@ -85,7 +85,11 @@ class IndexCache:
         digest = hashlib.sha256(os.path.abspath(image_path).encode()).hexdigest()[:32]
         return os.path.join(self.directory, f"{digest}.idx")
 
-    def load(self, image_path: str, key: str) -> tuple[SnapshotIndex, str | None] | None:
+    def load(self, image_path: str, key: str, header: str = "") -> tuple[SnapshotIndex, str | None] | None:
+        """(index, the snapshot's SHA-256 or None) kept for ``image_path`` in state ``key``. The
+        SHA-256 is of a whole snapshot file, whose header also names the disk and its filesystem
+        (``header``, from :func:`header_names`): one kept for other names is not given (trial:
+        ``disk remove pg`` then ``disk add pg2`` over the same image served pg's checksum)."""
         path = self.path_for(image_path)
         try:
             entry = self._read(path, key)
@@ -100,19 +104,24 @@ class IndexCache:
         if entry is None:
             return None
         sidecar, index = entry
-        written, _, check = sidecar.partition(" ")  # "DIGEST CHECK"; "DIGEST" before the check; "-"
+        # "DIGEST CHECK NAMES"; "DIGEST CHECK" and "DIGEST" from older versions; "-": none kept
+        written, _, rest = sidecar.partition(" ")
+        check, _, names = rest.partition(" ")
         digest = None if written == "-" else written
         if digest is not None and len(digest) != 64:
             log.warning("index cache %s has a bad sidecar line; rebuilding it", path)
             return None
-        if digest is not None and check and check != _sidecar_check(key, digest):
+        if digest is not None and check and check != _sidecar_check(key, digest, names):
             # The index verified, but not the snapshot's SHA-256 kept beside it: computed again when
             # NAME.mirn.sha256 is next read, never served (trial N: `sha256sum -c` said FAILED).
             log.warning("index cache %s has a corrupt sidecar line; its checksum is computed again", path)
             digest = None
             self.save(image_path, key, index, None)
-        elif index.read_format != INDEX_FORMAT or (digest is not None and not check):
-            self.save(image_path, key, index, digest)  # an older mirenfs wrote it: now checked, cheaper
+        elif digest is not None and names and names != header:
+            digest = None  # the snapshot of the same image under another name: computed again
+        elif index.read_format != INDEX_FORMAT or (digest is not None and not names):
+            # An older mirenfs wrote it: now checked, cheaper, and with the names it stands for.
+            self.save(image_path, key, index, digest, header)
         return index, digest
 
     def load_basis(self, image_path: str) -> SnapshotIndex | None:
@@ -171,13 +180,16 @@ class IndexCache:
                         removed.append(entry.path)
         return removed
 
-    def save(self, image_path: str, key: str, index: SnapshotIndex, sidecar: str | None) -> None:
-        """Persist an index; a failure (a full or read-only state directory) is logged once and
+    def save(
+        self, image_path: str, key: str, index: SnapshotIndex, sidecar: str | None, header: str = ""
+    ) -> None:
+        """Persist an index, and the SHA-256 of the snapshot whose header has the names
+        ``header``; a failure (a full or read-only state directory) is logged once and
         otherwise ignored: the cache only saves a later index pass. The pass that built the
         index is over by now, so the memory it used is given back."""
         path = self.path_for(image_path)
         try:
-            line = "-" if sidecar is None else f"{sidecar} {_sidecar_check(key, sidecar)}"
+            line = "-" if sidecar is None else f"{sidecar} {_sidecar_check(key, sidecar, header)} {header}"
             replace_private_file(path, [f"{key}\n{line}\n".encode(), *index.encoded()])
         except OSError as exc:
             if not self._save_failed:
@@ -194,10 +206,17 @@ class IndexCache:
             give_back_free_memory(index.nbytes)
 
 
-def _sidecar_check(key: str, digest: str) -> str:
+def _sidecar_check(key: str, digest: str, header: str) -> str:
     """What the sidecar line of an index cache file carries after the digest: the index has its
     own checksum, and a flipped digest would be served as NAME.mirn.sha256 on every remount."""
-    return hashlib.sha256(f"{key}\n{digest}".encode()).hexdigest()[:16]
+    text = f"{key}\n{digest}" if not header else f"{key}\n{digest}\n{header}"  # older lines: no names
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def header_names(name: str, filesystem: str) -> str:
+    """What a snapshot's header says beyond its image's state, as one word for the index cache:
+    the same image under another disk name or filesystem is another snapshot file."""
+    return hashlib.sha256(f"{name}\0{filesystem}".encode()).hexdigest()[:16]
 
 
 @dataclass(eq=False)
@@ -485,14 +504,18 @@ class SnapshotService:
     async def _build(self, name: str, image_path: str, filesystem: str, *, attached: bool) -> DiskVersion:
         taken = await self._take(name, image_path, attached=attached)
         image = taken.image
-        fd, identity, source = image.fd, taken.identity, image.source(self.settings)
+        fd, identity = image.fd, taken.identity
+        spill: FrameSpill | None = None
         try:
+            # Off the event loop: it maps the image's data with lseek, long for a fragmented one.
+            source = await trio.to_thread.run_sync(image.source, self.settings)
             # A copy is gone after a restart: its index is never worth loading (the suffix never matches).
             key = identity.cache_key(self.settings.key()) + (":point-in-time" if taken.is_copy else "")
             cached = None
             if not taken.is_copy:
-                cached = await trio.to_thread.run_sync(self.cache.load, image_path, key)
-            spill: FrameSpill | None = None
+                cached = await trio.to_thread.run_sync(
+                    self.cache.load, image_path, key, header_names(name, filesystem)
+                )
             if cached is not None:
                 index, sidecar = cached
             else:
@@ -508,19 +531,18 @@ class SnapshotService:
                     await trio.to_thread.run_sync(self.cache.save, image_path, key, index, None)
                 elif single_read:
                     log.warning("disk %s changed during its index pass; not caching that index", name)
-                else:
-                    if spill is not None:
-                        spill.close()
-                    ensure_unchanged(fd, identity, image_path)  # raises: the two reads may disagree
+                else:  # raises if the two reads may disagree; an image only renamed over is kept
+                    ensure_unchanged(fd, identity, image_path)
             meta = snapshot_meta(name, filesystem, identity.size, identity.mtime_ns, index.checksum)
             producer = SnapshotProducer(
                 source, self.settings, meta, index, cache=self.frames, spill=spill, store=self.frame_store
             )
-        except ImageChangedError as exc:  # the log and the status name the disk, not only its image path
+        except BaseException as exc:
+            if spill is not None:
+                spill.close()
             os.close(fd)
-            raise ImageChangedError(f"disk {name}: {exc}") from None
-        except BaseException:
-            os.close(fd)
+            if isinstance(exc, ImageChangedError):  # the log and the status name the disk, not only its path
+                raise ImageChangedError(f"disk {name}: {exc}") from None
             raise
         return DiskVersion(
             name,
@@ -638,5 +660,6 @@ class SnapshotService:
                     version.cache_key,
                     version.producer.layout.index,
                     version.sidecar,
+                    header_names(version.name, version.filesystem),
                 )
             return version.sidecar
