@@ -4,8 +4,10 @@ stage reaching the next feed or the finish, an exact ``complete`` after a settle
 from __future__ import annotations
 
 import errno
+import fcntl
 import gc
 import hashlib
+import mmap
 import os
 import random
 import sys
@@ -14,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import trio
@@ -33,7 +36,7 @@ from mirenfs.engine.consume import (
 )
 from mirenfs.engine.image import SparseWriter, StagingImage, nonzero_runs
 from mirenfs.engine.pipeline import BufferPool
-from mirenfs.errors import FormatError
+from mirenfs.errors import FormatError, TargetError
 from mirenfs.format.frames import FrameScanner
 
 from support.data import sha256_file, staging_files
@@ -314,6 +317,56 @@ def test_sparse_writer_with_writeback_writes_only_data(tmp_path: Path) -> None:
     assert writer.bytes_written < 3 * 4096
 
 
+def test_a_second_restore_never_finds_the_first_ones_staging_file_unlocked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: between the first restore's ``O_EXCL`` create and its ``flock``, a second one of
+    the same image took the file for a crash's leftover, removed it and made its own; the first
+    then renamed the second's half-written file over the image. A staging file now gets its
+    name only once locked: the second restore is told the first one runs, or the first is."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"the old image")
+    real_flock = fcntl.flock
+    first_locking, second_done = threading.Event(), threading.Event()
+
+    def flock_after_the_second(fd: int, operation: int) -> None:
+        if threading.current_thread().name == "first" and not first_locking.is_set():
+            first_locking.set()
+            assert second_done.wait(10)  # the second restore runs all of its create meanwhile
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_the_second)
+    outcome: dict[str, object] = {}
+
+    def first() -> None:
+        try:
+            outcome["first"] = StagingImage.create(str(image), 64)
+        except Exception as exc:
+            outcome["first"] = exc
+
+    thread = threading.Thread(target=first, name="first")
+    thread.start()
+    try:
+        assert first_locking.wait(10)
+        second = StagingImage.create(str(image), 64)
+    finally:
+        second_done.set()
+        thread.join(10)
+    try:
+        refused = outcome["first"]
+        assert isinstance(refused, TargetError) and refused.errno == errno.EBUSY, refused
+        assert "already in progress" in str(refused)
+        held = os.stat(second.path)
+        assert (held.st_dev, held.st_ino) == (os.fstat(second.fd).st_dev, os.fstat(second.fd).st_ino)
+    finally:
+        second.discard()
+        if isinstance(outcome["first"], StagingImage):  # the regression: close it, remove nothing
+            for fd in (outcome["first"].fd, outcome["first"].direct_fd):
+                if fd >= 0:
+                    os.close(fd)
+    assert image.read_bytes() == b"the old image" and staging_files(tmp_path) == []
+
+
 @pytest.mark.parametrize("freed", [4096, 0])
 def test_a_write_that_finds_no_space_is_repeated_once_room_is_made(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, freed: int
@@ -366,6 +419,98 @@ def mirenfs_layout(content: bytes) -> bytes:
 
 CHUNK = 4 << 20
 ZERO_CHUNKY = image_bytes(CHUNK, seed=7) + bytes(2 * CHUNK) + image_bytes(CHUNK - 5, seed=8)
+
+
+def test_a_failed_restore_keeps_none_of_its_pieces_while_its_stream_is_held() -> None:
+    """Review: after a stage failed and the stream was closed, the hand-offs still held their
+    pieces (the pool's 4 MiB buffers) and input, as long as the stream lived: in the mount, as
+    long as the writer keeps its file in restore/ open. Now a stopped pipeline drops them."""
+    content = image_bytes(48 << 20, seed=3)
+    snapshot = many_frame_snapshot(content, chunk=CHUNK)
+    writing = threading.Event()
+
+    class FailingWriter:
+        def write(self, _data: memoryview) -> None:
+            writing.wait(30)
+            raise TargetError("cannot write the image: its filesystem is full", errno.ENOSPC)
+
+    def pool_buffers() -> int:
+        gc.collect()
+        return sum(
+            1 for o in gc.get_objects() if isinstance(o, mmap.mmap) and not o.closed and len(o) == PIECE
+        )
+
+    async def run() -> None:
+        async def open_target(_meta: object) -> FailingWriter:
+            return FailingWriter()
+
+        stream = RestoreStream(open_target)
+        with trio.move_on_after(2):  # until the stages are full and the feed waits for room
+            for start in range(0, len(snapshot), 1 << 20):
+                await stream.feed(snapshot[start : start + (1 << 20)])
+        held = pool_buffers()
+        writing.set()
+        with pytest.raises(TargetError):
+            await stream.settle()
+            await stream.finish()
+        await stream.close()
+        pipeline = stream._pipeline
+        assert pipeline is not None and held > 0
+        handoffs = (pipeline.input, pipeline._frames, pipeline._to_hash, pipeline._to_write)
+        assert [len(handoff._items) for handoff in handoffs] == [0, 0, 0, 0]
+        assert pool_buffers() == 0, "a failed restore's buffers outlive its stages"
+
+    trio.run(run)
+
+
+def test_zero_frames_wait_for_the_hash_stage_like_any_piece(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review: zero frames take no buffer from the pool, and the first stage passed them on
+    unbounded, far ahead of SHA-256: a sparse 16 TiB disk queued 4 million pieces (1.8 GB)
+    before the hash stage. They now wait once the hash stage is a bound behind."""
+    monkeypatch.setattr(consume, "PIECES_AHEAD_LIMIT", 4 * CHUNK)
+    frames = 64
+    snapshot = meta_for(bytes(frames * CHUNK)).header() + ZERO_FRAME * frames
+    gate = threading.Event()
+    real_hash_loop = consume._Pipeline._hash_loop
+
+    def gated_hash_loop(self: Any) -> None:
+        gate.wait(30)
+        real_hash_loop(self)
+
+    blocked: set[int] = set()  # the hand-offs a put found full
+    real_put = consume.Handoff.put
+
+    def noting_put(self: Any, item: Any, size: int) -> None:
+        with self._cond:
+            if self._bytes and self._bytes + size > self._limit:
+                blocked.add(id(self))
+        real_put(self, item, size)
+
+    monkeypatch.setattr(consume._Pipeline, "_hash_loop", gated_hash_loop)
+    monkeypatch.setattr(consume.Handoff, "put", noting_put)
+
+    async def run() -> None:
+        stream, sink = collecting_stream()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stream.feed, snapshot)
+                pipeline = None
+                with trio.fail_after(10):
+                    while pipeline is None or not (
+                        id(pipeline._to_hash) in blocked or pipeline.bytes_out == frames * CHUNK
+                    ):
+                        await trio.sleep(0.001)
+                        pipeline = stream._pipeline
+                ahead = pipeline.bytes_out
+                gate.set()
+            assert id(pipeline._to_hash) in blocked and ahead <= 5 * CHUNK, ahead
+            await stream.finish()  # the SHA-256 of every zero: nothing was lost on the way
+        finally:
+            gate.set()
+            await stream.close()
+        assert len(sink.data) == frames * CHUNK and not any(sink.data)
+
+    trio.run(run)
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])

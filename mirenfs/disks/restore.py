@@ -163,7 +163,11 @@ class DiskRestore:
                     else:
                         await trio.to_thread.run_sync(self.target.undo_record)
                 raise
-        await trio.to_thread.run_sync(self.target.finalize)
+        # Shielded, and done by abort() too if an interrupt lands here all the same: a SIGINT
+        # during the rename reaches this checkpoint, and the clean-up would remove a disk
+        # whose image is already the restored one.
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self.target.finalize)
         return meta
 
     @property
@@ -172,6 +176,10 @@ class DiskRestore:
         return self._restore.installed
 
     async def abort(self) -> None:
-        """Remove the staging file and whatever the target created; safe to repeat."""
+        """Remove the staging file and whatever the target created; safe to repeat. After the
+        image was replaced there is nothing to undo: the restore is recorded as done instead."""
         await self._restore.discard()
-        await trio.to_thread.run_sync(self.target.cleanup)
+        if self._restore.installed:
+            await trio.to_thread.run_sync(self.target.finalize)
+        else:
+            await trio.to_thread.run_sync(self.target.cleanup)

@@ -542,22 +542,19 @@ class StagingImage:
 
     @classmethod
     def create(cls, image_path: str, size: int, make_room: MakeRoom | None = None) -> StagingImage:
+        """The staging file, locked before it has its name: a restore that finds the name finds
+        it held (review: between an ``O_EXCL`` create and its ``flock``, a second restore of the
+        image took the file for a leftover, removed it and made its own, and the first renamed
+        the second's half-written file over the image)."""
         path = image_path + STAGING_SUFFIX
         for _attempt in range(3):
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                fd = _locked_file_named(path, size)
             except FileExistsError:
                 remove_staging_if_unheld(path)
                 continue
             except OSError as exc:
                 raise cannot_write(image_path, exc, f" (creating its staging file {path})") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                os.ftruncate(fd, size)
-            except OSError as exc:
-                os.close(fd)
-                _unlink_quietly(path)
-                raise TargetError(f"cannot prepare {path}: {exc.strerror}", exc.errno or errno.EIO) from None
             return cls(image_path, path, fd, _open_direct(fd), make_room=make_room)
         raise TargetError(
             f"{path} keeps reappearing: another restore of {image_path} is running", errno.EBUSY
@@ -658,6 +655,41 @@ class _StagingWriter(SparseWriter):
             ) from None
 
 
+def _locked_file_named(path: str, size: int) -> int:
+    """A new file of ``size`` (a hole), under an exclusive ``flock``, then given the name ``path``
+    (FileExistsError if it is taken): made with no name (``O_TMPFILE``) and linked through
+    ``/proc``, so nobody ever finds it there unlocked. Where the filesystem has no ``O_TMPFILE``
+    it is created under ``path`` and locked right after (the window the other way closes)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        fd = os.open(directory, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+        fd = -1
+    named = fd < 0
+    if named:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(fd, size)
+        except OSError as exc:
+            raise TargetError(f"cannot prepare {path}: {exc.strerror}", exc.errno or errno.EIO) from None
+        if not named:
+            descriptors = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:  # with a directory descriptor, os.link is linkat(AT_SYMLINK_FOLLOW)
+                os.link(str(fd), path, src_dir_fd=descriptors, follow_symlinks=True)
+            finally:
+                os.close(descriptors)
+    except BaseException:
+        os.close(fd)
+        if named:
+            _unlink_quietly(path)
+        raise
+    return fd
+
+
 def _open_direct(fd: int) -> int:
     """The open file ``fd`` once more, with O_DIRECT (-1 where the filesystem has none: tmpfs)."""
     try:
@@ -750,6 +782,12 @@ def remove_staging_if_unheld(path: str) -> bool:
         except BlockingIOError:
             image = path[: -len(STAGING_SUFFIX)]
             raise TargetError(f"a restore of {image} is already in progress", errno.EBUSY) from None
+        try:  # still the file locked here? Another restore's may have taken the name meanwhile
+            now = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        if (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino):
+            return False
         _unlink_quietly(path)
         return True
     finally:

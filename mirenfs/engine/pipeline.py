@@ -22,6 +22,7 @@ import mmap
 import os
 import sys
 import threading
+import traceback
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -181,9 +182,13 @@ class Handoff(Generic[T]):
             self._cond.notify_all()
 
     def stop(self) -> None:
-        """Wake every waiter: threads raise :class:`Stopped`, the event loop rechecks."""
+        """Wake every waiter: threads raise :class:`Stopped`, the event loop rechecks. What was
+        queued is dropped (nobody gets it now): a failed restore's pieces and input are not
+        kept as long as its writer keeps the stream (the handle open in restore/)."""
         with self._cond:
             self._stopped = True
+            self._items.clear()
+            self._bytes = 0
             self._cond.notify_all()
             room, self._room = self._room, None
         if room is not None and self._waker is not None:
@@ -340,6 +345,9 @@ class Stages:
         except Stopped:
             pass
         except BaseException as exc:  # any failure ends the pipeline; its owner reports it
+            # The traceback is kept for the report, not the stage's locals: the piece it held
+            # (a 4 MiB buffer) would live as long as the failure is kept.
+            traceback.clear_frames(exc.__traceback__)
             self.fail(exc)
         finally:
             with self._lock:
