@@ -183,6 +183,31 @@ async def test_a_spilled_pass_of_an_image_renamed_over_serves_the_old_snapshot(
 
 
 @trio_test
+async def test_versions_read_without_a_lookup_leave_no_node_once_closed(data_path: Path) -> None:
+    """Review: ``cat`` of a disk not indexed yet opens its listing inode, and the version's node
+    made for it never reached the kernel, so no FORGET came: every night's superseded version
+    (its whole index) stayed in the inode table for the mount's life."""
+    image = add_image_disk(data_path, "pg")
+    async with operations(data_path) as m:
+        for night in range(4):
+            write_image(image, IMAGE_SEGMENTS, seed=night + 1)  # the disk changed during the day
+            os.utime(image, ns=(night * 10**9 + 5, night * 10**9 + 5))
+            entry = await m.ops.lookup(ROOT_INODE, b"pg.mirn", m.ctx)  # cat: no stat first
+            fh = await m.open(entry.st_ino)
+            await m.read_handle(fh)
+            await m.ops.release(fh)
+        held = list(m.ops.inodes.nodes.values())
+        assert [node.version.fd >= 0 for node in held] == [True], held  # the current version's only
+        looked_up = await m.lookup("pg.mirn")  # a stat: the kernel holds that node now
+        write_image(image, IMAGE_SEGMENTS, seed=9)
+        os.utime(image, ns=(9 * 10**9, 9 * 10**9))
+        await m.read_file("pg.mirn")  # a new version; the old one closes, its node stays known
+        assert looked_up.st_ino in m.ops.inodes.nodes
+        await m.ops.forget([(looked_up.st_ino, 1)])
+        assert looked_up.st_ino not in m.ops.inodes.nodes
+
+
+@trio_test
 async def test_a_sidecar_kept_for_an_image_under_another_name_is_not_served(data_path: Path) -> None:
     """Review: the snapshot's SHA-256 was kept by the image's state alone, but the header names
     the disk and its filesystem too: after ``disk remove pg`` and ``disk add pg2`` over the same

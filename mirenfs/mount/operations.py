@@ -289,6 +289,7 @@ class MirenOperations(pyfuse3.Operations):
             # the directory's lock through a lookup: every `ls` of the mount would wait for it.
             # The listing inode answers now (timeouts 0); its getattr or open waits for the pass.
             return self._attributes(self.inodes.listing_inode(text), self._file_mode(), 0, 0)
+        self.inodes.handed_to_kernel(node)
         return self._node_attributes(node)
 
     # ---- directories --------------------------------------------------------
