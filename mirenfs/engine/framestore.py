@@ -144,8 +144,10 @@ class FrameStore:
                 header = f.read(_HEADER)
                 size = os.fstat(f.fileno()).st_size
                 frame = f.read() if whole else None
-        except OSError:
+        except FileNotFoundError:  # removed behind the store's back (a restore's give_back, by hand)
             self._forget(name, remove=False)
+            return None
+        except OSError:  # out of descriptors, an I/O error: still there, still counted in the bound
             return None
         fields = _check_header(header, name, size)
         if fields is not None and (frame is None or _frame_digest(frame) == fields[0]):

@@ -836,7 +836,7 @@ def replace_private_file(
     all: written under a temporary name beside it, then renamed over it, so a reader or a crash
     never finds half of it. ``durable`` also fsyncs the file and its directory, so that the new
     content survives a crash. On any failure the temporary file is removed and the error raised."""
-    temporary = f"{path}.{os.getpid()}.tmp"
+    temporary = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"  # two threads may save one path
     try:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb") as file:
