@@ -35,6 +35,7 @@ from mirenfs.disks.model import Catalog, validate_disk_name
 from mirenfs.disks.restore import DiskRestore
 from mirenfs.disks.rules import RestoreTarget, prepare_restore
 from mirenfs.engine.image import MakeRoom
+from mirenfs.engine.memory import give_back_free_memory
 from mirenfs.errors import ImageExistsError, MirenfsError, RestoreRefused, printable
 from mirenfs.mount.openfiles import held_open
 
@@ -206,6 +207,13 @@ class IgnoredNode:
     is_directory: bool
     mode: int
     mtime_ns: int = field(default_factory=time.time_ns)
+
+
+async def _give_back_the_memory_of(session: DiskRestore) -> None:
+    """A restore's stages ran in threads of their own, and glibc keeps what each freed in that
+    thread's arena: without a trim, every night's batch of restores left the daemon larger
+    (trial S: 154 MB idle before, 238 to 253 MB after each batch of ten)."""
+    await trio.to_thread.run_sync(give_back_free_memory, session.next_offset)
 
 
 class RestoreDirectory:
@@ -512,6 +520,7 @@ class RestoreDirectory:
         )
         if self._on_installed is not None:
             self._on_installed(entry.disk)
+        await _give_back_the_memory_of(session)
 
     async def abort(self, entry: RestoreEntry, reason: str) -> None:
         async with entry.lock:
@@ -529,6 +538,7 @@ class RestoreDirectory:
             session.failure, session.failure_errno = reason, code
             with trio.CancelScope(shield=True):  # undo even when the request was interrupted
                 await session.abort()
+                await _give_back_the_memory_of(session)
             if session.target.stranded is not None:
                 self.stranded.append((entry, session.target))
             outcome = session.target.outcome()  # the next step depends on it: say it, once
