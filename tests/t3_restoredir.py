@@ -265,12 +265,17 @@ async def test_an_existing_image_without_allow_overwrite_is_eexist(data_path: Pa
 
 
 @trio_test
-async def test_a_second_restore_of_a_disk_being_restored_is_ebusy(data_path: Path, good: Snapshot) -> None:
+async def test_a_second_restore_of_a_disk_being_restored_is_ebusy(
+    data_path: Path, good: Snapshot, caplog: pytest.LogCaptureFixture
+) -> None:
     add_image_disk(data_path, "pg")
     add_image_disk(data_path, "web")
     async with operations(data_path, allow_overwrite=True) as m:
         fh, inode = await m.create("pg.mirn")
         assert await fuse_errno(m.create(".pg.mirn.Ab12Cd")) == errno.EBUSY
+        # Trial S: the refusal names the entry that holds the restore, and how far it got.
+        held = "disk pg is already being restored through restore/pg.mirn (0 bytes received)"
+        assert held in caplog.text, caplog.text
         assert await fuse_errno(m.ops.open(inode, os.O_WRONLY, m.ctx)) == errno.EBUSY
         # A sidecar restores nothing, and another disk is another restore: neither is refused.
         sidecar, _inode = await m.create("pg.mirn.sha256")

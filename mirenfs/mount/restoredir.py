@@ -281,8 +281,13 @@ class RestoreDirectory:
         try:
             self.check_writer(uid, in_restore(file_name))
             disk, sidecar = disk_for_file_name(file_name)
-            if not sidecar and (self.receiving(disk) is not None or disk in self._starting):
-                raise RestoreRefused(f"disk {disk} is already being restored through restore/", errno.EBUSY)
+            if not sidecar and ((holder := self.receiving(disk)) is not None or disk in self._starting):
+                through = (
+                    "" if holder is None else f"{printable(holder.name)} ({holder.received} bytes received)"
+                )
+                raise RestoreRefused(
+                    f"disk {disk} is already being restored through restore/{through}", errno.EBUSY
+                )
         except MirenfsError as refusal:
             self._refused(file_name, refusal, pid)
             raise
