@@ -350,6 +350,51 @@ def test_changed_image_gives_an_error_not_mixed_bytes(tmp_path: Path) -> None:
     trio.run(run)
 
 
+def test_a_reader_waiting_for_a_frame_whose_producer_was_cancelled_makes_it_itself(tmp_path: Path) -> None:
+    """Review: a frame's production cancelled while it waited for a worker (a read-ahead of a
+    sidecar's copy, say) failed every reader waiting for that frame with "cancelled", an EIO,
+    although nothing was wrong with it. They now produce it themselves."""
+    image = tmp_path / "img"
+    write_image(image, [("data", 200_000)])
+
+    async def run() -> None:
+        handle = OpenImage.open(str(image))
+        try:
+            source = handle.source(SMALL)
+            index = await build_index(source, SMALL)
+            meta = snapshot_meta("d", "ext4", handle.size, handle.mtime_ns, index.checksum)
+            producer = SnapshotProducer(source, SMALL, meta, index)
+            expected = [await SnapshotProducer(source, SMALL, meta, index).frame(k) for k in range(2)]
+            got: list[bytes] = []
+            with trio.fail_after(20):
+                async with trio.open_nursery() as nursery:
+                    busy = [object() for _ in range(int(producer._limiter.total_tokens))]
+                    for borrower in busy:  # every worker busy
+                        await producer._limiter.acquire_on_behalf_of(borrower)
+                    first = trio.CancelScope()
+
+                    async def produce_then_cancelled() -> None:
+                        with first:
+                            await producer.frame(1)
+
+                    async def wait_for_it() -> None:
+                        got.append(await producer.frame(1))
+
+                    nursery.start_soon(produce_then_cancelled)
+                    await trio.testing.wait_all_tasks_blocked()
+                    nursery.start_soon(wait_for_it)
+                    await trio.testing.wait_all_tasks_blocked()
+                    first.cancel()
+                    await trio.testing.wait_all_tasks_blocked()
+                    for borrower in busy:  # the workers come free
+                        producer._limiter.release_on_behalf_of(borrower)
+            assert got == [expected[1]]
+        finally:
+            handle.close()
+
+    trio.run(run)
+
+
 def _zero_frame_bomb(size: int) -> bytes:
     """A Go-style single frame without content size holding ``size`` zero bytes."""
     compressor = zstandard.ZstdCompressor(level=1)

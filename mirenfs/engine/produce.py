@@ -780,12 +780,20 @@ class _Slot(Generic[T]):
         self._error = error
         self._event.set()
 
+    def abandon(self) -> None:
+        """Its producer was cancelled: waiters hear :class:`_Abandoned` and produce it themselves."""
+        self.fail(_Abandoned())
+
     async def get(self) -> T:
         await self._event.wait()
         if self._error is not None:
             raise self._error
         assert self._value is not None
         return self._value
+
+
+class _Abandoned(Exception):
+    """A value whose producer was cancelled (nothing is wrong with it): ask for it again."""
 
 
 class FrameCache:
@@ -896,7 +904,10 @@ class SnapshotProducer:
             return cached
         slot = self._in_flight.get(k)
         if slot is not None:
-            return await slot.get()
+            try:
+                return await slot.get()
+            except _Abandoned:  # a read-ahead cancelled (a sidecar's copy, the unmount): make it here
+                return await self.frame(k)
         slot = self._in_flight[k] = _Slot[bytes]()
         try:
             frame = await trio.to_thread.run_sync(self._make_frame, k, limiter=self._limiter)
@@ -904,7 +915,7 @@ class SnapshotProducer:
             slot.fail(exc)
             raise
         except BaseException:
-            slot.fail(ImageChangedError(f"producing chunk {k} was cancelled"))
+            slot.abandon()  # nothing is wrong with the frame: a reader waiting for it makes it
             raise
         finally:
             self._in_flight.pop(k, None)
