@@ -317,15 +317,26 @@ def test_sparse_writer_with_writeback_writes_only_data(tmp_path: Path) -> None:
     assert writer.bytes_written < 3 * 4096
 
 
+@pytest.mark.parametrize("o_tmpfile", [True, False], ids=["O_TMPFILE", "without O_TMPFILE"])
 def test_a_second_restore_never_finds_the_first_ones_staging_file_unlocked(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, o_tmpfile: bool
 ) -> None:
     """Review: between the first restore's ``O_EXCL`` create and its ``flock``, a second one of
     the same image took the file for a crash's leftover, removed it and made its own; the first
     then renamed the second's half-written file over the image. A staging file now gets its
-    name only once locked: the second restore is told the first one runs, or the first is."""
+    name only once locked (or, without ``O_TMPFILE``, is checked to still have it once locked):
+    one of the two restores is told the other runs."""
     image = tmp_path / "disk.img"
     image.write_bytes(b"the old image")
+    if not o_tmpfile:
+        real_open = os.open
+
+        def open_without_o_tmpfile(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+            if flags & os.O_TMPFILE == os.O_TMPFILE:
+                raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+            return real_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", open_without_o_tmpfile)
     real_flock = fcntl.flock
     first_locking, second_done = threading.Event(), threading.Event()
 

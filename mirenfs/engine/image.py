@@ -659,7 +659,8 @@ def _locked_file_named(path: str, size: int) -> int:
     """A new file of ``size`` (a hole), under an exclusive ``flock``, then given the name ``path``
     (FileExistsError if it is taken): made with no name (``O_TMPFILE``) and linked through
     ``/proc``, so nobody ever finds it there unlocked. Where the filesystem has no ``O_TMPFILE``
-    it is created under ``path`` and locked right after (the window the other way closes)."""
+    it is created under ``path`` and locked right after; if another restore took it for a
+    leftover meanwhile, the name is someone else's now (FileExistsError), never written blind."""
     directory = os.path.dirname(os.path.abspath(path))
     try:
         fd = os.open(directory, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
@@ -667,27 +668,41 @@ def _locked_file_named(path: str, size: int) -> int:
         if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
             raise
         fd = -1
-    named = fd < 0
-    if named:
+    unnamed = fd >= 0
+    if not unnamed:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    named_by_us = not unnamed  # the name to remove if this fails
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.ftruncate(fd, size)
         except OSError as exc:
             raise TargetError(f"cannot prepare {path}: {exc.strerror}", exc.errno or errno.EIO) from None
-        if not named:
+        if unnamed:
             descriptors = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:  # with a directory descriptor, os.link is linkat(AT_SYMLINK_FOLLOW)
                 os.link(str(fd), path, src_dir_fd=descriptors, follow_symlinks=True)
             finally:
                 os.close(descriptors)
+        elif not _names(path, fd):  # removed as a leftover before the lock: the name is another's
+            named_by_us = False
+            raise FileExistsError(errno.EEXIST, "taken by another restore", path)
     except BaseException:
         os.close(fd)
-        if named:
+        if named_by_us:
             _unlink_quietly(path)
         raise
     return fd
+
+
+def _names(path: str, fd: int) -> bool:
+    """Whether ``path`` is the open file ``fd`` (not another file given that name since)."""
+    try:
+        named = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def _open_direct(fd: int) -> int:
@@ -782,11 +797,7 @@ def remove_staging_if_unheld(path: str) -> bool:
         except BlockingIOError:
             image = path[: -len(STAGING_SUFFIX)]
             raise TargetError(f"a restore of {image} is already in progress", errno.EBUSY) from None
-        try:  # still the file locked here? Another restore's may have taken the name meanwhile
-            now = os.lstat(path)
-        except FileNotFoundError:
-            return False
-        if (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino):
+        if not _names(path, fd):  # another restore's file has taken the name meanwhile
             return False
         _unlink_quietly(path)
         return True
