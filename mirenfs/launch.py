@@ -17,7 +17,7 @@ def mirenfs() -> int:
     try:
         from mirenfs.cli import main
 
-        return main()
+        return main(process_ends=True)
     except KeyboardInterrupt:  # before the command's own handling begins (or after it ends)
         return _interrupted("mirenfs")
 

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import syslog
 from pathlib import Path
 
@@ -227,6 +228,23 @@ def test_a_log_line_the_full_data_path_cannot_take_goes_to_syslog_whole(
     ]
 
 
+def test_a_signal_after_the_command_said_its_outcome_leaves_its_exit_status(tmp_path: Path) -> None:
+    """Trial T: a SIGINT or SIGTERM in the milliseconds after ``restored disk …`` was printed
+    ended the process by that signal (130, 143), and a script retried a restore that was done.
+    Once the command has said its outcome, the ``mirenfs`` program ignores both."""
+    script = (
+        "import os, signal, sys\n"
+        "from mirenfs.cli import main\n"
+        f"code = main(['verify', {str(GO_VECTORS[0].path)!r}], process_ends=True)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "sys.exit(code)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (0, ""), done
+    assert done.stdout.startswith(f"{GO_VECTORS[0].path}: OK"), done.stdout
+
+
 @pytest.mark.parametrize("how", ["raised", "signalled"])
 @pytest.mark.parametrize("disk", ["existing", "new"])
 def test_a_ctrl_c_right_after_the_image_is_replaced_reports_the_restore_done(
@@ -254,7 +272,8 @@ def test_a_ctrl_c_right_after_the_image_is_replaced_reports_the_restore_done(
     name = "pg" if disk == "existing" else "fresh"
     result = run_cli("restore", vector.path, "--name", name, "--force", "--data-path", data)
     assert result.code == 0, result.err
-    assert result.err == f"mirenfs: interrupted after disk {name}'s image was replaced\n"
+    done = "'s image was replaced" if disk == "existing" else " was created"
+    assert result.err == f"mirenfs: interrupted after disk {name}{done}\n"
     assert result.out.startswith(f"restored disk {name} (")
     record = disks(data)[name]
     assert (record["status"], record["size_bytes"], record["filesystem"]) == (

@@ -220,6 +220,19 @@ def test_the_store_gives_back_its_oldest_frames_to_a_full_filesystem_once_said(
     assert len(said) == 1 and "to a restore that found its filesystem full" in said[0], said
 
 
+def test_frames_another_process_removed_are_not_counted_as_given_back(tmp_path: Path) -> None:
+    """Trial T: after ``mirenfs restore`` took the store's space back, a mount's store still
+    counted those frames, and said it gave back 65.5 MiB where 11 MiB came free."""
+    store = new_store(tmp_path)
+    for n in range(4):
+        store.put(bytes([n]) * 32, os.urandom(3000))
+    sizes = {path: path.stat().st_size for path in stored_files(store)}
+    elsewhere = new_store(tmp_path)  # another mount of the data path, or the CLI
+    device = os.stat(store.directory).st_dev
+    assert elsewhere.give_back(device, 1) == sum(sizes.values())
+    assert store.give_back(device, 1) == 0 and store.bytes == 0
+
+
 def test_an_entry_that_cannot_be_opened_now_stays_counted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

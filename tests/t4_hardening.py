@@ -322,11 +322,19 @@ def leave_free(directory: Path, room: int) -> None:
     filler.unlink(missing_ok=True)
     os.sync()
     fs = os.statvfs(directory)
-    size = fs.f_bfree * fs.f_frsize - room
-    assert size > 0, f"{directory} has less than {room} bytes free already"
+    size = fs.f_bfree * fs.f_frsize - max(room, 4 << 20)  # the extent tree needs blocks too
+    assert size > 0, f"{directory} has no more than {room} bytes free already"
     fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         os.posix_fallocate(fd, 0, size)
+        os.lseek(fd, size, os.SEEK_SET)
+        while not room:  # to the last block, root's reserve too
+            try:
+                os.write(fd, bytes(4096))
+                os.fsync(fd)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+                break
     finally:
         os.close(fd)
 
@@ -339,9 +347,10 @@ def test_a_restore_into_a_full_data_path_takes_back_the_frame_stores_space(
     tmp_path: Path, mounts: Mounts
 ) -> None:
     """Trial S: the frame store, a cache, kept 224 MiB of a data path while a restore there failed
-    with ENOSPC. A restore's write that finds the filesystem full now takes the frames' space
-    back (least recently used first), from ``mirenfs restore`` and through ``restore/``; the
-    restored images verify, and nothing else is touched."""
+    with ENOSPC. A restore that finds the filesystem full now takes the frames' space back
+    (least recently used first), from ``mirenfs restore`` and through ``restore/``: when its
+    writes find no room, and (trial T) when a new disk's record finds the data path full to
+    its last block. The restored images verify, and nothing else is touched."""
     backing = tmp_path / "data.ext4"
     make_filesystem(backing, "ext4", 192 << 20)
     with loop_filesystem(backing, tmp_path / "data") as mounted:
@@ -352,17 +361,20 @@ def test_a_restore_into_a_full_data_path_takes_back_the_frame_stores_space(
             write_image(image, [("data", 40 << 20), ("hole", 8 << 20)], seed=7)
         ).hexdigest()
         add_disk(data, "pg", image)
+        write_image(data / "images" / "web.img", [("data", 24 << 20)], seed=8)
+        add_disk(data, "web", data / "images" / "web.img")
         copy, mnt = tmp_path / "pg.mirn", tmp_path / "mnt"
         gave_back = r"frame store \S+ gave back [^;]+ to a restore that found its filesystem full"
 
-        def index_pg() -> None:
-            """A read of pg.mirn through a mount: its index pass keeps pg's frames (40 MiB)."""
+        def index_both() -> None:
+            """Reads through a mount: their index passes keep both disks' frames (64 MiB)."""
             mount = mounts(mnt, data)
             shutil.copyfile(mnt / "pg.mirn", copy)
+            shutil.copyfile(mnt / "web.mirn", os.devnull)
             mount.stop()
-            assert frame_store_bytes(data) > 40 << 20
+            assert frame_store_bytes(data) > 64 << 20
 
-        index_pg()
+        index_both()
         leave_free(data, 24 << 20)  # 40 MiB of data to restore: it fits only with the frames' space
         done = run_mirenfs("restore", str(copy), "--name", "pg2", "--data-path", str(data), timeout=TIMEOUT)
         assert done.returncode == 0, done.stderr
@@ -372,8 +384,8 @@ def test_a_restore_into_a_full_data_path_takes_back_the_frame_stores_space(
 
         assert run_mirenfs("disk", "remove", "pg2", "--data-path", str(data)).returncode == 0
         (data / "filler").unlink()
-        index_pg()  # the frames again, compressed anew
-        leave_free(data, 24 << 20)
+        index_both()  # the frames again, compressed anew
+        leave_free(data, 0)  # to the last block: the new disk's record finds no room either
         mount = mounts(mnt, data, expect_log=[gave_back])
         done = subprocess.run(
             ["cp", str(copy), str(mnt / "restore" / "pg3.mirn")],

@@ -146,11 +146,15 @@ def _quiet_broken_pipe() -> int:
 
 
 @contextlib.contextmanager
-def _terminated_as_interrupted(command: str) -> Iterator[list[int]]:
+def _terminated_as_interrupted(command: str, finished: list[bool]) -> Iterator[list[int]]:
     """SIGTERM (kill, timeout(1), systemd) ends a command as Ctrl-C does, so that it undoes its
     work the same way: a restore's staging file and a disk it was creating, a backup's partial
     output. Inside trio.run the signal goes through trio's SIGINT handler, which keeps the
-    interrupt out of the scheduler's critical sections. Yields the signals received."""
+    interrupt out of the scheduler's critical sections. Yields the signals received.
+
+    Once ``finished`` holds True (the command said its outcome, and the process ends with it),
+    both signals are ignored instead of set back: one in the last milliseconds would end the
+    process by that signal, and a script would retry a restore that was done (trial T)."""
     received: list[int] = []
     if command in OWN_SIGNAL_HANDLING or threading.current_thread() is not threading.main_thread():
         yield received
@@ -174,9 +178,13 @@ def _terminated_as_interrupted(command: str) -> Iterator[list[int]]:
     try:
         yield received
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # None: set in C
-        if interrupt_before == signal.SIG_IGN:
+        if finished[0]:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+        else:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # None: set in C
+            if interrupt_before == signal.SIG_IGN:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _interrupted(received: list[int]) -> int:
@@ -187,7 +195,9 @@ def _interrupted(received: list[int]) -> int:
     return 130
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, process_ends: bool = False) -> int:
+    """Run one command; ``process_ends``: the process exits with its status right after (the
+    ``mirenfs`` program), so signals that come once the command has finished are ignored."""
     for stream in (sys.stdout, sys.stderr):  # names may hold anything: never fail to print one
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")
@@ -202,7 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.log_level = "info" if args.command in ("mount", "demo") else "warning"
     logging.basicConfig(level=args.log_level.upper(), format="mirenfs: %(levelname)s: %(message)s")
     handler: Handler = args.handler
-    with _terminated_as_interrupted(args.command) as terminated:
+    finished = [False]
+    with _terminated_as_interrupted(args.command, finished) as terminated:
         code: int | None = None
         try:
             code = handler(args)
@@ -211,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if code is None or not isinstance(exc, KeyboardInterrupt):
                 return _said(exc, terminated)
             # A Ctrl-C after the command finished (and said so) changes nothing: its status stands.
+        finished[0] = process_ends
         return code
 
 

@@ -486,7 +486,8 @@ def _restore_disk(args: argparse.Namespace) -> int:
             if not restore.installed:
                 raise
             # Too late to stop: the image was replaced and recorded. Said as what it is, exit 0.
-            print(f"mirenfs: interrupted after disk {target.name}'s image was replaced", file=sys.stderr)
+            done = " was created" if target.creates_disk else "'s image was replaced"
+            print(f"mirenfs: interrupted after disk {target.name}{done}", file=sys.stderr)
         finally:
             bar.close()
     how = target.installed_as()

@@ -13,20 +13,30 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 from collections.abc import AsyncIterator
+from functools import partial
 
 import trio
 
 from mirenfs.disks.rules import RestoreTarget, catalogue_gone
 from mirenfs.engine.consume import StagedRestore
 from mirenfs.engine.image import MakeRoom
-from mirenfs.errors import NO_SPACE, CatalogUnreachableError, FormatError, OutOfOrderWrite, TargetError
+from mirenfs.errors import (
+    NO_SPACE,
+    CatalogUnreachableError,
+    FormatError,
+    MirenfsError,
+    OutOfOrderWrite,
+    TargetError,
+)
 from mirenfs.format.header import MAX_METADATA_LEN, PREFIX_LEN, Meta, decode_header
 
 FEED_BATCH = 1 << 20  # small writes (tar's 10 KiB records) are gathered to this size for the pipeline
 # The longest run of skipped bytes taken as zeros. rsync -S skips the zeros of the data it copies,
 # and in a snapshot (compressed) those runs are a few bytes; the bound keeps a hostile seek cheap.
 MAX_HOLE = 4 << 20
+RECORD_ROOM = 1 << 20  # asked of the frame store when a new disk's record finds the data path full
 _TOO_LONG = (
     f"holes (bytes skipped by a seek, as rsync -S/--sparse and dd seek= make) longer than "
     f"{MAX_HOLE >> 20} MiB are not supported: write the snapshot in order (copy without -S/--sparse)"
@@ -44,6 +54,7 @@ class DiskRestore:
         self.failure: str | None = None  # why it failed, once it has (the mount's handles ask)
         self.failure_errno = errno.EIO  # ... and the errno its writer got then
         self._pending = bytearray()
+        self._make_room = make_room
         self._restore = StagedRestore(
             self._choose_image,
             header_read=header_read,
@@ -63,7 +74,20 @@ class DiskRestore:
         return None if meta is None else (stream.bytes_hashed, meta.size_bytes)
 
     async def _choose_image(self, meta: Meta) -> str:
-        return await trio.to_thread.run_sync(self.target.open, meta.size_bytes, meta.filesystem)
+        open_target = partial(self.target.open, meta.size_bytes, meta.filesystem)
+        try:
+            return await trio.to_thread.run_sync(open_target)
+        except MirenfsError as exc:  # a new disk's record found the data path full (trial T)
+            if exc.errno not in NO_SPACE or not await self._made_room_in(self.target.data_path):
+                raise
+            return await trio.to_thread.run_sync(open_target)
+
+    async def _made_room_in(self, directory: str) -> bool:
+        """Whether the frame store gave back space on the filesystem of ``directory``."""
+        if self._make_room is None:
+            return False
+        device = (await trio.to_thread.run_sync(os.stat, directory)).st_dev
+        return await trio.to_thread.run_sync(self._make_room, device, RECORD_ROOM) > 0
 
     async def _before_install(self) -> None:
         await trio.to_thread.run_sync(self.target.before_install)

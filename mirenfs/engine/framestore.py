@@ -232,25 +232,27 @@ class FrameStore:
         except OSError:
             return 0
         self._load()
-        victims, freed = [], 0
-        with self._lock:
-            while freed < max(needed, GIVE_BACK_STEP) and self._entries:
+        freed = 0
+        while freed < max(needed, GIVE_BACK_STEP):
+            with self._lock:
+                if not self._entries:
+                    break
                 victim, size = self._entries.popitem(last=False)
                 self.bytes -= size
+            if _unlink_quietly(self._path(victim)):  # not one another process removed (trial T)
                 freed += size
-                victims.append(victim)
+        with self._lock:
             said, self._gave_back = self._gave_back, self._gave_back or freed > 0
             left = self.bytes
-        for victim in victims:
-            _unlink_quietly(self._path(victim))
         if freed and not said:
             log.warning(
-                "frame store %s gave back %s to a restore that found its filesystem full; it holds %s "
-                "now, and gives back more as restores need it; snapshots read later compress those "
-                "frames again",
+                "frame store %s gave back %s to a restore that found its filesystem full; %s; "
+                "snapshots read later compress those frames again",
                 self.directory,
                 size_in_words(freed),
-                size_in_words(left),
+                "it is empty now"
+                if not left
+                else f"it holds {size_in_words(left)} now, and gives back more as restores need it",
             )
         return freed
 
@@ -399,6 +401,10 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _unlink_quietly(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
+def _unlink_quietly(path: str) -> bool:
+    """Remove ``path``; whether it was there to remove."""
+    try:
         os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
