@@ -392,6 +392,14 @@ def test_disk_add_registers_an_image_that_remove_keeps(data: Path, ext4_disk: Pa
         "cannot tell the filesystem", "disk", "add", "blank", "--image", _blank(tmp_path), "--data-path", data
     )
     refused("No such file", "disk", "add", "ghost", "--image", tmp_path / "ghost.img", "--data-path", data)
+    # Trial T: a --filesystem its superblock contradicts is taken (the caller may know better),
+    # but said: every snapshot of the disk will name that filesystem.
+    result = ok("disk", "add", "pg2", "--image", outside, "--filesystem", "xfs", "--data-path", data)
+    assert result.err == (
+        f"mirenfs: warning: {outside} holds ext4 by its superblock, not xfs as --filesystem says; its "
+        "snapshots will say xfs, and a disk restored from them too\n"
+    )
+    assert disks(data)["pg2"]["filesystem"] == "xfs"
 
 
 def _blank(tmp_path: Path) -> Path:

@@ -47,7 +47,7 @@ from support.fuse_ops import (
     trio_test,
 )
 from support.sparse import snapshot_ending_in_zeros
-from support.store import store_state
+from support.store import make_disk, store_state
 from support.vectors import GO_EXT4, GO_VECTORS, GoVector
 
 pytestmark = pytest.mark.usefixtures("sys_block")  # never the host's loop devices
@@ -348,6 +348,27 @@ async def test_receiving_then_installed_into_a_new_disk(data_path: Path, good: S
         # The new disk shows at once, and backing it up gives back the very bytes restored.
         assert "good.mirn" in [name for name, _attrs in await m.listdir(ROOT_INODE)]
         assert await m.read_file("good.mirn") == good.data
+
+
+@trio_test
+async def test_a_new_disk_another_restore_created_meanwhile_is_said_as_such(
+    data_path: Path, good: Snapshot
+) -> None:
+    """Trial T: the loser of two restores creating one new disk (two mounts, or a mount and the
+    CLI) was told "a disk named n already exists; pick another name". It is told the disk was
+    created meanwhile and that this restore changed nothing; the winner's disk is untouched."""
+    async with operations(data_path) as m:
+        fh, _inode = await m.create("n.mirn")  # its refusals passed: there was no disk n
+        image = Path(make_disk(data_path, "n"))  # the other restore (or a disk create) wins
+        before = sha256_file(image)
+        await m.write_all(fh, good.data)  # gathered: the header is read by the close
+        assert await m.close(fh) == errno.EEXIST
+        assert await m.state("n.mirn") == (
+            "failed: disk n was created while this restore began (by another restore of it, through "
+            "another mount or `mirenfs restore`, or by `disk create`); to replace its image, restore "
+            "again; this restore changed nothing"
+        )
+    assert sha256_file(image) == before and disk_status(data_path, "n") == DiskState.PROVISIONED
 
 
 @trio_test

@@ -125,7 +125,14 @@ def cmd_disk_add(args: argparse.Namespace) -> int:
         )
     if not os.path.isfile(image_path):
         raise MirenfsError(f"cannot register {image_path} as disk {name}: it is not a regular file")
-    filesystem = args.filesystem or detect_filesystem(image_path)
+    detected = detect_filesystem(image_path)
+    filesystem = args.filesystem or detected
+    if detected is not None and filesystem != detected:  # trial T: accepted without a word
+        print(
+            f"mirenfs: warning: {image_path} holds {detected} by its superblock, not {filesystem} as "
+            f"--filesystem says; its snapshots will say {filesystem}, and a disk restored from them too",
+            file=sys.stderr,
+        )
     if filesystem is None:
         raise MirenfsError(
             f"cannot tell the filesystem of {image_path}; pass --filesystem {'|'.join(FILESYSTEMS)}"

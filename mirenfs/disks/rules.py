@@ -50,6 +50,7 @@ from mirenfs.errors import (
     DiskBusyError,
     DiskChangedError,
     DiskDeletingError,
+    DiskExistsError,
     DiskLeasedError,
     DiskNotFoundError,
     ImageExistsError,
@@ -319,6 +320,7 @@ class RestoreTarget:
     # put back if the image is not replaced after all.
     _recorded_over: Disk | None = field(default=None, repr=False)
     _record_not_undone: str | None = field(default=None, repr=False)  # why putting it back failed
+    _created_by_another: bool = field(default=False, repr=False)  # between the checks and the creation
 
     @property
     def creates_disk(self) -> bool:
@@ -349,9 +351,17 @@ class RestoreTarget:
             return image_path
         if self.creator is None:  # prepare_restore refuses this; kept for a target built by hand
             raise DiskNotFoundError(self.name)
-        self._created = self.creator.create_disk_for_restore(
-            self.name, size_bytes=size_bytes, filesystem=filesystem
-        )
+        try:
+            self._created = self.creator.create_disk_for_restore(
+                self.name, size_bytes=size_bytes, filesystem=filesystem
+            )
+        except DiskExistsError:  # trial T: said "pick another name" to the loser of a race
+            self._created_by_another = True
+            raise DiskExistsError(
+                f"disk {self.name} was created while this restore began (by another restore of it, "
+                "through another mount or `mirenfs restore`, or by `disk create`); to replace its image, "
+                "restore again"
+            ) from None
         try:
             image_path = image_path_for(self.data_path, self._created.volume)
             problem = (
@@ -468,6 +478,8 @@ class RestoreTarget:
                 f"disk {self.name} was created and could not be removed; "
                 f"remove it with `mirenfs disk remove {self.name}`"
             )
+        if self._created_by_another:
+            return "this restore changed nothing"
         return f"disk {self.name} was not created"
 
     def cleanup(self) -> None:
