@@ -4,6 +4,7 @@ restore, and the operator commands that refuse before anything is mounted."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import io
 import json
 import logging
@@ -19,6 +20,7 @@ import pytest
 from mirenfs.cli import build_parser, mount_cmds
 from mirenfs.cli.common import settle_scope_options
 from mirenfs.cli.mount_cmds import config_from
+from mirenfs.disks import rules
 from mirenfs.disks import store as store_module
 from mirenfs.engine import image as image_module
 from mirenfs.errors import MirenfsError
@@ -226,6 +228,30 @@ def test_a_log_line_the_full_data_path_cannot_take_goes_to_syslog_whole(
             f"(not written to {tmp_path / 'mount.log'})",
         )
     ]
+
+
+def test_a_restore_another_process_is_making_says_the_disk_is_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trial T: the loser of two restores of one disk (a mount's and the CLI's) that both passed
+    the check for another restore was told only "a restore of IMAGE is already in progress"; it
+    says what became of the disk too, as every other failed restore does."""
+    monkeypatch.setattr(rules, "staging_is_held", lambda _path: False)  # both passed that check
+    data = tmp_path / "data"
+    ok("disk", "create", "pg", "--size", "1M", "--data-path", data)
+    image = Path(disks(data)["pg"]["image_path"])
+    before = sha256_file(image)
+    staging = os.open(f"{image}.restore.tmp", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(staging, fcntl.LOCK_EX)  # the other restore, running
+        result = run_cli("restore", GO_VECTORS[0].path, "--name", "pg", "--force", "--data-path", data)
+    finally:
+        os.close(staging)
+    assert result.code == 1
+    assert result.err == (
+        f"mirenfs: error: a restore of {image} is already in progress; disk pg is unchanged\n"
+    )
+    assert sha256_file(image) == before
 
 
 def test_a_signal_after_the_command_said_its_outcome_leaves_its_exit_status(tmp_path: Path) -> None:

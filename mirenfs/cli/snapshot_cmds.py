@@ -362,7 +362,7 @@ def naming_the_snapshot(path: str, outcome: Callable[[], str] | None = None) -> 
     except TargetError as exc:
         if exc.errno == errno.EFBIG:  # the header claims a size the target's filesystem cannot hold
             raise TargetError(f"{_shown(path)}: {_and_outcome(str(exc), outcome)}", exc.errno) from None
-        if outcome is None or exc.errno not in NO_SPACE:
+        if outcome is None or exc.errno not in (*NO_SPACE, errno.EBUSY):  # EBUSY: another restore's
             raise
         raise TargetError(_and_outcome(str(exc), outcome), exc.errno) from None
     except StoreError as exc:  # the store could not take the new image's record: say the disk stands
