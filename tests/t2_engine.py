@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -14,7 +15,7 @@ import sys
 import tempfile
 import threading
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -332,22 +333,28 @@ def test_changed_image_gives_an_error_not_mixed_bytes(tmp_path: Path) -> None:
     write_image(image, [("data", 200_000)])
 
     async def run() -> None:
-        handle = OpenImage.open(str(image))
-        try:
-            source = handle.source(SMALL)
-            index = await build_index(source, SMALL)
-            meta = snapshot_meta("d", "ext4", handle.size, handle.mtime_ns, index.checksum)
-            producer = SnapshotProducer(source, SMALL, meta, index)
+        async with producer_over(image) as producer:
             with open(image, "r+b") as f:
                 f.seek(70_000)
                 f.write(b"changed!")
             await producer.read(0, 100)  # the header and first frame are unaffected
             with pytest.raises(ImageChangedError):
                 await producer.read(0, producer.size)
-        finally:
-            handle.close()
 
     trio.run(run)
+
+
+@contextlib.asynccontextmanager
+async def producer_over(image: Path) -> AsyncIterator[SnapshotProducer]:
+    """A producer of ``image``'s snapshot (indexed now), the image open until the block ends."""
+    handle = OpenImage.open(str(image))
+    try:
+        source = handle.source(SMALL)
+        index = await build_index(source, SMALL)
+        meta = snapshot_meta("d", "ext4", handle.size, handle.mtime_ns, index.checksum)
+        yield SnapshotProducer(source, SMALL, meta, index)
+    finally:
+        handle.close()
 
 
 def test_a_reader_waiting_for_a_frame_whose_producer_was_cancelled_makes_it_itself(tmp_path: Path) -> None:
@@ -358,13 +365,8 @@ def test_a_reader_waiting_for_a_frame_whose_producer_was_cancelled_makes_it_itse
     write_image(image, [("data", 200_000)])
 
     async def run() -> None:
-        handle = OpenImage.open(str(image))
-        try:
-            source = handle.source(SMALL)
-            index = await build_index(source, SMALL)
-            meta = snapshot_meta("d", "ext4", handle.size, handle.mtime_ns, index.checksum)
-            producer = SnapshotProducer(source, SMALL, meta, index)
-            expected = [await SnapshotProducer(source, SMALL, meta, index).frame(k) for k in range(2)]
+        async with producer_over(image) as producer:
+            expected = producer._make_frame(1)  # made here, not cached
             got: list[bytes] = []
             with trio.fail_after(20):
                 async with trio.open_nursery() as nursery:
@@ -388,9 +390,7 @@ def test_a_reader_waiting_for_a_frame_whose_producer_was_cancelled_makes_it_itse
                     await trio.testing.wait_all_tasks_blocked()
                     for borrower in busy:  # the workers come free
                         producer._limiter.release_on_behalf_of(borrower)
-            assert got == [expected[1]]
-        finally:
-            handle.close()
+            assert got == [expected]
 
     trio.run(run)
 
