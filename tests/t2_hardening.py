@@ -17,9 +17,12 @@ from pathlib import Path
 import pytest
 import trio
 
+from mirenfs.disks import pointintime
+from mirenfs.disks.pointintime import Consistency, CopyPolicy, take_point_in_time
 from mirenfs.engine.consume import restore_to_path
 from mirenfs.engine.files import verify_file
-from mirenfs.errors import TargetError
+from mirenfs.engine.image import OpenImage
+from mirenfs.errors import PointInTimeError, TargetError
 
 from support.data import sha256_file, staging_files
 from support.fuzz import header, metadata, streamed_frame
@@ -216,3 +219,35 @@ def test_a_mount_lifts_its_soft_open_file_limit_to_the_hard_one() -> None:
     disks than the soft limit must not run out (no root needed: the hard limit is not raised)."""
     done = subprocess.run([sys.executable, "-c", _RAISED], capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout) == (0, "True\n"), done.stderr
+
+
+def test_a_copy_whose_image_changed_size_meanwhile_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: a point-in-time copy's header took the image's size from before the copy, and
+    nothing compared it with the copy's: an image resized in between gave a snapshot whose data
+    is not its header's size, which no restore takes. Such a copy is refused; try again."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"x" * 8192)
+    grown = tmp_path / "grown.img"
+    grown.write_bytes(b"x" * 12288)
+    opened: list[int] = []
+
+    def copied_after_a_resize(_name: str, source: OpenImage, *_args: object) -> tuple[int, object]:
+        opened.append(os.open(grown, os.O_RDONLY))
+        taken = pointintime._Taken(source.identity, Consistency.CRASH_CONSISTENT, "reflink", None, "reflink")
+        return opened[-1], taken
+
+    monkeypatch.setattr(pointintime, "_copy_into", copied_after_a_resize)
+    with pytest.raises(PointInTimeError) as refused:
+        take_point_in_time(
+            "pg", str(image), attached=True, clone_directory=str(tmp_path / "clones"), policy=CopyPolicy()
+        )
+    assert "its image changed size while its copy was made (8192 to 12288 bytes); try again" in str(
+        refused.value
+    )
+    try:  # the copy's descriptor is closed (its number may since name another file)
+        still = os.readlink(f"/proc/self/fd/{opened[0]}")
+    except FileNotFoundError:
+        still = None
+    assert still != str(grown)

@@ -204,6 +204,10 @@ def _copy(
     finally:
         source.close()
     copy = OpenImage(image_path, copy_fd, ImageIdentity.from_stat(os.fstat(copy_fd)))
+    if copy.size != taken.identity.size:  # review: its header would claim another size than its data
+        copy.close()
+        why = f"its image changed size while its copy was made ({taken.identity.size} to {copy.size} bytes)"
+        raise _refused(name, why, "try again")
     return PointInTime(
         name, copy, taken.identity, taken.consistency, taken.method, taken.frozen_s, taken.detail
     )
