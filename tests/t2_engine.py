@@ -17,6 +17,7 @@ import threading
 import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from mirenfs.engine.files import (
     backup_image,
     reading_rules,
     restore_file,
+    verify_file,
     write_snapshot,
 )
 from mirenfs.engine.image import FdImageSource, FileObjectSource, ImageIdentity, ensure_unchanged
@@ -342,6 +344,29 @@ def test_changed_image_gives_an_error_not_mixed_bytes(tmp_path: Path) -> None:
                 await producer.read(0, producer.size)
 
     trio.run(run)
+
+
+@pytest.mark.parametrize("mtime_s", [400_000_000_000, -70_000_000_000], ids=["year 14645", "before year 0"])
+def test_an_image_time_no_header_can_hold_is_clamped_to_one_it_can(
+    mtime_s: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review: an image whose modification time lies outside the years 0000 to 9999 (btrfs and
+    tmpfs keep any) gave a header neither Go nor mirenfs reads ("not an RFC 3339 time"): a
+    backup that no restore takes. The header holds the nearest time it can, said in a warning."""
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as scratch:  # tmpfs: keeps such a time
+        image = Path(scratch) / "img"
+        write_image(image, [("data", 70_000)])
+        os.utime(image, ns=(mtime_s * 10**9, mtime_s * 10**9))
+        assert os.stat(image).st_mtime_ns == mtime_s * 10**9
+        output = Path(scratch) / "img.mirn"
+        trio.run(partial(backup_image, str(image), str(output), name="pg", filesystem="ext4", settings=SMALL))
+        meta = read_header(io.BytesIO(output.read_bytes()))
+        expected = "9999-12-31T23:59:59.999999999Z" if mtime_s > 0 else "0000-01-01T00:00:00Z"
+        assert meta.timestamp.rfc3339() == expected
+        trio.run(verify_file, str(output))
+    assert (
+        f"disk pg: its image's modification time ({mtime_s * 10**9} ns after 1970) is outside" in caplog.text
+    )
 
 
 @contextlib.asynccontextmanager

@@ -324,13 +324,30 @@ class FrameSpill:
             self.fd = -1
 
 
+# The instants a header can hold: Go writes and reads years 0000 to 9999 only (RFC 3339).
+EARLIEST_HEADER_NS = -62_167_219_200 * 1_000_000_000  # 0000-01-01T00:00:00Z
+LATEST_HEADER_NS = 253_402_300_800 * 1_000_000_000 - 1  # 9999-12-31T23:59:59.999999999Z
+
+
 def snapshot_meta(name: str, filesystem: str, size: int, mtime_ns: int, checksum: str) -> Meta:
-    """The metadata mirenfs writes: timestamp = image mtime, so bytes are reproducible."""
+    """The metadata mirenfs writes: timestamp = image mtime, so bytes are reproducible. An mtime
+    outside the years 0000 to 9999 (btrfs and tmpfs keep any) is clamped to the nearest one a
+    header can hold, with a warning: written as it is, neither Go nor mirenfs would read it."""
+    held = min(max(mtime_ns, EARLIEST_HEADER_NS), LATEST_HEADER_NS)
+    if held != mtime_ns:
+        log.warning(
+            "disk %s: its image's modification time (%d ns after 1970) is outside the years 0000 to "
+            "9999 a snapshot header can hold; the header says %s, and a disk restored from it gets "
+            "that time",
+            name,
+            mtime_ns,
+            Timestamp.from_unix_ns(held).rfc3339(),
+        )
     return Meta(
         name=name,
         size_bytes=size,
         filesystem=filesystem,
-        timestamp=Timestamp.from_unix_ns(mtime_ns),
+        timestamp=Timestamp.from_unix_ns(held),
         checksum=checksum,
     )
 
