@@ -10,6 +10,7 @@ import hashlib
 import mmap
 import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -35,7 +36,7 @@ from mirenfs.engine.consume import (
     restore_to_path,
 )
 from mirenfs.engine.image import SparseWriter, StagingImage, nonzero_runs
-from mirenfs.engine.pipeline import BufferPool
+from mirenfs.engine.pipeline import BufferPool, Stages
 from mirenfs.errors import FormatError, TargetError
 from mirenfs.format.frames import FrameScanner
 
@@ -299,6 +300,35 @@ def test_a_restore_to_a_path_cancelled_midway_leaves_no_staging_file(tmp_path: P
     trio.run(run)
     assert staging_files(tmp_path) == [] and not image.exists()
     wait_for(lambda: not restore_threads(), "the pipeline threads to end", timeout=5)
+
+
+def test_a_second_ctrl_c_while_a_restore_is_undone_leaves_no_staging_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: a shield keeps cancellations out of the undo, not a Ctrl-C: a second one (or a
+    SIGTERM, which the CLI turns into one) while the stages were being stopped came at the next
+    checkpoint, before the staging file was removed, and left it behind."""
+    image = tmp_path / "disk.img"
+    snapshot = many_frame_snapshot(image_bytes(8 << 20))
+    real_join = Stages.join
+    signalled: list[bool] = []
+
+    def join_while_signalled(self: Stages) -> None:
+        if not signalled:
+            signalled.append(True)
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C again, as the undo begins
+        real_join(self)
+
+    monkeypatch.setattr(Stages, "join", join_while_signalled)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield snapshot[: len(snapshot) // 2]
+        await trio.sleep(0)
+        raise KeyboardInterrupt  # the first Ctrl-C, mid-stream
+
+    with pytest.raises(KeyboardInterrupt):
+        trio.run(lambda: restore_to_path(str(image), chunks(), overwrite=False))
+    assert signalled and staging_files(tmp_path) == [] and not image.exists()
 
 
 def test_sparse_writer_with_writeback_writes_only_data(tmp_path: Path) -> None:

@@ -538,6 +538,13 @@ class RestoreStream:
         if self._finalizer is not None:
             self._finalizer.detach()  # nothing left to stop
 
+    def join_stages(self) -> None:
+        """:meth:`close` without the event loop (stop, then wait for the threads); safe to repeat."""
+        pipeline = self._pipeline
+        if pipeline is not None:
+            pipeline.stages.stop()
+            pipeline.stages.join()
+
     @property
     def complete(self) -> bool:
         """Whether the bytes so far form a whole snapshot: all of ``size_bytes`` out, no frame cut.
@@ -687,11 +694,21 @@ class StagedRestore:
 
     async def discard(self) -> None:
         """Stop the stages first: no write may reach the descriptor once it is closed. Shielded:
-        a Ctrl-C (a cancellation) while it runs must not leave the staging file behind."""
-        with trio.CancelScope(shield=True):
-            await self.stream.close()
-            if self._staging is not None:
-                await trio.to_thread.run_sync(self._staging.discard)
+        a cancellation while it runs must not leave the staging file behind, nor a second Ctrl-C
+        (review: it came at the next checkpoint, before the file was removed)."""
+        try:
+            with trio.CancelScope(shield=True):
+                await self.stream.close()
+        finally:
+            self._discard_now()
+
+    @trio.lowlevel.enable_ki_protection
+    def _discard_now(self) -> None:
+        """The stages' end, then the staging file's removal, with no checkpoint between: an
+        interrupt waits for the next one. Quick: the stages were stopped, removal is an unlink."""
+        self.stream.join_stages()
+        if self._staging is not None:
+            self._staging.discard()
 
 
 class Placed:
