@@ -478,6 +478,31 @@ def _foreign_record(name: str, image_path: str, node: str) -> dict[str, object]:
     }
 
 
+def test_a_record_naming_a_file_the_data_path_keeps_is_not_trusted_by_where_it_is(
+    hosts: tuple[EtcdCatalog, EtcdCatalog], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review: an image under the data path was trusted by where it is, so a record anyone with
+    the prefix wrote could name another disk's managed image (or mirenfs's own files), and a
+    restore of that record's disk replaced it, leases and `attached` notwithstanding."""
+    a, _b = hosts
+    data = Path(a.data_path)
+    victim = data / "disk-data" / "volumes" / "vol-victim" / "disk.img"
+    victim.parent.mkdir(parents=True)
+    victim.write_bytes(b"\1" * 65536)
+    before = victim.read_bytes()
+    put_raw(a, "decoy", _foreign_record("decoy", str(victim), "a"))
+    put_raw(a, "state", _foreign_record("state", str(data / "mirenfs" / "trusted-images.json"), "a"))
+    put_raw(a, "store", _foreign_record("store", str(data / "mirenfs.db"), "a"))
+    put_raw(a, "ours", _foreign_record("ours", str(data / "images" / "ours.img"), "a"))  # still trusted
+    listed = {record.disk.name: record.image_path for record in a.list_disks()}
+    assert listed == {"decoy": None, "ours": str(data / "images" / "ours.img"), "state": None, "store": None}
+    assert "inside the managed volumes of the data path" in caplog.text
+    on_a = ["--catalog", a.location.url, "--node", "a", "--data-path", a.data_path]
+    restore = run_cli("restore", GO_EXT4.path, "--name", "decoy", "--force", *on_a)
+    assert restore.code == 1 and "mirenfs neither reads nor replaces it through disk decoy" in restore.err
+    assert victim.read_bytes() == before
+
+
 def test_an_image_outside_the_data_path_is_used_only_once_this_host_registered_it(
     hosts: tuple[EtcdCatalog, EtcdCatalog], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

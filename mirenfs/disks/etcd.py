@@ -72,6 +72,7 @@ from mirenfs.disks.model import (
     validate_disk_name,
     validate_node_name,
 )
+from mirenfs.disks.rules import what_the_data_path_keeps_at
 from mirenfs.disks.store import check_data_path
 from mirenfs.disks.trust import TrustedImages
 from mirenfs.errors import (
@@ -427,7 +428,18 @@ class EtcdCatalog:
 
     def _check_trusted(self, stored: _Stored, volume: Volume) -> None:
         """Refuse (UntrustedImageError) an image on this node outside the data path that this host never
-        registered: whoever can write the catalogue must not choose what this host reads or replaces."""
+        registered, or one under it that is a file mirenfs keeps there (the store, its state, the
+        managed volumes, where another disk's image lies: review): whoever can write the catalogue
+        must not choose what this host reads or replaces."""
+        explicit = volume.image_path if volume.image_path and os.path.isabs(volume.image_path) else None
+        kept = what_the_data_path_keeps_at(explicit, self.data_path, ()) if explicit else None
+        if explicit and kept is not None:
+            name, image = stored.disk.name, printable(explicit)
+            raise UntrustedImageError(
+                f"disk {name} in the disk catalogue at {self.location.url} names the image {image} on this "
+                f"node ({self.node}), which is {kept.said}, so mirenfs neither reads nor replaces it "
+                f"through disk {name}: fix the record {self._disk_key(name)}"
+            )
         if (
             volume.image_path
             and os.path.isabs(volume.image_path)
