@@ -503,6 +503,26 @@ def test_a_record_naming_a_file_the_data_path_keeps_is_not_trusted_by_where_it_i
     assert victim.read_bytes() == before
 
 
+def test_restore_image_refuses_the_registered_image_of_a_fleet_disk(
+    hosts: tuple[EtcdCatalog, EtcdCatalog], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: ``restore FILE --image PATH --force`` looked for PATH only among a SQLite store's
+    disks, so it replaced the image of a fleet disk, attached and leased, that this host had
+    registered. The data path's registrations count too: that disk is restored by its name."""
+    a, _b = hosts
+    image = tmp_path / "srv" / "pg.img"
+    image.parent.mkdir()
+    image.write_bytes(b"\1" * 65536)
+    before = image.read_bytes()
+    on_a = ["--catalog", a.location.url, "--node", "a", "--data-path", a.data_path]
+    ok("disk", "add", "pg", "--image", image, "--filesystem", "ext4", *on_a)
+    monkeypatch.setenv("MIRENFS_DATA_PATH", a.data_path)
+    refused = run_cli("restore", GO_EXT4.path, "--image", image, "--force")
+    assert refused.code == 1 and "the image of a disk this host registered" in refused.err, refused.err
+    assert "restore that disk by its name" in refused.err
+    assert image.read_bytes() == before
+
+
 def test_an_image_outside_the_data_path_is_used_only_once_this_host_registered_it(
     hosts: tuple[EtcdCatalog, EtcdCatalog], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

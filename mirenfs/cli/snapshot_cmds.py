@@ -44,6 +44,7 @@ from mirenfs.disks.rules import (
     refuse_output_over_an_image,
     what_the_data_path_keeps_at,
 )
+from mirenfs.disks.trust import TrustedImages
 from mirenfs.engine.consume import Placed
 from mirenfs.engine.files import backup_image, open_input, read_pieces, restore_file, verify_file
 from mirenfs.engine.framestore import FrameStore
@@ -171,6 +172,12 @@ def _what_data_paths_keep_at(path: str, catalog: Catalog | None) -> KeptFile | N
         kept = what_the_data_path_keeps_at(path, data_path, _disks_of(data_path))
         if kept is not None:
             return kept
+        trusted = TrustedImages(data_path)  # a fleet's disks are not in a store here (review)
+        if trusted.registered(path):
+            return KeptFile(
+                f"the image of a disk this host registered (in {trusted.path}); restore that disk "
+                "by its name, which checks its leases and state first"
+            )
     return None
 
 

@@ -40,6 +40,11 @@ class TrustedImages:
         path = os.path.normpath(image_path)
         return path.startswith(self.data_path + os.sep) or path in self._registered()
 
+    def registered(self, image_path: str) -> bool:
+        """Whether ``image_path`` (by its path, or where it leads) was registered here."""
+        paths = self._registered()
+        return os.path.normpath(image_path) in paths or os.path.realpath(image_path) in paths
+
     def register(self, image_path: str) -> None:
         """Record ``image_path`` as this host's (kept across runs; written atomically)."""
         path = os.path.normpath(image_path)
