@@ -430,6 +430,51 @@ def test_catalog_copy_moves_a_host_into_etcd_and_back_idempotently(etcd: EtcdClu
     assert clash.code == 1 and "not copied: pg" in clash.err
 
 
+def test_catalog_copy_between_etcd_prefixes_trusts_nothing_new_and_shares_no_image(
+    etcd: EtcdCluster, tmp_path: Path
+) -> None:
+    """Review: ``catalog copy`` into etcd registered every image path of this node's records as
+    trusted, the ones the source refused too (laundering a record anyone wrote), and wrote a
+    disk whose image another disk there already had (two disks on one image)."""
+    data = tmp_path / "a"
+    source = etcd_catalog(etcd.url(prefix()), data, "a")
+    destination = etcd_catalog(etcd.url(prefix()), data, "a")
+    shared = tmp_path / "srv" / "pg.img"
+    shared.parent.mkdir()
+    shared.write_bytes(b"\1" * 65536)
+    victim = tmp_path / "outside" / "victim.img"
+    victim.parent.mkdir()
+    victim.write_bytes(b"\2" * 65536)
+    for catalog in (source, destination):  # the same image, registered by this host in each
+        name = "pg" if catalog is destination else "pg2"
+        ok(
+            "disk",
+            "add",
+            name,
+            "--image",
+            shared,
+            "--filesystem",
+            "ext4",
+            "--catalog",
+            catalog.location.url,
+            "--node",
+            "a",
+            "--data-path",
+            data,
+        )
+    put_raw(source, "out1", _foreign_record("out1", str(victim), "a"))  # untrusted in the source
+    copied = run_cli(
+        "catalog", "copy", "--from", source.location.url, "--to", destination.location.url, "--node", "a"
+    )
+    assert "clash with other disks" in copied.err and copied.err.endswith(
+        "were not copied: pg2; remove or rename those there, then copy again\n"
+    ), copied.err
+    listed = {record.disk.name: record.image_path for record in destination.list_disks()}
+    assert listed == {"out1": None, "pg": str(shared)}  # pg2 not copied; out1 copied, still untrusted
+    trusted = json.loads(Path(data, "mirenfs", "trusted-images.json").read_text())["images"]
+    assert str(victim) not in trusted
+
+
 def test_catalog_copy_run_again_never_undoes_a_newer_lease_or_status(
     etcd: EtcdCluster, tmp_path: Path
 ) -> None:

@@ -75,8 +75,9 @@ def cmd_catalog_copy(args: argparse.Namespace) -> int:
         )
     if report.conflicts:
         problems.append(
-            f"{len(report.conflicts)} disk name(s) belong to other disks in {args.destination} and were "
-            f"not copied: {', '.join(report.conflicts)}; remove or rename them there, then copy again"
+            f"{len(report.conflicts)} disk(s) clash with other disks in {args.destination} (their name, "
+            f"or the image they name, is another disk's there: see the warnings above) and were not "
+            f"copied: {', '.join(report.conflicts)}; remove or rename those there, then copy again"
         )
     if report.unusable:
         problems.append(

@@ -827,8 +827,6 @@ class EtcdCatalog:
         volume = record.volume
         if volume is not None and volume.node is None:
             volume = replace(volume, node=self.node)
-        if volume is not None and volume.node == self.node and volume.image_path:
-            self.trusted.register(volume.image_path)  # copied into the catalogue by this host
         now = time.time_ns()
         wanted = _Stored(record.disk, volume, tuple(record.leases), now, now)
         key, id_key = self._disk_key(name), self._id_key(record.disk.id)
@@ -836,12 +834,27 @@ class EtcdCatalog:
             _put(self._lease_key(lease.id), json.dumps({"disk_id": record.disk.id, "name": name}))
             for lease in record.leases
         ]
+        compare = [_missing(key)]
+        image_key = None
         if volume is not None and volume.image_path and volume.node:
-            indexes.append(_put(self._image_key(volume.node, volume.image_path), record.disk.id))
+            image_key = self._image_key(volume.node, volume.image_path)
+            indexes.append(_put(image_key, record.disk.id))
+            compare.append(_missing(image_key))  # review: two disks on one image, by a copy
         for _ in range(CAS_ATTEMPTS):
             current = self._load(name)
             if current is None:
-                if self.kv.txn([_missing(key)], [_put(key, wanted.encode()), *indexes]).succeeded:
+                if image_key is not None:
+                    self._refuse_an_image_held_by_another(image_key, record)
+                if self.kv.txn(compare, [_put(key, wanted.encode()), *indexes]).succeeded:
+                    # This host copied it here, so the path is its own: only one the source trusted
+                    # (review: every path of the source, refused ones too, became trusted).
+                    if (
+                        volume is not None
+                        and volume.node == self.node
+                        and volume.image_path
+                        and record.image_path
+                    ):
+                        self.trusted.register(volume.image_path)
                     return "added"
                 continue  # created meanwhile: compare with what is there now
             if current.disk.id != record.disk.id:
@@ -853,6 +866,20 @@ class EtcdCatalog:
                 return "unchanged"
             return "differs"
         raise StoreError(f"disk {name} changed {CAS_ATTEMPTS} times while it was being copied; try again")
+
+    def _refuse_an_image_held_by_another(self, image_key: str, record: DiskRecord) -> None:
+        """DiskExistsError when another disk's record holds the image ``record`` names."""
+        _, found, _ = self.kv.range(image_key)
+        if not found or found[0].value.decode() == record.disk.id:
+            return
+        owner_id = found[0].value.decode()
+        owner = self._name_of(owner_id) or owner_id
+        assert record.volume is not None
+        raise DiskExistsError(
+            f"disk {record.disk.name} names the image {printable(record.volume.image_path or '')}, which "
+            f"already belongs to disk {owner} in the disk catalogue at {self.location.url}; one image "
+            "cannot back two disks"
+        )
 
     # --- the mount's local copy ---
 
