@@ -230,6 +230,36 @@ def test_a_log_line_the_full_data_path_cannot_take_goes_to_syslog_whole(
     ]
 
 
+def test_a_new_disk_restored_whose_record_cannot_be_marked_is_said_so_and_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: when marking a new disk provisioned failed after its image was installed, the
+    restore said "disk fresh was not created" (and a mount logged nothing), though the disk and
+    its restored image were there. It says what is there, and what to run."""
+    data = tmp_path / "data"
+    vector = GO_VECTORS[0]
+    ok("disk", "create", "other", "--size", "1M", "--data-path", data)  # a data path in use
+
+    def full(_self: object, _disk_id: str) -> bool:
+        error = MirenfsError(f"the data path {data} is full (its filesystem has no space left)")
+        error.errno = errno.ENOSPC
+        raise error
+
+    monkeypatch.setattr(store_module.Store, "mark_provisioned", full)
+    result = run_cli("restore", vector.path, "--name", "fresh", "--data-path", data)
+    assert result.code == 1
+    assert result.err.endswith(
+        "disk fresh was created and its image restored, but the catalogue could not mark it provisioned "
+        f"(the data path {data} is full (its filesystem has no space left)); once it answers, run "
+        "`mirenfs disk set-status fresh provisioned`\n"
+    ), result.err
+    monkeypatch.undo()
+    record = disks(data)["fresh"]
+    assert record["status"] == "provisioning" and sha256_file(record["image_path"]) == vector.sha256
+    ok("disk", "set-status", "fresh", "provisioned", "--data-path", data)
+    assert disks(data)["fresh"]["status"] == "provisioned"
+
+
 def test_a_restore_another_process_is_making_says_the_disk_is_unchanged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -28,6 +28,7 @@ from mirenfs.errors import (
     FormatError,
     MirenfsError,
     OutOfOrderWrite,
+    StoreError,
     TargetError,
 )
 from mirenfs.format.header import MAX_METADATA_LEN, PREFIX_LEN, Meta, decode_header
@@ -183,15 +184,23 @@ class DiskRestore:
             except BaseException:
                 with trio.CancelScope(shield=True):  # the store describes the image in place
                     if self._restore.installed:  # interrupted after the rename: the restore is done
-                        await trio.to_thread.run_sync(self.target.finalize)
+                        with contextlib.suppress(MirenfsError):  # outcome() says what is behind
+                            await trio.to_thread.run_sync(self.target.finalize)
                     else:
                         await trio.to_thread.run_sync(self.target.undo_record)
                 raise
-        # Shielded, and done by abort() too if an interrupt lands here all the same: a SIGINT
-        # during the rename reaches this checkpoint, and the clean-up would remove a disk
-        # whose image is already the restored one.
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(self.target.finalize)
+            # Shielded, and done by abort() too if an interrupt lands here all the same: a SIGINT
+            # during the rename reaches this checkpoint, and the clean-up would remove a disk
+            # whose image is already the restored one.
+            with trio.CancelScope(shield=True):
+                try:
+                    await trio.to_thread.run_sync(self.target.finalize)
+                except CatalogUnreachableError:
+                    raise  # said with its outcome above, as a failing closed catalogue is
+                except MirenfsError as exc:  # review: the disk was said "not created"
+                    failed = StoreError(f"{exc}; {self.target.outcome()}")
+                    failed.errno = exc.errno
+                    raise failed from None
         return meta
 
     @property
@@ -204,6 +213,7 @@ class DiskRestore:
         image was replaced there is nothing to undo: the restore is recorded as done instead."""
         await self._restore.discard()
         if self._restore.installed:
-            await trio.to_thread.run_sync(self.target.finalize)
+            with contextlib.suppress(MirenfsError):  # a record still behind: outcome() says so
+                await trio.to_thread.run_sync(self.target.finalize)
         else:
             await trio.to_thread.run_sync(self.target.cleanup)

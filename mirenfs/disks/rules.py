@@ -321,6 +321,7 @@ class RestoreTarget:
     _recorded_over: Disk | None = field(default=None, repr=False)
     _record_not_undone: str | None = field(default=None, repr=False)  # why putting it back failed
     _created_by_another: bool = field(default=False, repr=False)  # between the checks and the creation
+    _not_marked: str | None = field(default=None, repr=False)  # why a created disk is still provisioning
 
     @property
     def creates_disk(self) -> bool:
@@ -451,7 +452,12 @@ class RestoreTarget:
         if self._finished:
             return
         if self._created is not None:
-            self._created.finalize()
+            try:
+                self._created.finalize()
+            except MirenfsError as exc:
+                self._not_marked = str(exc)
+                raise
+            self._not_marked = None
         old = self._recorded_over  # the store took the new image's record before it was installed
         if old is not None and (old.size_bytes, old.filesystem) != (self.size_bytes, self.filesystem):
             log.info(
@@ -480,6 +486,12 @@ class RestoreTarget:
             )
         if self._created_by_another:
             return "this restore changed nothing"
+        if self._not_marked is not None:
+            return (
+                f"disk {self.name} was created and its image restored, but the catalogue could not "
+                f"mark it provisioned ({self._not_marked}); once it answers, run `mirenfs disk "
+                f"set-status {self.name} provisioned`"
+            )
         return f"disk {self.name} was not created"
 
     def cleanup(self) -> None:
