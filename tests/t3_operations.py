@@ -298,6 +298,29 @@ async def test_unknown_names_are_enoent(data_path: Path, name: str) -> None:
 
 
 @trio_test
+async def test_rsync_renames_under_an_archives_own_restore_directory(data_path: Path) -> None:
+    """Review: ``rsync -a`` of a whole-mount copy into restore/ writes restore/restore/.pg.mirn.XyZ
+    and renames it; the rename got EPERM, so rsync exited 23 though every restore went through.
+    The ignored file moves, over what had its name; nothing leaves the ignored tree."""
+    async with operations(data_path) as m:
+        ops, ctx = m.ops, m.ctx
+        nested = (await ops.mkdir(RESTORE_INODE, b"restore", 0o755, ctx)).st_ino
+        for attempt in range(2):  # the second rename replaces the first's file
+            info, attrs = await ops.create(nested, b".pg.mirn.XyZ", 0o644, os.O_WRONLY | os.O_CREAT, ctx)
+            await ops.write(info.fh, 0, b"whatever a whole-mount copy holds there")
+            await ops.release(info.fh)
+            await ops.rename(nested, b".pg.mirn.XyZ", nested, b"pg.mirn", 0, ctx)
+            names = [name for name, _attrs in await m.listdir(nested)]
+            assert names == ["pg.mirn"], (attempt, names)
+        assert (await m.lookup("pg.mirn", nested)).st_ino == attrs.st_ino
+        assert (
+            await fuse_errno(ops.rename(nested, b"pg.mirn", RESTORE_INODE, b"pg.mirn", 0, ctx)) == errno.EXDEV
+        )
+        assert await fuse_errno(ops.rename(RESTORE_INODE, b"restore", nested, b"x", 0, ctx)) == errno.EXDEV
+        assert [name for name, _attrs in await m.listdir(RESTORE_INODE)] == ["restore"]  # no restore began
+
+
+@trio_test
 async def test_lookups_outside_the_tree_are_enoent(data_path: Path) -> None:
     add_image_disk(data_path, "pg")
     async with operations(data_path) as m:

@@ -104,7 +104,7 @@ def register(commands: Any) -> None:
 
 
 def config_from(args: argparse.Namespace) -> MountConfig:
-    mountpoint = os.path.abspath(args.mountpoint)
+    mountpoint = os.path.realpath(args.mountpoint)  # /proc/*/fd links name it so (review: a symlink)
     try:
         info: os.stat_result | None = os.stat(mountpoint)
     except OSError as exc:

@@ -535,6 +535,18 @@ class MirenOperations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> None:
         _refuse_long_name(name_new)
+        ignored = self.restores.ignored
+        if all(
+            parent in ignored and ignored[parent].is_directory
+            for parent in (parent_inode_old, parent_inode_new)
+        ):
+            self.restores.check_writer(ctx.uid, "restore/")
+            if flags & (RENAME_EXCHANGE | RENAME_NOREPLACE):
+                raise pyfuse3.FUSEError(errno.EINVAL)  # what rsync and tar never ask of ignored files
+            self.restores.rename_ignored(
+                parent_inode_old, os.fsdecode(name_old), parent_inode_new, os.fsdecode(name_new)
+            )
+            return
         if parent_inode_old != RESTORE_INODE or parent_inode_new != RESTORE_INODE:
             raise pyfuse3.FUSEError(
                 errno.EPERM if RESTORE_INODE not in (parent_inode_old, parent_inode_new) else errno.EXDEV
