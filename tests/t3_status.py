@@ -18,7 +18,7 @@ from mirenfs.cli.mountinfo import MountEntry
 from mirenfs.errors import CatalogUnreachableError
 from mirenfs.mount import catalog as catalog_module
 from mirenfs.mount.inodes import ROOT_INODE
-from mirenfs.mount.status import STATUS_XATTR
+from mirenfs.mount.status import STATUS_XATTR, status_json
 
 from support.fuse_ops import InProcessMount, add_image_disk, operations, trio_test
 
@@ -128,3 +128,49 @@ async def test_status_shows_what_the_frame_store_holds_and_how_it_served(tmp_pat
     async with operations(tmp_path, fuse_options=["frame_store_size=0"]) as m:
         status = json.loads((await m.xattrs(ROOT_INODE))[STATUS_XATTR])
         assert status["frame_store"] is None and "frame store" not in format_status(entry, status)
+
+
+@trio_test
+async def test_the_status_of_a_busy_host_fits_an_attribute_and_says_what_it_left_out(tmp_path: Path) -> None:
+    """Review: the kernel takes no attribute value over 64 KiB, and the status listed every disk
+    and every restore/ entry: after 400 restores (or on a host of 400 disks) ``mirenfs status``
+    got "Argument list too long". It now fits: a restore at work always shows, what ended goes
+    first, and the status says how much it left out."""
+    add_image_disk(tmp_path, "pg")
+    async with operations(tmp_path, allow_overwrite=True) as m:
+        for n in range(500):  # 500 restores that failed (empty files), each an entry with its reason
+            fh, _inode = await m.create(f"gone{n:03}.mirn")
+            await m.close(fh)
+        receiving, _inode = await m.create("pg.mirn")
+        raw = (await m.xattrs(ROOT_INODE))[STATUS_XATTR]
+        await m.close(receiving)
+    assert len(raw) <= 63 << 10
+    status: dict[str, Any] = json.loads(raw)
+    shown = [item["name"] for item in status["restores"]]
+    assert (
+        "restore/pg.mirn" in shown and "restore/gone499.mirn" in shown and "restore/gone000.mirn" not in shown
+    )
+    assert status["omitted"]["restores"] == 501 - len(shown) and status["omitted"]["disks"] == 0
+    assert status["disks"] == {"pg": {"index": "not built"}}
+    entry = MountEntry(0, (0, 0), str(tmp_path / "mnt"), "fuse.mirenfs", str(tmp_path), "rw")
+    assert (
+        f"\n  not shown: {status['omitted']['restores']} ended restores (the status the mount gives is at "
+        "most 64 KiB)\n" in format_status(entry, status)
+    )
+
+
+def test_a_status_cut_down_keeps_disks_at_work_and_drops_disks_at_rest_last() -> None:
+    """The order things go when the status must shrink: ended restores, old refusals, then disks
+    at rest (not built, then ready); a disk being indexed or refused always stays."""
+    disks: dict[str, Any] = {f"d{n:04}": {"index": "ready", "checksum": "0" * 64} for n in range(600)}
+    disks.update({f"n{n:04}": {"index": "not built"} for n in range(600)})
+    disks["busy"] = {"index": "building", "done": 1, "total": 2}
+    disks["stuck"] = {"index": "refused", "reason": "in use"}
+    refused = [{"name": f"restore/r{n}.mirn", "errno": "EBUSY", "reason": "x" * 40} for n in range(50)]
+    status = {"pid": 1, "disks": disks, "restores": [], "refused": refused, "frame_store": None}
+    cut: dict[str, Any] = json.loads(status_json(status))
+    assert len(status_json(status)) <= 63 << 10
+    assert cut["refused"] == [] and cut["omitted"]["refused"] == 50
+    assert {"busy", "stuck"} <= set(cut["disks"]) and not any(name.startswith("n") for name in cut["disks"])
+    assert cut["omitted"]["disks"] == len(disks) - len(cut["disks"])
+    assert json.loads(status_json({**status, "disks": {"pg": {"index": "ready"}}}))["refused"] == refused

@@ -476,6 +476,18 @@ def format_status(entry: MountEntry, status: dict[str, Any]) -> str:
             lines.append("    " + "  ".join(parts))
     else:
         lines.append("  no restores")
+    omitted = status.get("omitted")
+    if isinstance(omitted, dict) and any(omitted.values()):
+        said = [
+            f"{int(omitted.get(kind, 0))} {what}"
+            for kind, what in (
+                ("disks", "disks at rest"),
+                ("restores", "ended restores"),
+                ("refused", "older refusals"),
+            )
+            if omitted.get(kind)
+        ]
+        lines.append(f"  not shown: {', '.join(said)} (the status the mount gives is at most 64 KiB)")
     store = status.get("frame_store")
     if isinstance(store, dict):
         lines.append(f"  {describe_frame_store(store)}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import json
 import logging
 import os
 import stat
@@ -56,6 +55,7 @@ from mirenfs.mount.status import (
     STATE_XATTR,
     STATUS_XATTR,
     mount_status,
+    status_json,
 )
 from mirenfs.mount.versions import SnapshotService, sidecar_size, sidecar_text
 
@@ -422,7 +422,7 @@ class MirenOperations(pyfuse3.Operations):
             )
             return {
                 INDEX_PASSES_XATTR.encode(): str(self.service.index_passes).encode(),
-                STATUS_XATTR.encode(): json.dumps(status).encode(),
+                STATUS_XATTR.encode(): status_json(status),
             }
         if self._in_restore_tree(inode):  # restore/, and what is ignored under restore/restore
             return {}
