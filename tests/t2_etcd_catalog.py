@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import secrets
+import socket
 import subprocess
 import sys
 import threading
@@ -364,6 +366,16 @@ def test_the_watched_copy_follows_changes_within_a_second_and_fails_closed(
     assert isinstance(view, CatalogWatch)
     try:
         assert [record.disk.name for record in view.list_disks()] == ["pg"]
+        # Review: an idle watch stream a NAT drops silently would never hear of a change again;
+        # its connection keeps itself alive, and a peer gone quiet ends it (and a new listing).
+        stream = view._stream
+        assert stream is not None
+        watched = socket.socket(fileno=os.dup(stream.raw.fileno()))
+        try:
+            assert watched.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert watched.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 10
+        finally:
+            watched.close()
         started = time.monotonic()
         b.set_disk_status("pg", "status.deleting")
         wait_for(lambda: view.list_disks()[0].disk.status is DiskState.DELETING, "the watch", timeout=1.0)

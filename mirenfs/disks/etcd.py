@@ -1008,6 +1008,7 @@ class CatalogWatch:
         try:
             if response.status_code != 200:
                 raise StoreError(f"the watch was refused ({response.status_code} {response.reason})")
+            _keep_alive(response)
             with self._lock:
                 self._stream = response
             if self._stopping.is_set():
@@ -1116,6 +1117,28 @@ class CatalogWatch:
             was, self._reachable = self._reachable, True
         if was is False:
             log.info("the disk catalogue at %s is reachable again", self.catalog.location.url)
+
+
+# TCP keepalive on the watch's connection: a stream that only waits for events is idle for hours,
+# and a NAT or load balancer between the host and etcd may drop such a flow without a word; the
+# watch then never hears of a change while the probe (on its own connection) still answers
+# (review). Probes keep the flow alive, and a peer that stopped answering ends the stream within
+# IDLE + INTERVAL * COUNT seconds, so the copy lists afresh.
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT = 10, 5, 3
+
+
+def _keep_alive(response: requests.Response) -> None:
+    """Turn TCP keepalive on for the connection under ``response`` (best effort: not on a
+    platform without the options, nor once the connection is gone)."""
+    with contextlib.suppress(Exception):
+        sock = socket.socket(fileno=os.dup(response.raw.fileno()))  # the same socket: options are shared
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+        finally:
+            sock.close()
 
 
 def _reason(exc: BaseException) -> str:
