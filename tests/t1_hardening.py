@@ -22,7 +22,10 @@ from mirenfs.disks.model import DiskState
 from mirenfs.disks.rules import prepare_backup, prepare_restore
 from mirenfs.disks.store import Store
 from mirenfs.engine.image import STAGING_SUFFIX, StagingImage, remove_staging_if_unheld
-from mirenfs.errors import DiskNotFoundError, InvalidVolumeError, TargetError
+from mirenfs.errors import DiskNotFoundError, InvalidVolumeError, MirenfsError, TargetError
+
+from support.data import sha256_file
+from support.store import make_disk
 
 T = TypeVar("T")
 PROMPT_S = 10  # a call that blocks on a FIFO would never return: fail after this instead
@@ -252,3 +255,34 @@ def test_restore_backup_and_remove_refuse_a_symlinked_volume(
         assert str(image) in message and "symbolic link" in message and "None" not in message
     assert status(store, "pg") == "provisioned"  # not even marked deleting
     assert sweep_interrupted_creations(store) == []
+
+
+@pytest.mark.parametrize("meanwhile", ["lease", "attached"])
+def test_a_lease_bound_while_a_disk_is_being_removed_keeps_it(
+    store: Store, data_path: Path, monkeypatch: pytest.MonkeyPatch, meanwhile: str
+) -> None:
+    """Review: ``disk remove`` checked the leases, then made the disk ``deleting`` in a second
+    step: a lease bound (or the disk attached) in between was not seen, and the disk and its
+    image went with it in use. The check is made again once the disk is deleting (when no
+    lease can bind any more); the disk is then set back as it was, and kept."""
+    image = Path(make_disk(data_path, "pg", size=1 << 20))
+    before = sha256_file(image)
+    other = Store(str(data_path))  # another process: `mirenfs lease acquire`, or Miren
+    real_set_status = Store.set_disk_status
+
+    def someone_acts_first(self: Store, name: str, status: DiskState) -> object:
+        if status is DiskState.DELETING and not acted:
+            acted.append(True)
+            if meanwhile == "lease":
+                other.acquire_lease(name)
+            else:
+                real_set_status(other, name, DiskState.ATTACHED)
+        return real_set_status(self, name, status)
+
+    acted: list[bool] = []
+    monkeypatch.setattr(Store, "set_disk_status", someone_acts_first)
+    with pytest.raises(MirenfsError, match="is in use"):
+        remove_disk(store, "pg")
+    record = store.get_disk("pg")
+    expected = DiskState.ATTACHED if meanwhile == "attached" else DiskState.PROVISIONED
+    assert record.disk.status is expected and sha256_file(image) == before

@@ -17,7 +17,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mirenfs.disks.model import Catalog, DiskRecord, DiskState, validate_disk_name, volumes_dir
 from mirenfs.disks.pointintime import sweep_leftovers
@@ -157,7 +157,16 @@ def remove_disk(store: Catalog, name: str) -> RemovedDisk:
                 f"disk {name} is being restored right now; let the restore finish (or stop it) before "
                 "removing the disk"
             ) from None
-    store.set_disk_status(name, DiskState.DELETING)
+    was, _ = store.set_disk_status(name, DiskState.DELETING)
+    # Once deleting, no lease binds (acquiring one is refused); one bound since the check above
+    # is found now, and the disk goes back as it was (review: it was removed with the lease).
+    try:  # as it was just before it became deleting (attached then counts too)
+        as_it_was = replace(store.get_disk(name).disk, status=was)
+        refuse_if_in_use(store, as_it_was, image_path, action="removing the disk")
+    except MirenfsError:
+        with contextlib.suppress(MirenfsError):
+            store.set_disk_status(name, was)
+        raise
     if image_path is not None and record.volume is not None:
         volume_dir = os.path.dirname(image_path)
         with contextlib.suppress(FileNotFoundError):
