@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -199,6 +200,15 @@ async def test_the_mounts_status_is_its_owners_and_roots_only(data_path: Path) -
         assert await fuse_errno(m.ops.getxattr(ROOT_INODE, acl, NOBODY)) == pyfuse3.ENOATTR
         assert "pg" in json.loads(await m.ops.getxattr(ROOT_INODE, status, m.ctx))["disks"]
         assert status in await m.ops.listxattr(ROOT_INODE, m.ctx)
+        # Review: each restore/ entry's outcome was as readable (cp makes it 0644): the kernel,
+        # which checks modes on a shared mount, is shown it as its writer's and root's only.
+        fh, inode = await m.create("web.mirn", mode=0o644)
+        await m.close(fh)
+        assert stat.S_IMODE((await m.ops.getattr(inode, m.ctx)).st_mode) == 0o600
+    async with operations(data_path) as private:  # not shared: as the writer made it
+        fh, inode = await private.create("web.mirn", mode=0o644)
+        await private.close(fh)
+        assert stat.S_IMODE((await private.ops.getattr(inode, private.ctx)).st_mode) == 0o644
 
 
 # ---- 8: a stale handle cannot feed, install or fail a newer restore ------------------------------------

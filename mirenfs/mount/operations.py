@@ -223,7 +223,10 @@ class MirenOperations(pyfuse3.Operations):
         return 0o755  # writable by the mount's owner only
 
     def _restore_attributes(self, entry: RestoreEntry) -> pyfuse3.EntryAttributes:
-        attrs = self._attributes(entry.inode, stat.S_IFREG | entry.mode, entry.size, entry.mtime_ns)
+        # Shared (-o allow_other): an entry's outcome (checksums, who restored what) is its writer's
+        # and root's, as the mount's status is; the kernel checks the mode (review: `cp` left 0644).
+        mode = entry.mode & ~0o077 if self.shared else entry.mode
+        attrs = self._attributes(entry.inode, stat.S_IFREG | mode, entry.size, entry.mtime_ns)
         attrs.st_uid, attrs.st_gid = entry.uid, entry.gid
         return attrs
 
