@@ -223,12 +223,16 @@ class MirenOperations(pyfuse3.Operations):
         return 0o755  # writable by the mount's owner only
 
     def _restore_attributes(self, entry: RestoreEntry) -> pyfuse3.EntryAttributes:
-        # Shared (-o allow_other): an entry's outcome (checksums, who restored what) is its writer's
-        # and root's, as the mount's status is; the kernel checks the mode (review: `cp` left 0644).
-        mode = entry.mode & ~0o077 if self.shared else entry.mode
-        attrs = self._attributes(entry.inode, stat.S_IFREG | mode, entry.size, entry.mtime_ns)
+        attrs = self._attributes(entry.inode, stat.S_IFREG | entry.mode, entry.size, entry.mtime_ns)
         attrs.st_uid, attrs.st_gid = entry.uid, entry.gid
         return attrs
+
+    def _entry_mode(self, mode: int) -> int:
+        """A new restore/ entry's mode. Shared (-o allow_other), without group and other bits: its
+        outcome (checksums, who restored what) is its writer's and root's, as the mount's status
+        is, and the kernel checks the mode (review: `cp` made it 0644). A chmod by its writer
+        afterwards is shown as made."""
+        return mode & ~0o077 if self.shared else mode
 
     def _ignored_attributes(self, node: IgnoredNode) -> pyfuse3.EntryAttributes:
         kind = stat.S_IFDIR if node.is_directory else stat.S_IFREG
@@ -574,7 +578,9 @@ class MirenOperations(pyfuse3.Operations):
             self.restores.check_writer(ctx.uid, "restore/")
             node = self.restores.ignore(parent_inode, os.fsdecode(name), is_directory=False, mode=mode)
             return pyfuse3.FileInfo(fh=self.handles.add(None), direct_io=True), self._ignored_attributes(node)
-        writer = await self.restores.begin(os.fsdecode(name), mode, ctx.uid, ctx.gid, ctx.pid)
+        writer = await self.restores.begin(
+            os.fsdecode(name), self._entry_mode(mode), ctx.uid, ctx.gid, ctx.pid
+        )
         info = pyfuse3.FileInfo(fh=self.handles.add(writer), direct_io=True)
         return info, self._restore_attributes(writer.entry)
 
@@ -593,7 +599,7 @@ class MirenOperations(pyfuse3.Operations):
             self.restores.check_writer(ctx.uid, "restore/")
             node = self.restores.ignore(parent_inode, os.fsdecode(name), is_directory=False, mode=mode)
             return self._ignored_attributes(node)
-        entry = self.restores.make_node(os.fsdecode(name), mode, ctx.uid, ctx.gid, ctx.pid)
+        entry = self.restores.make_node(os.fsdecode(name), self._entry_mode(mode), ctx.uid, ctx.gid, ctx.pid)
         return self._restore_attributes(entry)
 
     @fuse_errors
