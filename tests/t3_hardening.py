@@ -158,9 +158,12 @@ async def test_another_user_can_neither_start_nor_feed_nor_change_a_restore(
         assert await fuse_errno(ops.create(RESTORE_INODE, name, 0o666, flags, NOBODY)) == errno.EACCES
         # An entry that exists (a tar member, a chmod 0666) is no way in either.
         fh, inode = await m.create("pg.mirn", mode=0o666)
-        await m.close(fh)  # empty: failed, but the entry stays, mode 0666
+        await m.close(fh)  # empty: failed, but the entry stays
         fields = SetattrFields(update_mode=True)
         attrs = await ops.getattr(inode, m.ctx)
+        assert attrs.st_mode & 0o777 == 0o600  # made without group and other bits, on a shared mount
+        attrs.st_mode = (attrs.st_mode & ~0o777) | 0o666
+        attrs = await ops.setattr(inode, attrs, fields, None, m.ctx)  # its owner's chmod 0666 stands
         assert attrs.st_mode & 0o777 == 0o666
         for flags in (os.O_WRONLY, os.O_RDWR, os.O_WRONLY | os.O_TRUNC, os.O_WRONLY | os.O_APPEND):
             assert await fuse_errno(ops.open(inode, flags, NOBODY)) == errno.EACCES
