@@ -431,21 +431,18 @@ class EtcdCatalog:
         registered, or one under it that is a file mirenfs keeps there (the store, its state, the
         managed volumes, where another disk's image lies: review): whoever can write the catalogue
         must not choose what this host reads or replaces."""
-        explicit = volume.image_path if volume.image_path and os.path.isabs(volume.image_path) else None
-        kept = what_the_data_path_keeps_at(explicit, self.data_path, ()) if explicit else None
-        if explicit and kept is not None:
-            name, image = stored.disk.name, printable(explicit)
+        explicit = volume.image_path
+        if not explicit or not os.path.isabs(explicit):
+            return
+        name, image = stored.disk.name, printable(explicit)
+        kept = what_the_data_path_keeps_at(explicit, self.data_path, ())
+        if kept is not None:
             raise UntrustedImageError(
                 f"disk {name} in the disk catalogue at {self.location.url} names the image {image} on this "
                 f"node ({self.node}), which is {kept.said}, so mirenfs neither reads nor replaces it "
                 f"through disk {name}: fix the record {self._disk_key(name)}"
             )
-        if (
-            volume.image_path
-            and os.path.isabs(volume.image_path)
-            and not self.trusted.allows(volume.image_path)
-        ):
-            name, image = stored.disk.name, printable(volume.image_path)
+        if not self.trusted.allows(explicit):
             raise UntrustedImageError(
                 f"disk {name} in the disk catalogue at {self.location.url} names the image {image} on this "
                 f"node ({self.node}), outside the data path {self.data_path}, and this host never "
@@ -834,17 +831,16 @@ class EtcdCatalog:
             _put(self._lease_key(lease.id), json.dumps({"disk_id": record.disk.id, "name": name}))
             for lease in record.leases
         ]
-        compare = [_missing(key)]
         image_key = None
         if volume is not None and volume.image_path and volume.node:
             image_key = self._image_key(volume.node, volume.image_path)
             indexes.append(_put(image_key, record.disk.id))
-            compare.append(_missing(image_key))  # review: two disks on one image, by a copy
         for _ in range(CAS_ATTEMPTS):
             current = self._load(name)
             if current is None:
-                if image_key is not None:
-                    self._refuse_an_image_held_by_another(image_key, record)
+                compare = [_missing(key)]
+                if image_key is not None:  # review: two disks on one image, by a copy
+                    compare.append(self._image_free_for(image_key, record))
                 if self.kv.txn(compare, [_put(key, wanted.encode()), *indexes]).succeeded:
                     # This host copied it here, so the path is its own: only one the source trusted
                     # (review: every path of the source, refused ones too, became trusted).
@@ -867,11 +863,14 @@ class EtcdCatalog:
             return "differs"
         raise StoreError(f"disk {name} changed {CAS_ATTEMPTS} times while it was being copied; try again")
 
-    def _refuse_an_image_held_by_another(self, image_key: str, record: DiskRecord) -> None:
-        """DiskExistsError when another disk's record holds the image ``record`` names."""
+    def _image_free_for(self, image_key: str, record: DiskRecord) -> dict[str, Any]:
+        """The compare that keeps the image ``record`` names its own: the image's index still
+        absent, or still as read (already this disk's); DiskExistsError when another disk's."""
         _, found, _ = self.kv.range(image_key)
-        if not found or found[0].value.decode() == record.disk.id:
-            return
+        if not found:
+            return _missing(image_key)
+        if found[0].value.decode() == record.disk.id:
+            return _unchanged(image_key, found[0].mod_revision)
         owner_id = found[0].value.decode()
         owner = self._name_of(owner_id) or owner_id
         assert record.volume is not None
