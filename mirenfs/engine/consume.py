@@ -531,9 +531,8 @@ class RestoreStream:
         """
         pipeline = self._pipeline
         if pipeline is not None:
-            pipeline.stages.stop()
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(pipeline.stages.join)
+                await trio.to_thread.run_sync(self.join_stages)
             pipeline.drop_buffers()
         if self._finalizer is not None:
             self._finalizer.detach()  # nothing left to stop

@@ -51,7 +51,7 @@ from mirenfs.format.frames import (
     zero_frame,
     zstd_library_version,
 )
-from mirenfs.format.header import Meta, Timestamp
+from mirenfs.format.header import EARLIEST_HEADER_NS, LATEST_HEADER_NS, Meta, Timestamp
 
 log = logging.getLogger(__name__)
 
@@ -322,11 +322,6 @@ class FrameSpill:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-# The instants a header can hold: Go writes and reads years 0000 to 9999 only (RFC 3339).
-EARLIEST_HEADER_NS = -62_167_219_200 * 1_000_000_000  # 0000-01-01T00:00:00Z
-LATEST_HEADER_NS = 253_402_300_800 * 1_000_000_000 - 1  # 9999-12-31T23:59:59.999999999Z
 
 
 def snapshot_meta(name: str, filesystem: str, size: int, mtime_ns: int, checksum: str) -> Meta:

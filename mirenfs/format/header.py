@@ -30,6 +30,10 @@ _PREFIX = struct.Struct(">4sII")
 _CHECKSUM_RE = re.compile(r"[0-9a-fA-F]{64}")
 _EPOCH = _dt.datetime(1970, 1, 1)
 _NS = 1_000_000_000
+# The instants a header holds: Go writes and reads the years 0000 to 9999 only (RFC 3339), as
+# Timestamp.parse does.
+EARLIEST_HEADER_NS = -62_167_219_200 * _NS  # 0000-01-01T00:00:00Z
+LATEST_HEADER_NS = 253_402_300_800 * _NS - 1  # 9999-12-31T23:59:59.999999999Z
 
 
 @dataclass(frozen=True, order=True)
