@@ -361,6 +361,33 @@ def test_status_of_a_stopped_daemon_ends_when_named_and_when_its_output_is_piped
     assert run_mirenfs("status", str(mnt), timeout=60).returncode == 0
 
 
+def test_a_mount_over_a_stopped_daemon_is_refused_without_waiting_for_it(
+    tmp_path: Path, disks, mounts
+) -> None:
+    """``mirenfs mount`` once stat'ed its mount point first, which over a stopped daemon waits in
+    the kernel for ever: on the mount point itself and on a directory in it, it now says so."""
+    data, _ = disks
+    mnt = tmp_path / "mnt"
+    mount = mounts(mnt, data)
+    os.kill(mount.process.pid, signal.SIGSTOP)
+    resume = threading.Timer(25, os.kill, (mount.process.pid, signal.SIGCONT))  # a hang fails, ends
+    resume.start()
+    try:
+        for where in (mnt, mnt / "restore"):
+            done = run_mirenfs("mount", str(where), "--data-path", str(data), timeout=60)
+            assert done.returncode == 1, done
+            assert f"the mirenfs mount at {mnt} does not answer within 5 s: its daemon is stopped" in (
+                done.stderr.decode()
+            )
+            assert resume.is_alive(), f"mount on {where} ended only once the daemon was resumed"
+    finally:
+        resume.cancel()
+        os.kill(mount.process.pid, signal.SIGCONT)
+    again = run_mirenfs("mount", str(mnt), "--data-path", str(data), timeout=60)  # it answers now
+    assert again.returncode == 1
+    assert f"{mnt} is already a mirenfs mount; unmount it first" in again.stderr.decode()
+
+
 def test_a_mount_whose_disks_have_no_images_there_says_so_at_start(tmp_path: Path, mounts) -> None:
     """A mistyped data path on a fleet (or a node name two hosts share) showed this host's disks
     without images, silently; a restore into one then wrote an image there and changed its

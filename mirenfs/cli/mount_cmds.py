@@ -28,7 +28,14 @@ import trio
 
 from mirenfs.cli.common import add_data_path_option, catalog_from, human_size, resolve_data_path
 from mirenfs.cli.logfold import fold_repeats, write_held_back
-from mirenfs.cli.mountinfo import MountEntry, mirenfs_mounts, mount_at, mount_holding, refuse_if_mirenfs_mount
+from mirenfs.cli.mountinfo import (
+    FSTYPE,
+    MountEntry,
+    mirenfs_mounts,
+    mount_at,
+    mount_holding,
+    refuse_if_mirenfs_mount,
+)
 from mirenfs.disks.catalogs import catalog_spec_from, node_from
 from mirenfs.disks.manage import sweep_what_killed_runs_left
 from mirenfs.disks.model import holds_mirenfs_files
@@ -44,6 +51,7 @@ log = logging.getLogger(__name__)
 # How long `mirenfs status` waits for a mount: it lists its catalogue first, which on an etcd in
 # trouble takes up to one 2 s deadline per endpoint before it answers from its last listing.
 STATUS_TIMEOUT_S = 15.0
+MOUNT_PROBE_TIMEOUT_S = 5.0  # a mount over a mirenfs mount asks whether its daemon answers
 LOG_FORMAT = "%(asctime)s mirenfs[%(process)d]: %(levelname)s: %(message)s"
 
 
@@ -104,18 +112,15 @@ def register(commands: Any) -> None:
 
 
 def config_from(args: argparse.Namespace) -> MountConfig:
+    refuse_a_mirenfs_mount_that_does_not_answer(args.mountpoint)  # before any stat could hang
+    refuse_if_mirenfs_mount(args.mountpoint)
     mountpoint = os.path.realpath(args.mountpoint)  # /proc/*/fd links name it so (review: a symlink)
     try:
         info: os.stat_result | None = os.stat(mountpoint)
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
             dead = mount_holding(mountpoint)  # the mount point itself, or a directory above it
-            where = dead.mountpoint if dead is not None else mountpoint
-            raise MirenfsError(
-                f"a dead mount is left at {where} (its daemon was killed); "
-                f"run: fusermount3 -u {where}, then mount again (the new mount also thaws "
-                "a filesystem the killed one left frozen)"
-            ) from None
+            raise _dead_mount_error(dead.mountpoint if dead is not None else mountpoint) from None
         info = None
     if info is None:
         raise MirenfsError(
@@ -123,7 +128,6 @@ def config_from(args: argparse.Namespace) -> MountConfig:
         )
     if not stat.S_ISDIR(info.st_mode):
         raise MirenfsError(f"mount point {mountpoint} is not a directory; mount on a directory")
-    refuse_if_mirenfs_mount(mountpoint)
     refuse_hiding_another_mount(mountpoint)
     catalog, node = catalog_spec_from(args.catalog), node_from(args.node)  # refused now if malformed
     data_path = resolve_data_path(args.data_path)
@@ -143,6 +147,33 @@ def config_from(args: argparse.Namespace) -> MountConfig:
         index_at_mount=index_at_mount,
         catalog=catalog,
         node=node,
+    )
+
+
+def refuse_a_mirenfs_mount_that_does_not_answer(given: str) -> None:
+    """A mount point on a mirenfs mount whose daemon was killed or stopped is refused with what to
+    do. Found in mountinfo as spelt and asked from a child: a stat of a stopped daemon's mount
+    waits in the kernel for ever, and `mirenfs mount` over one hung."""
+    holding = mount_holding(given)
+    if holding is None or holding.fstype != FSTYPE:
+        return
+    try:
+        _getxattr_within(holding.mountpoint, STATUS_XATTR, MOUNT_PROBE_TIMEOUT_S)
+    except TimeoutError:
+        raise MirenfsError(
+            f"the mirenfs mount at {holding.mountpoint} does not answer within {MOUNT_PROBE_TIMEOUT_S:g} s: "
+            "its daemon is stopped or hung (`kill -CONT` it if it was stopped, or stop it and run "
+            f"fusermount3 -u {holding.mountpoint}); mount on a directory of its own"
+        ) from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise _dead_mount_error(holding.mountpoint) from None
+
+
+def _dead_mount_error(where: str) -> MirenfsError:
+    return MirenfsError(
+        f"a dead mount is left at {where} (its daemon was killed); run: fusermount3 -u {where}, "
+        "then mount again (the new mount also thaws a filesystem the killed one left frozen)"
     )
 
 

@@ -71,16 +71,20 @@ def refuse_if_mirenfs_mount(directory: str) -> None:
     """A second mount on a mirenfs mount would hide the first (and ``mount -a`` cannot tell the
     fstab line is mounted, since the source it shows is not always the data path): refuse it.
     One inside a mirenfs mount (on its ``restore/``) would hide that mount's restores: refuse it too."""
-    target = os.path.realpath(directory)
     served = mirenfs_mounts()
-    if any(entry.mountpoint == target for entry in served):
-        raise MirenfsError(f"{directory} is already a mirenfs mount; unmount it first (umount {directory})")
-    inside = _containing(target, served)
-    if inside:
-        where = inside[-1].mountpoint
-        raise MirenfsError(
-            f"{directory} is inside the mirenfs mount {where}; mount on a directory of its own"
-        )
+    # As spelt first, without touching the path: resolving it stats each part, and a stat of a
+    # stopped daemon's mount point waits in the kernel for ever (a mount over it hung).
+    for target in (os.path.abspath(directory), os.path.realpath(directory)):
+        if any(entry.mountpoint == target for entry in served):
+            raise MirenfsError(
+                f"{directory} is already a mirenfs mount; unmount it first (umount {directory})"
+            )
+        inside = _containing(target, served)
+        if inside:
+            where = inside[-1].mountpoint
+            raise MirenfsError(
+                f"{directory} is inside the mirenfs mount {where}; mount on a directory of its own"
+            )
 
 
 def _containing(target: str, candidates: list[MountEntry]) -> list[MountEntry]:
