@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import syslog
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -494,3 +495,49 @@ def test_a_data_path_this_user_may_not_write_says_who_may(
         f"the data path {tmp_path} is not writable by this user; restores and snapshot indexes are kept "
         "there, so run as a user who may write there (its owner, or root)"
     )
+
+
+def test_a_daemon_failing_after_it_was_ready_writes_its_error_to_its_log_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: the daemon wrote a failure after readiness to the ready pipe's number, closed by
+    then and maybe another file's by the time (an image, a staging file, a socket)."""
+    pipes: list[tuple[int, int]] = []
+    parent_ends: list[int] = []  # the waiting parent's end, kept open as the parent would
+    real_pipe = os.pipe
+
+    def recorded_pipe() -> tuple[int, int]:
+        pipes.append(real_pipe())
+        parent_ends.append(os.dup(pipes[-1][0]))
+        return pipes[-1]
+
+    victim = tmp_path / "staging"
+    victim.write_bytes(b"\0" * 16)
+
+    def serve(config: MountConfig, *, ready: Callable[[], None]) -> None:
+        ready()
+        fd = os.open(victim, os.O_RDWR)
+        os.dup2(fd, pipes[0][1])  # the pipe's number, now another file's
+        os.close(fd)
+        raise RuntimeError("the catalogue's watch failed")
+
+    def leave(code: int) -> None:
+        raise SystemExit(code)
+
+    monkeypatch.setattr(os, "pipe", recorded_pipe)
+    monkeypatch.setattr(os, "fork", lambda: 0)
+    monkeypatch.setattr(os, "setsid", lambda: None)
+    monkeypatch.setattr(os, "_exit", leave)
+    monkeypatch.setattr(logging, "shutdown", lambda: None)
+    monkeypatch.setattr(mount_cmds, "_detach_stdio", lambda config, level: None)
+    monkeypatch.setattr(mount_cmds, "serve_mount", serve)
+    config = MountConfig(str(tmp_path / "mnt"), str(tmp_path / "data"))
+    try:
+        with pytest.raises(SystemExit) as ended:
+            mount_cmds._daemonize(config, "info")
+        assert os.read(parent_ends[0], 100) == b"ready"
+    finally:
+        os.close(pipes[0][1])
+        os.close(parent_ends[0])
+    assert ended.value.code == 1
+    assert victim.read_bytes() == b"\0" * 16

@@ -259,12 +259,14 @@ def _daemonize(config: MountConfig, log_level: str) -> int:
         return 1
     os.close(read_end)
     code = 1
+    report_to: list[int] = [write_end]  # emptied once closed: its number is then another file's
     try:
         os.setsid()
         _detach_stdio(config, log_level)
 
         def ready() -> None:
             os.write(write_end, b"ready")
+            report_to.clear()
             os.close(write_end)
 
         serve_mount(config, ready=ready)
@@ -272,8 +274,9 @@ def _daemonize(config: MountConfig, log_level: str) -> int:
     except BaseException as exc:
         error = meaningful_error(exc)
         log.error("mount failed: %s", error)
-        with contextlib.suppress(OSError):
-            os.write(write_end, str(error).encode())
+        for fd in report_to:  # a failure after readiness is the log's alone (review: once written
+            with contextlib.suppress(OSError):  # into whatever file had reused the number)
+                os.write(fd, str(error).encode())
     finally:
         write_held_back_repeats()
         logging.shutdown()
