@@ -1247,6 +1247,22 @@ async def test_request_lock_taken_while_free_does_not_yield_to_other_tasks() -> 
 
 
 @trio_test
+async def test_a_mknod_entry_whose_open_is_refused_says_so_and_the_image_is_untouched(
+    data_path: Path,
+) -> None:
+    """Review: ``tar --xattrs`` over an existing disk without --allow-overwrite made the entry,
+    its open got EEXIST, and the entry kept saying its restore would start."""
+    image = add_image_disk(data_path, "pg")
+    async with operations(data_path) as m:
+        before, image_before = store_state(data_path), FileState.of(image)
+        attrs = await m.ops.mknod(RESTORE_INODE, b"pg.mirn", stat.S_IFREG | 0o644, 0, m.ctx)
+        assert await fuse_errno(m.open(attrs.st_ino, os.O_WRONLY)) == errno.EEXIST
+        state = await m.state("pg.mirn")
+        assert state.startswith("failed: disk pg already has an image"), state
+        assert store_state(data_path) == before and FileState.of(image) == image_before
+
+
+@trio_test
 async def test_mknod_makes_an_empty_entry_whose_restore_starts_when_it_is_opened(
     data_path: Path, good: Snapshot
 ) -> None:

@@ -53,6 +53,7 @@ _SIDECAR_LIMIT = 4096  # a sidecar is one sha256sum line
 REFUSAL_REPEAT_S = 5.0
 STRANDED_RETRY_S = 1.0  # how often a disk left provisioning by an outage is tried again
 REFUSALS_KEPT = 20
+CREATED_STATE = "created: the restore starts when it is opened for writing"  # made by mknod
 
 
 def _ended_restore(writer: RestoreWriter) -> RestoreRefused:
@@ -289,7 +290,7 @@ class RestoreDirectory:
                     f"disk {disk} is already being restored through restore/{through}", errno.EBUSY
                 )
         except MirenfsError as refusal:
-            self._refused(file_name, refusal, pid)
+            self._refused_open(file_name, refusal, pid)
             raise
         if sidecar:
             return await self._start(file_name, disk, True, None, mode, uid, gid)
@@ -298,7 +299,7 @@ class RestoreDirectory:
             try:
                 target = await trio.to_thread.run_sync(self._prepare, disk)
             except MirenfsError as refusal:
-                self._refused(file_name, refusal, pid)
+                self._refused_open(file_name, refusal, pid)
                 raise
             return await self._start(
                 file_name, disk, False, DiskRestore(target, make_room=self._make_room), mode, uid, gid
@@ -320,7 +321,7 @@ class RestoreDirectory:
             self._refused(file_name, refusal, pid)
             raise
         entry = self._new_entry(file_name, disk, sidecar, mode, uid, gid)
-        entry.state = "created: the restore starts when it is opened for writing"
+        entry.state = CREATED_STATE
         return entry
 
     def _new_entry(
@@ -349,6 +350,14 @@ class RestoreDirectory:
             entry.uid, entry.gid = uid, gid
             entry.state = "receiving" if session is not None else "ignored: a sidecar restores nothing"
         return RestoreWriter(entry, session)
+
+    def _refused_open(self, file_name: str, refusal: MirenfsError, pid: int) -> None:
+        """A refused open of an entry ``mknod`` made (``tar --xattrs``) says so on the entry,
+        which said its restore would start there (review: it kept saying so)."""
+        self._refused(file_name, refusal, pid)
+        entry = self.entries.get(file_name)
+        if entry is not None and entry.session is None and entry.state == CREATED_STATE:
+            entry.state = f"failed: {str(refusal).removeprefix(f'{in_restore(file_name)}: ')}"
 
     def _refused(self, file_name: str, refusal: MirenfsError, pid: int) -> None:
         """One log line and one status record per refusal. rsync retries a refused temporary
