@@ -119,6 +119,31 @@ def test_a_backup_to_a_file_has_no_name_until_it_is_whole(
     assert stat.S_IMODE(output.stat().st_mode) == 0o600
 
 
+def test_a_backup_to_a_file_is_durable_under_its_name_before_it_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: the file was fsynced, but not its directory after the rename, so a crash right
+    after "backed up" could leave the old backup, or none, under the name."""
+    image, output = tmp_path / "disk.img", tmp_path / "out.mirn"
+    write_image(image, [("text", 1 << 20)])
+    steps: list[str] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            steps.append(f"fsync {os.readlink(f'/proc/self/fd/{fd}')}")
+        real_fsync(fd)
+
+    def rename(old: str, new: str) -> None:
+        real_rename(old, new)
+        steps.append(f"rename to {os.path.basename(new)}")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    _snapshot(image, output)
+    assert steps == ["rename to out.mirn", f"fsync {tmp_path}"]
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(segments=st.lists(SEGMENT, max_size=8), seed=st.integers(0, 2**32))
 def test_round_trip_is_exact(tmp_path: Path, segments: list[tuple[str, int]], seed: int) -> None:

@@ -32,6 +32,7 @@ from mirenfs.engine.image import (
     cannot_write,
     disk_file_mode,
     ensure_unchanged,
+    fsync_directory,
     is_device,
 )
 from mirenfs.engine.produce import (
@@ -247,6 +248,12 @@ async def _backup_to_regular_file(
         if temporary is None:
             temporary = _name_unnamed(fd, output, directory)
         _rename_into_place(temporary, output, meta, placed)
+        # The new name is durable only once its directory is (review: a crash just after the
+        # command said "backed up" could lose the file a rotation then counted on).
+        try:
+            await trio.to_thread.run_sync(fsync_directory, directory)
+        except OSError as exc:
+            raise cannot_write(output, exc) from None
         return meta
     except BaseException:
         if temporary is not None:
