@@ -85,10 +85,10 @@ class ResumableSha256:
     def update(self, data: bytes | bytearray | memoryview, /) -> None:
         """Hash ``data``: a writable buffer (bytearray, or a view of one) is passed without a copy."""
         assert _LIBCRYPTO is not None
-        view = memoryview(data)
+        view = memoryview(data).cast("B")  # bytes, whatever its items (review: len() counted items)
         if view.readonly:
             view = memoryview(bytearray(view))
-        length = len(view)
+        length = view.nbytes
         pointer = (ctypes.c_char * max(length, 1)).from_buffer(view if length else _EMPTY)
         _LIBCRYPTO.SHA256_Update(ctypes.byref(self._context), pointer, length)
 
