@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+import trio
 
 from mirenfs.disks import live
 from mirenfs.disks.manage import remove_disk, sweep_interrupted_creations, sweep_stale_staging
 from mirenfs.disks.model import DiskState
 from mirenfs.disks.rules import prepare_backup, prepare_restore
 from mirenfs.disks.store import Store
+from mirenfs.engine.aio import meaningful_error, task_group
 from mirenfs.engine.image import STAGING_SUFFIX, StagingImage, remove_staging_if_unheld
 from mirenfs.errors import DiskNotFoundError, InvalidVolumeError, MirenfsError, TargetError
 
@@ -286,3 +288,28 @@ def test_a_lease_bound_while_a_disk_is_being_removed_keeps_it(
     record = store.get_disk("pg")
     expected = DiskState.ATTACHED if meanwhile == "attached" else DiskState.PROVISIONED
     assert record.disk.status is expected and sha256_file(image) == before
+
+
+def test_an_interrupt_is_never_lost_to_an_error_a_cancelled_sibling_raised() -> None:
+    """Review F: a Ctrl-C that landed while a sibling task failed in its clean-up came out as
+    that task's error, so the command exited 1 and said something else instead of interrupted."""
+
+    async def fails_when_cancelled() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            raise MirenfsError("the clean-up after the cancel failed")
+
+    async def interrupted() -> None:
+        await trio.sleep(0)
+        raise KeyboardInterrupt
+
+    async def run() -> None:
+        async with task_group() as tasks:
+            tasks.start_soon(fails_when_cancelled)
+            tasks.start_soon(interrupted)
+
+    with pytest.raises(KeyboardInterrupt):
+        trio.run(run)
+    group = BaseExceptionGroup("both", [MirenfsError("an error"), ValueError("another")])
+    assert isinstance(meaningful_error(group), MirenfsError)  # without an interrupt, as before

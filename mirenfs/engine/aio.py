@@ -19,11 +19,12 @@ def _leaves(error: BaseException) -> list[BaseException]:
 def meaningful_error(error: BaseException) -> BaseException:
     """The one error a person should see from a (possibly nested) exception group.
 
-    A MirenfsError beats any other error, which beats the cancellations that
-    sibling tasks raise once the first one failed.
+    An interrupt (Ctrl-C, SystemExit) beats everything, so that it is never lost to an error a
+    sibling raised while it was cancelled (review F); then a MirenfsError beats any other
+    error, which beats the cancellations that sibling tasks raise once the first one failed.
     """
     leaves = _leaves(error)
-    for kind in (MirenfsError, Exception):
+    for kind in ((KeyboardInterrupt, SystemExit), MirenfsError, Exception):
         for leaf in leaves:
             if isinstance(leaf, kind):
                 return leaf
