@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import tracemalloc
 from array import array
 
 import pytest
@@ -12,8 +13,14 @@ import zstandard
 
 from mirenfs import FORMAT_VERSION, MAGIC, Meta, Timestamp, read_header, write_header
 from mirenfs.errors import FormatError, printable
-from mirenfs.format.frames import FrameScanner, parse_seek_table, seek_table, seek_table_of_arrays
-from mirenfs.format.header import HeaderParser, decode_header, go_json_string
+from mirenfs.format.frames import (
+    FrameScanner,
+    parse_seek_table,
+    seek_table,
+    seek_table_frame_count,
+    seek_table_of_arrays,
+)
+from mirenfs.format.header import MAX_METADATA_LEN, HeaderParser, decode_header, go_json_string
 
 from support.bad_snapshots import raw_header
 from support.fuzz import streamed_frame
@@ -83,7 +90,11 @@ def test_timestamps_trim_fraction_and_keep_offset() -> None:
 
 def test_go_string_escaping_of_every_control_character() -> None:
     assert go_json_string("\b\f\x7f") == '"\\u0008\\u000c\x7f"'
-    assert go_json_string("\ud800") == '"\ufffd"'  # a lone surrogate is invalid UTF-8 for Go
+    # Invalid UTF-8 for Go, which writes the escape text per byte (encoding/json appendString):
+    # a byte of a file name (surrogateescape), and a surrogate's own three bytes.
+    assert go_json_string("disk-\udcff") == '"disk-\\ufffd"'
+    assert go_json_string(b"a\xff\xfeb".decode(errors="surrogateescape")) == '"a\\ufffd\\ufffdb"'
+    assert go_json_string("\ud800") == '"\\ufffd\\ufffd\\ufffd"'
 
 
 def _body(**changes: object) -> bytes:
@@ -141,6 +152,21 @@ def test_bad_magic_is_refused_at_its_first_byte() -> None:
 def test_oversized_length_is_refused_before_the_body_arrives() -> None:
     with pytest.raises(FormatError, match="1 MiB"):
         HeaderParser().feed(raw_header(b"", length=1 << 24)[:12])
+
+
+def test_the_writer_refuses_metadata_no_reader_would_open() -> None:
+    """Review F: ``Meta.header`` packed any length, so the Python API wrote a snapshot with a
+    long name (``<>&`` take 6 bytes each) that every reader, this one included, refuses."""
+    ts = Timestamp.parse("2026-06-04T12:00:00Z")
+    meta = Meta("<" * 200_000, 5, "ext4", ts, "0" * 64)
+    with pytest.raises(
+        FormatError, match=r"would take 1200\d+ bytes, more than the 1 MiB a snapshot may hold"
+    ):
+        meta.header()
+    longest = Meta(
+        "n" * (MAX_METADATA_LEN - len(Meta("", 5, "ext4", ts, "0" * 64).to_json())), 5, "ext4", ts, "0" * 64
+    )
+    assert decode_header(longest.header())[0] == longest  # the limit itself is allowed
 
 
 def test_truncatedraw_header() -> None:
@@ -235,3 +261,23 @@ def test_the_seek_table_is_the_seekable_formats_bytes() -> None:
     assert seek_table([]) == struct.pack("<II", 0x184D2A5E, 9) + struct.pack("<IBI", 0, 0x80, 0x8F92EAB1)
     with pytest.raises(ValueError, match="columns differ in length"):
         seek_table_of_arrays(columns[0], columns[1][:2], columns[2])
+
+
+def test_the_frame_count_of_a_seek_table_is_checked_whole_without_an_object_per_entry() -> None:
+    """Review F: ``inspect`` made a tuple per entry, 700 MB for a crafted 64 MiB table, and did
+    not check the skippable frame that holds the table."""
+    frames = 1_000_000
+    column = array("I", bytes(4 * frames))
+    table = seek_table_of_arrays(column, column, column)
+    tracemalloc.start()
+    try:
+        count = seek_table_frame_count(table)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert count == frames and peak < 1 << 20, peak
+    other_magic = struct.pack("<I", 0x184D2A50) + table[4:]
+    wrong_length = table[:4] + struct.pack("<I", 12 * frames) + table[8:]
+    for bad in (other_magic, wrong_length, b"\0" * 8 + table[8:]):
+        with pytest.raises(FormatError, match="the seek table's skippable frame does not hold it"):
+            seek_table_frame_count(bad)

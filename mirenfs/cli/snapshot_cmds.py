@@ -59,7 +59,12 @@ from mirenfs.errors import (
     TargetError,
     printable,
 )
-from mirenfs.format.frames import MAX_SEEK_TABLE, SEEK_TABLE_FOOTER_LEN, parse_seek_table, seek_table_length
+from mirenfs.format.frames import (
+    MAX_SEEK_TABLE,
+    SEEK_TABLE_FOOTER_LEN,
+    seek_table_frame_count,
+    seek_table_length,
+)
 from mirenfs.format.header import FILESYSTEMS, Meta, read_header, validate_restorable
 from mirenfs.mount.config import clone_directory_of
 
@@ -403,7 +408,7 @@ def _seek_table_frames(snapshot: BinaryIO, data_len: int) -> int | None:
     tail_len = min(data_len, seek_table_length(snapshot.read(SEEK_TABLE_FOOTER_LEN)), MAX_SEEK_TABLE)
     snapshot.seek(-tail_len, os.SEEK_END)
     try:
-        return len(parse_seek_table(snapshot.read(tail_len)))
+        return seek_table_frame_count(snapshot.read(tail_len))
     except FormatError:
         return None
 

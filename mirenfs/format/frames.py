@@ -96,8 +96,10 @@ def seek_table_length(footer: bytes) -> int:
     return 8 + entry_len * int(count) + SEEK_TABLE_FOOTER_LEN
 
 
-def parse_seek_table(tail: bytes) -> list[tuple[int, int, int]]:
-    """Read a seek table from the end of a stream (used by tests and `inspect`)."""
+def seek_table_frame_count(tail: bytes) -> int:
+    """The frame count of the seek table at the end of ``tail``, checked whole (footer, length,
+    and the skippable frame that holds it) without a Python object per entry: ``inspect`` of a
+    crafted 64 MiB table took 700 MB as tuples (review F)."""
     if len(tail) < SEEK_TABLE_FOOTER_LEN:
         raise FormatError("no seek table: the data is shorter than its footer")
     count, descriptor, magic = struct.unpack("<IBI", tail[-SEEK_TABLE_FOOTER_LEN:])
@@ -107,6 +109,20 @@ def parse_seek_table(tail: bytes) -> list[tuple[int, int, int]]:
     start = len(tail) - SEEK_TABLE_FOOTER_LEN - entry_len * count
     if start < 8:
         raise FormatError("the seek table is truncated")
+    frame_magic, content_length = struct.unpack_from("<II", tail, start - 8)
+    if (
+        frame_magic != SEEK_TABLE_SKIPPABLE_MAGIC
+        or content_length != entry_len * count + SEEK_TABLE_FOOTER_LEN
+    ):
+        raise FormatError("the seek table's skippable frame does not hold it")
+    return int(count)
+
+
+def parse_seek_table(tail: bytes) -> list[tuple[int, int, int]]:
+    """Read a seek table from the end of a stream (used by tests)."""
+    count = seek_table_frame_count(tail)
+    entry_len = 12 if tail[-SEEK_TABLE_FOOTER_LEN + 4] & _CHECKSUM_FLAG else 8
+    start = len(tail) - SEEK_TABLE_FOOTER_LEN - entry_len * count
     entries = []
     for i in range(count):
         raw = tail[start + i * entry_len : start + (i + 1) * entry_len]

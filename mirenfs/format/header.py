@@ -181,7 +181,13 @@ class Meta:
             f'"checksum":{go_json_string(self.checksum)}',
             f'"version":{self.version}',
         )
-        return ("{" + ",".join(fields) + "}").encode("utf-8")
+        body = ("{" + ",".join(fields) + "}").encode("utf-8")
+        if len(body) > MAX_METADATA_LEN:  # no reader, this one included, would open the file
+            raise FormatError(
+                f"the metadata of a snapshot named {quoted(self.name)} would take {len(body)} bytes, "
+                "more than the 1 MiB a snapshot may hold; give a shorter name"
+            )
+        return body
 
     def header(self) -> bytes:
         """The complete header: magic, version, length and metadata."""
@@ -200,8 +206,9 @@ def go_json_string(value: str) -> str:
     """Quote a string the way Go's ``encoding/json`` does (HTML-safe escaping).
 
     Control characters other than \\n, \\r, \\t become ``\\u00XX``; ``<``, ``>``,
-    ``&``, U+2028 and U+2029 are escaped; a lone surrogate (invalid UTF-8 to Go)
-    becomes U+FFFD; everything else is written as raw UTF-8.
+    ``&``, U+2028 and U+2029 are escaped; a lone surrogate (invalid UTF-8 to Go) becomes
+    the text ``\\ufffd`` once per byte Go would see: one for a byte a file name held
+    (``surrogateescape``), three for a surrogate's own UTF-8; everything else is raw UTF-8.
     """
     out = ['"']
     for char in value:
@@ -210,8 +217,10 @@ def go_json_string(value: str) -> str:
             out.append(short)
         elif char < " " or char in _HEX_ESCAPED:
             out.append(f"\\u{ord(char):04x}")
+        elif "\udc80" <= char <= "\udcff":  # one undecodable byte (review F: Go escapes it)
+            out.append("\\ufffd")
         elif "\ud800" <= char <= "\udfff":
-            out.append("\ufffd")
+            out.append("\\ufffd" * 3)
         else:
             out.append(char)
     out.append('"')
