@@ -19,8 +19,10 @@ DiskNotFoundError        ENOENT  No such file or directory
 VolumeNotFoundError      ENOENT  No such file or directory
 InvalidDiskNameError     EINVAL  Invalid argument
 InvalidVolumeError       EINVAL  Invalid argument
+UntrustedImageError      EACCES  Permission denied
 DiskDeletingError        EBUSY   Device or resource busy
 DiskLeasedError          EBUSY   Device or resource busy
+DiskAttachedError        EBUSY   Device or resource busy
 ImageLiveError           EBUSY   Device or resource busy
 DiskChangedError         EBUSY   Device or resource busy
 DiskBusyError            EBUSY   Device or resource busy

@@ -17,6 +17,7 @@ from typing import TypeVar
 import pytest
 import trio
 
+from mirenfs import errors as errors_module
 from mirenfs.disks import live
 from mirenfs.disks.manage import remove_disk, sweep_interrupted_creations, sweep_stale_staging
 from mirenfs.disks.model import DiskState
@@ -313,3 +314,19 @@ def test_an_interrupt_is_never_lost_to_an_error_a_cancelled_sibling_raised() -> 
         trio.run(run)
     group = BaseExceptionGroup("both", [MirenfsError("an error"), ValueError("another")])
     assert isinstance(meaningful_error(group), MirenfsError)  # without an interrupt, as before
+
+
+def test_the_error_table_lists_every_error_with_its_errno() -> None:
+    """Review F: the table of mirenfs/errors.py, which the README points to, had left out two."""
+    lines = (errors_module.__doc__ or "").splitlines()
+    rules = [i for i, line in enumerate(lines) if line.startswith("===")]
+    documented = dict(line.split()[:2] for line in lines[rules[1] + 1 : rules[2]])
+    classes = {
+        name: value
+        for name, value in vars(errors_module).items()
+        if isinstance(value, type) and issubclass(value, MirenfsError)
+    }
+    assert set(documented) == set(classes)
+    for name, code in documented.items():
+        if code != "(set)":
+            assert errno.errorcode[classes[name].errno] == code, name
