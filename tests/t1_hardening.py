@@ -5,6 +5,7 @@ managed volume never leads a restore or a removal outside the data path (14)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -201,6 +202,37 @@ def test_what_is_not_an_interrupted_creation_is_kept(store: Store, data_path: Pa
         "ready": "provisioned",
         "own": "provisioning",
     }
+
+
+def test_a_disk_a_restore_installs_while_the_sweep_looks_is_kept(
+    store: Store, data_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: the sweep saw no image, then a restore through another mount renamed its staging
+    file over the image and was told "created disk", then the sweep removed the disk."""
+    image = interrupted_creation(store, "fresh")
+    staging = f"{image}{STAGING_SUFFIX}"
+    restore = os.open(staging, os.O_RDWR)  # the live restore's staging file, locked as it keeps it
+    fcntl.flock(restore, fcntl.LOCK_EX)
+    real_lexists = os.path.lexists
+    installed: list[bool] = []
+
+    def lexists(path: str) -> bool:
+        there = real_lexists(path)
+        if path == str(image) and not installed:  # just after the sweep looked: the restore installs
+            installed.append(True)
+            os.rename(staging, image)
+            store.set_disk_status("fresh", DiskState.PROVISIONED)
+            os.close(restore)
+        return there
+
+    monkeypatch.setattr(os.path, "lexists", lexists)
+    try:
+        assert sweep_interrupted_creations(store) == []
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(restore)
+    monkeypatch.undo()
+    assert status(store, "fresh") == "provisioned" and image.read_bytes() == b"half a restore"
 
 
 def test_a_restore_into_a_disk_left_provisioning_makes_it_provisioned(store: Store, data_path: Path) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from mirenfs.disks.catalogs import open_catalog
-from mirenfs.disks.etcd import CatalogWatch, EtcdCatalog, _put
+from mirenfs.disks.etcd import CatalogWatch, EtcdCatalog, _delete, _put
 from mirenfs.disks.manage import create_disk, sweep_stale_staging
 from mirenfs.disks.model import DiskState, LeaseState
 from mirenfs.disks.rules import prepare_backup, prepare_restore
@@ -33,6 +33,7 @@ from mirenfs.errors import (
     DiskExistsError,
     DiskLeasedError,
     DiskNotFoundError,
+    LeaseNotFoundError,
     StoreError,
 )
 
@@ -112,6 +113,22 @@ def test_one_name_created_by_many_hosts_at_once_is_one_disk(hosts: tuple[EtcdCat
     assert sorted(outcomes).count("exists") == 11, outcomes
     assert [record.disk.name for record in a.list_disks()] == ["race"]
     assert a.get_disk("race").disk.status is DiskState.PROVISIONING
+
+
+def test_a_lease_in_a_record_another_writer_put_is_released_by_its_id(
+    hosts: tuple[EtcdCatalog, EtcdCatalog],
+) -> None:
+    """Review: a record written without mirenfs's index keys (Miren's own code) listed its bound
+    lease, and ``lease release`` of that id said there was no such lease."""
+    a, b = hosts
+    a.add_disk("pg", size_bytes=4096, filesystem="ext4")
+    lease = a.acquire_lease("pg")
+    assert a.kv.txn([], [_delete(a._lease_key(lease.id))]).succeeded  # as the other writer left it
+    released, name, changed = b.release_lease(lease.id)
+    assert (released.status, name, changed) == (LeaseState.RELEASED, "pg", True)
+    assert [x.status for x in a.get_disk("pg").leases] == [LeaseState.RELEASED]
+    with pytest.raises(LeaseNotFoundError, match="there is no lease lease-none"):
+        b.release_lease("lease-none")
 
 
 def test_concurrent_lease_changes_lose_no_update(hosts: tuple[EtcdCatalog, EtcdCatalog]) -> None:

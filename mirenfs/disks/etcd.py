@@ -766,13 +766,26 @@ class EtcdCatalog:
     def release_lease(self, lease_id: str) -> tuple[Lease, str, bool]:
         _, found, _ = self.kv.range(self._lease_key(lease_id))
         not_found = LeaseNotFoundError(f"there is no lease {lease_id}; see `mirenfs disk list`")
-        if not found:
-            raise not_found
-        try:
-            reference = json.loads(found[0].value)
-            name, disk_id = str(reference["name"]), str(reference["disk_id"])
-        except (ValueError, KeyError, TypeError):
-            raise StoreError(f"the disk catalogue holds a damaged reference for lease {lease_id}") from None
+        if found:
+            try:
+                reference = json.loads(found[0].value)
+                name, disk_id = str(reference["name"]), str(reference["disk_id"])
+            except (ValueError, KeyError, TypeError):
+                raise StoreError(
+                    f"the disk catalogue holds a damaged reference for lease {lease_id}"
+                ) from None
+        else:  # a record another writer put, without our index key (review): found by reading them all
+            holder = next(
+                (
+                    record
+                    for record in self.list_disks()
+                    if any(lease.id == lease_id for lease in record.leases)
+                ),
+                None,
+            )
+            if holder is None:
+                raise not_found
+            name, disk_id = holder.disk.name, holder.disk.id
 
         def edit(stored: _Stored) -> Change | None:
             if stored.disk.id != disk_id or not any(lease.id == lease_id for lease in stored.leases):

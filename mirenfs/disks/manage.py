@@ -24,7 +24,7 @@ from mirenfs.disks.pointintime import sweep_leftovers
 from mirenfs.disks.rules import managed_path_problem, refuse_if_in_use
 from mirenfs.disks.store import Store
 from mirenfs.engine.fstype import detect_filesystem
-from mirenfs.engine.image import STAGING_SUFFIX, remove_staging_if_unheld
+from mirenfs.engine.image import STAGING_SUFFIX, hold_staging_name, remove_staging_if_unheld
 from mirenfs.errors import (
     DiskBusyError,
     DiskElsewhereError,
@@ -336,11 +336,33 @@ def _remove_if_interrupted(store: Catalog, record: DiskRecord) -> bool:
         return False
     if image_path is None or os.path.lexists(image_path) or managed_path_problem(store.data_path, image_path):
         return False
+    # The staging name is held while the image is looked at again and the disk removed: a
+    # restore (maybe through another mount) that installed the image just after the look above
+    # lost the disk it had been told was created (review).
+    staging, directory = image_path + STAGING_SUFFIX, os.path.dirname(image_path)
     try:
-        remove_staging_if_unheld(image_path + STAGING_SUFFIX)
-    except TargetError:
-        return False  # a restore is at work on it right now (maybe through another mount)
-    shutil.rmtree(os.path.dirname(image_path), ignore_errors=True)
+        os.makedirs(os.path.dirname(directory), mode=0o755, exist_ok=True)  # a failed restore's undo
+        with contextlib.suppress(FileExistsError):  # removed them
+            os.mkdir(directory, 0o700)
+        held = hold_staging_name(staging)
+    except OSError as exc:  # a read-only data path: kept, and swept at another start
+        log.warning(
+            "disk %s, which a failed restore left provisioning, is kept until a later start: cannot "
+            "make sure no restore is at work on it (%s: %s)",
+            record.disk.name,
+            exc.filename,
+            exc.strerror,
+        )
+        return False
+    if held is None:
+        return False  # a restore is at work on it right now
+    try:
+        if os.path.lexists(image_path):
+            os.unlink(staging)
+            return False
+        shutil.rmtree(directory, ignore_errors=True)
+    finally:
+        os.close(held)
     store.delete_disk_records(record.disk.id)
     return True
 

@@ -695,6 +695,17 @@ def _locked_file_named(path: str, size: int) -> int:
     return fd
 
 
+def hold_staging_name(path: str) -> int | None:
+    """Hold an image's staging name (an empty file, locked) so that no restore can begin on
+    that image meanwhile: a leftover nobody holds is removed first. None if a live restore
+    holds the name or takes it first. Let go by closing the descriptor and removing the name."""
+    try:
+        remove_staging_if_unheld(path)
+        return _locked_file_named(path, 0)
+    except (TargetError, FileExistsError):
+        return None
+
+
 def _names(path: str, fd: int) -> bool:
     """Whether ``path`` is the open file ``fd`` (not another file given that name since)."""
     try:
