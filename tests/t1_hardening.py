@@ -20,6 +20,7 @@ import trio
 
 from mirenfs import errors as errors_module
 from mirenfs.disks import live
+from mirenfs.disks.creations import mark_creating, marked_creating
 from mirenfs.disks.manage import remove_disk, sweep_interrupted_creations, sweep_stale_staging
 from mirenfs.disks.model import DiskState
 from mirenfs.disks.rules import prepare_backup, prepare_restore
@@ -155,6 +156,7 @@ def interrupted_creation(store: Store, name: str) -> Path:
     """What ``kill -9`` mid-restore into a new name leaves: the disk ``provisioning``, its volume
     directory, maybe a staging file (the image itself never appeared)."""
     created = store.create_disk_for_restore(name, size_bytes=1 << 20, filesystem="ext4")
+    mark_creating(store.data_path, created.disk.id)  # as the restore does right after
     image = Path(store.get_disk(name).image_path or "")
     image.parent.mkdir(parents=True)
     Path(f"{image}{STAGING_SUFFIX}").write_bytes(b"half a restore")
@@ -176,6 +178,17 @@ def test_a_disk_left_provisioning_by_a_killed_restore_is_removed_at_start(
     assert sweep_interrupted_creations(store) == ["killed"]
     assert status(store, "killed") is None and not image.parent.exists()
     assert sweep_interrupted_creations(store) == []
+
+
+def test_a_disk_provisioning_that_no_restore_here_created_is_kept(store: Store, data_path: Path) -> None:
+    """Trial W: the sweep (each start, and `cleanup` after each stop) removed any disk of the
+    node provisioning without an image, such as one Miren was provisioning at that moment."""
+    created = store.create_disk_for_restore("mirenapp", size_bytes=1 << 20, filesystem="ext4")
+    ours = interrupted_creation(store, "ours")
+    assert sweep_interrupted_creations(store) == ["ours"]
+    assert status(store, "mirenapp") == "provisioning" and not ours.parent.exists()
+    assert marked_creating(str(data_path)) == set()  # the entry goes with its disk
+    assert store.get_disk("mirenapp").disk.id == created.disk.id
 
 
 def test_what_is_not_an_interrupted_creation_is_kept(store: Store, data_path: Path, tmp_path: Path) -> None:

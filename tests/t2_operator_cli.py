@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from mirenfs.cli import mount_helper
+from mirenfs.disks.creations import mark_creating
 from mirenfs.disks.manage import mkfs_reason
 from mirenfs.disks.pointintime import RECORD_PREFIX, RECORD_SUFFIX
 from mirenfs.disks.store import Store
@@ -864,8 +865,10 @@ def test_cleanup_removes_what_a_killed_restore_left_and_only_that(
     data.mkdir()
     image = Path(make_disk(data, "pg", size=1 << 20))
     store = Store(str(data))
-    store.create_disk_for_restore("killed", size_bytes=1 << 20, filesystem="ext4")
-    store.create_disk_for_restore("running", size_bytes=1 << 20, filesystem="ext4")
+    for name in ("killed", "running"):  # as a restore creates a disk, and notes it as its own
+        mark_creating(
+            str(data), store.create_disk_for_restore(name, size_bytes=1 << 20, filesystem="ext4").disk.id
+        )
     staged = {}
     for name in ("killed", "running"):
         half = Path(f"{store.get_disk(name).image_path}{STAGING_SUFFIX}")

@@ -19,6 +19,7 @@ import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
+from mirenfs.disks.creations import creation_noted_before, marked_creating, unmark_creating
 from mirenfs.disks.model import Catalog, DiskRecord, DiskState, validate_disk_name, volumes_dir
 from mirenfs.disks.pointintime import sweep_leftovers
 from mirenfs.disks.rules import managed_path_problem, refuse_if_in_use
@@ -44,6 +45,7 @@ _MKFS = {
     "btrfs": (["mkfs.btrfs", "-q", "-f"], "--rootdir", "btrfs-progs"),
 }
 MKFS_TIMEOUT_S = 600
+FINISHED_CREATION_S = 600.0  # a journal entry this old, of a disk no longer waiting for its image, is stale
 
 
 def mkfs_program(filesystem: str) -> str | None:
@@ -305,11 +307,38 @@ def sweep_stale_staging(
 def sweep_interrupted_creations(store: Catalog) -> list[str]:
     """Remove the disks that a killed restore left ``provisioning``; return their names.
 
-    Such a disk is on this host, has a managed volume, no image, and no live
-    restore holding its staging file. (``disk create`` makes the image right
-    after the records, so a disk it is still formatting is not taken for one.)
+    Such a disk was created by a restore on this host (the journal of
+    :mod:`mirenfs.disks.creations` names it: Miren's own provisioning looks the
+    same in the catalogue, trial W), is on this host, has a managed volume, no
+    image, and no live restore holding its staging file. (``disk create`` makes
+    the image right after the records, so a disk it is still formatting is not
+    taken for one.)
     """
-    return [record.disk.name for record in store.list_disks() if _remove_if_interrupted(store, record)]
+    ours = marked_creating(store.data_path)
+    if not ours:
+        return []
+    records = store.list_disks()
+    removed = [
+        record.disk.name
+        for record in records
+        if record.disk.id in ours and _remove_if_interrupted(store, record)
+    ]
+    _forget_finished_creations(store.data_path, ours, records)
+    return removed
+
+
+def _forget_finished_creations(data_path: str, ours: set[str], records: list[DiskRecord]) -> None:
+    """Journal entries of disks that are gone or have an image now: a restore's end (or a
+    process killed between its end and the entry's removal). Only entries some minutes old, so
+    that a restore which has just created its disk keeps its entry."""
+    waiting = {r.disk.id for r in records if r.disk.status == DiskState.PROVISIONING and not _has_image(r)}
+    for disk_id in ours - waiting:
+        if creation_noted_before(data_path, disk_id, seconds_ago=FINISHED_CREATION_S):
+            unmark_creating(data_path, disk_id)
+
+
+def _has_image(record: DiskRecord) -> bool:
+    return record.image_path is not None and os.path.lexists(record.image_path)
 
 
 def remove_interrupted_creation(store: Catalog, name: str, disk_id: str) -> bool:
@@ -364,6 +393,7 @@ def _remove_if_interrupted(store: Catalog, record: DiskRecord) -> bool:
     finally:
         os.close(held)
     store.delete_disk_records(record.disk.id)
+    unmark_creating(store.data_path, record.disk.id)
     return True
 
 

@@ -26,6 +26,7 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from mirenfs.disks.creations import mark_creating, unmark_creating
 from mirenfs.disks.live import filesystems_on, loop_devices_backing
 from mirenfs.disks.model import (
     DB_FILE_NAME,
@@ -356,6 +357,7 @@ class RestoreTarget:
             self._created = self.creator.create_disk_for_restore(
                 self.name, size_bytes=size_bytes, filesystem=filesystem
             )
+            mark_creating(self.data_path, self._created.disk.id)  # the sweep's proof that it is ours
         except DiskExistsError:  # trial T: said "pick another name" to the loser of a race
             self._created_by_another = True
             raise DiskExistsError(
@@ -458,6 +460,7 @@ class RestoreTarget:
                 self._not_marked = str(exc)
                 raise
             self._not_marked = None
+            unmark_creating(self.data_path, self._created.disk.id)
         old = self._recorded_over  # the store took the new image's record before it was installed
         if old is not None and (old.size_bytes, old.filesystem) != (self.size_bytes, self.filesystem):
             log.info(
@@ -525,6 +528,7 @@ class RestoreTarget:
             return
         try:
             created.cleanup()
+            unmark_creating(self.data_path, created.disk.id)
         except Exception as exc:
             self._left_behind = True
             if isinstance(exc, CatalogUnreachableError):

@@ -1,0 +1,81 @@
+"""The disks a restore on this host created and has not finished: one empty file per disk id,
+``<data-path>/mirenfs/creating.DISK-ID``.
+
+A disk left ``provisioning`` with no image looks the same whoever is creating it. On a fleet
+catalogue Miren writes such records too, while it provisions a disk, so the start-up sweep and
+``mirenfs cleanup`` remove only the ones this journal names (trial W: they removed Miren's).
+An entry is made right after the restore created the record and dropped once the disk is
+provisioned or removed; a killed restore leaves it, and so does an undo the catalogue refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import time
+
+from mirenfs.disks.model import state_directory
+from mirenfs.engine.image import fsync_directory, make_private_directory
+
+log = logging.getLogger(__name__)
+
+ENTRY_PREFIX = "creating."  # files beside the mount's own: no directory left behind when none is
+_DISK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # an id never becomes another path
+
+
+def _entry(data_path: str, disk_id: str) -> str | None:
+    if not _DISK_ID.fullmatch(disk_id):
+        return None
+    return os.path.join(state_directory(data_path), ENTRY_PREFIX + disk_id)
+
+
+def mark_creating(data_path: str, disk_id: str) -> None:
+    """Note that a restore created disk ``disk_id`` here; a failure only costs the sweep's help
+    (the disk is then reported, not removed), so it is logged, not raised."""
+    entry = _entry(data_path, disk_id)
+    if entry is None:
+        log.warning("disk id %r cannot be noted as being created by a restore here", disk_id)
+        return
+    try:
+        make_private_directory(state_directory(data_path))
+        os.close(os.open(entry, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        fsync_directory(state_directory(data_path))
+    except OSError as exc:
+        log.warning(
+            "cannot note that a restore is creating disk id %s in %s (%s): if the restore is killed, "
+            "its disk is left for `mirenfs disk remove`",
+            disk_id,
+            state_directory(data_path),
+            exc.strerror,
+        )
+
+
+def unmark_creating(data_path: str, disk_id: str) -> None:
+    """The restore of ``disk_id`` is over: its disk is provisioned, or removed."""
+    entry = _entry(data_path, disk_id)
+    if entry is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(entry)
+
+
+def creation_noted_before(data_path: str, disk_id: str, *, seconds_ago: float) -> bool:
+    """Whether the entry of ``disk_id`` was made more than ``seconds_ago`` (False if none)."""
+    entry = _entry(data_path, disk_id)
+    try:
+        return entry is not None and os.stat(entry).st_mtime < time.time() - seconds_ago
+    except OSError:
+        return False
+
+
+def marked_creating(data_path: str) -> set[str]:
+    """The disk ids restores on this host created and did not finish."""
+    with contextlib.suppress(OSError):
+        names = os.listdir(state_directory(data_path))
+        return {
+            name.removeprefix(ENTRY_PREFIX)
+            for name in names
+            if name.startswith(ENTRY_PREFIX) and _DISK_ID.fullmatch(name.removeprefix(ENTRY_PREFIX))
+        }
+    return set()
