@@ -850,12 +850,20 @@ async def test_an_image_inside_the_mount_itself_is_never_looked_at(
     Store(str(data_path)).add_disk(
         "loopy", size_bytes=1 << 20, filesystem="ext4", image_path=str(inside / "loopy.img")
     )
+    # Review C: through a link into the mount (`disk add --image LINK/x.mirn`), the same.
+    (data_path / "link").symlink_to("never-mounted")
+    write_image(inside / "linked.img", IMAGE_SEGMENTS)
+    Store(str(data_path)).add_disk(
+        "linked", size_bytes=1 << 20, filesystem="ext4", image_path=str(data_path / "link" / "linked.img")
+    )
     caplog.set_level(logging.WARNING, logger="mirenfs")
     async with operations(data_path) as m:
         for _ in range(2):
             names = [name for name, _attrs in await m.listdir(ROOT_INODE)]
             assert names == ["restore", "pg.mirn", "pg.mirn.sha256"]
             assert await fuse_errno(m.ops.lookup(ROOT_INODE, b"loopy.mirn", m.ctx)) == errno.ENOENT
+            assert await fuse_errno(m.ops.lookup(ROOT_INODE, b"linked.mirn", m.ctx)) == errno.ENOENT
+    assert any("disk linked is not shown" in r.getMessage() for r in caplog.records)
     said = [r.getMessage() for r in caplog.records if "loopy" in r.getMessage()]
     assert said == [
         f"disk loopy is not shown: its image {inside / 'loopy.img'} lies inside this mount, which cannot "

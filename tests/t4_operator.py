@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -625,3 +626,36 @@ def test_restore_image_and_disk_add_into_a_mirenfs_mount_are_refused_before_anyt
         )
     assert sorted(disks(data)) == ["pg"] and os.listdir(mnt / "restore") == []
     assert sorted(os.listdir(mnt)) == ["pg.mirn", "pg.mirn.sha256", "restore"]  # the mount still answers
+
+
+def test_a_link_into_a_mirenfs_mount_is_refused_like_the_mount_and_a_stopped_one_hangs_nothing(
+    tmp_path: Path, mounts: Mounts
+) -> None:
+    """Review C: `disk add --image LINK/pg.mirn` (LINK -> the mount) was accepted and hung the
+    mount for good; `backup -o LINK/restore/x.mirn` got "Invalid argument"; `disk add` over a
+    stopped mount waited in the kernel, as its stat came before the look at mountinfo."""
+    data, mnt, link = tmp_path / "data", tmp_path / "mnt", tmp_path / "mlink"
+    data.mkdir()
+    make_disk(data, "pg")
+    mount = mounts(mnt, data)
+    link.symlink_to(mnt)
+    added = run_cli(
+        "disk", "add", "loopy", "--image", link / "pg.mirn", "--filesystem", "ext4", "--data-path", data
+    )
+    assert added.code == 1
+    assert f"as disk loopy: it is in the mirenfs mount at {mnt}, which serves snapshots" in added.err
+    backed = run_cli("backup", "pg", "-o", link / "restore" / "x.mirn", "--data-path", data)
+    assert backed.code == 1 and f"is in the mirenfs mount at {mnt}, which takes no backup file" in backed.err
+    assert sorted(disks(data)) == ["pg"]
+    assert sorted(os.listdir(mnt)) == ["pg.mirn", "pg.mirn.sha256", "restore"]  # it still answers
+    os.kill(mount.process.pid, signal.SIGSTOP)
+    resume = threading.Timer(20, os.kill, (mount.process.pid, signal.SIGCONT))  # a hang fails, ends
+    resume.start()
+    try:
+        argv = ["disk", "add", "x", "--image", mnt / "pg.mirn", "--filesystem", "ext4", "--data-path", data]
+        done = run(MIRENFS, *argv)
+        assert resume.is_alive(), "disk add ended only once the daemon was resumed"
+    finally:
+        resume.cancel()
+        os.kill(mount.process.pid, signal.SIGCONT)
+    assert done.returncode == 1 and f"it is in the mirenfs mount at {mnt}" in done.stderr

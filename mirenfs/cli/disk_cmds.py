@@ -112,17 +112,17 @@ def cmd_disk_create(args: argparse.Namespace) -> int:
 def cmd_disk_add(args: argparse.Namespace) -> int:
     name = validate_disk_name(args.name)
     image_path = os.path.abspath(args.image)
-    try:
-        info = os.stat(image_path)
-    except OSError as exc:
-        raise MirenfsError(f"cannot register {image_path} as disk {name}: {exc.strerror}") from None
-    mount = mirenfs_mount_holding(image_path)
+    mount = mirenfs_mount_holding(image_path)  # before a stat, which a stopped mount would hang
     if mount is not None:  # trial Q: the mount then looked the image up through itself, and hung
         raise MirenfsError(
             f"cannot register {image_path} as disk {name}: it is in the mirenfs mount at {mount}, which "
             f"serves snapshots, not images; to make a disk of a snapshot, copy it into {mount}/restore/"
             f"{name}.mirn"
         )
+    try:
+        info = os.stat(image_path)
+    except OSError as exc:
+        raise MirenfsError(f"cannot register {image_path} as disk {name}: {exc.strerror}") from None
     if not os.path.isfile(image_path):
         raise MirenfsError(f"cannot register {image_path} as disk {name}: it is not a regular file")
     detected = detect_filesystem(image_path)

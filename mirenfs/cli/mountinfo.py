@@ -62,9 +62,16 @@ def mount_holding(path: str) -> MountEntry | None:
 
 
 def mirenfs_mount_holding(path: str) -> str | None:
-    """The mount point of the mirenfs mount a file at ``path`` would lie in, if any."""
-    holding = mount_holding(os.path.dirname(os.path.abspath(path)))
-    return holding.mountpoint if holding is not None and holding.fstype == FSTYPE else None
+    """The mount point of the mirenfs mount a file at ``path`` would lie in, if any: as spelt
+    first (nothing is touched, so a stopped daemon cannot hang the question), then where its
+    directory really is (review C: a link into a mount registered the mount's own snapshot as
+    an image, and the mount then waited on itself for good)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    for resolve in (False, True):  # resolved only once the spelling is cleared
+        holding = mount_holding(os.path.realpath(directory) if resolve else directory)
+        if holding is not None and holding.fstype == FSTYPE:
+            return holding.mountpoint
+    return None
 
 
 def refuse_if_mirenfs_mount(directory: str) -> None:
@@ -74,7 +81,8 @@ def refuse_if_mirenfs_mount(directory: str) -> None:
     served = mirenfs_mounts()
     # As spelt first, without touching the path: resolving it stats each part, and a stat of a
     # stopped daemon's mount point waits in the kernel for ever (a mount over it hung).
-    for target in (os.path.abspath(directory), os.path.realpath(directory)):
+    for resolve in (False, True):  # resolved only once the spelling is cleared
+        target = os.path.realpath(directory) if resolve else os.path.abspath(directory)
         if any(entry.mountpoint == target for entry in served):
             raise MirenfsError(
                 f"{directory} is already a mirenfs mount; unmount it first (umount {directory})"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,7 +73,7 @@ class StoreCatalog:
     def _is_inside_the_mount(self, name: str, image_path: str) -> bool:
         """An image path under the mount point is never looked at: the lookup would come back to
         this mount and wait on its own answer, for ever (trial Q: every request hung). Said once."""
-        if self._inside is None or not os.path.abspath(image_path).startswith(self._inside):
+        if self._inside is None or not _leads_inside(image_path, self._inside):
             return False
         if name not in self._said_inside:
             self._said_inside.add(name)
@@ -121,3 +122,27 @@ class CatalogView:
                     self._on_gone(gone)
                 self._listing, self._listed_at = listing, now
             return self._listing
+
+
+def _leads_inside(path: str, inside: str, *, links_left: int = 40) -> bool:
+    """Whether ``path``, its symbolic links followed, lies under ``inside`` (a directory, ending
+    in "/"), found without touching anything there: a look inside would wait on this mount
+    itself (review C: an image registered through a link into the mount hung it for good)."""
+    parts = [part for part in os.path.abspath(path).split("/") if part]
+    current = "/"
+    for index, part in enumerate(parts):
+        candidate = os.path.join(current, part)
+        if (candidate + "/").startswith(inside):
+            return True
+        try:
+            is_link = stat.S_ISLNK(os.lstat(candidate).st_mode)
+            target = os.readlink(candidate) if is_link else ""
+        except OSError:
+            return False  # not there (yet): nothing to follow
+        if is_link:
+            if links_left == 0:
+                return False
+            rest = os.path.join(os.path.join(current, target), *parts[index + 1 :])
+            return _leads_inside(os.path.normpath(rest), inside, links_left=links_left - 1)
+        current = candidate
+    return False
