@@ -497,6 +497,88 @@ def test_inspect_reads_a_seek_table_of_any_length(tmp_path: Path) -> None:
     assert status == 0 and f"seekable_frames: {frames}\n" in out, out
 
 
+# ---- -o: standard output named as a file, links, terminals --------------------------------
+
+
+def test_backup_to_dev_stdout_is_a_stream_with_no_line_after_it(tmp_path: Path) -> None:
+    """Review C: ``-o /dev/stdout | ...`` got the "backed up" line after the snapshot, in the
+    pipe, and ``-o /dev/stdout > FILE`` renamed the snapshot over the link /dev/stdout."""
+    image = tmp_path / "disk.img"
+    write_image(image, [("data", 300_000), ("hole", 1 << 20)])
+    base = ["backup", "--image", str(image), "--filesystem", "ext4"]
+    streamed = run_mirenfs(*base, "-o", "-")
+    assert streamed.returncode == 0 and streamed.stdout[:4] == b"MIRN"
+    for name in ("/dev/stdout", "/proc/self/fd/1", "/dev/fd/1"):
+        piped = run_mirenfs(*base, "-o", name)  # stdout is a pipe
+        assert (piped.returncode, piped.stdout) == (0, streamed.stdout), (name, piped.stderr)
+    redirected = tmp_path / "redirected.mirn"
+    with open(redirected, "wb") as stdout_file:  # not /dev/stdout: a regression would replace the host's
+        done = subprocess.run(
+            [*mirenfs_command(), *base, "-o", "/proc/self/fd/1"], stdout=stdout_file, timeout=120
+        )
+    assert done.returncode == 0 and redirected.read_bytes() == streamed.stdout
+    assert said("verify", str(redirected))[0] == 0
+
+
+def test_backup_through_a_symbolic_link_writes_the_file_it_leads_to(tmp_path: Path) -> None:
+    """Review C: ``-o latest.mirn`` (a link to the dated file) replaced the link with a file."""
+    image, dated, latest = tmp_path / "disk.img", tmp_path / "pg-20261128.mirn", tmp_path / "latest.mirn"
+    write_image(image, [("data", 300_000)])
+    dated.write_bytes(b"yesterday")
+    latest.symlink_to(dated.name)
+    status, out, err = said("backup", "--image", str(image), "--filesystem", "ext4", "-o", str(latest))
+    assert status == 0, err
+    assert out.startswith(f"backed up {image} to {latest}: ")
+    assert latest.is_symlink() and os.readlink(latest) == dated.name
+    assert dated.read_bytes()[:4] == b"MIRN" and said("verify", str(dated))[0] == 0
+
+
+def test_backup_of_an_image_refuses_a_header_no_restore_would_take(tmp_path: Path) -> None:
+    """Review C: ``--filesystem EXT4``, ``--name ../evil`` or an image named "my image.raw"
+    made a snapshot said to be backed up, which verify and every restore then refused."""
+    image = tmp_path / "my image.raw"
+    write_image(image, [("data", 300_000)])
+    out = tmp_path / "out.mirn"
+    for extra, status, message in (
+        (["--filesystem", "EXT4"], 2, "argument --filesystem: invalid choice: 'EXT4'"),
+        (["--filesystem", "ext4", "--name", "../evil"], 1, "'../evil' is not a valid disk name"),
+        (["--filesystem", "ext4", "--name", ""], 1, "'' is not a valid disk name"),
+        (
+            ["--filesystem", "ext4"],
+            1,
+            f"the file name of {image} gives no disk name for the snapshot's header ('my image' is not a "
+            "valid disk name",
+        ),
+    ):
+        code, _out, err = said("backup", "--image", str(image), *extra, "-o", str(out))
+        assert code == status and message in err, (extra, err)
+        assert not out.exists()
+    code, _out, err = said(
+        "backup", "--image", str(image), "--filesystem", "ext4", "--name", "pg", "-o", str(out)
+    )
+    assert code == 0 and said("verify", str(out))[0] == 0
+
+
+def test_backup_to_a_terminal_is_refused(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    write_image(image, [("data", 300_000)])
+    controller, terminal = pty.openpty()
+    try:
+        done = subprocess.run(
+            [*mirenfs_command(), "backup", "--image", str(image), "--filesystem", "ext4", "-o", "-"],
+            stdout=terminal,
+            stderr=subprocess.PIPE,
+            timeout=120,
+        )
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    assert done.returncode == 1
+    assert done.stderr.decode().startswith(
+        "mirenfs: error: standard output is a terminal, and a snapshot is binary"
+    )
+
+
 # ---- progress bars: drawn on a terminal, never elsewhere --------------------------------------
 
 

@@ -31,7 +31,14 @@ from mirenfs.cli.common import (
 from mirenfs.cli.mountinfo import mirenfs_mount_holding
 from mirenfs.disks.catalogs import open_catalog
 from mirenfs.disks.live import loop_devices_backing
-from mirenfs.disks.model import DB_FILE_NAME, Catalog, DiskRecord, DiskState, frame_store_directory
+from mirenfs.disks.model import (
+    DB_FILE_NAME,
+    Catalog,
+    DiskRecord,
+    DiskState,
+    frame_store_directory,
+    validate_disk_name,
+)
 from mirenfs.disks.pointintime import DEFAULT_FREEZE_BUDGET_S, Consistency, CopyPolicy, take_point_in_time
 from mirenfs.disks.restore import DiskRestore
 from mirenfs.disks.rules import (
@@ -53,6 +60,7 @@ from mirenfs.engine.produce import Settings
 from mirenfs.errors import (
     NO_SPACE,
     FormatError,
+    InvalidDiskNameError,
     LiveCheckError,
     MirenfsError,
     StoreError,
@@ -77,7 +85,9 @@ def register(commands: Any) -> None:
     backup.add_argument("disk", nargs="?", metavar="NAME", help="the disk to back up (from the disk store)")
     backup.add_argument("--image", metavar="PATH", help="back up this raw image file instead of a disk")
     backup.add_argument("--name", help="with --image: disk name in the header (default: the file's name)")
-    backup.add_argument("--filesystem", help="with --image: filesystem in the header (default: detected)")
+    backup.add_argument(
+        "--filesystem", choices=FILESYSTEMS, help="with --image: filesystem in the header (default: detected)"
+    )
     backup.add_argument(
         "-o", "--output", required=True, metavar="FILE", help="snapshot file, or - for stdout"
     )
@@ -117,6 +127,27 @@ def register(commands: Any) -> None:
 
 
 _WRITING_THE_BACKUP = "writing the backup there"
+
+
+def backup_output(given: str) -> str:
+    """Where ``-o`` writes: ``-`` for this command's own standard output, also when named as a
+    file (``-o /dev/stdout``: the "backed up" line went into the pipe after the snapshot, or the
+    snapshot was renamed over the link /dev/stdout, review C); the file a symbolic link leads to,
+    written through it as ``cp`` and ``>`` do (the link itself was replaced). Never a terminal."""
+    output = given
+    if given != "-":  # what _refuse_backup_output refused (a path in a mirenfs mount) is not here
+        with contextlib.suppress(OSError):
+            named, ours = os.stat(given), os.fstat(sys.stdout.fileno())
+            if (named.st_dev, named.st_ino) == (ours.st_dev, ours.st_ino):
+                output = "-"
+        if output != "-" and os.path.islink(given):
+            output = os.path.realpath(given)
+    if output == "-" and sys.stdout.isatty():
+        raise MirenfsError(
+            "standard output is a terminal, and a snapshot is binary: send it to a file or a pipe "
+            "(-o - > FILE, or -o - | ssh HOST 'cat > FILE'), or give -o FILE"
+        )
+    return output
 
 
 def _refuse_backup_output(output: str, source: str, catalog: Catalog | None = None) -> None:
@@ -210,7 +241,18 @@ def cmd_backup(args: argparse.Namespace) -> int:
     size = file_size(args.image, "image")
     if not os.path.isfile(args.image):  # before guessing its filesystem, which would ask for one
         raise MirenfsError(f"image {args.image} is not a regular file")
-    name = args.name or os.path.splitext(os.path.basename(args.image))[0]
+    # Review C: any name and filesystem were written, and the snapshot then failed verify and
+    # every restore: a header names a disk (SPEC §3), or it is not one mirenfs can restore.
+    name = args.name if args.name is not None else os.path.splitext(os.path.basename(args.image))[0]
+    try:
+        validate_disk_name(name)
+    except InvalidDiskNameError as exc:
+        if args.name is not None:
+            raise
+        raise InvalidDiskNameError(
+            f"the file name of {args.image} gives no disk name for the snapshot's header ({exc}); "
+            "pass --name NAME"
+        ) from None
     filesystem = args.filesystem or detect_filesystem(args.image)
     if filesystem is None:
         # A header saying "unknown" could not be registered (disk add) or created from later.
@@ -219,6 +261,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
             f"pass --filesystem {'|'.join(FILESYSTEMS)}"
         )
     _refuse_backup_output(args.output, args.image)
+    output = backup_output(args.output)
     in_use = _in_use(args.image)
     if in_use is not None:
         print(
@@ -229,14 +272,14 @@ def cmd_backup(args: argparse.Namespace) -> int:
         )
     meta = backup_with_progress(
         args.image,
-        args.output,
+        output,
         size,
         name=name,
         filesystem=filesystem,
         settings=settings_from(args),
         live=in_use is not None,  # what may_change_while_read says, from this one look at the loop devices
     )
-    _report_backup(args.image, args.output, meta)
+    _report_backup(args.image, output, args.output, meta)
     return 0
 
 
@@ -294,10 +337,10 @@ def _run_until_placed(command: Callable[..., Awaitable[Meta]], placed_as: str) -
         return meta
 
 
-def _report_backup(source: str, output: str, meta: Meta) -> None:
+def _report_backup(source: str, output: str, given: str, meta: Meta) -> None:
     """One line on success, as restore prints; none when the snapshot itself went to stdout."""
     if output != "-":
-        print(f"backed up {source} to {output}: {meta.size_bytes} bytes, checksum {meta.checksum}")
+        print(f"backed up {source} to {given}: {meta.size_bytes} bytes, checksum {meta.checksum}")
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -439,6 +482,7 @@ def _backup_disk(args: argparse.Namespace) -> int:
     data_path = catalog.data_path
     target = prepare_backup(catalog, args.disk, data_path=data_path)
     _refuse_backup_output(args.output, target.image_path, catalog)
+    output = backup_output(args.output)
     # The mount's path: the image of a disk not in use, else a point-in-time copy (or, with --live,
     # the moving image). Its own sentence replaces prepare_backup's "not a point-in-time copy" warning.
     taken = take_point_in_time(
@@ -457,7 +501,7 @@ def _backup_disk(args: argparse.Namespace) -> int:
         source = f"/proc/self/fd/{taken.image.fd}" if taken.is_copy else target.image_path
         meta = backup_with_progress(
             source,
-            args.output,
+            output,
             taken.identity.size,
             name=target.name,
             filesystem=target.filesystem,
@@ -466,7 +510,7 @@ def _backup_disk(args: argparse.Namespace) -> int:
         )
     finally:
         taken.close()
-    _report_backup(f"disk {target.name}", args.output, meta)
+    _report_backup(f"disk {target.name}", output, args.output, meta)
     return 0
 
 
