@@ -31,25 +31,29 @@ def _entry(data_path: str, disk_id: str) -> str | None:
     return os.path.join(state_directory(data_path), ENTRY_PREFIX + disk_id)
 
 
-def mark_creating(data_path: str, disk_id: str) -> None:
+def mark_creating(data_path: str, disk_id: str) -> bool:
     """Note that a restore created disk ``disk_id`` here; a failure only costs the sweep's help
-    (the disk is then reported, not removed), so it is logged, not raised."""
+    (the disk is then left for `disk remove`), so it is logged, not raised. True if mirenfs's
+    state directory was made for it (a failed restore removes it again, with its disk)."""
     entry = _entry(data_path, disk_id)
     if entry is None:
         log.warning("disk id %r cannot be noted as being created by a restore here", disk_id)
-        return
+        return False
+    directory = state_directory(data_path)
+    made = not os.path.isdir(directory)
     try:
-        make_private_directory(state_directory(data_path))
+        make_private_directory(directory)
         os.close(os.open(entry, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
-        fsync_directory(state_directory(data_path))
+        fsync_directory(directory)
     except OSError as exc:
         log.warning(
             "cannot note that a restore is creating disk id %s in %s (%s): if the restore is killed, "
             "its disk is left for `mirenfs disk remove`",
             disk_id,
-            state_directory(data_path),
+            directory,
             exc.strerror,
         )
+    return made
 
 
 def unmark_creating(data_path: str, disk_id: str) -> None:

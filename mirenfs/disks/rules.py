@@ -322,6 +322,7 @@ class RestoreTarget:
     _recorded_over: Disk | None = field(default=None, repr=False)
     _record_not_undone: str | None = field(default=None, repr=False)  # why putting it back failed
     _created_by_another: bool = field(default=False, repr=False)  # between the checks and the creation
+    _made_state_directory: bool = field(default=False, repr=False)  # for the journal of creations
     _not_marked: str | None = field(default=None, repr=False)  # why a created disk is still provisioning
 
     @property
@@ -357,7 +358,8 @@ class RestoreTarget:
             self._created = self.creator.create_disk_for_restore(
                 self.name, size_bytes=size_bytes, filesystem=filesystem
             )
-            mark_creating(self.data_path, self._created.disk.id)  # the sweep's proof that it is ours
+            # The sweep's proof that the disk is ours, should this restore be killed.
+            self._made_state_directory = mark_creating(self.data_path, self._created.disk.id)
         except DiskExistsError:  # trial T: said "pick another name" to the loser of a race
             self._created_by_another = True
             raise DiskExistsError(
@@ -529,6 +531,9 @@ class RestoreTarget:
         try:
             created.cleanup()
             unmark_creating(self.data_path, created.disk.id)
+            if self._made_state_directory:  # only if nothing else moved in
+                with contextlib.suppress(OSError):
+                    os.rmdir(state_directory(self.data_path))
         except Exception as exc:
             self._left_behind = True
             if isinstance(exc, CatalogUnreachableError):

@@ -38,4 +38,11 @@ async def task_group() -> AsyncIterator[trio.Nursery]:
         async with trio.open_nursery() as nursery:
             yield nursery
     except BaseExceptionGroup as group:
-        raise meaningful_error(group) from None
+        error = meaningful_error(group)
+        # An interrupt is raised afresh: its traceback would keep the tasks' frames, and the
+        # async generators suspended in them, alive past trio.run, whose hooks then complain.
+        if isinstance(error, KeyboardInterrupt):
+            error = KeyboardInterrupt()
+        elif isinstance(error, SystemExit):
+            error = SystemExit(error.code)
+        raise error from None
