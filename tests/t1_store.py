@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from mirenfs.disks import live
 from mirenfs.disks import store as store_module
 from mirenfs.disks.manage import sweep_stale_staging as remove_stale_staging
 from mirenfs.disks.model import DiskState, LeaseState, VolumeState, image_path_for
@@ -156,6 +157,7 @@ def test_under_a_mib_of_room_the_store_is_not_changed_before_sqlite_maps_its_ind
     of f_bfree but what ext4 keeps from root too); others only into f_bavail."""
     store.add_disk("pg", size_bytes=4096, filesystem="ext4")
     monkeypatch.setattr(store_module.os, "geteuid", lambda: 0 if root else 1000)
+    monkeypatch.setattr(store_module, "_is_ext4", lambda _path: True)
     blocks = 1 << 20  # 4 GiB in 4 KiB blocks: ext4 keeps 4096 of them (16 MiB) even from root
 
     def statvfs(bfree: int, bavail: int) -> os.statvfs_result:
@@ -174,6 +176,27 @@ def test_under_a_mib_of_room_the_store_is_not_changed_before_sqlite_maps_its_ind
         store.set_disk_status("pg", "detached")
     assert refused.value.errno == errno.ENOSPC
     assert [record.disk.name for record in store.list_disks()] == ["pg"]  # reading still works
+
+
+@pytest.mark.parametrize(("fstype", "changes"), [("xfs", True), ("ext4", False)])
+def test_ext4s_own_reserve_counts_only_on_ext4_and_reading_works_whenever_changes_are_refused(
+    store: Store, data_path: Path, monkeypatch: pytest.MonkeyPatch, fstype: str, changes: bool
+) -> None:
+    """Trial X: on an XFS data path with 1 to 17 MiB free, root's store was refused for ext4's
+    reserve, and the read-only fallback, which tested the room otherwise, was not taken: `ls` of
+    the mount, `disk list` and every backup failed as "the data path is full"."""
+    store.add_disk("pg", size_bytes=4096, filesystem="ext4")
+    monkeypatch.setattr(store_module.os, "geteuid", lambda: 0)
+    mounted = live.MountLine(1, (8, 1), "/", fstype, "/dev/vdb", "rw")
+    monkeypatch.setattr(store_module, "read_mountinfo", lambda: [mounted])
+    eight_mib = os.statvfs_result((4096, 4096, 1 << 20, 2048, 2048, 1000, 500, 500, 0, 255))
+    monkeypatch.setattr(store_module.os, "statvfs", lambda _path: eight_mib)
+    if changes:
+        store.set_disk_status("pg", "attached")
+    else:
+        with pytest.raises(StoreError, match="is full"):
+            store.set_disk_status("pg", "attached")
+    assert [record.disk.name for record in store.list_disks()] == ["pg"]  # reading works either way
 
 
 def test_a_read_only_data_path_is_read_quietly_and_refuses_changes_saying_to_remount(
