@@ -491,6 +491,41 @@ async def test_a_full_filesystem_fails_the_restore_naming_the_image_and_what_bec
 
 
 @trio_test
+async def test_a_new_disk_the_full_data_path_kept_from_removal_is_removed_once_there_is_room(
+    data_path: Path, big: Snapshot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trial X: the staging write found the data path full, and the undo's removal of the new disk
+    found it still full (XFS frees removed files' blocks in the background): the disk stayed
+    provisioning for good. It is removed once the store takes the change, and the entry says so."""
+    monkeypatch.setattr(restoredir, "STRANDED_RETRY_S", 0.02, raising=False)
+
+    def no_space(*_args: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    full = store_module._data_path_error(str(data_path), errno.ENOSPC)
+    refusals = [full, full]  # the undo's removal, then the first retry
+
+    def delete_when_there_is_room(store: Store, disk_id: str) -> None:
+        if refusals:
+            raise refusals.pop()
+        delete(store, disk_id)
+
+    delete = Store.delete_disk_records
+    monkeypatch.setattr(image_module, "_pwrite_all", no_space)
+    monkeypatch.setattr(Store, "delete_disk_records", delete_when_there_is_room)
+    async with operations(data_path) as m:
+        assert await m.copy_in("fresh.mirn", big.data) == errno.ENOSPC
+        left = "disk fresh was left provisioning and will be removed when the data path has room"
+        assert (await m.state("fresh.mirn")).endswith(left), await m.state("fresh.mirn")
+        with trio.fail_after(5):
+            while m.ops.restores.stranded:
+                await trio.sleep(0.01)
+        removed = "disk fresh was left provisioning and was removed once the data path had room"
+        assert (await m.state("fresh.mirn")).endswith(removed)
+    assert disk_status(data_path, "fresh") is None and refusals == []
+
+
+@trio_test
 async def test_bad_magic_fails_the_write_that_feeds_it(data_path: Path) -> None:
     image = add_image_disk(data_path, "pg")
     async with operations(data_path, allow_overwrite=True) as m:

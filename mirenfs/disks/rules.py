@@ -19,6 +19,7 @@ run them in worker threads from trio.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -60,6 +61,7 @@ from mirenfs.errors import (
     InvalidVolumeError,
     LiveCheckError,
     MirenfsError,
+    StoreError,
     TargetError,
 )
 
@@ -289,6 +291,11 @@ def _check_restorable(resolver: DiskResolver, disk: Disk, *, data_path: str, ove
     return image_path
 
 
+# What a disk a failed restore created and could not remove waits for (the mount retries then).
+UNTIL_THE_CATALOGUE_ANSWERS = "the catalogue answers"
+UNTIL_THE_DATA_PATH_HAS_ROOM = "the data path has room"
+
+
 @dataclass
 class RestoreTarget:
     """A restore that passed every refusal; created by :func:`prepare_restore`.
@@ -317,6 +324,7 @@ class RestoreTarget:
     # the caller removes it once the catalogue answers again
     stranded: Disk | None = field(default=None, repr=False)
     removal_retried: bool = field(default=False, repr=False)
+    stranded_until: str = field(default=UNTIL_THE_CATALOGUE_ANSWERS, repr=False)  # what it waits for
     # What the store said of an existing disk before before_install recorded the new image:
     # put back if the image is not replaced after all.
     _recorded_over: Disk | None = field(default=None, repr=False)
@@ -483,7 +491,7 @@ class RestoreTarget:
                 return f"disk {self.name}: {self._record_not_undone}"
             return f"disk {self.name} is unchanged"  # only its staging file was written, and removed
         if self.stranded is not None and self.removal_retried:
-            return f"disk {self.name} was left provisioning and will be removed when the catalogue answers"
+            return f"disk {self.name} was left provisioning and will be removed when {self.stranded_until}"
         if self._left_behind:
             return (
                 f"disk {self.name} was created and could not be removed; "
@@ -538,12 +546,17 @@ class RestoreTarget:
             self._left_behind = True
             if isinstance(exc, CatalogUnreachableError):
                 self.stranded = created.disk  # nothing of it is on disk any more: only its records
+            elif isinstance(exc, StoreError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                # Trial X: the data path was full a moment longer than the staging file (XFS frees
+                # removed files' blocks in the background): the record goes once there is room.
+                self.stranded, self.stranded_until = created.disk, UNTIL_THE_DATA_PATH_HAS_ROOM
             if self.stranded is not None and self.removal_retried:
                 log.error(
                     "could not remove disk %s, created for a restore that failed (%s); it is left "
-                    "provisioning and will be removed when the catalogue answers",
+                    "provisioning and will be removed when %s",
                     self.name,
                     exc,
+                    self.stranded_until,
                 )
                 return
             log.error(

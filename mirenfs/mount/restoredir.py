@@ -33,7 +33,12 @@ import trio
 from mirenfs.disks.manage import remove_interrupted_creation
 from mirenfs.disks.model import Catalog, validate_disk_name
 from mirenfs.disks.restore import DiskRestore
-from mirenfs.disks.rules import RestoreTarget, prepare_restore
+from mirenfs.disks.rules import (
+    UNTIL_THE_CATALOGUE_ANSWERS,
+    UNTIL_THE_DATA_PATH_HAS_ROOM,
+    RestoreTarget,
+    prepare_restore,
+)
 from mirenfs.engine.image import MakeRoom
 from mirenfs.engine.memory import give_back_free_memory
 from mirenfs.errors import ImageExistsError, MirenfsError, RestoreRefused, printable
@@ -53,6 +58,11 @@ _SIDECAR_LIMIT = 4096  # a sidecar is one sha256sum line
 REFUSAL_REPEAT_S = 5.0
 STRANDED_RETRY_S = 1.0  # how often a disk left provisioning by an outage is tried again
 REFUSALS_KEPT = 20
+# What a stranded disk waited for, once it came (see retry_stranded).
+_ONCE = {
+    UNTIL_THE_CATALOGUE_ANSWERS: "the catalogue answered",
+    UNTIL_THE_DATA_PATH_HAS_ROOM: "the data path had room",
+}
 CREATED_STATE = "created: the restore starts when it is opened for writing"  # made by mknod
 
 
@@ -670,17 +680,16 @@ class RestoreDirectory:
                         remove_interrupted_creation, self.store, disk.name, disk.id
                     )
                 except MirenfsError:
-                    continue  # the catalogue still does not answer: next round
+                    continue  # the catalogue still does not answer (or there is no room): next round
                 self.stranded.remove(item)
                 left = target.outcome()  # what the entry's state says of the disk until now
+                once = _ONCE.get(target.stranded_until, target.stranded_until)
                 if removed:
                     log.info(
-                        "removed disk %s, left provisioning by a failed restore: the catalogue answers again",
-                        disk.name,
+                        "removed disk %s, left provisioning by a failed restore, once %s", disk.name, once
                     )
                     entry.state = entry.state.replace(
-                        left,
-                        f"disk {disk.name} was left provisioning and was removed once the catalogue answered",
+                        left, f"disk {disk.name} was left provisioning and was removed once {once}"
                     )
                 else:
                     log.info("kept disk %s: a restore is at work on it, or gave it an image", disk.name)
