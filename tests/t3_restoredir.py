@@ -255,7 +255,8 @@ async def test_an_existing_image_without_allow_overwrite_is_eexist(data_path: Pa
         newest = m.ops.restores.refusal_status()[0]
         assert (newest["name"], newest["reason"]) == (
             "restore/pg.mirn.part",
-            "only snapshot files (NAME.mirn, or Miren's NAME-DATE-TIME.miren.zst) can be restored",
+            "only snapshot files (NAME.mirn, or Miren's NAME.miren.zst and NAME-DATE-TIME.miren.zst) "
+            "can be restored",
         )
     async with operations(data_path, allow_overwrite=True) as m:
         fh, _inode = await m.create("pg.mirn")

@@ -109,8 +109,8 @@ def disk_for_file_name(file_name: str) -> tuple[str, bool]:
         if miren:
             return validate_disk_name(miren.group("name")), False
     raise RestoreRefused(
-        f"{in_restore(file_name)}: only snapshot files (NAME.mirn, or Miren's NAME-DATE-TIME.miren.zst) "
-        "can be restored",
+        f"{in_restore(file_name)}: only snapshot files (NAME.mirn, or Miren's NAME.miren.zst and "
+        "NAME-DATE-TIME.miren.zst) can be restored",
         errno.EINVAL,
     )
 
