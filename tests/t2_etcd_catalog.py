@@ -37,6 +37,7 @@ from mirenfs.errors import (
     StoreError,
 )
 
+from support.data import sha256_file
 from support.etcd import EtcdCluster, free_port
 from support.mounts import wait_for
 from support.runners import ok, run_cli
@@ -527,6 +528,39 @@ def test_catalog_copy_run_again_never_undoes_a_newer_lease_or_status(
     with pytest.raises(DiskLeasedError):
         prepare_restore(catalog, "pg", data_path=str(data), overwrite=True, creator=catalog)
     ok("lease", "release", lease, *on_etcd)  # its index key still leads to it
+
+
+def test_a_data_path_whose_disks_were_moved_refuses_its_stale_store_and_a_copy_again_resurrects_nothing(
+    etcd: EtcdCluster, tmp_path: Path
+) -> None:
+    """Trial W: after `catalog copy` to etcd, a command without --catalog (a new shell, sudo,
+    cron) went back to the SQLite store and replaced the image of a disk etcd said was leased
+    and attached; and copying the old store again brought back a disk removed from etcd since."""
+    data = tmp_path / "data"
+    for name in ("pg", "web"):
+        ok("disk", "create", name, "--size", "1M", "--data-path", data)
+    url = etcd.url(prefix())
+    ok("catalog", "copy", "--from", data, "--to", url, "--node", "host1")
+    on_etcd = ["--catalog", url, "--node", "host1", "--data-path", data]
+    ok("lease", "acquire", "pg", *on_etcd)
+    image = Path(etcd_catalog(url, data, "host1").get_disk("pg").image_path or "")
+    before = sha256_file(image)
+    where = etcd_catalog(url, data, "host1").location.url
+    moved = f"the disks of data path {data} were copied to the disk catalogue {where} (node host1)"
+    for argv in (["disk", "list"], ["restore", str(GO_EXT4.path), "--name", "pg", "--force"]):
+        stale = run_cli(*argv, "--data-path", data)
+        assert stale.code == 1 and moved in stale.err and "pass --catalog" in stale.err, stale.err
+    assert sha256_file(image) == before
+    assert "pg" in ok("disk", "list", "--catalog", f"sqlite://{data}", "--data-path", data).out  # as asked
+    ok("disk", "remove", "web", *on_etcd)
+    again = run_cli("catalog", "copy", "--from", data, "--to", url, "--node", "host1")  # pg: leased there
+    assert "1 removed there since an earlier copy left out (web)" in again.out, again.out
+    assert [r.disk.name for r in etcd_catalog(url, data, "host1").list_disks()] == ["pg"]
+    back = run_cli(
+        "catalog", "copy", "--from", url, "--to", data, "--node", "host1"
+    )  # home again; pg differs
+    assert f"the SQLite store of {data} is in use again" in back.out
+    assert ok("disk", "list", "--data-path", data).code == 0
 
 
 def test_catalog_copy_with_a_wrong_node_moves_no_disk(etcd: EtcdCluster, tmp_path: Path) -> None:

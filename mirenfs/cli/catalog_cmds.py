@@ -10,7 +10,17 @@ import os
 from typing import Any
 
 from mirenfs.cli.common import add_scope_option, data_path_from, resolve_data_path
-from mirenfs.disks.catalogs import NODE_ENV, CatalogSpec, copy_catalog, node_from, open_catalog, parse_catalog
+from mirenfs.disks.catalogs import (
+    NODE_ENV,
+    CatalogSpec,
+    copy_catalog,
+    forget_move,
+    node_from,
+    note_move,
+    open_catalog,
+    parse_catalog,
+    read_move,
+)
 from mirenfs.disks.model import Catalog
 from mirenfs.errors import MirenfsError
 
@@ -58,12 +68,30 @@ def cmd_catalog_copy(args: argparse.Namespace) -> int:
     data_path = sqlite_path or data_path_from(args.data_path)
     source = _open(source_spec, data_path, node, option="--from")
     destination = _open(destination_spec, data_path, node, option="--to")
-    report = copy_catalog(source, destination, one_host=destination_spec.etcd is None)
+    to_etcd = destination_spec.etcd
+    moving_from = source_spec.data_path if to_etcd is not None else None
+    earlier = read_move(moving_from) if moving_from is not None else None
+    # The same catalogue by its prefix: its list of endpoints may have changed since.
+    again = earlier is not None and to_etcd is not None and earlier.url.endswith(f"/{to_etcd.prefix}")
+    copied_before = frozenset(earlier.copied_ids) if earlier is not None and again else frozenset()
+    report = copy_catalog(source, destination, one_host=to_etcd is None, copied_before=copied_before)
+    if moving_from is not None and to_etcd is not None:  # the store there is stale from now on
+        note_move(moving_from, to_etcd.url, node, report.copied_ids)
+    elif destination_spec.data_path is not None and forget_move(destination_spec.data_path):
+        print(
+            f"the SQLite store of {destination_spec.data_path} is in use again (its disks were copied back)"
+        )
     print(
         f"copied the disk catalogue {args.source} to {args.destination}: {len(report.added)} added, "
         f"{len(report.unchanged)} already there"
         + (f", {len(report.differing)} differing left as they are" if report.differing else "")
         + (f", {len(report.skipped)} on other nodes left out" if report.skipped else "")
+        + (
+            f", {len(report.removed_since)} removed there since an earlier copy left out "
+            f"({', '.join(report.removed_since)})"
+            if report.removed_since
+            else ""
+        )
     )
     problems = []
     if report.differing:

@@ -17,15 +17,18 @@ Nothing here talks to a catalogue except :func:`copy_catalog`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from mirenfs.disks.model import Catalog, DiskRecord, DiskState, validate_node_name
+from mirenfs.disks.model import Catalog, DiskRecord, DiskState, state_directory, validate_node_name
 from mirenfs.disks.store import Store
+from mirenfs.engine.image import make_private_directory, replace_private_file
 from mirenfs.errors import DiskExistsError, MirenfsError
 
 log = logging.getLogger(__name__)
@@ -157,12 +160,78 @@ def open_catalog(spec: CatalogSpec | str | None, data_path: str, *, node: str | 
                 f"the SQLite catalogue {spec.text} is the store of data path {spec.data_path}, not of "
                 f"{os.path.abspath(data_path)}; pass --data-path {spec.data_path} instead"
             )
-        return Store(data_path)
+        move = read_move(data_path) if spec is None else None  # named explicitly: used as asked
+        return Store(data_path, refused=None if move is None else move.refusal(data_path))
     # Lazy on purpose: the etcd client (requests, futurist) costs ~0.1 s to import, and only
     # commands on an etcd catalogue need it.
     from mirenfs.disks.etcd import EtcdCatalog
 
     return EtcdCatalog(spec.etcd, data_path, node=node_from(node))
+
+
+MOVE_FILE = "catalog-moved.json"  # under <data-path>/mirenfs/: where `catalog copy` moved its disks
+
+
+@dataclass(frozen=True)
+class CatalogMove:
+    """A data path's SQLite store was copied to a shared catalogue (trial W: a command without
+    --catalog then went back to that stale store and replaced a leased, attached disk's image
+    there). The ids copied, so that a copy run again does not bring back a disk removed since."""
+
+    url: str
+    node: str
+    at: str  # when, as the operator reads it
+    copied_ids: tuple[str, ...]
+
+    def refusal(self, data_path: str) -> str:
+        where = os.path.join(state_directory(os.path.abspath(data_path)), MOVE_FILE)
+        return (
+            f"the disks of data path {os.path.abspath(data_path)} were copied to the disk catalogue "
+            f"{self.url} (node {self.node}) by `mirenfs catalog copy` on {self.at}, and its SQLite "
+            f"store is no longer kept up to date: pass --catalog {self.url} --node {self.node} (or set "
+            f"${CATALOG_ENV} and ${NODE_ENV}); to use the SQLite store again, pass --catalog "
+            f"sqlite://{os.path.abspath(data_path)} or remove {where}"
+        )
+
+
+def read_move(data_path: str) -> CatalogMove | None:
+    """Where ``catalog copy`` moved the data path's disks, or None (never moved, or unreadable)."""
+    path = os.path.join(state_directory(os.path.abspath(data_path)), MOVE_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        return CatalogMove(
+            str(saved["url"]),
+            str(saved["node"]),
+            str(saved["at"]),
+            tuple(str(i) for i in saved["copied_ids"]),
+        )
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("cannot read %s (%s): taken as if the data path's disks had not been moved", path, exc)
+        return None
+
+
+def note_move(data_path: str, url: str, node: str, copied_ids: list[str]) -> None:
+    """Record that the data path's disks were copied to ``url`` (ids added to an earlier move's)."""
+    earlier = read_move(data_path)
+    ids = set(copied_ids) | (set(earlier.copied_ids) if earlier is not None and earlier.url == url else set())
+    at = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    saved = {"url": url, "node": node, "at": at, "copied_ids": sorted(ids)}
+    directory = state_directory(os.path.abspath(data_path))
+    make_private_directory(directory)
+    replace_private_file(os.path.join(directory, MOVE_FILE), json.dumps(saved).encode(), durable=True)
+
+
+def forget_move(data_path: str) -> bool:
+    """The data path's SQLite store is in use again (disks copied back into it): True if a move
+    was recorded."""
+    try:
+        os.unlink(os.path.join(state_directory(os.path.abspath(data_path)), MOVE_FILE))
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def none_on_this_node(records: list[DiskRecord], *, url: str, node: str) -> str | None:
@@ -275,6 +344,8 @@ class CopyReport:
     skipped: list[str] = field(default_factory=list)  # on another node: not for a one-host catalogue
     conflicts: list[str] = field(default_factory=list)  # the name belongs to another disk there
     unusable: list[str] = field(default_factory=list)  # an image path this host does not use (warned)
+    removed_since: list[str] = field(default_factory=list)  # copied before, gone there now: not again
+    copied_ids: list[str] = field(default_factory=list)  # the disks there now, as the source's
 
 
 def copy_catalog(
@@ -283,6 +354,7 @@ def copy_catalog(
     *,
     one_host: bool,
     on_disk: Callable[[str, str], None] | None = None,
+    copied_before: frozenset[str] = frozenset(),
 ) -> CopyReport:
     """Copy every disk of ``source`` into ``destination``, ids kept, idempotently: a disk already
     there is never changed (as it is, or differing: it may hold a newer lease or status than the
@@ -290,11 +362,17 @@ def copy_catalog(
     reported, not replaced.
 
     ``one_host``: the destination is one host's catalogue (SQLite), so only
-    the disks on this node go there.
+    the disks on this node go there. ``copied_before``: the ids an earlier copy
+    put there; one of them that is no longer there was removed since, and is
+    not brought back (trial W: a copy run again resurrected removed disks).
     """
     report = CopyReport()
+    there = {record.disk.id for record in destination.list_disks()} if copied_before else set()
     for record in source.list_disks():
         name = record.disk.name
+        if record.disk.id in copied_before and record.disk.id not in there:
+            report.removed_since.append(name)
+            continue
         if one_host and not record.local:
             report.skipped.append(name)
             continue
@@ -309,6 +387,7 @@ def copy_catalog(
             log.warning("%s", exc)
             report.conflicts.append(name)
             continue
+        report.copied_ids.append(record.disk.id)
         if outcome == "added":
             report.added.append(name)
         elif outcome == "differs":

@@ -98,8 +98,13 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 class Store:
     """The SQLite disk store of one data path; safe to use from many threads and processes."""
 
-    def __init__(self, data_path: str, *, busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
+    def __init__(
+        self, data_path: str, *, busy_timeout_s: float = BUSY_TIMEOUT_S, refused: str | None = None
+    ) -> None:
         self.data_path = os.path.abspath(data_path)
+        # Why this store must not be used (its disks were moved to another catalogue): said by
+        # every read and write, not at construction, so that `cleanup` still thaws first.
+        self._refused = refused
         self.path = os.path.join(self.data_path, DB_FILE_NAME)
         self._busy_timeout_ms = int(busy_timeout_s * 1000)
         self._ready_lock = threading.Lock()
@@ -178,6 +183,8 @@ class Store:
     @contextlib.contextmanager
     def _read(self) -> Iterator[sqlite3.Connection | None]:
         """A connection for reading, or None while no database exists (an empty store)."""
+        if self._refused is not None:
+            raise StoreError(self._refused)
         if not os.path.exists(self.path):
             yield None
             return
@@ -238,6 +245,8 @@ class Store:
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, taken at once (IMMEDIATE) so it never dead-ends on a lock upgrade."""
+        if self._refused is not None:
+            raise StoreError(self._refused)
         try:
             os.makedirs(self.data_path, exist_ok=True)
         except OSError as exc:
