@@ -41,7 +41,7 @@ from support.data import sha256_file
 from support.etcd import EtcdCluster, free_port
 from support.mounts import wait_for
 from support.runners import ok, run_cli
-from support.vectors import GO_EXT4
+from support.vectors import GO_EXT4, GO_ODD
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -611,6 +611,51 @@ def test_a_record_naming_a_file_the_data_path_keeps_is_not_trusted_by_where_it_i
     assert victim.read_bytes() == before
 
 
+def test_two_records_leading_to_one_image_are_used_through_neither(
+    hosts: tuple[EtcdCatalog, EtcdCatalog], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Trial W: a copy of pg's record under another name and id (etcdctl, another tool) shared
+    pg's volume: a restore through the copy replaced pg's image while pg was leased and attached,
+    and `disk remove` of the copy deleted it."""
+    a, _b = hosts
+    ok(
+        "restore",
+        GO_EXT4.path,
+        "--name",
+        "pg",
+        "--catalog",
+        a.location.url,
+        "--node",
+        "a",
+        "--data-path",
+        a.data_path,
+    )
+    pg = a.get_disk("pg")
+    image = Path(pg.image_path or "")
+    before = sha256_file(image)
+    a.acquire_lease("pg")
+    copied = json.loads(a.kv.range(f"{a.disks_prefix}pg")[1][0].value)
+    copied.update(name="pgalias", id="disk-00000000000a11a5", leases=[])
+    put_raw(a, "pgalias", copied)
+    listed = {record.disk.name: record.image_path for record in a.list_disks()}
+    assert listed == {"pg": None, "pgalias": None}
+    assert (
+        "disks pg, pgalias in the disk catalogue" in caplog.text
+        and "one image never backs two disks" in caplog.text
+    )
+    on_a = ["--catalog", a.location.url, "--node", "a", "--data-path", a.data_path]
+    restore = run_cli("restore", GO_ODD.path, "--name", "pgalias", "--force", *on_a)
+    assert (
+        restore.code == 1
+        and "mirenfs neither reads, replaces nor removes it through disk pgalias" in restore.err
+    )
+    backup = run_cli("backup", "pgalias", "-o", str(Path(a.data_path).parent / "x.mirn"), *on_a)
+    assert backup.code == 1
+    ok("disk", "remove", "pgalias", *on_a)  # its record goes; the image is pg's, and stays
+    assert sha256_file(image) == before
+    assert a.get_disk("pg").image_path == str(image)  # pg alone names it again
+
+
 def test_restore_image_refuses_the_registered_image_of_a_fleet_disk(
     hosts: tuple[EtcdCatalog, EtcdCatalog], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -674,6 +719,12 @@ def test_an_image_outside_the_data_path_is_used_only_once_this_host_registered_i
     assert staging.exists()
     adopted = ok("disk", "add", "out1", "--image", victim, "--filesystem", "ext4", *on_a)
     assert f"registered the image {victim} of disk out1 on this host" in adopted.out
+    # dd1's record leads to that file too: one image never backs two disks (trial W), so neither
+    # is used until dd1's record goes.
+    assert a.get_disk("out1").image_path is None
+    assert {r.disk.name: r.image_path for r in a.list_disks()}["out1"] is None
+    assert "disks dd1, out1 in the disk catalogue" in caplog.text
+    assert a.kv.txn([], [_delete(f"{a.disks_prefix}dd1")]).succeeded
     assert a.get_disk("out1").image_path == str(victim)
     trusted = Path(a.data_path, "mirenfs", "trusted-images.json")
     assert oct(trusted.stat().st_mode & 0o777) == "0o600"
@@ -681,7 +732,7 @@ def test_an_image_outside_the_data_path_is_used_only_once_this_host_registered_i
     home = tmp_path / "home"  # a one-host store trusts its paths: an unregistered one is not copied
     home.mkdir()
     copied = run_cli("catalog", "copy", "--from", url, "--to", f"sqlite://{home}", "--node", "a")
-    assert copied.code == 1 and "were not copied: dd1, out1, out2" in copied.err  # home registered none
+    assert copied.code == 1 and "were not copied: out1, out2" in copied.err  # home registered none
     assert Store(str(home)).list_disks() == []
     # out2's record names another file: registering this one, out1's image, does not adopt it
     other = run_cli("disk", "add", "out2", "--image", victim, "--filesystem", "ext4", *on_a)

@@ -536,6 +536,15 @@ class EtcdCatalog:
                 f"back it up, restore or remove it through node {where}"
             )
         self._check_trusted(stored, volume)
+        sharing = _sharing_an_image([self.record_of(o) for o in self._every_stored()]).get(disk_id)
+        if sharing is not None:
+            names, image = sharing
+            raise UntrustedImageError(
+                f"disks {names} in the disk catalogue at {self.location.url} all name the image "
+                f"{printable(image)} on this node ({self.node}), and one image never backs two disks: "
+                f"mirenfs neither reads, replaces nor removes it through disk {stored.disk.name}; fix the "
+                "records (one of them was copied from another)"
+            )
         return volume
 
     def find_leases_by_disk_id(self, disk_id: str) -> list[Lease]:
@@ -806,7 +815,20 @@ class EtcdCatalog:
         return Lease(lease_id, disk_id, LeaseState.RELEASED), name, changed
 
     def get_disk(self, name: str) -> DiskRecord:
-        return self.record_of(self._load_existing(name))
+        record = self.record_of(self._load_existing(name))
+        if record.image_path is None:
+            return record
+        others = [self.record_of(stored) for stored in self._every_stored()]
+        return replace(record, image_path=None) if record.disk.id in _sharing_an_image(others) else record
+
+    def _every_stored(self) -> list[_Stored]:
+        """Every record that can be read (one request): a damaged one is left out here."""
+        _, found, _ = self.kv.range(self.disks_prefix, prefix=True)
+        stored = []
+        for item in found:
+            with contextlib.suppress(StoreError):
+                stored.append(self._decode(item.key[len(self.disks_prefix) :], item))
+        return stored
 
     def list_disks(self) -> list[DiskRecord]:
         """Every disk of every node, by name (one request); a damaged record is skipped, and said."""
@@ -818,7 +840,27 @@ class EtcdCatalog:
                 records.append(self.record_from(name, item))
             except StoreError as exc:
                 log.warning("%s", exc)
-        return sorted(records, key=lambda record: record.disk.name)
+        return self.refuse_shared_images(sorted(records, key=lambda record: record.disk.name))
+
+    def refuse_shared_images(self, records: list[DiskRecord]) -> list[DiskRecord]:
+        """Records of this node that lead to one image file (a copied record, two volume ids of one
+        path) are shown without an image: a restore or removal through one of them replaced or
+        deleted the other's image past its lease and its `attached` state (trial W). Said, folded."""
+        shared = _sharing_an_image(records)
+        for names, image in {(names, image) for names, image in shared.values()}:
+            log.warning(
+                "disks %s in the disk catalogue at %s all name the image %s on this node (%s), and one "
+                "image never backs two disks: mirenfs neither reads, replaces nor removes it through "
+                "any of them; fix the records (one of them was copied from another)",
+                names,
+                self.location.url,
+                printable(image),
+                self.node,
+                extra=FOLDED_WHEN_REPEATED,
+            )
+        if not shared:
+            return records
+        return [replace(r, image_path=None) if r.disk.id in shared else r for r in records]
 
     def explicit_image_paths(self) -> list[str]:
         """This node's images at their own paths, for the staging sweep: only trusted ones (the
@@ -900,6 +942,21 @@ class EtcdCatalog:
         return CatalogWatch(self).start()
 
 
+def _sharing_an_image(records: list[DiskRecord]) -> dict[str, tuple[str, str]]:
+    """The ids of this node's records that lead to an image another record leads to, each with
+    the names of all of them and that image."""
+    by_image: dict[str, list[DiskRecord]] = {}
+    for record in records:
+        if record.local and record.image_path is not None:
+            by_image.setdefault(os.path.realpath(record.image_path), []).append(record)
+    shared = {}
+    for image, group in by_image.items():
+        if len(group) > 1:
+            names = ", ".join(sorted(record.disk.name for record in group))
+            shared.update({record.disk.id: (names, image) for record in group})
+    return shared
+
+
 class CatalogWatch:
     """The mount's copy of the catalogue's disks, fed by a watch: ``list_disks`` costs no request.
 
@@ -972,7 +1029,8 @@ class CatalogWatch:
             self._first_sync.set()  # waited once: from now on the answer is now
         with self._lock:
             if self._current_locked():
-                return sorted(self._records.values(), key=lambda record: record.disk.name)
+                listed = sorted(self._records.values(), key=lambda record: record.disk.name)
+                return self.catalog.refuse_shared_images(listed)
             problem = self._problem
         self._announce_if_stale()
         error = self.catalog.kv.unreachable(problem)
