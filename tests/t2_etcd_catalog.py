@@ -656,6 +656,28 @@ def test_two_records_leading_to_one_image_are_used_through_neither(
     assert a.get_disk("pg").image_path == str(image)  # pg alone names it again
 
 
+def test_a_member_of_another_etcd_cluster_in_the_endpoint_list_is_never_taken_for_the_catalogue(
+    etcd_clusters: Callable[[int], EtcdCluster], tmp_path: Path
+) -> None:
+    """Trial W: with a member of another cluster in the list (a typo), a stall of the fleet's
+    member moved every command and the mount to that cluster, whose empty prefix was taken for
+    an empty catalogue: disks vanished, and a restore created a second disk of a name."""
+    fleet, other = etcd_clusters(1), etcd_clusters(1)
+    name = prefix()
+    data = tmp_path / "data"
+    data.mkdir()
+    mixed = f"etcd://{fleet.members[0].endpoint},{other.members[0].endpoint}/{name}"
+    on_mixed = ["--catalog", mixed, "--node", "a", "--data-path", data]
+    ok("restore", GO_EXT4.path, "--name", "pg", *on_mixed)  # through the fleet: the cluster is recorded
+    fleet.stop_member(0)
+    for argv in (["disk", "list"], ["restore", str(GO_EXT4.path), "--name", "pg"]):
+        stalled = run_cli(*argv, *on_mixed)
+        assert stalled.code == 1 and "is unreachable" in stalled.err, stalled.err
+        assert f"{other.members[0].endpoint}: a member of etcd cluster" in stalled.err
+        assert "fix the endpoint list" in stalled.err and "etcd-clusters.json" in stalled.err
+    assert etcd_catalog(other.url(name), tmp_path / "elsewhere", "a").list_disks() == []  # nothing made there
+
+
 def test_restore_image_refuses_the_registered_image_of_a_fleet_disk(
     hosts: tuple[EtcdCatalog, EtcdCatalog], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

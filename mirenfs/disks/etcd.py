@@ -69,12 +69,14 @@ from mirenfs.disks.model import (
     image_path_for,
     new_disk_records,
     new_id,
+    state_directory,
     validate_disk_name,
     validate_node_name,
 )
 from mirenfs.disks.rules import what_the_data_path_keeps_at
 from mirenfs.disks.store import check_data_path
 from mirenfs.disks.trust import TrustedImages
+from mirenfs.engine.image import make_private_directory, replace_private_file
 from mirenfs.errors import (
     FOLDED_WHEN_REPEATED,
     CatalogUnreachableError,
@@ -198,6 +200,68 @@ class Unreachable(CatalogUnreachableError):
         self.why = why
 
 
+class ClusterPin:
+    """The etcd cluster a data path's catalogue is in, by the cluster id its first answer gave,
+    kept in ``<data-path>/mirenfs/etcd-clusters.json`` (per prefix): a member of another cluster
+    in the endpoint list (a typo, an address reused) answers as an empty catalogue, and moving
+    to it on a stall made disks vanish from the mount and let a restore create a second disk of
+    a name (trial W). Its answers count as no answer, with the reason."""
+
+    FILE = "etcd-clusters.json"
+
+    def __init__(self, data_path: str | None, prefix: str) -> None:
+        self.path = None if data_path is None else os.path.join(state_directory(data_path), self.FILE)
+        self.prefix = prefix
+        self._lock = threading.Lock()
+        self._cluster: str | None = None
+        self._loaded = False
+
+    def mismatch(self, cluster_id: object) -> str | None:
+        """Why an answer from cluster ``cluster_id`` is not this catalogue's, or None (the first
+        answer's cluster is recorded)."""
+        if cluster_id is None or cluster_id == "":
+            return None
+        cluster = str(cluster_id)
+        with self._lock:
+            if not self._loaded:
+                self._loaded = True
+                self._cluster = self._read().get(self.prefix)
+            if self._cluster is None:
+                self._cluster = cluster
+                self._record(cluster)
+                return None
+            if cluster == self._cluster:
+                return None
+            recorded = f" (recorded in {self.path})" if self.path is not None else ""
+            return (
+                f"a member of etcd cluster {cluster}, not of cluster {self._cluster} that this catalogue is "
+                f"in{recorded}: fix the endpoint list"
+                + (", or remove that file if the catalogue moved to a new cluster" if recorded else "")
+            )
+
+    def _read(self) -> dict[str, str]:
+        if self.path is None:
+            return {}
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                saved = json.load(f)
+            return {str(k): str(v) for k, v in saved.items()} if isinstance(saved, dict) else {}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read %s (%s): the etcd cluster is taken from its next answer", self.path, exc)
+            return {}
+
+    def _record(self, cluster: str) -> None:
+        if self.path is None:
+            return
+        try:
+            make_private_directory(os.path.dirname(self.path))
+            replace_private_file(self.path, json.dumps({**self._read(), self.prefix: cluster}).encode())
+        except OSError as exc:  # a user who may not write there: pinned for this process only
+            log.debug("cannot record the etcd cluster in %s: %s", self.path, exc)
+
+
 class EtcdKV:
     """Requests to one etcd cluster through its JSON gateway, trying each endpoint in turn.
 
@@ -206,11 +270,14 @@ class EtcdKV:
     thread has its own clients: a requests session is not made to be shared.
     """
 
-    def __init__(self, location: EtcdLocation, *, timeout_s: float = REQUEST_TIMEOUT_S) -> None:
+    def __init__(
+        self, location: EtcdLocation, *, timeout_s: float = REQUEST_TIMEOUT_S, pin: ClusterPin | None = None
+    ) -> None:
         self.location = location
         self.timeout_s = timeout_s
         self._local = threading.local()
         self._preferred = 0  # the endpoint that answered last: asked first next time
+        self._pin = pin if pin is not None else ClusterPin(None, location.prefix)
 
     def client(self, endpoint: int) -> Etcd3Client:
         clients: list[Etcd3Client] | None = getattr(self._local, "clients", None)
@@ -259,6 +326,10 @@ class EtcdKV:
                 ) from None
             if not isinstance(answer, dict):
                 problems.append(f"{host}:{port}: an answer that is not an etcd gateway's")
+                continue
+            other_cluster = self._pin.mismatch(answer.get("header", {}).get("cluster_id"))
+            if other_cluster is not None:  # trial W: an empty prefix there was taken for the catalogue
+                problems.append(f"{host}:{port}: {other_cluster}")
                 continue
             self._preferred = index
             return answer, index
@@ -390,7 +461,7 @@ class EtcdCatalog:
         self.location = location
         self.data_path = os.path.abspath(data_path)
         self.node = validate_node_name(node)
-        self.kv = EtcdKV(location, timeout_s=timeout_s)
+        self.kv = EtcdKV(location, timeout_s=timeout_s, pin=ClusterPin(self.data_path, location.prefix))
         self.trusted = TrustedImages(self.data_path)  # images outside the data path this host registered
         self._root = location.root
         # Disk id -> name, as records are read (a disk's name never changes): the resolver's
