@@ -209,9 +209,13 @@ class OutOfDescriptorsError(StoreError):
 
 class CatalogUnreachableError(StoreError):
     """The disk catalogue (etcd) cannot be reached or has no quorum. Every lookup fails closed with
-    this, never with "no such disk", so a failed lookup never leads to creating a disk."""
+    this, never with "no such disk", so a failed lookup never leads to creating a disk.
+
+    ``maybe_applied``: a change was sent and no answer came in time: etcd may apply it all the
+    same (trial W: a create said "not created" appeared later), so nobody says "unchanged"."""
 
     errno = EIO
+    maybe_applied: bool = False
 
 
 class DiskElsewhereError(MirenfsError):

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from mirenfs.disks.catalogs import open_catalog
-from mirenfs.disks.etcd import CatalogWatch, EtcdCatalog, _delete, _put
+from mirenfs.disks.etcd import CatalogWatch, EtcdCatalog, EtcdKV, _delete, _put
 from mirenfs.disks.manage import create_disk, sweep_stale_staging
 from mirenfs.disks.model import DiskState, LeaseState
 from mirenfs.disks.rules import prepare_backup, prepare_restore
@@ -676,6 +676,50 @@ def test_a_member_of_another_etcd_cluster_in_the_endpoint_list_is_never_taken_fo
         assert f"{other.members[0].endpoint}: a member of etcd cluster" in stalled.err
         assert "fix the endpoint list" in stalled.err and "etcd-clusters.json" in stalled.err
     assert etcd_catalog(other.url(name), tmp_path / "elsewhere", "a").list_disks() == []  # nothing made there
+
+
+def test_a_change_etcd_received_without_answering_in_time_is_never_said_to_be_undone(
+    hosts: tuple[EtcdCatalog, EtcdCatalog], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trial W: etcd applies a change it got but did not answer in time (a slow fsync, a lost
+    reply): `disk create` said unreachable and the disk was there later; a restore said "not
+    created" or "unchanged"; a lease was bound whose id nobody was told."""
+    a, _b = hosts
+    on_a = ["--catalog", a.location.url, "--node", "a", "--data-path", a.data_path]
+    ok("restore", GO_EXT4.path, "--name", "pg", *on_a)
+    ok("restore", GO_EXT4.path, "--name", "web", *on_a)
+    real_post = EtcdKV.post
+
+    def applied_then_no_answer(self: EtcdKV, path: str, payload: dict[str, object], **kwargs: object):  # type: ignore[no-untyped-def]
+        answer = real_post(self, path, payload, **kwargs)  # type: ignore[arg-type]
+        if path == "kv/txn":
+            late = self.unreachable("127.0.0.1:2379: no answer in time")
+            late.maybe_applied = True
+            raise late
+        return answer
+
+    monkeypatch.setattr(EtcdKV, "post", applied_then_no_answer)
+    created = run_cli("disk", "create", "ghost", "--size", "1M", *on_a)
+    assert created.code == 1 and "the change may have been made all the same" in created.err, created.err
+    leased = run_cli("lease", "acquire", "pg", *on_a)
+    assert (
+        leased.code == 1
+        and "may have been bound all the same" in leased.err
+        and "mirenfs lease release lease-" in leased.err
+    )
+    fresh = run_cli("restore", GO_EXT4.path, "--name", "late", *on_a)
+    assert fresh.code == 1 and "disk late may have been created all the same" in fresh.err, fresh.err
+    assert "was not created" not in fresh.err
+    over = run_cli("restore", GO_ODD.path, "--name", "web", "--force", *on_a)  # another size: recorded first
+    assert (
+        over.code == 1
+        and "the image of disk web is unchanged, but its record may have been changed" in over.err
+    )
+    assert "disk web is unchanged;" not in over.err
+    monkeypatch.undo()
+    listed = {record.disk.name: record for record in a.list_disks()}
+    assert {"ghost", "late", "pg"} <= set(listed)  # they did land
+    assert [lease.status for lease in listed["pg"].leases] == [LeaseState.BOUND]
 
 
 def test_restore_image_refuses_the_registered_image_of_a_fleet_disk(

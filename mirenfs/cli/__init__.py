@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from mirenfs.cli import catalog_cmds, demo, disk_cmds, mount_cmds, snapshot_cmds
 from mirenfs.cli.common import add_scope_options_before_command, settle_scope_options
 from mirenfs.engine.aio import meaningful_error
-from mirenfs.errors import MirenfsError
+from mirenfs.errors import CatalogUnreachableError, MirenfsError
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +237,11 @@ def _said(exc: BaseException, terminated: list[int]) -> int:
         return _quiet_broken_pipe()
     if isinstance(error, MirenfsError):
         message = str(error)
+        if isinstance(error, CatalogUnreachableError) and error.maybe_applied and "may have" not in message:
+            message += (  # trial W: a `disk create` said unreachable was there a moment later
+                "; the change may have been made all the same (etcd received it and did not answer in "
+                "time): check with `mirenfs disk list` once the catalogue answers"
+            )
     elif isinstance(error, OSError):
         message = f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
     else:

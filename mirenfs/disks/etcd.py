@@ -183,6 +183,9 @@ def _why(exc: BaseException) -> str:
     return detail.splitlines()[0][:200]
 
 
+_MAYBE_RECEIVED = frozenset({"no answer in time"})  # reasons after which the request may have landed
+
+
 def _from_etcd(exc: etcd_errors.Etcd3Exception) -> bool:
     """Whether a refusal came from etcd's gateway, which explains itself in JSON (``code`` and
     ``message`` or ``error``); anything else answered from a server that is not one."""
@@ -302,6 +305,7 @@ class EtcdKV:
         count = len(self.location.endpoints)
         order = [endpoint] if endpoint is not None else [(self._preferred + i) % count for i in range(count)]
         problems = []
+        sent = False  # a member may have it: it got the request and did not answer in time
         for index in order:
             client = self.client(index)
             host, port = self.location.endpoints[index]
@@ -314,7 +318,9 @@ class EtcdKV:
                 requests.RequestException,
                 ValueError,  # an answer that is not JSON: not an etcd gateway there
             ) as exc:
-                problems.append(f"{host}:{port}: {_why(exc)}")
+                why = _why(exc)
+                sent = sent or why in _MAYBE_RECEIVED or "prematurely" in why or "reset" in why
+                problems.append(f"{host}:{port}: {why}")
                 continue
             except etcd_errors.Etcd3Exception as exc:
                 if not _from_etcd(exc):  # a 404 page, say: another server there; try the next member
@@ -333,7 +339,9 @@ class EtcdKV:
                 continue
             self._preferred = index
             return answer, index
-        raise self.unreachable("; ".join(problems))
+        unreachable = self.unreachable("; ".join(problems))
+        unreachable.maybe_applied = sent and path == "kv/txn"
+        raise unreachable
 
     def range(
         self, key: str, *, prefix: bool = False, limit: int | None = None, endpoint: int | None = None
@@ -840,7 +848,16 @@ class EtcdCatalog:
                 [_put(lease_key, reference)],
             )
 
-        _, after = self._update(name, edit)
+        try:
+            _, after = self._update(name, edit)
+        except CatalogUnreachableError as exc:
+            if exc.maybe_applied:  # its id is ours: say it, so that it can be released (trial W)
+                exc.args = (
+                    f"{exc}; lease {lease_id} of disk {name} may have been bound all the same: once the "
+                    f"catalogue answers, see `mirenfs disk list`, and release it with "
+                    f"`mirenfs lease release {lease_id}` if it is bound",
+                )
+            raise
         return Lease(lease_id, after.disk.id, LeaseState.BOUND)
 
     def release_lease(self, lease_id: str) -> tuple[Lease, str, bool]:

@@ -331,6 +331,7 @@ class RestoreTarget:
     _record_not_undone: str | None = field(default=None, repr=False)  # why putting it back failed
     _created_by_another: bool = field(default=False, repr=False)  # between the checks and the creation
     _made_state_directory: bool = field(default=False, repr=False)  # for the journal of creations
+    _change_unknown: bool = field(default=False, repr=False)  # a create or record etcd may have applied
     _not_marked: str | None = field(default=None, repr=False)  # why a created disk is still provisioning
 
     @property
@@ -368,6 +369,9 @@ class RestoreTarget:
             )
             # The sweep's proof that the disk is ours, should this restore be killed.
             self._made_state_directory = mark_creating(self.data_path, self._created.disk.id)
+        except CatalogUnreachableError as exc:
+            self._change_unknown = exc.maybe_applied  # the record may be there all the same
+            raise
         except DiskExistsError:  # trial T: said "pick another name" to the loser of a race
             self._created_by_another = True
             raise DiskExistsError(
@@ -425,7 +429,11 @@ class RestoreTarget:
         changed = (existing.size_bytes, existing.filesystem) != (self.size_bytes, self.filesystem)
         # A disk left `provisioning` by an interrupted restore gets its image now: provisioned.
         if changed or DiskState(existing.status) is DiskState.PROVISIONING:
-            self.creator.update_disk(existing.id, size_bytes=self.size_bytes, filesystem=self.filesystem)
+            try:
+                self.creator.update_disk(existing.id, size_bytes=self.size_bytes, filesystem=self.filesystem)
+            except CatalogUnreachableError as exc:
+                self._change_unknown = exc.maybe_applied  # the new record may have landed all the same
+                raise
             self._recorded_over = existing
 
     def undo_record(self) -> None:
@@ -486,6 +494,18 @@ class RestoreTarget:
 
     def outcome(self) -> str:
         """What a failed restore left of the disk, after :meth:`cleanup`: said only when true."""
+        if self._change_unknown:  # trial W: "unchanged" and "not created" were said, and untrue
+            if not self.creates_disk:
+                return (
+                    f"the image of disk {self.name} is unchanged, but its record may have been changed "
+                    "all the same (etcd received the change and did not answer in time): once the catalogue "
+                    "answers, compare `mirenfs disk list` with the image, and restore again if they differ"
+                )
+            return (
+                f"disk {self.name} may have been created all the same (etcd received the request and did "
+                "not answer in time): once the catalogue answers, see `mirenfs disk list`, and remove it "
+                f"(`mirenfs disk remove {self.name}`) if it is provisioning with no image"
+            )
         if not self.creates_disk:
             if self._record_not_undone is not None:
                 return f"disk {self.name}: {self._record_not_undone}"
@@ -575,7 +595,7 @@ def catalogue_gone(error: CatalogUnreachableError, outcome: str) -> CatalogUnrea
     """A restore failed closed: the sentence ends with what became of its disk (``outcome``, as
     :meth:`RestoreTarget.outcome` says it) and what to do, as every failed restore's does."""
     failed = CatalogUnreachableError(f"{error}; {outcome}; {TRY_AGAIN_LATER}")
-    failed.reported = error.reported
+    failed.reported, failed.maybe_applied = error.reported, error.maybe_applied
     return failed
 
 
