@@ -34,7 +34,7 @@ from support.data import sha256_file, write_image
 from support.mounts import wait_for
 from support.runners import mirenfs_command, ok, run_cli, run_mirenfs
 from support.store import disks, make_disk, store_state
-from support.vectors import GO_VECTORS
+from support.vectors import GO_EXT4, GO_VECTORS
 
 GO_ODD = GO_VECTORS[2]
 
@@ -557,6 +557,30 @@ def test_backup_of_an_image_refuses_a_header_no_restore_would_take(tmp_path: Pat
         "backup", "--image", str(image), "--filesystem", "ext4", "--name", "pg", "-o", str(out)
     )
     assert code == 0 and said("verify", str(out))[0] == 0
+
+
+def test_a_command_started_with_standard_descriptors_closed_works_and_writes_no_snapshot_nowhere(
+    tmp_path: Path,
+) -> None:
+    """Review C: with stdout closed (``>&-``), a restore that had completed exited 1 with
+    "unexpected AttributeError"; ``backup -o -`` must not pretend to write a snapshot."""
+    image = tmp_path / "restored.img"
+    closed = ["sh", "-c", 'exec "$@" >&- <&-', "sh", *mirenfs_command()]
+    done = subprocess.run(
+        [*closed, "restore", str(GO_EXT4.path), "--image", str(image)], capture_output=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert image.stat().st_size == GO_EXT4.size_bytes
+    streamed = subprocess.run(
+        [*closed, "backup", "--image", str(image), "--filesystem", "ext4", "--name", "pg", "-o", "-"],
+        capture_output=True,
+        timeout=120,
+    )
+    assert streamed.returncode == 1
+    assert (
+        streamed.stderr.decode()
+        == "mirenfs: error: standard output is closed, so the snapshot would go nowhere: give -o FILE\n"
+    )
 
 
 def test_backup_to_a_terminal_is_refused(tmp_path: Path) -> None:

@@ -142,6 +142,8 @@ def backup_output(given: str) -> str:
                 output = "-"
         if output != "-" and os.path.islink(given):
             output = os.path.realpath(given)
+    if output == "-" and getattr(sys.stdout, "closed_at_start", False):  # see mirenfs.launch
+        raise MirenfsError("standard output is closed, so the snapshot would go nowhere: give -o FILE")
     if output == "-" and sys.stdout.isatty():
         raise MirenfsError(
             "standard output is a terminal, and a snapshot is binary: send it to a file or a pipe "
