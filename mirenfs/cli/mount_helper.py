@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS")
     parser.add_argument("-f", dest="fake", action="store_true", help="check everything but do not mount")
     parser.add_argument("-v", dest="verbose", action="store_true", help="say what is run")
-    parser.add_argument("-s", dest="sloppy", action="store_true", help="accepted; options are not checked")
+    parser.add_argument("-s", dest="sloppy", action="store_true", help="accepted (sloppy); changes nothing")
     parser.add_argument("-n", dest="no_mtab", action="store_true", help="accepted; there is no mtab to write")
     parser.add_argument("-t", dest="type", help="accepted; always mirenfs")
     return parser

@@ -143,6 +143,9 @@ def near_misses(options: Iterable[str]) -> list[str]:
 # Meaningful to mount(8), fstab or systemd only; FUSE would refuse them as unknown.
 DROPPED_OPTIONS = frozenset(
     {"defaults", "rw", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser", "owner", "group"}
+    # mount(8)'s generic options, valid on any fstab line, which libfuse refuses (review C); a
+    # FUSE mount keeps its times as the daemon gives them, and says what it says.
+    | {"relatime", "norelatime", "strictatime", "nostrictatime", "lazytime", "nolazytime", "silent", "loud"}
 )
 DROPPED_PREFIXES = ("x-", "X-", "comment=")
 
