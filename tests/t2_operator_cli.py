@@ -543,6 +543,12 @@ def test_backup_of_an_image_refuses_a_header_no_restore_would_take(tmp_path: Pat
         (["--filesystem", "EXT4"], 2, "argument --filesystem: invalid choice: 'EXT4'"),
         (["--filesystem", "ext4", "--name", "../evil"], 1, "'../evil' is not a valid disk name"),
         (["--filesystem", "ext4", "--name", ""], 1, "'' is not a valid disk name"),
+        (  # review C: they were ignored without a word (and not even checked)
+            ["--filesystem", "ext4", "--name", "pg", "--freeze-budget", "9999", "--live"],
+            1,
+            "--freeze-budget and --live apply to a disk in use, backed up by its name; an --image backup "
+            "reads the file as it is, never frozen or copied first",
+        ),
         (
             ["--filesystem", "ext4"],
             1,

@@ -94,7 +94,7 @@ def register(commands: Any) -> None:
     backup.add_argument(
         "--freeze-budget",
         type=float,
-        default=DEFAULT_FREEZE_BUDGET_S,
+        default=None,  # None: not given (an --image backup refuses it, a disk's takes the default)
         metavar="SECONDS",
         help="a disk in use: longest its filesystem may stay frozen for a copy (0: never freeze; "
         f"default {DEFAULT_FREEZE_BUDGET_S:g})",
@@ -240,6 +240,16 @@ def cmd_backup(args: argparse.Namespace) -> int:
     if args.disk is not None:
         return _backup_disk(args)
     refuse_disk_options(args, instead="--image PATH names the image directly")
+    if args.freeze_budget is not None or args.live:  # review C: ignored without a word before
+        given = " and ".join(
+            flag
+            for flag, on in (("--freeze-budget", args.freeze_budget is not None), ("--live", args.live))
+            if on
+        )
+        raise MirenfsError(
+            f"{given} {'apply' if ' and ' in given else 'applies'} to a disk in use, backed up by its name; "
+            "an --image backup reads the file as it is, never frozen or copied first"
+        )
     size = file_size(args.image, "image")
     if not os.path.isfile(args.image):  # before guessing its filesystem, which would ask for one
         raise MirenfsError(f"image {args.image} is not a regular file")
@@ -478,6 +488,8 @@ def _backup_disk(args: argparse.Namespace) -> int:
             f"--name and --filesystem only apply to --image backups; disk {args.disk} is backed up "
             "under its own name and filesystem"
         )
+    if args.freeze_budget is None:
+        args.freeze_budget = DEFAULT_FREEZE_BUDGET_S
     if not 0 <= args.freeze_budget <= 600:
         raise MirenfsError("--freeze-budget is a number of seconds from 0 (never freeze) to 600")
     catalog = catalog_from(args)
