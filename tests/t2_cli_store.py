@@ -4,7 +4,9 @@ the images. Every refusal checks its message and that nothing changed."""
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import replace
@@ -308,6 +310,21 @@ def test_staging_leftovers_of_a_crash_are_removed(data: Path, ext4_disk: Path) -
 
 
 # --- disk create / add / remove / set-status, leases ---
+
+
+def test_disk_create_over_the_filesystems_file_size_limit_names_the_disk_and_leaves_nothing(
+    data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review C: `disk create --size 100T` on ext4 (16 TiB files at most) said "File too large"."""
+
+    def too_large(_fd: int, _length: int) -> None:
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+
+    monkeypatch.setattr(os, "ftruncate", too_large)
+    result = run_cli("disk", "create", "sz", "--size", "100T", "--data-path", data)
+    assert result.code == 1 and result.err.startswith("mirenfs: error: cannot make the image of disk sz (")
+    assert result.err.endswith("File too large; try a smaller --size; nothing was created\n")
+    assert disks(data) == [] and list((data / "disk-data" / "volumes").iterdir()) == []
 
 
 def test_disk_create_makes_a_sparse_formatted_image(data: Path, need_tool: object) -> None:

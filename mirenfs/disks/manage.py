@@ -81,6 +81,12 @@ def create_disk(
         fd = os.open(image_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, size_bytes)
+        except OSError as exc:  # review C: "File too large", naming nothing
+            limit = "; try a smaller --size" if exc.errno == errno.EFBIG else ""
+            raise MirenfsError(
+                f"cannot make the image of disk {name} ({size_bytes} bytes) at {image_path}: "
+                f"{exc.strerror}{limit}; nothing was created"
+            ) from None
         finally:
             os.close(fd)
         formatted, missing = make_filesystem(name, image_path, filesystem, content=content)
