@@ -324,7 +324,7 @@ def test_disk_create_over_the_filesystems_file_size_limit_names_the_disk_and_lea
     result = run_cli("disk", "create", "sz", "--size", "100T", "--data-path", data)
     assert result.code == 1 and result.err.startswith("mirenfs: error: cannot make the image of disk sz (")
     assert result.err.endswith("File too large; try a smaller --size; nothing was created\n")
-    assert disks(data) == [] and list((data / "disk-data" / "volumes").iterdir()) == []
+    assert not disks(data) and list((data / "disk-data" / "volumes").iterdir()) == []
 
 
 def test_disk_create_makes_a_sparse_formatted_image(data: Path, need_tool: object) -> None:
