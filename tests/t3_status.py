@@ -29,6 +29,16 @@ async def index_state(m: InProcessMount, name: str) -> str:
 
 
 @trio_test
+async def test_status_lists_this_hosts_disks_whose_image_is_not_under_the_data_path(tmp_path: Path) -> None:
+    """Trial W: a wrong data path showed "no disks on node X" while X had disks elsewhere."""
+    add_image_disk(tmp_path, "pg")
+    Path(add_image_disk(tmp_path, "web")).unlink()
+    async with operations(tmp_path) as m:
+        status: dict[str, Any] = json.loads((await m.xattrs(ROOT_INODE))[STATUS_XATTR])
+    assert sorted(status["disks"]) == ["pg"] and status["without_image_here"] == ["web"]
+
+
+@trio_test
 async def test_the_index_is_building_until_it_is_ready(tmp_path: Path) -> None:
     add_image_disk(tmp_path, "pg")
     async with operations(tmp_path) as m:
@@ -95,6 +105,14 @@ def test_status_names_the_catalogue_and_node_and_whose_disks_it_found_none_of() 
         "node hosta, pid 1"
     )
     assert "\n  no disks on node hosta in etcd://127.0.0.1:2379/fleet\n" in text
+    # Trial W: the node had disks, with their images under another data path: said so.
+    said = (
+        "\n  2 of node hosta's disks have no image under this data path (web, web2): if the data path or "
+        "the node name is wrong, stop this mount\n"
+    )
+    assert said not in text
+    status["without_image_here"] = ["web", "web2"]
+    assert said in format_status(entry, status)
 
 
 @trio_test

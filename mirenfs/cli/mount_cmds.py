@@ -491,6 +491,14 @@ def format_status(entry: MountEntry, status: dict[str, Any]) -> str:
         lines.append(f"  no disks on node {status['node']} in {status.get('catalog') or 'its catalogue'}")
     else:
         lines.append("  no disks")
+    missing = [str(name) for name in status.get("without_image_here") or []]
+    if missing:  # trial W: "no disks on node X" when X had disks, with their images elsewhere
+        named = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        lines.append(
+            f"  {len(missing)} of {'node ' + str(status['node']) if status.get('node') else 'this host'}'s "
+            f"disks {'has' if len(missing) == 1 else 'have'} no image under this data path ({named}): if "
+            "the data path or the node name is wrong, stop this mount"
+        )
     restores = status.get("restores") or []
     if restores:
         lines.append("  restores:")

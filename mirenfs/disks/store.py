@@ -632,8 +632,10 @@ def _no_room_for_sqlite(data_path: str) -> StoreError | None:
     if info.f_flag & os.ST_RDONLY:
         return _data_path_error(data_path, errno.EROFS)
     if os.geteuid() == 0:  # root writes into the reserve, but not into ext4's own (not in f_bfree's sum)
-        ext4_own = min(info.f_blocks // 50, _EXT4_RESERVED_CLUSTERS) if _is_ext4(data_path) else 0
+        ext4_own = min(info.f_blocks // 50, _EXT4_RESERVED_CLUSTERS)
         usable = info.f_bfree - ext4_own
+        if usable * info.f_frsize < ROOM_SLACK_BYTES and not _is_ext4(data_path):  # asked only then
+            usable = info.f_bfree
     else:
         usable = info.f_bavail
     if usable * info.f_frsize < ROOM_SLACK_BYTES:
@@ -645,11 +647,11 @@ def _is_ext4(path: str) -> bool:
     """Whether ``path`` lies on ext4 (by mountinfo: statvfs does not say), whose own reserve is
     subtracted (trial X: on XFS it made 1 to 17 MiB free count as full, and backups failed)."""
     real = os.path.realpath(path)
-    holding = [
-        line
-        for line in read_mountinfo()
-        if real == line.mountpoint or real.startswith(line.mountpoint.rstrip("/") + "/")
-    ]
+    try:
+        lines = read_mountinfo()
+    except OSError:  # out of descriptors, say: counted as before
+        return True
+    holding = [line for line in lines if (real + "/").startswith(line.mountpoint.rstrip("/") + "/")]
     deepest = max(reversed(holding), key=lambda line: len(line.mountpoint), default=None)
     return deepest is None or deepest.fstype == "ext4"  # not known: counted as before
 

@@ -55,11 +55,17 @@ class StoreCatalog:
         self.store = store
         self._inside = None if mountpoint is None else os.path.abspath(mountpoint).rstrip("/") + "/"
         self._said_inside: set[str] = set()
+        # This node's disks with no image under the data path at the last listing (a wrong data
+        # path or node name shows none of them): `status` says so (trial W: "no disks on node X").
+        self.without_image_here: list[str] = []
 
     def visible_disks(self) -> dict[str, CatalogEntry]:
-        visible = {}
+        visible, without_image = {}, []
         for record in self.store.list_disks():
             disk = record.disk
+            settled = disk.status not in (DiskState.DELETING, DiskState.PROVISIONING)
+            if record.local and settled and (not record.image_path or not os.path.lexists(record.image_path)):
+                without_image.append(disk.name)
             if not record.local or disk.status == DiskState.DELETING or not record.image_path:
                 continue
             if self._is_inside_the_mount(disk.name, record.image_path):
@@ -68,6 +74,7 @@ class StoreCatalog:
                 visible[disk.name] = CatalogEntry(
                     disk.name, record.image_path, disk.filesystem, disk.status.value
                 )
+        self.without_image_here = sorted(without_image)
         return visible
 
     def _is_inside_the_mount(self, name: str, image_path: str) -> bool:

@@ -426,6 +426,7 @@ class MirenOperations(pyfuse3.Operations):
                 listing_age_s=self.catalog.listing_age_s,
                 catalog=self.catalog_name,
                 node=self.node,
+                without_image_here=getattr(self.catalog.catalog, "without_image_here", []),
             )
             return {
                 INDEX_PASSES_XATTR.encode(): str(self.service.index_passes).encode(),

@@ -56,6 +56,7 @@ def mount_status(
     listing_age_s: float | None = None,
     catalog: str | None = None,
     node: str | None = None,
+    without_image_here: list[str] | None = None,
 ) -> dict[str, Any]:
     """What ``mirenfs status`` shows: per disk, index state and progress; the restores; and
     whether the disk catalogue answered (``catalog_error``: why not)."""
@@ -89,6 +90,7 @@ def mount_status(
         "restores": restores,
         "refused": refused or [],
         "frame_store": None if service.frame_store is None else service.frame_store.summary(),
+        "without_image_here": without_image_here or [],
     }
     if catalog_error is not None:
         status["listing_age_s"] = None if listing_age_s is None else round(listing_age_s, 1)
