@@ -327,6 +327,20 @@ def test_disk_create_over_the_filesystems_file_size_limit_names_the_disk_and_lea
     assert not disks(data) and list((data / "disk-data" / "volumes").iterdir()) == []
 
 
+def test_disk_remove_of_a_disk_without_its_image_does_not_say_it_removed_one(data: Path) -> None:
+    """Trial W: "removed disk ghost and its image …" of an image that was never there."""
+    ok("disk", "create", "ghost", "--size", "1M", "--data-path", data)
+    image = Path(Store(str(data)).get_disk("ghost").image_path or "")
+    image.unlink()
+    removed = ok("disk", "remove", "ghost", "--data-path", data)
+    assert removed.out == f"removed disk ghost (it had no image at {image})\n"
+    ok("disk", "create", "real", "--size", "1M", "--data-path", data)
+    image = Path(Store(str(data)).get_disk("real").image_path or "")
+    assert (
+        ok("disk", "remove", "real", "--data-path", data).out == f"removed disk real and its image {image}\n"
+    )
+
+
 def test_disk_create_makes_a_sparse_formatted_image(data: Path, need_tool: object) -> None:
     result = ok("disk", "create", "pg", "--size", "4M", "--data-path", data)
     entry = disks(data)["pg"]

@@ -213,8 +213,10 @@ def cmd_disk_remove(args: argparse.Namespace) -> int:
     removed = remove_disk(_store(args), args.name)
     if removed.image_removed:
         print(f"removed disk {args.name} and its image {removed.record.image_path}")
-    elif removed.record.image_path:
+    elif removed.record.image_path and removed.record.volume and removed.record.volume.image_path:
         print(f"removed disk {args.name}; its registered image {removed.record.image_path} is kept")
+    elif removed.record.image_path:
+        print(f"removed disk {args.name} (it had no image at {removed.record.image_path})")
     else:
         print(f"removed disk {args.name}")
     return 0

@@ -175,10 +175,12 @@ def remove_disk(store: Catalog, name: str) -> RemovedDisk:
         with contextlib.suppress(MirenfsError):
             store.set_disk_status(name, was)
         raise
+    image_removed = False  # trial W: "and its image" was said of an image that was never there
     if image_path is not None and record.volume is not None:
         volume_dir = os.path.dirname(image_path)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(image_path)
+            image_removed = True
         try:
             shutil.rmtree(volume_dir)
         except FileNotFoundError:
@@ -189,7 +191,7 @@ def remove_disk(store: Catalog, name: str) -> RemovedDisk:
                 f"({exc.strerror or exc}); fix that and run `mirenfs disk remove {name}` again"
             ) from None
     store.delete_disk_records(record.disk.id)
-    return RemovedDisk(record, image_path is not None)
+    return RemovedDisk(record, image_removed)
 
 
 def sweep_what_killed_runs_left(
