@@ -132,6 +132,19 @@ def test_a_lease_in_a_record_another_writer_put_is_released_by_its_id(
         b.release_lease("lease-none")
 
 
+def test_the_loser_of_a_create_race_between_hosts_is_told_where_the_disk_is(
+    hosts: tuple[EtcdCatalog, EtcdCatalog],
+) -> None:
+    """Trial W: the loser was told to "restore again", which its node then refused."""
+    a, b = hosts
+    target = prepare_restore(b, "race1", data_path=b.data_path, overwrite=False, creator=b)
+    a.create_disk_for_restore("race1", size_bytes=4096, filesystem="ext4")  # host a wins meanwhile
+    with pytest.raises(DiskExistsError) as lost:
+        target.open(4096, "ext4")
+    assert "disk race1 was created on node a while this restore began" in str(lost.value)
+    assert str(lost.value).endswith("to replace its image, restore it through node a")
+
+
 def test_concurrent_lease_changes_lose_no_update(hosts: tuple[EtcdCatalog, EtcdCatalog]) -> None:
     """Every change is a compare-and-swap: leases bound and released by many threads on two hosts
     all end up in the record, and two leases are never bound at once."""

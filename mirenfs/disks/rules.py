@@ -374,10 +374,14 @@ class RestoreTarget:
             raise
         except DiskExistsError:  # trial T: said "pick another name" to the loser of a race
             self._created_by_another = True
+            node = self._node_of_the_winner()
+            where, then = (
+                (f" on node {node}", f"restore it through node {node}") if node else ("", "restore again")
+            )
             raise DiskExistsError(
-                f"disk {self.name} was created while this restore began (by another restore of it, "
+                f"disk {self.name} was created{where} while this restore began (by another restore of it, "
                 "through another mount or `mirenfs restore`, or by `disk create`); to replace its image, "
-                "restore again"
+                f"{then}"
             ) from None
         try:
             image_path = image_path_for(self.data_path, self._created.volume)
@@ -397,6 +401,19 @@ class RestoreTarget:
             raise
         self.image_path = image_path
         return image_path
+
+    def _node_of_the_winner(self) -> str | None:
+        """The other node a disk created meanwhile is on (trial W: "restore again" was refused
+        there), or None: on this node, or not known."""
+        get_disk = getattr(self.creator, "get_disk", None)
+        try:
+            record = get_disk(self.name) if get_disk is not None else None
+        except MirenfsError:
+            return None
+        if record is None or record.local or record.volume is None:
+            return None
+        node: str | None = record.volume.node
+        return node
 
     def _recheck(self, expected: Disk) -> tuple[Disk, str]:
         """The disk may have changed since it was checked (a lease bound meanwhile): check again."""
