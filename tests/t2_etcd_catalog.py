@@ -735,6 +735,23 @@ def test_a_change_etcd_received_without_answering_in_time_is_never_said_to_be_un
     assert [lease.status for lease in listed["pg"].leases] == [LeaseState.BOUND]
 
 
+def test_removing_a_disk_drops_its_images_registration_here(
+    hosts: tuple[EtcdCatalog, EtcdCatalog], tmp_path: Path
+) -> None:
+    """Trial W: the registration outlived `disk remove`: a record written later naming that
+    path (by anyone who can write the prefix) was trusted at once."""
+    a, _b = hosts
+    image = tmp_path / "srv" / "newx.img"
+    image.parent.mkdir()
+    image.write_bytes(b"\1" * 65536)
+    on_a = ["--catalog", a.location.url, "--node", "a", "--data-path", a.data_path]
+    ok("disk", "add", "newx", "--image", image, "--filesystem", "ext4", *on_a)
+    ok("disk", "remove", "newx", *on_a)
+    assert image.exists()  # a registered image is kept
+    put_raw(a, "sneaky", _foreign_record("sneaky", str(image), "a"))
+    assert a.get_disk("sneaky").image_path is None
+
+
 def test_restore_image_refuses_the_registered_image_of_a_fleet_disk(
     hosts: tuple[EtcdCatalog, EtcdCatalog], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -950,6 +950,21 @@ class EtcdCatalog:
             return records
         return [replace(r, image_path=None) if r.disk.id in shared else r for r in records]
 
+    def forget_registered_image(self, image_path: str) -> None:
+        """After a disk whose image this host registered was removed: the registration goes too,
+        unless another disk of this node still names that path."""
+        path = os.path.normpath(image_path)
+        still = [
+            stored
+            for stored in self._every_stored()
+            if stored.volume is not None
+            and stored.volume.node == self.node
+            and stored.volume.image_path
+            and os.path.normpath(stored.volume.image_path) == path
+        ]
+        if not still:
+            self.trusted.unregister(path)
+
     def explicit_image_paths(self) -> list[str]:
         """This node's images at their own paths, for the staging sweep: only trusted ones (the
         sweep removes ``<image>.restore.tmp`` files, and a record must not choose where)."""

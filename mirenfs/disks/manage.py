@@ -191,6 +191,13 @@ def remove_disk(store: Catalog, name: str) -> RemovedDisk:
                 f"({exc.strerror or exc}); fix that and run `mirenfs disk remove {name}` again"
             ) from None
     store.delete_disk_records(record.disk.id)
+    registered = record.volume.image_path if record.local and record.volume is not None else None
+    forget = getattr(store, "forget_registered_image", None)  # a fleet catalogue's registrations
+    if registered and forget is not None:
+        try:
+            forget(registered)
+        except (MirenfsError, OSError) as exc:
+            log.warning("disk %s was removed, but its image's registration on this host stays: %s", name, exc)
     return RemovedDisk(record, image_removed)
 
 

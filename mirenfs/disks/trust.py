@@ -57,6 +57,18 @@ class TrustedImages:
             replace_private_file(self.path, text.encode(), durable=True)
             self._seen = None
 
+    def unregister(self, image_path: str) -> None:
+        """No disk of this host names ``image_path`` any more: a record written later that names
+        it is not trusted by this registration (trial W: it outlived `disk remove`)."""
+        path = os.path.normpath(image_path)
+        with self._lock:
+            paths = self._read()
+            if path not in paths:
+                return
+            text = json.dumps({"images": sorted(paths - {path})}, indent=1) + "\n"
+            replace_private_file(self.path, text.encode(), durable=True)
+            self._seen = None
+
     def _registered(self) -> frozenset[str]:
         with self._lock:
             return self._read()
