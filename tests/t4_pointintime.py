@@ -429,7 +429,8 @@ def test_a_daemon_killed_while_frozen_leaves_the_filesystem_writable(
             return [name for name in os.listdir(clones) if name.startswith(RECORD_PREFIX)]
 
         monkeypatch.setenv(HOLD_ENV, "60")  # the daemon stays inside the freeze until killed
-        with mirenfs(mounts, tmp_path, disk.data) as mount:
+        thawed = r"thaw watchdog: mirenfs \(pid \d+\) ended while the filesystem was frozen; thawed the"
+        with mirenfs(mounts, tmp_path, disk.data, expect=(thawed,)) as mount:
             monkeypatch.delenv(HOLD_ENV)
             with reading_in_background(mount.mountpoint / "pg.mirn"):
                 held = blocked_write(disk.disk.path)
@@ -439,8 +440,13 @@ def test_a_daemon_killed_while_frozen_leaves_the_filesystem_writable(
                 os.kill(killed, signal.SIGKILL)
                 assert finishes(held, 5), "the watchdog thaws the filesystem when the daemon dies"
                 assert finishes(subprocess.Popen(["touch", str(disk.disk.path / "after")]), 5)
-                said = f"mirenfs thaw watchdog: mirenfs (pid {killed}) ended while the filesystem was frozen"
+                said = (
+                    f"WARNING: mirenfs thaw watchdog: mirenfs (pid {killed}) ended while the filesystem was "
+                    f"frozen; thawed the filesystem mounted at {disk.disk.mountpoint}"
+                )
                 wait_for(lambda: said in mount.log(), "the watchdog's line in the mount's log")
+                line = next(line for line in mount.log().splitlines() if said in line)
+                assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} mirenfs\[\d+\]: WARNING: ", line), line
                 wait_for(lambda: records() == [], "the watchdog to remove the freeze record")
         (clones / "pg.1.deadbeef.clone").write_bytes(b"left by a crash")
         run(tool("fsfreeze"), "--freeze", disk.disk.mountpoint)  # an administrator's freeze, made since
@@ -456,10 +462,13 @@ def test_the_watchdog_thaws_a_freeze_that_outlives_its_budget(
     mounts: Mounts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     lifted = r"the freeze of .* was lifted before the reflink finished"
+    watchdog = (
+        r"mirenfs thaw watchdog: the freeze outlived its limit of 0\.7 s; thawed the filesystem mounted at"
+    )
     with disk_in_use(tmp_path, "xfs") as disk:
         assert disk.disk is not None
         monkeypatch.setenv(HOLD_ENV, "2")  # the daemon "stalls" 2 s inside a freeze budgeted 0.2 s
-        with mirenfs(mounts, tmp_path, disk.data, "freeze_budget=0.2", expect=(lifted,)) as mount:
+        with mirenfs(mounts, tmp_path, disk.data, "freeze_budget=0.2", expect=(lifted, watchdog)) as mount:
             monkeypatch.delenv(HOLD_ENV)
             with reading_in_background(mount.mountpoint / "pg.mirn") as reader:
                 held = blocked_write(disk.disk.path, longer_than=0.3)  # the freeze lasts 0.7 s

@@ -571,11 +571,14 @@ while why is None:
             elif line[:1] == b"U":
                 frozen.discard(int(line[1:]))
                 deadline = deadline if frozen else None
-thawed, stuck = 0, 0
+thawed, stuck = [], 0
 for index in sorted(frozen):
     try:
         fcntl.ioctl(fds[index], 0xC0045878, 0)
-        thawed += 1
+        try:
+            thawed.append(os.readlink("/proc/self/fd/%d" % fds[index]))
+        except OSError:
+            thawed.append("(a filesystem it was told of)")
     except OSError as exc:
         stuck += exc.errno != errno.EINVAL  # EINVAL: not frozen (any more)
 if not stuck:
@@ -583,8 +586,13 @@ if not stuck:
         os.unlink(record)
     except OSError:
         pass
-if thawed:
-    sys.stderr.write("mirenfs thaw watchdog: %s; thawed %d filesystem(s)\n" % (why, thawed))
+if thawed:  # as the mount's log lines are (trial X: no time, no level, no filesystem named)
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + ",%03d" % (int(now * 1000) % 1000)
+    sys.stderr.write(
+        "%s mirenfs[%d]: WARNING: mirenfs thaw watchdog: %s; thawed the filesystem mounted at %s\n"
+        % (stamp, os.getpid(), why, ", ".join(thawed))
+    )
 sys.exit(3 if thawed else 2)
 """
 
