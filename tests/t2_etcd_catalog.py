@@ -569,11 +569,27 @@ def test_a_data_path_whose_disks_were_moved_refuses_its_stale_store_and_a_copy_a
     again = run_cli("catalog", "copy", "--from", data, "--to", url, "--node", "host1")  # pg: leased there
     assert "1 removed there since an earlier copy left out (web)" in again.out, again.out
     assert [r.disk.name for r in etcd_catalog(url, data, "host1").list_disks()] == ["pg"]
-    back = run_cli(
-        "catalog", "copy", "--from", url, "--to", data, "--node", "host1"
-    )  # home again; pg differs
+    # Home again: pg differs (its lease), and web was removed from etcd since: the store stays
+    # marked (trial W2: a copy back that failed lifted the mark, and the stale store was used).
+    back = run_cli("catalog", "copy", "--from", url, "--to", data, "--node", "host1")
+    assert back.code == 1 and f"the SQLite store of {data} stays marked as moved" in back.err
+    assert "web were removed from" in back.err
+    assert run_cli("disk", "list", "--data-path", data).code == 1
+    mark = data / "mirenfs" / "catalog-moved.json"
+    mark.write_text("{damaged")  # a damaged mark is no mark's absence (trial W2)
+    damaged = run_cli("disk", "list", "--data-path", data)
+    assert damaged.code == 1 and f"cannot read {mark}" in damaged.err
+
+
+def test_copying_the_disks_back_unchanged_lifts_the_mark(etcd: EtcdCluster, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    ok("disk", "create", "pg", "--size", "1M", "--data-path", data)
+    url = etcd.url(prefix())
+    ok("catalog", "copy", "--from", data, "--to", url, "--node", "host1")
+    assert run_cli("disk", "list", "--data-path", data).code == 1
+    back = ok("catalog", "copy", "--from", url, "--to", data, "--node", "host1")
     assert f"the SQLite store of {data} is in use again" in back.out
-    assert ok("disk", "list", "--data-path", data).code == 0
+    assert "pg" in ok("disk", "list", "--data-path", data).out
 
 
 def test_catalog_copy_with_a_wrong_node_moves_no_disk(etcd: EtcdCluster, tmp_path: Path) -> None:

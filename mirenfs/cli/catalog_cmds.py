@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
 from mirenfs.cli.common import add_scope_option, data_path_from, resolve_data_path
 from mirenfs.disks.catalogs import (
     NODE_ENV,
     CatalogSpec,
+    CopyReport,
     copy_catalog,
     forget_move,
     node_from,
@@ -77,10 +79,8 @@ def cmd_catalog_copy(args: argparse.Namespace) -> int:
     report = copy_catalog(source, destination, one_host=to_etcd is None, copied_before=copied_before)
     if moving_from is not None and to_etcd is not None:  # the store there is stale from now on
         note_move(moving_from, to_etcd.url, node, report.copied_ids)
-    elif destination_spec.data_path is not None and forget_move(destination_spec.data_path):
-        print(
-            f"the SQLite store of {destination_spec.data_path} is in use again (its disks were copied back)"
-        )
+    elif destination_spec.data_path is not None:
+        _move_home(destination_spec.data_path, source, destination, report)
     print(
         f"copied the disk catalogue {args.source} to {args.destination}: {len(report.added)} added, "
         f"{len(report.unchanged)} already there"
@@ -115,6 +115,31 @@ def cmd_catalog_copy(args: argparse.Namespace) -> int:
     if problems:
         raise MirenfsError("; and ".join(problems))
     return 0
+
+
+def _move_home(data_path: str, fleet: Catalog, store: Catalog, report: CopyReport) -> None:
+    """Disks copied back into a SQLite store marked as moved: the mark goes only once that store
+    holds what the fleet holds (trial W2: a copy back that failed lifted it, and a later command
+    without --catalog replaced a leased, attached disk's image through the older store)."""
+    move = read_move(data_path)
+    if move is None:
+        return
+    in_fleet = {record.disk.id for record in fleet.list_disks()}
+    removed_there = sorted(
+        record.disk.name
+        for record in store.list_disks()
+        if record.disk.id in move.copied_ids and record.disk.id not in in_fleet
+    )
+    if report.differing or report.conflicts or report.unusable or removed_there:
+        gone = f"; {', '.join(removed_there)} were removed from {move.url} since" if removed_there else ""
+        print(
+            f"the SQLite store of {data_path} stays marked as moved: it does not hold what {move.url} "
+            f"holds (see the disks named below{gone}); once it does, copy again",
+            file=sys.stderr,
+        )
+        return
+    forget_move(data_path)
+    print(f"the SQLite store of {data_path} is in use again (disks copied back to it)")
 
 
 def _spec(text: str, option: str) -> CatalogSpec:

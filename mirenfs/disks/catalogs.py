@@ -160,8 +160,15 @@ def open_catalog(spec: CatalogSpec | str | None, data_path: str, *, node: str | 
                 f"the SQLite catalogue {spec.text} is the store of data path {spec.data_path}, not of "
                 f"{os.path.abspath(data_path)}; pass --data-path {spec.data_path} instead"
             )
-        move = read_move(data_path) if spec is None else None  # named explicitly: used as asked
-        return Store(data_path, refused=None if move is None else move.refusal(data_path))
+        refused = None
+        if spec is None:  # named explicitly (sqlite://DATA): used as asked
+            try:
+                move = read_move(data_path)
+            except MirenfsError as exc:  # trial W2: a damaged mark was taken for none
+                refused = str(exc)
+            else:
+                refused = None if move is None else move.refusal(data_path)
+        return Store(data_path, refused=refused)
     # Lazy on purpose: the etcd client (requests, futurist) costs ~0.1 s to import, and only
     # commands on an etcd catalogue need it.
     from mirenfs.disks.etcd import EtcdCatalog
@@ -184,18 +191,19 @@ class CatalogMove:
     copied_ids: tuple[str, ...]
 
     def refusal(self, data_path: str) -> str:
-        where = os.path.join(state_directory(os.path.abspath(data_path)), MOVE_FILE)
+        here = os.path.abspath(data_path)
         return (
-            f"the disks of data path {os.path.abspath(data_path)} were copied to the disk catalogue "
-            f"{self.url} (node {self.node}) by `mirenfs catalog copy` on {self.at}, and its SQLite "
-            f"store is no longer kept up to date: pass --catalog {self.url} --node {self.node} (or set "
-            f"${CATALOG_ENV} and ${NODE_ENV}); to use the SQLite store again, pass --catalog "
-            f"sqlite://{os.path.abspath(data_path)} or remove {where}"
+            f"the disks of data path {here} were copied to the disk catalogue {self.url} (node "
+            f"{self.node}) by `mirenfs catalog copy` on {self.at}, and its SQLite store is no longer "
+            f"kept up to date: pass --catalog {self.url} --node {self.node} (or set ${CATALOG_ENV} and "
+            f"${NODE_ENV}); to move the disks back, `mirenfs catalog copy --from {self.url} --to {here} "
+            f"--node {self.node}` (a copy that leaves the two alike lifts this mark)"
         )
 
 
 def read_move(data_path: str) -> CatalogMove | None:
-    """Where ``catalog copy`` moved the data path's disks, or None (never moved, or unreadable)."""
+    """Where ``catalog copy`` moved the data path's disks, or None (never moved); MirenfsError if
+    the mark cannot be read (a stale store must not be used on the strength of a damaged one)."""
     path = os.path.join(state_directory(os.path.abspath(data_path)), MOVE_FILE)
     try:
         with open(path, encoding="utf-8") as f:
@@ -209,8 +217,12 @@ def read_move(data_path: str) -> CatalogMove | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.warning("cannot read %s (%s): taken as if the data path's disks had not been moved", path, exc)
-        return None
+        why = exc.strerror if isinstance(exc, OSError) else f"it is not what catalog copy writes ({exc!r})"
+        raise MirenfsError(
+            f"cannot read {path}, the mark `catalog copy` left when this data path's disks were copied "
+            f"to a shared catalogue ({why}): pass --catalog (the catalogue the disks are in, or "
+            f"sqlite://{os.path.abspath(data_path)} for this store), or fix the file"
+        ) from None
 
 
 def note_move(data_path: str, url: str, node: str, copied_ids: list[str]) -> None:
