@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import socket
 import threading
@@ -21,7 +22,12 @@ import trio
 from mirenfs import errors as errors_module
 from mirenfs.disks import live
 from mirenfs.disks.creations import mark_creating, marked_creating
-from mirenfs.disks.manage import remove_disk, sweep_interrupted_creations, sweep_stale_staging
+from mirenfs.disks.manage import (
+    remove_disk,
+    sweep_interrupted_creations,
+    sweep_stale_staging,
+    sweep_what_killed_runs_left,
+)
 from mirenfs.disks.model import DiskState
 from mirenfs.disks.rules import prepare_backup, prepare_restore
 from mirenfs.disks.store import Store
@@ -189,6 +195,21 @@ def test_a_disk_provisioning_that_no_restore_here_created_is_kept(store: Store, 
     assert status(store, "mirenapp") == "provisioning" and not ours.parent.exists()
     assert marked_creating(str(data_path)) == set()  # the entry goes with its disk
     assert store.get_disk("mirenapp").disk.id == created.disk.id
+
+
+def test_a_catalogue_that_cannot_be_used_does_not_stop_the_rest_of_the_sweep(
+    store: Store, data_path: Path, tmp_path: Path
+) -> None:
+    """Trial W2: `cleanup` stopped at the catalogue's error (etcd down, a moved store) when a
+    creation was noted, and what came after it (a dead mount's unmount) was never done."""
+    interrupted_creation(store, "killed")
+    refused = Store(str(data_path), refused="the disks of this data path were copied elsewhere")
+    said = list(sweep_what_killed_runs_left(str(data_path), str(tmp_path / "clones"), refused))
+    assert (
+        logging.ERROR,
+        "cannot remove the disks killed restores were creating: the disks of this "
+        "data path were copied elsewhere",
+    ) in said
 
 
 def test_what_is_not_an_interrupted_creation_is_kept(store: Store, data_path: Path, tmp_path: Path) -> None:

@@ -718,18 +718,31 @@ def test_a_change_etcd_received_without_answering_in_time_is_never_said_to_be_un
     ok("restore", GO_EXT4.path, "--name", "pg", *on_a)
     ok("restore", GO_EXT4.path, "--name", "web", *on_a)
     real_post = EtcdKV.post
+    txns_answered = [10**6]  # how many more changes are answered before the next one is not
 
     def applied_then_no_answer(self: EtcdKV, path: str, payload: dict[str, object], **kwargs: object):  # type: ignore[no-untyped-def]
         answer = real_post(self, path, payload, **kwargs)  # type: ignore[arg-type]
         if path == "kv/txn":
-            late = self.unreachable("127.0.0.1:2379: no answer in time")
-            late.maybe_applied = True
-            raise late
+            txns_answered[0] -= 1
+            if txns_answered[0] < 0:
+                late = self.unreachable("127.0.0.1:2379: no answer in time")
+                late.maybe_applied = True
+                raise late
         return answer
 
     monkeypatch.setattr(EtcdKV, "post", applied_then_no_answer)
+    txns_answered[0] = 1  # the record is made; its step to provisioned lands without an answer
+    made = run_cli("disk", "create", "made", "--size", "1M", *on_a)
+    image = Path(a.get_disk("made").image_path or "")
+    assert made.code == 1 and f"disk made was created with its image {image}" in made.err, made.err
+    assert image.exists() and a.get_disk("made").disk.status is DiskState.PROVISIONED  # trial W2: deleted
+    txns_answered[0] = 0
+    removing = run_cli("disk", "remove", "made", *on_a)
+    assert removing.code == 1 and "disk made may be `deleting` now all the same" in removing.err
+    assert "run `mirenfs disk remove made` again once the catalogue answers" in removing.err
     created = run_cli("disk", "create", "ghost", "--size", "1M", *on_a)
-    assert created.code == 1 and "the change may have been made all the same" in created.err, created.err
+    assert created.code == 1 and "disk ghost may have been created all the same" in created.err, created.err
+    assert "remove it (`mirenfs disk remove ghost`) if it is provisioning" in created.err
     leased = run_cli("lease", "acquire", "pg", *on_a)
     assert (
         leased.code == 1

@@ -27,6 +27,7 @@ from mirenfs.disks.store import Store
 from mirenfs.engine.fstype import detect_filesystem
 from mirenfs.engine.image import STAGING_SUFFIX, hold_staging_name, remove_staging_if_unheld
 from mirenfs.errors import (
+    CatalogUnreachableError,
     DiskBusyError,
     DiskElsewhereError,
     DiskNotFoundError,
@@ -71,7 +72,18 @@ def create_disk(
     records, the image and its volume directory are removed again.
     """
     validate_disk_name(name)
-    record = store.add_disk(name, size_bytes=size_bytes, filesystem=filesystem, status=DiskState.PROVISIONING)
+    try:
+        record = store.add_disk(
+            name, size_bytes=size_bytes, filesystem=filesystem, status=DiskState.PROVISIONING
+        )
+    except CatalogUnreachableError as exc:
+        if exc.maybe_applied:  # trial W: said "not created", and the disk was there later
+            exc.args = (
+                f"{exc}; disk {name} may have been created all the same, with no image: once the catalogue "
+                f"answers, see `mirenfs disk list`, and remove it (`mirenfs disk remove {name}`) if it is "
+                "provisioning",
+            )
+        raise
     assert record.image_path is not None
     image_path = record.image_path
     volume_dir = os.path.dirname(image_path)
@@ -91,11 +103,26 @@ def create_disk(
             os.close(fd)
         formatted, missing = make_filesystem(name, image_path, filesystem, content=content)
         store.mark_provisioned(record.disk.id)
+    except CatalogUnreachableError as exc:
+        if not exc.maybe_applied:
+            _undo_creation(store, record, volume_dir)
+            raise
+        # Trial W2: the mark may have landed, and the undo then deleted the image of a disk
+        # etcd calls provisioned. The disk and its image stay; the record is for a person to check.
+        raise MirenfsError(
+            f"{exc}; disk {name} was created with its image {image_path}, but the catalogue may not have "
+            f"recorded it provisioned: once it answers, run `mirenfs disk set-status {name} provisioned` "
+            "if `mirenfs disk list` says provisioning"
+        ) from None
     except BaseException:
-        shutil.rmtree(volume_dir, ignore_errors=True)
-        store.delete_disk_records(record.disk.id)
+        _undo_creation(store, record, volume_dir)
         raise
     return CreatedImage(store.get_disk(name), image_path, formatted, missing)
+
+
+def _undo_creation(store: Catalog, record: DiskRecord, volume_dir: str) -> None:
+    shutil.rmtree(volume_dir, ignore_errors=True)
+    store.delete_disk_records(record.disk.id)
 
 
 def make_filesystem(
@@ -165,7 +192,15 @@ def remove_disk(store: Catalog, name: str) -> RemovedDisk:
                 f"disk {name} is being restored right now; let the restore finish (or stop it) before "
                 "removing the disk"
             ) from None
-    was, _ = store.set_disk_status(name, DiskState.DELETING)
+    try:
+        was, _ = store.set_disk_status(name, DiskState.DELETING)
+    except CatalogUnreachableError as exc:
+        if exc.maybe_applied:  # trial W: left `deleting` (hidden everywhere) with no word of it
+            exc.args = (
+                f"{exc}; disk {name} may be `deleting` now all the same (no mount shows it then): run "
+                f"`mirenfs disk remove {name}` again once the catalogue answers",
+            )
+        raise
     # Once deleting, no lease binds (acquiring one is refused); one bound since the check above
     # is found now, and the disk goes back as it was (review: it was removed with the lease).
     try:  # as it was just before it became deleting (attached then counts too)
@@ -231,7 +266,12 @@ def sweep_what_killed_runs_left(
     for path in staging:
         yield logging.INFO, f"removed {path}, left over from an interrupted restore"
     yield from _set_back_records_of_killed_restores(store, staging)
-    for name in sweep_interrupted_creations(store):
+    try:
+        removed = sweep_interrupted_creations(store)
+    except MirenfsError as exc:  # trial W2: cleanup stopped here, and left a dead mount mounted
+        yield logging.ERROR, f"cannot remove the disks killed restores were creating: {exc}"
+        return
+    for name in removed:
         yield logging.WARNING, f"removed disk {name}: a restore that was creating it was interrupted"
 
 
