@@ -690,21 +690,39 @@ def test_a_member_of_another_etcd_cluster_in_the_endpoint_list_is_never_taken_fo
 ) -> None:
     """Trial W: with a member of another cluster in the list (a typo), a stall of the fleet's
     member moved every command and the mount to that cluster, whose empty prefix was taken for
-    an empty catalogue: disks vanished, and a restore created a second disk of a name."""
-    fleet, other = etcd_clusters(1), etcd_clusters(1)
+    an empty catalogue: disks vanished, and a restore created a second disk of a name. Trial W2:
+    the first answer was recorded as the catalogue's cluster, a wrong one's too."""
+    fleet, other = etcd_clusters(3), etcd_clusters(1)
     name = prefix()
-    data = tmp_path / "data"
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
     data.mkdir()
-    mixed = f"etcd://{fleet.members[0].endpoint},{other.members[0].endpoint}/{name}"
+    elsewhere.mkdir()
+    odd = other.members[0].endpoint
+    halves = f"etcd://{fleet.members[0].endpoint},{odd}/{name}"  # one for each: which is it?
+    first = run_cli(
+        "restore",
+        str(GO_EXT4.path),
+        "--name",
+        "pg",
+        "--catalog",
+        halves,
+        "--node",
+        "a",
+        "--data-path",
+        elsewhere,
+    )
+    assert first.code == 1 and "it cannot be told yet which etcd cluster the catalogue is in" in first.err
+    mixed = f"etcd://{','.join(m.endpoint for m in fleet.members)},{odd}/{name}"
     on_mixed = ["--catalog", mixed, "--node", "a", "--data-path", data]
-    ok("restore", GO_EXT4.path, "--name", "pg", *on_mixed)  # through the fleet: the cluster is recorded
-    fleet.stop_member(0)
+    ok("restore", GO_EXT4.path, "--name", "pg", *on_mixed)  # 3 of 4 answer for the fleet: recorded
+    for index in range(3):
+        fleet.stop_member(index)
     for argv in (["disk", "list"], ["restore", str(GO_EXT4.path), "--name", "pg"]):
         stalled = run_cli(*argv, *on_mixed)
         assert stalled.code == 1 and "is unreachable" in stalled.err, stalled.err
-        assert f"{other.members[0].endpoint}: a member of etcd cluster" in stalled.err
+        assert f"{odd}: a member of etcd cluster" in stalled.err
         assert "fix the endpoint list" in stalled.err and "etcd-clusters.json" in stalled.err
-    assert etcd_catalog(other.url(name), tmp_path / "elsewhere", "a").list_disks() == []  # nothing made there
+    assert etcd_catalog(other.url(name), tmp_path / "third", "a").list_disks() == []  # nothing made there
 
 
 def test_a_change_etcd_received_without_answering_in_time_is_never_said_to_be_undone(
@@ -779,6 +797,26 @@ def test_removing_a_disk_drops_its_images_registration_here(
     assert image.exists()  # a registered image is kept
     put_raw(a, "sneaky", _foreign_record("sneaky", str(image), "a"))
     assert a.get_disk("sneaky").image_path is None
+
+
+def test_a_catalogue_recorded_in_another_cluster_is_refused_until_its_record_is_removed(
+    hosts: tuple[EtcdCatalog, EtcdCatalog],
+) -> None:
+    """As after etcd was restored from a snapshot (a new cluster id): refused, with the file to
+    remove; once it is removed, a running process (a mount) answers again (trial W2: only after
+    a remount)."""
+    a, _b = hosts
+    a.add_disk("pg", size_bytes=4096, filesystem="ext4")
+    pins = Path(a.data_path, "mirenfs", "etcd-clusters.json")
+    pins.write_text(json.dumps({a.location.url: "12345"}))  # the cluster before the restore
+    running = etcd_catalog(a.location.url, Path(a.data_path), "a")
+    with pytest.raises(
+        CatalogUnreachableError, match=f"not of cluster 12345 that this catalogue is in .recorded in {pins}"
+    ):
+        running.list_disks()
+    pins.unlink()
+    assert [record.disk.name for record in running.list_disks()] == ["pg"]
+    assert list(json.loads(pins.read_text()).values()) != ["12345"]  # recorded again, from the endpoints
 
 
 def test_restore_image_refuses_the_registered_image_of_a_fleet_disk(

@@ -204,35 +204,43 @@ class Unreachable(CatalogUnreachableError):
 
 
 class ClusterPin:
-    """The etcd cluster a data path's catalogue is in, by the cluster id its first answer gave,
-    kept in ``<data-path>/mirenfs/etcd-clusters.json`` (per prefix): a member of another cluster
+    """The etcd cluster a data path's catalogue is in, by its cluster id, kept in
+    ``<data-path>/mirenfs/etcd-clusters.json`` (per catalogue URL): a member of another cluster
     in the endpoint list (a typo, an address reused) answers as an empty catalogue, and moving
     to it on a stall made disks vanish from the mount and let a restore create a second disk of
-    a name (trial W). Its answers count as no answer, with the reason."""
+    a name (trial W). Its answers count as no answer, with the reason.
+
+    The cluster is recorded once most of the endpoints answer for it (trial W2: the first answer
+    was taken, a wrong cluster's too, when the right member was the one stalled); a removed
+    record is noticed by a running process too (after an etcd restored from a snapshot)."""
 
     FILE = "etcd-clusters.json"
 
-    def __init__(self, data_path: str | None, prefix: str) -> None:
+    def __init__(self, data_path: str | None, url: str, survey: Callable[[], list[str | None]]) -> None:
         self.path = None if data_path is None else os.path.join(state_directory(data_path), self.FILE)
-        self.prefix = prefix
+        self.url = url
+        self._survey = survey  # the cluster id each endpoint answers for (None: no answer)
         self._lock = threading.Lock()
         self._cluster: str | None = None
-        self._loaded = False
 
     def mismatch(self, cluster_id: object) -> str | None:
-        """Why an answer from cluster ``cluster_id`` is not this catalogue's, or None (the first
-        answer's cluster is recorded)."""
+        """Why an answer from cluster ``cluster_id`` is not this catalogue's, or None."""
         if cluster_id is None or cluster_id == "":
             return None
         cluster = str(cluster_id)
         with self._lock:
-            if not self._loaded:
-                self._loaded = True
-                self._cluster = self._read().get(self.prefix)
-            if self._cluster is None:
-                self._cluster = cluster
-                self._record(cluster)
+            if self._cluster == cluster:
                 return None
+            self._cluster = self._read().get(self.url)  # (again: it may have been removed)
+            if self._cluster is None:
+                self._cluster = self._elect()
+                if self._cluster is None:
+                    return (
+                        "it cannot be told yet which etcd cluster the catalogue is in: most of its endpoints "
+                        "must answer for one cluster first (they answered for "
+                        f"{', '.join(sorted({c or 'none' for c in self._survey()}))})"
+                    )
+                self._record(self._cluster)
             if cluster == self._cluster:
                 return None
             recorded = f" (recorded in {self.path})" if self.path is not None else ""
@@ -241,6 +249,14 @@ class ClusterPin:
                 f"in{recorded}: fix the endpoint list"
                 + (", or remove that file if the catalogue moved to a new cluster" if recorded else "")
             )
+
+    def _elect(self) -> str | None:
+        """The cluster more than half of the endpoints answer for, or None."""
+        answers = self._survey()
+        for candidate in {answer for answer in answers if answer is not None}:
+            if sum(answer == candidate for answer in answers) * 2 > len(answers):
+                return candidate
+        return None
 
     def _read(self) -> dict[str, str]:
         if self.path is None:
@@ -252,7 +268,7 @@ class ClusterPin:
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:
-            log.warning("cannot read %s (%s): the etcd cluster is taken from its next answer", self.path, exc)
+            log.warning("cannot read %s (%s): the etcd cluster is asked of the endpoints", self.path, exc)
             return {}
 
     def _record(self, cluster: str) -> None:
@@ -260,7 +276,7 @@ class ClusterPin:
             return
         try:
             make_private_directory(os.path.dirname(self.path))
-            replace_private_file(self.path, json.dumps({**self._read(), self.prefix: cluster}).encode())
+            replace_private_file(self.path, json.dumps({**self._read(), self.url: cluster}).encode())
         except OSError as exc:  # a user who may not write there: pinned for this process only
             log.debug("cannot record the etcd cluster in %s: %s", self.path, exc)
 
@@ -273,14 +289,12 @@ class EtcdKV:
     thread has its own clients: a requests session is not made to be shared.
     """
 
-    def __init__(
-        self, location: EtcdLocation, *, timeout_s: float = REQUEST_TIMEOUT_S, pin: ClusterPin | None = None
-    ) -> None:
+    def __init__(self, location: EtcdLocation, *, timeout_s: float = REQUEST_TIMEOUT_S) -> None:
         self.location = location
         self.timeout_s = timeout_s
         self._local = threading.local()
         self._preferred = 0  # the endpoint that answered last: asked first next time
-        self._pin = pin if pin is not None else ClusterPin(None, location.prefix)
+        self._pin = ClusterPin(None, location.url, self.survey)  # this process's; pin_to: a data path's
 
     def client(self, endpoint: int) -> Etcd3Client:
         clients: list[Etcd3Client] | None = getattr(self._local, "clients", None)
@@ -291,6 +305,32 @@ class EtcdKV:
             ]
             self._local.clients = clients
         return clients[endpoint]
+
+    def pin_to(self, pin: ClusterPin) -> None:
+        self._pin = pin
+
+    def survey(self) -> list[str | None]:
+        """The cluster id each endpoint answers for, asked of each directly: None for one that
+        does not answer (a stalled member may be the catalogue's); left out, one that answers
+        as no etcd gateway does (another server there is no member of any cluster)."""
+        answers: list[str | None] = []
+        for index in range(len(self.location.endpoints)):
+            client = self.client(index)
+            try:
+                answer = client.post(client.get_url("maintenance/status"), json={})
+            except ValueError:  # an answer that is not JSON: not an etcd gateway
+                continue
+            except etcd_errors.Etcd3Exception as exc:
+                if not _from_etcd(exc) and not isinstance(
+                    exc, (etcd_errors.ConnectionFailedError, etcd_errors.ConnectionTimeoutError)
+                ):
+                    continue  # a 404 page, say
+                answer = None
+            except Exception:  # whatever else: this endpoint did not answer
+                answer = None
+            cluster = answer.get("header", {}).get("cluster_id") if isinstance(answer, dict) else None
+            answers.append(None if cluster in (None, "") else str(cluster))
+        return answers
 
     def unreachable(self, why: str) -> Unreachable:
         return Unreachable(self.location.url, why)
@@ -469,7 +509,8 @@ class EtcdCatalog:
         self.location = location
         self.data_path = os.path.abspath(data_path)
         self.node = validate_node_name(node)
-        self.kv = EtcdKV(location, timeout_s=timeout_s, pin=ClusterPin(self.data_path, location.prefix))
+        self.kv = EtcdKV(location, timeout_s=timeout_s)
+        self.kv.pin_to(ClusterPin(self.data_path, location.url, self.kv.survey))
         self.trusted = TrustedImages(self.data_path)  # images outside the data path this host registered
         self._root = location.root
         # Disk id -> name, as records are read (a disk's name never changes): the resolver's
