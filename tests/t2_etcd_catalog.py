@@ -640,7 +640,7 @@ def test_a_record_naming_a_file_the_data_path_keeps_is_not_trusted_by_where_it_i
     assert victim.read_bytes() == before
 
 
-def test_two_records_leading_to_one_image_are_used_through_neither(
+def test_of_two_records_leading_to_one_image_only_the_first_is_used(
     hosts: tuple[EtcdCatalog, EtcdCatalog], caplog: pytest.LogCaptureFixture
 ) -> None:
     """Trial W: a copy of pg's record under another name and id (etcdctl, another tool) shared
@@ -667,10 +667,10 @@ def test_two_records_leading_to_one_image_are_used_through_neither(
     copied.update(name="pgalias", id="disk-00000000000a11a5", leases=[])
     put_raw(a, "pgalias", copied)
     listed = {record.disk.name: record.image_path for record in a.list_disks()}
-    assert listed == {"pg": None, "pgalias": None}
+    assert listed == {"pg": str(image), "pgalias": None}  # the record made first keeps it (trial W2)
     assert (
-        "disks pg, pgalias in the disk catalogue" in caplog.text
-        and "one image never backs two disks" in caplog.text
+        "disk pgalias names the image" in caplog.text
+        and "which disk pg (recorded first) names" in caplog.text
     )
     on_a = ["--catalog", a.location.url, "--node", "a", "--data-path", a.data_path]
     restore = run_cli("restore", GO_ODD.path, "--name", "pgalias", "--force", *on_a)
@@ -882,13 +882,14 @@ def test_an_image_outside_the_data_path_is_used_only_once_this_host_registered_i
     assert staging.exists()
     adopted = ok("disk", "add", "out1", "--image", victim, "--filesystem", "ext4", *on_a)
     assert f"registered the image {victim} of disk out1 on this host" in adopted.out
-    # dd1's record leads to that file too: one image never backs two disks (trial W), so neither
-    # is used until dd1's record goes.
-    assert a.get_disk("out1").image_path is None
-    assert {r.disk.name: r.image_path for r in a.list_disks()}["out1"] is None
-    assert "disks dd1, out1 in the disk catalogue" in caplog.text
-    assert a.kv.txn([], [_delete(f"{a.disks_prefix}dd1")]).succeeded
+    # dd1's record leads to that file too: one image never backs two disks (trial W); out1's
+    # record was made first, so it keeps the image and dd1 is refused (trial W2).
     assert a.get_disk("out1").image_path == str(victim)
+    assert {r.disk.name: r.image_path for r in a.list_disks()}["dd1"] is None
+    assert (
+        "disk dd1 names the image" in caplog.text and "which disk out1 (recorded first) names" in caplog.text
+    )
+    assert a.kv.txn([], [_delete(f"{a.disks_prefix}dd1")]).succeeded
     trusted = Path(a.data_path, "mirenfs", "trusted-images.json")
     assert oct(trusted.stat().st_mode & 0o777) == "0o600"
     assert json.loads(trusted.read_text()) == {"images": [str(victim)]}

@@ -516,6 +516,7 @@ class EtcdCatalog:
         # Disk id -> name, as records are read (a disk's name never changes): the resolver's
         # "by disk id" lookups follow a lookup by name, and then cost one request, not two.
         self._names: dict[str, str] = {}
+        self._key_created: dict[str, int] = {}  # disk id -> its key's create revision, as read
 
     def __repr__(self) -> str:
         return f"EtcdCatalog({self.location.url}, node={self.node}, data_path={self.data_path})"
@@ -580,12 +581,14 @@ class EtcdCatalog:
                 f"{printable(item.key)}, whose name is not a disk's ({exc}); delete that key"
             ) from None
         try:
-            return _decode(name, item.value, item.mod_revision)
+            stored = _decode(name, item.value, item.mod_revision)
         except ValueError as exc:
             raise StoreError(
                 f"the disk catalogue at {self.location.url} holds a damaged record for disk {name} ({exc}); "
                 f"fix or delete the key {item.key}"
             ) from None
+        self._key_created[stored.disk.id] = item.create_revision  # which of two records came first
+        return stored
 
     def _load(self, name: str) -> _Stored | None:
         validate_disk_name(name)
@@ -656,14 +659,15 @@ class EtcdCatalog:
                 f"back it up, restore or remove it through node {where}"
             )
         self._check_trusted(stored, volume)
-        sharing = _sharing_an_image([self.record_of(o) for o in self._every_stored()]).get(disk_id)
+        sharing = _sharing_an_image([self.record_of(o) for o in self._every_stored()], self._key_created).get(
+            disk_id
+        )
         if sharing is not None:
-            names, image = sharing
+            clause, _several = sharing
             raise UntrustedImageError(
-                f"disks {names} in the disk catalogue at {self.location.url} all name the image "
-                f"{printable(image)} on this node ({self.node}), and one image never backs two disks: "
-                f"mirenfs neither reads, replaces nor removes it through disk {stored.disk.name}; fix the "
-                "records (one of them was copied from another)"
+                f"{clause}, on this node ({self.node}) in the disk catalogue at {self.location.url}; one "
+                f"image never backs two disks, so mirenfs neither reads, replaces nor removes it through "
+                f"disk {stored.disk.name}: fix its record (copied from another, or pointed at its image)"
             )
         return volume
 
@@ -948,7 +952,8 @@ class EtcdCatalog:
         if record.image_path is None:
             return record
         others = [self.record_of(stored) for stored in self._every_stored()]
-        return replace(record, image_path=None) if record.disk.id in _sharing_an_image(others) else record
+        shared = _sharing_an_image(others, self._key_created)
+        return replace(record, image_path=None) if record.disk.id in shared else record
 
     def _every_stored(self) -> list[_Stored]:
         """Every record that can be read (one request): a damaged one is left out here."""
@@ -975,16 +980,17 @@ class EtcdCatalog:
         """Records of this node that lead to one image file (a copied record, two volume ids of one
         path) are shown without an image: a restore or removal through one of them replaced or
         deleted the other's image past its lease and its `attached` state (trial W). Said, folded."""
-        shared = _sharing_an_image(records)
-        for names, image in {(names, image) for names, image in shared.values()}:
+        shared = _sharing_an_image(records, self._key_created)
+        for clause, several in set(shared.values()):
             log.warning(
-                "disks %s in the disk catalogue at %s all name the image %s on this node (%s), and one "
-                "image never backs two disks: mirenfs neither reads, replaces nor removes it through "
-                "any of them; fix the records (one of them was copied from another)",
-                names,
-                self.location.url,
-                printable(image),
+                "%s, on this node (%s) in the disk catalogue at %s; one image never backs two disks, so "
+                "mirenfs neither reads, replaces nor removes it through %s: fix the record%s (copied from "
+                "another, or pointed at its image)",
+                clause,
                 self.node,
+                self.location.url,
+                "them" if several else "it",
+                "s" if several else "",
                 extra=FOLDED_WHEN_REPEATED,
             )
         if not shared:
@@ -1086,18 +1092,30 @@ class EtcdCatalog:
         return CatalogWatch(self).start()
 
 
-def _sharing_an_image(records: list[DiskRecord]) -> dict[str, tuple[str, str]]:
-    """The ids of this node's records that lead to an image another record leads to, each with
-    the names of all of them and that image."""
+def _sharing_an_image(records: list[DiskRecord], key_created: dict[str, int]) -> dict[str, tuple[str, bool]]:
+    """The ids of this node's records that lead to an image an earlier record (its key created
+    first) leads to, each with a clause saying so and whether it names several. The earliest
+    keeps its image (trial W2: a copied record hid the real disk, and `rsync --delete` then
+    dropped its backup); when that cannot be told, all of them are refused."""
     by_image: dict[str, list[DiskRecord]] = {}
     for record in records:
         if record.local and record.image_path is not None:
             by_image.setdefault(os.path.realpath(record.image_path), []).append(record)
     shared = {}
     for image, group in by_image.items():
-        if len(group) > 1:
-            names = ", ".join(sorted(record.disk.name for record in group))
-            shared.update({record.disk.id: (names, image) for record in group})
+        if len(group) < 2:
+            continue
+        created = sorted((key_created.get(record.disk.id, 0), record.disk.name) for record in group)
+        first_known = 0 < created[0][0] < created[1][0]
+        later = [record for record in group if not first_known or record.disk.name != created[0][1]]
+        names = ", ".join(sorted(record.disk.name for record in later))
+        several = len(later) > 1
+        clause = (
+            f"disk{'s' if several else ''} {names} name{'' if several else 's'} the image {printable(image)}"
+        )
+        if first_known:
+            clause += f", which disk {created[0][1]} (recorded first) names"
+        shared.update({record.disk.id: (clause, several) for record in later})
     return shared
 
 
