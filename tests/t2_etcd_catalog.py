@@ -782,6 +782,38 @@ def test_a_change_etcd_received_without_answering_in_time_is_never_said_to_be_un
     assert [lease.status for lease in listed["pg"].leases] == [LeaseState.BOUND]
 
 
+def test_looking_for_shared_images_touches_no_image_path(
+    hosts: tuple[EtcdCatalog, EtcdCatalog], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review S: the check resolved every image path on every listing: one under the mount point
+    was looked up through the mount from inside the mount's own listing, which waited for good.
+    Records are decoded (and their trust checked) by the watch's thread; the listing looks at
+    nothing on disk."""
+    a, _b = hosts
+    mounted = tmp_path / "mnt"
+    mounted.mkdir()
+    for name in ("x", "y"):
+        image = mounted / f"{name}.img"
+        image.write_bytes(b"\1" * 65536)
+        on_a = ["--catalog", a.location.url, "--node", "a", "--data-path", a.data_path]
+        ok("disk", "add", name, "--image", image, "--filesystem", "ext4", *on_a)
+    real_lstat, real_stat = os.lstat, os.stat
+
+    def never_inside(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        assert not str(path).startswith(str(mounted)), f"{path} was looked at"
+        return real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    def stat_never_inside(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        assert not str(path).startswith(str(mounted)), f"{path} was looked at"
+        return real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    listed = a.list_disks()  # as the mount's watch thread decodes them
+    monkeypatch.setattr(os, "lstat", never_inside)
+    monkeypatch.setattr(os, "stat", stat_never_inside)
+    # What the mount's own listing runs (CatalogWatch.list_disks, under its lock, in a FUSE request).
+    assert a.refuse_shared_images(listed) == listed
+
+
 def test_removing_a_disk_drops_its_images_registration_here(
     hosts: tuple[EtcdCatalog, EtcdCatalog], tmp_path: Path
 ) -> None:

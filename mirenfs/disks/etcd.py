@@ -659,9 +659,7 @@ class EtcdCatalog:
                 f"back it up, restore or remove it through node {where}"
             )
         self._check_trusted(stored, volume)
-        sharing = _sharing_an_image([self.record_of(o) for o in self._every_stored()], self._key_created).get(
-            disk_id
-        )
+        sharing = self._shared_images().get(disk_id)
         if sharing is not None:
             clause, _several = sharing
             raise UntrustedImageError(
@@ -951,9 +949,23 @@ class EtcdCatalog:
         record = self.record_of(self._load_existing(name))
         if record.image_path is None:
             return record
-        others = [self.record_of(stored) for stored in self._every_stored()]
-        shared = _sharing_an_image(others, self._key_created)
-        return replace(record, image_path=None) if record.disk.id in shared else record
+        return replace(record, image_path=None) if record.disk.id in self._shared_images() else record
+
+    def _shared_images(self) -> dict[str, tuple[str, bool]]:
+        """:func:`_sharing_an_image` over this node's usable records (one request), quietly: a
+        record this host does not use (untrusted) shares nothing, and is said by listings."""
+        records = []
+        for stored in self._every_stored():
+            volume = stored.volume
+            if volume is None or volume.node != self.node:
+                continue
+            try:
+                self._check_trusted(stored, volume)
+                path = image_path_for(self.data_path, volume)
+            except MirenfsError:
+                continue
+            records.append(DiskRecord(stored.disk, volume, path, stored.leases, True))
+        return _sharing_an_image(records, self._key_created)
 
     def _every_stored(self) -> list[_Stored]:
         """Every record that can be read (one request): a damaged one is left out here."""
@@ -1100,7 +1112,9 @@ def _sharing_an_image(records: list[DiskRecord], key_created: dict[str, int]) ->
     by_image: dict[str, list[DiskRecord]] = {}
     for record in records:
         if record.local and record.image_path is not None:
-            by_image.setdefault(os.path.realpath(record.image_path), []).append(record)
+            # As recorded, normalised: resolving it would touch the path, and one under the mount
+            # point then waited on the mount itself, for good (review S).
+            by_image.setdefault(os.path.normpath(record.image_path), []).append(record)
     shared = {}
     for image, group in by_image.items():
         if len(group) < 2:
