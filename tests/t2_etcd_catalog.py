@@ -581,6 +581,25 @@ def test_a_data_path_whose_disks_were_moved_refuses_its_stale_store_and_a_copy_a
     assert damaged.code == 1 and f"cannot read {mark}" in damaged.err
 
 
+def test_a_copy_again_knows_its_catalogue_by_its_prefix_only(etcd: EtcdCluster, tmp_path: Path) -> None:
+    """Review S: a copy to /fleet after one to /staging/fleet copied nothing ("removed there
+    since"), and an endpoint list spelt otherwise forgot what was copied before."""
+    data = tmp_path / "data"
+    for name in ("a", "b"):
+        ok("disk", "create", name, "--size", "1M", "--data-path", data)
+    staging, fleet = prefix(), prefix()
+    ok("catalog", "copy", "--from", data, "--to", etcd.url(f"{staging}/{fleet}"), "--node", "n1")
+    second = ok("catalog", "copy", "--from", data, "--to", etcd.url(fleet), "--node", "n1")
+    assert "2 added" in second.out
+    ok("disk", "remove", "b", "--catalog", etcd.url(fleet), "--node", "n1", "--data-path", data)
+    endpoint = etcd.members[0].endpoint
+    respelt = f"etcd://{endpoint.replace('127.0.0.1', 'localhost')},{endpoint}/{fleet}"
+    for _ in range(2):
+        again = ok("catalog", "copy", "--from", data, "--to", respelt, "--node", "n1")
+        assert "1 removed there since an earlier copy left out (b)" in again.out, again.out
+    assert [r.disk.name for r in etcd_catalog(etcd.url(fleet), tmp_path / "x", "n1").list_disks()] == ["a"]
+
+
 def test_copying_the_disks_back_unchanged_lifts_the_mark(etcd: EtcdCluster, tmp_path: Path) -> None:
     data = tmp_path / "data"
     ok("disk", "create", "pg", "--size", "1M", "--data-path", data)

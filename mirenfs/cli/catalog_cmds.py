@@ -22,6 +22,7 @@ from mirenfs.disks.catalogs import (
     open_catalog,
     parse_catalog,
     read_move,
+    same_catalogue,
 )
 from mirenfs.disks.model import Catalog
 from mirenfs.errors import MirenfsError
@@ -73,12 +74,11 @@ def cmd_catalog_copy(args: argparse.Namespace) -> int:
     to_etcd = destination_spec.etcd
     moving_from = source_spec.data_path if to_etcd is not None else None
     earlier = read_move(moving_from) if moving_from is not None else None
-    # The same catalogue by its prefix: its list of endpoints may have changed since.
-    again = earlier is not None and to_etcd is not None and earlier.url.endswith(f"/{to_etcd.prefix}")
+    again = earlier is not None and to_etcd is not None and same_catalogue(earlier.url, to_etcd.url)
     copied_before = frozenset(earlier.copied_ids) if earlier is not None and again else frozenset()
     report = copy_catalog(source, destination, one_host=to_etcd is None, copied_before=copied_before)
-    if moving_from is not None and to_etcd is not None:  # the store there is stale from now on
-        note_move(moving_from, to_etcd.url, node, report.copied_ids)
+    if moving_from is not None and to_etcd is not None and (report.copied_ids or again):
+        note_move(moving_from, to_etcd.url, node, report.copied_ids)  # the store is stale from now on
     elif destination_spec.data_path is not None:
         _move_home(destination_spec.data_path, source, destination, report)
     print(

@@ -225,10 +225,21 @@ def read_move(data_path: str) -> CatalogMove | None:
         ) from None
 
 
+def same_catalogue(one: str, other: str) -> bool:
+    """Whether two etcd catalogue URLs name one catalogue: one prefix (their lists of endpoints
+    may be spelt differently, or have changed since; review S: a suffix was taken for one)."""
+    try:
+        first, second = parse_catalog(one).etcd, parse_catalog(other).etcd
+    except MirenfsError:
+        return False
+    return first is not None and second is not None and first.prefix == second.prefix
+
+
 def note_move(data_path: str, url: str, node: str, copied_ids: list[str]) -> None:
     """Record that the data path's disks were copied to ``url`` (ids added to an earlier move's)."""
     earlier = read_move(data_path)
-    ids = set(copied_ids) | (set(earlier.copied_ids) if earlier is not None and earlier.url == url else set())
+    kept = earlier is not None and same_catalogue(earlier.url, url)
+    ids = set(copied_ids) | (set(earlier.copied_ids) if earlier is not None and kept else set())
     at = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     saved = {"url": url, "node": node, "at": at, "copied_ids": sorted(ids)}
     directory = state_directory(os.path.abspath(data_path))
