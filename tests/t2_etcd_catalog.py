@@ -5,6 +5,7 @@ No FUSE here (t4_etcd.py mounts)."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from mirenfs.disks.catalogs import open_catalog
+from mirenfs.disks.catalogs import open_catalog, parse_catalog
 from mirenfs.disks.etcd import CatalogWatch, EtcdCatalog, EtcdKV, _delete, _put
 from mirenfs.disks.manage import create_disk, sweep_stale_staging
 from mirenfs.disks.model import DiskState, LeaseState
@@ -868,6 +869,51 @@ def test_a_catalogue_recorded_in_another_cluster_is_refused_until_its_record_is_
     pins.unlink()
     assert [record.disk.name for record in running.list_disks()] == ["pg"]
     assert list(json.loads(pins.read_text()).values()) != ["12345"]  # recorded again, from the endpoints
+
+
+def test_only_a_change_that_may_have_reached_etcd_is_said_to_have_maybe_landed(tmp_path: Path) -> None:
+    """Review S: a connect timeout (packets dropped: a partition) was said to be "received"."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    backlog = []
+    try:
+        for _ in range(8):  # a full backlog: the next connect's SYN is dropped, as in a partition
+            filler = socket.socket()
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(listener.getsockname())
+            backlog.append(filler)
+        url = f"etcd://127.0.0.1:{listener.getsockname()[1]}/{prefix()}"
+        unreachable = EtcdCatalog(parse_catalog(url).etcd, str(tmp_path / "a"), node="a", timeout_s=0.5)  # type: ignore[arg-type]
+        with pytest.raises(CatalogUnreachableError) as dropped:
+            unreachable.create_disk_for_restore("zz", size_bytes=1 << 20, filesystem="ext4")
+        assert dropped.value.maybe_applied is False
+    finally:
+        for filler in backlog:
+            filler.close()
+        listener.close()
+    silent = socket.socket()  # accepts, reads the request, never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                accepted.append(silent.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        url = f"etcd://127.0.0.1:{silent.getsockname()[1]}/{prefix()}"
+        stalled = EtcdCatalog(parse_catalog(url).etcd, str(tmp_path / "b"), node="a", timeout_s=0.5)  # type: ignore[arg-type]
+        with pytest.raises(CatalogUnreachableError) as late:
+            stalled.create_disk_for_restore("zz", size_bytes=1 << 20, filesystem="ext4")
+        assert late.value.maybe_applied is True
+    finally:
+        silent.close()
+        for connection in accepted:
+            connection.close()
 
 
 def test_restore_image_refuses_the_registered_image_of_a_fleet_disk(

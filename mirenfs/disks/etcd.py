@@ -183,7 +183,25 @@ def _why(exc: BaseException) -> str:
     return detail.splitlines()[0][:200]
 
 
-_MAYBE_RECEIVED = frozenset({"no answer in time"})  # reasons after which the request may have landed
+def _may_have_arrived(exc: BaseException) -> bool:
+    """Whether a request that failed so may have reached etcd: its answer timed out or was cut
+    off. Not when the connection was never made (review S: a connect timeout, the usual sign of
+    a partition, was said to be "received")."""
+    chain: list[BaseException] = []
+    link: BaseException | None = exc
+    while link is not None and link not in chain:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    errors = requests.exceptions
+    if any(isinstance(e, errors.ConnectTimeout) for e in chain):
+        return False
+    if any(isinstance(e, (errors.ReadTimeout, errors.ChunkedEncodingError)) for e in chain):
+        return True
+    text = " ".join(str(e) for e in chain)
+    if "refused" in text or "not known" in text or "unreachable" in text.lower():
+        return False
+    cut_off = ("prematurely", "reset by peer", "aborted", "RemoteDisconnected")
+    return any(word in text for word in cut_off) or _why(exc) == "no answer in time"
 
 
 def _from_etcd(exc: etcd_errors.Etcd3Exception) -> bool:
@@ -358,9 +376,8 @@ class EtcdKV:
                 requests.RequestException,
                 ValueError,  # an answer that is not JSON: not an etcd gateway there
             ) as exc:
-                why = _why(exc)
-                sent = sent or why in _MAYBE_RECEIVED or "prematurely" in why or "reset" in why
-                problems.append(f"{host}:{port}: {why}")
+                sent = sent or _may_have_arrived(exc)
+                problems.append(f"{host}:{port}: {_why(exc)}")
                 continue
             except etcd_errors.Etcd3Exception as exc:
                 if not _from_etcd(exc):  # a 404 page, say: another server there; try the next member
