@@ -10,6 +10,7 @@ import errno
 import fcntl
 import logging
 import os
+import shutil
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from mirenfs.disks import live
 from mirenfs.disks.creations import mark_creating, marked_creating
 from mirenfs.disks.manage import (
     remove_disk,
+    remove_interrupted_creation,
     sweep_interrupted_creations,
     sweep_stale_staging,
     sweep_what_killed_runs_left,
@@ -33,7 +35,7 @@ from mirenfs.disks.rules import prepare_backup, prepare_restore
 from mirenfs.disks.store import Store
 from mirenfs.engine.aio import meaningful_error, task_group
 from mirenfs.engine.image import STAGING_SUFFIX, StagingImage, remove_staging_if_unheld
-from mirenfs.errors import DiskNotFoundError, InvalidVolumeError, MirenfsError, TargetError
+from mirenfs.errors import DiskNotFoundError, InvalidVolumeError, MirenfsError, StoreError, TargetError
 
 from support.data import sha256_file
 from support.store import make_disk
@@ -210,6 +212,28 @@ def test_a_catalogue_that_cannot_be_used_does_not_stop_the_rest_of_the_sweep(
         "cannot remove the disks killed restores were creating: the disks of this "
         "data path were copied elsewhere",
     ) in said
+
+
+def test_a_creation_that_cannot_be_checked_yet_is_retried_not_said_to_be_kept(
+    store: Store, data_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review S: on a full data path the removal's first step failed, the disk was said to be
+    kept ("a restore since took it over") and the mount stopped retrying."""
+    image = interrupted_creation(store, "stranded")
+    shutil.rmtree(image.parent)  # as the failed restore's undo left it
+
+    def full(path: object, mode: int = 0o777) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    disk_id = store.get_disk("stranded").disk.id
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "mkdir", full)
+        with pytest.raises(StoreError, match="it is removed once that can be told"):
+            remove_interrupted_creation(store, "stranded", disk_id)
+        assert sweep_interrupted_creations(store) == []  # the sweep keeps it for a later start
+    assert status(store, "stranded") == "provisioning"
+    assert remove_interrupted_creation(store, "stranded", disk_id) is True  # once there is room
+    assert status(store, "stranded") is None
 
 
 def test_what_is_not_an_interrupted_creation_is_kept(store: Store, data_path: Path, tmp_path: Path) -> None:

@@ -373,11 +373,17 @@ def sweep_interrupted_creations(store: Catalog) -> list[str]:
     if not ours:
         return []
     records = store.list_disks()
-    removed = [
-        record.disk.name
-        for record in records
-        if record.disk.id in ours and _remove_if_interrupted(store, record)
-    ]
+    removed = []
+    for record in records:
+        if record.disk.id not in ours:
+            continue
+        try:
+            if _remove_if_interrupted(store, record):
+                removed.append(record.disk.name)
+        except StoreError as exc:
+            if isinstance(exc, CatalogUnreachableError):
+                raise
+            log.warning("%s", exc)  # kept for a later start (or cleanup)
     _forget_finished_creations(store.data_path, ours, records)
     return removed
 
@@ -429,25 +435,29 @@ def _remove_if_interrupted(store: Catalog, record: DiskRecord) -> bool:
         with contextlib.suppress(FileExistsError):  # removed them
             os.mkdir(directory, 0o700)
         held = hold_staging_name(staging)
-    except OSError as exc:  # a read-only data path: kept, and swept at another start
-        log.warning(
-            "disk %s, which a failed restore left provisioning, is kept until a later start: cannot "
-            "make sure no restore is at work on it (%s: %s)",
-            record.disk.name,
-            exc.filename,
-            exc.strerror,
+    except OSError as exc:  # a full or read-only data path: "cannot tell yet", not "kept" (review S)
+        error = StoreError(
+            f"cannot make sure no restore is at work on disk {record.disk.name}, which a failed restore "
+            f"left provisioning ({exc.filename}: {exc.strerror}); it is removed once that can be told"
         )
-        return False
+        error.errno = exc.errno or errno.EIO
+        raise error from None
     if held is None:
         return False  # a restore is at work on it right now
     try:
         if os.path.lexists(image_path):
             os.unlink(staging)
             return False
-        shutil.rmtree(directory, ignore_errors=True)
+        # The records go while the name is still held (review S: a restore could begin on the
+        # disk between the hold's end and their removal), then the directory.
+        store.delete_disk_records(record.disk.id)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(staging)
+        raise
     finally:
         os.close(held)
-    store.delete_disk_records(record.disk.id)
+    shutil.rmtree(directory, ignore_errors=True)
     unmark_creating(store.data_path, record.disk.id)
     return True
 
