@@ -236,6 +236,22 @@ def test_a_creation_that_cannot_be_checked_yet_is_retried_not_said_to_be_kept(
     assert status(store, "stranded") is None
 
 
+def test_the_staging_sweep_of_a_store_marked_as_moved_still_finds_registered_images(
+    store: Store, data_path: Path, tmp_path: Path
+) -> None:
+    """Review S: `cleanup` on a moved data path could not look next to registered images, and
+    said there was nothing to clean up."""
+    image = tmp_path / "srv" / "pg.img"
+    image.parent.mkdir()
+    image.write_bytes(b"\0" * 4096)
+    store.add_disk("pg", size_bytes=4096, filesystem="ext4", image_path=str(image))
+    leftover = Path(f"{image}{STAGING_SUFFIX}")
+    leftover.write_bytes(b"half a restore")
+    moved = Store(str(data_path), refused="the disks of this data path were copied elsewhere")
+    assert sweep_stale_staging(str(data_path), catalog=moved) == [str(leftover)]
+    assert not leftover.exists() and image.exists()
+
+
 def test_what_is_not_an_interrupted_creation_is_kept(store: Store, data_path: Path, tmp_path: Path) -> None:
     running = interrupted_creation(store, "running")  # a restore still at work: its staging file is held
     making = interrupted_creation(store, "mkfs")  # `disk create` formatting: the image exists

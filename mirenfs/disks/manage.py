@@ -342,8 +342,12 @@ def sweep_stale_staging(
     try:
         explicit = (catalog if catalog is not None else Store(data_path)).explicit_image_paths()
     except StoreError as exc:
-        log.warning("cannot look for staging files next to registered images: %s", exc)
-        explicit = []
+        try:  # review S: a store refused as moved still names where its images were
+            explicit = Store(data_path).explicit_image_paths() if catalog is not None else []
+        except StoreError:
+            explicit = []
+        if not explicit:
+            log.warning("cannot look for staging files next to registered images: %s", exc)
     candidates.extend(path + STAGING_SUFFIX for path in explicit)
     removed = []
     for path in sorted(set(candidates)):

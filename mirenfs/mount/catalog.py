@@ -55,6 +55,7 @@ class StoreCatalog:
         self.store = store
         self._inside = None if mountpoint is None else os.path.abspath(mountpoint).rstrip("/") + "/"
         self._said_inside: set[str] = set()
+        self._looked_inside: dict[str, bool] = {}  # image path -> whether it leads into the mount
         # This node's disks with no image under the data path at the last listing (a wrong data
         # path or node name shows none of them): `status` says so (trial W: "no disks on node X").
         self.without_image_here: list[str] = []
@@ -80,7 +81,12 @@ class StoreCatalog:
     def _is_inside_the_mount(self, name: str, image_path: str) -> bool:
         """An image path under the mount point is never looked at: the lookup would come back to
         this mount and wait on its own answer, for ever (trial Q: every request hung). Said once."""
-        if self._inside is None or not _leads_inside(image_path, self._inside):
+        if self._inside is None:
+            return False
+        inside = self._looked_inside.get(image_path)
+        if inside is None:  # once per path: the walk lstats each part (review S: every listing)
+            inside = self._looked_inside[image_path] = _leads_inside(image_path, self._inside)
+        if not inside:
             return False
         if name not in self._said_inside:
             self._said_inside.add(name)
