@@ -922,6 +922,23 @@ async def test_deleting_an_entry_while_it_receives_undoes_the_restore(data_path:
 
 
 @trio_test
+async def test_a_failed_restore_whose_writer_removed_its_file_is_still_in_the_status(
+    data_path: Path, good: Snapshot
+) -> None:
+    """Trial X: rsync removes its temporary file when its close fails, and the failure was then
+    nowhere but in the log (an older entry of that name went on saying installed)."""
+    async with operations(data_path) as m:
+        temporary = ".good.mirn.AbCdEf"
+        assert await m.copy_in(temporary, good.data[:-1]) is not None  # cut short: the close fails
+        await m.ops.unlink(RESTORE_INODE, temporary.encode(), m.ctx)
+        newest = m.ops.restores.refusal_status()[0]
+        assert newest["name"] == f"restore/{temporary}" and newest["errno"] == "EINVAL"
+        assert newest["reason"].endswith("(its writer then removed it)"), newest
+        assert "truncated" in newest["reason"]
+    assert disk_status(data_path, "good") is None
+
+
+@trio_test
 async def test_stopping_the_mount_undoes_an_unfinished_restore(data_path: Path, big: Snapshot) -> None:
     add_image_disk(data_path, "pg")  # the store exists before: only the new disk must go again
     async with operations(data_path) as m:

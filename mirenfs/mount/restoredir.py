@@ -168,6 +168,7 @@ class RestoreEntry:
     gid: int
     state: str = "receiving"
     detail: str = ""  # what reading the entry adds to its state (size and checksum once installed)
+    failed_errno: int = 0  # what the failure answered its writer with, once it failed
     received: int = 0
     mtime_ns: int = field(default_factory=time.time_ns)
     session: DiskRestore | None = None
@@ -558,6 +559,7 @@ class RestoreDirectory:
         reason = _reason(error)
         entry.state = f"failed: {reason}"
         code = error.errno if isinstance(error, (MirenfsError, OSError)) and error.errno else errno.EIO
+        entry.failed_errno = code
         if session is not None:
             session.failure, session.failure_errno = reason, code
             with trio.CancelScope(shield=True):  # undo even when the request was interrupted
@@ -588,6 +590,15 @@ class RestoreDirectory:
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), file_name)
         del self.by_inode[entry.inode]
         await self.abort(entry, reason)
+        if entry.state.startswith("failed: "):
+            # Trial X: rsync removes its temporary file when its close fails, and the outcome went
+            # with it: kept where refusals are, for `mirenfs status`.
+            code = errno.errorcode.get(entry.failed_errno or errno.EIO, "EIO")
+            said = entry.state.removeprefix("failed: ")
+            self.refusals.appendleft(
+                Refusal(in_restore(file_name), code, f"{said} (its writer then removed it)")
+            )
+            self._last_refusal = None
 
     async def rename(self, old: str, new: str) -> None:
         entry = self.entries.get(old)
