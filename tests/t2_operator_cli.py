@@ -220,16 +220,20 @@ def test_catalog_copy_names_the_option_of_a_missing_data_path_and_starts_none(tm
     not start an empty store (the SQLite catalogue belongs to the data path holding the images)."""
     data, missing = tmp_path / "data", tmp_path / "typo"
     assert run_mirenfs("disk", "create", "pg", "--size", "1M", "--data-path", str(data)).returncode == 0
-    source = run_mirenfs("catalog", "copy", "--from", f"sqlite://{missing}", "--to", str(data))
+    nowhere = "etcd://127.0.0.1:1/x"  # never asked: the data path is checked first
+    source = run_mirenfs("catalog", "copy", "--from", f"sqlite://{missing}", "--to", nowhere)
     assert source.returncode == 1
     assert (
         source.stderr.decode()
         == f"mirenfs: error: the data path {missing} does not exist (from --from); check it\n"
     )
-    destination = run_mirenfs("catalog", "copy", "--from", str(data), "--to", f"sqlite://{missing}")
+    destination = run_mirenfs("catalog", "copy", "--from", nowhere, "--to", f"sqlite://{missing}")
     assert destination.returncode == 1 and destination.stdout == b""
     assert f"the data path {missing} does not exist (from --to)" in destination.stderr.decode()
     assert not missing.exists()
+    both = run_mirenfs("catalog", "copy", "--from", str(data), "--to", str(tmp_path))  # review C
+    assert both.returncode == 1 and "are both SQLite stores" in both.stderr.decode()
+    assert not (tmp_path / "mirenfs.db").exists()
 
 
 # ---- the store and the state directory are private; new files honour the umask ----------------

@@ -59,6 +59,13 @@ def cmd_catalog_copy(args: argparse.Namespace) -> int:
     source_spec, destination_spec = _spec(args.source, "--from"), _spec(args.destination, "--to")
     if (source_spec.data_path, source_spec.etcd) == (destination_spec.data_path, destination_spec.etcd):
         raise MirenfsError(f"--from and --to name the same catalogue ({args.source})")
+    if source_spec.etcd is None and destination_spec.etcd is None:  # review C: images not there
+        raise MirenfsError(
+            f"--from {args.source} and --to {args.destination} are both SQLite stores, each of its own data "
+            "path's images: a copy would list disks whose images are not there; to move a disk to "
+            "another data path, back it up there and restore it (mirenfs backup NAME -o FILE; "
+            "mirenfs restore FILE --data-path OTHER)"
+        )
     node = node_from(args.node)
     sqlite_path = next(
         (spec.data_path for spec in (source_spec, destination_spec) if spec.data_path is not None), None
