@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from mirenfs.cli import build_parser, mount_cmds
+from mirenfs.cli import build_parser, demo, mount_cmds
 from mirenfs.cli.common import settle_scope_options
 from mirenfs.cli.mount_cmds import config_from
 from mirenfs.disks import rules
@@ -130,6 +131,20 @@ def test_verify_reports_go_vectors_ok() -> None:
 
 
 # --- demo and status: refused before anything is mounted ---
+
+
+def test_the_demos_guide_quotes_its_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Review C: with a space in the directory, every command the demo suggested broke."""
+    root = tmp_path / "demo two"
+    demo._print_guide(root, root / "data", root / "mnt", root / "backups", ["web", "pg"], keep=True)
+    commands = [
+        line.strip()
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("  ") and "#" not in line
+    ]
+    assert shlex.split(commands[0]) == ["ls", "-l", str(root / "mnt")]
+    assert shlex.split(commands[1]) == ["cp", str(root / "mnt" / "web.mirn"), f"{root / 'backups'}/"]
+    assert shlex.split(commands[-1])[-1] == str(root / "data")
 
 
 def test_demo_refuses_a_directory_in_use(tmp_path: Path) -> None:

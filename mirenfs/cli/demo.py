@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shlex
 import shutil
 import sys
 import tempfile
@@ -186,17 +187,21 @@ def _print_guide(
     root: Path, data: Path, mountpoint: Path, backups: Path, names: list[str], keep: bool
 ) -> None:
     mirenfs, first = _command_name(), names[0]
-    m, b = str(mountpoint), str(backups)
+    q = shlex.quote  # review C: a directory with a space broke every command shown
+    m, b, snapshot = str(mountpoint), str(backups), f"{first}.mirn"
     steps = [
-        (f"ls -l {m}", "one NAME.mirn snapshot per disk, its .sha256, and restore/"),
-        (f"cp {m}/{first}.mirn {b}/", "a backup is a plain copy"),
-        (f"{mirenfs} verify {b}/{first}.mirn", "decompress it and check size and checksum"),
-        (f"{mirenfs} inspect {b}/{first}.mirn", "its header: name, size, filesystem, checksum"),
-        (f"(cd {m} && sha256sum -c {first}.mirn.sha256)", "the sidecar checks the snapshot file itself"),
-        (f"cp {b}/{first}.mirn {m}/restore/{first}-copy.mirn", f"restore it as a new disk, {first}-copy"),
-        (f"ls -l {m}", f"{first}-copy.mirn is there now"),
-        (f"{mirenfs} status {m}", "index state per disk, and the restores"),
-        (f"{mirenfs} disk list --data-path {data}", "the disks behind the snapshots"),
+        (f"ls -l {q(m)}", "one NAME.mirn snapshot per disk, its .sha256, and restore/"),
+        (f"cp {q(f'{m}/{snapshot}')} {q(b + '/')}", "a backup is a plain copy"),
+        (f"{mirenfs} verify {q(f'{b}/{snapshot}')}", "decompress it and check size and checksum"),
+        (f"{mirenfs} inspect {q(f'{b}/{snapshot}')}", "its header: name, size, filesystem, checksum"),
+        (f"(cd {q(m)} && sha256sum -c {snapshot}.sha256)", "the sidecar checks the snapshot file itself"),
+        (
+            f"cp {q(f'{b}/{snapshot}')} {q(f'{m}/restore/{first}-copy.mirn')}",
+            f"restore it as a new disk, {first}-copy",
+        ),
+        (f"ls -l {q(m)}", f"{first}-copy.mirn is there now"),
+        (f"{mirenfs} status {q(m)}", "index state per disk, and the restores"),
+        (f"{mirenfs} disk list --data-path {q(str(data))}", "the disks behind the snapshots"),
     ]
     ending = f"keeps {root}" if keep else f"deletes {root}"
     print()
@@ -207,4 +212,4 @@ def _print_guide(
         print(f"  # {why}")
         print(f"  {command}")
     print()
-    print(f"Stop with Ctrl-C here (or `fusermount3 -u {m}`): that unmounts and {ending}.", flush=True)
+    print(f"Stop with Ctrl-C here (or `fusermount3 -u {q(m)}`): that unmounts and {ending}.", flush=True)
