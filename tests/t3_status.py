@@ -39,6 +39,23 @@ async def test_status_lists_this_hosts_disks_whose_image_is_not_under_the_data_p
 
 
 @trio_test
+async def test_the_age_of_a_listing_is_the_time_since_the_catalogue_last_confirmed_it() -> None:
+    """Trial W: in an outage, status called the listing "42 s old" (the time since the last `ls`)
+    when etcd's watch had confirmed it 4 s before."""
+
+    class Confirmed:
+        confirmed_age_s = 4.0
+
+        def list_disks(self) -> list[object]:
+            return []
+
+    view = catalog_module.CatalogView(catalog_module.StoreCatalog(Confirmed()), lambda _name: None)  # type: ignore[arg-type]
+    assert view.listing_age_s is None  # never listed
+    await view.disks()
+    assert view.listing_age_s == 4.0
+
+
+@trio_test
 async def test_the_index_is_building_until_it_is_ready(tmp_path: Path) -> None:
     add_image_disk(tmp_path, "pg")
     async with operations(tmp_path) as m:

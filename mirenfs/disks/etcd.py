@@ -1212,6 +1212,15 @@ class CatalogWatch:
         with self._lock:
             return self._current_locked()
 
+    @property
+    def confirmed_age_s(self) -> float | None:
+        """How long ago the catalogue last confirmed this copy (a watch event or the probe), or
+        None before it ever did: the age of a listing in an outage (trial W: the time since the
+        last `ls` was shown)."""
+        with self._lock:
+            confirmed = self._confirmed_at
+        return None if confirmed == -math.inf else time.monotonic() - confirmed
+
     def _current_locked(self) -> bool:
         return time.monotonic() - self._confirmed_at <= self._stale_after_s
 

@@ -123,8 +123,15 @@ class CatalogView:
 
     @property
     def listing_age_s(self) -> float | None:
-        """How old :attr:`last_listing` is, in seconds; None before the first listing."""
-        return None if self._listed_at < 0 else time.monotonic() - self._listed_at
+        """How old :attr:`last_listing` is, in seconds; None before the first listing. For a
+        catalogue that confirms its copy (etcd's watch), since it last did: the time since the
+        last listing was asked for (an `ls`) is not how stale it is (trial W)."""
+        if self._listed_at < 0:
+            return None
+        confirmed = getattr(getattr(self.catalog, "store", None), "confirmed_age_s", None)
+        if isinstance(confirmed, float):
+            return confirmed
+        return time.monotonic() - self._listed_at
 
     async def disks(self, *, fresh: bool = False) -> dict[str, CatalogEntry]:
         async with self._lock:
