@@ -173,6 +173,15 @@ def test_an_etcd_url_with_one_slash_is_refused_not_taken_for_a_data_path(typo: s
         parse_catalog(typo)
 
 
+def test_an_etcd_url_in_capitals_is_read_and_an_empty_endpoint_is_named_as_such() -> None:
+    """Trial W: `ETCD://h:1/p` was told "two slashes after etcd:", and `etcd://a:1,/x` that
+    'an empty endpoint' was not HOST:PORT."""
+    spec = parse_catalog("ETCD://127.0.0.1:23791/trialw")
+    assert spec.etcd is not None and spec.etcd.url == "etcd://127.0.0.1:23791/trialw"
+    with pytest.raises(MirenfsError, match="its list of endpoints has an empty entry"):
+        parse_catalog("etcd://127.0.0.1:23791,/x")
+
+
 @pytest.mark.parametrize(
     "url",
     ["etcd://user:s3cret@127.0.0.1:23791/fleet", "etcd://a:1,user:s3cret@b:2", "etcd://u:s3/cret@h:1/p"],

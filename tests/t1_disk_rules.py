@@ -248,7 +248,7 @@ def test_restore_refusals_and_their_errnos(data_path: Path, no_loops: Path) -> N
     assert leased.value.errno == errno.EBUSY
 
     fake.add("running", DiskState.ATTACHED)  # a machine may write its image file directly
-    refusal = r"disk running is in use \(the disk store says it is attached\).*set-status running detached"
+    refusal = r"disk running is in use \(its record says it is attached\).*set-status running detached"
     with pytest.raises(DiskAttachedError, match=refusal):
         prepare_restore(fake, "running", data_path=str(data_path), overwrite=True, creator=fake)
 

@@ -97,7 +97,7 @@ def test_disk_remove_deletes_a_managed_image_unless_the_disk_is_held(data: Path,
     ok("lease", "release", lease_id, "--data-path", data)
     ok("disk", "set-status", "disk-ext4", "attached", "--data-path", data)
     refused(
-        "disk disk-ext4 is in use (the disk store says it is attached)",
+        "disk disk-ext4 is in use (its record says it is attached)",
         "disk",
         "remove",
         "disk-ext4",

@@ -77,6 +77,8 @@ class CatalogSpec:
 def parse_catalog(text: str) -> CatalogSpec:
     """``etcd://HOST:PORT[,…][/PREFIX]``, ``sqlite:[//DIR]`` or a directory; else one clear line."""
     cleaned = text.strip()
+    if cleaned[: len(ETCD_SCHEME)].lower() == ETCD_SCHEME:  # trial W: ETCD://… got "two slashes" advice
+        cleaned = ETCD_SCHEME + cleaned[len(ETCD_SCHEME) :]
     if cleaned.lower().startswith("etcd:") and not cleaned.startswith(ETCD_SCHEME):
         # etcd:/HOST… or etcd:HOST… would otherwise be a data path of that odd name, in the cwd
         raise MirenfsError(
@@ -124,7 +126,11 @@ def _parse_etcd(text: str) -> EtcdLocation:
 
 
 def _parse_endpoint(item: str, text: str) -> tuple[str, int]:
-    problem = f"catalogue {text!r}: {item or 'an empty endpoint'!r} is not HOST:PORT"
+    problem = (
+        f"catalogue {text!r}: {item!r} is not HOST:PORT"
+        if item
+        else f"catalogue {text!r}: its list of endpoints has an empty entry (a comma too many?)"
+    )
     if item.startswith("["):  # [IPv6]:PORT
         host, _, port_text = item[1:].partition("]:")
     else:

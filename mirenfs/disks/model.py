@@ -179,7 +179,7 @@ def validate_node_name(node: str) -> str:
 def validate_volume_id(volume_id: str) -> str:
     if not isinstance(volume_id, str) or not _VOLUME_ID_RE.fullmatch(volume_id):
         raise InvalidVolumeError(
-            f"volume id {volume_id!r} is not usable as a directory name; fix the volume in the disk store"
+            f"volume id {volume_id!r} is not usable as a directory name; fix the disk's record"
         )
     return volume_id
 

@@ -165,7 +165,7 @@ def take_point_in_time(
         if warning:  # read anyway, as before: the pass checks the image did not change under it
             warning += "; its image is read as it is and checked unchanged afterwards"
         return PointInTime(name, image, image.identity, Consistency.OFFLINE, "image", warning=warning)
-    in_use = f"/dev/{loops[0]} is backed by its image" if loops else "the disk store says it is attached"
+    in_use = f"/dev/{loops[0]} is backed by its image" if loops else "its record says it is attached"
     try:
         return _copy(name, image_path, loops, in_use, clone_directory, policy)
     except PointInTimeError as exc:

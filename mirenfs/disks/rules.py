@@ -234,7 +234,7 @@ def refuse_if_in_use(resolver: DiskResolver, disk: Disk, image_path: str | None,
     name = disk.name
     if DiskState(disk.status) is DiskState.ATTACHED:
         raise DiskAttachedError(
-            f"disk {name} is in use (the disk store says it is attached); once its machine has let it "
+            f"disk {name} is in use (its record says it is attached); once its machine has let it "
             f"go, detach it (`mirenfs disk set-status {name} detached`) before {action}"
         )
     leases = resolver.find_leases_by_disk_id(disk.id)
