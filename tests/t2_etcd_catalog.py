@@ -387,6 +387,36 @@ def test_three_members_one_down_changes_nothing_two_down_fail_closed(
 # --- the mount's watched copy ---
 
 
+def test_a_watch_that_stops_delivering_while_etcd_answers_is_started_again(
+    hosts: tuple[EtcdCatalog, EtcdCatalog], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trial W: a stream that stopped delivering (a proxy, a half-open connection) while etcd
+    answered the probe left the copy stale for good, in silence: a disk set to deleting was still
+    served, a new one never shown. The probe compares etcd's newest change with the watch's."""
+    a, b = hosts
+    a.add_disk("pg", size_bytes=4096, filesystem="ext4")
+    receive = CatalogWatch._receive
+
+    def deaf(self: CatalogWatch, message: dict[str, object], *args: object) -> None:
+        result = message.get("result")
+        if isinstance(result, dict) and result.get("events"):
+            return  # the stream goes on, but what it carries never arrives
+        receive(self, message, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(CatalogWatch, "_receive", deaf)
+    view = a.watch()
+    assert isinstance(view, CatalogWatch)
+    try:
+        assert [record.disk.name for record in view.list_disks()] == ["pg"]
+        b.add_disk("web", size_bytes=1, filesystem="ext4")
+        wait_for(lambda: len(view.list_disks()) == 2, "the watch started again", timeout=10.0)
+        b.delete_disk_records(b.get_disk("web").disk.id)
+        wait_for(lambda: len(view.list_disks()) == 1, "the watch started again", timeout=10.0)
+    finally:
+        view.close()
+        view.join()
+
+
 def test_the_watched_copy_follows_changes_within_a_second_and_fails_closed(
     etcd_clusters: Callable[[int], EtcdCluster], tmp_path: Path
 ) -> None:

@@ -95,6 +95,7 @@ from mirenfs.errors import (
 log = logging.getLogger(__name__)
 
 API_PATH = "/v3/"  # etcd >= 3.4 (Debian bookworm has 3.4); set, so no request is spent discovering it
+WATCH_LAG_S = 2.0  # a watch that has not delivered a change etcd holds for this long is started again
 REQUEST_TIMEOUT_S = 2.0  # per endpoint: a member without quorum answers only after ~7 s
 CAS_ATTEMPTS = 64  # compare-and-swap rounds before a change gives up (each lost round is a change made)
 PROBE_INTERVAL_S = 0.5
@@ -412,6 +413,21 @@ class EtcdKV:
         answer, served = self.post("kv/range", payload, endpoint=endpoint)
         revision = int(answer.get("header", {}).get("revision", 0))
         return revision, [_key_value(item) for item in answer.get("kvs", [])], served
+
+    def newest(self, prefix: str, *, endpoint: int | None = None) -> tuple[int, int]:
+        """How many keys start with ``prefix``, and the newest revision any of them was changed at
+        (one linearizable request that returns no values)."""
+        payload: dict[str, Any] = {
+            "key": _b64(prefix),
+            "range_end": _b64(_prefix_end(prefix)),
+            "limit": "1",
+            "sort_order": "DESCEND",
+            "sort_target": "MOD",
+            "keys_only": True,
+        }
+        answer, _ = self.post("kv/range", payload, endpoint=endpoint)
+        kvs = answer.get("kvs", [])
+        return int(answer.get("count", 0) or 0), int(kvs[0].get("mod_revision", 0)) if kvs else 0
 
     def txn(
         self,
@@ -1186,6 +1202,12 @@ class CatalogWatch:
             threading.Thread(target=self._probe, name="mirenfs-catalog-probe", daemon=True),
         ]
         self._damaged: set[tuple[str, int]] = set()
+        # What the watch has delivered: the keys there and the newest revision it knows of, set
+        # when it starts; the probe compares them with etcd's (trial W: a stream that stopped
+        # delivering while etcd answered left the copy stale for good, in silence).
+        self._watched_keys: set[str] = set()
+        self._watched_revision = 0
+        self._lagging_since: float | None = None
 
     @property
     def data_path(self) -> str:
@@ -1266,6 +1288,7 @@ class CatalogWatch:
             record = self._record(item.key[len(prefix) :], item)
             if record is not None:
                 records[record.disk.name] = record
+        listed = ({item.key[len(prefix) :] for item in found}, revision)
         client = self.catalog.kv.client(endpoint)
         request = {
             "create_request": {
@@ -1286,13 +1309,19 @@ class CatalogWatch:
             if self._stopping.is_set():
                 return
             for message in _json_messages(response):
-                self._receive(message, records, endpoint)
+                self._receive(message, records, endpoint, listed)
         finally:
             with self._lock:
                 self._stream, self._endpoint = None, None
             response.close()
 
-    def _receive(self, message: dict[str, Any], records: dict[str, DiskRecord], endpoint: int) -> None:
+    def _receive(
+        self,
+        message: dict[str, Any],
+        records: dict[str, DiskRecord],
+        endpoint: int,
+        listed: tuple[set[str], int] = (set(), 0),
+    ) -> None:
         if "error" in message:
             raise StoreError(f"the watch failed: {message['error'].get('message', message['error'])}")
         result = message.get("result", {})
@@ -1303,21 +1332,31 @@ class CatalogWatch:
                 self._records = records  # the listing, caught up: from now on, events apply to it
                 self._endpoint = endpoint
                 self._confirmed_at = time.monotonic()
+                self._watched_keys, self._watched_revision = set(listed[0]), listed[1]
+                self._lagging_since = None
             self._first_sync.set()
             self._found()
             return
         prefix = self.catalog.disks_prefix
-        changes: list[tuple[str, DiskRecord | None]] = []
+        changes: list[tuple[str, DiskRecord | None, bool]] = []
         for event in result.get("events", []):
             item = _key_value(event["kv"])
             name = item.key[len(prefix) :]
-            changes.append((name, None if event.get("type") == "DELETE" else self._record(name, item)))
+            deleted = event.get("type") == "DELETE"
+            changes.append((name, None if deleted else self._record(name, item), deleted))
         with self._lock:
-            for name, record in changes:
+            for name, record, deleted in changes:
                 if record is None:
-                    self._records.pop(name, None)
+                    self._records.pop(name, None)  # gone, or damaged: not listed
                 else:
                     self._records[name] = record
+                if deleted:
+                    self._watched_keys.discard(name)
+                else:
+                    self._watched_keys.add(name)
+            newest = [int(event.get("kv", {}).get("mod_revision", 0)) for event in result.get("events", [])]
+            header = int(result.get("header", {}).get("revision", 0) or 0)
+            self._watched_revision = max(self._watched_revision, header, *newest)
             self._confirmed_at = time.monotonic()
 
     def _record(self, name: str, item: KeyValue) -> DiskRecord | None:
@@ -1346,22 +1385,34 @@ class CatalogWatch:
     # --- probing the watch's member ---
 
     def _probe(self) -> None:
-        probe_key = f"{self.catalog.location.root}probe"
         while not self._stopping.wait(self._probe_interval_s):
             with self._lock:
                 endpoint = self._endpoint
             if endpoint is None:
                 continue
             try:  # a linearizable read: the member serving the watch still has its quorum
-                self.catalog.kv.range(probe_key, endpoint=endpoint)
+                count, newest = self.catalog.kv.newest(self.catalog.disks_prefix, endpoint=endpoint)
             except Exception as exc:  # MirenfsError; anything else must not end the probing either
                 if not self._stopping.is_set():
                     self._trouble(_reason(exc))
                     self._drop_stream()  # the watch starts again, on a member that answers
                 continue
+            now = time.monotonic()
             with self._lock:
-                if self._endpoint == endpoint:
-                    self._confirmed_at = time.monotonic()
+                if self._endpoint != endpoint:
+                    continue
+                behind = newest > self._watched_revision or count != len(self._watched_keys)
+                if not behind:
+                    self._lagging_since = None
+                    self._confirmed_at = now
+                    continue
+                if self._lagging_since is None:
+                    self._lagging_since = now  # an event on its way: give it its moment
+                lagging = now - self._lagging_since > WATCH_LAG_S
+            if lagging:
+                host, port = self.catalog.location.endpoints[endpoint]
+                self._trouble(f"the watch on {host}:{port} stopped delivering changes")
+                self._drop_stream()  # listed and watched again
 
     # --- saying so, once per change ---
 
