@@ -65,16 +65,20 @@ class StoreCatalog:
         for record in self.store.list_disks():
             disk = record.disk
             settled = disk.status not in (DiskState.DELETING, DiskState.PROVISIONING)
-            if record.local and settled and (not record.image_path or not os.path.lexists(record.image_path)):
+            if record.local and settled and not record.image_path:
                 without_image.append(disk.name)
             if not record.local or disk.status == DiskState.DELETING or not record.image_path:
                 continue
+            # Nothing is looked at before this: a path inside the mount would be looked up
+            # through the mount from its own request, and wait for good (review S2).
             if self._is_inside_the_mount(disk.name, record.image_path):
                 continue
             if os.path.isfile(record.image_path):
                 visible[disk.name] = CatalogEntry(
                     disk.name, record.image_path, disk.filesystem, disk.status.value
                 )
+            elif settled and not os.path.lexists(record.image_path):
+                without_image.append(disk.name)
         self.without_image_here = sorted(without_image)
         return visible
 
