@@ -765,10 +765,18 @@ def test_a_member_of_another_etcd_cluster_in_the_endpoint_list_is_never_taken_fo
     mixed = f"etcd://{','.join(m.endpoint for m in fleet.members)},{odd}/{name}"
     on_mixed = ["--catalog", mixed, "--node", "a", "--data-path", data]
     ok("restore", GO_EXT4.path, "--name", "pg", *on_mixed)  # 3 of 4 answer for the fleet: recorded
+    # Review S2: an endpoint list edited since (here: the other cluster's only) that shares an
+    # endpoint with the one the cluster was learnt through keeps what was learnt.
+    edited = f"etcd://{fleet.members[0].endpoint},{odd}/{name}"
+    on_edited = ["--catalog", edited, "--node", "a", "--data-path", data]
+    assert "pg" in ok("disk", "list", *on_edited).out
     for index in range(3):
         fleet.stop_member(index)
-    for argv in (["disk", "list"], ["restore", str(GO_EXT4.path), "--name", "pg"]):
-        stalled = run_cli(*argv, *on_mixed)
+    for argv, on in (
+        (["disk", "list"], on_mixed),
+        (["restore", str(GO_EXT4.path), "--name", "pg"], on_edited),
+    ):
+        stalled = run_cli(*argv, *on)
         assert stalled.code == 1 and "is unreachable" in stalled.err, stalled.err
         assert f"{odd}: a member of etcd cluster" in stalled.err
         assert "fix the endpoint list" in stalled.err and "etcd-clusters.json" in stalled.err
@@ -890,7 +898,8 @@ def test_a_catalogue_recorded_in_another_cluster_is_refused_until_its_record_is_
     a, _b = hosts
     a.add_disk("pg", size_bytes=4096, filesystem="ext4")
     pins = Path(a.data_path, "mirenfs", "etcd-clusters.json")
-    pins.write_text(json.dumps({a.location.url: "12345"}))  # the cluster before the restore
+    endpoints = [f"{host}:{port}" for host, port in a.location.endpoints]
+    pins.write_text(json.dumps({a.location.prefix: {"cluster": "12345", "endpoints": endpoints}}))
     running = etcd_catalog(a.location.url, Path(a.data_path), "a")
     with pytest.raises(
         CatalogUnreachableError, match=f"not of cluster 12345 that this catalogue is in .recorded in {pins}"
@@ -898,7 +907,7 @@ def test_a_catalogue_recorded_in_another_cluster_is_refused_until_its_record_is_
         running.list_disks()
     pins.unlink()
     assert [record.disk.name for record in running.list_disks()] == ["pg"]
-    assert list(json.loads(pins.read_text()).values()) != ["12345"]  # recorded again, from the endpoints
+    assert json.loads(pins.read_text())[a.location.prefix]["cluster"] != "12345"  # learnt again
 
 
 def test_only_a_change_that_may_have_reached_etcd_is_said_to_have_maybe_landed(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from mirenfs.cli.common import add_scope_option, data_path_from, resolve_data_path
 from mirenfs.disks.catalogs import (
+    MOVE_FILE,
     NODE_ENV,
     CatalogSpec,
     CopyReport,
@@ -24,7 +25,7 @@ from mirenfs.disks.catalogs import (
     read_move,
     same_catalogue,
 )
-from mirenfs.disks.model import Catalog
+from mirenfs.disks.model import Catalog, state_directory
 from mirenfs.errors import MirenfsError
 
 
@@ -139,9 +140,10 @@ def _move_home(data_path: str, fleet: Catalog, store: Catalog, report: CopyRepor
     )
     if report.differing or report.conflicts or report.unusable or removed_there:
         gone = f"; {', '.join(removed_there)} were removed from {move.url} since" if removed_there else ""
+        mark = os.path.join(state_directory(data_path), MOVE_FILE)
         print(
             f"the SQLite store of {data_path} stays marked as moved: it does not hold what {move.url} "
-            f"holds (see the disks named below{gone}); once it does, copy again",
+            f"holds (see the disks named below{gone}); to use it as it is all the same, remove {mark}",
             file=sys.stderr,
         )
         return

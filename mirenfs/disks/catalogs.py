@@ -232,13 +232,16 @@ def read_move(data_path: str) -> CatalogMove | None:
 
 
 def same_catalogue(one: str, other: str) -> bool:
-    """Whether two etcd catalogue URLs name one catalogue: one prefix (their lists of endpoints
-    may be spelt differently, or have changed since; review S: a suffix was taken for one)."""
+    """Whether two etcd catalogue URLs name one catalogue: one prefix, and endpoints in common
+    (a list may have been edited since; review S: a suffix was taken for one; review S2: a
+    cluster of other endpoints under the same prefix was taken for one)."""
     try:
         first, second = parse_catalog(one).etcd, parse_catalog(other).etcd
     except MirenfsError:
         return False
-    return first is not None and second is not None and first.prefix == second.prefix
+    if first is None or second is None or first.prefix != second.prefix:
+        return False
+    return bool(set(first.endpoints) & set(second.endpoints))
 
 
 def note_move(data_path: str, url: str, node: str, copied_ids: list[str]) -> None:

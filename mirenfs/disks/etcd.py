@@ -224,20 +224,26 @@ class Unreachable(CatalogUnreachableError):
 
 class ClusterPin:
     """The etcd cluster a data path's catalogue is in, by its cluster id, kept in
-    ``<data-path>/mirenfs/etcd-clusters.json`` (per catalogue URL): a member of another cluster
-    in the endpoint list (a typo, an address reused) answers as an empty catalogue, and moving
-    to it on a stall made disks vanish from the mount and let a restore create a second disk of
-    a name (trial W). Its answers count as no answer, with the reason.
+    ``<data-path>/mirenfs/etcd-clusters.json`` per prefix with the endpoints it was learnt
+    through: a member of another cluster in the endpoint list (a typo, an address reused)
+    answers as an empty catalogue, and moving to it on a stall made disks vanish from the mount
+    and let a restore create a second disk of a name (trial W). Its answers count as no
+    answer, with the reason.
 
-    The cluster is recorded once most of the endpoints answer for it (trial W2: the first answer
-    was taken, a wrong cluster's too, when the right member was the one stalled); a removed
-    record is noticed by a running process too (after an etcd restored from a snapshot)."""
+    The cluster is learnt once most of the endpoints answer for it (trial W2: the first answer
+    was taken, a wrong cluster's too). A record applies to a list of endpoints that shares one
+    with the list it was learnt through (review S2: an edited list forgot it); a list sharing
+    none is another catalogue (a move to a new cluster), learnt afresh. A removed record is
+    noticed by a running process too (after an etcd restored from a snapshot)."""
 
     FILE = "etcd-clusters.json"
 
-    def __init__(self, data_path: str | None, url: str, survey: Callable[[], list[str | None]]) -> None:
+    def __init__(
+        self, data_path: str | None, location: EtcdLocation, survey: Callable[[], list[str | None]]
+    ) -> None:
         self.path = None if data_path is None else os.path.join(state_directory(data_path), self.FILE)
-        self.url = url
+        self.prefix = location.prefix
+        self.endpoints = sorted(f"{host}:{port}" for host, port in location.endpoints)
         self._survey = survey  # the cluster id each endpoint answers for (None: no answer)
         self._lock = threading.Lock()
         self._cluster: str | None = None
@@ -250,14 +256,15 @@ class ClusterPin:
         with self._lock:
             if self._cluster == cluster:
                 return None
-            self._cluster = self._read().get(self.url)  # (again: it may have been removed)
+            self._cluster = self._recorded()  # (again: it may have been removed)
             if self._cluster is None:
-                self._cluster = self._elect()
+                answers = self._survey()
+                self._cluster = _most_of(answers)
                 if self._cluster is None:
+                    named = ", ".join(sorted({answer or "none" for answer in answers}))
                     return (
                         "it cannot be told yet which etcd cluster the catalogue is in: most of its endpoints "
-                        "must answer for one cluster first (they answered for "
-                        f"{', '.join(sorted({c or 'none' for c in self._survey()}))})"
+                        f"must answer for one cluster first (they answered for {named})"
                     )
                 self._record(self._cluster)
             if cluster == self._cluster:
@@ -269,21 +276,20 @@ class ClusterPin:
                 + (", or remove that file if the catalogue moved to a new cluster" if recorded else "")
             )
 
-    def _elect(self) -> str | None:
-        """The cluster more than half of the endpoints answer for, or None."""
-        answers = self._survey()
-        for candidate in {answer for answer in answers if answer is not None}:
-            if sum(answer == candidate for answer in answers) * 2 > len(answers):
-                return candidate
-        return None
+    def _recorded(self) -> str | None:
+        entry = self._read().get(self.prefix)
+        if not isinstance(entry, dict) or not set(entry.get("endpoints", [])) & set(self.endpoints):
+            return None
+        cluster = entry.get("cluster")
+        return str(cluster) if cluster else None
 
-    def _read(self) -> dict[str, str]:
+    def _read(self) -> dict[str, Any]:
         if self.path is None:
             return {}
         try:
             with open(self.path, encoding="utf-8") as f:
                 saved = json.load(f)
-            return {str(k): str(v) for k, v in saved.items()} if isinstance(saved, dict) else {}
+            return saved if isinstance(saved, dict) else {}
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:
@@ -293,11 +299,20 @@ class ClusterPin:
     def _record(self, cluster: str) -> None:
         if self.path is None:
             return
+        entry = {"cluster": cluster, "endpoints": self.endpoints}
         try:
             make_private_directory(os.path.dirname(self.path))
-            replace_private_file(self.path, json.dumps({**self._read(), self.url: cluster}).encode())
+            replace_private_file(self.path, json.dumps({**self._read(), self.prefix: entry}).encode())
         except OSError as exc:  # a user who may not write there: pinned for this process only
             log.debug("cannot record the etcd cluster in %s: %s", self.path, exc)
+
+
+def _most_of(answers: list[str | None]) -> str | None:
+    """The cluster more than half of the endpoints answer for, or None."""
+    for candidate in {answer for answer in answers if answer is not None}:
+        if sum(answer == candidate for answer in answers) * 2 > len(answers):
+            return candidate
+    return None
 
 
 class EtcdKV:
@@ -313,7 +328,7 @@ class EtcdKV:
         self.timeout_s = timeout_s
         self._local = threading.local()
         self._preferred = 0  # the endpoint that answered last: asked first next time
-        self._pin = ClusterPin(None, location.url, self.survey)  # this process's; pin_to: a data path's
+        self._pin = ClusterPin(None, location, self.survey)  # this process's; pin_to: a data path's
 
     def client(self, endpoint: int) -> Etcd3Client:
         clients: list[Etcd3Client] | None = getattr(self._local, "clients", None)
@@ -543,7 +558,7 @@ class EtcdCatalog:
         self.data_path = os.path.abspath(data_path)
         self.node = validate_node_name(node)
         self.kv = EtcdKV(location, timeout_s=timeout_s)
-        self.kv.pin_to(ClusterPin(self.data_path, location.url, self.kv.survey))
+        self.kv.pin_to(ClusterPin(self.data_path, location, self.kv.survey))
         self.trusted = TrustedImages(self.data_path)  # images outside the data path this host registered
         self._root = location.root
         # Disk id -> name, as records are read (a disk's name never changes): the resolver's
