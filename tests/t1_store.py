@@ -148,6 +148,15 @@ def test_a_full_data_path_is_named_as_such_not_as_a_broken_store(
         store.add_disk("web", size_bytes=4096, filesystem="ext4")
 
 
+def changes_are(store: Store, *, allowed: bool) -> None:
+    """A change to disk pg goes through, or is refused for a full data path."""
+    if allowed:
+        store.set_disk_status("pg", "attached")
+    else:
+        with pytest.raises(StoreError, match="is full"):
+            store.set_disk_status("pg", "attached")
+
+
 @pytest.mark.parametrize("root", [True, False])
 def test_under_a_mib_of_room_the_store_is_not_changed_before_sqlite_maps_its_index(
     store: Store, data_path: Path, monkeypatch: pytest.MonkeyPatch, root: bool
@@ -165,11 +174,7 @@ def test_under_a_mib_of_room_the_store_is_not_changed_before_sqlite_maps_its_ind
 
     reserve_only = statvfs(4096 + 1024, 0)  # 4 MiB past ext4's own: root's reserve
     monkeypatch.setattr(store_module.os, "statvfs", lambda _path: reserve_only)
-    if root:
-        store.set_disk_status("pg", "attached")
-    else:
-        with pytest.raises(StoreError, match="is full"):
-            store.set_disk_status("pg", "attached")
+    changes_are(store, allowed=root)
     nearly_none = statvfs(4096 + 128, 128)  # 512 KiB past every reserve
     monkeypatch.setattr(store_module.os, "statvfs", lambda _path: nearly_none)
     with pytest.raises(StoreError, match="is full") as refused:
@@ -191,11 +196,7 @@ def test_ext4s_own_reserve_counts_only_on_ext4_and_reading_works_whenever_change
     monkeypatch.setattr(store_module, "read_mountinfo", lambda: [mounted])
     eight_mib = os.statvfs_result((4096, 4096, 1 << 20, 2048, 2048, 1000, 500, 500, 0, 255))
     monkeypatch.setattr(store_module.os, "statvfs", lambda _path: eight_mib)
-    if changes:
-        store.set_disk_status("pg", "attached")
-    else:
-        with pytest.raises(StoreError, match="is full"):
-            store.set_disk_status("pg", "attached")
+    changes_are(store, allowed=changes)
     assert [record.disk.name for record in store.list_disks()] == ["pg"]  # reading works either way
 
 

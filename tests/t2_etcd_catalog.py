@@ -549,18 +549,24 @@ def test_catalog_copy_between_etcd_prefixes_trusts_nothing_new_and_shares_no_ima
     assert str(victim) not in trusted
 
 
-def test_catalog_copy_run_again_never_undoes_a_newer_lease_or_status(
-    etcd: EtcdCluster, tmp_path: Path
-) -> None:
-    """After the move, etcd is where leases and statuses change: copying the old SQLite store
-    again must leave them, and say which disks it left and why (exit 1)."""
+def moved_to_etcd(etcd: EtcdCluster, tmp_path: Path) -> tuple[Path, str, list[str | Path], str]:
+    """Disks pg and web made in a SQLite store, copied into etcd as node host1, and pg leased there:
+    (data path, catalogue URL, the options naming it, the lease)."""
     data = tmp_path / "data"
     for name in ("pg", "web"):
         ok("disk", "create", name, "--size", "1M", "--data-path", data)
     url = etcd.url(prefix())
     ok("catalog", "copy", "--from", data, "--to", url, "--node", "host1")
-    on_etcd = ["--catalog", url, "--node", "host1", "--data-path", data]
-    lease = ok("lease", "acquire", "pg", *on_etcd).out.strip()
+    on_etcd: list[str | Path] = ["--catalog", url, "--node", "host1", "--data-path", data]
+    return data, url, on_etcd, ok("lease", "acquire", "pg", *on_etcd).out.strip()
+
+
+def test_catalog_copy_run_again_never_undoes_a_newer_lease_or_status(
+    etcd: EtcdCluster, tmp_path: Path
+) -> None:
+    """After the move, etcd is where leases and statuses change: copying the old SQLite store
+    again must leave them, and say which disks it left and why (exit 1)."""
+    data, url, on_etcd, lease = moved_to_etcd(etcd, tmp_path)
     ok("disk", "set-status", "web", "deleting", *on_etcd)
     before = etcd_catalog(url, data, "host1").list_disks()
     again = run_cli("catalog", "copy", "--from", data, "--to", url, "--node", "host1")
@@ -580,13 +586,7 @@ def test_a_data_path_whose_disks_were_moved_refuses_its_stale_store_and_a_copy_a
     """Trial W: after `catalog copy` to etcd, a command without --catalog (a new shell, sudo,
     cron) went back to the SQLite store and replaced the image of a disk etcd said was leased
     and attached; and copying the old store again brought back a disk removed from etcd since."""
-    data = tmp_path / "data"
-    for name in ("pg", "web"):
-        ok("disk", "create", name, "--size", "1M", "--data-path", data)
-    url = etcd.url(prefix())
-    ok("catalog", "copy", "--from", data, "--to", url, "--node", "host1")
-    on_etcd = ["--catalog", url, "--node", "host1", "--data-path", data]
-    ok("lease", "acquire", "pg", *on_etcd)
+    data, url, on_etcd, _lease = moved_to_etcd(etcd, tmp_path)
     image = Path(etcd_catalog(url, data, "host1").get_disk("pg").image_path or "")
     before = sha256_file(image)
     where = etcd_catalog(url, data, "host1").location.url
@@ -910,6 +910,17 @@ def test_a_catalogue_recorded_in_another_cluster_is_refused_until_its_record_is_
     assert json.loads(pins.read_text())[a.location.prefix]["cluster"] != "12345"  # learnt again
 
 
+def create_through(server: socket.socket, data_path: Path) -> CatalogUnreachableError:
+    """What creating a disk through a catalogue whose one endpoint is ``server`` fails with."""
+    url = f"etcd://127.0.0.1:{server.getsockname()[1]}/{prefix()}"
+    location = parse_catalog(url).etcd
+    assert location is not None
+    catalog = EtcdCatalog(location, str(data_path), node="a", timeout_s=0.5)
+    with pytest.raises(CatalogUnreachableError) as failed:
+        catalog.create_disk_for_restore("zz", size_bytes=1 << 20, filesystem="ext4")
+    return failed.value
+
+
 def test_only_a_change_that_may_have_reached_etcd_is_said_to_have_maybe_landed(tmp_path: Path) -> None:
     """Review S: a connect timeout (packets dropped: a partition) was said to be "received"."""
     listener = socket.socket()
@@ -923,11 +934,7 @@ def test_only_a_change_that_may_have_reached_etcd_is_said_to_have_maybe_landed(t
             with contextlib.suppress(BlockingIOError):
                 filler.connect(listener.getsockname())
             backlog.append(filler)
-        url = f"etcd://127.0.0.1:{listener.getsockname()[1]}/{prefix()}"
-        unreachable = EtcdCatalog(parse_catalog(url).etcd, str(tmp_path / "a"), node="a", timeout_s=0.5)  # type: ignore[arg-type]
-        with pytest.raises(CatalogUnreachableError) as dropped:
-            unreachable.create_disk_for_restore("zz", size_bytes=1 << 20, filesystem="ext4")
-        assert dropped.value.maybe_applied is False
+        assert create_through(listener, tmp_path / "a").maybe_applied is False
     finally:
         for filler in backlog:
             filler.close()
@@ -944,11 +951,7 @@ def test_only_a_change_that_may_have_reached_etcd_is_said_to_have_maybe_landed(t
 
     threading.Thread(target=accept, daemon=True).start()
     try:
-        url = f"etcd://127.0.0.1:{silent.getsockname()[1]}/{prefix()}"
-        stalled = EtcdCatalog(parse_catalog(url).etcd, str(tmp_path / "b"), node="a", timeout_s=0.5)  # type: ignore[arg-type]
-        with pytest.raises(CatalogUnreachableError) as late:
-            stalled.create_disk_for_restore("zz", size_bytes=1 << 20, filesystem="ext4")
-        assert late.value.maybe_applied is True
+        assert create_through(silent, tmp_path / "b").maybe_applied is True
     finally:
         silent.close()
         for connection in accepted:
