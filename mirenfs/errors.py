@@ -217,6 +217,11 @@ class CatalogUnreachableError(StoreError):
     errno = EIO
     maybe_applied: bool = False
 
+    def add_if_maybe_applied(self, what_may_be_done: str) -> None:
+        """Say what may have happened all the same, when the change may have landed."""
+        if self.maybe_applied:
+            self.args = (f"{self}; {what_may_be_done}",)
+
 
 class DiskElsewhereError(MirenfsError):
     """The disk's volume is on another node: only that node backs it up, restores or removes it."""

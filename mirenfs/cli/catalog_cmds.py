@@ -12,12 +12,12 @@ from typing import Any
 
 from mirenfs.cli.common import add_scope_option, data_path_from, resolve_data_path
 from mirenfs.disks.catalogs import (
-    MOVE_FILE,
     NODE_ENV,
     CatalogSpec,
     CopyReport,
     copy_catalog,
     forget_move,
+    move_mark,
     node_from,
     note_move,
     open_catalog,
@@ -25,7 +25,7 @@ from mirenfs.disks.catalogs import (
     read_move,
     same_catalogue,
 )
-from mirenfs.disks.model import Catalog, state_directory
+from mirenfs.disks.model import Catalog
 from mirenfs.errors import MirenfsError
 
 
@@ -140,7 +140,7 @@ def _move_home(data_path: str, fleet: Catalog, store: Catalog, report: CopyRepor
     )
     if report.differing or report.conflicts or report.unusable or removed_there:
         gone = f"; {', '.join(removed_there)} were removed from {move.url} since" if removed_there else ""
-        mark = os.path.join(state_directory(data_path), MOVE_FILE)
+        mark = move_mark(data_path)
         print(
             f"the SQLite store of {data_path} stays marked as moved: it does not hold what {move.url} "
             f"holds (see the disks named below{gone}); to use it as it is all the same, remove {mark}",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from mirenfs.disks.live import MountLine, read_mountinfo
+from mirenfs.disks.live import mount_holding as deepest_mount  # the same rule, for the CLI's mounts
 from mirenfs.errors import MirenfsError
 
 FSTYPE = "fuse.mirenfs"
@@ -55,10 +56,7 @@ def mount_at(path: str) -> MountEntry:
 def mount_holding(path: str) -> MountEntry | None:
     """The mount ``path`` lies on: the deepest mount point that is ``path`` or above it (topmost
     if stacked). Read from mountinfo, so it answers for a dead mount too."""
-    target = os.path.abspath(path)
-    everything = mounts()
-    holding = [entry for entry in everything if entry.mountpoint == target] + _containing(target, everything)
-    return max(reversed(holding), key=lambda entry: len(entry.mountpoint), default=None)  # ties: the top
+    return deepest_mount(os.path.abspath(path), mounts())
 
 
 def mirenfs_mount_holding(path: str) -> str | None:

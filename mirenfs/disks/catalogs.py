@@ -185,6 +185,11 @@ def open_catalog(spec: CatalogSpec | str | None, data_path: str, *, node: str | 
 MOVE_FILE = "catalog-moved.json"  # under <data-path>/mirenfs/: where `catalog copy` moved its disks
 
 
+def move_mark(data_path: str) -> str:
+    """The file that says where ``catalog copy`` moved a data path's disks."""
+    return os.path.join(state_directory(os.path.abspath(data_path)), MOVE_FILE)
+
+
 @dataclass(frozen=True)
 class CatalogMove:
     """A data path's SQLite store was copied to a shared catalogue (trial W: a command without
@@ -210,7 +215,7 @@ class CatalogMove:
 def read_move(data_path: str) -> CatalogMove | None:
     """Where ``catalog copy`` moved the data path's disks, or None (never moved); MirenfsError if
     the mark cannot be read (a stale store must not be used on the strength of a damaged one)."""
-    path = os.path.join(state_directory(os.path.abspath(data_path)), MOVE_FILE)
+    path = move_mark(data_path)
     try:
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
@@ -251,16 +256,15 @@ def note_move(data_path: str, url: str, node: str, copied_ids: list[str]) -> Non
     ids = set(copied_ids) | (set(earlier.copied_ids) if earlier is not None and kept else set())
     at = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     saved = {"url": url, "node": node, "at": at, "copied_ids": sorted(ids)}
-    directory = state_directory(os.path.abspath(data_path))
-    make_private_directory(directory)
-    replace_private_file(os.path.join(directory, MOVE_FILE), json.dumps(saved).encode(), durable=True)
+    make_private_directory(state_directory(os.path.abspath(data_path)))
+    replace_private_file(move_mark(data_path), json.dumps(saved).encode(), durable=True)
 
 
 def forget_move(data_path: str) -> bool:
     """The data path's SQLite store is in use again (disks copied back into it): True if a move
     was recorded."""
     try:
-        os.unlink(os.path.join(state_directory(os.path.abspath(data_path)), MOVE_FILE))
+        os.unlink(move_mark(data_path))
     except FileNotFoundError:
         return False
     return True

@@ -669,8 +669,9 @@ class EtcdCatalog:
             return None
         return stored
 
-    def record_of(self, stored: _Stored) -> DiskRecord:
-        """The disk as this host sees it: local or not, and its image path here."""
+    def record_of(self, stored: _Stored, *, quiet: bool = False) -> DiskRecord:
+        """The disk as this host sees it: local or not, and its image path here (``quiet``: an
+        image it does not use is not said, as a listing says it)."""
         volume = stored.volume
         local = volume is not None and volume.node == self.node
         image_path: str | None = None
@@ -679,9 +680,11 @@ class EtcdCatalog:
                 self._check_trusted(stored, volume)
                 image_path = image_path_for(self.data_path, volume)
             except UntrustedImageError as exc:  # every listing meets it: once a minute in a mount's log
-                log.warning("%s", exc, extra=FOLDED_WHEN_REPEATED)
+                if not quiet:
+                    log.warning("%s", exc, extra=FOLDED_WHEN_REPEATED)
             except MirenfsError as exc:
-                log.warning("disk %s: %s", stored.disk.name, exc, extra=FOLDED_WHEN_REPEATED)
+                if not quiet:
+                    log.warning("disk %s: %s", stored.disk.name, exc, extra=FOLDED_WHEN_REPEATED)
         return DiskRecord(stored.disk, volume, image_path, stored.leases, local)
 
     def record_from(self, name: str, item: KeyValue) -> DiskRecord:
@@ -941,13 +944,12 @@ class EtcdCatalog:
 
         try:
             _, after = self._update(name, edit)
-        except CatalogUnreachableError as exc:
-            if exc.maybe_applied:  # its id is ours: say it, so that it can be released (trial W)
-                exc.args = (
-                    f"{exc}; lease {lease_id} of disk {name} may have been bound all the same: once the "
-                    f"catalogue answers, see `mirenfs disk list`, and release it with "
-                    f"`mirenfs lease release {lease_id}` if it is bound",
-                )
+        except CatalogUnreachableError as exc:  # its id is ours: said, so that it can be released
+            exc.add_if_maybe_applied(
+                f"lease {lease_id} of disk {name} may have been bound all the same: once the catalogue "
+                f"answers, see `mirenfs disk list`, and release it with `mirenfs lease release {lease_id}` "
+                "if it is bound"
+            )
             raise
         return Lease(lease_id, after.disk.id, LeaseState.BOUND)
 
@@ -1000,19 +1002,9 @@ class EtcdCatalog:
         return replace(record, image_path=None) if record.disk.id in self._shared_images() else record
 
     def _shared_images(self) -> dict[str, tuple[str, bool]]:
-        """:func:`_sharing_an_image` over this node's usable records (one request), quietly: a
-        record this host does not use (untrusted) shares nothing, and is said by listings."""
-        records = []
-        for stored in self._every_stored():
-            volume = stored.volume
-            if volume is None or volume.node != self.node:
-                continue
-            try:
-                self._check_trusted(stored, volume)
-                path = image_path_for(self.data_path, volume)
-            except MirenfsError:
-                continue
-            records.append(DiskRecord(stored.disk, volume, path, stored.leases, True))
+        """:func:`_sharing_an_image` over every record (one request), quietly: a record this host
+        does not use (untrusted) shares nothing, and is said by listings."""
+        records = [self.record_of(stored, quiet=True) for stored in self._every_stored()]
         return _sharing_an_image(records, self._key_created)
 
     def _every_stored(self) -> list[_Stored]:
@@ -1335,7 +1327,7 @@ class CatalogWatch:
         message: dict[str, Any],
         records: dict[str, DiskRecord],
         endpoint: int,
-        listed: tuple[set[str], int] = (set(), 0),
+        listed: tuple[set[str], int],  # the keys the listing held, and its revision
     ) -> None:
         if "error" in message:
             raise StoreError(f"the watch failed: {message['error'].get('message', message['error'])}")

@@ -292,6 +292,15 @@ def _mount_tables(proc: str) -> Iterator[tuple[int, list[MountLine]]]:
         yield pid, lines
 
 
+def mount_holding(path: str, lines: list[MountLine]) -> MountLine | None:
+    """The mount an absolute ``path`` lies on, among ``lines``: the deepest mount point that is
+    ``path`` or above it (topmost if stacked)."""
+    holding = [line for line in lines if line.mountpoint == path] + [
+        line for line in lines if path.startswith(line.mountpoint.rstrip("/") + "/")
+    ]
+    return max(reversed(holding), key=lambda line: len(line.mountpoint), default=None)  # ties: the top
+
+
 def read_mountinfo(path: str = "/proc/self/mountinfo") -> list[MountLine]:
     """The mounts of one mountinfo file, in mount order (raises OSError)."""
     with open(path, encoding="utf-8", errors="surrogateescape") as f:

@@ -76,13 +76,12 @@ def create_disk(
         record = store.add_disk(
             name, size_bytes=size_bytes, filesystem=filesystem, status=DiskState.PROVISIONING
         )
-    except CatalogUnreachableError as exc:
-        if exc.maybe_applied:  # trial W: said "not created", and the disk was there later
-            exc.args = (
-                f"{exc}; disk {name} may have been created all the same, with no image: once the catalogue "
-                f"answers, see `mirenfs disk list`, and remove it (`mirenfs disk remove {name}`) if it is "
-                "provisioning",
-            )
+    except CatalogUnreachableError as exc:  # trial W: said "not created", and it was there later
+        exc.add_if_maybe_applied(
+            f"disk {name} may have been created all the same, with no image: once the catalogue "
+            f"answers, see `mirenfs disk list`, and remove it (`mirenfs disk remove {name}`) if it is "
+            "provisioning"
+        )
         raise
     assert record.image_path is not None
     image_path = record.image_path
@@ -194,12 +193,11 @@ def remove_disk(store: Catalog, name: str) -> RemovedDisk:
             ) from None
     try:
         was, _ = store.set_disk_status(name, DiskState.DELETING)
-    except CatalogUnreachableError as exc:
-        if exc.maybe_applied:  # trial W: left `deleting` (hidden everywhere) with no word of it
-            exc.args = (
-                f"{exc}; disk {name} may be `deleting` now all the same (no mount shows it then): run "
-                f"`mirenfs disk remove {name}` again once the catalogue answers",
-            )
+    except CatalogUnreachableError as exc:  # trial W: left `deleting` (hidden everywhere), unsaid
+        exc.add_if_maybe_applied(
+            f"disk {name} may be `deleting` now all the same (no mount shows it then): run "
+            f"`mirenfs disk remove {name}` again once the catalogue answers"
+        )
         raise
     # Once deleting, no lease binds (acquiring one is refused); one bound since the check above
     # is found now, and the disk goes back as it was (review: it was removed with the lease).

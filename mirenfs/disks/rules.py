@@ -19,7 +19,6 @@ run them in worker threads from trio.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import shutil
@@ -47,6 +46,7 @@ from mirenfs.disks.model import (
 )
 from mirenfs.engine.image import STAGING_SUFFIX, staging_is_held
 from mirenfs.errors import (
+    NO_SPACE,
     CatalogUnreachableError,
     DiskAttachedError,
     DiskBusyError,
@@ -412,7 +412,7 @@ class RestoreTarget:
             return None
         if record is None or record.local or record.volume is None:
             return None
-        node: str | None = record.volume.node
+        node: str | None = record.volume.node  # (get_disk found by name: typed here)
         return node
 
     def _recheck(self, expected: Disk) -> tuple[Disk, str]:
@@ -583,7 +583,7 @@ class RestoreTarget:
             self._left_behind = True
             if isinstance(exc, CatalogUnreachableError):
                 self.stranded = created.disk  # nothing of it is on disk any more: only its records
-            elif isinstance(exc, StoreError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            elif isinstance(exc, StoreError) and exc.errno in NO_SPACE:
                 # Trial X: the data path was full a moment longer than the staging file (XFS frees
                 # removed files' blocks in the background): the record goes once there is room.
                 self.stranded, self.stranded_until = created.disk, UNTIL_THE_DATA_PATH_HAS_ROOM

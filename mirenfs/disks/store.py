@@ -25,7 +25,7 @@ import urllib.parse
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from mirenfs.disks.live import read_mountinfo
+from mirenfs.disks.live import mount_holding, read_mountinfo
 from mirenfs.disks.model import (
     DB_FILE_NAME,
     CreatedRecords,
@@ -646,14 +646,11 @@ def _no_room_for_sqlite(data_path: str) -> StoreError | None:
 def _is_ext4(path: str) -> bool:
     """Whether ``path`` lies on ext4 (by mountinfo: statvfs does not say), whose own reserve is
     subtracted (trial X: on XFS it made 1 to 17 MiB free count as full, and backups failed)."""
-    real = os.path.realpath(path)
     try:
-        lines = read_mountinfo()
+        holding = mount_holding(os.path.realpath(path), read_mountinfo())
     except OSError:  # out of descriptors, say: counted as before
         return True
-    holding = [line for line in lines if (real + "/").startswith(line.mountpoint.rstrip("/") + "/")]
-    deepest = max(reversed(holding), key=lambda line: len(line.mountpoint), default=None)
-    return deepest is None or deepest.fstype == "ext4"  # not known: counted as before
+    return holding is None or holding.fstype == "ext4"  # not known: counted as before
 
 
 _READ_ONLY = "is on a read-only filesystem"

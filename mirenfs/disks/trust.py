@@ -51,11 +51,7 @@ class TrustedImages:
         if self.allows(path):
             return
         with self._lock:
-            paths = sorted(self._read() | {path})
-            make_private_directory(os.path.dirname(self.path))
-            text = json.dumps({"images": paths}, indent=1) + "\n"
-            replace_private_file(self.path, text.encode(), durable=True)
-            self._seen = None
+            self._save(self._read() | {path})
 
     def unregister(self, image_path: str) -> None:
         """No disk of this host names ``image_path`` any more: a record written later that names
@@ -63,11 +59,15 @@ class TrustedImages:
         path = os.path.normpath(image_path)
         with self._lock:
             paths = self._read()
-            if path not in paths:
-                return
-            text = json.dumps({"images": sorted(paths - {path})}, indent=1) + "\n"
-            replace_private_file(self.path, text.encode(), durable=True)
-            self._seen = None
+            if path in paths:
+                self._save(paths - {path})
+
+    def _save(self, paths: frozenset[str]) -> None:
+        """Write the registered paths (the lock is held), atomically and durably."""
+        make_private_directory(os.path.dirname(self.path))
+        text = json.dumps({"images": sorted(paths)}, indent=1) + "\n"
+        replace_private_file(self.path, text.encode(), durable=True)
+        self._seen = None
 
     def _registered(self) -> frozenset[str]:
         with self._lock:
