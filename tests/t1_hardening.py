@@ -183,9 +183,9 @@ def test_a_disk_left_provisioning_by_a_killed_restore_is_removed_at_start(
     store: Store, data_path: Path
 ) -> None:
     image = interrupted_creation(store, "killed")
-    assert sweep_interrupted_creations(store) == ["killed"]
+    assert sweep_interrupted_creations(store).removed == ["killed"]
     assert status(store, "killed") is None and not image.parent.exists()
-    assert sweep_interrupted_creations(store) == []
+    assert sweep_interrupted_creations(store).removed == []
 
 
 def test_a_disk_provisioning_that_no_restore_here_created_is_kept(store: Store, data_path: Path) -> None:
@@ -193,7 +193,7 @@ def test_a_disk_provisioning_that_no_restore_here_created_is_kept(store: Store, 
     node provisioning without an image, such as one Miren was provisioning at that moment."""
     created = store.create_disk_for_restore("mirenapp", size_bytes=1 << 20, filesystem="ext4")
     ours = interrupted_creation(store, "ours")
-    assert sweep_interrupted_creations(store) == ["ours"]
+    assert sweep_interrupted_creations(store).removed == ["ours"]
     assert status(store, "mirenapp") == "provisioning" and not ours.parent.exists()
     assert marked_creating(str(data_path)) == set()  # the entry goes with its disk
     assert store.get_disk("mirenapp").disk.id == created.disk.id
@@ -228,9 +228,9 @@ def test_a_creation_that_cannot_be_checked_yet_is_retried_not_said_to_be_kept(
     disk_id = store.get_disk("stranded").disk.id
     with monkeypatch.context() as patched:
         patched.setattr(os, "mkdir", full)
-        with pytest.raises(StoreError, match="it is removed once that can be told"):
+        with pytest.raises(StoreError, match="cannot remove disk stranded yet"):
             remove_interrupted_creation(store, "stranded", disk_id)
-        assert sweep_interrupted_creations(store) == []  # the sweep keeps it for a later start
+        assert sweep_interrupted_creations(store).removed == []  # the sweep keeps it for a later start
     assert status(store, "stranded") == "provisioning"
     assert remove_interrupted_creation(store, "stranded", disk_id) is True  # once there is room
     assert status(store, "stranded") is None
@@ -267,7 +267,7 @@ def test_what_is_not_an_interrupted_creation_is_kept(store: Store, data_path: Pa
     fd = os.open(f"{running}{STAGING_SUFFIX}", os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        assert sweep_interrupted_creations(store) == []
+        assert sweep_interrupted_creations(store).removed == []
     finally:
         os.close(fd)
     assert {name: status(store, name) for name in ("running", "mkfs", "ready", "own")} == {
@@ -301,7 +301,7 @@ def test_a_disk_a_restore_installs_while_the_sweep_looks_is_kept(
 
     monkeypatch.setattr(os.path, "lexists", lexists)
     try:
-        assert sweep_interrupted_creations(store) == []
+        assert sweep_interrupted_creations(store).removed == []
     finally:
         with contextlib.suppress(OSError):
             os.close(restore)
@@ -363,7 +363,7 @@ def test_restore_backup_and_remove_refuse_a_symlinked_volume(
         message = str(refused.value)
         assert str(image) in message and "symbolic link" in message and "None" not in message
     assert status(store, "pg") == "provisioned"  # not even marked deleting
-    assert sweep_interrupted_creations(store) == []
+    assert sweep_interrupted_creations(store).removed == []
 
 
 @pytest.mark.parametrize("meanwhile", ["lease", "attached"])

@@ -4,6 +4,7 @@ bars on a terminal, the umask, names that do not print, filesystems that cannot 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -591,6 +592,22 @@ def test_a_command_started_with_standard_descriptors_closed_works_and_writes_no_
         streamed.stderr.decode()
         == "mirenfs: error: standard output is closed, so the snapshot would go nowhere: give -o FILE\n"
     )
+    # Review S2: a closed stdin was read as the stand-in, and called an empty snapshot.
+    data = tmp_path / "data"
+    data.mkdir()
+    closed_in = ["sh", "-c", 'exec "$@" <&-', "sh", *mirenfs_command()]
+    for argv in (
+        ["restore", "-", "--name", "zz", "--data-path", str(data)],
+        ["restore", "-", "--image", str(image)],
+        ["verify", "-"],
+    ):
+        read = subprocess.run([*closed_in, *argv], capture_output=True, timeout=120)
+        assert (read.returncode, read.stderr.decode()) == (
+            1,
+            "mirenfs: error: standard input is closed, so there is no snapshot to read: pipe one in, "
+            "or give the snapshot's file instead of -\n",
+        ), argv
+    assert "zz" not in disks(data) and image.stat().st_size == GO_EXT4.size_bytes
 
 
 def test_backup_to_a_terminal_is_refused(tmp_path: Path) -> None:
@@ -1013,6 +1030,43 @@ def test_cleanup_removes_what_a_killed_restore_left_and_only_that(
     assert set(disks(data)) == {"pg", "running"} and staged["running"].exists()
     assert sha256_file(image) == pg_before
     assert again.out == f"nothing to clean up in {data}: no killed mirenfs process left anything behind\n"
+
+
+def test_cleanup_that_cannot_check_a_disk_being_created_says_so_and_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review S2: on a full data path cleanup warned that it could not check a disk a killed restore
+    was creating, then said "nothing to clean up" and exited 0, so a script after ``kill -9``
+    went on. The disk stays, and a cleanup once there is room removes it."""
+    data = tmp_path / "data"
+    data.mkdir()
+    store = Store(str(data))
+    mark_creating(
+        str(data), store.create_disk_for_restore("half", size_bytes=1 << 20, filesystem="ext4").disk.id
+    )
+    monkeypatch.setattr(os, "geteuid", lambda: 0)  # root's command; nothing here needs root
+    real_mkdir = os.mkdir
+
+    def full(path: str, mode: int = 0o777, **kwargs: object) -> None:
+        if "vol-" in os.fspath(path):  # the volume directory the check makes room for its hold in
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        real_mkdir(path, mode)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "mkdir", full)
+        result = run_cli("cleanup", "--data-path", data)
+    assert result.code == 1 and "nothing to clean up" not in result.out, result
+    assert result.err.startswith(
+        "mirenfs: error: cannot remove disk half yet, which an interrupted restore left provisioning: "
+    ), result.err
+    assert f"No space left on device); once {data} has room (or is writable), run mirenfs cleanup again" in (
+        result.err
+    )
+    assert disks(data)["half"]["status"] == "provisioning"
+    assert ok("cleanup", "--data-path", data).out == (
+        "removed disk half: a restore that was creating it was interrupted\n"
+    )
+    assert "half" not in disks(data)
 
 
 def test_a_restore_killed_between_its_record_and_its_rename_has_the_record_set_back(

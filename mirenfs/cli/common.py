@@ -189,6 +189,19 @@ def human_size(size: float) -> str:
     return f"{size:.1f}T"
 
 
+def snapshot_size(path: str) -> int:
+    """The size of the snapshot a command reads, 0 for standard input (``-``), which must be open:
+    a closed one read as /dev/null's stand-in, and the snapshot was called empty (review S2)."""
+    if path != "-":
+        return file_size(path, "snapshot")
+    if getattr(sys.stdin, "closed_at_start", False):  # see mirenfs.launch
+        raise MirenfsError(
+            "standard input is closed, so there is no snapshot to read: pipe one in, or give the "
+            "snapshot's file instead of -"
+        )
+    return 0
+
+
 def file_size(path: str, what: str) -> int:
     """The size of a file the command reads, or one line saying why it cannot be opened."""
     try:

@@ -27,6 +27,7 @@ from mirenfs.cli.common import (
     file_size,
     refuse_disk_options,
     settings_from,
+    snapshot_size,
 )
 from mirenfs.cli.mountinfo import mirenfs_mount_holding
 from mirenfs.disks.catalogs import open_catalog
@@ -359,7 +360,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if args.image is None:
         return _restore_disk(args)
     refuse_disk_options(args, "--name", instead="with --image PATH the image is named directly")
-    size = file_size(args.file, "snapshot") if args.file != "-" else 0
+    size = snapshot_size(args.file)
     bar = ProgressBar(size, f"restore {os.path.basename(args.image)}")
     _refuse_restore_target(args.image, args.file)
     existed = os.path.lexists(args.image)
@@ -469,7 +470,7 @@ def _seek_table_frames(snapshot: BinaryIO, data_len: int) -> int | None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    size = file_size(args.file, "snapshot") if args.file != "-" else 0
+    size = snapshot_size(args.file)
     bar = ProgressBar(size, f"verify {os.path.basename(args.file)}")
     try:
         with naming_the_snapshot(args.file):
@@ -534,6 +535,7 @@ def _restore_disk(args: argparse.Namespace) -> int:
     With ``--name`` every refusal happens before a byte is read; without it
     the disk is the one the header names, so the header is read first.
     """
+    snapshot_size(args.file)  # standard input, when it is the snapshot, is open
     store = catalog_from(args)
     data_path = store.data_path
 

@@ -265,12 +265,14 @@ def sweep_what_killed_runs_left(
         yield logging.INFO, f"removed {path}, left over from an interrupted restore"
     yield from _set_back_records_of_killed_restores(store, staging)
     try:
-        removed = sweep_interrupted_creations(store)
+        creations = sweep_interrupted_creations(store)
     except MirenfsError as exc:  # trial W2: cleanup stopped here, and left a dead mount mounted
         yield logging.ERROR, f"cannot remove the disks killed restores were creating: {exc}"
         return
-    for name in removed:
+    for name in creations.removed:
         yield logging.WARNING, f"removed disk {name}: a restore that was creating it was interrupted"
+    for sentence in creations.unchecked:  # review S2: said as an error, so cleanup exits 1
+        yield logging.ERROR, sentence
 
 
 def _set_back_records_of_killed_restores(store: Catalog, staging: list[str]) -> Iterator[tuple[int, str]]:
@@ -361,8 +363,17 @@ def sweep_stale_staging(
     return removed
 
 
-def sweep_interrupted_creations(store: Catalog) -> list[str]:
-    """Remove the disks that a killed restore left ``provisioning``; return their names.
+@dataclass(frozen=True)
+class SweptCreations:
+    """What the sweep of interrupted creations did: the disks removed, and one sentence per disk
+    it could not check yet (a full or read-only data path), which stays for a later sweep."""
+
+    removed: list[str]
+    unchecked: list[str]
+
+
+def sweep_interrupted_creations(store: Catalog) -> SweptCreations:
+    """Remove the disks that a killed restore left ``provisioning``.
 
     Such a disk was created by a restore on this host (the journal of
     :mod:`mirenfs.disks.creations` names it: Miren's own provisioning looks the
@@ -373,21 +384,21 @@ def sweep_interrupted_creations(store: Catalog) -> list[str]:
     """
     ours = marked_creating(store.data_path)
     if not ours:
-        return []
+        return SweptCreations([], [])
     records = store.list_disks()
-    removed = []
+    swept = SweptCreations([], [])
     for record in records:
         if record.disk.id not in ours:
             continue
         try:
             if _remove_if_interrupted(store, record):
-                removed.append(record.disk.name)
+                swept.removed.append(record.disk.name)
         except StoreError as exc:
             if isinstance(exc, CatalogUnreachableError):
                 raise
-            log.warning("%s", exc)  # kept for a later start (or cleanup)
+            swept.unchecked.append(str(exc))  # kept for a later start (or cleanup)
     _forget_finished_creations(store.data_path, ours, records)
-    return removed
+    return swept
 
 
 def _forget_finished_creations(data_path: str, ours: set[str], records: list[DiskRecord]) -> None:
@@ -439,8 +450,10 @@ def _remove_if_interrupted(store: Catalog, record: DiskRecord) -> bool:
         held = hold_staging_name(staging)
     except OSError as exc:  # a full or read-only data path: "cannot tell yet", not "kept" (review S)
         error = StoreError(
-            f"cannot make sure no restore is at work on disk {record.disk.name}, which a failed restore "
-            f"left provisioning ({exc.filename}: {exc.strerror}); it is removed once that can be told"
+            f"cannot remove disk {record.disk.name} yet, which an interrupted restore left provisioning: "
+            f"whether a restore is at work on it cannot be told ({exc.filename}: {exc.strerror}); once "
+            f"{store.data_path} has room (or is writable), run mirenfs cleanup again (a mount's start "
+            "does it too)"
         )
         error.errno = exc.errno or errno.EIO
         raise error from None
