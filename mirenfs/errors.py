@@ -263,6 +263,23 @@ def printable(text: str) -> str:
     return text if text.isprintable() and text == text.strip() and text else quoted(text)
 
 
+def one_line(text: str) -> str:
+    """``text`` with each character that would not print as itself escaped as Python writes it:
+    a newline as ``\\n``, a terminal escape as ``\\x1b``, a byte of a path that is not UTF-8 as
+    ``\\xff`` (as ``ls -b`` shows it). For a whole line of output holding a user's path, which
+    must stay one line (review C: ``backup -o $'a\\nb'`` split its report in two)."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else _escaped(char) for char in text)
+
+
+def _escaped(char: str) -> str:
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte os.fsdecode could not decode (surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    return repr(char)[1:-1]
+
+
 def size_in_words(size: int) -> str:
     """``1.0 PiB (1125899906842624 bytes)``: a size a sentence states, in binary units with the
     exact count, or ``512 bytes``."""

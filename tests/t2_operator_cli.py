@@ -630,6 +630,36 @@ def test_backup_to_a_terminal_is_refused(tmp_path: Path) -> None:
     )
 
 
+def test_a_path_with_a_newline_or_bytes_that_are_not_utf8_keeps_each_line_one_line(tmp_path: Path) -> None:
+    """Review C F11: ``backup -o $'nl\\nname.mirn'`` split its report in two, and a name that is not
+    UTF-8 was shown as ``\\udcff``; both are escaped as ``ls -b`` shows them."""
+    image = tmp_path / "disk.img"
+    write_image(image, [("data", 300_000)])
+    backed = run_mirenfs(
+        "backup",
+        "--image",
+        str(image),
+        "--filesystem",
+        "ext4",
+        "--name",
+        "pg",
+        "-o",
+        f"{tmp_path}/nl\nname.mirn",
+    )
+    assert backed.returncode == 0, backed.stderr
+    assert backed.stdout.decode().startswith(f"backed up {image} to {tmp_path}/nl\\nname.mirn: ")
+    assert backed.stdout.decode().count("\n") == 1
+    odd = os.fsencode(tmp_path) + b"/\xff\x1b[2J.mirn"
+    os.rename(f"{tmp_path}/nl\nname.mirn", odd)
+    verified = subprocess.run([*mirenfs_command(), "verify", odd], capture_output=True, timeout=120)
+    assert verified.returncode == 0, verified.stderr
+    assert verified.stdout.decode().startswith(f"{tmp_path}/\\xff\\x1b[2J.mirn: OK (pg, ")
+    missing = run_mirenfs("verify", f"{tmp_path}/gone\nfor good.mirn")
+    assert missing.stderr.decode() == (
+        f"mirenfs: error: cannot open snapshot {tmp_path}/gone\\nfor good.mirn: No such file or directory\n"
+    )
+
+
 # ---- progress bars: drawn on a terminal, never elsewhere --------------------------------------
 
 

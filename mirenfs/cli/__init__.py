@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from mirenfs.cli import catalog_cmds, demo, disk_cmds, mount_cmds, snapshot_cmds
 from mirenfs.cli.common import add_scope_options_before_command, settle_scope_options
 from mirenfs.engine.aio import meaningful_error
-from mirenfs.errors import CatalogUnreachableError, MirenfsError
+from mirenfs.errors import CatalogUnreachableError, MirenfsError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ def _said(exc: BaseException, terminated: list[int]) -> int:
     else:
         log.debug("unexpected error", exc_info=error)
         message = f"unexpected {type(error).__name__}: {error}"
-    print(f"mirenfs: error: {message}", file=sys.stderr)
+    print(f"mirenfs: error: {one_line(message)}", file=sys.stderr)  # a path in it cannot split it
     return 1
 
 

@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Any
 
-from mirenfs.cli.common import add_scope_option, data_path_from, resolve_data_path
+from mirenfs.cli.common import add_scope_option, data_path_from, resolve_data_path, say
 from mirenfs.disks.catalogs import (
     NODE_ENV,
     CatalogSpec,
@@ -89,7 +89,7 @@ def cmd_catalog_copy(args: argparse.Namespace) -> int:
         note_move(moving_from, to_etcd.url, node, report.copied_ids)  # the store is stale from now on
     elif destination_spec.data_path is not None:
         _move_home(destination_spec.data_path, source, destination, report)
-    print(
+    say(
         f"copied the disk catalogue {args.source} to {args.destination}: {len(report.added)} added, "
         f"{len(report.unchanged)} already there"
         + (f", {len(report.differing)} differing left as they are" if report.differing else "")
@@ -141,14 +141,14 @@ def _move_home(data_path: str, fleet: Catalog, store: Catalog, report: CopyRepor
     if report.differing or report.conflicts or report.unusable or removed_there:
         gone = f"; {', '.join(removed_there)} were removed from {move.url} since" if removed_there else ""
         mark = move_mark(data_path)
-        print(
+        say(
             f"the SQLite store of {data_path} stays marked as moved: it does not hold what {move.url} "
             f"holds (see the disks named below{gone}); to use it as it is all the same, remove {mark}",
             file=sys.stderr,
         )
         return
     forget_move(data_path)
-    print(f"the SQLite store of {data_path} is in use again (disks copied back to it)")
+    say(f"the SQLite store of {data_path} is in use again (disks copied back to it)")
 
 
 def _spec(text: str, option: str) -> CatalogSpec:

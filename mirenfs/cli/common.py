@@ -10,11 +10,12 @@ import argparse
 import os
 import sys
 import time
+from typing import TextIO
 
 from mirenfs.disks.catalogs import CATALOG_ENV, NODE_ENV, catalog_spec_from, node_from, open_catalog
 from mirenfs.disks.model import Catalog
 from mirenfs.engine.produce import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, Settings
-from mirenfs.errors import MirenfsError
+from mirenfs.errors import MirenfsError, one_line
 from mirenfs.mount.config import size_in_bytes
 
 DEFAULT_DATA_PATH = "/var/lib/miren"
@@ -187,6 +188,12 @@ def human_size(size: float) -> str:
             return f"{int(size)}B" if unit == "B" else f"{size:.1f}{unit}"
         size /= 1024
     return f"{size:.1f}T"
+
+
+def say(text: str, *, file: TextIO | None = None, flush: bool = False) -> None:
+    """Print one line of a command's output: a path in it cannot split it or hide in it (see
+    :func:`mirenfs.errors.one_line`)."""
+    print(one_line(text), file=file, flush=flush)
 
 
 def snapshot_size(path: str) -> int:

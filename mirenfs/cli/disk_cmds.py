@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-from mirenfs.cli.common import add_data_path_option, catalog_from, human_size, parse_size
+from mirenfs.cli.common import add_data_path_option, catalog_from, human_size, parse_size, say
 from mirenfs.cli.mountinfo import mirenfs_mount_holding
 from mirenfs.disks.catalogs import ImageAdopting, catalog_spec_from, node_from, none_on_this_node
 from mirenfs.disks.manage import create_disk, remove_disk
@@ -97,10 +97,10 @@ def cmd_disk_create(args: argparse.Namespace) -> int:
         _store(args, create=True), args.name, size_bytes=args.size, filesystem=args.filesystem
     )
     if created.formatted:
-        print(f"created disk {args.name}: {args.filesystem}, {args.size} bytes, image {created.image_path}")
+        say(f"created disk {args.name}: {args.filesystem}, {args.size} bytes, image {created.image_path}")
     else:
-        print(f"created disk {args.name}: {args.size} bytes, image {created.image_path}")
-        print(
+        say(f"created disk {args.name}: {args.size} bytes, image {created.image_path}")
+        say(
             f"mirenfs: warning: mkfs.{args.filesystem} is not installed, so the image of disk {args.name} "
             f"has no filesystem yet; install {created.mkfs_missing} and run mkfs.{args.filesystem} "
             f"{created.image_path}",
@@ -128,7 +128,7 @@ def cmd_disk_add(args: argparse.Namespace) -> int:
     detected = detect_filesystem(image_path)
     filesystem = args.filesystem or detected
     if detected is not None and filesystem != detected:  # trial T: accepted without a word
-        print(
+        say(
             f"mirenfs: warning: {image_path} holds {detected} by its superblock, not {filesystem} as "
             f"--filesystem says; its snapshots will say {filesystem}, and a disk restored from them too",
             file=sys.stderr,
@@ -151,12 +151,12 @@ def cmd_disk_add(args: argparse.Namespace) -> int:
         # A record another host or tool wrote, naming this very image on this node: register it here.
         if not (isinstance(catalog, ImageAdopting) and catalog.adopt_image(name, image_path)):
             raise
-        print(
+        say(
             f"registered the image {image_path} of disk {name} on this host: it may now be backed up and "
             "restored here"
         )
         return 0
-    print(f"added disk {name}: {filesystem}, {info.st_size} bytes, image {image_path} (kept on disk remove)")
+    say(f"added disk {name}: {filesystem}, {info.st_size} bytes, image {image_path} (kept on disk remove)")
     return 0
 
 
@@ -168,7 +168,7 @@ def cmd_disk_list(args: argparse.Namespace) -> int:
     if not records and spec is not None and spec.etcd is not None:  # a wrong --node or prefix: say so
         problem = none_on_this_node(every, url=spec.etcd.url, node=node_from(args.node))
         if problem is not None:  # stderr: the table and the JSON stay as they were
-            print(f"mirenfs: {problem}", file=sys.stderr)
+            say(f"mirenfs: {problem}", file=sys.stderr)
     if args.json:
         entries = []
         for record in records:
@@ -205,20 +205,20 @@ def cmd_disk_list(args: argparse.Namespace) -> int:
 def cmd_disk_set_status(args: argparse.Namespace) -> int:
     name = validate_disk_name(args.name)
     old, new = _store(args).set_disk_status(name, args.status)
-    print(f"disk {name}: {old.value} -> {new.value}")
+    say(f"disk {name}: {old.value} -> {new.value}")
     return 0
 
 
 def cmd_disk_remove(args: argparse.Namespace) -> int:
     removed = remove_disk(_store(args), args.name)
     if removed.image_removed:
-        print(f"removed disk {args.name} and its image {removed.record.image_path}")
+        say(f"removed disk {args.name} and its image {removed.record.image_path}")
     elif removed.record.image_path and removed.record.volume and removed.record.volume.image_path:
-        print(f"removed disk {args.name}; its registered image {removed.record.image_path} is kept")
+        say(f"removed disk {args.name}; its registered image {removed.record.image_path} is kept")
     elif removed.record.image_path:
-        print(f"removed disk {args.name} (it had no image at {removed.record.image_path})")
+        say(f"removed disk {args.name} (it had no image at {removed.record.image_path})")
     else:
-        print(f"removed disk {args.name}")
+        say(f"removed disk {args.name}")
     return 0
 
 
@@ -234,7 +234,7 @@ def cmd_lease_acquire(args: argparse.Namespace) -> int:
 def cmd_lease_release(args: argparse.Namespace) -> int:
     lease, disk_name, changed = _store(args).release_lease(args.lease_id)
     if changed:
-        print(f"released lease {lease.id} of disk {disk_name}")
+        say(f"released lease {lease.id} of disk {disk_name}")
     else:
-        print(f"lease {lease.id} of disk {disk_name} was already released")
+        say(f"lease {lease.id} of disk {disk_name} was already released")
     return 0

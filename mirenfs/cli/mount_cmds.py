@@ -26,7 +26,7 @@ from typing import Any
 
 import trio
 
-from mirenfs.cli.common import add_data_path_option, catalog_from, human_size, resolve_data_path
+from mirenfs.cli.common import add_data_path_option, catalog_from, human_size, resolve_data_path, say
 from mirenfs.cli.logfold import fold_repeats, write_held_back
 from mirenfs.cli.mountinfo import (
     FSTYPE,
@@ -255,7 +255,7 @@ def _daemonize(config: MountConfig, log_level: str) -> int:
         if message == "ready":
             return 0
         os.waitpid(pid, 0)
-        print(f"mirenfs: error: {message or 'the mount process died before it was ready'}", file=sys.stderr)
+        say(f"mirenfs: error: {message or 'the mount process died before it was ready'}", file=sys.stderr)
         return 1
     os.close(read_end)
     code = 1
@@ -582,7 +582,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         try:
             status = read_status(entry, timeout_s=args.timeout)
         except MirenfsError as exc:
-            print(f"mirenfs: error: {exc}", file=sys.stderr)
+            say(f"mirenfs: error: {exc}", file=sys.stderr)
             failures += 1
             continue
         results[entry.mountpoint] = status
@@ -612,7 +612,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     if isinstance(catalog, Store) and not os.path.lexists(catalog.path):
         # An etcd node's data path has no SQLite store: without --catalog no catalogue is looked at,
         # and a disk a killed restore was creating stays `provisioning` there.
-        print(
+        say(
             f"{data_path} has no disk store of its own (mirenfs.db), so only its files are cleaned up: on "
             "a fleet, pass --catalog URL and --node NAME (or set $MIRENFS_CATALOG) to also remove a disk "
             "a killed restore was creating",
@@ -623,15 +623,15 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
         failed = failed or level >= logging.ERROR
         # each as it is done: a catalogue failure comes after the thaws
         if level >= logging.ERROR:
-            print(f"mirenfs: error: {sentence}", file=sys.stderr, flush=True)
+            say(f"mirenfs: error: {sentence}", file=sys.stderr, flush=True)
         else:
-            print(sentence, flush=True)
+            say(sentence, flush=True)
         said += 1
     for where in _unmount_dead_mounts_of(data_path):
-        print(f"unmounted the dead mirenfs mount at {where} (its daemon was killed)", flush=True)
+        say(f"unmounted the dead mirenfs mount at {where} (its daemon was killed)", flush=True)
         said += 1
     if not said:
-        print(f"nothing to clean up in {data_path}: no killed mirenfs process left anything behind")
+        say(f"nothing to clean up in {data_path}: no killed mirenfs process left anything behind")
     return 1 if failed else 0
 
 

@@ -26,6 +26,7 @@ from mirenfs.cli.common import (
     data_path_from,
     file_size,
     refuse_disk_options,
+    say,
     settings_from,
     snapshot_size,
 )
@@ -277,7 +278,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     output = backup_output(args.output)
     in_use = _in_use(args.image)
     if in_use is not None:
-        print(
+        say(
             f"mirenfs: warning: {args.image} {in_use}: this backup reads it while it may change, so "
             "the filesystem in it may not be consistent; a disk of the store is frozen first "
             "(mirenfs backup NAME)",
@@ -346,14 +347,14 @@ def _run_until_placed(command: Callable[..., Awaitable[Meta]], placed_as: str) -
         meta = placed.meta
         if meta is None:
             raise
-        print(f"mirenfs: interrupted after {placed_as}", file=sys.stderr)
+        say(f"mirenfs: interrupted after {placed_as}", file=sys.stderr)
         return meta
 
 
 def _report_backup(source: str, output: str, given: str, meta: Meta) -> None:
     """One line on success, as restore prints; none when the snapshot itself went to stdout."""
     if output != "-":
-        print(f"backed up {source} to {given}: {meta.size_bytes} bytes, checksum {meta.checksum}")
+        say(f"backed up {source} to {given}: {meta.size_bytes} bytes, checksum {meta.checksum}")
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -375,7 +376,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
             meta = _run_until_placed(restore, f"{args.image} was {'replaced' if existed else 'written'}")
     finally:
         bar.close()
-    print(f"restored {args.image} from {args.file}: {meta.size_bytes} bytes, checksum {meta.checksum}")
+    say(f"restored {args.image} from {args.file}: {meta.size_bytes} bytes, checksum {meta.checksum}")
     return 0
 
 
@@ -410,7 +411,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         for key, value in fields.items():
             # The header's strings may hold anything: each field stays on its line.
             shown = printable(value) if isinstance(value, str) else value
-            print(f"{key}: {shown if shown is not None else '-'}")
+            say(f"{key}: {shown if shown is not None else '-'}")
         if frames is None:
             print(
                 "(no seek table at the end: a snapshot written by Go's code, or a file cut short; "
@@ -478,7 +479,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     name = printable(meta.name)
-    print(f"{_shown(args.file)}: OK ({name}, {meta.size_bytes} bytes, checksum {meta.checksum})")
+    say(f"{_shown(args.file)}: OK ({name}, {meta.size_bytes} bytes, checksum {meta.checksum})")
     return 0
 
 
@@ -509,9 +510,9 @@ def _backup_disk(args: argparse.Namespace) -> int:
     )
     try:
         if taken.warning:
-            print(f"mirenfs: warning: {taken.warning}", file=sys.stderr)
+            say(f"mirenfs: warning: {taken.warning}", file=sys.stderr)
         if taken.consistency is not Consistency.OFFLINE:
-            print(f"mirenfs: disk {target.name}: snapshot taken {taken.describe()}", file=sys.stderr)
+            say(f"mirenfs: disk {target.name}: snapshot taken {taken.describe()}", file=sys.stderr)
         # A copy is an anonymous file: reached through this process's descriptor of it.
         source = f"/proc/self/fd/{taken.image.fd}" if taken.is_copy else target.image_path
         meta = backup_with_progress(
@@ -559,11 +560,11 @@ def _restore_disk(args: argparse.Namespace) -> int:
                 raise
             # Too late to stop: the image was replaced and recorded. Said as what it is, exit 0.
             done = " was created" if target.creates_disk else "'s image was replaced"
-            print(f"mirenfs: interrupted after disk {target.name}{done}", file=sys.stderr)
+            say(f"mirenfs: interrupted after disk {target.name}{done}", file=sys.stderr)
         finally:
             bar.close()
     how = target.installed_as()
-    print(
+    say(
         f"restored disk {target.name} ({how}) from {args.file}: {meta.size_bytes} bytes, "
         f"checksum {meta.checksum}"
     )
