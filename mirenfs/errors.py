@@ -266,7 +266,7 @@ def printable(text: str) -> str:
 def one_line(text: str) -> str:
     """``text`` with each character that would not print as itself escaped as Python writes it:
     a newline as ``\\n``, a terminal escape as ``\\x1b``, a byte of a path that is not UTF-8 as
-    ``\\xff`` (as ``ls -b`` shows it). For a whole line of output holding a user's path, which
+    ``\\xff``. For a whole line of output holding a user's path, which
     must stay one line (review C: ``backup -o $'a\\nb'`` split its report in two)."""
     if text.isprintable():
         return text

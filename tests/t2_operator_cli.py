@@ -632,7 +632,7 @@ def test_backup_to_a_terminal_is_refused(tmp_path: Path) -> None:
 
 def test_a_path_with_a_newline_or_bytes_that_are_not_utf8_keeps_each_line_one_line(tmp_path: Path) -> None:
     """Review C F11: ``backup -o $'nl\\nname.mirn'`` split its report in two, and a name that is not
-    UTF-8 was shown as ``\\udcff``; both are escaped as ``ls -b`` shows them."""
+    UTF-8 was shown as ``\\udcff``; both are escaped (``\\n``, ``\\xff``)."""
     image = tmp_path / "disk.img"
     write_image(image, [("data", 300_000)])
     backed = run_mirenfs(
