@@ -241,28 +241,29 @@ def test_catalog_copy_names_the_option_of_a_missing_data_path_and_starts_none(tm
 
 
 def test_the_store_and_managed_images_are_private_whatever_the_umask(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    data.mkdir()
+    """Review Sec F1: under umask 000 the data path's new parents and ``disk-data/`` were made
+    0777 (``os.makedirs`` gives parents 0777 less the umask), so another user could swap the
+    ``volumes/`` directory a restore writes into. No directory mirenfs makes is writable by others."""
+    data = tmp_path / "new" / "parents" / "data"
+    under_umask_000 = ["sh", "-c", 'umask 000 && exec "$@"', "sh", *mirenfs_command()]
     done = subprocess.run(
-        [
-            "sh",
-            "-c",
-            'umask 000 && exec "$@"',
-            "sh",
-            *mirenfs_command(),
-            "disk",
-            "create",
-            "pg",
-            "--size",
-            "16M",
-            "--data-path",
-            str(data),
-        ],
+        [*under_umask_000, "disk", "create", "pg", "--size", "16M", "--data-path", str(data)],
         capture_output=True,
         timeout=120,
         check=False,
     )
     assert done.returncode == 0, done.stderr
+    restored = subprocess.run(  # a restore that creates a disk makes its volume's directories too
+        [*under_umask_000, "restore", str(GO_EXT4.path), "--name", "copy", "--data-path", str(data)],
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert restored.returncode == 0, restored.stderr
+    made = [Path(root) / name for root, names, _ in os.walk(tmp_path / "new") for name in names]
+    assert len(made) >= 6 and (data / "disk-data" / "volumes") in made
+    for directory in [tmp_path / "new", *made]:
+        assert stat.S_IMODE(directory.stat().st_mode) & 0o022 == 0, directory
     for name in ("mirenfs.db", "mirenfs.db-wal", "mirenfs.db-shm"):
         if (data / name).exists():
             assert stat.S_IMODE((data / name).stat().st_mode) == 0o600, name

@@ -14,6 +14,7 @@ from typing import TextIO
 
 from mirenfs.disks.catalogs import CATALOG_ENV, NODE_ENV, catalog_spec_from, node_from, open_catalog
 from mirenfs.disks.model import Catalog
+from mirenfs.engine.image import make_directories
 from mirenfs.engine.produce import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, Settings
 from mirenfs.errors import MirenfsError, one_line
 from mirenfs.mount.config import size_in_bytes
@@ -49,7 +50,7 @@ def resolve_data_path(
             f"one with `mirenfs disk create NAME --size SIZE --data-path {path}`"
         )
     try:
-        os.makedirs(path, mode=0o755)
+        make_directories(path)
     except OSError as exc:
         raise MirenfsError(f"cannot create the data path {path}: {exc.strerror}") from None
     print(f"mirenfs: created the data path {path}", file=sys.stderr)

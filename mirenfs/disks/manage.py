@@ -25,7 +25,7 @@ from mirenfs.disks.pointintime import sweep_leftovers
 from mirenfs.disks.rules import managed_path_problem, refuse_if_in_use
 from mirenfs.disks.store import Store
 from mirenfs.engine.fstype import detect_filesystem
-from mirenfs.engine.image import STAGING_SUFFIX, hold_staging_name, remove_staging_if_unheld
+from mirenfs.engine.image import STAGING_SUFFIX, hold_staging_name, make_directories, remove_staging_if_unheld
 from mirenfs.errors import (
     CatalogUnreachableError,
     DiskBusyError,
@@ -87,7 +87,7 @@ def create_disk(
     image_path = record.image_path
     volume_dir = os.path.dirname(image_path)
     try:
-        os.makedirs(os.path.dirname(volume_dir), mode=0o755, exist_ok=True)
+        make_directories(os.path.dirname(volume_dir))
         os.mkdir(volume_dir, 0o700)
         fd = os.open(image_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
@@ -444,7 +444,7 @@ def _remove_if_interrupted(store: Catalog, record: DiskRecord) -> bool:
     # lost the disk it had been told was created (review).
     staging, directory = image_path + STAGING_SUFFIX, os.path.dirname(image_path)
     try:
-        os.makedirs(os.path.dirname(directory), mode=0o755, exist_ok=True)  # a failed restore's undo
+        make_directories(os.path.dirname(directory))  # a failed restore's undo
         with contextlib.suppress(FileExistsError):  # removed them
             os.mkdir(directory, 0o700)
         held = hold_staging_name(staging)

@@ -44,7 +44,7 @@ from mirenfs.disks.model import (
     validate_disk_name,
     volumes_dir,
 )
-from mirenfs.engine.image import STAGING_SUFFIX, staging_is_held
+from mirenfs.engine.image import STAGING_SUFFIX, make_directories, staging_is_held
 from mirenfs.errors import (
     NO_SPACE,
     CatalogUnreachableError,
@@ -470,17 +470,7 @@ class RestoreTarget:
             log.error("disk %s: %s", self.name, self._record_not_undone)
 
     def _make_parent_dirs(self, directory: str) -> None:
-        missing = []
-        probe = directory
-        while not os.path.isdir(probe) and probe != os.path.dirname(probe):
-            missing.append(probe)
-            probe = os.path.dirname(probe)
-        for path in reversed(missing):
-            try:
-                os.mkdir(path, 0o700 if path == directory else 0o755)
-            except FileExistsError:
-                continue  # another restore made it: not ours to remove
-            self._created_dirs.append(path)
+        self._created_dirs.extend(make_directories(directory, leaf_mode=0o700))
 
     def finalize(self) -> None:
         """The image is installed: a created disk becomes ``provisioned``; an existing one is updated."""

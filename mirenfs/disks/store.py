@@ -41,6 +41,7 @@ from mirenfs.disks.model import (
     new_id,
     validate_disk_name,
 )
+from mirenfs.engine.image import make_directories
 from mirenfs.errors import (
     DiskBusyError,
     DiskExistsError,
@@ -248,7 +249,7 @@ class Store:
         if self._refused is not None:
             raise StoreError(self._refused)
         try:
-            os.makedirs(self.data_path, exist_ok=True)
+            make_directories(self.data_path)
         except OSError as exc:
             cannot = StoreError(f"cannot create the data path {self.data_path}: {exc.strerror}")
             raise _data_path_error(self.data_path, exc.errno) or cannot from None

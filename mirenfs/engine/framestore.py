@@ -42,7 +42,7 @@ import threading
 
 import blake3
 
-from mirenfs.engine.image import make_private_directory
+from mirenfs.engine.image import make_directories, make_private_directory
 from mirenfs.errors import size_in_words
 from mirenfs.format.frames import frame_checksum
 
@@ -271,7 +271,7 @@ class FrameStore:
         fields = _FIELDS.pack(MAGIC, name, _frame_digest(frame), len(frame), frame_checksum(frame))
         record = fields + hashlib.sha256(fields).digest()[:_DIGEST]
         try:
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            make_directories(os.path.dirname(path), 0o700)
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
                 _write_all(fd, record)

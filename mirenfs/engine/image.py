@@ -836,9 +836,31 @@ def disk_file_mode() -> int:
     return 0o600 & ~current_umask()
 
 
+def make_directories(path: str, mode: int = 0o755, *, leaf_mode: int | None = None) -> list[str]:
+    """Create ``path`` and its missing parents, each with ``mode`` (``leaf_mode`` for ``path``
+    itself), less the umask; return the directories made, outermost first. ``os.makedirs`` gives
+    the parents 0777 less the umask: under umask 000 another user could swap what a restore
+    writes into (review Sec F1)."""
+    missing = []
+    probe = os.path.abspath(path)
+    while not os.path.isdir(probe) and probe != os.path.dirname(probe):
+        missing.append(probe)
+        probe = os.path.dirname(probe)
+    made = []
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, mode if directory != missing[0] or leaf_mode is None else leaf_mode)
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                raise
+            continue  # made meanwhile by someone else: not ours
+        made.append(directory)
+    return made
+
+
 def make_private_directory(path: str) -> None:
     """Create ``path`` (and parents) with mode 0700, and make an existing one 0700: it holds disk data."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    make_directories(path, leaf_mode=0o700)
     if stat.S_IMODE(os.stat(path).st_mode) != 0o700:
         os.chmod(path, 0o700)
 

@@ -23,7 +23,13 @@ import trio
 from mirenfs.disks.live import image_is_live
 from mirenfs.disks.pointintime import Consistency, CopyPolicy, PointInTime, take_point_in_time
 from mirenfs.engine.framestore import FrameStore
-from mirenfs.engine.image import FdImageSource, ImageIdentity, ensure_unchanged, replace_private_file
+from mirenfs.engine.image import (
+    FdImageSource,
+    ImageIdentity,
+    ensure_unchanged,
+    make_directories,
+    replace_private_file,
+)
 from mirenfs.engine.memory import give_back_free_memory
 from mirenfs.engine.produce import (
     INDEX_FORMAT,
@@ -79,7 +85,7 @@ class IndexCache:
     def __init__(self, directory: str) -> None:
         self.directory = directory
         self._save_failed = False
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        make_directories(directory, 0o700)
 
     def path_for(self, image_path: str) -> str:
         digest = hashlib.sha256(os.path.abspath(image_path).encode()).hexdigest()[:32]
@@ -327,7 +333,7 @@ class SnapshotService:
         # Two passes at a time: each keeps every core busy, and a second slot
         # keeps a huge disk's first pass from holding up every other new disk.
         self._pass_limit = trio.CapacityLimiter(2)
-        os.makedirs(spill_directory, mode=0o700, exist_ok=True)
+        make_directories(spill_directory, 0o700)
 
     def current(self, name: str) -> DiskVersion | None:
         return self._current.get(name)
