@@ -5,10 +5,12 @@ t2_operator_cli.py; the rest of the disk layer in t1_hardening.py."""
 
 from __future__ import annotations
 
+import errno
 import gc
 import hashlib
 import os
 import random
+import stat
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -251,3 +253,50 @@ def test_a_copy_whose_image_changed_size_meanwhile_is_refused(
     except FileNotFoundError:
         still = None
     assert still != str(grown)
+
+
+@pytest.mark.parametrize("before", ["nothing", "an image"])
+def test_a_restore_replaces_only_what_was_at_its_path_when_it_began(tmp_path: Path, before: str) -> None:
+    """Review Sec F3: a file another user put at ``--image PATH`` while the stream arrived (no
+    ``--force`` needed for a new path) was replaced, and gave the restored disk her owner and mode.
+    Now the restore is refused at its end, and what she put there is left as it is."""
+    image = tmp_path / "restored.img"
+    if before == "an image":
+        image.write_bytes(b"the old image")
+        os.chmod(image, 0o600)
+    checks = []
+
+    def someone_else_puts_a_file_there() -> None:
+        checks.append(True)
+        if len(checks) == 2:  # the check right before the install; the first one is at the start
+            image.unlink(missing_ok=True)
+            image.write_bytes(b"hers")
+            os.chmod(image, 0o666)
+
+    async def restore() -> None:
+        await restore_to_path(
+            str(image),
+            file_pieces(GO_EXT4.path),
+            overwrite=before == "an image",
+            check_target=someone_else_puts_a_file_there,
+        )
+
+    with pytest.raises(TargetError, match="while the snapshot was restored, by another process") as refused:
+        trio.run(restore)
+    assert refused.value.errno == errno.EEXIST
+    assert image.read_bytes() == b"hers" and staging_files(tmp_path) == []
+
+
+def test_a_restored_image_keeps_its_owner_and_mode_less_what_others_may_do(tmp_path: Path) -> None:
+    """Review Sec F3: an image left 0644 (by a restore of an older mirenfs) stayed readable by
+    every user after each restore over it."""
+    image = tmp_path / "restored.img"
+    image.write_bytes(b"the old image")
+    os.chmod(image, 0o664)
+
+    async def restore() -> None:
+        await restore_to_path(str(image), file_pieces(GO_EXT4.path), overwrite=True)
+
+    trio.run(restore)
+    assert sha256_file(image) == GO_EXT4.sha256
+    assert stat.S_IMODE(image.stat().st_mode) == 0o660

@@ -747,18 +747,46 @@ _KINDS = (
 )
 
 
-def refuse_unusual_target(image_path: str, *, overwrite: bool) -> None:
+def refuse_unusual_target(image_path: str, *, overwrite: bool) -> os.stat_result | None:
     """Only a regular file is ever replaced: the restore renames a new file over the path, which
-    would put a file where a device node, a symbolic link or a directory was."""
+    would put a file where a device node, a symbolic link or a directory was. Returns what is
+    there (None: nothing), for :func:`refuse_a_changed_target` at the end."""
     try:
-        mode = os.lstat(image_path).st_mode
+        found = os.lstat(image_path)
     except FileNotFoundError:
-        return
+        return None
+    mode = found.st_mode
     if not stat.S_ISREG(mode):
         kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
         raise TargetError(f"{image_path} is {kind}; a restore writes image files only, so name a file")
     if not overwrite:
         raise TargetError(f"{image_path} already exists; pass --force to replace it")
+    return found
+
+
+def _same_file(now: os.stat_result, found: os.stat_result) -> bool:
+    """The same file, untouched: the change time also tells a new file that took a freed inode number."""
+    return (now.st_dev, now.st_ino, now.st_ctime_ns) == (found.st_dev, found.st_ino, found.st_ctime_ns)
+
+
+def refuse_a_changed_target(image_path: str, found: os.stat_result | None) -> None:
+    """Replace only what was checked when the restore began (review Sec F3): a file another
+    process put at the path meanwhile, maybe another user's in a directory she can write, would
+    have given the restored disk its owner and mode, and was never agreed to be replaced."""
+    try:
+        now: os.stat_result | None = os.lstat(image_path)
+    except FileNotFoundError:
+        now = None
+    if now is None and found is None:
+        return
+    if now is not None and found is not None and _same_file(now, found):
+        return
+    what = "appeared" if found is None else "was replaced, changed or removed"
+    raise TargetError(
+        f"{image_path} {what} while the snapshot was restored, by another process, so the restore did not "
+        "replace it; check what is there and restore again",
+        errno.EEXIST,  # not EBUSY: the caller's "the image is as it was" would not be true
+    )
 
 
 async def restore_to_path(
@@ -779,11 +807,14 @@ async def restore_to_path(
     before the image is replaced (a loop device may have been attached meanwhile). ``placed``
     learns when the image is replaced, for a caller that an interrupt reaches after that.
     """
-    refuse_unusual_target(image_path, overwrite=overwrite)
-    before_install = None
+    found = refuse_unusual_target(image_path, overwrite=overwrite)
     if check_target is not None:
         await trio.to_thread.run_sync(check_target)
-        before_install = partial(trio.to_thread.run_sync, check_target)
+
+    async def before_install() -> None:
+        if check_target is not None:
+            await trio.to_thread.run_sync(check_target)
+        await trio.to_thread.run_sync(refuse_a_changed_target, image_path, found)
 
     async def choose_image(meta: Meta) -> str:
         if on_header is not None:

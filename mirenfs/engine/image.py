@@ -570,16 +570,18 @@ class StagingImage:
         the rename is left, so whatever must happen before the image changes (the store's
         record of it) comes between the two, when nothing but a rename can still fail.
 
-        The image keeps the replaced image's mode and owner; a new one gets ``new_mode``.
-        Returns the modification time the image holds: ``mtime_ns`` unless its filesystem
-        cannot store that time (ext4 clamps to years 1901 to 2446, some keep whole seconds).
+        The image keeps the replaced image's owner and mode, less what others could read or
+        write (review Sec F3: an image left 0644 stayed so on every restore); a new one gets
+        ``new_mode``. Returns the modification time the image holds: ``mtime_ns`` unless its
+        filesystem cannot store that time (ext4 clamps to years 1901 to 2446, some keep whole
+        seconds).
         """
         try:
-            existing = os.stat(self.image_path)
+            existing: os.stat_result | None = os.lstat(self.image_path)  # never where a link leads
         except FileNotFoundError:
             existing = None
-        if existing is not None:
-            os.fchmod(self.fd, stat.S_IMODE(existing.st_mode))
+        if existing is not None and stat.S_ISREG(existing.st_mode):
+            os.fchmod(self.fd, stat.S_IMODE(existing.st_mode) & 0o770)
             if os.geteuid() == 0:
                 os.fchown(self.fd, existing.st_uid, existing.st_gid)
         else:
