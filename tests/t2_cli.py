@@ -422,9 +422,9 @@ def test_a_ctrl_c_as_the_backup_is_renamed_into_place_reports_it_done(
     snap = tmp_path / "web.mirn"
     real_rename = os.rename
 
-    def rename_then_signal(source: str, destination: str) -> None:
-        real_rename(source, destination)
-        if destination == str(snap):
+    def rename_then_signal(source: str, destination: str, **at: int) -> None:
+        real_rename(source, destination, **at)
+        if destination == snap.name:  # renamed within the directory's descriptor
             os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode: here, in the rename's step
 
     monkeypatch.setattr(os, "rename", rename_then_signal)
@@ -445,7 +445,7 @@ def test_a_ctrl_c_before_the_backup_is_in_place_still_undoes_it(
     write_image(image, [("data", 1 << 20)])
     snap = tmp_path / "web.mirn"
 
-    def interrupted(source: str, destination: str) -> None:
+    def interrupted(source: str, destination: str, **at: int) -> None:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(os, "rename", interrupted)

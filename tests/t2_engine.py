@@ -134,8 +134,8 @@ def test_a_backup_to_a_file_is_durable_under_its_name_before_it_says_so(
             steps.append(f"fsync {os.readlink(f'/proc/self/fd/{fd}')}")
         real_fsync(fd)
 
-    def rename(old: str, new: str) -> None:
-        real_rename(old, new)
+    def rename(old: str, new: str, **at: int) -> None:
+        real_rename(old, new, **at)
         steps.append(f"rename to {os.path.basename(new)}")
 
     monkeypatch.setattr(os, "fsync", fsync)

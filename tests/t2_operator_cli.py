@@ -16,16 +16,20 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import pytest
+import trio
 
 from mirenfs.cli import mount_helper
 from mirenfs.disks.creations import mark_creating
 from mirenfs.disks.manage import mkfs_reason
 from mirenfs.disks.pointintime import RECORD_PREFIX, RECORD_SUFFIX
 from mirenfs.disks.store import Store
+from mirenfs.engine.files import backup_image
 from mirenfs.engine.image import STAGING_SUFFIX
+from mirenfs.engine.produce import Settings
 from mirenfs.format.frames import seek_table
 from mirenfs.format.header import Meta, Timestamp, decode_header, write_header
 from mirenfs.mount.config import clone_directory_of
@@ -537,6 +541,98 @@ def test_backup_through_a_symbolic_link_writes_the_file_it_leads_to(tmp_path: Pa
     assert out.startswith(f"backed up {image} to {latest}: ")
     assert latest.is_symlink() and os.readlink(latest) == dated.name
     assert dated.read_bytes()[:4] == b"MIRN" and said("verify", str(dated))[0] == 0
+
+
+OTHER_UID = 64_123  # a user that is neither this one nor root
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_backup_writes_through_no_link_or_pipe_another_user_made(tmp_path: Path) -> None:
+    """Review Sec F2: a link another user planted (``/tmp/pg.mirn`` -> a root-only file) made a
+    root backup replace its target, and a link to her named pipe streamed the disk to her. The
+    kernel's protected_symlinks would stop ``cp`` there, but hosts may have it off; a dangling
+    link is refused as ``cp`` refuses it. Nothing is written anywhere."""
+    image, victim = tmp_path / "disk.img", tmp_path / "victim"
+    write_image(image, [("data", 300_000)])
+    victim.write_bytes(b"root's secret")
+    planted, pipe, to_pipe, dangling = (
+        tmp_path / n for n in ("planted.mirn", "pipe", "to-pipe.mirn", "gone.mirn")
+    )
+    planted.symlink_to(victim)
+    os.lchown(planted, OTHER_UID, OTHER_UID)
+    os.mkfifo(pipe)
+    os.chown(pipe, OTHER_UID, OTHER_UID)
+    to_pipe.symlink_to(pipe)  # root's own link: the pipe's owner is what refuses it
+    dangling.symlink_to(tmp_path / "nowhere" / "x.mirn")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for output, message in (
+        (planted, f"{planted} is a symbolic link that another user (uid {OTHER_UID}) made"),
+        (pipe, f"cannot write {pipe}: it is a device or named pipe that another user (uid {OTHER_UID}) made"),
+        (
+            to_pipe,
+            f"cannot write {pipe}: it is a device or named pipe that another user (uid {OTHER_UID}) made",
+        ),
+        (dangling, f"{dangling} is a symbolic link to {tmp_path}/nowhere/x.mirn, which does not exist"),
+    ):
+        status, out, err = said("backup", "--image", str(image), "--filesystem", "ext4", "-o", str(output))
+        assert (status, out) == (1, ""), (output, err)
+        assert err.startswith(f"mirenfs: error: {message}"), err
+    assert victim.read_bytes() == b"root's secret"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_backup_is_named_in_the_directory_it_was_made_in(tmp_path: Path) -> None:
+    """Review Sec F2: the directory was looked up by its path three times (the unnamed file's
+    open, its link, the rename), so a directory swapped for a link meanwhile took the backup
+    elsewhere. It is looked up once."""
+    image = tmp_path / "disk.img"
+    write_image(image, [("data", 4 << 20)])
+    made_in, elsewhere = tmp_path / "backups", tmp_path / "elsewhere"
+    made_in.mkdir()
+    elsewhere.mkdir()
+    swapped = []
+
+    def swap_the_directory(done: int) -> None:
+        if not swapped:
+            swapped.append(done)
+            made_in.rename(tmp_path / "moved")
+            made_in.symlink_to(elsewhere)
+
+    meta = trio.run(
+        partial(
+            backup_image,
+            str(image),
+            str(made_in / "pg.mirn"),
+            name="pg",
+            filesystem="ext4",
+            settings=Settings(),
+            progress=swap_the_directory,
+        )
+    )
+    assert swapped and list(elsewhere.iterdir()) == []
+    assert [p.name for p in (tmp_path / "moved").iterdir()] == ["pg.mirn"]
+    assert meta.size_bytes == image.stat().st_size
+
+
+def test_the_next_backup_to_a_file_removes_what_a_killed_one_left_under_a_hidden_name(tmp_path: Path) -> None:
+    """Trial FI F10: a backup killed between naming its whole file and the rename over FILE left
+    ``.FILE.<hex>.tmp`` for good. The next backup to FILE removes it, unless a backup at work
+    holds it (locked)."""
+    image = tmp_path / "disk.img"
+    write_image(image, [("data", 300_000)])
+    left, live, other = (tmp_path / f".pg.mirn.{n}.tmp" for n in ("0123456789ab", "ba9876543210", "nothex"))
+    for path in (left, live, other):
+        path.write_bytes(b"a whole snapshot")
+    held = os.open(live, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        status, _, err = said(
+            "backup", "--image", str(image), "--filesystem", "ext4", "-o", str(tmp_path / "pg.mirn")
+        )
+    finally:
+        os.close(held)
+    assert status == 0 and err == f"mirenfs: WARNING: removed {left}, left by a backup that was killed", err
+    assert not left.exists() and live.exists() and other.exists()
 
 
 def test_backup_of_an_image_refuses_a_header_no_restore_would_take(tmp_path: Path) -> None:

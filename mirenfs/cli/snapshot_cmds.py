@@ -55,7 +55,14 @@ from mirenfs.disks.rules import (
 )
 from mirenfs.disks.trust import TrustedImages
 from mirenfs.engine.consume import Placed
-from mirenfs.engine.files import backup_image, open_input, read_pieces, restore_file, verify_file
+from mirenfs.engine.files import (
+    backup_image,
+    open_input,
+    read_pieces,
+    restore_file,
+    verify_file,
+    where_a_link_leads,
+)
 from mirenfs.engine.framestore import FrameStore
 from mirenfs.engine.fstype import detect_filesystem
 from mirenfs.engine.produce import Settings
@@ -135,15 +142,16 @@ def backup_output(given: str) -> str:
     """Where ``-o`` writes: ``-`` for this command's own standard output, also when named as a
     file (``-o /dev/stdout``: the "backed up" line went into the pipe after the snapshot, or the
     snapshot was renamed over the link /dev/stdout, review C); the file a symbolic link leads to,
-    written through it as ``cp`` and ``>`` do (the link itself was replaced). Never a terminal."""
+    written through it as ``cp`` and ``>`` do (the link itself was replaced), when this user or
+    root made it (:func:`where_a_link_leads`). Never a terminal."""
     output = given
     if given != "-":  # what _refuse_backup_output refused (a path in a mirenfs mount) is not here
         with contextlib.suppress(OSError):
             named, ours = os.stat(given), os.fstat(sys.stdout.fileno())
             if (named.st_dev, named.st_ino) == (ours.st_dev, ours.st_ino):
                 output = "-"
-        if output != "-" and os.path.islink(given):
-            output = os.path.realpath(given)
+        if output != "-":
+            output = where_a_link_leads(given)
     if output == "-" and getattr(sys.stdout, "closed_at_start", False):  # see mirenfs.launch
         raise MirenfsError("standard output is closed, so the snapshot would go nowhere: give -o FILE")
     if output == "-" and sys.stdout.isatty():

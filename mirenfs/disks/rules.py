@@ -188,7 +188,7 @@ def data_paths_around(path: str, default: str) -> list[str]:
 def refuse_output_over_an_image(output: str, *, source: str, action: str) -> None:
     """A file written whole (``backup -o``) must not be the image it is made from, nor one a loop
     device uses: either would lose a disk's data under a snapshot of it."""
-    if output == "-" or not os.path.lexists(output):
+    if output == "-" or not os.path.exists(output):  # nothing, or a link to nothing: refused later
         return
     with contextlib.suppress(OSError):
         if os.path.samefile(output, source):

@@ -13,11 +13,12 @@ import contextlib
 import errno
 import fcntl
 import io
+import logging
 import os
+import re
 import select
 import stat
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -32,7 +33,6 @@ from mirenfs.engine.image import (
     cannot_write,
     disk_file_mode,
     ensure_unchanged,
-    fsync_directory,
     is_device,
 )
 from mirenfs.engine.produce import (
@@ -47,6 +47,8 @@ from mirenfs.engine.produce import (
 )
 from mirenfs.errors import NO_SPACE, MirenfsError, TargetError
 from mirenfs.format.header import Meta
+
+log = logging.getLogger(__name__)
 
 READ_PIECE = 4 << 20
 PIPE_BUFFER = 1 << 20  # what a pipe we read from may hold (the most an unprivileged process may ask)
@@ -187,6 +189,8 @@ async def backup_image(
     ``live``: the image may change while it is read (see :func:`reading_rules`). ``placed``
     learns when the file is in place under its name (a stream has no such moment).
     """
+    if output != "-":
+        output = where_a_link_leads(output)
     if output != "-" and os.path.isdir(output):  # before a whole pass, not at its end
         raise TargetError(f"cannot write {output}: it is a directory; name a file in it, such as {name}.mirn")
     image = await trio.to_thread.run_sync(OpenImage.open, image_path)
@@ -196,7 +200,7 @@ async def backup_image(
         of = SnapshotOf(name, filesystem, image.mtime_ns, single_read, check_source)
         if output == "-" or _is_special(output):
             shown = "standard output" if output == "-" else output
-            target = sys.stdout.buffer if output == "-" else open(output, "wb")  # noqa: SIM115
+            target = sys.stdout.buffer if output == "-" else _open_special(output)
             device = is_device(target.fileno()) if output == "-" else None
             try:
                 with _naming_a_full_output(shown, device):
@@ -228,17 +232,29 @@ async def _backup_to_regular_file(
 ) -> Meta:
     """Written into a file with no name (``O_TMPFILE``), named once whole: a backup killed with
     SIGKILL (the OOM killer, ``systemctl kill``) leaves nothing behind. Where the filesystem has
-    no ``O_TMPFILE``, under a hidden temporary name, removed on any failure that can be caught."""
-    directory = os.path.dirname(os.path.abspath(output))
+    no ``O_TMPFILE``, under a hidden temporary name, removed on any failure that can be caught.
+    The directory is looked up once, so the file is named where it was made, even if a directory
+    on the way is swapped for a link meanwhile (review Sec F2)."""
+    directory, base = os.path.split(os.path.abspath(output))
     temporary: str | None = None
     try:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise cannot_write(output, exc) from None
+    try:
         try:
-            fd = os.open(directory, os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
+            fd = os.open(".", os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise
-            fd, temporary = tempfile.mkstemp(prefix=_hidden_prefix(output), suffix=".tmp", dir=directory)
+            temporary = _hidden_name(base)
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+        fcntl.flock(
+            fd, fcntl.LOCK_EX
+        )  # while it runs: the next backup to the file tells ours from a leftover
+        _remove_leftovers_of_killed_backups(directory, base, dir_fd)
     except OSError as exc:
+        os.close(dir_fd)
         raise cannot_write(output, exc) from None
     try:
         with _naming_a_full_output(output), os.fdopen(fd, "wb", closefd=False) as out:
@@ -246,52 +262,148 @@ async def _backup_to_regular_file(
             await trio.to_thread.run_sync(os.fsync, out.fileno())
         os.fchmod(fd, disk_file_mode())  # never readable by others, whatever the umask
         if temporary is None:
-            temporary = _name_unnamed(fd, output, directory)
-        _rename_into_place(temporary, output, meta, placed)
+            temporary = _name_unnamed(fd, base, dir_fd)
+        _rename_into_place(temporary, base, dir_fd, meta, placed)
         # The new name is durable only once its directory is (review: a crash just after the
         # command said "backed up" could lose the file a rotation then counted on).
         try:
-            await trio.to_thread.run_sync(fsync_directory, directory)
+            await trio.to_thread.run_sync(os.fsync, dir_fd)
         except OSError as exc:
             raise cannot_write(output, exc) from None
         return meta
     except BaseException:
         if temporary is not None:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
+                os.unlink(temporary, dir_fd=dir_fd)
         raise
     finally:
         os.close(fd)
+        os.close(dir_fd)
 
 
 @trio.lowlevel.enable_ki_protection
-def _rename_into_place(temporary: str, output: str, meta: Meta, placed: Placed | None) -> None:
+def _rename_into_place(temporary: str, base: str, dir_fd: int, meta: Meta, placed: Placed | None) -> None:
     """The rename and its record as one step: a Ctrl-C (or SIGTERM) waits for the next
     checkpoint, so it never lands between a backup in place and the record that says so."""
-    os.rename(temporary, output)
+    os.rename(temporary, base, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     if placed is not None:
         placed.set(meta)
 
 
-def _hidden_prefix(output: str) -> str:
-    return f".{os.path.basename(output)}."
+def _hidden_name(base: str) -> str:
+    return f".{base}.{os.urandom(6).hex()}.tmp"
 
 
-def _name_unnamed(fd: int, output: str, directory: str) -> str:
-    """Give the ``O_TMPFILE`` file a hidden name beside ``output`` (the rename over ``output``
-    then replaces it atomically): through ``/proc``, which needs no privilege, unlike
+def _remove_leftovers_of_killed_backups(directory: str, base: str, dir_fd: int) -> None:
+    """Remove the hidden names that backups to ``base`` killed between naming their file and the
+    rename left (trial FI: a whole snapshot's worth, for good): files of this user that no live
+    backup holds locked."""
+    leftover = re.compile(rf"\.{re.escape(base)}\.[0-9a-f]{{12}}\.tmp")
+    for name in os.listdir(dir_fd):
+        if not leftover.fullmatch(name):
+            continue
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError:
+            continue
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a backup at work
+            still = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if (still.st_dev, still.st_ino) == (info.st_dev, info.st_ino):
+                os.unlink(name, dir_fd=dir_fd)
+                log.warning("removed %s, left by a backup that was killed", os.path.join(directory, name))
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+
+
+def _name_unnamed(fd: int, base: str, dir_fd: int) -> str:
+    """Give the ``O_TMPFILE`` file a hidden name beside ``base`` in ``dir_fd`` (the rename over
+    ``base`` then replaces it atomically): through ``/proc``, which needs no privilege, unlike
     ``AT_EMPTY_PATH``."""
     descriptors = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         while True:
-            name = os.path.join(directory, f"{_hidden_prefix(output)}{os.urandom(6).hex()}.tmp")
+            name = _hidden_name(base)
             try:  # with a directory descriptor, os.link is linkat(AT_SYMLINK_FOLLOW), not link(2)
-                os.link(str(fd), name, src_dir_fd=descriptors, follow_symlinks=True)
+                os.link(str(fd), name, src_dir_fd=descriptors, dst_dir_fd=dir_fd, follow_symlinks=True)
             except FileExistsError:
                 continue
             return name
     finally:
         os.close(descriptors)
+
+
+MAX_LINKS = 40  # as the kernel's path walk allows
+
+
+def where_a_link_leads(path: str) -> str:
+    """Where ``backup -o PATH`` writes when PATH is a symbolic link: the file it leads to, through
+    each link on the way, every one made by this user or root (review Sec F2: a link another
+    user planted in /tmp chose which file a root backup replaced, or streamed the snapshot into
+    her named pipe; the kernel's ``fs.protected_symlinks`` would have stopped ``cp`` there, but
+    hosts may have it off). A link to nothing is refused, as ``cp`` refuses it."""
+    followed = None
+    for _ in range(MAX_LINKS):
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            if followed is not None:
+                raise TargetError(
+                    f"{followed} is a symbolic link to {path}, which does not exist; a backup is not written "
+                    "through a dangling link (nor does cp write through one): give the path to write",
+                    errno.ENOENT,
+                ) from None
+            return path
+        if not stat.S_ISLNK(info.st_mode):
+            return path
+        if info.st_uid not in (os.geteuid(), 0):
+            raise TargetError(
+                f"{path} is a symbolic link that another user (uid {info.st_uid}) made; a backup is written "
+                "only through links of its own user or root: give the path to write, or remove the link",
+                errno.EACCES,
+            )
+        followed = followed or path
+        path = os.path.join(os.path.dirname(path), os.readlink(path))
+    raise TargetError(f"{followed}: too many levels of symbolic links", errno.ELOOP)
+
+
+def _open_special(output: str) -> BinaryIO:
+    """A device or named pipe to stream the snapshot into, opened without creating or truncating
+    anything: only one of this user or root (a named pipe another user made would hand her the
+    disk, review Sec F2), looked at before the open (which waits for a pipe's reader) and again
+    on what was opened."""
+    try:
+        _refuse_a_special_file_of_another_user(output, os.stat(output))
+        fd = os.open(output, os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise cannot_write(output, exc) from None
+    try:
+        _refuse_a_special_file_of_another_user(output, os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "wb")
+
+
+def _refuse_a_special_file_of_another_user(output: str, info: os.stat_result) -> None:
+    problem = None
+    if stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode):
+        problem = "it was replaced by a file meanwhile; run the backup again"
+    elif info.st_uid not in (os.geteuid(), 0):
+        problem = (
+            f"it is a device or named pipe that another user (uid {info.st_uid}) made, and the snapshot "
+            "holds a whole disk; write to a file or a pipe of your own"
+        )
+    if problem is not None:
+        raise TargetError(f"cannot write {output}: {problem}", errno.EACCES)
 
 
 @contextlib.contextmanager
