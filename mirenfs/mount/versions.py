@@ -125,9 +125,14 @@ class IndexCache:
             self.save(image_path, key, index, None)
         elif digest is not None and names and names != header:
             digest = None  # the snapshot of the same image under another name: computed again
-        elif index.read_format != INDEX_FORMAT or (digest is not None and not names):
-            # An older mirenfs wrote it: now checked, cheaper, and with the names it stands for.
-            self.save(image_path, key, index, digest, header)
+        elif digest is not None and not names:
+            # An older mirenfs kept it without the names it stands for: maybe of the same image
+            # under another disk's name (trial UP: pg2.mirn.sha256 said pg's checksum for good).
+            # Computed again when NAME.mirn.sha256 is next read; the index is kept.
+            digest = None
+            self.save(image_path, key, index, None)
+        elif index.read_format != INDEX_FORMAT:
+            self.save(image_path, key, index, digest, header)  # an older mirenfs's: now cheaper to read
         return index, digest
 
     def load_basis(self, image_path: str) -> SnapshotIndex | None:
