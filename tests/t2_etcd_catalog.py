@@ -680,14 +680,38 @@ def test_a_record_naming_a_file_the_data_path_keeps_is_not_trusted_by_where_it_i
     put_raw(a, "decoy", _foreign_record("decoy", str(victim), "a"))
     put_raw(a, "state", _foreign_record("state", str(data / "mirenfs" / "trusted-images.json"), "a"))
     put_raw(a, "store", _foreign_record("store", str(data / "mirenfs.db"), "a"))
-    put_raw(a, "ours", _foreign_record("ours", str(data / "images" / "ours.img"), "a"))  # still trusted
+    # Review Sec F4: any other file under the data path was trusted by where it is too: a secret
+    # Miren keeps there, or a file outside reached through a link there.
+    (data / "server").mkdir()
+    secret = data / "server" / "ca.key"
+    secret.write_bytes(b"the host's key")
+    outside = data.parent / "outside-etc"
+    outside.mkdir()
+    (outside / "shadow").write_bytes(b"root:secret-hash")
+    (data / "containers").symlink_to(outside)
+    put_raw(a, "key", _foreign_record("key", str(secret), "a"))
+    put_raw(a, "shadow", _foreign_record("shadow", str(data / "containers" / "shadow"), "a"))
+    put_raw(a, "cron", _foreign_record("cron", str(data / "containers" / "cron.d" / "evil"), "a"))
+    ours = data / "images" / "ours.img"
+    put_raw(a, "ours", _foreign_record("ours", str(ours), "a"))  # trusted once registered, below
     listed = {record.disk.name: record.image_path for record in a.list_disks()}
-    assert listed == {"decoy": None, "ours": str(data / "images" / "ours.img"), "state": None, "store": None}
+    assert set(listed) == {"decoy", "state", "store", "key", "shadow", "cron", "ours"}
+    assert set(listed.values()) == {None}
     assert "inside the managed volumes of the data path" in caplog.text
     on_a = ["--catalog", a.location.url, "--node", "a", "--data-path", a.data_path]
     restore = run_cli("restore", GO_EXT4.path, "--name", "decoy", "--force", *on_a)
     assert restore.code == 1 and "mirenfs neither reads nor replaces it through disk decoy" in restore.err
     assert victim.read_bytes() == before
+    backup = run_cli("backup", "key", "-o", data.parent / "key.mirn", *on_a)
+    assert backup.code == 1 and "this host never registered that path for disk key" in backup.err
+    created = run_cli("restore", GO_EXT4.path, "--name", "cron", *on_a)
+    assert created.code == 1 and "this host never registered that path for disk cron" in created.err
+    assert not (data / "images").exists() and sorted(os.listdir(outside)) == ["shadow"]
+    assert not (data.parent / "key.mirn").exists()
+    ours.parent.mkdir()
+    ours.write_bytes(b"\0" * 65536)
+    ok("disk", "add", "ours", "--image", ours, "--filesystem", "ext4", *on_a)
+    assert a.get_disk("ours").image_path == str(ours)
 
 
 def test_of_two_records_leading_to_one_image_only_the_first_is_used(
@@ -1021,17 +1045,15 @@ def test_an_image_outside_the_data_path_is_used_only_once_this_host_registered_i
     assert staging.exists()
     adopted = ok("disk", "add", "out1", "--image", victim, "--filesystem", "ext4", *on_a)
     assert f"registered the image {victim} of disk out1 on this host" in adopted.out
-    # dd1's record leads to that file too: one image never backs two disks (trial W); out1's
-    # record was made first, so it keeps the image and dd1 is refused (trial W2).
+    # dd1's record leads to that file too: the path was registered for out1 only (review Sec F6).
     assert a.get_disk("out1").image_path == str(victim)
     assert {r.disk.name: r.image_path for r in a.list_disks()}["dd1"] is None
-    assert (
-        "disk dd1 names the image" in caplog.text and "which disk out1 (recorded first) names" in caplog.text
-    )
+    assert "never registered that path for disk dd1" in caplog.text
     assert a.kv.txn([], [_delete(f"{a.disks_prefix}dd1")]).succeeded
     trusted = Path(a.data_path, "mirenfs", "trusted-images.json")
     assert oct(trusted.stat().st_mode & 0o777) == "0o600"
-    assert json.loads(trusted.read_text()) == {"images": [str(victim)]}
+    out1 = a.get_disk("out1").disk.id
+    assert json.loads(trusted.read_text()) == {"images": [str(victim)], "disks": {str(victim): out1}}
     home = tmp_path / "home"  # a one-host store trusts its paths: an unregistered one is not copied
     home.mkdir()
     copied = run_cli("catalog", "copy", "--from", url, "--to", f"sqlite://{home}", "--node", "a")
@@ -1041,6 +1063,52 @@ def test_an_image_outside_the_data_path_is_used_only_once_this_host_registered_i
     other = run_cli("disk", "add", "out2", "--image", victim, "--filesystem", "ext4", *on_a)
     assert other.code == 1 and "one image cannot back two disks" in other.err
     assert a.get_disk("out2").image_path is None
+
+
+def test_a_record_written_before_an_image_is_registered_does_not_take_it(
+    hosts: tuple[EtcdCatalog, EtcdCatalog], tmp_path: Path
+) -> None:
+    """Review Sec F6: a record anyone with the prefix wrote, naming an image before the operator
+    registered it (``disk add pg --image PATH``), was made first, so it kept the image: pg had
+    none and left the mount's backups, and the squatter's record read (and could replace) it."""
+    a, _b = hosts
+    image = tmp_path / "outside" / "pg.img"
+    image.parent.mkdir()
+    image.write_bytes(b"\2" * 65536)
+    put_raw(a, "squat", _foreign_record("squat", str(image), "a"))
+    on_a = ["--catalog", a.location.url, "--node", "a", "--data-path", a.data_path]
+    ok("disk", "add", "pg", "--image", image, "--filesystem", "ext4", *on_a)
+    listed = {record.disk.name: record.image_path for record in a.list_disks()}
+    assert listed == {"pg": str(image), "squat": None}
+    backup = run_cli("backup", "squat", "-o", tmp_path / "squat.mirn", *on_a)
+    assert backup.code == 1 and "never registered that path for disk squat" in backup.err
+    assert not (tmp_path / "squat.mirn").exists()
+
+
+def test_a_registration_file_that_is_not_this_users_alone_trusts_nothing(
+    hosts: tuple[EtcdCatalog, EtcdCatalog], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review Sec F7: the state directory's trusted-images.json was read wherever it led and
+    whoever wrote it. A link, or a file others may change, registers nothing; an older
+    mirenfs's file (paths without their disks) still registers its paths."""
+    a, _b = hosts
+    image = tmp_path / "outside" / "pg.img"
+    image.parent.mkdir()
+    image.write_bytes(b"\2" * 65536)
+    put_raw(a, "pg", _foreign_record("pg", str(image), "a"))
+    trusted = Path(a.data_path, "mirenfs", "trusted-images.json")
+    trusted.parent.mkdir(exist_ok=True)
+    elsewhere = tmp_path / "hers.json"
+    elsewhere.write_text(json.dumps({"images": [str(image)]}))
+    trusted.symlink_to(elsewhere)
+    assert a.get_disk("pg").image_path is None
+    trusted.unlink()
+    trusted.write_text(json.dumps({"images": [str(image)]}))
+    os.chmod(trusted, 0o666)
+    assert a.get_disk("pg").image_path is None
+    assert f"{trusted} is not a file of this user that only it may change" in caplog.text
+    os.chmod(trusted, 0o600)
+    assert a.get_disk("pg").image_path == str(image)  # an older mirenfs's registration, for any disk
 
 
 def test_disk_add_and_catalog_copy_on_this_host_register_their_images(

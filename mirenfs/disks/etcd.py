@@ -611,12 +611,12 @@ class EtcdCatalog:
                 f"node ({self.node}), which is {kept.said}, so mirenfs neither reads nor replaces it "
                 f"through disk {name}: fix the record {self._disk_key(name)}"
             )
-        if not self.trusted.allows(explicit):
+        if not self.trusted.allows(explicit, stored.disk.id):
             raise UntrustedImageError(
                 f"disk {name} in the disk catalogue at {self.location.url} names the image {image} on this "
-                f"node ({self.node}), outside the data path {self.data_path}, and this host never "
-                "registered that path, so mirenfs neither reads nor replaces it: if it is this host's "
-                f"image, register it with 'mirenfs disk add {name} --image {image}', else fix the record "
+                f"node ({self.node}), and this host never registered that path for disk {name}, so "
+                "mirenfs neither reads nor replaces it: if it is this host's image of that disk, register "
+                f"it with 'mirenfs disk add {name} --image {image}', else fix the record "
                 f"{self._disk_key(name)}"
             )
 
@@ -780,9 +780,11 @@ class EtcdCatalog:
             image_path=image_path,
             node=self.node,
         )
-        if image_path is not None:
-            self.trusted.register(image_path)  # registered here, by this host's operator
-        disk, volume = self._insert(*records)
+        if image_path is None:
+            disk, volume = self._insert(*records)
+        else:
+            with self.trusted.registering(image_path, records[0].id):  # by this host's operator
+                disk, volume = self._insert(*records)
         return DiskRecord(disk, volume, image_path_for(self.data_path, volume), ())
 
     def adopt_image(self, name: str, image_path: str) -> bool:
@@ -796,7 +798,7 @@ class EtcdCatalog:
             return False
         if os.path.normpath(volume.image_path) != os.path.normpath(image_path):
             return False
-        self.trusted.register(image_path)
+        self.trusted.register(image_path, volume.disk_id)
         # A new revision of the record (same content): mounts that refused it read it again.
         self._update(name, lambda stored: (stored, [], []))
         return True
@@ -1107,7 +1109,7 @@ class EtcdCatalog:
                         and volume.image_path
                         and record.image_path
                     ):
-                        self.trusted.register(volume.image_path)
+                        self.trusted.register(volume.image_path, record.disk.id)
                     return "added"
                 continue  # created meanwhile: compare with what is there now
             if current.disk.id != record.disk.id:
