@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from mirenfs.disks import live as disks
+from mirenfs.disks.creations import marked_creating
 from mirenfs.disks.live import image_is_live
 from mirenfs.disks.model import (
     Disk,
@@ -85,9 +86,11 @@ class FakeDisks:
     def find_leases_by_disk_id(self, disk_id: str) -> list[Lease]:
         return list(self.leases.get(disk_id, []))
 
-    def create_disk_for_restore(self, name: str, *, size_bytes: int, filesystem: str) -> FakeCreated:
+    def create_disk_for_restore(
+        self, name: str, *, size_bytes: int, filesystem: str, disk_id: str | None = None
+    ) -> FakeCreated:
         self.events.append(f"create {name} {size_bytes} {filesystem}")
-        disk = Disk(f"disk-{name}", name, DiskState.PROVISIONING, filesystem, size_bytes)
+        disk = Disk(disk_id or f"disk-{name}", name, DiskState.PROVISIONING, filesystem, size_bytes)
         return FakeCreated(disk, Volume(f"vol-{name}", disk.id), self.events)
 
     def update_disk(self, disk_id: str, *, size_bytes: int, filesystem: str) -> None:
@@ -325,6 +328,25 @@ def test_new_disk_is_created_only_at_open_and_finalized(data_path: Path, no_loop
     target.cleanup()  # after success: nothing to undo
     assert fake.events == ["create fresh 8192 xfs", "finalize fresh"]
     assert Path(image_path).read_bytes() == b"restored"
+
+
+def test_a_disk_is_noted_as_being_created_before_its_record_exists(data_path: Path, no_loops: Path) -> None:
+    """Trial FI F8: a restore killed after the new disk's record was made, before the note that
+    lets the sweep remove it, left a `provisioning` disk no sweep would touch."""
+    fake = FakeDisks()
+    noted_when_created: list[set[str]] = []
+    create = fake.create_disk_for_restore
+
+    def noting(name: str, *, size_bytes: int, filesystem: str, disk_id: str | None = None) -> FakeCreated:
+        noted_when_created.append(marked_creating(str(data_path)))
+        return create(name, size_bytes=size_bytes, filesystem=filesystem, disk_id=disk_id)
+
+    fake.create_disk_for_restore = noting  # type: ignore[method-assign]
+    target = prepare_restore(fake, "fresh", data_path=str(data_path), overwrite=False, creator=fake)
+    target.open(8192, "ext4")
+    assert target._created is not None and noted_when_created == [{target._created.disk.id}]
+    target.cleanup()
+    assert marked_creating(str(data_path)) == set()
 
 
 def test_cleanup_removes_the_created_disk_and_its_directory_once(data_path: Path, no_loops: Path) -> None:

@@ -254,8 +254,12 @@ def test_the_staging_sweep_of_a_store_marked_as_moved_still_finds_registered_ima
 
 def test_what_is_not_an_interrupted_creation_is_kept(store: Store, data_path: Path, tmp_path: Path) -> None:
     running = interrupted_creation(store, "running")  # a restore still at work: its staging file is held
-    making = interrupted_creation(store, "mkfs")  # `disk create` formatting: the image exists
-    making.write_bytes(b"")
+    over = interrupted_creation(store, "over")  # one at work over a file that was there (--force)
+    over.write_bytes(b"")
+    making = store.create_disk_for_restore("mkfs", size_bytes=1, filesystem="ext4")  # not noted: not ours
+    Path(store.get_disk("mkfs").image_path or "").parent.mkdir(parents=True)
+    Path(store.get_disk("mkfs").image_path or "").write_bytes(b"")  # `disk create` formatting it
+    assert making.disk.status == DiskState.PROVISIONING
     store.add_disk("ready", size_bytes=1, filesystem="ext4")  # provisioned, no image yet: not ours to judge
     store.add_disk(
         "own",
@@ -264,14 +268,18 @@ def test_what_is_not_an_interrupted_creation_is_kept(store: Store, data_path: Pa
         image_path=str(tmp_path / "own.img"),
         status=DiskState.PROVISIONING,
     )  # `disk add`: never removed
-    fd = os.open(f"{running}{STAGING_SUFFIX}", os.O_RDONLY)
+    held = [os.open(f"{image}{STAGING_SUFFIX}", os.O_RDONLY) for image in (running, over)]
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        assert sweep_interrupted_creations(store).removed == []
+        for fd in held:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        swept = sweep_interrupted_creations(store)
+        assert (swept.removed, swept.completed) == ([], [])
     finally:
-        os.close(fd)
-    assert {name: status(store, name) for name in ("running", "mkfs", "ready", "own")} == {
+        for fd in held:
+            os.close(fd)
+    assert {name: status(store, name) for name in ("running", "over", "mkfs", "ready", "own")} == {
         "running": "provisioning",
+        "over": "provisioning",
         "mkfs": "provisioning",
         "ready": "provisioned",
         "own": "provisioning",

@@ -1196,6 +1196,31 @@ def test_cleanup_that_cannot_check_a_disk_being_created_says_so_and_fails(
     assert "half" not in disks(data)
 
 
+def test_cleanup_completes_a_created_disk_whose_restore_was_killed_after_its_image_was_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trial FI F9, FD F6: a restore into a new name killed after it renamed the verified image into
+    place, before its record said provisioned, left the disk `provisioning` for good (cleanup did
+    nothing, and the same restore again was told the disk had an image)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    store = Store(str(data))
+    created = store.create_disk_for_restore("new", size_bytes=GO_EXT4.size_bytes, filesystem="ext4")
+    mark_creating(str(data), created.disk.id)
+    image = Path(store.get_disk("new").image_path or "")
+    image.parent.mkdir(parents=True)
+    image.write_bytes(GO_EXT4.path.read_bytes())  # stands for the verified image, renamed into place
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    cleaned = ok("cleanup", "--data-path", data)
+    assert cleaned.out == (
+        "disk new is provisioned now: the restore that created it was interrupted after its verified image "
+        "was in place, before its record said so\n"
+    )
+    assert disks(data)["new"]["status"] == "provisioned" and image.exists()
+    assert not list((data / "mirenfs").glob("creating.*"))
+    assert ok("cleanup", "--data-path", data).out.startswith("nothing to clean up")
+
+
 def test_a_restore_killed_between_its_record_and_its_rename_has_the_record_set_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

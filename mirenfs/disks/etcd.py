@@ -726,7 +726,9 @@ class EtcdCatalog:
 
     # --- DiskCreator ---
 
-    def create_disk_for_restore(self, name: str, *, size_bytes: int, filesystem: str) -> CreatedRecords:
+    def create_disk_for_restore(
+        self, name: str, *, size_bytes: int, filesystem: str, disk_id: str | None = None
+    ) -> CreatedRecords:
         records = new_disk_records(
             name,
             size_bytes=size_bytes,
@@ -734,6 +736,7 @@ class EtcdCatalog:
             status=DiskState.PROVISIONING,
             image_path=None,
             node=self.node,
+            disk_id=disk_id,
         )
         return CreatedRecords(self, *self._insert(*records))
 

@@ -15,9 +15,10 @@ import errno
 import logging
 import os
 import shutil
+import stat
 import subprocess
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from mirenfs.disks.creations import creation_noted_before, marked_creating, unmark_creating
 from mirenfs.disks.model import Catalog, DiskRecord, DiskState, validate_disk_name, volumes_dir
@@ -25,7 +26,13 @@ from mirenfs.disks.pointintime import sweep_leftovers
 from mirenfs.disks.rules import managed_path_problem, refuse_if_in_use
 from mirenfs.disks.store import Store
 from mirenfs.engine.fstype import detect_filesystem
-from mirenfs.engine.image import STAGING_SUFFIX, hold_staging_name, make_directories, remove_staging_if_unheld
+from mirenfs.engine.image import (
+    STAGING_SUFFIX,
+    hold_staging_name,
+    make_directories,
+    remove_staging_if_unheld,
+    staging_is_held,
+)
 from mirenfs.errors import (
     CatalogUnreachableError,
     DiskBusyError,
@@ -271,6 +278,12 @@ def sweep_what_killed_runs_left(
         return
     for name in creations.removed:
         yield logging.WARNING, f"removed disk {name}: a restore that was creating it was interrupted"
+    for name in creations.completed:
+        yield (
+            logging.WARNING,
+            f"disk {name} is provisioned now: the restore that created it was interrupted after its verified "
+            "image was in place, before its record said so",
+        )
     for sentence in creations.unchecked:  # review S2: said as an error, so cleanup exits 1
         yield logging.ERROR, sentence
 
@@ -370,6 +383,7 @@ class SweptCreations:
 
     removed: list[str]
     unchecked: list[str]
+    completed: list[str] = field(default_factory=list)
 
 
 def sweep_interrupted_creations(store: Catalog) -> SweptCreations:
@@ -391,7 +405,10 @@ def sweep_interrupted_creations(store: Catalog) -> SweptCreations:
         if record.disk.id not in ours:
             continue
         try:
-            if _remove_if_interrupted(store, record):
+            if _complete_if_installed(store, record):
+                swept.completed.append(record.disk.name)
+                unmark_creating(store.data_path, record.disk.id)
+            elif _remove_if_interrupted(store, record):
                 swept.removed.append(record.disk.name)
         except StoreError as exc:
             if isinstance(exc, CatalogUnreachableError):
@@ -399,6 +416,25 @@ def sweep_interrupted_creations(store: Catalog) -> SweptCreations:
             swept.unchecked.append(str(exc))  # kept for a later start (or cleanup)
     _forget_finished_creations(store.data_path, ours, records)
     return swept
+
+
+def _complete_if_installed(store: Catalog, record: DiskRecord) -> bool:
+    """A disk a restore here created, still ``provisioning`` though its image is in place: the
+    restore was killed after it renamed the verified image into place, before the record said
+    so (trial FI F9: it stayed so for good, and the same restore again was told the disk had an
+    image). Its record is brought to ``provisioned``; True if it was."""
+    image_path = record.image_path
+    if not record.local or record.disk.status != DiskState.PROVISIONING or image_path is None:
+        return False
+    try:
+        if not stat.S_ISREG(os.lstat(image_path).st_mode):
+            return False
+    except FileNotFoundError:
+        return False
+    if staging_is_held(image_path + STAGING_SUFFIX):
+        return False  # a restore at work on it (over a file that was there first, with --force)
+    store.update_disk(record.disk.id, size_bytes=record.disk.size_bytes, filesystem=record.disk.filesystem)
+    return True
 
 
 def _forget_finished_creations(data_path: str, ours: set[str], records: list[DiskRecord]) -> None:

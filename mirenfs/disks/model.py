@@ -255,8 +255,11 @@ class CreatedDisk(Protocol):
 class DiskCreator(Protocol):
     """Creates disks for restores into a new name, and records what a restore changed."""
 
-    def create_disk_for_restore(self, name: str, *, size_bytes: int, filesystem: str) -> CreatedDisk:
-        """A new disk (status ``provisioning``) and its volume; raises if the name is taken."""
+    def create_disk_for_restore(
+        self, name: str, *, size_bytes: int, filesystem: str, disk_id: str | None = None
+    ) -> CreatedDisk:
+        """A new disk (status ``provisioning``, id ``disk_id`` or a fresh one) and its volume;
+        raises if the name is taken."""
         ...
 
     def update_disk(self, disk_id: str, *, size_bytes: int, filesystem: str) -> None:
@@ -336,6 +339,7 @@ def new_disk_records(
     status: DiskState,
     image_path: str | None,
     node: str | None = None,
+    disk_id: str | None = None,
 ) -> tuple[Disk, Volume]:
     """A new disk and its volume, as every catalogue stores them: the name checked, fresh ids,
     an explicit image made absolute, the volume ``provisioning`` exactly while the disk is."""
@@ -345,7 +349,7 @@ def new_disk_records(
         image_path = os.path.abspath(image_path)
     provisioning = status == DiskState.PROVISIONING
     volume_status = VolumeState.PROVISIONING if provisioning else VolumeState.PROVISIONED
-    disk = Disk(new_id("disk"), name, status, filesystem, size_bytes)
+    disk = Disk(disk_id or new_id("disk"), name, status, filesystem, size_bytes)
     return disk, Volume(new_id("vol"), disk.id, image_path, volume_status, node)
 
 

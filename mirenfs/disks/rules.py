@@ -40,6 +40,7 @@ from mirenfs.disks.model import (
     Volume,
     holds_mirenfs_files,
     image_path_for,
+    new_id,
     state_directory,
     validate_disk_name,
     volumes_dir,
@@ -363,16 +364,24 @@ class RestoreTarget:
             return image_path
         if self.creator is None:  # prepare_restore refuses this; kept for a target built by hand
             raise DiskNotFoundError(self.name)
+        # The sweep's proof that the disk is ours, should this restore be killed: noted before the
+        # record exists (trial FI: a kill between the two left a disk no sweep would remove).
+        disk_id = new_id("disk")
+        self._made_state_directory = mark_creating(self.data_path, disk_id)
         try:
             self._created = self.creator.create_disk_for_restore(
-                self.name, size_bytes=size_bytes, filesystem=filesystem
+                self.name, size_bytes=size_bytes, filesystem=filesystem, disk_id=disk_id
             )
-            # The sweep's proof that the disk is ours, should this restore be killed.
-            self._made_state_directory = mark_creating(self.data_path, self._created.disk.id)
         except CatalogUnreachableError as exc:
             self._change_unknown = exc.maybe_applied  # the record may be there all the same
-            raise
-        except DiskExistsError:  # trial T: said "pick another name" to the loser of a race
+            if not exc.maybe_applied:
+                self._forget_creation_note(disk_id)
+            raise  # (else the note stays: a later sweep removes the disk if it was made)
+        except BaseException as exc:
+            self._forget_creation_note(disk_id)
+            if not isinstance(exc, DiskExistsError):
+                raise
+            # trial T: said "pick another name" to the loser of a race
             self._created_by_another = True
             node = self._node_of_the_winner()
             where, then = (
@@ -534,6 +543,13 @@ class RestoreTarget:
             )
         return f"disk {self.name} was not created"
 
+    def _forget_creation_note(self, disk_id: str) -> None:
+        """No disk was created after all: its note (and the state directory, if made for it) goes."""
+        unmark_creating(self.data_path, disk_id)
+        if self._made_state_directory:  # only if nothing else moved in
+            with contextlib.suppress(OSError):
+                os.rmdir(state_directory(self.data_path))
+
     def cleanup(self) -> None:
         """After a failure: remove a disk this restore created, with its files. Safe to call twice.
 
@@ -565,10 +581,7 @@ class RestoreTarget:
             return
         try:
             created.cleanup()
-            unmark_creating(self.data_path, created.disk.id)
-            if self._made_state_directory:  # only if nothing else moved in
-                with contextlib.suppress(OSError):
-                    os.rmdir(state_directory(self.data_path))
+            self._forget_creation_note(created.disk.id)
         except Exception as exc:
             self._left_behind = True
             if isinstance(exc, CatalogUnreachableError):

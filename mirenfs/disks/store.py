@@ -333,9 +333,16 @@ class Store:
 
     # --- DiskCreator ---
 
-    def create_disk_for_restore(self, name: str, *, size_bytes: int, filesystem: str) -> CreatedRecords:
+    def create_disk_for_restore(
+        self, name: str, *, size_bytes: int, filesystem: str, disk_id: str | None = None
+    ) -> CreatedRecords:
         records = new_disk_records(
-            name, size_bytes=size_bytes, filesystem=filesystem, status=DiskState.PROVISIONING, image_path=None
+            name,
+            size_bytes=size_bytes,
+            filesystem=filesystem,
+            status=DiskState.PROVISIONING,
+            image_path=None,
+            disk_id=disk_id,
         )
         return CreatedRecords(self, *self._insert_disk(*records))
 
