@@ -24,7 +24,7 @@ import trio
 
 from mirenfs.cli import mount_helper
 from mirenfs.disks.creations import mark_creating
-from mirenfs.disks.manage import mkfs_reason
+from mirenfs.disks.manage import mkfs_reason, settle_a_killed_restore
 from mirenfs.disks.pointintime import RECORD_PREFIX, RECORD_SUFFIX
 from mirenfs.disks.store import Store
 from mirenfs.engine.files import backup_image
@@ -32,6 +32,7 @@ from mirenfs.engine.image import STAGING_SUFFIX
 from mirenfs.engine.produce import Settings
 from mirenfs.format.frames import seek_table
 from mirenfs.format.header import Meta, Timestamp, decode_header, write_header
+from mirenfs.mount.catalog import StoreCatalog
 from mirenfs.mount.config import clone_directory_of
 
 from support.bad_snapshots import FORGED_LOG_LINE
@@ -1247,6 +1248,30 @@ def test_a_restore_killed_between_its_record_and_its_rename_has_the_record_set_b
     record = disks(data)["pg"]
     assert (record["filesystem"], record["size_bytes"]) == ("ext4", 16 << 20)
     assert sha256_file(image) == image_before
+
+
+def test_a_backup_or_a_mount_sets_back_the_record_a_killed_restore_left(tmp_path: Path) -> None:
+    """Trial FI F5: until a cleanup or a mount's start, `backup pg` trusted the record a restore
+    killed before its rename left (xfs, 304 MiB, over the ext4 image of 16 MiB): the snapshot's
+    header said xfs, and a disk restored from it would be recorded as xfs. A running mount
+    served the same header."""
+    data = tmp_path / "data"
+    data.mkdir()
+    image = Path(make_disk(data, "pg", size=16 << 20))
+    store = Store(str(data))
+    for check in ("backup", "mount"):
+        store.update_disk(store.get_disk("pg").disk.id, size_bytes=304 << 20, filesystem="xfs")
+        Path(f"{image}{STAGING_SUFFIX}").write_bytes(b"half a restore")
+        if check == "backup":
+            ok("backup", "pg", "-o", tmp_path / "pg.mirn", "--data-path", data)
+            header = decode_header((tmp_path / "pg.mirn").read_bytes()[:65536])[0]
+            assert (header.filesystem, header.size_bytes) == ("ext4", 16 << 20)
+        else:
+            visible = StoreCatalog(store, settle=partial(settle_a_killed_restore, store)).visible_disks()
+            assert visible["pg"].filesystem == "ext4"
+        assert not Path(f"{image}{STAGING_SUFFIX}").exists()
+        record = disks(data)["pg"]
+        assert (record["filesystem"], record["size_bytes"]) == ("ext4", 16 << 20)
 
 
 def test_cleanup_of_a_data_path_without_a_store_says_it_looked_at_no_catalogue(

@@ -33,6 +33,7 @@ from mirenfs.cli.common import (
 from mirenfs.cli.mountinfo import mirenfs_mount_holding
 from mirenfs.disks.catalogs import open_catalog
 from mirenfs.disks.live import loop_devices_backing
+from mirenfs.disks.manage import settle_a_killed_restore
 from mirenfs.disks.model import (
     DB_FILE_NAME,
     Catalog,
@@ -68,6 +69,7 @@ from mirenfs.engine.fstype import detect_filesystem
 from mirenfs.engine.produce import Settings
 from mirenfs.errors import (
     NO_SPACE,
+    DiskNotFoundError,
     FormatError,
     InvalidDiskNameError,
     LiveCheckError,
@@ -504,6 +506,8 @@ def _backup_disk(args: argparse.Namespace) -> int:
         raise MirenfsError("--freeze-budget is a number of seconds from 0 (never freeze) to 600")
     catalog = catalog_from(args)
     data_path = catalog.data_path
+    with contextlib.suppress(DiskNotFoundError):  # prepare_backup says it
+        settle_a_killed_restore(catalog, catalog.get_disk(args.disk))
     target = prepare_backup(catalog, args.disk, data_path=data_path)
     _refuse_backup_output(args.output, target.image_path, catalog)
     output = backup_output(args.output)

@@ -19,7 +19,8 @@ from typing import Protocol
 import trio
 
 from mirenfs.disks.catalogs import DiskListing
-from mirenfs.disks.model import DiskState
+from mirenfs.disks.model import DiskRecord, DiskState
+from mirenfs.errors import MirenfsError
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,14 @@ class StoreCatalog:
     """A catalogue's listing (the store's, or the etcd catalogue's local copy) as the mount's
     catalog. Blocking: call from a worker thread."""
 
-    def __init__(self, store: DiskListing, mountpoint: str | None = None) -> None:
+    def __init__(
+        self,
+        store: DiskListing,
+        mountpoint: str | None = None,
+        settle: Callable[[DiskRecord], DiskRecord] | None = None,
+    ) -> None:
         self.store = store
+        self._settle = settle  # a record a killed restore left describing an image that never came
         self._inside = None if mountpoint is None else os.path.abspath(mountpoint).rstrip("/") + "/"
         self._said_inside: set[str] = set()
         self._looked_inside: dict[str, bool] = {}  # image path -> whether it leads into the mount
@@ -73,11 +80,15 @@ class StoreCatalog:
             # through the mount from its own request, and wait for good (review S2).
             if self._is_inside_the_mount(disk.name, record.image_path):
                 continue
-            if os.path.isfile(record.image_path):
-                visible[disk.name] = CatalogEntry(
-                    disk.name, record.image_path, disk.filesystem, disk.status.value
-                )
-            elif settled and not os.path.lexists(record.image_path):
+            image_path = record.image_path
+            if self._settle is not None:
+                try:
+                    disk = self._settle(record).disk  # the same image; its size and filesystem set back
+                except MirenfsError as exc:
+                    log.warning("disk %s: %s", disk.name, exc)
+            if os.path.isfile(image_path):
+                visible[disk.name] = CatalogEntry(disk.name, image_path, disk.filesystem, disk.status.value)
+            elif settled and not os.path.lexists(image_path):
                 without_image.append(disk.name)
         self.without_image_here = sorted(without_image)
         return visible

@@ -16,7 +16,7 @@ import trio
 
 from mirenfs.disks.catalogs import images_missing_here, mount_listing, node_from, none_on_this_node
 from mirenfs.disks.live import read_mountinfo
-from mirenfs.disks.manage import sweep_what_killed_runs_left
+from mirenfs.disks.manage import settle_a_killed_restore, sweep_what_killed_runs_left
 from mirenfs.disks.model import DB_FILE_NAME, DiskRecord, holds_mirenfs_files
 from mirenfs.engine.framestore import FrameStore
 from mirenfs.engine.image import make_private_directory
@@ -101,7 +101,7 @@ def build_operations(config: MountConfig, nursery: trio.Nursery) -> MirenOperati
     listing = mount_listing(store)  # on etcd: a local copy fed by a watch, so `ls` costs no request
     nursery.start_soon(_at_session_end, listing.close)  # ends the catalogue's watch, if any
     operations = MirenOperations(
-        StoreCatalog(listing, config.mountpoint),
+        StoreCatalog(listing, config.mountpoint, settle=partial(settle_a_killed_restore, store)),
         service,
         shared=config.shared,
         restores=restores,
