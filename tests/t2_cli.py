@@ -25,7 +25,7 @@ from mirenfs.cli.mount_cmds import config_from
 from mirenfs.disks import rules
 from mirenfs.disks import store as store_module
 from mirenfs.engine import image as image_module
-from mirenfs.errors import MirenfsError
+from mirenfs.errors import MirenfsError, StoreError
 from mirenfs.mount.config import MountConfig
 
 from support.data import sha256_file, staging_files, write_image
@@ -280,6 +280,35 @@ def test_a_new_disk_restored_whose_record_cannot_be_marked_is_said_so_and_kept(
     assert record["status"] == "provisioning" and sha256_file(record["image_path"]) == vector.sha256
     ok("disk", "set-status", "fresh", "provisioned", "--data-path", data)
     assert disks(data)["fresh"]["status"] == "provisioned"
+
+
+def test_a_new_disk_whose_record_is_marked_at_the_second_try_is_restored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Trial FD F4: one failed write of the record (a disk I/O error) after the image was in place
+    failed the restore, though its undo then marked the disk provisioned, and the sentence ended
+    "disk c was not created" of a disk in service."""
+    data = tmp_path / "data"
+    vector = GO_VECTORS[0]
+    ok("disk", "create", "other", "--size", "1M", "--data-path", data)
+    mark = store_module.Store.mark_provisioned
+    failures = [StoreError(f"cannot write the disk store {data}/mirenfs.db: disk I/O error")]
+
+    def once(self: store_module.Store, disk_id: str) -> bool:
+        if failures:
+            raise failures.pop()
+        return mark(self, disk_id)
+
+    monkeypatch.setattr(store_module.Store, "mark_provisioned", once)
+    result = run_cli("restore", vector.path, "--name", "fresh", "--data-path", data)
+    assert result.code == 0, result.err
+    assert (
+        "disk fresh: its restored image is in place and recorded, at the second try "
+        f"(cannot write the disk store {data}/mirenfs.db: disk I/O error)"
+    ) in caplog.text
+    assert result.out.startswith("restored disk fresh (")
+    record = disks(data)["fresh"]
+    assert record["status"] == "provisioned" and sha256_file(record["image_path"]) == vector.sha256
 
 
 def test_a_restore_another_process_is_making_says_the_disk_is_unchanged(

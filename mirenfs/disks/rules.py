@@ -535,6 +535,8 @@ class RestoreTarget:
             )
         if self._created_by_another:
             return "this restore changed nothing"
+        if self._finished and self._created is not None:  # recorded after all (trial FD F4)
+            return f"disk {self.name} was created and its image restored"
         if self._not_marked is not None:
             return (
                 f"disk {self.name} was created and its image restored, but the catalogue could not "
