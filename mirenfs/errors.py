@@ -11,6 +11,7 @@ class                    errno   what ``cp`` prints (the log says the sentence)
 =======================  ======  ==============================================
 MirenfsError             EIO     Input/output error
 FormatError              EINVAL  Invalid argument
+SnapshotUnreadableError  EIO     Input/output error
 ImageChangedError        EIO     Input/output error
 TargetError              (set)   the errno it was given (EPERM by default)
 RestoreRefused           (set)   the errno it was given (EINVAL, EBUSY, EIO)
@@ -70,6 +71,12 @@ class FormatError(MirenfsError):
     """The bytes are not a valid `.mirn` snapshot (header, zstd data, size or checksum)."""
 
     errno = EINVAL
+
+
+class SnapshotUnreadableError(MirenfsError):
+    """Reading the snapshot failed (an I/O error of the disk it is on, a network filesystem gone)."""
+
+    errno = EIO
 
 
 class ImageChangedError(MirenfsError):

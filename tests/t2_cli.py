@@ -24,6 +24,7 @@ from mirenfs.cli.common import settle_scope_options
 from mirenfs.cli.mount_cmds import config_from
 from mirenfs.disks import rules
 from mirenfs.disks import store as store_module
+from mirenfs.engine import files
 from mirenfs.engine import image as image_module
 from mirenfs.errors import MirenfsError, StoreError
 from mirenfs.mount.config import MountConfig
@@ -309,6 +310,53 @@ def test_a_new_disk_whose_record_is_marked_at_the_second_try_is_restored(
     assert result.out.startswith("restored disk fresh (")
     record = disks(data)["fresh"]
     assert record["status"] == "provisioned" and sha256_file(record["image_path"]) == vector.sha256
+
+
+class _FailingSnapshot(io.BytesIO):
+    """A snapshot file whose disk fails (EIO) once ``good`` bytes were read."""
+
+    def __init__(self, data: bytes, good: int) -> None:
+        super().__init__(data)
+        self.good = good
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.tell() >= self.good:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return super().read(size)
+
+
+def test_a_snapshot_that_cannot_be_read_or_a_rename_that_fails_is_named_with_the_outcome(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trial FI F2-F4: an I/O error reading the snapshot said only "Input/output error" (restore
+    and verify), a failed rename "Input/output error: IMG.restore.tmp", and neither said whether
+    the image was touched."""
+    vector = GO_VECTORS[0]
+    image = tmp_path / "t.img"
+    image.write_bytes(b"the old image")
+    data = vector.path.read_bytes()
+    monkeypatch.setattr(files, "open_input", lambda path: _FailingSnapshot(data, len(data) // 2))
+    for argv in (["verify", vector.path], ["restore", vector.path, "--image", image, "--force"]):
+        result = run_cli(*argv)
+        outcome = f"; {image} is as it was" if argv[0] == "restore" else ""
+        assert (result.code, result.err) == (
+            1,
+            f"mirenfs: error: {vector.path}: cannot read it: Input/output error{outcome}\n",
+        ), argv
+    monkeypatch.undo()
+
+    def rename(source: str, destination: str, **at: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO), source)
+
+    monkeypatch.setattr(os, "rename", rename)
+    result = run_cli("restore", vector.path, "--image", image, "--force")
+    assert (result.code, result.err) == (
+        1,
+        f"mirenfs: error: cannot write {image}: Input/output error (renaming its staging file "
+        f"{image}.restore.tmp over it); {image} is as it was\n",
+    )
+    monkeypatch.undo()
+    assert image.read_bytes() == b"the old image" and sorted(p.name for p in tmp_path.iterdir()) == ["t.img"]
 
 
 def test_a_restore_another_process_is_making_says_the_disk_is_unchanged(

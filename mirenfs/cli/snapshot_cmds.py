@@ -74,6 +74,7 @@ from mirenfs.errors import (
     InvalidDiskNameError,
     LiveCheckError,
     MirenfsError,
+    SnapshotUnreadableError,
     StoreError,
     TargetError,
     printable,
@@ -438,10 +439,14 @@ def naming_the_snapshot(path: str, outcome: Callable[[], str] | None = None) -> 
         yield
     except FormatError as exc:
         raise FormatError(f"{_shown(path)}: {_and_outcome(str(exc), outcome)}") from None
+    except SnapshotUnreadableError as exc:
+        raise SnapshotUnreadableError(f"{_shown(path)}: {_and_outcome(str(exc), outcome)}") from None
     except TargetError as exc:
         if exc.errno == errno.EFBIG:  # the header claims a size the target's filesystem cannot hold
             raise TargetError(f"{_shown(path)}: {_and_outcome(str(exc), outcome)}", exc.errno) from None
-        if outcome is None or exc.errno not in (*NO_SPACE, errno.EBUSY):  # EBUSY: another restore's
+        # EBUSY: another restore's; the others: a write, sync or rename of the staging file failed
+        # (trial FI F4: with EIO, whether the image was touched went unsaid)
+        if outcome is None or exc.errno not in (*NO_SPACE, errno.EBUSY, *_FAILED_WRITES):
             raise
         raise TargetError(_and_outcome(str(exc), outcome), exc.errno) from None
     except StoreError as exc:  # the store could not take the new image's record: say the disk stands
@@ -450,6 +455,9 @@ def naming_the_snapshot(path: str, outcome: Callable[[], str] | None = None) -> 
         failed = StoreError(_and_outcome(str(exc), outcome))
         failed.errno = exc.errno
         raise failed from None
+
+
+_FAILED_WRITES = (errno.EIO, errno.EACCES, errno.EROFS, errno.EXDEV)  # not EPERM: refusals use it
 
 
 def _and_outcome(message: str, outcome: Callable[[], str] | None) -> str:

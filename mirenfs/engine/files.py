@@ -45,7 +45,7 @@ from mirenfs.engine.produce import (
     build_index,
     snapshot_meta,
 )
-from mirenfs.errors import NO_SPACE, MirenfsError, TargetError
+from mirenfs.errors import NO_SPACE, MirenfsError, SnapshotUnreadableError, TargetError
 from mirenfs.format.header import Meta
 
 log = logging.getLogger(__name__)
@@ -446,11 +446,14 @@ async def read_pieces(
     done = 0
     fd = _pollable(fileobj)
     while True:
-        if fd is not None:
-            await trio.lowlevel.wait_readable(fd)
-            data = _read_available(fd, piece)
-        else:
-            data = await trio.to_thread.run_sync(fileobj.read, piece)
+        try:
+            if fd is not None:
+                await trio.lowlevel.wait_readable(fd)
+                data = _read_available(fd, piece)
+            else:
+                data = await trio.to_thread.run_sync(fileobj.read, piece)
+        except OSError as exc:  # trial FI F2: a bare "Input/output error", naming no file
+            raise SnapshotUnreadableError(f"cannot read it: {exc.strerror}") from None
         if not data:
             return
         done += len(data)

@@ -580,15 +580,22 @@ class StagingImage:
             existing: os.stat_result | None = os.lstat(self.image_path)  # never where a link leads
         except FileNotFoundError:
             existing = None
-        if existing is not None and stat.S_ISREG(existing.st_mode):
-            os.fchmod(self.fd, stat.S_IMODE(existing.st_mode) & 0o770)
-            if os.geteuid() == 0:
-                os.fchown(self.fd, existing.st_uid, existing.st_gid)
-        else:
-            os.fchmod(self.fd, new_mode)
-        if mtime_ns is not None:
-            os.utime(self.fd, ns=(mtime_ns, mtime_ns))
-        held = os.fstat(self.fd).st_mtime_ns
+        try:  # trial FI F4: a bare "Operation not permitted", naming no file
+            if existing is not None and stat.S_ISREG(existing.st_mode):
+                os.fchmod(self.fd, stat.S_IMODE(existing.st_mode) & 0o770)
+                if os.geteuid() == 0:
+                    os.fchown(self.fd, existing.st_uid, existing.st_gid)
+            else:
+                os.fchmod(self.fd, new_mode)
+            if mtime_ns is not None:
+                os.utime(self.fd, ns=(mtime_ns, mtime_ns))
+            held = os.fstat(self.fd).st_mtime_ns
+        except OSError as exc:
+            raise cannot_write(
+                self.image_path,
+                exc,
+                f" (giving its staging file {self.path} the image's owner, mode and time)",
+            ) from None
         self._close_direct()
         try:
             os.fsync(self.fd)  # the last moment a full filesystem can refuse the data: the image is as it was
@@ -603,7 +610,12 @@ class StagingImage:
         sync (EIO) is said in the log, not raised, or the restore would be reported failed,
         and its disk unchanged, over an image already replaced.
         """
-        os.rename(self.path, self.image_path)
+        try:
+            os.rename(self.path, self.image_path)
+        except OSError as exc:  # trial FI F3: "Input/output error: …restore.tmp", naming no image
+            raise cannot_write(
+                self.image_path, exc, f" (renaming its staging file {self.path} over it)"
+            ) from None
         self.renamed = True
         directory = os.path.dirname(os.path.abspath(self.image_path))
         try:
