@@ -708,6 +708,41 @@ def test_a_command_started_with_standard_descriptors_closed_works_and_writes_no_
     assert "zz" not in disks(data) and image.stat().st_size == GO_EXT4.size_bytes
 
 
+def test_a_change_done_is_a_success_even_when_standard_output_cannot_take_its_line(tmp_path: Path) -> None:
+    """Trial FI F1: ``mirenfs restore … >> log`` on a full disk replaced the image, then exited 1
+    with "No space left on device", naming nothing: a script took a done restore for a failed one."""
+    image, snapshot = tmp_path / "restored.img", tmp_path / "again.mirn"
+    with open("/dev/full", "wb") as full:
+        restored = subprocess.run(
+            [*mirenfs_command(), "restore", str(GO_EXT4.path), "--image", str(image)],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            timeout=120,
+        )
+        backed = subprocess.run(
+            [
+                *mirenfs_command(),
+                "backup",
+                "--image",
+                str(image),
+                "--filesystem",
+                "ext4",
+                "-o",
+                str(snapshot),
+            ],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            timeout=120,
+        )
+    assert restored.returncode == 0 and sha256_file(image) == GO_EXT4.sha256
+    assert restored.stderr.decode() == (
+        "mirenfs: standard output could not take this line (No space left on device): restored "
+        f"{image} from {GO_EXT4.path}: {GO_EXT4.size_bytes} bytes, checksum {GO_EXT4.sha256}\n"
+    )
+    assert backed.returncode == 0 and said("verify", str(snapshot))[0] == 0
+    assert backed.stderr.decode().startswith("mirenfs: standard output could not take this line")
+
+
 def test_backup_to_a_terminal_is_refused(tmp_path: Path) -> None:
     image = tmp_path / "disk.img"
     write_image(image, [("data", 300_000)])

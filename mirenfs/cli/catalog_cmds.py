@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Any
 
-from mirenfs.cli.common import add_scope_option, data_path_from, resolve_data_path, say
+from mirenfs.cli.common import add_scope_option, data_path_from, resolve_data_path, say, say_done
 from mirenfs.disks.catalogs import (
     NODE_ENV,
     CatalogSpec,
@@ -89,7 +89,7 @@ def cmd_catalog_copy(args: argparse.Namespace) -> int:
         note_move(moving_from, to_etcd.url, node, report.copied_ids)  # the store is stale from now on
     elif destination_spec.data_path is not None:
         _move_home(destination_spec.data_path, source, destination, report)
-    say(
+    say_done(
         f"copied the disk catalogue {args.source} to {args.destination}: {len(report.added)} added, "
         f"{len(report.unchanged)} already there"
         + (f", {len(report.differing)} differing left as they are" if report.differing else "")

@@ -7,6 +7,7 @@ One copy each; the command modules hold parsers and handlers only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -195,6 +196,24 @@ def say(text: str, *, file: TextIO | None = None, flush: bool = False) -> None:
     """Print one line of a command's output: a path in it cannot split it or hide in it (see
     :func:`mirenfs.errors.one_line`)."""
     print(one_line(text), file=file, flush=flush)
+
+
+def say_done(text: str) -> None:
+    """Print the line that says a change is done (an image replaced, a backup written, a disk
+    made): the change stands whatever becomes of that line. A standard output that cannot take
+    it (``>> log`` on a full disk) gets it said on standard error instead, and the command still
+    succeeds (trial FI F1: it exited 1 with "No space left on device" over a restored image)."""
+    try:
+        say(text, flush=True)
+    except BrokenPipeError:
+        raise  # the reader went away: ended quietly, as every command is
+    except OSError as exc:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())  # what stays buffered goes nowhere, not into an error at exit
+        os.close(null)
+        with contextlib.suppress(OSError):
+            sys.stdout.flush()
+        say(f"mirenfs: standard output could not take this line ({exc.strerror}): {text}", file=sys.stderr)
 
 
 def snapshot_size(path: str) -> int:

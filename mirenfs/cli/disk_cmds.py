@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-from mirenfs.cli.common import add_data_path_option, catalog_from, human_size, parse_size, say
+from mirenfs.cli.common import add_data_path_option, catalog_from, human_size, parse_size, say, say_done
 from mirenfs.cli.mountinfo import mirenfs_mount_holding
 from mirenfs.disks.catalogs import ImageAdopting, catalog_spec_from, node_from, none_on_this_node
 from mirenfs.disks.manage import create_disk, remove_disk
@@ -97,9 +97,11 @@ def cmd_disk_create(args: argparse.Namespace) -> int:
         _store(args, create=True), args.name, size_bytes=args.size, filesystem=args.filesystem
     )
     if created.formatted:
-        say(f"created disk {args.name}: {args.filesystem}, {args.size} bytes, image {created.image_path}")
+        say_done(
+            f"created disk {args.name}: {args.filesystem}, {args.size} bytes, image {created.image_path}"
+        )
     else:
-        say(f"created disk {args.name}: {args.size} bytes, image {created.image_path}")
+        say_done(f"created disk {args.name}: {args.size} bytes, image {created.image_path}")
         say(
             f"mirenfs: warning: mkfs.{args.filesystem} is not installed, so the image of disk {args.name} "
             f"has no filesystem yet; install {created.mkfs_missing} and run mkfs.{args.filesystem} "
@@ -156,7 +158,9 @@ def cmd_disk_add(args: argparse.Namespace) -> int:
             "restored here"
         )
         return 0
-    say(f"added disk {name}: {filesystem}, {info.st_size} bytes, image {image_path} (kept on disk remove)")
+    say_done(
+        f"added disk {name}: {filesystem}, {info.st_size} bytes, image {image_path} (kept on disk remove)"
+    )
     return 0
 
 
@@ -205,20 +209,20 @@ def cmd_disk_list(args: argparse.Namespace) -> int:
 def cmd_disk_set_status(args: argparse.Namespace) -> int:
     name = validate_disk_name(args.name)
     old, new = _store(args).set_disk_status(name, args.status)
-    say(f"disk {name}: {old.value} -> {new.value}")
+    say_done(f"disk {name}: {old.value} -> {new.value}")
     return 0
 
 
 def cmd_disk_remove(args: argparse.Namespace) -> int:
     removed = remove_disk(_store(args), args.name)
     if removed.image_removed:
-        say(f"removed disk {args.name} and its image {removed.record.image_path}")
+        say_done(f"removed disk {args.name} and its image {removed.record.image_path}")
     elif removed.record.image_path and removed.record.volume and removed.record.volume.image_path:
-        say(f"removed disk {args.name}; its registered image {removed.record.image_path} is kept")
+        say_done(f"removed disk {args.name}; its registered image {removed.record.image_path} is kept")
     elif removed.record.image_path:
-        say(f"removed disk {args.name} (it had no image at {removed.record.image_path})")
+        say_done(f"removed disk {args.name} (it had no image at {removed.record.image_path})")
     else:
-        say(f"removed disk {args.name}")
+        say_done(f"removed disk {args.name}")
     return 0
 
 
@@ -227,14 +231,14 @@ def cmd_disk_remove(args: argparse.Namespace) -> int:
 
 def cmd_lease_acquire(args: argparse.Namespace) -> int:
     lease = _store(args).acquire_lease(validate_disk_name(args.name))
-    print(lease.id)
+    say_done(lease.id)
     return 0
 
 
 def cmd_lease_release(args: argparse.Namespace) -> int:
     lease, disk_name, changed = _store(args).release_lease(args.lease_id)
     if changed:
-        say(f"released lease {lease.id} of disk {disk_name}")
+        say_done(f"released lease {lease.id} of disk {disk_name}")
     else:
         say(f"lease {lease.id} of disk {disk_name} was already released")
     return 0

@@ -27,6 +27,7 @@ from mirenfs.cli.common import (
     file_size,
     refuse_disk_options,
     say,
+    say_done,
     settings_from,
     snapshot_size,
 )
@@ -365,7 +366,7 @@ def _run_until_placed(command: Callable[..., Awaitable[Meta]], placed_as: str) -
 def _report_backup(source: str, output: str, given: str, meta: Meta) -> None:
     """One line on success, as restore prints; none when the snapshot itself went to stdout."""
     if output != "-":
-        say(f"backed up {source} to {given}: {meta.size_bytes} bytes, checksum {meta.checksum}")
+        say_done(f"backed up {source} to {given}: {meta.size_bytes} bytes, checksum {meta.checksum}")
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -387,7 +388,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
             meta = _run_until_placed(restore, f"{args.image} was {'replaced' if existed else 'written'}")
     finally:
         bar.close()
-    say(f"restored {args.image} from {args.file}: {meta.size_bytes} bytes, checksum {meta.checksum}")
+    say_done(f"restored {args.image} from {args.file}: {meta.size_bytes} bytes, checksum {meta.checksum}")
     return 0
 
 
@@ -584,7 +585,7 @@ def _restore_disk(args: argparse.Namespace) -> int:
         finally:
             bar.close()
     how = target.installed_as()
-    say(
+    say_done(
         f"restored disk {target.name} ({how}) from {args.file}: {meta.size_bytes} bytes, "
         f"checksum {meta.checksum}"
     )
