@@ -743,6 +743,43 @@ def test_a_change_done_is_a_success_even_when_standard_output_cannot_take_its_li
     assert backed.stderr.decode().startswith("mirenfs: standard output could not take this line")
 
 
+def test_inspect_json_escapes_what_a_header_holds(tmp_path: Path) -> None:
+    """Review Sec F9: ``inspect --json`` wrote a header's strings raw (``ensure_ascii=False``): an
+    8-bit CSI or a right-to-left override in a crafted name reached the terminal."""
+    meta, length = decode_header(GO_EXT4.path.read_bytes()[:65536], validate=False)
+    crafted = tmp_path / "crafted.mirn"
+    with open(crafted, "wb") as out:
+        write_header(out, replace(meta, name="pg\u009b2J\u202etxt"))
+        out.write(GO_EXT4.path.read_bytes()[length:])
+    shown = run_mirenfs("inspect", "--json", str(crafted))
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.isascii() and json.loads(shown.stdout)["name"] == "pg\u009b2J\u202etxt"
+
+
+def test_a_backup_whose_last_steps_fail_names_its_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trial FI F11: a failed sync, link or rename of a backup said "No space left on device: 9"
+    (a descriptor's number), a hidden temporary name, or nothing; nothing is left behind."""
+    image, output = tmp_path / "disk.img", tmp_path / "out" / "pg.mirn"
+    write_image(image, [("data", 300_000)])
+    output.parent.mkdir()
+    for step, errno_, said_ in (
+        ("fsync", errno.EIO, "Input/output error"),
+        ("rename", errno.ENOSPC, "its filesystem is full; free space there and try again"),
+    ):
+        real = getattr(os, step)
+
+        def failing(*args: object, _real: object = real, _errno: int = errno_, **kwargs: object) -> None:
+            raise OSError(_errno, os.strerror(_errno))
+
+        monkeypatch.setattr(os, step, failing)
+        result = run_cli("backup", "--image", image, "--filesystem", "ext4", "-o", output)
+        monkeypatch.undo()
+        assert (result.code, result.err) == (1, f"mirenfs: error: cannot write {output}: {said_}\n"), step
+        assert list(output.parent.iterdir()) == []
+
+
 def test_backup_to_a_terminal_is_refused(tmp_path: Path) -> None:
     image = tmp_path / "disk.img"
     write_image(image, [("data", 300_000)])

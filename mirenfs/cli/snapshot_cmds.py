@@ -418,7 +418,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "seekable_frames": frames,
     }
     if args.json:
-        print(json.dumps(fields, ensure_ascii=False))
+        print(json.dumps(fields))  # \u escapes: a header is untrusted, and must not reach a terminal raw
     else:
         for key, value in fields.items():
             # The header's strings may hold anything: each field stays on its line.

@@ -259,14 +259,15 @@ async def _backup_to_regular_file(
     try:
         with _naming_a_full_output(output), os.fdopen(fd, "wb", closefd=False) as out:
             meta = await write_snapshot(out, source, settings, of, progress=progress)
-            await trio.to_thread.run_sync(os.fsync, out.fileno())
-        os.fchmod(fd, disk_file_mode())  # never readable by others, whatever the umask
-        if temporary is None:
-            temporary = _name_unnamed(fd, base, dir_fd)
-        _rename_into_place(temporary, base, dir_fd, meta, placed)
-        # The new name is durable only once its directory is (review: a crash just after the
-        # command said "backed up" could lose the file a rotation then counted on).
+        # Each step names the file (trial FI F11: "No space left on device: 9", or a hidden name).
         try:
+            await trio.to_thread.run_sync(os.fsync, fd)
+            os.fchmod(fd, disk_file_mode())  # never readable by others, whatever the umask
+            if temporary is None:
+                temporary = _name_unnamed(fd, base, dir_fd)
+            _rename_into_place(temporary, base, dir_fd, meta, placed)
+            # The new name is durable only once its directory is (review: a crash just after the
+            # command said "backed up" could lose the file a rotation then counted on).
             await trio.to_thread.run_sync(os.fsync, dir_fd)
         except OSError as exc:
             raise cannot_write(output, exc) from None
