@@ -1111,6 +1111,30 @@ def test_a_registration_file_that_is_not_this_users_alone_trusts_nothing(
     assert a.get_disk("pg").image_path == str(image)  # an older mirenfs's registration, for any disk
 
 
+def test_a_record_with_escapes_in_its_node_or_lease_or_a_negative_size_is_damaged(
+    hosts: tuple[EtcdCatalog, EtcdCatalog], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review Sec F5: a node name or lease id holding terminal escapes reached `disk list`, its
+    errors and the mount's log raw (a title set, the screen cleared); a size of -5 was listed."""
+    a, _b = hosts
+    escape = "n\x1b]0;pwned\x07\x1b[2J"
+    put_raw(a, "node", _foreign_record("node", "", escape))
+    leased = _foreign_record("leased", "", "a")
+    leased["leases"] = [{"id": f"lease{escape}", "status": "bound"}]
+    put_raw(a, "leased", leased)
+    negative = _foreign_record("negative", "", "a")
+    negative["size_bytes"] = -5
+    put_raw(a, "negative", negative)
+    a.add_disk("fine", size_bytes=1, filesystem="ext4")
+    assert [record.disk.name for record in a.list_disks()] == ["fine"]
+    assert "\x1b" not in caplog.text
+    for said in ("its node 'n\\x1b]0;pwned\\x07\\x1b[2J' is not a node name", "its size is negative (-5)"):
+        assert said in caplog.text
+    on_a = ["--catalog", a.location.url, "--node", "a", "--data-path", a.data_path]
+    listed = run_cli("disk", "list", "--all-nodes", *on_a)
+    assert "\x1b" not in listed.out + listed.err
+
+
 def test_disk_add_and_catalog_copy_on_this_host_register_their_images(
     etcd: EtcdCluster, tmp_path: Path
 ) -> None:

@@ -501,6 +501,9 @@ class _Stored:
         )
 
 
+_PRINTABLE_ID = re.compile(r"[!-.0-~]{1,128}")  # printable ASCII but space and '/'
+
+
 def _decode(name: str, value: bytes, mod_revision: int) -> _Stored:
     """Parse a disk record; statuses in any of Miren's spellings. ValueError if it is damaged."""
     try:
@@ -532,7 +535,29 @@ def _decode(name: str, value: bytes, mod_revision: int) -> _Stored:
         raise ValueError(f"{type(exc).__name__}: {exc}") from None
     if disk.name != name:
         raise ValueError(f"the record names disk {disk.name!r}")
+    _refuse_what_no_host_writes(disk, volume, leases)
     return _Stored(disk, volume, leases, created_ns, updated_ns, mod_revision)
+
+
+def _refuse_what_no_host_writes(disk: Disk, volume: Volume | None, leases: tuple[Lease, ...]) -> None:
+    """Fields a record prints or a host acts on, which anyone with the prefix can write: a node
+    name is a node name, an id prints as itself, a size is not negative (review Sec F5: escape
+    sequences in a node name or lease id cleared the screen of `disk list` and the log's)."""
+    if disk.size_bytes < 0:
+        raise ValueError(f"its size is negative ({disk.size_bytes})")
+    ids = [("disk id", disk.id), *(("lease id", lease.id) for lease in leases)]
+    if volume is not None:
+        ids.append(("volume id", volume.id))
+        if volume.node is not None:
+            try:
+                validate_node_name(volume.node)
+            except MirenfsError:
+                raise ValueError(f"its node {printable(volume.node)} is not a node name") from None
+    for what, value in ids:
+        if not _PRINTABLE_ID.fullmatch(value):
+            raise ValueError(
+                f"its {what} {printable(value)} is not one (printable, 1-128 characters, no '/')"
+            )
 
 
 # --- the catalogue ---
