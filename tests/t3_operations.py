@@ -282,6 +282,8 @@ async def test_directories_and_modes(data_path: Path) -> None:
     async with operations(data_path, fuse_options=["allow_other"]) as shared:
         for name in ("pg.mirn", "pg.mirn.sha256"):
             assert stat.S_IMODE((await shared.lookup(name)).st_mode) == 0o400
+        for inode in (ROOT_INODE, RESTORE_INODE):  # review Sec F8: others may not even look in
+            assert stat.S_IMODE((await shared.ops.getattr(inode, shared.ctx)).st_mode) == 0o700
 
 
 # ---- refusals ------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from support.data import sha256_file, staging_files, write_image, write_slow_ima
 from support.fuzz import SEED, Oracle, corpus, sample
 from support.loopfs import loop_filesystem, make_filesystem, run, tool
 from support.mounts import Mount, deleted_files_held, proc_status_kib, restore_state, wait_for
-from support.runners import run_mirenfs
+from support.runners import run_mirenfs, status_of
 from support.store import disks, store_state
 from support.vectors import GO_EXT4, GO_ODD
 
@@ -193,20 +193,19 @@ def test_another_user_cannot_restore_even_into_a_0666_entry(
             timeout=TIMEOUT,
         )
         assert done.returncode != 0 and "Permission denied" in done.stderr, (name, done.stderr)
-    reader = subprocess.run(  # nobody may still read the outcome
-        [
-            setpriv,
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "cat",
-            str(mnt / "restore" / "pg.mirn"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
-    assert reader.returncode == 0 and reader.stdout.startswith("failed: "), reader
+    # Review Sec F8: another user may not even look in (0700), so her `stat` of a snapshot cannot
+    # make the mount index (or freeze and copy) a disk; an entry the owner made 0666 stays theirs.
+    for argv in (["cat", str(mnt / "restore" / "pg.mirn")], ["stat", str(mnt / "pg.mirn")], ["ls", str(mnt)]):
+        looked = subprocess.run(
+            [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *argv],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+        assert looked.returncode != 0 and "Permission denied" in looked.stderr, (argv, looked)
+    status = status_of(mnt)
+    assert status["index_passes"] == 0 and status["disks"]["pg"]["index"] == "not built", status
+
     assert sha256_file(image) == before
     assert set(disks(data)) == {"pg"}
     assert staging_files(world) == []

@@ -216,11 +216,17 @@ class MirenOperations(pyfuse3.Operations):
         return stat.S_IFREG | (0o400 if self.shared else 0o444)
 
     def _directory_attributes(self, inode: int) -> pyfuse3.EntryAttributes:
-        mode = 0o755 if inode == ROOT_INODE else self._restore_dir_mode()
+        mode = self._root_mode() if inode == ROOT_INODE else self._restore_dir_mode()
         return self._attributes(inode, stat.S_IFDIR | mode, 0, self.mounted_ns)
 
+    def _root_mode(self) -> int:
+        """Shared (-o allow_other), only the mount's owner and root may look in: another user could
+        read nothing, yet her `stat NAME.mirn` made the mount freeze, copy and index a disk in use
+        once a minute, and `ls -l` showed every disk's name, size and last write (review Sec F8)."""
+        return 0o700 if self.shared else 0o755
+
     def _restore_dir_mode(self) -> int:
-        return 0o755  # writable by the mount's owner only
+        return self._root_mode()  # writable by the mount's owner only
 
     def _restore_attributes(self, entry: RestoreEntry) -> pyfuse3.EntryAttributes:
         attrs = self._attributes(entry.inode, stat.S_IFREG | entry.mode, entry.size, entry.mtime_ns)
