@@ -1269,6 +1269,37 @@ def test_cleanup_that_cannot_check_a_disk_being_created_says_so_and_fails(
     assert "half" not in disks(data)
 
 
+def test_cleanup_that_cannot_remove_a_staging_file_says_so_and_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trial FI F7: an unlink refused (EIO) was a warning, then "nothing to clean up", exit 0."""
+    data = tmp_path / "data"
+    data.mkdir()
+    image = Path(make_disk(data, "pg", size=1 << 20))
+    staging = Path(f"{image}{STAGING_SUFFIX}")
+    staging.write_bytes(b"half a restore")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    real_unlink = os.unlink
+
+    def failing(path: str, *args: object, **kwargs: object) -> None:
+        if os.fspath(path).endswith(STAGING_SUFFIX):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+        real_unlink(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "unlink", failing)
+        result = run_cli("cleanup", "--data-path", data)
+    assert (result.code, result.out) == (1, ""), result
+    assert result.err == (
+        f"mirenfs: error: cannot remove {staging}, left over from an interrupted restore (Input/output "
+        "error); run mirenfs cleanup again once its filesystem lets it, or remove it by hand\n"
+    )
+    assert (
+        ok("cleanup", "--data-path", data).out
+        == f"removed {staging}, left over from an interrupted restore\n"
+    )
+
+
 def test_cleanup_completes_a_created_disk_whose_restore_was_killed_after_its_image_was_in_place(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -267,9 +267,12 @@ def sweep_what_killed_runs_left(
         )
     for path in leftovers.removed:
         yield logging.INFO, f"removed {path}, a point-in-time copy left over from an earlier run"
-    staging = sweep_stale_staging(data_path, catalog=store)
+    unremoved: list[str] = []
+    staging = sweep_stale_staging(data_path, catalog=store, unremoved=unremoved)
     for path in staging:
         yield logging.INFO, f"removed {path}, left over from an interrupted restore"
+    for sentence in unremoved:
+        yield logging.ERROR, sentence
     yield from _set_back_records_of_killed_restores(store, staging)
     try:
         creations = sweep_interrupted_creations(store)
@@ -351,7 +354,11 @@ def _set_back_to_the_image(store: Catalog, record: DiskRecord) -> str | None:
 
 
 def sweep_stale_staging(
-    data_path: str, *, on_busy: Callable[[str], None] | None = None, catalog: Catalog | None = None
+    data_path: str,
+    *,
+    on_busy: Callable[[str], None] | None = None,
+    catalog: Catalog | None = None,
+    unremoved: list[str] | None = None,
 ) -> list[str]:
     """Remove ``*.restore.tmp`` files a crashed restore left behind; return their paths.
 
@@ -394,7 +401,14 @@ def sweep_stale_staging(
                 on_busy(path)
             log.info("kept %s: %s", path, exc)
         except OSError as exc:
-            log.warning("cannot remove %s, left over from an interrupted restore: %s", path, exc.strerror)
+            said = (
+                f"cannot remove {path}, left over from an interrupted restore ({exc.strerror}); run "
+                "mirenfs cleanup again once its filesystem lets it, or remove it by hand"
+            )
+            if unremoved is None:
+                log.warning("%s", said)
+            else:
+                unremoved.append(said)  # said by the caller (trial FI F7: cleanup then said "nothing")
     return removed
 
 
