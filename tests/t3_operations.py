@@ -565,6 +565,30 @@ async def test_image_changed_in_place_gives_old_bytes_or_eio_never_a_mix(
 
 
 @trio_test
+async def test_an_image_that_cannot_be_read_is_said_with_its_disk_and_file(
+    data_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Trial FD F3: an I/O error reading an image while serving its snapshot was logged as "read:
+    [Errno 5] Input/output error", naming no disk, file or place."""
+    caplog.set_level(logging.WARNING, logger="mirenfs")
+    image = add_image_disk(data_path, "pg", segments=RANDOM_SEGMENTS)
+    async with operations(data_path, spill_limit=0) as m:
+        fh = await m.open((await m.lookup("pg.mirn")).st_ino)
+        handle = m.ops.handles.get(fh)
+
+        async def failing(offset: int, size: int) -> bytes:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        handle.reader.read = failing  # type: ignore[union-attr]
+        assert await fuse_errno(m.ops.read(fh, PIECE, PIECE)) == errno.EIO
+        assert (
+            f"pg.mirn: reading its image {image} failed near byte {PIECE} of the snapshot (Input/output "
+            "error), so this copy of it fails; check the disk the image is on"
+        ) in caplog.text
+        await m.ops.release(fh)
+
+
+@trio_test
 async def test_releasing_a_superseded_snapshot_while_it_reads_ahead_keeps_the_session(
     data_path: Path,
 ) -> None:

@@ -384,6 +384,16 @@ class MirenOperations(pyfuse3.Operations):
                     f"{handle.version.name}{SNAPSHOT_SUFFIX}: {exc}, so this copy of it fails (EIO); copy it "
                     "again for a snapshot of the image as it is now"
                 ) from None
+            except OSError as exc:  # trial FD F3: "read: [Errno 5] Input/output error", naming nothing
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    raise
+                failed = MirenfsError(
+                    f"{handle.version.name}{SNAPSHOT_SUFFIX}: reading its image {handle.version.image_path} "
+                    f"failed near byte {off} of the snapshot ({exc.strerror}), so this copy of it fails; "
+                    "check the disk the image is on"
+                )
+                failed.errno = exc.errno or errno.EIO
+                raise failed from None
         raise pyfuse3.FUSEError(errno.EBADF)  # opened for writing
 
     @fuse_errors
