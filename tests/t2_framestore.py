@@ -13,6 +13,7 @@ import os
 import stat
 import subprocess
 import threading
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import blake3
 import pytest
 import trio
 
-from mirenfs.engine import sha256
+from mirenfs.engine import framestore, sha256
 from mirenfs.engine.framestore import FrameStore
 from mirenfs.engine.image import FdImageSource, OpenImage
 from mirenfs.engine.produce import (
@@ -178,6 +179,30 @@ def test_a_damaged_entry_is_recompressed_never_served(
     store = new_store(tmp_path)  # the entry was written again, whole
     snapshot_of(image, store)
     assert store.corrupt == 0 and store.hits == 2 * data_chunks(index)
+
+
+def test_an_entry_an_older_mirenfs_wrote_is_recompressed_without_a_warning(
+    tmp_path: Path, compressions: list[int], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Trial UP F1: entries of the layout before BLAKE3 checked frames (same magic, CRC-32) were
+    each "frame store entry … does not verify" at WARNING after an upgrade, and counted corrupt."""
+    image = tmp_path / "img"
+    write_image(image, SEGMENTS)
+    expected, _ = snapshot_of(image, new_store(tmp_path))
+    for entry in stored_files(new_store(tmp_path)):
+        data = entry.read_bytes()
+        magic, name, _digest, length, checksum = framestore._FIELDS.unpack_from(data)
+        fields = framestore._OLDER_FIELDS.pack(
+            magic, name, zlib.crc32(data[framestore._HEADER :]), length, checksum
+        )
+        entry.write_bytes(fields + hashlib.sha256(fields).digest()[:16] + data[framestore._HEADER :])
+    compressions.clear()
+    caplog.set_level(logging.INFO, logger="mirenfs")
+    store = new_store(tmp_path)
+    again, _ = snapshot_of(image, store)
+    assert again == expected and compressions and (store.corrupt, store.older) == (0, len(compressions))
+    assert "does not verify" not in caplog.text
+    assert caplog.text.count("holds frames an older mirenfs wrote") == 1
 
 
 def test_the_store_keeps_its_bound_least_recently_used_first(tmp_path: Path) -> None:

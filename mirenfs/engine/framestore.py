@@ -92,6 +92,7 @@ class FrameStore:
         self.hits = 0
         self.misses = 0
         self.corrupt = 0
+        self.older = 0  # entries an older mirenfs wrote in another layout: removed without a warning
 
     def summary(self) -> dict[str, object]:
         """For ``mirenfs status``: what it holds against its bound, and how it served since the
@@ -152,6 +153,17 @@ class FrameStore:
         fields = _check_header(header, name, size)
         if fields is not None and (frame is None or _frame_digest(frame) == fields[0]):
             return fields[1], fields[2], frame
+        if fields is None and _in_an_older_layout(header):  # trial UP F1: one warning per frame
+            with self._lock:
+                self.older += 1
+                first = self.older == 1
+            if first:
+                log.info(
+                    "frame store %s holds frames an older mirenfs wrote: compressed again",
+                    self.directory,
+                )
+            self._forget(name, remove=True)
+            return None
         with self._lock:
             self.corrupt += 1
         log.warning("frame store entry %s does not verify; it is removed and compressed again", path)
@@ -357,6 +369,21 @@ def _check_header(header: bytes, name: bytes, file_size: int) -> tuple[bytes, in
     if magic != MAGIC or stored_name != name or not length or file_size != _HEADER + length:
         return None
     return frame_digest, length, checksum
+
+
+_OLDER_FIELDS = struct.Struct("<8s32sIQI")  # before BLAKE3 checked the frame: zlib's CRC-32 did
+
+
+def _in_an_older_layout(header: bytes) -> bool:
+    """Whether an entry's header is a whole one of the layout an older mirenfs wrote under the same
+    magic (its frame checked by CRC-32): not corrupt, just of another version."""
+    fields = header[: _OLDER_FIELDS.size]
+    closing = header[_OLDER_FIELDS.size : _OLDER_FIELDS.size + _DIGEST]
+    return (
+        len(closing) == _DIGEST
+        and fields[:8] == MAGIC
+        and hashlib.sha256(fields).digest()[:_DIGEST] == closing
+    )
 
 
 def _scan(directory: str) -> list[tuple[int, bytes, int]]:
