@@ -7,6 +7,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import pty
 import select
@@ -30,6 +31,7 @@ from mirenfs.disks.store import Store
 from mirenfs.engine.files import backup_image
 from mirenfs.engine.image import STAGING_SUFFIX
 from mirenfs.engine.produce import Settings
+from mirenfs.errors import StoreError
 from mirenfs.format.frames import seek_table
 from mirenfs.format.header import Meta, Timestamp, decode_header, write_header
 from mirenfs.mount.catalog import StoreCatalog
@@ -778,6 +780,54 @@ def test_a_backup_whose_last_steps_fail_names_its_file(
         monkeypatch.undo()
         assert (result.code, result.err) == (1, f"mirenfs: error: cannot write {output}: {said_}\n"), step
         assert list(output.parent.iterdir()) == []
+
+
+def test_a_disk_change_whose_last_step_fails_says_what_it_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Trial FI2: `disk create` whose last read of the store failed exited 1 over a finished disk
+    (G8), and the retry was told to pick another name; `disk remove` whose record removal failed
+    after the image was gone said only "cannot write the disk store" (G7); `backup -o` whose
+    directory sync failed after the rename exited 1 over a backup in place (G11)."""
+    data = tmp_path / "data"
+    ok("disk", "create", "first", "--size", "1M", "--data-path", data)
+    failed = StoreError(f"cannot write the disk store {data}/mirenfs.db: disk I/O error; check the file")
+
+    def fails(*args: object, **kwargs: object) -> None:
+        raise failed
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Store, "get_disk", fails)
+        created = run_cli("disk", "create", "made", "--size", "1M", "--data-path", data)
+    assert created.code == 0 and created.out.startswith("created disk made: "), created
+    assert disks(data)["made"]["status"] == "provisioned"
+    image = Path(disks(data)["made"]["image_path"])
+    with monkeypatch.context() as patched:
+        patched.setattr(Store, "delete_disk_records", fails)
+        removed = run_cli("disk", "remove", "made", "--data-path", data)
+    assert (removed.code, removed.err) == (
+        1,
+        f"mirenfs: error: {failed}; disk made is left deleting (its image {image} is removed, but its "
+        "records remain): run `mirenfs disk remove made` again once the store can be written\n",
+    )
+    assert not image.exists() and disks(data)["made"]["status"] == "deleting"
+    ok("disk", "remove", "made", "--data-path", data)
+    assert "made" not in disks(data)
+    real_fsync = os.fsync
+
+    def directory_fails(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    caplog.set_level(logging.WARNING, logger="mirenfs")
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "fsync", directory_fails)
+        backed = run_cli("backup", "first", "-o", tmp_path / "first.mirn", "--data-path", data)
+    assert backed.code == 0 and said("verify", str(tmp_path / "first.mirn"))[0] == 0, backed
+    assert (
+        f"backed up to {tmp_path}/first.mirn, but its directory {tmp_path} could not be synced" in caplog.text
+    )
 
 
 def test_backup_to_a_terminal_is_refused(tmp_path: Path) -> None:

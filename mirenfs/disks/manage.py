@@ -123,7 +123,11 @@ def create_disk(
     except BaseException:
         _undo_creation(store, record, volume_dir)
         raise
-    return CreatedImage(store.get_disk(name), image_path, formatted, missing)
+    try:
+        now = store.get_disk(name)
+    except MirenfsError:  # trial FI2 G8: a failed read here called a disk that was made "not created"
+        now = replace(record, disk=replace(record.disk, status=DiskState.PROVISIONED))
+    return CreatedImage(now, image_path, formatted, missing)
 
 
 def _undo_creation(store: Catalog, record: DiskRecord, volume_dir: str) -> None:
@@ -230,7 +234,18 @@ def remove_disk(store: Catalog, name: str) -> RemovedDisk:
                 f"disk {name} is marked deleting but its volume directory {volume_dir} could not be removed "
                 f"({exc.strerror or exc}); fix that and run `mirenfs disk remove {name}` again"
             ) from None
-    store.delete_disk_records(record.disk.id)
+    try:
+        store.delete_disk_records(record.disk.id)
+    except StoreError as exc:  # trial FI2 G7: said only "cannot write the disk store"
+        if isinstance(exc, CatalogUnreachableError):
+            raise
+        gone = f"its image {image_path} is removed, but " if image_removed else ""
+        failed = StoreError(
+            f"{exc}; disk {name} is left deleting ({gone}its records remain): run `mirenfs disk remove "
+            f"{name}` again once the store can be written"
+        )
+        failed.errno = exc.errno
+        raise failed from None
     registered = record.volume.image_path if record.local and record.volume is not None else None
     forget = getattr(store, "forget_registered_image", None)  # a fleet catalogue's registrations
     if registered and forget is not None:

@@ -281,7 +281,9 @@ def _check_restorable(resolver: DiskResolver, disk: Disk, *, data_path: str, ove
     name = disk.name
     if DiskState(disk.status) is DiskState.DELETING:
         raise DiskDeletingError(
-            f"disk {name} is being deleted; wait for that to finish or restore under another name"
+            f"disk {name} is being deleted; wait for that to finish (if no `mirenfs disk remove` of it is "
+            f"running, a killed one left it so: finish it with `mirenfs disk remove {name}`), or restore "
+            "under another name"
         )
     image_path = image_path_of(resolver, disk, data_path)
     refuse_if_in_use(resolver, disk, image_path, action="restoring")
