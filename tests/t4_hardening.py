@@ -655,7 +655,9 @@ def test_a_read_only_data_path_is_refused_before_mounting(tmp_path: Path, data: 
         done = run_mirenfs("restore", str(elsewhere), "--name", "web", "--force", "--data-path", str(data))
         assert done.returncode == 1
         assert b"its filesystem is read-only (creating its staging file " in done.stderr, done.stderr
-        assert done.stderr.endswith(b"; remount it read-write and try again\n"), done.stderr
+        assert done.stderr.endswith(b"; remount it read-write and try again; disk web is unchanged\n"), (
+            done.stderr
+        )
         assert {name: disk["status"] for name, disk in disks(data).items()} == {
             "pg": "provisioned",
             "web": "provisioned",

@@ -31,10 +31,11 @@ def _entry(data_path: str, disk_id: str) -> str | None:
     return os.path.join(state_directory(data_path), ENTRY_PREFIX + disk_id)
 
 
-def mark_creating(data_path: str, disk_id: str) -> bool:
+def mark_creating(data_path: str, disk_id: str, *, unsaid: list[str] | None = None) -> bool:
     """Note that a restore created disk ``disk_id`` here; a failure only costs the sweep's help
-    (the disk is then left for `disk remove`), so it is logged, not raised. True if mirenfs's
-    state directory was made for it (a failed restore removes it again, with its disk)."""
+    (the disk is then left for `disk remove`), so it is logged, not raised (or kept in ``unsaid``,
+    for a caller that says it only if the disk is made after all). True if mirenfs's state
+    directory was made for it (a failed restore removes it again, with its disk)."""
     entry = _entry(data_path, disk_id)
     if entry is None:
         log.warning("disk id %r cannot be noted as being created by a restore here", disk_id)
@@ -46,13 +47,14 @@ def mark_creating(data_path: str, disk_id: str) -> bool:
         os.close(os.open(entry, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
         fsync_directory(directory)
     except OSError as exc:
-        log.warning(
-            "cannot note that a restore is creating disk id %s in %s (%s): if the restore is killed, "
-            "its disk is left for `mirenfs disk remove`",
-            disk_id,
-            directory,
-            exc.strerror,
+        said = (
+            f"cannot note that a restore is creating disk id {disk_id} in {directory} ({exc.strerror}): if "
+            "the restore is killed, its disk is left for `mirenfs disk remove`"
         )
+        if unsaid is None:
+            log.warning("%s", said)
+        else:
+            unsaid.append(said)
     return made
 
 

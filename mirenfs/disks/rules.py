@@ -369,11 +369,14 @@ class RestoreTarget:
         # The sweep's proof that the disk is ours, should this restore be killed: noted before the
         # record exists (trial FI: a kill between the two left a disk no sweep would remove).
         disk_id = new_id("disk")
-        self._made_state_directory = mark_creating(self.data_path, disk_id)
+        unsaid: list[str] = []  # said once the disk is made: a read-only data path refuses both
+        self._made_state_directory = mark_creating(self.data_path, disk_id, unsaid=unsaid)
         try:
             self._created = self.creator.create_disk_for_restore(
                 self.name, size_bytes=size_bytes, filesystem=filesystem, disk_id=disk_id
             )
+            for sentence in unsaid:
+                log.warning("%s", sentence)
         except CatalogUnreachableError as exc:
             self._change_unknown = exc.maybe_applied  # the record may be there all the same
             if not exc.maybe_applied:
