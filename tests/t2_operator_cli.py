@@ -28,6 +28,7 @@ from mirenfs.disks.creations import mark_creating
 from mirenfs.disks.manage import mkfs_reason, settle_a_killed_restore
 from mirenfs.disks.pointintime import RECORD_PREFIX, RECORD_SUFFIX
 from mirenfs.disks.store import Store
+from mirenfs.engine import files
 from mirenfs.engine.files import backup_image
 from mirenfs.engine.image import STAGING_SUFFIX
 from mirenfs.engine.produce import Settings
@@ -584,6 +585,33 @@ def test_backup_writes_through_no_link_or_pipe_another_user_made(tmp_path: Path)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+def test_a_link_through_a_linked_directory_is_written_where_the_kernel_leads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review S3: ``srv/backups`` links to ``real/backups`` and ``latest.mirn`` there to
+    ``../archive/pg.mirn``: the checks resolved ``..`` as the kernel does (``real/archive``), the
+    write by its text (``srv/archive``), so a backup said done went elsewhere. And a link put at
+    the name after the look (a race) is replaced by the backup, never followed."""
+    image = tmp_path / "disk.img"
+    write_image(image, [("data", 300_000)])
+    for directory in ("real/backups", "real/archive", "srv/archive"):
+        (tmp_path / directory).mkdir(parents=True)
+    (tmp_path / "srv" / "backups").symlink_to(tmp_path / "real" / "backups")
+    (tmp_path / "real" / "archive" / "pg.mirn").write_bytes(b"yesterday")
+    latest = tmp_path / "srv" / "backups" / "latest.mirn"
+    latest.symlink_to("../archive/pg.mirn")
+    ok("backup", "--image", image, "--filesystem", "ext4", "--name", "pg", "-o", latest)
+    assert (tmp_path / "real" / "archive" / "pg.mirn").read_bytes()[:4] == b"MIRN"
+    assert list((tmp_path / "srv" / "archive").iterdir()) == []
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"root's secret")
+    late = tmp_path / "late.mirn"
+    late.symlink_to(victim)  # as if put there after where_a_link_leads looked
+    monkeypatch.setattr(files, "where_a_link_leads", lambda path: path)
+    trio.run(partial(backup_image, str(image), str(late), name="pg", filesystem="ext4", settings=Settings()))
+    assert victim.read_bytes() == b"root's secret" and not late.is_symlink()
+
+
 def test_a_backup_is_named_in_the_directory_it_was_made_in(tmp_path: Path) -> None:
     """Review Sec F2: the directory was looked up by its path three times (the unnamed file's
     open, its link, the rename), so a directory swapped for a link meanwhile took the backup
@@ -626,6 +654,7 @@ def test_the_next_backup_to_a_file_removes_what_a_killed_one_left_under_a_hidden
     left, live, other = (tmp_path / f".pg.mirn.{n}.tmp" for n in ("0123456789ab", "ba9876543210", "nothex"))
     for path in (left, live, other):
         path.write_bytes(b"a whole snapshot")
+        os.utime(path, (time.time() - 120, time.time() - 120))  # a fresh one may be a backup starting
     held = os.open(live, os.O_RDONLY)
     try:
         fcntl.flock(held, fcntl.LOCK_EX)

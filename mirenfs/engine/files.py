@@ -19,6 +19,7 @@ import re
 import select
 import stat
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -235,7 +236,10 @@ async def _backup_to_regular_file(
     no ``O_TMPFILE``, under a hidden temporary name, removed on any failure that can be caught.
     The directory is looked up once, so the file is named where it was made, even if a directory
     on the way is swapped for a link meanwhile (review Sec F2)."""
-    directory, base = os.path.split(os.path.abspath(output))
+    # Split as written, never normalised: ``a/link/../b`` is the kernel's to resolve, as the checks
+    # before resolved it (review S3: abspath's textual ``..`` named another directory than they did).
+    directory, base = os.path.split(output)
+    directory = directory or "."
     temporary: str | None = None
     try:
         dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -249,14 +253,12 @@ async def _backup_to_regular_file(
                 raise
             temporary = _hidden_name(base)
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
-        fcntl.flock(
-            fd, fcntl.LOCK_EX
-        )  # while it runs: the next backup to the file tells ours from a leftover
-        _remove_leftovers_of_killed_backups(directory, base, dir_fd)
     except OSError as exc:
         os.close(dir_fd)
         raise cannot_write(output, exc) from None
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held while it runs: a later backup tells it from a leftover
+        _remove_leftovers_of_killed_backups(directory, base, dir_fd)
         with _naming_a_full_output(output), os.fdopen(fd, "wb", closefd=False) as out:
             meta = await write_snapshot(out, source, settings, of, progress=progress)
         # Each step names the file (trial FI F11: "No space left on device: 9", or a hidden name).
@@ -310,7 +312,11 @@ def _remove_leftovers_of_killed_backups(directory: str, base: str, dir_fd: int) 
     rename left (trial FI: a whole snapshot's worth, for good): files of this user that no live
     backup holds locked."""
     leftover = re.compile(rf"\.{re.escape(base)}\.[0-9a-f]{{12}}\.tmp")
-    for name in os.listdir(dir_fd):
+    try:
+        names = os.listdir(dir_fd)
+    except OSError:
+        return  # only a clean-up: the backup goes on
+    for name in names:
         if not leftover.fullmatch(name):
             continue
         try:
@@ -321,6 +327,8 @@ def _remove_leftovers_of_killed_backups(directory: str, base: str, dir_fd: int) 
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
                 continue
+            if time.time() - info.st_mtime < LEFTOVER_AFTER_S:
+                continue  # maybe one made a moment ago, not yet locked (review S3)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -353,6 +361,7 @@ def _name_unnamed(fd: int, base: str, dir_fd: int) -> str:
 
 
 MAX_LINKS = 40  # as the kernel's path walk allows
+LEFTOVER_AFTER_S = 60.0  # a hidden file of a backup unchanged this long, and unlocked, is a leftover
 
 
 def where_a_link_leads(path: str) -> str:
@@ -392,8 +401,8 @@ def _open_special(output: str) -> BinaryIO:
     disk, review Sec F2), looked at before the open (which waits for a pipe's reader) and again
     on what was opened."""
     try:
-        _refuse_a_special_file_of_another_user(output, os.stat(output))
-        fd = os.open(output, os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC)
+        _refuse_a_special_file_of_another_user(output, os.lstat(output))
+        fd = os.open(output, os.O_WRONLY | os.O_NOCTTY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         raise cannot_write(output, exc) from None
     try:
@@ -406,7 +415,7 @@ def _open_special(output: str) -> BinaryIO:
 
 def _refuse_a_special_file_of_another_user(output: str, info: os.stat_result) -> None:
     problem = None
-    if stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode):
+    if stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode) or stat.S_ISLNK(info.st_mode):
         problem = "it was replaced by a file meanwhile; run the backup again"
     elif info.st_uid not in (os.geteuid(), 0):
         problem = (
@@ -438,10 +447,13 @@ def _file_descriptor(fileobj: BinaryIO) -> int | None:
 
 
 def _is_special(path: str) -> bool:
+    """A device or named pipe at ``path`` itself: a link found here now was put there after
+    :func:`where_a_link_leads` looked, and the rename of a regular backup replaces it (review S3)."""
     try:
-        return not stat.S_ISREG(os.stat(path).st_mode)
+        mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return False
+    return not stat.S_ISREG(mode) and not stat.S_ISLNK(mode)
 
 
 async def read_pieces(
