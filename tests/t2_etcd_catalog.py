@@ -1126,7 +1126,11 @@ def test_a_record_with_escapes_in_its_node_or_lease_or_a_negative_size_is_damage
     negative["size_bytes"] = -5
     put_raw(a, "negative", negative)
     a.add_disk("fine", size_bytes=1, filesystem="ext4")
-    assert [record.disk.name for record in a.list_disks()] == ["fine"]
+    go_none = _foreign_record("nonode", "", "")  # review S3: what Go writes for no node is kept
+    go_none["leases"] = [{"id": "tenant/pg/1", "status": "released"}]
+    put_raw(a, "nonode", go_none)
+    assert [record.disk.name for record in a.list_disks()] == ["fine", "nonode"]
+    assert a.get_disk("nonode").volume.node is None  # type: ignore[union-attr]
     assert "\x1b" not in caplog.text
     for said in ("its node 'n\\x1b]0;pwned\\x07\\x1b[2J' is not a node name", "its size is negative (-5)"):
         assert said in caplog.text

@@ -501,7 +501,12 @@ class _Stored:
         )
 
 
-_PRINTABLE_ID = re.compile(r"[!-.0-~]{1,128}")  # printable ASCII but space and '/'
+_PRINTABLE_ID = re.compile(r"[!-~]{1,128}")  # printable ASCII but space
+
+
+def _node_of(raw: object) -> str | None:
+    """A volume's node; absent, null or "" (what Go writes for none, review S3) is none."""
+    return None if raw is None or raw == "" else str(raw)
 
 
 def _decode(name: str, value: bytes, mod_revision: int) -> _Stored:
@@ -524,7 +529,7 @@ def _decode(name: str, value: bytes, mod_revision: int) -> _Stored:
                 disk.id,
                 None if raw_volume.get("image_path") is None else str(raw_volume["image_path"]),
                 VolumeState(raw_volume.get("status", VolumeState.PROVISIONED.value)),
-                None if raw_volume.get("node") is None else str(raw_volume["node"]),
+                _node_of(raw_volume.get("node")),
             )
         )
         leases = tuple(
@@ -555,9 +560,7 @@ def _refuse_what_no_host_writes(disk: Disk, volume: Volume | None, leases: tuple
                 raise ValueError(f"its node {printable(volume.node)} is not a node name") from None
     for what, value in ids:
         if not _PRINTABLE_ID.fullmatch(value):
-            raise ValueError(
-                f"its {what} {printable(value)} is not one (printable, 1-128 characters, no '/')"
-            )
+            raise ValueError(f"its {what} {printable(value)} is not one (1-128 printable ASCII characters)")
 
 
 # --- the catalogue ---
