@@ -1053,7 +1053,10 @@ def test_an_image_outside_the_data_path_is_used_only_once_this_host_registered_i
     trusted = Path(a.data_path, "mirenfs", "trusted-images.json")
     assert oct(trusted.stat().st_mode & 0o777) == "0o600"
     out1 = a.get_disk("out1").disk.id
-    assert json.loads(trusted.read_text()) == {"images": [str(victim)], "disks": {str(victim): out1}}
+    assert json.loads(trusted.read_text()) == {
+        "images": [str(victim)],
+        "disks": {str(victim): f"{out1} out1"},
+    }
     home = tmp_path / "home"  # a one-host store trusts its paths: an unregistered one is not copied
     home.mkdir()
     copied = run_cli("catalog", "copy", "--from", url, "--to", f"sqlite://{home}", "--node", "a")
@@ -1083,6 +1086,16 @@ def test_a_record_written_before_an_image_is_registered_does_not_take_it(
     backup = run_cli("backup", "squat", "-o", tmp_path / "squat.mirn", *on_a)
     assert backup.code == 1 and "never registered that path for disk squat" in backup.err
     assert not (tmp_path / "squat.mirn").exists()
+    # Review S3 F5: ids are no secret. A record copying pg's id under another name does not pass
+    # for pg, and once pg is removed (its image kept: it was added), its registration goes.
+    copied = _foreign_record("copy", str(image), "a")
+    copied["id"] = a.get_disk("pg").disk.id
+    put_raw(a, "copy", copied)
+    assert {record.disk.name: record.image_path for record in a.list_disks()}["copy"] is None
+    ok("disk", "remove", "pg", *on_a)
+    assert image.exists() and a.get_disk("copy").image_path is None
+    backup = run_cli("backup", "copy", "-o", tmp_path / "copy.mirn", *on_a)
+    assert backup.code == 1 and not (tmp_path / "copy.mirn").exists()
 
 
 def test_a_registration_file_that_is_not_this_users_alone_trusts_nothing(

@@ -75,7 +75,7 @@ from mirenfs.disks.model import (
 )
 from mirenfs.disks.rules import what_the_data_path_keeps_at
 from mirenfs.disks.store import check_data_path
-from mirenfs.disks.trust import TrustedImages
+from mirenfs.disks.trust import TrustedImages, disk_key
 from mirenfs.engine.image import make_private_directory, replace_private_file
 from mirenfs.errors import (
     FOLDED_WHEN_REPEATED,
@@ -639,7 +639,7 @@ class EtcdCatalog:
                 f"node ({self.node}), which is {kept.said}, so mirenfs neither reads nor replaces it "
                 f"through disk {name}: fix the record {self._disk_key(name)}"
             )
-        if not self.trusted.allows(explicit, stored.disk.id):
+        if not self.trusted.allows(explicit, disk_key(stored.disk.id, stored.disk.name)):
             raise UntrustedImageError(
                 f"disk {name} in the disk catalogue at {self.location.url} names the image {image} on this "
                 f"node ({self.node}), and this host never registered that path for disk {name}, so "
@@ -814,7 +814,9 @@ class EtcdCatalog:
         if image_path is None:
             disk, volume = self._insert(*records)
         else:
-            with self.trusted.registering(image_path, records[0].id):  # by this host's operator
+            with self.trusted.registering(
+                image_path, disk_key(records[0].id, name)
+            ):  # by this host's operator
                 disk, volume = self._insert(*records)
         return DiskRecord(disk, volume, image_path_for(self.data_path, volume), ())
 
@@ -829,7 +831,7 @@ class EtcdCatalog:
             return False
         if os.path.normpath(volume.image_path) != os.path.normpath(image_path):
             return False
-        self.trusted.register(image_path, volume.disk_id)
+        self.trusted.register(image_path, disk_key(volume.disk_id, name))
         # A new revision of the record (same content): mounts that refused it read it again.
         self._update(name, lambda stored: (stored, [], []))
         return True
@@ -1082,10 +1084,14 @@ class EtcdCatalog:
             return records
         return [replace(r, image_path=None) if r.disk.id in shared else r for r in records]
 
-    def forget_registered_image(self, image_path: str) -> None:
-        """After a disk whose image this host registered was removed: the registration goes too,
-        unless another disk of this node still names that path."""
+    def forget_registered_image(self, image_path: str, removed: str | None = None) -> None:
+        """After disk ``removed`` (its :func:`disk_key`), whose image this host registered, was
+        removed: the registration goes too. One an older mirenfs made for no disk stays while
+        another disk of this node names that path."""
         path = os.path.normpath(image_path)
+        if removed is not None and self.trusted.bound_to(path) == removed:
+            self.trusted.unregister(path)  # review S3: a record that copied the id kept it
+            return
         still = [
             stored
             for stored in self._every_stored()
@@ -1140,7 +1146,7 @@ class EtcdCatalog:
                         and volume.image_path
                         and record.image_path
                     ):
-                        self.trusted.register(volume.image_path, record.disk.id)
+                        self.trusted.register(volume.image_path, disk_key(record.disk.id, name))
                     return "added"
                 continue  # created meanwhile: compare with what is there now
             if current.disk.id != record.disk.id:

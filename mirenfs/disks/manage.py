@@ -25,6 +25,7 @@ from mirenfs.disks.model import Catalog, DiskRecord, DiskState, validate_disk_na
 from mirenfs.disks.pointintime import sweep_leftovers
 from mirenfs.disks.rules import managed_path_problem, refuse_if_in_use
 from mirenfs.disks.store import Store
+from mirenfs.disks.trust import disk_key
 from mirenfs.engine.fstype import detect_filesystem
 from mirenfs.engine.image import (
     STAGING_SUFFIX,
@@ -250,7 +251,7 @@ def remove_disk(store: Catalog, name: str) -> RemovedDisk:
     forget = getattr(store, "forget_registered_image", None)  # a fleet catalogue's registrations
     if registered and forget is not None:
         try:
-            forget(registered)
+            forget(registered, disk_key(record.disk.id, record.disk.name))
         except (MirenfsError, OSError) as exc:
             log.warning("disk %s was removed, but its image's registration on this host stays: %s", name, exc)
     return RemovedDisk(record, image_removed)

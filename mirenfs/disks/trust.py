@@ -34,54 +34,62 @@ TRUSTED_IMAGES = "trusted-images.json"
 ANY_DISK = ""  # a path an older mirenfs registered, before registrations named their disk
 
 
+def disk_key(disk_id: str, name: str) -> str:
+    """Which disk a registration is for: its id and its name. Ids are no secret (any record shows
+    them), so a record copying pg's id under another name must not pass for pg (review S3 F5)."""
+    return f"{disk_id} {name}"
+
+
 class TrustedImages:
-    """The image paths this host registered, each for one disk id, read again whenever the file
-    changes. The file keeps ``images`` (the paths, as older versions read it) and ``disks``
-    (path to disk id)."""
+    """The image paths this host registered, each for one disk (its :func:`disk_key`), read again
+    whenever the file changes. The file keeps ``images`` (the paths, as older versions read it)
+    and ``disks`` (path to disk)."""
 
     def __init__(self, data_path: str) -> None:
         self.data_path = os.path.abspath(data_path)
         self.path = os.path.join(state_directory(self.data_path), TRUSTED_IMAGES)
         self._lock = threading.Lock()
-        self._seen: tuple[int, int, int, int] | None = (
-            None  # (inode, mtime, ctime, size) of the file last read
-        )
+        self._seen: tuple[int, int, int, int] | None = None  # inode, mtime, ctime, size at the last read
         self._paths: dict[str, str] = {}
         self._said_unsafe = False
 
-    def allows(self, image_path: str, disk_id: str) -> bool:
-        """Whether this host may read and replace ``image_path`` as disk ``disk_id``'s image."""
+    def allows(self, image_path: str, disk: str) -> bool:
+        """Whether this host may read and replace ``image_path`` as disk ``disk``'s image."""
         registered = self._registered().get(os.path.normpath(image_path))
-        return registered is not None and registered in (disk_id, ANY_DISK)
+        return registered is not None and registered in (disk, ANY_DISK)
+
+    def bound_to(self, image_path: str) -> str | None:
+        """The disk (its :func:`disk_key`) ``image_path`` is registered for; None if not registered."""
+        return self._registered().get(os.path.normpath(image_path))
 
     def registered(self, image_path: str) -> bool:
         """Whether ``image_path`` (by its path, or where it leads) was registered here, for any disk."""
         paths = self._registered()
         return os.path.normpath(image_path) in paths or os.path.realpath(image_path) in paths
 
-    def register(self, image_path: str, disk_id: str) -> None:
-        """Record ``image_path`` as disk ``disk_id``'s on this host (kept across runs; written
+    def register(self, image_path: str, disk: str) -> None:
+        """Record ``image_path`` as disk ``disk``'s on this host (kept across runs; written
         atomically): another disk's record naming it is not trusted."""
         path = os.path.normpath(image_path)
         with self._lock:
             paths = self._read()
-            if paths.get(path) != disk_id:
-                self._save({**paths, path: disk_id})
+            if paths.get(path) != disk:
+                self._save({**paths, path: disk})
 
     @contextlib.contextmanager
-    def registering(self, image_path: str, disk_id: str) -> Iterator[None]:
+    def registering(self, image_path: str, disk: str) -> Iterator[None]:
         """:meth:`register` for a change that may fail (the record's insert): set back as it was
         if it does, so a refused second disk on an image does not take the first one's."""
         path = os.path.normpath(image_path)
         with self._lock:
             before = self._read().get(path)
-        self.register(path, disk_id)
+        self.register(path, disk)
         try:
             yield
         except BaseException:
             with self._lock:
                 paths = self._read()
-                if paths.get(path) == disk_id:
+                if paths.get(path) == disk:
                     restored = {p: d for p, d in paths.items() if p != path}
                     if before is not None:
                         restored[path] = before
