@@ -30,7 +30,7 @@ from mirenfs.disks.pointintime import RECORD_PREFIX, RECORD_SUFFIX
 from mirenfs.disks.store import Store
 from mirenfs.engine import files
 from mirenfs.engine.files import backup_image
-from mirenfs.engine.image import STAGING_SUFFIX
+from mirenfs.engine.image import STAGING_SUFFIX, StagingImage
 from mirenfs.engine.produce import Settings
 from mirenfs.errors import StoreError
 from mirenfs.format.frames import seek_table
@@ -1454,6 +1454,33 @@ def test_a_backup_or_a_mount_sets_back_the_record_a_killed_restore_left(tmp_path
         assert not Path(f"{image}{STAGING_SUFFIX}").exists()
         record = disks(data)["pg"]
         assert (record["filesystem"], record["size_bytes"]) == ("ext4", 16 << 20)
+
+
+def test_a_set_back_while_a_restore_runs_leaves_the_restored_image_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review S3 F3: a restore that read the record a killed one left (xfs, 32 MiB) compared with
+    that read before its install; the mount's set-back meanwhile (ext4, 16 MiB) then stayed, over
+    the restored xfs image of 32 MiB, for good."""
+    data = tmp_path / "data"
+    data.mkdir()
+    image = Path(make_disk(data, "pg", size=16 << 20))
+    other = tmp_path / "other.img"
+    write_image(other, [("data", 300_000), ("hole", (32 << 20) - 300_000)])
+    ok("backup", "--image", other, "--filesystem", "xfs", "--name", "pg", "-o", tmp_path / "pg.mirn")
+    store = Store(str(data))
+    store.update_disk(store.get_disk("pg").disk.id, size_bytes=32 << 20, filesystem="xfs")  # the killed one's
+    Path(f"{image}{STAGING_SUFFIX}").write_bytes(b"half a restore")
+    create = StagingImage.create.__func__  # type: ignore[attr-defined]
+
+    def settled_first(cls: type[StagingImage], *args: object, **kwargs: object) -> StagingImage:
+        settle_a_killed_restore(store, store.get_disk("pg"))  # a mount's listing, at that moment
+        return create(cls, *args, **kwargs)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(StagingImage, "create", classmethod(settled_first))
+    ok("restore", tmp_path / "pg.mirn", "--name", "pg", "--force", "--data-path", data)
+    record = disks(data)["pg"]
+    assert (record["filesystem"], record["size_bytes"], image.stat().st_size) == ("xfs", 32 << 20, 32 << 20)
 
 
 def test_cleanup_of_a_data_path_without_a_store_says_it_looked_at_no_catalogue(

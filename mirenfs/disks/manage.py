@@ -319,7 +319,7 @@ def _set_back_records_of_killed_restores(store: Catalog, staging: list[str]) -> 
     try:
         records = [r for r in store.list_disks() if r.image_path and os.path.abspath(r.image_path) in images]
         for record in records:
-            said = _set_back_to_the_image(store, record)
+            said = _set_back_holding_the_staging_name(store, record)
             if said is not None:
                 yield logging.WARNING, said
     except MirenfsError as exc:
@@ -338,17 +338,29 @@ def settle_a_killed_restore(store: Catalog, record: DiskRecord) -> DiskRecord:
     image = record.image_path
     if image is None or not record.local or not os.path.lexists(image + STAGING_SUFFIX):
         return record
-    try:
-        if not remove_staging_if_unheld(image + STAGING_SUFFIX):
-            return record
-    except TargetError:
-        return record  # a restore at work, or not a file a restore made
-    log.info("removed %s%s, left over from an interrupted restore", image, STAGING_SUFFIX)
-    said = _set_back_to_the_image(store, record)
+    said = _set_back_holding_the_staging_name(store, record)
     if said is None:
         return record
     log.warning("%s", said)
     return store.get_disk(record.disk.name)
+
+
+def _set_back_holding_the_staging_name(store: Catalog, record: DiskRecord) -> str | None:
+    """:func:`_set_back_to_the_image` while this process holds the image's staging name (a leftover
+    nobody holds is removed first), so that no restore begins meanwhile: one that recorded its new
+    image between the look and the set-back lost its record for good (review S3 F3). The record
+    is read again under the hold. None when a live restore holds the name, or nothing was set back."""
+    assert record.image_path is not None
+    staging = record.image_path + STAGING_SUFFIX
+    held = hold_staging_name(staging)
+    if held is None:
+        return None  # a restore at work: its own record is what counts
+    try:
+        return _set_back_to_the_image(store, store.get_disk(record.disk.name))
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(staging)
+        os.close(held)
 
 
 def _set_back_to_the_image(store: Catalog, record: DiskRecord) -> str | None:

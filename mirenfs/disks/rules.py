@@ -452,8 +452,10 @@ class RestoreTarget:
         disk = self.disk
         if disk is None:
             return
-        self._recheck(disk)
-        existing = self.existing
+        # Compared with the record as it is now, not as it was read at the start: a set-back of
+        # a killed restore's record meanwhile left the new image described as the old (review S3).
+        current, _ = self._recheck(disk)
+        existing = current if self.existing is not None else None
         if existing is None or self.creator is None or self._created is not None:
             return
         assert self.size_bytes is not None and self.filesystem is not None
