@@ -24,8 +24,9 @@ import pytest
 import trio
 
 from mirenfs.cli import mount_helper
-from mirenfs.disks.creations import mark_creating
+from mirenfs.disks.creations import hold_disk_create_note, mark_creating
 from mirenfs.disks.manage import mkfs_reason, settle_a_killed_restore
+from mirenfs.disks.model import DiskState, new_id
 from mirenfs.disks.pointintime import RECORD_PREFIX, RECORD_SUFFIX
 from mirenfs.disks.store import Store
 from mirenfs.engine import files
@@ -1377,6 +1378,42 @@ def test_cleanup_that_cannot_remove_a_staging_file_says_so_and_fails(
         ok("cleanup", "--data-path", data).out
         == f"removed {staging}, left over from an interrupted restore\n"
     )
+
+
+def test_cleanup_removes_what_a_killed_disk_create_left_and_not_what_a_live_one_makes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trial FI2 G1: `disk create` killed after its record (during mkfs) left the disk
+    `provisioning` for good: cleanup said nothing, and the command again was told to pick
+    another name. One still formatting (its note held) is left alone."""
+    data = tmp_path / "data"
+    data.mkdir()
+    store = Store(str(data))
+    notes = {}
+    for name in ("killed", "formatting"):
+        disk_id = new_id("disk")
+        notes[name] = hold_disk_create_note(str(data), disk_id, [])
+        record = store.add_disk(
+            name, size_bytes=1 << 20, filesystem="ext4", status=DiskState.PROVISIONING, disk_id=disk_id
+        )
+        image = Path(record.image_path or "")
+        image.parent.mkdir(parents=True)
+        image.write_bytes(b"half formatted")
+    killed_note = notes.pop("killed")
+    assert killed_note is not None
+    os.close(killed_note)  # as a kill lets it go
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    try:
+        cleaned = ok("cleanup", "--data-path", data)
+    finally:
+        for fd in notes.values():
+            if fd is not None:
+                os.close(fd)
+    assert cleaned.out == "removed disk killed: a `mirenfs disk create` of it was interrupted\n"
+    assert set(disks(data)) == {"formatting"}
+    ok("disk", "create", "killed", "--size", "1M", "--data-path", data)
+    assert disks(data)["killed"]["status"] == "provisioned"
+    assert [p.name for p in (data / "mirenfs").glob("creating.*")] != []  # the live one's note stays
 
 
 def test_cleanup_completes_a_created_disk_whose_restore_was_killed_after_its_image_was_in_place(

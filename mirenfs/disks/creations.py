@@ -11,6 +11,7 @@ provisioned or removed; a killed restore leaves it, and so does an undo the cata
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -56,6 +57,57 @@ def mark_creating(data_path: str, disk_id: str, *, unsaid: list[str] | None = No
         else:
             unsaid.append(said)
     return made
+
+
+DISK_CREATE = b"disk create\n"  # what an entry of `disk create` holds (a restore's is empty)
+
+
+def hold_disk_create_note(data_path: str, disk_id: str, unsaid: list[str]) -> int | None:
+    """Note that `disk create` is making disk ``disk_id`` here, and hold the note (its ``flock``)
+    while it runs: a killed one left a ``provisioning`` disk no sweep removed (trial FI2 G1), and
+    the sweep must tell a live one (formatting for minutes) from a dead one. The descriptor to
+    close when done; None when the note cannot be made (then only the sweep's help is lost)."""
+    entry = _entry(data_path, disk_id)
+    if entry is None:
+        return None
+    try:
+        make_private_directory(state_directory(data_path))
+        fd = os.open(entry, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        # Said only if the disk is made after all: a read-only data path refuses both.
+        unsaid.append(
+            f"cannot note that disk id {disk_id} is being created in {state_directory(data_path)} "
+            f"({exc.strerror}): if this command is killed, its disk is left for `mirenfs disk remove`"
+        )
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, DISK_CREATE)
+    except OSError:
+        pass  # noted all the same: an empty entry is taken for a restore's, which the sweep also judges
+    return fd
+
+
+def made_by_disk_create(data_path: str, disk_id: str) -> bool | None:
+    """For a noted disk: True if `disk create` noted it and is gone, False if a restore noted it,
+    None if a `disk create` still runs (holds the note)."""
+    entry = _entry(data_path, disk_id)
+    if entry is None:
+        return False
+    try:
+        fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if os.read(fd, len(DISK_CREATE)) != DISK_CREATE:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
+        return True
+    finally:
+        os.close(fd)
 
 
 def unmark_creating(data_path: str, disk_id: str) -> None:

@@ -802,6 +802,7 @@ class EtcdCatalog:
         filesystem: str,
         status: DiskState = DiskState.PROVISIONED,
         image_path: str | None = None,
+        disk_id: str | None = None,
     ) -> DiskRecord:
         records = new_disk_records(
             name,
@@ -810,6 +811,7 @@ class EtcdCatalog:
             status=status,
             image_path=image_path,
             node=self.node,
+            disk_id=disk_id,
         )
         if image_path is None:
             disk, volume = self._insert(*records)

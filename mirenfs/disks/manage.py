@@ -20,8 +20,14 @@ import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
-from mirenfs.disks.creations import creation_noted_before, marked_creating, unmark_creating
-from mirenfs.disks.model import Catalog, DiskRecord, DiskState, validate_disk_name, volumes_dir
+from mirenfs.disks.creations import (
+    creation_noted_before,
+    hold_disk_create_note,
+    made_by_disk_create,
+    marked_creating,
+    unmark_creating,
+)
+from mirenfs.disks.model import Catalog, DiskRecord, DiskState, new_id, validate_disk_name, volumes_dir
 from mirenfs.disks.pointintime import sweep_leftovers
 from mirenfs.disks.rules import managed_path_problem, refuse_if_in_use
 from mirenfs.disks.store import Store
@@ -80,9 +86,49 @@ def create_disk(
     records, the image and its volume directory are removed again.
     """
     validate_disk_name(name)
+    disk_id = new_id("disk")
+    unsaid: list[str] = []
+    note = hold_disk_create_note(store.data_path, disk_id, unsaid)  # a killed run's disk is the sweep's
+    try:
+        created = _create_disk(
+            store, name, disk_id, size_bytes=size_bytes, filesystem=filesystem, content=content, unsaid=unsaid
+        )
+    except CatalogUnreachableError as exc:
+        if not exc.maybe_applied:
+            unmark_creating(store.data_path, disk_id)
+        raise  # (else kept: the sweep removes the disk if it was made, once the catalogue answers)
+    except BaseException:
+        if not _still_there(store, disk_id):
+            unmark_creating(store.data_path, disk_id)
+        raise
+    finally:
+        if note is not None:
+            os.close(note)
+    unmark_creating(store.data_path, disk_id)
+    return created
+
+
+def _still_there(store: Catalog, disk_id: str) -> bool:
+    """Whether a disk of that id is left (its undo failed): then its note stays, for the sweep."""
+    try:
+        return any(record.disk.id == disk_id for record in store.list_disks())
+    except MirenfsError:
+        return True
+
+
+def _create_disk(
+    store: Catalog,
+    name: str,
+    disk_id: str,
+    *,
+    size_bytes: int,
+    filesystem: str,
+    content: str | None,
+    unsaid: list[str],
+) -> CreatedImage:
     try:
         record = store.add_disk(
-            name, size_bytes=size_bytes, filesystem=filesystem, status=DiskState.PROVISIONING
+            name, size_bytes=size_bytes, filesystem=filesystem, status=DiskState.PROVISIONING, disk_id=disk_id
         )
     except CatalogUnreachableError as exc:  # trial W: said "not created", and it was there later
         exc.add_if_maybe_applied(
@@ -91,6 +137,8 @@ def create_disk(
             "provisioning"
         )
         raise
+    for sentence in unsaid:
+        log.warning("%s", sentence)
     assert record.image_path is not None
     image_path = record.image_path
     volume_dir = os.path.dirname(image_path)
@@ -109,6 +157,7 @@ def create_disk(
         finally:
             os.close(fd)
         formatted, missing = make_filesystem(name, image_path, filesystem, content=content)
+        unmark_creating(store.data_path, disk_id)  # whole now: no sweep may remove it, whatever follows
         store.mark_provisioned(record.disk.id)
     except CatalogUnreachableError as exc:
         if not exc.maybe_applied:
@@ -297,6 +346,8 @@ def sweep_what_killed_runs_left(
         return
     for name in creations.removed:
         yield logging.WARNING, f"removed disk {name}: a restore that was creating it was interrupted"
+    for name in creations.removed_by_create:
+        yield logging.WARNING, f"removed disk {name}: a `mirenfs disk create` of it was interrupted"
     for name in creations.completed:
         yield (
             logging.WARNING,
@@ -448,6 +499,7 @@ class SweptCreations:
     removed: list[str]
     unchecked: list[str]
     completed: list[str] = field(default_factory=list)
+    removed_by_create: list[str] = field(default_factory=list)  # left by a killed `disk create`
 
 
 def sweep_interrupted_creations(store: Catalog) -> SweptCreations:
@@ -468,8 +520,14 @@ def sweep_interrupted_creations(store: Catalog) -> SweptCreations:
     for record in records:
         if record.disk.id not in ours:
             continue
+        made_by = made_by_disk_create(store.data_path, record.disk.id)
+        if made_by is None:
+            continue  # a `disk create` at work on it (formatting, maybe for minutes)
         try:
-            if _complete_if_installed(store, record):
+            if made_by:
+                if _remove_interrupted_disk_create(store, record):
+                    swept.removed_by_create.append(record.disk.name)
+            elif _complete_if_installed(store, record):
                 swept.completed.append(record.disk.name)
                 unmark_creating(store.data_path, record.disk.id)
             elif _remove_if_interrupted(store, record):
@@ -480,6 +538,23 @@ def sweep_interrupted_creations(store: Catalog) -> SweptCreations:
             swept.unchecked.append(str(exc))  # kept for a later start (or cleanup)
     _forget_finished_creations(store.data_path, ours, records)
     return swept
+
+
+def _remove_interrupted_disk_create(store: Catalog, record: DiskRecord) -> bool:
+    """Remove a disk a killed `disk create` left ``provisioning`` (its image half made, or not at
+    all: trial FI2 G1, it stayed so for good, and the same command again was told to pick another
+    name). Only a managed image of this host is deleted. True once it is gone."""
+    volume, image_path = record.volume, record.image_path
+    if not record.local or record.disk.status != DiskState.PROVISIONING or volume is None:
+        unmark_creating(store.data_path, record.disk.id)  # it went on without the note: not ours now
+        return False
+    if image_path is not None and not volume.image_path:
+        if managed_path_problem(store.data_path, image_path) is not None:
+            return False
+        shutil.rmtree(os.path.dirname(image_path), ignore_errors=True)
+    store.delete_disk_records(record.disk.id)
+    unmark_creating(store.data_path, record.disk.id)
+    return True
 
 
 def _complete_if_installed(store: Catalog, record: DiskRecord) -> bool:
@@ -507,6 +582,8 @@ def _forget_finished_creations(data_path: str, ours: set[str], records: list[Dis
     that a restore which has just created its disk keeps its entry."""
     waiting = {r.disk.id for r in records if r.disk.status == DiskState.PROVISIONING and not _has_image(r)}
     for disk_id in ours - waiting:
+        if made_by_disk_create(data_path, disk_id) is None:
+            continue  # a `disk create` still formatting it
         if creation_noted_before(data_path, disk_id, seconds_ago=FINISHED_CREATION_S):
             unmark_creating(data_path, disk_id)
 

@@ -300,8 +300,10 @@ class Catalog(DiskResolver, DiskCreator, Protocol):
         filesystem: str,
         status: DiskState = DiskState.PROVISIONED,
         image_path: str | None = None,
+        disk_id: str | None = None,
     ) -> DiskRecord:
-        """A new disk on this host; raises :class:`~mirenfs.errors.DiskExistsError` if the name is taken."""
+        """A new disk on this host (id ``disk_id`` or a fresh one); raises
+        :class:`~mirenfs.errors.DiskExistsError` if the name is taken."""
         ...
 
     def put_record(self, record: DiskRecord) -> str:

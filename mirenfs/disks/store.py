@@ -376,10 +376,16 @@ class Store:
         filesystem: str,
         status: DiskState = DiskState.PROVISIONED,
         image_path: str | None = None,
+        disk_id: str | None = None,
     ) -> DiskRecord:
         """A disk and its volume: a managed image under the data path, or the given (absolute) one."""
         records = new_disk_records(
-            name, size_bytes=size_bytes, filesystem=filesystem, status=status, image_path=image_path
+            name,
+            size_bytes=size_bytes,
+            filesystem=filesystem,
+            status=status,
+            image_path=image_path,
+            disk_id=disk_id,
         )
         disk, volume = self._insert_disk(*records)
         return DiskRecord(disk, volume, image_path_for(self.data_path, volume), ())
