@@ -21,7 +21,7 @@ import pytest
 import trio
 
 from mirenfs import errors as errors_module
-from mirenfs.disks import live
+from mirenfs.disks import catalogs, live
 from mirenfs.disks.creations import mark_creating, marked_creating
 from mirenfs.disks.manage import (
     remove_disk,
@@ -444,3 +444,31 @@ def test_the_error_table_lists_every_error_with_its_errno() -> None:
     for name, code in documented.items():
         if code != "(set)":
             assert errno.errorcode[classes[name].errno] == code, name
+
+
+def test_a_move_mark_whose_last_sync_fails_is_kept_and_one_not_written_is_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Trial FI2 G5: `catalog copy` to etcd that had copied every disk and written its mark exited
+    1 with "Input/output error" when the directory's sync failed; a mark never written said no
+    more than that either."""
+    real = catalogs.replace_private_file
+
+    def then_the_sync_fails(path: str, data: bytes, *, durable: bool = False) -> None:
+        real(path, data)
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(catalogs, "replace_private_file", then_the_sync_fails)
+    catalogs.note_move(str(tmp_path), "etcd://127.0.0.1:2379/fleet", "a", ["disk-1"])
+    moved = catalogs.read_move(str(tmp_path))
+    assert moved is not None and list(moved.copied_ids) == ["disk-1"]
+    assert "but its directory could not be synced" in caplog.text
+
+    def fails(path: str, data: bytes, *, durable: bool = False) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    monkeypatch.setattr(catalogs, "replace_private_file", fails)
+    with pytest.raises(
+        MirenfsError, match=r"could not be marked as moved .*No space left on device.*run the same"
+    ):
+        catalogs.note_move(str(tmp_path / "other"), "etcd://127.0.0.1:2379/fleet", "a", ["disk-1"])

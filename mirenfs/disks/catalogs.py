@@ -256,8 +256,25 @@ def note_move(data_path: str, url: str, node: str, copied_ids: list[str]) -> Non
     ids = set(copied_ids) | (set(earlier.copied_ids) if earlier is not None and kept else set())
     at = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     saved = {"url": url, "node": node, "at": at, "copied_ids": sorted(ids)}
-    make_private_directory(state_directory(os.path.abspath(data_path)))
-    replace_private_file(move_mark(data_path), json.dumps(saved).encode(), durable=True)
+    mark = move_mark(data_path)
+    try:
+        make_private_directory(state_directory(os.path.abspath(data_path)))
+        replace_private_file(mark, json.dumps(saved).encode(), durable=True)
+    except OSError as exc:  # trial FI2 G5: "Input/output error", naming nothing, after a copy that was done
+        written = read_move(data_path)
+        if written is not None and written.url == url and set(written.copied_ids) == ids:
+            log.warning(  # renamed into place; only its directory's sync failed
+                "marked the SQLite store of %s as moved (%s), but its directory could not be synced (%s): "
+                "run the same catalog copy again to be sure the mark survives a crash",
+                data_path,
+                mark,
+                exc.strerror,
+            )
+            return
+        raise MirenfsError(
+            f"the disks were copied to {url}, but the SQLite store of {data_path} could not be marked as "
+            f"moved ({exc.filename or mark}: {exc.strerror}); run the same catalog copy again"
+        ) from None
 
 
 def forget_move(data_path: str) -> bool:
