@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,7 +35,12 @@ from mirenfs.disks.model import DiskState
 from mirenfs.disks.rules import prepare_backup, prepare_restore
 from mirenfs.disks.store import Store
 from mirenfs.engine.aio import meaningful_error, task_group
-from mirenfs.engine.image import STAGING_SUFFIX, StagingImage, remove_staging_if_unheld
+from mirenfs.engine.image import (
+    STAGING_SUFFIX,
+    StagingImage,
+    make_private_directory,
+    remove_staging_if_unheld,
+)
 from mirenfs.errors import DiskNotFoundError, InvalidVolumeError, MirenfsError, StoreError, TargetError
 
 from support.data import sha256_file
@@ -472,3 +478,19 @@ def test_a_move_mark_whose_last_sync_fails_is_kept_and_one_not_written_is_said(
         MirenfsError, match=r"could not be marked as moved .*No space left on device.*run the same"
     ):
         catalogs.note_move(str(tmp_path / "other"), "etcd://127.0.0.1:2379/fleet", "a", ["disk-1"])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another user needs root")
+def test_a_state_directory_of_another_user_is_refused(tmp_path: Path) -> None:
+    """Review Sec F7: mirenfs's state directory was used wherever it led and whoever owned it: a
+    link to another user's directory had mirenfs trust her trusted-images.json and chmod it."""
+    hers = tmp_path / "hers"
+    hers.mkdir(mode=0o755)
+    os.chown(hers, 64_123, 64_123)
+    state = tmp_path / "data" / "mirenfs"
+    state.parent.mkdir()
+    state.symlink_to(hers)
+    os.lchown(state, 64_123, 64_123)
+    with pytest.raises(PermissionError, match="is another user's"):
+        make_private_directory(str(state))
+    assert stat.S_IMODE(hers.stat().st_mode) == 0o755  # not made 0700 through her link

@@ -46,6 +46,7 @@ import math
 import os
 import re
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -287,7 +288,15 @@ class ClusterPin:
         if self.path is None:
             return {}
         try:
-            with open(self.path, encoding="utf-8") as f:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            with os.fdopen(fd, encoding="utf-8") as f:
+                info = os.fstat(f.fileno())
+                if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+                    # review Sec F7: another user's file chose which etcd cluster this host trusts
+                    log.warning(
+                        "%s is not a file of this user alone: the etcd cluster is asked again", self.path
+                    )
+                    return {}
                 saved = json.load(f)
             return saved if isinstance(saved, dict) else {}
         except FileNotFoundError:

@@ -873,9 +873,20 @@ def make_directories(path: str, mode: int = 0o755, *, leaf_mode: int | None = No
 
 
 def make_private_directory(path: str) -> None:
-    """Create ``path`` (and parents) with mode 0700, and make an existing one 0700: it holds disk data."""
+    """Create ``path`` (and parents) with mode 0700, and make an existing one 0700: it holds disk data.
+    One that is another user's, or a link another user made, is refused (review Sec F7: a link to
+    her directory had mirenfs trust her trusted-images.json, and chmod her directory)."""
     make_directories(path, leaf_mode=0o700)
-    if stat.S_IMODE(os.stat(path).st_mode) != 0o700:
+    link, info = os.lstat(path), os.stat(path)
+    own = (os.geteuid(), 0) if os.geteuid() == 0 else (os.geteuid(),)
+    if (stat.S_ISLNK(link.st_mode) and link.st_uid not in own) or info.st_uid != os.geteuid():
+        raise PermissionError(
+            errno.EACCES,
+            f"{path} is another user's (uid {info.st_uid if info.st_uid != os.geteuid() else link.st_uid}), "
+            "and mirenfs keeps disk data and what it trusts there: make it a directory of this user",
+            path,
+        )
+    if stat.S_IMODE(info.st_mode) != 0o700:
         os.chmod(path, 0o700)
 
 
