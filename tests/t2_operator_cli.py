@@ -1416,6 +1416,35 @@ def test_cleanup_removes_what_a_killed_disk_create_left_and_not_what_a_live_one_
     assert [p.name for p in (data / "mirenfs").glob("creating.*")] != []  # the live one's note stays
 
 
+def test_a_disk_create_whose_undo_fails_says_so_and_leaves_its_disk_to_the_sweep(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trial FI2 G12: `disk create` whose last write failed, and whose undo failed too, left the
+    disk `provisioning` without a word, and the command again was told to pick another name."""
+    data = tmp_path / "data"
+    ok("disk", "create", "first", "--size", "1M", "--data-path", data)
+    failed = StoreError(f"cannot write the disk store {data}/mirenfs.db: disk I/O error; check the file")
+
+    def fails(*args: object, **kwargs: object) -> None:
+        raise failed
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Store, "mark_provisioned", fails)
+        patched.setattr(Store, "delete_disk_records", fails)
+        created = run_cli("disk", "create", "c", "--size", "1M", "--data-path", data)
+    assert created.code == 1
+    assert created.err == (
+        f"mirenfs: error: {failed}; disk c could not be removed again ({failed}): `mirenfs cleanup` or the "
+        "next mount start removes it once the store can be written (or `mirenfs disk remove c`)\n"
+    )
+    assert disks(data)["c"]["status"] == "provisioning"
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert ok("cleanup", "--data-path", data).out == (
+        "removed disk c: a `mirenfs disk create` of it was interrupted\n"
+    )
+    ok("disk", "create", "c", "--size", "1M", "--data-path", data)
+
+
 def test_cleanup_completes_a_created_disk_whose_restore_was_killed_after_its_image_was_in_place(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -157,21 +157,22 @@ def _create_disk(
         finally:
             os.close(fd)
         formatted, missing = make_filesystem(name, image_path, filesystem, content=content)
-        unmark_creating(store.data_path, disk_id)  # whole now: no sweep may remove it, whatever follows
         store.mark_provisioned(record.disk.id)
     except CatalogUnreachableError as exc:
         if not exc.maybe_applied:
-            _undo_creation(store, record, volume_dir)
+            _undo_creation(store, record, volume_dir, exc)
             raise
         # Trial W2: the mark may have landed, and the undo then deleted the image of a disk
-        # etcd calls provisioned. The disk and its image stay; the record is for a person to check.
+        # etcd calls provisioned. The disk and its image stay; the record is for a person to check
+        # (so no sweep may remove it).
+        unmark_creating(store.data_path, disk_id)
         raise MirenfsError(
             f"{exc}; disk {name} was created with its image {image_path}, but the catalogue may not have "
             f"recorded it provisioned: once it answers, run `mirenfs disk set-status {name} provisioned` "
             "if `mirenfs disk list` says provisioning"
         ) from None
-    except BaseException:
-        _undo_creation(store, record, volume_dir)
+    except BaseException as exc:
+        _undo_creation(store, record, volume_dir, exc)
         raise
     try:
         now = store.get_disk(name)
@@ -180,9 +181,19 @@ def _create_disk(
     return CreatedImage(now, image_path, formatted, missing)
 
 
-def _undo_creation(store: Catalog, record: DiskRecord, volume_dir: str) -> None:
+def _undo_creation(store: Catalog, record: DiskRecord, volume_dir: str, failure: BaseException) -> None:
+    """Remove what `disk create` made; if that fails too, say so with the first failure (trial FI2
+    G12: the disk was left provisioning without a word). Its creation note stays: the sweep
+    (cleanup, a mount's start) removes the disk once the store can be written."""
     shutil.rmtree(volume_dir, ignore_errors=True)
-    store.delete_disk_records(record.disk.id)
+    try:
+        store.delete_disk_records(record.disk.id)
+    except MirenfsError as exc:
+        name = record.disk.name
+        raise MirenfsError(
+            f"{failure}; disk {name} could not be removed again ({exc}): `mirenfs cleanup` or the next "
+            f"mount start removes it once the store can be written (or `mirenfs disk remove {name}`)"
+        ) from None
 
 
 def make_filesystem(
