@@ -24,7 +24,7 @@ import pytest
 import trio
 
 from mirenfs.cli import mount_helper
-from mirenfs.disks.creations import hold_disk_create_note, mark_creating
+from mirenfs.disks.creations import hold_disk_create_note, hold_removal_note, mark_creating
 from mirenfs.disks.manage import mkfs_reason, settle_a_killed_restore
 from mirenfs.disks.model import DiskState, new_id
 from mirenfs.disks.pointintime import RECORD_PREFIX, RECORD_SUFFIX
@@ -1443,6 +1443,35 @@ def test_a_disk_create_whose_undo_fails_says_so_and_leaves_its_disk_to_the_sweep
         "removed disk c: a `mirenfs disk create` of it was interrupted\n"
     )
     ok("disk", "create", "c", "--size", "1M", "--data-path", data)
+
+
+def test_cleanup_finishes_a_killed_disk_remove_and_not_a_running_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trial FI2 G2: `disk remove` killed after the disk became `deleting` left it so for good:
+    cleanup said "nothing to clean up", and a restore was told to wait for a removal that would
+    never finish. One still running (its note held) is left alone."""
+    data = tmp_path / "data"
+    data.mkdir()
+    images = {name: Path(make_disk(data, name, size=1 << 20)) for name in ("killed", "running")}
+    store = Store(str(data))
+    notes = {}
+    for name in images:
+        store.set_disk_status(name, DiskState.DELETING)
+        notes[name] = hold_removal_note(str(data), store.get_disk(name).disk.id)
+    killed = notes.pop("killed")
+    assert killed is not None
+    os.close(killed)  # as a kill lets it go
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    try:
+        cleaned = ok("cleanup", "--data-path", data)
+    finally:
+        for fd in notes.values():
+            if fd is not None:
+                os.close(fd)
+    assert cleaned.out == "removed disk killed: a `mirenfs disk remove` of it was interrupted\n"
+    assert set(disks(data)) == {"running"} and not images["killed"].exists() and images["running"].exists()
+    assert [p.name for p in (data / "mirenfs").glob("removing.*")] != []  # the running one's
 
 
 def test_cleanup_completes_a_created_disk_whose_restore_was_killed_after_its_image_was_in_place(

@@ -110,6 +110,61 @@ def made_by_disk_create(data_path: str, disk_id: str) -> bool | None:
         os.close(fd)
 
 
+REMOVAL_PREFIX = "removing."  # `disk remove` at work: its disk is `deleting` until the records go
+
+
+def _removal_entry(data_path: str, disk_id: str) -> str | None:
+    if not _DISK_ID.fullmatch(disk_id):
+        return None
+    return os.path.join(state_directory(data_path), REMOVAL_PREFIX + disk_id)
+
+
+def hold_removal_note(data_path: str, disk_id: str) -> int | None:
+    """Note that `disk remove` is removing disk ``disk_id``, held (``flock``) while it runs: a
+    killed one left the disk `deleting` for good, and cleanup said nothing (trial FI2 G2). The
+    descriptor to close when done; None if the note cannot be made (only the sweep's help is lost)."""
+    entry = _removal_entry(data_path, disk_id)
+    if entry is None:
+        return None
+    try:
+        make_private_directory(state_directory(data_path))
+        fd = os.open(entry, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return None
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def forget_removal_note(data_path: str, disk_id: str) -> None:
+    entry = _removal_entry(data_path, disk_id)
+    if entry is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(entry)
+
+
+def removals_left(data_path: str) -> set[str]:
+    """The disk ids whose `disk remove` was killed: noted, and nobody holds the note."""
+    left = set()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(state_directory(data_path)):
+            disk_id = name.removeprefix(REMOVAL_PREFIX)
+            if not name.startswith(REMOVAL_PREFIX) or not _DISK_ID.fullmatch(disk_id):
+                continue
+            try:
+                fd = os.open(os.path.join(state_directory(data_path), name), os.O_RDONLY | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                left.add(disk_id)
+            except BlockingIOError:
+                pass  # a `disk remove` at work
+            finally:
+                os.close(fd)
+    return left
+
+
 def unmark_creating(data_path: str, disk_id: str) -> None:
     """The restore of ``disk_id`` is over: its disk is provisioned, or removed."""
     entry = _entry(data_path, disk_id)

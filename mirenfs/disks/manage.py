@@ -22,9 +22,12 @@ from dataclasses import dataclass, field, replace
 
 from mirenfs.disks.creations import (
     creation_noted_before,
+    forget_removal_note,
     hold_disk_create_note,
+    hold_removal_note,
     made_by_disk_create,
     marked_creating,
+    removals_left,
     unmark_creating,
 )
 from mirenfs.disks.model import Catalog, DiskRecord, DiskState, new_id, validate_disk_name, volumes_dir
@@ -263,13 +266,30 @@ def remove_disk(store: Catalog, name: str) -> RemovedDisk:
                 f"disk {name} is being restored right now; let the restore finish (or stop it) before "
                 "removing the disk"
             ) from None
+    note = hold_removal_note(store.data_path, record.disk.id)  # a killed run is finished by the sweep
+    try:
+        return _remove(store, record, image_path)
+    finally:
+        if note is not None:
+            os.close(note)
+
+
+def _remove(store: Catalog, record: DiskRecord, image_path: str | None) -> RemovedDisk:
+    """:func:`remove_disk` once its refusals passed: `deleting`, the files, the records. The
+    removal note goes once the disk is gone, or back as it was."""
+    name = record.disk.name
     try:
         was, _ = store.set_disk_status(name, DiskState.DELETING)
     except CatalogUnreachableError as exc:  # trial W: left `deleting` (hidden everywhere), unsaid
+        if not exc.maybe_applied:
+            forget_removal_note(store.data_path, record.disk.id)
         exc.add_if_maybe_applied(
             f"disk {name} may be `deleting` now all the same (no mount shows it then): run "
             f"`mirenfs disk remove {name}` again once the catalogue answers"
         )
+        raise
+    except BaseException:
+        forget_removal_note(store.data_path, record.disk.id)
         raise
     # Once deleting, no lease binds (acquiring one is refused); one bound since the check above
     # is found now, and the disk goes back as it was (review: it was removed with the lease).
@@ -279,6 +299,7 @@ def remove_disk(store: Catalog, name: str) -> RemovedDisk:
     except MirenfsError:
         with contextlib.suppress(MirenfsError):
             store.set_disk_status(name, was)
+            forget_removal_note(store.data_path, record.disk.id)
         raise
     image_removed = False  # trial W: "and its image" was said of an image that was never there
     if image_path is not None and record.volume is not None:
@@ -297,6 +318,7 @@ def remove_disk(store: Catalog, name: str) -> RemovedDisk:
             ) from None
     try:
         store.delete_disk_records(record.disk.id)
+        forget_removal_note(store.data_path, record.disk.id)
     except StoreError as exc:  # trial FI2 G7: said only "cannot write the disk store"
         if isinstance(exc, CatalogUnreachableError):
             raise
@@ -357,6 +379,7 @@ def sweep_what_killed_runs_left(
         return
     for name in creations.removed:
         yield logging.WARNING, f"removed disk {name}: a restore that was creating it was interrupted"
+    yield from _finish_killed_removals(store)
     for name in creations.removed_by_create:
         yield logging.WARNING, f"removed disk {name}: a `mirenfs disk create` of it was interrupted"
     for name in creations.completed:
@@ -549,6 +572,34 @@ def sweep_interrupted_creations(store: Catalog) -> SweptCreations:
             swept.unchecked.append(str(exc))  # kept for a later start (or cleanup)
     _forget_finished_creations(store.data_path, ours, records)
     return swept
+
+
+def _finish_killed_removals(store: Catalog) -> Iterator[tuple[int, str]]:
+    """Finish what a killed `disk remove` left `deleting` (trial FI2 G2: for good, and cleanup said
+    nothing): the same removal again, refusals and all. A note whose disk is gone, or no longer
+    `deleting`, is dropped."""
+    left = removals_left(store.data_path)
+    if not left:
+        return
+    try:
+        records = {record.disk.id: record for record in store.list_disks()}
+    except MirenfsError as exc:
+        yield logging.ERROR, f"cannot finish the removals killed `mirenfs disk remove` runs left: {exc}"
+        return
+    for disk_id in sorted(left):
+        record = records.get(disk_id)
+        if record is None or record.disk.status != DiskState.DELETING or not record.local:
+            forget_removal_note(store.data_path, disk_id)
+            continue
+        try:
+            remove_disk(store, record.disk.name)
+        except MirenfsError as exc:
+            yield logging.ERROR, f"cannot finish the removal of disk {record.disk.name}, left deleting: {exc}"
+            continue
+        yield (
+            logging.WARNING,
+            f"removed disk {record.disk.name}: a `mirenfs disk remove` of it was interrupted",
+        )
 
 
 def _remove_interrupted_disk_create(store: Catalog, record: DiskRecord) -> bool:
