@@ -300,3 +300,32 @@ def test_a_restored_image_keeps_its_owner_and_mode_less_what_others_may_do(tmp_p
     trio.run(restore)
     assert sha256_file(image) == GO_EXT4.sha256
     assert stat.S_IMODE(image.stat().st_mode) == 0o660
+
+
+def test_a_staging_file_that_cannot_be_removed_does_not_hide_why_the_restore_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Trial FD F7: a restore that found the filesystem full, then could not remove its staging
+    file (EIO), told the writer EIO and lost "unchanged"; the staging file's removal is said."""
+    image = tmp_path / "restored.img"
+    image.write_bytes(b"the old image")
+    real_unlink = os.unlink
+
+    def unlink(path: str, *args: object, **kwargs: object) -> None:
+        if os.fspath(path).endswith(".restore.tmp"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+        real_unlink(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    async def restore() -> None:
+        await restore_to_path(str(image), file_pieces(GO_EXT4.path), overwrite=True, check_target=full)
+
+    def full() -> None:
+        if os.path.exists(f"{image}.restore.tmp"):  # the check right before the install
+            raise TargetError(f"cannot write {image}: its filesystem is full", errno.ENOSPC)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    with pytest.raises(TargetError, match="its filesystem is full") as refused:
+        trio.run(restore)
+    monkeypatch.undo()
+    assert refused.value.errno == errno.ENOSPC and image.read_bytes() == b"the old image"
+    assert f"could not remove {image}.restore.tmp, the staging file of a failed restore" in caplog.text

@@ -632,12 +632,23 @@ class StagingImage:
         self.fd = -1
 
     def discard(self) -> None:
-        """Remove the staging file; safe to call more than once."""
+        """Remove the staging file; safe to call more than once. A removal that fails is said, not
+        raised: it would hide why the restore failed (trial FD F7: a full filesystem, then EIO
+        here, told the writer EIO and lost "unchanged"); the sweep removes the file later."""
         self._close_direct()
         if self.fd >= 0:
-            _unlink_quietly(self.path)
-            os.close(self.fd)
-            self.fd = -1
+            try:
+                _unlink_quietly(self.path)
+            except OSError as exc:
+                log.warning(
+                    "could not remove %s, the staging file of a failed restore (%s): `mirenfs cleanup` or "
+                    "the next mount start removes it",
+                    self.path,
+                    exc.strerror,
+                )
+            finally:
+                os.close(self.fd)
+                self.fd = -1
 
     def _close_direct(self) -> None:
         if self.direct_fd >= 0:
