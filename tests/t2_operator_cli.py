@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -42,7 +43,7 @@ from mirenfs.mount.config import clone_directory_of
 from support.bad_snapshots import FORGED_LOG_LINE
 from support.data import sha256_file, write_image
 from support.mounts import wait_for
-from support.runners import mirenfs_command, ok, run_cli, run_mirenfs
+from support.runners import Result, mirenfs_command, ok, run_cli, run_mirenfs
 from support.store import disks, make_disk, store_state
 from support.vectors import GO_EXT4, GO_VECTORS
 
@@ -812,6 +813,18 @@ def test_a_backup_whose_last_steps_fail_names_its_file(
         assert list(output.parent.iterdir()) == []
 
 
+def a_data_path_whose_store_will_fail(data: Path) -> tuple[StoreError, Callable[..., None]]:
+    """A data path with one disk, and a stand-in for a store method that fails as a broken store
+    does: the error it raises, and the stand-in."""
+    ok("disk", "create", "first", "--size", "1M", "--data-path", data)
+    failed = StoreError(f"cannot write the disk store {data}/mirenfs.db: disk I/O error; check the file")
+
+    def fails(*args: object, **kwargs: object) -> None:
+        raise failed
+
+    return failed, fails
+
+
 def test_a_disk_change_whose_last_step_fails_says_what_it_left(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -820,11 +833,7 @@ def test_a_disk_change_whose_last_step_fails_says_what_it_left(
     after the image was gone said only "cannot write the disk store" (G7); `backup -o` whose
     directory sync failed after the rename exited 1 over a backup in place (G11)."""
     data = tmp_path / "data"
-    ok("disk", "create", "first", "--size", "1M", "--data-path", data)
-    failed = StoreError(f"cannot write the disk store {data}/mirenfs.db: disk I/O error; check the file")
-
-    def fails(*args: object, **kwargs: object) -> None:
-        raise failed
+    failed, fails = a_data_path_whose_store_will_fail(data)
 
     with monkeypatch.context() as patched:
         patched.setattr(Store, "get_disk", fails)
@@ -1380,6 +1389,23 @@ def test_cleanup_that_cannot_remove_a_staging_file_says_so_and_fails(
     )
 
 
+def cleanup_with_the_killed_runs_note_let_go(
+    data: Path, notes: dict[str, int | None], monkeypatch: pytest.MonkeyPatch
+) -> Result:
+    """``mirenfs cleanup`` once the note of the run named "killed" is let go (as a kill lets it go)
+    while the others stay held (runs at work), as root's command would (nothing here needs root)."""
+    killed = notes.pop("killed")
+    assert killed is not None
+    os.close(killed)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    try:
+        return ok("cleanup", "--data-path", data)
+    finally:
+        for fd in notes.values():
+            if fd is not None:
+                os.close(fd)
+
+
 def test_cleanup_removes_what_a_killed_disk_create_left_and_not_what_a_live_one_makes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1399,16 +1425,7 @@ def test_cleanup_removes_what_a_killed_disk_create_left_and_not_what_a_live_one_
         image = Path(record.image_path or "")
         image.parent.mkdir(parents=True)
         image.write_bytes(b"half formatted")
-    killed_note = notes.pop("killed")
-    assert killed_note is not None
-    os.close(killed_note)  # as a kill lets it go
-    monkeypatch.setattr(os, "geteuid", lambda: 0)
-    try:
-        cleaned = ok("cleanup", "--data-path", data)
-    finally:
-        for fd in notes.values():
-            if fd is not None:
-                os.close(fd)
+    cleaned = cleanup_with_the_killed_runs_note_let_go(data, notes, monkeypatch)
     assert cleaned.out == "removed disk killed: a `mirenfs disk create` of it was interrupted\n"
     assert set(disks(data)) == {"formatting"}
     ok("disk", "create", "killed", "--size", "1M", "--data-path", data)
@@ -1422,11 +1439,7 @@ def test_a_disk_create_whose_undo_fails_says_so_and_leaves_its_disk_to_the_sweep
     """Trial FI2 G12: `disk create` whose last write failed, and whose undo failed too, left the
     disk `provisioning` without a word, and the command again was told to pick another name."""
     data = tmp_path / "data"
-    ok("disk", "create", "first", "--size", "1M", "--data-path", data)
-    failed = StoreError(f"cannot write the disk store {data}/mirenfs.db: disk I/O error; check the file")
-
-    def fails(*args: object, **kwargs: object) -> None:
-        raise failed
+    failed, fails = a_data_path_whose_store_will_fail(data)
 
     with monkeypatch.context() as patched:
         patched.setattr(Store, "mark_provisioned", fails)
@@ -1459,16 +1472,7 @@ def test_cleanup_finishes_a_killed_disk_remove_and_not_a_running_one(
     for name in images:
         store.set_disk_status(name, DiskState.DELETING)
         notes[name] = hold_removal_note(str(data), store.get_disk(name).disk.id)
-    killed = notes.pop("killed")
-    assert killed is not None
-    os.close(killed)  # as a kill lets it go
-    monkeypatch.setattr(os, "geteuid", lambda: 0)
-    try:
-        cleaned = ok("cleanup", "--data-path", data)
-    finally:
-        for fd in notes.values():
-            if fd is not None:
-                os.close(fd)
+    cleaned = cleanup_with_the_killed_runs_note_let_go(data, notes, monkeypatch)
     assert cleaned.out == "removed disk killed: a `mirenfs disk remove` of it was interrupted\n"
     assert set(disks(data)) == {"running"} and not images["killed"].exists() and images["running"].exists()
     assert [p.name for p in (data / "mirenfs").glob("removing.*")] != []  # the running one's

@@ -71,8 +71,7 @@ def hold_disk_create_note(data_path: str, disk_id: str, unsaid: list[str]) -> in
     if entry is None:
         return None
     try:
-        make_private_directory(state_directory(data_path))
-        fd = os.open(entry, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return _held_note(data_path, entry, DISK_CREATE)
     except OSError as exc:
         # Said only if the disk is made after all: a read-only data path refuses both.
         unsaid.append(
@@ -80,36 +79,46 @@ def hold_disk_create_note(data_path: str, disk_id: str, unsaid: list[str]) -> in
             f"({exc.strerror}): if this command is killed, its disk is left for `mirenfs disk remove`"
         )
         return None
-    try:
+
+
+def _held_note(data_path: str, entry: str, content: bytes) -> int:
+    """Make the note ``entry`` holding ``content``, locked (``flock``) until its descriptor closes."""
+    make_private_directory(state_directory(data_path))
+    fd = os.open(entry, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    with contextlib.suppress(OSError):  # noted all the same: an empty entry is judged as a restore's
         fcntl.flock(fd, fcntl.LOCK_EX)
-        os.write(fd, DISK_CREATE)
-    except OSError:
-        pass  # noted all the same: an empty entry is taken for a restore's, which the sweep also judges
+        os.write(fd, content)
     return fd
+
+
+def _held_by_a_live_run(path: str, content: bytes) -> bool | None:
+    """Whether the note at ``path`` holding ``content`` is held by a run at work; None when there is
+    no such note (none, or another content)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if os.read(fd, len(content)) != content:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        return False
+    finally:
+        os.close(fd)
 
 
 def made_by_disk_create(data_path: str, disk_id: str) -> bool | None:
     """For a noted disk: True if `disk create` noted it and is gone, False if a restore noted it,
     None if a `disk create` still runs (holds the note)."""
     entry = _entry(data_path, disk_id)
-    if entry is None:
-        return False
-    try:
-        fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        if os.read(fd, len(DISK_CREATE)) != DISK_CREATE:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return None
-        return True
-    finally:
-        os.close(fd)
+    held = None if entry is None else _held_by_a_live_run(entry, DISK_CREATE)
+    return None if held else held is not None
 
 
+DISK_REMOVE = b"disk remove\n"
 REMOVAL_PREFIX = "removing."  # `disk remove` at work: its disk is `deleting` until the records go
 
 
@@ -127,13 +136,9 @@ def hold_removal_note(data_path: str, disk_id: str) -> int | None:
     if entry is None:
         return None
     try:
-        make_private_directory(state_directory(data_path))
-        fd = os.open(entry, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return _held_note(data_path, entry, DISK_REMOVE)
     except OSError:
         return None
-    with contextlib.suppress(OSError):
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    return fd
 
 
 def forget_removal_note(data_path: str, disk_id: str) -> None:
@@ -145,24 +150,16 @@ def forget_removal_note(data_path: str, disk_id: str) -> None:
 
 def removals_left(data_path: str) -> set[str]:
     """The disk ids whose `disk remove` was killed: noted, and nobody holds the note."""
-    left = set()
     with contextlib.suppress(OSError):
-        for name in os.listdir(state_directory(data_path)):
-            disk_id = name.removeprefix(REMOVAL_PREFIX)
-            if not name.startswith(REMOVAL_PREFIX) or not _DISK_ID.fullmatch(disk_id):
-                continue
-            try:
-                fd = os.open(os.path.join(state_directory(data_path), name), os.O_RDONLY | os.O_NOFOLLOW)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                left.add(disk_id)
-            except BlockingIOError:
-                pass  # a `disk remove` at work
-            finally:
-                os.close(fd)
-    return left
+        directory = state_directory(data_path)
+        return {
+            name.removeprefix(REMOVAL_PREFIX)
+            for name in os.listdir(directory)
+            if name.startswith(REMOVAL_PREFIX)
+            and _DISK_ID.fullmatch(name.removeprefix(REMOVAL_PREFIX))
+            and _held_by_a_live_run(os.path.join(directory, name), DISK_REMOVE) is False
+        }
+    return set()
 
 
 def unmark_creating(data_path: str, disk_id: str) -> None:
