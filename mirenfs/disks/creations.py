@@ -26,10 +26,28 @@ ENTRY_PREFIX = "creating."  # files beside the mount's own: no directory left be
 _DISK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # an id never becomes another path
 
 
-def _entry(data_path: str, disk_id: str) -> str | None:
+def _entry(data_path: str, disk_id: str, prefix: str = ENTRY_PREFIX) -> str | None:
     if not _DISK_ID.fullmatch(disk_id):
         return None
-    return os.path.join(state_directory(data_path), ENTRY_PREFIX + disk_id)
+    return os.path.join(state_directory(data_path), prefix + disk_id)
+
+
+def _noted(data_path: str, prefix: str) -> dict[str, str]:
+    """Disk id to the path of each note of ``prefix`` in the state directory."""
+    directory = state_directory(data_path)
+    with contextlib.suppress(OSError):
+        return {
+            name.removeprefix(prefix): os.path.join(directory, name)
+            for name in os.listdir(directory)
+            if name.startswith(prefix) and _DISK_ID.fullmatch(name.removeprefix(prefix))
+        }
+    return {}
+
+
+def _forget(entry: str | None) -> None:
+    if entry is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(entry)
 
 
 def mark_creating(data_path: str, disk_id: str, *, unsaid: list[str] | None = None) -> bool:
@@ -122,17 +140,11 @@ DISK_REMOVE = b"disk remove\n"
 REMOVAL_PREFIX = "removing."  # `disk remove` at work: its disk is `deleting` until the records go
 
 
-def _removal_entry(data_path: str, disk_id: str) -> str | None:
-    if not _DISK_ID.fullmatch(disk_id):
-        return None
-    return os.path.join(state_directory(data_path), REMOVAL_PREFIX + disk_id)
-
-
 def hold_removal_note(data_path: str, disk_id: str) -> int | None:
     """Note that `disk remove` is removing disk ``disk_id``, held (``flock``) while it runs: a
     killed one left the disk `deleting` for good, and cleanup said nothing (trial FI2 G2). The
     descriptor to close when done; None if the note cannot be made (only the sweep's help is lost)."""
-    entry = _removal_entry(data_path, disk_id)
+    entry = _entry(data_path, disk_id, REMOVAL_PREFIX)
     if entry is None:
         return None
     try:
@@ -142,32 +154,18 @@ def hold_removal_note(data_path: str, disk_id: str) -> int | None:
 
 
 def forget_removal_note(data_path: str, disk_id: str) -> None:
-    entry = _removal_entry(data_path, disk_id)
-    if entry is not None:
-        with contextlib.suppress(OSError):
-            os.unlink(entry)
+    _forget(_entry(data_path, disk_id, REMOVAL_PREFIX))
 
 
 def removals_left(data_path: str) -> set[str]:
     """The disk ids whose `disk remove` was killed: noted, and nobody holds the note."""
-    with contextlib.suppress(OSError):
-        directory = state_directory(data_path)
-        return {
-            name.removeprefix(REMOVAL_PREFIX)
-            for name in os.listdir(directory)
-            if name.startswith(REMOVAL_PREFIX)
-            and _DISK_ID.fullmatch(name.removeprefix(REMOVAL_PREFIX))
-            and _held_by_a_live_run(os.path.join(directory, name), DISK_REMOVE) is False
-        }
-    return set()
+    noted = _noted(data_path, REMOVAL_PREFIX)
+    return {disk_id for disk_id, path in noted.items() if _held_by_a_live_run(path, DISK_REMOVE) is False}
 
 
 def unmark_creating(data_path: str, disk_id: str) -> None:
     """The restore of ``disk_id`` is over: its disk is provisioned, or removed."""
-    entry = _entry(data_path, disk_id)
-    if entry is not None:
-        with contextlib.suppress(OSError):
-            os.unlink(entry)
+    _forget(_entry(data_path, disk_id))
 
 
 def creation_noted_before(data_path: str, disk_id: str, *, seconds_ago: float) -> bool:
@@ -180,12 +178,5 @@ def creation_noted_before(data_path: str, disk_id: str, *, seconds_ago: float) -
 
 
 def marked_creating(data_path: str) -> set[str]:
-    """The disk ids restores on this host created and did not finish."""
-    with contextlib.suppress(OSError):
-        names = os.listdir(state_directory(data_path))
-        return {
-            name.removeprefix(ENTRY_PREFIX)
-            for name in names
-            if name.startswith(ENTRY_PREFIX) and _DISK_ID.fullmatch(name.removeprefix(ENTRY_PREFIX))
-        }
-    return set()
+    """The disk ids restores (and `disk create` runs) on this host created and did not finish."""
+    return set(_noted(data_path, ENTRY_PREFIX))

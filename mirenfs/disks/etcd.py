@@ -46,7 +46,6 @@ import math
 import os
 import re
 import socket
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -77,7 +76,7 @@ from mirenfs.disks.model import (
 from mirenfs.disks.rules import what_the_data_path_keeps_at
 from mirenfs.disks.store import check_data_path
 from mirenfs.disks.trust import TrustedImages, disk_key
-from mirenfs.engine.image import make_private_directory, replace_private_file
+from mirenfs.engine.image import make_private_directory, replace_private_file, written_by_this_user_alone
 from mirenfs.errors import (
     FOLDED_WHEN_REPEATED,
     CatalogUnreachableError,
@@ -291,7 +290,7 @@ class ClusterPin:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             with os.fdopen(fd, encoding="utf-8") as f:
                 info = os.fstat(f.fileno())
-                if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+                if not written_by_this_user_alone(info):
                     # review Sec F7: another user's file chose which etcd cluster this host trusts
                     log.warning(
                         "%s is not a file of this user alone: the etcd cluster is asked again", self.path

@@ -21,12 +21,11 @@ import contextlib
 import json
 import logging
 import os
-import stat
 import threading
 from collections.abc import Iterator
 
 from mirenfs.disks.model import state_directory
-from mirenfs.engine.image import make_private_directory, replace_private_file
+from mirenfs.engine.image import make_private_directory, replace_private_file, written_by_this_user_alone
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +130,7 @@ class TrustedImages:
             if self._seen == seen:
                 return self._paths
             self._seen, self._paths = seen, {}
-            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+            if not written_by_this_user_alone(info):
                 if not self._said_unsafe:
                     log.warning(
                         "%s is not a file of this user that only it may change, so no image it lists is "

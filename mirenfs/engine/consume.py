@@ -42,7 +42,7 @@ from typing import IO, Protocol, Union, cast
 import trio
 import zstandard
 
-from mirenfs.engine.image import MakeRoom, SparseWriter, StagingImage, disk_file_mode
+from mirenfs.engine.image import ImageIdentity, MakeRoom, SparseWriter, StagingImage, disk_file_mode
 from mirenfs.engine.pipeline import BufferPool, Handoff, LoopWaker, Piece, Stages, Stopped
 from mirenfs.engine.produce import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
 from mirenfs.errors import FormatError, MirenfsError, TargetError, size_in_words
@@ -764,11 +764,6 @@ def refuse_unusual_target(image_path: str, *, overwrite: bool) -> os.stat_result
     return found
 
 
-def _same_file(now: os.stat_result, found: os.stat_result) -> bool:
-    """The same file, untouched: the change time also tells a new file that took a freed inode number."""
-    return (now.st_dev, now.st_ino, now.st_ctime_ns) == (found.st_dev, found.st_ino, found.st_ctime_ns)
-
-
 def refuse_a_changed_target(image_path: str, found: os.stat_result | None) -> None:
     """Replace only what was checked when the restore began (review Sec F3): a file another
     process put at the path meanwhile, maybe another user's in a directory she can write, would
@@ -779,7 +774,12 @@ def refuse_a_changed_target(image_path: str, found: os.stat_result | None) -> No
         now = None
     if now is None and found is None:
         return
-    if now is not None and found is not None and _same_file(now, found):
+    # The same file, untouched (the change time also tells a new file that took a freed inode number).
+    if (
+        now is not None
+        and found is not None
+        and ImageIdentity.from_stat(now) == ImageIdentity.from_stat(found)
+    ):
         return
     what = "appeared" if found is None else "was replaced, changed or removed"
     raise TargetError(

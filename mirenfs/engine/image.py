@@ -909,6 +909,13 @@ def fsync_directory(path: str) -> None:
         os.close(fd)
 
 
+def written_by_this_user_alone(info: os.stat_result) -> bool:
+    """Whether a state file (fstat of it, opened without following a link) is a regular file of
+    this user that no other may change: only such a file is trusted for what it says (which
+    images may be replaced, which etcd cluster is the catalogue's: review Sec F7)."""
+    return stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o022
+
+
 def replace_private_file(
     path: str, data: bytes | Sequence[bytes | bytearray | memoryview], *, durable: bool = False
 ) -> None:
