@@ -536,6 +536,33 @@ def test_backup_to_dev_stdout_is_a_stream_with_no_line_after_it(tmp_path: Path) 
     assert said("verify", str(redirected))[0] == 0
 
 
+def test_backup_into_a_descriptor_it_was_given_as_a_path(tmp_path: Path) -> None:
+    """Review S3 F8: ``-o >(ssh host 'cat > pg.mirn')`` names the pipe ``/dev/fd/63``, whose link
+    leads to ``pipe:[N]``, no path: it was refused as a dangling link. A descriptor of the command's
+    own is written into, as the shell made it; a link to one of another process's is not followed."""
+    image = tmp_path / "disk.img"
+    write_image(image, [("data", 300_000), ("hole", 1 << 20)])
+    base = ["backup", "--image", str(image), "--filesystem", "ext4"]
+    streamed = run_mirenfs(*base, "-o", "-").stdout
+    for name in ("/dev/fd/{fd}", "/proc/self/fd/{fd}", "/proc/thread-self/fd/{fd}"):
+        reading, writing = os.pipe()
+        with os.fdopen(reading, "rb") as reader:
+            command = [*mirenfs_command(), *base, "-o", name.format(fd=writing)]
+            child = subprocess.Popen(
+                command, pass_fds=[writing], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+            os.close(writing)
+            received = reader.read()  # ends when the child's copy of the pipe closes
+            out, err = child.communicate(timeout=120)
+        assert (child.returncode, received) == (0, streamed), (name, err)
+        assert out.decode().startswith(f"backed up {image} to {name.format(fd=writing)}: "), out
+    status, out, err = said(*base, "-o", "/dev/fd/9")  # no such descriptor: said so, not "no directory"
+    assert (status, out) == (1, "") and err.startswith(
+        "mirenfs: error: cannot write /dev/fd/9: this command has no descriptor 9 open;"
+    ), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.img"]
+
+
 def test_backup_through_a_symbolic_link_writes_the_file_it_leads_to(tmp_path: Path) -> None:
     """Review C: ``-o latest.mirn`` (a link to the dated file) replaced the link with a file."""
     image, dated, latest = tmp_path / "disk.img", tmp_path / "pg-20261128.mirn", tmp_path / "latest.mirn"

@@ -375,6 +375,13 @@ def where_a_link_leads(path: str) -> str:
         try:
             info = os.lstat(path)
         except FileNotFoundError:
+            descriptor = own_descriptor(path)
+            if descriptor is not None:
+                raise TargetError(
+                    f"cannot write {followed or path}: this command has no descriptor {descriptor} open; "
+                    f"give a file, - for standard output, or a descriptor the shell opened (-o >(COMMAND))",
+                    errno.EBADF,
+                ) from None
             if followed is not None:
                 raise TargetError(
                     f"{followed} is a symbolic link to {path}, which does not exist; a backup is not written "
@@ -384,6 +391,8 @@ def where_a_link_leads(path: str) -> str:
             return path
         if not stat.S_ISLNK(info.st_mode):
             return path
+        if _a_pipe_handed_to_this_command(path):
+            return path  # ``-o >(ssh …)``: it has no path to follow
         if info.st_uid not in (os.geteuid(), 0):
             raise TargetError(
                 f"{path} is a symbolic link that another user (uid {info.st_uid}) made; a backup is written "
@@ -395,16 +404,47 @@ def where_a_link_leads(path: str) -> str:
     raise TargetError(f"{followed}: too many levels of symbolic links", errno.ELOOP)
 
 
+_DESCRIPTOR_DIRECTORY = re.compile(r"/proc/(\d+)(?:/task/\d+)?/fd")
+
+
+def own_descriptor(path: str) -> int | None:
+    """The descriptor ``path`` names when it is one of this process's own (``/dev/fd/N``,
+    ``/proc/self/fd/N``), else None: what the shell's ``>(…)`` hands a command."""
+    directory, name = os.path.split(path)
+    if not name.isdigit():
+        return None
+    found = _DESCRIPTOR_DIRECTORY.fullmatch(os.path.realpath(directory))
+    return int(name) if found is not None and int(found.group(1)) == os.getpid() else None
+
+
+def _a_pipe_handed_to_this_command(path: str) -> bool:
+    """``path`` names an open descriptor of this process that leads to no path (a pipe, a socket)."""
+    if own_descriptor(path) is None:
+        return False
+    try:
+        return not os.readlink(path).startswith("/")
+    except OSError:  # not open
+        return False
+
+
 def _open_special(output: str) -> BinaryIO:
     """A device or named pipe to stream the snapshot into, opened without creating or truncating
     anything: only one of this user or root (a named pipe another user made would hand her the
     disk, review Sec F2), looked at before the open (which waits for a pipe's reader) and again
     on what was opened."""
+    descriptor = own_descriptor(output)
     try:
+        if descriptor is not None:  # handed to this command: written into as it is, never reopened
+            fd = os.dup(descriptor)
+            return _checked_special(output, fd)
         _refuse_a_special_file_of_another_user(output, os.lstat(output))
         fd = os.open(output, os.O_WRONLY | os.O_NOCTTY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         raise cannot_write(output, exc) from None
+    return _checked_special(output, fd)
+
+
+def _checked_special(output: str, fd: int) -> BinaryIO:
     try:
         _refuse_a_special_file_of_another_user(output, os.fstat(fd))
     except BaseException:
@@ -449,6 +489,8 @@ def _file_descriptor(fileobj: BinaryIO) -> int | None:
 def _is_special(path: str) -> bool:
     """A device or named pipe at ``path`` itself: a link found here now was put there after
     :func:`where_a_link_leads` looked, and the rename of a regular backup replaces it (review S3)."""
+    if _a_pipe_handed_to_this_command(path):
+        return True
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
