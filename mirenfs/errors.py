@@ -90,9 +90,10 @@ class TargetError(MirenfsError):
 
     errno = EPERM
 
-    def __init__(self, message: str, code: int = EPERM) -> None:
+    def __init__(self, message: str, code: int = EPERM, *, failed_call: bool = False) -> None:
         super().__init__(message)
         self.errno = code
+        self.failed_call = failed_call  # a system call failed (not a refusal, which also says EPERM)
 
 
 class RestoreRefused(TargetError):

@@ -356,6 +356,18 @@ def test_a_snapshot_that_cannot_be_read_or_a_rename_that_fails_is_named_with_the
         f"{image}.restore.tmp over it); {image} is as it was\n",
     )
     monkeypatch.undo()
+
+    def fchmod(fd: int, mode: int) -> None:  # verifyR: EPERM said no outcome (refusals use EPERM too)
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(os, "fchmod", fchmod)
+    result = run_cli("restore", vector.path, "--image", image, "--force")
+    assert (result.code, result.err) == (
+        1,
+        f"mirenfs: error: cannot write {image}: Operation not permitted (giving its staging file "
+        f"{image}.restore.tmp the image's owner, mode and time); {image} is as it was\n",
+    )
+    monkeypatch.undo()
     assert image.read_bytes() == b"the old image" and sorted(p.name for p in tmp_path.iterdir()) == ["t.img"]
 
 

@@ -447,7 +447,12 @@ def naming_the_snapshot(path: str, outcome: Callable[[], str] | None = None) -> 
             raise TargetError(f"{_shown(path)}: {_and_outcome(str(exc), outcome)}", exc.errno) from None
         # EBUSY: another restore's; the others: a write, sync or rename of the staging file failed
         # (trial FI F4: with EIO, whether the image was touched went unsaid)
-        if outcome is None or exc.errno not in (*NO_SPACE, errno.EBUSY, *_FAILED_WRITES):
+        a_failed_step = (exc.failed_call and exc.errno not in _NOWHERE) or exc.errno in (
+            *NO_SPACE,
+            errno.EBUSY,
+            *_FAILED_WRITES,
+        )
+        if outcome is None or not a_failed_step:
             raise
         raise TargetError(_and_outcome(str(exc), outcome), exc.errno) from None
     except StoreError as exc:  # the store could not take the new image's record: say the disk stands
@@ -458,7 +463,8 @@ def naming_the_snapshot(path: str, outcome: Callable[[], str] | None = None) -> 
         raise failed from None
 
 
-_FAILED_WRITES = (errno.EIO, errno.EACCES, errno.EROFS, errno.EXDEV)  # not EPERM: refusals use it
+_FAILED_WRITES = (errno.EIO, errno.EACCES, errno.EROFS, errno.EXDEV)  # EPERM only from a failed call
+_NOWHERE = (errno.ENOENT, errno.ENOTDIR)  # "there is no directory D": nothing there to be kept
 
 
 def _and_outcome(message: str, outcome: Callable[[], str] | None) -> str:

@@ -702,7 +702,9 @@ def _locked_file_named(path: str, size: int) -> int:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.ftruncate(fd, size)
         except OSError as exc:
-            raise TargetError(f"cannot prepare {path}: {exc.strerror}", exc.errno or errno.EIO) from None
+            raise TargetError(
+                f"cannot prepare {path}: {exc.strerror}", exc.errno or errno.EIO, failed_call=True
+            ) from None
         if unnamed:
             descriptors = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:  # with a directory descriptor, os.link is linkat(AT_SYMLINK_FOLLOW)
@@ -765,7 +767,7 @@ def cannot_write(path: str, exc: OSError, doing: str = "", *, device: bool | Non
         why = f"its filesystem is read-only{doing}; remount it read-write and try again"
     else:
         why = f"{exc.strerror}{doing}"
-    return TargetError(f"cannot write {path}: {why}", exc.errno or errno.EIO)
+    return TargetError(f"cannot write {path}: {why}", exc.errno or errno.EIO, failed_call=True)
 
 
 def is_device(path: str | int) -> bool:
@@ -809,7 +811,9 @@ def remove_staging_if_unheld(path: str) -> bool:
     except FileNotFoundError:
         return False
     except OSError as exc:
-        raise TargetError(f"cannot look at {path}: {exc.strerror}", exc.errno or errno.EIO) from None
+        raise TargetError(
+            f"cannot look at {path}: {exc.strerror}", exc.errno or errno.EIO, failed_call=True
+        ) from None
     if stat.S_ISLNK(planted.st_mode):
         raise TargetError(_not_ours(path, "a symbolic link"), errno.EEXIST)
     if not stat.S_ISREG(planted.st_mode):
@@ -821,7 +825,9 @@ def remove_staging_if_unheld(path: str) -> bool:
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise TargetError(_not_ours(path, "a symbolic link"), errno.EEXIST) from None
-        raise TargetError(f"cannot open {path}: {exc.strerror}", exc.errno or errno.EIO) from None
+        raise TargetError(
+            f"cannot open {path}: {exc.strerror}", exc.errno or errno.EIO, failed_call=True
+        ) from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
