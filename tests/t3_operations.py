@@ -21,7 +21,7 @@ import trio.testing
 
 from mirenfs.disks.model import DiskState
 from mirenfs.disks.store import Store
-from mirenfs.engine.image import ImageIdentity
+from mirenfs.engine.image import ImageIdentity, OpenImage
 from mirenfs.errors import DiskLeasedError, FormatError, PointInTimeError
 from mirenfs.format.header import decode_header
 from mirenfs.mount import operations as operations_module
@@ -586,6 +586,41 @@ async def test_an_image_that_cannot_be_read_is_said_with_its_disk_and_file(
             "error), so this copy of it fails; check the disk the image is on"
         ) in caplog.text
         await m.ops.release(fh)
+
+
+@pytest.mark.parametrize("step", ["index pass", "data map"])
+@trio_test
+async def test_an_image_that_cannot_be_indexed_is_said_with_its_disk_and_file(
+    data_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """Trial FD F3, verifyR: an I/O error in a disk's index pass (a cold read), or in mapping an
+    indexed image's data with lseek, was logged as "open: [Errno 5] Input/output error", naming no
+    disk or file. The next look, once the image reads again, serves the snapshot."""
+    caplog.set_level(logging.WARNING, logger="mirenfs")
+    image = add_image_disk(data_path, "pg", segments=RANDOM_SEGMENTS)
+    expected = await snapshot_bytes(image, name="pg")
+
+    def failing(*args: object, **kwargs: object) -> object:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    async def failing_pass(*args: object, **kwargs: object) -> object:
+        return failing()
+
+    async with operations(data_path, spill_limit=0) as m:
+        if step == "data map":
+            await m.lookup("pg.mirn")  # indexed; a new version of it maps its data again
+            m.ops.service.forget("pg")
+            monkeypatch.setattr(OpenImage, "source", failing)
+        else:
+            monkeypatch.setattr(versions, "build_index", failing_pass)
+        assert await fuse_errno(m.lookup("pg.mirn")) == errno.EIO
+        assert (
+            f"disk pg: reading its image {image} failed ({step}: Input/output error), so its snapshot "
+            "cannot be served now; check the disk the image is on"
+        ) in caplog.text
+        assert "[Errno" not in caplog.text
+        monkeypatch.undo()
+        assert await m.read_file("pg.mirn") == expected
 
 
 @trio_test

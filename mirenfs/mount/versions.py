@@ -10,11 +10,12 @@ about FUSE; the filesystem layer calls it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -42,7 +43,7 @@ from mirenfs.engine.produce import (
     frame_cache_for,
     snapshot_meta,
 )
-from mirenfs.errors import ImageChangedError, LiveCheckError, PointInTimeError
+from mirenfs.errors import ImageChangedError, LiveCheckError, MirenfsError, PointInTimeError
 from mirenfs.format.header import Meta
 
 log = logging.getLogger("mirenfs.snapshots")
@@ -215,6 +216,24 @@ class IndexCache:
             self._save_failed = False
         finally:
             give_back_free_memory(index.nbytes)
+
+
+@contextlib.contextmanager
+def _reading_the_image(name: str, image_path: str, step: str) -> Iterator[None]:
+    """An image that fails to read (EIO) is said with its disk, file and step (trial FD F3: the log
+    said "open: [Errno 5] Input/output error"). A missing image (ENOENT) and a process out of
+    descriptors (said where it is caught) go on as they are."""
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError) or exc.errno in (errno.EMFILE, errno.ENFILE):
+            raise
+        failed = MirenfsError(
+            f"disk {name}: reading its image {image_path} failed ({step}: {exc.strerror}), so its "
+            "snapshot cannot be served now; check the disk the image is on"
+        )
+        failed.errno = exc.errno or errno.EIO
+        raise failed from None
 
 
 def _sidecar_check(key: str, digest: str, header: str) -> str:
@@ -519,7 +538,8 @@ class SnapshotService:
         spill: FrameSpill | None = None
         try:
             # Off the event loop: it maps the image's data with lseek, long for a fragmented one.
-            source = await trio.to_thread.run_sync(image.source, self.settings)
+            with _reading_the_image(name, image_path, "data map"):
+                source = await trio.to_thread.run_sync(image.source, self.settings)
             # A copy is gone after a restart: its index is never worth loading (the suffix never matches).
             key = identity.cache_key(self.settings.key()) + (":point-in-time" if taken.is_copy else "")
             cached = None
@@ -531,9 +551,10 @@ class SnapshotService:
                 index, sidecar = cached
             else:
                 single_read = taken.consistency is Consistency.LIVE
-                index, spill = await self._index_pass(
-                    name, source, single_read=single_read, image_path=image_path
-                )
+                with _reading_the_image(name, image_path, "index pass"):
+                    index, spill = await self._index_pass(
+                        name, source, single_read=single_read, image_path=image_path
+                    )
                 sidecar = None
                 after = await trio.to_thread.run_sync(os.fstat, fd)
                 if taken.is_copy:
