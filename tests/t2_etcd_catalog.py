@@ -26,6 +26,7 @@ from mirenfs.disks.manage import create_disk, sweep_stale_staging
 from mirenfs.disks.model import DiskState, LeaseState
 from mirenfs.disks.rules import prepare_backup, prepare_restore
 from mirenfs.disks.store import Store
+from mirenfs.disks.trust import TrustedImages, disk_key
 from mirenfs.errors import (
     CatalogUnreachableError,
     DiskBusyError,
@@ -38,7 +39,7 @@ from mirenfs.errors import (
     StoreError,
 )
 
-from support.data import sha256_file
+from support.data import sha256_file, write_image
 from support.etcd import EtcdCluster, free_port
 from support.mounts import wait_for
 from support.runners import ok, run_cli
@@ -1169,6 +1170,35 @@ def test_disk_add_and_catalog_copy_on_this_host_register_their_images(
     ok("disk", "add", "web", "--image", image, "--filesystem", "ext4", "--data-path", home)
     ok("catalog", "copy", "--from", home, "--to", etcd.url(prefix()), "--node", "h")
     assert Path(home, "mirenfs", "trusted-images.json").exists()
+
+
+def test_a_copy_killed_before_it_registered_an_image_is_finished_by_the_next_run(
+    etcd: EtcdCluster, tmp_path: Path
+) -> None:
+    """Trial FI2 G4: ``catalog copy`` killed between putting a disk into etcd and registering its
+    image on this host was run again: "1 already there", exit 0, and the disk stayed unusable here
+    (backup and restore refused it as never registered). The next run registers it; another disk's
+    registration of that path is never taken over."""
+    home = tmp_path / "home"
+    image = tmp_path / "elsewhere" / "pg.img"
+    image.parent.mkdir()
+    write_image(image, [("data", 65536)])
+    ok("disk", "add", "pg", "--image", image, "--filesystem", "ext4", "--data-path", home)
+    url = etcd.url(prefix())
+    ok("catalog", "copy", "--from", home, "--to", url, "--node", "h")
+    TrustedImages(str(home)).unregister(str(image))  # as if killed before it registered pg's image
+    on_etcd = ["--catalog", url, "--node", "h", "--data-path", home]
+    refused = run_cli("backup", "pg", "-o", tmp_path / "pg.mirn", *on_etcd)
+    assert refused.code == 1 and "never registered that path for disk pg" in refused.err
+    again = run_cli("catalog", "copy", "--from", home, "--to", url, "--node", "h")
+    assert again.code == 0 and "already there" in again.out, again.err
+    ok("backup", "pg", "-o", tmp_path / "pg.mirn", *on_etcd)
+    assert run_cli("verify", tmp_path / "pg.mirn").code == 0
+    trusted = TrustedImages(str(home))
+    trusted.unregister(str(image))
+    trusted.register(str(image), disk_key("another-id", "web"))  # bound to another disk: left so
+    ok("catalog", "copy", "--from", home, "--to", url, "--node", "h")
+    assert TrustedImages(str(home)).bound_to(str(image)) == disk_key("another-id", "web")
 
 
 def test_a_record_whose_key_is_not_a_disk_name_is_skipped_and_said(

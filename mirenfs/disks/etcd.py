@@ -1150,13 +1150,9 @@ class EtcdCatalog:
                 if self.kv.txn(compare, [_put(key, wanted.encode()), *indexes]).succeeded:
                     # This host copied it here, so the path is its own: only one the source trusted
                     # (review: every path of the source, refused ones too, became trusted).
-                    if (
-                        volume is not None
-                        and volume.node == self.node
-                        and volume.image_path
-                        and record.image_path
-                    ):
-                        self.trusted.register(volume.image_path, disk_key(record.disk.id, name))
+                    image = self._copied_image_of_this_host(volume, record)
+                    if image is not None:
+                        self.trusted.register(image, disk_key(record.disk.id, name))
                     return "added"
                 continue  # created meanwhile: compare with what is there now
             if current.disk.id != record.disk.id:
@@ -1164,10 +1160,32 @@ class EtcdCatalog:
                     f"a different disk named {name} (id {current.disk.id}, not {record.disk.id}) is already "
                     f"in the disk catalogue at {self.location.url}; remove one of them first"
                 )
+            self._finish_a_copied_registration(current.volume, record)
             if (current.disk, current.volume, current.leases) == (wanted.disk, wanted.volume, wanted.leases):
                 return "unchanged"
             return "differs"
         raise StoreError(f"disk {name} changed {CAS_ATTEMPTS} times while it was being copied; try again")
+
+    def _copied_image_of_this_host(self, volume: Volume | None, record: DiskRecord) -> str | None:
+        """The image ``volume`` (as copied here) names on this node, when the source trusted it."""
+        if volume is None or volume.node != self.node or not volume.image_path or not record.image_path:
+            return None
+        return volume.image_path
+
+    def _finish_a_copied_registration(self, there: Volume | None, record: DiskRecord) -> None:
+        """A disk an earlier copy put here whose image is still unregistered on this host: a copy
+        killed between the record and the registration was run again (trial FI2 G4: "already
+        there", and the disk stayed unusable here). A path bound to another disk is left so."""
+        image = self._copied_image_of_this_host(there, record)
+        copied = record.volume
+        if (
+            image is None
+            or copied is None
+            or copied.image_path != image
+            or self.trusted.bound_to(image) is not None
+        ):
+            return
+        self.trusted.register(image, disk_key(record.disk.id, record.disk.name))
 
     def _image_free_for(self, image_key: str, record: DiskRecord) -> dict[str, Any]:
         """The compare that keeps the image ``record`` names its own: the image's index still
