@@ -1348,6 +1348,43 @@ def test_cleanup_removes_what_a_killed_restore_left_and_only_that(
     assert again.out == f"nothing to clean up in {data}: no killed mirenfs process left anything behind\n"
 
 
+def test_cleanup_removes_the_temporary_state_files_of_killed_processes_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trial FI2 G6: a kill before the rename of a state file (``trusted-images.json``,
+    ``catalog-moved.json``, a saved index) left ``NAME.PID.THREAD.tmp`` for ever; neither the
+    re-run nor cleanup removed it. Cleanup removes those of processes that are gone, once a
+    minute old; a live process's, or one just written, stays."""
+    data = tmp_path / "data"
+    data.mkdir()
+    make_disk(data, "pg", size=1 << 20)
+    state = data / "mirenfs"
+    (state / "index").mkdir(parents=True)
+    gone = _a_pid_that_is_gone()
+    dead = [state / f"trusted-images.json.{gone}.140187930217344.tmp", state / "index" / f"ab12.{gone}.7.tmp"]
+    live = state / f"catalog-moved.json.{os.getpid()}.1.tmp"
+    fresh = state / f"etcd-clusters.json.{gone}.2.tmp"
+    unrelated = state / "notes.1.2.txt"
+    old = time.time() - 120
+    for path in (*dead, live, fresh, unrelated):
+        path.write_bytes(b"{}")
+        if path is not fresh:
+            os.utime(path, (old, old))
+    monkeypatch.setattr(os, "geteuid", lambda: 0)  # root's command; nothing here needs root
+    cleaned = ok("cleanup", "--data-path", data)
+    assert sorted(cleaned.out.splitlines()) == sorted(
+        f"removed {path}, a temporary file of a mirenfs process that was killed" for path in dead
+    )
+    assert [path.exists() for path in (*dead, live, fresh, unrelated)] == [False, False, True, True, True]
+
+
+def _a_pid_that_is_gone() -> int:
+    """The pid of a child that has exited and been reaped (not reused within a test, in practice)."""
+    child = subprocess.Popen(["true"])
+    child.wait(timeout=30)
+    return child.pid
+
+
 def test_cleanup_that_cannot_check_a_disk_being_created_says_so_and_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

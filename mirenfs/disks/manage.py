@@ -30,7 +30,16 @@ from mirenfs.disks.creations import (
     removals_left,
     unmark_creating,
 )
-from mirenfs.disks.model import Catalog, DiskRecord, DiskState, new_id, validate_disk_name, volumes_dir
+from mirenfs.disks.model import (
+    Catalog,
+    DiskRecord,
+    DiskState,
+    index_directory,
+    new_id,
+    state_directory,
+    validate_disk_name,
+    volumes_dir,
+)
 from mirenfs.disks.pointintime import sweep_leftovers
 from mirenfs.disks.rules import managed_path_problem, refuse_if_in_use
 from mirenfs.disks.store import Store
@@ -40,6 +49,7 @@ from mirenfs.engine.image import (
     STAGING_SUFFIX,
     hold_staging_name,
     make_directories,
+    remove_dead_temporaries,
     remove_staging_if_unheld,
     staging_is_held,
 )
@@ -365,6 +375,9 @@ def sweep_what_killed_runs_left(
         )
     for path in leftovers.removed:
         yield logging.INFO, f"removed {path}, a point-in-time copy left over from an earlier run"
+    for directory in (state_directory(data_path), index_directory(data_path)):
+        for path in remove_dead_temporaries(directory):
+            yield logging.INFO, f"removed {path}, a temporary file of a mirenfs process that was killed"
     unremoved: list[str] = []
     staging = sweep_stale_staging(data_path, catalog=store, unremoved=unremoved)
     for path in staging:

@@ -197,6 +197,11 @@ def state_directory(data_path: str) -> str:
     return os.path.join(data_path, "mirenfs")
 
 
+def index_directory(data_path: str) -> str:
+    """Where a mount saves its disks' indexes, so a remount needs no index pass."""
+    return os.path.join(state_directory(data_path), "index")
+
+
 def frame_store_directory(data_path: str) -> str:
     """Compressed frames by chunk fingerprint, kept across mounts of the data path."""
     return os.path.join(state_directory(data_path), "frames")

@@ -14,8 +14,10 @@ import fcntl
 import itertools
 import logging
 import os
+import re
 import stat
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -945,6 +947,46 @@ def replace_private_file(
         raise
     if durable:
         fsync_directory(os.path.dirname(path))
+
+
+_TEMPORARY_NAME = re.compile(r".+\.(\d+)\.\d+\.tmp")  # what replace_private_file writes first
+TEMPORARY_LEFT_AFTER_S = 60.0  # a state file is saved in milliseconds: one this old is no save at work
+
+
+def remove_dead_temporaries(directory: str) -> list[str]:
+    """Remove the temporary files :func:`replace_private_file` left in ``directory`` when its
+    process was killed before the rename (trial FI2 G6: they stayed for ever); the paths removed.
+    Only those of a process that is gone, and a minute old (a process of another pid namespace
+    sharing the data path is not seen here)."""
+    try:
+        names = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    removed = []
+    for name in names:
+        found = _TEMPORARY_NAME.fullmatch(name)
+        if found is None or _process_exists(int(found.group(1))):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            info = os.lstat(path)
+            if not stat.S_ISREG(info.st_mode) or time.time() - info.st_mtime < TEMPORARY_LEFT_AFTER_S:
+                continue
+            os.unlink(path)
+        except FileNotFoundError:
+            continue
+        removed.append(path)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def _unlink_quietly(path: str) -> None:

@@ -17,7 +17,7 @@ import trio
 from mirenfs.disks.catalogs import images_missing_here, mount_listing, node_from, none_on_this_node
 from mirenfs.disks.live import read_mountinfo
 from mirenfs.disks.manage import settle_a_killed_restore, sweep_what_killed_runs_left
-from mirenfs.disks.model import DB_FILE_NAME, DiskRecord, holds_mirenfs_files
+from mirenfs.disks.model import DB_FILE_NAME, DiskRecord, holds_mirenfs_files, index_directory
 from mirenfs.engine.framestore import FrameStore
 from mirenfs.engine.image import make_private_directory
 from mirenfs.errors import MirenfsError, MountError
@@ -73,7 +73,7 @@ def build_operations(config: MountConfig, nursery: trio.Nursery) -> MirenOperati
         )
     records = store.list_disks()
     _say_if_this_hosts_disks_are_not_here(records, config)
-    cache = IndexCache(os.path.join(config.state_directory, "index"))
+    cache = IndexCache(index_directory(config.data_path))
     for path in cache.prune(record.image_path for record in records if record.image_path):
         log.info("removed %s, the saved index of an image no disk has (unused for a week)", path)
     frame_store = frame_store_of(config)
