@@ -399,11 +399,19 @@ def test_errors_about_a_snapshot_name_it_and_the_target_is_left_alone(tmp_path: 
     empty.write_bytes(b"")
     zstd = subprocess.run(["zstd", "-c"], input=b"x" * 1000, capture_output=True, check=True)
     plain.write_bytes(zstd.stdout)
+    raw = tmp_path / "pg.img"  # trial R: the disk itself, given for its snapshot
+    raw.write_bytes(bytes(1080) + b"\x53\xef" + bytes(1 << 20))  # an ext4 superblock's magic
     for argv, message in (
         (["verify", str(cut)], f"mirenfs: error: {cut}: the snapshot data is truncated"),
         (["verify", str(empty)], f"mirenfs: error: {empty}: the snapshot is empty (0 bytes)"),
         (["inspect", str(empty)], f"mirenfs: error: {empty}: the snapshot is empty (0 bytes)"),
         (["verify", str(plain)], f"{plain}: not a .mirn snapshot: bad magic (it starts with the bytes "),
+        (
+            ["verify", str(raw)],
+            f"mirenfs: error: {raw}: not a .mirn snapshot: bad magic (it starts with the bytes 00 00 00 00, "
+            "where a snapshot starts with MIRN): it is a raw ext4 image, not a snapshot of one; make one "
+            "of it with mirenfs backup --image IMAGE -o NAME.mirn",
+        ),
     ):
         status, _out, err = said(*argv)
         assert status == 1 and message in err, (argv, err)

@@ -846,6 +846,29 @@ async def test_a_hole_larger_than_the_limit_is_einval_and_leaves_nothing(
 
 
 @trio_test
+async def test_a_raw_image_copied_in_with_its_holes_skipped_is_named_as_such(data_path: Path) -> None:
+    """Trial R (s18): ``cp pg.img restore/pg.mirn`` (the disk itself, not its snapshot) skips the
+    image's holes, and the entry blamed a hole and ``-S/--sparse``, never given, instead of the
+    file: the bytes that came before the hole were judged only once handed over. They are judged
+    first now, and a raw filesystem is named as one."""
+    image = add_image_disk(data_path, "pg")
+    raw = bytearray(300_000)
+    raw[1080:1082] = b"\x53\xef"  # an ext4 superblock's magic
+    async with operations(data_path, allow_overwrite=True) as m:
+        before, image_before = store_state(data_path), FileState.of(image)
+        fh, _inode = await m.create("pg.mirn")
+        await m.ops.write(fh, 0, bytes(raw))  # gathered, not yet judged
+        assert await fuse_errno(m.ops.write(fh, 8 << 20, b"data after a hole")) == errno.EINVAL
+        assert await m.state("pg.mirn") == (
+            "failed: not a .mirn snapshot: bad magic (it starts with the bytes 00 00 00 00, where a snapshot "
+            "starts with MIRN): it is a raw ext4 image, not a snapshot of one; make one of it with "
+            "mirenfs backup --image IMAGE -o NAME.mirn; disk pg is unchanged"
+        )
+        assert await m.close(fh) == errno.EINVAL
+        assert_untouched(data_path, before, image, image_before)
+
+
+@trio_test
 async def test_a_disk_created_for_a_restore_that_fails_is_removed(data_path: Path, big: Snapshot) -> None:
     add_image_disk(data_path, "pg")  # the store exists before: only the new disk must go again
     async with operations(data_path) as m:

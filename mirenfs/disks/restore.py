@@ -21,7 +21,7 @@ from functools import partial
 import trio
 
 from mirenfs.disks.rules import RestoreTarget, catalogue_gone
-from mirenfs.engine.consume import StagedRestore
+from mirenfs.engine.consume import StagedRestore, check_snapshot_start
 from mirenfs.engine.image import MakeRoom
 from mirenfs.errors import (
     NO_SPACE,
@@ -106,6 +106,8 @@ class DiskRestore:
                 "as dd seek= makes?); copy it with cp, or write it with >"
             )
         if hole < 0 or hole > MAX_HOLE:
+            if self._restore.stream.bytes_in == 0:  # what came before says more, if it is no snapshot
+                check_snapshot_start(self._pending)
             beyond = f", a hole of {hole} bytes; {_TOO_LONG}" if hole > 0 else ""
             raise OutOfOrderWrite(
                 f"writes to restore/ must arrive in order: got offset {offset}, expected {self.next_offset}"

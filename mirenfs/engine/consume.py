@@ -34,7 +34,7 @@ import logging
 import os
 import stat
 import weakref
-from collections.abc import AsyncIterable, Awaitable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import IO, Protocol, Union, cast
@@ -42,12 +42,22 @@ from typing import IO, Protocol, Union, cast
 import trio
 import zstandard
 
+from mirenfs.engine.fstype import filesystem_in
 from mirenfs.engine.image import ImageIdentity, MakeRoom, SparseWriter, StagingImage, disk_file_mode
 from mirenfs.engine.pipeline import BufferPool, Handoff, LoopWaker, Piece, Stages, Stopped
 from mirenfs.engine.produce import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
 from mirenfs.errors import FormatError, MirenfsError, TargetError, size_in_words
 from mirenfs.format.frames import FrameScanner, SeekTableCheck, zero_frame
-from mirenfs.format.header import HeaderParser, Meta, Timestamp, truncated_header, validate_restorable
+from mirenfs.format.header import (
+    MAGIC,
+    MAX_METADATA_LEN,
+    PREFIX_LEN,
+    HeaderParser,
+    Meta,
+    Timestamp,
+    truncated_header,
+    validate_restorable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -407,6 +417,29 @@ def _decompress_whole(decompressor: zstandard.ZstdDecompressor, frame: bytes, in
         )
 
 
+@contextlib.contextmanager
+def _naming_a_raw_image(start: bytes | bytearray | memoryview) -> Iterator[None]:
+    """A file that is no snapshot because it is a disk image itself (the likeliest wrong file:
+    ``cp pg.img restore/pg.mirn``) is named as such; ``start`` is the file's first bytes."""
+    try:
+        yield
+    except FormatError as exc:
+        found = None if start[: len(MAGIC)] == MAGIC else filesystem_in(start)
+        if found is None:
+            raise
+        raise FormatError(
+            f"{exc}: it is a raw {found} image, not a snapshot of one; make one of it with "
+            "mirenfs backup --image IMAGE -o NAME.mirn"
+        ) from None
+
+
+def check_snapshot_start(start: bytes | bytearray | memoryview) -> None:
+    """Raise what a snapshot beginning with ``start`` fails on (bad magic, version, metadata),
+    before the bytes are handed over: the error the mount says when a write after them fails."""
+    with _naming_a_raw_image(start):
+        HeaderParser().feed(start[: PREFIX_LEN + MAX_METADATA_LEN])
+
+
 def _corrupt(exc: zstandard.ZstdError) -> FormatError:
     """zstd's refusal of a frame, in the words of a restore (a window over the limit was refused
     at the frame's header, with its own sentence)."""
@@ -486,7 +519,8 @@ class RestoreStream:
             self.bytes_in += len(data)
             rest = memoryview(data)
             if not self._opened:
-                rest = self._header.feed(rest)
+                with _naming_a_raw_image(data if self.bytes_in == len(data) else b""):
+                    rest = self._header.feed(rest)
                 if self._header.meta is None:
                     return
                 await self._open()

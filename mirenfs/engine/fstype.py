@@ -12,6 +12,14 @@ _SIGNATURES = (
 )
 
 
+def filesystem_in(start: bytes | bytearray | memoryview) -> str | None:
+    """``ext4``, ``xfs`` or ``btrfs`` when ``start``, the first bytes of a file, show one's superblock."""
+    for offset, magic, name in _SIGNATURES:
+        if start[offset : offset + len(magic)] == magic:
+            return name
+    return None
+
+
 def detect_filesystem(image_path: str) -> str | None:
     """``ext4``, ``xfs`` or ``btrfs`` when the image holds one, else None."""
     try:
