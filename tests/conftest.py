@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from mirenfs.cli import common
 from mirenfs.cli.common import DATA_PATH_ENV
+from mirenfs.cli.common import DEFAULT_DATA_PATH as HOST_DEFAULT_DATA_PATH
 from mirenfs.engine import produce
 
 from support.etcd import EtcdCluster
@@ -16,6 +18,44 @@ from support.mounts import Mount, Teardown
 from support.runners import HELPER, ok
 from support.store import disks
 from support.vectors import GO_EXT4
+
+_HOST_STATE = pytest.StashKey[tuple[bool, list[tuple[str, int]]]]()
+
+
+@pytest.fixture(autouse=True)
+def _no_host_default_data_path(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In this process the default data path is one no test made: a command a test runs without
+    --data-path never reaches the host's /var/lib/miren (trial R s18: a catalog copy wrote its
+    cluster pin there). Children are watched by :func:`pytest_sessionfinish`."""
+    monkeypatch.setattr(
+        common, "DEFAULT_DATA_PATH", str(tmp_path_factory.getbasetemp() / "no-default-data-path")
+    )
+
+
+_HOST_STATE_FILES = ("mirenfs/etcd-clusters.json", "mirenfs/trusted-images.json")
+
+
+def _host_data_path_state() -> tuple[bool, list[tuple[str, int]]]:
+    """Whether the host's default data path exists, and the files of it only a command writes."""
+    root = Path(HOST_DEFAULT_DATA_PATH)
+    kept = [root / name for name in _HOST_STATE_FILES]
+    return root.exists(), [(str(path), path.stat().st_mtime_ns) for path in kept if path.exists()]
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_HOST_STATE] = _host_data_path_state()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A test that ran mirenfs without --data-path (in a child process) wrote into the host's data path."""
+    before = session.config.stash.get(_HOST_STATE, None)
+    after = _host_data_path_state()
+    if before is None or after == before or (before[0] and after[1] == before[1]):
+        return
+    print(f"\nERROR: the tests changed the host's data path {HOST_DEFAULT_DATA_PATH}: {before} -> {after}")
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from mirenfs.cli import common
 from mirenfs.cli.common import DATA_PATH_ENV, DEFAULT_DATA_PATH, data_path_from
 from mirenfs.disks import live as disks_module
 from mirenfs.disks.manage import sweep_stale_staging as remove_stale_staging
@@ -484,7 +485,8 @@ def test_backup_and_restore_argument_rules(data: Path, ext4_disk: Path, tmp_path
 def test_data_path_flag_beats_environment_beats_default(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert data_path_from(None) == DEFAULT_DATA_PATH
+    assert DEFAULT_DATA_PATH == "/var/lib/miren"
+    assert data_path_from(None) == common.DEFAULT_DATA_PATH  # the tests' own (see conftest)
     monkeypatch.setenv(DATA_PATH_ENV, str(tmp_path / "from-env"))
     assert data_path_from(None) == str(tmp_path / "from-env")
     assert data_path_from(str(data)) == str(data)

@@ -539,7 +539,16 @@ def test_catalog_copy_between_etcd_prefixes_trusts_nothing_new_and_shares_no_ima
         )
     put_raw(source, "out1", _foreign_record("out1", str(victim), "a"))  # untrusted in the source
     copied = run_cli(
-        "catalog", "copy", "--from", source.location.url, "--to", destination.location.url, "--node", "a"
+        "catalog",
+        "copy",
+        "--from",
+        source.location.url,
+        "--to",
+        destination.location.url,
+        "--node",
+        "a",
+        "--data-path",  # trial R s18: without it, this wrote into the host's /var/lib/miren
+        data,
     )
     assert "clash with other disks" in copied.err and copied.err.endswith(
         "were not copied: pg2; remove or rename those there, then copy again\n"
@@ -560,6 +569,26 @@ def moved_to_etcd(etcd: EtcdCluster, tmp_path: Path) -> tuple[Path, str, list[st
     ok("catalog", "copy", "--from", data, "--to", url, "--node", "host1")
     on_etcd: list[str | Path] = ["--catalog", url, "--node", "host1", "--data-path", data]
     return data, url, on_etcd, ok("lease", "acquire", "pg", *on_etcd).out.strip()
+
+
+def test_catalog_copy_between_etcd_catalogues_refuses_a_missing_data_path(
+    etcd: EtcdCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trial R (s18): between two etcd catalogues, with no --data-path, the copy made the default
+    data path (/var/lib/miren) to keep its cluster pin there, where every other command refuses a
+    data path that does not exist. Nothing is copied or made."""
+    source = etcd_catalog(etcd.url(prefix()), tmp_path / "a", "a")
+    source.add_disk("pg", size_bytes=1, filesystem="ext4")
+    destination = etcd.url(prefix())
+    missing = tmp_path / "typo"
+    monkeypatch.setenv("MIRENFS_DATA_PATH", str(missing))
+    refused = run_cli("catalog", "copy", "--from", source.location.url, "--to", destination, "--node", "a")
+    assert (refused.code, refused.err) == (
+        1,
+        f"mirenfs: error: the data path {missing} does not exist (from $MIRENFS_DATA_PATH); check it\n",
+    )
+    assert not missing.exists()
+    assert etcd_catalog(destination, tmp_path / "a", "a").list_disks() == []
 
 
 def test_catalog_copy_run_again_never_undoes_a_newer_lease_or_status(

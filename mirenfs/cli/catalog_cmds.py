@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Any
 
-from mirenfs.cli.common import add_scope_option, data_path_from, resolve_data_path, say, say_done
+from mirenfs.cli.common import add_scope_option, resolve_data_path, say, say_done
 from mirenfs.disks.catalogs import (
     NODE_ENV,
     CatalogSpec,
@@ -76,7 +76,9 @@ def cmd_catalog_copy(args: argparse.Namespace) -> int:
             f"--data-path {args.data_path} does not apply here: the SQLite catalogue is the store of "
             f"data path {sqlite_path}, which names the image paths; leave --data-path out"
         )
-    data_path = sqlite_path or data_path_from(args.data_path)
+    # Between two etcd catalogues the data path only names images, but this host's registrations and
+    # the clusters it pinned are kept there: a missing one is refused, not made (trial R s18).
+    data_path = sqlite_path or resolve_data_path(args.data_path, new_one_hint=False)
     source = _open(source_spec, data_path, node, option="--from")
     destination = _open(destination_spec, data_path, node, option="--to")
     to_etcd = destination_spec.etcd
