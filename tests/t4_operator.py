@@ -31,7 +31,7 @@ from mirenfs.disks.store import Store
 from support.data import sha256_file, staging_files, write_image, write_slow_image
 from support.mounts import Mount, Teardown, mounts_at, restore_state, wait_for
 from support.runners import MIRENFS, TIMEOUT, run, run_cli, status_of
-from support.store import disks, make_disk
+from support.store import disks, make_disk, store_state
 from support.vectors import GO_EXT4
 
 Mounts = Callable[..., Mount]
@@ -453,6 +453,28 @@ def test_a_mount_that_fuse_refuses_says_what_to_do(teardown: Teardown) -> None:
         assert "mounting needs root, or /dev/fuse access and fusermount3" in last
         assert "unexpected" not in result.stderr and "Traceback" not in result.stderr
         assert mounts_at(mnt) == []
+
+
+def test_a_data_path_of_root_run_without_sudo_says_whose_it_is(teardown: Teardown) -> None:
+    """Trial R (s18): without sudo, every command on root's data path said "cannot read
+    …/catalog-moved.json, the mark `catalog copy` left when this data path's disks were copied",
+    of a data path never copied, and its advice (--catalog sqlite://…) led back to it."""
+    base = Path(tempfile.mkdtemp(prefix="mirenfs-unprivileged-"))
+    teardown.callbacks.append(lambda: shutil.rmtree(base, ignore_errors=True))
+    base.chmod(0o755)
+    data = base / "data"
+    data.mkdir()
+    make_disk(data, "pg", 1 << 20, "ext4")
+    before = store_state(data)
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    for argv in (["disk", "list"], ["backup", "pg", "-o", str(base / "pg.mirn")], ["lease", "acquire", "pg"]):
+        result = run(*as_nobody, MIRENFS, *argv, "--data-path", data)
+        assert (result.returncode, result.stderr) == (
+            1,
+            f"mirenfs: error: the data path {data} is root's, and this user (nobody) may not read its "
+            "mirenfs.db: run the command as root (sudo)\n",
+        ), argv
+    assert store_state(data) == before and not (base / "pg.mirn").exists()
 
 
 # ---- --allow-overwrite keeps the store true --------------------------------------------------------

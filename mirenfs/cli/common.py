@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import pwd
 import sys
 import time
 from typing import TextIO
 
 from mirenfs.disks.catalogs import CATALOG_ENV, NODE_ENV, catalog_spec_from, node_from, open_catalog
-from mirenfs.disks.model import Catalog
+from mirenfs.disks.model import DB_FILE_NAME, STATE_DIRECTORY, Catalog
 from mirenfs.engine.image import make_directories
 from mirenfs.engine.produce import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL, Settings
 from mirenfs.errors import MirenfsError, one_line
@@ -38,6 +39,7 @@ def resolve_data_path(
     """
     path = data_path_from(arg)
     if os.path.isdir(path):
+        _refuse_a_data_path_of_another_user(path)
         return path
     if os.path.lexists(path):
         raise MirenfsError(f"the data path {path} is not a directory")
@@ -56,6 +58,36 @@ def resolve_data_path(
         raise MirenfsError(f"cannot create the data path {path}: {exc.strerror}") from None
     print(f"mirenfs: created the data path {path}", file=sys.stderr)
     return path
+
+
+def _refuse_a_data_path_of_another_user(path: str) -> None:
+    """A data path whose store or state directory this user may not read is another user's (root's,
+    most often: a command run without sudo). Said so, once, before any command fails on one of its
+    files with a story of its own (trial R s18: "cannot read …/catalog-moved.json, the mark
+    `catalog copy` left", of a data path never copied anywhere)."""
+    for name, needed in ((DB_FILE_NAME, os.R_OK), (STATE_DIRECTORY, os.R_OK | os.X_OK)):
+        inner = os.path.join(path, name)
+        try:
+            owner = os.stat(inner).st_uid
+        except FileNotFoundError:
+            continue
+        except PermissionError:  # the data path itself cannot be searched
+            owner = os.stat(path).st_uid
+        else:
+            if os.access(inner, needed, effective_ids=os.access in os.supports_effective_ids):
+                continue
+        raise MirenfsError(
+            f"the data path {path} is {_user_named(owner)}'s, and this user ({_user_named(os.geteuid())}) "
+            f"may not read its {name}: run the command as {_user_named(owner)}"
+            + (" (sudo)" if owner == 0 else "")
+        )
+
+
+def _user_named(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def data_path_from(arg: str | None) -> str:

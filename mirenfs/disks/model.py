@@ -191,10 +191,13 @@ def volumes_dir(data_path: str) -> str:
     return os.path.join(data_path, "disk-data", "volumes")
 
 
+STATE_DIRECTORY = "mirenfs"  # under a data path: see state_directory
+
+
 def state_directory(data_path: str) -> str:
     """mirenfs's own files under the data path: indexes, frames, clones, the mount's log and lock,
     the images this host registered."""
-    return os.path.join(data_path, "mirenfs")
+    return os.path.join(data_path, STATE_DIRECTORY)
 
 
 def index_directory(data_path: str) -> str:
