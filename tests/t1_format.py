@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as _dt
 import io
 import json
 import struct
@@ -88,6 +90,15 @@ def test_timestamps_trim_fraction_and_keep_offset() -> None:
     assert Timestamp.parse("2026-06-04T12:00:00+05:30") < Timestamp.parse("2026-06-04T12:00:00Z")
 
 
+def test_an_aware_datetime_is_taken_at_its_instant() -> None:
+    """Review MT: ``from_datetime`` of 12:00+05:30 must be 06:30Z (a caller's zone ignored would
+    shift the header's time, and a restored image's mtime, by the offset)."""
+    india = _dt.timezone(_dt.timedelta(hours=5, minutes=30))
+    converted = Timestamp.from_datetime(_dt.datetime(2026, 6, 4, 12, tzinfo=india))
+    assert converted.unix_ns == Timestamp.parse("2026-06-04T06:30:00Z").unix_ns
+    assert converted.rfc3339() == "2026-06-04T12:00:00+05:30"
+
+
 def test_go_string_escaping_of_every_control_character() -> None:
     assert go_json_string("\b\f\x7f") == '"\\u0008\\u000c\x7f"'
     # Invalid UTF-8 for Go, which writes the escape text per byte (encoding/json appendString):
@@ -124,6 +135,14 @@ BAD_HEADERS = {
     ),
     "json not an object": (raw_header(b"[1, 2]"), "not a JSON object"),
     "short checksum": (raw_header(_body(checksum="abc")), r"not 64 hex digits \(it has 3 characters\)"),
+    "checksum a digit short": (
+        raw_header(_body(checksum="a" * 63)),
+        r"not 64 hex digits \(it has 63 characters\)",
+    ),
+    "checksum a digit long": (
+        raw_header(_body(checksum="a" * 65)),
+        r"not 64 hex digits \(it has 65 characters\)",
+    ),
     "non-hex checksum": (
         raw_header(_body(checksum="ab" * 8 + "g" + "a" * 47)),
         r"not 64 hex digits \(character 17, 'g', is not a hex digit\)",
@@ -167,6 +186,8 @@ def test_the_writer_refuses_metadata_no_reader_would_open() -> None:
         "n" * (MAX_METADATA_LEN - len(Meta("", 5, "ext4", ts, "0" * 64).to_json())), 5, "ext4", ts, "0" * 64
     )
     assert decode_header(longest.header())[0] == longest  # the limit itself is allowed
+    with pytest.raises(FormatError, match=f"would take {MAX_METADATA_LEN + 1} bytes"):  # one past it is not
+        dataclasses.replace(longest, name=longest.name + "n").header()
 
 
 def test_truncatedraw_header() -> None:
