@@ -359,13 +359,27 @@ async def test_snapshots_cannot_be_changed(data_path: Path) -> None:
 
 
 @trio_test
-async def test_the_root_takes_no_new_files_and_no_changes(data_path: Path) -> None:
+async def test_the_root_takes_no_new_files_and_no_changes(
+    data_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Trial R (s18): a snapshot copied into the root, not restore/, got only "Read-only file
+    system" (the mount is rw), with no log line or status record saying where it goes."""
     add_image_disk(data_path, "pg")
     async with operations(data_path) as m:
         snapshot, _sidecar = await snapshot_inodes(m)
         ops, ctx = m.ops, m.ctx
         assert await fuse_errno(ops.create(ROOT_INODE, b"pg.mirn", 0o644, os.O_WRONLY, ctx)) == errno.EROFS
         assert await fuse_errno(ops.create(ROOT_INODE, b"new.mirn", 0o644, os.O_WRONLY, ctx)) == errno.EROFS
+        assert await fuse_errno(ops.mknod(ROOT_INODE, b"new.mirn", 0o100644, 0, ctx)) == errno.EROFS
+        said = (
+            "new.mirn: the mount's root holds only the disks' snapshots and takes no file; copy a snapshot "
+            "to restore into restore/ (restore/NAME.mirn restores disk NAME)"
+        )
+        assert [(r.name, r.errno, r.reason) for r in ops.restores.refusals] == [
+            ("new.mirn", "EROFS", said.removeprefix("new.mirn: ")),
+            ("pg.mirn", "EROFS", said.removeprefix("new.mirn: ")),
+        ]
+        assert said in caplog.text
         assert await fuse_errno(ops.create(snapshot, b"x.mirn", 0o644, os.O_WRONLY, ctx)) == errno.EPERM
         for parent in (ROOT_INODE, RESTORE_INODE):
             assert await fuse_errno(ops.mkdir(parent, b"dir", 0o755, ctx)) == errno.EPERM

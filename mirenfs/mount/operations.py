@@ -589,8 +589,7 @@ class MirenOperations(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         """A new file in restore/ starts a restore; the §3 refusals answer here."""
         _refuse_long_name(name)
-        if not self._in_restore_tree(parent_inode):
-            raise pyfuse3.FUSEError(errno.EROFS if parent_inode == ROOT_INODE else errno.EPERM)
+        self._refuse_outside_restore(parent_inode, name, ctx)
         if parent_inode != RESTORE_INODE:  # under restore/restore: accepted, its bytes go nowhere
             self.restores.check_writer(ctx.uid, "restore/")
             node = self.restores.ignore(parent_inode, os.fsdecode(name), is_directory=False, mode=mode)
@@ -608,8 +607,7 @@ class MirenOperations(pyfuse3.Operations):
         """A regular file in restore/, made before it is opened (``tar --xattrs``): as create
         does, but the restore starts at the open for writing. Anything else is refused."""
         _refuse_long_name(name)
-        if not self._in_restore_tree(parent_inode):
-            raise pyfuse3.FUSEError(errno.EROFS if parent_inode == ROOT_INODE else errno.EPERM)
+        self._refuse_outside_restore(parent_inode, name, ctx)
         if not stat.S_ISREG(mode):
             raise pyfuse3.FUSEError(errno.EPERM)  # no devices, pipes or sockets in restore/
         if parent_inode != RESTORE_INODE:
@@ -618,6 +616,13 @@ class MirenOperations(pyfuse3.Operations):
             return self._ignored_attributes(node)
         entry = self.restores.make_node(os.fsdecode(name), self._entry_mode(mode), ctx.uid, ctx.gid, ctx.pid)
         return self._restore_attributes(entry)
+
+    def _refuse_outside_restore(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        """Files are made in restore/ only: in the root EROFS (said where they go), elsewhere EPERM."""
+        if parent_inode == ROOT_INODE:
+            raise self.restores.refuse_in_the_root(os.fsdecode(name), ctx.pid)
+        if not self._in_restore_tree(parent_inode):
+            raise pyfuse3.FUSEError(errno.EPERM)
 
     @fuse_errors
     async def mkdir(

@@ -147,9 +147,10 @@ class RequestLock:
 
 @dataclass
 class Refusal:
-    """A refused create or open in restore/, for ``mirenfs status``: it leaves no entry behind."""
+    """A refused create or open in restore/ (or in the root), for ``mirenfs status``: it leaves no
+    entry behind."""
 
-    name: str  # restore/FILE, the latest name one process tried (rsync retries under new ones)
+    name: str  # restore/FILE (or FILE), the latest name one process tried (rsync retries under new ones)
     errno: str  # its symbolic name, as EEXIST
     reason: str
     tries: int = 1
@@ -370,13 +371,26 @@ class RestoreDirectory:
         if entry is not None and entry.session is None and entry.state == CREATED_STATE:
             entry.state = f"failed: {str(refusal).removeprefix(f'{in_restore(file_name)}: ')}"
 
-    def _refused(self, file_name: str, refusal: MirenfsError, pid: int) -> None:
+    def refuse_in_the_root(self, file_name: str, pid: int) -> MirenfsError:
+        """A file made in the mount's root, beside the snapshots (the likeliest first mistake:
+        ``cp pg.mirn MNT/``): EROFS, with where a snapshot to restore goes said in the log and in
+        ``mirenfs status`` (trial R s18: "Read-only file system" alone, of a mount that says rw)."""
+        refusal = MirenfsError(
+            f"{printable(file_name)}: the mount's root holds only the disks' snapshots and takes no "
+            f"file; copy a snapshot to restore into {RESTORE_DIRECTORY}/ ({RESTORE_DIRECTORY}/NAME.mirn "
+            "restores disk NAME)"
+        )
+        refusal.errno = errno.EROFS
+        self._refused(file_name, refusal, pid, where=printable(file_name))
+        return refusal
+
+    def _refused(self, file_name: str, refusal: MirenfsError, pid: int, *, where: str | None = None) -> None:
         """One log line and one status record per refusal. rsync retries a refused temporary
         file under new names (it takes EEXIST for a name clash): the same refusal of the same
         process within a few seconds counts as a retry, recorded under the latest name (the
         one rsync prints). A refused create leaves no entry, so the record is where
         ``mirenfs status`` finds the reason."""
-        now, message, where = time.monotonic(), str(refusal), in_restore(file_name)
+        now, message, where = time.monotonic(), str(refusal), where or in_restore(file_name)
         last = self._last_refusal  # set only once a refusal was recorded: refusals[0] is that one
         if last is not None and last[0] == (message, pid) and now - last[1] <= REFUSAL_REPEAT_S:
             self.refusals[0].name = where

@@ -7,7 +7,7 @@ The JSON is ``{"pid", "index_passes", "disks": {NAME: {"index": "building",
 built"}}, "restores": [{"name", "disk", "state", "bytes"[, "image_done", "image_total"]}],
 "refused": [{"name", "errno", "reason", "tries"}]}``; ``image_done`` and ``image_total`` (the
 image decompressed so far, and its size by the header) are there while a restore has a header;
-``refused`` holds the latest refusals in ``restore/``,
+``refused`` holds the latest refusals in ``restore/`` (and of files made in the root),
 newest first (a refused create leaves no entry to read the reason from); ``tries`` counts
 one process's retries of the same refusal, as rsync makes under new temporary names.
 ``catalog`` is the disk catalogue the mount uses (``etcd://…`` or ``sqlite:///DATA-PATH``) and
