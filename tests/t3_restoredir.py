@@ -962,6 +962,25 @@ async def test_a_failed_restore_whose_writer_removed_its_file_is_still_in_the_st
 
 
 @trio_test
+async def test_an_installed_restore_whose_writer_removed_its_file_is_still_in_the_status(
+    data_path: Path, good: Snapshot
+) -> None:
+    """Trial R (s18): ``rsync --delay-updates`` cannot move its temporary file into a partial
+    directory and removes it, once installed: the disk was replaced, and ``mirenfs status`` said
+    "no restores" (the README said the entry reads installed)."""
+    async with operations(data_path) as m:
+        temporary = ".good.mirn.AbCdEf"
+        assert await m.copy_in(temporary, good.data) is None  # installed: the close succeeds
+        await m.ops.unlink(RESTORE_INODE, temporary.encode(), m.ctx)
+        [shown] = m.ops.restores.status()
+        assert shown["name"] == f"restore/{temporary}" and shown["disk"] == "good"
+        assert str(shown["state"]).startswith("installed: created disk good")
+        assert str(shown["state"]).endswith(" (its writer then removed it)")
+        assert m.ops.restores.refusal_status() == []
+    assert disk_status(data_path, "good") == "provisioned"
+
+
+@trio_test
 async def test_stopping_the_mount_undoes_an_unfinished_restore(data_path: Path, big: Snapshot) -> None:
     add_image_disk(data_path, "pg")  # the store exists before: only the new disk must go again
     async with operations(data_path) as m:

@@ -259,6 +259,10 @@ class RestoreDirectory:
         self._last_refusal: tuple[tuple[str, int], float] | None = None  # (message, pid), when
         # The latest refusals first, for ``mirenfs status``: what a refused create left no entry for.
         self.refusals: collections.deque[Refusal] = collections.deque(maxlen=REFUSALS_KEPT)
+        # Restores that installed and whose file its writer then removed, newest first.
+        self.removed_after_install: collections.deque[dict[str, object]] = collections.deque(
+            maxlen=REFUSALS_KEPT
+        )
         self._starting: set[str] = set()  # disks whose restore is being prepared
         # Disks a failed restore created and could not remove (the catalogue did not answer), with
         # the entry whose state says so: removed once the catalogue answers (see retry_stranded).
@@ -613,6 +617,13 @@ class RestoreDirectory:
                 Refusal(in_restore(file_name), code, f"{said} (its writer then removed it)")
             )
             self._last_refusal = None
+        elif entry.state.startswith("installed"):
+            # Trial R (s18): rsync --delay-updates removes its temporary file once installed (it
+            # could not move it into a partial directory): the disk was replaced, and status said
+            # "no restores". The outcome stays listed, with the restores, as one that ended.
+            self.removed_after_install.appendleft(
+                {**entry.status(), "state": f"{entry.state} (its writer then removed it)"}
+            )
 
     async def rename(self, old: str, new: str) -> None:
         entry = self.entries.get(old)
@@ -724,7 +735,7 @@ class RestoreDirectory:
                     )
 
     def status(self) -> list[dict[str, object]]:
-        return [entry.status() for entry in self.entries.values()]
+        return [entry.status() for entry in self.entries.values()] + list(self.removed_after_install)
 
     def refusal_status(self) -> list[dict[str, object]]:
         return [asdict(refusal) for refusal in self.refusals]
