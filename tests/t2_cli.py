@@ -148,11 +148,27 @@ def test_the_demos_guide_quotes_its_paths(tmp_path: Path, capsys: pytest.Capture
     assert shlex.split(commands[-1])[-1] == str(root / "data")
 
 
-def test_demo_refuses_a_directory_in_use(tmp_path: Path) -> None:
+def test_demo_refuses_a_directory_in_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 0)  # root's demo; nothing here needs root
     (tmp_path / "something").write_text("x")
     result = run_cli("demo", tmp_path)
     assert result.code == 1 and "not an empty directory" in result.err
     assert os.listdir(tmp_path) == ["something"]
+
+
+def test_demo_without_root_says_so_before_it_makes_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trial R (s18): as a user, the demo failed in mkfs.btrfs (the host's loop devices) with
+    advice to try a larger --size or another --filesystem, options the demo has not."""
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    result = run_cli("demo", tmp_path / "demo")
+    assert (result.code, result.err) == (
+        1,
+        "mirenfs: error: the demo needs root: it formats its disks (mkfs.btrfs looks at the host's loop "
+        "devices) and mounts them; run it as root (sudo make demo)\n",
+    )
+    assert os.listdir(tmp_path) == []
 
 
 def test_status_of_what_is_not_a_mirenfs_mount(tmp_path: Path) -> None:

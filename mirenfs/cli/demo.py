@@ -46,6 +46,11 @@ DEMO_DISKS = (
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Set up, mount in the foreground until Ctrl-C (or an unmount), then remove everything."""
+    if os.geteuid() != 0:  # trial R (s18): mkfs.btrfs failed, and the advice named options it has not
+        raise MirenfsError(
+            "the demo needs root: it formats its disks (mkfs.btrfs looks at the host's loop devices) and "
+            "mounts them; run it as root (sudo make demo)"
+        )
     if mkfs_program("ext4") is None:
         raise MirenfsError("the demo needs mkfs.ext4 to build its disks; install e2fsprogs")
     root, created = _demo_directory(args.directory)

@@ -230,9 +230,11 @@ def make_filesystem(
         raise MirenfsError(f"could not run {command[0]} on the image of disk {name}: {exc}") from None
     if done.returncode != 0:
         detail = mkfs_reason(done.stderr or done.stdout) or f"exit status {done.returncode}"
+        remedy = "try a larger --size or another --filesystem"
+        if "Permission denied" in detail and os.geteuid() != 0:  # mkfs.btrfs looks at the loop devices
+            remedy = "run it as root (sudo), or pick another --filesystem"
         raise MirenfsError(
-            f"{command[0]} failed on the image of disk {name} ({detail}); nothing was created, "
-            "try a larger --size or another --filesystem"
+            f"{command[0]} failed on the image of disk {name} ({detail}); nothing was created, {remedy}"
         )
     return True, None
 
