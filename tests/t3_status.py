@@ -130,6 +130,8 @@ def test_status_names_the_catalogue_and_node_and_whose_disks_it_found_none_of() 
     assert said not in text
     status["without_image_here"] = ["web", "web2"]
     assert said in format_status(entry, status)
+    for passes, shown in ((1, "1 index pass since mounted"), (2, "2 index passes since mounted")):
+        assert format_status(entry, {**status, "index_passes": passes}).splitlines()[0].endswith(shown)
 
 
 @trio_test

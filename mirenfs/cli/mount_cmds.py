@@ -72,7 +72,15 @@ def register(commands: Any) -> None:
         "instead of at the first stat or read of its snapshot",
     )
     mount.add_argument(
-        "-o", dest="options", action="append", default=[], metavar="OPT,…", help="FUSE mount options"
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPT,…",
+        help=(
+            "mount options: mirenfs's own (allow_overwrite, index_at_mount, frame_store_size=SIZE, "
+            "freeze_budget=SECONDS, live_reads; see the README) and FUSE's (allow_other, …)"
+        ),
     )
     mount.set_defaults(handler=cmd_mount)
 
@@ -472,7 +480,8 @@ def format_status(entry: MountEntry, status: dict[str, Any]) -> str:
     if "pid" in status:
         header.append(f"pid {status['pid']}")
     if "index_passes" in status:
-        header.append(f"{status['index_passes']} index passes since mounted")
+        passes = status["index_passes"]
+        header.append(f"{passes} index pass{'' if passes == 1 else 'es'} since mounted")
     lines = [", ".join(header)]
     if status.get("catalog_error"):
         age = status.get("listing_age_s")
