@@ -183,15 +183,18 @@ def test_status_of_what_is_not_a_mirenfs_mount(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("where", ["the data path", "a directory above it"])
 def test_a_mount_that_would_cover_its_own_data_path_is_refused_before_mounting(
-    tmp_path: Path, where: str
+    tmp_path: Path, where: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Mounted there, the daemon's first look at its store would wait on its own answer, for ever
-    (found by an operator trial: the mount and every `mirenfs status` hung)."""
+    (found by an operator trial: the mount and every `mirenfs status` hung). Trial R (s18): the
+    refused mount point (not empty) was first warned about as if the mount went ahead."""
     data = tmp_path / "data"
     data.mkdir()
+    (data / "mirenfs.db").write_bytes(b"")
     mountpoint = data if where == "the data path" else tmp_path
     with pytest.raises(MirenfsError, match="the mount would hide the disks' images and its own store"):
         mount_config("mount", str(mountpoint), "--data-path", str(data))  # refused before mounting
+    assert "is not empty" not in caplog.text
     beside = tmp_path / "mnt"  # (one inside it is refused too: see the test below)
     beside.mkdir()
     assert mount_config("mount", str(beside), "--data-path", str(data)).mountpoint == str(beside)

@@ -146,6 +146,7 @@ def config_from(args: argparse.Namespace) -> MountConfig:
     index_at_mount = args.index_at_mount or "index_at_mount" in options
     options = [opt for opt in options if opt not in MOUNT_SWITCHES]
     policy, options = copy_policy(options)  # freeze_budget=SECONDS, live_reads: mirenfs's, not FUSE's
+    warn_if_not_empty(mountpoint)  # once every refusal passed (trial R s18: said of mounts refused)
     return MountConfig(
         mountpoint,
         data_path,
@@ -188,7 +189,7 @@ def _dead_mount_error(where: str) -> MirenfsError:
 def refuse_hiding_another_mount(mountpoint: str) -> None:
     """A mount point that is another filesystem's (trial Q: the live filesystem of a disk in use,
     whose freezes then failed with a wrong reason) would hide it: refused, but for the autofs
-    mount systemd's automount stands there. A non-empty one hides its files: said, not refused."""
+    mount systemd's automount stands there (a non-empty one: see :func:`warn_if_not_empty`)."""
     holding = mount_holding(mountpoint)
     real = os.path.realpath(mountpoint)
     if holding is not None and holding.mountpoint == real and holding.fstype != "autofs":
@@ -196,6 +197,10 @@ def refuse_hiding_another_mount(mountpoint: str) -> None:
             f"mount point {mountpoint} is where a {holding.fstype} filesystem ({holding.source}) is mounted: "
             "a mount there would hide it; mount on an empty directory of its own"
         )
+
+
+def warn_if_not_empty(mountpoint: str) -> None:
+    """A non-empty mount point hides its files while mounted: said, not refused."""
     with contextlib.suppress(OSError), os.scandir(mountpoint) as entries:
         if any(True for _ in entries):
             log.warning(
