@@ -304,6 +304,31 @@ def test_a_second_mount_of_one_data_path_works_and_says_so(tmp_path: Path, mount
     assert re.search(warning, third.log())
 
 
+def test_a_second_mount_in_the_background_says_so_on_its_terminal(tmp_path: Path, teardown: Teardown) -> None:
+    """Trial R (s18): the daemon's warning went to mount.log alone, and `mirenfs mount` printed
+    nothing to the person who made the mistake (the warnings a daemon logs before it is ready
+    reach the terminal now; after that, the log alone)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    make_disk(data, "pg")
+    said = []
+    for name in ("one", "two"):
+        mnt = teardown.mount(tmp_path / name)
+        mnt.mkdir()
+        result = run(MIRENFS, "mount", mnt, "--data-path", data)
+        assert result.returncode == 0, result.stderr
+        said.append(result.stderr)
+        wait_for(lambda mnt=mnt: os.path.ismount(mnt), what=f"{mnt} to be mounted")
+    assert said[0] == ""
+    assert said[1].startswith(
+        f"mirenfs: WARNING: another mirenfs mount already serves data path {data}; this one uses the disk "
+        f"catalogue sqlite://{data}: "
+    ), said[1]
+    assert said[1].count("\n") == 1
+    for name in ("one", "two"):
+        assert run("fusermount3", "-u", tmp_path / name).returncode == 0
+
+
 def test_a_disk_restored_through_one_mount_is_refused_at_create_by_another(
     tmp_path: Path, mounts: Mounts
 ) -> None:

@@ -42,7 +42,7 @@ from mirenfs.disks.model import holds_mirenfs_files
 from mirenfs.disks.store import Store
 from mirenfs.engine.aio import meaningful_error
 from mirenfs.engine.image import make_private_directory
-from mirenfs.errors import MirenfsError
+from mirenfs.errors import MirenfsError, one_line
 from mirenfs.mount.config import MOUNT_SWITCHES, MountConfig, clone_directory_of, copy_policy, fuse_options
 from mirenfs.mount.status import STATUS_XATTR
 
@@ -265,6 +265,9 @@ def _daemonize(config: MountConfig, log_level: str) -> int:
         os.close(write_end)
         with os.fdopen(read_end, "rb") as report:
             message = report.read().decode(errors="replace")
+        while message.startswith(_STARTUP_WARNING):
+            warning, _, message = message[len(_STARTUP_WARNING) :].partition("\n")
+            say(f"mirenfs: WARNING: {warning}", file=sys.stderr)
         if message == "ready":
             return 0
         os.waitpid(pid, 0)
@@ -276,8 +279,11 @@ def _daemonize(config: MountConfig, log_level: str) -> int:
     try:
         os.setsid()
         _detach_stdio(config, log_level)
+        relay = _StartupWarnings(report_to)
+        logging.getLogger().addHandler(relay)
 
         def ready() -> None:
+            logging.getLogger().removeHandler(relay)
             os.write(write_end, b"ready")
             report_to.clear()
             os.close(write_end)
@@ -294,6 +300,25 @@ def _daemonize(config: MountConfig, log_level: str) -> int:
         write_held_back_repeats()
         logging.shutdown()
         os._exit(code)
+
+
+_STARTUP_WARNING = "\x1ewarning:"  # what the daemon's report pipe carries before "ready" or the error
+
+
+class _StartupWarnings(logging.Handler):
+    """Until the mount is ready, its warnings reach the terminal that started it as well as its log
+    (trial R s18: "another mirenfs mount already serves data path …" went to mount.log alone, and
+    the person who made that mistake saw nothing)."""
+
+    def __init__(self, report_to: list[int]) -> None:
+        super().__init__(logging.WARNING)
+        self._report_to = report_to
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = f"{_STARTUP_WARNING}{one_line(record.getMessage())}\n".encode(errors="replace")
+        for fd in self._report_to:
+            with contextlib.suppress(OSError):
+                os.write(fd, line)
 
 
 def _detach_stdio(config: MountConfig, log_level: str) -> None:
