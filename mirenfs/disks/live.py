@@ -72,7 +72,8 @@ def loop_devices_backing(image_path: str, *, sys_block: str | None = None) -> li
             raise LiveCheckError(
                 f"/dev/{device} is backed by {backing!r}, which does not lead to a file from here (a path "
                 f"in another mount namespace, or unlinked), and /dev/{device} cannot be opened to ask the "
-                "kernel which file it is (that takes root)"
+                f"kernel which file it is (that takes root): run it as root (sudo), or detach /dev/{device} "
+                f"if nothing uses it (losetup -d /dev/{device})"
             )
     return found
 
