@@ -364,29 +364,27 @@ def test_a_snapshot_that_cannot_be_read_or_a_rename_that_fails_is_named_with_the
         ), argv
     monkeypatch.undo()
 
-    def rename(source: str, destination: str, **at: int) -> None:
-        raise OSError(errno.EIO, os.strerror(errno.EIO), source)
+    # verifyR: EPERM said no outcome (refusals use EPERM too)
+    for call, code, step in (
+        ("rename", errno.EIO, "renaming its staging file {image}.restore.tmp over it"),
+        (
+            "fchmod",
+            errno.EPERM,
+            "giving its staging file {image}.restore.tmp the image's owner, mode and time",
+        ),
+    ):
 
-    monkeypatch.setattr(os, "rename", rename)
-    result = run_cli("restore", vector.path, "--image", image, "--force")
-    assert (result.code, result.err) == (
-        1,
-        f"mirenfs: error: cannot write {image}: Input/output error (renaming its staging file "
-        f"{image}.restore.tmp over it); {image} is as it was\n",
-    )
-    monkeypatch.undo()
+        def failing(*args: object, code: int = code, **kwargs: object) -> None:
+            raise OSError(code, os.strerror(code))
 
-    def fchmod(fd: int, mode: int) -> None:  # verifyR: EPERM said no outcome (refusals use EPERM too)
-        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
-
-    monkeypatch.setattr(os, "fchmod", fchmod)
-    result = run_cli("restore", vector.path, "--image", image, "--force")
-    assert (result.code, result.err) == (
-        1,
-        f"mirenfs: error: cannot write {image}: Operation not permitted (giving its staging file "
-        f"{image}.restore.tmp the image's owner, mode and time); {image} is as it was\n",
-    )
-    monkeypatch.undo()
+        monkeypatch.setattr(os, call, failing)
+        result = run_cli("restore", vector.path, "--image", image, "--force")
+        monkeypatch.undo()
+        assert (result.code, result.err) == (
+            1,
+            f"mirenfs: error: cannot write {image}: {os.strerror(code)} ({step.format(image=image)}); "
+            f"{image} is as it was\n",
+        ), call
     assert image.read_bytes() == b"the old image" and sorted(p.name for p in tmp_path.iterdir()) == ["t.img"]
 
 
