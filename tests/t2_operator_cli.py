@@ -11,6 +11,7 @@ import logging
 import os
 import pty
 import select
+import shlex
 import signal
 import stat
 import subprocess
@@ -27,7 +28,7 @@ import trio
 from mirenfs.cli import mount_helper
 from mirenfs.disks.creations import hold_disk_create_note, hold_removal_note, mark_creating
 from mirenfs.disks.manage import mkfs_reason, settle_a_killed_restore
-from mirenfs.disks.model import DiskState, new_id
+from mirenfs.disks.model import DiskState, LeaseState, new_id
 from mirenfs.disks.pointintime import RECORD_PREFIX, RECORD_SUFFIX
 from mirenfs.disks.store import Store
 from mirenfs.engine import files
@@ -809,6 +810,34 @@ def test_a_change_done_is_a_success_even_when_standard_output_cannot_take_its_li
     )
     assert backed.returncode == 0 and said("verify", str(snapshot))[0] == 0
     assert backed.stderr.decode().startswith("mirenfs: standard output could not take this line")
+
+
+def test_a_lease_whose_id_standard_output_cannot_take_is_released_again(tmp_path: Path) -> None:
+    """Review S3 F7: the lease's id is the command's output, not a report of a change: when
+    standard output cannot take it, or its reader went away, nobody learns the id, and the lease
+    would hold the disk (refusing restores) until someone found it. It is released again."""
+    data = tmp_path / "data"
+    data.mkdir()
+    make_disk(data, "pg", size=1 << 20)
+    acquire = [*mirenfs_command(), "lease", "acquire", "pg", "--data-path", str(data)]
+    with open("/dev/full", "wb") as full:
+        lost = subprocess.run(acquire, stdout=full, stderr=subprocess.PIPE, timeout=120)
+    assert (lost.returncode, lost.stderr.decode()) == (
+        1,
+        "mirenfs: error: standard output could not take the id of the lease just acquired on disk pg "
+        "(No space left on device), so the lease was released again; disk pg is as it was\n",
+    )
+    reader_gone = subprocess.run(
+        f"{shlex.join(acquire)} | true", shell=True, capture_output=True, timeout=120
+    )
+    assert reader_gone.returncode == 0 and reader_gone.stderr == b""  # the pipe's status is true's
+    assert bound_leases(data) == []
+    held = ok("lease", "acquire", "pg", "--data-path", data).out.strip()  # a reader that stays: held
+    assert bound_leases(data) == [held]
+
+
+def bound_leases(data: Path) -> list[str]:
+    return [lease.id for lease in Store(str(data)).get_disk("pg").leases if lease.status == LeaseState.BOUND]
 
 
 def test_inspect_json_escapes_what_a_header_holds(tmp_path: Path) -> None:

@@ -240,12 +240,17 @@ def say_done(text: str) -> None:
     except BrokenPipeError:
         raise  # the reader went away: ended quietly, as every command is
     except OSError as exc:
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, sys.stdout.fileno())  # what stays buffered goes nowhere, not into an error at exit
-        os.close(null)
-        with contextlib.suppress(OSError):
-            sys.stdout.flush()
+        silence_standard_output()
         say(f"mirenfs: standard output could not take this line ({exc.strerror}): {text}", file=sys.stderr)
+
+
+def silence_standard_output() -> None:
+    """After standard output failed: what stays buffered goes nowhere, not into an error at exit."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, sys.stdout.fileno())
+    os.close(null)
+    with contextlib.suppress(OSError):
+        sys.stdout.flush()
 
 
 def snapshot_size(path: str) -> int:

@@ -13,7 +13,15 @@ import os
 import sys
 from typing import Any
 
-from mirenfs.cli.common import add_data_path_option, catalog_from, human_size, parse_size, say, say_done
+from mirenfs.cli.common import (
+    add_data_path_option,
+    catalog_from,
+    human_size,
+    parse_size,
+    say,
+    say_done,
+    silence_standard_output,
+)
 from mirenfs.cli.mountinfo import mirenfs_mount_holding
 from mirenfs.disks.catalogs import ImageAdopting, catalog_spec_from, node_from, none_on_this_node
 from mirenfs.disks.manage import create_disk, remove_disk
@@ -230,8 +238,23 @@ def cmd_disk_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_lease_acquire(args: argparse.Namespace) -> int:
-    lease = _store(args).acquire_lease(validate_disk_name(args.name))
-    say_done(lease.id)
+    """The lease's id is the output, not a report of a change: a lease whose id nobody could
+    read (standard output full, its reader gone) would hold the disk, refusing restores, until
+    someone found it; it is released again (review S3 F7)."""
+    name = validate_disk_name(args.name)
+    store = _store(args)
+    lease = store.acquire_lease(name)
+    try:
+        say(lease.id, flush=True)
+    except OSError as exc:
+        store.release_lease(lease.id)
+        silence_standard_output()
+        if isinstance(exc, BrokenPipeError):
+            raise  # the reader went away: ended quietly, as every command is
+        raise MirenfsError(
+            f"standard output could not take the id of the lease just acquired on disk {name} "
+            f"({exc.strerror}), so the lease was released again; disk {name} is as it was"
+        ) from None
     return 0
 
 
