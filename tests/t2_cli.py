@@ -600,9 +600,39 @@ def test_a_mount_point_where_another_filesystem_is_mounted_is_refused_and_a_full
     (full / "file").write_text("hidden while mounted")
     caplog.set_level(logging.WARNING, logger="mirenfs")
     assert mount_config("mount", str(full), "--data-path", str(data)).mountpoint == str(full)
+    assert caplog.records == []  # said by cmd_mount once the catalogue was checked too
+    mount_cmds.warn_if_not_empty(str(full))
     assert [r.getMessage() for r in caplog.records] == [
         f"mount point {full} is not empty: its files are hidden while mirenfs is mounted there"
     ]
+    caplog.clear()
+    unreachable = run_cli(
+        "mount", full, "--data-path", data, "--catalog", "etcd://127.0.0.1:1", "--node", "h"
+    )
+    assert unreachable.code == 1 and "is unreachable" in unreachable.err  # review S4 F11: and no warning
+    assert "is not empty" not in unreachable.err + caplog.text
+
+
+def test_the_daemons_report_carries_warnings_until_its_end_and_nothing_after(tmp_path: Path) -> None:
+    """Review S4 F9, F10: a warning another thread logged as the mount became ready could follow
+    "ready" in the pipe (the command then waited for the serving daemon to exit) or go into the
+    file that reused the closed descriptor's number; and the failure itself came twice, once as
+    a WARNING."""
+    read_end, write_end = os.pipe()
+    report = mount_cmds._Report(write_end)
+    relay = mount_cmds._StartupWarnings(report)
+    logger = logging.getLogger("mirenfs.test-report")
+    logger.addHandler(relay)
+    try:
+        logger.warning("first\nline")
+        logger.error("mount failed: said as the error, not as a warning")
+        report.finish("ready")
+        logger.warning("after the end")
+        report.finish("twice")
+    finally:
+        logger.removeHandler(relay)
+    with os.fdopen(read_end, "rb") as reported:
+        assert reported.read() == b"\x1ewarning:first\\nline\nready"  # and then EOF: closed once
 
 
 def test_a_data_path_this_user_may_not_write_says_who_may(

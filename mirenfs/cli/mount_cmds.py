@@ -19,6 +19,7 @@ import stat
 import subprocess
 import sys
 import syslog
+import threading
 import time
 from collections.abc import Callable
 from functools import partial
@@ -146,7 +147,6 @@ def config_from(args: argparse.Namespace) -> MountConfig:
     index_at_mount = args.index_at_mount or "index_at_mount" in options
     options = [opt for opt in options if opt not in MOUNT_SWITCHES]
     policy, options = copy_policy(options)  # freeze_budget=SECONDS, live_reads: mirenfs's, not FUSE's
-    warn_if_not_empty(mountpoint)  # once every refusal passed (trial R s18: said of mounts refused)
     return MountConfig(
         mountpoint,
         data_path,
@@ -244,16 +244,18 @@ def serve_mount(config: MountConfig, *, ready: Callable[[], None] | None = None)
 
 def cmd_mount(args: argparse.Namespace) -> int:
     config = config_from(args)
+    # Checked here as well as in the daemon, before the fork: the daemon logs into the data path,
+    # so a read-only or damaged one must be named by this process, in one line, not by a daemon's
+    # raw error.
+    config.open_catalog().check()  # the store, or the etcd catalogue: reachable, with a quorum
+    warn_if_not_empty(config.mountpoint)  # once the refusals passed (trial R s18, review S4 F11)
     if args.foreground:
         fold_log_repeats()
         try:
-            serve_mount(config)  # checks the store before it mounts
+            serve_mount(config)  # checks the store again as it mounts
         finally:
             write_held_back_repeats()
         return 0
-    # Checked here as well, before the fork: the daemon logs into the data path, so a read-only
-    # or damaged one must be named by this process, in one line, not by a daemon's raw error.
-    config.open_catalog().check()  # the store, or the etcd catalogue: reachable, with a quorum
     return _daemonize(config, args.log_level)
 
 
@@ -263,8 +265,8 @@ def _daemonize(config: MountConfig, log_level: str) -> int:
     pid = os.fork()
     if pid:
         os.close(write_end)
-        with os.fdopen(read_end, "rb") as report:
-            message = report.read().decode(errors="replace")
+        with os.fdopen(read_end, "rb") as reported:
+            message = reported.read().decode(errors="replace")
         while message.startswith(_STARTUP_WARNING):
             warning, _, message = message[len(_STARTUP_WARNING) :].partition("\n")
             say(f"mirenfs: WARNING: {warning}", file=sys.stderr)
@@ -275,27 +277,17 @@ def _daemonize(config: MountConfig, log_level: str) -> int:
         return 1
     os.close(read_end)
     code = 1
-    report_to: list[int] = [write_end]  # emptied once closed: its number is then another file's
+    report = _Report(write_end)
     try:
         os.setsid()
         _detach_stdio(config, log_level)
-        relay = _StartupWarnings(report_to)
-        logging.getLogger().addHandler(relay)
-
-        def ready() -> None:
-            logging.getLogger().removeHandler(relay)
-            os.write(write_end, b"ready")
-            report_to.clear()
-            os.close(write_end)
-
-        serve_mount(config, ready=ready)
+        logging.getLogger().addHandler(_StartupWarnings(report))
+        serve_mount(config, ready=partial(report.finish, "ready"))
         code = 0
     except BaseException as exc:
         error = meaningful_error(exc)
         log.error("mount failed: %s", error)
-        for fd in report_to:  # a failure after readiness is the log's alone (review: once written
-            with contextlib.suppress(OSError):  # into whatever file had reused the number)
-                os.write(fd, str(error).encode())
+        report.finish(str(error))  # a failure after readiness is the log's alone
     finally:
         write_held_back_repeats()
         logging.shutdown()
@@ -305,20 +297,44 @@ def _daemonize(config: MountConfig, log_level: str) -> int:
 _STARTUP_WARNING = "\x1ewarning:"  # what the daemon's report pipe carries before "ready" or the error
 
 
+class _Report:
+    """The daemon's pipe to the command that started it: warnings, then "ready" or the error. Every
+    write and the one close are under a lock, so no thread writes after the end (the parent would
+    not take "ready" followed by a warning), nor into whatever file reused the descriptor's number
+    (review S4 F9)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+        self._lock = threading.Lock()
+
+    def send(self, text: str) -> None:
+        with self._lock:
+            if self._fd is not None:
+                with contextlib.suppress(OSError):
+                    os.write(self._fd, text.encode(errors="replace"))
+
+    def finish(self, text: str) -> None:
+        with self._lock:
+            if self._fd is None:
+                return
+            with contextlib.suppress(OSError):
+                os.write(self._fd, text.encode(errors="replace"))
+            os.close(self._fd)
+            self._fd = None
+
+
 class _StartupWarnings(logging.Handler):
     """Until the mount is ready, its warnings reach the terminal that started it as well as its log
     (trial R s18: "another mirenfs mount already serves data path …" went to mount.log alone, and
-    the person who made that mistake saw nothing)."""
+    the person who made that mistake saw nothing). Warnings only: a failure is reported as such."""
 
-    def __init__(self, report_to: list[int]) -> None:
+    def __init__(self, report: _Report) -> None:
         super().__init__(logging.WARNING)
-        self._report_to = report_to
+        self._report = report
 
     def emit(self, record: logging.LogRecord) -> None:
-        line = f"{_STARTUP_WARNING}{one_line(record.getMessage())}\n".encode(errors="replace")
-        for fd in self._report_to:
-            with contextlib.suppress(OSError):
-                os.write(fd, line)
+        if record.levelno == logging.WARNING:
+            self._report.send(f"{_STARTUP_WARNING}{one_line(record.getMessage())}\n")
 
 
 def _detach_stdio(config: MountConfig, log_level: str) -> None:
