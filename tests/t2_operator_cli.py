@@ -1414,6 +1414,29 @@ def test_cleanup_removes_the_temporary_state_files_of_killed_processes_only(
     )
     assert [path.exists() for path in (*dead, live, fresh, unrelated)] == [False, False, True, True, True]
 
+    # Review S4 F3: a name with an impossible pid is a dead one's (it raised OverflowError), and
+    # one that cannot be removed (a data path now read-only) is said, while the sweep goes on.
+    huge = state / "trusted-images.json.99999999999999999999.1.tmp"
+    stuck = state / f"catalog-moved.json.{gone}.3.tmp"
+    for path in (huge, stuck):
+        path.write_bytes(b"{}")
+        os.utime(path, (old, old))
+    real_unlink = os.unlink
+
+    def read_only(path: object, *args: object, **kwargs: object) -> None:
+        if str(path) == str(stuck):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        real_unlink(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "unlink", read_only)
+    swept = run_cli("cleanup", "--data-path", data)
+    assert swept.code == 0, swept.err
+    assert swept.err == ""
+    assert sorted(swept.out.splitlines()) == [
+        f"cannot remove {stuck}, a temporary file of a killed mirenfs process: Read-only file system",
+        f"removed {huge}, a temporary file of a mirenfs process that was killed",
+    ]
+
 
 def _a_pid_that_is_gone() -> int:
     """The pid of a child that has exited and been reaped (not reused within a test, in practice)."""

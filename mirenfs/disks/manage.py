@@ -378,8 +378,11 @@ def sweep_what_killed_runs_left(
     for path in leftovers.removed:
         yield logging.INFO, f"removed {path}, a point-in-time copy left over from an earlier run"
     for directory in (state_directory(data_path), index_directory(data_path)):
-        for path in remove_dead_temporaries(directory):
+        removed, problems = remove_dead_temporaries(directory)
+        for path in removed:
             yield logging.INFO, f"removed {path}, a temporary file of a mirenfs process that was killed"
+        for sentence in problems:
+            yield logging.WARNING, sentence
     unremoved: list[str] = []
     staging = sweep_stale_staging(data_path, catalog=store, unremoved=unremoved)
     for path in staging:

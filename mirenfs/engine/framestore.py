@@ -42,7 +42,7 @@ import threading
 
 import blake3
 
-from mirenfs.engine.image import make_directories, make_private_directory
+from mirenfs.engine.image import make_directories, make_private_directory, temporary_writer_runs
 from mirenfs.errors import size_in_words
 from mirenfs.format.frames import frame_checksum
 
@@ -410,16 +410,7 @@ def _scan(directory: str) -> list[tuple[int, bytes, int]]:
 
 def _writer_runs(temporary_name: str) -> bool:
     """Whether the process that names itself in ``NAME.PID.THREAD.tmp`` still runs."""
-    parts = temporary_name.split(".")
-    if len(parts) != 4 or not parts[1].isdigit() or not 0 < int(parts[1]) < 1 << 22:  # pid_max
-        return False
-    try:
-        os.kill(int(parts[1]), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process, running
-    return True
+    return temporary_writer_runs(temporary_name) is True
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -951,21 +951,44 @@ def replace_private_file(
 
 _TEMPORARY_NAME = re.compile(r".+\.(\d+)\.\d+\.tmp")  # what replace_private_file writes first
 TEMPORARY_LEFT_AFTER_S = 60.0  # a state file is saved in milliseconds: one this old is no save at work
+_PID_MAX = 1 << 22  # the kernel's largest pid_max
 
 
-def remove_dead_temporaries(directory: str) -> list[str]:
+def temporary_writer_runs(name: str) -> bool | None:
+    """For a temporary file named as :func:`replace_private_file` names them (``NAME.PID.THREAD.tmp``):
+    whether the process that wrote it still runs. None for any other name."""
+    found = _TEMPORARY_NAME.fullmatch(name)
+    if found is None:
+        return None
+    digits = found.group(1)
+    if len(digits) > len(str(_PID_MAX)) or not 0 < int(digits) < _PID_MAX:
+        return False  # no process has such a pid (review S4 F3: os.kill raised OverflowError)
+    pid = int(digits)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's, running
+        return True
+    return True
+
+
+def remove_dead_temporaries(directory: str) -> tuple[list[str], list[str]]:
     """Remove the temporary files :func:`replace_private_file` left in ``directory`` when its
-    process was killed before the rename (trial FI2 G6: they stayed for ever); the paths removed.
-    Only those of a process that is gone, and a minute old (a process of another pid namespace
-    sharing the data path is not seen here)."""
+    process was killed before the rename (trial FI2 G6: they stayed for ever): only those of a
+    process that is gone, and a minute old (a process of another pid namespace sharing the data
+    path is not seen here). The paths removed, and a sentence for each that could not be (a
+    read-only data path: review S4 F3), so that the rest of a sweep goes on."""
+    removed: list[str] = []
+    problems: list[str] = []
     try:
         names = os.listdir(directory)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    removed = []
+    except FileNotFoundError:
+        return removed, problems
+    except OSError as exc:
+        return removed, [f"cannot look for temporary files left in {directory}: {exc.strerror}"]
     for name in names:
-        found = _TEMPORARY_NAME.fullmatch(name)
-        if found is None or _process_exists(int(found.group(1))):
+        if temporary_writer_runs(name) is not False:
             continue
         path = os.path.join(directory, name)
         try:
@@ -975,18 +998,13 @@ def remove_dead_temporaries(directory: str) -> list[str]:
             os.unlink(path)
         except FileNotFoundError:
             continue
+        except OSError as exc:
+            problems.append(
+                f"cannot remove {path}, a temporary file of a killed mirenfs process: {exc.strerror}"
+            )
+            continue
         removed.append(path)
-    return removed
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
+    return removed, problems
 
 
 def _unlink_quietly(path: str) -> None:
