@@ -380,6 +380,10 @@ async def test_the_root_takes_no_new_files_and_no_changes(
             ("pg.mirn", "EROFS", said.removeprefix("new.mirn: ")),
         ]
         assert said in caplog.text
+        # Review S4 F7: `cp pg.mirn MNT/` over disk pg's own snapshot opens it for writing.
+        ops.restores.refusals.clear()
+        assert await fuse_errno(ops.open(snapshot, os.O_WRONLY | os.O_TRUNC, ctx)) == errno.EROFS
+        assert [(r.name, r.errno) for r in ops.restores.refusals] == [("pg.mirn", "EROFS")]
         assert await fuse_errno(ops.create(snapshot, b"x.mirn", 0o644, os.O_WRONLY, ctx)) == errno.EPERM
         for parent in (ROOT_INODE, RESTORE_INODE):
             assert await fuse_errno(ops.mkdir(parent, b"dir", 0o755, ctx)) == errno.EPERM

@@ -173,6 +173,13 @@ class MirenOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return entry, parsed[1]
 
+    def _root_file_name(self, inode: int) -> str | None:
+        """The name of a file in the root (a snapshot or sidecar), without building anything."""
+        node = self.inodes.nodes.get(inode)
+        if node is None:
+            return self.inodes.listed_name(inode)
+        return node.name + (SIDECAR_SUFFIX if node.kind == SIDECAR else SNAPSHOT_SUFFIX)
+
     async def _node(self, inode: int) -> Node:
         node = self.inodes.nodes.get(inode)
         if node is not None:
@@ -348,8 +355,11 @@ class MirenOperations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=self.handles.add(writer), direct_io=True)
         if inode in self.restores.ignored:
             return pyfuse3.FileInfo(fh=self.handles.add(None if writing else b""), direct_io=True)
-        if writing:
-            raise pyfuse3.FUSEError(errno.EROFS)
+        if writing:  # `cp pg.mirn MNT/` over the snapshot of disk pg: said where it goes (review S4 F7)
+            name = self._root_file_name(inode)
+            if name is None:
+                raise pyfuse3.FUSEError(errno.EROFS)
+            raise self.restores.refuse_in_the_root(name, ctx.pid)
         node = await self._node(inode)
         version = node.version
         if version.fd < 0:
@@ -513,6 +523,9 @@ class MirenOperations(pyfuse3.Operations):
             return self._ignored_attributes(self.restores.ignored[inode])
         restore = self.restores.by_inode.get(inode)
         if restore is None:
+            name = self._root_file_name(inode) if fields.update_size else None
+            if name is not None:  # `truncate -s 0 MNT/pg.mirn`, or a copy over it: as a write would be
+                raise self.restores.refuse_in_the_root(name, ctx.pid)
             raise pyfuse3.FUSEError(errno.EROFS if fields.update_size else errno.EPERM)
         self.restores.check_writer(ctx.uid, f"restore/{restore.name}")
         # tar and rsync set times, mode and owner after writing: keep them.
