@@ -565,6 +565,23 @@ def test_backup_into_a_descriptor_it_was_given_as_a_path(tmp_path: Path) -> None
             out, err = child.communicate(timeout=120)
         assert (child.returncode, received) == (0, streamed), (name, err)
         assert out.decode().startswith(f"backed up {image} to {name.format(fd=writing)}: "), out
+    # Review S4 F1, F2: a read end (-o <(…), the typo of >(…)) failed with "Bad file descriptor" after
+    # the whole pass; a terminal got the binary snapshot. Both refused before anything is read.
+    reading, writing = os.pipe()
+    primary, secondary = pty.openpty()
+    try:
+        for descriptor, why in ((reading, "it is open for reading only"), (secondary, "it is a terminal")):
+            command = [*mirenfs_command(), *base, "-o", f"/dev/fd/{descriptor}"]
+            refused = subprocess.run(command, pass_fds=[descriptor], capture_output=True, timeout=120)
+            assert refused.returncode == 1 and refused.stdout == b"", refused
+            assert (
+                f"mirenfs: error: cannot write /dev/{'fd/' if descriptor == reading else 'pts/'}"
+                in (refused.stderr.decode())
+                and why in refused.stderr.decode()
+            ), refused.stderr
+    finally:
+        for fd in (reading, writing, primary, secondary):
+            os.close(fd)
     status, out, err = said(*base, "-o", "/dev/fd/9")  # no such descriptor: said so, not "no directory"
     assert (status, out) == (1, "") and err.startswith(
         "mirenfs: error: cannot write /dev/fd/9: this command has no descriptor 9 open;"

@@ -61,6 +61,7 @@ from mirenfs.engine.files import (
     backup_image,
     open_input,
     read_pieces,
+    refuse_a_descriptor_that_takes_no_snapshot,
     restore_file,
     verify_file,
     where_a_link_leads,
@@ -156,6 +157,7 @@ def backup_output(given: str) -> str:
                 output = "-"
         if output != "-":
             output = where_a_link_leads(given)
+            refuse_a_descriptor_that_takes_no_snapshot(output)
     if output == "-" and getattr(sys.stdout, "closed_at_start", False):  # see mirenfs.launch
         raise MirenfsError("standard output is closed, so the snapshot would go nowhere: give -o FILE")
     if output == "-" and sys.stdout.isatty():

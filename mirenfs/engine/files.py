@@ -447,10 +447,41 @@ def _open_special(output: str) -> BinaryIO:
 def _checked_special(output: str, fd: int) -> BinaryIO:
     try:
         _refuse_a_special_file_of_another_user(output, os.fstat(fd))
+        _refuse_what_takes_no_snapshot(output, fd)
     except BaseException:
         os.close(fd)
         raise
     return os.fdopen(fd, "wb")
+
+
+def refuse_a_descriptor_that_takes_no_snapshot(output: str) -> None:
+    """Before anything is frozen or read: ``-o /dev/fd/N`` naming a pipe of this command that
+    cannot take the snapshot (see :func:`_refuse_what_takes_no_snapshot`)."""
+    descriptor = own_descriptor(output)
+    if descriptor is not None and _a_pipe_handed_to_this_command(output):
+        _refuse_what_takes_no_snapshot(output, descriptor)
+
+
+def _refuse_what_takes_no_snapshot(output: str, fd: int) -> None:
+    """A descriptor open for reading only (``-o <(ssh …)``, the typo of ``>(ssh …)``: it failed with
+    "Bad file descriptor" after the whole pass, review S4 F1), or a terminal (a snapshot is
+    binary, and ``-o /dev/fd/2`` wrote it onto one, review S4 F2)."""
+    try:
+        read_only = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+        terminal = os.isatty(fd)
+    except OSError as exc:
+        raise cannot_write(output, exc) from None
+    if read_only:
+        raise TargetError(
+            f"cannot write {output}: it is open for reading only (the shell's <(COMMAND) hands a "
+            "command its output to read; -o >(COMMAND) hands it a pipe to write)",
+            errno.EBADF,
+        )
+    if terminal:
+        raise TargetError(
+            f"cannot write {output}: it is a terminal, and a snapshot is binary: send it to a file or a pipe",
+            errno.ENOTTY,
+        )
 
 
 def _refuse_a_special_file_of_another_user(output: str, info: os.stat_result) -> None:
