@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from mirenfs.cli import mount_helper
+from mirenfs.cli import disk_cmds, mount_helper
 from mirenfs.disks.creations import hold_disk_create_note, hold_removal_note, mark_creating
 from mirenfs.disks.manage import mkfs_reason, settle_a_killed_restore
 from mirenfs.disks.model import DiskState, LeaseState, new_id
@@ -848,9 +848,43 @@ def test_a_lease_whose_id_standard_output_cannot_take_is_released_again(tmp_path
         f"{shlex.join(acquire)} | true", shell=True, capture_output=True, timeout=120
     )
     assert reader_gone.returncode == 0 and reader_gone.stderr == b""  # the pipe's status is true's
+    closed = subprocess.run(f"{shlex.join(acquire)} >&-", shell=True, capture_output=True, timeout=120)
+    assert (closed.returncode, closed.stderr.decode()) == (  # review S4 F12
+        1,
+        "mirenfs: error: standard output is closed, so nobody would learn the lease's id: no lease was "
+        "acquired\n",
+    )
     assert bound_leases(data) == []
     held = ok("lease", "acquire", "pg", "--data-path", data).out.strip()  # a reader that stays: held
     assert bound_leases(data) == [held]
+
+
+def test_a_lease_that_cannot_be_released_again_says_its_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review S4 F12: when the release failed too (a full data path, etcd gone), its error took the
+    place of the id, and the lease held the disk with its id printed nowhere."""
+    data = tmp_path / "data"
+    data.mkdir()
+    make_disk(data, "pg", size=1 << 20)
+
+    def failing_print(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def failing_release(self: Store, lease_id: str) -> None:
+        raise StoreError("cannot write the disk store: its filesystem is full")
+
+    monkeypatch.setattr(disk_cmds, "say", failing_print)
+    monkeypatch.setattr(Store, "release_lease", failing_release)
+    result = run_cli("lease", "acquire", "pg", "--data-path", data)
+    monkeypatch.undo()
+    [held] = bound_leases(data)
+    assert (result.code, result.err) == (
+        1,
+        "mirenfs: error: standard output could not take the id of the lease just acquired on disk pg (No "
+        "space left on device), and releasing it failed too (cannot write the disk store: its filesystem is "
+        f"full): it is {held}; release it with mirenfs lease release {held}\n",
+    )
 
 
 def bound_leases(data: Path) -> list[str]:

@@ -242,13 +242,24 @@ def cmd_lease_acquire(args: argparse.Namespace) -> int:
     read (standard output full, its reader gone) would hold the disk, refusing restores, until
     someone found it; it is released again (review S3 F7)."""
     name = validate_disk_name(args.name)
+    if getattr(sys.stdout, "closed_at_start", False):  # see mirenfs.launch (review S4 F12)
+        raise MirenfsError(
+            "standard output is closed, so nobody would learn the lease's id: no lease was acquired"
+        )
     store = _store(args)
     lease = store.acquire_lease(name)
     try:
         say(lease.id, flush=True)
     except OSError as exc:
-        store.release_lease(lease.id)
         silence_standard_output()
+        try:
+            store.release_lease(lease.id)
+        except MirenfsError as failed:  # the id must be said somewhere, or nobody can release it
+            raise MirenfsError(
+                f"standard output could not take the id of the lease just acquired on disk {name} "
+                f"({exc.strerror}), and releasing it failed too ({failed}): it is {lease.id}; release it "
+                f"with mirenfs lease release {lease.id}"
+            ) from None
         if isinstance(exc, BrokenPipeError):
             raise  # the reader went away: ended quietly, as every command is
         raise MirenfsError(
