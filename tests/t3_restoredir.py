@@ -975,7 +975,7 @@ async def test_an_installed_restore_whose_writer_removed_its_file_is_still_in_th
         [shown] = m.ops.restores.status()
         assert shown["name"] == f"restore/{temporary}" and shown["disk"] == "good"
         assert str(shown["state"]).startswith("installed: created disk good")
-        assert str(shown["state"]).endswith(" (its writer then removed it)")
+        assert str(shown["state"]).endswith(" (its file was removed since)")
         assert m.ops.restores.refusal_status() == []
     assert disk_status(data_path, "good") == "provisioned"
 

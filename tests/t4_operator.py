@@ -496,8 +496,8 @@ def test_a_data_path_of_root_run_without_sudo_says_whose_it_is(teardown: Teardow
         result = run(*as_nobody, MIRENFS, *argv, "--data-path", data)
         assert (result.returncode, result.stderr) == (
             1,
-            f"mirenfs: error: the data path {data} is root's, and this user (nobody) may not read its "
-            "mirenfs.db: run the command as root (sudo)\n",
+            f"mirenfs: error: the disk store {data}/mirenfs.db is root's, and this user (nobody) may not "
+            "read it: run the command as root (sudo)\n",
         ), argv
     assert store_state(data) == before and not (base / "pg.mirn").exists()
 

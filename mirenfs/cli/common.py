@@ -65,21 +65,24 @@ def _refuse_a_data_path_of_another_user(path: str) -> None:
     most often: a command run without sudo). Said so, once, before any command fails on one of its
     files with a story of its own (trial R s18: "cannot read …/catalog-moved.json, the mark
     `catalog copy` left", of a data path never copied anywhere)."""
-    for name, needed in ((DB_FILE_NAME, os.R_OK), (STATE_DIRECTORY, os.R_OK | os.X_OK)):
+    for name, what, needed in (
+        (DB_FILE_NAME, "disk store", os.R_OK),
+        (STATE_DIRECTORY, "state directory", os.R_OK | os.X_OK),
+    ):
         inner = os.path.join(path, name)
         try:
             owner = os.stat(inner).st_uid
         except FileNotFoundError:
             continue
         except PermissionError:  # the data path itself cannot be searched
-            owner = os.stat(path).st_uid
+            owner, name, what = os.stat(path).st_uid, "", "data path"
         else:
             if os.access(inner, needed, effective_ids=os.access in os.supports_effective_ids):
                 continue
+        shown = f"{what} {os.path.join(path, name)}" if name else f"data path {path}"
         raise MirenfsError(
-            f"the data path {path} is {_user_named(owner)}'s, and this user ({_user_named(os.geteuid())}) "
-            f"may not read its {name}: run the command as {_user_named(owner)}"
-            + (" (sudo)" if owner == 0 else "")
+            f"the {shown} is {_user_named(owner)}'s, and this user ({_user_named(os.geteuid())}) may not "
+            f"read it: run the command as {_user_named(owner)}" + (" (sudo)" if owner == 0 else "")
         )
 
 

@@ -58,6 +58,7 @@ _SIDECAR_LIMIT = 4096  # a sidecar is one sha256sum line
 REFUSAL_REPEAT_S = 5.0
 STRANDED_RETRY_S = 1.0  # how often a disk left provisioning by an outage is tried again
 REFUSALS_KEPT = 20
+REPLACED_BY_A_RENAME = "replaced by a rename"
 # What a stranded disk waited for, once it came (see retry_stranded).
 _ONCE = {
     UNTIL_THE_CATALOGUE_ANSWERS: "the catalogue answered",
@@ -617,12 +618,13 @@ class RestoreDirectory:
                 Refusal(in_restore(file_name), code, f"{said} (its writer then removed it)")
             )
             self._last_refusal = None
-        elif entry.state.startswith("installed"):
+        elif entry.state.startswith("installed") and reason != REPLACED_BY_A_RENAME:
             # Trial R (s18): rsync --delay-updates removes its temporary file once installed (it
             # could not move it into a partial directory): the disk was replaced, and status said
-            # "no restores". The outcome stays listed, with the restores, as one that ended.
+            # "no restores". The outcome stays listed, with the restores, as one that ended (not
+            # when a rename replaced it: the entry renamed over it stands for the disk now).
             self.removed_after_install.appendleft(
-                {**entry.status(), "state": f"{entry.state} (its writer then removed it)"}
+                {**entry.status(), "state": f"{entry.state} (its file was removed since)"}
             )
 
     async def rename(self, old: str, new: str) -> None:
@@ -642,7 +644,7 @@ class RestoreDirectory:
                 errno.EPERM,
             )
         if new in self.entries and self.entries[new] is not entry:
-            await self.remove(new, reason="replaced by a rename")
+            await self.remove(new, reason=REPLACED_BY_A_RENAME)
         del self.entries[old]
         entry.name = new
         self.entries[new] = entry
