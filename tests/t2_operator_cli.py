@@ -407,11 +407,18 @@ def test_errors_about_a_snapshot_name_it_and_the_target_is_left_alone(tmp_path: 
         (["verify", str(empty)], f"mirenfs: error: {empty}: the snapshot is empty (0 bytes)"),
         (["inspect", str(empty)], f"mirenfs: error: {empty}: the snapshot is empty (0 bytes)"),
         (["verify", str(plain)], f"{plain}: not a .mirn snapshot: bad magic (it starts with the bytes "),
-        (
-            ["verify", str(raw)],
-            f"mirenfs: error: {raw}: not a .mirn snapshot: bad magic (it starts with the bytes 00 00 00 00, "
-            "where a snapshot starts with MIRN): it is a raw ext4 image, not a snapshot of one; make one "
-            "of it with mirenfs backup --image IMAGE -o NAME.mirn",
+        *(
+            (
+                argv,
+                f"mirenfs: error: {raw}: not a .mirn snapshot: bad magic (it starts with the bytes 00 00 00 "
+                "00, where a snapshot starts with MIRN): it is a raw ext4 image, not a snapshot of one; make "
+                "one of it with mirenfs backup --image IMAGE -o NAME.mirn",
+            )
+            for argv in (  # review S4 F4: the restore of a disk and inspect read the header themselves
+                ["verify", str(raw)],
+                ["inspect", str(raw)],
+                ["restore", str(raw), "--data-path", str(tmp_path)],
+            )
         ),
     ):
         status, _out, err = said(*argv)

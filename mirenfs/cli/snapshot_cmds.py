@@ -56,7 +56,7 @@ from mirenfs.disks.rules import (
     what_the_data_path_keeps_at,
 )
 from mirenfs.disks.trust import TrustedImages
-from mirenfs.engine.consume import Placed
+from mirenfs.engine.consume import Placed, as_raw_image
 from mirenfs.engine.files import (
     backup_image,
     open_input,
@@ -67,7 +67,7 @@ from mirenfs.engine.files import (
     where_a_link_leads,
 )
 from mirenfs.engine.framestore import FrameStore
-from mirenfs.engine.fstype import detect_filesystem
+from mirenfs.engine.fstype import SIGNATURES_END, detect_filesystem
 from mirenfs.engine.produce import Settings
 from mirenfs.errors import (
     NO_SPACE,
@@ -441,6 +441,7 @@ def naming_the_snapshot(path: str, outcome: Callable[[], str] | None = None) -> 
     try:
         yield
     except FormatError as exc:
+        exc = as_raw_image(exc, _start_of(path))  # read by read_header: named here (review S4 F4)
         raise FormatError(f"{_shown(path)}: {_and_outcome(str(exc), outcome)}") from None
     except SnapshotUnreadableError as exc:
         raise SnapshotUnreadableError(f"{_shown(path)}: {_and_outcome(str(exc), outcome)}") from None
@@ -475,6 +476,17 @@ def _and_outcome(message: str, outcome: Callable[[], str] | None) -> str:
         return message
     said = outcome()
     return message if said in message else f"{message}; {said}"
+
+
+def _start_of(path: str) -> bytes:
+    """The first bytes of the file ``path`` (none of standard input: they were read)."""
+    if path == "-":
+        return b""
+    try:
+        with open(path, "rb") as file:
+            return file.read(SIGNATURES_END)
+    except OSError:
+        return b""
 
 
 def _shown(path: str) -> str:

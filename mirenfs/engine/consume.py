@@ -42,7 +42,7 @@ from typing import IO, Protocol, Union, cast
 import trio
 import zstandard
 
-from mirenfs.engine.fstype import filesystem_in
+from mirenfs.engine.fstype import SIGNATURES_END, filesystem_in
 from mirenfs.engine.image import ImageIdentity, MakeRoom, SparseWriter, StagingImage, disk_file_mode
 from mirenfs.engine.pipeline import BufferPool, Handoff, LoopWaker, Piece, Stages, Stopped
 from mirenfs.engine.produce import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
@@ -417,20 +417,27 @@ def _decompress_whole(decompressor: zstandard.ZstdDecompressor, frame: bytes, in
         )
 
 
+_RAW_IMAGE = "image, not a snapshot of one"
+
+
+def as_raw_image(exc: FormatError, start: bytes | bytearray | memoryview) -> FormatError:
+    """``exc``, of a file whose first bytes are ``start``, naming it as a disk image itself when it
+    is one (the likeliest wrong file: ``cp pg.img restore/pg.mirn``, ``mirenfs restore pg.img``)."""
+    if _RAW_IMAGE in str(exc) or start[: len(MAGIC)] == MAGIC:
+        return exc
+    found = filesystem_in(start)
+    if found is None:
+        return exc
+    make_one = "make one of it with mirenfs backup --image IMAGE -o NAME.mirn"
+    return FormatError(f"{exc}: it is a raw {found} {_RAW_IMAGE}; {make_one}")
+
+
 @contextlib.contextmanager
 def _naming_a_raw_image(start: bytes | bytearray | memoryview) -> Iterator[None]:
-    """A file that is no snapshot because it is a disk image itself (the likeliest wrong file:
-    ``cp pg.img restore/pg.mirn``) is named as such; ``start`` is the file's first bytes."""
     try:
         yield
     except FormatError as exc:
-        found = None if start[: len(MAGIC)] == MAGIC else filesystem_in(start)
-        if found is None:
-            raise
-        raise FormatError(
-            f"{exc}: it is a raw {found} image, not a snapshot of one; make one of it with "
-            "mirenfs backup --image IMAGE -o NAME.mirn"
-        ) from None
+        raise as_raw_image(exc, start) from None
 
 
 def check_snapshot_start(start: bytes | bytearray | memoryview) -> None:
@@ -491,6 +498,7 @@ class RestoreStream:
         self._open_target = open_target
         self._check_seek_table = check_seek_table
         self._header = HeaderParser()
+        self._start = bytearray()  # the first bytes, to name a disk image given for a snapshot
         if header_read is not None:  # the caller already consumed the header (Go's RestoreImage)
             self._header.meta = validate_restorable(header_read)
         self._pipeline: _Pipeline | None = None
@@ -519,7 +527,9 @@ class RestoreStream:
             self.bytes_in += len(data)
             rest = memoryview(data)
             if not self._opened:
-                with _naming_a_raw_image(data if self.bytes_in == len(data) else b""):
+                if len(self._start) < SIGNATURES_END:  # however the stream came in pieces (review S4 F4)
+                    self._start += rest[: SIGNATURES_END - len(self._start)]
+                with _naming_a_raw_image(self._start):
                     rest = self._header.feed(rest)
                 if self._header.meta is None:
                     return

@@ -12,6 +12,9 @@ _SIGNATURES = (
 )
 
 
+SIGNATURES_END = max(offset + len(magic) for offset, magic, _ in _SIGNATURES)  # the bytes filesystem_in needs
+
+
 def filesystem_in(start: bytes | bytearray | memoryview) -> str | None:
     """``ext4``, ``xfs`` or ``btrfs`` when ``start``, the first bytes of a file, show one's superblock."""
     for offset, magic, name in _SIGNATURES:
