@@ -634,7 +634,7 @@ async def test_an_image_that_cannot_be_indexed_is_said_with_its_disk_and_file(
         assert await fuse_errno(m.lookup("pg.mirn")) == errno.EIO
         assert (
             f"disk pg: reading its image {image} failed ({step}: Input/output error), so its snapshot "
-            "cannot be served now; check the disk the image is on"
+            "cannot be served now; check the disk that file is on"
         ) in caplog.text
         assert "[Errno" not in caplog.text
         monkeypatch.undo()

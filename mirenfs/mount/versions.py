@@ -218,8 +218,13 @@ class IndexCache:
             give_back_free_memory(index.nbytes)
 
 
+def _what_is_read(taken: PointInTime) -> str:
+    """The file a snapshot reads, as a failure names it: the image, or its point-in-time copy."""
+    return f"point-in-time copy {taken.image.path}" if taken.is_copy else f"image {taken.image.path}"
+
+
 @contextlib.contextmanager
-def _reading_the_image(name: str, image_path: str, step: str) -> Iterator[None]:
+def _reading_the_image(name: str, what: str, step: str) -> Iterator[None]:
     """An image that fails to read (EIO) is said with its disk, file and step (trial FD F3: the log
     said "open: [Errno 5] Input/output error"). A missing image (ENOENT) and a process out of
     descriptors (said where it is caught) go on as they are."""
@@ -229,8 +234,8 @@ def _reading_the_image(name: str, image_path: str, step: str) -> Iterator[None]:
         if isinstance(exc, FileNotFoundError) or exc.errno in (errno.EMFILE, errno.ENFILE):
             raise
         failed = MirenfsError(
-            f"disk {name}: reading its image {image_path} failed ({step}: {exc.strerror}), so its "
-            "snapshot cannot be served now; check the disk the image is on"
+            f"disk {name}: reading its {what} failed ({step}: {exc.strerror}), so its "
+            "snapshot cannot be served now; check the disk that file is on"
         )
         failed.errno = exc.errno or errno.EIO
         raise failed from None
@@ -538,7 +543,7 @@ class SnapshotService:
         spill: FrameSpill | None = None
         try:
             # Off the event loop: it maps the image's data with lseek, long for a fragmented one.
-            with _reading_the_image(name, image_path, "data map"):
+            with _reading_the_image(name, _what_is_read(taken), "data map"):
                 source = await trio.to_thread.run_sync(image.source, self.settings)
             # A copy is gone after a restart: its index is never worth loading (the suffix never matches).
             key = identity.cache_key(self.settings.key()) + (":point-in-time" if taken.is_copy else "")
@@ -551,7 +556,7 @@ class SnapshotService:
                 index, sidecar = cached
             else:
                 single_read = taken.consistency is Consistency.LIVE
-                with _reading_the_image(name, image_path, "index pass"):
+                with _reading_the_image(name, _what_is_read(taken), "index pass"):
                     index, spill = await self._index_pass(
                         name, source, single_read=single_read, image_path=image_path
                     )
