@@ -981,6 +981,24 @@ async def test_an_installed_restore_whose_writer_removed_its_file_is_still_in_th
 
 
 @trio_test
+async def test_a_refused_restore_over_an_ended_entry_says_so_in_the_entry(
+    data_path: Path, good: Snapshot
+) -> None:
+    """Trial M (s18): the entry of an earlier restore that installed kept saying "installed" when a
+    new copy onto it was refused (a lease bound since): a script checking the state, as the README
+    advises, read success. The entry says the refusal now; the disk is as the first restore left it."""
+    async with operations(data_path, allow_overwrite=True) as m:
+        assert await m.copy_in("good.mirn", good.data) is None
+        assert (await m.state("good.mirn")).startswith("installed")
+        Store(str(data_path)).acquire_lease("good")
+        inode = (await m.lookup("good.mirn", RESTORE_INODE)).st_ino
+        assert await fuse_errno(m.open(inode, os.O_WRONLY | os.O_TRUNC)) == errno.EBUSY
+        state = await m.state("good.mirn")
+        assert state.startswith("failed: ") and "lease" in state, state
+    assert disk_status(data_path, "good") == "provisioned"
+
+
+@trio_test
 async def test_stopping_the_mount_undoes_an_unfinished_restore(data_path: Path, big: Snapshot) -> None:
     add_image_disk(data_path, "pg")  # the store exists before: only the new disk must go again
     async with operations(data_path) as m:

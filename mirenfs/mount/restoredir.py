@@ -369,11 +369,16 @@ class RestoreDirectory:
         return RestoreWriter(entry, session)
 
     def _refused_open(self, file_name: str, refusal: MirenfsError, pid: int) -> None:
-        """A refused open of an entry ``mknod`` made (``tar --xattrs``) says so on the entry,
-        which said its restore would start there (review: it kept saying so)."""
+        """A refused open of an entry says so on the entry: one ``mknod`` made (``tar --xattrs``)
+        said its restore would start there (review: it kept saying so), and one of an earlier
+        restore kept its outcome, "installed", which a script checking the state took for this
+        copy's (trial M s18). Not for a refused writer (EACCES): another user's open must not
+        change the owner's entries."""
         self._refused(file_name, refusal, pid)
         entry = self.entries.get(file_name)
-        if entry is not None and entry.session is None and entry.state == CREATED_STATE:
+        if entry is None or entry.session is not None:
+            return
+        if entry.state == CREATED_STATE or refusal.errno != errno.EACCES:
             entry.state = f"failed: {str(refusal).removeprefix(f'{in_restore(file_name)}: ')}"
 
     def refuse_in_the_root(self, file_name: str, pid: int) -> MirenfsError:
