@@ -293,6 +293,8 @@ def test_a_restored_image_keeps_its_owner_and_mode_less_what_others_may_do(tmp_p
     image = tmp_path / "restored.img"
     image.write_bytes(b"the old image")
     os.chmod(image, 0o664)
+    owner = (4321, 4322) if os.geteuid() == 0 else (os.getuid(), os.getgid())  # review MT: owner checked
+    os.chown(image, *owner)
 
     async def restore() -> None:
         await restore_to_path(str(image), file_pieces(GO_EXT4.path), overwrite=True)
@@ -300,6 +302,54 @@ def test_a_restored_image_keeps_its_owner_and_mode_less_what_others_may_do(tmp_p
     trio.run(restore)
     assert sha256_file(image) == GO_EXT4.sha256
     assert stat.S_IMODE(image.stat().st_mode) == 0o660
+    assert (image.stat().st_uid, image.stat().st_gid) == owner
+
+
+def test_a_restore_syncs_its_staging_file_before_it_replaces_the_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review MT: nothing checked that the new image is on disk before it takes the old one's name
+    (a crash after the rename would leave neither), nor that a sync refused (a full filesystem at
+    writeback) keeps the old image."""
+    image = tmp_path / "restored.img"
+    image.write_bytes(b"the old image")
+    steps: list[tuple[str, int]] = []  # (call, inode): the staging file is made unnamed, then linked
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        steps.append(("fsync", os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def rename(source: str, destination: str, **at: int) -> None:
+        steps.append(("rename", os.stat(source, **at).st_ino))
+        real_rename(source, destination, **at)
+
+    async def restore() -> None:
+        await restore_to_path(str(image), file_pieces(GO_EXT4.path), overwrite=True)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    trio.run(restore)
+    monkeypatch.undo()
+    [renamed] = [i for i, (call, _inode) in enumerate(steps) if call == "rename"]
+    assert steps[renamed][1] == image.stat().st_ino
+    assert ("fsync", image.stat().st_ino) in steps[:renamed], steps
+    assert ("fsync", tmp_path.stat().st_ino) in steps[renamed:], steps  # the rename itself, durable
+
+    image.write_bytes(b"the old image")
+
+    def full(fd: int) -> None:
+        if stat.S_ISREG(os.fstat(fd).st_mode):  # the staging file's (the directory's comes after)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(TargetError, match="its filesystem is full"):
+        trio.run(restore)
+    monkeypatch.undo()
+    assert image.read_bytes() == b"the old image" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "restored.img"
+    ]
 
 
 def test_a_staging_file_that_cannot_be_removed_does_not_hide_why_the_restore_failed(
