@@ -23,7 +23,7 @@ from mirenfs.engine.fstype import detect_filesystem
 from mirenfs.format.header import decode_header, read_header
 
 from support.bad_snapshots import FORGED_LOG_LINE
-from support.data import BAD_NAMES, holds_a_petabyte, sha256_file, staging_files
+from support.data import BAD_NAMES, sha256_file, staging_files
 from support.runners import ok, refused, refused_restore, run_cli, run_mirenfs
 from support.store import churn_store, disks, store_state
 from support.vectors import GO_EXT4, GO_ODD
@@ -229,9 +229,8 @@ def test_a_header_whose_filesystem_no_disk_has_is_refused_before_anything_change
     refused(said, "verify", snapshot)  # it would not restore: verify does not call it OK
 
 
+@pytest.mark.usefixtures("no_petabyte_files")
 def test_a_header_claiming_a_petabyte_says_so_and_leaves_nothing(data: Path, tmp_path: Path) -> None:
-    if holds_a_petabyte(tmp_path):
-        pytest.skip(f"the filesystem of {tmp_path} holds a 1 PiB file")
     data_bytes = GO_ODD.path.read_bytes()
     meta, header_len = decode_header(data_bytes)
     snapshot = tmp_path / "huge.mirn"

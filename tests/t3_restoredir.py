@@ -33,7 +33,7 @@ from mirenfs.mount.inodes import RESTORE_INODE, ROOT_INODE
 from mirenfs.mount.status import STATUS_XATTR
 
 from support.bad_snapshots import CASES, bad_inputs
-from support.data import BAD_NAMES, holds_a_petabyte, sha256_file, staging_files, write_image
+from support.data import BAD_NAMES, sha256_file, staging_files, write_image
 from support.fuse_ops import (
     PIECE,
     FileState,
@@ -887,12 +887,11 @@ async def test_a_disk_created_for_a_restore_that_fails_is_removed(data_path: Pat
         assert (await m.state("big.mirn")).startswith("failed: ")
 
 
+@pytest.mark.usefixtures("no_petabyte_files")
 @trio_test
 async def test_a_header_claiming_a_petabyte_is_efbig_and_says_so(data_path: Path, good: Snapshot) -> None:
     """The staging file cannot be made that large here: the errno stays EFBIG (cp says "File too
     large"), the reason says what the header claims, and the disk created for it goes again."""
-    if holds_a_petabyte(data_path):
-        pytest.skip(f"the filesystem of {data_path} holds a 1 PiB file")
     claimed = replace(good.meta, size_bytes=1 << 50).header() + good.data[good.header_len :]
     add_image_disk(data_path, "pg")
     async with operations(data_path) as m:

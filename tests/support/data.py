@@ -87,16 +87,3 @@ def sha256_sparse(path: str | os.PathLike[str]) -> str:
 def staging_files(directory: str | os.PathLike[str]) -> list[str]:
     """The staging files of restores under ``directory``: a finished or failed restore leaves none."""
     return sorted(str(p) for p in Path(directory).rglob("*.restore.tmp"))
-
-
-def holds_a_petabyte(directory: Path) -> bool:
-    """Whether the filesystem of ``directory`` takes a sparse file of 1 PiB (ext4 refuses: EFBIG)."""
-    probe = directory / ".petabyte-probe"
-    try:
-        with open(probe, "wb") as f:
-            f.truncate(1 << 50)
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.unlink(missing_ok=True)
