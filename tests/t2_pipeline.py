@@ -143,7 +143,8 @@ class BlockingWriter:
         self.written = 0
 
     def write(self, data: bytes) -> None:
-        self.release.wait()
+        if not self.release.wait(60):  # a failed test still ends the stage (review MT)
+            raise TimeoutError("the test never let the writer go on")
         self.written += len(data)
 
 
@@ -174,7 +175,10 @@ def test_a_slow_writer_holds_back_the_feeds_in_bounded_memory(frame: int | None)
         await stream.finish()
         assert writer.written == len(content)
 
-    trio.run(run)
+    try:
+        trio.run(run)
+    finally:
+        writer.release.set()  # an assertion that failed above leaves no stage waiting (review MT)
 
 
 class FailingWriter:

@@ -651,8 +651,11 @@ async def test_releasing_a_superseded_snapshot_while_it_reads_ahead_keeps_the_se
         replace_image(image, seed=1, segments=RANDOM_SEGMENTS)
         await m.lookup("pg.mirn")  # the old version is superseded; this handle keeps it open
         await m.ops.read(fh, 0, PIECE)  # sequential: starts compressing the next frames ahead
+        ahead = m.ops.handles.get(fh).version.producer._in_flight  # type: ignore[union-attr]
         await m.ops.release(fh)  # the last handle: the old version's image fd is closed
-        await trio.sleep(0.2)
+        with trio.fail_after(10):  # the read-ahead ran into the closed image, or ended
+            while ahead:
+                await trio.sleep(0.01)
         assert (await m.lookup("pg.mirn")).st_size > 0
 
 

@@ -1183,7 +1183,10 @@ async def test_a_disk_an_outage_left_provisioning_is_removed_once_the_catalogue_
         await m.write_all(fh, big.data[: FEED_BATCH + PIECE])  # the header is in: the disk exists
         assert disk_status(data_path, "big") == "provisioning"
 
-        def unreachable(*_args: object) -> None:
+        tries: list[object] = []
+
+        def unreachable(*args: object) -> None:
+            tries.append(args)
             raise CatalogUnreachableError(GONE)
 
         with monkeypatch.context() as outage:
@@ -1197,7 +1200,10 @@ async def test_a_disk_an_outage_left_provisioning_is_removed_once_the_catalogue_
             assert disk_status(data_path, "big") == "provisioning" and staging_files(data_path) == []
             restores = json.loads((await m.xattrs(ROOT_INODE))[STATUS_XATTR])["restores"]
             assert left in restores[0]["state"]
-            await trio.sleep(0.1)  # several rounds while it is still down: kept for later
+            tried = len(tries)
+            with trio.fail_after(5):  # rounds of retries while it is still down: kept for later
+                while len(tries) < tried + 2:
+                    await trio.sleep(0.01)
             assert m.ops.restores.stranded and disk_status(data_path, "big") == "provisioning"
         with trio.fail_after(5):
             while m.ops.restores.stranded:  # until the retry has removed it and said so
