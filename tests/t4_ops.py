@@ -234,8 +234,11 @@ def test_status_during_an_index_pass(tmp_path: Path, mounts) -> None:
     result = run(MIRENFS, "status")
     everything = json.loads(run(MIRENFS, "status", "--json").stdout)
     # 3: a mount's catalogue did not answer; other tests' mounts on this host (an etcd outage
-    # test run alongside) may say so, never this one.
-    assert result.returncode in (0, 3) and everything[str(mountpoint)]["catalog_error"] is None, result.stderr
+    # test run alongside) may say so, never this one. 1: another mount on this host does not
+    # answer (a daemon killed by another test or user); never this one.
+    others_only = all(str(mountpoint) not in line for line in result.stderr.splitlines())
+    assert result.returncode in (0, 3) or (result.returncode == 1 and others_only), result.stderr
+    assert everything[str(mountpoint)]["catalog_error"] is None
     assert f"{mountpoint}: mirenfs" in result.stdout and "ready (offline, snapshot" in result.stdout
     assert everything[str(mountpoint)]["disks"]["big"]["index"] == "ready"
     assert everything[str(mountpoint)]["data_path"] == str(data)  # as the text output's header says
