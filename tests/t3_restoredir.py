@@ -963,6 +963,26 @@ async def test_a_failed_restore_whose_writer_removed_its_file_is_still_in_the_st
 
 
 @trio_test
+async def test_the_log_says_a_verified_snapshot_is_replacing_the_image_before_it_does(
+    data_path: Path, good: Snapshot, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Trial M (s18): a mount killed right after a restore's rename told the writer its close
+    failed, and no line anywhere said the disk had been replaced: the intent is logged first."""
+    caplog.set_level(logging.INFO, logger="mirenfs")
+    async with operations(data_path) as m:
+        assert await m.copy_in("good.mirn", good.data) is None
+    lines = [record.getMessage() for record in caplog.records]
+    intent = (
+        f"disk good: the snapshot verified ({good.meta.size_bytes} bytes, checksum {good.meta.checksum}); "
+        "replacing its image now"
+    )
+    [installed] = [
+        i for i, line in enumerate(lines) if line.startswith("restore of disk good ") and "installed" in line
+    ]
+    assert intent in lines[:installed], lines
+
+
+@trio_test
 async def test_an_installed_restore_whose_writer_removed_its_file_is_still_in_the_status(
     data_path: Path, good: Snapshot
 ) -> None:

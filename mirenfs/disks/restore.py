@@ -95,6 +95,16 @@ class DiskRestore:
 
     async def _before_install(self) -> None:
         await trio.to_thread.run_sync(self.target.before_install)
+        # A record of the intent, before the rename: a mount killed (SIGKILL) right after it told
+        # the writer its close failed, and nothing said that the disk had been replaced (trial M).
+        meta = self._restore.stream.meta
+        if meta is not None:
+            log.info(
+                "disk %s: the snapshot verified (%d bytes, checksum %s); replacing its image now",
+                self.target.name,
+                meta.size_bytes,
+                meta.checksum,
+            )
 
     async def write(self, offset: int, data: bytes) -> None:
         """Feed ``data`` written at ``offset``: what it skipped past the end is a hole of zeros."""
