@@ -494,3 +494,9 @@ def test_a_state_directory_of_another_user_is_refused(tmp_path: Path) -> None:
     with pytest.raises(PermissionError, match="is another user's"):
         make_private_directory(str(state))
     assert stat.S_IMODE(hers.stat().st_mode) == 0o755  # not made 0700 through her link
+    state.unlink()  # review MT: her directory itself at that name (not a link to one), refused too
+    state.mkdir(mode=0o755)
+    os.chown(state, 64_123, 64_123)
+    with pytest.raises(PermissionError, match="is another user's"):
+        make_private_directory(str(state))
+    assert stat.S_IMODE(state.stat().st_mode) == 0o755
