@@ -519,6 +519,26 @@ def test_inspect_says_what_a_missing_seek_table_means(tmp_path: Path) -> None:
     assert "seekable_frames: -\n(no seek table at the end: a snapshot written by Go's code" in out
 
 
+def test_a_bad_snapshot_given_as_a_named_pipe_fails_and_does_not_wait(tmp_path: Path) -> None:
+    """Self-review (s18): naming a disk image given for a snapshot read the file's first bytes
+    again, and a named pipe's open waited for a writer that never came: `verify` and `restore`
+    of a bad stream through a FIFO hung."""
+    fifo = tmp_path / "stream"
+    os.mkfifo(fifo)
+    raw = bytes(1080) + b"\x53\xef" + bytes(1 << 20)  # a disk image, not a snapshot
+    for argv in (["verify", str(fifo)], ["restore", str(fifo), "--data-path", str(tmp_path)]):
+        child = subprocess.Popen([*mirenfs_command(), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        with contextlib.suppress(BrokenPipeError), open(fifo, "wb") as writer:
+            writer.write(raw)
+        try:
+            _out, err = child.communicate(timeout=60)
+        finally:
+            child.kill()
+        assert child.returncode == 1 and f"mirenfs: error: {fifo}: not a .mirn snapshot: bad magic" in (
+            err.decode()
+        ), argv
+
+
 def test_inspect_reads_a_seek_table_of_any_length(tmp_path: Path) -> None:
     """A 1 TiB disk's table lists 262 144 frames in 3 MiB: inspect reads what the footer says,
     not a fixed tail (it read 1 MiB and called such a file cut short)."""

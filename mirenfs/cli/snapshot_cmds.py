@@ -11,6 +11,7 @@ import errno
 import json
 import logging
 import os
+import stat
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
@@ -479,14 +480,20 @@ def _and_outcome(message: str, outcome: Callable[[], str] | None) -> str:
 
 
 def _start_of(path: str) -> bytes:
-    """The first bytes of the file ``path`` (none of standard input: they were read)."""
+    """The first bytes of the regular file ``path``; none of standard input or a named pipe (what
+    was read of them is gone, and opening a pipe again would wait for a writer that never comes)."""
     if path == "-":
         return b""
     try:
-        with open(path, "rb") as file:
-            return file.read(SIGNATURES_END)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return b""
+    try:
+        return os.pread(fd, SIGNATURES_END, 0) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
 
 
 def _shown(path: str) -> str:
