@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -27,8 +28,10 @@ from mirenfs.disks.restore import FEED_BATCH
 from mirenfs.engine import consume
 from mirenfs.engine.consume import (
     INPUT_LIMIT,
+    INPUT_TOTAL,
     PIECE,
     POOL_PIECES,
+    POOL_PIECES_TOTAL,
     WHOLE_FRAME_LIMIT,
     ZERO_FRAME,
     OpenTarget,
@@ -36,7 +39,7 @@ from mirenfs.engine.consume import (
     restore_to_path,
 )
 from mirenfs.engine.image import SparseWriter, StagingImage, nonzero_runs
-from mirenfs.engine.pipeline import BufferPool, Stages
+from mirenfs.engine.pipeline import BufferPool, FairShare, Stages
 from mirenfs.errors import FormatError, TargetError
 from mirenfs.format.frames import FrameScanner
 
@@ -181,6 +184,97 @@ def test_a_slow_writer_holds_back_the_feeds_in_bounded_memory(frame: int | None)
         writer.release.set()  # an assertion that failed above leaves no stage waiting (review MT)
 
 
+def test_restores_at_once_share_one_bound_and_each_finishes_exactly() -> None:
+    """Trial M s18: each restore's pool and queues were bounded on their own, so ten at once took
+    a mount to 340 MB. Restores that run together now split one bound: held back by stuck
+    writers, three hold no more pieces and input between them than two may, and each finishes
+    exactly once its writer moves."""
+    contents = [os.urandom(40 << 20) for _ in range(3)]  # does not compress: input and output match
+    snapshots = [one_frame_snapshot(contents[0]), many_frame_snapshot(contents[1], chunk=PIECE)]
+    snapshots.append(one_frame_snapshot(contents[2]))
+    writers = [BlockingWriter() for _ in contents]
+
+    fed = [1024] * 3  # the header of each first: all three run before any data is decompressed
+
+    async def fill(n: int) -> None:
+        while fed[n] < len(snapshots[n]):
+            await streams[n].feed(snapshots[n][fed[n] : fed[n] + FEED_BATCH])
+            fed[n] += FEED_BATCH  # not counted when the feed was cancelled waiting for room
+
+    streams = [RestoreStream(partial(_returning, writer)) for writer in writers]
+
+    async def run() -> None:
+        for stream, snapshot, start in zip(streams, snapshots, fed, strict=True):
+            await stream.feed(snapshot[:start])
+        assert consume.RESTORES.running == 3
+        with trio.move_on_after(3):
+            async with trio.open_nursery() as nursery:
+                for n in range(3):
+                    nursery.start_soon(fill, n)
+        pipelines = [stream._pipeline for stream in streams]
+        assert all(pipeline is not None for pipeline in pipelines)
+        pieces = sum(pipeline._pool.buffers for pipeline in pipelines if pipeline is not None)
+        queued = sum(pipeline.input._bytes for pipeline in pipelines if pipeline is not None)
+        assert 3 <= pieces <= POOL_PIECES_TOTAL < 3 * POOL_PIECES, pieces
+        assert queued <= INPUT_TOTAL + 3 * FEED_BATCH < 3 * INPUT_LIMIT, queued
+        for writer in writers:
+            writer.release.set()
+        for stream, snapshot, start in zip(streams, snapshots, fed, strict=True):
+            await stream.feed(snapshot[start:])
+            await stream.finish()
+
+    try:
+        trio.run(run)
+    finally:
+        for writer in writers:
+            writer.release.set()  # a failed assertion leaves no stage waiting
+    assert [writer.written for writer in writers] == [len(content) for content in contents]
+    assert consume.RESTORES.running == 0 and restore_threads() == []
+
+
+async def _returning(writer: BlockingWriter, _meta: object) -> BlockingWriter:
+    return writer
+
+
+def test_a_pool_gives_back_the_buffers_its_share_no_longer_allows() -> None:
+    """A restore that ran alone keeps its pieces until they are written; as they come back, the
+    pool unmaps the ones over its new share, and hands out no more until it is under it."""
+    share = [4]
+    pool = BufferPool(lambda: share[0], 1 << 16)
+    held = [pool.acquire() for _ in range(4)]
+    assert pool.buffers == 4
+    share[0] = 2  # two more restores started
+    returned = [held.pop(), held.pop()]
+    for buffer in returned:
+        pool.give_back(buffer)
+    assert pool.buffers == 2 and all(isinstance(b, mmap.mmap) and b.closed for b in returned)
+    taken: list[object] = []
+    waiter = threading.Thread(target=lambda: taken.append(pool.acquire()), daemon=True)
+    waiter.start()
+    waiter.join(0.2)
+    assert taken == [], "a pool at its share handed out another buffer"
+    pool.give_back(held.pop())
+    waiter.join(10)
+    assert len(taken) == 1 and pool.buffers == 2
+    pool.give_back(taken[0])
+    pool.drop()
+    assert pool.buffers == 1  # the one still held; the free one is unmapped
+
+
+def test_a_fair_share_is_even_between_its_least_and_its_most() -> None:
+    share = FairShare()
+    assert share.share(16, 8, 1) == 8  # alone: the most
+    for _ in range(3):
+        share.join()
+    assert share.share(16, 8, 1) == 5
+    for _ in range(17):
+        share.join()
+    assert share.share(16, 8, 1) == 1 and share.share(16 << 20, 8 << 20, 0) == (16 << 20) // 20
+    for _ in range(20):
+        share.leave()
+    assert share.running == 0 and share.share(16, 8, 1) == 8
+
+
 class FailingWriter:
     def write(self, data: bytes) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -264,6 +358,7 @@ def test_an_abandoned_stream_stops_its_threads(make: Callable[[bytes], bytes]) -
     trio.run(run)
     gc.collect()
     wait_for(lambda: not restore_threads(), "the pipeline threads to end", timeout=5)
+    assert consume.RESTORES.running == 0, "an abandoned restore kept its share of the memory"
 
 
 def test_restore_to_path_is_exact_sparse_and_leaves_no_threads(tmp_path: Path) -> None:
@@ -527,7 +622,7 @@ def test_zero_frames_wait_for_the_hash_stage_like_any_piece(monkeypatch: pytest.
 
     def noting_put(self: Any, item: Any, size: int) -> None:
         with self._cond:
-            if self._bytes and self._bytes + size > self._limit:
+            if self._bytes and self._bytes + size > self._limit():
                 blocked.add(id(self))
         real_put(self, item, size)
 

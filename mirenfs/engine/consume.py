@@ -44,7 +44,7 @@ import zstandard
 
 from mirenfs.engine.fstype import SIGNATURES_END, filesystem_in
 from mirenfs.engine.image import ImageIdentity, MakeRoom, SparseWriter, StagingImage, disk_file_mode
-from mirenfs.engine.pipeline import BufferPool, Handoff, LoopWaker, Piece, Stages, Stopped
+from mirenfs.engine.pipeline import BufferPool, FairShare, Handoff, LoopWaker, Piece, Stages, Stopped
 from mirenfs.engine.produce import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
 from mirenfs.errors import FormatError, MirenfsError, TargetError, size_in_words
 from mirenfs.format.frames import FrameScanner, SeekTableCheck, zero_frame
@@ -66,11 +66,18 @@ log = logging.getLogger(__name__)
 PIECE = 4 << 20
 POOL_PIECES = 8  # decompressed pieces in flight between the stages (32 MiB)
 INPUT_LIMIT = 8 << 20  # compressed bytes waiting for the decompressor before a feed waits
+# What the restores running at once in this process share (a mount serves many): a restore alone,
+# or one of two, has the limits above; more split these evenly, so that memory stays bounded
+# however many run (ten took a mount to 340 MB when each had its own: trial M, session 18).
+RESTORES = FairShare()
+POOL_PIECES_TOTAL = 2 * POOL_PIECES
+INPUT_TOTAL = 2 * INPUT_LIMIT
 _READ_SIZE = 1 << 20  # compressed bytes the decompressor takes at a time
 # Frames of at most a piece's content (mirenfs's own, one per 4 MiB chunk) are decompressed by
 # these stages, several at once: one zstd stream is the slowest stage where the data is dense.
 FRAME_WORKERS = min(4, max(2, os.cpu_count() or 2))
 FRAMES_LIMIT = 2 * PIECE  # compressed bytes of whole frames waiting for a frame stage
+FRAMES_TOTAL = 2 * FRAMES_LIMIT
 # A frame whose content fits a piece is collected whole up to this length (zstd's bound for a
 # piece's content plus its headers); a longer one, valid but odd, is decompressed as it streams.
 WHOLE_FRAME_LIMIT = PIECE + (PIECE >> 7) + 1024
@@ -218,9 +225,12 @@ class _Pipeline:
         self.bytes_hashed = 0  # through the hash stage, the slowest: what progress reports
         self._writer = writer
         self._waker = LoopWaker()
-        self.input: Handoff[_InputItem] = Handoff(INPUT_LIMIT, self._waker)
-        self._pool = BufferPool(POOL_PIECES, PIECE)
-        self._frames: Handoff[_FrameJob] = Handoff(FRAMES_LIMIT)
+        # Shares of what the running restores share, read as they go (one item always fits).
+        self.input: Handoff[_InputItem] = Handoff(
+            partial(RESTORES.share, INPUT_TOTAL, INPUT_LIMIT, 0), self._waker
+        )
+        self._pool = BufferPool(partial(RESTORES.share, POOL_PIECES_TOTAL, POOL_PIECES, 1), PIECE)
+        self._frames: Handoff[_FrameJob] = Handoff(partial(RESTORES.share, FRAMES_TOTAL, FRAMES_LIMIT, 0))
         self._to_hash: Handoff[_Piece] = Handoff(PIECES_AHEAD_LIMIT)
         self._to_write: Handoff[_Piece] = Handoff(PIECES_AHEAD_LIMIT)
         self._being_filled: collections.deque[Piece] = collections.deque()  # handed on, maybe not filled yet
@@ -234,14 +244,19 @@ class _Pipeline:
         )
         self.stages = Stages(stop, self._waker)  # ``stop`` holds the queues, not this pipeline: no cycle
         frame_stages = {f"restore-frame-{n}": self._frame_loop for n in range(1, FRAME_WORKERS + 1)}
-        self.stages.start(
-            {
-                "restore-unzstd": self._decompress_loop,
-                **frame_stages,
-                "restore-hash": self._hash_loop,
-                "restore-write": self._write_loop,
-            }
-        )
+        RESTORES.join()  # until the stages are stopped (``_stop_all`` leaves)
+        try:
+            self.stages.start(
+                {
+                    "restore-unzstd": self._decompress_loop,
+                    **frame_stages,
+                    "restore-hash": self._hash_loop,
+                    "restore-write": self._write_loop,
+                }
+            )
+        except BaseException:
+            self.stages.stop()
+            raise
 
     # ---- the event loop's side --------------------------------------------------
 
@@ -474,7 +489,9 @@ def _stop_all(
     settles: list[trio.Event],
     waker: LoopWaker,
 ) -> None:
-    """Wake every stage and every waiter of a pipeline that stops."""
+    """Wake every stage and every waiter of a pipeline that stops, and give its share back
+    (this runs once per pipeline)."""
+    RESTORES.leave()
     for handoff in handoffs:
         handoff.stop()
     pool.stop()

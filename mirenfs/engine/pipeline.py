@@ -24,6 +24,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Generic, TypeVar
 
 import trio
@@ -129,8 +130,8 @@ class Handoff(Generic[T]):
     and, when the queue is full, awaits the event it is given.
     """
 
-    def __init__(self, limit: int, waker: LoopWaker | None = None) -> None:
-        self._limit = limit
+    def __init__(self, limit: int | Callable[[], int], waker: LoopWaker | None = None) -> None:
+        self._limit = limit if callable(limit) else partial(int, limit)  # read at every put: a share may move
         self._waker = waker
         self._items: collections.deque[tuple[T, int]] = collections.deque()
         self._bytes = 0
@@ -143,7 +144,7 @@ class Handoff(Generic[T]):
         """Event loop: queue ``item`` if there is room (None), else return the event to await."""
         with self._cond:
             self._check_open()
-            if size and self._bytes and self._bytes + size > self._limit:
+            if size and self._bytes and self._bytes + size > self._limit():
                 if self._room is None:
                     self._room = trio.Event()
                 return self._room
@@ -153,7 +154,7 @@ class Handoff(Generic[T]):
     def put(self, item: T, size: int) -> None:
         """Thread: queue ``item``, waiting for room."""
         with self._cond:
-            while not self._stopped and self._bytes and self._bytes + size > self._limit:
+            while not self._stopped and self._bytes and self._bytes + size > self._limit():
                 self._cond.wait()
             self._check_open()
             self._append(item, size)
@@ -250,38 +251,70 @@ Buffer = bytearray | mmap.mmap
 
 
 class BufferPool:
-    """A fixed set of reusable buffers: bounds the pieces in flight, and keeps them warm in
+    """A bounded set of reusable buffers: bounds the pieces in flight, and keeps them warm in
     the caches (a fresh buffer per piece would cost a page fault per 4 KiB). They are
-    anonymous mappings, so page-aligned: a write stage may hand them to O_DIRECT."""
+    anonymous mappings, so page-aligned: a write stage may hand them to O_DIRECT.
 
-    def __init__(self, count: int, size: int) -> None:
+    ``most`` is read at every acquire and give-back: a buffer is made when one
+    is needed and the pool holds fewer, and unmapped when it comes back to a
+    pool that holds more (its share shrank), so the memory follows the share.
+    """
+
+    def __init__(self, most: int | Callable[[], int], size: int) -> None:
         self.size = size
-        self._free: list[Buffer] = [mmap.mmap(-1, size) for _ in range(count)]
+        self._most = most if callable(most) else partial(int, most)
+        self._free: list[Buffer] = []
+        self._made = 0  # buffers this pool holds, free or in a piece
         self._stopped = False
         lock = threading.Lock()
         self._cond = threading.Condition(lock)  # a buffer is free
         self._filled = threading.Condition(lock)  # a piece is filled
 
+    @property
+    def buffers(self) -> int:
+        """The buffers this pool holds now (free or in a piece): what its memory is."""
+        with self._cond:
+            return self._made
+
     def acquire(self) -> Buffer:
         with self._cond:
-            while not self._free and not self._stopped:
+            while True:
+                if self._stopped:
+                    raise Stopped
+                most = max(1, self._most())
+                while self._free and self._made > most:
+                    self._unmap(self._free.pop())
+                if self._free:
+                    return self._free.pop()
+                if self._made < most:
+                    self._made += 1
+                    return mmap.mmap(-1, self.size)
                 self._cond.wait()
-            if self._stopped:
-                raise Stopped
-            return self._free.pop()
 
     def give_back(self, buffer: Buffer) -> None:
         """Return a buffer that was acquired but never filled."""
         with self._cond:
-            self._free.append(buffer)
-            self._cond.notify()
+            self._put_back(buffer)
 
     def finished(self, piece: Piece) -> None:
         with self._cond:
             buffer = piece.last_reader_done()
             if buffer is not None:
-                self._free.append(buffer)
-                self._cond.notify()
+                self._put_back(buffer)
+
+    def _put_back(self, buffer: Buffer) -> None:
+        if self._made > max(1, self._most()):
+            self._unmap(buffer)
+        else:
+            self._free.append(buffer)
+        self._cond.notify()
+
+    def _unmap(self, buffer: Buffer) -> None:
+        """Let one buffer go now (the pool's lock is held)."""
+        self._made -= 1
+        if isinstance(buffer, mmap.mmap):
+            with contextlib.suppress(BufferError):  # a view still open: unmapped once it goes
+                buffer.close()
 
     def wait_filled(self, piece: Piece) -> None:
         with self._cond:
@@ -305,9 +338,42 @@ class BufferPool:
         """Let the buffers go (the pool is stopped and nobody uses them any more)."""
         with self._cond:
             self._stopped = True
-            self._free = []
+            while self._free:
+                self._unmap(self._free.pop())
             self._cond.notify_all()
             self._filled.notify_all()
+
+
+class FairShare:
+    """Amounts bounded for the whole process, split evenly between the pipelines running at once.
+
+    A mount serves many restores together, and each pipeline's queues and
+    pool were bounded on their own: ten restores at once took the daemon to
+    340 MB (trial M, session 18). A pipeline joins while its stages
+    run; its hand-offs and pool read their share at every put and acquire, so
+    when another starts, the running ones drain down to their new share
+    (never below one item: each keeps moving, whoever else holds memory).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    def join(self) -> None:
+        with self._lock:
+            self._running += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._running -= 1
+
+    def share(self, total: int, most: int, least: int) -> int:
+        """One pipeline's part of ``total``: at most ``most``, at least ``least``."""
+        return max(least, min(most, total // max(1, self._running)))
 
 
 class Stages:
