@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from pathlib import Path
@@ -234,6 +235,43 @@ def test_restores_at_once_share_one_bound_and_each_finishes_exactly() -> None:
 
 async def _returning(writer: BlockingWriter, _meta: object) -> BlockingWriter:
     return writer
+
+
+def test_whole_frames_wait_in_the_frame_pool_and_input_is_let_go_as_they_are_gathered() -> None:
+    """Session 19: each whole frame was joined into a fresh object (4 MiB for data that does not
+    compress), and the input pieces it came in were held until then. A stage thread made them and
+    another freed them, so the C library kept that memory in per-thread heaps: ten restores took
+    a mount to 300 MB. Frames are now copied into reusable buffers as they arrive; held back by
+    a stuck writer, a restore allocates little more than its queued input."""
+    content = os.urandom(48 << 20)  # incompressible: every frame near 4 MiB
+    snapshot = many_frame_snapshot(content, chunk=PIECE)
+    writer = BlockingWriter()
+    fed = 0
+
+    async def run() -> None:
+        nonlocal fed
+        stream = RestoreStream(partial(_returning, writer))
+        with trio.move_on_after(2):
+            while fed < len(snapshot):
+                await stream.feed(snapshot[fed : fed + FEED_BATCH])
+                fed += FEED_BATCH
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        pipeline = stream._pipeline
+        assert pipeline is not None and 0 < pipeline._frame_pool.buffers <= consume.FRAME_BUFFERS
+        writer.release.set()
+        await feed_in_pieces(stream, snapshot[fed:], seed=1)
+        await stream.finish()
+
+    peaks: list[int] = []
+    tracemalloc.start()
+    try:
+        trio.run(run)
+    finally:
+        tracemalloc.stop()
+        writer.release.set()
+    assert writer.written == len(content)
+    # The test's own slices of the snapshot, queued or being gathered, and the stages' small objects.
+    assert peaks[0] <= INPUT_LIMIT + 6 * FEED_BATCH, f"{peaks[0] >> 20} MiB allocated"  # was 30 MiB
 
 
 def test_a_pool_gives_back_the_buffers_its_share_no_longer_allows() -> None:
@@ -577,7 +615,9 @@ def test_a_failed_restore_keeps_none_of_its_pieces_while_its_stream_is_held() ->
     def pool_buffers() -> int:
         gc.collect()
         return sum(
-            1 for o in gc.get_objects() if isinstance(o, mmap.mmap) and not o.closed and len(o) == PIECE
+            1
+            for o in gc.get_objects()
+            if isinstance(o, mmap.mmap) and not o.closed and len(o) in (PIECE, WHOLE_FRAME_LIMIT + 1)
         )
 
     async def run() -> None:

@@ -12,10 +12,12 @@ ordered SHA-256 stream, the stage every other keeps fed); and writing (zero
 check, ``pwrite`` and writeback). :meth:`RestoreStream.feed` hands the
 compressed bytes to the first stage and returns at once unless its bounded
 queue is full (that is the back-pressure a FUSE write feels). Decompressed
-pieces travel in a fixed pool of buffers, so memory stays bounded even for a
-frame that inflates 30 000-fold (a 4 MiB hole is a 151-byte frame). The frame mirenfs itself writes for an
-all-zero chunk is recognised and passed on as zeros without zstd or a zero
-check. :meth:`RestoreStream.settle` waits until everything fed is
+pieces and whole frames travel in pools of reusable buffers, so memory stays
+bounded even for a frame that inflates 30 000-fold (a 4 MiB hole is a
+151-byte frame); restores running at once in one process split one bound
+(:data:`RESTORES`), so that memory does not grow with their number. The
+frame mirenfs itself writes for an all-zero chunk is recognised and passed on
+as zeros without zstd or a zero check. :meth:`RestoreStream.settle` waits until everything fed is
 decompressed, so that a close can tell exactly whether the snapshot is whole.
 
 Never: let an error of any stage go unreported (it fails the next feed, the
@@ -44,7 +46,7 @@ import zstandard
 
 from mirenfs.engine.fstype import SIGNATURES_END, filesystem_in
 from mirenfs.engine.image import ImageIdentity, MakeRoom, SparseWriter, StagingImage, disk_file_mode
-from mirenfs.engine.pipeline import BufferPool, FairShare, Handoff, LoopWaker, Piece, Stages, Stopped
+from mirenfs.engine.pipeline import Buffer, BufferPool, FairShare, Handoff, LoopWaker, Piece, Stages, Stopped
 from mirenfs.engine.produce import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
 from mirenfs.errors import FormatError, MirenfsError, TargetError, size_in_words
 from mirenfs.format.frames import FrameScanner, SeekTableCheck, zero_frame
@@ -81,6 +83,11 @@ FRAMES_TOTAL = 2 * FRAMES_LIMIT
 # A frame whose content fits a piece is collected whole up to this length (zstd's bound for a
 # piece's content plus its headers); a longer one, valid but odd, is decompressed as it streams.
 WHOLE_FRAME_LIMIT = PIECE + (PIECE >> 7) + 1024
+# Whole frames are gathered into reusable buffers of that size: fresh 4 MiB objects, made by one
+# thread and freed by another, stayed in the C library's per-thread heaps (16 MB a restore, ten
+# restores 300 MB: session 19). A frame stage's own, plus two waiting, per restore.
+FRAME_BUFFERS = FRAME_WORKERS + 2
+FRAME_BUFFERS_TOTAL = 2 * FRAME_BUFFERS
 # The pool bounds the decompressed pieces between the stages; zero frames take no buffer, and
 # the first stage passes them on far faster than SHA-256 hashes them: they are bounded here, or a
 # sparse 16 TiB disk's zeros queued 4 million items (1.8 GB) ahead of the hash stage (review).
@@ -121,7 +128,7 @@ _Piece = Union[Piece, "_KnownZeros"]
 class _FrameInput:
     """The input pieces cut at frame boundaries, each byte shown to the frame scanner as it is
     taken: a frame's header first (:meth:`next_header`), then the rest of that frame, whole
-    (:meth:`whole_frame`) or as a file for a zstd reader (:class:`_FrameReader`).
+    (:meth:`gather_frame`) or as a file for a zstd reader (:class:`_FrameReader`).
 
     A settle marker that falls between frames ends :meth:`next_header` (the
     stage then reports everything before it decompressed); one inside a frame
@@ -160,20 +167,19 @@ class _FrameInput:
         self._offset += taken
         return view[:taken]
 
-    def whole_frame(self, head: bytes, limit: int) -> tuple[list[bytes | memoryview], bool]:
-        """The frame being read: its parts, and whether they are all of it. They are not when the
-        input ended inside it, or when it outgrew ``limit`` (then the rest is still to read)."""
-        parts: list[bytes | memoryview] = [head]
+    def gather_frame(self, head: bytes, into: memoryview) -> tuple[int, bool]:
+        """Copy the frame being read into ``into`` as it comes (each input piece is let go once
+        taken): its length so far, and whether that is all of it. It is not when the input ended
+        inside it, or when it did not fit ``into`` (then the rest is still to read)."""
+        into[: len(head)] = head
         length = len(head)
         while not self._scanner.at_boundary:
-            part = self.frame_bytes(limit + 1 - length)
+            part = self.frame_bytes(len(into) - length)
             if not part:
-                return parts, False  # the input ended inside the frame
-            parts.append(part)
+                return length, False  # the input ended inside the frame, or it does not fit
+            into[length : length + len(part)] = part
             length += len(part)
-            if length > limit:
-                return parts, False
-        return parts, True
+        return length, True
 
     def skip_frame(self) -> None:
         """Take the rest of a skippable frame (the scanner checks a seek table in it)."""
@@ -231,6 +237,9 @@ class _Pipeline:
         )
         self._pool = BufferPool(partial(RESTORES.share, POOL_PIECES_TOTAL, POOL_PIECES, 1), PIECE)
         self._frames: Handoff[_FrameJob] = Handoff(partial(RESTORES.share, FRAMES_TOTAL, FRAMES_LIMIT, 0))
+        self._frame_pool = BufferPool(  # one byte more than a whole frame: a longer one shows
+            partial(RESTORES.share, FRAME_BUFFERS_TOTAL, FRAME_BUFFERS, 1), WHOLE_FRAME_LIMIT + 1
+        )
         self._to_hash: Handoff[_Piece] = Handoff(PIECES_AHEAD_LIMIT)
         self._to_write: Handoff[_Piece] = Handoff(PIECES_AHEAD_LIMIT)
         self._being_filled: collections.deque[Piece] = collections.deque()  # handed on, maybe not filled yet
@@ -238,7 +247,7 @@ class _Pipeline:
         stop = partial(
             _stop_all,
             (self.input, self._frames, self._to_hash, self._to_write),
-            self._pool,
+            (self._pool, self._frame_pool),
             self._settles,
             self._waker,
         )
@@ -279,6 +288,7 @@ class _Pipeline:
         """Free the pool's memory now that the stages ended, whoever still holds this pipeline."""
         self._being_filled.clear()
         self._pool.drop()
+        self._frame_pool.drop()
 
     # ---- the stages ---------------------------------------------------------------
 
@@ -302,34 +312,40 @@ class _Pipeline:
                 if self.scanner.window_size > MAX_WINDOW:  # refused alike however it would decode
                     raise FormatError(_window_too_large(self.scanner.window_size))
                 content = self.scanner.content_size
-                parts: list[bytes | memoryview] = [head]
+                taken = head
                 if content is not None and 0 < content <= PIECE:
-                    parts, whole = source.whole_frame(head, WHOLE_FRAME_LIMIT)
+                    buffer = self._frame_pool.acquire()
+                    length, whole = source.gather_frame(head, memoryview(buffer))
                     if whole:
-                        self._hand_on_frame(b"".join(parts), content)
+                        self._hand_on_frame(buffer, length, content)
                         continue
+                    taken = bytes(buffer[:length])  # a copy: the buffer goes back now
+                    self._frame_pool.give_back(buffer)
                     if source.ended:
                         break  # cut inside the frame: the finish says so
-                self._stream_frame(decompressor, _FrameReader(source, parts))
+                self._stream_frame(decompressor, _FrameReader(source, [taken]))
         except zstandard.ZstdError as exc:
             raise _corrupt(exc) from None
         finally:
             for handoff in (self._frames, self._to_hash, self._to_write):
                 handoff.close()
 
-    def _hand_on_frame(self, frame: bytes, content: int) -> None:
-        """A whole frame to a frame stage; its piece goes to the hash and write stages now, in
-        order, and they wait for it to be filled."""
-        if frame == ZERO_FRAME:
+    def _hand_on_frame(self, buffer: Buffer, length: int, content: int) -> None:
+        """A whole frame, the first ``length`` bytes of a frame pool ``buffer``, to a frame stage;
+        its piece goes to the hash and write stages now, in order, and they wait for it to be
+        filled."""
+        if length == len(ZERO_FRAME) and buffer[:length] == ZERO_FRAME:
+            self._frame_pool.give_back(buffer)
             self._pass_on_zeros(ZERO_FRAME_CONTENT)
             return
+        frame = Piece(self._frame_pool, buffer, length, readers=1)
         self._check_size(content)
         piece = Piece(self._pool, self._pool.acquire(), content, readers=2, filled=False)
         self.bytes_out += content
         while self._being_filled and self._being_filled[0].filled:
             self._being_filled.popleft()
         self._being_filled.append(piece)
-        self._frames.put(_FrameJob(frame, piece), len(frame))
+        self._frames.put(_FrameJob(frame, piece), length)
         self._to_hash.put(piece, content)
         self._to_write.put(piece, content)
 
@@ -337,9 +353,12 @@ class _Pipeline:
         decompressor = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
         while (job := self._frames.get()) is not None:
             try:
-                _decompress_whole(decompressor, job.frame, job.piece.view)
+                _decompress_whole(decompressor, job.frame.view, job.piece.view)
             except zstandard.ZstdError as exc:
                 raise _corrupt(exc) from None
+            # Not after a failure: the traceback still holds zstd's view of the frame, and the
+            # pipeline is stopping (its buffers go with it).
+            job.frame.done()
             job.piece.mark_filled()
 
     def _settle(self, event: trio.Event) -> None:
@@ -406,13 +425,15 @@ class _Pipeline:
 
 @dataclass(frozen=True)
 class _FrameJob:
-    """A whole zstd frame and the piece its content goes into."""
+    """A whole zstd frame (in a buffer of the frame pool) and the piece its content goes into."""
 
-    frame: bytes
+    frame: Piece
     piece: Piece
 
 
-def _decompress_whole(decompressor: zstandard.ZstdDecompressor, frame: bytes, into: memoryview) -> None:
+def _decompress_whole(
+    decompressor: zstandard.ZstdDecompressor, frame: bytes | memoryview, into: memoryview
+) -> None:
     """Decompress one whole frame into ``into``, which its header's content size fills exactly
     (zstd decodes a whole frame straight into the buffer, with no copy out of its window)."""
     reader = decompressor.stream_reader(frame, read_across_frames=False)
@@ -485,7 +506,7 @@ class _KnownZeros:
 
 def _stop_all(
     handoffs: tuple[Handoff[_InputItem], Handoff[_FrameJob], Handoff[_Piece], Handoff[_Piece]],
-    pool: BufferPool,
+    pools: tuple[BufferPool, ...],
     settles: list[trio.Event],
     waker: LoopWaker,
 ) -> None:
@@ -494,7 +515,8 @@ def _stop_all(
     RESTORES.leave()
     for handoff in handoffs:
         handoff.stop()
-    pool.stop()
+    for pool in pools:
+        pool.stop()
     for event in list(settles):  # a copy: the event loop may remove one meanwhile
         waker.set(event)
 
