@@ -12,6 +12,7 @@ import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pyfuse3
@@ -127,10 +128,11 @@ async def test_every_snapshot_shares_one_bounded_frame_cache(data_path: Path) ->
     images = [add_image_disk(data_path, name, seed=i, segments=segments) for i, name in enumerate(names)]
     async with operations(data_path) as m:
         frames = m.ops.service.frames
+        handles = [await m.open((await m.lookup(f"{name}.mirn")).st_ino) for name in names]
         produced = 0
-        for name, image in zip(names, images, strict=True):
+        for name, image, fh in zip(names, images, handles, strict=True):  # all open at once
             expected = await snapshot_bytes(image, name=name)
-            assert await m.read_file(f"{name}.mirn") == expected
+            assert await m.read_handle(fh) == expected
             produced += len(expected)
             assert 0 < frames.bytes <= frames.limit
         assert produced > 2 * frames.limit  # the bound did bite
@@ -141,6 +143,28 @@ async def test_every_snapshot_shares_one_bounded_frame_cache(data_path: Path) ->
         before = frames.bytes
         version.close()  # a version that goes gives its frames back at once
         assert frames.bytes < before
+        for fh in handles:
+            await m.ops.release(fh)
+
+
+@trio_test
+async def test_the_frames_read_ahead_go_when_the_last_reader_closes(data_path: Path) -> None:
+    """Session 19: a copy that ended left its last frames (up to 48 MiB) in the mount's cache
+    until other reads evicted them. They now go with the version's last open handle, not before."""
+    image = add_image_disk(data_path, "pg", segments=[("data", 2 << 20), ("hole", 64 << 10)])
+    expected = await snapshot_bytes(image, name="pg")
+    async with operations(data_path) as m:
+        frames = m.ops.service.frames
+        snapshot = (await m.lookup("pg.mirn")).st_ino
+        first, second = await m.open(snapshot), await m.open(snapshot)
+        assert await m.read_handle(first) == expected
+        assert frames.bytes > 0
+        await m.ops.release(first)
+        assert frames.bytes > 0, "the frames went while a reader still had the file open"
+        assert await m.read_handle(second) == expected
+        await m.ops.release(second)
+        assert frames.bytes == 0
+        assert await m.read_file("pg.mirn") == expected  # and are made again, exactly
 
 
 @trio_test
@@ -793,7 +817,8 @@ async def test_a_copy_of_a_disk_in_use_stands_for_it_while_read_and_a_minute_aft
     clock = [0.0]
     monkeypatch.setattr(versions.time, "monotonic", lambda: clock[0])
     service = SnapshotService.__new__(SnapshotService)  # only the reuse rule is exercised here
-    copy = versions.DiskVersion("pg", "ext4", "/pg.img", None, None, "", -1, is_copy=True, last_used=0.0)  # type: ignore[arg-type]
+    producer = SimpleNamespace(drop_frames=lambda: None)  # no frames: only the reuse rule
+    copy = versions.DiskVersion("pg", "ext4", "/pg.img", None, producer, "", -1, is_copy=True, last_used=0.0)  # type: ignore[arg-type]
 
     async def current(at: float) -> bool:
         clock[0] = at

@@ -463,6 +463,11 @@ class SnapshotService:
     def release(self, version: DiskVersion) -> None:
         version.handles -= 1
         version.last_used = time.monotonic()
+        if version.handles == 0:
+            # Its frames were read ahead for readers that are gone: a copy that ended kept up to
+            # 48 MiB until other reads evicted them (session 19). A later read takes them from
+            # the frame store, or makes them again.
+            version.producer.drop_frames()
         self._close_if_unused(version)
 
     def _close_if_unused(self, version: DiskVersion) -> None:
