@@ -16,6 +16,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -23,7 +24,14 @@ from pathlib import Path
 from bench.context import GIB, MB, CommandFailed, Context, Figure, Sample, log, run_command, timed
 from bench.mount import MountedSample, add_disk, fresh_dir, running_mount
 from bench.sample import fair_sha256, file_sha256
-from bench.snapshots import TAR_MEMBER, change_one_percent, ensure_one_frame, ensure_tar_archive, sparse_copy
+from bench.snapshots import (
+    TAR_MEMBER,
+    change_one_percent,
+    ensure_one_frame,
+    ensure_tar_archive,
+    snapshot_data_offset,
+    sparse_copy,
+)
 
 COLD_READ_TARGET = 1.25
 RE_READ_TARGET = 0.5
@@ -316,6 +324,7 @@ def measure_mount_rss(ctx: Context) -> None:
             f"{peak * 1024 / MB:.0f} MB",
         )
     measure_mount_rss_many_disks(ctx)
+    measure_mount_rss_restores_at_once(ctx)
     measure_index_cache_memory(ctx)
 
 
@@ -353,6 +362,74 @@ def measure_mount_rss_many_disks(ctx: Context) -> None:
             peak * 1024 < 200 * MB,
             f"{peak * 1024 / MB:.0f} MB",
         )
+
+
+AT_ONCE = (3, 10)
+AT_ONCE_DATA = 128 << 20  # incompressible bytes per image: every frame near 4 MiB, the worst case
+
+
+def measure_mount_rss_restores_at_once(ctx: Context) -> None:
+    """The daemon's peak RSS while several ``cp`` into ``restore/`` run at once (mirenfs's own
+    snapshot and Go's one-frame one): restores share one bound, so memory must not grow with
+    their number (each had its own: ten took a mount to 383-424 MB before session 19)."""
+    data, mountpoint = fresh_dir(ctx, "rss-restores-data"), fresh_dir(ctx, "rss-restores-mnt")
+    image = ctx.temp_path("at-once.img")
+    with open(image, "wb") as f:
+        for _ in range(AT_ONCE_DATA >> 20):
+            f.write(os.urandom(1 << 20))
+        f.truncate(2 * AT_ONCE_DATA)
+    add_disk(ctx, data, "source", image)
+    mirenfs_snapshot = ctx.temp_path("at-once.mirn")
+    run_command(ctx.mirenfs_cmd("backup", "source", "-o", str(mirenfs_snapshot), "--data-path", str(data)))
+    go_snapshot = ctx.temp_path("at-once-one-frame.mirn")
+    with open(mirenfs_snapshot, "rb") as source, open(go_snapshot, "wb") as out:
+        out.write(source.read(snapshot_data_offset(mirenfs_snapshot)))
+        out.flush()
+        subprocess.run(["zstd", "-q", "-3", "-c", str(image)], stdout=out, check=True)
+    expected = file_sha256(image)
+    for label, snapshot in (("mirenfs", mirenfs_snapshot), ("one-frame", go_snapshot)):
+        for count in AT_ONCE:
+            with running_mount(ctx, data, mountpoint) as mount:
+                log(f"mount: {count} cp of the {label} snapshot into restore/ at once, daemon RSS")
+                names = [f"{label}-{count}-{n}" for n in range(count)]
+                start = time.perf_counter()
+                copies = [
+                    subprocess.Popen(["cp", str(snapshot), str(mountpoint / "restore" / f"{name}.mirn")])
+                    for name in names
+                ]
+                for copy in copies:
+                    copy.wait(timeout=600)
+                seconds = time.perf_counter() - start
+                peak = mount.peak_rss_kib()
+                failed = [name for name, copy in zip(names, copies, strict=True) if copy.returncode != 0]
+                ctx.check(f"{count} restores at once all succeeded", not failed, " ".join(failed))
+                ctx.add(
+                    Figure(
+                        f"mount: {count} cp {label} into restore/ at once (daemon RSS)",
+                        [Sample(seconds, None, peak)],
+                        floor="sha256",
+                        note="info",
+                    )
+                )
+                ctx.check(
+                    f"daemon peak RSS under 200 MB with {count} restores of {label} snapshots at once",
+                    peak * 1024 < 200 * MB,
+                    f"{peak * 1024 / MB:.0f} MB",
+                )
+            listing = subprocess.run(
+                ctx.mirenfs_cmd("disk", "list", "--json", "--data-path", str(data)),
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            images = {disk["name"]: disk["image_path"] for disk in json.loads(listing.stdout)}
+            wrong = [
+                name for name in names if name not in images or file_sha256(Path(images[name])) != expected
+            ]
+            ctx.check(f"the {count} {label} restores each equal the image", not wrong, " ".join(wrong))
+            for name in names:
+                with contextlib.suppress(CommandFailed):
+                    run_command(ctx.mirenfs_cmd("disk", "remove", name, "--data-path", str(data)))
 
 
 # A 1 TiB disk's index (262 144 chunks of 4 MiB) saved and loaded twice through the mount's
