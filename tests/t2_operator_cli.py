@@ -1975,3 +1975,23 @@ def test_inspect_of_standard_input_says_what_to_do() -> None:
         "mirenfs: error: inspect reads a snapshot file, not standard input; save the stream to a "
         "file first, or check a stream with `mirenfs verify -`\n"
     )
+
+
+@pytest.mark.parametrize("target", ["missing.mirn", "."], ids=["missing", "a directory"])
+def test_inspect_verify_and_restore_say_a_snapshot_they_cannot_open_alike(
+    tmp_path: Path, target: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trial R s18: `inspect` said "cannot read X" where `verify` and `restore` said "cannot open
+    snapshot X"."""
+    monkeypatch.chdir(tmp_path)
+    said = {
+        command: run_mirenfs(*argv, target, *rest).stderr.decode()
+        for command, argv, rest in [
+            ("inspect", ["inspect"], []),
+            ("verify", ["verify"], []),
+            ("restore", ["restore"], ["--image", str(tmp_path / "out.img")]),
+        ]
+    }
+    reason = "No such file or directory" if target == "missing.mirn" else "Is a directory"
+    assert set(said.values()) == {f"mirenfs: error: cannot open snapshot {target}: {reason}\n"}, said
+    assert list(tmp_path.iterdir()) == []  # and nothing was made

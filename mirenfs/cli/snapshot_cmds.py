@@ -402,13 +402,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             "or check a stream with `mirenfs verify -`"
         )
     try:
-        with open(args.file, "rb") as snapshot, naming_the_snapshot(args.file):
+        opened = open(args.file, "rb")  # noqa: SIM115 (closed by the with below)
+    except OSError as exc:  # in verify's and restore's words (trial R s18)
+        raise MirenfsError(f"cannot open snapshot {args.file}: {exc.strerror}") from None
+    try:
+        with opened as snapshot, naming_the_snapshot(args.file):
             meta = read_header(snapshot)
             header_len = snapshot.tell()
             total = os.fstat(snapshot.fileno()).st_size
             frames = _seek_table_frames(snapshot, total - header_len)
     except OSError as exc:
-        raise MirenfsError(f"cannot read {args.file}: {exc.strerror}") from None
+        raise MirenfsError(f"cannot read snapshot {args.file}: {exc.strerror}") from None
     fields = {
         "name": meta.name,
         "size_bytes": meta.size_bytes,
