@@ -17,6 +17,8 @@ from mirenfs.cli.mount_cmds import format_status
 from mirenfs.cli.mountinfo import MountEntry
 from mirenfs.errors import CatalogUnreachableError
 from mirenfs.mount import catalog as catalog_module
+from mirenfs.mount import session as session_module
+from mirenfs.mount import versions as versions_module
 from mirenfs.mount.inodes import ROOT_INODE
 from mirenfs.mount.status import STATUS_XATTR, status_json
 
@@ -78,6 +80,44 @@ async def test_the_index_is_building_until_it_is_ready(tmp_path: Path) -> None:
                 go_on.set()
         assert await index_state(m, "pg") == "ready"
         assert between in ("building", "ready"), between
+
+
+@trio_test
+async def test_disks_waiting_for_a_pass_started_at_mount_are_queued(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trial R s18: with --index-at-mount, the disks waiting for a free slot showed "not loaded (the
+    first stat or read of the snapshot loads …)", as if nothing would happen until then."""
+    names = ["a", "b", "c"]
+    for seed, name in enumerate(names):
+        add_image_disk(tmp_path, name, seed=seed)
+    passing, go_on = trio.Event(), trio.Event()
+    build_index = versions_module.build_index
+
+    async def held_build_index(*args: Any, **kwargs: Any) -> Any:
+        passing.set()
+        await go_on.wait()
+        return await build_index(*args, **kwargs)
+
+    monkeypatch.setattr(versions_module, "build_index", held_build_index)
+    async with operations(tmp_path) as m:
+        service = m.ops.service
+        service._pass_limit = trio.CapacityLimiter(1)  # one at a time: the others must wait
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session_module._index_every_disk, m.ops)
+            try:
+                with trio.fail_after(30):
+                    await passing.wait()
+                states = sorted([await index_state(m, name) for name in names])
+                status: dict[str, Any] = json.loads((await m.xattrs(ROOT_INODE))[STATUS_XATTR])
+            finally:
+                go_on.set()
+        assert states == ["building", "queued", "queued"], states
+        assert [await index_state(m, name) for name in names] == ["ready"] * 3
+        assert not service.queued
+    text = format_status(MountEntry(0, (0, 0), "/mnt", "fuse.mirenfs", str(tmp_path), "rw"), status)
+    queued = "queued (--index-at-mount: its index is loaded or built once a slot is free, 2 at a time)"
+    assert len([line for line in text.splitlines() if line.endswith(queued)]) == 2, text
 
 
 @trio_test

@@ -512,6 +512,8 @@ def describe_index(state: dict[str, Any]) -> str:
         return f"refused: {state.get('reason', '?')}"
     if index == "not built":
         return "not loaded (the first stat or read of the snapshot loads its saved index, or builds one)"
+    if index == "queued":  # trial R s18: these showed "not loaded", as if nothing would happen
+        return "queued (--index-at-mount: its index is loaded or built once a slot is free, 2 at a time)"
     return str(index)
 
 

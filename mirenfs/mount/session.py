@@ -243,11 +243,14 @@ async def _index_every_disk(operations: MirenOperations) -> None:
 
 
 async def _index_one(service: SnapshotService, entry: CatalogEntry) -> None:
+    service.queued.add(entry.name)  # until its pass runs (status: "queued", not "not loaded")
     try:
         await service.version(entry.name, entry.image_path, entry.filesystem, attached=entry.attached)
     except Exception as exc:  # the first stat of that snapshot will say it again, to whoever asks
         if not (isinstance(exc, MirenfsError) and exc.reported):  # a refused copy has said why
             log.warning("the index pass of disk %s, started at mount, failed: %s", entry.name, exc)
+    finally:
+        service.queued.discard(entry.name)
 
 
 def _mount_id(mountpoint: str, device: int) -> int | None:

@@ -3,10 +3,11 @@
 No pyfuse3: the CLI imports the names from here to ask a running mount.
 The JSON is ``{"pid", "index_passes", "disks": {NAME: {"index": "building",
 "done", "total"} | {"index": "ready", "snapshot_bytes", "checksum",
-"consistency"[, "frozen_ms"]} | {"index": "refused", "reason"} | {"index": "not
-built"}}, "restores": [{"name", "disk", "state", "bytes"[, "image_done", "image_total"]}],
-"refused": [{"name", "errno", "reason", "tries"}]}``; ``image_done`` and ``image_total`` (the
-image decompressed so far, and its size by the header) are there while a restore has a header;
+"consistency"[, "frozen_ms"]} | {"index": "refused", "reason"} | {"index": "queued"}
+(``--index-at-mount`` will build it) | {"index": "not built"}}, "restores": [{"name",
+"disk", "state", "bytes"[, "image_done", "image_total"]}], "refused": [{"name", "errno",
+"reason", "tries"}]}``; ``image_done`` and ``image_total`` (the image decompressed so far, and
+its size by the header) are there while a restore has a header;
 ``refused`` holds the latest refusals in ``restore/`` (and of files made in the root),
 newest first (a refused create leaves no entry to read the reason from); ``tries`` counts
 one process's retries of the same refusal, as rsync makes under new temporary names.
@@ -78,6 +79,8 @@ def mount_status(
                 disks[name]["frozen_ms"] = round(version.frozen_s * 1000, 1)
         elif name in service.refused:
             disks[name] = {"index": "refused", "reason": str(service.refused[name][1])}
+        elif name in service.queued:
+            disks[name] = {"index": "queued"}
         else:
             disks[name] = {"index": "not built"}
     status: dict[str, Any] = {
@@ -120,7 +123,7 @@ def status_json(status: dict[str, Any], limit: int = STATUS_LIMIT) -> bytes:
             return "restores", ended
         if status["refused"]:
             return "refused", list(range(len(status["refused"]) - 1, -1, -1))  # newest first: oldest last
-        for at_rest in ("not built", "ready"):
+        for at_rest in ("not built", "queued", "ready"):
             names = [name for name, disk in sorted(status["disks"].items()) if disk.get("index") == at_rest]
             if names:
                 return "disks", names[::-1]

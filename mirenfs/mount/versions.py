@@ -357,6 +357,7 @@ class SnapshotService:
         self.index_passes = 0
         self._spill_failed = False  # the last spill file could not be made (said once)
         self.progress: dict[str, IndexProgress] = {}
+        self.queued: set[str] = set()  # passes started at mount (--index-at-mount) not yet running
         self._current: dict[str, DiskVersion] = {}
         self._building: dict[tuple[str, str], _Build] = {}  # (name, filesystem)
         # Two passes at a time: each keeps every core busy, and a second slot
