@@ -25,7 +25,7 @@ from mirenfs.format.header import decode_header, read_header
 from support.bad_snapshots import FORGED_LOG_LINE
 from support.data import BAD_NAMES, sha256_file, staging_files
 from support.runners import ok, refused, refused_restore, run_cli, run_mirenfs
-from support.store import churn_store, disks, store_state
+from support.store import churn_store, disks, make_disk, store_state
 from support.vectors import GO_EXT4, GO_ODD
 
 # --- backup by name, restore into a new name, --force ---
@@ -432,6 +432,45 @@ def test_disk_add_registers_an_image_that_remove_keeps(data: Path, ext4_disk: Pa
         "snapshots will say xfs, and a disk restored from them too\n"
     )
     assert disks(data)["pg2"]["filesystem"] == "xfs"
+
+
+@pytest.mark.parametrize("filesystem", [[], ["--filesystem", "ext4"]], ids=["detected", "given"])
+def test_disk_add_names_a_snapshot_or_the_store_for_what_it_is(
+    data: Path, tmp_path: Path, filesystem: list[str]
+) -> None:
+    """Trial R s18: `disk add` of the data path's own store asked for --filesystem first, and a
+    snapshot given with --filesystem became the disk's image."""
+    snapshot = tmp_path / "pg.mirn"
+    shutil.copyfile(GO_EXT4.path, snapshot)
+    make_disk(data, "pg")
+    store = data / "mirenfs.db"
+    before = {path: path.read_bytes() for path in (snapshot, store)}
+    listed = disks(data)
+    said = refused(
+        "it is a mirenfs snapshot, not a disk image",
+        "disk",
+        "add",
+        "x",
+        "--image",
+        snapshot,
+        *filesystem,
+        "--data-path",
+        data,
+    )
+    assert f"restore it first (mirenfs restore {snapshot} --image NEW.img" in said
+    said = refused(
+        "it is the disk store of the data path",
+        "disk",
+        "add",
+        "x",
+        "--image",
+        store,
+        *filesystem,
+        "--data-path",
+        data,
+    )
+    assert "--filesystem" not in said
+    assert {path: path.read_bytes() for path in (snapshot, store)} == before and disks(data) == listed
 
 
 def _blank(tmp_path: Path) -> Path:

@@ -18,6 +18,7 @@ from mirenfs.cli.common import (
     catalog_from,
     human_size,
     parse_size,
+    resolve_data_path,
     say,
     say_done,
     silence_standard_output,
@@ -29,7 +30,7 @@ from mirenfs.disks.model import Catalog, DiskState, LeaseState, validate_disk_na
 from mirenfs.disks.rules import what_the_data_path_keeps_at
 from mirenfs.engine.fstype import detect_filesystem
 from mirenfs.errors import DiskExistsError, MirenfsError, printable
-from mirenfs.format.header import FILESYSTEMS
+from mirenfs.format.header import FILESYSTEMS, MAGIC
 
 
 def register(commands: Any) -> None:
@@ -135,6 +136,7 @@ def cmd_disk_add(args: argparse.Namespace) -> int:
         raise MirenfsError(f"cannot register {image_path} as disk {name}: {exc.strerror}") from None
     if not os.path.isfile(image_path):
         raise MirenfsError(f"cannot register {image_path} as disk {name}: it is not a regular file")
+    _refuse_a_snapshot(image_path, name)
     detected = detect_filesystem(image_path)
     filesystem = args.filesystem or detected
     if detected is not None and filesystem != detected:  # trial T: accepted without a word
@@ -144,6 +146,7 @@ def cmd_disk_add(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if filesystem is None:
+        _refuse_what_the_data_path_keeps(args, image_path, name)
         raise MirenfsError(
             f"cannot tell the filesystem of {image_path}; pass --filesystem {'|'.join(FILESYSTEMS)}"
         )
@@ -170,6 +173,34 @@ def cmd_disk_add(args: argparse.Namespace) -> int:
         f"added disk {name}: {filesystem}, {info.st_size} bytes, image {image_path} (kept on disk remove)"
     )
     return 0
+
+
+def _refuse_a_snapshot(image_path: str, name: str) -> None:
+    """A snapshot is no disk image, whatever ``--filesystem`` says (trial R s18: without it, the
+    command asked for one; with it, the snapshot became the disk's image)."""
+    try:
+        with open(image_path, "rb") as image:
+            start = image.read(len(MAGIC))
+    except OSError as exc:
+        raise MirenfsError(f"cannot register {image_path} as disk {name}: {exc.strerror}") from None
+    if start == MAGIC:
+        raise MirenfsError(
+            f"cannot register {image_path} as disk {name}: it is a mirenfs snapshot, not a disk image; "
+            f"restore it first (mirenfs restore {image_path} --image NEW.img, or copy it into a "
+            f"mount's restore/{name}.mirn, which makes the disk too)"
+        )
+
+
+def _refuse_what_the_data_path_keeps(args: argparse.Namespace, image_path: str, name: str) -> None:
+    """Before ``--filesystem`` is asked for: a file the data path keeps (its disk store, its state)
+    is named as such (trial R s18: the store got "pass --filesystem", then was refused with it)."""
+    try:
+        data_path = resolve_data_path(args.data_path)
+    except MirenfsError:
+        return  # no data path yet: nothing of one to be taken for an image
+    kept = what_the_data_path_keeps_at(image_path, data_path, [])
+    if kept is not None:
+        raise MirenfsError(f"cannot register {image_path} as disk {name}: it is {kept.said}")
 
 
 def cmd_disk_list(args: argparse.Namespace) -> int:
