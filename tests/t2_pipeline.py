@@ -1029,3 +1029,26 @@ def test_nonzero_runs_are_the_non_zero_file_blocks(seed: int) -> None:
             data[start:stop] = rng.randbytes(stop - start)
         base = rng.choice([0, 4096, 7, 4095, 12345])
         assert nonzero_runs(memoryview(data), base) == _runs_by_blocks(bytes(data), base)
+
+
+@pytest.mark.parametrize("piece", [1, 512, 4096])
+def test_a_disk_image_streamed_in_small_pieces_is_named_as_one(piece: int) -> None:
+    """Session 18 left this: `verify -` of a disk image whose first read was short said only "bad
+    magic" (the superblock that names it comes later: btrfs's 64 KiB in). The refusal now waits
+    for those bytes, and a stream that ends before them fails on its bad magic all the same."""
+    image = bytearray(1 << 20)
+    image[65536 + 64 : 65536 + 72] = b"_BHRfS_M"
+
+    async def run(data: bytes) -> str:
+        stream, sink = collecting_stream()
+        with pytest.raises(FormatError) as refused:
+            for start in range(0, len(data), piece):
+                await stream.feed(data[start : start + piece])
+            await stream.finish()
+        assert sink.data == b""
+        return str(refused.value)
+
+    named = trio.run(run, bytes(image))
+    assert "bad magic" in named and "it is a raw btrfs image, not a snapshot of one" in named, named
+    short = trio.run(run, b"not a snapshot at all")
+    assert short.startswith("not a .mirn snapshot: bad magic") and "raw" not in short, short

@@ -538,6 +538,9 @@ class RestoreStream:
         self._check_seek_table = check_seek_table
         self._header = HeaderParser()
         self._start = bytearray()  # the first bytes, to name a disk image given for a snapshot
+        # Bad magic, held until the bytes that may name the file as a disk image came (a pipe's
+        # first read can be a few bytes; btrfs's superblock is 64 KiB in).
+        self._bad_start: FormatError | None = None
         if header_read is not None:  # the caller already consumed the header (Go's RestoreImage)
             self._header.meta = validate_restorable(header_read)
         self._pipeline: _Pipeline | None = None
@@ -568,8 +571,17 @@ class RestoreStream:
             if not self._opened:
                 if len(self._start) < SIGNATURES_END:  # however the stream came in pieces (review S4 F4)
                     self._start += rest[: SIGNATURES_END - len(self._start)]
-                with _naming_a_raw_image(self._start):
-                    rest = self._header.feed(rest)
+                if self._bad_start is None:
+                    try:
+                        rest = self._header.feed(rest)
+                    except FormatError as exc:
+                        if self._start[: len(MAGIC)] == MAGIC:
+                            raise
+                        self._bad_start = exc
+                if self._bad_start is not None:
+                    if len(self._start) < SIGNATURES_END:
+                        return  # what it is may be known by then: the next feed or the end says
+                    raise as_raw_image(self._bad_start, self._start)
                 if self._header.meta is None:
                     return
                 await self._open()
@@ -582,6 +594,7 @@ class RestoreStream:
 
     async def settle(self) -> None:
         """Wait until everything fed so far is decompressed, so :attr:`complete` is exact."""
+        self._fail_on_a_bad_start()
         await self._raise_if_failed()
         if self._pipeline is not None:
             with contextlib.suppress(Stopped):  # the failure, if any, is raised next
@@ -590,6 +603,7 @@ class RestoreStream:
 
     async def finish(self) -> Meta:
         """Check that the stream is complete, exactly ``size_bytes`` long, and matches its checksum."""
+        self._fail_on_a_bad_start()
         await self._raise_if_failed()
         try:
             meta = self._header.meta
@@ -661,6 +675,12 @@ class RestoreStream:
         except Stopped:
             await self._raise_if_failed()
             raise FormatError("the restore was stopped") from None
+
+    def _fail_on_a_bad_start(self) -> None:
+        """The stream ended (or is asked whether it is whole) with its bad magic held: fail now,
+        naming a disk image if what came shows one."""
+        if self._bad_start is not None and self._failure is None:
+            self._failure = as_raw_image(self._bad_start, self._start)
 
     async def _raise_if_failed(self) -> None:
         """Raise the stream's failure, if any, once the stages have stopped: after an error,
