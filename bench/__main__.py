@@ -4,4 +4,8 @@ import sys
 
 from bench.cli import main
 
-sys.exit(main())
+try:
+    sys.exit(main())
+except KeyboardInterrupt:  # Ctrl-C: the mounts and scratch files were let go on the way out
+    print("bench: interrupted; no figures", file=sys.stderr)
+    sys.exit(130)
