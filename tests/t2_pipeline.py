@@ -1052,3 +1052,32 @@ def test_a_disk_image_streamed_in_small_pieces_is_named_as_one(piece: int) -> No
     assert "bad magic" in named and "it is a raw btrfs image, not a snapshot of one" in named, named
     short = trio.run(run, b"not a snapshot at all")
     assert short.startswith("not a .mirn snapshot: bad magic") and "raw" not in short, short
+
+
+def test_a_stage_that_cannot_start_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review S5 F1: when a thread could not start ("can't start new thread"), the stages never
+    counted out, so the GIL hand-over interval stayed at 0.5 ms for the life of the mount. The
+    restore fails, its share and interval are given back, and the next restore works."""
+    interval = sys.getswitchinterval()
+    start = threading.Thread.start
+    starts = [0]
+
+    def third_fails(thread: threading.Thread) -> None:
+        if thread.name.startswith("mirenfs-restore"):
+            starts[0] += 1
+            if starts[0] == 3:
+                raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", third_fails)
+
+    async def run() -> None:
+        stream, _sink = collecting_stream()
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            await stream.feed(many_frame_snapshot(CONTENT))
+        await stream.close()
+
+    trio.run(run)
+    wait_for(lambda: not restore_threads(), "the stages that did start to end", timeout=10)
+    assert sys.getswitchinterval() == interval and consume.RESTORES.running == 0
+    assert_restores_exactly(many_frame_snapshot(CONTENT), CONTENT, seed=3)

@@ -398,10 +398,14 @@ class Stages:
         with self._lock:
             self._running += len(loops)
         SWITCH_INTERVAL.enter()
-        for name, loop in loops.items():
+        for started, (name, loop) in enumerate(loops.items()):
             thread = threading.Thread(target=self._run, args=(loop,), name=f"mirenfs-{name}", daemon=True)
+            try:
+                thread.start()
+            except BaseException:  # "can't start new thread": the loops not started end here
+                self._count_out(len(loops) - started)
+                raise
             self._threads.append(thread)
-            thread.start()
 
     def _run(self, loop: Callable[[], None]) -> None:
         _name_native_thread(threading.current_thread().name.removeprefix("mirenfs-"))
@@ -416,12 +420,18 @@ class Stages:
             traceback.clear_frames(exc.__traceback__)
             self.fail(exc)
         finally:
-            with self._lock:
-                self._running -= 1
-                last = self._running == 0
-            if last:
-                SWITCH_INTERVAL.exit()
-                self._waker.set(self.done)
+            self._count_out(1)
+
+    def _count_out(self, loops: int) -> None:
+        """``loops`` ended (or never started): after the last, the GIL hand-over interval is put
+        back and the owner hears that every stage is done (review S5 F1: a thread that could
+        not start left the interval at 0.5 ms for the life of the mount)."""
+        with self._lock:
+            self._running -= loops
+            last = self._running == 0
+        if last:
+            SWITCH_INTERVAL.exit()
+            self._waker.set(self.done)
 
     def fail(self, error: BaseException) -> None:
         """Record the first failure and stop every stage."""
