@@ -354,6 +354,52 @@ print(held, rss(), give_back_free_memory(64 << 20), rss())
     assert int(held) - int(after_trim) > 48 << 10  # kB: most of the 64 MiB went back
 
 
+HEAPS_PROBE = """
+import ctypes, sys, threading
+from mirenfs.engine.memory import use_few_heaps
+if sys.argv[1] == "few":
+    assert use_few_heaps(1)
+libc = ctypes.CDLL(None)
+barrier = threading.Barrier(6)
+held = []
+def work():
+    held.append(bytearray(65536))  # below mmap's threshold: from this thread's heap
+    barrier.wait()  # all alive at once, so none finds another's heap free
+threads = [threading.Thread(target=work) for _ in range(6)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+text, size = ctypes.c_char_p(), ctypes.c_size_t()
+libc.open_memstream.restype = ctypes.c_void_p
+stream = libc.open_memstream(ctypes.byref(text), ctypes.byref(size))
+libc.malloc_info(0, ctypes.c_void_p(stream))
+libc.fclose(ctypes.c_void_p(stream))
+print(ctypes.string_at(text, size.value).decode().count("<heap nr="))
+"""
+
+
+@pytest.mark.parametrize("mode", ["few", "default"])
+def test_a_mount_serves_its_threads_from_one_heap(mode: str) -> None:
+    """Session 19: each thread had a heap of its own, where the 4 MiB chunks and frames others
+    freed stayed: four cold reads at once took a mount to 200 MB (7 heaps), 150 MB with one."""
+    result = subprocess.run(
+        [sys.executable, "-c", HEAPS_PROBE, mode], capture_output=True, text=True, timeout=60, check=True
+    )
+    heaps = int(result.stdout)
+    assert heaps == 1 if mode == "few" else heaps > 1, heaps
+
+
+def test_the_mount_daemon_asks_for_one_heap_before_it_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mirenfs.cli import mount_cmds
+
+    calls: list[str] = []
+    monkeypatch.setattr(mount_cmds, "use_few_heaps", lambda: calls.append("one heap"))
+    monkeypatch.setattr(mount_cmds.trio, "run", lambda *_args, **_kwargs: calls.append("serve"))
+    mount_cmds.serve_mount(None)  # type: ignore[arg-type]
+    assert calls == ["one heap", "serve"]
+
+
 def test_changed_image_gives_an_error_not_mixed_bytes(tmp_path: Path) -> None:
 
     image = tmp_path / "img"

@@ -43,6 +43,7 @@ from mirenfs.disks.model import holds_mirenfs_files
 from mirenfs.disks.store import Store
 from mirenfs.engine.aio import meaningful_error
 from mirenfs.engine.image import make_private_directory
+from mirenfs.engine.memory import use_few_heaps
 from mirenfs.errors import MirenfsError, one_line
 from mirenfs.mount.config import MOUNT_SWITCHES, MountConfig, clone_directory_of, copy_policy, fuse_options
 from mirenfs.mount.status import STATUS_XATTR
@@ -238,6 +239,7 @@ def serve_mount(config: MountConfig, *, ready: Callable[[], None] | None = None)
     # A further Ctrl-C or SIGTERM while the mount stops, or once it is down and this process is on
     # its way out (the demo removes its files first), must not turn a clean end into a death by
     # signal: signals held from before trio starts until the process leaves.
+    use_few_heaps()  # before any thread: its blocks would stay in a heap of its own
     with stop_signals_held():
         trio.run(partial(serve, config, ready=ready))
 
