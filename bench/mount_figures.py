@@ -430,6 +430,54 @@ def measure_mount_rss_restores_at_once(ctx: Context) -> None:
             for name in names:
                 with contextlib.suppress(CommandFailed):
                     run_command(ctx.mirenfs_cmd("disk", "remove", name, "--data-path", str(data)))
+    _reads_at_once(ctx, data, mountpoint, image, mirenfs_snapshot)
+
+
+READS_AT_ONCE = 4
+
+
+def _reads_at_once(ctx: Context, data: Path, mountpoint: Path, image: Path, snapshot: Path) -> None:
+    """The daemon's peak RSS while four cold ``cat NAME.mirn`` run at once, then while four more
+    run beside four restores (reads and restores have bounds of their own: info only)."""
+    readers = [f"read-{n}" for n in range(2 * READS_AT_ONCE)]
+    for name in readers:
+        copy = ctx.temp_path(f"{name}.img")
+        run_command(["cp", "--sparse=always", str(image), str(copy)])
+        add_disk(ctx, data, name, copy)
+    for label, reads, restores in (
+        ("cold reads", readers[:READS_AT_ONCE], 0),
+        ("cold reads and restores", readers[READS_AT_ONCE:], READS_AT_ONCE),
+    ):
+        with running_mount(ctx, data, mountpoint) as mount:
+            log(f"mount: {len(reads)} {label} at once ({restores} restores), daemon RSS")
+            start = time.perf_counter()
+            jobs = [
+                subprocess.Popen(["cat", str(mountpoint / f"{name}.mirn")], stdout=subprocess.DEVNULL)
+                for name in reads
+            ] + [
+                subprocess.Popen(["cp", str(snapshot), str(mountpoint / "restore" / f"mixed-{n}.mirn")])
+                for n in range(restores)
+            ]
+            for job in jobs:
+                job.wait(timeout=600)
+            seconds = time.perf_counter() - start
+            peak = mount.peak_rss_kib()
+            ctx.check(f"{label} at once all succeeded", all(job.returncode == 0 for job in jobs))
+            title = f"mount: {len(reads)} cat" + (f" + {restores} cp into restore/" if restores else "")
+            ctx.add(
+                Figure(
+                    f"{title} at once (daemon RSS)",
+                    [Sample(seconds, None, peak)],
+                    floor="sha256",
+                    note="info",
+                )
+            )
+            if not restores:
+                ctx.check(
+                    f"daemon peak RSS under 200 MB with {len(reads)} cold reads at once",
+                    peak * 1024 < 200 * MB,
+                    f"{peak * 1024 / MB:.0f} MB",
+                )
 
 
 # A 1 TiB disk's index (262 144 chunks of 4 MiB) saved and loaded twice through the mount's
