@@ -301,16 +301,44 @@ def test_a_pool_gives_back_the_buffers_its_share_no_longer_allows() -> None:
 
 def test_a_fair_share_is_even_between_its_least_and_its_most() -> None:
     share = FairShare()
+    trimmed: list[int] = []
     assert share.share(16, 8, 1) == 8  # alone: the most
-    for _ in range(3):
-        share.join()
+    tickets = [share.join(partial(trimmed.append, n)) for n in range(3)]
     assert share.share(16, 8, 1) == 5
-    for _ in range(17):
-        share.join()
+    assert trimmed == [0, 0, 1, 0, 1, 2]  # each join trims every member, itself included
+    tickets += [share.join(lambda: None) for _ in range(17)]
     assert share.share(16, 8, 1) == 1 and share.share(16 << 20, 8 << 20, 0) == (16 << 20) // 20
-    for _ in range(20):
-        share.leave()
+    for ticket in tickets:
+        share.leave(ticket)
     assert share.running == 0 and share.share(16, 8, 1) == 8
+
+
+def test_restores_whose_writers_stopped_give_back_what_later_ones_need() -> None:
+    """Review S5 F2: a pool was trimmed to its share only at its own acquire or give-back, which
+    a restore whose writer stopped (a stalled network copy, a stopped cp) never makes: restores
+    started one after another, then idle, held 30 pieces and 17 frame buffers against a bound of
+    16 and 8. A join now trims every running restore's free buffers."""
+    content = os.urandom(48 << 20)  # incompressible: frames near 4 MiB
+    snapshot = many_frame_snapshot(content, chunk=PIECE)
+    streams: list[RestoreStream] = []
+
+    async def run() -> None:
+        try:
+            for _ in range(6):
+                stream, _sink = collecting_stream()
+                streams.append(stream)
+                await stream.feed(snapshot[: 32 << 20])  # at full speed, then the writer stops
+                await stream.settle()
+            pipelines = [stream._pipeline for stream in streams if stream._pipeline is not None]
+            pieces = sum(pipeline._pool.buffers for pipeline in pipelines)
+            frames = sum(pipeline._frame_pool.buffers for pipeline in pipelines)
+            assert pieces <= POOL_PIECES_TOTAL and frames <= consume.FRAME_BUFFERS_TOTAL, (pieces, frames)
+        finally:
+            for stream in streams:
+                await stream.close()
+
+    trio.run(run)
+    assert consume.RESTORES.running == 0
 
 
 class FailingWriter:

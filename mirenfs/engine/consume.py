@@ -244,16 +244,19 @@ class _Pipeline:
         self._to_write: Handoff[_Piece] = Handoff(PIECES_AHEAD_LIMIT)
         self._being_filled: collections.deque[Piece] = collections.deque()  # handed on, maybe not filled yet
         self._settles: list[trio.Event] = []
+        pools = (self._pool, self._frame_pool)
+        # Until the stages are stopped (``_stop_all`` leaves); the pools, not this pipeline.
+        ticket = RESTORES.join(partial(_trim_all, pools))
         stop = partial(
             _stop_all,
             (self.input, self._frames, self._to_hash, self._to_write),
-            (self._pool, self._frame_pool),
+            pools,
             self._settles,
             self._waker,
+            ticket,
         )
         self.stages = Stages(stop, self._waker)  # ``stop`` holds the queues, not this pipeline: no cycle
         frame_stages = {f"restore-frame-{n}": self._frame_loop for n in range(1, FRAME_WORKERS + 1)}
-        RESTORES.join()  # until the stages are stopped (``_stop_all`` leaves)
         try:
             self.stages.start(
                 {
@@ -504,15 +507,21 @@ class _KnownZeros:
         return None
 
 
+def _trim_all(pools: tuple[BufferPool, ...]) -> None:
+    for pool in pools:
+        pool.trim()
+
+
 def _stop_all(
     handoffs: tuple[Handoff[_InputItem], Handoff[_FrameJob], Handoff[_Piece], Handoff[_Piece]],
     pools: tuple[BufferPool, ...],
     settles: list[trio.Event],
     waker: LoopWaker,
+    ticket: int,
 ) -> None:
     """Wake every stage and every waiter of a pipeline that stops, and give its share back
     (this runs once per pipeline)."""
-    RESTORES.leave()
+    RESTORES.leave(ticket)
     for handoff in handoffs:
         handoff.stop()
     for pool in pools:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import itertools
 import mmap
 import os
 import sys
@@ -291,6 +292,14 @@ class BufferPool:
                     return mmap.mmap(-1, self.size)
                 self._cond.wait()
 
+    def trim(self) -> None:
+        """Unmap the free buffers over the share now, not at this pool's next acquire or
+        give-back: a restore whose writer stopped has neither (review S5 F2)."""
+        with self._cond:
+            most = max(1, self._most())
+            while self._free and self._made > most:
+                self._unmap(self._free.pop())
+
     def give_back(self, buffer: Buffer) -> None:
         """Return a buffer that was acquired but never filled."""
         with self._cond:
@@ -358,18 +367,30 @@ class FairShare:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._running = 0
+        self._trims: dict[int, Callable[[], None]] = {}  # each member's: let go of what is over its share
+        self._tickets = itertools.count()
 
     @property
     def running(self) -> int:
         return self._running
 
-    def join(self) -> None:
+    def join(self, trim: Callable[[], None]) -> int:
+        """One more pipeline runs: every member's share shrinks, and each gives back at once
+        what it holds free over it (``trim``; it must not hold the pipeline). The ticket to
+        :meth:`leave` with."""
         with self._lock:
             self._running += 1
+            ticket = next(self._tickets)
+            self._trims[ticket] = trim
+            trims = list(self._trims.values())
+        for member_trim in trims:
+            member_trim()
+        return ticket
 
-    def leave(self) -> None:
+    def leave(self, ticket: int) -> None:
         with self._lock:
             self._running -= 1
+            del self._trims[ticket]
 
     def share(self, total: int, most: int, least: int) -> int:
         """One pipeline's part of ``total``: at most ``most``, at least ``least``."""
