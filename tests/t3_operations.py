@@ -168,6 +168,33 @@ async def test_the_frames_read_ahead_go_when_the_last_reader_closes(data_path: P
 
 
 @trio_test
+async def test_frames_read_ahead_for_a_reader_gone_are_not_kept(data_path: Path) -> None:
+    """Review S5 F3: a reader that stopped early (`head -c`, a killed cp) left the frames its
+    read-ahead was still making, which landed in the cache after its last close."""
+    image = add_image_disk(data_path, "pg", segments=[("data", 4 << 20)])
+    expected = await snapshot_bytes(image, name="pg")
+    async with operations(data_path) as m:
+        frames = m.ops.service.frames
+        snapshot = (await m.lookup("pg.mirn")).st_ino
+        fh = await m.open(snapshot)
+        got = bytearray()
+        for _ in range(3):  # the start only: the read-ahead is under way
+            got += await m.ops.read(fh, len(got), PIECE)
+        await m.ops.release(fh)
+        version = m.ops.service.current("pg")
+        assert version is not None and bytes(got) == expected[: len(got)]
+        with trio.fail_after(30):
+            await trio.testing.wait_all_tasks_blocked()  # the read-ahead started: frames in flight
+            assert version.producer._in_flight, "no read-ahead to wait for: the test shows nothing"
+            while version.producer._in_flight:  # until it landed
+                await trio.sleep(0.01)
+        assert frames.bytes == 0, f"{frames.bytes} bytes of frames kept for nobody"
+        fh = await m.open(snapshot)  # a reader again: frames are kept for it
+        assert await m.read_handle(fh) == expected and frames.bytes > 0
+        await m.ops.release(fh)
+
+
+@trio_test
 async def test_sidecar_holds_the_sha256sum_line_of_the_snapshot(data_path: Path) -> None:
     expected = await snapshot_bytes(add_image_disk(data_path, "pg"), name="pg")
     line = f"{hashlib.sha256(expected).hexdigest()}  pg.mirn\n".encode()
@@ -817,7 +844,7 @@ async def test_a_copy_of_a_disk_in_use_stands_for_it_while_read_and_a_minute_aft
     clock = [0.0]
     monkeypatch.setattr(versions.time, "monotonic", lambda: clock[0])
     service = SnapshotService.__new__(SnapshotService)  # only the reuse rule is exercised here
-    producer = SimpleNamespace(drop_frames=lambda: None)  # no frames: only the reuse rule
+    producer = SimpleNamespace(drop_frames=lambda: None, keep_frames=lambda: None)  # only the reuse rule
     copy = versions.DiskVersion("pg", "ext4", "/pg.img", None, producer, "", -1, is_copy=True, last_used=0.0)  # type: ignore[arg-type]
 
     async def current(at: float) -> bool:

@@ -895,6 +895,7 @@ class SnapshotProducer:
         self.layout = SnapshotLayout(meta, index)
         self._cache = cache if cache is not None else frame_cache_for(settings)
         self._token = self._cache.token()
+        self._caching = True
         self._in_flight: dict[int, _Slot[bytes]] = {}
         self._limiter = trio.CapacityLimiter(settings.workers)
 
@@ -903,8 +904,15 @@ class SnapshotProducer:
         return self.layout.total_size
 
     def drop_frames(self) -> None:
-        """Give back the memory of this producer's cached frames (its version is closed)."""
+        """Give back the memory of this producer's cached frames (its last reader went, or its
+        version is closed), and cache none of the frames still being made for them (review S5
+        F3: a read-ahead landing after the last close stayed) until :meth:`keep_frames`."""
+        self._caching = False
         self._cache.drop(self._token)
+
+    def keep_frames(self) -> None:
+        """A reader came: frames made from now on are kept for the next reads again."""
+        self._caching = True
 
     async def frame(self, k: int) -> bytes:
         """Frame ``k``, from the cache, from a request already running, or compressed now."""
@@ -931,7 +939,8 @@ class SnapshotProducer:
             raise
         finally:
             self._in_flight.pop(k, None)
-        self._cache.put((self._token, k), frame)
+        if self._caching:
+            self._cache.put((self._token, k), frame)
         slot.set(frame)
         return frame
 

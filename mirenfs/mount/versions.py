@@ -460,6 +460,7 @@ class SnapshotService:
 
     def acquire(self, version: DiskVersion) -> None:
         version.handles += 1
+        version.producer.keep_frames()
 
     def release(self, version: DiskVersion) -> None:
         version.handles -= 1
