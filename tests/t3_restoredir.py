@@ -447,8 +447,12 @@ async def test_a_full_filesystem_is_what_every_later_request_of_that_descriptor_
         fh, _inode = await m.create("pg.mirn")
         first_batch = FEED_BATCH + PIECE
         await m.write_all(fh, big.data[:first_batch])  # handed to the pipeline, whose write-out fails
-        with trio.fail_after(10):
-            while not full.is_set():
+        writer = m.ops.handles.get(fh)
+        assert isinstance(writer, restoredir.RestoreWriter) and writer.session is not None
+        stream = writer.session._restore.stream
+        with trio.fail_after(10):  # the stage failed, and its failure is recorded (on a busy machine
+            # the stage thread may wait for the CPU after its write failed: the feeds would go on)
+            while not (full.is_set() and stream._pipeline is not None and stream._pipeline.stages.failure):
                 await trio.sleep(0.01)
         offset = first_batch
         with pytest.raises(pyfuse3.FUSEError) as failed:  # the request that learns of it
