@@ -9,6 +9,7 @@ import hashlib
 import logging
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ import trio.testing
 from mirenfs.disks.model import DiskState
 from mirenfs.disks.store import Store
 from mirenfs.engine.image import ImageIdentity, OpenImage
+from mirenfs.engine.produce import SnapshotProducer
 from mirenfs.errors import DiskLeasedError, FormatError, PointInTimeError
 from mirenfs.format.header import decode_header
 from mirenfs.mount import operations as operations_module
@@ -192,6 +194,47 @@ async def test_frames_read_ahead_for_a_reader_gone_are_not_kept(data_path: Path)
         fh = await m.open(snapshot)  # a reader again: frames are kept for it
         assert await m.read_handle(fh) == expected and frames.bytes > 0
         await m.ops.release(fh)
+
+
+@trio_test
+async def test_snapshots_read_at_once_share_the_threads_that_make_frames(
+    data_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trial K s19: each snapshot had `workers` threads of its own making frames (a chunk and its
+    frame each), so sixteen readers at once took a mount to 260 MB. A mount has `workers` for all."""
+    names = [f"d{i}" for i in range(4)]
+    images = {
+        name: add_image_disk(data_path, name, seed=i, segments=[("data", 2 << 20)])
+        for i, name in enumerate(names)
+    }
+    making, most = [0], [0]
+    lock = threading.Lock()
+    make_frame = SnapshotProducer._make_frame
+
+    def counted(self: SnapshotProducer, k: int) -> bytes:
+        with lock:
+            making[0] += 1
+            most[0] = max(most[0], making[0])
+        try:
+            time.sleep(0.002)  # long enough for the others to pile up, were they allowed to
+            return make_frame(self, k)
+        finally:
+            with lock:
+                making[0] -= 1
+
+    monkeypatch.setattr(SnapshotProducer, "_make_frame", counted)
+    async with operations(data_path) as m:
+        expected = {name: await snapshot_bytes(image, name=name) for name, image in images.items()}
+        got: dict[str, bytes] = {}
+
+        async def read(name: str) -> None:
+            got[name] = await m.read_file(f"{name}.mirn")
+
+        async with trio.open_nursery() as nursery:
+            for name in names:
+                nursery.start_soon(read, name)
+    assert got == expected
+    assert 0 < most[0] <= SMALL_SETTINGS.workers, most[0]
 
 
 @trio_test

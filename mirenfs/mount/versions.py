@@ -348,6 +348,7 @@ class SnapshotService:
         self.frame_store = frame_store
         # Frames produced lately, for every disk's snapshot: bounded whatever the number of disks.
         self.frames = frame_cache_for(settings)
+        self.frame_makers = trio.CapacityLimiter(settings.workers)  # for every snapshot read at once
         self.spill_directory = spill_directory
         self.spill_limit = spill_limit
         # Point-in-time copies of disks in use live here (same filesystem as the images, for reflinks).
@@ -579,7 +580,14 @@ class SnapshotService:
                     ensure_unchanged(fd, identity, image_path)
             meta = snapshot_meta(name, filesystem, identity.size, identity.mtime_ns, index.checksum)
             producer = SnapshotProducer(
-                source, self.settings, meta, index, cache=self.frames, spill=spill, store=self.frame_store
+                source,
+                self.settings,
+                meta,
+                index,
+                cache=self.frames,
+                spill=spill,
+                store=self.frame_store,
+                makers=self.frame_makers,
             )
         except BaseException as exc:
             if spill is not None:
