@@ -737,13 +737,17 @@ async def test_an_image_that_cannot_be_indexed_is_said_with_its_disk_and_file(
 
 @trio_test
 async def test_releasing_a_superseded_snapshot_while_it_reads_ahead_keeps_the_session(
-    data_path: Path,
+    data_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="mirenfs")
     image = add_image_disk(data_path, "pg", segments=RANDOM_SEGMENTS)
     async with operations(data_path, spill_limit=0) as m:  # as after a remount: frames from the image
         fh = await m.open((await m.lookup("pg.mirn")).st_ino)
         replace_image(image, seed=1, segments=RANDOM_SEGMENTS)
         await m.lookup("pg.mirn")  # the old version is superseded; this handle keeps it open
+        # Trial K F3: the pair a backup copies then disagrees; the log says why.
+        said = [r.getMessage() for r in caplog.records if "the one 1 open handle(s)" in r.getMessage()]
+        assert said and "pg.mirn.sha256 now holds the new one's checksum" in said[0], said
         await m.ops.read(fh, 0, PIECE)  # sequential: starts compressing the next frames ahead
         ahead = m.ops.handles.get(fh).version.producer._in_flight  # type: ignore[union-attr]
         await m.ops.release(fh)  # the last handle: the old version's image fd is closed

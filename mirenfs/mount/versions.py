@@ -449,6 +449,15 @@ class SnapshotService:
         old = self._current.get(version.name)
         self._current[version.name] = version
         if old is not None:
+            if old.handles:  # a restore renamed a new image in while a backup copied the old one
+                log.info(
+                    "disk %s: a new snapshot (a new image) replaces the one %d open handle(s) still "
+                    "read; they get the snapshot they began, whole, and %s.mirn.sha256 now holds the "
+                    "new one's checksum, so a backup copying the pair must copy it again",
+                    version.name,
+                    old.handles,
+                    version.name,
+                )
             old.superseded = True
             self._close_if_unused(old)
 
