@@ -170,25 +170,42 @@ async def test_the_frames_read_ahead_go_when_the_last_reader_closes(data_path: P
 
 
 @trio_test
-async def test_frames_read_ahead_for_a_reader_gone_are_not_kept(data_path: Path) -> None:
+async def test_frames_read_ahead_for_a_reader_gone_are_not_kept(
+    data_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Review S5 F3: a reader that stopped early (`head -c`, a killed cp) left the frames its
     read-ahead was still making, which landed in the cache after its last close."""
     image = add_image_disk(data_path, "pg", segments=[("data", 4 << 20)])
     expected = await snapshot_bytes(image, name="pg")
+    read = 3 * PIECE  # what the reader reads before it stops
+    gate, needed = threading.Event(), [0]
+    make_frame = SnapshotProducer._make_frame
+
+    def held_ahead(self: SnapshotProducer, k: int) -> bytes:
+        if k > needed[0]:  # read ahead of the reader: made once it has gone
+            gate.wait(30)
+        return make_frame(self, k)
+
+    monkeypatch.setattr(SnapshotProducer, "_make_frame", held_ahead)
     async with operations(data_path) as m:
         frames = m.ops.service.frames
         snapshot = (await m.lookup("pg.mirn")).st_ino
+        version = m.ops.service.current("pg")
+        assert version is not None
+        needed[0] = version.producer.layout.frame_at(read - 1)
         fh = await m.open(snapshot)
         got = bytearray()
-        for _ in range(3):  # the start only: the read-ahead is under way
-            got += await m.ops.read(fh, len(got), PIECE)
-        await m.ops.release(fh)
-        version = m.ops.service.current("pg")
-        assert version is not None and bytes(got) == expected[: len(got)]
+        try:
+            while len(got) < read:  # the start only, sequentially: the read-ahead starts
+                got += await m.ops.read(fh, len(got), PIECE)
+            await trio.testing.wait_all_tasks_blocked()
+            assert any(k > needed[0] for k in version.producer._in_flight), "no read-ahead under way"
+            await m.ops.release(fh)
+        finally:
+            gate.set()
+        assert bytes(got) == expected[: len(got)]
         with trio.fail_after(30):
-            await trio.testing.wait_all_tasks_blocked()  # the read-ahead started: frames in flight
-            assert version.producer._in_flight, "no read-ahead to wait for: the test shows nothing"
-            while version.producer._in_flight:  # until it landed
+            while version.producer._in_flight:  # until the read-ahead landed
                 await trio.sleep(0.01)
         assert frames.bytes == 0, f"{frames.bytes} bytes of frames kept for nobody"
         fh = await m.open(snapshot)  # a reader again: frames are kept for it
