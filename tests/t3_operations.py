@@ -28,6 +28,7 @@ from mirenfs.engine.produce import SnapshotProducer
 from mirenfs.errors import DiskLeasedError, FormatError, PointInTimeError
 from mirenfs.format.header import decode_header
 from mirenfs.mount import operations as operations_module
+from mirenfs.mount import session as session_module
 from mirenfs.mount import versions
 from mirenfs.mount.inodes import RESTORE_INODE, ROOT_INODE
 from mirenfs.mount.operations import MirenOperations, fuse_errors
@@ -1197,3 +1198,24 @@ async def test_an_image_that_changed_during_its_index_pass_is_said_with_its_disk
         assert await fuse_errno(m.ops.getattr(entry.st_ino, m.ctx)) == errno.EIO
     said = [r.getMessage() for r in caplog.records if "changed while it was being read" in r.getMessage()]
     assert said and all(line.startswith(f"disk pg: image {image} changed while") for line in said), said
+
+
+def test_an_answer_the_kernel_no_longer_takes_is_said_at_info(caplog: pytest.LogCaptureFixture) -> None:
+    """Trial K s19: `fusermount3 -u` right after the readers ended logged pyfuse3's "fuse_release():
+    fuse_reply_* failed with No such file or directory" as an ERROR; nothing was lost."""
+    session_module.quiet_answers_nobody_waits_for()
+    session_module.quiet_answers_nobody_waits_for()  # once per process, however often asked
+    pyfuse3_log = logging.getLogger("pyfuse3")
+    assert sum(isinstance(f, session_module.AnswersNobodyWaitsFor) for f in pyfuse3_log.filters) == 1
+    caplog.set_level(logging.INFO, logger="pyfuse3")
+    pyfuse3_log.error("fuse_release(): fuse_reply_* failed with %s", "No such file or directory")
+    pyfuse3_log.error("fuse_read(): fuse_reply_* failed with %s", "Invalid argument")
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "pyfuse3"]
+    assert said == [
+        (
+            logging.INFO,
+            "fuse_release(): fuse_reply_* failed with No such file or directory (the kernel no longer "
+            "waited for this answer: nothing was lost)",
+        ),
+        (logging.ERROR, "fuse_read(): fuse_reply_* failed with Invalid argument"),
+    ]

@@ -172,6 +172,31 @@ def frame_store_of(config: MountConfig) -> FrameStore | None:
     return FrameStore(config.frame_store_directory, config.frame_store_limit, config.settings.key())
 
 
+class AnswersNobodyWaitsFor(logging.Filter):
+    """pyfuse3 logs at ERROR an answer the kernel no longer takes ("fuse_release(): fuse_reply_*
+    failed with No such file or directory"): a release the kernel sent as the mount went away,
+    or an answer to a caller that was interrupted. Nothing is lost, so it is said at INFO, with
+    why (trial K s19: a plain `fusermount3 -u` right after the readers ended logged it as an
+    ERROR, which log alerting chases)."""
+
+    _GONE = "fuse_reply_* failed with No such file or directory"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        said = record.getMessage()
+        if record.levelno == logging.ERROR and said.endswith(self._GONE):
+            record.msg = "%s (the kernel no longer waited for this answer: nothing was lost)"
+            record.args = (said,)
+            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+        return True
+
+
+def quiet_answers_nobody_waits_for() -> None:
+    """Once per process: pyfuse3's logger says those answers at INFO."""
+    pyfuse3_log = logging.getLogger("pyfuse3")
+    if not any(isinstance(f, AnswersNobodyWaitsFor) for f in pyfuse3_log.filters):
+        pyfuse3_log.addFilter(AnswersNobodyWaitsFor())
+
+
 async def serve(config: MountConfig, *, ready: Callable[[], None] | None = None) -> None:
     """Mount, call ``ready`` once the mount answers, serve until unmounted or signalled.
 
@@ -179,6 +204,7 @@ async def serve(config: MountConfig, *, ready: Callable[[], None] | None = None)
     restore) are cancelled rather than awaited, and a restore that was
     receiving is undone. Signals that arrive while stopping are only logged.
     """
+    quiet_answers_nobody_waits_for()
     async with trio.open_nursery() as signals:
         stop = trio.CancelScope()
         # Listening before anything is mounted (it lives until the clean-up is over): a signal
