@@ -892,6 +892,13 @@ def test_a_bad_whole_frame_fails_the_restore_and_nothing_past_it_is_written(dama
     if damage == "content size":
         assert f"says it holds {CHUNK - 4096} bytes decompresses to more" in str(error)
     assert restore_threads() == []
+    # Review S5 F5: the failure is kept while the stream is (in the mount, while its writer holds
+    # the file open); zstd's error, its context, held the frame and piece buffers through its
+    # traceback.
+    gc.collect()
+    held = [o for o in gc.get_objects() if isinstance(o, mmap.mmap) and not o.closed]
+    assert [len(o) for o in held if len(o) in (PIECE, WHOLE_FRAME_LIMIT + 1)] == [], "kept by the failure"
+    del error
 
 
 class GatedSha256:

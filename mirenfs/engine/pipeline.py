@@ -109,6 +109,16 @@ def _run_as_batch_work() -> None:
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
 
 
+def _clear_frames_of_chain(error: BaseException) -> None:
+    """Clear the frames of ``error``'s traceback and of every error it was raised from or in."""
+    seen: set[int] = set()
+    chained: BaseException | None = error
+    while chained is not None and id(chained) not in seen:
+        seen.add(id(chained))
+        traceback.clear_frames(chained.__traceback__)
+        chained = chained.__cause__ or chained.__context__
+
+
 class Stopped(Exception):
     """The stages were stopped (another stage failed, or the owner gave up): leave the loop."""
 
@@ -289,8 +299,17 @@ class BufferPool:
                     return self._free.pop()
                 if self._made < most:
                     self._made += 1
-                    return mmap.mmap(-1, self.size)
+                    break
                 self._cond.wait()
+        # Made outside the lock: an allocation may run the garbage collector, whose finalizer of
+        # an abandoned pipeline stops its pool, taking this lock (review S5).
+        try:
+            return mmap.mmap(-1, self.size)
+        except BaseException:
+            with self._cond:
+                self._made -= 1
+                self._cond.notify()
+            raise
 
     def trim(self) -> None:
         """Unmap the free buffers over the share now, not at this pool's next acquire or
@@ -322,8 +341,10 @@ class BufferPool:
         """Let one buffer go now (the pool's lock is held)."""
         self._made -= 1
         if isinstance(buffer, mmap.mmap):
-            with contextlib.suppress(BufferError):  # a view still open: unmapped once it goes
+            try:  # noqa: SIM105 (no context manager: nothing that may run the garbage collector here)
                 buffer.close()
+            except BufferError:  # a view still open: unmapped once it goes
+                pass
 
     def wait_filled(self, piece: Piece) -> None:
         with self._cond:
@@ -437,8 +458,9 @@ class Stages:
             pass
         except BaseException as exc:  # any failure ends the pipeline; its owner reports it
             # The traceback is kept for the report, not the stage's locals: the piece it held
-            # (a 4 MiB buffer) would live as long as the failure is kept.
-            traceback.clear_frames(exc.__traceback__)
+            # (a 4 MiB buffer) would live as long as the failure is kept; so would the frame and
+            # piece zstd's error, the failure's context, holds (review S5 F5).
+            _clear_frames_of_chain(exc)
             self.fail(exc)
         finally:
             self._count_out(1)
