@@ -30,10 +30,9 @@ def use_few_heaps(count: int = MOUNT_ARENAS) -> bool:
     glibc gives threads heaps of their own (up to 8 per core), and a block
     freed by another thread goes back to the heap it came from, where it
     stays for that heap's next allocations. A mount's threads each make 4 MiB
-    chunks and frames that others free: four cold reads at once held 150 MB
-    in seven heaps (session 19), 200 MB in all; with one heap, 153 MB. The
-    large blocks are few (one per MiB or so), so the heap's lock costs nothing
-    measurable.
+    chunks and frames that others free: during four cold reads at once, seven
+    heaps held 150 MB of the daemon's 200 MB (session 19). The large blocks
+    are few (one per MiB or so), so the heap's lock costs nothing measurable.
     """
     function = getattr(_libc(), "mallopt", None)
     return bool(function is not None and function(M_ARENA_MAX, count) == 1)

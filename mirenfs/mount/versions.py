@@ -451,9 +451,10 @@ class SnapshotService:
         if old is not None:
             if old.handles:  # a restore renamed a new image in while a backup copied the old one
                 log.info(
-                    "disk %s: a new snapshot (a new image) replaces the one %d open handle(s) still "
-                    "read; they get the snapshot they began, whole, and %s.mirn.sha256 now holds the "
-                    "new one's checksum, so a backup copying the pair must copy it again",
+                    "disk %s: a new snapshot replaces the one %d open handle(s) still read; they go on "
+                    "with the one they began (whole after a restore, EIO if its image was written in "
+                    "place), and %s.mirn.sha256 now holds the new one's checksum, so a backup copying "
+                    "the pair must copy it again",
                     version.name,
                     old.handles,
                     version.name,
