@@ -401,10 +401,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             "inspect reads a snapshot file, not standard input; save the stream to a file first, "
             "or check a stream with `mirenfs verify -`"
         )
-    try:
-        opened = open(args.file, "rb")  # noqa: SIM115 (closed by the with below)
-    except OSError as exc:  # in verify's and restore's words (trial R s18)
-        raise MirenfsError(f"cannot open snapshot {args.file}: {exc.strerror}") from None
+    opened = open_input(args.file)  # refused in verify's and restore's words (trial R s18)
     try:
         with opened as snapshot, naming_the_snapshot(args.file):
             meta = read_header(snapshot)
