@@ -292,9 +292,7 @@ class BufferPool:
             while True:
                 if self._stopped:
                     raise Stopped
-                most = max(1, self._most())
-                while self._free and self._made > most:
-                    self._unmap(self._free.pop())
+                most = self._unmap_free_over_share()
                 if self._free:
                     return self._free.pop()
                 if self._made < most:
@@ -315,9 +313,15 @@ class BufferPool:
         """Unmap the free buffers over the share now, not at this pool's next acquire or
         give-back: a restore whose writer stopped has neither (review S5 F2)."""
         with self._cond:
-            most = max(1, self._most())
-            while self._free and self._made > most:
-                self._unmap(self._free.pop())
+            self._unmap_free_over_share()
+
+    def _unmap_free_over_share(self) -> int:
+        """Unmap free buffers while the pool holds more than its share (the lock is held); the
+        share, at least one."""
+        most = max(1, self._most())
+        while self._free and self._made > most:
+            self._unmap(self._free.pop())
+        return most
 
     def give_back(self, buffer: Buffer) -> None:
         """Return a buffer that was acquired but never filled."""
@@ -387,20 +391,18 @@ class FairShare:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._running = 0
         self._trims: dict[int, Callable[[], None]] = {}  # each member's: let go of what is over its share
         self._tickets = itertools.count()
 
     @property
     def running(self) -> int:
-        return self._running
+        return len(self._trims)
 
     def join(self, trim: Callable[[], None]) -> int:
         """One more pipeline runs: every member's share shrinks, and each gives back at once
         what it holds free over it (``trim``; it must not hold the pipeline). The ticket to
         :meth:`leave` with."""
         with self._lock:
-            self._running += 1
             ticket = next(self._tickets)
             self._trims[ticket] = trim
             trims = list(self._trims.values())
@@ -410,12 +412,11 @@ class FairShare:
 
     def leave(self, ticket: int) -> None:
         with self._lock:
-            self._running -= 1
             del self._trims[ticket]
 
     def share(self, total: int, most: int, least: int) -> int:
         """One pipeline's part of ``total``: at most ``most``, at least ``least``."""
-        return max(least, min(most, total // max(1, self._running)))
+        return max(least, min(most, total // max(1, self.running)))
 
 
 class Stages:
