@@ -32,7 +32,7 @@ from mirenfs import Meta, Timestamp, backup, read_header, restore_image
 from mirenfs.disks.live import may_change_while_read
 from mirenfs.engine import files as files_module
 from mirenfs.engine import produce as produce_module
-from mirenfs.engine.consume import RestoreStream
+from mirenfs.engine.consume import POOL_PIECES, POOL_PIECES_TOTAL, RestoreStream
 from mirenfs.engine.files import (
     OpenImage,
     SnapshotOf,
@@ -43,6 +43,7 @@ from mirenfs.engine.files import (
     write_snapshot,
 )
 from mirenfs.engine.image import FdImageSource, FileObjectSource, ImageIdentity, ensure_unchanged
+from mirenfs.engine.pipeline import BULK_WORK
 from mirenfs.engine.produce import Settings, SnapshotIndex, SnapshotProducer, build_index, snapshot_meta
 from mirenfs.errors import FormatError, ImageChangedError
 from mirenfs.format.frames import compress_frame, parse_seek_table
@@ -712,6 +713,49 @@ def test_progress_waits_for_the_hash_not_only_the_frames(
 
     trio.run(main)
     assert told[-1] == size and told == sorted(told), told
+
+
+def test_an_index_pass_counts_against_what_restores_share_until_it_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four restores beside four cold reads took a mount to 203-219 MB: the restores split their
+    bound among themselves while the passes' chunks were not counted. A pass is one of the bulk
+    work's members while it runs, and leaves when it ends, also when it is cancelled."""
+    image = tmp_path / "img"
+    write_image(image, [("data", 5000), ("hole", 4 * 65536)])
+    gate = threading.Event()
+    wait = produce_module._Lead.wait
+
+    def held_hash(lead: Any, offset: int) -> None:
+        gate.wait(timeout=60)
+        wait(lead, offset)
+
+    monkeypatch.setattr(produce_module._Lead, "wait", held_hash)
+    running: list[int] = []
+
+    async def main(cancel: bool) -> None:
+        handle = OpenImage.open(str(image))
+        try:
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    for _ in range(2):
+                        nursery.start_soon(build_index, handle.source(SMALL), SMALL)
+                    try:
+                        await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+                        running.append(BULK_WORK.running)
+                        if cancel:
+                            nursery.cancel_scope.cancel()
+                    finally:
+                        gate.set()  # the hash threads go on, whatever happened
+        finally:
+            handle.close()
+
+    for cancel in (False, True):
+        gate.clear()
+        trio.run(main, cancel)
+        assert BULK_WORK.running == 0, f"a pass {'cancelled' if cancel else 'done'} kept its place"
+    assert running == [2, 2]
+    assert BULK_WORK.share(POOL_PIECES_TOTAL, POOL_PIECES, 1) == POOL_PIECES
 
 
 def test_an_image_changed_during_a_two_read_backup_is_refused(tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ from mirenfs.engine.consume import (
     restore_to_path,
 )
 from mirenfs.engine.image import SparseWriter, StagingImage, nonzero_runs
-from mirenfs.engine.pipeline import BufferPool, FairShare, Stages
+from mirenfs.engine.pipeline import BULK_WORK, BufferPool, FairShare, Stages
 from mirenfs.errors import FormatError, TargetError
 from mirenfs.format.frames import FrameScanner
 
@@ -207,7 +207,7 @@ def test_restores_at_once_share_one_bound_and_each_finishes_exactly() -> None:
     async def run() -> None:
         for stream, snapshot, start in zip(streams, snapshots, fed, strict=True):
             await stream.feed(snapshot[:start])
-        assert consume.RESTORES.running == 3
+        assert BULK_WORK.running == 3
         with trio.move_on_after(3):
             async with trio.open_nursery() as nursery:
                 for n in range(3):
@@ -230,7 +230,7 @@ def test_restores_at_once_share_one_bound_and_each_finishes_exactly() -> None:
         for writer in writers:
             writer.release.set()  # a failed assertion leaves no stage waiting
     assert [writer.written for writer in writers] == [len(content) for content in contents]
-    assert consume.RESTORES.running == 0 and restore_threads() == []
+    assert BULK_WORK.running == 0 and restore_threads() == []
 
 
 async def _returning(writer: BlockingWriter, _meta: object) -> BlockingWriter:
@@ -338,7 +338,7 @@ def test_restores_whose_writers_stopped_give_back_what_later_ones_need() -> None
                 await stream.close()
 
     trio.run(run)
-    assert consume.RESTORES.running == 0
+    assert BULK_WORK.running == 0
 
 
 class FailingWriter:
@@ -424,7 +424,7 @@ def test_an_abandoned_stream_stops_its_threads(make: Callable[[bytes], bytes]) -
     trio.run(run)
     gc.collect()
     wait_for(lambda: not restore_threads(), "the pipeline threads to end", timeout=5)
-    assert consume.RESTORES.running == 0, "an abandoned restore kept its share of the memory"
+    assert BULK_WORK.running == 0, "an abandoned restore kept its share of the memory"
 
 
 def test_restore_to_path_is_exact_sparse_and_leaves_no_threads(tmp_path: Path) -> None:
@@ -1114,5 +1114,5 @@ def test_a_stage_that_cannot_start_leaves_nothing_behind(monkeypatch: pytest.Mon
 
     trio.run(run)
     wait_for(lambda: not restore_threads(), "the stages that did start to end", timeout=10)
-    assert sys.getswitchinterval() == interval and consume.RESTORES.running == 0
+    assert sys.getswitchinterval() == interval and BULK_WORK.running == 0
     assert_restores_exactly(many_frame_snapshot(CONTENT), CONTENT, seed=3)

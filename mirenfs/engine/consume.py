@@ -15,7 +15,8 @@ queue is full (that is the back-pressure a FUSE write feels). Decompressed
 pieces and whole frames travel in pools of reusable buffers, so memory stays
 bounded even for a frame that inflates 30 000-fold (a 4 MiB hole is a
 151-byte frame); restores running at once in one process split one bound
-(:data:`RESTORES`), so that memory does not grow with their number. The
+with the index passes running (:data:`~mirenfs.engine.pipeline.BULK_WORK`), so that memory does
+not grow with their number. The
 frame mirenfs itself writes for an all-zero chunk is recognised and passed on
 as zeros without zstd or a zero check. :meth:`RestoreStream.settle` waits until everything fed is
 decompressed, so that a close can tell exactly whether the snapshot is whole.
@@ -46,7 +47,7 @@ import zstandard
 
 from mirenfs.engine.fstype import SIGNATURES_END, filesystem_in
 from mirenfs.engine.image import ImageIdentity, MakeRoom, SparseWriter, StagingImage, disk_file_mode
-from mirenfs.engine.pipeline import Buffer, BufferPool, FairShare, Handoff, LoopWaker, Piece, Stages, Stopped
+from mirenfs.engine.pipeline import BULK_WORK, Buffer, BufferPool, Handoff, LoopWaker, Piece, Stages, Stopped
 from mirenfs.engine.produce import DEFAULT_CHUNK_SIZE, DEFAULT_LEVEL
 from mirenfs.errors import FormatError, MirenfsError, TargetError, size_in_words
 from mirenfs.format.frames import FrameScanner, SeekTableCheck, zero_frame
@@ -68,10 +69,10 @@ log = logging.getLogger(__name__)
 PIECE = 4 << 20
 POOL_PIECES = 8  # decompressed pieces in flight between the stages (32 MiB)
 INPUT_LIMIT = 8 << 20  # compressed bytes waiting for the decompressor before a feed waits
-# What the restores running at once in this process share (a mount serves many): a restore alone,
-# or one of two, has the limits above; more split these evenly, so that memory stays bounded
-# however many run (ten took a mount to 340 MB when each had its own: trial M, session 18).
-RESTORES = FairShare()
+# What the restores running at once in this process share (a mount serves many) with the index
+# passes running: a restore alone, or one of two, has the limits above; more split these evenly, so
+# that memory stays bounded however many run (ten took a mount to 340 MB when each had its own:
+# trial M, session 18).
 POOL_PIECES_TOTAL = 2 * POOL_PIECES
 INPUT_TOTAL = 2 * INPUT_LIMIT
 _READ_SIZE = 1 << 20  # compressed bytes the decompressor takes at a time
@@ -233,12 +234,12 @@ class _Pipeline:
         self._waker = LoopWaker()
         # Shares of what the running restores share, read as they go (one item always fits).
         self.input: Handoff[_InputItem] = Handoff(
-            partial(RESTORES.share, INPUT_TOTAL, INPUT_LIMIT, 0), self._waker
+            partial(BULK_WORK.share, INPUT_TOTAL, INPUT_LIMIT, 0), self._waker
         )
-        self._pool = BufferPool(partial(RESTORES.share, POOL_PIECES_TOTAL, POOL_PIECES, 1), PIECE)
-        self._frames: Handoff[_FrameJob] = Handoff(partial(RESTORES.share, FRAMES_TOTAL, FRAMES_LIMIT, 0))
+        self._pool = BufferPool(partial(BULK_WORK.share, POOL_PIECES_TOTAL, POOL_PIECES, 1), PIECE)
+        self._frames: Handoff[_FrameJob] = Handoff(partial(BULK_WORK.share, FRAMES_TOTAL, FRAMES_LIMIT, 0))
         self._frame_pool = BufferPool(  # one byte more than a whole frame: a longer one shows
-            partial(RESTORES.share, FRAME_BUFFERS_TOTAL, FRAME_BUFFERS, 1), WHOLE_FRAME_LIMIT + 1
+            partial(BULK_WORK.share, FRAME_BUFFERS_TOTAL, FRAME_BUFFERS, 1), WHOLE_FRAME_LIMIT + 1
         )
         self._to_hash: Handoff[_Piece] = Handoff(PIECES_AHEAD_LIMIT)
         self._to_write: Handoff[_Piece] = Handoff(PIECES_AHEAD_LIMIT)
@@ -246,7 +247,7 @@ class _Pipeline:
         self._settles: list[trio.Event] = []
         pools = (self._pool, self._frame_pool)
         # Until the stages are stopped (``_stop_all`` leaves); the pools, not this pipeline.
-        ticket = RESTORES.join(partial(_trim_all, pools))
+        ticket = BULK_WORK.join(partial(_trim_all, pools))
         stop = partial(
             _stop_all,
             (self.input, self._frames, self._to_hash, self._to_write),
@@ -521,7 +522,7 @@ def _stop_all(
 ) -> None:
     """Wake every stage and every waiter of a pipeline that stops, and give its share back
     (this runs once per pipeline)."""
-    RESTORES.leave(ticket)
+    BULK_WORK.leave(ticket)
     for handoff in handoffs:
         handoff.stop()
     for pool in pools:

@@ -40,7 +40,7 @@ from mirenfs.engine import sha256
 from mirenfs.engine.aio import task_group
 from mirenfs.engine.framestore import FrameStore, fingerprint
 from mirenfs.engine.image import ChunkSource, Hasher, chunk_count, chunk_length, zeros
-from mirenfs.engine.pipeline import fast_gil_handoff
+from mirenfs.engine.pipeline import BULK_WORK, fast_gil_handoff
 from mirenfs.errors import ImageChangedError
 from mirenfs.format.frames import (
     MAX_FRAME_CONTENT,
@@ -440,13 +440,18 @@ class _IndexPass:
     async def run(self, frame_sink: FrameSink | None, progress: Progress | None) -> SnapshotIndex:
         frame_send, frame_recv = trio.open_memory_channel[tuple[int, _Slot[_Chunk]]](self.window)
         shared_send, shared_recv = trio.open_memory_channel[_Slot[_Chunk]](self.window)
-        with fast_gil_handoff():  # the hash lane waits for the GIL after each piece
-            async with task_group() as nursery:
-                nursery.start_soon(self._hash_lane, shared_recv)
-                nursery.start_soon(self._compress_lane, nursery, frame_send, shared_send)
-                nursery.start_soon(self._frame_lane, frame_recv, frame_sink)
-                if progress is not None:
-                    nursery.start_soon(self._progress_lane, progress)
+        # Its window of chunks counts against what the restores running beside it share.
+        ticket = BULK_WORK.join()
+        try:
+            with fast_gil_handoff():  # the hash lane waits for the GIL after each piece
+                async with task_group() as nursery:
+                    nursery.start_soon(self._hash_lane, shared_recv)
+                    nursery.start_soon(self._compress_lane, nursery, frame_send, shared_send)
+                    nursery.start_soon(self._frame_lane, frame_recv, frame_sink)
+                    if progress is not None:
+                        nursery.start_soon(self._progress_lane, progress)
+        finally:
+            BULK_WORK.leave(ticket)
         source, settings = self.source, self.settings
         return SnapshotIndex(
             source.size,
