@@ -25,7 +25,7 @@ from mirenfs.disks.model import DiskState
 from mirenfs.disks.store import Store
 from mirenfs.engine.image import ImageIdentity, OpenImage
 from mirenfs.engine.produce import SnapshotProducer
-from mirenfs.errors import DiskLeasedError, FormatError, PointInTimeError
+from mirenfs.errors import DiskLeasedError, FormatError, PointInTimeError, printable
 from mirenfs.format.header import decode_header
 from mirenfs.mount import operations as operations_module
 from mirenfs.mount import session as session_module
@@ -432,6 +432,34 @@ async def test_rsync_renames_under_an_archives_own_restore_directory(data_path: 
         )
         assert await fuse_errno(ops.rename(RESTORE_INODE, b"restore", nested, b"x", 0, ctx)) == errno.EXDEV
         assert [name for name, _attrs in await m.listdir(RESTORE_INODE)] == ["restore"]  # no restore began
+
+
+@trio_test
+async def test_a_copy_into_the_archives_own_restore_directory_says_it_restores_nothing(
+    data_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Trial R: ``cp s1.mirn restore/restore/s9.mirn`` (a typo, or tar's wrong ``-C``) succeeded
+    and nothing said that no disk was restored. It still succeeds (a whole-mount archive's own
+    restore/ must extract), and the log names the file, once, and where the copy should go."""
+    image = add_image_disk(data_path, "pg")
+    before = image.read_bytes()
+    async with operations(data_path) as m:
+        ops, ctx = m.ops, m.ctx
+        nested = (await ops.mkdir(RESTORE_INODE, b"restore", 0o755, ctx)).st_ino
+        below = (await ops.mkdir(nested, b"sub\n", 0o755, ctx)).st_ino
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="mirenfs"):
+            for _attempt in range(2):  # the second copy over the first says nothing new
+                info, _attrs = await ops.create(below, b"pg.mirn", 0o644, os.O_WRONLY | os.O_CREAT, ctx)
+                await ops.write(info.fh, 0, b"whatever was copied")
+                await ops.release(info.fh)
+        said, sub = [record.getMessage() for record in caplog.records], printable("sub\n")
+        assert said == [
+            f"restore/restore/{sub}/pg.mirn: ignored, as everything below restore/restore/ is (a "
+            "whole-mount archive's copy of restore/); to restore a snapshot, copy it into restore/ itself"
+        ], said
+        assert [name for name, _attrs in await m.listdir(RESTORE_INODE)] == ["restore"]  # no restore began
+    assert image.read_bytes() == before
 
 
 @trio_test

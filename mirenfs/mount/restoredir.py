@@ -665,7 +665,24 @@ class RestoreDirectory:
             del self.ignored[existing.inode]
         node = IgnoredNode(self._allocate_inode(), parent, name, is_directory, mode & 0o7777)
         self.ignored[node.inode] = node
+        if not is_directory:  # a copy into restore/restore/ by mistake succeeds: say it restores nothing
+            log.info(
+                "%s: ignored, as everything below %s/%s/ is (a whole-mount archive's copy of %s/); "
+                "to restore a snapshot, copy it into %s/ itself",
+                self._ignored_path(node),
+                RESTORE_DIRECTORY,
+                NESTED_DIRECTORY,
+                RESTORE_DIRECTORY,
+                RESTORE_DIRECTORY,
+            )
         return node
+
+    def _ignored_path(self, node: IgnoredNode) -> str:
+        names = [node.name]
+        while node.parent in self.ignored:
+            node = self.ignored[node.parent]
+            names.append(node.name)
+        return "/".join([RESTORE_DIRECTORY, *map(printable, reversed(names))])  # the nested one's too
 
     def ignored_child(self, parent: int, name: str) -> IgnoredNode | None:
         for node in self.ignored.values():
