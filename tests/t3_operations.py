@@ -525,8 +525,19 @@ async def test_the_root_takes_no_new_files_and_no_changes(
         assert await fuse_errno(ops.open(snapshot, os.O_WRONLY | os.O_TRUNC, ctx)) == errno.EROFS
         assert [(r.name, r.errno) for r in ops.restores.refusals] == [("pg.mirn", "EROFS")]
         assert await fuse_errno(ops.create(snapshot, b"x.mirn", 0o644, os.O_WRONLY, ctx)) == errno.EPERM
+        ops.restores.refusals.clear()
         for parent in (ROOT_INODE, RESTORE_INODE):
             assert await fuse_errno(ops.mkdir(parent, b"dir", 0o755, ctx)) == errno.EPERM
+        # Trial R s18: `cp -r backups/ restore/` got EPERM and nothing said what restore/ takes.
+        said = (
+            "restore/dir: restore/ takes snapshot files, not directories (but restore, a whole-mount "
+            "archive's own, whose contents are ignored); copy the snapshots themselves into restore/ "
+            "(restore/NAME.mirn restores disk NAME)"
+        )
+        assert [(r.name, r.errno, r.reason) for r in ops.restores.refusals] == [
+            ("restore/dir", "EPERM", said.removeprefix("restore/dir: "))
+        ]
+        assert said in caplog.text
         assert await fuse_errno(ops.unlink(ROOT_INODE, b"pg.mirn", ctx)) == errno.EPERM
         assert await fuse_errno(ops.unlink(ROOT_INODE, b"restore", ctx)) == errno.EPERM
         assert (

@@ -643,10 +643,11 @@ class MirenOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         """Directories are refused, but for a whole-mount archive's own ``restore/``: accepted, ignored."""
         text = os.fsdecode(name)
-        nested = parent_inode != RESTORE_INODE or text == NESTED_DIRECTORY
-        if not self._in_restore_tree(parent_inode) or not nested:
+        if not self._in_restore_tree(parent_inode):
             raise pyfuse3.FUSEError(errno.EPERM)
         self.restores.check_writer(ctx.uid, "restore/")
+        if parent_inode == RESTORE_INODE and text != NESTED_DIRECTORY:
+            raise self.restores.refuse_directory(text, ctx.pid)
         return self._ignored_attributes(
             self.restores.ignore(parent_inode, text, is_directory=True, mode=mode)
         )

@@ -394,6 +394,19 @@ class RestoreDirectory:
         self._refused(file_name, refusal, pid, where=printable(file_name))
         return refusal
 
+    def refuse_directory(self, directory_name: str, pid: int) -> MirenfsError:
+        """A directory made in restore/ (``cp -r backups/ restore/``): EPERM, with what restore/
+        takes said in the log and in ``mirenfs status`` (trial R s18: EPERM alone)."""
+        refusal = MirenfsError(
+            f"{in_restore(directory_name)}: {RESTORE_DIRECTORY}/ takes snapshot files, not directories "
+            f"(but {NESTED_DIRECTORY}, a whole-mount archive's own, whose contents are ignored); copy "
+            f"the snapshots themselves into {RESTORE_DIRECTORY}/ ({RESTORE_DIRECTORY}/NAME.mirn restores "
+            "disk NAME)"
+        )
+        refusal.errno = errno.EPERM
+        self._refused(directory_name, refusal, pid)
+        return refusal
+
     def _refused(self, file_name: str, refusal: MirenfsError, pid: int, *, where: str | None = None) -> None:
         """One log line and one status record per refusal. rsync retries a refused temporary
         file under new names (it takes EEXIST for a name clash): the same refusal of the same
