@@ -1967,13 +1967,42 @@ def test_restore_image_never_replaces_what_a_data_path_keeps(
     assert ok("restore", vector, "--image", elsewhere / "new.img").code == 0  # a file nobody keeps
 
 
-def test_inspect_of_standard_input_says_what_to_do() -> None:
-    """Trial V: `inspect -` said "cannot read -: No such file or directory"."""
-    result = run_mirenfs("inspect", "-", input=GO_ODD.path.read_bytes())
-    assert result.returncode == 1
-    assert result.stderr.decode() == (
-        "mirenfs: error: inspect reads a snapshot file, not standard input; save the stream to a "
-        "file first, or check a stream with `mirenfs verify -`\n"
+@pytest.mark.parametrize("piped", [True, False], ids=["a pipe", "a file"])
+def test_inspect_of_standard_input_reads_the_stream_as_it_reads_a_file(tmp_path: Path, piped: bool) -> None:
+    """Trial V: `inspect -` said "cannot read -: No such file or directory", and then that it
+    reads only files (SPEC 4: FILE may be -). From a pipe it reads to the end, for the data's
+    length and the seek table there (one of 100 000 frames spans several reads)."""
+    snapshot = tmp_path / "big-table.mirn"
+    snapshot.write_bytes(GO_ODD.path.read_bytes() + seek_table([(10, 4 << 20, 0)] * 100_000))
+    from_file = run_mirenfs("inspect", str(snapshot))
+    if piped:
+        cat = subprocess.Popen(["cat", str(snapshot)], stdout=subprocess.PIPE)
+        try:
+            from_input = subprocess.run(
+                [*mirenfs_command(), "inspect", "-"], stdin=cat.stdout, capture_output=True, timeout=60
+            )
+        finally:
+            assert cat.stdout is not None
+            cat.stdout.close()
+            assert cat.wait(timeout=60) == 0  # read to the end: no SIGPIPE for a pipeline's writer
+    else:
+        with snapshot.open("rb") as redirected:
+            from_input = subprocess.run(
+                [*mirenfs_command(), "inspect", "-"], stdin=redirected, capture_output=True, timeout=60
+            )
+    assert from_input.returncode == 0, from_input.stderr
+    assert from_input.stdout == from_file.stdout
+    assert b"seekable_frames: 100000\n" in from_input.stdout
+    assert b"data_bytes: " in from_input.stdout
+
+
+def test_inspect_of_a_stream_cut_in_its_header_says_so() -> None:
+    result = run_mirenfs("inspect", "-", input=GO_ODD.path.read_bytes()[:100])
+    assert (result.returncode, result.stdout, result.stderr.decode()) == (
+        1,
+        b"",
+        "mirenfs: error: standard input: the snapshot header is truncated: the stream ended after "
+        "100 bytes\n",
     )
 
 

@@ -15,7 +15,7 @@ import re
 import string
 import struct
 from dataclasses import dataclass
-from typing import BinaryIO, cast
+from typing import BinaryIO, Protocol, cast
 
 from mirenfs.errors import FormatError, quoted
 from mirenfs.format.frames import ZSTD_MAGIC
@@ -242,7 +242,11 @@ def truncated_header(length: int) -> str:
     return f"the snapshot header is truncated: the stream ended after {length} {unit}"
 
 
-def read_header(src: BinaryIO, *, validate: bool = True) -> Meta:
+class Readable(Protocol):
+    def read(self, size: int, /) -> bytes: ...
+
+
+def read_header(src: Readable, *, validate: bool = True) -> Meta:
     """Read a header from a blocking file-like object, validated unless told not to."""
     parser = HeaderParser(validate=validate)
     while parser.meta is None:
