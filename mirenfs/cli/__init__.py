@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import io
 import logging
 import os
@@ -20,6 +21,7 @@ import sys
 import threading
 import types
 from collections.abc import Callable, Iterator, Sequence
+from typing import NoReturn
 
 from mirenfs.cli import catalog_cmds, demo, disk_cmds, mount_cmds, snapshot_cmds
 from mirenfs.cli.common import add_scope_options_before_command, settle_scope_options
@@ -36,8 +38,30 @@ LOG_LEVELS = ["debug", "info", "warning", "error"]
 OWN_SIGNAL_HANDLING = ("mount", "demo")  # they unmount cleanly on SIGTERM themselves
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """SPEC §4: errors are one clear line on stderr. argparse printed the command's usage first
+    (seven lines for ``mirenfs backup``); the line names the command's ``--help`` instead, and
+    guesses the command a typo meant (``mirenfs restor``). The parsers of the commands are
+    made of this class too (argparse makes a subparser of its parent's class)."""
+
+    def error(self, message: str) -> NoReturn:
+        guess = _guess(message)
+        then = f"; did you mean `{guess}`? See" if guess else "; see"
+        self.exit(2, f"{self.prog}: error: {one_line(message)}{then} `{self.prog} --help`\n")
+
+
+def _guess(message: str) -> str | None:
+    """The choice an invalid choice is closest to (``restor``, ``EXT4``), if one is close."""
+    invalid = re.search(r"invalid choice: '(.*?)' \(choose from (.*)\)$", message)
+    if invalid is None:
+        return None
+    choices = {choice.lower(): choice for choice in re.findall(r"'([^']*)'", invalid.group(2))}
+    close = difflib.get_close_matches(invalid.group(1).lower(), choices, n=1)
+    return choices[close[0]] if close else None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="mirenfs",
         description="Back up and restore Miren disk images as .mirn snapshots.",
     )
