@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 
-from mirenfs.disks.pointintime import HOLD_ENV, RECORD_PREFIX
+from mirenfs.disks.pointintime import RECORD_PREFIX
 
 from support.loopfs import (
     LoopFilesystem,
@@ -46,7 +46,7 @@ from support.loopfs import (
 )
 from support.mounts import Mount, pid_alive, wait_for
 from support.records import RecordCheck, check_records
-from support.runners import MIRENFS, ok, refused, run_cli
+from support.runners import MIRENFS, hold_frozen_in_daemons, ok, refused, run_cli, stop_holding_frozen
 from support.store import disks
 from support.vectors import GO_ODD
 
@@ -428,10 +428,10 @@ def test_a_daemon_killed_while_frozen_leaves_the_filesystem_writable(
         def records() -> list[str]:
             return [name for name in os.listdir(clones) if name.startswith(RECORD_PREFIX)]
 
-        monkeypatch.setenv(HOLD_ENV, "60")  # the daemon stays inside the freeze until killed
+        hold_frozen_in_daemons(monkeypatch, 60)  # the daemon stays inside the freeze until killed
         thawed = r"thaw watchdog: mirenfs \(pid \d+\) ended while the filesystem was frozen; thawed the"
         with mirenfs(mounts, tmp_path, disk.data, expect=(thawed,)) as mount:
-            monkeypatch.delenv(HOLD_ENV)
+            stop_holding_frozen(monkeypatch)
             with reading_in_background(mount.mountpoint / "pg.mirn"):
                 held = blocked_write(disk.disk.path)
                 assert records(), "the freeze is recorded while it lasts"
@@ -467,9 +467,9 @@ def test_the_watchdog_thaws_a_freeze_that_outlives_its_budget(
     )
     with disk_in_use(tmp_path, "xfs") as disk:
         assert disk.disk is not None
-        monkeypatch.setenv(HOLD_ENV, "2")  # the daemon "stalls" 2 s inside a freeze budgeted 0.2 s
+        hold_frozen_in_daemons(monkeypatch, 2)  # the daemon "stalls" 2 s inside a freeze budgeted 0.2 s
         with mirenfs(mounts, tmp_path, disk.data, "freeze_budget=0.2", expect=(lifted, watchdog)) as mount:
-            monkeypatch.delenv(HOLD_ENV)
+            stop_holding_frozen(monkeypatch)
             with reading_in_background(mount.mountpoint / "pg.mirn") as reader:
                 held = blocked_write(disk.disk.path, longer_than=0.3)  # the freeze lasts 0.7 s
                 # blocked_write saw the freeze 0.3 s or more after it began: the watchdog's 0.7 s is near
@@ -501,9 +501,9 @@ def test_a_freeze_left_when_daemon_and_watchdog_are_both_killed_is_thawed(
     thawed = r"thawed the ext4 filesystem on /dev/loop\d+, mounted at .*, left frozen by a mirenfs process"
     with disk_in_use(tmp_path, "xfs") as disk:
         assert disk.disk is not None
-        monkeypatch.setenv(HOLD_ENV, "60")
+        hold_frozen_in_daemons(monkeypatch, 60)
         with mirenfs(mounts, tmp_path, disk.data) as mount:
-            monkeypatch.delenv(HOLD_ENV)
+            stop_holding_frozen(monkeypatch)
             with reading_in_background(mount.mountpoint / "pg.mirn"):
                 held = blocked_write(disk.disk.path)
                 pid = daemon_pid(mount)

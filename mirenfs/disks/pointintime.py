@@ -31,8 +31,8 @@ thaw what a kill of both processes left (:func:`sweep_leftovers`). Nothing is
 written to a frozen filesystem, and nothing but the copy runs while frozen.
 
 Blocking code (ioctls, copies, a child process): call it from worker threads;
-it never imports trio or pyfuse3. ``MIRENFS_TEST_HOLD_FROZEN_S`` (tests only)
-holds each freeze that many seconds, to test the watchdog and kills mid-copy.
+it never imports trio or pyfuse3. (The tests hold a freeze open, to test the
+watchdog and kills mid-copy, from outside: ``tests/support/daemon_hooks``.)
 """
 
 from __future__ import annotations
@@ -84,7 +84,6 @@ PROBE_BYTES = 64 << 10  # a reflink is tried on this much before anything is fro
 CLONE_SUFFIX = ".clone"
 RECORD_PREFIX = "freeze-"
 RECORD_SUFFIX = ".record"
-HOLD_ENV = "MIRENFS_TEST_HOLD_FROZEN_S"
 REFLINK_HINT = "keep the data path on XFS or btrfs (reflinks)"
 LIVE_HINT = "or allow reading the moving image (mount -o live_reads, backup --live)"
 _NO_REFLINK = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EPERM}
@@ -664,9 +663,6 @@ class _Freeze:
         except BaseException:
             self._release()
             raise
-        hold = os.environ.get(HOLD_ENV)
-        if hold:
-            time.sleep(float(hold))
         return self
 
     def __exit__(self, *exc_info: object) -> None:

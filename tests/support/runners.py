@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from mirenfs.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,6 +29,23 @@ HELPER = VENV_BIN / "mount.mirenfs"
 def mirenfs_command() -> list[str]:
     """The installed console script when there is one, else the module."""
     return [str(MIRENFS)] if MIRENFS.exists() else [sys.executable, "-m", "mirenfs"]
+
+
+DAEMON_HOOKS = Path(__file__).parent / "daemon_hooks"
+HOLD_FROZEN_ENV = "MIRENFS_TEST_HOLD_FROZEN_S"
+
+
+def hold_frozen_in_daemons(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """mirenfs processes started from now on stay ``seconds`` inside each freeze (a daemon
+    that stalls there), through ``daemon_hooks/sitecustomize.py``; undo with
+    :func:`stop_holding_frozen` once the process under test has started."""
+    monkeypatch.setenv(HOLD_FROZEN_ENV, str(seconds))
+    monkeypatch.setenv("PYTHONPATH", str(DAEMON_HOOKS), prepend=os.pathsep)
+
+
+def stop_holding_frozen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Processes started from now on do not stall (the hooks do nothing without the variable)."""
+    monkeypatch.delenv(HOLD_FROZEN_ENV)
 
 
 def run_mirenfs(

@@ -1,0 +1,29 @@
+"""Faults a test plants inside a mirenfs process it starts, kept out of the product.
+
+Python imports this module at start-up in every process whose ``PYTHONPATH``
+holds this directory (``support.runners.in_daemon_hooks``); it changes
+nothing unless one of the variables below is set.
+
+``MIRENFS_TEST_HOLD_FROZEN_S``: stay that many seconds inside each freeze,
+as a daemon that stalls while the filesystem is frozen (the thaw watchdog's
+case).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+HOLD_FROZEN = os.environ.get("MIRENFS_TEST_HOLD_FROZEN_S")
+
+if HOLD_FROZEN:
+    from mirenfs.disks import pointintime
+
+    _enter = pointintime._Freeze.__enter__
+
+    def _held_frozen(self: pointintime._Freeze) -> pointintime._Freeze:
+        entered = _enter(self)
+        time.sleep(float(HOLD_FROZEN))  # the stall under test: nothing to wait for
+        return entered
+
+    pointintime._Freeze.__enter__ = _held_frozen  # type: ignore[method-assign]
