@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 
 from mirenfs.disks.catalogs import (
+    ETCD_TLS_ENVS,
     EtcdLocation,
+    EtcdTls,
     images_missing_here,
     mount_listing,
     none_on_this_node,
@@ -190,6 +192,136 @@ def test_credentials_in_an_etcd_url_are_refused_and_never_echoed(url: str) -> No
     with pytest.raises(MirenfsError, match="a user name or password in the URL is not supported") as refused:
         parse_catalog(url)
     assert "s3" not in str(refused.value) and "cret" not in str(refused.value)
+
+
+@pytest.fixture
+def no_tls_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ETCD_TLS_ENVS:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.usefixtures("no_tls_settings")
+def test_an_etcds_catalogue_speaks_tls_with_the_files_the_environment_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """etcd was plain HTTP only (Sec F10, left since session 17). etcds:// is TLS: the files
+    $MIRENFS_ETCD_* name, made absolute (a daemon may start elsewhere), or none at all."""
+    spec = parse_catalog("ETCDS://a:1,b:2/fleet")
+    assert spec.etcd == EtcdLocation((("a", 1), ("b", 2)), "fleet", EtcdTls())
+    assert spec.etcd.url == "etcds://a:1,b:2/fleet" and parse_catalog(spec.etcd.url).etcd == spec.etcd
+    for name in ("ca.pem", "me.pem", "me-key.pem"):
+        (tmp_path / name).write_text("PEM")
+    monkeypatch.chdir(tmp_path)
+    for name, file in zip(ETCD_TLS_ENVS, ("ca.pem", "me.pem", "me-key.pem"), strict=True):
+        monkeypatch.setenv(name, file)
+    tls = parse_catalog("etcds://a:1/fleet").etcd
+    assert tls is not None and tls.tls == EtcdTls(
+        *(str(tmp_path / f) for f in ("ca.pem", "me.pem", "me-key.pem"))
+    )
+
+
+@pytest.mark.parametrize(
+    ("catalogue", "settings", "said"),
+    [
+        (
+            "etcd://a:1/fleet",
+            {"MIRENFS_ETCD_CACERT": "ca.pem"},
+            "catalogue 'etcd://a:1/fleet' is plain HTTP, but $MIRENFS_ETCD_CACERT is set for TLS; write "
+            "etcds://… to speak TLS to etcd, or unset $MIRENFS_ETCD_CACERT",
+        ),
+        (
+            "etcds://a:1/fleet",
+            {"MIRENFS_ETCD_CERT": "me.pem"},
+            "catalogue 'etcds://a:1/fleet': a client certificate needs its key and the key its "
+            "certificate; set $MIRENFS_ETCD_KEY too",
+        ),
+        (
+            "etcds://a:1/fleet",
+            {"MIRENFS_ETCD_CACERT": "nowhere.pem"},
+            "catalogue 'etcds://a:1/fleet': $MIRENFS_ETCD_CACERT names nowhere.pem, which does not exist",
+        ),
+        (
+            "etcds://a:1/fleet",
+            {"MIRENFS_ETCD_CACERT": "."},
+            "catalogue 'etcds://a:1/fleet': $MIRENFS_ETCD_CACERT names ., which is not a file",
+        ),
+        (
+            "etcds:/a:1/fleet",
+            {},
+            "catalogue 'etcds:/a:1/fleet' is not a well-formed etcd URL; did you mean "
+            "etcds://HOST:PORT[,HOST:PORT…][/PREFIX] (two slashes after etcds:)?",
+        ),
+    ],
+    ids=[
+        "TLS files for plain HTTP",
+        "a certificate without its key",
+        "a missing file",
+        "a directory",
+        "one slash",
+    ],
+)
+@pytest.mark.usefixtures("no_tls_settings")
+def test_tls_settings_that_cannot_work_are_refused_before_etcd_is_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, catalogue: str, settings: dict[str, str], said: str
+) -> None:
+    (tmp_path / "ca.pem").write_text("PEM")
+    (tmp_path / "me.pem").write_text("PEM")
+    monkeypatch.chdir(tmp_path)
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(MirenfsError) as refused:
+        parse_catalog(catalogue)
+    assert str(refused.value) == said
+
+
+ENDED = (
+    "TLS: etcd ended the handshake; if etcd asks for a client certificate, set $MIRENFS_ETCD_CERT and "
+    "$MIRENFS_ETCD_KEY; if it speaks plain HTTP there, the catalogue is etcd://"
+)
+
+
+@pytest.mark.parametrize(
+    ("raised", "said"),
+    [
+        (
+            "HTTPSConnectionPool(host='h', port=1): Max retries exceeded with url: /v3/kv/range (Caused by "
+            "SSLError(SSLCertVerificationError(1, '[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify "
+            "failed: unable to get local issuer certificate (_ssl.c:1006)')))",
+            "TLS: certificate verify failed: unable to get local issuer certificate; set "
+            "$MIRENFS_ETCD_CACERT to the authority that signed etcd's certificate",
+        ),
+        (
+            "HTTPSConnectionPool(host='h', port=1): Max retries exceeded with url: /v3/kv/range (Caused by "
+            "SSLError(SSLEOFError(8, 'EOF occurred in violation of protocol (_ssl.c:2427)')))",
+            ENDED,
+        ),
+        (
+            "(Caused by SSLError(SSLEOFError(8, '[SSL: UNEXPECTED_EOF_WHILE_READING] EOF occurred in "
+            "violation of protocol (_ssl.c:1006)')))",
+            ENDED,
+        ),
+        (
+            "(Caused by SSLError(SSLError(1, '[SSL: SSLV3_ALERT_BAD_CERTIFICATE] sslv3 alert bad certificate "
+            "(_ssl.c:2580)')))",
+            "TLS: sslv3 alert bad certificate; etcd refused this host's certificate ($MIRENFS_ETCD_CERT)",
+        ),
+        (
+            "('Connection aborted.', RemoteDisconnected('Remote end closed connection without response'))",
+            "it closed the connection without an answer (as an etcd that speaks only TLS does: etcds://?)",
+        ),
+    ],
+    ids=[
+        "an unknown authority",
+        "no client certificate",
+        "eof while reading",
+        "a refused certificate",
+        "plain",
+    ],
+)
+def test_a_failed_tls_handshake_is_said_with_what_to_do(raised: str, said: str) -> None:
+    from mirenfs.disks import etcd  # the HTTP client, as a catalogue opened imports it
+
+    assert etcd._why(ConnectionError(raised)) == said
 
 
 def test_disks_of_this_host_without_their_images_here_are_named(tmp_path: Path) -> None:

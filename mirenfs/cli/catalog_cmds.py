@@ -37,7 +37,8 @@ def register(commands: Any) -> None:
         "copy",
         help="copy every disk (ids, volumes, leases) from one catalogue into another; running it "
         "again changes nothing",
-        description="CATALOG is etcd://HOST:PORT[,HOST:PORT…][/PREFIX], sqlite:///DATA-PATH or a data path.",
+        description="CATALOG is etcd://HOST:PORT[,HOST:PORT…][/PREFIX] (etcds:// for TLS), "
+        "sqlite:///DATA-PATH or a data path.",
     )
     copy.add_argument("--from", dest="source", required=True, metavar="CATALOG", help="the catalogue to read")
     copy.add_argument("--to", dest="destination", required=True, metavar="CATALOG", help="the one to write")

@@ -113,8 +113,8 @@ _SCOPE_HELP = {
     "data_path": ("DIR", f"Miren's data path (default: ${DATA_PATH_ENV}, else {DEFAULT_DATA_PATH})"),
     "catalog": (
         "CATALOG",
-        f"the disk catalogue: etcd://HOST:PORT[,HOST:PORT…][/PREFIX] for a fleet's (default: "
-        f"${CATALOG_ENV}, else the SQLite store of the data path)",
+        f"the disk catalogue: etcd://HOST:PORT[,HOST:PORT…][/PREFIX] for a fleet's, etcds://… over "
+        f"TLS (default: ${CATALOG_ENV}, else the SQLite store of the data path)",
     ),
     "node": ("NAME", f"this host's node name in an etcd catalogue (default: ${NODE_ENV}, else the hostname)"),
 }

@@ -5,7 +5,10 @@ A catalogue is named by ``--catalog`` or ``$MIRENFS_CATALOG``:
 - nothing (the default), ``sqlite:`` or ``sqlite:///DIR``: the SQLite store of the data
   path (``DIR/mirenfs.db``); a plain directory means the same;
 - ``etcd://HOST:PORT[,HOST:PORT…][/PREFIX]``: the fleet's catalogue on etcd v3
-  (:mod:`mirenfs.disks.etcd`), keys under ``/PREFIX/`` (default ``/mirenfs/``).
+  (:mod:`mirenfs.disks.etcd`), keys under ``/PREFIX/`` (default ``/mirenfs/``);
+  ``etcds://…`` the same over TLS, etcd's certificate checked against
+  ``$MIRENFS_ETCD_CACERT`` (else the public authorities ``requests`` trusts), with a client certificate
+  from ``$MIRENFS_ETCD_CERT`` and ``$MIRENFS_ETCD_KEY`` where etcd asks for one.
 
 Each host also has a node name (``--node``, ``$MIRENFS_NODE``, else the
 hostname): on etcd a volume records the node whose data path holds its image.
@@ -37,7 +40,24 @@ CATALOG_ENV = "MIRENFS_CATALOG"
 NODE_ENV = "MIRENFS_NODE"
 DEFAULT_ETCD_PREFIX = "mirenfs"
 ETCD_SCHEME = "etcd://"
+ETCD_TLS_SCHEME = "etcds://"
+# etcdctl's --cacert, --cert and --key, for etcds:// (a mount's daemon inherits them)
+ETCD_CACERT_ENV = "MIRENFS_ETCD_CACERT"
+ETCD_CERT_ENV = "MIRENFS_ETCD_CERT"
+ETCD_KEY_ENV = "MIRENFS_ETCD_KEY"
+ETCD_TLS_ENVS = (ETCD_CACERT_ENV, ETCD_CERT_ENV, ETCD_KEY_ENV)
 SQLITE_SCHEME = "sqlite:"
+
+
+@dataclass(frozen=True)
+class EtcdTls:
+    """How an ``etcds://`` catalogue is spoken to: the authority etcd's certificate must be signed
+    by (None: the public ones ``requests`` trusts), and this host's certificate and key if etcd
+    asks for one."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -46,13 +66,14 @@ class EtcdLocation:
 
     endpoints: tuple[tuple[str, int], ...]
     prefix: str = DEFAULT_ETCD_PREFIX
+    tls: EtcdTls | None = None  # None: plain HTTP (etcd://)
 
     @property
     def url(self) -> str:
         hosts = ",".join(
             f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host, port in self.endpoints
         )
-        return f"{ETCD_SCHEME}{hosts}/{self.prefix}"
+        return f"{ETCD_SCHEME if self.tls is None else ETCD_TLS_SCHEME}{hosts}/{self.prefix}"
 
     @property
     def root(self) -> str:
@@ -75,17 +96,19 @@ class CatalogSpec:
 
 
 def parse_catalog(text: str) -> CatalogSpec:
-    """``etcd://HOST:PORT[,…][/PREFIX]``, ``sqlite:[//DIR]`` or a directory; else one clear line."""
-    cleaned = text.strip()
-    if cleaned[: len(ETCD_SCHEME)].lower() == ETCD_SCHEME:  # trial W: ETCD://… got "two slashes" advice
-        cleaned = ETCD_SCHEME + cleaned[len(ETCD_SCHEME) :]
-    if cleaned.lower().startswith("etcd:") and not cleaned.startswith(ETCD_SCHEME):
+    """``etcd[s]://HOST:PORT[,…][/PREFIX]``, ``sqlite:[//DIR]`` or a directory; else one clear line."""
+    cleaned, etcd_schemes = text.strip(), (ETCD_SCHEME, ETCD_TLS_SCHEME)
+    for scheme in etcd_schemes:  # trial W: ETCD://… got "two slashes" advice
+        if cleaned[: len(scheme)].lower() == scheme:
+            cleaned = scheme + cleaned[len(scheme) :]
+    if cleaned.lower().startswith(("etcd:", "etcds:")) and not cleaned.startswith(etcd_schemes):
         # etcd:/HOST… or etcd:HOST… would otherwise be a data path of that odd name, in the cwd
+        scheme = cleaned.partition(":")[0].lower()
         raise MirenfsError(
             f"catalogue {text!r} is not a well-formed etcd URL; did you mean "
-            "etcd://HOST:PORT[,HOST:PORT…][/PREFIX] (two slashes after etcd:)?"
+            f"{scheme}://HOST:PORT[,HOST:PORT…][/PREFIX] (two slashes after {scheme}:)?"
         )
-    if cleaned.startswith(ETCD_SCHEME):
+    if cleaned.startswith(etcd_schemes):
         return CatalogSpec(cleaned, etcd=_parse_etcd(cleaned))
     if cleaned.startswith(SQLITE_SCHEME):
         path = cleaned[len(SQLITE_SCHEME) :]
@@ -96,20 +119,21 @@ def parse_catalog(text: str) -> CatalogSpec:
         return CatalogSpec(cleaned, data_path=os.path.abspath(path) if path else None)
     if "://" in cleaned or not cleaned:
         raise MirenfsError(
-            f"{text!r} is not a disk catalogue; use etcd://HOST:PORT[,HOST:PORT…][/PREFIX], "
-            "sqlite:///DATA-PATH or a data path"
+            f"{text!r} is not a disk catalogue; use etcd://HOST:PORT[,HOST:PORT…][/PREFIX] "
+            "(etcds:// for TLS), sqlite:///DATA-PATH or a data path"
         )
     return CatalogSpec(cleaned, data_path=os.path.abspath(cleaned))
 
 
 def _parse_etcd(text: str) -> EtcdLocation:
-    rest = text[len(ETCD_SCHEME) :]
+    scheme = ETCD_TLS_SCHEME if text.startswith(ETCD_TLS_SCHEME) else ETCD_SCHEME
+    rest = text[len(scheme) :]
     if "@" in rest:  # USER:PASSWORD@HOST: refused before anything echoes the text
-        shown = f"{ETCD_SCHEME}…@{rest.rsplit('@', 1)[1]}"
+        shown = f"{scheme}…@{rest.rsplit('@', 1)[1]}"
         raise MirenfsError(
             f"catalogue {shown}: a user name or password in the URL is not supported (mirenfs talks to "
-            "etcd without authentication); give etcd://HOST:PORT[,HOST:PORT…][/PREFIX] and keep etcd's "
-            "client port reachable only from the fleet"
+            "etcd without passwords); give etcds://HOST:PORT[,HOST:PORT…][/PREFIX] with a client "
+            f"certificate (${ETCD_CERT_ENV} and ${ETCD_KEY_ENV}) if etcd must know who asks"
         )
     hosts, _, prefix = rest.partition("/")
     prefix = prefix.strip("/")
@@ -122,7 +146,32 @@ def _parse_etcd(text: str) -> EtcdLocation:
     endpoints = []
     for item in hosts.split(","):
         endpoints.append(_parse_endpoint(item.strip(), text))
-    return EtcdLocation(tuple(endpoints), prefix)
+    return EtcdLocation(tuple(endpoints), prefix, _tls_from_environment(text, scheme == ETCD_TLS_SCHEME))
+
+
+def _tls_from_environment(text: str, tls: bool) -> EtcdTls | None:
+    """The TLS files ``$MIRENFS_ETCD_*`` name, for an etcds:// catalogue; refused for an etcd://
+    one, whose requests would go in the clear while the operator meant them not to."""
+    given = {name: os.environ.get(name, "") for name in ETCD_TLS_ENVS if os.environ.get(name, "")}
+    if not tls:
+        if given:
+            raise MirenfsError(
+                f"catalogue {text!r} is plain HTTP, but ${next(iter(given))} is set for TLS; write "
+                f"{ETCD_TLS_SCHEME}… to speak TLS to etcd, or unset {', '.join('$' + n for n in given)}"
+            )
+        return None
+    if (ETCD_CERT_ENV in given) != (ETCD_KEY_ENV in given):
+        missing = ETCD_KEY_ENV if ETCD_CERT_ENV in given else ETCD_CERT_ENV
+        raise MirenfsError(
+            f"catalogue {text!r}: a client certificate needs its key and the key its certificate; "
+            f"set ${missing} too"
+        )
+    for name, path in given.items():
+        if not os.path.isfile(path):
+            what = "is not a file" if os.path.lexists(path) else "does not exist"
+            raise MirenfsError(f"catalogue {text!r}: ${name} names {path}, which {what}")
+    absolute = {name: os.path.abspath(path) for name, path in given.items()}
+    return EtcdTls(absolute.get(ETCD_CACERT_ENV), absolute.get(ETCD_CERT_ENV), absolute.get(ETCD_KEY_ENV))
 
 
 def _parse_endpoint(item: str, text: str) -> tuple[str, int]:

@@ -56,7 +56,7 @@ import requests
 from etcd3gw import exceptions as etcd_errors
 from etcd3gw.client import Etcd3Client
 
-from mirenfs.disks.catalogs import EtcdLocation
+from mirenfs.disks.catalogs import ETCD_CACERT_ENV, ETCD_CERT_ENV, ETCD_KEY_ENV, EtcdLocation, EtcdTls
 from mirenfs.disks.model import (
     CreatedRecords,
     Disk,
@@ -102,6 +102,22 @@ PROBE_INTERVAL_S = 0.5
 STALE_AFTER_S = 3.0
 FIRST_SYNC_WAIT_S = REQUEST_TIMEOUT_S + 1.0
 _ERRNO_TEXT = re.compile(r"\[Errno -?\d+\] ([^')\"]+)")
+# OpenSSL's reason, as Python's ssl module words it: "[SSL: CERTIFICATE_VERIFY_FAILED] certificate
+# verify failed: unable to get local issuer certificate (_ssl.c:1006)"
+_TLS_TEXT = re.compile(r"\[SSL(?:: [A-Z0-9_]+)?\] ([^(')\"]+)|SSLEOFError\(\d+, '(?:\[[^\]]*\] )?([^(')]+)")
+# What to do about a TLS failure, by the words of its reason
+_TLS_REMEDIES = (
+    ("verify failed", f"set ${ETCD_CACERT_ENV} to the authority that signed etcd's certificate"),
+    ("certificate required", f"etcd asks for a client certificate: set ${ETCD_CERT_ENV} and ${ETCD_KEY_ENV}"),
+    ("bad certificate", f"etcd refused this host's certificate (${ETCD_CERT_ENV})"),
+    ("unknown ca", f"etcd does not trust the authority of this host's certificate (${ETCD_CERT_ENV})"),
+    ("wrong version number", "it does not speak TLS there: is the catalogue etcd://, plain HTTP?"),
+    (
+        "ended the handshake",
+        f"if etcd asks for a client certificate, set ${ETCD_CERT_ENV} and ${ETCD_KEY_ENV}; if it speaks "
+        "plain HTTP there, the catalogue is etcd://",
+    ),
+)
 
 
 # --- the wire: base64 keys and values, revisions as strings ---
@@ -172,12 +188,21 @@ def _get(key: str) -> dict[str, Any]:
 def _why(exc: BaseException) -> str:
     """A short reason from whatever requests, urllib3 or the gateway said."""
     detail = getattr(exc, "detail_text", None) or str(exc) or type(exc).__name__
+    tls = _TLS_TEXT.search(detail)
+    if tls is not None:  # etcds://: the handshake failed, and what to do depends on how
+        reason = (tls.group(1) or tls.group(2) or "").strip()
+        if reason.startswith("EOF occurred"):  # OpenSSL's "EOF occurred in violation of protocol"
+            reason = "etcd ended the handshake"
+        remedy = next((then for words, then in _TLS_REMEDIES if words in reason.lower()), None)
+        return f"TLS: {reason}" + (f"; {remedy}" if remedy else "")
     with contextlib.suppress(ValueError, TypeError, AttributeError):
         message = json.loads(detail).get("message") or json.loads(detail).get("error")
         if message:
             return str(message)
     if "timed out" in detail or isinstance(exc, etcd_errors.ConnectionTimeoutError):
         return "no answer in time"
+    if "Remote end closed connection without response" in detail:
+        return "it closed the connection without an answer (as an etcd that speaks only TLS does: etcds://?)"
     found = _ERRNO_TEXT.search(detail)
     if found:
         return found.group(1).strip().lower()
@@ -315,6 +340,30 @@ class ClusterPin:
             log.debug("cannot record the etcd cluster in %s: %s", self.path, exc)
 
 
+class _OwnAuthoritySession(requests.Session):
+    """A session whose own authority stands: requests lets ``$REQUESTS_CA_BUNDLE`` (set on many
+    hosts, to the system's bundle) override a session's ``verify`` (psf/requests#3829), and
+    etcd's certificate, signed by the fleet's own authority, failed to verify."""
+
+    def merge_environment_settings(
+        self, url: str, proxies: Any, stream: Any, verify: Any, cert: Any
+    ) -> dict[str, Any]:
+        settings: dict[str, Any] = super().merge_environment_settings(url, proxies, stream, verify, cert)
+        settings["verify"] = self.verify if verify is None or verify is True else verify
+        return settings
+
+
+def _tls_session(tls: EtcdTls) -> requests.Session:
+    """A session for an etcds:// catalogue: its authority (else the usual ones), and this host's
+    certificate if one is given."""
+    session = requests.Session() if tls.ca_file is None else _OwnAuthoritySession()
+    if tls.ca_file is not None:
+        session.verify = tls.ca_file
+    if tls.cert_file is not None and tls.key_file is not None:
+        session.cert = (tls.cert_file, tls.key_file)
+    return session
+
+
 def _most_of(answers: list[str | None]) -> str | None:
     """The cluster more than half of the endpoints answer for, or None."""
     for candidate in {answer for answer in answers if answer is not None}:
@@ -341,8 +390,18 @@ class EtcdKV:
     def client(self, endpoint: int) -> Etcd3Client:
         clients: list[Etcd3Client] | None = getattr(self._local, "clients", None)
         if clients is None:
+            tls = self.location.tls
             clients = [
                 Etcd3Client(host=host, port=port, timeout=self.timeout_s, api_path=API_PATH)
+                if tls is None
+                else Etcd3Client(
+                    host=host,
+                    port=port,
+                    protocol="https",
+                    timeout=self.timeout_s,
+                    api_path=API_PATH,
+                    session=_tls_session(tls),
+                )
                 for host, port in self.location.endpoints
             ]
             self._local.clients = clients
