@@ -32,7 +32,7 @@ from mirenfs import Meta, Timestamp, backup, read_header, restore_image
 from mirenfs.disks.live import may_change_while_read
 from mirenfs.engine import files as files_module
 from mirenfs.engine import produce as produce_module
-from mirenfs.engine.consume import POOL_PIECES, POOL_PIECES_TOTAL, RestoreStream
+from mirenfs.engine.consume import RestoreStream
 from mirenfs.engine.files import (
     OpenImage,
     SnapshotOf,
@@ -755,7 +755,6 @@ def test_an_index_pass_counts_against_what_restores_share_until_it_ends(
         trio.run(main, cancel)
         assert BULK_WORK.running == 0, f"a pass {'cancelled' if cancel else 'done'} kept its place"
     assert running == [2, 2]
-    assert BULK_WORK.share(POOL_PIECES_TOTAL, POOL_PIECES, 1) == POOL_PIECES
 
 
 def test_an_image_changed_during_a_two_read_backup_is_refused(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import tracemalloc
+import weakref
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from pathlib import Path
@@ -311,6 +312,38 @@ def test_a_fair_share_is_even_between_its_least_and_its_most() -> None:
     for ticket in tickets:
         share.leave(ticket)
     assert share.running == 0 and share.share(16, 8, 1) == 8
+
+
+def test_a_member_leaving_from_a_finalizer_inside_a_join_does_not_wait_for_the_lock() -> None:
+    """Review S20: an abandoned restore's finalizer leaves, and the garbage collector may run it
+    at an allocation inside ``join``, on the same thread, under the lock: the mount hung. The
+    finalizer is made to run there, and must return and be counted out."""
+    share = FairShare()
+    kept = share.join()
+
+    class Abandoned:  # a cycle only the collector frees, whose finalizer leaves
+        def __init__(self) -> None:
+            self.me = self
+
+    abandoned = Abandoned()
+    weakref.finalize(abandoned, share.leave, share.join())
+    del abandoned
+    assert share.running == 2
+    done = threading.Event()
+
+    def join_with_a_collection_inside() -> None:
+        with share._lock:  # as join holds it when the collector runs
+            gc.collect()
+        done.set()
+
+    worker = threading.Thread(target=join_with_a_collection_inside, daemon=True)
+    worker.start()
+    assert done.wait(timeout=10), "leave waited for the lock its own thread held"
+    assert share.running == 1
+    share.join()  # takes out who left while it could not
+    assert len(share._trims) == 2 and share.running == 2
+    share.leave(kept)
+    assert share.running == 1
 
 
 def test_restores_whose_writers_stopped_give_back_what_later_ones_need() -> None:

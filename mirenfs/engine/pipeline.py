@@ -394,17 +394,19 @@ class FairShare:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._trims: dict[int, Callable[[], None]] = {}  # each member's: let go of what is over its share
+        self._leaving: collections.deque[int] = collections.deque()  # left, not yet taken out
         self._tickets = itertools.count()
 
     @property
     def running(self) -> int:
-        return len(self._trims)
+        return max(0, len(self._trims) - len(self._leaving))
 
     def join(self, trim: Callable[[], None] | None = None) -> int:
         """One more member runs: every member's share shrinks, and each gives back at once
         what it holds free over it (``trim``; it must not hold the pipeline). The ticket to
         :meth:`leave` with."""
         with self._lock:
+            self._take_out_who_left()
             ticket = next(self._tickets)
             self._trims[ticket] = trim if trim is not None else _nothing_to_trim
             trims = list(self._trims.values())
@@ -413,8 +415,20 @@ class FairShare:
         return ticket
 
     def leave(self, ticket: int) -> None:
-        with self._lock:
-            del self._trims[ticket]
+        """One member ends. This never waits for the lock: an abandoned restore's finalizer
+        leaves, and the garbage collector runs finalizers at any allocation, also one in
+        :meth:`join` under the lock, on the same thread (review S20: the mount hung)."""
+        self._leaving.append(ticket)  # atomic: counted out of ``running`` at once
+        if self._lock.acquire(blocking=False):
+            try:
+                self._take_out_who_left()
+            finally:
+                self._lock.release()
+
+    def _take_out_who_left(self) -> None:
+        """Under the lock: forget the members that left."""
+        while self._leaving:
+            self._trims.pop(self._leaving.popleft(), None)
 
     def share(self, total: int, most: int, least: int) -> int:
         """One pipeline's part of ``total``: at most ``most``, at least ``least``."""

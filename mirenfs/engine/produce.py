@@ -441,8 +441,9 @@ class _IndexPass:
         frame_send, frame_recv = trio.open_memory_channel[tuple[int, _Slot[_Chunk]]](self.window)
         shared_send, shared_recv = trio.open_memory_channel[_Slot[_Chunk]](self.window)
         # Its window of chunks counts against what the restores running beside it share.
-        ticket = BULK_WORK.join()
+        ticket: int | None = None
         try:
+            ticket = BULK_WORK.join()
             with fast_gil_handoff():  # the hash lane waits for the GIL after each piece
                 async with task_group() as nursery:
                     nursery.start_soon(self._hash_lane, shared_recv)
@@ -451,7 +452,8 @@ class _IndexPass:
                     if progress is not None:
                         nursery.start_soon(self._progress_lane, progress)
         finally:
-            BULK_WORK.leave(ticket)
+            if ticket is not None:
+                BULK_WORK.leave(ticket)
         source, settings = self.source, self.settings
         return SnapshotIndex(
             source.size,

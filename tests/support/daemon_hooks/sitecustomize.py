@@ -1,7 +1,7 @@
 """Faults a test plants inside a mirenfs process it starts, kept out of the product.
 
 Python imports this module at start-up in every process whose ``PYTHONPATH``
-holds this directory (``support.runners.in_daemon_hooks``); it changes
+holds this directory (``support.runners.hold_frozen_in_daemons``); it changes
 nothing unless one of the variables below is set.
 
 ``MIRENFS_TEST_HOLD_FROZEN_S``: stay that many seconds inside each freeze,
