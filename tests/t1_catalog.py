@@ -4,6 +4,7 @@ are refused in one line. No etcd here (t2_etcd_catalog.py has it)."""
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +21,7 @@ from mirenfs.disks.catalogs import (
     none_on_this_node,
     open_catalog,
     parse_catalog,
+    same_catalogue,
 )
 from mirenfs.disks.model import (
     Disk,
@@ -40,6 +42,8 @@ from mirenfs.errors import (
     InvalidDiskNameError,
     MirenfsError,
 )
+
+from support.etcd import TlsFiles, make_tls_files
 
 DELETING_SPELLINGS = ["deleting", "DELETING", "status.deleting", "Status.Deleting"]
 BOUND_SPELLINGS = ["bound", "BOUND", "status.bound"]
@@ -200,24 +204,48 @@ def no_tls_settings(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    return make_tls_files(tmp_path_factory.mktemp("tls") / "files")
+
+
 @pytest.mark.usefixtures("no_tls_settings")
 def test_an_etcds_catalogue_speaks_tls_with_the_files_the_environment_names(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tls_files: TlsFiles
 ) -> None:
     """etcd was plain HTTP only (Sec F10, left since session 17). etcds:// is TLS: the files
-    $MIRENFS_ETCD_* name, made absolute (a daemon may start elsewhere), or none at all."""
+    $MIRENFS_ETCD_* name, made absolute (a daemon may start elsewhere), or none at all. The TLS
+    files do not make another location: etcd:// and etcds:// of one cluster are one catalogue."""
     spec = parse_catalog("ETCDS://a:1,b:2/fleet")
-    assert spec.etcd == EtcdLocation((("a", 1), ("b", 2)), "fleet", EtcdTls())
+    assert spec.etcd == EtcdLocation((("a", 1), ("b", 2)), "fleet") and spec.etcd.tls == EtcdTls()
     assert spec.etcd.url == "etcds://a:1,b:2/fleet" and parse_catalog(spec.etcd.url).etcd == spec.etcd
-    for name in ("ca.pem", "me.pem", "me-key.pem"):
-        (tmp_path / name).write_text("PEM")
-    monkeypatch.chdir(tmp_path)
-    for name, file in zip(ETCD_TLS_ENVS, ("ca.pem", "me.pem", "me-key.pem"), strict=True):
-        monkeypatch.setenv(name, file)
-    tls = parse_catalog("etcds://a:1/fleet").etcd
-    assert tls is not None and tls.tls == EtcdTls(
-        *(str(tmp_path / f) for f in ("ca.pem", "me.pem", "me-key.pem"))
+    monkeypatch.chdir(tls_files.ca.parent)
+    files = (tls_files.ca, tls_files.client_cert, tls_files.client_key)
+    for name, file in zip(ETCD_TLS_ENVS, files, strict=True):
+        monkeypatch.setenv(name, file.name)
+    location = parse_catalog("etcds://a:1/fleet").etcd
+    assert location is not None and location.tls == EtcdTls(*map(str, files))
+    assert same_catalogue("etcd://a:1/fleet", "etcds://a:1/fleet")  # whatever the environment holds
+
+
+def _encrypted_key(tls_files: TlsFiles, tmp_path: Path) -> Path:
+    key = tmp_path / "locked-key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "pkey",
+            "-in",
+            str(tls_files.client_key),
+            "-aes256",
+            "-passout",
+            "pass:x",
+            "-out",
+            str(key),
+        ],
+        check=True,
+        timeout=60,
     )
+    return key
 
 
 @pytest.mark.parametrize(
@@ -225,25 +253,45 @@ def test_an_etcds_catalogue_speaks_tls_with_the_files_the_environment_names(
     [
         (
             "etcd://a:1/fleet",
-            {"MIRENFS_ETCD_CACERT": "ca.pem"},
+            {"MIRENFS_ETCD_CACERT": "CA"},
             "catalogue 'etcd://a:1/fleet' is plain HTTP, but $MIRENFS_ETCD_CACERT is set for TLS; write "
             "etcds://… to speak TLS to etcd, or unset $MIRENFS_ETCD_CACERT",
         ),
         (
             "etcds://a:1/fleet",
-            {"MIRENFS_ETCD_CERT": "me.pem"},
+            {"MIRENFS_ETCD_CERT": "CERT"},
             "catalogue 'etcds://a:1/fleet': a client certificate needs its key and the key its "
             "certificate; set $MIRENFS_ETCD_KEY too",
         ),
         (
             "etcds://a:1/fleet",
             {"MIRENFS_ETCD_CACERT": "nowhere.pem"},
-            "catalogue 'etcds://a:1/fleet': $MIRENFS_ETCD_CACERT names nowhere.pem, which does not exist",
+            "catalogue 'etcds://a:1/fleet': $MIRENFS_ETCD_CACERT names nowhere.pem (HERE/nowhere.pem), "
+            "which does not exist",
         ),
         (
             "etcds://a:1/fleet",
             {"MIRENFS_ETCD_CACERT": "."},
-            "catalogue 'etcds://a:1/fleet': $MIRENFS_ETCD_CACERT names ., which is not a file",
+            "catalogue 'etcds://a:1/fleet': $MIRENFS_ETCD_CACERT names . (HERE), which is not a file",
+        ),
+        (
+            "etcds://a:1/fleet",
+            {"MIRENFS_ETCD_CACERT": "KEY"},
+            "catalogue 'etcds://a:1/fleet': $MIRENFS_ETCD_CACERT (KEY) is not a PEM file of the authority "
+            "that signed etcd's certificate (no certificate or crl found)",
+        ),
+        (
+            "etcds://a:1/fleet",
+            {"MIRENFS_ETCD_CERT": "CERT", "MIRENFS_ETCD_KEY": "ETCD_KEY"},
+            "catalogue 'etcds://a:1/fleet': $MIRENFS_ETCD_CERT (CERT) and $MIRENFS_ETCD_KEY (ETCD_KEY) are "
+            "not a PEM certificate and its unencrypted key (key values mismatch)",
+        ),
+        (
+            "etcds://a:1/fleet",
+            {"MIRENFS_ETCD_CERT": "CERT", "MIRENFS_ETCD_KEY": "LOCKED"},
+            "catalogue 'etcds://a:1/fleet': $MIRENFS_ETCD_CERT (CERT) and $MIRENFS_ETCD_KEY (LOCKED) are "
+            "not a PEM certificate and its unencrypted key (the key is encrypted, and mirenfs asks nobody "
+            "for its password)",
         ),
         (
             "etcds:/a:1/fleet",
@@ -254,74 +302,129 @@ def test_an_etcds_catalogue_speaks_tls_with_the_files_the_environment_names(
     ],
     ids=[
         "TLS files for plain HTTP",
-        "a certificate without its key",
+        "a certificate alone",
         "a missing file",
         "a directory",
+        "a key for an authority",
+        "another's key",
+        "an encrypted key",
         "one slash",
     ],
 )
 @pytest.mark.usefixtures("no_tls_settings")
 def test_tls_settings_that_cannot_work_are_refused_before_etcd_is_asked(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, catalogue: str, settings: dict[str, str], said: str
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tls_files: TlsFiles,
+    catalogue: str,
+    settings: dict[str, str],
+    said: str,
 ) -> None:
-    (tmp_path / "ca.pem").write_text("PEM")
-    (tmp_path / "me.pem").write_text("PEM")
+    """Trial T20 / review S20: a key that is not the certificate's, a CA file that is no
+    authority's or an encrypted key reached etcd and read as an outage ("unreachable (… PEM
+    lib)"). Each is named, with its file, before anything is asked."""
     monkeypatch.chdir(tmp_path)
+    files = {
+        "CA": tls_files.ca,
+        "CERT": tls_files.client_cert,
+        "KEY": tls_files.client_key,
+        "ETCD_KEY": tls_files.server_key,
+        "LOCKED": _encrypted_key(tls_files, tmp_path),
+    }
     for name, value in settings.items():
-        monkeypatch.setenv(name, value)
+        monkeypatch.setenv(name, str(files.get(value, value)))
     with pytest.raises(MirenfsError) as refused:
         parse_catalog(catalogue)
-    assert str(refused.value) == said
+    expected = said.replace("HERE", str(tmp_path))
+    for word, path in sorted(files.items(), key=lambda item: -len(item[0])):
+        expected = expected.replace(f"({word})", f"({path})")
+    assert str(refused.value) == expected
 
 
-ENDED = (
-    "TLS: etcd ended the handshake; if etcd asks for a client certificate, set $MIRENFS_ETCD_CERT and "
-    "$MIRENFS_ETCD_KEY; if it speaks plain HTTP there, the catalogue is etcd://"
+VERIFY_FAILED = (
+    "HTTPSConnectionPool(host='h', port=1): Max retries exceeded with url: /v3/kv/range (Caused by "
+    "SSLError(SSLCertVerificationError(1, '[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: "
+    "unable to get local issuer certificate (_ssl.c:1006)')))"
 )
+ENDED = "(Caused by SSLError(SSLEOFError(8, 'EOF occurred in violation of protocol (_ssl.c:2427)')))"
+ENDED_WHILE_READING = (
+    "(Caused by SSLError(SSLEOFError(8, '[SSL: UNEXPECTED_EOF_WHILE_READING] EOF occurred in violation "
+    "of protocol (_ssl.c:1006)')))"
+)
+BAD_CERTIFICATE = (
+    "(Caused by SSLError(SSLError(1, '[SSL: SSLV3_ALERT_BAD_CERTIFICATE] sslv3 alert bad certificate "
+    "(_ssl.c:2580)')))"
+)
+MISMATCH = (
+    '(Caused by SSLError(SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate '
+    "verify failed: Hostname mismatch, certificate is not valid for 'localhost'. (_ssl.c:1006)\")))"
+)
+CLOSED = "('Connection aborted.', RemoteDisconnected('Remote end closed connection without response'))"
+NO_CERTIFICATE = (
+    "if etcd asks for a client certificate, set $MIRENFS_ETCD_CERT and $MIRENFS_ETCD_KEY; if it speaks "
+    "plain HTTP there, the catalogue is etcd://"
+)
+REFUSED_CERTIFICATE = (
+    "etcd refused this host's certificate ($MIRENFS_ETCD_CERT, /me.pem): is it signed by an authority "
+    "etcd trusts (its --trusted-ca-file), and still valid?"
+)
+WITH_CA = EtcdTls("/ca.pem")
+WITH_ALL = EtcdTls("/ca.pem", "/me.pem", "/me-key.pem")
 
 
 @pytest.mark.parametrize(
-    ("raised", "said"),
+    ("raised", "tls", "said"),
     [
         (
-            "HTTPSConnectionPool(host='h', port=1): Max retries exceeded with url: /v3/kv/range (Caused by "
-            "SSLError(SSLCertVerificationError(1, '[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify "
-            "failed: unable to get local issuer certificate (_ssl.c:1006)')))",
+            VERIFY_FAILED,
+            EtcdTls(),
             "TLS: certificate verify failed: unable to get local issuer certificate; set "
             "$MIRENFS_ETCD_CACERT to the authority that signed etcd's certificate",
         ),
         (
-            "HTTPSConnectionPool(host='h', port=1): Max retries exceeded with url: /v3/kv/range (Caused by "
-            "SSLError(SSLEOFError(8, 'EOF occurred in violation of protocol (_ssl.c:2427)')))",
-            ENDED,
+            VERIFY_FAILED,
+            WITH_CA,
+            "TLS: certificate verify failed: unable to get local issuer certificate; etcd's certificate is "
+            "not signed by $MIRENFS_ETCD_CACERT (/ca.pem)",
         ),
         (
-            "(Caused by SSLError(SSLEOFError(8, '[SSL: UNEXPECTED_EOF_WHILE_READING] EOF occurred in "
-            "violation of protocol (_ssl.c:1006)')))",
-            ENDED,
+            MISMATCH,
+            WITH_CA,
+            "TLS: certificate verify failed: Hostname mismatch, certificate is not valid for 'localhost'.; "
+            "name each endpoint as etcd's certificate does (its subjectAltName)",
         ),
+        (ENDED, WITH_CA, f"TLS: etcd ended the handshake; {NO_CERTIFICATE}"),
+        (ENDED_WHILE_READING, WITH_CA, f"TLS: etcd ended the handshake; {NO_CERTIFICATE}"),
+        (BAD_CERTIFICATE, WITH_CA, f"TLS: sslv3 alert bad certificate; {NO_CERTIFICATE}"),
+        (ENDED, WITH_ALL, f"TLS: etcd ended the handshake; {REFUSED_CERTIFICATE}"),
+        (BAD_CERTIFICATE, WITH_ALL, f"TLS: sslv3 alert bad certificate; {REFUSED_CERTIFICATE}"),
         (
-            "(Caused by SSLError(SSLError(1, '[SSL: SSLV3_ALERT_BAD_CERTIFICATE] sslv3 alert bad certificate "
-            "(_ssl.c:2580)')))",
-            "TLS: sslv3 alert bad certificate; etcd refused this host's certificate ($MIRENFS_ETCD_CERT)",
-        ),
-        (
-            "('Connection aborted.', RemoteDisconnected('Remote end closed connection without response'))",
+            CLOSED,
+            None,
             "it closed the connection without an answer (as an etcd that speaks only TLS does: etcds://?)",
         ),
+        (CLOSED, WITH_ALL, "it closed the connection without an answer"),
     ],
     ids=[
-        "an unknown authority",
+        "no authority given",
+        "another authority",
+        "another name",
         "no client certificate",
         "eof while reading",
-        "a refused certificate",
+        "a bad one without one",
+        "ended, with one",
+        "a refused one",
         "plain",
+        "closed over TLS",
     ],
 )
-def test_a_failed_tls_handshake_is_said_with_what_to_do(raised: str, said: str) -> None:
+def test_a_failed_tls_handshake_is_said_with_what_to_do(raised: str, tls: EtcdTls | None, said: str) -> None:
+    """Review S20: which words TLS 1.3 shows for a refused client depends on timing, and the
+    advice came from the words alone (set a certificate already set): it also follows what this
+    host has set."""
     from mirenfs.disks import etcd  # the HTTP client, as a catalogue opened imports it
 
-    assert etcd._why(ConnectionError(raised)) == said
+    assert etcd.advised(etcd._why(ConnectionError(raised)), tls) == said
 
 
 def test_disks_of_this_host_without_their_images_here_are_named(tmp_path: Path) -> None:

@@ -185,7 +185,8 @@ def test_a_mistyped_option_is_refused_in_one_line_naming_its_commands_help(tmp_p
     result = run_mirenfs("disk", "list", "--jsn", "--data-path", str(tmp_path))
     assert result.returncode == 2 and result.stdout == b""
     assert result.stderr.decode() == (
-        "mirenfs disk list: error: unrecognized arguments: --jsn; see `mirenfs disk list --help`\n"
+        "mirenfs disk list: error: unrecognized arguments: --jsn; did you mean `--json`? See "
+        "`mirenfs disk list --help`\n"
     )
     before = run_mirenfs("--jsn", "disk", "list", "--data-path", str(tmp_path))  # before the command
     assert before.returncode == 2
@@ -193,40 +194,63 @@ def test_a_mistyped_option_is_refused_in_one_line_naming_its_commands_help(tmp_p
 
 
 @pytest.mark.parametrize(
-    ("argv", "said"),
+    ("argv", "refusal", "then"),
     [
         (
             ["restor", "x.mirn"],
-            "mirenfs: error: argument COMMAND: invalid choice: 'restor' (choose from 'backup', 'restore', "
-            "'inspect', 'verify', 'disk', 'lease', 'catalog', 'mount', 'status', 'cleanup', 'demo'); did you "
-            "mean `restore`? See `mirenfs --help`",
+            "mirenfs: error: argument COMMAND: invalid choice: 'restor'",
+            "did you mean `restore`? See `mirenfs --help`",
         ),
         (
             ["disk", "lst"],
-            "mirenfs disk: error: argument COMMAND: invalid choice: 'lst' (choose from 'create', 'add', "
-            "'list', 'set-status', 'remove'); did you mean `list`? See `mirenfs disk --help`",
+            "mirenfs disk: error: argument COMMAND: invalid choice: 'lst'",
+            "did you mean `list`? See `mirenfs disk --help`",
         ),
         (
             ["frobnicate"],
-            "mirenfs: error: argument COMMAND: invalid choice: 'frobnicate' (choose from 'backup', "
-            "'restore', 'inspect', 'verify', 'disk', 'lease', 'catalog', 'mount', 'status', 'cleanup', "
-            "'demo'); see `mirenfs --help`",
+            "mirenfs: error: argument COMMAND: invalid choice: 'frobnicate'",
+            "see `mirenfs --help`",
+        ),
+        (
+            ["backup", "--image", "x.img", "--filesystem", "EXT4", "-o", "x.mirn"],
+            "mirenfs backup: error: argument --filesystem: invalid choice: 'EXT4'",
+            "did you mean `ext4`? See `mirenfs backup --help`",
+        ),
+        (
+            ["mount", "/mnt", "--foregroud"],
+            "mirenfs mount: error: unrecognized arguments: --foregroud",
+            "did you mean `--foreground`? See `mirenfs mount --help`",
         ),
         (
             ["disk", "create", "pg\x1b[2J"],
-            "mirenfs disk create: error: the following arguments are required: --size; see "
-            "`mirenfs disk create --help`",
+            "mirenfs disk create: error: the following arguments are required: --size",
+            "see `mirenfs disk create --help`",
         ),
         (
             ["inspect", "--jsn\x1b[2J", "x"],
-            "mirenfs inspect: error: unrecognized arguments: --jsn\\x1b[2J; see `mirenfs inspect --help`",
+            "mirenfs inspect: error: unrecognized arguments: --jsn\\x1b[2J",
+            "did you mean `--json`? See `mirenfs inspect --help`",
         ),
     ],
-    ids=["a command", "a group's command", "no close command", "a missing option", "a control character"],
+    ids=[
+        "a command",
+        "a group's command",
+        "no close command",
+        "a choice",
+        "an option",
+        "a missing option",
+        "a control character",
+    ],
 )
-def test_a_usage_error_is_one_line_with_a_guess_where_one_is_close(argv: list[str], said: str) -> None:
+def test_a_usage_error_is_one_line_with_a_guess_where_one_is_close(
+    argv: list[str], refusal: str, then: str
+) -> None:
+    """argparse's own words for the choices change between Python releases: only its start, and
+    what mirenfs adds, are compared."""
     result = run_mirenfs(*argv)
-    assert (result.returncode, result.stdout, result.stderr.decode()) == (2, b"", f"{said}\n")
+    said = result.stderr.decode()
+    assert (result.returncode, result.stdout, said.count("\n")) == (2, b"", 1), said
+    assert said.startswith(refusal) and said.endswith(f"; {then}\n"), said
 
 
 def test_an_option_is_never_taken_by_a_prefix_of_its_name(tmp_path: Path) -> None:
@@ -243,7 +267,9 @@ def test_an_option_is_never_taken_by_a_prefix_of_its_name(tmp_path: Path) -> Non
     target.write_bytes(b"keep")
     refused = run_mirenfs("restore", str(snapshot), "--image", str(target), "--forc")
     assert refused.returncode == 2 and target.read_bytes() == b"keep"
-    assert refused.stderr.decode().startswith("mirenfs restore: error: unrecognized arguments: --forc; see")
+    assert refused.stderr.decode().startswith(
+        "mirenfs restore: error: unrecognized arguments: --forc; did you"
+    )
     listing = run_mirenfs("disk", "list", "--data-pa", str(tmp_path))
     assert listing.returncode == 2 and listing.stdout == b""
     assert "unrecognized arguments: --data-pa" in listing.stderr.decode()
@@ -251,7 +277,7 @@ def test_an_option_is_never_taken_by_a_prefix_of_its_name(tmp_path: Path) -> Non
     for before in (["--data", str(tmp_path)], ["--log-l", "debug"]):
         early = run_mirenfs(*before, "disk", "list")
         assert early.returncode == 2
-        assert early.stderr.decode().startswith(f"mirenfs: error: unrecognized arguments: {before[0]}; see")
+        assert early.stderr.decode().startswith(f"mirenfs: error: unrecognized arguments: {before[0]};")
     spelt = run_mirenfs("--log-level=warning", "--data-path", str(tmp_path), "disk", "list", "--json")
     assert spelt.returncode == 0 and json.loads(spelt.stdout) == []
 
@@ -2032,6 +2058,53 @@ def test_inspect_of_standard_input_reads_the_stream_as_it_reads_a_file(tmp_path:
     assert from_input.stdout == from_file.stdout
     assert b"seekable_frames: 100000\n" in from_input.stdout
     assert b"data_bytes: " in from_input.stdout
+
+
+def test_inspect_of_a_long_stream_and_of_standard_input_inside_a_file(tmp_path: Path) -> None:
+    """Review S20: a stream longer than the seek-table limit (64 MiB) is read past what is kept,
+    and a standard input that starts inside a file counts its data from where the header ends."""
+    data = GO_ODD.path.read_bytes()
+    snapshot = tmp_path / "long.mirn"
+    snapshot.write_bytes(data + bytes(66 << 20) + seek_table([(10, 4 << 20, 0)] * 3))
+    from_file = run_mirenfs("inspect", str(snapshot))
+    cat = subprocess.Popen(["cat", str(snapshot)], stdout=subprocess.PIPE)
+    try:
+        piped = subprocess.run(
+            [*mirenfs_command(), "inspect", "-"], stdin=cat.stdout, capture_output=True, timeout=60
+        )
+    finally:
+        assert cat.stdout is not None
+        cat.stdout.close()
+        cat.wait(timeout=60)
+    assert piped.returncode == 0 and piped.stdout == from_file.stdout
+    assert b"seekable_frames: 3\n" in piped.stdout
+    inside = tmp_path / "inside.bin"
+    inside.write_bytes(b"sixteen bytes..." + snapshot.read_bytes())
+    with inside.open("rb") as redirected:
+        redirected.seek(16)
+        offset = subprocess.run(
+            [*mirenfs_command(), "inspect", "-"], stdin=redirected, capture_output=True, timeout=60
+        )
+    assert offset.returncode == 0 and offset.stdout == from_file.stdout
+
+
+def test_a_snapshot_read_from_a_terminal_is_refused_not_waited_for(tmp_path: Path) -> None:
+    """Trial T20: `mirenfs verify -` typed at a prompt waited, silent, for a snapshot typed in."""
+    controller, terminal = pty.openpty()
+    try:
+        for argv in (["inspect", "-"], ["verify", "-"], ["restore", "-", "--image", str(tmp_path / "x.img")]):
+            result = subprocess.run(
+                [*mirenfs_command(), *argv], stdin=terminal, capture_output=True, timeout=60, check=False
+            )
+            assert (result.returncode, result.stderr.decode()) == (
+                1,
+                "mirenfs: error: standard input is a terminal, not a snapshot; pipe one in "
+                "(… | mirenfs verify -) or name its file\n",
+            ), argv
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert not (tmp_path / "x.img").exists()
 
 
 def test_inspect_of_a_stream_cut_in_its_header_says_so() -> None:

@@ -40,6 +40,7 @@ from support.fuse_ops import (
     PIECE,
     SMALL_SETTINGS,
     STATE,
+    FakeContext,
     InProcessMount,
     SetattrFields,
     add_image_disk,
@@ -526,18 +527,25 @@ async def test_the_root_takes_no_new_files_and_no_changes(
         assert [(r.name, r.errno) for r in ops.restores.refusals] == [("pg.mirn", "EROFS")]
         assert await fuse_errno(ops.create(snapshot, b"x.mirn", 0o644, os.O_WRONLY, ctx)) == errno.EPERM
         ops.restores.refusals.clear()
-        for parent in (ROOT_INODE, RESTORE_INODE):
-            assert await fuse_errno(ops.mkdir(parent, b"dir", 0o755, ctx)) == errno.EPERM
-        # Trial R s18: `cp -r backups/ restore/` got EPERM and nothing said what restore/ takes.
-        said = (
-            "restore/dir: restore/ takes snapshot files, not directories (but restore, a whole-mount "
-            "archive's own, whose contents are ignored); copy the snapshots themselves into restore/ "
-            "(restore/NAME.mirn restores disk NAME)"
+        # Trial R s18: `cp -r backups/ restore/` got EPERM and nothing said what restore/ takes;
+        # review S20: `cp -r backups/ MNT/` neither.
+        assert await fuse_errno(ops.mkdir(RESTORE_INODE, b"dir", 0o755, ctx)) == errno.EPERM
+        assert await fuse_errno(ops.mkdir(ROOT_INODE, b"dir", 0o755, ctx)) == errno.EROFS
+        in_restore = (
+            "restore/dir: restore/ takes snapshot files only, not directories; copy the snapshots "
+            "themselves into restore/ (restore/NAME.mirn restores disk NAME)"
         )
+        in_the_root = said.replace("new.mirn", "dir")
         assert [(r.name, r.errno, r.reason) for r in ops.restores.refusals] == [
-            ("restore/dir", "EPERM", said.removeprefix("restore/dir: "))
+            ("dir", "EROFS", in_the_root.removeprefix("dir: ")),
+            ("restore/dir", "EPERM", in_restore.removeprefix("restore/dir: ")),
         ]
-        assert said in caplog.text
+        assert in_restore in caplog.text and in_the_root in caplog.text
+        # A user who may not restore gets EACCES, and writes nothing into the owner's status.
+        ops.restores.refusals.clear()
+        nobody = FakeContext(uid=65534, gid=65534)
+        assert await fuse_errno(ops.mkdir(RESTORE_INODE, b"dir", 0o755, nobody)) == errno.EACCES
+        assert list(ops.restores.refusals) == []
         assert await fuse_errno(ops.unlink(ROOT_INODE, b"pg.mirn", ctx)) == errno.EPERM
         assert await fuse_errno(ops.unlink(ROOT_INODE, b"restore", ctx)) == errno.EPERM
         assert (

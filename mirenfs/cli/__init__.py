@@ -21,7 +21,7 @@ import sys
 import threading
 import types
 from collections.abc import Callable, Iterator, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from mirenfs.cli import catalog_cmds, demo, disk_cmds, mount_cmds, snapshot_cmds
 from mirenfs.cli.common import add_scope_options_before_command, settle_scope_options
@@ -41,23 +41,38 @@ OWN_SIGNAL_HANDLING = ("mount", "demo")  # they unmount cleanly on SIGTERM thems
 class OneLineParser(argparse.ArgumentParser):
     """SPEC §4: errors are one clear line on stderr. argparse printed the command's usage first
     (seven lines for ``mirenfs backup``); the line names the command's ``--help`` instead, and
-    guesses the command a typo meant (``mirenfs restor``). The parsers of the commands are
+    guesses what a typo meant (``mirenfs restor``, ``--jsn``). The parsers of the commands are
     made of this class too (argparse makes a subparser of its parent's class)."""
 
+    _refused_choice: tuple[str, list[str]] | None = None  # the last value not among its choices
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        """Remember a choice refused, with the choices: argparse's wording of them changes
+        between Python releases (quoted, then not), so the guess is not read back from it."""
+        if action.choices is not None and value not in action.choices:
+            self._refused_choice = (str(value), [str(choice) for choice in action.choices])
+        super()._check_value(action, value)
+
     def error(self, message: str) -> NoReturn:
-        guess = _guess(message)
+        guess = self._guess(message)
         then = f"; did you mean `{guess}`? See" if guess else "; see"
         self.exit(2, f"{self.prog}: error: {one_line(message)}{then} `{self.prog} --help`\n")
 
-
-def _guess(message: str) -> str | None:
-    """The choice an invalid choice is closest to (``restor``, ``EXT4``), if one is close."""
-    invalid = re.search(r"invalid choice: '(.*?)' \(choose from (.*)\)$", message)
-    if invalid is None:
-        return None
-    choices = {choice.lower(): choice for choice in re.findall(r"'([^']*)'", invalid.group(2))}
-    close = difflib.get_close_matches(invalid.group(1).lower(), choices, n=1)
-    return choices[close[0]] if close else None
+    def _guess(self, message: str) -> str | None:
+        """What is closest to the choice refused (``restor``, ``EXT4``) or to the first option
+        not known (``--jsn``, ``--data-pa DIR``), if anything is close."""
+        if "invalid choice" in message and self._refused_choice is not None:
+            typed, known = self._refused_choice
+        elif message.startswith("unrecognized arguments: "):
+            typed = message.removeprefix("unrecognized arguments: ").split()[0].partition("=")[0]
+            known = [option for option in self._option_string_actions if option.startswith("--")]
+            if not typed.startswith("--"):
+                return None
+        else:
+            return None
+        by_lower = {choice.lower(): choice for choice in known}
+        close = difflib.get_close_matches(typed.lower(), by_lower, n=1)
+        return by_lower[close[0]] if close else None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,6 +12,7 @@ from typing import Any
 
 from mirenfs.cli.common import add_scope_option, resolve_data_path, say, say_done
 from mirenfs.disks.catalogs import (
+    ETCD_TLS_SCHEME,
     NODE_ENV,
     CatalogSpec,
     CopyReport,
@@ -58,7 +59,10 @@ def register(commands: Any) -> None:
 
 def cmd_catalog_copy(args: argparse.Namespace) -> int:
     # Parsed before anything is opened: a typo in either is one line, and nothing is written.
-    source_spec, destination_spec = _spec(args.source, "--from"), _spec(args.destination, "--to")
+    source_spec, destination_spec = (
+        _spec(args.source, "--from", args.destination),
+        _spec(args.destination, "--to", args.source),
+    )
     if (source_spec.data_path, source_spec.etcd) == (destination_spec.data_path, destination_spec.etcd):
         raise MirenfsError(f"--from and --to name the same catalogue ({args.source})")
     if source_spec.etcd is None and destination_spec.etcd is None:  # review C: images not there
@@ -154,8 +158,9 @@ def _move_home(data_path: str, fleet: Catalog, store: Catalog, report: CopyRepor
     say(f"the SQLite store of {data_path} is in use again (disks copied back to it)")
 
 
-def _spec(text: str, option: str) -> CatalogSpec:
-    spec = parse_catalog(text)
+def _spec(text: str, option: str, other: str) -> CatalogSpec:
+    """``text`` parsed; the TLS settings may be meant for ``other`` (etcd:// to etcds://)."""
+    spec = parse_catalog(text, tls_elsewhere=other.strip().lower().startswith(ETCD_TLS_SCHEME))
     if spec.etcd is None and spec.data_path is None:
         raise MirenfsError(f"{option} {text}: name a SQLite catalogue by its data path, sqlite:///DIR or DIR")
     return spec

@@ -404,8 +404,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             counted = _Counted(snapshot)
             meta = read_header(counted)
             header_len = counted.taken
-            if snapshot.seekable():
-                data_len = os.fstat(snapshot.fileno()).st_size - header_len
+            if snapshot.seekable():  # from where the header ended: stdin may start inside a file
+                data_len = os.fstat(snapshot.fileno()).st_size - snapshot.tell()
                 table = _seek_table_at_the_end(snapshot, data_len)
             else:  # a pipe (SPEC §4: FILE may be -): read to its end, keeping what a table may take
                 data_len, table = _read_to_the_end(snapshot)
@@ -434,7 +434,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if frames is None:
             print(
                 "(no seek table at the end: a snapshot written by Go's code, or a file cut short; "
-                "inspect reads only the header, mirenfs verify checks the data)"
+                "inspect checks only the header, mirenfs verify checks the data)"
             )
     return 0
 
@@ -528,8 +528,10 @@ def _seek_table_at_the_end(snapshot: BinaryIO, data_len: int) -> bytes:
 
 
 def _read_to_the_end(stream: BinaryIO) -> tuple[int, bytes]:
-    """The length of what is left of ``stream``, and its last bytes, as many as a seek table may
-    take (kept as the pieces read: a tail cut at each read would copy 64 MiB per piece)."""
+    """The length of what is left of ``stream``, and the bytes its footer says a seek table
+    takes at its end (at most what ``verify`` keeps). The last pieces read are kept as they are
+    and only the table is joined: a tail cut at each read would copy 64 MiB per piece, and
+    joining all that is kept doubled the memory (review S20: 170 MB for any stream)."""
     length, kept, kept_len = 0, collections.deque[bytes](), 0
     while piece := stream.read(_INSPECT_READ):
         length += len(piece)
@@ -537,7 +539,22 @@ def _read_to_the_end(stream: BinaryIO) -> tuple[int, bytes]:
         kept_len += len(piece)
         while kept_len - len(kept[0]) >= MAX_SEEK_TABLE:
             kept_len -= len(kept.popleft())
-    return length, b"".join(kept)
+    footer = _last_bytes(kept, SEEK_TABLE_FOOTER_LEN)
+    if len(footer) < SEEK_TABLE_FOOTER_LEN:
+        return length, footer
+    return length, _last_bytes(kept, min(seek_table_length(footer), MAX_SEEK_TABLE))
+
+
+def _last_bytes(pieces: collections.deque[bytes], count: int) -> bytes:
+    """The last ``count`` bytes of ``pieces`` (fewer if they hold fewer), joined."""
+    taken: list[bytes] = []
+    needed = count
+    for piece in reversed(pieces):
+        if needed <= 0:
+            break
+        taken.append(piece[-needed:] if len(piece) > needed else piece)
+        needed -= len(taken[-1])
+    return b"".join(reversed(taken))
 
 
 def _seek_table_frames(tail: bytes) -> int | None:

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,7 +67,9 @@ class EtcdLocation:
 
     endpoints: tuple[tuple[str, int], ...]
     prefix: str = DEFAULT_ETCD_PREFIX
-    tls: EtcdTls | None = None  # None: plain HTTP (etcd://)
+    # None: plain HTTP (etcd://). Not compared: etcd:// and etcds:// of one cluster and prefix are one
+    # catalogue, whatever files this host speaks TLS with.
+    tls: EtcdTls | None = field(default=None, compare=False)
 
     @property
     def url(self) -> str:
@@ -95,8 +98,13 @@ class CatalogSpec:
         return self.etcd is not None
 
 
-def parse_catalog(text: str) -> CatalogSpec:
-    """``etcd[s]://HOST:PORT[,…][/PREFIX]``, ``sqlite:[//DIR]`` or a directory; else one clear line."""
+def parse_catalog(text: str, *, read_tls: bool = True, tls_elsewhere: bool = False) -> CatalogSpec:
+    """``etcd[s]://HOST:PORT[,…][/PREFIX]``, ``sqlite:[//DIR]`` or a directory; else one clear line.
+
+    ``read_tls``: take the TLS settings from the environment (and check them); without, an
+    etcds:// location has none (to compare locations). ``tls_elsewhere``: another catalogue of
+    the same command is etcds://, so the settings may be meant for it (``catalog copy`` from
+    etcd:// to etcds://), and an etcd:// one is not refused for them."""
     cleaned, etcd_schemes = text.strip(), (ETCD_SCHEME, ETCD_TLS_SCHEME)
     for scheme in etcd_schemes:  # trial W: ETCD://… got "two slashes" advice
         if cleaned[: len(scheme)].lower() == scheme:
@@ -109,7 +117,7 @@ def parse_catalog(text: str) -> CatalogSpec:
             f"{scheme}://HOST:PORT[,HOST:PORT…][/PREFIX] (two slashes after {scheme}:)?"
         )
     if cleaned.startswith(etcd_schemes):
-        return CatalogSpec(cleaned, etcd=_parse_etcd(cleaned))
+        return CatalogSpec(cleaned, etcd=_parse_etcd(cleaned, read_tls=read_tls, tls_elsewhere=tls_elsewhere))
     if cleaned.startswith(SQLITE_SCHEME):
         path = cleaned[len(SQLITE_SCHEME) :]
         if path.startswith("//"):
@@ -125,7 +133,7 @@ def parse_catalog(text: str) -> CatalogSpec:
     return CatalogSpec(cleaned, data_path=os.path.abspath(cleaned))
 
 
-def _parse_etcd(text: str) -> EtcdLocation:
+def _parse_etcd(text: str, *, read_tls: bool, tls_elsewhere: bool) -> EtcdLocation:
     scheme = ETCD_TLS_SCHEME if text.startswith(ETCD_TLS_SCHEME) else ETCD_SCHEME
     rest = text[len(scheme) :]
     if "@" in rest:  # USER:PASSWORD@HOST: refused before anything echoes the text
@@ -146,15 +154,18 @@ def _parse_etcd(text: str) -> EtcdLocation:
     endpoints = []
     for item in hosts.split(","):
         endpoints.append(_parse_endpoint(item.strip(), text))
-    return EtcdLocation(tuple(endpoints), prefix, _tls_from_environment(text, scheme == ETCD_TLS_SCHEME))
+    tls = scheme == ETCD_TLS_SCHEME
+    if not read_tls:
+        return EtcdLocation(tuple(endpoints), prefix, EtcdTls() if tls else None)
+    return EtcdLocation(tuple(endpoints), prefix, _tls_from_environment(text, tls, tls_elsewhere))
 
 
-def _tls_from_environment(text: str, tls: bool) -> EtcdTls | None:
+def _tls_from_environment(text: str, tls: bool, tls_elsewhere: bool) -> EtcdTls | None:
     """The TLS files ``$MIRENFS_ETCD_*`` name, for an etcds:// catalogue; refused for an etcd://
     one, whose requests would go in the clear while the operator meant them not to."""
     given = {name: os.environ.get(name, "") for name in ETCD_TLS_ENVS if os.environ.get(name, "")}
     if not tls:
-        if given:
+        if given and not tls_elsewhere:
             raise MirenfsError(
                 f"catalogue {text!r} is plain HTTP, but ${next(iter(given))} is set for TLS; write "
                 f"{ETCD_TLS_SCHEME}… to speak TLS to etcd, or unset {', '.join('$' + n for n in given)}"
@@ -169,9 +180,46 @@ def _tls_from_environment(text: str, tls: bool) -> EtcdTls | None:
     for name, path in given.items():
         if not os.path.isfile(path):
             what = "is not a file" if os.path.lexists(path) else "does not exist"
-            raise MirenfsError(f"catalogue {text!r}: ${name} names {path}, which {what}")
+            raise MirenfsError(f"catalogue {text!r}: ${name} names {_shown_path(path)}, which {what}")
     absolute = {name: os.path.abspath(path) for name, path in given.items()}
-    return EtcdTls(absolute.get(ETCD_CACERT_ENV), absolute.get(ETCD_CERT_ENV), absolute.get(ETCD_KEY_ENV))
+    files = EtcdTls(absolute.get(ETCD_CACERT_ENV), absolute.get(ETCD_CERT_ENV), absolute.get(ETCD_KEY_ENV))
+    _check_tls_files(text, files)
+    return files
+
+
+def _shown_path(path: str) -> str:
+    """``path``, and where it is when it is relative (a daemon started elsewhere would look there)."""
+    return path if os.path.isabs(path) else f"{path} ({os.path.abspath(path)})"
+
+
+def _check_tls_files(text: str, tls: EtcdTls) -> None:
+    """Load the files as the client will, so that a wrong one is named now, not taken for an
+    outage of etcd at the first request (review S20: "unreachable (… PEM lib)")."""
+
+    def openssl_words(exc: BaseException) -> str:
+        said = getattr(exc, "strerror", None) or str(exc)
+        return said.split("] ", 1)[-1].split(" (_ssl.c", 1)[0]
+
+    if tls.ca_file is not None:
+        try:
+            ssl.create_default_context(cafile=tls.ca_file)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise MirenfsError(
+                f"catalogue {text!r}: ${ETCD_CACERT_ENV} ({tls.ca_file}) is not a PEM file of the authority "
+                f"that signed etcd's certificate ({openssl_words(exc)})"
+            ) from None
+    if tls.cert_file is not None and tls.key_file is not None:
+        try:
+            with open(tls.key_file, "rb") as key:
+                encrypted = b"ENCRYPTED" in key.read(1 << 16)
+            if encrypted:
+                raise ValueError("the key is encrypted, and mirenfs asks nobody for its password")
+            ssl.create_default_context().load_cert_chain(tls.cert_file, tls.key_file, password=b"")
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise MirenfsError(
+                f"catalogue {text!r}: ${ETCD_CERT_ENV} ({tls.cert_file}) and ${ETCD_KEY_ENV} "
+                f"({tls.key_file}) are not a PEM certificate and its unencrypted key ({openssl_words(exc)})"
+            ) from None
 
 
 def _parse_endpoint(item: str, text: str) -> tuple[str, int]:
@@ -290,7 +338,7 @@ def same_catalogue(one: str, other: str) -> bool:
     (a list may have been edited since; review S: a suffix was taken for one; review S2: a
     cluster of other endpoints under the same prefix was taken for one)."""
     try:
-        first, second = parse_catalog(one).etcd, parse_catalog(other).etcd
+        first, second = parse_catalog(one, read_tls=False).etcd, parse_catalog(other, read_tls=False).etcd
     except MirenfsError:
         return False
     if first is None or second is None or first.prefix != second.prefix:

@@ -102,21 +102,20 @@ PROBE_INTERVAL_S = 0.5
 STALE_AFTER_S = 3.0
 FIRST_SYNC_WAIT_S = REQUEST_TIMEOUT_S + 1.0
 _ERRNO_TEXT = re.compile(r"\[Errno -?\d+\] ([^')\"]+)")
-# OpenSSL's reason, as Python's ssl module words it: "[SSL: CERTIFICATE_VERIFY_FAILED] certificate
-# verify failed: unable to get local issuer certificate (_ssl.c:1006)"
-_TLS_TEXT = re.compile(r"\[SSL(?:: [A-Z0-9_]+)?\] ([^(')\"]+)|SSLEOFError\(\d+, '(?:\[[^\]]*\] )?([^(')]+)")
-# What to do about a TLS failure, by the words of its reason
-_TLS_REMEDIES = (
-    ("verify failed", f"set ${ETCD_CACERT_ENV} to the authority that signed etcd's certificate"),
-    ("certificate required", f"etcd asks for a client certificate: set ${ETCD_CERT_ENV} and ${ETCD_KEY_ENV}"),
-    ("bad certificate", f"etcd refused this host's certificate (${ETCD_CERT_ENV})"),
-    ("unknown ca", f"etcd does not trust the authority of this host's certificate (${ETCD_CERT_ENV})"),
-    ("wrong version number", "it does not speak TLS there: is the catalogue etcd://, plain HTTP?"),
-    (
-        "ended the handshake",
-        f"if etcd asks for a client certificate, set ${ETCD_CERT_ENV} and ${ETCD_KEY_ENV}; if it speaks "
-        "plain HTTP there, the catalogue is etcd://",
-    ),
+# OpenSSL's reason as Python's ssl module words it, up to where in _ssl.c it was found: "[SSL:
+# CERTIFICATE_VERIFY_FAILED] certificate verify failed: Hostname mismatch, certificate is not valid
+# for 'h'. (_ssl.c:1006)"
+_TLS_TEXT = re.compile(r"\[(?:SSL|X509)(?:: [A-Z0-9_]+)?\] (.+?)(?: \(_ssl\.c:\d+\)|['\"]\)|$)")
+_TLS_ENDED = "EOF occurred in violation of protocol"  # OpenSSL's words for a peer that hung up mid-handshake
+_CLOSED_WITHOUT_ANSWER = "it closed the connection without an answer"
+# The words of a handshake that etcd ended because of this host's certificate (or its absence):
+# which one TLS 1.3 shows depends on timing (review S20), so they are taken as one.
+_CLIENT_REFUSED = (
+    "ended the handshake",
+    "bad certificate",
+    "certificate required",
+    "unknown ca",
+    "certificate unknown",
 )
 
 
@@ -188,13 +187,11 @@ def _get(key: str) -> dict[str, Any]:
 def _why(exc: BaseException) -> str:
     """A short reason from whatever requests, urllib3 or the gateway said."""
     detail = getattr(exc, "detail_text", None) or str(exc) or type(exc).__name__
+    if _TLS_ENDED in detail:
+        return "TLS: etcd ended the handshake"
     tls = _TLS_TEXT.search(detail)
-    if tls is not None:  # etcds://: the handshake failed, and what to do depends on how
-        reason = (tls.group(1) or tls.group(2) or "").strip()
-        if reason.startswith("EOF occurred"):  # OpenSSL's "EOF occurred in violation of protocol"
-            reason = "etcd ended the handshake"
-        remedy = next((then for words, then in _TLS_REMEDIES if words in reason.lower()), None)
-        return f"TLS: {reason}" + (f"; {remedy}" if remedy else "")
+    if tls is not None:  # etcds://: see tls_advice for what to do
+        return f"TLS: {tls.group(1).strip()}"
     with contextlib.suppress(ValueError, TypeError, AttributeError):
         message = json.loads(detail).get("message") or json.loads(detail).get("error")
         if message:
@@ -202,11 +199,50 @@ def _why(exc: BaseException) -> str:
     if "timed out" in detail or isinstance(exc, etcd_errors.ConnectionTimeoutError):
         return "no answer in time"
     if "Remote end closed connection without response" in detail:
-        return "it closed the connection without an answer (as an etcd that speaks only TLS does: etcds://?)"
+        return _CLOSED_WITHOUT_ANSWER
     found = _ERRNO_TEXT.search(detail)
     if found:
         return found.group(1).strip().lower()
     return detail.splitlines()[0][:200]
+
+
+def advised(reason: str, tls: EtcdTls | None) -> str:
+    """``reason`` (from :func:`_why`) with what to do about it where that depends on how this host
+    speaks to etcd: a failed handshake, or etcd's gateway unable to reach etcd itself."""
+    said = reason.lower()
+    if tls is None:
+        return (
+            f"{reason} (as an etcd that speaks only TLS does: etcds://?)"
+            if reason == _CLOSED_WITHOUT_ANSWER
+            else reason
+        )
+    advice = None
+    if "wrong version number" in said:
+        advice = "it does not speak TLS there: is the catalogue etcd://, plain HTTP?"
+    elif "verify failed" in said and "mismatch" in said:
+        advice = "name each endpoint as etcd's certificate does (its subjectAltName)"
+    elif "verify failed" in said and "expired" in said:
+        advice = "etcd's certificate must be renewed"
+    elif "verify failed" in said:
+        advice = (
+            f"set ${ETCD_CACERT_ENV} to the authority that signed etcd's certificate"
+            if tls.ca_file is None
+            else f"etcd's certificate is not signed by ${ETCD_CACERT_ENV} ({tls.ca_file})"
+        )
+    elif said.startswith("tls:") and any(words in said for words in _CLIENT_REFUSED):
+        advice = (
+            f"if etcd asks for a client certificate, set ${ETCD_CERT_ENV} and ${ETCD_KEY_ENV}; if it speaks "
+            "plain HTTP there, the catalogue is etcd://"
+            if tls.cert_file is None
+            else f"etcd refused this host's certificate (${ETCD_CERT_ENV}, {tls.cert_file}): is it signed by "
+            "an authority etcd trusts (its --trusted-ca-file), and still valid?"
+        )
+    elif said == "connection closed":  # the gateway's: it could not dial etcd's own gRPC port
+        advice = (
+            "etcd's gateway could not reach etcd; with --client-cert-auth, etcd's own certificate must "
+            "also allow client use (extendedKeyUsage clientAuth)"
+        )
+    return f"{reason}; {advice}" if advice else reason
 
 
 def _may_have_arrived(exc: BaseException) -> bool:
@@ -460,7 +496,7 @@ class EtcdKV:
                 ValueError,  # an answer that is not JSON: not an etcd gateway there
             ) as exc:
                 sent = sent or _may_have_arrived(exc)
-                problems.append(f"{host}:{port}: {_why(exc)}")
+                problems.append(f"{host}:{port}: {advised(_why(exc), self.location.tls)}")
                 continue
             except etcd_errors.Etcd3Exception as exc:
                 if not _from_etcd(exc):  # a 404 page, say: another server there; try the next member

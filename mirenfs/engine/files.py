@@ -644,6 +644,11 @@ async def verify_file(
 def open_input(path: str) -> BinaryIO:
     """A snapshot to read: a file, or ``-`` for standard input."""
     if path == "-":  # unbuffered: read_pieces waits on a pipe in the event loop, where a cancel reaches it
+        if os.isatty(sys.stdin.fileno()):  # it would wait, silent, for a snapshot typed in (trial T20)
+            raise MirenfsError(
+                "standard input is a terminal, not a snapshot; pipe one in (… | mirenfs verify -) or "
+                "name its file"
+            )
         return os.fdopen(os.dup(sys.stdin.fileno()), "rb", buffering=0)
     try:
         return open(path, "rb", buffering=0)

@@ -643,6 +643,8 @@ class MirenOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         """Directories are refused, but for a whole-mount archive's own ``restore/``: accepted, ignored."""
         text = os.fsdecode(name)
+        if parent_inode == ROOT_INODE:  # `cp -r backups/ MNT/`: said where snapshots go (review S20)
+            raise self.restores.refuse_in_the_root(text, ctx.pid)
         if not self._in_restore_tree(parent_inode):
             raise pyfuse3.FUSEError(errno.EPERM)
         self.restores.check_writer(ctx.uid, "restore/")

@@ -398,10 +398,9 @@ class RestoreDirectory:
         """A directory made in restore/ (``cp -r backups/ restore/``): EPERM, with what restore/
         takes said in the log and in ``mirenfs status`` (trial R s18: EPERM alone)."""
         refusal = MirenfsError(
-            f"{in_restore(directory_name)}: {RESTORE_DIRECTORY}/ takes snapshot files, not directories "
-            f"(but {NESTED_DIRECTORY}, a whole-mount archive's own, whose contents are ignored); copy "
-            f"the snapshots themselves into {RESTORE_DIRECTORY}/ ({RESTORE_DIRECTORY}/NAME.mirn restores "
-            "disk NAME)"
+            f"{in_restore(directory_name)}: {RESTORE_DIRECTORY}/ takes snapshot files only, not "
+            f"directories; copy the snapshots themselves into {RESTORE_DIRECTORY}/ "
+            f"({RESTORE_DIRECTORY}/NAME.mirn restores disk NAME)"
         )
         refusal.errno = errno.EPERM
         self._refused(directory_name, refusal, pid)
