@@ -32,6 +32,7 @@ from mirenfs.mount import session as session_module
 from mirenfs.mount import versions
 from mirenfs.mount.inodes import RESTORE_INODE, ROOT_INODE
 from mirenfs.mount.operations import MirenOperations, fuse_errors
+from mirenfs.mount.restoredir import IGNORED_BELOW_NESTED_STATE
 from mirenfs.mount.versions import SnapshotService
 
 from support.data import write_image
@@ -427,6 +428,8 @@ async def test_rsync_renames_under_an_archives_own_restore_directory(data_path: 
             await ops.rename(nested, b".pg.mirn.XyZ", nested, b"pg.mirn", 0, ctx)
             names = [name for name, _attrs in await m.listdir(nested)]
             assert names == ["pg.mirn"], (attempt, names)
+        # status names the file as rsync left it, not its temporary name
+        assert [item["name"] for item in ops.restores.status()] == ["restore/restore/pg.mirn"] * 2
         assert (await m.lookup("pg.mirn", nested)).st_ino == attrs.st_ino
         assert (
             await fuse_errno(ops.rename(nested, b"pg.mirn", RESTORE_INODE, b"pg.mirn", 0, ctx)) == errno.EXDEV
@@ -460,6 +463,10 @@ async def test_a_copy_into_the_archives_own_restore_directory_says_it_restores_n
             "whole-mount archive's copy of restore/); to restore a snapshot, copy it into restore/ itself"
         ], said
         assert [name for name, _attrs in await m.listdir(RESTORE_INODE)] == ["restore"]  # no restore began
+        # Trial T20: `mirenfs status` shows it too, where an operator who copied a level too deep looks.
+        assert ops.restores.status() == [
+            {"name": f"restore/restore/{sub}/pg.mirn", "state": IGNORED_BELOW_NESTED_STATE}
+        ]
     assert image.read_bytes() == before
 
 

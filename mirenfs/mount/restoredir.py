@@ -50,6 +50,10 @@ SNAPSHOT_SUFFIX = ".mirn"
 SIDECAR_SUFFIX = ".mirn.sha256"
 RESTORE_DIRECTORY = "restore"  # its name in the mount's root
 NESTED_DIRECTORY = RESTORE_DIRECTORY  # ./restore of a whole-mount archive: accepted, everything in it ignored
+IGNORED_BELOW_NESTED_STATE = (
+    f"ignored: nothing below {RESTORE_DIRECTORY}/{NESTED_DIRECTORY}/ is restored (a whole-mount archive's "
+    f"copy of {RESTORE_DIRECTORY}/); copy a snapshot into {RESTORE_DIRECTORY}/ itself to restore it"
+)
 # Miren's own backup files: NAME-YYYYMMDD-HHMMSS.miren.zst (and NAME.miren.zst).
 _MIREN_BACKUP = re.compile(r"(?P<name>.+?)(?:-\d{8}-\d{6})?\.miren\.zst")
 # rsync's temporary file for NAME: .NAME.XXXXXX
@@ -264,6 +268,9 @@ class RestoreDirectory:
         self.removed_after_install: collections.deque[dict[str, object]] = collections.deque(
             maxlen=REFUSALS_KEPT
         )
+        # Files written below restore/restore/, newest first: their copy succeeded, and restored
+        # nothing (trial T20: one copied a level too deep showed nowhere but the log).
+        self.ignored_files: collections.deque[dict[str, object]] = collections.deque(maxlen=REFUSALS_KEPT)
         self._starting: set[str] = set()  # disks whose restore is being prepared
         # Disks a failed restore created and could not remove (the catalogue did not answer), with
         # the entry whose state says so: removed once the catalogue answers (see retry_stranded).
@@ -678,6 +685,9 @@ class RestoreDirectory:
         node = IgnoredNode(self._allocate_inode(), parent, name, is_directory, mode & 0o7777)
         self.ignored[node.inode] = node
         if not is_directory:  # a copy into restore/restore/ by mistake succeeds: say it restores nothing
+            self.ignored_files.appendleft(
+                {"name": self._ignored_path(node), "state": IGNORED_BELOW_NESTED_STATE}
+            )
             log.info(
                 "%s: ignored, as everything below %s/%s/ is (a whole-mount archive's copy of %s/); "
                 "to restore a snapshot, copy it into %s/ itself",
@@ -725,7 +735,11 @@ class RestoreDirectory:
             if self.ignored_children(replaced.inode):
                 raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), new_name)
             del self.ignored[replaced.inode]
+        old_path = self._ignored_path(node)
         node.parent, node.name = new_parent, new_name
+        for record in self.ignored_files:  # status names the file by its name now, not rsync's temporary one
+            if record["name"] == old_path:
+                record["name"] = self._ignored_path(node)
 
     def forget_ignored(self, parent: int, name: str) -> None:
         node = self.ignored_child(parent, name)
@@ -771,7 +785,11 @@ class RestoreDirectory:
                     )
 
     def status(self) -> list[dict[str, object]]:
-        return [entry.status() for entry in self.entries.values()] + list(self.removed_after_install)
+        return [
+            *(entry.status() for entry in self.entries.values()),
+            *self.removed_after_install,
+            *self.ignored_files,
+        ]
 
     def refusal_status(self) -> list[dict[str, object]]:
         return [asdict(refusal) for refusal in self.refusals]

@@ -7,11 +7,12 @@ The JSON is ``{"pid", "index_passes", "disks": {NAME: {"index": "building",
 (``--index-at-mount`` will build it) | {"index": "not built"}}, "restores": [{"name",
 "disk", "state", "bytes"[, "image_done", "image_total"]}], "refused": [{"name", "errno",
 "reason", "tries"}]}``; ``image_done`` and ``image_total`` (the image decompressed so far, and
-its size by the header) are there while a restore has a header;
+its size by the header) are there while a restore has a header; a file written below
+``restore/restore/`` is listed there too, as ``{"name", "state": "ignored: …"}``;
 ``refused`` holds the latest refusals in ``restore/`` (and of files made in the root),
 newest first (a refused create leaves no entry to read the reason from); ``tries`` counts
 one process's retries of the same refusal, as rsync makes under new temporary names.
-``catalog`` is the disk catalogue the mount uses (``etcd://…`` or ``sqlite:///DATA-PATH``) and
+``catalog`` is the disk catalogue the mount uses (``etcd[s]://…`` or ``sqlite:///DATA-PATH``) and
 ``node`` its node name in it (null with SQLite): a wrong ``--node`` shows no disks, and says so here.
 ``catalog_error`` is null, or the sentence saying why the disk catalogue could not be listed (etcd
 unreachable): then ``disks`` is the mount's last listing, ``listing_age_s`` seconds old (null if
