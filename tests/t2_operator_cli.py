@@ -2107,6 +2107,34 @@ def test_a_snapshot_read_from_a_terminal_is_refused_not_waited_for(tmp_path: Pat
     assert not (tmp_path / "x.img").exists()
 
 
+def test_a_data_path_that_talked_to_etcd_read_without_a_catalogue_says_where_its_disks_are(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trial T20: a host set up on etcd, read by a cron job or a new shell without --catalog, saw
+    the empty SQLite store: no disks, and nothing said why."""
+    monkeypatch.delenv("MIRENFS_CATALOG", raising=False)
+    data = tmp_path / "data"
+    (data / "mirenfs").mkdir(parents=True)
+    (data / "mirenfs" / "etcd-clusters.json").write_text(
+        json.dumps({"fleet": {"cluster": "1234", "endpoints": ["10.0.0.1:2379", "10.0.0.2:2379"]}})
+    )
+    where = (
+        f"the SQLite store of {data} holds no disks; this data path has talked to the etcd catalogue at "
+        "10.0.0.1:2379,10.0.0.2:2379/fleet: pass --catalog etcd://10.0.0.1:2379,10.0.0.2:2379/fleet "
+        "(etcds:// if it speaks TLS), or set $MIRENFS_CATALOG"
+    )
+    listed = run_mirenfs("disk", "list", "--data-path", str(data))
+    assert (listed.returncode, listed.stderr.decode()) == (0, f"mirenfs: {where}\n")
+    backup = run_mirenfs("backup", "pg", "-o", str(tmp_path / "pg.mirn"), "--data-path", str(data))
+    assert (backup.returncode, backup.stderr.decode()) == (
+        1,
+        f"mirenfs: error: there is no disk named pg in the SQLite store of {data}, which has also talked "
+        "to the etcd catalogue at 10.0.0.1:2379,10.0.0.2:2379/fleet: pass --catalog "
+        "etcd://10.0.0.1:2379,10.0.0.2:2379/fleet (etcds:// if it speaks TLS), or set $MIRENFS_CATALOG\n",
+    )
+    assert not (tmp_path / "pg.mirn").exists()
+
+
 def test_inspect_of_a_stream_cut_in_its_header_says_so() -> None:
     result = run_mirenfs("inspect", "-", input=GO_ODD.path.read_bytes()[:100])
     assert (result.returncode, result.stdout, result.stderr.decode()) == (

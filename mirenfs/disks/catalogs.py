@@ -304,9 +304,14 @@ class CatalogMove:
             f"the disks of data path {here} were copied to the disk catalogue {self.url} (node "
             f"{self.node}) by `mirenfs catalog copy` on {self.at}, and its SQLite store is no longer "
             f"kept up to date: pass --catalog {self.url} --node {self.node} (or set ${CATALOG_ENV} and "
-            f"${NODE_ENV}); to move the disks back, `mirenfs catalog copy --from {self.url} --to {here} "
-            f"--node {self.node}` (a copy that leaves the two alike lifts this mark)"
+            f"${NODE_ENV}{self._tls_settings()}); to move the disks back, `mirenfs catalog copy --from "
+            f"{self.url} --to {here} --node {self.node}` (a copy that leaves the two alike lifts this mark)"
         )
+
+    def _tls_settings(self) -> str:
+        """The TLS settings an etcds:// catalogue also needs, which a new shell lacks (trial T20)."""
+        tls = self.url.startswith(ETCD_TLS_SCHEME)
+        return f", and ${ETCD_CACERT_ENV}, ${ETCD_CERT_ENV} and ${ETCD_KEY_ENV} for TLS" if tls else ""
 
 
 def read_move(data_path: str) -> CatalogMove | None:

@@ -58,6 +58,7 @@ from etcd3gw.client import Etcd3Client
 
 from mirenfs.disks.catalogs import ETCD_CACERT_ENV, ETCD_CERT_ENV, ETCD_KEY_ENV, EtcdLocation, EtcdTls
 from mirenfs.disks.model import (
+    ETCD_CLUSTERS_FILE,
     CreatedRecords,
     Disk,
     DiskRecord,
@@ -297,7 +298,7 @@ class ClusterPin:
     none is another catalogue (a move to a new cluster), learnt afresh. A removed record is
     noticed by a running process too (after an etcd restored from a snapshot)."""
 
-    FILE = "etcd-clusters.json"
+    FILE = ETCD_CLUSTERS_FILE
 
     def __init__(
         self, data_path: str | None, location: EtcdLocation, survey: Callable[[], list[str | None]]

@@ -15,6 +15,7 @@ spelling whatever resolver answered.
 from __future__ import annotations
 
 import enum
+import json
 import os
 import re
 import secrets
@@ -198,6 +199,33 @@ def state_directory(data_path: str) -> str:
     """mirenfs's own files under the data path: indexes, frames, clones, the mount's log and lock,
     the images this host registered."""
     return os.path.join(data_path, STATE_DIRECTORY)
+
+
+# Which etcd cluster each catalogue a data path talked to is in (disks.etcd.ClusterPin)
+ETCD_CLUSTERS_FILE = "etcd-clusters.json"
+
+
+def etcd_catalogues_used_at(data_path: str) -> list[str]:
+    """``HOST:PORT,…/PREFIX`` of each etcd catalogue this data path has talked to, from the
+    cluster record: a command without ``--catalog`` reads the empty SQLite store instead, and
+    says so with these (trial T20: a cron job saw no disks, without a word)."""
+    try:
+        with open(os.path.join(state_directory(data_path), ETCD_CLUSTERS_FILE), "rb") as f:
+            recorded = json.loads(f.read(1 << 20))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(recorded, dict):
+        return []
+    used = []
+    for prefix, entry in sorted(recorded.items()):
+        endpoints = entry.get("endpoints") if isinstance(entry, dict) else None
+        if (
+            isinstance(prefix, str)
+            and isinstance(endpoints, list)
+            and all(isinstance(e, str) for e in endpoints)
+        ):
+            used.append(f"{','.join(endpoints)}/{prefix}")
+    return used
 
 
 def index_directory(data_path: str) -> str:

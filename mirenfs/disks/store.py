@@ -36,6 +36,7 @@ from mirenfs.disks.model import (
     LeaseState,
     Volume,
     VolumeState,
+    etcd_catalogues_used_at,
     image_path_for,
     new_disk_records,
     new_id,
@@ -300,13 +301,25 @@ class Store:
         no_room = _data_path_error(self.data_path, exc.errno)
         return no_room or StoreError(f"cannot {action} the disk store {self.path}: {exc.strerror}")
 
+    def _not_found(self, name: str) -> DiskNotFoundError:
+        """No disk ``name`` here; and where it may be, when this data path talked to etcd."""
+        used = etcd_catalogues_used_at(self.data_path)
+        if not used:
+            return DiskNotFoundError(name)
+        return DiskNotFoundError(
+            name,
+            f"there is no disk named {name} in the SQLite store of {self.data_path}, which has also "
+            f"talked to the etcd catalogue at {used[0]}: pass --catalog etcd://{used[0]} (etcds:// "
+            "if it speaks TLS), or set $MIRENFS_CATALOG",
+        )
+
     # --- DiskResolver ---
 
     def find_disk_by_name(self, name: str) -> Disk:
         with self._read() as db:
             row = None if db is None else db.execute(_DISK_SELECT + " WHERE name = ?", (name,)).fetchone()
         if row is None:
-            raise DiskNotFoundError(name)
+            raise self._not_found(name)
         return _disk(row)
 
     def find_volume_by_disk_id(self, disk_id: str) -> Volume:
