@@ -24,10 +24,11 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 import zstandard
 
 from mirenfs.disks.restore import FEED_BATCH
-from mirenfs.engine import consume
+from mirenfs.engine import consume, produce
 from mirenfs.engine.consume import (
     INPUT_LIMIT,
     INPUT_TOTAL,
@@ -40,8 +41,9 @@ from mirenfs.engine.consume import (
     RestoreStream,
     restore_to_path,
 )
-from mirenfs.engine.image import SparseWriter, StagingImage, nonzero_runs
+from mirenfs.engine.image import OpenImage, SparseWriter, StagingImage, nonzero_runs
 from mirenfs.engine.pipeline import BULK_WORK, BufferPool, FairShare, Stages
+from mirenfs.engine.produce import Settings, build_index
 from mirenfs.errors import FormatError, TargetError
 from mirenfs.format.frames import FrameScanner
 
@@ -58,6 +60,7 @@ from support.streams import (
 )
 
 CONTENT = image_bytes(6 << 20, seed=3)
+SMALL = Settings(chunk_size=64 * 1024)  # a pass of many chunks over a small image
 
 
 def collecting_stream() -> tuple[RestoreStream, Collect]:
@@ -372,6 +375,91 @@ def test_restores_whose_writers_stopped_give_back_what_later_ones_need() -> None
 
     trio.run(run)
     assert BULK_WORK.running == 0
+
+
+class GatedCollect(Collect):
+    """A writer that keeps what it is given once let go: until then its restore's pieces pile up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def write(self, data: bytes) -> None:
+        if not self.release.wait(60):  # a failed test still ends the stage
+            raise TimeoutError("the test never let the writer go on")
+        super().write(data)
+
+
+def test_an_index_pass_starting_beside_restores_shrinks_their_share_and_all_finish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review S20: a pass joins the bound restores share while restores are mid-flight: their
+    free buffers over the new share are let go at once, and every one still finishes exactly."""
+    content = os.urandom(40 << 20)  # incompressible: frames near 4 MiB
+    snapshot = many_frame_snapshot(content, chunk=PIECE)
+    image = tmp_path / "img"
+    image.write_bytes(os.urandom(1 << 20))
+    gate = threading.Event()
+    wait = produce._Lead.wait
+
+    def held_hash(lead: Any, offset: int) -> None:
+        gate.wait(timeout=60)
+        wait(lead, offset)
+
+    monkeypatch.setattr(produce._Lead, "wait", held_hash)
+    sinks = [GatedCollect() for _ in range(2)]
+    held: list[int] = []
+
+    async def run() -> None:
+        streams = [RestoreStream(partial(_returning, sink)) for sink in sinks]
+        try:
+            async with trio.open_nursery() as nursery:
+                for stream in streams:  # the writers stuck: each pool grows to its share, 8 pieces
+                    nursery.start_soon(stream.feed, snapshot[: 36 << 20])
+                await wait_for_in_trio(
+                    lambda: all(
+                        s._pipeline is not None and s._pipeline._pool.buffers == POOL_PIECES for s in streams
+                    )
+                )
+                pipelines = [stream._pipeline for stream in streams]
+                for sink in sinks:
+                    sink.release.set()
+            for stream in streams:
+                await stream.settle()  # every piece written: the pools' buffers are free
+            held.append(sum(p._pool.buffers for p in pipelines if p is not None))
+            handle = OpenImage.open(str(image))
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(partial(build_index, handle.source(SMALL), SMALL))
+                    try:
+                        await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+                        held.append(sum(p._pool.buffers for p in pipelines if p is not None))
+                        assert BULK_WORK.running == 3
+                        for stream in streams:  # the writers go on beside the pass
+                            await stream.feed(snapshot[36 << 20 :])
+                            await stream.finish()
+                    finally:
+                        gate.set()
+            finally:
+                handle.close()
+        finally:
+            for sink in sinks:
+                sink.release.set()
+            for stream in streams:
+                await stream.close()
+
+    trio.run(run)
+    assert [bytes(sink.data) == content for sink in sinks] == [True, True]
+    # each may keep the piece its first stage fills next: not free, so not let go
+    assert held[0] == 2 * POOL_PIECES and held[1] <= 2 * (POOL_PIECES_TOTAL // 3 + 1) < held[0], held
+    assert BULK_WORK.running == 0
+
+
+async def wait_for_in_trio(condition: Callable[[], bool], timeout: float = 30) -> None:
+    """Until ``condition`` holds, looked at as the event loop goes round (threads move it on)."""
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.01)
 
 
 class FailingWriter:
