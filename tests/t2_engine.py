@@ -51,6 +51,7 @@ from mirenfs.format.header import decode_header
 from mirenfs.mount import versions
 
 from support.data import sha256_file, staging_files, write_image
+from support.streams import hold_the_hash_lane
 from support.vectors import GO_VECTORS, GoVector
 
 SMALL = Settings(chunk_size=64 * 1024)  # small chunks so small images have many frames
@@ -723,14 +724,7 @@ def test_an_index_pass_counts_against_what_restores_share_until_it_ends(
     work's members while it runs, and leaves when it ends, also when it is cancelled."""
     image = tmp_path / "img"
     write_image(image, [("data", 5000), ("hole", 4 * 65536)])
-    gate = threading.Event()
-    wait = produce_module._Lead.wait
-
-    def held_hash(lead: Any, offset: int) -> None:
-        gate.wait(timeout=60)
-        wait(lead, offset)
-
-    monkeypatch.setattr(produce_module._Lead, "wait", held_hash)
+    gate = hold_the_hash_lane(monkeypatch)
     running: list[int] = []
 
     async def main(cancel: bool) -> None:

@@ -2031,6 +2031,19 @@ def test_restore_image_never_replaces_what_a_data_path_keeps(
     assert ok("restore", vector, "--image", elsewhere / "new.img").code == 0  # a file nobody keeps
 
 
+def inspect_through_a_pipe(snapshot: Path) -> subprocess.CompletedProcess[bytes]:
+    """``cat SNAPSHOT | mirenfs inspect -``; the writer must see its stream read to the end."""
+    cat = subprocess.Popen(["cat", str(snapshot)], stdout=subprocess.PIPE)
+    try:
+        return subprocess.run(
+            [*mirenfs_command(), "inspect", "-"], stdin=cat.stdout, capture_output=True, timeout=60
+        )
+    finally:
+        assert cat.stdout is not None
+        cat.stdout.close()
+        assert cat.wait(timeout=60) == 0  # read to the end: no SIGPIPE for a pipeline's writer
+
+
 @pytest.mark.parametrize("piped", [True, False], ids=["a pipe", "a file"])
 def test_inspect_of_standard_input_reads_the_stream_as_it_reads_a_file(tmp_path: Path, piped: bool) -> None:
     """Trial V: `inspect -` said "cannot read -: No such file or directory", and then that it
@@ -2040,15 +2053,7 @@ def test_inspect_of_standard_input_reads_the_stream_as_it_reads_a_file(tmp_path:
     snapshot.write_bytes(GO_ODD.path.read_bytes() + seek_table([(10, 4 << 20, 0)] * 100_000))
     from_file = run_mirenfs("inspect", str(snapshot))
     if piped:
-        cat = subprocess.Popen(["cat", str(snapshot)], stdout=subprocess.PIPE)
-        try:
-            from_input = subprocess.run(
-                [*mirenfs_command(), "inspect", "-"], stdin=cat.stdout, capture_output=True, timeout=60
-            )
-        finally:
-            assert cat.stdout is not None
-            cat.stdout.close()
-            assert cat.wait(timeout=60) == 0  # read to the end: no SIGPIPE for a pipeline's writer
+        from_input = inspect_through_a_pipe(snapshot)
     else:
         with snapshot.open("rb") as redirected:
             from_input = subprocess.run(
@@ -2067,15 +2072,7 @@ def test_inspect_of_a_long_stream_and_of_standard_input_inside_a_file(tmp_path: 
     snapshot = tmp_path / "long.mirn"
     snapshot.write_bytes(data + bytes(66 << 20) + seek_table([(10, 4 << 20, 0)] * 3))
     from_file = run_mirenfs("inspect", str(snapshot))
-    cat = subprocess.Popen(["cat", str(snapshot)], stdout=subprocess.PIPE)
-    try:
-        piped = subprocess.run(
-            [*mirenfs_command(), "inspect", "-"], stdin=cat.stdout, capture_output=True, timeout=60
-        )
-    finally:
-        assert cat.stdout is not None
-        cat.stdout.close()
-        cat.wait(timeout=60)
+    piped = inspect_through_a_pipe(snapshot)
     assert piped.returncode == 0 and piped.stdout == from_file.stdout
     assert b"seekable_frames: 3\n" in piped.stdout
     inside = tmp_path / "inside.bin"

@@ -28,7 +28,7 @@ import trio.testing
 import zstandard
 
 from mirenfs.disks.restore import FEED_BATCH
-from mirenfs.engine import consume, produce
+from mirenfs.engine import consume
 from mirenfs.engine.consume import (
     INPUT_LIMIT,
     INPUT_TOTAL,
@@ -52,6 +52,7 @@ from support.mounts import wait_for
 from support.streams import (
     Collect,
     feed_in_pieces,
+    hold_the_hash_lane,
     image_bytes,
     many_frame_snapshot,
     meta_for,
@@ -399,14 +400,7 @@ def test_an_index_pass_starting_beside_restores_shrinks_their_share_and_all_fini
     snapshot = many_frame_snapshot(content, chunk=PIECE)
     image = tmp_path / "img"
     image.write_bytes(os.urandom(1 << 20))
-    gate = threading.Event()
-    wait = produce._Lead.wait
-
-    def held_hash(lead: Any, offset: int) -> None:
-        gate.wait(timeout=60)
-        wait(lead, offset)
-
-    monkeypatch.setattr(produce._Lead, "wait", held_hash)
+    gate = hold_the_hash_lane(monkeypatch)
     sinks = [GatedCollect() for _ in range(2)]
     held: list[int] = []
 

@@ -3,7 +3,8 @@
 ``one_frame_snapshot`` is shaped like Go's writer output (one zstd frame of
 unknown content size); ``many_frame_snapshot`` like mirenfs's own (one frame
 per chunk, with content sizes), optionally with skippable frames between;
-``feed_in_pieces`` feeds a :class:`RestoreStream` in pieces of random sizes.
+``feed_in_pieces`` feeds a :class:`RestoreStream` in pieces of random sizes;
+``hold_the_hash_lane`` keeps an index pass running (its hash lane waits).
 Nothing here mounts or needs root.
 """
 
@@ -15,8 +16,10 @@ import random
 import struct
 import threading
 
+import pytest
 import zstandard
 
+from mirenfs.engine import produce
 from mirenfs.engine.consume import RestoreStream
 from mirenfs.format.header import Meta, Timestamp
 
@@ -87,3 +90,18 @@ async def feed_in_pieces(stream: RestoreStream, snapshot: bytes, seed: int, larg
 def restore_threads() -> list[str]:
     """Names of the restore pipeline's threads still alive."""
     return [t.name for t in threading.enumerate() if t.name.startswith("mirenfs-restore")]
+
+
+def hold_the_hash_lane(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Index passes started from now on run until the event returned is set: their hash lane
+    waits for it (for at most a minute, so that a failed test still ends). Set it in a
+    ``finally``."""
+    gate = threading.Event()
+    wait = produce._Lead.wait
+
+    def held_hash(lead: produce._Lead, offset: int) -> None:
+        gate.wait(timeout=60)
+        wait(lead, offset)
+
+    monkeypatch.setattr(produce._Lead, "wait", held_hash)
+    return gate
