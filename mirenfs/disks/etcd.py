@@ -191,7 +191,7 @@ def _why(exc: BaseException) -> str:
     if _TLS_ENDED in detail:
         return "TLS: etcd ended the handshake"
     tls = _TLS_TEXT.search(detail)
-    if tls is not None:  # etcds://: see tls_advice for what to do
+    if tls is not None:  # etcds://: see advised() for what to do
         return f"TLS: {tls.group(1).strip()}"
     with contextlib.suppress(ValueError, TypeError, AttributeError):
         message = json.loads(detail).get("message") or json.loads(detail).get("error")
