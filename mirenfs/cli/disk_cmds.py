@@ -26,7 +26,7 @@ from mirenfs.cli.common import (
 from mirenfs.cli.mountinfo import mirenfs_mount_holding
 from mirenfs.disks.catalogs import ImageAdopting, catalog_spec_from, node_from, none_on_this_node
 from mirenfs.disks.manage import create_disk, remove_disk
-from mirenfs.disks.model import Catalog, DiskState, LeaseState, etcd_catalogues_used_at, validate_disk_name
+from mirenfs.disks.model import Catalog, DiskState, LeaseState, etcd_catalogue_hint, validate_disk_name
 from mirenfs.disks.rules import what_the_data_path_keeps_at
 from mirenfs.engine.fstype import detect_filesystem
 from mirenfs.errors import DiskExistsError, MirenfsError, printable
@@ -212,11 +212,10 @@ def cmd_disk_list(args: argparse.Namespace) -> int:
         problem = none_on_this_node(every, url=spec.etcd.url, node=node_from(args.node))
         if problem is not None:  # stderr: the table and the JSON stay as they were
             say(f"mirenfs: {problem}", file=sys.stderr)
-    elif not every and spec is None and (used := etcd_catalogues_used_at(store.data_path)):
+    elif not every and spec is None and (hint := etcd_catalogue_hint(store.data_path)):
         say(  # no --catalog (a cron job, a new shell): the empty SQLite store was read
-            f"mirenfs: the SQLite store of {store.data_path} holds no disks; this data path has talked to "
-            f"the etcd catalogue at {used[0]}: pass --catalog etcd://{used[0]} (etcds:// if it speaks "
-            "TLS), or set $MIRENFS_CATALOG",
+            f"mirenfs: the SQLite store of {store.data_path} holds no disks; this data path has talked "
+            f"to {hint}",
             file=sys.stderr,
         )
     if args.json:

@@ -557,14 +557,13 @@ def _last_bytes(pieces: collections.deque[bytes], count: int) -> bytes:
     return b"".join(reversed(taken))
 
 
-def _seek_table_frames(tail: bytes) -> int | None:
-    """The frame count of the seekable-format seek table ``tail`` ends with, or None for other
-    layouts (Go's)."""
-    if len(tail) < SEEK_TABLE_FOOTER_LEN:
+def _seek_table_frames(table: bytes) -> int | None:
+    """The frame count of the seekable-format seek table ``table`` (the bytes its footer says it
+    takes), or None for other layouts (Go's) and a table cut short."""
+    if len(table) < SEEK_TABLE_FOOTER_LEN:
         return None
-    table_len = seek_table_length(tail[-SEEK_TABLE_FOOTER_LEN:])
     try:
-        return seek_table_frame_count(tail[-min(table_len, len(tail), MAX_SEEK_TABLE) :])
+        return seek_table_frame_count(table)
     except FormatError:
         return None
 

@@ -205,27 +205,26 @@ def state_directory(data_path: str) -> str:
 ETCD_CLUSTERS_FILE = "etcd-clusters.json"
 
 
-def etcd_catalogues_used_at(data_path: str) -> list[str]:
-    """``HOST:PORT,…/PREFIX`` of each etcd catalogue this data path has talked to, from the
-    cluster record: a command without ``--catalog`` reads the empty SQLite store instead, and
-    says so with these (trial T20: a cron job saw no disks, without a word)."""
+def etcd_catalogue_hint(data_path: str) -> str | None:
+    """Where this data path's disks are when it has talked to an etcd catalogue (its cluster
+    record says so), as the end of a sentence: a command without ``--catalog`` reads the empty
+    SQLite store instead (trial T20: a cron job saw no disks, without a word)."""
     try:
         with open(os.path.join(state_directory(data_path), ETCD_CLUSTERS_FILE), "rb") as f:
             recorded = json.loads(f.read(1 << 20))
     except (OSError, ValueError):
-        return []
+        return None
     if not isinstance(recorded, dict):
-        return []
-    used = []
+        return None
     for prefix, entry in sorted(recorded.items()):
         endpoints = entry.get("endpoints") if isinstance(entry, dict) else None
-        if (
-            isinstance(prefix, str)
-            and isinstance(endpoints, list)
-            and all(isinstance(e, str) for e in endpoints)
-        ):
-            used.append(f"{','.join(endpoints)}/{prefix}")
-    return used
+        if isinstance(endpoints, list) and all(isinstance(endpoint, str) for endpoint in endpoints):
+            where = f"{','.join(endpoints)}/{prefix}"
+            return (
+                f"the etcd catalogue at {where}: pass --catalog etcd://{where} (etcds:// if it speaks "
+                "TLS), or set $MIRENFS_CATALOG"
+            )
+    return None
 
 
 def index_directory(data_path: str) -> str:

@@ -36,7 +36,7 @@ from mirenfs.disks.model import (
     LeaseState,
     Volume,
     VolumeState,
-    etcd_catalogues_used_at,
+    etcd_catalogue_hint,
     image_path_for,
     new_disk_records,
     new_id,
@@ -303,14 +303,13 @@ class Store:
 
     def _not_found(self, name: str) -> DiskNotFoundError:
         """No disk ``name`` here; and where it may be, when this data path talked to etcd."""
-        used = etcd_catalogues_used_at(self.data_path)
-        if not used:
+        hint = etcd_catalogue_hint(self.data_path)
+        if hint is None:
             return DiskNotFoundError(name)
         return DiskNotFoundError(
             name,
             f"there is no disk named {name} in the SQLite store of {self.data_path}, which has also "
-            f"talked to the etcd catalogue at {used[0]}: pass --catalog etcd://{used[0]} (etcds:// "
-            "if it speaks TLS), or set $MIRENFS_CATALOG",
+            f"talked to {hint}",
         )
 
     # --- DiskResolver ---
