@@ -270,7 +270,7 @@ class RestoreDirectory:
         )
         # Files written below restore/restore/, newest first: their copy succeeded, and restored
         # nothing (trial T20: one copied a level too deep showed nowhere but the log).
-        self.ignored_files: collections.deque[dict[str, object]] = collections.deque(maxlen=REFUSALS_KEPT)
+        self.ignored_files: collections.deque[IgnoredNode] = collections.deque(maxlen=REFUSALS_KEPT)
         self._starting: set[str] = set()  # disks whose restore is being prepared
         # Disks a failed restore created and could not remove (the catalogue did not answer), with
         # the entry whose state says so: removed once the catalogue answers (see retry_stranded).
@@ -685,9 +685,7 @@ class RestoreDirectory:
         node = IgnoredNode(self._allocate_inode(), parent, name, is_directory, mode & 0o7777)
         self.ignored[node.inode] = node
         if not is_directory:  # a copy into restore/restore/ by mistake succeeds: say it restores nothing
-            self.ignored_files.appendleft(
-                {"name": self._ignored_path(node), "state": IGNORED_BELOW_NESTED_STATE}
-            )
+            self.ignored_files.appendleft(node)  # listed under its name then (rsync renames it)
             log.info(
                 "%s: ignored, as everything below %s/%s/ is (a whole-mount archive's copy of %s/); "
                 "to restore a snapshot, copy it into %s/ itself",
@@ -735,11 +733,7 @@ class RestoreDirectory:
             if self.ignored_children(replaced.inode):
                 raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), new_name)
             del self.ignored[replaced.inode]
-        old_path = self._ignored_path(node)
         node.parent, node.name = new_parent, new_name
-        for record in self.ignored_files:  # status names the file by its name now, not rsync's temporary one
-            if record["name"] == old_path:
-                record["name"] = self._ignored_path(node)
 
     def forget_ignored(self, parent: int, name: str) -> None:
         node = self.ignored_child(parent, name)
@@ -788,8 +782,11 @@ class RestoreDirectory:
         return [
             *(entry.status() for entry in self.entries.values()),
             *self.removed_after_install,
-            *self.ignored_files,
+            *map(self._ignored_status, self.ignored_files),
         ]
+
+    def _ignored_status(self, node: IgnoredNode) -> dict[str, object]:
+        return {"name": self._ignored_path(node), "state": IGNORED_BELOW_NESTED_STATE}
 
     def refusal_status(self) -> list[dict[str, object]]:
         return [asdict(refusal) for refusal in self.refusals]
