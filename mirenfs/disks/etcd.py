@@ -429,15 +429,13 @@ class EtcdKV:
         if clients is None:
             tls = self.location.tls
             clients = [
-                Etcd3Client(host=host, port=port, timeout=self.timeout_s, api_path=API_PATH)
-                if tls is None
-                else Etcd3Client(
+                Etcd3Client(
                     host=host,
                     port=port,
-                    protocol="https",
+                    protocol="http" if tls is None else "https",
                     timeout=self.timeout_s,
                     api_path=API_PATH,
-                    session=_tls_session(tls),
+                    session=None if tls is None else _tls_session(tls),  # None: a plain one of its own
                 )
                 for host, port in self.location.endpoints
             ]
