@@ -414,6 +414,30 @@ async def test_unknown_names_are_enoent(data_path: Path, name: str) -> None:
 
 
 @trio_test
+async def test_every_directory_lists_dot_and_dot_dot_first(data_path: Path) -> None:
+    """`ls -la` showed neither: each listing starts with the directory and its parent, also when
+    the kernel resumes it one entry at a time."""
+    add_image_disk(data_path, "pg")
+    async with operations(data_path) as m:
+        ops, ctx = m.ops, m.ctx
+        nested = (await ops.mkdir(RESTORE_INODE, b"restore", 0o755, ctx)).st_ino
+        deeper = (await ops.mkdir(nested, b"more", 0o700, ctx)).st_ino
+        expected = {
+            ROOT_INODE: ([".", "..", "restore", "pg.mirn", "pg.mirn.sha256"], ROOT_INODE, ROOT_INODE),
+            RESTORE_INODE: ([".", "..", "restore"], RESTORE_INODE, ROOT_INODE),
+            nested: ([".", "..", "more"], nested, RESTORE_INODE),
+            deeper: ([".", ".."], deeper, nested),
+        }
+        for inode, (names, here, parent) in expected.items():
+            listing = await m.readdir(inode, page=1)
+            assert [name for name, _attrs in listing] == names, inode
+            dot, dot_dot = listing[0][1], listing[1][1]
+            assert (dot.st_ino, dot_dot.st_ino) == (here, parent), inode
+            assert stat.S_ISDIR(dot.st_mode) and stat.S_ISDIR(dot_dot.st_mode), inode
+        assert oct(stat.S_IMODE((await m.readdir(deeper))[0][1].st_mode)) == oct(0o700)
+
+
+@trio_test
 async def test_rsync_renames_under_an_archives_own_restore_directory(data_path: Path) -> None:
     """Review: ``rsync -a`` of a whole-mount copy into restore/ writes restore/restore/.pg.mirn.XyZ
     and renames it; the rename got EPERM, so rsync exited 23 though every restore went through.

@@ -67,8 +67,12 @@ def test_snapshot_is_what_backup_writes_and_it_verifies(tmp_path: Path, disks, m
     mnt = tmp_path / "mnt"
     mount = mounts(mnt, data)
 
-    listing = subprocess.run(["ls", "-l", str(mnt)], capture_output=True, text=True, timeout=60, check=True)
+    listing = subprocess.run(["ls", "-la", str(mnt)], capture_output=True, text=True, timeout=60, check=True)
     sizes = {line.split()[-1]: int(line.split()[4]) for line in listing.stdout.splitlines()[1:]}
+    kinds = {line.split()[-1]: line[0] for line in listing.stdout.splitlines()[1:]}
+    assert (kinds["."], kinds[".."], kinds["restore"], kinds["web.mirn"]) == ("d", "d", "d", "-")
+    inside = subprocess.run(["ls", "-a", str(mnt / "restore")], capture_output=True, text=True, timeout=60)
+    assert inside.stdout.split() == [".", ".."]
     first = (mnt / "web.mirn").read_bytes()
     assert sizes["web.mirn"] == len(first) == os.stat(mnt / "web.mirn").st_size
     assert (mnt / "web.mirn").read_bytes() == first

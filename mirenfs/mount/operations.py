@@ -321,9 +321,24 @@ class MirenOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
+    def _dot_entries(self, inode: int) -> list[tuple[str, pyfuse3.EntryAttributes]]:
+        """``.`` and ``..`` first, as every local filesystem lists them (`ls -la` showed neither)."""
+        ignored = self.restores.ignored.get(inode)
+        if ignored is None:
+            parent = ROOT_INODE  # of restore/, and of the root itself (the mountpoint's is not ours)
+            here = self._directory_attributes(inode)
+        else:
+            parent = ignored.parent
+            here = self._ignored_attributes(ignored)
+        above = self.restores.ignored.get(parent)
+        return [
+            (".", here),
+            ("..", self._directory_attributes(parent) if above is None else self._ignored_attributes(above)),
+        ]
+
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        entries: list[tuple[str, pyfuse3.EntryAttributes]] = []
+        entries = self._dot_entries(fh)
         if fh == ROOT_INODE:
             entries.append((RESTORE_DIR, self._directory_attributes(RESTORE_INODE)))
             for name in sorted(await self.catalog.disks(fresh=start_id == 0)):

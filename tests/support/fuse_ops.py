@@ -175,6 +175,11 @@ class InProcessMount:
         }
 
     async def listdir(self, inode: int, *, page: int = 1000) -> list[tuple[str, pyfuse3.EntryAttributes]]:
+        """The entries ``readdir`` gives without ``.`` and ``..``, as ``os.listdir``."""
+        listed = await self.readdir(inode, page=page)
+        return [(name, attrs) for name, attrs in listed if name not in (".", "..")]
+
+    async def readdir(self, inode: int, *, page: int = 1000) -> list[tuple[str, pyfuse3.EntryAttributes]]:
         """``readdir`` until the end, ``page`` entries per reply buffer (to exercise resuming)."""
         fh = await self.ops.opendir(inode, self.ctx)
         listed: list[tuple[str, pyfuse3.EntryAttributes]] = []
