@@ -33,7 +33,7 @@ from mirenfs.mount.inodes import RESTORE_INODE, ROOT_INODE
 from mirenfs.mount.status import STATUS_XATTR
 
 from support.bad_snapshots import CASES, bad_inputs
-from support.data import BAD_NAMES, sha256_file, staging_files, write_image
+from support.data import BAD_NAMES, seek_table_start, sha256_file, staging_files, write_image
 from support.fuse_ops import (
     PIECE,
     FileState,
@@ -578,6 +578,14 @@ def test_a_descriptor_of_the_detached_mount_counts_only_when_it_is_of_this_mount
     assert held((77, 12))
     assert not held((77, 13)) and not held((78, 12)) and not held(None)
     assert not openfiles.held_open(mounted_path, proc=str(proc))
+    # Only a descriptor that can write holds it: `cat restore/pg.mirn` reading the outcome does not.
+    (proc / "4242" / "fdinfo" / "5").write_text("pos:\t0\nflags:\t0100000\nmnt_id:\t77\nino:\t12\n")
+    assert not held((77, 12))
+    os.symlink(mounted_path, proc / "4242" / "fd" / "6")  # the mount still there: named by its path
+    (proc / "4242" / "fdinfo" / "6").write_text("pos:\t0\nflags:\t0100002\nmnt_id:\t9\nino:\t12\n")
+    assert openfiles.held_open(mounted_path, proc=str(proc))
+    (proc / "4242" / "fdinfo" / "6").write_text("pos:\t0\nflags:\t02100000\nmnt_id:\t9\nino:\t12\n")
+    assert not openfiles.held_open(mounted_path, proc=str(proc))
 
 
 @trio_test
@@ -658,6 +666,66 @@ async def test_a_close_before_the_end_leaves_the_restore_open_for_the_rest(
         assert await m.close(fh) is None
         assert (await m.state("pg.mirn")).startswith("installed")
     assert sha256_file(image) == good.image_sha256
+
+
+@pytest.mark.parametrize("then", ["its seek table", "bytes after its end"])
+@trio_test
+async def test_a_close_that_finds_the_stream_whole_while_it_is_written_on_installs_at_the_last(
+    data_path: Path, good: Snapshot, monkeypatch: pytest.MonkeyPatch, then: str
+) -> None:
+    """Review S21 G1: a close of another descriptor (a dup, a forked child) that came where the
+    image data ends, before the seek table, installed the restore; the writer's next write then
+    failed, and it exited 1 with its restore installed. Now that close succeeds and the install
+    waits for the close that leaves no writer, so what comes next still counts: a seek table
+    is taken, bytes after the end fail the restore, and the writer learns either way."""
+    writers = [True]
+    monkeypatch.setattr(restoredir, "held_open", lambda path, **_: writers[0])
+    image = add_image_disk(data_path, "pg")
+    whole = seek_table_start(good.data) if then == "its seek table" else len(good.data)
+    rest = good.data[whole:] if then == "its seek table" else b"after the end"
+    async with operations(data_path, allow_overwrite=True) as m:
+        before, image_before = store_state(data_path), FileState.of(image)
+        fh, _inode = await m.create("pg.mirn")
+        await m.write_all(fh, good.data[:whole])
+        assert await m.ops.flush(fh) is None  # whole and verified: that close succeeds
+        assert await m.state("pg.mirn") == restoredir.VERIFIED_WAITING
+        assert store_state(data_path)["rows"] == before["rows"] and FileState.of(image) == image_before
+        if then == "its seek table":
+            await m.ops.write(fh, whole, rest)
+            assert await m.state("pg.mirn") == "receiving"
+            writers[0] = False  # the writer's own close: nobody else holds it
+            assert await m.ops.flush(fh) is None
+            assert (await m.state("pg.mirn")).startswith("installed")
+            await m.ops.release(fh)
+            assert sha256_file(image) == good.image_sha256
+        else:
+            assert await m.ops.write(fh, whole, rest) == len(rest)  # gathered: fed at the close
+            assert await m.close(fh) == errno.EINVAL
+            assert re.fullmatch(r"failed: .*(no frame starts here|corrupt).*", await m.state("pg.mirn"))
+            assert_untouched(data_path, before, image, image_before)
+
+
+@trio_test
+async def test_a_whole_stream_whose_checksum_does_not_match_fails_a_close_that_leaves_a_writer(
+    data_path: Path, good: Snapshot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The close that finds the stream whole while a writer remains compares the checksum then:
+    that close fails, not only the last one."""
+    monkeypatch.setattr(restoredir, "held_open", lambda path, **_: True)
+    data, _reason = bad_inputs(good.data, good.meta, good.header_len)["checksum mismatch"]
+    image = add_image_disk(data_path, "pg")
+    async with operations(data_path, allow_overwrite=True) as m:
+        before, image_before = store_state(data_path), FileState.of(image)
+        fh, _inode = await m.create("pg.mirn")
+        await m.write_all(fh, data[: seek_table_start(data)])
+        assert await fuse_errno(m.ops.flush(fh)) == errno.EINVAL
+        assert (await m.state("pg.mirn")).startswith("failed: checksum mismatch")
+        assert await fuse_errno(m.ops.write(fh, seek_table_start(data), data[seek_table_start(data) :])) in (
+            errno.EINVAL,
+            errno.EIO,
+        )
+        await m.ops.release(fh)
+        assert_untouched(data_path, before, image, image_before)
 
 
 @trio_test

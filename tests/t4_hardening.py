@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from support.bad_snapshots import make_good_snapshot
-from support.data import sha256_file, staging_files, write_image, write_slow_image
+from support.data import seek_table_start, sha256_file, staging_files, write_image, write_slow_image
 from support.fuzz import SEED, Oracle, corpus, sample
 from support.loopfs import loop_filesystem, make_filesystem, run, tool
 from support.mounts import Mount, deleted_files_held, proc_status_kib, restore_state, wait_for
@@ -98,6 +98,44 @@ def test_writers_that_share_the_descriptor_get_the_outcome_as_their_exit_status(
             assert outcome.startswith("failed: checksum mismatch"), f"round {round_number}: {outcome}"
             assert image is not None and sha256_file(image) == checksum  # the last good one, untouched
         assert staging_files(data) == [], f"round {round_number}"
+
+
+@pytest.mark.parametrize("then", ["its seek table", "bytes after its end"])
+def test_a_close_of_a_copy_of_the_descriptor_where_the_image_is_whole_leaves_the_outcome_to_the_writer(
+    tmp_path: Path, data: Path, mounts: Mounts, long_snapshot: tuple[Path, Path, str], then: str
+) -> None:
+    """Review S21 G1, the fork shape's boundary made certain: a descriptor closed exactly where
+    the image data ends, before the seek table, installed the restore, and the writer's next
+    write failed (it exited 1, its restore installed). The writer's status is now the outcome."""
+    good, _bad, checksum = long_snapshot
+    mnt = tmp_path / "mnt"
+    expect = [] if then == "its seek table" else [FAILED_RESTORE + "the zstd data is corrupt"]
+    mounts(mnt, data, expect_log=expect)
+    snapshot = good.read_bytes()
+    whole = seek_table_start(snapshot) if then == "its seek table" else len(snapshot)
+    rest = snapshot[whole:] if then == "its seek table" else b"after the end"
+    fd = os.open(mnt / "restore" / "x.mirn", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, snapshot[:whole])
+        os.close(os.dup(fd))  # what a forked child's exit, or dd's dup2, does
+        assert restore_state(mnt, "x.mirn").startswith("receiving: whole and verified")
+        assert disks(data)["x"]["status"] == "provisioning"  # not installed yet
+        os.write(fd, rest)
+    finally:
+        closed: OSError | None = None
+        try:
+            os.close(fd)
+        except OSError as exc:
+            closed = exc
+    outcome = restore_state(mnt, "x.mirn")
+    if then == "its seek table":
+        assert closed is None and outcome.startswith("installed: created disk x"), (closed, outcome)
+        assert sha256_file(Path(str(disks(data)["x"]["image_path"]))) == checksum
+    else:
+        assert closed is not None and closed.errno == errno.EINVAL, (closed, outcome)
+        assert outcome.startswith("failed: the zstd data is corrupt"), outcome
+        assert "x" not in disks(data)
+    assert staging_files(data) == []
 
 
 # ---- 2 and 5: memory over 200 restores; the state is private whatever the umask ----

@@ -190,6 +190,14 @@ class DiskRestore:
         """Whether what was fed forms a whole snapshot (call :meth:`feed_pending` first)."""
         return not self._pending and self._restore.stream.complete
 
+    async def whole_and_verified(self) -> bool:
+        """Whether what was written so far is a whole snapshot matching its checksum, without
+        ending the restore (a seek table may still follow); a whole one that does not match
+        fails it here."""
+        await self._hand_over()
+        async with self._saying_what_is_left():
+            return await self._restore.stream.whole_and_verified()
+
     async def finish(self) -> Meta:
         """Verify, install the image, and record it in the store."""
         await self._hand_over()

@@ -245,6 +245,12 @@ class _Pipeline:
         self._to_write: Handoff[_Piece] = Handoff(PIECES_AHEAD_LIMIT)
         self._being_filled: collections.deque[Piece] = collections.deque()  # handed on, maybe not filled yet
         self._settles: list[trio.Event] = []
+        # Set once all ``size_bytes`` went through the hash (or the stages stopped): the checksum
+        # can be compared before the stream's end (a close while another process holds the file).
+        self.all_hashed = trio.Event()
+        self._settles.append(self.all_hashed)
+        if size_bytes == 0:
+            self.all_hashed.set()
         pools = (self._pool, self._frame_pool)
         # Until the stages are stopped (``_stop_all`` leaves); the pools, not this pipeline.
         ticket = BULK_WORK.join(partial(_trim_all, pools))
@@ -414,6 +420,8 @@ class _Pipeline:
             self.sha.update(piece.view)
             self.bytes_hashed += len(piece.view)
             piece.done()
+            if self.bytes_hashed == self.size_bytes:
+                self._waker.set(self.all_hashed)
 
     def _write_loop(self) -> None:
         write = cast(Callable[[memoryview], object], self._writer.write)  # files take any buffer
@@ -610,6 +618,26 @@ class RestoreStream:
             with contextlib.suppress(Stopped):  # the failure, if any, is raised next
                 await self._pipeline.settle()
             await self._raise_if_failed()
+
+    async def whole_and_verified(self) -> bool:
+        """Whether the bytes fed so far form a whole snapshot that matches its checksum, checked
+        without ending the stream (skippable frames, such as a seek table, may still follow).
+        False while it is not whole; a whole one that does not match fails the stream here."""
+        await self.settle()
+        if not self.complete:
+            return False
+        meta = self._header.meta
+        assert meta is not None
+        try:
+            pipeline = await self._open()
+            await pipeline.all_hashed.wait()
+            await self._raise_if_failed()
+            _check_whole(meta, pipeline)
+        except MirenfsError as exc:
+            self._failure = self._failure or exc
+            await self.close()
+            raise
+        return True
 
     async def finish(self) -> Meta:
         """Check that the stream is complete, exactly ``size_bytes`` long, and matches its checksum."""

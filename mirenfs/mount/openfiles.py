@@ -8,8 +8,9 @@ points at the file any more, this close was the last one. After ``umount -l``
 the kernel names a descriptor of the detached mount by its path inside it
 (``/restore/NAME``); such a candidate counts only when its ``fdinfo`` shows
 this mount's id and the entry's inode, so that a file of the same name
-elsewhere never does. Only ``readlink`` and ``/proc`` reads are used: they
-never call into any filesystem (nor into this mount). Blocking: run it in a
+elsewhere never does. Only descriptors open for writing count. Only
+``readlink`` and ``/proc`` reads are used: they never call into any
+filesystem (nor into this mount). Blocking: run it in a
 worker thread. It never raises; a process it cannot look into counts as not
 holding the file (it cannot be a writer the mount's owner started).
 """
@@ -24,7 +25,7 @@ PROC = "/proc"
 def held_open(
     path: str, *, inside: str | None = None, identity: tuple[int, int] | None = None, proc: str = PROC
 ) -> bool:
-    """True when some process has a descriptor open on ``path`` (an absolute path in this mount),
+    """True when some process has a descriptor open for writing on ``path`` (an absolute path in this mount),
     or, with ``inside`` (the path within the mount) and ``identity`` (the mount's id, as in
     mountinfo, and the file's inode), on that file of the mount once ``umount -l`` detached it."""
     try:
@@ -41,21 +42,38 @@ def held_open(
             link = os.path.join(fd_directory, descriptor)
             try:
                 target = os.readlink(link)
-                if target == path:
-                    return True
-                detached = target == inside and identity is not None
-                if detached and _mount_and_inode(os.path.join(proc, pid, "fdinfo", descriptor)) == identity:
+                if target != path and (target != inside or identity is None):
+                    continue
+                fields = _fdinfo(os.path.join(proc, pid, "fdinfo", descriptor))
+                if target != path and _mount_and_inode(fields) != identity:
+                    continue  # a file of that name in another mount
+                if _open_for_writing(fields):
                     return True
             except OSError:
                 continue
     return False
 
 
-def _mount_and_inode(fdinfo: str) -> tuple[int, int] | None:
-    """``(mnt_id, ino)`` of a descriptor, from its ``/proc/PID/fdinfo/FD`` (raises OSError)."""
-    with open(fdinfo, encoding="ascii", errors="replace") as f:
-        fields = dict(line.partition(":")[::2] for line in f)
+def _fdinfo(path: str) -> dict[str, str]:
+    """The fields of ``/proc/PID/fdinfo/FD`` (raises OSError)."""
+    with open(path, encoding="ascii", errors="replace") as f:
+        return {name: value.strip() for name, _, value in (line.partition(":") for line in f)}
+
+
+def _mount_and_inode(fields: dict[str, str]) -> tuple[int, int] | None:
+    """``(mnt_id, ino)`` of a descriptor, from its fdinfo fields."""
     try:
         return int(fields["mnt_id"]), int(fields["ino"])
     except (KeyError, ValueError):
         return None
+
+
+def _open_for_writing(fields: dict[str, str]) -> bool:
+    """Whether the descriptor can write: one that only reads (``cat restore/NAME`` for its
+    outcome) never adds to the stream, so it must not keep a restore waiting. Unknown flags count
+    as writing (the caller keeps the restore open rather than ending it early)."""
+    try:
+        flags = int(fields["flags"], 8)
+    except (KeyError, ValueError):
+        return True
+    return flags & os.O_ACCMODE != os.O_RDONLY

@@ -69,6 +69,9 @@ _ONCE = {
     UNTIL_THE_DATA_PATH_HAS_ROOM: "the data path had room",
 }
 CREATED_STATE = "created: the restore starts when it is opened for writing"  # made by mknod
+RECEIVING = "receiving"
+# A close found it whole while another descriptor may still write (its seek table, say).
+VERIFIED_WAITING = f"{RECEIVING}: whole and verified; installed when the last process writing it closes it"
 
 
 def _ended_restore(writer: RestoreWriter) -> RestoreRefused:
@@ -172,7 +175,7 @@ class RestoreEntry:
     mode: int
     uid: int
     gid: int
-    state: str = "receiving"
+    state: str = RECEIVING
     detail: str = ""  # what reading the entry adds to its state (size and checksum once installed)
     failed_errno: int = 0  # what the failure answered its writer with, once it failed
     received: int = 0
@@ -372,7 +375,7 @@ class RestoreDirectory:
         async with entry.lock:
             entry.session, entry.received, entry.mtime_ns, entry.detail = session, 0, time.time_ns(), ""
             entry.uid, entry.gid = uid, gid
-            entry.state = "receiving" if session is not None else "ignored: a sidecar restores nothing"
+            entry.state = RECEIVING if session is not None else "ignored: a sidecar restores nothing"
         return RestoreWriter(entry, session)
 
     def _refused_open(self, file_name: str, refusal: MirenfsError, pid: int) -> None:
@@ -467,6 +470,7 @@ class RestoreDirectory:
                 raise await self._fail(entry, exc) from None
             entry.received = writer.session.next_offset
             entry.mtime_ns = time.time_ns()
+            entry.state = RECEIVING  # also after a close found it whole: more of it came
 
     async def resize(self, entry: RestoreEntry, size: int, writer: RestoreWriter | None = None) -> None:
         """A truncate (``writer``: the handle of an ``ftruncate``). Extending a receiving entry is
@@ -505,14 +509,16 @@ class RestoreDirectory:
 
         FUSE cannot tell the writer's last close from another one: a process
         that forks while writing (its child's close-on-exec), or dd, which
-        dup2s its output and closes the original. So when the stream is
-        incomplete (or empty), the mount looks whether any process still
-        holds the file open: if one does, the close in hand gets EIO and the
-        restore stays open for more writes; if none does, this was the last
-        close and the restore ends now, so that a short ``cp`` finds the disk
-        exactly as it was when its close returns. Without a mount point to
-        look at, an incomplete close always keeps the restore open; the
-        release after the last close ends it.
+        dup2s its output and closes the original. So the mount looks whether
+        any process still holds the file open for writing. If none does, this
+        was the last close and the restore ends now, so that a short ``cp``
+        finds the disk exactly as it was when its close returns. If one does,
+        an incomplete (or empty) stream's close gets EIO and the restore stays
+        open for more writes, and a whole one is verified but installed only
+        by the close that leaves no writer: its seek table may still come.
+        Without a mount point to look at, an incomplete close keeps the
+        restore open (the release after the last close ends it), and a whole
+        one installs.
         """
         entry = writer.entry
         async with entry.lock:
@@ -529,7 +535,8 @@ class RestoreDirectory:
                 await session.feed_pending()
             except BaseException as exc:
                 raise await self._fail(entry, exc) from None
-            if not session.complete and await self._held_elsewhere(entry):
+            whole = session.complete
+            if not whole and await self._held_elsewhere(entry, unknown=True):
                 what = "empty" if session.next_offset == 0 else f"closed after {session.next_offset} bytes"
                 refusal = RestoreRefused(
                     f"restore/{entry.name} was {what} by one of its writers; the restore goes on "
@@ -539,11 +546,25 @@ class RestoreDirectory:
                 log.debug("%s", refusal)  # not a failure yet: the outcome gets its own line
                 refusal.reported = True
                 raise refusal
+            if whole and await self._held_elsewhere(entry, unknown=False):
+                # Whole, but a writer still holds it: a seek table may follow (review S21 G1:
+                # installed here, the writer's next write failed though the restore stood). Its
+                # checksum is compared now, so this close learns of a mismatch; the close that
+                # leaves no writer (or the release) installs it.
+                try:
+                    await session.whole_and_verified()
+                except BaseException as exc:
+                    raise await self._fail(entry, exc) from None
+                entry.state = VERIFIED_WAITING
+                log.debug("restore/%s is whole and verified; a writer still holds it open", entry.name)
+                return
             await self._finish(entry)  # whole: install; the last close of a partial one: fail it now
 
-    async def _held_elsewhere(self, entry: RestoreEntry) -> bool:
+    async def _held_elsewhere(self, entry: RestoreEntry, *, unknown: bool) -> bool:
+        """Whether a process still holds the entry open for writing; ``unknown`` without a mount
+        point to look at."""
         if self.mountpoint is None:
-            return True
+            return unknown
         inside = os.path.join("/", RESTORE_DIRECTORY, entry.name)
         identity = None if self.mount_id is None else (self.mount_id, entry.inode)
         held = partial(held_open, os.path.join(self.mountpoint, inside[1:]), inside=inside, identity=identity)

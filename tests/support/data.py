@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import struct
 from pathlib import Path
 
 # Names that are never a disk name, whatever asks (CLI, library, restore/).
@@ -87,3 +88,12 @@ def sha256_sparse(path: str | os.PathLike[str]) -> str:
 def staging_files(directory: str | os.PathLike[str]) -> list[str]:
     """The staging files of restores under ``directory``: a finished or failed restore leaves none."""
     return sorted(str(p) for p in Path(directory).rglob("*.restore.tmp"))
+
+
+def seek_table_start(snapshot: bytes) -> int:
+    """Where a mirenfs snapshot's seek table (its last frame, skippable) begins: every image
+    byte is in the stream before it."""
+    count = struct.unpack("<I", snapshot[-9:-5])[0]
+    start = len(snapshot) - 9 - 12 * count - 8
+    assert struct.unpack("<I", snapshot[start : start + 4])[0] == 0x184D2A5E, "no seek table at the end"
+    return start
