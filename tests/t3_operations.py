@@ -35,7 +35,7 @@ from mirenfs.mount.operations import MirenOperations, fuse_errors
 from mirenfs.mount.restoredir import IGNORED_BELOW_NESTED_STATE
 from mirenfs.mount.versions import SnapshotService
 
-from support.data import write_image
+from support.data import sha256_file, write_image
 from support.fuse_ops import (
     IMAGE_SEGMENTS,
     PIECE,
@@ -340,6 +340,29 @@ async def test_a_sidecar_kept_for_an_image_under_another_name_is_not_served(data
             snapshot = await m.read_file("pg2.mirn")
             line = f"{hashlib.sha256(snapshot).hexdigest()}  pg2.mirn\n".encode()
             assert await m.read_file("pg2.mirn.sha256") == line
+
+
+@trio_test
+async def test_an_image_changed_in_place_with_its_mtime_put_back_is_indexed_again(
+    data_path: Path, compressions: list[int]
+) -> None:
+    """Review S21 G2: the kept index is keyed by the image's ctime too, which no tool can set back.
+    Without it, an image written in place whose mtime was then restored (``touch -d``, ``cp -p``
+    of a tool that keeps times) got the old snapshot after a remount, and that snapshot verified."""
+    image = add_image_disk(data_path, "pg")
+    async with operations(data_path) as m:
+        first = await m.read_file("pg.mirn")
+    before = os.stat(image)
+    with open(image, "r+b") as f:
+        f.seek(8192)
+        f.write(b"changed in place")
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (os.stat(image).st_size, os.stat(image).st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    compressions.clear()
+    async with operations(data_path) as m:
+        second = await m.read_file("pg.mirn")
+    assert decode_header(second)[0].checksum == sha256_file(image) != decode_header(first)[0].checksum
+    assert compressions, "no chunk was compressed: the old index was served"
 
 
 @trio_test
