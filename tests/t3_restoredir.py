@@ -1088,6 +1088,11 @@ async def test_a_refused_restore_over_an_ended_entry_says_so_in_the_entry(
         assert await fuse_errno(m.open(inode, os.O_WRONLY | os.O_TRUNC)) == errno.EBUSY
         state = await m.state("good.mirn")
         assert state.startswith("failed: ") and "lease" in state, state
+        # Nothing of the earlier restore's outcome stays with it (review S21 G7: its size and
+        # checksum, and its bytes received, read as the refused copy's).
+        assert "checksum" not in state, state
+        shown = [item for item in m.ops.restores.status() if item["name"] == "restore/good.mirn"]
+        assert [item["bytes"] for item in shown] == [0]
     assert disk_status(data_path, "good") == "provisioned"
 
 

@@ -390,6 +390,8 @@ class RestoreDirectory:
             return
         if entry.state == CREATED_STATE or refusal.errno != errno.EACCES:
             entry.state = f"failed: {str(refusal).removeprefix(f'{in_restore(file_name)}: ')}"
+            # This attempt received nothing: the earlier one's size and checksum are not its own.
+            entry.received, entry.detail, entry.mtime_ns = 0, "", time.time_ns()
 
     def refuse_in_the_root(self, file_name: str, pid: int) -> MirenfsError:
         """A file made in the mount's root, beside the snapshots (the likeliest first mistake:
