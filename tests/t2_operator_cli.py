@@ -501,6 +501,12 @@ def test_errors_about_a_snapshot_name_it_and_the_target_is_left_alone(tmp_path: 
     nowhere = tmp_path / "no-such-dir" / "r.img"
     status, _out, err = said("restore", str(GO_ODD.path), "--image", str(nowhere))
     assert err == f"mirenfs: error: cannot write {nowhere}: there is no directory {nowhere.parent}"
+    # A directory that is there but takes no file is not called missing (review S21 G8).
+    status, _out, err = said("restore", str(GO_ODD.path), "--image", "/proc/version", "--force")
+    assert err == (
+        "mirenfs: error: cannot write /proc/version: its directory /proc takes no new file "
+        "(No such file or directory)"
+    )
 
     # Into the store: the same words, the disk named.
     store = tmp_path / "data"

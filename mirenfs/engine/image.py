@@ -757,7 +757,11 @@ def cannot_write(path: str, exc: OSError, doing: str = "", *, device: bool | Non
     """``cannot write PATH: …``: a missing directory, a full or read-only filesystem named as such
     (with what to do), anything else as the OS said. Never a raw ``[Errno N]``."""
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-        why = f"there is no directory {os.path.dirname(os.path.abspath(path))}"
+        directory = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(directory):  # /proc, /sys: there, but taking no new file (review S21 G8)
+            why = f"its directory {directory} takes no new file ({exc.strerror})"
+        else:
+            why = f"there is no directory {directory}"
     elif exc.errno == errno.ENOSPC:
         if is_device(path) if device is None else device:
             why = f"the device has no space left{doing}"
