@@ -455,6 +455,46 @@ async def producer_over(image: Path) -> AsyncIterator[SnapshotProducer]:
         handle.close()
 
 
+def test_a_random_read_compresses_only_the_chunks_whose_frames_it_touches(
+    tmp_path: Path, compressions: list[int]
+) -> None:
+    """SPEC §5, untested until review S21 G10: a random 128 KiB read of a snapshot whose frames
+    are kept nowhere compresses at most the chunks of the frames its range touches."""
+    image = tmp_path / "img"
+    content = write_image(
+        image, [("data", 600_000), ("text", 900_000), ("zero", 300_000), ("data", 5)], seed=3
+    )
+    chunk = SMALL.chunk_size
+
+    async def run() -> None:
+        async with producer_over(image) as whole:
+            data = await whole.read(0, whole.size)
+        _meta, header_len = decode_header(data)
+        starts, at = [], header_len  # where each chunk's frame begins and ends in the snapshot
+        for compressed, _content, _check in parse_seek_table(data):
+            starts.append((at, at + compressed))
+            at += compressed
+        zero = [not any(content[n * chunk : (n + 1) * chunk]) for n in range(len(starts))]
+        rng = random.Random(7)
+        async with producer_over(image) as producer:
+            compressions.clear()  # the index pass's
+            made = 0
+            for _ in range(40):
+                offset = rng.randrange(0, len(data) - (128 << 10))
+                assert await producer.read(offset, 128 << 10) == data[offset : offset + (128 << 10)]
+                touched = [
+                    n
+                    for n, (begin, end) in enumerate(starts)
+                    if begin < offset + (128 << 10) and end > offset
+                ]
+                assert len(compressions) <= sum(not zero[n] for n in touched), (offset, touched, compressions)
+                made += len(compressions)
+                compressions.clear()
+            assert made > 0  # the reads did compress: the bound was put to the test
+
+    trio.run(run)
+
+
 def test_a_reader_waiting_for_a_frame_whose_producer_was_cancelled_makes_it_itself(tmp_path: Path) -> None:
     """Review: a frame's production cancelled while it waited for a worker (a read-ahead of a
     sidecar's copy, say) failed every reader waiting for that frame with "cancelled", an EIO,
