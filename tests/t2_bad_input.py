@@ -15,7 +15,7 @@ from mirenfs.format.header import Meta
 
 from support.bad_snapshots import CASES, bad_inputs, make_good_snapshot
 from support.data import sha256_file, staging_files, write_image
-from support.runners import run_mirenfs
+from support.runners import run_cli_as_process_would, run_mirenfs
 from support.vectors import GO_VECTORS
 
 
@@ -44,8 +44,8 @@ def test_bad_snapshot_is_refused_and_image_untouched(
     before, before_stat = sha256_file(image), image.stat()
 
     if via == "file":
-        result = run_mirenfs("restore", str(bad), "--image", str(image), "--force")
-    else:
+        result = run_cli_as_process_would("restore", str(bad), "--image", str(image), "--force")
+    else:  # a real standard input: a process
         result = run_mirenfs("restore", "-", "--image", str(image), "--force", input=snapshot)
 
     assert result.returncode == 1
@@ -66,7 +66,7 @@ def test_bad_snapshot_into_a_new_image_creates_nothing(
     snapshot, _reason = bad_inputs(data, meta, header_len)[case]
     bad = tmp_path / "bad.mirn"
     bad.write_bytes(snapshot)
-    result = run_mirenfs("restore", str(bad), "--image", str(tmp_path / "new.img"))
+    result = run_cli_as_process_would("restore", str(bad), "--image", str(tmp_path / "new.img"))
     assert result.returncode == 1
     assert sorted(os.listdir(tmp_path)) == ["bad.mirn"]
 
@@ -78,7 +78,7 @@ def test_bad_snapshot_fails_verify(good: tuple[bytes, Meta, int], tmp_path: Path
     for case, (snapshot, _reason) in cases.items():
         bad = tmp_path / "bad.mirn"
         bad.write_bytes(snapshot)
-        result = run_mirenfs("verify", str(bad))
+        result = run_cli_as_process_would("verify", str(bad))
         assert result.returncode == 1, case
         assert b"OK" not in result.stdout, case
 
@@ -152,14 +152,14 @@ def test_verify_refuses_a_seek_table_that_does_not_match_the_frames(
     snapshot, reason = seek_table_cases(data)[case]
     bad = tmp_path / "bad.mirn"
     bad.write_bytes(snapshot)
-    result = run_mirenfs("verify", str(bad))
+    result = run_cli_as_process_would("verify", str(bad))
     message = result.stderr.decode()
     assert result.returncode == 1 and result.stdout == b"", message
     assert message.startswith(f"mirenfs: error: {bad}: the seek table at the end of the zstd data ")
     assert re.search(reason, message) and "a restore works" in message and message.count("\n") == 1, message
     # A restore does not need the seek table (readers ignore skippable frames): the image comes out whole.
     image = tmp_path / "restored.img"
-    done = run_mirenfs("restore", str(bad), "--image", str(image))
+    done = run_cli_as_process_would("restore", str(bad), "--image", str(image))
     assert done.returncode == 0, done.stderr
     assert sha256_file(image) == meta.checksum
 
@@ -199,7 +199,7 @@ def test_verify_takes_data_without_a_seek_table_or_with_one_not_at_the_end(
     for label, snapshot in variants.items():
         path = tmp_path / "ok.mirn"
         path.write_bytes(snapshot)
-        result = run_mirenfs("verify", str(path))
+        result = run_cli_as_process_would("verify", str(path))
         assert result.returncode == 0 and b": OK (" in result.stdout, (label, result.stderr)
     for vector in GO_VECTORS:
-        assert run_mirenfs("verify", str(vector.path)).returncode == 0, vector.file
+        assert run_cli_as_process_would("verify", str(vector.path)).returncode == 0, vector.file

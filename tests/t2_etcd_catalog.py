@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from mirenfs.disks import etcd as etcd_module
 from mirenfs.disks.catalogs import open_catalog, parse_catalog
 from mirenfs.disks.etcd import CatalogWatch, EtcdCatalog, EtcdKV, _delete, _put
 from mirenfs.disks.manage import create_disk, sweep_stale_staging
@@ -405,6 +406,7 @@ def test_a_watch_that_stops_delivering_while_etcd_answers_is_started_again(
         receive(self, message, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(CatalogWatch, "_receive", deaf)
+    monkeypatch.setattr(etcd_module, "WATCH_LAG_S", 0.5)  # the same check, sooner (probes: 0.5 s)
     view = a.watch()
     assert isinstance(view, CatalogWatch)
     try:

@@ -1,7 +1,7 @@
 """Issue 11 in the engine and the CLI, no mount: memory stays flat over hundreds of verifies and
 restores (2), and a FIFO or symlink planted at the staging path fails a restore at once with the
 reason, never hanging it (4). Items 5 (umask) and 13 (names printed safely) are in
-t2_operator_cli.py; the rest of the disk layer in t1_hardening.py."""
+t4_operator_cli.py; the rest of the disk layer in t1_hardening.py."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Miren's own backup file names; no stacked mounts; stopping at once on a signal; 
 mount cannot use; --allow-overwrite keeping the store true; one log line per failed restore; and
 --index-at-mount.
 
-The command-line parts without a mount are in ``t2_operator_cli``; restore/ driven in-process in
+The command-line parts without a mount are in ``t4_operator_cli``; restore/ driven in-process in
 ``t3_restoredir``. Every mount, bind mount and process a test starts is taken down whatever
 happened; nothing waits a fixed time.
 """

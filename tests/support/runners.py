@@ -80,6 +80,15 @@ def run_cli(*args: str | Path) -> Result:
     return Result(code, out.getvalue(), err.getvalue())
 
 
+def run_cli_as_process_would(*args: str | Path) -> subprocess.CompletedProcess[bytes]:
+    """:func:`run_cli`, answered as :func:`run_mirenfs` answers (exit status, output as bytes):
+    for the tests of what a command says, where a process would add only its start (0.2 s)."""
+    result = run_cli(*args)
+    return subprocess.CompletedProcess(
+        [str(arg) for arg in args], result.code, result.out.encode(), result.err.encode()
+    )
+
+
 def status_of(mountpoint: Path) -> dict[str, Any]:
     """``mirenfs status --json MOUNTPOINT``, run in this process (fast enough to poll); never stats
     a snapshot, so it starts no index pass."""

@@ -1,5 +1,7 @@
-"""The command line as an operator meets it: data paths, versions, log levels, pipes, progress
-bars on a terminal, the umask, names that do not print, filesystems that cannot be told."""
+"""The command line as an operator meets it, run as a process: data paths, versions, log levels,
+pipes, progress bars on a terminal, signals, closed descriptors, the umask, names that do not
+print, filesystems that cannot be told. No mount and no root: a process tier for its cost (each
+command is a Python start), not for what it needs; the in-process CLI tests are in t2_cli."""
 
 from __future__ import annotations
 
