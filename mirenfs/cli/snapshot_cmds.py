@@ -6,7 +6,6 @@ the same engine the mount uses.
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import errno
 import json
@@ -61,6 +60,7 @@ from mirenfs.disks.trust import TrustedImages
 from mirenfs.engine.consume import Placed, as_raw_image
 from mirenfs.engine.files import (
     backup_image,
+    inspect_snapshot,
     open_input,
     read_pieces,
     refuse_a_descriptor_that_takes_no_snapshot,
@@ -82,12 +82,6 @@ from mirenfs.errors import (
     StoreError,
     TargetError,
     printable,
-)
-from mirenfs.format.frames import (
-    MAX_SEEK_TABLE,
-    SEEK_TABLE_FOOTER_LEN,
-    seek_table_frame_count,
-    seek_table_length,
 )
 from mirenfs.format.header import FILESYSTEMS, Meta, read_header, validate_restorable
 from mirenfs.mount.config import clone_directory_of
@@ -143,7 +137,6 @@ def register(commands: Any) -> None:
 
 
 _WRITING_THE_BACKUP = "writing the backup there"
-_INSPECT_READ = 1 << 20  # bytes inspect reads from a pipe at a time, on its way to the seek table
 
 
 def backup_output(given: str) -> str:
@@ -401,18 +394,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     opened = open_input(args.file)  # refused in verify's and restore's words (trial R s18)
     try:
         with opened as snapshot, naming_the_snapshot(args.file):
-            counted = _Counted(snapshot)
-            meta = read_header(counted)
-            header_len = counted.taken
-            if snapshot.seekable():  # from where the header ended: stdin may start inside a file
-                data_len = os.fstat(snapshot.fileno()).st_size - snapshot.tell()
-                table = _seek_table_at_the_end(snapshot, data_len)
-            else:  # a pipe (SPEC §4: FILE may be -): read to its end, keeping what a table may take
-                data_len, table = _read_to_the_end(snapshot)
-            frames = _seek_table_frames(table)
+            inspected = inspect_snapshot(snapshot)
     except OSError as exc:
         raise MirenfsError(f"cannot read snapshot {args.file}: {exc.strerror}") from None
-    total = header_len + data_len
+    meta, frames = inspected.meta, inspected.seekable_frames
     fields = {
         "name": meta.name,
         "size_bytes": meta.size_bytes,
@@ -420,8 +405,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "timestamp": meta.timestamp.rfc3339(),
         "checksum": meta.checksum,
         "version": meta.version,
-        "header_bytes": header_len,
-        "data_bytes": total - header_len,
+        "header_bytes": inspected.header_bytes,
+        "data_bytes": inspected.data_bytes,
         "seekable_frames": frames,
     }
     if args.json:
@@ -502,70 +487,6 @@ def _start_of(path: str) -> bytes:
 
 def _shown(path: str) -> str:
     return "standard input" if path == "-" else path
-
-
-class _Counted:
-    """A reader that counts what was read through it: a pipe cannot tell where the header ended."""
-
-    def __init__(self, source: BinaryIO) -> None:
-        self._source, self.taken = source, 0
-
-    def read(self, size: int) -> bytes:
-        piece = self._source.read(size)
-        self.taken += len(piece)
-        return piece
-
-
-def _seek_table_at_the_end(snapshot: BinaryIO, data_len: int) -> bytes:
-    """The bytes a seek table at the end of a file would take, as its footer says (12 bytes a
-    frame: 3 MiB for a 1 TiB disk), up to the limit ``verify`` keeps, not a fixed tail."""
-    if data_len < SEEK_TABLE_FOOTER_LEN:
-        return b""
-    snapshot.seek(-SEEK_TABLE_FOOTER_LEN, os.SEEK_END)
-    tail_len = min(data_len, seek_table_length(snapshot.read(SEEK_TABLE_FOOTER_LEN)), MAX_SEEK_TABLE)
-    snapshot.seek(-tail_len, os.SEEK_END)
-    return snapshot.read(tail_len)
-
-
-def _read_to_the_end(stream: BinaryIO) -> tuple[int, bytes]:
-    """The length of what is left of ``stream``, and the bytes its footer says a seek table
-    takes at its end (at most what ``verify`` keeps). The last pieces read are kept as they are
-    and only the table is joined: a tail cut at each read would copy 64 MiB per piece, and
-    joining all that is kept doubled the memory (review S20: 170 MB for any stream)."""
-    length, kept, kept_len = 0, collections.deque[bytes](), 0
-    while piece := stream.read(_INSPECT_READ):
-        length += len(piece)
-        kept.append(piece)
-        kept_len += len(piece)
-        while kept_len - len(kept[0]) >= MAX_SEEK_TABLE:
-            kept_len -= len(kept.popleft())
-    footer = _last_bytes(kept, SEEK_TABLE_FOOTER_LEN)
-    if len(footer) < SEEK_TABLE_FOOTER_LEN:
-        return length, footer
-    return length, _last_bytes(kept, min(seek_table_length(footer), MAX_SEEK_TABLE))
-
-
-def _last_bytes(pieces: collections.deque[bytes], count: int) -> bytes:
-    """The last ``count`` bytes of ``pieces`` (fewer if they hold fewer), joined."""
-    taken: list[bytes] = []
-    needed = count
-    for piece in reversed(pieces):
-        if needed <= 0:
-            break
-        taken.append(piece[-needed:] if len(piece) > needed else piece)
-        needed -= len(taken[-1])
-    return b"".join(reversed(taken))
-
-
-def _seek_table_frames(table: bytes) -> int | None:
-    """The frame count of the seekable-format seek table ``table`` (the bytes its footer says it
-    takes), or None for other layouts (Go's) and a table cut short."""
-    if len(table) < SEEK_TABLE_FOOTER_LEN:
-        return None
-    try:
-        return seek_table_frame_count(table)
-    except FormatError:
-        return None
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
