@@ -84,6 +84,12 @@ FRAMES_TOTAL = 2 * FRAMES_LIMIT
 # A frame whose content fits a piece is collected whole up to this length (zstd's bound for a
 # piece's content plus its headers); a longer one, valid but odd, is decompressed as it streams.
 WHOLE_FRAME_LIMIT = PIECE + (PIECE >> 7) + 1024
+# A frame of at most this content is decompressed by the first stage itself, into a piece it
+# fills with the next such frames: handed to a frame stage, each cost ~60 µs of hand-offs
+# between four threads however small it was (100 000 one-byte frames: 6 s a pass).
+INLINE_FRAME_LIMIT = 64 << 10
+INLINE_FRAME_BYTES = INLINE_FRAME_LIMIT + (INLINE_FRAME_LIMIT >> 7) + 1024  # zstd's bound, as above
+INLINE_HAND_ON = 1 << 20  # such a piece goes on once it holds this much
 # Whole frames are gathered into reusable buffers of that size: fresh 4 MiB objects, made by one
 # thread and freed by another, stayed in the C library's per-thread heaps (16 MB a restore, ten
 # restores 300 MB: session 19). A frame stage's own, plus two waiting, per restore.
@@ -136,8 +142,15 @@ class _FrameInput:
     is answered at once, since nothing more can come out of that frame now.
     """
 
-    def __init__(self, handoff: Handoff[_InputItem], scanner: FrameScanner, waker: LoopWaker) -> None:
+    def __init__(
+        self,
+        handoff: Handoff[_InputItem],
+        scanner: FrameScanner,
+        waker: LoopWaker,
+        before_waiting: Callable[[], object] | None = None,
+    ) -> None:
         self._handoff = handoff
+        self._before_waiting = before_waiting  # what the stage hands on before it waits for input
         self._scanner = scanner
         self._waker = waker
         self._item = b""
@@ -190,7 +203,7 @@ class _FrameInput:
     def _next_item(self) -> bool:
         """Wait for the next input piece; False at the end of input or at a settle between frames."""
         while True:
-            item = self._handoff.get()
+            item = self._handoff.get(self._before_waiting)
             if item is None:
                 self.ended = True
                 return False
@@ -244,6 +257,8 @@ class _Pipeline:
         self._to_hash: Handoff[_Piece] = Handoff(PIECES_AHEAD_LIMIT)
         self._to_write: Handoff[_Piece] = Handoff(PIECES_AHEAD_LIMIT)
         self._being_filled: collections.deque[Piece] = collections.deque()  # handed on, maybe not filled yet
+        self._gathering: Buffer | None = None  # the piece small frames are decompressed into
+        self._gathered = 0
         self._settles: list[trio.Event] = []
         # Set once all ``size_bytes`` went through the hash (or the stages stopped): the checksum
         # can be compared before the stream's end (a close while another process holds the file).
@@ -304,15 +319,21 @@ class _Pipeline:
 
     def _decompress_loop(self) -> None:
         """Cut the input into frames: a frame of at most a piece's content goes whole to the frame
-        stages (several decompress at once, each into its own piece), a larger one or one of
-        unknown size (Go's one frame) is decompressed here as it streams in."""
-        source = _FrameInput(self.input, self.scanner, self._waker)
+        stages (several decompress at once, each into its own piece), one of at most
+        ``INLINE_FRAME_LIMIT`` is decompressed here into a piece shared with the next small ones,
+        and a larger one or one of unknown size (Go's one frame) is decompressed here as it
+        streams in."""
+        # Small frames gathered into a piece go on before the input runs dry: what a writer
+        # wrote reaches the image (and a failure shows) without waiting for its next write.
+        source = _FrameInput(self.input, self.scanner, self._waker, self._hand_on_gathered)
         decompressor = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
+        small_frame = memoryview(bytearray(INLINE_FRAME_BYTES))  # one, reused: no pool trip per frame
         try:
             while not source.ended:
                 head = source.next_header()
                 if head is None:
                     if source.settling is not None:
+                        self._hand_on_gathered()  # a settle waits for what came to be hashed too
                         self._settle(source.settling.event)
                         source.settling = None
                     continue
@@ -323,7 +344,15 @@ class _Pipeline:
                     raise FormatError(_window_too_large(self.scanner.window_size))
                 content = self.scanner.content_size
                 taken = head
-                if content is not None and 0 < content <= PIECE:
+                if content is not None and content <= INLINE_FRAME_LIMIT:
+                    length, whole = source.gather_frame(head, small_frame)
+                    if whole:
+                        self._decompress_inline(decompressor, small_frame[:length], content)
+                        continue
+                    taken = bytes(small_frame[:length])
+                    if source.ended:
+                        break  # cut inside the frame: the finish says so
+                elif content is not None and content <= PIECE:
                     buffer = self._frame_pool.acquire()
                     length, whole = source.gather_frame(head, memoryview(buffer))
                     if whole:
@@ -334,16 +363,48 @@ class _Pipeline:
                     if source.ended:
                         break  # cut inside the frame: the finish says so
                 self._stream_frame(decompressor, _FrameReader(source, [taken]))
+            self._hand_on_gathered()
         except zstandard.ZstdError as exc:
             raise _corrupt(exc) from None
         finally:
             for handoff in (self._frames, self._to_hash, self._to_write):
                 handoff.close()
 
+    def _decompress_inline(
+        self, decompressor: zstandard.ZstdDecompressor, frame: memoryview, content: int
+    ) -> None:
+        """A small whole frame, decompressed here after what the piece being gathered holds."""
+        self._check_size(content)
+        if self._gathering is not None and self._gathered + content > PIECE:
+            self._hand_on_gathered()
+        if self._gathering is None:
+            self._gathering, self._gathered = self._pool.acquire(), 0
+        end = self._gathered + content
+        _decompress_whole(decompressor, frame, memoryview(self._gathering)[self._gathered : end])
+        self._gathered = end
+        self.bytes_out += content
+        if end >= INLINE_HAND_ON:  # the stages after work on it meanwhile, and a failure shows soon
+            self._hand_on_gathered()
+
+    def _hand_on_gathered(self) -> None:
+        """The piece small frames were gathered into, to the hash and write stages: before any
+        other output (the stages take pieces in order), at a settle, at the end."""
+        buffer, length = self._gathering, self._gathered
+        if buffer is None:
+            return
+        self._gathering, self._gathered = None, 0
+        if not length:
+            self._pool.give_back(buffer)
+            return
+        piece = Piece(self._pool, buffer, length, readers=2)
+        self._to_hash.put(piece, length)
+        self._to_write.put(piece, length)
+
     def _hand_on_frame(self, buffer: Buffer, length: int, content: int) -> None:
         """A whole frame, the first ``length`` bytes of a frame pool ``buffer``, to a frame stage;
         its piece goes to the hash and write stages now, in order, and they wait for it to be
         filled."""
+        self._hand_on_gathered()
         if length == len(ZERO_FRAME) and buffer[:length] == ZERO_FRAME:
             self._frame_pool.give_back(buffer)
             self._pass_on_zeros(ZERO_FRAME_CONTENT)
@@ -378,6 +439,7 @@ class _Pipeline:
         self._waker.set(event)
 
     def _stream_frame(self, decompressor: zstandard.ZstdDecompressor, frame: _FrameReader) -> None:
+        self._hand_on_gathered()
         reader = decompressor.stream_reader(
             cast(IO[bytes], frame), read_size=_READ_SIZE, read_across_frames=False, closefd=False
         )

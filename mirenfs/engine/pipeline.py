@@ -170,8 +170,14 @@ class Handoff(Generic[T]):
             self._check_open()
             self._append(item, size)
 
-    def get(self) -> T | None:
-        """Thread: the next item, or None once the queue is closed and empty."""
+    def get(self, before_waiting: Callable[[], object] | None = None) -> T | None:
+        """Thread: the next item, or None once the queue is closed and empty. ``before_waiting``
+        runs first (outside the lock) when the queue is empty: the thread may wait a long time."""
+        if before_waiting is not None:
+            with self._cond:
+                empty = not self._items and not self._closed and not self._stopped
+            if empty:
+                before_waiting()
         with self._cond:
             while not self._items and not self._closed and not self._stopped:
                 self._cond.wait()
