@@ -18,6 +18,7 @@ from mirenfs.cli import common
 from mirenfs.cli.common import DATA_PATH_ENV, DEFAULT_DATA_PATH, data_path_from
 from mirenfs.disks import live as disks_module
 from mirenfs.disks.manage import sweep_stale_staging as remove_stale_staging
+from mirenfs.disks.rules import RestoreTarget
 from mirenfs.disks.store import Store
 from mirenfs.engine.fstype import detect_filesystem
 from mirenfs.format.header import decode_header, read_header
@@ -572,3 +573,31 @@ def test_two_processes_change_and_read_the_store_concurrently(data: Path) -> Non
         assert listed[disk]["status"] == last_status
         assert len(listed[disk]["leases"]) == acquired == (rounds + 4) // 5
         assert {lease["status"] for lease in listed[disk]["leases"]} == {"released"}
+
+
+def test_an_interrupt_during_the_undo_of_a_restore_still_removes_the_disk_it_was_creating(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trial T21 F1: a second Ctrl-C (``timeout -s INT`` signals the command, then its process
+    group) reached the undo of an interrupted restore at its next checkpoint, shielded or not,
+    and the disk it was creating stayed, ``provisioning`` with no image. The undo now runs to its
+    end, and the interrupt is said after."""
+    data = tmp_path / "data"
+    data.mkdir()
+    cut = tmp_path / "cut.mirn"
+    cut.write_bytes(GO_ODD.path.read_bytes()[:-100])  # fails at its end: the restore is undone
+    real = RestoreTarget.cleanup
+    calls: list[str] = []
+
+    def interrupted_once(self: RestoreTarget) -> None:
+        calls.append(self.name)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # where trio raises the pending one: before the undo did anything
+        real(self)
+
+    monkeypatch.setattr(RestoreTarget, "cleanup", interrupted_once)
+    result = run_cli("restore", cut, "--name", "pg", "--data-path", data)
+    assert (result.code, result.err) == (130, "mirenfs: interrupted\n")
+    assert calls == ["pg", "pg"]
+    assert disks(data) == {}  # nothing left: no provisioning record, no volume directory
+    assert [p.name for p in (data / "disk-data").rglob("*")] == []

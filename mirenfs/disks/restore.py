@@ -15,7 +15,7 @@ import contextlib
 import errno
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 
 import trio
@@ -206,11 +206,7 @@ class DiskRestore:
                 meta = await self._restore.finish()
             except BaseException:
                 with trio.CancelScope(shield=True):  # the store describes the image in place
-                    if self._restore.installed:  # interrupted after the rename: the restore is done
-                        with contextlib.suppress(MirenfsError):  # outcome() says what is behind
-                            await trio.to_thread.run_sync(self.target.finalize)
-                    else:
-                        await trio.to_thread.run_sync(self.target.undo_record)
+                    await _through_interrupts(self._set_the_record_right)
                 raise
             # Shielded, and done by abort() too if an interrupt lands here all the same: a SIGINT
             # during the rename reaches this checkpoint, and the clean-up would remove a disk
@@ -225,6 +221,14 @@ class DiskRestore:
                     failed.errno = exc.errno
                     raise failed from None
         return meta
+
+    async def _set_the_record_right(self) -> None:
+        """After a failed finish: the record of a restore done, or of the image still in place."""
+        if self._restore.installed:  # interrupted after the rename: the restore is done
+            with contextlib.suppress(MirenfsError):  # outcome() says what is behind
+                await trio.to_thread.run_sync(self.target.finalize)
+        else:
+            await trio.to_thread.run_sync(self.target.undo_record)
 
     async def _record_the_installed_image(self) -> None:
         """The store's record of the image now in place, tried twice: one failed write (a disk I/O
@@ -249,10 +253,35 @@ class DiskRestore:
 
     async def abort(self) -> None:
         """Remove the staging file and whatever the target created; safe to repeat. After the
-        image was replaced there is nothing to undo: the restore is recorded as done instead."""
+        image was replaced there is nothing to undo: the restore is recorded as done instead.
+        An interrupt meanwhile does not stop it (see :func:`_through_interrupts`)."""
+        await _through_interrupts(self._undo)
+
+    async def _undo(self) -> None:
         await self._restore.discard()
         if self._restore.installed:
             with contextlib.suppress(MirenfsError):  # a record still behind: outcome() says so
                 await trio.to_thread.run_sync(self.target.finalize)
         else:
             await trio.to_thread.run_sync(self.target.cleanup)
+
+
+@trio.lowlevel.enable_ki_protection
+async def _through_interrupts(undo: Callable[[], Awaitable[None]]) -> None:
+    """Run ``undo`` (safe to repeat) to its end, then raise an interrupt that came meanwhile.
+
+    trio raises a pending Ctrl-C in the main task at its next checkpoint, shielded or not, and
+    a second one stopped the undo half-way: a disk the restore was creating stayed, left
+    ``provisioning`` (trial T21 F1; ``timeout -s INT`` signals the command and then its process
+    group, so it gets two). Protected here, an interrupt waits for a checkpoint, and the undo
+    starts again from there.
+    """
+    interrupted: KeyboardInterrupt | None = None
+    while True:
+        try:
+            await undo()
+            break
+        except KeyboardInterrupt as exc:
+            interrupted = exc
+    if interrupted is not None:
+        raise interrupted
