@@ -46,7 +46,7 @@ from mirenfs.mount.config import clone_directory_of
 from support.bad_snapshots import FORGED_LOG_LINE
 from support.data import sha256_file, write_image
 from support.mounts import wait_for
-from support.runners import Result, mirenfs_command, ok, run_cli, run_mirenfs
+from support.runners import DAEMON_HOOKS, Result, mirenfs_command, ok, run_cli, run_mirenfs
 from support.store import disks, make_disk, store_state
 from support.vectors import GO_EXT4, GO_VECTORS
 
@@ -1424,6 +1424,33 @@ def test_two_interrupts_at_once_as_timeout_sends_them_still_undo_the_restore(tmp
                 stream.close()
     assert said("disk", "list", "--json", "--data-path", str(data))[1].strip() == "[]"
     assert list(data.rglob("*.tmp")) == [] and list((data / "disk-data").rglob("*.img")) == []
+
+
+def test_interrupts_after_a_backup_is_in_place_do_not_turn_it_into_a_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trial T21 F2: the second SIGINT of ``timeout -s INT`` came after the backup's file was in
+    place, and the program said "interrupted" and exited 130: a script took a good (and new)
+    backup for a failed one. From the rename on, signals change nothing."""
+    image, output, go_on = tmp_path / "pg.img", tmp_path / "pg.mirn", tmp_path / "go on"
+    write_image(image, [("text", 300_000)])
+    monkeypatch.setenv("MIRENFS_TEST_HOLD_BEFORE_REPORT", str(go_on))
+    monkeypatch.setenv("PYTHONPATH", str(DAEMON_HOOKS), prepend=os.pathsep)
+    command = [*mirenfs_command(), "backup", "--image", str(image), "--filesystem", "ext4", "-o", str(output)]
+    backup = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(output.exists, "the backup in place")
+        backup.send_signal(signal.SIGINT)
+        backup.send_signal(signal.SIGINT)
+        backup.send_signal(signal.SIGTERM)
+        go_on.touch()
+        out, err = backup.communicate(timeout=60)
+    finally:
+        backup.kill()
+        backup.wait(timeout=60)
+    assert backup.returncode == 0, err
+    assert out.decode().startswith(f"backed up {image} to {output}: ") and err == b"", (out, err)
+    assert run_cli("verify", output).code == 0
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])

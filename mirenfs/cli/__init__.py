@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from mirenfs.cli import catalog_cmds, demo, disk_cmds, mount_cmds, snapshot_cmds
-from mirenfs.cli.common import add_scope_options_before_command, settle_scope_options
+from mirenfs.cli.common import ProcessEnd, add_scope_options_before_command, settle_scope_options
 from mirenfs.engine.aio import meaningful_error
 from mirenfs.errors import CatalogUnreachableError, MirenfsError, one_line
 
@@ -240,6 +240,7 @@ def main(argv: Sequence[str] | None = None, *, process_ends: bool = False) -> in
     for stream in (sys.stdout, sys.stderr):  # names may hold anything: never fail to print one
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")
+    ProcessEnd.with_the_command = process_ends
     parser = build_parser()
     given = list(sys.argv[1:] if argv is None else argv)
     _refuse_unknown_before_command(parser, given)

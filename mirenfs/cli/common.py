@@ -10,7 +10,9 @@ import argparse
 import contextlib
 import os
 import pwd
+import signal
 import sys
+import threading
 import time
 from typing import TextIO
 
@@ -22,6 +24,25 @@ from mirenfs.errors import MirenfsError, one_line
 from mirenfs.mount.config import size_in_bytes
 
 DEFAULT_DATA_PATH = "/var/lib/miren"
+
+
+class ProcessEnd:
+    """Whether this process ends with its command (the ``mirenfs`` program; not a test or a
+    program that calls :func:`mirenfs.cli.main`): only then may a command change how the process
+    takes signals."""
+
+    with_the_command = False
+
+
+def ignore_interrupts_from_now_on() -> None:
+    """The command's outcome is settled (its file is in place): a Ctrl-C or SIGTERM from now on
+    can undo nothing, and must not make the program say it failed (trial T21 F2: a second SIGINT
+    of ``timeout -s INT`` made a backup whose file was written exit 130)."""
+    if ProcessEnd.with_the_command and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 DATA_PATH_ENV = "MIRENFS_DATA_PATH"
 
 

@@ -26,6 +26,7 @@ from mirenfs.cli.common import (
     catalog_from,
     data_path_from,
     file_size,
+    ignore_interrupts_from_now_on,
     refuse_disk_options,
     say,
     say_done,
@@ -350,7 +351,7 @@ def _run_until_placed(command: Callable[..., Awaitable[Meta]], placed_as: str) -
     """``trio.run(command)`` for a command that ends by putting its file in place: an interrupt
     that comes after that is too late to undo anything, so the file is reported as made (with
     a line saying the interrupt came ``after <placed_as>``) and the command exits 0."""
-    placed = Placed()
+    placed = Placed(ignore_interrupts_from_now_on)
     try:
         return trio.run(partial(command, placed=placed))
     except KeyboardInterrupt:

@@ -919,9 +919,10 @@ class Placed:
     before it the command is undone. Set by the engine, where the rename happens; read by the
     caller once ``trio.run`` has raised ``KeyboardInterrupt``."""
 
-    def __init__(self) -> None:
+    def __init__(self, when_placed: Callable[[], object] | None = None) -> None:
         self._meta: Meta | None = None
         self._restore: StagedRestore | None = None
+        self._when_placed = when_placed  # run with the rename's record, on the event loop's thread
 
     def watch(self, restore: StagedRestore) -> None:
         """Follow ``restore``: it is in place once its staging file is renamed over the image
@@ -931,6 +932,8 @@ class Placed:
     def set(self, meta: Meta) -> None:
         """The file of the snapshot or image ``meta`` describes is in place."""
         self._meta = meta
+        if self._when_placed is not None:
+            self._when_placed()
 
     @property
     def meta(self) -> Meta | None:

@@ -7,6 +7,10 @@ nothing unless one of the variables below is set.
 ``MIRENFS_TEST_HOLD_FROZEN_S``: stay that many seconds inside each freeze,
 as a daemon that stalls while the filesystem is frozen (the thaw watchdog's
 case).
+
+``MIRENFS_TEST_HOLD_BEFORE_REPORT``: a backup, its file in place, waits (at
+most a minute) before it says so until the file this names exists: a signal
+sent meanwhile comes after the outcome was settled.
 """
 
 from __future__ import annotations
@@ -27,3 +31,18 @@ if HOLD_FROZEN:
         return entered
 
     pointintime._Freeze.__enter__ = _held_frozen  # type: ignore[method-assign]
+
+HOLD_BEFORE_REPORT = os.environ.get("MIRENFS_TEST_HOLD_BEFORE_REPORT")
+
+if HOLD_BEFORE_REPORT:
+    from mirenfs.cli import snapshot_cmds
+
+    _report = snapshot_cmds._report_backup
+
+    def _held_report(*args: object) -> None:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(HOLD_BEFORE_REPORT) and time.monotonic() < deadline:
+            time.sleep(0.01)  # a hook in another process: the test creates the file to go on
+        _report(*args)  # type: ignore[arg-type]
+
+    snapshot_cmds._report_backup = _held_report
