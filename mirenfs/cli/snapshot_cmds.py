@@ -351,15 +351,18 @@ def _run_until_placed(command: Callable[..., Awaitable[Meta]], placed_as: str) -
     """``trio.run(command)`` for a command that ends by putting its file in place: an interrupt
     that comes after that is too late to undo anything, so the file is reported as made (with
     a line saying the interrupt came ``after <placed_as>``) and the command exits 0."""
-    placed = Placed(ignore_interrupts_from_now_on)
+    placed = Placed(ignore_interrupts_from_now_on)  # a backup's rename settles it at once
     try:
-        return trio.run(partial(command, placed=placed))
+        meta = trio.run(partial(command, placed=placed))
     except KeyboardInterrupt:
-        meta = placed.meta
-        if meta is None:
+        late = placed.meta
+        if late is None:
             raise
+        ignore_interrupts_from_now_on()
         say(f"mirenfs: interrupted after {placed_as}", file=sys.stderr)
-        return meta
+        return late
+    ignore_interrupts_from_now_on()  # a restore's rename is a worker thread's: settled here
+    return meta
 
 
 def _report_backup(source: str, output: str, given: str, meta: Meta) -> None:
@@ -577,9 +580,11 @@ def _restore_disk(args: argparse.Namespace) -> int:
         try:  # undone by the time an error leaves: it says what that left of the disk, as --image does
             with naming_the_snapshot(args.file, target.outcome):
                 trio.run(_restore_from, restore, source, bar)
+            ignore_interrupts_from_now_on()  # done: nothing left to undo
         except KeyboardInterrupt:
             if not restore.installed:
                 raise
+            ignore_interrupts_from_now_on()
             # Too late to stop: the image was replaced and recorded. Said as what it is, exit 0.
             done = " was created" if target.creates_disk else "'s image was replaced"
             say(f"mirenfs: interrupted after disk {target.name}{done}", file=sys.stderr)
