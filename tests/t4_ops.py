@@ -258,8 +258,19 @@ def test_status_of_a_dead_mount(tmp_path: Path, mounts) -> None:
     mount.process.kill()
     mount.process.wait(timeout=TIMEOUT)
     result = run(MIRENFS, "status", mountpoint)
-    assert result.returncode == 1 and "does not answer" in result.stderr
-    assert f"fusermount3 -u {mountpoint}" in result.stderr
+    assert result.returncode == 1 and result.stderr.strip() == (
+        f"mirenfs: error: the mirenfs mount at {mountpoint} does not answer (its process is gone); run "
+        f"`mirenfs cleanup --data-path {data}`: it unmounts it, thaws a filesystem it left frozen and "
+        "removes what it left"
+    )
+    assert run(MIRENFS, "cleanup", "--data-path", data).returncode == 0  # as it says: the mount goes
+    assert not os.path.ismount(mountpoint)
+    mount = mounts(mountpoint, data)  # and the dead mount of a mount attempt, below
+    wait_for(
+        lambda: is_mounted(mountpoint) and os.path.isdir(mountpoint / "restore"), "the mount", timeout=30
+    )
+    mount.process.kill()
+    mount.process.wait(timeout=TIMEOUT)
     again = run(MIRENFS, "mount", mountpoint, "--data-path", data)
     assert again.returncode == 1 and again.stderr.strip() == (
         f"mirenfs: error: a dead mount is left at {mountpoint} (its daemon was killed); run: fusermount3 -u "

@@ -424,9 +424,12 @@ def read_status(entry: MountEntry, *, timeout_s: float = STATUS_TIMEOUT_S) -> di
         ) from None
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
+            # Not fusermount3 alone: a freeze the killed daemon held stays until a cleanup or a
+            # mount of the data path thaws it, and the host's writers hang (trial T21 F3).
             raise MirenfsError(
-                f"the mirenfs mount at {where} does not answer (its process is gone); "
-                f"unmount it with `fusermount3 -u {where}`"
+                f"the mirenfs mount at {where} does not answer (its process is gone); run "
+                f"`mirenfs cleanup --data-path {entry.source}`: it unmounts it, thaws a filesystem "
+                "it left frozen and removes what it left"
             ) from None
         if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP):
             raise MirenfsError(
