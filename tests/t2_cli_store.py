@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mirenfs.cli import common
+from mirenfs.cli import common, snapshot_cmds
 from mirenfs.cli.common import DATA_PATH_ENV, DEFAULT_DATA_PATH, data_path_from
 from mirenfs.disks import live as disks_module
 from mirenfs.disks.manage import sweep_stale_staging as remove_stale_staging
@@ -601,3 +601,19 @@ def test_an_interrupt_during_the_undo_of_a_restore_still_removes_the_disk_it_was
     assert calls == ["pg", "pg"]
     assert disks(data) == {}  # nothing left: no provisioning record, no volume directory
     assert [p.name for p in (data / "disk-data").rglob("*")] == []
+
+
+def test_a_backup_into_a_directory_that_is_not_there_is_refused_before_the_disk_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trial T21 F7: ``backup NAME -o`` with a typo in the directory froze and copied a disk in
+    use first, then said the directory was missing."""
+    data = tmp_path / "data"
+    data.mkdir()
+    ok("restore", GO_ODD.path, "--name", "pg", "--data-path", data)
+    taken: list[str] = []
+    monkeypatch.setattr(snapshot_cmds, "take_point_in_time", lambda name, *_a, **_k: taken.append(name))
+    nowhere = tmp_path / "no-such-dir" / "pg.mirn"
+    said = refused("there is no directory", "backup", "pg", "-o", nowhere, "--data-path", data)
+    assert said == f"mirenfs: error: cannot write {nowhere}: there is no directory {nowhere.parent}\n"
+    assert taken == []

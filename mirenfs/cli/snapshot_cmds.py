@@ -189,6 +189,9 @@ def _refuse_backup_output(output: str, source: str, catalog: Catalog | None = No
         )
     if catalog is not None:
         refuse_output_over_an_image(output, source=source, action=_WRITING_THE_BACKUP)
+    directory = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(directory):  # trial T21 F7: said only after the disk was frozen and copied
+        raise TargetError(f"cannot write {output}: there is no directory {directory}", errno.ENOENT)
 
 
 def _refuse_restore_target(image: str, snapshot: str) -> None:
