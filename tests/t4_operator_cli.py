@@ -1256,6 +1256,18 @@ def test_a_bad_fuse_option_is_named(tmp_path: Path) -> None:
     assert said.endswith(
         "the mount options alow_overwrite,ro; unknown: alow_overwrite (did you mean allow_overwrite?)"
     )
+    # Beside a mount that serves the data path (its lock held), the typo is all that is said
+    # (trial T21 F9: the second-mount warning came first, from the daemon on its way to FUSE).
+    state = data / "mirenfs"
+    state.mkdir(mode=0o700, exist_ok=True)
+    with open(state / "mount.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_SH)
+        result = run_mirenfs("mount", str(mountpoint), "--data-path", str(data), "-o", "freeze_budgt=5")
+    assert result.returncode == 1 and not os.path.ismount(mountpoint)
+    assert result.stderr.decode().splitlines() == [
+        "mirenfs: error: FUSE refused the mount options freeze_budgt=5; unknown: freeze_budgt (did you "
+        "mean freeze_budget?)"
+    ]
 
 
 def test_an_option_libfuse_cannot_honour_is_refused_before_mounting(tmp_path: Path) -> None:

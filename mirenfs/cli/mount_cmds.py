@@ -45,7 +45,14 @@ from mirenfs.engine.aio import meaningful_error
 from mirenfs.engine.image import make_private_directory
 from mirenfs.engine.memory import use_few_heaps
 from mirenfs.errors import MirenfsError, one_line
-from mirenfs.mount.config import MOUNT_SWITCHES, MountConfig, clone_directory_of, copy_policy, fuse_options
+from mirenfs.mount.config import (
+    MOUNT_SWITCHES,
+    MountConfig,
+    check_option_values,
+    clone_directory_of,
+    copy_policy,
+    fuse_options,
+)
 from mirenfs.mount.status import STATUS_XATTR
 
 log = logging.getLogger(__name__)
@@ -246,6 +253,9 @@ def serve_mount(config: MountConfig, *, ready: Callable[[], None] | None = None)
 
 def cmd_mount(args: argparse.Namespace) -> int:
     config = config_from(args)
+    # -o options libfuse would refuse, first: a typo got the second-mount warning, said on the
+    # way to the mount that refused it (trial T21 F9).
+    check_option_values(config.fuse_options)
     # Checked here as well as in the daemon, before the fork: the daemon logs into the data path,
     # so a read-only or damaged one must be named by this process, in one line, not by a daemon's
     # raw error.

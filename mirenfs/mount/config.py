@@ -7,10 +7,12 @@ the same way ``mount.mirenfs`` does) without loading FUSE.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from mirenfs.disks.catalogs import CatalogSpec, node_from, open_catalog
@@ -114,13 +116,36 @@ def fuse_refuses(options: list[str]) -> bool:
     argv = (ctypes.c_char_p * (len(words) + 1))(*words, None)
     args = _FuseArgs(len(words), argv, 0)
     no_operations = ctypes.create_string_buffer(8)  # op_size 0: none is copied
-    session = fuse.fuse_session_new(ctypes.byref(args), no_operations, 0, None)
+    with _stderr_silenced():  # libfuse's "fuse: unknown option(s)": the caller says it in its words
+        session = fuse.fuse_session_new(ctypes.byref(args), no_operations, 0, None)
     if args.allocated:  # libfuse replaced argv with its own copy
         fuse.fuse_opt_free_args(ctypes.byref(args))
     if not session:
         return True
     fuse.fuse_session_destroy(session)
     return False
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """Descriptor 2 on /dev/null for the block (a C library's messages go there, not through Python)."""
+    if sys.stderr is not None:
+        sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # closed: nothing to silence
+        yield
+        return
+    try:
+        null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.dup2(null, 2)
+        finally:
+            os.close(null)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def near_misses(options: Iterable[str]) -> list[str]:
