@@ -617,3 +617,27 @@ def test_a_backup_into_a_directory_that_is_not_there_is_refused_before_the_disk_
     said = refused("there is no directory", "backup", "pg", "-o", nowhere, "--data-path", data)
     assert said == f"mirenfs: error: cannot write {nowhere}: there is no directory {nowhere.parent}\n"
     assert taken == []
+
+
+def test_a_restore_over_a_disk_says_whose_snapshot_it_was_and_a_filesystem_it_changed(
+    tmp_path: Path,
+) -> None:
+    """Trial T21 F6: another disk's snapshot, of another filesystem, restored over a disk by a
+    mistyped file name, turned ext4 into xfs with one line that said neither."""
+    data = tmp_path / "data"
+    data.mkdir()
+    ok("restore", GO_ODD.path, "--name", "pg", "--data-path", data)
+    before = disks(data)["pg"]["filesystem"]
+    other = "btrfs" if before != "btrfs" else "xfs"
+    image = tmp_path / "web.img"
+    image.write_bytes(os.urandom(1 << 20))
+    web = tmp_path / "web.mirn"
+    ok("backup", "--image", image, "--name", "web", "--filesystem", other, "-o", web)
+    done = ok("restore", web, "--name", "pg", "--force", "--data-path", data)
+    assert done.out.startswith(
+        f"restored disk pg (image replaced; it held {before}, now {other}) from {web}, "
+        "a snapshot of disk web: "
+    ), done.out
+    assert disks(data)["pg"]["filesystem"] == other
+    again = ok("restore", web, "--name", "pg", "--force", "--data-path", data)
+    assert again.out.startswith(f"restored disk pg (image replaced) from {web}, a snapshot of disk web: ")

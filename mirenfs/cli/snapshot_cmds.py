@@ -594,8 +594,9 @@ def _restore_disk(args: argparse.Namespace) -> int:
         finally:
             bar.close()
     how = target.installed_as()
+    whose = "" if meta.name == target.name else f", a snapshot of disk {printable(meta.name)}"
     say_done(
-        f"restored disk {target.name} ({how}) from {args.file}: {meta.size_bytes} bytes, "
+        f"restored disk {target.name} ({how}) from {args.file}{whose}: {meta.size_bytes} bytes, "
         f"checksum {meta.checksum}"
     )
     return 0

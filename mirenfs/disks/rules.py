@@ -345,7 +345,11 @@ class RestoreTarget:
         """What an installed restore did to the disk, in a few words (for its one line)."""
         if self.creates_disk:
             return "new disk"
-        return "image replaced" if self.replaces_image else "image written: the disk had none"
+        said = "image replaced" if self.replaces_image else "image written: the disk had none"
+        before = self._recorded_over or self.existing
+        if before is not None and self.filesystem is not None and before.filesystem != self.filesystem:
+            said += f"; it held {before.filesystem}, now {self.filesystem}"  # said, not silent (trial T21 F6)
+        return said
 
     @property
     def disk(self) -> Disk | None:
