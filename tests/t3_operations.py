@@ -12,6 +12,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -27,6 +28,7 @@ from mirenfs.engine.image import ImageIdentity, OpenImage
 from mirenfs.engine.produce import SnapshotProducer
 from mirenfs.errors import DiskLeasedError, FormatError, PointInTimeError, printable
 from mirenfs.format.header import decode_header
+from mirenfs.mount import inodes as inodes_module
 from mirenfs.mount import operations as operations_module
 from mirenfs.mount import session as session_module
 from mirenfs.mount import versions
@@ -363,6 +365,57 @@ async def test_an_image_changed_in_place_with_its_mtime_put_back_is_indexed_agai
         second = await m.read_file("pg.mirn")
     assert decode_header(second)[0].checksum == sha256_file(image) != decode_header(first)[0].checksum
     assert compressions, "no chunk was compressed: the old index was served"
+
+
+@trio_test
+async def test_a_snapshot_keeps_its_inode_across_mounts_until_its_image_changes(data_path: Path) -> None:
+    """Trial T21 F5: inodes were counted up at each mount, and restic and borg, which take a new
+    inode for a changed file, read every disk again after each remount. A file of the root now
+    keeps its inode while what it shows stays the same; a changed image gives a new one."""
+    image = add_image_disk(data_path, "pg")
+    add_image_disk(data_path, "web")
+    seen = []
+    for _mount in range(2):
+        async with operations(data_path) as m:
+            listed = {name: attrs.st_ino for name, attrs in await m.listdir(ROOT_INODE)}
+            looked = {
+                name: (await m.lookup(name)).st_ino for name in ("web.mirn", "pg.mirn", "pg.mirn.sha256")
+            }
+            seen.append((listed, looked))
+    assert seen[0] == seen[1]
+    listed, looked = seen[0]
+    assert len(set(listed.values()) | set(looked.values())) == len(listed) + len(looked)  # all apart
+    with open(image, "r+b") as f:
+        f.write(b"changed")
+    async with operations(data_path) as m:
+        assert (await m.lookup("pg.mirn")).st_ino != looked["pg.mirn"]
+        assert (await m.lookup("web.mirn")).st_ino == looked["web.mirn"]
+        assert {name: attrs.st_ino for name, attrs in await m.listdir(ROOT_INODE)} == listed
+
+
+@dataclass(eq=False)
+class _Version:
+    """What an inode table reads of a disk version."""
+
+    name: str
+    cache_key: str
+    fd: int = 3
+
+
+def test_inodes_that_meet_take_the_next_free_one_and_a_state_built_again_keeps_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    top = inodes_module.STABLE_INODES
+    monkeypatch.setattr(inodes_module, "stable_inode", lambda _kind, _name, _identity: top | (top - 2))
+    table = inodes_module.InodeTable()
+    pg = table.node_for(_Version("pg", "state 1"), inodes_module.SNAPSHOT)  # type: ignore[arg-type]
+    web = table.node_for(_Version("web", "state 1"), inodes_module.SNAPSHOT)  # type: ignore[arg-type]
+    last = table.node_for(_Version("db", "state 1"), inodes_module.SNAPSHOT)  # type: ignore[arg-type]
+    assert (pg.inode, web.inode, last.inode) == (top | (top - 2), top | (top - 1), top)  # round, in range
+    again = table.node_for(_Version("pg", "state 1"), inodes_module.SNAPSHOT)  # type: ignore[arg-type]
+    assert again.inode == pg.inode and table.nodes[pg.inode] is again  # the same bytes, rebuilt
+    listed = table.listing_inode("pg.mirn")
+    assert listed == top | 1 and table.allocate() < top
 
 
 @trio_test

@@ -9,6 +9,7 @@ whichever version is current. No pyfuse3 and no I/O here: plain tables.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -42,6 +43,20 @@ class OpenSnapshot:
     reader: SequentialReader
 
 
+# Inodes of the snapshot files are derived from what they show, in the upper half of 63 bits;
+# what lives only as long as a mount is counted up from the bottom, so the two never meet.
+STABLE_INODES = 1 << 62
+
+
+def stable_inode(kind: str, name: str, identity: str) -> int:
+    """The inode a file of the root gets on every mount while ``identity`` (a version's cache key:
+    the image's device, inode, size, times and the compression settings) is the same: restic and
+    borg take a new inode for a changed file, and read every disk again after each remount
+    (trial T21 F5)."""
+    digest = hashlib.blake2b(f"{kind}\0{name}\0{identity}".encode(errors="surrogateescape"), digest_size=8)
+    return STABLE_INODES | (int.from_bytes(digest.digest(), "big") & (STABLE_INODES - 1))
+
+
 class InodeTable:
     """Inodes for snapshot versions and for listing entries, allocated from one counter."""
 
@@ -54,17 +69,37 @@ class InodeTable:
         self._known_to_kernel: set[int] = set()  # version inodes a lookup answered: FORGET drops them
 
     def allocate(self) -> int:
+        """An inode for what lives only as long as this mount (restore/ entries): counted up,
+        below :data:`STABLE_INODES`."""
         self._next_inode += 1
         return self._next_inode - 1
 
     def node_for(self, version: DiskVersion, kind: str) -> Node:
-        """The node of ``version``'s snapshot or sidecar, the same one every time."""
+        """The node of ``version``'s snapshot or sidecar, the same one every time, under the same
+        inode on every mount while the image does not change (see :func:`stable_inode`)."""
         inode = self._by_version.get((kind, version))
         if inode is None:
             self._drop_closed_versions_unknown_to_kernel()
-            inode = self._by_version[(kind, version)] = self.allocate()
+            wanted = stable_inode(kind, version.name, version.cache_key)
+            inode = self._free_stable_inode(wanted, kind, version)
+            self._by_version[(kind, version)] = inode
             self.nodes[inode] = Node(inode, version.name, kind, version)
         return self.nodes[inode]
+
+    def _free_stable_inode(self, inode: int, kind: str, version: DiskVersion) -> int:
+        """``inode``, unless another file holds it (the next free one then). A node of an earlier
+        version object of the very same image state (built again after it was let go) gives its
+        inode up: the kernel may still hold it, for these same bytes."""
+        while (held := self.nodes.get(inode)) is not None or inode in self._listing:
+            if held is not None and (held.kind, held.name, held.version.cache_key) == (
+                kind,
+                version.name,
+                version.cache_key,
+            ):
+                self._by_version.pop((held.kind, held.version), None)
+                return inode
+            inode = STABLE_INODES | ((inode + 1) & (STABLE_INODES - 1))
+        return inode
 
     def handed_to_kernel(self, node: Node) -> None:
         """A lookup answered with ``node``'s inode: the kernel holds it until it sends FORGET."""
@@ -85,10 +120,13 @@ class InodeTable:
             self._by_version.pop((node.kind, node.version), None)
 
     def listing_inode(self, file_name: str) -> int:
-        """A stable inode for a ``readdir`` entry, by file name."""
+        """A stable inode for a ``readdir`` entry, by file name (the same on every mount)."""
         inode = self._listing_inodes.get(file_name)
         if inode is None:
-            inode = self._listing_inodes[file_name] = self.allocate()
+            inode = stable_inode("listing", file_name, "")
+            while inode in self._listing or inode in self.nodes:
+                inode = STABLE_INODES | ((inode + 1) & (STABLE_INODES - 1))
+            self._listing_inodes[file_name] = inode
             self._listing[inode] = file_name
         return inode
 
