@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -93,6 +94,70 @@ def test_a_copy_with_no_room_says_how_much_it_needs_and_how_much_there_is(
         f"copying its 3.0 MiB of data needs 67 MiB free in {tmp_path} (its data and 64 MiB to spare), "
         "and 40 MiB are"
     ) in str(refused.value)
+
+
+def test_a_second_calibration_samples_the_data_after_the_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    mib = 1 << 20
+    copied: list[list[tuple[int, int]]] = []
+    monkeypatch.setattr(
+        pointintime, "_copy_extents", lambda _s, _t, sample, _size, deadline: copied.append(sample)
+    )
+    monkeypatch.setattr(pointintime.os, "ftruncate", lambda _fd, _size: None)
+    extents = [(0, 10 * mib), (20 * mib, 60 * mib)]
+    for skip in (0, 32 * mib, 50 * mib):
+        pointintime._estimate_copy_seconds(-1, -1, extents, 50 * mib, skip=skip)
+    assert copied == [
+        [(0, 10 * mib), (20 * mib, 42 * mib)],  # the first 32 MiB of data
+        [(42 * mib, 60 * mib)],  # the rest after them
+        [(0, 10 * mib), (20 * mib, 42 * mib)],  # nothing after them: from the start again
+    ]
+
+
+@pytest.mark.parametrize(("first", "second", "refused"), [(30.0, 40.0, True), (30.0, 0.5, False)])
+def test_an_estimate_over_the_budget_is_measured_again_and_the_faster_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: float, second: float, refused: bool
+) -> None:
+    """Trial T21 F4: one sample slowed by a busy host (20 to 60 times the copies that followed)
+    refused a disk in use with EBUSY, and a nightly tar lost it. A slow copy is slow twice."""
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as data:
+        data.truncate(64 << 20)
+        data.write(b"x" * (3 << 20))
+    measured = iter([first, second])
+    skips: list[int] = []
+
+    def estimate(_source: int, _target: int, _extents: object, _data: int, *, skip: int = 0) -> float:
+        skips.append(skip)
+        return next(measured)
+
+    monkeypatch.setattr(pointintime, "_estimate_copy_seconds", estimate)
+    monkeypatch.setattr(pointintime, "_free_bytes", lambda _directory: 1 << 40)
+
+    class NoFreezeHere(Exception):
+        pass
+
+    def freeze(*_args: object) -> None:
+        raise NoFreezeHere  # past the estimate: it would freeze now
+
+    monkeypatch.setattr(pointintime, "_Freeze", freeze)
+    source = OpenImage.open(str(image))
+    try:
+        with pytest.raises((PointInTimeError, NoFreezeHere)) as ended:
+            pointintime._frozen_sparse_copy(
+                "pg",
+                source,
+                SimpleNamespace(fd=-1, directory=str(tmp_path)),  # type: ignore[arg-type]
+                [],
+                CopyPolicy(freeze_budget_s=3.0),
+                "no reflinks",
+                str(tmp_path),
+            )
+    finally:
+        source.close()
+    assert skips == [0, pointintime.CALIBRATION_BYTES]
+    assert isinstance(ended.value, PointInTimeError) is refused
+    if refused:
+        assert "would take about 37.6 s, over the freeze budget of 3 s" in str(ended.value)
 
 
 @pytest.mark.parametrize("when", ["freeze", "thaw"])
