@@ -1369,17 +1369,40 @@ def test_catalog_copy_refuses_a_data_path_the_sqlite_side_overrides(tmp_path: Pa
     assert not other.exists() and list(data.iterdir()) == []
 
 
+def _stopped_mid_restore(tmp_path: Path, restore_command: list[str], *signals: int) -> tuple[int, str]:
+    """``restore_command`` (a restore from standard input) fed the first third of a 24 MiB
+    snapshot made here, then sent ``signals`` once its staging file is there: its exit status and
+    what it said on stderr."""
+    image, snapshot = tmp_path / "random.img", tmp_path / "big.mirn"
+    image.write_bytes(os.urandom(24 << 20))  # incompressible: a snapshot of 24 MiB, fed a third of it
+    assert said("backup", "--image", str(image), "--filesystem", "ext4", "-o", str(snapshot))[0] == 0
+    image.unlink()
+    restore = subprocess.Popen(restore_command, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert restore.stdin is not None and restore.stderr is not None
+        restore.stdin.write(snapshot.read_bytes()[: 8 << 20])  # the header and part of the data
+        restore.stdin.flush()
+        wait_for(lambda: list(tmp_path.rglob("*.restore.tmp")), "the restore's staging file")
+        for number in signals:
+            restore.send_signal(number)
+        code = restore.wait(timeout=60)
+        return code, restore.stderr.read().decode().strip()
+    finally:
+        restore.kill()
+        restore.wait(timeout=60)
+        for stream in (restore.stdin, restore.stderr):
+            if stream is not None:
+                stream.close()
+
+
 @pytest.mark.parametrize("sigint", ["default", "ignored"])
 @pytest.mark.parametrize("into", ["--image", "--name"])
 def test_sigterm_mid_restore_leaves_nothing_as_ctrl_c_does(tmp_path: Path, into: str, sigint: str) -> None:
     """kill, timeout(1) and systemd send SIGTERM: the restore is undone as on Ctrl-C (the staging
     file removed, a disk it was creating removed), not left half-done by a death by signal. Also
     when SIGINT is ignored, as in a background job of a script (``mirenfs restore … &``)."""
-    data, image, snapshot = tmp_path / "data", tmp_path / "random.img", tmp_path / "big.mirn"
+    data = tmp_path / "data"
     data.mkdir()
-    image.write_bytes(os.urandom(24 << 20))  # incompressible: a snapshot of 24 MiB, fed a third of it
-    assert said("backup", "--image", str(image), "--filesystem", "ext4", "-o", str(snapshot))[0] == 0
-    image.unlink()
     into_store = ["--name", "pg", "--data-path", str(data)]
     command = [
         *(["sh", "-c", 'trap "" INT; exec "$@"', "sh"] if sigint == "ignored" else []),
@@ -1388,21 +1411,10 @@ def test_sigterm_mid_restore_leaves_nothing_as_ctrl_c_does(tmp_path: Path, into:
         "-",
         *(["--image", str(tmp_path / "new.img")] if into == "--image" else into_store),
     ]
-    restore = subprocess.Popen(command, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        assert restore.stdin is not None and restore.stderr is not None
-        restore.stdin.write(snapshot.read_bytes()[: 8 << 20])  # the header and part of the data
-        restore.stdin.flush()
-        wait_for(lambda: list(tmp_path.rglob("*.restore.tmp")), "the restore's staging file")
-        restore.send_signal(signal.SIGTERM)
-        assert restore.wait(timeout=60) == 128 + signal.SIGTERM
-        assert restore.stderr.read().decode().strip() == "mirenfs: terminated"
-    finally:
-        restore.kill()
-        restore.wait(timeout=60)
-        for stream in (restore.stdin, restore.stderr):
-            if stream is not None:
-                stream.close()
+    assert _stopped_mid_restore(tmp_path, command, signal.SIGTERM) == (
+        128 + signal.SIGTERM,
+        "mirenfs: terminated",
+    )
     assert not (tmp_path / "new.img").exists() and list(tmp_path.rglob("*.tmp")) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.mirn", "data"]
     assert said("disk", "list", "--json", "--data-path", str(data))[1].strip() == "[]"
@@ -1413,27 +1425,11 @@ def test_two_interrupts_at_once_as_timeout_sends_them_still_undo_the_restore(tmp
     The second could reach the undo of the first (trial T21 F1: the new disk stayed, 2 to 4 times
     in 24). Whether it lands there is timing; t2_cli_store puts an interrupt there every time.
     Here: the real signals, and nothing is left either way."""
-    data, image, snapshot = tmp_path / "data", tmp_path / "random.img", tmp_path / "big.mirn"
+    data = tmp_path / "data"
     data.mkdir()
-    image.write_bytes(os.urandom(24 << 20))
-    assert said("backup", "--image", str(image), "--filesystem", "ext4", "-o", str(snapshot))[0] == 0
     command = [*mirenfs_command(), "restore", "-", "--name", "pg", "--data-path", str(data)]
-    restore = subprocess.Popen(command, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        assert restore.stdin is not None and restore.stderr is not None
-        restore.stdin.write(snapshot.read_bytes()[: 8 << 20])
-        restore.stdin.flush()
-        wait_for(lambda: list(data.rglob("*.restore.tmp")), "the restore's staging file")
-        restore.send_signal(signal.SIGINT)
-        restore.send_signal(signal.SIGINT)
-        assert restore.wait(timeout=60) == 130
-        assert restore.stderr.read().decode().strip() == "mirenfs: interrupted"
-    finally:
-        restore.kill()
-        restore.wait(timeout=60)
-        for stream in (restore.stdin, restore.stderr):
-            if stream is not None:
-                stream.close()
+    stopped = _stopped_mid_restore(tmp_path, command, signal.SIGINT, signal.SIGINT)
+    assert stopped == (130, "mirenfs: interrupted")
     assert said("disk", "list", "--json", "--data-path", str(data))[1].strip() == "[]"
     assert list(data.rglob("*.tmp")) == [] and list((data / "disk-data").rglob("*.img")) == []
 
