@@ -8,10 +8,10 @@ points at the file any more, this close was the last one. After ``umount -l``
 the kernel names a descriptor of the detached mount by its path inside it
 (``/restore/NAME``); such a candidate counts only when its ``fdinfo`` shows
 this mount's id and the entry's inode, so that a file of the same name
-elsewhere never does. Only descriptors open for writing count. Only
-``readlink`` and ``/proc`` reads are used: they never call into any
-filesystem (nor into this mount). Blocking: run it in a
-worker thread. It never raises; a process it cannot look into counts as not
+elsewhere never does. Only descriptors open for writing count (a reader of
+an entry's outcome adds nothing to its stream). It uses ``readlink`` and
+``/proc`` reads alone: they never call into any filesystem (nor into this
+mount). Blocking: run it in a worker thread. It never raises; a process it cannot look into counts as not
 holding the file (it cannot be a writer the mount's owner started).
 """
 
