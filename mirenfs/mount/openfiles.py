@@ -11,8 +11,9 @@ this mount's id and the entry's inode, so that a file of the same name
 elsewhere never does. Only descriptors open for writing count (a reader of
 an entry's outcome adds nothing to its stream). It uses ``readlink`` and
 ``/proc`` reads alone: they never call into any filesystem (nor into this
-mount). Blocking: run it in a worker thread. It never raises; a process it cannot look into counts as not
-holding the file (it cannot be a writer the mount's owner started).
+mount). Blocking: run it in a worker thread. It never raises; a process it
+cannot look into counts as not holding the file (it cannot be a writer the
+mount's owner started).
 """
 
 from __future__ import annotations
