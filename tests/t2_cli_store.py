@@ -75,7 +75,10 @@ def test_backup_by_name_gives_the_engine_bytes_and_restores_under_a_new_name(
 def test_force_replaces_an_existing_disk_and_updates_its_record(data: Path, ext4_disk: Path) -> None:
     volume_id = disks(data)["disk-ext4"]["volume_id"]
     result = ok("restore", GO_ODD.path, "--name", "disk-ext4", "--force", "--data-path", data)
-    assert "restored disk disk-ext4 (image replaced)" in result.out
+    assert result.out.startswith(
+        f"restored disk disk-ext4 (image replaced; it held ext4, now {GO_ODD.filesystem}) from "
+        f"{GO_ODD.path}, a snapshot of disk {GO_ODD.name}: "
+    ), result.out
     entry = disks(data)["disk-ext4"]
     assert sha256_file(ext4_disk) == GO_ODD.sha256
     assert (entry["size_bytes"], entry["filesystem"], entry["volume_id"]) == (
