@@ -30,7 +30,7 @@ from mirenfs.errors import MirenfsError, StoreError
 from mirenfs.mount.config import MountConfig
 
 from support.data import sha256_file, staging_files, write_image
-from support.runners import MIRENFS, mirenfs_command, ok, run, run_cli, run_mirenfs
+from support.runners import MIRENFS, mirenfs_command, ok, run, run_cli, run_cli_as_process_would, run_mirenfs
 from support.store import disks
 from support.vectors import GO_VECTORS
 
@@ -40,7 +40,7 @@ def test_backup_inspect_verify_restore(tmp_path: Path) -> None:
     content = write_image(image, [("text", 3 << 20), ("hole", 6 << 20), ("data", 100_001)])
     snap = tmp_path / "web.mirn"
 
-    result = run_mirenfs("backup", "--image", str(image), "--filesystem", "xfs", "-o", str(snap))
+    result = run_cli_as_process_would("backup", "--image", str(image), "--filesystem", "xfs", "-o", str(snap))
     assert result.returncode == 0, result.stderr
     assert result.stderr == b""  # no progress bar when stderr is not a terminal
     checksum = sha256_file(image)
@@ -49,18 +49,18 @@ def test_backup_inspect_verify_restore(tmp_path: Path) -> None:
     piped = run_mirenfs("backup", "--image", str(image), "--filesystem", "xfs", "-o", "-")
     assert piped.stdout == snap.read_bytes()  # to stdout: the snapshot and nothing else
 
-    inspected = run_mirenfs("inspect", "--json", str(snap))
+    inspected = run_cli_as_process_would("inspect", "--json", str(snap))
     fields = json.loads(inspected.stdout)
     assert fields["name"] == "web" and fields["filesystem"] == "xfs"
     assert fields["size_bytes"] == len(content)
     assert fields["checksum"] == sha256_file(image)
     assert fields["seekable_frames"] == 3  # 9.1 MiB in 4 MiB chunks
 
-    verified = run_mirenfs("verify", str(snap))
+    verified = run_cli_as_process_would("verify", str(snap))
     assert verified.returncode == 0 and b"OK" in verified.stdout
 
     restored = tmp_path / "restored.img"
-    result = run_mirenfs("restore", str(snap), "--image", str(restored))
+    result = run_cli_as_process_would("restore", str(snap), "--image", str(restored))
     assert result.returncode == 0, result.stderr
     assert restored.read_bytes() == content
     assert restored.stat().st_blocks * 512 < 4 << 20  # the hole stayed a hole
@@ -71,7 +71,10 @@ def test_stdout_backup_equals_file_backup(tmp_path: Path) -> None:
     write_image(image, [("data", 5 << 20), ("hole", 4 << 20), ("text", 12345)])
     snap = tmp_path / "disk.mirn"
     assert (
-        run_mirenfs("backup", "--image", str(image), "--filesystem", "ext4", "-o", str(snap)).returncode == 0
+        run_cli_as_process_would(
+            "backup", "--image", str(image), "--filesystem", "ext4", "-o", str(snap)
+        ).returncode
+        == 0
     )
     piped = run_mirenfs("backup", "--image", str(image), "--filesystem", "ext4", "-o", "-")
     assert piped.returncode == 0, piped.stderr
@@ -85,11 +88,14 @@ def test_stdout_backup_equals_file_backup(tmp_path: Path) -> None:
 
 def test_filesystem_is_detected_from_the_image(tmp_path: Path) -> None:
     image = tmp_path / "ext.img"
-    result = run_mirenfs("restore", str(GO_VECTORS[0].path), "--image", str(image))
+    result = run_cli_as_process_would("restore", str(GO_VECTORS[0].path), "--image", str(image))
     assert result.returncode == 0, result.stderr
     snap = tmp_path / "ext.mirn"
-    assert run_mirenfs("backup", "--image", str(image), "--name", "pg", "-o", str(snap)).returncode == 0
-    fields = json.loads(run_mirenfs("inspect", "--json", str(snap)).stdout)
+    assert (
+        run_cli_as_process_would("backup", "--image", str(image), "--name", "pg", "-o", str(snap)).returncode
+        == 0
+    )
+    fields = json.loads(run_cli_as_process_would("inspect", "--json", str(snap)).stdout)
     assert (fields["name"], fields["filesystem"]) == ("pg", "ext4")
 
 
@@ -97,18 +103,20 @@ def test_restore_refuses_an_existing_image_without_force(tmp_path: Path) -> None
     image = tmp_path / "disk.img"
     write_image(image, [("text", 50_000)])
     before = sha256_file(image)
-    result = run_mirenfs("restore", str(GO_VECTORS[2].path), "--image", str(image))
+    result = run_cli_as_process_would("restore", str(GO_VECTORS[2].path), "--image", str(image))
     assert result.returncode == 1
     assert b"already exists; pass --force" in result.stderr
     assert sha256_file(image) == before and staging_files(tmp_path) == []
 
-    result = run_mirenfs("restore", str(GO_VECTORS[2].path), "--image", str(image), "--force")
+    result = run_cli_as_process_would("restore", str(GO_VECTORS[2].path), "--image", str(image), "--force")
     assert result.returncode == 0, result.stderr
     assert sha256_file(image) == GO_VECTORS[2].sha256
 
 
 def test_failed_backup_leaves_no_partial_output(tmp_path: Path) -> None:
-    result = run_mirenfs("backup", "--image", str(tmp_path / "missing.img"), "-o", str(tmp_path / "x.mirn"))
+    result = run_cli_as_process_would(
+        "backup", "--image", str(tmp_path / "missing.img"), "-o", str(tmp_path / "x.mirn")
+    )
     assert result.returncode == 1
     assert b"cannot open image" in result.stderr and b"missing.img" in result.stderr
     assert os.listdir(tmp_path) == []
@@ -116,7 +124,7 @@ def test_failed_backup_leaves_no_partial_output(tmp_path: Path) -> None:
     image = tmp_path / "disk.img"
     write_image(image, [("text", 1000)])
     missing_directory = tmp_path / "no-such-dir" / "x.mirn"
-    result = run_mirenfs(
+    result = run_cli_as_process_would(
         "backup", "--image", str(image), "--filesystem", "ext4", "-o", str(missing_directory)
     )
     assert result.returncode == 1
@@ -126,7 +134,7 @@ def test_failed_backup_leaves_no_partial_output(tmp_path: Path) -> None:
 
 def test_verify_reports_go_vectors_ok() -> None:
     for vector in GO_VECTORS:
-        result = run_mirenfs("verify", str(vector.path))
+        result = run_cli_as_process_would("verify", str(vector.path))
         assert result.returncode == 0, (vector.file, result.stderr)
         assert vector.sha256.encode() in result.stdout
 

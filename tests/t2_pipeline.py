@@ -54,6 +54,7 @@ from support.mounts import wait_for
 from support.streams import (
     Collect,
     feed_in_pieces,
+    feed_until_held_back,
     hold_the_hash_lane,
     image_bytes,
     many_frame_snapshot,
@@ -173,12 +174,8 @@ def test_a_slow_writer_holds_back_the_feeds_in_bounded_memory(frame: int | None)
 
     async def run() -> None:
         stream = RestoreStream(open_target)
-        fed = 0
-        with trio.move_on_after(2) as waited:
-            while fed < len(snapshot):
-                await stream.feed(snapshot[fed : fed + FEED_BATCH])
-                fed += FEED_BATCH
-        assert waited.cancelled_caught, "every feed returned although nothing could be written"
+        fed, held_back = await feed_until_held_back(stream, snapshot, piece=FEED_BATCH)
+        assert held_back, "every feed returned although nothing could be written"
         bound = INPUT_LIMIT + (POOL_PIECES + 2) * PIECE + 2 * FEED_BATCH
         assert FEED_BATCH <= fed <= bound
         writer.release.set()
@@ -205,9 +202,13 @@ def test_restores_at_once_share_one_bound_and_each_finishes_exactly() -> None:
     fed = [1024] * 3  # the header of each first: all three run before any data is decompressed
 
     async def fill(n: int) -> None:
-        while fed[n] < len(snapshots[n]):
-            await streams[n].feed(snapshots[n][fed[n] : fed[n] + FEED_BATCH])
-            fed[n] += FEED_BATCH  # not counted when the feed was cancelled waiting for room
+        def holding_a_piece() -> bool:
+            pipeline = streams[n]._pipeline
+            return pipeline is not None and pipeline._pool.buffers >= 1
+
+        fed[n], _ = await feed_until_held_back(
+            streams[n], snapshots[n], fed[n], piece=FEED_BATCH, until=holding_a_piece
+        )
 
     streams = [RestoreStream(partial(_returning, writer)) for writer in writers]
 
@@ -215,10 +216,9 @@ def test_restores_at_once_share_one_bound_and_each_finishes_exactly() -> None:
         for stream, snapshot, start in zip(streams, snapshots, fed, strict=True):
             await stream.feed(snapshot[:start])
         assert BULK_WORK.running == 3
-        with trio.move_on_after(3):
-            async with trio.open_nursery() as nursery:
-                for n in range(3):
-                    nursery.start_soon(fill, n)
+        async with trio.open_nursery() as nursery:  # each until held back, holding a piece
+            for n in range(3):
+                nursery.start_soon(fill, n)
         pipelines = [stream._pipeline for stream in streams]
         assert all(pipeline is not None for pipeline in pipelines)
         pieces = sum(pipeline._pool.buffers for pipeline in pipelines if pipeline is not None)
@@ -258,10 +258,11 @@ def test_whole_frames_wait_in_the_frame_pool_and_input_is_let_go_as_they_are_gat
     async def run() -> None:
         nonlocal fed
         stream = RestoreStream(partial(_returning, writer))
-        with trio.move_on_after(2):
-            while fed < len(snapshot):
-                await stream.feed(snapshot[fed : fed + FEED_BATCH])
-                fed += FEED_BATCH
+
+        def gathering_frames() -> bool:
+            return stream._pipeline is not None and stream._pipeline._frame_pool.buffers > 0
+
+        fed, _ = await feed_until_held_back(stream, snapshot, piece=FEED_BATCH, until=gathering_frames)
         peaks.append(tracemalloc.get_traced_memory()[1])
         pipeline = stream._pipeline
         assert pipeline is not None and 0 < pipeline._frame_pool.buffers <= consume.FRAME_BUFFERS
@@ -770,9 +771,7 @@ def test_a_failed_restore_keeps_none_of_its_pieces_while_its_stream_is_held() ->
             return FailingWriter()
 
         stream = RestoreStream(open_target)
-        with trio.move_on_after(2):  # until the stages are full and the feed waits for room
-            for start in range(0, len(snapshot), 1 << 20):
-                await stream.feed(snapshot[start : start + (1 << 20)])
+        await feed_until_held_back(stream, snapshot, until=lambda: pool_buffers() > 0)
         held = pool_buffers()
         writing.set()
         with pytest.raises(TargetError):

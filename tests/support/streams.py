@@ -15,8 +15,10 @@ import io
 import random
 import struct
 import threading
+from collections.abc import Callable
 
 import pytest
+import trio
 import zstandard
 
 from mirenfs.engine import produce
@@ -76,6 +78,32 @@ class Collect:
 
     def write(self, data: bytes) -> None:
         self.data += data
+
+
+async def feed_until_held_back(
+    stream: RestoreStream,
+    snapshot: bytes,
+    fed: int = 0,
+    *,
+    piece: int = 1 << 20,
+    until: Callable[[], bool] = lambda: True,
+    quiet_s: float = 0.3,
+    deadline_s: float = 60,
+) -> tuple[int, bool]:
+    """Feed ``snapshot`` from ``fed`` in pieces of ``piece`` bytes until one feed has waited
+    ``quiet_s`` for room (the stages held back, the input full) and ``until()`` holds: where the
+    feeding stopped (the feed that waited does not count), and whether it was held back at all
+    (False: everything went in). A slow machine makes it wait longer, never fail: polled up to
+    ``deadline_s``, not a fixed time."""
+    with trio.fail_after(deadline_s):
+        while fed < len(snapshot):
+            with trio.move_on_after(quiet_s) as waited:
+                await stream.feed(snapshot[fed : fed + piece])
+            if not waited.cancelled_caught:
+                fed += piece
+            elif until():
+                return fed, True
+        return fed, False
 
 
 async def feed_in_pieces(stream: RestoreStream, snapshot: bytes, seed: int, largest: int = 300_000) -> None:
