@@ -23,6 +23,7 @@ import trio
 import trio.testing
 
 from mirenfs.disks.model import DiskState
+from mirenfs.disks.pointintime import Consistency
 from mirenfs.disks.store import Store
 from mirenfs.engine.image import ImageIdentity, OpenImage
 from mirenfs.engine.produce import SnapshotProducer
@@ -400,6 +401,7 @@ class _Version:
     name: str
     cache_key: str
     fd: int = 3
+    consistency: Consistency = Consistency.OFFLINE
 
 
 def test_inodes_that_meet_take_the_next_free_one_and_a_state_built_again_keeps_its_own(
@@ -414,8 +416,10 @@ def test_inodes_that_meet_take_the_next_free_one_and_a_state_built_again_keeps_i
     assert (pg.inode, web.inode, last.inode) == (top | (top - 2), top | (top - 1), top)  # round, in range
     again = table.node_for(_Version("pg", "state 1"), inodes_module.SNAPSHOT)  # type: ignore[arg-type]
     assert again.inode == pg.inode and table.nodes[pg.inode] is again  # the same bytes, rebuilt
+    live = _Version("pg", "state 1", consistency=Consistency.LIVE)  # read from a moving image
+    assert table.node_for(live, inodes_module.SNAPSHOT).inode == top | 1  # type: ignore[arg-type]
     listed = table.listing_inode("pg.mirn")
-    assert listed == top | 1 and table.allocate() < top
+    assert listed == top | 2 and table.allocate() < top
 
 
 @trio_test

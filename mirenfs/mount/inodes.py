@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from mirenfs.disks.pointintime import Consistency
 from mirenfs.engine.produce import SequentialReader
 from mirenfs.mount.versions import DiskVersion
 
@@ -89,12 +90,15 @@ class InodeTable:
     def _free_stable_inode(self, inode: int, kind: str, version: DiskVersion) -> int:
         """``inode``, unless another file holds it (the next free one then). A node of an earlier
         version object of the very same image state (built again after it was let go) gives its
-        inode up: the kernel may still hold it, for these same bytes."""
+        inode up: the kernel may still hold it, pages cached, for these same bytes. Not one read
+        live from a moving image, whose bytes the same state does not fix."""
+        same_bytes = version.consistency is not Consistency.LIVE
         while (held := self.nodes.get(inode)) is not None or inode in self._listing:
-            if held is not None and (held.kind, held.name, held.version.cache_key) == (
-                kind,
-                version.name,
-                version.cache_key,
+            if (
+                same_bytes
+                and held is not None
+                and held.version.consistency is not Consistency.LIVE
+                and (held.kind, held.name, held.version.cache_key) == (kind, version.name, version.cache_key)
             ):
                 self._by_version.pop((held.kind, held.version), None)
                 return inode
