@@ -71,6 +71,7 @@ from mirenfs.engine.files import (
 )
 from mirenfs.engine.framestore import FrameStore
 from mirenfs.engine.fstype import SIGNATURES_END, detect_filesystem
+from mirenfs.engine.image import cannot_write
 from mirenfs.engine.produce import Settings
 from mirenfs.errors import (
     NO_SPACE,
@@ -189,9 +190,9 @@ def _refuse_backup_output(output: str, source: str, catalog: Catalog | None = No
         )
     if catalog is not None:
         refuse_output_over_an_image(output, source=source, action=_WRITING_THE_BACKUP)
-    directory = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(directory):  # trial T21 F7: said only after the disk was frozen and copied
-        raise TargetError(f"cannot write {output}: there is no directory {directory}", errno.ENOENT)
+    if not os.path.isdir(os.path.dirname(os.path.abspath(output))):  # trial T21 F7: said only after
+        # the disk was frozen and copied; in the words the write itself would have failed with
+        raise cannot_write(output, FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), output))
 
 
 def _refuse_restore_target(image: str, snapshot: str) -> None:
