@@ -24,7 +24,12 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from mirenfs.cli import catalog_cmds, demo, disk_cmds, mount_cmds, snapshot_cmds
-from mirenfs.cli.common import ProcessEnd, add_scope_options_before_command, settle_scope_options
+from mirenfs.cli.common import (
+    ProcessEnd,
+    add_scope_options_before_command,
+    ignore_interrupts_from_now_on,
+    settle_scope_options,
+)
 from mirenfs.engine.aio import meaningful_error
 from mirenfs.errors import CatalogUnreachableError, MirenfsError, one_line
 
@@ -218,8 +223,7 @@ def _terminated_as_interrupted(command: str, finished: list[bool]) -> Iterator[l
         yield received
     finally:
         if finished[0]:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            ignore_interrupts_from_now_on()
         else:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # None: set in C
             if interrupt_before == signal.SIG_IGN:

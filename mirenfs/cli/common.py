@@ -24,6 +24,7 @@ from mirenfs.errors import MirenfsError, one_line
 from mirenfs.mount.config import size_in_bytes
 
 DEFAULT_DATA_PATH = "/var/lib/miren"
+DATA_PATH_ENV = "MIRENFS_DATA_PATH"
 
 
 class ProcessEnd:
@@ -41,9 +42,6 @@ def ignore_interrupts_from_now_on() -> None:
     if ProcessEnd.with_the_command and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-DATA_PATH_ENV = "MIRENFS_DATA_PATH"
 
 
 def resolve_data_path(
