@@ -206,7 +206,7 @@ class DiskRestore:
                 meta = await self._restore.finish()
             except BaseException:
                 with trio.CancelScope(shield=True):  # the store describes the image in place
-                    await _through_interrupts(self._set_the_record_right)
+                    await _through_interrupts(partial(self._record_done_or, self.target.undo_record))
                 raise
             # Shielded, and done by abort() too if an interrupt lands here all the same: a SIGINT
             # during the rename reaches this checkpoint, and the clean-up would remove a disk
@@ -222,13 +222,14 @@ class DiskRestore:
                     raise failed from None
         return meta
 
-    async def _set_the_record_right(self) -> None:
-        """After a failed finish: the record of a restore done, or of the image still in place."""
-        if self._restore.installed:  # interrupted after the rename: the restore is done
-            with contextlib.suppress(MirenfsError):  # outcome() says what is behind
+    async def _record_done_or(self, undo: Callable[[], None]) -> None:
+        """The record of a restore done once its image was replaced (interrupted after the
+        rename: nothing to undo), else ``undo`` (in a worker thread)."""
+        if self._restore.installed:
+            with contextlib.suppress(MirenfsError):  # a record still behind: outcome() says so
                 await trio.to_thread.run_sync(self.target.finalize)
         else:
-            await trio.to_thread.run_sync(self.target.undo_record)
+            await trio.to_thread.run_sync(undo)
 
     async def _record_the_installed_image(self) -> None:
         """The store's record of the image now in place, tried twice: one failed write (a disk I/O
@@ -259,11 +260,7 @@ class DiskRestore:
 
     async def _undo(self) -> None:
         await self._restore.discard()
-        if self._restore.installed:
-            with contextlib.suppress(MirenfsError):  # a record still behind: outcome() says so
-                await trio.to_thread.run_sync(self.target.finalize)
-        else:
-            await trio.to_thread.run_sync(self.target.cleanup)
+        await self._record_done_or(self.target.cleanup)
 
 
 @trio.lowlevel.enable_ki_protection
