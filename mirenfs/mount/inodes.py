@@ -58,6 +58,11 @@ def stable_inode(kind: str, name: str, identity: str) -> int:
     return STABLE_INODES | (int.from_bytes(digest.digest(), "big") & (STABLE_INODES - 1))
 
 
+def _next_stable(inode: int) -> int:
+    """The stable inode after ``inode``, round within the upper half (where two files met)."""
+    return STABLE_INODES | ((inode + 1) & (STABLE_INODES - 1))
+
+
 class InodeTable:
     """Inodes for snapshot versions and for listing entries, allocated from one counter."""
 
@@ -102,7 +107,7 @@ class InodeTable:
             ):
                 self._by_version.pop((held.kind, held.version), None)
                 return inode
-            inode = STABLE_INODES | ((inode + 1) & (STABLE_INODES - 1))
+            inode = _next_stable(inode)
         return inode
 
     def handed_to_kernel(self, node: Node) -> None:
@@ -129,7 +134,7 @@ class InodeTable:
         if inode is None:
             inode = stable_inode("listing", file_name, "")
             while inode in self._listing or inode in self.nodes:
-                inode = STABLE_INODES | ((inode + 1) & (STABLE_INODES - 1))
+                inode = _next_stable(inode)
             self._listing_inodes[file_name] = inode
             self._listing[inode] = file_name
         return inode
