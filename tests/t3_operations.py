@@ -8,6 +8,7 @@ import errno
 import hashlib
 import logging
 import os
+import shutil
 import stat
 import threading
 import time
@@ -48,6 +49,7 @@ from support.fuse_ops import (
     InProcessMount,
     SetattrFields,
     add_image_disk,
+    attach_fake_loop,
     fuse_errno,
     operations,
     snapshot_bytes,
@@ -1080,6 +1082,32 @@ async def test_a_copy_of_a_disk_in_use_stands_for_it_while_read_and_a_minute_aft
     clock[0] = 300.0
     service.release(copy)
     assert await current(359.0) and not await current(361.0)  # a minute after the last close
+
+
+@trio_test
+async def test_a_disk_put_in_use_after_it_was_read_offline_is_never_served_as_offline(
+    data_path: Path, sys_block: Path
+) -> None:
+    """Trial T21 F8: after `losetup` of an indexed disk, its image unchanged yet, ``stat`` and the
+    consistency xattr said ``offline`` and a read came from the image a write could change at any
+    moment. A disk in use is taken from a point-in-time copy, which an ext4 data path cannot make
+    of a loop device nothing is mounted from: refused (EBUSY). A handle opened before goes on with
+    the bytes it began; once the loop device is gone the disk is offline again, same inode."""
+    image = add_image_disk(data_path, "pg")
+    expected = await snapshot_bytes(image, name="pg")
+    async with operations(data_path) as m:
+        offline = await m.lookup("pg.mirn")
+        assert (await m.xattrs(offline.st_ino))["user.mirenfs.consistency"] == "offline"
+        before = await m.open(offline.st_ino)
+        attach_fake_loop(sys_block, "loop3", image)
+        assert await fuse_errno(m.lookup("pg.mirn")) == errno.EBUSY
+        assert await m.read_handle(before) == expected
+        await m.ops.release(before)
+        shutil.rmtree(sys_block / "loop3" / "loop")  # `losetup -d`
+        again = await m.lookup("pg.mirn")
+        assert again.st_ino == offline.st_ino and again.st_size == offline.st_size
+        assert (await m.xattrs(again.st_ino))["user.mirenfs.consistency"] == "offline"
+        assert await m.read_file("pg.mirn") == expected
 
 
 @trio_test

@@ -280,6 +280,28 @@ def test_a_loop_device_used_raw_gives_a_crash_consistent_reflink(mounts: Mounts,
     ok("verify", tmp_path / "pg.mirn")
 
 
+def test_a_loop_device_attached_after_an_offline_read_gives_a_copy(mounts: Mounts, tmp_path: Path) -> None:
+    """Trial T21 F8: `losetup` of a disk already read offline left it ``offline`` (its image had
+    not changed yet), so its next backup read the image a write could change under it."""
+    with data_path_on("xfs", tmp_path) as data:
+        ok("disk", "create", "pg", "--size", "64M", "--filesystem", "ext4", "--data-path", data)
+        image = Path(disks(data)["pg"]["image_path"])
+        with mirenfs(mounts, tmp_path, data) as mount:
+            snapshot = mount.mountpoint / "pg.mirn"
+            assert os.getxattr(snapshot, CONSISTENCY) == b"offline"
+            done = copy_out(snapshot, tmp_path / "offline.mirn")
+            assert done.returncode == 0, done.stderr
+            with contextlib.ExitStack() as stack:
+                device = run(tool("losetup"), "-f", "--show", image).stdout.strip()
+                stack.callback(run, tool("losetup"), "-d", device)
+                assert os.getxattr(snapshot, CONSISTENCY) == b"crash-consistent"
+                done = copy_out(snapshot, tmp_path / "copy.mirn")
+                assert done.returncode == 0, done.stderr
+    # Nothing wrote to the image: its copy's snapshot is the same file.
+    assert (tmp_path / "copy.mirn").read_bytes() == (tmp_path / "offline.mirn").read_bytes()
+    ok("verify", tmp_path / "copy.mirn")
+
+
 # ---- ext4 data paths: a budgeted sparse copy under freeze, or a refusal ------------------------
 
 

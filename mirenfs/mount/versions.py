@@ -426,13 +426,20 @@ class SnapshotService:
         self, name: str, identity: ImageIdentity, filesystem: str, attached: bool
     ) -> DiskVersion | None:
         existing = self._current.get(name)
-        if (
-            existing is not None
-            and existing.filesystem == filesystem
-            and (existing.identity == identity or await self._copy_still_current(existing, attached))
-        ):
-            return existing
-        return None
+        if existing is None or existing.filesystem != filesystem:
+            return None
+        if existing.identity != identity:
+            return existing if await self._copy_still_current(existing, attached) else None
+        if existing.consistency is Consistency.OFFLINE and await self._put_in_use(existing, attached):
+            return None
+        return existing
+
+    async def _put_in_use(self, version: DiskVersion, attached: bool) -> bool:
+        """Whether a disk whose version was read from its image, not in use, is in use now. Its image
+        may be unchanged (a loop device attached, nothing written yet), but the next write may
+        come at any moment and fail every read of the image after it: a disk in use is read from
+        a point-in-time copy, and `losetup` of an indexed disk still said ``offline`` (trial T21 F8)."""
+        return attached or await trio.to_thread.run_sync(_image_in_use, version.image_path)
 
     async def _copy_still_current(self, version: DiskVersion, attached: bool) -> bool:
         """Whether a point-in-time version of a disk still in use may stand for it now."""
