@@ -1343,15 +1343,24 @@ async def test_rsync_temporary_file_and_rename(data_path: Path, good: Snapshot) 
 
 
 RENAME_NOREPLACE = 1  # renameat2(2), as the kernel passes it in rename's flags
+RENAME_EXCHANGE = 2
 
 
+@pytest.mark.parametrize(
+    ("flags", "code"),
+    [(RENAME_NOREPLACE, errno.EEXIST), (RENAME_EXCHANGE, errno.EINVAL)],
+    ids=["noreplace-eexist", "exchange-einval"],
+)
 @trio_test
-async def test_rename_noreplace_onto_an_existing_entry_is_eexist(data_path: Path) -> None:
+async def test_rename_noreplace_or_exchange_onto_an_existing_entry_changes_nothing(
+    data_path: Path, flags: int, code: int
+) -> None:
+    """An entry is a restore in progress, not a file to swap: exchange is refused as noreplace is."""
     async with operations(data_path) as m:
         one, _inode = await m.create("one.mirn")
         two, _inode = await m.create("two.mirn")
-        rename = m.ops.rename(RESTORE_INODE, b"one.mirn", RESTORE_INODE, b"two.mirn", RENAME_NOREPLACE, m.ctx)
-        assert await fuse_errno(rename) == errno.EEXIST
+        rename = m.ops.rename(RESTORE_INODE, b"one.mirn", RESTORE_INODE, b"two.mirn", flags, m.ctx)
+        assert await fuse_errno(rename) == code
         assert sorted(await entry_names(m)) == ["one.mirn", "two.mirn"]
         assert await m.state("two.mirn") == "receiving"
         for fh in (one, two):

@@ -4,11 +4,13 @@ Each snapshot version gets inodes of its own, so the kernel keeps a separate
 page cache and size for it: a handle opened before the image changed goes
 on reading the old snapshot's bytes, never a mix of old and new. Listing
 inodes (what ``readdir`` hands out) stay stable per file name and stand for
-whichever version is current. No pyfuse3 and no I/O here: plain tables.
+whichever version is current. No pyfuse3 and no I/O here: plain tables, and what an open
+snapshot's read says when it fails.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +18,8 @@ from typing import Generic, TypeVar
 
 from mirenfs.disks.pointintime import Consistency
 from mirenfs.engine.produce import SequentialReader
+from mirenfs.errors import ImageChangedError, MirenfsError
+from mirenfs.mount.restoredir import SNAPSHOT_SUFFIX
 from mirenfs.mount.versions import DiskVersion
 
 ROOT_INODE = 1  # pyfuse3.ROOT_INODE, as the FUSE protocol fixes it
@@ -42,6 +46,27 @@ class OpenSnapshot:
 
     version: DiskVersion
     reader: SequentialReader
+
+    async def read(self, offset: int, size: int) -> bytes:
+        """The snapshot's bytes at ``offset``; a failure names the file and what to do, since
+        the engine knows only chunks and ``cp`` shows only the errno."""
+        try:
+            return await self.reader.read(offset, size)
+        except ImageChangedError as exc:
+            raise ImageChangedError(
+                f"{self.version.name}{SNAPSHOT_SUFFIX}: {exc}, so this copy of it fails (EIO); copy it "
+                "again for a snapshot of the image as it is now"
+            ) from None
+        except OSError as exc:  # trial FD F3: "read: [Errno 5] Input/output error", naming nothing
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise
+            failed = MirenfsError(
+                f"{self.version.name}{SNAPSHOT_SUFFIX}: reading its image {self.version.image_path} "
+                f"failed near byte {offset} of the snapshot ({exc.strerror}), so this copy of it fails; "
+                "check the disk the image is on"
+            )
+            failed.errno = exc.errno or errno.EIO
+            raise failed from None
 
 
 # Inodes of the snapshot files are derived from what they show, in the upper half of 63 bits;

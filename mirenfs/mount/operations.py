@@ -23,7 +23,6 @@ from mirenfs.engine.memory import WORTH_TRIMMING_AFTER_READING, give_back_free_m
 from mirenfs.engine.produce import SequentialReader
 from mirenfs.errors import (
     FOLDED_WHEN_REPEATED,
-    ImageChangedError,
     MirenfsError,
     StoreError,
     out_of_descriptors,
@@ -43,6 +42,7 @@ from mirenfs.mount.restoredir import (
     NESTED_DIRECTORY,
     SIDECAR_SUFFIX,
     SNAPSHOT_SUFFIX,
+    EntryChange,
     IgnoredNode,
     RestoreDirectory,
     RestoreEntry,
@@ -402,23 +402,7 @@ class MirenOperations(pyfuse3.Operations):
         if isinstance(handle, bytes):
             return handle[off : off + size]
         if isinstance(handle, OpenSnapshot):
-            try:
-                return await handle.reader.read(off, size)
-            except ImageChangedError as exc:  # the engine knows chunks, the log needs the file
-                raise ImageChangedError(
-                    f"{handle.version.name}{SNAPSHOT_SUFFIX}: {exc}, so this copy of it fails (EIO); copy it "
-                    "again for a snapshot of the image as it is now"
-                ) from None
-            except OSError as exc:  # trial FD F3: "read: [Errno 5] Input/output error", naming nothing
-                if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    raise
-                failed = MirenfsError(
-                    f"{handle.version.name}{SNAPSHOT_SUFFIX}: reading its image {handle.version.image_path} "
-                    f"failed near byte {off} of the snapshot ({exc.strerror}), so this copy of it fails; "
-                    "check the disk the image is on"
-                )
-                failed.errno = exc.errno or errno.EIO
-                raise failed from None
+            return await handle.read(off, size)
         raise pyfuse3.FUSEError(errno.EBADF)  # opened for writing
 
     @fuse_errors
@@ -543,20 +527,18 @@ class MirenOperations(pyfuse3.Operations):
                 raise self.restores.refuse_in_the_root(name, ctx.pid)
             raise pyfuse3.FUSEError(errno.EROFS if fields.update_size else errno.EPERM)
         self.restores.check_writer(ctx.uid, f"restore/{restore.name}")
-        # tar and rsync set times, mode and owner after writing: keep them.
-        if fields.update_size:  # an extending truncate of a receiving entry is a hole of zeros
-            handle = self.handles.get(fh) if fh is not None else None
-            await self.restores.resize(
-                restore, attr.st_size, handle if isinstance(handle, RestoreWriter) else None
-            )
-        if fields.update_mode:
-            restore.mode = attr.st_mode & 0o7777
-        if fields.update_uid:
-            restore.uid = attr.st_uid
-        if fields.update_gid:
-            restore.gid = attr.st_gid
-        if fields.update_mtime:
-            restore.mtime_ns = attr.st_mtime_ns
+        handle = self.handles.get(fh) if fh is not None else None
+        await self.restores.change_attributes(
+            restore,
+            EntryChange(
+                size=attr.st_size if fields.update_size else None,
+                mode=attr.st_mode & 0o7777 if fields.update_mode else None,
+                uid=attr.st_uid if fields.update_uid else None,
+                gid=attr.st_gid if fields.update_gid else None,
+                mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            ),
+            handle if isinstance(handle, RestoreWriter) else None,
+        )
         return self._restore_attributes(restore)
 
     @fuse_errors
@@ -604,12 +586,12 @@ class MirenOperations(pyfuse3.Operations):
                 errno.EPERM if RESTORE_INODE not in (parent_inode_old, parent_inode_new) else errno.EXDEV
             )
         self.restores.check_writer(ctx.uid, "restore/")
-        self._restore_entry(name_old)
-        if flags & RENAME_EXCHANGE:
-            raise pyfuse3.FUSEError(errno.EINVAL)  # an entry is a restore in progress, not a file to swap
-        if flags & RENAME_NOREPLACE and os.fsdecode(name_new) in self.restores.entries:
-            raise pyfuse3.FUSEError(errno.EEXIST)
-        await self.restores.rename(os.fsdecode(name_old), os.fsdecode(name_new))
+        await self.restores.rename(
+            os.fsdecode(name_old),
+            os.fsdecode(name_new),
+            replace=not flags & RENAME_NOREPLACE,
+            exchange=bool(flags & RENAME_EXCHANGE),
+        )
 
     @fuse_errors
     async def create(

@@ -164,6 +164,17 @@ class Refusal:
     tries: int = 1
 
 
+@dataclass(frozen=True)
+class EntryChange:
+    """What a ``setattr`` of a restore/ entry changes (None: unchanged)."""
+
+    size: int | None = None
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    mtime_ns: int | None = None
+
+
 @dataclass(eq=False)
 class RestoreEntry:
     """A file in restore/: its attributes, its outcome, and the restore it feeds while receiving."""
@@ -474,6 +485,22 @@ class RestoreDirectory:
             entry.mtime_ns = time.time_ns()
             entry.state = RECEIVING  # also after a close found it whole: more of it came
 
+    async def change_attributes(
+        self, entry: RestoreEntry, change: EntryChange, writer: RestoreWriter | None = None
+    ) -> None:
+        """A ``setattr``: tar and rsync set times, mode and owner after writing, and they are kept
+        as set; a size is a truncate (see :meth:`resize`, ``writer`` the handle it came through)."""
+        if change.size is not None:
+            await self.resize(entry, change.size, writer)
+        if change.mode is not None:
+            entry.mode = change.mode
+        if change.uid is not None:
+            entry.uid = change.uid
+        if change.gid is not None:
+            entry.gid = change.gid
+        if change.mtime_ns is not None:
+            entry.mtime_ns = change.mtime_ns
+
     async def resize(self, entry: RestoreEntry, size: int, writer: RestoreWriter | None = None) -> None:
         """A truncate (``writer``: the handle of an ``ftruncate``). Extending a receiving entry is
         a hole at its end (rsync -S ends a file whose last bytes are zeros that way): zeros up
@@ -674,10 +701,17 @@ class RestoreDirectory:
                 {**entry.status(), "state": f"{entry.state} (its file was removed since)"}
             )
 
-    async def rename(self, old: str, new: str) -> None:
+    async def rename(self, old: str, new: str, *, replace: bool = True, exchange: bool = False) -> None:
+        """``mv restore/OLD restore/NEW`` (rsync's temporary name to its own), over an entry of
+        that name unless ``replace`` is False (EEXIST); never an exchange (EINVAL): an entry is a
+        restore in progress, not a file to swap."""
         entry = self.entries.get(old)
         if entry is None:
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), old)
+        if exchange:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), new)
+        if not replace and new in self.entries:
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), new)
         # Refused with EPERM: mv takes EINVAL for "into a subdirectory of itself" (and retries a
         # renameat2 that fails so), and EXDEV would make it copy the entry's outcome text instead.
         try:
