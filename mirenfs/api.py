@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 import trio
 
-from mirenfs.disks.live import may_change_while_read
+from mirenfs.disks.live import image_in_use
 from mirenfs.disks.rules import refuse_if_image_in_use
 from mirenfs.engine.consume import ImageWriter, RestoreStream, restore_to_path
 from mirenfs.engine.files import (
@@ -118,7 +118,7 @@ def _backup_source(
         )
     if stat.S_ISREG(info.st_mode) and src.tell() == 0 and info.st_size == size_bytes:
         image = OpenImage(os.readlink(f"/proc/self/fd/{fd}"), fd, ImageIdentity.from_stat(info))
-        single_read, check_source = reading_rules(image, live=may_change_while_read(image.path))
+        single_read, check_source = reading_rules(image, live=image_in_use(image.path))
         of = SnapshotOf(name, filesystem, info.st_mtime_ns, single_read, check_source)
         return FdImageSource(fd, size_bytes, settings.chunk_size), of
     of = SnapshotOf(name, filesystem, info.st_mtime_ns, single_read=True)

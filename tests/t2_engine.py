@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mirenfs import Meta, Timestamp, backup, read_header, restore_image
-from mirenfs.disks.live import may_change_while_read
+from mirenfs.disks.live import image_in_use
 from mirenfs.engine import files as files_module
 from mirenfs.engine import produce as produce_module
 from mirenfs.engine.consume import RestoreStream
@@ -796,7 +796,7 @@ def test_an_image_changed_during_a_two_read_backup_is_refused(tmp_path: Path) ->
     write_image(image, [("text", 200_000)])
     handle = OpenImage.open(str(image))
     try:
-        single_read, check = reading_rules(handle, live=may_change_while_read(str(image)))
+        single_read, check = reading_rules(handle, live=image_in_use(str(image)))
         assert not single_read and check is not None  # not live: the fast two-read pass
         with open(image, "r+b") as f:  # the image changes while it is being read
             f.write(b"changed")

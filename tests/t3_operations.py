@@ -1160,7 +1160,7 @@ async def test_a_lookup_while_a_disk_in_use_is_being_snapshotted_shares_that_sna
     )
     identities = iter(ImageIdentity(1, 2, 3, mtime, mtime) for mtime in range(10, 20))
     monkeypatch.setattr(versions.ImageIdentity, "of", lambda _path: next(identities))
-    monkeypatch.setattr(versions, "_image_in_use", lambda _path: True)
+    monkeypatch.setattr(versions, "image_in_use", lambda _path: True)
     builds: list[trio.Event] = []
     fail = [False]
 

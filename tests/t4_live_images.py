@@ -10,7 +10,7 @@ from pathlib import Path
 
 import trio
 
-from mirenfs.disks.live import loop_devices_backing, may_change_while_read
+from mirenfs.disks.live import image_in_use, loop_devices_backing
 from mirenfs.engine.files import OpenImage, backup_image, reading_rules
 from mirenfs.engine.produce import Settings
 
@@ -29,7 +29,7 @@ def test_a_live_image_is_read_once_and_its_snapshot_verifies(tmp_path: Path) -> 
     with loop_device(image):
         handle = OpenImage.open(str(image))
         try:
-            assert reading_rules(handle, live=may_change_while_read(str(image))) == (True, None)
+            assert reading_rules(handle, live=image_in_use(str(image))) == (True, None)
         finally:
             handle.close()
         snapshot = tmp_path / "live.mirn"
@@ -40,7 +40,7 @@ def test_a_live_image_is_read_once_and_its_snapshot_verifies(tmp_path: Path) -> 
                 name="live",
                 filesystem="ext4",
                 settings=SMALL,
-                live=may_change_while_read(str(image)),
+                live=image_in_use(str(image)),
             )
         )
         assert meta.checksum == hashlib.sha256(image.read_bytes()).hexdigest()

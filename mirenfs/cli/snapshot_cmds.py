@@ -306,7 +306,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         name=name,
         filesystem=filesystem,
         settings=settings_from(args),
-        live=in_use is not None,  # what may_change_while_read says, from this one look at the loop devices
+        live=in_use is not None,  # what image_in_use says, from this one look at the loop devices
     )
     _report_backup(args.image, output, args.output, meta)
     return 0

@@ -135,13 +135,10 @@ def image_is_live(image_path: str, *, sys_block: str | None = None) -> bool:
     return bool(loop_devices_backing(image_path, sys_block=sys_block))
 
 
-def may_change_while_read(image_path: str) -> bool:
-    """Whether an index pass must read each byte once (``build_index(single_read=...)``).
-
-    A live image is expected to change under the pass: reading once keeps
-    hash and frames in agreement (a torn but valid snapshot). When liveness
-    cannot be told, the answer is yes too.
-    """
+def image_in_use(image_path: str) -> bool:
+    """Whether a loop device backs the image, and so it may change while it is read (an index
+    pass must then read each byte once: ``build_index(single_read=...)``, a torn but valid
+    snapshot). When that cannot be told, the answer is yes."""
     try:
         return image_is_live(image_path)
     except LiveCheckError:

@@ -21,7 +21,7 @@ from functools import partial
 
 import trio
 
-from mirenfs.disks.live import image_is_live
+from mirenfs.disks.live import image_in_use
 from mirenfs.disks.pointintime import Consistency, CopyPolicy, PointInTime, take_point_in_time
 from mirenfs.engine.framestore import FrameStore
 from mirenfs.engine.image import (
@@ -43,7 +43,7 @@ from mirenfs.engine.produce import (
     frame_cache_for,
     snapshot_meta,
 )
-from mirenfs.errors import ImageChangedError, LiveCheckError, MirenfsError, PointInTimeError
+from mirenfs.errors import ImageChangedError, MirenfsError, PointInTimeError
 from mirenfs.format.header import Meta
 
 log = logging.getLogger("mirenfs.snapshots")
@@ -52,14 +52,6 @@ POINT_IN_TIME_REUSE_S = 60.0  # a copy of a disk in use stands for it this long 
 INDEX_KEPT_UNUSED_S = 7 * 86400.0  # an index no disk's image has is removed at a start after this
 IDLE_VERSION_SWEEP_S = 15.0  # how often versions holding space for nothing are looked for
 REFUSAL_MEMORY_S = 5.0  # a refused copy is not tried again for this long (one log line, one calibration)
-
-
-def _image_in_use(image_path: str) -> bool:
-    """A loop device backs the image; when that cannot be told, assume it does."""
-    try:
-        return image_is_live(image_path)
-    except LiveCheckError:
-        return True
 
 
 def _still_its_image(version: DiskVersion) -> bool:
@@ -430,16 +422,19 @@ class SnapshotService:
             return None
         if existing.identity != identity:
             return existing if await self._copy_still_current(existing, attached) else None
-        if existing.consistency is Consistency.OFFLINE and await self._put_in_use(existing, attached):
+        # A disk read offline may be put in use with its image unchanged (a loop device attached,
+        # nothing written yet), but the next write may come at any moment and fail every read
+        # of the image after it: a disk in use is read from a point-in-time copy (`losetup` of an
+        # indexed disk still said ``offline``: trial T21 F8).
+        if existing.consistency is Consistency.OFFLINE and await self._in_use(existing, attached):
             return None
         return existing
 
-    async def _put_in_use(self, version: DiskVersion, attached: bool) -> bool:
-        """Whether a disk whose version was read from its image, not in use, is in use now. Its image
-        may be unchanged (a loop device attached, nothing written yet), but the next write may
-        come at any moment and fail every read of the image after it: a disk in use is read from
-        a point-in-time copy, and `losetup` of an indexed disk still said ``offline`` (trial T21 F8)."""
-        return attached or await trio.to_thread.run_sync(_image_in_use, version.image_path)
+    @staticmethod
+    async def _in_use(version: DiskVersion, attached: bool) -> bool:
+        """Whether the version's disk is in use now: the store says it is attached, or a loop
+        device backs its image (or that cannot be told)."""
+        return attached or await trio.to_thread.run_sync(image_in_use, version.image_path)
 
     async def _copy_still_current(self, version: DiskVersion, attached: bool) -> bool:
         """Whether a point-in-time version of a disk still in use may stand for it now."""
@@ -449,7 +444,7 @@ class SnapshotService:
         # NAME.mirn.sha256` of a large disk must get the sidecar of the snapshot it just copied.
         if version.handles == 0 and time.monotonic() - version.last_used > POINT_IN_TIME_REUSE_S:
             return False
-        return attached or await trio.to_thread.run_sync(_image_in_use, version.image_path)
+        return await self._in_use(version, attached)
 
     def _install(self, version: DiskVersion) -> None:
         self.refused.pop(version.name, None)
