@@ -34,6 +34,7 @@ ImageMissingError        ENOENT  No such file or directory
 DiskExistsError          EEXIST  File exists
 LeaseNotFoundError       ENOENT  No such file or directory
 StoreError               EIO     Input/output error
+StoreRefusedError        EIO     Input/output error
 OutOfDescriptorsError    EMFILE  Too many open files
 CatalogUnreachableError  EIO     Input/output error
 DiskElsewhereError       EBUSY   Device or resource busy
@@ -206,6 +207,11 @@ class StoreError(MirenfsError):
     """The store could not be read or written: reported as it is, never taken for "no such disk"."""
 
     errno = EIO
+
+
+class StoreRefusedError(StoreError):
+    """The data path's SQLite store may not be used without --catalog (its disks were moved to a
+    shared catalogue, or it has none and talked to one): nothing was read or written."""
 
 
 class OutOfDescriptorsError(StoreError):

@@ -2177,32 +2177,56 @@ def test_a_snapshot_read_from_a_terminal_is_refused_not_waited_for(tmp_path: Pat
     assert not (tmp_path / "x.img").exists()
 
 
-def test_a_data_path_that_talked_to_etcd_read_without_a_catalogue_says_where_its_disks_are(
+def test_a_data_path_that_talked_to_etcd_used_without_a_catalogue_says_where_its_disks_are(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Trial T20: a host set up on etcd, read by a cron job or a new shell without --catalog, saw
-    the empty SQLite store: no disks, and nothing said why."""
+    the empty SQLite store: no disks, and nothing said why. Trial E22 E1: such a restore created
+    the disk in a new SQLite store beside the fleet's, exit 0, and a mount served that store. A
+    data path without a SQLite store of its own is refused one unless it is asked for."""
     monkeypatch.delenv("MIRENFS_CATALOG", raising=False)
     data = tmp_path / "data"
     (data / "mirenfs").mkdir(parents=True)
     (data / "mirenfs" / "etcd-clusters.json").write_text(
         json.dumps({"fleet": {"cluster": "1234", "endpoints": ["10.0.0.1:2379", "10.0.0.2:2379"]}})
     )
-    where = (
-        f"the SQLite store of {data} holds no disks; this data path has talked to the etcd catalogue at "
-        "10.0.0.1:2379,10.0.0.2:2379/fleet: pass --catalog etcd://10.0.0.1:2379,10.0.0.2:2379/fleet "
-        "(etcds:// if it speaks TLS), or set $MIRENFS_CATALOG"
+    talked_to = (
+        "the etcd catalogue at 10.0.0.1:2379,10.0.0.2:2379/fleet: pass --catalog "
+        "etcd://10.0.0.1:2379,10.0.0.2:2379/fleet (etcds:// if it speaks TLS), or set $MIRENFS_CATALOG"
     )
+    refused = (
+        f"mirenfs: error: the data path {data} has no SQLite disk store, and it has talked to {talked_to}; "
+        f"to start a new, empty SQLite store there instead, pass --catalog sqlite://{data}\n"
+    )
+    (tmp_path / "mnt").mkdir()
+    before = sorted(str(path.relative_to(data)) for path in data.rglob("*"))
+    for argv in (
+        ["mount", str(tmp_path / "mnt")],  # a mount that served an empty store, or one on the side
+        ["disk", "list"],
+        ["backup", "pg", "-o", str(tmp_path / "pg.mirn")],
+        ["restore", str(GO_ODD.path), "--name", "pg"],
+        ["disk", "create", "pg", "--size", "16M"],
+    ):
+        result = run_mirenfs(*argv, "--data-path", str(data))
+        assert (result.returncode, result.stderr.decode()) == (1, refused), argv
+    assert sorted(str(path.relative_to(data)) for path in data.rglob("*")) == before  # nothing made
+    assert not (tmp_path / "pg.mirn").exists()
+
+    # Asked for, the store is made; from then on it is this data path's, and a name it lacks
+    # still says where else the disks may be.
+    made = run_mirenfs(
+        "restore", str(GO_ODD.path), "--name", "pg", "--data-path", str(data), "--catalog", f"sqlite://{data}"
+    )
+    assert made.returncode == 0, made.stderr
     listed = run_mirenfs("disk", "list", "--data-path", str(data))
-    assert (listed.returncode, listed.stderr.decode()) == (0, f"mirenfs: {where}\n")
-    backup = run_mirenfs("backup", "pg", "-o", str(tmp_path / "pg.mirn"), "--data-path", str(data))
+    assert listed.returncode == 0 and listed.stdout.decode().splitlines()[1].startswith("pg "), listed
+    backup = run_mirenfs("backup", "web", "-o", str(tmp_path / "web.mirn"), "--data-path", str(data))
     assert (backup.returncode, backup.stderr.decode()) == (
         1,
-        f"mirenfs: error: there is no disk named pg in the SQLite store of {data}, which has also talked "
-        "to the etcd catalogue at 10.0.0.1:2379,10.0.0.2:2379/fleet: pass --catalog "
-        "etcd://10.0.0.1:2379,10.0.0.2:2379/fleet (etcds:// if it speaks TLS), or set $MIRENFS_CATALOG\n",
+        f"mirenfs: error: there is no disk named web in the SQLite store of {data}, which has also talked "
+        f"to {talked_to}\n",
     )
-    assert not (tmp_path / "pg.mirn").exists()
+    assert not (tmp_path / "web.mirn").exists()
 
 
 def test_inspect_of_a_stream_cut_in_its_header_says_so() -> None:

@@ -30,7 +30,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from mirenfs.disks.model import Catalog, DiskRecord, DiskState, state_directory, validate_node_name
+from mirenfs.disks.model import (
+    DB_FILE_NAME,
+    Catalog,
+    DiskRecord,
+    DiskState,
+    etcd_catalogue_hint,
+    state_directory,
+    validate_node_name,
+)
 from mirenfs.disks.store import Store
 from mirenfs.engine.image import make_private_directory, replace_private_file
 from mirenfs.errors import DiskExistsError, MirenfsError
@@ -270,13 +278,29 @@ def open_catalog(spec: CatalogSpec | str | None, data_path: str, *, node: str | 
             except MirenfsError as exc:  # trial W2: a damaged mark was taken for none
                 refused = str(exc)
             else:
-                refused = None if move is None else move.refusal(data_path)
+                refused = move.refusal(data_path) if move is not None else _etcd_data_path_refusal(data_path)
         return Store(data_path, refused=refused)
     # Lazy on purpose: the etcd client (requests, futurist) costs ~0.1 s to import, and only
     # commands on an etcd catalogue need it.
     from mirenfs.disks.etcd import EtcdCatalog
 
     return EtcdCatalog(spec.etcd, data_path, node=node_from(node))
+
+
+def _etcd_data_path_refusal(data_path: str) -> str | None:
+    """Why a data path that keeps its disks in an etcd catalogue and has no SQLite store is not
+    given a new, empty one: a command without ``--catalog`` (cron, sudo, a new shell) restored
+    into one beside the fleet's disks, exit 0, and a mount served it (trial E22 E1)."""
+    here = os.path.abspath(data_path)
+    if os.path.lexists(os.path.join(here, DB_FILE_NAME)):
+        return None
+    hint = etcd_catalogue_hint(here)
+    if hint is None:
+        return None
+    return (
+        f"the data path {here} has no SQLite disk store, and it has talked to {hint}; to start a new, "
+        f"empty SQLite store there instead, pass --catalog sqlite://{here}"
+    )
 
 
 MOVE_FILE = "catalog-moved.json"  # under <data-path>/mirenfs/: where `catalog copy` moved its disks

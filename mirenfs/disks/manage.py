@@ -61,6 +61,7 @@ from mirenfs.errors import (
     InvalidVolumeError,
     MirenfsError,
     StoreError,
+    StoreRefusedError,
     TargetError,
 )
 
@@ -125,6 +126,8 @@ def _still_there(store: Catalog, disk_id: str) -> bool:
     """Whether a disk of that id is left (its undo failed): then its note stays, for the sweep."""
     try:
         return any(record.disk.id == disk_id for record in store.list_disks())
+    except StoreRefusedError:
+        return False  # a store that may not be used made nothing
     except MirenfsError:
         return True
 

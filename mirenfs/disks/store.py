@@ -51,6 +51,7 @@ from mirenfs.errors import (
     MirenfsError,
     OutOfDescriptorsError,
     StoreError,
+    StoreRefusedError,
     VolumeNotFoundError,
     out_of_descriptors,
 )
@@ -186,7 +187,7 @@ class Store:
     def _read(self) -> Iterator[sqlite3.Connection | None]:
         """A connection for reading, or None while no database exists (an empty store)."""
         if self._refused is not None:
-            raise StoreError(self._refused)
+            raise StoreRefusedError(self._refused)
         if not os.path.exists(self.path):
             yield None
             return
@@ -248,7 +249,7 @@ class Store:
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, taken at once (IMMEDIATE) so it never dead-ends on a lock upgrade."""
         if self._refused is not None:
-            raise StoreError(self._refused)
+            raise StoreRefusedError(self._refused)
         try:
             make_directories(self.data_path)
         except OSError as exc:
