@@ -30,6 +30,7 @@ DiskBusyError            EBUSY   Device or resource busy
 PointInTimeError         EBUSY   Device or resource busy
 LiveCheckError           EIO     Input/output error
 ImageExistsError         EEXIST  File exists
+ImageNotHereError        EEXIST  File exists
 ImageMissingError        ENOENT  No such file or directory
 DiskExistsError          EEXIST  File exists
 LeaseNotFoundError       ENOENT  No such file or directory
@@ -188,6 +189,17 @@ class ImageExistsError(MirenfsError):
     """Restoring would replace an existing image, and nobody consented."""
 
     errno = EEXIST
+
+
+class ImageNotHereError(ImageExistsError):
+    """A disk of a catalogue every host shares whose image is not under this data path: most
+    likely another host's disk (a wrong data path, a node name two hosts share), so writing its
+    image here, and its size and filesystem into the shared record, needs consent too."""
+
+    def __init__(self, message: str, *, image_path: str, node: str) -> None:
+        super().__init__(message)
+        self.image_path = image_path
+        self.node = node
 
 
 class ImageMissingError(MirenfsError):

@@ -26,7 +26,7 @@ from support.etcd import EtcdCluster, make_tls_files
 from support.mounts import Mount, wait_for
 from support.mounts import restore_state as state
 from support.runners import ok, run_cli
-from support.vectors import GO_EXT4
+from support.vectors import GO_EXT4, GO_ODD
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -239,6 +239,50 @@ def test_a_wrong_node_mounts_and_says_whose_disks_are_there(
     assert re.search(rf"{second} {re.escape(url)} as node hostA: if the other uses the same", right.log())
     assert a.listing() == ["pg.mirn", "pg.mirn.sha256", "restore"]
     assert "no disk in the disk catalogue" not in right.log()
+
+
+def test_a_restore_onto_a_disk_whose_image_is_not_under_this_data_path_needs_consent(
+    etcd: EtcdCluster, tmp_path: Path, mounts: Callable[..., Mount]
+) -> None:
+    """Trial E22 E2: the right node with the wrong data path (or a second host with the same
+    hostname, the default node name) restored without --force: an image written there, and the
+    size and filesystem of the record every host reads changed, so host A's snapshots of its
+    real disk said another filesystem. The CLI wants --force, the mount --allow-overwrite."""
+    url = etcd.url(f"t4-{secrets.token_hex(4)}")
+    (a,) = hosts(tmp_path, url, "host-a")
+    a.cli("restore", GO_EXT4.path, "--name", "pg")
+    image = Path(str(a.disks()["pg"]["image_path"]))
+    before = (sha256_file(image), a.disks()["pg"])
+    twin = Host("host-a", tmp_path / "data-twin", tmp_path / "mnt-twin", url)
+    twin.data.mkdir()
+    elsewhere = twin.data / image.relative_to(a.data)
+    not_here = (
+        f"disk pg of node host-a has no image at {elsewhere}: if it lives on another host (a wrong "
+        "{data_path}, or two hosts sharing one node name), restore it there; "
+    )
+    refused = run_cli("restore", GO_ODD.path, "--name", "pg", *twin.args)
+    assert (refused.code, refused.err) == (
+        1,
+        "mirenfs: error: "
+        + not_here.format(data_path="--data-path")
+        + "to write its image here, and its size and filesystem into the record every host reads, "
+        "pass --force\n",
+    )
+    missing = r"1 of this host's disks has no image under the data path \S+ \(pg\)"
+    mounted = twin.mount(mounts, expect_log=(missing, "disk pg of node host-a has no image at"))
+    copied = cp(GO_ODD.path, twin.mnt / "restore" / "pg.mirn")
+    assert copied.returncode != 0 and "File exists" in copied.stderr, copied.stderr
+    said = (
+        not_here.format(data_path="data path")
+        + "restore/ writes its image here only on a mount started with --allow-overwrite"
+    )
+    assert said in mounted.log()
+    assert not (twin.mnt / "restore" / "pg.mirn").exists()  # refused at its create: no entry
+    assert (sha256_file(image), a.disks()["pg"]) == before  # the record every host reads, unchanged
+    assert not elsewhere.exists() and not list(twin.data.rglob("*.img"))
+
+    ok("restore", GO_ODD.path, "--name", "pg", "--force", *twin.args)  # consent: written there
+    assert sha256_file(elsewhere) == GO_ODD.sha256 and sha256_file(image) == before[0]
 
 
 def test_a_lease_bound_through_one_host_refuses_a_restore_through_the_other(

@@ -26,7 +26,7 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from mirenfs.disks.creations import mark_creating, unmark_creating
+from mirenfs.disks.creations import mark_creating, marked_creating, unmark_creating
 from mirenfs.disks.live import filesystems_on, loop_devices_backing
 from mirenfs.disks.model import (
     DB_FILE_NAME,
@@ -59,6 +59,7 @@ from mirenfs.errors import (
     ImageExistsError,
     ImageLiveError,
     ImageMissingError,
+    ImageNotHereError,
     InvalidVolumeError,
     LiveCheckError,
     MirenfsError,
@@ -276,8 +277,11 @@ def _refuse_if_backing_a_loop_device(image_path: str, what: str, in_use: str, ac
         raise ImageLiveError(f"{in_use} backs /dev/{devices[0]}; {detach} before {action}")
 
 
-def _check_restorable(resolver: DiskResolver, disk: Disk, *, data_path: str, overwrite: bool) -> str:
-    """Apply the refusals of §3 to an existing disk; return its image path."""
+def _check_restorable(
+    resolver: DiskResolver, disk: Disk, *, data_path: str, overwrite: bool, created: bool = False
+) -> str:
+    """Apply the refusals of §3 to an existing disk; return its image path. ``created``: this
+    restore created the disk, whose image is not in place before the install."""
     name = disk.name
     if DiskState(disk.status) is DiskState.DELETING:
         raise DiskDeletingError(
@@ -285,11 +289,24 @@ def _check_restorable(resolver: DiskResolver, disk: Disk, *, data_path: str, ove
             f"running, a killed one left it so: finish it with `mirenfs disk remove {name}`), or restore "
             "under another name"
         )
-    image_path = image_path_of(resolver, disk, data_path)
+    volume = resolver.find_volume_by_disk_id(disk.id)
+    image_path = checked_image_path(data_path, volume, name)
     refuse_if_in_use(resolver, disk, image_path, action="restoring")
-    if not overwrite and os.path.lexists(image_path):
+    if overwrite:
+        return image_path
+    if os.path.lexists(image_path):
         raise ImageExistsError(
             f"disk {name} already has an image at {image_path}; pass --force to replace it"
+        )
+    # A record every host shares (trial E22 E2), unless a restore here created it: this one, or
+    # one killed before its image was in place (its creation note is here).
+    if volume.node is not None and not created and disk.id not in marked_creating(data_path):
+        raise ImageNotHereError(
+            f"disk {name} of node {volume.node} has no image at {image_path}: if it lives on another "
+            "host (a wrong --data-path, or two hosts sharing one node name), restore it there; to write "
+            "its image here, and its size and filesystem into the record every host reads, pass --force",
+            image_path=image_path,
+            node=volume.node,
         )
     return image_path
 
@@ -442,7 +459,11 @@ class RestoreTarget:
         if disk.id != expected.id:
             raise DiskChangedError(f"disk {self.name} was replaced while it was being restored")
         image_path = _check_restorable(
-            self.resolver, disk, data_path=self.data_path, overwrite=self.overwrite
+            self.resolver,
+            disk,
+            data_path=self.data_path,
+            overwrite=self.overwrite,
+            created=self._created is not None,
         )
         return disk, image_path
 

@@ -41,7 +41,7 @@ from mirenfs.disks.rules import (
 )
 from mirenfs.engine.image import MakeRoom
 from mirenfs.engine.memory import give_back_free_memory
-from mirenfs.errors import ImageExistsError, MirenfsError, RestoreRefused, printable
+from mirenfs.errors import ImageExistsError, ImageNotHereError, MirenfsError, RestoreRefused, printable
 from mirenfs.mount.openfiles import held_open
 
 log = logging.getLogger(__name__)
@@ -455,6 +455,14 @@ class RestoreDirectory:
             )
             target.removal_retried = True  # a disk it creates and cannot remove: see retry_stranded
             return target
+        except ImageNotHereError as exc:  # `--force` means nothing to cp: say what does
+            raise ImageNotHereError(
+                f"disk {disk} of node {exc.node} has no image at {exc.image_path}: if it lives on another "
+                "host (a wrong data path, or two hosts sharing one node name), restore it there; restore/ "
+                "writes its image here only on a mount started with --allow-overwrite",
+                image_path=exc.image_path,
+                node=exc.node,
+            ) from None
         except ImageExistsError:  # `mirenfs restore --force` means nothing to cp: say what does
             raise ImageExistsError(
                 f"disk {disk} already has an image; restore/ replaces images only on a mount started "
