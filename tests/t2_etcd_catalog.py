@@ -1273,6 +1273,54 @@ def test_the_cli_works_on_etcd(etcd: EtcdCluster, tmp_path: Path) -> None:
     assert json.loads(ok("disk", "list", "--json", "--all-nodes", *on_b).out) == []
 
 
+def test_removing_a_disk_whose_image_is_not_under_this_data_path_needs_force(
+    etcd: EtcdCluster, tmp_path: Path
+) -> None:
+    """Trial E22 E3: the right node with the wrong data path removed the fleet's record of a disk
+    in use on its host, exit 0, its image orphaned. E5: a host gone for good left its disks
+    unremovable anywhere else. Both take --force, which removes only the record."""
+    url = etcd.url(prefix())
+    a, twin, b = tmp_path / "a", tmp_path / "twin", tmp_path / "b"
+    for data in (a, twin, b):
+        data.mkdir()
+    on_a = ["--catalog", url, "--node", "a", "--data-path", a]
+    on_twin = ["--catalog", url, "--node", "a", "--data-path", twin]
+    on_b = ["--catalog", url, "--node", "b", "--data-path", b]
+    ok("disk", "create", "pg", "--size", "1M", *on_a)
+    ok("disk", "create", "web", "--size", "1M", *on_a)
+    listed = json.loads(ok("disk", "list", "--json", *on_a).out)
+    images = {entry["name"]: Path(entry["image_path"]) for entry in listed}
+    elsewhere = twin / images["pg"].relative_to(a)
+
+    refused = run_cli("disk", "remove", "pg", *on_twin)
+    assert (refused.code, refused.err) == (
+        1,
+        f"mirenfs: error: disk pg of node a has no image at {elsewhere}: if it lives on another host (a "
+        "wrong --data-path, or two hosts sharing one node name), remove it there; to remove its record "
+        "for every host anyway, pass --force\n",
+    )
+    refused = run_cli("disk", "remove", "web", *on_b)
+    assert (refused.code, refused.err) == (
+        1,
+        "mirenfs: error: disk web is on node a, whose data path holds its image; remove it there (if "
+        "that node is gone for good, `mirenfs disk remove web --force` removes its record here; its "
+        "image stays where it was)\n",
+    )
+    assert json.loads(ok("disk", "list", "--json", *on_a).out) == listed  # nothing changed
+
+    assert (
+        ok("disk", "remove", "pg", "--force", *on_twin).out
+        == f"removed disk pg (it had no image at {elsewhere})\n"
+    )
+    assert (
+        ok("disk", "remove", "web", "--force", *on_b).out
+        == "removed disk web; its image, on node a, was not touched\n"
+    )
+    assert json.loads(ok("disk", "list", "--json", "--all-nodes", *on_a).out) == []
+    assert all(image.exists() for image in images.values())  # no image of another host is touched
+    assert not list(twin.rglob("*.img")) and not list(b.rglob("*.img"))
+
+
 def test_an_empty_disk_list_says_which_catalogue_and_node_it_looked_in(
     etcd: EtcdCluster, tmp_path: Path
 ) -> None:

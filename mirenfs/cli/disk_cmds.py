@@ -73,6 +73,12 @@ def register(commands: Any) -> None:
         "remove", help="remove a disk (and its image, if disk create or a restore made it)"
     )
     remove.add_argument("name", metavar="NAME")
+    remove.add_argument(
+        "--force",
+        action="store_true",
+        help="on a fleet, remove the record of a disk whose image is not under this data path "
+        "(its node gone for good); the image, on that node, stays",
+    )
     remove.set_defaults(handler=cmd_disk_remove)
 
     lease = commands.add_parser("lease", help="hold or release a disk (restore refuses a leased disk)")
@@ -259,8 +265,11 @@ def cmd_disk_set_status(args: argparse.Namespace) -> int:
 
 
 def cmd_disk_remove(args: argparse.Namespace) -> int:
-    removed = remove_disk(_store(args), args.name)
-    if removed.image_removed:
+    removed = remove_disk(_store(args), args.name, force=args.force)
+    node = removed.record.volume.node if removed.record.volume is not None else None
+    if not removed.record.local and node is not None:
+        say_done(f"removed disk {args.name}; its image, on node {node}, was not touched")
+    elif removed.image_removed:
         say_done(f"removed disk {args.name} and its image {removed.record.image_path}")
     elif removed.record.image_path and removed.record.volume and removed.record.volume.image_path:
         say_done(f"removed disk {args.name}; its registered image {removed.record.image_path} is kept")

@@ -248,25 +248,39 @@ class RemovedDisk:
     image_removed: bool
 
 
-def remove_disk(store: Catalog, name: str) -> RemovedDisk:
+def remove_disk(store: Catalog, name: str, *, force: bool = False) -> RemovedDisk:
     """Remove a disk: refused while it is attached, leased or its image is live.
 
     The disk goes to ``deleting`` first (the mount stops showing it), then a
     managed image is deleted with its volume directory, then the records.
     If deleting the files fails the disk stays in ``deleting``, and running
-    the command again finishes the job.
+    the command again finishes the job. On a shared catalogue, a disk whose
+    image is not under this data path (another node's, or this node's seen
+    through a wrong data path) loses only its records, and only with ``force``.
     """
     validate_disk_name(name)
     record = store.get_disk(name)
     # A disk whose volume names no node (or that has no volume) has its image on no host the
     # catalogue knows of: nobody could ever remove it if this host refused. Only its records go.
     node = record.volume.node if record.volume is not None else None
-    if not record.local and node is not None:
+    if not record.local and node is not None and not force:
         raise DiskElsewhereError(
-            f"disk {name} is on node {node}, whose data path holds its image; remove it there"
+            f"disk {name} is on node {node}, whose data path holds its image; remove it there (if that "
+            f"node is gone for good, `mirenfs disk remove {name} --force` removes its record here; its "
+            "image stays where it was)"
         )
     managed = record.local and record.volume is not None and not record.volume.image_path
     image_path = record.image_path if managed else None
+    if image_path is not None and node is not None and not os.path.lexists(image_path):
+        # A removal or creation killed here is finished as it was begun (no image yet, or none left).
+        ours = record.disk.status == DiskState.DELETING or record.disk.id in marked_creating(store.data_path)
+        if not force and not ours:  # trial E22 E3: the fleet's record of a disk in use elsewhere went
+            raise DiskElsewhereError(
+                f"disk {name} of node {node} has no image at {image_path}: if it lives on another host "
+                "(a wrong --data-path, or two hosts sharing one node name), remove it there; to remove "
+                "its record for every host anyway, pass --force"
+            )
+        image_path = None  # nothing of it is here to remove
     problem = managed_path_problem(store.data_path, image_path) if image_path is not None else None
     if problem is not None:
         raise InvalidVolumeError(f"disk {name} is not removed: {problem}")
