@@ -30,6 +30,7 @@ from mirenfs.engine.image import ImageIdentity, OpenImage
 from mirenfs.engine.produce import SnapshotProducer
 from mirenfs.errors import DiskLeasedError, FormatError, PointInTimeError, printable
 from mirenfs.format.header import decode_header
+from mirenfs.mount import catalog as catalog_module
 from mirenfs.mount import inodes as inodes_module
 from mirenfs.mount import operations as operations_module
 from mirenfs.mount import session as session_module
@@ -1086,7 +1087,7 @@ async def test_a_copy_of_a_disk_in_use_stands_for_it_while_read_and_a_minute_aft
 
 @trio_test
 async def test_a_disk_put_in_use_after_it_was_read_offline_is_never_served_as_offline(
-    data_path: Path, sys_block: Path
+    data_path: Path, sys_block: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Trial T21 F8: after `losetup` of an indexed disk, its image unchanged yet, ``stat`` and the
     consistency xattr said ``offline`` and a read came from the image a write could change at any
@@ -1108,6 +1109,16 @@ async def test_a_disk_put_in_use_after_it_was_read_offline_is_never_served_as_of
         assert again.st_ino == offline.st_ino and again.st_size == offline.st_size
         assert (await m.xattrs(again.st_ino))["user.mirenfs.consistency"] == "offline"
         assert await m.read_file("pg.mirn") == expected
+
+        # Trial E22 E8: the same when the store says so (set attached from another host), once
+        # the mount's listing is renewed; the loop's refusal is forgotten, so it is built anew.
+        Store(str(data_path)).set_disk_status("pg", DiskState.ATTACHED)
+        monkeypatch.setattr(catalog_module, "CATALOG_TTL_S", 0.0)
+        m.ops.service.refused.clear()
+        assert await fuse_errno(m.lookup("pg.mirn")) == errno.EBUSY
+        assert "its record says it is attached" in str(m.ops.service.refused["pg"][1])
+        Store(str(data_path)).set_disk_status("pg", DiskState.DETACHED)
+        assert (await m.lookup("pg.mirn")).st_ino == offline.st_ino
 
 
 @trio_test
