@@ -148,12 +148,37 @@ def test_the_loser_of_a_create_race_between_hosts_is_told_where_the_disk_is(
     assert str(lost.value).endswith("to replace its image, restore it through node a")
 
 
+def test_released_leases_beyond_the_latest_few_leave_the_record_and_their_keys(
+    hosts: tuple[EtcdCatalog, EtcdCatalog],
+) -> None:
+    """Trial E22 E7: every acquire and release grew the disk's record (and left a key), which
+    every change rewrites: after ~28 000 cycles it would pass etcd's request limit, and no lease
+    or status change of that disk would go through any more."""
+    a, _b = hosts
+    a.add_disk("pg", size_bytes=4096, filesystem="ext4")
+    cycles = []
+    for _ in range(etcd_module.RELEASED_LEASES_KEPT + 12):
+        cycles.append(a.acquire_lease("pg").id)
+        a.release_lease(cycles[-1])
+    kept = cycles[-etcd_module.RELEASED_LEASES_KEPT - 1 :]  # pruned at each binding: the last one too
+    leases = a.get_disk("pg").leases
+    assert [lease.id for lease in leases] == kept
+    assert all(lease.status is LeaseState.RELEASED for lease in leases)
+    _, keys, _ = a.kv.range(a._lease_key(""), prefix=True)
+    assert sorted(key.key.rsplit("/", 1)[1] for key in keys) == sorted(kept)
+    with pytest.raises(LeaseNotFoundError):  # an old one is gone, as if it had never been
+        a.release_lease(cycles[0])
+    bound = a.acquire_lease("pg")  # one bound is never dropped, nor the latest released
+    assert [lease.id for lease in a.get_disk("pg").leases] == [*kept[1:], bound.id]
+
+
 def test_concurrent_lease_changes_lose_no_update(hosts: tuple[EtcdCatalog, EtcdCatalog]) -> None:
     """Every change is a compare-and-swap: leases bound and released by many threads on two hosts
     all end up in the record, and two leases are never bound at once."""
     a, b = hosts
     a.add_disk("pg", size_bytes=4096, filesystem="ext4")
     acquired: list[str] = []
+    released: list[tuple[str, bool]] = []
     overlaps: list[str] = []
 
     def churn(catalog: EtcdCatalog) -> None:
@@ -166,7 +191,8 @@ def test_concurrent_lease_changes_lose_no_update(hosts: tuple[EtcdCatalog, EtcdC
             bound = [x for x in catalog.find_leases_by_disk_id(lease.disk_id) if x.status is LeaseState.BOUND]
             if [x.id for x in bound] != [lease.id]:
                 overlaps.append(f"{lease.id} bound with {bound}")
-            catalog.release_lease(lease.id)
+            _, _, changed = catalog.release_lease(lease.id)  # raises if its binding was lost
+            released.append((lease.id, changed))
 
     threads = [threading.Thread(target=churn, args=(catalog,)) for catalog in (a, b) * 3]
     for thread in threads:
@@ -175,7 +201,10 @@ def test_concurrent_lease_changes_lose_no_update(hosts: tuple[EtcdCatalog, EtcdC
         thread.join(timeout=60)
     leases = a.get_disk("pg").leases
     assert acquired and not overlaps
-    assert sorted(lease.id for lease in leases) == sorted(acquired)  # none lost
+    assert sorted(released) == sorted((lease_id, True) for lease_id in acquired)  # none lost
+    # The record keeps the latest released leases (and the one released after the last binding).
+    assert {lease.id for lease in leases} <= set(acquired)
+    assert len(leases) == min(len(acquired), etcd_module.RELEASED_LEASES_KEPT + 1)
     assert all(lease.status is LeaseState.RELEASED for lease in leases)
     old, new = b.set_disk_status("pg", "attached")
     assert (old, new) == (DiskState.PROVISIONED, DiskState.ATTACHED)
