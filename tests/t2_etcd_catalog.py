@@ -590,6 +590,42 @@ def test_catalog_copy_between_etcd_prefixes_trusts_nothing_new_and_shares_no_ima
     assert str(victim) not in trusted
 
 
+def test_a_move_that_left_a_clashing_disk_behind_says_how_to_reach_it(
+    etcd: EtcdCluster, tmp_path: Path
+) -> None:
+    """Trial E22 E6: a copy into etcd where another host has a disk of the same name still marks
+    the SQLite store as moved (the others' copies are the fleet's), and the advice was to remove
+    or rename the fleet's disk, which another host may be using. The advice now names the way:
+    back the disk up through the store, restore it into the fleet under a new name."""
+    url = etcd.url(prefix())
+    other = tmp_path / "other"
+    other.mkdir()
+    ok("disk", "create", "pg", "--size", "1M", "--catalog", url, "--node", "host2", "--data-path", other)
+    data = tmp_path / "data"
+    for name in ("pg", "web"):
+        ok("disk", "create", name, "--size", "1M", "--data-path", data)
+    copied = run_cli("catalog", "copy", "--from", data, "--to", url, "--node", "host1")
+    store = f"sqlite://{data}"
+    assert copied.code == 1 and copied.err.endswith(
+        f"were not copied: pg; they stay in the SQLite store of {data}, which commands now reach only "
+        f"with --catalog {store}: bring one into the fleet under a new name (mirenfs backup pg --catalog "
+        f"{store} -o pg.mirn, then mirenfs restore pg.mirn --name NEW, then mirenfs disk remove pg "
+        f"--catalog {store}), or, if the fleet's disk of that name is not needed, remove it there and copy "
+        "again\n"
+    ), copied.err
+    fleet = ["--catalog", url, "--node", "host1", "--data-path", data]
+    ok("backup", "pg", "--catalog", store, "--data-path", data, "-o", tmp_path / "pg.mirn")
+    ok("restore", tmp_path / "pg.mirn", "--name", "pg-host1", *fleet)
+    ok("disk", "remove", "pg", "--catalog", store, "--data-path", data)
+    assert {
+        entry["name"] for entry in json.loads(ok("disk", "list", "--json", "--all-nodes", *fleet).out)
+    } == {
+        "pg",
+        "pg-host1",
+        "web",
+    }
+
+
 def moved_to_etcd(etcd: EtcdCluster, tmp_path: Path) -> tuple[Path, str, list[str | Path], str]:
     """Disks pg and web made in a SQLite store, copied into etcd as node host1, and pg leased there:
     (data path, catalogue URL, the options naming it, the lease)."""

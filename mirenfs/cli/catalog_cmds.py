@@ -117,10 +117,16 @@ def cmd_catalog_copy(args: argparse.Namespace) -> int:
             "if every disk differs)"
         )
     if report.conflicts:
+        clashing = ", ".join(report.conflicts)
         problems.append(
             f"{len(report.conflicts)} disk(s) clash with other disks in {args.destination} (their name, "
             f"or the image they name, is another disk's there: see the warnings above) and were not "
-            f"copied: {', '.join(report.conflicts)}; remove or rename those there, then copy again"
+            f"copied: {clashing}; "
+            + (
+                _left_in_a_moved_store(moving_from, report.conflicts[0])
+                if moving_from is not None and to_etcd is not None
+                else "remove or rename those there, then copy again"
+            )
         )
     if report.unusable:
         problems.append(
@@ -130,6 +136,20 @@ def cmd_catalog_copy(args: argparse.Namespace) -> int:
     if problems:
         raise MirenfsError("; and ".join(problems))
     return 0
+
+
+def _left_in_a_moved_store(data_path: str, first: str) -> str:
+    """What to do with disks a move left in its SQLite store, which is marked as moved all the
+    same (the others' copies are the fleet's now): reached only with --catalog sqlite:// (trial
+    E22 E6: the advice named the fleet's disk, which another host may be using)."""
+    store = f"sqlite://{data_path}"
+    return (
+        f"they stay in the SQLite store of {data_path}, which commands now reach only with --catalog "
+        f"{store}: bring one into the fleet under a new name (mirenfs backup {first} --catalog {store} "
+        f"-o {first}.mirn, then mirenfs restore {first}.mirn --name NEW, then mirenfs disk remove {first} "
+        f"--catalog {store}), or, if the fleet's disk of that name is not needed, remove it there "
+        "and copy again"
+    )
 
 
 def _move_home(data_path: str, fleet: Catalog, store: Catalog, report: CopyReport) -> None:
