@@ -154,7 +154,9 @@ def test_etcd_catalogues_parse(text: str, endpoints: tuple[tuple[str, int], ...]
         ("sqlite:", None),
         ("sqlite://", None),
         ("sqlite:///var/lib/miren", "/var/lib/miren"),
+        ("sqlite:////var/lib/miren", "/var/lib/miren"),  # trial E22 E9: it was //var/lib/miren
         ("/srv/m", "/srv/m"),
+        ("//srv/m", "/srv/m"),
     ],
 )
 def test_sqlite_catalogues_parse(text: str, data_path: str | None) -> None:
@@ -488,6 +490,7 @@ def test_a_sqlite_catalogue_is_the_store_of_its_own_data_path(tmp_path: Path) ->
     store = open_catalog(None, str(tmp_path), node="n1")
     assert isinstance(store, Store) and store.data_path == str(tmp_path)
     assert isinstance(open_catalog(f"sqlite://{tmp_path}", str(tmp_path)), Store)
+    assert isinstance(open_catalog(f"sqlite:///{tmp_path}", f"/{tmp_path}"), Store)  # one slash more
     with pytest.raises(MirenfsError, match="--data-path"):
         open_catalog(f"sqlite://{tmp_path}/other", str(tmp_path))
 

@@ -132,13 +132,20 @@ def parse_catalog(text: str, *, read_tls: bool = True, tls_elsewhere: bool = Fal
             path = path[2:]
         if path and not path.startswith("/"):
             raise MirenfsError(f"catalogue {text!r}: write a SQLite data path as sqlite:///ABSOLUTE/DIR")
-        return CatalogSpec(cleaned, data_path=os.path.abspath(path) if path else None)
+        return CatalogSpec(cleaned, data_path=_absolute(path) if path else None)
     if "://" in cleaned or not cleaned:
         raise MirenfsError(
             f"{text!r} is not a disk catalogue; use etcd://HOST:PORT[,HOST:PORT…][/PREFIX] "
             "(etcds:// for TLS), sqlite:///DATA-PATH or a data path"
         )
-    return CatalogSpec(cleaned, data_path=os.path.abspath(cleaned))
+    return CatalogSpec(cleaned, data_path=_absolute(cleaned))
+
+
+def _absolute(path: str) -> str:
+    """``os.path.abspath``, without the two leading slashes POSIX lets it keep (trial E22 E9:
+    ``sqlite:////var/d`` was "the store of data path //var/d, not of /var/d")."""
+    absolute = os.path.abspath(path)
+    return "/" + absolute.lstrip("/") if absolute.startswith("//") else absolute
 
 
 def _parse_etcd(text: str, *, read_tls: bool, tls_elsewhere: bool) -> EtcdLocation:
@@ -266,7 +273,7 @@ def open_catalog(spec: CatalogSpec | str | None, data_path: str, *, node: str | 
     if isinstance(spec, str):
         spec = parse_catalog(spec)
     if spec is None or spec.etcd is None:
-        if spec is not None and spec.data_path is not None and spec.data_path != os.path.abspath(data_path):
+        if spec is not None and spec.data_path is not None and spec.data_path != _absolute(data_path):
             raise MirenfsError(
                 f"the SQLite catalogue {spec.text} is the store of data path {spec.data_path}, not of "
                 f"{os.path.abspath(data_path)}; pass --data-path {spec.data_path} instead"
