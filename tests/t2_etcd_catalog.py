@@ -1331,6 +1331,9 @@ def test_the_cli_works_on_etcd(etcd: EtcdCluster, tmp_path: Path) -> None:
         == "disk disk-ext4: provisioned -> deleting\n"
     )
     assert run_cli("backup", "disk-ext4", "-o", tmp_path / "x.mirn", *on_a).code == 1
+    # Being deleted, on node a: the advice (finish it with `disk remove`) is for node a's host.
+    refused = run_cli("restore", GO_EXT4.path, *on_b)
+    assert refused.code == 1 and "is on node a, not on this node (b)" in refused.err, refused.err
     ok("disk", "set-status", "disk-ext4", "status.detached", *on_a)
     ok("backup", "disk-ext4", "-o", tmp_path / "x.mirn", *on_a)
     assert run_cli("disk", "remove", "disk-ext4", *on_b).code == 1

@@ -283,13 +283,15 @@ def _check_restorable(
     """Apply the refusals of §3 to an existing disk; return its image path. ``created``: this
     restore created the disk, whose image is not in place before the install."""
     name = disk.name
+    # Its node first: the advice for a disk being deleted (`disk remove` it) is for that node's
+    # host (trial E22 E9: on another host, that command is refused).
+    volume = resolver.find_volume_by_disk_id(disk.id)
     if DiskState(disk.status) is DiskState.DELETING:
         raise DiskDeletingError(
             f"disk {name} is being deleted; wait for that to finish (if no `mirenfs disk remove` of it is "
             f"running, a killed one left it so: finish it with `mirenfs disk remove {name}`), or restore "
             "under another name"
         )
-    volume = resolver.find_volume_by_disk_id(disk.id)
     image_path = checked_image_path(data_path, volume, name)
     refuse_if_in_use(resolver, disk, image_path, action="restoring")
     if overwrite:
