@@ -1389,6 +1389,39 @@ def test_removing_a_disk_whose_image_is_not_under_this_data_path_needs_force(
     assert not list(twin.rglob("*.img")) and not list(b.rglob("*.img"))
 
 
+def test_images_no_disk_of_the_catalogue_has_are_said_by_an_empty_disk_list(
+    etcd: EtcdCluster, tmp_path: Path
+) -> None:
+    """Trial E22 E4: an etcd wiped and made again with the same flags has the same cluster id, so
+    the pin cannot tell, and every host saw an empty catalogue without a word while its images
+    were still under its data path. (Another prefix stands for the wiped catalogue here.)"""
+    data = tmp_path / "data"
+    data.mkdir()
+    ok(
+        "restore",
+        GO_EXT4.path,
+        "--name",
+        "pg",
+        "--catalog",
+        etcd.url(prefix()),
+        "--node",
+        "a",
+        "--data-path",
+        data,
+    )
+    volume = next((data / "disk-data" / "volumes").iterdir())
+    wiped = etcd.url(prefix())
+    listed = run_cli("disk", "list", "--catalog", wiped, "--node", "a", "--data-path", data)
+    assert listed.code == 0 and len(listed.out.splitlines()) == 1  # the heading alone
+    assert listed.err.endswith(
+        f"mirenfs: 1 disk image(s) under {volume.parent} belong to no disk of the catalogue ({volume.name}): "
+        "if the catalogue was wiped or restored from an older copy, its records of them are gone; put those "
+        "back (restore the catalogue) before restoring disks here, or the restores make new disks beside "
+        "them\n"
+    ), listed.err
+    assert "belong to no disk" not in run_cli("disk", "list", "--catalog", wiped, "--data-path", tmp_path).err
+
+
 def test_an_empty_disk_list_says_which_catalogue_and_node_it_looked_in(
     etcd: EtcdCluster, tmp_path: Path
 ) -> None:
@@ -1408,7 +1441,10 @@ def test_an_empty_disk_list_says_which_catalogue_and_node_it_looked_in(
         "disk", "list", "--catalog", bare.rsplit("/", 1)[0], "--node", "hostA", "--data-path", tmp_path
     )
     assert no_prefix.code == 0 and no_prefix.out.startswith("NAME")
-    assert no_prefix.err == f"mirenfs: the disk catalogue at {bare} holds no disks (is its /PREFIX right?)\n"
+    assert no_prefix.err.startswith(
+        f"mirenfs: the disk catalogue at {bare} holds no disks (is its /PREFIX right?)\n"
+        "mirenfs: 1 disk image(s) under "  # pg's, whose catalogue that is not
+    ), no_prefix.err
     right = run_cli("disk", "list", "--catalog", url, "--node", "hostA", "--data-path", tmp_path)
     assert right.err == "" and "pg" in right.out
 

@@ -285,6 +285,21 @@ def test_a_restore_onto_a_disk_whose_image_is_not_under_this_data_path_needs_con
     assert sha256_file(elsewhere) == GO_ODD.sha256 and sha256_file(image) == before[0]
 
 
+def test_a_mount_of_a_wiped_catalogue_says_the_images_no_disk_has(
+    etcd: EtcdCluster, tmp_path: Path, mounts: Callable[..., Mount]
+) -> None:
+    """Trial E22 E4: after etcd was wiped and made again (the same cluster id), every mount was
+    empty without a warning. (Another prefix stands for the wiped catalogue here.)"""
+    (a,) = hosts(tmp_path, etcd.url(f"t4-{secrets.token_hex(4)}"), "host-a")
+    a.cli("restore", GO_EXT4.path, "--name", "pg")
+    wiped = Host("host-a", a.data, a.mnt, etcd.url(f"t4-{secrets.token_hex(4)}"))
+    orphans = r"1 disk image\(s\) under \S+ belong to no disk of the catalogue \(vol-\w+\): if the catalogue"
+    empty = r"the disk catalogue at \S+ holds no disks \(is its /PREFIX right\?\); this mount shows no disks"
+    mounted = wiped.mount(mounts, expect_log=(orphans, empty))
+    assert wiped.listing() == ["restore"]
+    assert re.search(rf"WARNING: {orphans}", mounted.log()) and re.search(rf"WARNING: {empty}", mounted.log())
+
+
 def test_a_lease_bound_through_one_host_refuses_a_restore_through_the_other(
     etcd: EtcdCluster, tmp_path: Path, mounts: Callable[..., Mount]
 ) -> None:

@@ -24,7 +24,13 @@ from mirenfs.cli.common import (
     silence_standard_output,
 )
 from mirenfs.cli.mountinfo import mirenfs_mount_holding
-from mirenfs.disks.catalogs import ImageAdopting, catalog_spec_from, node_from, none_on_this_node
+from mirenfs.disks.catalogs import (
+    ImageAdopting,
+    catalog_spec_from,
+    images_no_disk_has,
+    node_from,
+    none_on_this_node,
+)
 from mirenfs.disks.manage import create_disk, remove_disk
 from mirenfs.disks.model import Catalog, DiskState, LeaseState, etcd_catalogue_hint, validate_disk_name
 from mirenfs.disks.rules import what_the_data_path_keeps_at
@@ -224,6 +230,8 @@ def cmd_disk_list(args: argparse.Namespace) -> int:
             f"to {hint}",
             file=sys.stderr,
         )
+    if not records and (orphans := images_no_disk_has(every, data_path=store.data_path)):
+        say(f"mirenfs: {orphans}", file=sys.stderr)
     if args.json:
         entries = []
         for record in records:

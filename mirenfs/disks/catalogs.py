@@ -32,12 +32,14 @@ from typing import Protocol, runtime_checkable
 
 from mirenfs.disks.model import (
     DB_FILE_NAME,
+    IMAGE_FILE_NAME,
     Catalog,
     DiskRecord,
     DiskState,
     etcd_catalogue_hint,
     state_directory,
     validate_node_name,
+    volumes_dir,
 )
 from mirenfs.disks.store import Store
 from mirenfs.engine.image import make_private_directory, replace_private_file
@@ -436,6 +438,33 @@ def none_on_this_node(records: list[DiskRecord], *, url: str, node: str) -> str 
     if records:
         return f"no disk in the disk catalogue at {url} is on node {node} (none records a node)"
     return f"the disk catalogue at {url} holds no disks (is its /PREFIX right?)"
+
+
+def images_no_disk_has(records: list[DiskRecord], *, data_path: str) -> str | None:
+    """Why a host should be looked at when managed images under its data path belong to no disk
+    of the catalogue, or None: an etcd wiped and made again with the same flags has the same
+    cluster id, so nothing else tells (trial E22 E4: every mount empty, the nightly rsync exit 0
+    with nothing copied, restores making new disks beside the old images)."""
+    named = {record.volume.id for record in records if record.volume is not None}
+    volumes = volumes_dir(os.path.abspath(data_path))
+    try:
+        entries = os.listdir(volumes)
+    except OSError:
+        return None
+    orphans = sorted(
+        entry
+        for entry in entries
+        if entry not in named and os.path.isfile(os.path.join(volumes, entry, IMAGE_FILE_NAME))
+    )
+    if not orphans:
+        return None
+    listed = ", ".join(orphans[:5]) + (f" and {len(orphans) - 5} more" if len(orphans) > 5 else "")
+    return (
+        f"{len(orphans)} disk image(s) under {volumes} belong to no disk of the catalogue ({listed}): if "
+        "the catalogue was wiped or restored from an older copy, its records of them are gone; put "
+        "those back (restore the catalogue) before restoring disks here, or the restores make new "
+        "disks beside them"
+    )
 
 
 def images_missing_here(records: list[DiskRecord], *, data_path: str) -> str | None:

@@ -14,7 +14,13 @@ from functools import partial
 import pyfuse3
 import trio
 
-from mirenfs.disks.catalogs import images_missing_here, mount_listing, node_from, none_on_this_node
+from mirenfs.disks.catalogs import (
+    images_missing_here,
+    images_no_disk_has,
+    mount_listing,
+    node_from,
+    none_on_this_node,
+)
 from mirenfs.disks.live import read_mountinfo
 from mirenfs.disks.manage import settle_a_killed_restore, sweep_what_killed_runs_left
 from mirenfs.disks.model import DB_FILE_NAME, DiskRecord, holds_mirenfs_files, index_directory
@@ -118,11 +124,16 @@ def _say_if_this_hosts_disks_are_not_here(records: list[DiskRecord], config: Mou
     """A wrong --node mounts fine and shows nothing: on etcd, say so when no disk is on this node
     (a warning when other nodes have disks; only a note when the catalogue is empty, as a new
     fleet's is). A wrong data path (or a node name two hosts share) mounts fine too and shows
-    disks whose images are not there: say that as well."""
+    disks whose images are not there, and a catalogue wiped shows none of the images that are:
+    say those as well."""
+    orphans = images_no_disk_has(records, data_path=config.data_path)
+    if orphans is not None:
+        log.warning("%s", orphans)
     if config.node_name is not None:  # on SQLite every disk is this host's
         problem = none_on_this_node(records, url=config.catalog_name, node=config.node_name)
         if problem is not None:
-            (log.warning if records else log.info)("%s; this mount shows no disks until one is", problem)
+            loud = records or orphans is not None
+            (log.warning if loud else log.info)("%s; this mount shows no disks until one is", problem)
             return
     missing = images_missing_here(records, data_path=config.data_path)
     if missing is not None:
