@@ -774,6 +774,13 @@ def test_a_failed_restore_keeps_none_of_its_pieces_while_its_stream_is_held() ->
         await feed_until_held_back(stream, snapshot, until=lambda: pool_buffers() > 0)
         held = pool_buffers()
         writing.set()
+        # Review P22 F3: before any other call (a writer stalled after bad data), the free
+        # buffers go once the stages ended, not at the writer's next write or close.
+        stopped = stream._pipeline
+        assert stopped is not None
+        with trio.fail_after(30):
+            await stopped.stages.done.wait()  # every stage thread ended
+        assert pool_buffers() == 0, "a failed restore's free buffers wait for its writer's next call"
         with pytest.raises(TargetError):
             await stream.settle()
             await stream.finish()

@@ -369,6 +369,10 @@ class _Pipeline:
         finally:
             for handoff in (self._frames, self._to_hash, self._to_write):
                 handoff.close()
+            # Ended by a failure, what it handed on and holds is nobody's now: let it go with the
+            # thread, not at the writer's next call (review P22 F3). Ended whole, both are empty.
+            self._being_filled.clear()
+            self._gathering = None
 
     def _decompress_inline(
         self, decompressor: zstandard.ZstdDecompressor, frame: memoryview, content: int

@@ -341,7 +341,7 @@ class BufferPool:
                 self._put_back(buffer)
 
     def _put_back(self, buffer: Buffer) -> None:
-        if self._made > max(1, self._most()):
+        if self._stopped or self._made > max(1, self._most()):
             self._unmap(buffer)
         else:
             self._free.append(buffer)
@@ -369,19 +369,18 @@ class BufferPool:
             self._filled.notify_all()
 
     def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify_all()
-            self._filled.notify_all()
-
-    def drop(self) -> None:
-        """Let the buffers go (the pool is stopped and nobody uses them any more)."""
+        """Wake every waiter and let the free buffers go, and the others as they come back: a
+        failed restore whose writer stalls makes no next call to free them (review P22 F3)."""
         with self._cond:
             self._stopped = True
             while self._free:
                 self._unmap(self._free.pop())
             self._cond.notify_all()
             self._filled.notify_all()
+
+    def drop(self) -> None:
+        """Let the buffers go (the pool is stopped and nobody uses them any more)."""
+        self.stop()
 
 
 class FairShare:
