@@ -126,6 +126,11 @@ def seek_table_cases(data: bytes) -> dict[str, tuple[bytes, str]]:
             _changed(data, len(data) - 9, struct.pack("<I", count - 1)),
             "footer counts",
         ),
+        # Review P22 F1: the seekable format tells readers to refuse them.
+        "reserved descriptor bits": (
+            _changed(data, len(data) - 5, bytes([data[len(data) - 5] | 0x7C])),
+            r"damaged: its descriptor 0xFC sets reserved bits",
+        ),
     }
 
 
@@ -136,6 +141,7 @@ SEEK_TABLE_CASES = [
     "damaged footer magic",
     "frame count plus one",
     "frame count minus one",
+    "reserved descriptor bits",
 ]
 
 

@@ -27,6 +27,7 @@ SEEKABLE_MAGIC = 0x8F92EAB1
 SEEK_TABLE_FOOTER_LEN = 9
 MAX_FRAME_CONTENT = 1 << 30  # the seekable format's limit on one frame's content
 _CHECKSUM_FLAG = 0x80
+_RESERVED_DESCRIPTOR_BITS = 0x7C  # bits 2-6 of the seek table descriptor: zero, or the table is refused
 
 _local = threading.local()
 
@@ -225,6 +226,10 @@ class SeekTableCheck:
                 + meaning
             )
         count, descriptor = struct.unpack_from("<IB", table, len(table) - SEEK_TABLE_FOOTER_LEN)
+        if descriptor & _RESERVED_DESCRIPTOR_BITS:  # the format says a reader must refuse them
+            raise FormatError(
+                f"{where} is damaged: its descriptor 0x{descriptor:02X} sets reserved bits" + meaning
+            )
         entry_len = 12 if descriptor & _CHECKSUM_FLAG else 8
         if len(table) != SEEK_TABLE_FOOTER_LEN + entry_len * count:
             raise FormatError(
