@@ -644,3 +644,11 @@ def test_a_restore_over_a_disk_says_whose_snapshot_it_was_and_a_filesystem_it_ch
     assert disks(data)["pg"]["filesystem"] == other
     again = ok("restore", web, "--name", "pg", "--force", "--data-path", data)
     assert again.out.startswith(f"restored disk pg (image replaced) from {web}, a snapshot of disk web: ")
+
+    # Trial E22 E2: what the image held is read from it, since its record may say otherwise (a
+    # restore through a wrong data path rewrote it): the mend said the image had held xfs.
+    ok("restore", GO_EXT4.path, "--name", "db", "--data-path", data)
+    store = Store(str(data))
+    store.update_disk(store.find_disk_by_name("db").id, size_bytes=GO_EXT4.size_bytes, filesystem="xfs")
+    mended = ok("restore", GO_EXT4.path, "--name", "db", "--force", "--data-path", data)
+    assert mended.out.startswith("restored disk db (image replaced; its record said xfs) from "), mended.out

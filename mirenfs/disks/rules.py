@@ -45,6 +45,7 @@ from mirenfs.disks.model import (
     validate_disk_name,
     volumes_dir,
 )
+from mirenfs.engine.fstype import detect_filesystem
 from mirenfs.engine.image import STAGING_SUFFIX, make_directories, staging_is_held
 from mirenfs.errors import (
     NO_SPACE,
@@ -355,6 +356,7 @@ class RestoreTarget:
     _made_state_directory: bool = field(default=False, repr=False)  # for the journal of creations
     _change_unknown: bool = field(default=False, repr=False)  # a create or record etcd may have applied
     _not_marked: str | None = field(default=None, repr=False)  # why a created disk is still provisioning
+    _image_held: str | None = field(default=None, repr=False)  # the replaced image's filesystem, if known
 
     @property
     def creates_disk(self) -> bool:
@@ -366,8 +368,14 @@ class RestoreTarget:
             return "new disk"
         said = "image replaced" if self.replaces_image else "image written: the disk had none"
         before = self._recorded_over or self.existing
-        if before is not None and self.filesystem is not None and before.filesystem != self.filesystem:
-            said += f"; it held {before.filesystem}, now {self.filesystem}"  # said, not silent (trial T21 F6)
+        recorded = before.filesystem if before is not None else None
+        # What the image held, read from it: its record may say otherwise (trial E22 E2: a restore
+        # through a wrong data path had rewritten it, and the mend said the image held xfs).
+        held = self._image_held or recorded
+        if held is not None and self.filesystem is not None and held != self.filesystem:
+            said += f"; it held {held}, now {self.filesystem}"  # said, not silent (trial T21 F6)
+        if recorded is not None and held != recorded:
+            said += f"; its record said {recorded}"
         return said
 
     @property
@@ -386,6 +394,7 @@ class RestoreTarget:
             if not self.resolver.find_volume_by_disk_id(self.existing.id).image_path:
                 self._make_parent_dirs(os.path.dirname(image_path))  # a managed volume's directory
             self.image_path, self.replaces_image = image_path, os.path.lexists(image_path)
+            self._image_held = detect_filesystem(image_path) if self.replaces_image else None
             return image_path
         if self.creator is None:  # prepare_restore refuses this; kept for a target built by hand
             raise DiskNotFoundError(self.name)
