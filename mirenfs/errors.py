@@ -242,11 +242,13 @@ class CatalogUnreachableError(StoreError):
 
     errno = EIO
     maybe_applied: bool = False
+    said_what_may_be_done: bool = False  # its sentence says it: the CLI adds no general clause
 
     def add_if_maybe_applied(self, what_may_be_done: str) -> None:
         """Say what may have happened all the same, when the change may have landed."""
         if self.maybe_applied:
             self.args = (f"{self}; {what_may_be_done}",)
+            self.said_what_may_be_done = True
 
 
 class DiskElsewhereError(MirenfsError):

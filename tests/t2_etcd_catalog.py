@@ -937,6 +937,7 @@ def test_a_change_etcd_received_without_answering_in_time_is_never_said_to_be_un
     removing = run_cli("disk", "remove", "made", *on_a)
     assert removing.code == 1 and "disk made may be `deleting` now all the same" in removing.err
     assert "run `mirenfs disk remove made` again once the catalogue answers" in removing.err
+    assert "the change may have been made all the same" not in removing.err  # said once (trial E22 E9)
     created = run_cli("disk", "create", "ghost", "--size", "1M", *on_a)
     assert created.code == 1 and "disk ghost may have been created all the same" in created.err, created.err
     assert "remove it (`mirenfs disk remove ghost`) if it is provisioning" in created.err

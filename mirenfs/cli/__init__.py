@@ -281,7 +281,12 @@ def _said(exc: BaseException, terminated: list[int]) -> int:
         return _quiet_broken_pipe()
     if isinstance(error, MirenfsError):
         message = str(error)
-        if isinstance(error, CatalogUnreachableError) and error.maybe_applied and "may have" not in message:
+        if (
+            isinstance(error, CatalogUnreachableError)
+            and error.maybe_applied
+            and not error.said_what_may_be_done
+            and "may have" not in message
+        ):
             message += (  # trial W: a `disk create` said unreachable was there a moment later
                 "; the change may have been made all the same (etcd received it and did not answer in "
                 "time): check with `mirenfs disk list` once the catalogue answers"
