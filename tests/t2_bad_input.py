@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import struct
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from mirenfs.errors import FormatError
 from mirenfs.format import frames
@@ -168,6 +170,35 @@ def test_verify_refuses_a_seek_table_that_does_not_match_the_frames(
     done = run_cli_as_process_would("restore", str(bad), "--image", str(image))
     assert done.returncode == 0, done.stderr
     assert sha256_file(image) == meta.checksum
+
+
+def test_verify_holds_frames_without_a_content_size_to_the_sizes_their_seek_table_lists(
+    chunked: tuple[bytes, Meta, int], tmp_path: Path
+) -> None:
+    """Review P22 F1: such frames (zstd's contrib seekable compressor writes them) were held to
+    the table's total only: a table with the right total and wrong sizes per frame, which sends
+    a seekable reader to the wrong offsets, passed."""
+    data, _meta, header_len = chunked
+    start, _count = _table(data)
+    content = (
+        zstandard.ZstdDecompressor()
+        .decompressobj(read_across_frames=True)
+        .decompress(data[header_len : start - 8])
+    )
+    cuts = [0, 70_000, 200_000, len(content)]
+    no_size = zstandard.ZstdCompressor(write_content_size=False)
+    parts = [no_size.compress(content[a:b]) for a, b in itertools.pairwise(cuts)]
+    sizes = [b - a for a, b in itertools.pairwise(cuts)]
+    lying = [sizes[0] + 1000, sizes[1] - 1000, sizes[2]]  # the same total
+    outcomes = {}
+    for label, listed in (("honest", sizes), ("lying", lying)):
+        table = frames.seek_table([(len(part), size, 0) for part, size in zip(parts, listed, strict=True)])
+        path = tmp_path / f"{label}.mirn"
+        path.write_bytes(data[:header_len] + b"".join(parts) + table)
+        result = run_cli_as_process_would("verify", str(path))
+        outcomes[label] = (result.returncode, result.stderr.decode())
+    assert outcomes["honest"] == (0, ""), outcomes
+    assert outcomes["lying"][0] == 1 and "the sizes it lists for the 3 frames differ" in outcomes["lying"][1]
 
 
 @pytest.mark.parametrize("entries", [6, 7, 1 << 20])

@@ -444,11 +444,14 @@ class _Pipeline:
 
     def _stream_frame(self, decompressor: zstandard.ZstdDecompressor, frame: _FrameReader) -> None:
         self._hand_on_gathered()
+        start = self.bytes_out
         reader = decompressor.stream_reader(
             cast(IO[bytes], frame), read_size=_READ_SIZE, read_across_frames=False, closefd=False
         )
         while self._decompress_piece(reader):
             pass
+        if self.scanner.seek_table is not None:  # verify: a frame of unknown size is counted here
+            self.scanner.seek_table.frame_decompressed(self.bytes_out - start)
 
     def _decompress_piece(self, reader: zstandard.ZstdDecompressionReader) -> bool:
         buffer = self._pool.acquire()

@@ -171,8 +171,9 @@ class SeekTableCheck:
     the seekable format's magic (0x184D2A5E); data without one (Go's) has
     nothing to check. Frames are compared by count, compressed size and
     decompressed size (the content size in the frame's header, which zstd holds
-    the frame to; for frames without one, the total). Memory stays constant:
-    the frames are summed and hashed as they pass, only the table is kept.
+    the frame to; for frames without one, what the decompression stage counted,
+    told through :meth:`frame_decompressed`). Memory stays constant: the frames
+    are summed and hashed as they pass, only the table is kept.
     """
 
     def __init__(self) -> None:
@@ -181,6 +182,7 @@ class SeekTableCheck:
         self._sizes = hashlib.blake2b(digest_size=16)  # (compressed, decompressed) of each frame
         self._compressed_sizes = hashlib.blake2b(digest_size=16)
         self._all_sizes_known = True
+        self._uncounted: int | None = None  # a frame without a content size, until it is counted
         self._table: bytearray | None = None  # the content of a seek-table frame, while it is the last
         self._table_len = 0
 
@@ -189,10 +191,21 @@ class SeekTableCheck:
         self.frames += 1
         self._compressed += compressed
         self._compressed_sizes.update(compressed.to_bytes(8, "little"))
-        if content_size is None:
+        if self._uncounted is not None:  # the one before was never counted: totals only
             self._all_sizes_known = False
+            self._uncounted = None
+        if content_size is None:
+            self._uncounted = compressed  # its size comes with frame_decompressed
         else:
             self._sizes.update(compressed.to_bytes(8, "little") + content_size.to_bytes(8, "little"))
+
+    def frame_decompressed(self, size: int) -> None:
+        """What the latest frame decompressed to, when its header did not say (review P22 F1:
+        such frames were held to the total only, so a table sending a seekable reader to the
+        wrong offsets passed)."""
+        if self._uncounted is not None:
+            self._sizes.update(self._uncounted.to_bytes(8, "little") + size.to_bytes(8, "little"))
+            self._uncounted = None
 
     def skippable_frame(self, magic: int, length: int) -> None:
         self._table = bytearray() if magic == SEEK_TABLE_SKIPPABLE_MAGIC else None
@@ -208,6 +221,8 @@ class SeekTableCheck:
         table = self._table
         if table is None:
             return  # no seek table at the end
+        if self._uncounted is not None:
+            self._all_sizes_known = False
         where = "the seek table at the end of the zstd data"
         meaning = (
             "; the image data itself verified, so a restore works, but seekable-zstd tools cannot use the "
