@@ -1398,18 +1398,8 @@ def test_images_no_disk_of_the_catalogue_has_are_said_by_an_empty_disk_list(
     were still under its data path. (Another prefix stands for the wiped catalogue here.)"""
     data = tmp_path / "data"
     data.mkdir()
-    ok(
-        "restore",
-        GO_EXT4.path,
-        "--name",
-        "pg",
-        "--catalog",
-        etcd.url(prefix()),
-        "--node",
-        "a",
-        "--data-path",
-        data,
-    )
+    on_a = ["--catalog", etcd.url(prefix()), "--node", "a", "--data-path", data]
+    ok("restore", GO_EXT4.path, "--name", "pg", *on_a)
     volume = next((data / "disk-data" / "volumes").iterdir())
     wiped = etcd.url(prefix())
     listed = run_cli("disk", "list", "--catalog", wiped, "--node", "a", "--data-path", data)
