@@ -452,7 +452,7 @@ def test_disks_of_this_host_without_their_images_here_are_named(tmp_path: Path) 
     assert said == (
         f"7 of this host's disks have no image under the data path {tmp_path} (d0, d1, d2, d3, d4 and 2 "
         "more): if the data path (or the node name) is wrong, stop this mount, since a restore into one "
-        "of them would write its image here and change its record"
+        "of them would write its image here and change its record (on a fleet, only with --allow-overwrite)"
     )
 
 

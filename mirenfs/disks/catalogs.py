@@ -489,7 +489,8 @@ def images_missing_here(records: list[DiskRecord], *, data_path: str) -> str | N
         f"{len(missing)} of this host's disks {'has' if len(missing) == 1 else 'have'} no image under the "
         f"data path {os.path.abspath(data_path)} "
         f"({named}): if the data path (or the node name) is wrong, stop this mount, since a restore into "
-        "one of them would write its image here and change its record"
+        "one of them would write its image here and change its record (on a fleet, only with "
+        "--allow-overwrite)"
     )
 
 
