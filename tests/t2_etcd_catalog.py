@@ -22,6 +22,7 @@ import pytest
 
 from mirenfs.disks import etcd as etcd_module
 from mirenfs.disks.catalogs import open_catalog, parse_catalog
+from mirenfs.disks.creations import mark_creating
 from mirenfs.disks.etcd import CatalogWatch, EtcdCatalog, EtcdKV, _delete, _put
 from mirenfs.disks.manage import create_disk, sweep_stale_staging
 from mirenfs.disks.model import DiskState, LeaseState
@@ -36,6 +37,7 @@ from mirenfs.errors import (
     DiskExistsError,
     DiskLeasedError,
     DiskNotFoundError,
+    ImageNotHereError,
     LeaseNotFoundError,
     StoreError,
 )
@@ -133,6 +135,21 @@ def test_a_lease_in_a_record_another_writer_put_is_released_by_its_id(
     assert [x.status for x in a.get_disk("pg").leases] == [LeaseState.RELEASED]
     with pytest.raises(LeaseNotFoundError, match="there is no lease lease-none"):
         b.release_lease("lease-none")
+
+
+def test_a_restore_into_a_disk_a_killed_restore_here_was_creating_needs_no_consent(
+    hosts: tuple[EtcdCatalog, EtcdCatalog],
+) -> None:
+    """Trial E22 E2 made a disk whose image is not under this data path need --force; one a
+    restore on this host was creating when it was killed (its creation note is here) has no image
+    anywhere yet, and restoring it again is how it is finished."""
+    a, _b = hosts
+    killed = a.create_disk_for_restore("half", size_bytes=4096, filesystem="ext4")  # no image made
+    with pytest.raises(ImageNotHereError, match="disk half of node a has no image at"):
+        prepare_restore(a, "half", data_path=a.data_path, overwrite=False, creator=a)
+    mark_creating(a.data_path, killed.disk.id)  # what the killed restore noted first
+    target = prepare_restore(a, "half", data_path=a.data_path, overwrite=False, creator=a)
+    assert target.existing is not None and target.existing.id == killed.disk.id
 
 
 def test_the_loser_of_a_create_race_between_hosts_is_told_where_the_disk_is(
