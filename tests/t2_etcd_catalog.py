@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from mirenfs.disks.catalogs import open_catalog, parse_catalog
 from mirenfs.disks.creations import mark_creating
 from mirenfs.disks.etcd import CatalogWatch, EtcdCatalog, EtcdKV, _delete, _put
 from mirenfs.disks.manage import create_disk, sweep_stale_staging
-from mirenfs.disks.model import DiskState, LeaseState
+from mirenfs.disks.model import DiskState, Lease, LeaseState
 from mirenfs.disks.rules import prepare_backup, prepare_restore
 from mirenfs.disks.store import Store
 from mirenfs.disks.trust import TrustedImages, disk_key
@@ -187,6 +188,34 @@ def test_released_leases_beyond_the_latest_few_leave_the_record_and_their_keys(
         a.release_lease(cycles[0])
     bound = a.acquire_lease("pg")  # one bound is never dropped, nor the latest released
     assert [lease.id for lease in a.get_disk("pg").leases] == [*kept[1:], bound.id]
+
+
+def test_a_disk_with_more_released_leases_than_one_transaction_takes_is_leased_and_copied(
+    hosts: tuple[EtcdCatalog, EtcdCatalog], tmp_path: Path
+) -> None:
+    """Review D22 D1: a disk whose record an older mirenfs let grow to 150 released leases could
+    never be leased again (one transaction deleted every old key, over etcd's 128 operations), and
+    a SQLite disk with as many could not be copied into etcd. A binding drops the oldest 64."""
+    a, _b = hosts
+    a.add_disk("old", size_bytes=4096, filesystem="ext4")
+    grown = tuple(
+        Lease(f"lease-{n:016x}", a.get_disk("old").disk.id, LeaseState.RELEASED) for n in range(150)
+    )
+    a._update("old", lambda stored: (replace(stored, leases=grown), [], []))
+    counts = []
+    for _ in range(3):
+        lease = a.acquire_lease("old")
+        counts.append(len(a.get_disk("old").leases))
+        a.release_lease(lease.id)
+    assert counts == [150 - 64 + 1, 150 - 128 + 2, etcd_module.RELEASED_LEASES_KEPT + 1]
+
+    store = Store(str(tmp_path / "sqlite"))
+    store.add_disk("many", size_bytes=4096, filesystem="ext4")
+    for _ in range(150):
+        store.release_lease(store.acquire_lease("many").id)
+    assert a.put_record(store.get_disk("many")) == "added"
+    kept = [lease.id for lease in store.get_disk("many").leases][-etcd_module.RELEASED_LEASES_KEPT :]
+    assert [lease.id for lease in a.get_disk("many").leases] == kept
 
 
 def test_concurrent_lease_changes_lose_no_update(hosts: tuple[EtcdCatalog, EtcdCatalog]) -> None:

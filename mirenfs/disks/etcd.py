@@ -48,7 +48,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -100,6 +100,9 @@ WATCH_LAG_S = 2.0  # a watch that has not delivered a change etcd holds for this
 REQUEST_TIMEOUT_S = 2.0  # per endpoint: a member without quorum answers only after ~7 s
 CAS_ATTEMPTS = 64  # compare-and-swap rounds before a change gives up (each lost round is a change made)
 RELEASED_LEASES_KEPT = 8  # a disk record keeps its latest released leases, for `disk list` (older ones go)
+# Older released leases whose keys one binding deletes: etcd refuses a transaction of over 128
+# operations (--max-txn-ops), and a disk that ran for a year had thousands (review D22 D1).
+LEASE_KEYS_DROPPED_AT_ONCE = 64
 PROBE_INTERVAL_S = 0.5
 STALE_AFTER_S = 3.0
 FIRST_SYNC_WAIT_S = REQUEST_TIMEOUT_S + 1.0
@@ -176,6 +179,18 @@ def _unchanged(key: str, mod_revision: int) -> dict[str, Any]:
 
 def _put(key: str, value: str | bytes) -> dict[str, Any]:
     return {"request_put": {"key": _b64(key), "value": _b64(value)}}
+
+
+def _without_old_released(
+    leases: Iterable[Lease], *, most: int | None = None
+) -> tuple[tuple[Lease, ...], list[str]]:
+    """``leases`` without the released ones older than the latest ``RELEASED_LEASES_KEPT`` (at
+    most ``most`` of them, the oldest first), and the ids of those left out."""
+    leases = tuple(leases)
+    released = [lease.id for lease in leases if lease.status == LeaseState.RELEASED]
+    dropped = released[: max(0, len(released) - RELEASED_LEASES_KEPT)][:most]
+    gone = set(dropped)
+    return tuple(lease for lease in leases if lease.id not in gone), dropped
 
 
 def _delete(key: str) -> dict[str, Any]:
@@ -1078,13 +1093,11 @@ class EtcdCatalog:
             reference = json.dumps({"disk_id": stored.disk.id, "name": name})
             # Released leases beyond the latest few go, with their keys: every cycle grew the
             # record, which every change rewrites, towards etcd's request limit (trial E22 E7).
-            released = [lease.id for lease in stored.leases if lease.status == LeaseState.RELEASED]
-            dropped = set(released[: max(0, len(released) - RELEASED_LEASES_KEPT)])
-            kept = tuple(lease for lease in stored.leases if lease.id not in dropped)
+            kept, dropped = _without_old_released(stored.leases, most=LEASE_KEYS_DROPPED_AT_ONCE)
             return (
                 replace(stored, leases=(*kept, lease)),
                 [_missing(lease_key)],
-                [_put(lease_key, reference), *(_delete(self._lease_key(old)) for old in sorted(dropped))],
+                [_put(lease_key, reference), *(_delete(self._lease_key(old)) for old in dropped)],
             )
 
         try:
@@ -1231,11 +1244,14 @@ class EtcdCatalog:
         if volume is not None and volume.node is None:
             volume = replace(volume, node=self.node)
         now = time.time_ns()
-        wanted = _Stored(record.disk, volume, tuple(record.leases), now, now)
+        # A SQLite store keeps every lease: its old released ones stay there (review D22 D1: a disk
+        # of 150 leases made one transaction over etcd's 128 operations, and no copy went through).
+        leases, _dropped = _without_old_released(record.leases)
+        wanted = _Stored(record.disk, volume, leases, now, now)
         key, id_key = self._disk_key(name), self._id_key(record.disk.id)
         indexes = [_put(id_key, name)] + [
             _put(self._lease_key(lease.id), json.dumps({"disk_id": record.disk.id, "name": name}))
-            for lease in record.leases
+            for lease in leases
         ]
         image_key = None
         if volume is not None and volume.image_path and volume.node:
