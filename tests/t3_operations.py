@@ -1094,6 +1094,7 @@ async def test_a_disk_put_in_use_after_it_was_read_offline_is_never_served_as_of
     moment. A disk in use is taken from a point-in-time copy, which an ext4 data path cannot make
     of a loop device nothing is mounted from: refused (EBUSY). A handle opened before goes on with
     the bytes it began; once the loop device is gone the disk is offline again, same inode."""
+    monkeypatch.setattr(versions, "LOOP_SCAN_REUSE_S", 0.0)  # each lookup looks at the loop devices
     image = add_image_disk(data_path, "pg")
     expected = await snapshot_bytes(image, name="pg")
     async with operations(data_path) as m:
@@ -1119,6 +1120,47 @@ async def test_a_disk_put_in_use_after_it_was_read_offline_is_never_served_as_of
         assert "its record says it is attached" in str(m.ops.service.refused["pg"][1])
         Store(str(data_path)).set_disk_status("pg", DiskState.DETACHED)
         assert (await m.lookup("pg.mirn")).st_ino == offline.st_ino
+
+
+@trio_test
+async def test_lookups_of_many_disks_share_one_look_at_the_loop_devices(
+    data_path: Path, sys_block: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review D22 D3: each lookup of an offline disk read every loop device's backing file and
+    opened its node, so `ls -l` cost disks x loop devices. D2: when one cannot be told about
+    (a backing file deleted, no device node to ask), the disk is not taken for in use, and its
+    version is not built again at every lookup."""
+    names = [f"d{n}" for n in range(6)]
+    for seed, name in enumerate(names):
+        add_image_disk(data_path, name, seed=seed)
+    looks: list[int] = []
+    real = versions.loop_backings
+
+    def counted() -> list[versions.LoopBacking]:
+        looks.append(1)
+        return real()
+
+    monkeypatch.setattr(versions, "loop_backings", counted)
+    monkeypatch.setattr(versions, "LOOP_SCAN_REUSE_S", 3600.0)
+    attach_fake_loop(sys_block, "loop7", Path("/var/lib/elsewhere/gone.img (deleted)"))  # cannot be told
+    builds: list[str] = []
+    build = versions.SnapshotService._build
+
+    async def counted_build(
+        self: SnapshotService, name: str, *args: Any, **kwargs: Any
+    ) -> versions.DiskVersion:
+        builds.append(name)
+        return await build(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(versions.SnapshotService, "_build", counted_build)
+    async with operations(data_path) as m:
+        first = {name: (await m.lookup(f"{name}.mirn")).st_ino for name in names}
+        for _ in range(5):
+            for name in names:
+                assert (await m.lookup(f"{name}.mirn")).st_ino == first[name]
+                assert (await m.lookup(f"{name}.mirn.sha256")).st_ino > 0
+        assert sorted(builds) == names  # once each: never again for an unknown loop device
+        assert len(looks) == 1, looks
 
 
 @trio_test
@@ -1171,7 +1213,7 @@ async def test_a_lookup_while_a_disk_in_use_is_being_snapshotted_shares_that_sna
     )
     identities = iter(ImageIdentity(1, 2, 3, mtime, mtime) for mtime in range(10, 20))
     monkeypatch.setattr(versions.ImageIdentity, "of", lambda _path: next(identities))
-    monkeypatch.setattr(versions, "image_in_use", lambda _path: True)
+    monkeypatch.setattr(service._loop_devices, "backing", lambda _path: True)
     builds: list[trio.Event] = []
     fail = [False]
 

@@ -294,7 +294,8 @@ def test_a_loop_device_attached_after_an_offline_read_gives_a_copy(mounts: Mount
             with contextlib.ExitStack() as stack:
                 device = run(tool("losetup"), "-f", "--show", image).stdout.strip()
                 stack.callback(run, tool("losetup"), "-d", device)
-                assert os.getxattr(snapshot, CONSISTENCY) == b"crash-consistent"
+                # The loop devices are looked at once a second at most (one look serves `ls -l`).
+                wait_for(lambda: os.getxattr(snapshot, CONSISTENCY) == b"crash-consistent", "a copy", 5.0)
                 done = copy_out(snapshot, tmp_path / "copy.mirn")
                 assert done.returncode == 0, done.stderr
     # Nothing wrote to the image: its copy's snapshot is the same file.

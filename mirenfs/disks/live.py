@@ -28,26 +28,20 @@ LOOP_GET_STATUS64 = 0x4C05  # linux/loop.h
 _LOOP_INFO64 = struct.Struct("=QQQQQIIII64s64s32s2Q")
 
 
-def loop_devices_backing(image_path: str, *, sys_block: str | None = None) -> list[str]:
-    """The loop devices (``loop3``, …) whose backing file is ``image_path``.
+@dataclass(frozen=True)
+class LoopBacking:
+    """One attached loop device as /sys shows it: its name, its backing path, and the backing
+    file's (st_dev, st_ino) as the kernel holds it (None without access to its device node)."""
 
-    Compared by the backing file's device and inode as the kernel holds them
-    (``LOOP_GET_STATUS64``, what ``losetup -O BACK-INO`` shows), so a loop
-    device set up through another path, another mount namespace (a container
-    sees its own ``/disk.img``) or a hard link removed since still matches.
-    Without access to the device node (not root), by the path ``/sys`` shows:
-    by device and inode where it can be stat'ed, by name otherwise (a deleted
-    backing file). Raises :class:`LiveCheckError` when it cannot tell: a
-    backing path that leads nowhere from here, with no device node to ask.
-    """
+    device: str
+    backing: str
+    identity: tuple[int, int] | None
+
+
+def loop_backings(*, sys_block: str | None = None) -> list[LoopBacking]:
+    """Every attached loop device, in one look at /sys (raises :class:`LiveCheckError` when it
+    cannot be read): :func:`devices_backing` then says which back an image, as often as needed."""
     sys_block = SYS_BLOCK if sys_block is None else sys_block
-    try:
-        image_stat: os.stat_result | None = os.stat(image_path)
-    except FileNotFoundError:
-        image_stat = None
-    except OSError as exc:
-        raise LiveCheckError(f"cannot stat {image_path}: {exc.strerror}") from None
-    wanted = os.path.realpath(image_path)
     try:
         entries = sorted(name for name in os.listdir(sys_block) if name.startswith("loop"))
     except OSError as exc:
@@ -62,7 +56,38 @@ def loop_devices_backing(image_path: str, *, sys_block: str | None = None) -> li
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) else str(exc)
             raise LiveCheckError(f"cannot read the backing file of {device}: {reason}") from None
-        identity = backing_identity(device, sys_block=sys_block)
+        found.append(LoopBacking(device, backing, backing_identity(device, sys_block=sys_block)))
+    return found
+
+
+def loop_devices_backing(image_path: str, *, sys_block: str | None = None) -> list[str]:
+    """The loop devices (``loop3``, …) whose backing file is ``image_path``: see
+    :func:`devices_backing`, over a fresh look at /sys."""
+    return devices_backing(image_path, loop_backings(sys_block=sys_block))
+
+
+def devices_backing(image_path: str, backings: list[LoopBacking]) -> list[str]:
+    """Of ``backings``, the loop devices whose backing file is ``image_path``.
+
+    Compared by the backing file's device and inode as the kernel holds them
+    (``LOOP_GET_STATUS64``, what ``losetup -O BACK-INO`` shows), so a loop
+    device set up through another path, another mount namespace (a container
+    sees its own ``/disk.img``) or a hard link removed since still matches.
+    Without access to the device node (not root), by the path ``/sys`` shows:
+    by device and inode where it can be stat'ed, by name otherwise (a deleted
+    backing file). Raises :class:`LiveCheckError` when it cannot tell: a
+    backing path that leads nowhere from here, with no device node to ask.
+    """
+    try:
+        image_stat: os.stat_result | None = os.stat(image_path)
+    except FileNotFoundError:
+        image_stat = None
+    except OSError as exc:
+        raise LiveCheckError(f"cannot stat {image_path}: {exc.strerror}") from None
+    wanted = os.path.realpath(image_path)
+    found = []
+    for loop in backings:
+        device, backing, identity = loop.device, loop.backing, loop.identity
         if image_stat is not None and identity is not None:
             if identity == (image_stat.st_dev, image_stat.st_ino):
                 found.append(device)

@@ -14,6 +14,7 @@ import errno
 import hashlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from functools import partial
 
 import trio
 
-from mirenfs.disks.live import image_in_use
+from mirenfs.disks.live import LoopBacking, devices_backing, loop_backings
 from mirenfs.disks.pointintime import Consistency, CopyPolicy, PointInTime, take_point_in_time
 from mirenfs.engine.framestore import FrameStore
 from mirenfs.engine.image import (
@@ -43,7 +44,7 @@ from mirenfs.engine.produce import (
     frame_cache_for,
     snapshot_meta,
 )
-from mirenfs.errors import ImageChangedError, MirenfsError, PointInTimeError
+from mirenfs.errors import ImageChangedError, LiveCheckError, MirenfsError, PointInTimeError
 from mirenfs.format.header import Meta
 
 log = logging.getLogger("mirenfs.snapshots")
@@ -51,6 +52,7 @@ log = logging.getLogger("mirenfs.snapshots")
 POINT_IN_TIME_REUSE_S = 60.0  # a copy of a disk in use stands for it this long after its last read
 INDEX_KEPT_UNUSED_S = 7 * 86400.0  # an index no disk's image has is removed at a start after this
 IDLE_VERSION_SWEEP_S = 15.0  # how often versions holding space for nothing are looked for
+LOOP_SCAN_REUSE_S = 1.0  # one look at the host's loop devices serves the lookups of this long
 REFUSAL_MEMORY_S = 5.0  # a refused copy is not tried again for this long (one log line, one calibration)
 
 
@@ -294,6 +296,37 @@ class DiskVersion:
             self.fd = -1
 
 
+class LoopDevices:
+    """The host's loop devices, looked at once for the lookups of a moment: every lookup of a
+    disk asks whether a loop device backs its image, and one look costs a read (and an ioctl)
+    per attached device, so `ls -l` of many disks beside many loop devices took seconds of
+    worker time (review D22 D3). A device attached within ``LOOP_SCAN_REUSE_S`` of a look is
+    seen at the next; a read of the image it changes meanwhile fails (EIO), as it would have."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # looked at from worker threads
+        self._looked_at = -LOOP_SCAN_REUSE_S
+        self._backings: list[LoopBacking] | None = None  # None: /sys could not be read
+
+    def backing(self, image_path: str) -> bool | None:
+        """Whether a loop device backs ``image_path`` (None: it cannot be told)."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._looked_at >= LOOP_SCAN_REUSE_S:
+                try:
+                    self._backings = loop_backings()
+                except LiveCheckError:
+                    self._backings = None
+                self._looked_at = now
+            backings = self._backings
+        if backings is None:
+            return None
+        try:
+            return bool(devices_backing(image_path, backings))
+        except LiveCheckError:
+            return None
+
+
 @dataclass
 class IndexProgress:
     """An index pass in progress, for ``mirenfs status``."""
@@ -356,6 +389,7 @@ class SnapshotService:
         # Two passes at a time: each keeps every core busy, and a second slot
         # keeps a huge disk's first pass from holding up every other new disk.
         self._pass_limit = trio.CapacityLimiter(2)
+        self._loop_devices = LoopDevices()
         make_directories(spill_directory, 0o700)
 
     def current(self, name: str) -> DiskVersion | None:
@@ -426,15 +460,21 @@ class SnapshotService:
         # nothing written yet), but the next write may come at any moment and fail every read
         # of the image after it: a disk in use is read from a point-in-time copy (`losetup` of an
         # indexed disk still said ``offline``: trial T21 F8).
-        if existing.consistency is Consistency.OFFLINE and await self._in_use(existing, attached):
+        # When it cannot be told, as the point-in-time rule has it: not known to be in use (review
+        # D22 D2: taken for in use, the version was built again at every lookup).
+        if existing.consistency is Consistency.OFFLINE and await self._in_use(
+            existing, attached, unknown=False
+        ):
             return None
         return existing
 
-    @staticmethod
-    async def _in_use(version: DiskVersion, attached: bool) -> bool:
+    async def _in_use(self, version: DiskVersion, attached: bool, *, unknown: bool) -> bool:
         """Whether the version's disk is in use now: the store says it is attached, or a loop
-        device backs its image (or that cannot be told)."""
-        return attached or await trio.to_thread.run_sync(image_in_use, version.image_path)
+        device backs its image (``unknown`` when that cannot be told)."""
+        if attached:
+            return True
+        backed = await trio.to_thread.run_sync(self._loop_devices.backing, version.image_path)
+        return unknown if backed is None else backed
 
     async def _copy_still_current(self, version: DiskVersion, attached: bool) -> bool:
         """Whether a point-in-time version of a disk still in use may stand for it now."""
@@ -444,7 +484,7 @@ class SnapshotService:
         # NAME.mirn.sha256` of a large disk must get the sidecar of the snapshot it just copied.
         if version.handles == 0 and time.monotonic() - version.last_used > POINT_IN_TIME_REUSE_S:
             return False
-        return await self._in_use(version, attached)
+        return await self._in_use(version, attached, unknown=True)
 
     def _install(self, version: DiskVersion) -> None:
         self.refused.pop(version.name, None)
