@@ -1403,23 +1403,28 @@ def test_removing_a_disk_whose_image_is_not_under_this_data_path_needs_force(
     on_b = ["--catalog", url, "--node", "b", "--data-path", b]
     ok("disk", "create", "pg", "--size", "1M", *on_a)
     ok("disk", "create", "web", "--size", "1M", *on_a)
+    own = tmp_path / "own.img"  # review D22 D4: an image registered at its own path, on host a
+    write_image(own, [("data", 1 << 20)])
+    ok("disk", "add", "logs", "--image", own, "--filesystem", "ext4", *on_a)
     listed = json.loads(ok("disk", "list", "--json", *on_a).out)
-    images = {entry["name"]: Path(entry["image_path"]) for entry in listed}
+    images = {entry["name"]: Path(entry["image_path"]) for entry in listed if entry["name"] != "logs"}
     elsewhere = twin / images["pg"].relative_to(a)
+    refused = run_cli("disk", "remove", "logs", *on_twin)  # the twin never registered it
+    assert refused.code == 1 and f"disk logs of node a has no image at {own} on this host" in refused.err
 
     refused = run_cli("disk", "remove", "pg", *on_twin)
     assert (refused.code, refused.err) == (
         1,
-        f"mirenfs: error: disk pg of node a has no image at {elsewhere}: if it lives on another host (a "
-        "wrong --data-path, or two hosts sharing one node name), remove it there; to remove its record "
-        "for every host anyway, pass --force\n",
+        f"mirenfs: error: disk pg of node a has no image at {elsewhere} on this host: if it lives on "
+        "another host (a wrong --data-path, or two hosts sharing one node name), remove it there; to "
+        "remove its record for every host anyway, pass --force\n",
     )
     refused = run_cli("disk", "remove", "web", *on_b)
     assert (refused.code, refused.err) == (
         1,
         "mirenfs: error: disk web is on node a, whose data path holds its image; remove it there (if "
-        "that node is gone for good, `mirenfs disk remove web --force` removes its record here; its "
-        "image stays where it was)\n",
+        "that node is gone for good, `mirenfs disk remove web --force` removes its record from the "
+        "catalogue; its image stays where it was)\n",
     )
     assert json.loads(ok("disk", "list", "--json", *on_a).out) == listed  # nothing changed
 
@@ -1431,6 +1436,8 @@ def test_removing_a_disk_whose_image_is_not_under_this_data_path_needs_force(
         ok("disk", "remove", "web", "--force", *on_b).out
         == "removed disk web; its image, on node a, was not touched\n"
     )
+    ok("disk", "remove", "logs", *on_a)  # on its host: its record goes, the registered image stays
+    assert own.exists()
     assert json.loads(ok("disk", "list", "--json", "--all-nodes", *on_a).out) == []
     assert all(image.exists() for image in images.values())  # no image of another host is touched
     assert not list(twin.rglob("*.img")) and not list(b.rglob("*.img"))

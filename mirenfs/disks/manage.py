@@ -266,19 +266,26 @@ def remove_disk(store: Catalog, name: str, *, force: bool = False) -> RemovedDis
     if not record.local and node is not None and not force:
         raise DiskElsewhereError(
             f"disk {name} is on node {node}, whose data path holds its image; remove it there (if that "
-            f"node is gone for good, `mirenfs disk remove {name} --force` removes its record here; its "
-            "image stays where it was)"
+            f"node is gone for good, `mirenfs disk remove {name} --force` removes its record from the "
+            "catalogue; its image stays where it was)"
         )
     managed = record.local and record.volume is not None and not record.volume.image_path
     image_path = record.image_path if managed else None
-    if image_path is not None and node is not None and not os.path.lexists(image_path):
+    # A disk of this node whose image this host does not have: its managed image is not under this
+    # data path, or its registered one is not here or not registered by this host (review D22 D4).
+    registered = record.volume.image_path if record.local and record.volume is not None else None
+    not_here = (image_path is not None and not os.path.lexists(image_path)) or (
+        registered is not None and (record.image_path is None or not os.path.lexists(registered))
+    )
+    if node is not None and not_here:
         # A removal or creation killed here is finished as it was begun (no image yet, or none left).
         ours = record.disk.status == DiskState.DELETING or record.disk.id in marked_creating(store.data_path)
         if not force and not ours:  # trial E22 E3: the fleet's record of a disk in use elsewhere went
+            where = image_path or registered
             raise DiskElsewhereError(
-                f"disk {name} of node {node} has no image at {image_path}: if it lives on another host "
-                "(a wrong --data-path, or two hosts sharing one node name), remove it there; to remove "
-                "its record for every host anyway, pass --force"
+                f"disk {name} of node {node} has no image at {where} on this host: if it lives on "
+                "another host (a wrong --data-path, or two hosts sharing one node name), remove it "
+                "there; to remove its record for every host anyway, pass --force"
             )
         image_path = None  # nothing of it is here to remove
     problem = managed_path_problem(store.data_path, image_path) if image_path is not None else None
