@@ -1930,13 +1930,28 @@ def test_cleanup_of_a_data_path_without_a_store_says_it_looked_at_no_catalogue(
     data = tmp_path / "data"
     (data / "mirenfs").mkdir(parents=True)
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    cleaned = ok("cleanup", "--data-path", data)
-    assert cleaned.out == (
-        f"{data} has no disk store of its own (mirenfs.db), so only its files are cleaned up: on a fleet, "
-        "pass --catalog URL and --node NAME (or set $MIRENFS_CATALOG) to also remove a disk a killed "
-        "restore was creating\n"
+    monkeypatch.delenv("MIRENFS_CATALOG", raising=False)
+    # Review D22 D5: on a node that talked to etcd, with a killed restore's creation note aged an
+    # hour, cleanup exited 1 with the refusal's advice, and with --catalog sqlite:// (that advice)
+    # it forgot the note, which a cleanup with the catalogue needs to remove the half-made disk.
+    (data / "mirenfs" / "etcd-clusters.json").write_text(
+        json.dumps({"fleet": {"cluster": "1234", "endpoints": ["10.0.0.1:2379"]}})
     )
-    assert sorted(os.listdir(data)) == ["mirenfs"]
+    mark_creating(str(data), "disk-48114117b33c0a96")
+    hour_ago = time.time() - 3600
+    for note in (data / "mirenfs").glob("creating.*"):
+        os.utime(note, (hour_ago, hour_ago))
+    before = sorted(os.listdir(data / "mirenfs"))
+    for catalog in ([], ["--catalog", f"sqlite://{data}"]):
+        cleaned = ok("cleanup", "--data-path", data, *catalog)
+        assert (cleaned.out, cleaned.err) == (
+            f"{data} has no disk store of its own (mirenfs.db), so only its files are cleaned up: on a "
+            "fleet, pass --catalog URL and --node NAME (or set $MIRENFS_CATALOG) to also remove a disk a "
+            "killed restore was creating\n",
+            "",
+        ), catalog
+        assert sorted(os.listdir(data)) == ["mirenfs"]
+        assert sorted(os.listdir(data / "mirenfs")) == before  # the note stays for the right cleanup
 
 
 def test_cleanup_needs_root_and_touches_nothing_without_it(

@@ -376,12 +376,14 @@ def _remove(store: Catalog, record: DiskRecord, image_path: str | None) -> Remov
 
 
 def sweep_what_killed_runs_left(
-    data_path: str, clone_directory: str, store: Catalog
+    data_path: str, clone_directory: str, store: Catalog | None
 ) -> Iterator[tuple[int, str]]:
     """What a mount's start and ``mirenfs cleanup`` do after a killed run, as it is done: one
     (logging level, sentence) per filesystem thawed, copy or staging file removed, half-created
     disk removed. Thawing comes first, as it needs no catalogue. Whatever a live run holds
-    (another mount's restore, a running backup's freeze) is left alone."""
+    (another mount's restore, a running backup's freeze) is left alone. Without ``store`` (a
+    data path whose catalogue is not known here), only files: the notes of killed creations and
+    removals stay for a cleanup that reads the catalogue they belong to (review D22 D5)."""
     leftovers = sweep_leftovers(clone_directory)
     for filesystem in leftovers.thawed:
         yield logging.WARNING, f"thawed {filesystem}, left frozen by a mirenfs process that was killed"
@@ -408,11 +410,13 @@ def sweep_what_killed_runs_left(
         for sentence in problems:
             yield logging.WARNING, sentence
     unremoved: list[str] = []
-    staging = sweep_stale_staging(data_path, catalog=store, unremoved=unremoved)
+    staging = sweep_stale_staging(data_path, catalog=store, unremoved=unremoved, registered=store is not None)
     for path in staging:
         yield logging.INFO, f"removed {path}, left over from an interrupted restore"
     for sentence in unremoved:
         yield logging.ERROR, sentence
+    if store is None:
+        return
     yield from _set_back_records_of_killed_restores(store, staging)
     try:
         creations = sweep_interrupted_creations(store)
@@ -514,13 +518,14 @@ def sweep_stale_staging(
     on_busy: Callable[[str], None] | None = None,
     catalog: Catalog | None = None,
     unremoved: list[str] | None = None,
+    registered: bool = True,
 ) -> list[str]:
     """Remove ``*.restore.tmp`` files a crashed restore left behind; return their paths.
 
-    Looks in every managed volume directory and next to every image
-    registered at its own path (in ``catalog``, by default the data path's
-    SQLite store). A staging file a live restore holds (its ``flock``) is
-    kept and reported to ``on_busy``.
+    Looks in every managed volume directory and, with ``registered``, next to
+    every image registered at its own path (in ``catalog``, by default the data
+    path's SQLite store). A staging file a live restore holds (its ``flock``)
+    is kept and reported to ``on_busy``.
     """
     candidates: list[str] = []
     with (
@@ -537,7 +542,11 @@ def sweep_stale_staging(
                     if entry.name.endswith(STAGING_SUFFIX) and entry.is_file(follow_symlinks=False)
                 )
     try:
-        explicit = (catalog if catalog is not None else Store(data_path)).explicit_image_paths()
+        explicit = (
+            (catalog if catalog is not None else Store(data_path)).explicit_image_paths()
+            if registered
+            else []
+        )
     except StoreError as exc:
         try:  # review S: a store refused as moved still names where its images were
             explicit = Store(data_path).explicit_image_paths() if catalog is not None else []
