@@ -71,6 +71,18 @@ def fingerprint(data: bytes | bytearray | memoryview) -> bytes:
     return blake3.blake3(data).digest()
 
 
+def room_above_kept(directory: str) -> int | None:
+    """The bytes a cache may still take in ``directory``'s filesystem while FREE_SPACE_KEPT of
+    it stays free (0 if none; None if it cannot be told): the spill file of an index pass is
+    held to it as the store is (trial S22 S1: a spill took the last free space of a full data
+    path, and a restore there failed)."""
+    try:
+        fs = os.statvfs(directory)
+    except OSError:
+        return None
+    return max(0, fs.f_bavail * fs.f_frsize - int(fs.f_blocks * fs.f_frsize * FREE_SPACE_KEPT))
+
+
 class FrameStore:
     """Frames by chunk fingerprint, for one set of compression settings (``settings_key``).
 

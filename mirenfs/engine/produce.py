@@ -976,13 +976,23 @@ class SnapshotProducer:
     def _kept_frame(self, k: int) -> bytes | None:
         """Frame ``k`` if the index pass spilled it or the store holds it (verified there)."""
         index = self.layout.index
-        if self.spill is not None and k < self.spill.frames:
+        spill = self.spill
+        if spill is not None and k < spill.frames:
             start = self.layout.frame_offsets[k] - len(self.layout.header)
-            return self.spill.read(start, index.frame_sizes[k])
+            with contextlib.suppress(OSError):  # let go of meanwhile (drop_spill): as if never spilled
+                return spill.read(start, index.frame_sizes[k])
         chunk_fingerprint = index.fingerprint(k)
         if self.store is not None and chunk_fingerprint is not None:
             return self.store.get(chunk_fingerprint)
         return None
+
+    def drop_spill(self) -> None:
+        """Let the index pass's spill file go, and the space it holds on the data path: later
+        reads take their frames from the store, or compress them again. A read that had the
+        file in hand when it closed reads nothing from it (what it read is checked anyway)."""
+        spill, self.spill = self.spill, None
+        if spill is not None:
+            spill.close()
 
     def _matches_index(self, k: int, frame: bytes) -> bool:
         index = self.layout.index

@@ -24,7 +24,7 @@ import trio
 
 from mirenfs.disks.live import LoopBacking, devices_backing, loop_backings
 from mirenfs.disks.pointintime import Consistency, CopyPolicy, PointInTime, take_point_in_time
-from mirenfs.engine.framestore import FrameStore
+from mirenfs.engine.framestore import FrameStore, room_above_kept
 from mirenfs.engine.image import (
     FdImageSource,
     ImageIdentity,
@@ -44,7 +44,7 @@ from mirenfs.engine.produce import (
     frame_cache_for,
     snapshot_meta,
 )
-from mirenfs.errors import ImageChangedError, LiveCheckError, MirenfsError, PointInTimeError
+from mirenfs.errors import ImageChangedError, LiveCheckError, MirenfsError, PointInTimeError, size_in_words
 from mirenfs.format.header import Meta
 
 log = logging.getLogger("mirenfs.snapshots")
@@ -547,6 +547,25 @@ class SnapshotService:
                 # Still so after the look, which awaited a thread (a request may have come meanwhile):
                 if self._current.get(version.name) is version and not version.handles:
                     self._let_go(version)
+            self._let_go_of_idle_spills()
+
+    def _let_go_of_idle_spills(self) -> None:
+        """The spill file of a version unread for ``POINT_IN_TIME_REUSE_S``: it serves the read
+        that follows an index pass, and held its data's compressed size on the data path, unseen
+        by `du`, until the image changed or the mount stopped (trial S22 S1: one took a full data
+        path's last space, and a restore there failed)."""
+        now = time.monotonic()
+        for version in self._current.values():
+            if version.handles or not version.spill_bytes or now - version.last_used <= POINT_IN_TIME_REUSE_S:
+                continue
+            log.info(
+                "disk %s: let go of the %s its index pass kept for the read after it (unread for %g s); "
+                "later reads take frames from the frame store or compress them again",
+                version.name,
+                size_in_words(version.spill_bytes),
+                POINT_IN_TIME_REUSE_S,
+            )
+            version.producer.drop_spill()
 
     async def _holding_space_for_nothing(self) -> list[DiskVersion]:
         """The current versions unread for ``POINT_IN_TIME_REUSE_S`` that are copies, or whose
@@ -667,6 +686,8 @@ class SnapshotService:
     ) -> tuple[SnapshotIndex, FrameSpill | None]:
         async with self._pass_limit:
             limit = self.spill_limit - self.spill_in_use()
+            room = await trio.to_thread.run_sync(room_above_kept, self.spill_directory)
+            limit = limit if room is None else min(limit, room)  # never the data path's last space
             # With a frame store the pass's frames are kept there, for this read and later ones,
             # unless the store may not keep them all (a bound below the disk's data, a filesystem
             # short of space): then the read would compress them again, so they are spilled too.
