@@ -716,10 +716,14 @@ class RestoreDirectory:
         entry = self.entries.get(old)
         if entry is None:
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), old)
+        refusal = None
         if exchange:
-            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), new)
-        if not replace and new in self.entries:
-            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), new)
+            refusal = RestoreRefused(f"restore/{old} and restore/{new} cannot be exchanged", errno.EINVAL)
+        elif not replace and new in self.entries:
+            refusal = RestoreRefused(f"restore/{new} exists", errno.EEXIST)
+        if refusal is not None:
+            refusal.reported = True  # what a caller asks and takes: no log line (review D22 D9)
+            raise refusal
         # Refused with EPERM: mv takes EINVAL for "into a subdirectory of itself" (and retries a
         # renameat2 that fails so), and EXDEV would make it copy the entry's outcome text instead.
         try:
