@@ -30,7 +30,7 @@ DiskBusyError            EBUSY   Device or resource busy
 PointInTimeError         EBUSY   Device or resource busy
 LiveCheckError           EIO     Input/output error
 ImageExistsError         EEXIST  File exists
-ImageNotHereError        EEXIST  File exists
+ImageNotHereError        EPERM   Operation not permitted
 ImageMissingError        ENOENT  No such file or directory
 DiskExistsError          EEXIST  File exists
 LeaseNotFoundError       ENOENT  No such file or directory
@@ -191,10 +191,13 @@ class ImageExistsError(MirenfsError):
     errno = EEXIST
 
 
-class ImageNotHereError(ImageExistsError):
+class ImageNotHereError(MirenfsError):
     """A disk of a catalogue every host shares whose image is not under this data path: most
     likely another host's disk (a wrong data path, a node name two hosts share), so writing its
-    image here, and its size and filesystem into the shared record, needs consent too."""
+    image here, and its size and filesystem into the shared record, needs consent too. EPERM, not
+    EEXIST: `cp` said "File exists" of an image that is not there (review D22 D8)."""
+
+    errno = EPERM
 
     def __init__(self, message: str, *, image_path: str, node: str) -> None:
         super().__init__(message)
