@@ -655,9 +655,9 @@ def test_a_move_that_left_a_clashing_disk_behind_says_how_to_reach_it(
     assert copied.code == 1 and copied.err.endswith(
         f"were not copied: pg; they stay in the SQLite store of {data}, which commands now reach only "
         f"with --catalog {store}: bring one into the fleet under a new name (mirenfs backup pg --catalog "
-        f"{store} -o pg.mirn, then mirenfs restore pg.mirn --name NEW, then mirenfs disk remove pg "
-        f"--catalog {store}), or, if the fleet's disk of that name is not needed, remove it there and copy "
-        "again\n"
+        f"{store} -o pg.mirn, then mirenfs restore pg.mirn --name NEW --catalog {url} --node host1, then "
+        f"mirenfs disk remove pg --catalog {store}), or, if the fleet's disk of that name is not needed, "
+        "remove it there and copy again\n"
     ), copied.err
     fleet = ["--catalog", url, "--node", "host1", "--data-path", data]
     ok("backup", "pg", "--catalog", store, "--data-path", data, "-o", tmp_path / "pg.mirn")

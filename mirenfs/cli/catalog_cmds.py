@@ -123,7 +123,7 @@ def cmd_catalog_copy(args: argparse.Namespace) -> int:
             f"or the image they name, is another disk's there: see the warnings above) and were not "
             f"copied: {clashing}; "
             + (
-                _left_in_a_moved_store(moving_from, report.conflicts[0])
+                _left_in_a_moved_store(moving_from, report.conflicts[0], to_etcd.url, node)
                 if moving_from is not None and to_etcd is not None
                 else "remove or rename those there, then copy again"
             )
@@ -138,7 +138,7 @@ def cmd_catalog_copy(args: argparse.Namespace) -> int:
     return 0
 
 
-def _left_in_a_moved_store(data_path: str, first: str) -> str:
+def _left_in_a_moved_store(data_path: str, first: str, fleet: str, node: str) -> str:
     """What to do with disks a move left in its SQLite store, which is marked as moved all the
     same (the others' copies are the fleet's now): reached only with --catalog sqlite:// (trial
     E22 E6: the advice named the fleet's disk, which another host may be using)."""
@@ -146,9 +146,9 @@ def _left_in_a_moved_store(data_path: str, first: str) -> str:
     return (
         f"they stay in the SQLite store of {data_path}, which commands now reach only with --catalog "
         f"{store}: bring one into the fleet under a new name (mirenfs backup {first} --catalog {store} "
-        f"-o {first}.mirn, then mirenfs restore {first}.mirn --name NEW, then mirenfs disk remove {first} "
-        f"--catalog {store}), or, if the fleet's disk of that name is not needed, remove it there "
-        "and copy again"
+        f"-o {first}.mirn, then mirenfs restore {first}.mirn --name NEW --catalog {fleet} --node {node}, "
+        f"then mirenfs disk remove {first} --catalog {store}), or, if the fleet's disk of that name is not "
+        "needed, remove it there and copy again"
     )
 
 

@@ -300,7 +300,7 @@ def _etcd_data_path_refusal(data_path: str) -> str | None:
     """Why a data path that keeps its disks in an etcd catalogue and has no SQLite store is not
     given a new, empty one: a command without ``--catalog`` (cron, sudo, a new shell) restored
     into one beside the fleet's disks, exit 0, and a mount served it (trial E22 E1)."""
-    here = os.path.abspath(data_path)
+    here = _absolute(data_path)
     if os.path.lexists(os.path.join(here, DB_FILE_NAME)):
         return None
     hint = etcd_catalogue_hint(here)
