@@ -2210,8 +2210,8 @@ def test_a_data_path_that_talked_to_etcd_used_without_a_catalogue_says_where_its
         "etcd://10.0.0.1:2379,10.0.0.2:2379/fleet (etcds:// if it speaks TLS), or set $MIRENFS_CATALOG"
     )
     refused = (
-        f"mirenfs: error: the data path {data} has no SQLite disk store, and it has talked to {talked_to}; "
-        f"to start a new, empty SQLite store there instead, pass --catalog sqlite://{data}\n"
+        f"mirenfs: error: the data path {data} has no disks in a SQLite store of its own, and it has "
+        f"talked to {talked_to}; to use a SQLite store there instead, pass --catalog sqlite://{data}\n"
     )
     (tmp_path / "mnt").mkdir()
     before = sorted(str(path.relative_to(data)) for path in data.rglob("*"))
@@ -2242,6 +2242,12 @@ def test_a_data_path_that_talked_to_etcd_used_without_a_catalogue_says_where_its
         f"to {talked_to}\n",
     )
     assert not (tmp_path / "web.mirn").exists()
+
+    # Review D22 D6: a store left empty (its disk removed) counts as none again.
+    removed = run_mirenfs("disk", "remove", "pg", "--data-path", str(data))
+    assert removed.returncode == 0, removed.stderr
+    again = run_mirenfs("restore", str(GO_ODD.path), "--name", "pg", "--data-path", str(data))
+    assert (again.returncode, again.stderr.decode()) == (1, refused)
 
 
 def test_inspect_of_a_stream_cut_in_its_header_says_so() -> None:

@@ -301,14 +301,20 @@ def _etcd_data_path_refusal(data_path: str) -> str | None:
     given a new, empty one: a command without ``--catalog`` (cron, sudo, a new shell) restored
     into one beside the fleet's disks, exit 0, and a mount served it (trial E22 E1)."""
     here = _absolute(data_path)
-    if os.path.lexists(os.path.join(here, DB_FILE_NAME)):
-        return None
     hint = etcd_catalogue_hint(here)
     if hint is None:
         return None
+    if os.path.lexists(os.path.join(here, DB_FILE_NAME)):
+        # One left empty counts as none (review D22 D6: one such a restore had made, its disk
+        # removed since, took the next restore without a word); one that holds disks is used.
+        try:
+            if Store(here).list_disks():
+                return None
+        except MirenfsError:
+            return None  # said by the command that reads it
     return (
-        f"the data path {here} has no SQLite disk store, and it has talked to {hint}; to start a new, "
-        f"empty SQLite store there instead, pass --catalog sqlite://{here}"
+        f"the data path {here} has no disks in a SQLite store of its own, and it has talked to {hint}; "
+        f"to use a SQLite store there instead, pass --catalog sqlite://{here}"
     )
 
 
