@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from mirenfs.disks import etcd as etcd_module
-from mirenfs.disks.catalogs import open_catalog, parse_catalog
+from mirenfs.disks.catalogs import images_no_disk_has, open_catalog, parse_catalog
 from mirenfs.disks.creations import mark_creating
 from mirenfs.disks.etcd import CatalogWatch, EtcdCatalog, EtcdKV, _delete, _put
 from mirenfs.disks.manage import create_disk, sweep_stale_staging
@@ -1461,9 +1461,14 @@ def test_images_no_disk_of_the_catalogue_has_are_said_by_an_empty_disk_list(
         f"mirenfs: 1 disk image(s) under {volume.parent} belong to no disk of the catalogue ({volume.name}): "
         "if the catalogue was wiped or restored from an older copy, its records of them are gone; put those "
         "back (restore the catalogue) before restoring disks here, or the restores make new disks beside "
-        "them\n"
+        "them (with no copy of it, back each image up with mirenfs backup --image PATH --name NAME -o FILE "
+        "and restore FILE under its name)\n"
     ), listed.err
     assert "belong to no disk" not in run_cli("disk", "list", "--catalog", wiped, "--data-path", tmp_path).err
+    # Review D22 D7: the disks a move left in the data path's own SQLite store are not orphans.
+    moved = tmp_path / "moved"
+    ok("disk", "create", "left", "--size", "1M", "--data-path", moved)
+    assert images_no_disk_has([], data_path=str(moved)) is None
 
 
 def test_an_empty_disk_list_says_which_catalogue_and_node_it_looked_in(

@@ -20,6 +20,7 @@ Nothing here talks to a catalogue except :func:`copy_catalog`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -452,7 +453,11 @@ def images_no_disk_has(records: list[DiskRecord], *, data_path: str) -> str | No
     cluster id, so nothing else tells (trial E22 E4: every mount empty, the nightly rsync exit 0
     with nothing copied, restores making new disks beside the old images)."""
     named = {record.volume.id for record in records if record.volume is not None}
-    volumes = volumes_dir(os.path.abspath(data_path))
+    here = os.path.abspath(data_path)
+    if os.path.lexists(os.path.join(here, DB_FILE_NAME)):  # a moved store's disks left there (E6)
+        with contextlib.suppress(MirenfsError):
+            named |= {record.volume.id for record in Store(here).list_disks() if record.volume is not None}
+    volumes = volumes_dir(here)
     try:
         entries = os.listdir(volumes)
     except OSError:
@@ -469,7 +474,8 @@ def images_no_disk_has(records: list[DiskRecord], *, data_path: str) -> str | No
         f"{len(orphans)} disk image(s) under {volumes} belong to no disk of the catalogue ({listed}): if "
         "the catalogue was wiped or restored from an older copy, its records of them are gone; put "
         "those back (restore the catalogue) before restoring disks here, or the restores make new "
-        "disks beside them"
+        "disks beside them (with no copy of it, back each image up with mirenfs backup --image PATH "
+        "--name NAME -o FILE and restore FILE under its name)"
     )
 
 
