@@ -181,6 +181,29 @@ def test_a_damaged_entry_is_recompressed_never_served(
     assert store.corrupt == 0 and store.hits == 2 * data_chunks(index)
 
 
+def test_a_frame_the_store_does_not_hold_is_one_miss(tmp_path: Path) -> None:
+    """Trial S22 S10: a read after a remount (its index saved, its frames gone) asked the store
+    twice for each frame it did not hold, and `mirenfs status` counted two misses each."""
+    image = tmp_path / "img"
+    write_image(image, SEGMENTS)
+    expected, index = snapshot_of(image, new_store(tmp_path))
+    for entry in list(stored_files(new_store(tmp_path))):
+        entry.unlink()
+    store = new_store(tmp_path)
+
+    async def read_with_the_saved_index() -> bytes:
+        handle = OpenImage.open(str(image))
+        try:
+            meta = snapshot_meta("d", "ext4", handle.size, handle.mtime_ns, index.checksum)
+            producer = SnapshotProducer(handle.source(SMALL), SMALL, meta, index, store=store)
+            return await producer.read(0, producer.size)
+        finally:
+            handle.close()
+
+    assert trio.run(read_with_the_saved_index) == expected
+    assert (store.hits, store.misses) == (0, data_chunks(index))
+
+
 def test_an_entry_an_older_mirenfs_wrote_is_recompressed_without_a_warning(
     tmp_path: Path, compressions: list[int], caplog: pytest.LogCaptureFixture
 ) -> None:
