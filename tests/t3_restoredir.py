@@ -26,7 +26,10 @@ from mirenfs.disks.model import DiskState
 from mirenfs.disks.restore import FEED_BATCH, MAX_HOLE
 from mirenfs.disks.store import Store
 from mirenfs.engine import image as image_module
+from mirenfs.engine.framestore import FrameStore
+from mirenfs.engine.produce import Settings
 from mirenfs.errors import CatalogUnreachableError, DiskNotFoundError
+from mirenfs.format.frames import compress_frame
 from mirenfs.format.header import Meta, decode_header
 from mirenfs.mount import openfiles, restoredir
 from mirenfs.mount.inodes import RESTORE_INODE, ROOT_INODE
@@ -1340,6 +1343,28 @@ async def test_rsync_temporary_file_and_rename(data_path: Path, good: Snapshot) 
         assert await entry_names(m) == ["good.mirn"]
         assert (await m.state("good.mirn")).startswith("installed")
     assert disk_status(data_path, "good") == "provisioned"
+
+
+@trio_test
+async def test_with_the_store_off_a_restore_short_of_space_takes_back_the_frames_left_there(
+    data_path: Path,
+) -> None:
+    """Trial S22 S2: with -o frame_store_size=0 the frames earlier mounts kept were never read,
+    and a restore through the mount failed for lack of the space they held, while the CLI's
+    restore of the same file took it back."""
+    async with operations(data_path, fuse_options=["frame_store_size=64M"]) as m:
+        directory = m.ops.service.frame_store.directory  # type: ignore[union-attr]
+    left = FrameStore(directory, 1 << 30, Settings().key())
+    for n in range(3):
+        left.put(bytes([n]) * 32, compress_frame(os.urandom(64 << 10), 3))
+    kept = [path for path in Path(directory).rglob("*") if path.is_file()]
+    assert len(kept) == 3
+    async with operations(data_path, fuse_options=["frame_store_size=0"]) as m:
+        assert m.ops.service.frame_store is None
+        make_room = m.ops.restores._make_room
+        assert make_room is not None
+        assert make_room(os.stat(directory).st_dev, 1) > 0
+    assert not [path for path in Path(directory).rglob("*") if path.is_file()]
 
 
 RENAME_NOREPLACE = 1  # renameat2(2), as the kernel passes it in rename's flags
