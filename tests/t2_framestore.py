@@ -635,14 +635,19 @@ def test_the_store_leaves_a_tenth_of_its_filesystem_free(
     store.put(second, frames[second])
     assert store.get(first) == frames[first] and store.get(second) == frames[second]
     free[0] = 100 << 20  # exactly the tenth kept: a new frame needs an old one's room
+    caplog.set_level(logging.INFO, logger="mirenfs")
     store.put(third, frames[third])
     assert store.get(first) is None and store.get(third) == frames[third]  # the least recently used went
     assert store.get(second) == frames[second]
+    gave = [r.getMessage() for r in caplog.records if "oldest frames to keep" in r.getMessage()]
+    assert gave and gave[0].startswith(  # trial S22 S4: said, once
+        f"frame store {store.directory} gave back its 1 oldest frames to keep 10% of its filesystem free"
+    )
     free[0] = 10 << 20  # far below: everything is given back, and nothing new is kept
-    caplog.set_level(logging.WARNING, logger="mirenfs")
     store.put(fourth, frames[fourth])
     store.put(fourth, frames[fourth])
     assert store.bytes == 0 and all(store.get(key) is None for key in frames)
+    assert len([r for r in caplog.records if "oldest frames to keep" in r.getMessage()]) == 1
     assert [r.getMessage() for r in caplog.records if "stops growing" in r.getMessage()] == [
         f"frame store {store.directory} stops growing: its filesystem has less than 10% free; "
         "snapshots are still served, but compressed again"

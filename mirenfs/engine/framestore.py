@@ -101,6 +101,7 @@ class FrameStore:
         self._failed_write = False
         self._held_back = False  # the filesystem is short of space: said once, until it is not
         self._gave_back = False  # frames were given back to a full filesystem: said once, until it grows
+        self._evicted_for_space = False  # frames went to keep the filesystem's tenth free: said once
         self.hits = 0
         self.misses = 0
         self.corrupt = 0
@@ -236,6 +237,19 @@ class FrameStore:
         with self._lock:  # two passes at once: said once all the same
             said, self._held_back = self._held_back, not room
             self._gave_back = self._gave_back and not room
+            evicted_said, self._evicted_for_space = (
+                self._evicted_for_space,
+                self._evicted_for_space or bool(victims),
+            )
+        if victims and not evicted_said:  # trial S22 S4: frames went without a word
+            log.info(
+                "frame store %s gave back its %d oldest frames to keep %d%% of its filesystem free "
+                "(said once per mount; on XFS, space its own recent writes reserve counts too until "
+                "they are written back)",
+                self.directory,
+                len(victims),
+                round(FREE_SPACE_KEPT * 100),
+            )
         if not room and not said:
             log.warning(
                 "frame store %s stops growing: its filesystem has less than %d%% free; snapshots are "
