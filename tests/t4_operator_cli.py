@@ -45,7 +45,7 @@ from mirenfs.mount.config import clone_directory_of
 
 from support.bad_snapshots import FORGED_LOG_LINE
 from support.data import sha256_file, write_image
-from support.mounts import wait_for
+from support.mounts import force_unmount, wait_for
 from support.runners import DAEMON_HOOKS, Result, mirenfs_command, ok, run_cli, run_mirenfs
 from support.store import disks, make_disk, store_state
 from support.vectors import GO_EXT4, GO_VECTORS
@@ -2215,15 +2215,18 @@ def test_a_data_path_that_talked_to_etcd_used_without_a_catalogue_says_where_its
     )
     (tmp_path / "mnt").mkdir()
     before = sorted(str(path.relative_to(data)) for path in data.rglob("*"))
-    for argv in (
-        ["mount", str(tmp_path / "mnt")],  # a mount that served an empty store, or one on the side
-        ["disk", "list"],
-        ["backup", "pg", "-o", str(tmp_path / "pg.mirn")],
-        ["restore", str(GO_ODD.path), "--name", "pg"],
-        ["disk", "create", "pg", "--size", "16M"],
-    ):
-        result = run_mirenfs(*argv, "--data-path", str(data))
-        assert (result.returncode, result.stderr.decode()) == (1, refused), argv
+    try:
+        for argv in (
+            ["mount", str(tmp_path / "mnt")],  # a mount that served an empty store, or one on the side
+            ["disk", "list"],
+            ["backup", "pg", "-o", str(tmp_path / "pg.mirn")],
+            ["restore", str(GO_ODD.path), "--name", "pg"],
+            ["disk", "create", "pg", "--size", "16M"],
+        ):
+            result = run_mirenfs(*argv, "--data-path", str(data))
+            assert (result.returncode, result.stderr.decode()) == (1, refused), argv
+    finally:
+        force_unmount(tmp_path / "mnt")  # a mount that went through (the test failing) is taken down
     assert sorted(str(path.relative_to(data)) for path in data.rglob("*")) == before  # nothing made
     assert not (tmp_path / "pg.mirn").exists()
 
