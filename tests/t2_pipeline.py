@@ -303,7 +303,7 @@ def test_a_pool_gives_back_the_buffers_its_share_no_longer_allows() -> None:
     waiter.join(10)
     assert len(taken) == 1 and pool.buffers == 2
     pool.give_back(taken[0])
-    pool.drop()
+    pool.stop()
     assert pool.buffers == 1  # the one still held; the free one is unmapped
 
 

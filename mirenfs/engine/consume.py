@@ -312,8 +312,8 @@ class _Pipeline:
     def drop_buffers(self) -> None:
         """Free the pool's memory now that the stages ended, whoever still holds this pipeline."""
         self._being_filled.clear()
-        self._pool.drop()
-        self._frame_pool.drop()
+        self._pool.stop()
+        self._frame_pool.stop()
 
     # ---- the stages ---------------------------------------------------------------
 

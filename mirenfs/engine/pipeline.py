@@ -378,10 +378,6 @@ class BufferPool:
             self._cond.notify_all()
             self._filled.notify_all()
 
-    def drop(self) -> None:
-        """Let the buffers go (the pool is stopped and nobody uses them any more)."""
-        self.stop()
-
 
 class FairShare:
     """Amounts bounded for the whole process, split evenly between the members running at once.
