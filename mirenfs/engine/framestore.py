@@ -80,7 +80,12 @@ def room_above_kept(directory: str) -> int | None:
         fs = os.statvfs(directory)
     except OSError:
         return None
-    return max(0, fs.f_bavail * fs.f_frsize - int(fs.f_blocks * fs.f_frsize * FREE_SPACE_KEPT))
+    return max(0, _above_kept(fs))
+
+
+def _above_kept(fs: os.statvfs_result) -> int:
+    """The free bytes over FREE_SPACE_KEPT of the filesystem (negative when short of it)."""
+    return fs.f_bavail * fs.f_frsize - int(fs.f_blocks * fs.f_frsize * FREE_SPACE_KEPT)
 
 
 class FrameStore:
@@ -223,7 +228,7 @@ class FrameStore:
             fs = os.statvfs(self.directory)
         except OSError:
             return True  # not known: _write says what fails
-        short = int(fs.f_blocks * fs.f_frsize * FREE_SPACE_KEPT) + length - fs.f_bavail * fs.f_frsize
+        short = length - _above_kept(fs)
         victims = []
         with self._lock:
             while short > 0 and self._entries:
