@@ -960,7 +960,7 @@ class SnapshotProducer:
     def _make_frame(self, k: int) -> bytes:
         """Frame ``k`` from the spill, from the store, or compressed from the image, in that
         order; whichever it is, it must be the frame the index describes."""
-        kept = self._kept_frame(k)
+        kept, asked = self._kept_frame(k)
         if kept is not None and self._matches_index(k, kept):
             return kept
         data = self.source.read_chunk(k)
@@ -968,7 +968,7 @@ class SnapshotProducer:
         if data is None:
             frame = zero_frame(chunk_length(index.size_bytes, index.chunk_size, k), self.settings.level)
         else:
-            missed = index.fingerprint(k) if kept is None and self._asked_the_store(k) else None
+            missed = asked if kept is None else None
             frame, _, _ = frame_of(data, self.settings.level, self.store, missed=missed)
         if not self._matches_index(k, frame):
             raise ImageChangedError(
@@ -976,23 +976,19 @@ class SnapshotProducer:
             )
         return frame
 
-    def _kept_frame(self, k: int) -> bytes | None:
-        """Frame ``k`` if the index pass spilled it or the store holds it (verified there)."""
+    def _kept_frame(self, k: int) -> tuple[bytes | None, bytes | None]:
+        """Frame ``k`` if the index pass spilled it or the store holds it (verified there), and
+        the fingerprint the store was asked for (None if it was not)."""
         index = self.layout.index
         spill = self.spill
         if spill is not None and k < spill.frames:
             start = self.layout.frame_offsets[k] - len(self.layout.header)
             with contextlib.suppress(OSError):  # let go of meanwhile (drop_spill): as if never spilled
-                return spill.read(start, index.frame_sizes[k])
+                return spill.read(start, index.frame_sizes[k]), None
         chunk_fingerprint = index.fingerprint(k)
         if self.store is not None and chunk_fingerprint is not None:
-            return self.store.get(chunk_fingerprint)
-        return None
-
-    def _asked_the_store(self, k: int) -> bool:
-        """Whether :meth:`_kept_frame` asked the store for frame ``k`` (not spilled)."""
-        spill = self.spill
-        return self.store is not None and not (spill is not None and k < spill.frames)
+            return self.store.get(chunk_fingerprint), chunk_fingerprint
+        return None, None
 
     def drop_spill(self) -> None:
         """Let the index pass's spill file go, and the space it holds on the data path: later
