@@ -69,7 +69,7 @@ from mirenfs.engine.files import (
     verify_file,
     where_a_link_leads,
 )
-from mirenfs.engine.framestore import FrameStore
+from mirenfs.engine.framestore import FrameStore, frames_to_give_back
 from mirenfs.engine.fstype import SIGNATURES_END, detect_filesystem
 from mirenfs.engine.image import cannot_write
 from mirenfs.engine.produce import Settings
@@ -605,9 +605,8 @@ def _restore_disk(args: argparse.Namespace) -> int:
 
 def _frame_store_of(data_path: str) -> FrameStore:
     """The frames a mount of ``data_path`` keeps (with the default settings), which give back
-    their space to a restore that finds the filesystem full, as they do in the mount. No bound
-    applies here: that is the mount's option, and this store only ever shrinks."""
-    return FrameStore(frame_store_directory(data_path), sys.maxsize, Settings().key())
+    their space to a restore that finds the filesystem full, as they do in the mount."""
+    return frames_to_give_back(frame_store_directory(data_path), Settings().key())
 
 
 async def _restore_from(restore: DiskRestore, source: BinaryIO, progress: ProgressBar) -> None:

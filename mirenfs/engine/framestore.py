@@ -38,6 +38,7 @@ import hashlib
 import logging
 import os
 import struct
+import sys
 import threading
 
 import blake3
@@ -69,6 +70,13 @@ def fingerprint(data: bytes | bytearray | memoryview) -> bytes:
     704 MiB of the benchmark's data chunks).
     """
     return blake3.blake3(data).digest()
+
+
+def frames_to_give_back(directory: str, settings_key: str) -> FrameStore:
+    """The frames kept in ``directory``, under no bound of their own: read only to give their
+    space back to a restore that finds the filesystem full (the CLI's restore, and a mount with
+    the store off: trial S22 S2). Such a store only shrinks."""
+    return FrameStore(directory, sys.maxsize, settings_key)
 
 
 def room_above_kept(directory: str) -> int | None:

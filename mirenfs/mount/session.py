@@ -8,7 +8,6 @@ import logging
 import os
 import resource
 import signal
-import sys
 from collections.abc import Callable, Iterator
 from functools import partial
 
@@ -25,7 +24,7 @@ from mirenfs.disks.catalogs import (
 from mirenfs.disks.live import read_mountinfo
 from mirenfs.disks.manage import settle_a_killed_restore, sweep_what_killed_runs_left
 from mirenfs.disks.model import DB_FILE_NAME, DiskRecord, holds_mirenfs_files, index_directory
-from mirenfs.engine.framestore import FrameStore
+from mirenfs.engine.framestore import FrameStore, frames_to_give_back
 from mirenfs.engine.image import make_private_directory
 from mirenfs.errors import MirenfsError, MountError
 from mirenfs.mount import notify
@@ -102,7 +101,9 @@ def build_operations(config: MountConfig, nursery: trio.Nursery) -> MirenOperati
             allocate_inode=allocate_inode,
             on_installed=service.forget,  # the replaced image and its old snapshot are let go at once
             mountpoint=config.mountpoint,
-            make_room=(frame_store or _frames_left_by_earlier_mounts(config)).give_back,
+            make_room=(  # with the store off, the frames earlier mounts kept there (trial S22 S2)
+                frame_store or frames_to_give_back(config.frame_store_directory, config.settings.key())
+            ).give_back,
         )
 
     listing = mount_listing(store)  # on etcd: a local copy fed by a watch, so `ls` costs no request
@@ -182,13 +183,6 @@ def frame_store_of(config: MountConfig) -> FrameStore | None:
     if config.frame_store_limit <= 0:
         return None
     return FrameStore(config.frame_store_directory, config.frame_store_limit, config.settings.key())
-
-
-def _frames_left_by_earlier_mounts(config: MountConfig) -> FrameStore:
-    """With the store off (-o frame_store_size=0), the frames earlier mounts kept there: never
-    read, but given back to a restore that finds the filesystem full, as the CLI's restore does
-    (trial S22 S2: the mount's restore failed for lack of space they held). It only shrinks."""
-    return FrameStore(config.frame_store_directory, sys.maxsize, config.settings.key())
 
 
 class AnswersNobodyWaitsFor(logging.Filter):
