@@ -304,14 +304,27 @@ def _check_restorable(
     # A record every host shares (trial E22 E2), unless a restore here created it: this one, or
     # one killed before its image was in place (its creation note is here).
     if volume.node is not None and not created and disk.id not in marked_creating(data_path):
-        raise ImageNotHereError(
-            f"disk {name} of node {volume.node} has no image at {image_path}: if it lives on another "
-            "host (a wrong --data-path, or two hosts sharing one node name), restore it there; to write "
-            "its image here, and its size and filesystem into the record every host reads, pass --force",
-            image_path=image_path,
-            node=volume.node,
-        )
+        raise image_not_here(name, volume.node, image_path)
     return image_path
+
+
+def image_not_here(
+    name: str,
+    node: str,
+    image_path: str,
+    *,
+    data_path_words: str = "--data-path",
+    consent: str = "to write its image here, and its size and filesystem into the record every host "
+    "reads, pass --force",
+) -> ImageNotHereError:
+    """The refusal of a restore onto disk ``name`` of a shared catalogue whose image is not under
+    this data path, ending in the consent it takes (the CLI's ``--force``, or a mount's)."""
+    return ImageNotHereError(
+        f"disk {name} of node {node} has no image at {image_path}: if it lives on another host (a wrong "
+        f"{data_path_words}, or two hosts sharing one node name), restore it there; {consent}",
+        image_path=image_path,
+        node=node,
+    )
 
 
 # What a disk a failed restore created and could not remove waits for (the mount retries then).

@@ -37,6 +37,7 @@ from mirenfs.disks.rules import (
     UNTIL_THE_CATALOGUE_ANSWERS,
     UNTIL_THE_DATA_PATH_HAS_ROOM,
     RestoreTarget,
+    image_not_here,
     prepare_restore,
 )
 from mirenfs.engine.image import MakeRoom
@@ -456,12 +457,12 @@ class RestoreDirectory:
             target.removal_retried = True  # a disk it creates and cannot remove: see retry_stranded
             return target
         except ImageNotHereError as exc:  # `--force` means nothing to cp: say what does
-            raise ImageNotHereError(
-                f"disk {disk} of node {exc.node} has no image at {exc.image_path}: if it lives on another "
-                "host (a wrong data path, or two hosts sharing one node name), restore it there; restore/ "
-                "writes its image here only on a mount started with --allow-overwrite",
-                image_path=exc.image_path,
-                node=exc.node,
+            raise image_not_here(
+                disk,
+                exc.node,
+                exc.image_path,
+                data_path_words="data path",
+                consent="restore/ writes its image here only on a mount started with --allow-overwrite",
             ) from None
         except ImageExistsError:  # `mirenfs restore --force` means nothing to cp: say what does
             raise ImageExistsError(
