@@ -276,10 +276,11 @@ def open_catalog(spec: CatalogSpec | str | None, data_path: str, *, node: str | 
     if isinstance(spec, str):
         spec = parse_catalog(spec)
     if spec is None or spec.etcd is None:
-        if spec is not None and spec.data_path is not None and spec.data_path != _absolute(data_path):
+        here = _absolute(data_path)
+        if spec is not None and spec.data_path is not None and spec.data_path != here:
             raise MirenfsError(
                 f"the SQLite catalogue {spec.text} is the store of data path {spec.data_path}, not of "
-                f"{os.path.abspath(data_path)}; pass --data-path {spec.data_path} instead"
+                f"{here}; pass --data-path {spec.data_path} instead"
             )
         refused = None
         if spec is None:  # named explicitly (sqlite://DATA): used as asked
